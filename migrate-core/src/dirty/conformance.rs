@@ -1,0 +1,421 @@
+//! The one conformance suite every [`DirtyTracker`] passes, on real mmapped
+//! memory written by real threads (feature `test-utils`).
+//!
+//! A tracker proves itself with [`conformance_suite!`](crate::conformance_suite),
+//! which generates one test per (check, memory kind):
+//!
+//! - [`scattered_writes_are_exact`]: exactly the written pages are reported,
+//!   reads are not, and a second harvest is empty;
+//! - [`concurrent_writes_are_never_lost`]: writer threads keep writing
+//!   sequence-numbered values while a harvester harvests; every write that
+//!   lands after harvest *k* returns is reported by harvest *k + 1* at the
+//!   latest, and a shadow copy refreshed from each harvest (what pre-copy
+//!   does) ends equal to the memory, byte for byte;
+//! - memory kinds from [`MemoryKind`]: anonymous (two regions with a hole),
+//!   memfd, a file under `/dev/shm`, a file on disk, and hugetlb where the
+//!   machine has free 2 MiB pages.
+//!
+//! A check that cannot run here (tracker unsupported by this kernel, no huge
+//! pages) prints `SKIP <test>: <reason>` and returns.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use super::{DirtyError, DirtyLog, DirtyTracker, SoftwareDirtyBitmap};
+use crate::memory::{GuestMemory, GuestRegion, MemoryError};
+
+/// A tracker under test, and how writes reach it.
+pub struct Tracked {
+    /// The tracker.
+    pub tracker: Box<dyn DirtyTracker>,
+    /// For trackers that only know what they are told: the bitmap the test
+    /// writers mark after each store (as device emulation would).
+    pub marker: Option<Arc<SoftwareDirtyBitmap>>,
+}
+
+/// Starts a tracker over a memory, or says why it cannot.
+pub type TrackerFactory = fn(&GuestMemory) -> Result<Tracked, DirtyError>;
+
+/// The kinds of memory every tracker is tested on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryKind {
+    /// Two anonymous regions with a hole between them.
+    Anonymous,
+    /// One memfd region.
+    Memfd,
+    /// A file under `/dev/shm` (tmpfs).
+    ShmFile,
+    /// A file on a disk filesystem (the system temp dir when it is not tmpfs).
+    DiskFile,
+    /// 2 MiB hugetlb pages.
+    Hugetlb,
+}
+
+/// A test memory and the files to remove with it.
+pub struct TestMemory {
+    /// The memory.
+    pub mem: GuestMemory,
+    path: Option<PathBuf>,
+}
+
+impl Drop for TestMemory {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn unique(tag: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "mc-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl MemoryKind {
+    /// Build a test memory of about `mib` MiB, or `Err(reason)` to skip.
+    pub fn build(self, mib: usize) -> Result<TestMemory, String> {
+        let len = mib << 20;
+        let skip = |e: MemoryError| e.to_string();
+        let (regions, path) = match self {
+            MemoryKind::Anonymous => (
+                vec![
+                    GuestRegion::anonymous(0, len / 2).map_err(skip)?,
+                    GuestRegion::anonymous(1 << 32, len / 2).map_err(skip)?,
+                ],
+                None,
+            ),
+            MemoryKind::Memfd => (
+                vec![GuestRegion::memfd(0, len, "conformance").map_err(skip)?],
+                None,
+            ),
+            MemoryKind::ShmFile => {
+                let path = PathBuf::from("/dev/shm").join(unique("shm"));
+                (
+                    vec![GuestRegion::file(0, len, &path).map_err(skip)?],
+                    Some(path),
+                )
+            }
+            MemoryKind::DiskFile => {
+                // The target dir is on the work disk; /tmp may be tmpfs.
+                let dir = std::env::var_os("CARGO_TARGET_TMPDIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(std::env::temp_dir);
+                let path = dir.join(unique("disk"));
+                (
+                    vec![GuestRegion::file(0x8000_0000, len, &path).map_err(skip)?],
+                    Some(path),
+                )
+            }
+            MemoryKind::Hugetlb => (
+                vec![GuestRegion::hugetlb(0, len.max(8 << 21), "conformance").map_err(skip)?],
+                None,
+            ),
+        };
+        Ok(TestMemory {
+            mem: GuestMemory::new(regions).map_err(skip)?,
+            path,
+        })
+    }
+}
+
+/// Start the tracker, or `None` (with a SKIP line) when this kernel lacks it.
+fn start(test: &str, mem: &GuestMemory, factory: TrackerFactory) -> Option<Tracked> {
+    match factory(mem) {
+        Ok(t) => Some(t),
+        Err(DirtyError::Unsupported { reason, .. }) => {
+            println!("SKIP {test}: {reason}");
+            None
+        }
+        Err(e) => panic!("{test}: tracker failed to start: {e}"),
+    }
+}
+
+/// Build the memory, or `None` (with a SKIP line) when this machine lacks it.
+pub fn memory(test: &str, kind: MemoryKind, mib: usize) -> Option<TestMemory> {
+    match kind.build(mib) {
+        Ok(m) => Some(m),
+        Err(reason) if kind == MemoryKind::Hugetlb => {
+            println!("SKIP {test}: {reason}");
+            None
+        }
+        Err(reason) => panic!("{test}: cannot build {kind:?} memory: {reason}"),
+    }
+}
+
+/// Store `value` at byte `offset` of page `page` of region `region`, as a
+/// vCPU would, then mark the software bitmap if the tracker needs it.
+fn store(mem: &GuestMemory, t: &Tracked, region: usize, page: usize, offset: usize, value: u64) {
+    let r = &mem.regions()[region];
+    let ptr = r.page_ptr(page).wrapping_add(offset & !7);
+    // SAFETY: in bounds of the page (offset < page size, 8-aligned); atomic
+    // because other test threads read the same memory concurrently.
+    unsafe { (*(ptr as *const AtomicU64)).store(value, Ordering::Release) };
+    if let Some(m) = &t.marker {
+        m.mark_page(region, page);
+    }
+}
+
+/// A small deterministic generator (splitmix64), so failures replay.
+struct Mix(u64);
+impl Mix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn harvest(t: &Tracked, mem: &GuestMemory) -> DirtyLog {
+    let mut log = DirtyLog::new(mem);
+    t.tracker.harvest(&mut log).expect("harvest failed");
+    log
+}
+
+/// Scattered single writes are reported exactly; reads are not; an idle
+/// interval harvests empty; a rewrite of a subset reports that subset.
+pub fn scattered_writes_are_exact(test: &str, kind: MemoryKind, factory: TrackerFactory) {
+    let Some(tm) = memory(test, kind, 8) else {
+        return;
+    };
+    let mem = &tm.mem;
+    // Touch some pages before tracking starts: they must not count.
+    for r in mem.regions() {
+        // SAFETY: first byte of a live mapping.
+        unsafe { r.as_ptr().write_volatile(1) };
+    }
+    let Some(t) = start(test, mem, factory) else {
+        return;
+    };
+    assert!(harvest(&t, mem).is_empty(), "{test}: dirty before any write");
+
+    let mut rng = Mix(0x5eed ^ kind as u64);
+    let mut expected = DirtyLog::new(mem);
+    for (ri, r) in mem.regions().iter().enumerate() {
+        let pages = r.pages();
+        let mut chosen = vec![0, pages - 1];
+        chosen.extend((0..pages / 7).map(|_| rng.below(pages)));
+        for page in chosen {
+            let offset = rng.below(r.page_size().bytes());
+            store(mem, &t, ri, page, offset, rng.next() | 1);
+            expected.mark(ri, page);
+        }
+        // Reads of other pages, touched or not, are not writes.
+        for _ in 0..pages / 5 {
+            let page = rng.below(pages);
+            // SAFETY: in bounds of the region.
+            unsafe { r.page_ptr(page).read_volatile() };
+        }
+    }
+    let got = harvest(&t, mem);
+    assert_eq!(
+        got.count(),
+        expected.count(),
+        "{test}: reported {} pages, wrote {}",
+        got.count(),
+        expected.count()
+    );
+    assert!(got == expected, "{test}: reported pages differ from written");
+    assert!(
+        harvest(&t, mem).is_empty(),
+        "{test}: second harvest not empty"
+    );
+
+    // Rewrite every third written page: exactly those come back.
+    let mut subset = DirtyLog::new(mem);
+    for (i, (ri, page)) in expected.pages().enumerate().filter(|(i, _)| i % 3 == 0) {
+        store(mem, &t, ri, page, (i * 8) % 4096, i as u64);
+        subset.mark(ri, page);
+    }
+    assert!(harvest(&t, mem) == subset, "{test}: rewrite subset differs");
+}
+
+/// One write as the writer saw it: harvests completed before it started,
+/// harvests started before it finished.
+struct WriteRecord {
+    region: u32,
+    page: u32,
+    completed_before: u32,
+    started_after: u32,
+}
+
+/// Writer threads keep writing while a harvester harvests; nothing is lost.
+pub fn concurrent_writes_are_never_lost(test: &str, kind: MemoryKind, factory: TrackerFactory) {
+    const WRITERS: usize = 3;
+    const WRITES_PER_THREAD: usize = 20_000;
+    let Some(tm) = memory(test, kind, 8) else {
+        return;
+    };
+    let mem = &tm.mem;
+    let Some(t) = start(test, mem, factory) else {
+        return;
+    };
+    // The shadow starts as a full copy (round 0), then follows harvests.
+    let mut shadow: Vec<Vec<u8>> = mem
+        .regions()
+        .iter()
+        .map(|r| {
+            let mut v = vec![0u8; r.len()];
+            mem.read(r.gpa(), &mut v).unwrap();
+            v
+        })
+        .collect();
+    let started = AtomicU64::new(0);
+    let completed = AtomicU64::new(0);
+    let done = AtomicUsize::new(0);
+    let stop_harvester = AtomicBool::new(false);
+
+    let (records, logs) = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let (t, started, completed, done) = (&t, &started, &completed, &done);
+                s.spawn(move || {
+                    let mut rng = Mix(0xabcd ^ (w as u64) << 32 ^ kind as u64);
+                    let mut records = Vec::with_capacity(WRITES_PER_THREAD);
+                    for seq in 1..=WRITES_PER_THREAD as u64 {
+                        let region = rng.below(mem.regions().len());
+                        let page = rng.below(mem.regions()[region].pages());
+                        let completed_before = completed.load(Ordering::SeqCst);
+                        // Each writer owns one u64 slot per page: the value is
+                        // (writer, sequence), so a stale shadow shows.
+                        store(mem, t, region, page, w * 8, (w as u64) << 56 | seq);
+                        let started_after = started.load(Ordering::SeqCst);
+                        records.push(WriteRecord {
+                            region: region as u32,
+                            page: page as u32,
+                            completed_before: completed_before as u32,
+                            started_after: started_after as u32,
+                        });
+                        if seq % 1024 == 0 {
+                            std::thread::yield_now();
+                        }
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                    records
+                })
+            })
+            .collect();
+
+        let mut logs = Vec::new();
+        while done.load(Ordering::SeqCst) < WRITERS && !stop_harvester.load(Ordering::Relaxed) {
+            started.fetch_add(1, Ordering::SeqCst);
+            let log = harvest(&t, mem);
+            completed.fetch_add(1, Ordering::SeqCst);
+            copy_dirty(mem, &log, &mut shadow);
+            logs.push(log);
+        }
+        let records: Vec<WriteRecord> = writers
+            .into_iter()
+            .flat_map(|h| h.join().expect("writer panicked"))
+            .collect();
+        stop_harvester.store(true, Ordering::Relaxed);
+        // The last harvest, after the guest stopped (the pause).
+        started.fetch_add(1, Ordering::SeqCst);
+        let last = harvest(&t, mem);
+        copy_dirty(mem, &last, &mut shadow);
+        logs.push(last);
+        (records, logs)
+    });
+
+    assert!(
+        logs.len() >= 3,
+        "{test}: only {} harvests overlapped the writers",
+        logs.len()
+    );
+    // Harvest j (1-based) is logs[j - 1]. A write that began after harvest
+    // `completed_before` returned, and ended before harvest
+    // `started_after + 1` began, must show in one of the harvests between.
+    for rec in &records {
+        let lo = rec.completed_before as usize + 1;
+        let hi = (rec.started_after as usize + 1).min(logs.len());
+        let seen = (lo..=hi).any(|j| logs[j - 1].is_dirty(rec.region as usize, rec.page as usize));
+        assert!(
+            seen,
+            "{test}: write to region {} page {} between harvests {} and {} was never reported",
+            rec.region, rec.page, lo, hi
+        );
+    }
+    for (ri, r) in mem.regions().iter().enumerate() {
+        let mut now = vec![0u8; r.len()];
+        mem.read(r.gpa(), &mut now).unwrap();
+        if now != shadow[ri] {
+            let ps = r.page_size().bytes();
+            let bad = (0..r.pages())
+                .find(|&p| now[p * ps..(p + 1) * ps] != shadow[ri][p * ps..(p + 1) * ps])
+                .unwrap();
+            panic!("{test}: shadow copy of region {ri} is stale at page {bad}");
+        }
+    }
+    println!(
+        "{test}: {} writes, {} harvests, all reported in their window",
+        records.len(),
+        logs.len()
+    );
+}
+
+fn copy_dirty(mem: &GuestMemory, log: &DirtyLog, shadow: &mut [Vec<u8>]) {
+    for run in log.runs() {
+        let r = &mem.regions()[run.region];
+        let ps = r.page_size().bytes();
+        let off = run.first * ps;
+        let len = run.count * ps;
+        mem.read(r.gpa() + off as u64, &mut shadow[run.region][off..off + len])
+            .unwrap();
+    }
+}
+
+/// Generate the conformance tests for one tracker factory: one `#[test]` per
+/// check and memory kind.
+///
+/// ```ignore
+/// migrate_core::conformance_suite!(uffd_async, |mem| Ok(Tracked {
+///     tracker: Box::new(UffdAsyncTracker::new(mem)?),
+///     marker: None,
+/// }));
+/// ```
+#[macro_export]
+macro_rules! conformance_suite {
+    ($name:ident, $factory:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            use $crate::dirty::conformance::{self as c, MemoryKind};
+            const FACTORY: c::TrackerFactory = $factory;
+            $crate::conformance_suite!(@kinds
+                anonymous => Anonymous, memfd => Memfd, shm_file => ShmFile,
+                disk_file => DiskFile, hugetlb => Hugetlb);
+        }
+    };
+    (@kinds $($kname:ident => $kind:ident),*) => {
+        $(
+            mod $kname {
+                use super::*;
+                #[test]
+                fn scattered_writes_are_exact() {
+                    c::scattered_writes_are_exact(
+                        concat!(module_path!(), "::scattered_writes_are_exact"),
+                        MemoryKind::$kind,
+                        FACTORY,
+                    );
+                }
+                #[test]
+                fn concurrent_writes_are_never_lost() {
+                    c::concurrent_writes_are_never_lost(
+                        concat!(module_path!(), "::concurrent_writes_are_never_lost"),
+                        MemoryKind::$kind,
+                        FACTORY,
+                    );
+                }
+            }
+        )*
+    };
+}

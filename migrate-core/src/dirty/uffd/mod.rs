@@ -1,0 +1,154 @@
+//! userfaultfd write-protect trackers: async mode with `PAGEMAP_SCAN`, and
+//! sync mode with a fault-handler thread for older kernels.
+
+mod async_wp;
+mod sync_wp;
+mod sys;
+
+use std::sync::OnceLock;
+
+pub use async_wp::UffdAsyncTracker;
+pub use sync_wp::UffdSyncTracker;
+
+use super::{DirtyError, HostRange, TrackerKind};
+use crate::memory::{Backing, GuestMemory};
+use sys::{Pagemap, Uffd, UffdMode, features};
+
+/// What this kernel offers for userfaultfd write-protect tracking, probed
+/// once per process on throwaway descriptors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UffdSupport {
+    /// Running kernel (major, minor), when readable.
+    pub kernel: Option<(u32, u32)>,
+    /// Feature bits offered by `UFFDIO_API`, or why no uffd could be opened.
+    pub features: Result<u64, String>,
+    /// Whether the `PAGEMAP_SCAN` ioctl exists.
+    pub pagemap_scan: bool,
+}
+
+impl UffdSupport {
+    /// Probe (cached after the first call).
+    pub fn get() -> &'static UffdSupport {
+        static SUPPORT: OnceLock<UffdSupport> = OnceLock::new();
+        SUPPORT.get_or_init(|| {
+            let features = Uffd::open(UffdMode::UserOnly)
+                .and_then(|u| u.api(0))
+                .map_err(|e| format!("cannot open a userfaultfd: {e}"));
+            let pagemap_scan = Pagemap::open(1)
+                .and_then(|mut p| p.scan_supported())
+                .unwrap_or(false);
+            UffdSupport {
+                kernel: sys::kernel_version(),
+                features,
+                pagemap_scan,
+            }
+        })
+    }
+
+    fn kernel_str(&self) -> String {
+        match self.kernel {
+            Some((a, b)) => format!("Linux {a}.{b}"),
+            None => "this kernel".into(),
+        }
+    }
+
+    /// Why `tracker` cannot run on this kernel for `mem`, or `None` if it can.
+    pub fn unsupported_reason(&self, tracker: TrackerKind, mem: &GuestMemory) -> Option<String> {
+        let offered = match &self.features {
+            Ok(f) => *f,
+            Err(e) => return Some(e.clone()),
+        };
+        let needs_shmem_wp = mem
+            .regions()
+            .iter()
+            .any(|r| matches!(r.backing(), Backing::Memfd | Backing::Hugetlb | Backing::File(_)));
+        match tracker {
+            TrackerKind::UffdAsync => {
+                if offered & features::WP_ASYNC == 0 {
+                    return Some(format!(
+                        "{} lacks UFFD_FEATURE_WP_ASYNC (needs Linux >= 6.7)",
+                        self.kernel_str()
+                    ));
+                }
+                if !self.pagemap_scan {
+                    return Some(format!(
+                        "{} lacks the PAGEMAP_SCAN ioctl (needs Linux >= 6.7)",
+                        self.kernel_str()
+                    ));
+                }
+                None
+            }
+            TrackerKind::UffdSync => {
+                if needs_shmem_wp && offered & features::WP_HUGETLBFS_SHMEM == 0 {
+                    return Some(format!(
+                        "{} cannot write-protect shared or hugetlb memory \
+                         (UFFD_FEATURE_WP_HUGETLBFS_SHMEM needs Linux >= 5.19)",
+                        self.kernel_str()
+                    ));
+                }
+                if let Some(r) = mem
+                    .regions()
+                    .iter()
+                    .find(|r| matches!(r.backing(), Backing::File(p) if !is_shmem(p)))
+                {
+                    return Some(format!(
+                        "sync write-protect works on anonymous, shmem and hugetlb memory only, \
+                         not on the disk file behind GPA {:#x}",
+                        r.gpa()
+                    ));
+                }
+                None
+            }
+            TrackerKind::Software => None,
+        }
+    }
+}
+
+fn is_shmem(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs into a zeroed struct with a valid C path.
+    unsafe {
+        let mut s: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut s) == 0
+            && (s.f_type == libc::TMPFS_MAGIC || s.f_type == libc::HUGETLBFS_MAGIC)
+    }
+}
+
+/// Register every range with a fresh uffd and write-protect it.
+fn register_all(
+    tracker: TrackerKind,
+    uffd: &Uffd,
+    ranges: &[HostRange],
+) -> Result<(), DirtyError> {
+    let os = |op| move |source| DirtyError::Os { tracker, op, source };
+    for r in ranges {
+        uffd.register_wp(r.start, r.len).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                DirtyError::Unsupported {
+                    tracker,
+                    reason: format!(
+                        "the kernel refused to write-protect the {} byte mapping at {:#x} \
+                         (memory type not supported: {e})",
+                        r.len, r.start
+                    ),
+                }
+            } else {
+                os("UFFDIO_REGISTER")(e)
+            }
+        })?;
+        uffd.write_protect(r.start, r.len, true)
+            .map_err(os("UFFDIO_WRITEPROTECT"))?;
+    }
+    Ok(())
+}
+
+fn check(tracker: TrackerKind, mem: &GuestMemory) -> Result<&'static UffdSupport, DirtyError> {
+    let support = UffdSupport::get();
+    match support.unsupported_reason(tracker, mem) {
+        Some(reason) => Err(DirtyError::Unsupported { tracker, reason }),
+        None => Ok(support),
+    }
+}

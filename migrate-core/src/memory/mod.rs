@@ -1,0 +1,441 @@
+//! Guest memory: the guest-physical regions a VMM mapped into its process.
+//!
+//! A [`GuestMemory`] is a sorted, non-overlapping set of [`GuestRegion`]s.
+//! Each region is either mapped by us (anonymous, memfd, file, hugetlb) and
+//! unmapped when dropped, or adopted from the VMM ([`GuestRegion::from_raw`])
+//! and never unmapped. vCPU threads write the memory at any time; everything
+//! here reads and writes through raw pointers, never through `&mut [u8]`.
+
+mod region;
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+pub use region::{Backing, GuestRegion};
+
+/// Page size of a region: the unit of dirty tracking and of transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PageSize {
+    /// 4 KiB base pages.
+    Small,
+    /// 2 MiB huge pages (hugetlbfs).
+    Huge2M,
+}
+
+impl PageSize {
+    /// Size in bytes.
+    pub const fn bytes(self) -> usize {
+        match self {
+            PageSize::Small => 4096,
+            PageSize::Huge2M => 2 << 20,
+        }
+    }
+
+    /// log2 of the size in bytes.
+    pub const fn shift(self) -> u32 {
+        match self {
+            PageSize::Small => 12,
+            PageSize::Huge2M => 21,
+        }
+    }
+
+    /// The page size of `bytes`, if it is one we support.
+    pub const fn from_bytes(bytes: usize) -> Option<Self> {
+        match bytes {
+            4096 => Some(PageSize::Small),
+            0x20_0000 => Some(PageSize::Huge2M),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for PageSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PageSize::Small => f.write_str("4 KiB"),
+            PageSize::Huge2M => f.write_str("2 MiB"),
+        }
+    }
+}
+
+/// Why guest memory could not be built or accessed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MemoryError {
+    /// A region of length zero.
+    #[error("region at GPA {gpa:#x} has zero length")]
+    ZeroLength {
+        /// Guest-physical base of the region.
+        gpa: u64,
+    },
+    /// A base address that is not a multiple of the page size.
+    #[error("region base GPA {gpa:#x} is not aligned to its {page_size} pages")]
+    UnalignedBase {
+        /// Guest-physical base of the region.
+        gpa: u64,
+        /// The region's page size.
+        page_size: PageSize,
+    },
+    /// A length that is not a multiple of the page size.
+    #[error("region at GPA {gpa:#x} has length {len:#x}, not a multiple of its {page_size} pages")]
+    UnalignedLength {
+        /// Guest-physical base of the region.
+        gpa: u64,
+        /// Length in bytes.
+        len: usize,
+        /// The region's page size.
+        page_size: PageSize,
+    },
+    /// An adopted host mapping that is not aligned to the page size.
+    #[error("region at GPA {gpa:#x}: host address {host:#x} is not aligned to {page_size} pages")]
+    UnalignedHost {
+        /// Guest-physical base of the region.
+        gpa: u64,
+        /// Host address given.
+        host: usize,
+        /// The region's page size.
+        page_size: PageSize,
+    },
+    /// A region that runs past the end of the 64-bit address space.
+    #[error("region at GPA {gpa:#x} with length {len:#x} wraps the address space")]
+    AddressOverflow {
+        /// Guest-physical base of the region.
+        gpa: u64,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// Two regions that share guest-physical addresses.
+    #[error(
+        "regions overlap: [{first_start:#x}, {first_end:#x}) and [{second_start:#x}, {second_end:#x})"
+    )]
+    Overlap {
+        /// Start of the lower region.
+        first_start: u64,
+        /// End (exclusive) of the lower region.
+        first_end: u64,
+        /// Start of the higher region.
+        second_start: u64,
+        /// End (exclusive) of the higher region.
+        second_end: u64,
+    },
+    /// A guest memory with no regions.
+    #[error("guest memory has no regions")]
+    NoRegions,
+    /// A null host pointer handed to [`GuestRegion::from_raw`].
+    #[error("region at GPA {gpa:#x}: host address is null")]
+    NullHost {
+        /// Guest-physical base of the region.
+        gpa: u64,
+    },
+    /// The kernel refused to create or map memory.
+    #[error("could not map {len} bytes of {what} memory: {source}")]
+    Map {
+        /// Kind of memory.
+        what: &'static str,
+        /// Length in bytes.
+        len: usize,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// No (or not enough) free 2 MiB huge pages.
+    #[error(
+        "could not get {len} bytes of 2 MiB huge pages ({source}); reserve them with \
+         `echo N > /proc/sys/vm/nr_hugepages`"
+    )]
+    HugePagesUnavailable {
+        /// Length in bytes.
+        len: usize,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A backing file that cannot be opened or grown (a full disk shows here).
+    #[error("guest memory file {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// An existing backing file with another size than the region.
+    #[error("guest memory file {path} has {actual} bytes, the region needs {expected}")]
+    FileSize {
+        /// The file.
+        path: PathBuf,
+        /// Region length.
+        expected: u64,
+        /// File length.
+        actual: u64,
+    },
+    /// A guest-physical range that is not inside one region.
+    #[error("GPA range [{gpa:#x}, +{len:#x}) is not inside one guest memory region")]
+    OutOfRange {
+        /// Start of the range.
+        gpa: u64,
+        /// Length of the range.
+        len: usize,
+    },
+}
+
+/// The shape of one region, without its bytes: what two hosts compare to
+/// agree that their memories match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RegionLayout {
+    /// Guest-physical base.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Page size.
+    pub page_size: PageSize,
+}
+
+/// A guest memory's layout: its regions' shapes in GPA order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MemoryLayout {
+    /// Regions, sorted by guest-physical address.
+    pub regions: Vec<RegionLayout>,
+}
+
+impl MemoryLayout {
+    /// Total bytes in all regions.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.len).sum()
+    }
+}
+
+/// A guest's memory: regions sorted by guest-physical address, never
+/// overlapping. Shared by the VMM's vCPU threads, the tracker and the sender.
+#[derive(Debug)]
+pub struct GuestMemory {
+    regions: Vec<GuestRegion>,
+}
+
+impl GuestMemory {
+    /// Assemble regions into a guest memory, sorted by GPA.
+    ///
+    /// # Errors
+    /// [`MemoryError::NoRegions`] for an empty list, [`MemoryError::Overlap`]
+    /// when two regions share guest-physical addresses.
+    pub fn new(mut regions: Vec<GuestRegion>) -> Result<Self, MemoryError> {
+        if regions.is_empty() {
+            return Err(MemoryError::NoRegions);
+        }
+        regions.sort_by_key(GuestRegion::gpa);
+        for pair in regions.windows(2) {
+            if pair[1].gpa() < pair[0].end() {
+                return Err(MemoryError::Overlap {
+                    first_start: pair[0].gpa(),
+                    first_end: pair[0].end(),
+                    second_start: pair[1].gpa(),
+                    second_end: pair[1].end(),
+                });
+            }
+        }
+        Ok(Self { regions })
+    }
+
+    /// The regions, in GPA order. Indices into this slice are the region
+    /// numbers used by dirty logs and the wire protocol.
+    pub fn regions(&self) -> &[GuestRegion] {
+        &self.regions
+    }
+
+    /// Total bytes of guest memory.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.len() as u64).sum()
+    }
+
+    /// Total pages over all regions.
+    pub fn total_pages(&self) -> usize {
+        self.regions.iter().map(GuestRegion::pages).sum()
+    }
+
+    /// The layout (shapes only).
+    pub fn layout(&self) -> MemoryLayout {
+        MemoryLayout {
+            regions: self
+                .regions
+                .iter()
+                .map(|r| RegionLayout {
+                    gpa: r.gpa(),
+                    len: r.len() as u64,
+                    page_size: r.page_size(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Region index and offset of a range `[gpa, gpa + len)` that lies
+    /// inside one region.
+    ///
+    /// # Errors
+    /// [`MemoryError::OutOfRange`] when the range is not inside one region.
+    pub fn locate(&self, gpa: u64, len: usize) -> Result<(usize, usize), MemoryError> {
+        let out = MemoryError::OutOfRange { gpa, len };
+        let idx = self.regions.partition_point(|r| r.end() <= gpa);
+        let region = self.regions.get(idx).ok_or(out)?;
+        let end = gpa
+            .checked_add(len as u64)
+            .ok_or(MemoryError::OutOfRange { gpa, len })?;
+        if gpa < region.gpa() || end > region.end() {
+            return Err(MemoryError::OutOfRange { gpa, len });
+        }
+        Ok((idx, (gpa - region.gpa()) as usize))
+    }
+
+    /// Copy `data` into guest memory at `gpa`, as a vCPU or device would.
+    ///
+    /// # Errors
+    /// [`MemoryError::OutOfRange`] when the range is not inside one region.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let (idx, off) = self.locate(gpa, data.len())?;
+        // SAFETY: `locate` proved `off + data.len()` lies inside the mapping;
+        // `data` cannot alias guest memory handed out only as raw pointers.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.regions[idx].as_ptr().add(off),
+                data.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copy guest memory at `gpa` into `buf`.
+    ///
+    /// # Errors
+    /// [`MemoryError::OutOfRange`] when the range is not inside one region.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let (idx, off) = self.locate(gpa, buf.len())?;
+        // SAFETY: as in `write`, the source range is inside the mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.regions[idx].as_ptr().add(off),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn layout_errors_are_typed() {
+        assert!(matches!(
+            GuestRegion::anonymous(0, 0),
+            Err(MemoryError::ZeroLength { gpa: 0 })
+        ));
+        assert!(matches!(
+            GuestRegion::anonymous(0x800, 4096),
+            Err(MemoryError::UnalignedBase { gpa: 0x800, .. })
+        ));
+        assert!(matches!(
+            GuestRegion::anonymous(0, 5000),
+            Err(MemoryError::UnalignedLength { len: 5000, .. })
+        ));
+        assert!(matches!(
+            GuestRegion::anonymous(u64::MAX - 4095, 8192),
+            Err(MemoryError::AddressOverflow { .. })
+        ));
+        assert!(matches!(
+            GuestMemory::new(vec![]),
+            Err(MemoryError::NoRegions)
+        ));
+        let err = GuestMemory::new(vec![
+            GuestRegion::anonymous(0x10_0000, 0x2000).unwrap(),
+            GuestRegion::anonymous(0x10_1000, 0x1000).unwrap(),
+        ])
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            MemoryError::Overlap {
+                first_start: 0x10_0000,
+                first_end: 0x10_2000,
+                second_start: 0x10_1000,
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("overlap"));
+    }
+
+    #[test]
+    fn regions_sorted_and_located() {
+        let mem = GuestMemory::new(vec![
+            GuestRegion::anonymous(0x10_0000, 0x4000).unwrap(),
+            GuestRegion::memfd(0, 0x2000, "low").unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(mem.regions()[0].gpa(), 0);
+        assert_eq!(mem.total_bytes(), 0x6000);
+        assert_eq!(mem.total_pages(), 6);
+        assert_eq!(mem.locate(0x10_1008, 8).unwrap(), (1, 0x1008));
+        assert!(matches!(
+            mem.locate(0x1ff8, 16),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            mem.locate(0x3000, 1),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        mem.write(0x10_1ffc, b"abcd").unwrap();
+        let mut back = [0u8; 4];
+        mem.read(0x10_1ffc, &mut back).unwrap();
+        assert_eq!(&back, b"abcd");
+    }
+
+    #[test]
+    fn memfd_is_shared_with_a_second_mapping() {
+        let region = GuestRegion::memfd(0, 0x2000, "shared").unwrap();
+        let second = memmap2::MmapOptions::new()
+            .len(0x2000)
+            .map_raw(region.fd().unwrap().as_raw_fd())
+            .unwrap();
+        // SAFETY: both pointers are inside live 8 KiB mappings.
+        unsafe {
+            *second.as_mut_ptr().add(0x1000) = 0x5a;
+            assert_eq!(*region.as_ptr().add(0x1000), 0x5a);
+        }
+    }
+
+    #[test]
+    fn file_backed_region_checks_size() {
+        let dir = std::env::temp_dir().join(format!("mc-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("guest.img");
+        let region = GuestRegion::file(0, 0x3000, &path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0x3000);
+        drop(region);
+        // Reopening with the same size works; another size is refused.
+        GuestRegion::file(0, 0x3000, &path).unwrap();
+        assert!(matches!(
+            GuestRegion::file(0, 0x4000, &path),
+            Err(MemoryError::FileSize {
+                expected: 0x4000,
+                actual: 0x3000,
+                ..
+            })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn external_mapping_is_never_unmapped() {
+        let owner = GuestRegion::anonymous(0, 0x2000).unwrap();
+        // SAFETY: `owner` keeps the mapping alive past `adopted`.
+        let adopted =
+            unsafe { GuestRegion::from_raw(0x1000_0000, owner.as_ptr(), 0x2000, PageSize::Small) }
+                .unwrap();
+        assert!(!adopted.owns_mapping());
+        drop(adopted);
+        // SAFETY: still mapped: dropping the adopted region did not unmap.
+        unsafe { owner.as_ptr().write(7) };
+        // SAFETY: null is refused before any access.
+        let null = unsafe { GuestRegion::from_raw(0, std::ptr::null_mut(), 4096, PageSize::Small) };
+        assert!(matches!(null, Err(MemoryError::NullHost { .. })));
+    }
+}

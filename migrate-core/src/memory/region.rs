@@ -1,0 +1,357 @@
+//! One guest-memory region: a guest-physical range backed by a host mapping.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use super::{MemoryError, PageSize};
+
+/// What backs a region's host mapping. Trackers use it to pick a mechanism
+/// that works for that kind of memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory (`MAP_PRIVATE | MAP_ANONYMOUS`).
+    Anonymous,
+    /// A shared mapping of a memfd: another thread or process can map and
+    /// write the same pages through [`GuestRegion::fd`].
+    Memfd,
+    /// A shared mapping of a file, e.g. a guest image under `/dev/shm`.
+    File(PathBuf),
+    /// A shared mapping of a hugetlbfs memfd (2 MiB pages).
+    Hugetlb,
+    /// A mapping the VMM owns; we never unmap it.
+    External,
+}
+
+impl Backing {
+    /// Short name for logs and reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backing::Anonymous => "anonymous",
+            Backing::Memfd => "memfd",
+            Backing::File(_) => "file",
+            Backing::Hugetlb => "hugetlb",
+            Backing::External => "external",
+        }
+    }
+}
+
+/// A guest-physical range `[gpa, gpa + len)` and the host mapping that holds
+/// its bytes. Created by one of the constructors, then assembled into a
+/// [`GuestMemory`](super::GuestMemory), which checks the layout as a whole.
+#[derive(Debug)]
+pub struct GuestRegion {
+    gpa: u64,
+    len: usize,
+    page_size: PageSize,
+    host: NonNull<u8>,
+    backing: Backing,
+    /// `None` for external mappings: dropping the region must not unmap them.
+    mapping: Option<MmapRaw>,
+    file: Option<File>,
+}
+
+// SAFETY: the region only hands out raw pointers and copies through them; the
+// host mapping stays valid for the region's life (owned `MmapRaw`, or the
+// VMM's promise in `from_raw`). Concurrent writers are the normal state of
+// guest memory, exactly as for vCPU threads.
+unsafe impl Send for GuestRegion {}
+// SAFETY: see `Send`; no method mutates the region's own fields through `&self`.
+unsafe impl Sync for GuestRegion {}
+
+impl GuestRegion {
+    /// Private anonymous memory with 4 KiB pages.
+    ///
+    /// # Errors
+    /// [`MemoryError::ZeroLength`] / unaligned base or length, or
+    /// [`MemoryError::Map`] when the kernel refuses the mapping.
+    pub fn anonymous(gpa: u64, len: usize) -> Result<Self, MemoryError> {
+        check_shape(gpa, len, PageSize::Small)?;
+        let map = MmapOptions::new()
+            .len(len)
+            .map_anon()
+            .map_err(|source| MemoryError::Map {
+                what: "anonymous",
+                len,
+                source,
+            })?;
+        Ok(Self::owned(
+            gpa,
+            len,
+            PageSize::Small,
+            Backing::Anonymous,
+            map.into(),
+            None,
+        ))
+    }
+
+    /// Shared memory from a new memfd with 4 KiB pages. The memfd stays open
+    /// ([`GuestRegion::file`]) so that it can be mapped again or passed to
+    /// another process.
+    ///
+    /// # Errors
+    /// Layout errors as for [`GuestRegion::anonymous`], [`MemoryError::Map`]
+    /// when the memfd cannot be created, sized or mapped.
+    pub fn memfd(gpa: u64, len: usize, name: &str) -> Result<Self, MemoryError> {
+        check_shape(gpa, len, PageSize::Small)?;
+        let file = memfd_create(name, 0).map_err(|source| MemoryError::Map {
+            what: "memfd",
+            len,
+            source,
+        })?;
+        Self::shared_file(gpa, len, PageSize::Small, Backing::Memfd, file)
+    }
+
+    /// Shared memory from a new hugetlbfs memfd with 2 MiB pages.
+    ///
+    /// # Errors
+    /// [`MemoryError::HugePagesUnavailable`] when the machine has no (or not
+    /// enough) free 2 MiB huge pages; layout errors when `gpa` or `len` are
+    /// not 2 MiB multiples.
+    pub fn hugetlb(gpa: u64, len: usize, name: &str) -> Result<Self, MemoryError> {
+        check_shape(gpa, len, PageSize::Huge2M)?;
+        let unavailable = |source| MemoryError::HugePagesUnavailable { len, source };
+        // MFD_HUGETLB with the default huge page size (2 MiB on x86-64).
+        let file = memfd_create(name, libc::MFD_HUGETLB).map_err(unavailable)?;
+        file.set_len(len as u64).map_err(unavailable)?;
+        // hugetlbfs reserves at mmap time: a shortage shows up here as ENOMEM.
+        let map = MmapOptions::new()
+            .len(len)
+            .map_raw(&file)
+            .map_err(unavailable)?;
+        Ok(Self::owned(
+            gpa,
+            len,
+            PageSize::Huge2M,
+            Backing::Hugetlb,
+            map,
+            Some(file),
+        ))
+    }
+
+    /// Shared mapping of the file at `path` (e.g. under `/dev/shm`), created
+    /// and sized to `len` if it does not exist or is empty.
+    ///
+    /// # Errors
+    /// [`MemoryError::FileSize`] when an existing file has another size,
+    /// [`MemoryError::File`] when it cannot be opened or grown (a full disk
+    /// shows up here), layout errors as for [`GuestRegion::anonymous`].
+    pub fn file(gpa: u64, len: usize, path: impl AsRef<Path>) -> Result<Self, MemoryError> {
+        let path = path.as_ref().to_path_buf();
+        check_shape(gpa, len, PageSize::Small)?;
+        let file_err = |source| MemoryError::File {
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(file_err)?;
+        let actual = file.metadata().map_err(file_err)?.len();
+        if actual == 0 {
+            // Reserve the blocks now so that a full disk fails here, not as a
+            // SIGBUS when the guest first touches a page.
+            allocate(&file, len as u64).map_err(file_err)?;
+        } else if actual != len as u64 {
+            return Err(MemoryError::FileSize {
+                path,
+                expected: len as u64,
+                actual,
+            });
+        }
+        Self::shared_file(gpa, len, PageSize::Small, Backing::File(path), file)
+    }
+
+    /// Adopt a mapping the VMM already owns: `len` bytes at `host`, seen by
+    /// the guest at `gpa`. The region never unmaps it.
+    ///
+    /// # Safety
+    /// `host..host + len` must stay mapped readable and writable for as long
+    /// as this region (and anything that borrows its memory) lives.
+    ///
+    /// # Errors
+    /// [`MemoryError::NullHost`] for a null pointer; layout errors as for
+    /// [`GuestRegion::anonymous`] (the host address must be aligned to the
+    /// page size too).
+    pub unsafe fn from_raw(
+        gpa: u64,
+        host: *mut u8,
+        len: usize,
+        page_size: PageSize,
+    ) -> Result<Self, MemoryError> {
+        check_shape(gpa, len, page_size)?;
+        let host = NonNull::new(host).ok_or(MemoryError::NullHost { gpa })?;
+        if host.as_ptr() as usize % page_size.bytes() != 0 {
+            return Err(MemoryError::UnalignedHost {
+                gpa,
+                host: host.as_ptr() as usize,
+                page_size,
+            });
+        }
+        Ok(Self {
+            gpa,
+            len,
+            page_size,
+            host,
+            backing: Backing::External,
+            mapping: None,
+            file: None,
+        })
+    }
+
+    fn shared_file(
+        gpa: u64,
+        len: usize,
+        page_size: PageSize,
+        backing: Backing,
+        file: File,
+    ) -> Result<Self, MemoryError> {
+        let what = backing.name();
+        let map_err = |source| MemoryError::Map { what, len, source };
+        if file.metadata().map_err(map_err)?.len() < len as u64 {
+            file.set_len(len as u64).map_err(map_err)?;
+        }
+        let map = MmapOptions::new()
+            .len(len)
+            .map_raw(&file)
+            .map_err(map_err)?;
+        Ok(Self::owned(gpa, len, page_size, backing, map, Some(file)))
+    }
+
+    fn owned(
+        gpa: u64,
+        len: usize,
+        page_size: PageSize,
+        backing: Backing,
+        map: MmapRaw,
+        file: Option<File>,
+    ) -> Self {
+        let host = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
+        Self {
+            gpa,
+            len,
+            page_size,
+            host,
+            backing,
+            mapping: Some(map),
+            file,
+        }
+    }
+
+    /// Guest-physical base address.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: zero-length regions are refused at construction.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Guest-physical end address (exclusive).
+    pub fn end(&self) -> u64 {
+        self.gpa + self.len as u64
+    }
+
+    /// Page size: the granularity of dirty tracking and transfer.
+    pub fn page_size(&self) -> PageSize {
+        self.page_size
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> usize {
+        self.len / self.page_size.bytes()
+    }
+
+    /// What backs the mapping.
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    /// The backing file or memfd, for a second mapping or another process.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.file.as_ref().map(|f| f.as_fd())
+    }
+
+    /// Host address of the first byte. Valid for [`len`](Self::len) bytes
+    /// while the region lives; other threads may write through it at any time.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.host.as_ptr()
+    }
+
+    /// Host address of page `index`.
+    ///
+    /// # Panics
+    /// When `index` is not below [`pages`](Self::pages).
+    pub fn page_ptr(&self, index: usize) -> *mut u8 {
+        assert!(index < self.pages(), "page {index} outside region");
+        // SAFETY: in bounds of the mapping, checked above.
+        unsafe { self.host.as_ptr().add(index * self.page_size.bytes()) }
+    }
+
+    /// Whether the host mapping is ours (dropped with the region).
+    pub fn owns_mapping(&self) -> bool {
+        self.mapping.is_some()
+    }
+}
+
+/// Validate a region's shape: non-empty, page-aligned, inside the 64-bit
+/// guest-physical space.
+pub(super) fn check_shape(gpa: u64, len: usize, page_size: PageSize) -> Result<(), MemoryError> {
+    let ps = page_size.bytes() as u64;
+    if len == 0 {
+        return Err(MemoryError::ZeroLength { gpa });
+    }
+    if gpa % ps != 0 {
+        return Err(MemoryError::UnalignedBase { gpa, page_size });
+    }
+    if len as u64 % ps != 0 {
+        return Err(MemoryError::UnalignedLength {
+            gpa,
+            len,
+            page_size,
+        });
+    }
+    if gpa.checked_add(len as u64).is_none() {
+        return Err(MemoryError::AddressOverflow { gpa, len });
+    }
+    Ok(())
+}
+
+fn memfd_create(name: &str, flags: libc::c_uint) -> io::Result<File> {
+    let name = CString::new(name.replace('\0', "_")).expect("NULs replaced");
+    // SAFETY: `name` is a valid C string; the call has no other inputs.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Grow `file` to `len` with real blocks (posix_fallocate), so that ENOSPC is
+/// an error now; falls back to a sparse `set_len` where the filesystem cannot
+/// allocate ahead (EOPNOTSUPP).
+fn allocate(file: &File, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: valid fd, plain integer arguments.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+    match rc {
+        0 => Ok(()),
+        libc::EOPNOTSUPP | libc::EINVAL => file.set_len(len),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}

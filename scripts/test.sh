@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The project's test command: set up a fresh Debian machine, then run every test.
+# Usage: scripts/test.sh   (from anywhere; root or sudo for the set-up steps)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+
+# Huge pages for the hugetlb conformance tests (skipped with a reason without).
+if [ -w /proc/sys/vm/nr_hugepages ] && [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 64 ]; then
+  echo 64 > /proc/sys/vm/nr_hugepages || true
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
+# Benchmarks compile and run once each in test mode (no timing).
+cargo test -p benches --benches --locked
