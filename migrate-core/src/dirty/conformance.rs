@@ -196,7 +196,10 @@ pub fn scattered_writes_are_exact(test: &str, kind: MemoryKind, factory: Tracker
     let Some(t) = start(test, mem, factory) else {
         return;
     };
-    assert!(harvest(&t, mem).is_empty(), "{test}: dirty before any write");
+    assert!(
+        harvest(&t, mem).is_empty(),
+        "{test}: dirty before any write"
+    );
 
     let mut rng = Mix(0x5eed ^ kind as u64);
     let mut expected = DirtyLog::new(mem);
@@ -224,7 +227,10 @@ pub fn scattered_writes_are_exact(test: &str, kind: MemoryKind, factory: Tracker
         got.count(),
         expected.count()
     );
-    assert!(got == expected, "{test}: reported pages differ from written");
+    assert!(
+        got == expected,
+        "{test}: reported pages differ from written"
+    );
     assert!(
         harvest(&t, mem).is_empty(),
         "{test}: second harvest not empty"
@@ -368,8 +374,11 @@ fn copy_dirty(mem: &GuestMemory, log: &DirtyLog, shadow: &mut [Vec<u8>]) {
         let ps = r.page_size().bytes();
         let off = run.first * ps;
         let len = run.count * ps;
-        mem.read(r.gpa() + off as u64, &mut shadow[run.region][off..off + len])
-            .unwrap();
+        mem.read(
+            r.gpa() + off as u64,
+            &mut shadow[run.region][off..off + len],
+        )
+        .unwrap();
     }
 }
 

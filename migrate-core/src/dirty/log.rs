@@ -129,14 +129,13 @@ impl DirtyLog {
 
     /// Dirty pages as maximal runs, in region then page order.
     pub fn runs(&self) -> impl Iterator<Item = PageRun> + '_ {
-        self.regions
-            .iter()
-            .enumerate()
-            .flat_map(|(region, bits)| Runs { bits, pos: 0 }.map(move |(first, count)| PageRun {
+        self.regions.iter().enumerate().flat_map(|(region, bits)| {
+            Runs { bits, pos: 0 }.map(move |(first, count)| PageRun {
                 region,
                 first,
                 count,
-            }))
+            })
+        })
     }
 
     /// Dirty pages one by one as (region, page).
@@ -159,7 +158,9 @@ impl Iterator for Runs<'_> {
     fn next(&mut self) -> Option<(usize, usize)> {
         let rest = &self.bits[self.pos..];
         let start = self.pos + rest.first_one()?;
-        let len = self.bits[start..].first_zero().unwrap_or(self.bits.len() - start);
+        let len = self.bits[start..]
+            .first_zero()
+            .unwrap_or(self.bits.len() - start);
         self.pos = start + len;
         Some((start, len))
     }
@@ -185,10 +186,7 @@ mod tests {
         log.mark(0, 199);
         log.mark_range(1, 0, 70);
         let runs: Vec<_> = log.runs().map(|r| (r.region, r.first, r.count)).collect();
-        assert_eq!(
-            runs,
-            vec![(0, 3, 4), (0, 63, 2), (0, 199, 1), (1, 0, 70)]
-        );
+        assert_eq!(runs, vec![(0, 3, 4), (0, 63, 2), (0, 199, 1), (1, 0, 70)]);
         assert_eq!(log.count(), 77);
         assert_eq!(log.dirty_bytes(), 77 * 4096);
         let mut other = DirtyLog::new(&mem);

@@ -32,7 +32,7 @@ use std::io;
 pub use log::{DirtyLog, PageRun};
 pub use select::{DirtyTracking, Fallback, TrackerPreference};
 pub use software::SoftwareDirtyBitmap;
-pub use uffd::{UffdAsyncTracker, UffdSyncTracker, UffdSupport};
+pub use uffd::{UffdAsyncTracker, UffdSupport, UffdSyncTracker};
 
 use crate::memory::{GuestMemory, PageSize};
 

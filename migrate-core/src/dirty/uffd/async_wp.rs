@@ -38,10 +38,12 @@ impl UffdAsyncTracker {
         const KIND: TrackerKind = TrackerKind::UffdAsync;
         let support = check(KIND, mem)?;
         let offered = support.features.as_ref().copied().unwrap_or(0);
-        let os = |op| move |source| DirtyError::Os {
-            tracker: KIND,
-            op,
-            source,
+        let os = |op| {
+            move |source| DirtyError::Os {
+                tracker: KIND,
+                op,
+                source,
+            }
         };
         // User-mode-only works without privilege, and async mode still
         // records kernel-side writes (they never reach user space as faults).

@@ -58,10 +58,12 @@ impl UffdSupport {
             Ok(f) => *f,
             Err(e) => return Some(e.clone()),
         };
-        let needs_shmem_wp = mem
-            .regions()
-            .iter()
-            .any(|r| matches!(r.backing(), Backing::Memfd | Backing::Hugetlb | Backing::File(_)));
+        let needs_shmem_wp = mem.regions().iter().any(|r| {
+            matches!(
+                r.backing(),
+                Backing::Memfd | Backing::Hugetlb | Backing::File(_)
+            )
+        });
         match tracker {
             TrackerKind::UffdAsync => {
                 if offered & features::WP_ASYNC == 0 {
@@ -118,12 +120,14 @@ fn is_shmem(path: &std::path::Path) -> bool {
 }
 
 /// Register every range with a fresh uffd and write-protect it.
-fn register_all(
-    tracker: TrackerKind,
-    uffd: &Uffd,
-    ranges: &[HostRange],
-) -> Result<(), DirtyError> {
-    let os = |op| move |source| DirtyError::Os { tracker, op, source };
+fn register_all(tracker: TrackerKind, uffd: &Uffd, ranges: &[HostRange]) -> Result<(), DirtyError> {
+    let os = |op| {
+        move |source| DirtyError::Os {
+            tracker,
+            op,
+            source,
+        }
+    };
     for r in ranges {
         uffd.register_wp(r.start, r.len).map_err(|e| {
             if e.raw_os_error() == Some(libc::EINVAL) {

@@ -58,10 +58,12 @@ impl UffdSyncTracker {
     pub fn new(mem: &GuestMemory) -> Result<Self, DirtyError> {
         let support = check(KIND, mem)?;
         let offered = support.features.as_ref().copied().unwrap_or(0);
-        let os = |op| move |source| DirtyError::Os {
-            tracker: KIND,
-            op,
-            source,
+        let os = |op| {
+            move |source| DirtyError::Os {
+                tracker: KIND,
+                op,
+                source,
+            }
         };
         let (uffd, user_mode_only) = match Uffd::open(UffdMode::All) {
             Ok(u) => (u, false),

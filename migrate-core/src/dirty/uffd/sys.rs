@@ -186,8 +186,7 @@ impl Uffd {
         };
         loop {
             // SAFETY: `wp` is valid for the ioctl; the kernel checks the range.
-            let rc =
-                unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut wp) };
+            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut wp) };
             if rc == 0 {
                 return Ok(());
             }
