@@ -78,7 +78,19 @@ impl DirtyLog {
     /// # Panics
     /// When the range is out of the region.
     pub fn mark_range(&mut self, region: usize, first: usize, count: usize) {
-        self.regions[region][first..first + count].fill(true);
+        let bits = &mut self.regions[region];
+        assert!(first + count <= bits.len(), "page range outside region");
+        // Word-wise: harvests call this once per dirty run, often for a
+        // single page, and bitvec's generic fill is slow for short ranges.
+        let words = bits.as_raw_mut_slice();
+        let (mut pos, end) = (first, first + count);
+        while pos < end {
+            let (w, b) = (pos / 64, pos % 64);
+            let n = (end - pos).min(64 - b);
+            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << b };
+            words[w] |= mask;
+            pos += n;
+        }
     }
 
     /// OR a 64-page word (bit *i* is page `64 * word + i`) into a region.
@@ -195,5 +207,12 @@ mod tests {
         assert!(log.is_dirty(0, 100));
         log.clear();
         assert!(log.is_empty());
+        // Ranges across word boundaries, and whole words.
+        log.mark_range(0, 60, 70);
+        log.mark_range(0, 192, 8);
+        let runs: Vec<_> = log.runs().map(|r| (r.first, r.count)).collect();
+        assert_eq!(runs, vec![(60, 70), (192, 8)]);
+        log.mark_range(0, 0, 200);
+        assert_eq!(log.count(), 200);
     }
 }

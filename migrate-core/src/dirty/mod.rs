@@ -41,7 +41,7 @@ use crate::memory::{GuestMemory, PageSize};
 /// Tracking starts when the tracker is created. Each harvest reports (ORs
 /// into `log`) every page written since the previous harvest and clears the
 /// tracker's own record. The contract every implementation passes in the
-/// shared [conformance suite](crate::dirty::conformance): a write that lands
+/// shared conformance suite (`dirty::conformance`, feature `test-utils`): a write that lands
 /// after harvest *k* returns is reported by harvest *k + 1* at the latest.
 pub trait DirtyTracker: Send + Sync {
     /// Which mechanism this is.
