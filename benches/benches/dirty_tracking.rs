@@ -138,7 +138,7 @@ fn harvest(c: &mut Criterion) {
 
 fn write_fault(c: &mut Criterion) {
     const PAGES: usize = 16 * 1024; // 64 MiB
-    let mem = memory(PAGES * 4096 >> 20);
+    let mem = memory((PAGES * 4096) >> 20);
     let mut log = DirtyLog::new(&mem);
     let mut group = c.benchmark_group("first_write_after_harvest");
     group.throughput(Throughput::Elements(PAGES as u64));

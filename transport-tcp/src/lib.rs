@@ -1,4 +1,60 @@
-//! TCP transport for live migration: pages from the source's guest memory
-//! to the destination's over one or more TCP connections.
+//! TCP transport: one control connection and several data connections
+//! (like QEMU's multifd and Cloud Hypervisor's `connections`).
 //!
-//! Filled in by the TCP migration issue; the workspace builds it from the start.
+//! Pages leave the source's guest memory by vectored writes straight from the
+//! mapping (no copy into a send buffer) and land in the destination's guest
+//! memory by reads straight into the mapping. Optional zstd compression of
+//! page batches trades CPU for bytes on slow links (it copies, by nature).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use migrate_core::memory::{GuestMemory, GuestRegion};
+//! use transport_tcp::{TcpConfig, TcpSource};
+//!
+//! let mem = Arc::new(GuestMemory::new(vec![GuestRegion::anonymous(0, 64 << 20)?])?);
+//! let mut transport = TcpSource::connect("192.0.2.7:4444", TcpConfig::default())?;
+//! // … SourceMigration::new(config).run(&mut transport, &mem, &tracker, &mut vm)
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod control;
+mod destination;
+mod source;
+
+use std::time::Duration;
+
+pub use control::TcpControl;
+pub use destination::{KillSwitch, TcpDestination, TcpMigrationListener};
+pub use source::TcpSource;
+
+/// Data connections used when not told otherwise. Measured on the 2-core
+/// machine this project is developed on (see BENCHMARKS.md): 2 streams beat 1
+/// by keeping one core sending while the other checksums; 4 gained nothing.
+pub const DEFAULT_DATA_STREAMS: u16 = 2;
+
+/// Knobs of the TCP transport.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpConfig {
+    /// Data connections (≥ 1), each with its own sender and receiver thread.
+    pub data_streams: u16,
+    /// Offer zstd compression of page batches (used if the peer agrees).
+    pub compress: bool,
+    /// zstd level (1 is fast; higher levels rarely pay on a live link).
+    pub compress_level: i32,
+    /// How long a read or write may block before the peer counts as dead.
+    pub io_timeout: Duration,
+    /// How long connecting (and waiting for data streams to join) may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            data_streams: DEFAULT_DATA_STREAMS,
+            compress: false,
+            compress_level: 1,
+            io_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}

@@ -87,7 +87,11 @@ impl DirtyLog {
         while pos < end {
             let (w, b) = (pos / 64, pos % 64);
             let n = (end - pos).min(64 - b);
-            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << b };
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << b
+            };
             words[w] |= mask;
             pos += n;
         }

@@ -302,6 +302,40 @@ impl GuestRegion {
         unsafe { self.host.as_ptr().add(index * self.page_size.bytes()) }
     }
 
+    /// The bytes of `count` pages from page `first`.
+    ///
+    /// # Safety
+    /// Guest memory is shared with vCPU threads: the caller accepts that the
+    /// bytes may change while borrowed (a racing guest write). Readers here
+    /// (senders, hashers) tolerate torn pages because the dirty tracker
+    /// reports the racing write and the page is sent again.
+    ///
+    /// # Panics
+    /// When the range is outside the region.
+    pub unsafe fn page_slice(&self, first: usize, count: usize) -> &[u8] {
+        assert!(first + count <= self.pages(), "pages outside region");
+        let ps = self.page_size.bytes();
+        // SAFETY: in bounds (checked); liveness by the region; racing writes
+        // accepted by the caller.
+        unsafe { std::slice::from_raw_parts(self.host.as_ptr().add(first * ps), count * ps) }
+    }
+
+    /// The bytes of `count` pages from page `first`, writable.
+    ///
+    /// # Safety
+    /// No other reference to these pages may be used while the slice lives
+    /// (the destination writes pages no vCPU runs on yet, one writer per page).
+    ///
+    /// # Panics
+    /// When the range is outside the region.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn page_slice_mut(&self, first: usize, count: usize) -> &mut [u8] {
+        assert!(first + count <= self.pages(), "pages outside region");
+        let ps = self.page_size.bytes();
+        // SAFETY: in bounds (checked); exclusivity promised by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.host.as_ptr().add(first * ps), count * ps) }
+    }
+
     /// Whether the host mapping is ours (dropped with the region).
     pub fn owns_mapping(&self) -> bool {
         self.mapping.is_some()

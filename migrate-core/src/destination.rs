@@ -1,0 +1,356 @@
+//! The destination side: handshake, layout check, landing rounds, device
+//! state, commit. Follows the receiver state machine in [`crate::protocol`].
+//!
+//! ```text
+//! let incoming = IncomingMigration::accept(&mut transport)?;   // Hello, Layout
+//! let mem = my_memory_for(incoming.layout());                   // or adopt it
+//! let report = incoming.receive(&mut transport, &mem, &mut vm)?; // rounds .. Commit
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::MigrationError;
+use crate::memory::{GuestMemory, MemoryLayout};
+use crate::protocol::{
+    HASHES_PER_FRAME, MIN_VERSION, Message, PageRange, ProtocolError, RefusalCode, VERSION,
+    check_layout,
+};
+use crate::transport::{
+    ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
+};
+use crate::vm::DestinationVm;
+
+/// Largest device state accepted (a guard against a hostile source).
+pub const MAX_DEVICE_STATE: usize = 1 << 30;
+
+/// What the destination received.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DestinationReport {
+    /// Transport used.
+    pub transport: String,
+    /// Rounds received.
+    pub rounds: u32,
+    /// Bytes, pages and zero pages received.
+    pub received: RoundSent,
+    /// Pages of batches that failed their check (and were sent again).
+    pub suspect_pages: u64,
+    /// Whether the source compared page hashes before commit.
+    pub verify_requested: bool,
+    /// Bytes of device state loaded.
+    pub device_state_bytes: u64,
+    /// First message to commit, ms.
+    pub total_ms: f64,
+}
+
+/// A migration that has said hello and announced its layout; the caller now
+/// decides which memory receives it.
+#[derive(Debug)]
+pub struct IncomingMigration {
+    layout: MemoryLayout,
+    session: u64,
+    streams: u16,
+    features: u64,
+    started: Instant,
+}
+
+impl IncomingMigration {
+    /// Run the handshake on a freshly connected transport and read the
+    /// source's layout.
+    ///
+    /// # Errors
+    /// [`MigrationError`] for a peer that is not ours, speaks no common
+    /// version (refused), or breaks the protocol.
+    pub fn accept(transport: &mut dyn DestinationTransport) -> Result<Self, MigrationError> {
+        let result = Self::accept_inner(transport);
+        if let Err(e) = &result
+            && matches!(
+                e,
+                MigrationError::Protocol(ProtocolError::Unexpected { .. })
+            )
+        {
+            let _ = transport.control().send(&Message::Abort {
+                reason: format!("destination: {e}"),
+            });
+        }
+        result
+    }
+
+    fn accept_inner(transport: &mut dyn DestinationTransport) -> Result<Self, MigrationError> {
+        let started = Instant::now();
+        let ours = transport.features();
+        let ctl = transport.control();
+        let (session, streams, features) = match recv(ctl)? {
+            Message::Hello {
+                min_version,
+                max_version,
+                session,
+                data_streams,
+                features,
+            } => {
+                if max_version < MIN_VERSION || min_version > VERSION {
+                    let err = ProtocolError::Version {
+                        ours_min: MIN_VERSION,
+                        ours_max: VERSION,
+                        theirs_min: min_version,
+                        theirs_max: max_version,
+                    };
+                    let _ = ctl.send(&Message::Refused {
+                        code: RefusalCode::Version,
+                        message: err.to_string(),
+                    });
+                    return Err(MigrationError::Protocol(err));
+                }
+                if data_streams == 0 {
+                    return Err(refuse(
+                        ctl,
+                        RefusalCode::Protocol,
+                        "zero data streams".into(),
+                    ));
+                }
+                let version = max_version.min(VERSION);
+                ctl.send(&Message::Welcome {
+                    version,
+                    features: features & ours,
+                })?;
+                (session, data_streams, features & ours)
+            }
+            other => return Err(unexpected(ctl, other, "Hello")),
+        };
+        let layout = match recv(ctl)? {
+            Message::Layout(l) => l,
+            other => return Err(unexpected(ctl, other, "Layout")),
+        };
+        Ok(Self {
+            layout,
+            session,
+            streams,
+            features,
+            started,
+        })
+    }
+
+    /// The source's guest memory layout.
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    /// Refuse the migration (e.g. no memory for this layout); the source
+    /// gets `message` and keeps its guest running.
+    pub fn refuse(
+        self,
+        transport: &mut dyn DestinationTransport,
+        code: RefusalCode,
+        message: &str,
+    ) {
+        let _ = transport.control().send(&Message::Refused {
+            code,
+            message: message.into(),
+        });
+    }
+
+    /// Receive into `mem` until the commit, then load the device state and
+    /// resume through `vm`. `mem`'s layout must equal the source's.
+    ///
+    /// # Errors
+    /// [`MigrationError::Layout`] (and the source is told which region
+    /// differs); transport and protocol errors; the source's abort. On any
+    /// error the guest was not resumed here and `mem` must be discarded.
+    pub fn receive(
+        self,
+        transport: &mut dyn DestinationTransport,
+        mem: &Arc<GuestMemory>,
+        vm: &mut dyn DestinationVm,
+    ) -> Result<DestinationReport, MigrationError> {
+        let result = self.receive_inner(transport, mem, vm);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "incoming migration failed; received memory is discarded");
+            if !matches!(
+                e,
+                MigrationError::PeerAborted { .. }
+                    | MigrationError::Layout(_)
+                    | MigrationError::Refused { .. }
+                    | MigrationError::Vm(_)
+            ) {
+                let _ = transport.control().send(&Message::Abort {
+                    reason: format!("destination: {e}"),
+                });
+            }
+        }
+        result
+    }
+
+    fn receive_inner(
+        self,
+        transport: &mut dyn DestinationTransport,
+        mem: &Arc<GuestMemory>,
+        vm: &mut dyn DestinationVm,
+    ) -> Result<DestinationReport, MigrationError> {
+        if let Err(m) = check_layout(&self.layout, &mem.layout()) {
+            let _ = transport.control().send(&Message::Refused {
+                code: RefusalCode::Layout,
+                message: m.to_string(),
+            });
+            return Err(MigrationError::Layout(m));
+        }
+        transport.control().send(&Message::LayoutAccepted)?;
+        let events = transport.open_data(mem, self.session, self.streams, self.features)?;
+        let mut report = DestinationReport {
+            transport: transport.name().into(),
+            ..Default::default()
+        };
+        let mut state = Vec::new();
+        let mut state_done = false;
+        loop {
+            let ctl = transport.control();
+            match recv(ctl)? {
+                Message::RoundDone { round, last } => {
+                    let suspect = self.collect_round(&events, round, &mut report)?;
+                    report.rounds = report.rounds.max(round + 1);
+                    tracing::debug!(round, last, suspect = suspect.len(), "round landed");
+                    ctl.send(&Message::RoundAck { round, suspect })?;
+                }
+                Message::VerifyRequest => {
+                    report.verify_requested = true;
+                    send_hashes(ctl, mem)?;
+                }
+                Message::DeviceState { last, bytes } => {
+                    if state_done || state.len() + bytes.len() > MAX_DEVICE_STATE {
+                        return Err(refuse(
+                            ctl,
+                            RefusalCode::DeviceState,
+                            "device state too large or sent twice".into(),
+                        ));
+                    }
+                    state.extend_from_slice(&bytes);
+                    state_done = last;
+                }
+                Message::Commit => {
+                    if !state_done {
+                        return Err(unexpected(ctl, Message::Commit, "DeviceState"));
+                    }
+                    if let Err(e) = vm.load_state(&state).and_then(|()| vm.resume()) {
+                        let _ = ctl.send(&Message::Refused {
+                            code: RefusalCode::DeviceState,
+                            message: e.to_string(),
+                        });
+                        return Err(MigrationError::Vm(e));
+                    }
+                    ctl.send(&Message::Committed)?;
+                    report.device_state_bytes = state.len() as u64;
+                    report.total_ms = self.started.elapsed().as_secs_f64() * 1e3;
+                    tracing::info!(
+                        rounds = report.rounds,
+                        "incoming migration committed; guest resumed"
+                    );
+                    return Ok(report);
+                }
+                other => return Err(unexpected(ctl, other, "a round, verification or commit")),
+            }
+        }
+    }
+
+    /// Wait for every data stream's end marker of `round`.
+    fn collect_round(
+        &self,
+        events: &crossbeam_channel::Receiver<DataEvent>,
+        round: u32,
+        report: &mut DestinationReport,
+    ) -> Result<Vec<PageRange>, MigrationError> {
+        let mut ended = vec![false; self.streams as usize];
+        let mut suspect = Vec::new();
+        while ended.iter().any(|e| !e) {
+            // Data streams have their own I/O timeouts; this only guards
+            // against a transport that reports nothing at all.
+            let event = events.recv_timeout(Duration::from_secs(600)).map_err(|_| {
+                TransportError::Stream {
+                    stream: u16::MAX,
+                    detail: format!("no end of round {round} from the data streams"),
+                }
+            })?;
+            match event {
+                DataEvent::RoundEnd {
+                    stream,
+                    round: r,
+                    batches_sent,
+                    batches_received,
+                    suspect: s,
+                    received,
+                } => {
+                    let slot = ended.get_mut(stream as usize).filter(|_| r == round);
+                    let Some(slot) = slot.filter(|e| !**e) else {
+                        return Err(TransportError::Stream {
+                            stream,
+                            detail: format!("end of round {r} while waiting for round {round}"),
+                        }
+                        .into());
+                    };
+                    if batches_sent != batches_received {
+                        return Err(TransportError::Stream {
+                            stream,
+                            detail: format!(
+                                "round {round}: source sent {batches_sent} batches, {batches_received} arrived"
+                            ),
+                        }
+                        .into());
+                    }
+                    *slot = true;
+                    report.received.add(&received);
+                    report.suspect_pages += s.iter().map(|r| r.count as u64).sum::<u64>();
+                    suspect.extend(s);
+                }
+                DataEvent::Failed { error, .. } => return Err(error.into()),
+            }
+        }
+        Ok(suspect)
+    }
+}
+
+fn send_hashes(ctl: &mut dyn ControlChannel, mem: &GuestMemory) -> Result<(), MigrationError> {
+    for (ri, r) in mem.regions().iter().enumerate() {
+        let mut first = 0;
+        while first < r.pages() {
+            let n = (r.pages() - first).min(HASHES_PER_FRAME);
+            let hashes = (first..first + n)
+                // SAFETY: in bounds; no guest runs on destination memory yet.
+                .map(|p| xxh3_64(unsafe { r.page_slice(p, 1) }))
+                .collect();
+            ctl.send(&Message::PageHashes {
+                region: ri as u32,
+                first: first as u64,
+                hashes,
+            })?;
+            first += n;
+        }
+    }
+    Ok(())
+}
+
+fn recv(ctl: &mut dyn ControlChannel) -> Result<Message, MigrationError> {
+    match ctl.recv()? {
+        Message::Abort { reason } => Err(MigrationError::PeerAborted { reason }),
+        m => Ok(m),
+    }
+}
+
+fn refuse(ctl: &mut dyn ControlChannel, code: RefusalCode, message: String) -> MigrationError {
+    let _ = ctl.send(&Message::Refused {
+        code,
+        message: message.clone(),
+    });
+    MigrationError::Refused { code, message }
+}
+
+/// An out-of-order message; the caller tells the source (Abort).
+fn unexpected(
+    _ctl: &mut dyn ControlChannel,
+    got: Message,
+    expected: &'static str,
+) -> MigrationError {
+    MigrationError::Protocol(ProtocolError::Unexpected {
+        got: got.kind(),
+        expected,
+    })
+}

@@ -1,0 +1,217 @@
+//! Page batches: a run table, then page bytes (raw or zstd).
+//!
+//! ```text
+//! payload = round u32 | nruns u32 | wire_len u32 | raw_len u32
+//!         | nruns × (region u32 | count u32 | first u64 | kind u8 | 7 × 0)
+//!         | wire_len bytes: the Data runs' pages in order (zstd if flagged)
+//! check   = xxh3-64(run table bytes ++ the raw page bytes)
+//! ```
+//!
+//! Zero runs carry no bytes: the destination zeroes those pages (a page that
+//! became zero in a later round must not keep stale bytes).
+
+use std::io::Read;
+
+use super::codec::FrameHeader;
+use super::{Cursor, Kind, ProtocolError};
+use crate::memory::MemoryLayout;
+
+/// Most runs in one batch.
+pub const MAX_BATCH_RUNS: usize = 1024;
+/// Most raw page bytes in one batch.
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Frame flag: the page bytes are one zstd frame.
+pub const FLAG_ZSTD: u8 = 1;
+/// Fixed part of a batch payload.
+pub const BATCH_FIXED: usize = 16;
+/// One run-table entry.
+pub const RUN_ENTRY: usize = 24;
+
+/// Whether a run carries bytes or stands for zero pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RunKind {
+    /// Page bytes follow.
+    Data = 0,
+    /// All-zero pages, no bytes.
+    Zero = 1,
+}
+
+/// One run of pages in a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchRun {
+    /// Region index.
+    pub region: u32,
+    /// First page in the region.
+    pub first: u64,
+    /// Pages.
+    pub count: u32,
+    /// Data or zero.
+    pub kind: RunKind,
+}
+
+/// A decoded (and validated) batch header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchHeader {
+    /// Round the batch belongs to.
+    pub round: u32,
+    /// Runs, in the order their bytes follow.
+    pub runs: Vec<BatchRun>,
+    /// Page bytes on the wire (compressed size when compressed).
+    pub wire_len: u32,
+    /// Raw page bytes (sum of the Data runs).
+    pub raw_len: u32,
+    /// Whether the bytes are zstd.
+    pub compressed: bool,
+}
+
+/// Encode the fixed part and run table of a batch (the payload prefix).
+pub fn encode_batch_header(round: u32, runs: &[BatchRun], wire_len: u32, raw_len: u32) -> Vec<u8> {
+    let mut w = Vec::with_capacity(BATCH_FIXED + RUN_ENTRY * runs.len());
+    w.extend_from_slice(&round.to_le_bytes());
+    w.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    w.extend_from_slice(&wire_len.to_le_bytes());
+    w.extend_from_slice(&raw_len.to_le_bytes());
+    for r in runs {
+        w.extend_from_slice(&r.region.to_le_bytes());
+        w.extend_from_slice(&r.count.to_le_bytes());
+        w.extend_from_slice(&r.first.to_le_bytes());
+        w.push(r.kind as u8);
+        w.extend_from_slice(&[0; 7]);
+    }
+    w
+}
+
+/// Read and validate a batch's fixed part and run table from `r`, after its
+/// frame header `h`. Returns the header and the table bytes (for the check).
+/// Every run is checked against `layout` before any byte lands anywhere.
+///
+/// # Errors
+/// [`ProtocolError::Malformed`] for counts or sizes that disagree, runs
+/// outside guest memory, or more than the batch limits.
+pub fn decode_batch_header(
+    r: &mut impl Read,
+    h: &FrameHeader,
+    layout: &MemoryLayout,
+) -> Result<(BatchHeader, Vec<u8>), ProtocolError> {
+    let bad = |detail: String| ProtocolError::Malformed {
+        kind: Kind::Pages,
+        detail,
+    };
+    let read = |r: &mut dyn Read, buf: &mut [u8]| {
+        r.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated("page batch header"),
+            _ => ProtocolError::Io {
+                op: "read page batch header",
+                source: e,
+            },
+        })
+    };
+    if h.flags & !FLAG_ZSTD != 0 {
+        return Err(bad(format!("unknown flags {:#x}", h.flags)));
+    }
+    let mut fixed = [0u8; BATCH_FIXED];
+    read(r, &mut fixed)?;
+    let mut c = Cursor {
+        buf: &fixed,
+        kind: Kind::Pages,
+    };
+    let (round, nruns, wire_len, raw_len) = (c.u32()?, c.u32()?, c.u32()?, c.u32()?);
+    if nruns as usize > MAX_BATCH_RUNS || nruns == 0 {
+        return Err(bad(format!("{nruns} runs (1..={MAX_BATCH_RUNS} allowed)")));
+    }
+    if raw_len as usize > MAX_BATCH_BYTES {
+        return Err(bad(format!("{raw_len} raw bytes exceed {MAX_BATCH_BYTES}")));
+    }
+    let compressed = h.flags & FLAG_ZSTD != 0;
+    if (!compressed && wire_len != raw_len) || wire_len > raw_len {
+        return Err(bad(format!(
+            "{wire_len} wire bytes for {raw_len} raw bytes"
+        )));
+    }
+    let expected_len = BATCH_FIXED as u64 + RUN_ENTRY as u64 * nruns as u64 + wire_len as u64;
+    if h.len as u64 != expected_len {
+        return Err(bad(format!(
+            "frame length {} does not match its run table ({expected_len})",
+            h.len
+        )));
+    }
+    let mut table = vec![0u8; BATCH_FIXED + RUN_ENTRY * nruns as usize];
+    table[..BATCH_FIXED].copy_from_slice(&fixed);
+    read(r, &mut table[BATCH_FIXED..])?;
+    let mut c = Cursor {
+        buf: &table[BATCH_FIXED..],
+        kind: Kind::Pages,
+    };
+    let mut runs = Vec::with_capacity(nruns as usize);
+    let mut data_bytes = 0u64;
+    for _ in 0..nruns {
+        let region = c.u32()?;
+        let count = c.u32()?;
+        let first = c.u64()?;
+        let kind = match c.u8()? {
+            0 => RunKind::Data,
+            1 => RunKind::Zero,
+            k => return Err(bad(format!("run kind {k}"))),
+        };
+        for _ in 0..7 {
+            if c.u8()? != 0 {
+                return Err(bad("run padding is not zero".into()));
+            }
+        }
+        let reg = layout
+            .regions
+            .get(region as usize)
+            .ok_or_else(|| bad(format!("region {region} does not exist")))?;
+        let pages = reg.len / reg.page_size.bytes() as u64;
+        if count == 0
+            || first
+                .checked_add(count as u64)
+                .is_none_or(|end| end > pages)
+        {
+            return Err(bad(format!(
+                "run of {count} pages at page {first} outside region {region} ({pages} pages)"
+            )));
+        }
+        if kind == RunKind::Data {
+            data_bytes += count as u64 * reg.page_size.bytes() as u64;
+        }
+        runs.push(BatchRun {
+            region,
+            first,
+            count,
+            kind,
+        });
+    }
+    if data_bytes != raw_len as u64 {
+        return Err(bad(format!(
+            "data runs hold {data_bytes} bytes, header says {raw_len}"
+        )));
+    }
+    Ok((
+        BatchHeader {
+            round,
+            runs,
+            wire_len,
+            raw_len,
+            compressed,
+        },
+        table,
+    ))
+}
+
+/// Whether every byte of `page` is zero. Checks 64 bytes at a time with an
+/// early exit, which the compiler vectorizes.
+pub fn is_zero_page(page: &[u8]) -> bool {
+    let mut chunks = page.chunks_exact(64);
+    for chunk in &mut chunks {
+        let mut acc = 0u64;
+        for w in chunk.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}

@@ -1,0 +1,195 @@
+//! Frames on a byte stream: a 16-byte header, then the payload.
+//!
+//! ```text
+//! kind u8 | flags u8 | reserved u16 = 0 | len u32 | check u64 (xxh3-64)
+//! ```
+
+use std::io::{self, Read, Write};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::{Kind, MAGIC, MAX_FRAME, Message, ProtocolError, VERSION};
+
+/// Size of a frame header on the wire.
+pub const HEADER_LEN: usize = 16;
+
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Frame kind.
+    pub kind: Kind,
+    /// Kind-specific flags (page batches: compression).
+    pub flags: u8,
+    /// Payload length.
+    pub len: u32,
+    /// xxh3-64 check (what it covers depends on the kind).
+    pub check: u64,
+}
+
+impl FrameHeader {
+    /// Encode to wire bytes.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0] = self.kind as u8;
+        b[1] = self.flags;
+        b[4..8].copy_from_slice(&self.len.to_le_bytes());
+        b[8..16].copy_from_slice(&self.check.to_le_bytes());
+        b
+    }
+
+    /// Decode wire bytes.
+    ///
+    /// # Errors
+    /// Unknown kind, non-zero reserved bytes, or a length over [`MAX_FRAME`].
+    pub fn from_bytes(b: &[u8; HEADER_LEN]) -> Result<FrameHeader, ProtocolError> {
+        let kind = Kind::from_u8(b[0]).ok_or(ProtocolError::UnknownKind(b[0]))?;
+        if b[2] != 0 || b[3] != 0 {
+            return Err(ProtocolError::Malformed {
+                kind,
+                detail: "reserved header bytes are not zero".into(),
+            });
+        }
+        let len = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
+        if len > MAX_FRAME {
+            return Err(ProtocolError::FrameTooLarge {
+                len,
+                max: MAX_FRAME,
+            });
+        }
+        Ok(FrameHeader {
+            kind,
+            flags: b[1],
+            len,
+            check: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+        })
+    }
+}
+
+/// A whole frame read from a data stream: a batch header still to be
+/// streamed, or a control message.
+#[derive(Debug)]
+pub enum Frame {
+    /// A page batch whose payload is still on the stream.
+    Pages(FrameHeader),
+    /// A complete message.
+    Message(Message),
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> ProtocolError {
+    move |source| {
+        if source.kind() == io::ErrorKind::UnexpectedEof {
+            ProtocolError::Truncated(op)
+        } else {
+            ProtocolError::Io { op, source }
+        }
+    }
+}
+
+/// Write the stream preamble: [`MAGIC`] and our [`VERSION`].
+///
+/// # Errors
+/// [`ProtocolError::Io`] when the stream fails.
+pub fn write_preamble(w: &mut impl Write) -> Result<(), ProtocolError> {
+    let mut b = [0u8; 8];
+    b[..6].copy_from_slice(&MAGIC);
+    b[6..].copy_from_slice(&VERSION.to_le_bytes());
+    w.write_all(&b).map_err(io_err("write preamble"))
+}
+
+/// Read and check a stream preamble; returns the peer's version.
+///
+/// # Errors
+/// [`ProtocolError::BadMagic`] for a stream that is not ours.
+pub fn read_preamble(r: &mut impl Read) -> Result<u16, ProtocolError> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b).map_err(io_err("read preamble"))?;
+    if b[..6] != MAGIC {
+        return Err(ProtocolError::BadMagic {
+            found: b[..6].try_into().expect("6 bytes"),
+        });
+    }
+    Ok(u16::from_le_bytes([b[6], b[7]]))
+}
+
+/// Write a message as one frame (a single write call).
+///
+/// # Errors
+/// [`ProtocolError::Io`] when the stream fails.
+pub fn write_message(w: &mut impl Write, msg: &Message) -> Result<(), ProtocolError> {
+    let payload = msg.encode();
+    write_frame(w, msg.kind(), 0, &payload)
+}
+
+/// Write one frame with a check over `payload`.
+///
+/// # Errors
+/// [`ProtocolError::Io`] when the stream fails.
+pub fn write_frame(
+    w: &mut impl Write,
+    kind: Kind,
+    flags: u8,
+    payload: &[u8],
+) -> Result<(), ProtocolError> {
+    let header = FrameHeader {
+        kind,
+        flags,
+        len: payload.len() as u32,
+        check: xxh3_64(payload),
+    };
+    let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
+    buf.extend_from_slice(&header.to_bytes());
+    buf.extend_from_slice(payload);
+    w.write_all(&buf).map_err(io_err("write frame"))?;
+    w.flush().map_err(io_err("flush frame"))
+}
+
+/// Read a frame header.
+///
+/// # Errors
+/// As [`FrameHeader::from_bytes`], or I/O errors.
+pub fn read_frame_header(r: &mut impl Read) -> Result<FrameHeader, ProtocolError> {
+    let mut b = [0u8; HEADER_LEN];
+    r.read_exact(&mut b).map_err(io_err("read frame header"))?;
+    FrameHeader::from_bytes(&b)
+}
+
+/// Read the payload of a message frame whose header was read, check it and
+/// decode it. Memory grows with the bytes that actually arrive, so a lying
+/// length cannot make us allocate up front.
+///
+/// # Errors
+/// Truncation, a failed check ([`ProtocolError::Corrupt`]), or a payload that
+/// does not decode.
+pub fn read_payload(r: &mut impl Read, h: &FrameHeader) -> Result<Message, ProtocolError> {
+    let mut payload = Vec::with_capacity((h.len as usize).min(64 << 10));
+    r.take(h.len as u64)
+        .read_to_end(&mut payload)
+        .map_err(io_err("read frame payload"))?;
+    if payload.len() != h.len as usize {
+        return Err(ProtocolError::Truncated("frame payload"));
+    }
+    let found = xxh3_64(&payload);
+    if found != h.check {
+        return Err(ProtocolError::Corrupt {
+            kind: h.kind,
+            expected: h.check,
+            found,
+        });
+    }
+    Message::decode(h.kind, &payload)
+}
+
+/// Read one message frame (a control stream never carries page batches).
+///
+/// # Errors
+/// As [`read_payload`]; [`ProtocolError::Unexpected`] for a page batch.
+pub fn read_message(r: &mut impl Read) -> Result<Message, ProtocolError> {
+    let h = read_frame_header(r)?;
+    if h.kind == Kind::Pages {
+        return Err(ProtocolError::Unexpected {
+            got: Kind::Pages,
+            expected: "a control message",
+        });
+    }
+    read_payload(r, &h)
+}

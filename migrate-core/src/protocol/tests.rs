@@ -1,0 +1,306 @@
+//! Round trips and hostile input for every message and the batch header.
+
+use super::*;
+use crate::memory::{MemoryLayout, PageSize, RegionLayout};
+
+fn layout() -> MemoryLayout {
+    MemoryLayout {
+        regions: vec![
+            RegionLayout {
+                gpa: 0,
+                len: 64 * 4096,
+                page_size: PageSize::Small,
+            },
+            RegionLayout {
+                gpa: 1 << 32,
+                len: 4 << 20,
+                page_size: PageSize::Huge2M,
+            },
+        ],
+    }
+}
+
+fn all_messages() -> Vec<Message> {
+    vec![
+        Message::Hello {
+            min_version: 1,
+            max_version: 3,
+            session: 0xdead_beef,
+            data_streams: 4,
+            features: FEATURE_ZSTD,
+        },
+        Message::Welcome {
+            version: 1,
+            features: 0,
+        },
+        Message::Layout(layout()),
+        Message::LayoutAccepted,
+        Message::Join {
+            session: 7,
+            index: 3,
+        },
+        Message::RoundEnd {
+            round: 9,
+            batches: 1234,
+        },
+        Message::RoundDone {
+            round: 9,
+            last: true,
+        },
+        Message::RoundAck {
+            round: 9,
+            suspect: vec![PageRange {
+                region: 1,
+                first: 2,
+                count: 3,
+            }],
+        },
+        Message::VerifyRequest,
+        Message::PageHashes {
+            region: 0,
+            first: 16,
+            hashes: vec![1, 2, 3],
+        },
+        Message::DeviceState {
+            last: false,
+            bytes: b"registers".to_vec(),
+        },
+        Message::Commit,
+        Message::Committed,
+        Message::Abort {
+            reason: "operator said so".into(),
+        },
+        Message::Refused {
+            code: RefusalCode::Layout,
+            message: "region 1 differs".into(),
+        },
+    ]
+}
+
+#[test]
+fn every_message_round_trips_through_a_stream() {
+    let mut wire = Vec::new();
+    write_preamble(&mut wire).unwrap();
+    for m in all_messages() {
+        write_message(&mut wire, &m).unwrap();
+    }
+    let mut r = &wire[..];
+    assert_eq!(read_preamble(&mut r).unwrap(), VERSION);
+    for m in all_messages() {
+        assert_eq!(read_message(&mut r).unwrap(), m);
+    }
+    assert!(r.is_empty());
+}
+
+#[test]
+fn every_truncation_is_an_error_not_a_panic() {
+    for m in all_messages() {
+        let mut wire = Vec::new();
+        write_message(&mut wire, &m).unwrap();
+        for cut in 0..wire.len() {
+            let err = read_message(&mut &wire[..cut]).unwrap_err();
+            assert!(err.is_disconnect(), "{m:?} cut at {cut}: {err}");
+        }
+    }
+}
+
+#[test]
+fn every_flipped_bit_is_caught() {
+    for m in all_messages() {
+        let mut wire = Vec::new();
+        write_message(&mut wire, &m).unwrap();
+        for bit in 0..wire.len() * 8 {
+            let mut bad = wire.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            // Never a panic, never the original message.
+            if let Ok(got) = read_message(&mut &bad[..]) {
+                panic!("{m:?} with bit {bit} flipped decoded as {got:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn hostile_payloads_are_refused_without_big_allocations() {
+    // Layout claiming 2^32-1 regions in a 4-byte payload.
+    let payload = u32::MAX.to_le_bytes();
+    assert!(matches!(
+        Message::decode(Kind::Layout, &payload),
+        Err(ProtocolError::Malformed { .. })
+    ));
+    // Frame length over the limit.
+    let h = FrameHeader {
+        kind: Kind::DeviceState,
+        flags: 0,
+        len: MAX_FRAME + 1,
+        check: 0,
+    };
+    assert!(matches!(
+        FrameHeader::from_bytes(&h.to_bytes()),
+        Err(ProtocolError::FrameTooLarge { .. })
+    ));
+    // A huge announced length with no bytes behind it: truncated, and the
+    // reader did not allocate the announced size up front.
+    let h = FrameHeader {
+        kind: Kind::DeviceState,
+        flags: 0,
+        len: MAX_FRAME,
+        check: 0,
+    };
+    assert!(
+        read_message(&mut &h.to_bytes()[..])
+            .unwrap_err()
+            .is_disconnect()
+    );
+    // Unknown kind, bad magic, trailing bytes, bad page size.
+    assert!(matches!(
+        FrameHeader::from_bytes(&[200; 16]),
+        Err(ProtocolError::UnknownKind(200))
+    ));
+    assert!(matches!(
+        read_preamble(&mut &b"GET / HTTP/1.1\r\n"[..]),
+        Err(ProtocolError::BadMagic { .. })
+    ));
+    assert!(Message::decode(Kind::Commit, &[0]).is_err());
+    let mut l = 1u32.to_le_bytes().to_vec();
+    l.extend_from_slice(&[0; 16]);
+    l.extend_from_slice(&12345u32.to_le_bytes());
+    assert!(Message::decode(Kind::Layout, &l).is_err());
+}
+
+fn batch_frame(round: u32, runs: &[BatchRun], data: &[u8]) -> Vec<u8> {
+    let table = encode_batch_header(round, runs, data.len() as u32, data.len() as u32);
+    let mut payload = table.clone();
+    payload.extend_from_slice(data);
+    let h = FrameHeader {
+        kind: Kind::Pages,
+        flags: 0,
+        len: payload.len() as u32,
+        check: 0,
+    };
+    let mut wire = h.to_bytes().to_vec();
+    wire.extend_from_slice(&payload);
+    wire
+}
+
+#[test]
+fn batch_headers_are_validated_against_the_layout() {
+    let l = layout();
+    let ok = [
+        BatchRun {
+            region: 0,
+            first: 60,
+            count: 4,
+            kind: RunKind::Data,
+        },
+        BatchRun {
+            region: 1,
+            first: 1,
+            count: 1,
+            kind: RunKind::Zero,
+        },
+    ];
+    let wire = batch_frame(3, &ok, &vec![7u8; 4 * 4096]);
+    let mut r = &wire[..];
+    let h = read_frame_header(&mut r).unwrap();
+    let (bh, _) = decode_batch_header(&mut r, &h, &l).unwrap();
+    assert_eq!(bh.round, 3);
+    assert_eq!(bh.runs, ok);
+    assert_eq!(bh.raw_len, 4 * 4096);
+
+    let cases: Vec<(Vec<BatchRun>, usize, &str)> = vec![
+        (
+            vec![BatchRun {
+                region: 0,
+                first: 61,
+                count: 4,
+                kind: RunKind::Data,
+            }],
+            4 * 4096,
+            "past the region end",
+        ),
+        (
+            vec![BatchRun {
+                region: 2,
+                first: 0,
+                count: 1,
+                kind: RunKind::Data,
+            }],
+            4096,
+            "missing region",
+        ),
+        (
+            vec![BatchRun {
+                region: 0,
+                first: 0,
+                count: 0,
+                kind: RunKind::Data,
+            }],
+            0,
+            "empty run",
+        ),
+        (
+            vec![BatchRun {
+                region: 0,
+                first: 0,
+                count: 2,
+                kind: RunKind::Data,
+            }],
+            4096,
+            "bytes disagree with runs",
+        ),
+        (
+            vec![BatchRun {
+                region: 0,
+                first: u64::MAX,
+                count: 2,
+                kind: RunKind::Zero,
+            }],
+            0,
+            "overflowing page index",
+        ),
+    ];
+    for (runs, bytes, what) in cases {
+        let wire = batch_frame(0, &runs, &vec![1u8; bytes]);
+        let mut r = &wire[..];
+        let h = read_frame_header(&mut r).unwrap();
+        assert!(
+            matches!(
+                decode_batch_header(&mut r, &h, &l),
+                Err(ProtocolError::Malformed { .. })
+            ),
+            "{what} accepted"
+        );
+    }
+}
+
+#[test]
+fn zero_detection() {
+    let mut p = vec![0u8; 4096];
+    assert!(is_zero_page(&p));
+    p[4095] = 1;
+    assert!(!is_zero_page(&p));
+    p[4095] = 0;
+    p[0] = 1;
+    assert!(!is_zero_page(&p));
+    assert!(is_zero_page(&[0u8; 100]));
+    assert!(!is_zero_page(&[0, 0, 0, 1]));
+}
+
+#[test]
+fn layout_mismatch_names_the_difference() {
+    let a = layout();
+    let mut b = layout();
+    b.regions[1].len = 2 << 20;
+    let e = check_layout(&a, &b).unwrap_err();
+    assert!(e.to_string().contains("region 1 differs"), "{e}");
+    b.regions.pop();
+    assert!(matches!(
+        check_layout(&a, &b),
+        Err(LayoutMismatch::RegionCount {
+            source_regions: 2,
+            destination_regions: 1
+        })
+    ));
+    assert!(check_layout(&a, &layout()).is_ok());
+}

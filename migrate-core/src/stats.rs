@@ -1,0 +1,162 @@
+//! What a migration reports while it runs and when it ends (the figures of
+//! QEMU's `query-migrate`), and the events a VMM can subscribe to.
+
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{Receiver, Sender};
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MigrationStatus {
+    /// Connecting, handshake, layout, data streams, tracker.
+    #[default]
+    Setup,
+    /// Pre-copy rounds with the guest running.
+    Active,
+    /// Guest paused: last round, device state, commit.
+    Device,
+    /// Committed: the destination runs the guest.
+    Completed,
+    /// Failed or cancelled before commit: the source guest runs.
+    Failed,
+    /// Commit sent but not acknowledged: the source guest stays paused, the
+    /// operator must find out whether the destination runs it.
+    CommitUnknown,
+}
+
+impl MigrationStatus {
+    /// Stable lower-case name (`setup`, `active`, ...), as in JSON reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationStatus::Setup => "setup",
+            MigrationStatus::Active => "active",
+            MigrationStatus::Device => "device",
+            MigrationStatus::Completed => "completed",
+            MigrationStatus::Failed => "failed",
+            MigrationStatus::CommitUnknown => "commit-unknown",
+        }
+    }
+}
+
+/// Figures of a migration, live or final. Times in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MigrationStats {
+    /// Where it is.
+    pub status: MigrationStatus,
+    /// Transport in use (`tcp`, `rdma`).
+    pub transport: String,
+    /// Dirty tracker in use.
+    pub tracker: String,
+    /// Start to now (or to the destination's commit).
+    pub total_ms: f64,
+    /// Start to the first page sent (connect, handshake, registration).
+    pub setup_ms: f64,
+    /// Guest paused to destination resumed (0 until then).
+    pub downtime_ms: f64,
+    /// Remaining dirty bytes / measured bandwidth: what downtime would be if
+    /// the switch-over happened now.
+    pub expected_downtime_ms: f64,
+    /// Bytes written to the wire.
+    pub bytes_transferred: u64,
+    /// Dirty bytes still to send (at the last harvest).
+    pub bytes_remaining: u64,
+    /// Guest memory size.
+    pub bytes_total: u64,
+    /// Pages sent with their bytes.
+    pub normal_pages: u64,
+    /// Pages sent as zero markers.
+    pub zero_pages: u64,
+    /// Pages re-sent because their batch failed its check.
+    pub resent_pages: u64,
+    /// Pages dirtied per second, measured over the last round.
+    pub dirty_rate_pps: f64,
+    /// Wire throughput of the last round, Mbit/s.
+    pub throughput_mbps: f64,
+    /// Average wire throughput from the first page to the commit, Mbit/s.
+    pub avg_throughput_mbps: f64,
+    /// Rounds (dirty syncs) done, round 0 included.
+    pub rounds: u32,
+    /// Current auto-converge throttle, percent.
+    pub throttle_percent: u8,
+    /// Whether the destination's pages were compared with the source's.
+    pub verified: bool,
+}
+
+/// What happens during a migration, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MigrationEvent {
+    /// Setup done: streams open, tracker running.
+    SetupDone {
+        /// Setup time, ms.
+        setup_ms: f64,
+    },
+    /// A round starts with this many pages.
+    RoundStarted {
+        /// Round number.
+        round: u32,
+        /// Pages to send.
+        pages: u64,
+        /// Whether the guest is paused (the last round).
+        paused: bool,
+    },
+    /// Progress inside a round (about every 100 ms).
+    Progress(MigrationStats),
+    /// A round was acknowledged by the destination.
+    RoundDone(MigrationStats),
+    /// The guest was throttled for auto-converge.
+    Throttled {
+        /// New throttle, percent.
+        percent: u8,
+    },
+    /// Switch-over: the guest is paused.
+    SwitchOver {
+        /// Dirty bytes left when paused.
+        remaining_bytes: u64,
+        /// Why now (`converged`, `max rounds`, `timeout`).
+        reason: &'static str,
+    },
+    /// Committed (final statistics).
+    Completed(MigrationStats),
+    /// Failed before commit; the source guest runs (final statistics).
+    Failed {
+        /// The error, as text.
+        error: String,
+        /// Figures at the failure.
+        stats: MigrationStats,
+    },
+}
+
+/// Live statistics and event subscribers of one migration, shared with a
+/// [`MigrationHandle`](crate::source::MigrationHandle).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Monitor {
+    stats: Arc<Mutex<MigrationStats>>,
+    subscribers: Arc<Mutex<Vec<Sender<MigrationEvent>>>>,
+}
+
+impl Monitor {
+    pub(crate) fn stats(&self) -> MigrationStats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut MigrationStats)) -> MigrationStats {
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+        s.clone()
+    }
+
+    pub(crate) fn subscribe(&self) -> Receiver<MigrationEvent> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        rx
+    }
+
+    pub(crate) fn emit(&self, event: MigrationEvent) {
+        let mut subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        // A dropped receiver unsubscribes.
+        subs.retain(|s| s.send(event.clone()).is_ok());
+    }
+}

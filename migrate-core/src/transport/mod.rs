@@ -1,0 +1,270 @@
+//! The transport seam: what the engine needs from TCP, RDMA or anything else.
+//!
+//! A transport gives the engine a [`ControlChannel`] for [`Message`]s and,
+//! once the layout is agreed, a data plane: a [`PageSender`] on the source,
+//! and on the destination a stream of [`DataEvent`]s saying which rounds have
+//! landed. The engine (handshake, rounds, switch-over, commit) is the same
+//! for every transport; every transport passes one conformance suite
+//! (`transport::conformance`, feature `test-utils`).
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::dirty::PageRun;
+use crate::memory::GuestMemory;
+use crate::protocol::{Message, PageRange, ProtocolError};
+
+/// Why a transport failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The peer sent something wrong, or the stream broke mid-frame.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// Could not reach the peer.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A system call failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The transport cannot run here (no device, no peer support).
+    #[error("transport unavailable: {reason}")]
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
+    /// The migration was cancelled while the transport was busy.
+    #[error("cancelled")]
+    Cancelled,
+    /// A data stream broke or misbehaved.
+    #[error("data stream {stream}: {detail}")]
+    Stream {
+        /// Stream index.
+        stream: u16,
+        /// What happened.
+        detail: String,
+    },
+}
+
+impl TransportError {
+    /// Whether the peer is gone (closed, reset, timed out) rather than wrong.
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            TransportError::Protocol(p) => p.is_disconnect(),
+            TransportError::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::WouldBlock
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Messages between source and destination, in order, reliably.
+pub trait ControlChannel: Send {
+    /// Send one message.
+    ///
+    /// # Errors
+    /// [`TransportError`] when the channel is broken.
+    fn send(&mut self, msg: &Message) -> Result<(), TransportError>;
+
+    /// Receive the next message, waiting at most the transport's I/O timeout.
+    ///
+    /// # Errors
+    /// [`TransportError`] when the channel is broken, times out, or the peer
+    /// sends bytes that do not decode.
+    fn recv(&mut self) -> Result<Message, TransportError>;
+}
+
+/// What a round cost on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundSent {
+    /// Bytes written to the wire (headers, page bytes, markers).
+    pub wire_bytes: u64,
+    /// Pages sent with their bytes.
+    pub normal_pages: u64,
+    /// Pages sent as zero markers.
+    pub zero_pages: u64,
+}
+
+impl RoundSent {
+    /// Add another round's (or stream's) figures.
+    pub fn add(&mut self, o: &RoundSent) {
+        self.wire_bytes += o.wire_bytes;
+        self.normal_pages += o.normal_pages;
+        self.zero_pages += o.zero_pages;
+    }
+}
+
+/// Shared by the engine and a sender's threads while a round is sent.
+pub struct RoundContext<'a> {
+    /// Set when the migration is cancelled: stop as soon as possible.
+    pub cancel: &'a CancelToken,
+    /// Bandwidth cap shared by all streams.
+    pub limiter: &'a RateLimiter,
+    /// Called with (pages, wire bytes) as batches go out, from any thread.
+    pub progress: &'a (dyn Fn(u64, u64) + Sync),
+}
+
+/// The source's data plane.
+pub trait PageSender: Send {
+    /// Send every page of `runs` (from the source's guest memory) as round
+    /// `round`, then the round's end marker on every data stream. Returns when
+    /// all of it has been handed to the transport.
+    ///
+    /// # Errors
+    /// [`TransportError`] when a stream breaks, or
+    /// [`TransportError::Cancelled`].
+    fn send_round(
+        &mut self,
+        round: u32,
+        runs: &[PageRun],
+        ctx: &RoundContext<'_>,
+    ) -> Result<RoundSent, TransportError>;
+}
+
+/// What a destination's data plane reports.
+#[derive(Debug)]
+pub enum DataEvent {
+    /// A data stream received the end marker of a round.
+    RoundEnd {
+        /// Stream index.
+        stream: u16,
+        /// Round.
+        round: u32,
+        /// Batches the source said it sent on this stream.
+        batches_sent: u64,
+        /// Batches that arrived.
+        batches_received: u64,
+        /// Pages of batches whose check failed.
+        suspect: Vec<PageRange>,
+        /// Bytes and pages received in this round on this stream.
+        received: RoundSent,
+    },
+    /// A data stream failed; the migration cannot complete.
+    Failed {
+        /// Stream index.
+        stream: u16,
+        /// Why.
+        error: TransportError,
+    },
+}
+
+/// A connected source-side transport.
+pub trait SourceTransport: Send {
+    /// `"tcp"`, `"rdma"`, ...
+    fn name(&self) -> &'static str;
+    /// Number of data streams it will open.
+    fn data_streams(&self) -> u16;
+    /// Protocol feature bits it may use (e.g. zstd).
+    fn features(&self) -> u64;
+    /// The control channel.
+    fn control(&mut self) -> &mut dyn ControlChannel;
+    /// Open the data plane for `mem`, once the destination accepted the
+    /// layout. `features` are the ones both sides agreed on.
+    ///
+    /// # Errors
+    /// [`TransportError`] when streams cannot be opened.
+    fn open_data(
+        &mut self,
+        mem: &Arc<GuestMemory>,
+        session: u64,
+        features: u64,
+    ) -> Result<Box<dyn PageSender>, TransportError>;
+}
+
+/// A connected destination-side transport.
+pub trait DestinationTransport: Send {
+    /// `"tcp"`, `"rdma"`, ...
+    fn name(&self) -> &'static str;
+    /// Features it supports.
+    fn features(&self) -> u64;
+    /// The control channel.
+    fn control(&mut self) -> &mut dyn ControlChannel;
+    /// Accept `streams` data streams of `session` and land their pages in
+    /// `mem`, reporting round ends and failures.
+    ///
+    /// # Errors
+    /// [`TransportError`] when streams do not join in time.
+    fn open_data(
+        &mut self,
+        mem: &Arc<GuestMemory>,
+        session: u64,
+        streams: u16,
+        features: u64,
+    ) -> Result<crossbeam_channel::Receiver<DataEvent>, TransportError>;
+}
+
+/// Cancels a migration from any thread.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token not yet cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Ask the migration to stop; it aborts at the next check (between
+    /// batches), and the source guest keeps running.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// Whether cancel was asked.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A token bucket shared by all data streams: the migration's bandwidth cap.
+#[derive(Debug)]
+pub struct RateLimiter {
+    bytes_per_sec: Option<u64>,
+    state: std::sync::Mutex<(Instant, f64)>,
+}
+
+impl RateLimiter {
+    /// A limiter for `bytes_per_sec` (None: unlimited).
+    pub fn new(bytes_per_sec: Option<u64>) -> Self {
+        Self {
+            bytes_per_sec: bytes_per_sec.filter(|&b| b > 0),
+            state: std::sync::Mutex::new((Instant::now(), 0.0)),
+        }
+    }
+
+    /// Take `bytes` from the bucket, sleeping while it is empty. The bucket
+    /// holds at most 50 ms of budget, so bursts stay short.
+    pub fn take(&self, bytes: u64) {
+        let Some(rate) = self.bytes_per_sec else {
+            return;
+        };
+        let rate = rate as f64;
+        let wait = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let refill = now.duration_since(s.0).as_secs_f64() * rate;
+            s.0 = now;
+            s.1 = (s.1 + refill).min(rate * 0.05) - bytes as f64;
+            if s.1 < 0.0 { -s.1 / rate } else { 0.0 }
+        };
+        if wait > 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(wait));
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! Destination side: accept the control and data connections, land page
+//! batches straight into guest memory.
+
+use std::io::{BufReader, Read};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use migrate_core::memory::{GuestMemory, MemoryLayout};
+use migrate_core::protocol::{
+    BatchHeader, FEATURE_ZSTD, HEADER_LEN, Kind, Message, PageRange, ProtocolError, RunKind,
+    decode_batch_header, is_zero_page, read_frame_header, read_payload,
+};
+use migrate_core::transport::{
+    ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
+};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::TcpConfig;
+use crate::control::{TcpControl, io};
+
+/// Bytes buffered per data connection for headers and run tables; page bytes
+/// larger than this are read straight into guest memory.
+const READ_BUFFER: usize = 64 << 10;
+
+/// A listening socket for incoming migrations.
+#[derive(Debug)]
+pub struct TcpMigrationListener {
+    listener: TcpListener,
+    cfg: TcpConfig,
+}
+
+impl TcpMigrationListener {
+    /// Listen on `addr` (host:port; port 0 picks one).
+    ///
+    /// # Errors
+    /// [`TransportError::Io`] when the address cannot be bound.
+    pub fn bind(addr: &str, cfg: TcpConfig) -> Result<Self, TransportError> {
+        let sa: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(io("resolve listen address"))?
+            .collect();
+        let listener = TcpListener::bind(&sa[..]).map_err(io("bind"))?;
+        Ok(Self { listener, cfg })
+    }
+
+    /// The bound address.
+    ///
+    /// # Errors
+    /// [`TransportError::Io`] from the socket.
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.listener.local_addr().map_err(io("local address"))
+    }
+
+    /// Wait for a source's control connection. A client that is not a
+    /// migration source fails here with a protocol error; call again to keep
+    /// listening.
+    ///
+    /// # Errors
+    /// [`TransportError`] from accept or the preamble exchange.
+    pub fn accept(&self) -> Result<TcpDestination, TransportError> {
+        self.listener
+            .set_nonblocking(false)
+            .map_err(io("listener blocking"))?;
+        let (stream, peer) = self.listener.accept().map_err(io("accept"))?;
+        tracing::debug!(%peer, "control connection accepted");
+        let control = TcpControl::open(stream, &self.cfg)?;
+        let kill = KillSwitch::default();
+        kill.register(control.stream());
+        Ok(TcpDestination {
+            listener: self.listener.try_clone().map_err(io("clone listener"))?,
+            cfg: self.cfg.clone(),
+            control,
+            receivers: Vec::new(),
+            kill,
+        })
+    }
+}
+
+/// One incoming migration over TCP.
+#[derive(Debug)]
+pub struct TcpDestination {
+    listener: TcpListener,
+    cfg: TcpConfig,
+    control: TcpControl,
+    receivers: Vec<JoinHandle<()>>,
+    kill: KillSwitch,
+}
+
+/// Drops every connection of a [`TcpDestination`] from another thread, as
+/// the death of its process would (tests, and a VMM that gives up).
+#[derive(Debug, Clone, Default)]
+pub struct KillSwitch(Arc<Mutex<(bool, Vec<TcpStream>)>>);
+
+impl KillSwitch {
+    /// Shut down every connection, now and any opened later.
+    pub fn kill(&self) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 = true;
+        for s in &g.1 {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn register(&self, s: &TcpStream) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(c) = s.try_clone() {
+            if g.0 {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+            g.1.push(c);
+        }
+    }
+}
+
+impl TcpDestination {
+    /// A switch that drops all of this migration's connections.
+    pub fn kill_switch(&self) -> KillSwitch {
+        self.kill.clone()
+    }
+}
+
+impl DestinationTransport for TcpDestination {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn features(&self) -> u64 {
+        FEATURE_ZSTD
+    }
+
+    fn control(&mut self) -> &mut dyn ControlChannel {
+        &mut self.control
+    }
+
+    fn open_data(
+        &mut self,
+        mem: &Arc<GuestMemory>,
+        session: u64,
+        streams: u16,
+        _features: u64,
+    ) -> Result<Receiver<DataEvent>, TransportError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut joined: Vec<Option<(TcpStream, BufReader<TcpStream>)>> =
+            (0..streams).map(|_| None).collect();
+        let deadline = Instant::now() + self.cfg.connect_timeout;
+        self.listener
+            .set_nonblocking(true)
+            .map_err(io("listener non-blocking"))?;
+        while joined.iter().any(Option::is_none) {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        let missing = joined.iter().filter(|j| j.is_none()).count();
+                        return Err(TransportError::Stream {
+                            stream: u16::MAX,
+                            detail: format!(
+                                "{missing} of {streams} data connections did not join in time"
+                            ),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                Err(e) => return Err(io("accept data connection")(e)),
+            };
+            // A stray or foreign connection is dropped; we keep waiting.
+            match join(stream, &self.cfg, session) {
+                Ok((index, parts))
+                    if (index as usize) < joined.len() && joined[index as usize].is_none() =>
+                {
+                    joined[index as usize] = Some(parts);
+                }
+                Ok((index, _)) => {
+                    tracing::warn!(index, "dropped a duplicate or out-of-range data connection")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "dropped a connection that is not a data stream of this migration")
+                }
+            }
+        }
+        let layout = mem.layout();
+        for (index, parts) in joined.into_iter().enumerate() {
+            let (stream, reader) = parts.expect("all joined");
+            self.kill.register(&stream);
+            let (mem, tx, layout) = (Arc::clone(mem), tx.clone(), layout.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("tcp-recv-{index}"))
+                .spawn(move || receive_stream(index as u16, reader, &mem, &layout, &tx))
+                .map_err(io("spawn receiver"))?;
+            self.receivers.push(handle);
+        }
+        Ok(rx)
+    }
+}
+
+impl Drop for TcpDestination {
+    fn drop(&mut self) {
+        // Closing every connection ends the receiver threads.
+        self.kill.kill();
+        for h in self.receivers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn join(
+    stream: TcpStream,
+    cfg: &TcpConfig,
+    session: u64,
+) -> Result<(u16, (TcpStream, BufReader<TcpStream>)), TransportError> {
+    stream
+        .set_nonblocking(false)
+        .map_err(io("data connection blocking"))?;
+    let mut c = TcpControl::open(stream, cfg)?;
+    match c.recv()? {
+        Message::Join { session: s, index } if s == session => {
+            let (stream, reader) = c.into_parts();
+            let reader = BufReader::with_capacity(READ_BUFFER, reader.into_inner());
+            Ok((index, (stream, reader)))
+        }
+        Message::Join { .. } => Err(TransportError::Stream {
+            stream: u16::MAX,
+            detail: "join for another session".into(),
+        }),
+        other => Err(ProtocolError::Unexpected {
+            got: other.kind(),
+            expected: "Join",
+        }
+        .into()),
+    }
+}
+
+/// Per-round counters of one stream.
+#[derive(Default)]
+struct StreamRound {
+    batches: u64,
+    suspect: Vec<PageRange>,
+    received: RoundSent,
+}
+
+fn receive_stream(
+    stream: u16,
+    mut reader: BufReader<TcpStream>,
+    mem: &GuestMemory,
+    layout: &MemoryLayout,
+    tx: &Sender<DataEvent>,
+) {
+    let mut round = StreamRound::default();
+    let mut buffers = (Vec::new(), Vec::new());
+    loop {
+        let result = (|| -> Result<Option<DataEvent>, TransportError> {
+            let h = read_frame_header(&mut reader)?;
+            if h.kind == Kind::Pages {
+                let (bh, table) = decode_batch_header(&mut reader, &h, layout)?;
+                let ok = land_batch(&mut reader, mem, &bh, &table, h.check, &mut buffers)?;
+                round.batches += 1;
+                round.received.wire_bytes += (HEADER_LEN as u64) + h.len as u64;
+                for r in &bh.runs {
+                    match r.kind {
+                        RunKind::Data => round.received.normal_pages += r.count as u64,
+                        RunKind::Zero => round.received.zero_pages += r.count as u64,
+                    }
+                    if !ok {
+                        round.suspect.push(PageRange {
+                            region: r.region,
+                            first: r.first,
+                            count: r.count,
+                        });
+                    }
+                }
+                if !ok {
+                    tracing::warn!(stream, round = bh.round, "page batch failed its check");
+                }
+                return Ok(None);
+            }
+            match read_payload(&mut reader, &h)? {
+                Message::RoundEnd { round: r, batches } => {
+                    let done = std::mem::take(&mut round);
+                    Ok(Some(DataEvent::RoundEnd {
+                        stream,
+                        round: r,
+                        batches_sent: batches,
+                        batches_received: done.batches,
+                        suspect: done.suspect,
+                        received: done.received,
+                    }))
+                }
+                other => Err(ProtocolError::Unexpected {
+                    got: other.kind(),
+                    expected: "a page batch or the end of a round",
+                }
+                .into()),
+            }
+        })();
+        let event = match result {
+            Ok(None) => continue,
+            Ok(Some(e)) => e,
+            Err(error) => DataEvent::Failed { stream, error },
+        };
+        let failed = matches!(event, DataEvent::Failed { .. });
+        // The engine has finished (or gone) when nobody listens any more.
+        if tx.send(event).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Land one batch's pages in guest memory; `Ok(false)` when its check fails
+/// (the pages are then suspect and will be sent again).
+fn land_batch(
+    reader: &mut BufReader<TcpStream>,
+    mem: &GuestMemory,
+    bh: &BatchHeader,
+    table: &[u8],
+    expected: u64,
+    (compressed, raw): &mut (Vec<u8>, Vec<u8>),
+) -> Result<bool, TransportError> {
+    let read_err = |e: std::io::Error| -> TransportError {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ProtocolError::Truncated("page bytes").into()
+        } else {
+            io("receive pages")(e)
+        }
+    };
+    let mut check = Xxh3::new();
+    check.update(table);
+    if bh.compressed {
+        compressed.resize(bh.wire_len as usize, 0);
+        reader.read_exact(compressed).map_err(read_err)?;
+        raw.resize(bh.raw_len as usize, 0);
+        let n = zstd::bulk::decompress_to_buffer(compressed, &mut raw[..]).map_err(|e| {
+            TransportError::from(ProtocolError::Malformed {
+                kind: Kind::Pages,
+                detail: format!("zstd: {e}"),
+            })
+        })?;
+        if n != bh.raw_len as usize {
+            return Err(ProtocolError::Malformed {
+                kind: Kind::Pages,
+                detail: format!("zstd gave {n} bytes, expected {}", bh.raw_len),
+            }
+            .into());
+        }
+        check.update(raw);
+    }
+    let mut raw_pos = 0;
+    for run in &bh.runs {
+        let region = &mem.regions()[run.region as usize];
+        let (first, count) = (run.first as usize, run.count as usize);
+        match run.kind {
+            RunKind::Data => {
+                // SAFETY: the run was validated against this memory's layout;
+                // no vCPU runs on destination memory, and each page belongs
+                // to one batch per round.
+                let dst = unsafe { region.page_slice_mut(first, count) };
+                if bh.compressed {
+                    dst.copy_from_slice(&raw[raw_pos..raw_pos + dst.len()]);
+                    raw_pos += dst.len();
+                } else {
+                    reader.read_exact(dst).map_err(read_err)?;
+                    check.update(dst);
+                }
+            }
+            RunKind::Zero => {
+                for p in first..first + count {
+                    // SAFETY: as above.
+                    let page = unsafe { region.page_slice_mut(p, 1) };
+                    // Reading first leaves never-touched pages unallocated.
+                    if !is_zero_page(page) {
+                        page.fill(0);
+                    }
+                }
+            }
+        }
+    }
+    Ok(check.digest() == expected)
+}
