@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use migrate_core::memory::{GuestMemory, MemoryLayout};
 use migrate_core::protocol::{
-    BatchHeader, FEATURE_ZSTD, HEADER_LEN, Kind, Message, PageRange, ProtocolError, RunKind,
-    decode_batch_header, is_zero_page, read_frame_header, read_payload,
+    BatchHeader, FEATURE_ZSTD, FrameHeader, HEADER_LEN, Kind, Message, PageRange, ProtocolError,
+    RunKind, check_seed, decode_batch_header, is_zero_page, read_frame_header, read_payload,
 };
 use migrate_core::transport::{
     ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
@@ -256,7 +256,7 @@ fn receive_stream(
             let h = read_frame_header(&mut reader)?;
             if h.kind == Kind::Pages {
                 let (bh, table) = decode_batch_header(&mut reader, &h, layout)?;
-                let ok = land_batch(&mut reader, mem, &bh, &table, h.check, &mut buffers)?;
+                let ok = land_batch(&mut reader, mem, &bh, &table, &h, &mut buffers)?;
                 round.batches += 1;
                 round.received.wire_bytes += (HEADER_LEN as u64) + h.len as u64;
                 for r in &bh.runs {
@@ -316,7 +316,7 @@ fn land_batch(
     mem: &GuestMemory,
     bh: &BatchHeader,
     table: &[u8],
-    expected: u64,
+    h: &FrameHeader,
     (compressed, raw): &mut (Vec<u8>, Vec<u8>),
 ) -> Result<bool, TransportError> {
     let read_err = |e: std::io::Error| -> TransportError {
@@ -326,7 +326,7 @@ fn land_batch(
             io("receive pages")(e)
         }
     };
-    let mut check = Xxh3::new();
+    let mut check = Xxh3::with_seed(check_seed(h.kind, h.flags, h.len));
     check.update(table);
     if bh.compressed {
         compressed.resize(bh.wire_len as usize, 0);
@@ -377,5 +377,5 @@ fn land_batch(
             }
         }
     }
-    Ok(check.digest() == expected)
+    Ok(check.digest() == h.check)
 }

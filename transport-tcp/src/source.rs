@@ -9,7 +9,7 @@ use migrate_core::dirty::PageRun;
 use migrate_core::memory::GuestMemory;
 use migrate_core::protocol::{
     BatchRun, FEATURE_ZSTD, FrameHeader, HEADER_LEN, Kind, MAX_BATCH_BYTES, Message, RunKind,
-    encode_batch_header, is_zero_page, write_message,
+    check_seed, encode_batch_header, is_zero_page, write_message,
 };
 use migrate_core::transport::{
     ControlChannel, PageSender, RoundContext, RoundSent, SourceTransport, TransportError,
@@ -309,7 +309,6 @@ fn send_batch(
     }
     let raw_len: usize = data.iter().map(|d| d.len()).sum();
     debug_assert!(raw_len <= MAX_BATCH_BYTES);
-    let mut check = Xxh3::new();
     let mut flags = 0;
     let mut wire_len = raw_len;
     if let (Some(level), true) = (compress, raw_len > 0) {
@@ -329,6 +328,8 @@ fn send_batch(
         }
     }
     let table = encode_batch_header(round, &scratch.runs, wire_len as u32, raw_len as u32);
+    let len = (table.len() + wire_len) as u32;
+    let mut check = Xxh3::with_seed(check_seed(Kind::Pages, flags, len));
     check.update(&table);
     if flags == FLAG_ZSTD {
         check.update(&scratch.raw);
@@ -338,7 +339,7 @@ fn send_batch(
     let header = FrameHeader {
         kind: Kind::Pages,
         flags,
-        len: (table.len() + wire_len) as u32,
+        len,
         check: check.digest(),
     };
     let mut head = Vec::with_capacity(HEADER_LEN + table.len());

@@ -1,17 +1,25 @@
 //! Frames on a byte stream: a 16-byte header, then the payload.
 //!
 //! ```text
-//! kind u8 | flags u8 | reserved u16 = 0 | len u32 | check u64 (xxh3-64)
+//! kind u8 | flags u8 | reserved u16 = 0 | len u32 | check u64
 //! ```
+//!
+//! `check` is xxh3-64 seeded with [`check_seed`] (kind, flags, length).
 
 use std::io::{self, Read, Write};
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::{Kind, MAGIC, MAX_FRAME, Message, ProtocolError, VERSION};
 
 /// Size of a frame header on the wire.
 pub const HEADER_LEN: usize = 16;
+
+/// The seed of a frame's xxh3 check: binds the check to the header's kind,
+/// flags and length, so a flipped header bit fails the check too.
+pub fn check_seed(kind: Kind, flags: u8, len: u32) -> u64 {
+    kind as u64 | (flags as u64) << 8 | (len as u64) << 16
+}
 
 /// A decoded frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,10 +51,11 @@ impl FrameHeader {
     /// Unknown kind, non-zero reserved bytes, or a length over [`MAX_FRAME`].
     pub fn from_bytes(b: &[u8; HEADER_LEN]) -> Result<FrameHeader, ProtocolError> {
         let kind = Kind::from_u8(b[0]).ok_or(ProtocolError::UnknownKind(b[0]))?;
-        if b[2] != 0 || b[3] != 0 {
+        // Only page batches have flags; reserved bytes are always zero.
+        if b[2] != 0 || b[3] != 0 || (kind != Kind::Pages && b[1] != 0) {
             return Err(ProtocolError::Malformed {
                 kind,
-                detail: "reserved header bytes are not zero".into(),
+                detail: "reserved header bits are not zero".into(),
             });
         }
         let len = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
@@ -130,11 +139,12 @@ pub fn write_frame(
     flags: u8,
     payload: &[u8],
 ) -> Result<(), ProtocolError> {
+    let len = payload.len() as u32;
     let header = FrameHeader {
         kind,
         flags,
-        len: payload.len() as u32,
-        check: xxh3_64(payload),
+        len,
+        check: xxh3_64_with_seed(payload, check_seed(kind, flags, len)),
     };
     let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
     buf.extend_from_slice(&header.to_bytes());
@@ -168,7 +178,7 @@ pub fn read_payload(r: &mut impl Read, h: &FrameHeader) -> Result<Message, Proto
     if payload.len() != h.len as usize {
         return Err(ProtocolError::Truncated("frame payload"));
     }
-    let found = xxh3_64(&payload);
+    let found = xxh3_64_with_seed(&payload, check_seed(h.kind, h.flags, h.len));
     if found != h.check {
         return Err(ProtocolError::Corrupt {
             kind: h.kind,

@@ -47,7 +47,8 @@
 //!
 //! # Integrity
 //!
-//! Every frame carries an xxh3-64 check. For control messages it covers the
+//! Every frame carries an xxh3-64 check, seeded with its kind, flags and
+//! length (so a flipped header bit fails it too). For control messages it covers the
 //! payload; a mismatch is fatal. For page batches it covers the run table and
 //! the uncompressed page bytes, computed by the source from live guest memory
 //! just before sending. A guest write racing that send also changes the page
@@ -75,8 +76,8 @@ pub use batch::{
     encode_batch_header, is_zero_page,
 };
 pub use codec::{
-    Frame, FrameHeader, HEADER_LEN, read_frame_header, read_message, read_payload, read_preamble,
-    write_frame, write_message, write_preamble,
+    Frame, FrameHeader, HEADER_LEN, check_seed, read_frame_header, read_message, read_payload,
+    read_preamble, write_frame, write_message, write_preamble,
 };
 
 use crate::memory::{MemoryLayout, PageSize, RegionLayout};
