@@ -1,6 +1,38 @@
-//! `migrate-cli`: drives the migration engine for operators and benchmarks.
+//! `migrate-cli`: live-migrate a guest's memory between two hosts, with the
+//! same engine a VMM embeds. `dest` listens, `source` connects and migrates
+//! its built-in guest (or an idle memory image), `demo` does both over
+//! loopback.
+
+mod args;
+mod guest;
+mod memory;
+mod report;
+mod run;
+mod transport;
+
+use anyhow::Result;
+use clap::Parser;
 
 fn main() {
-    eprintln!("migrate-cli: the source/dest/demo commands arrive with the TCP migration issue");
-    std::process::exit(2);
+    let cli = args::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MIGRATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.log.as_str())),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result: Result<bool> = match cli.command {
+        args::Command::Source(a) => run::source(a),
+        args::Command::Dest(a) => run::dest(a),
+        args::Command::Demo(a) => run::demo(a),
+    };
+    match result {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("migrate-cli: error: {e:#}");
+            std::process::exit(2);
+        }
+    }
 }

@@ -273,7 +273,9 @@ fn receive_stream(
                     }
                 }
                 if !ok {
-                    tracing::warn!(stream, round = bh.round, "page batch failed its check");
+                    // Normal in live rounds (a guest write raced the send);
+                    // the source decides whether it matters.
+                    tracing::debug!(stream, round = bh.round, "page batch failed its check");
                 }
                 return Ok(None);
             }

@@ -1,0 +1,284 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Live migration of guest memory over RDMA or TCP.
+#[derive(Debug, Parser)]
+#[command(name = "migrate-cli", version, about)]
+pub struct Cli {
+    /// Log filter (tracing syntax, e.g. `info`, `migrate_core=debug`);
+    /// `MIGRATE_LOG` overrides it.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Migrate this host's guest to a destination.
+    Source(SourceArgs),
+    /// Receive a guest from a source.
+    Dest(DestArgs),
+    /// Source and destination on this machine over loopback, with the
+    /// built-in guest dirtying its memory: a live migration in one command.
+    Demo(DemoArgs),
+}
+
+/// Transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportChoice {
+    /// TCP.
+    Tcp,
+    /// One-sided RDMA WRITE.
+    Rdma,
+    /// RDMA when a device and the peer have it, else TCP (with the reason).
+    Auto,
+}
+
+/// Guest memory.
+#[derive(Debug, Clone, Args)]
+pub struct MemoryArgs {
+    /// Guest memory size (anonymous memory), e.g. `256M`, `1G`. With
+    /// `--memory-file`, the size of the file to create.
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Guest memory backed by this file (e.g. under /dev/shm), created with
+    /// `--memory` bytes if it does not exist.
+    #[arg(long)]
+    pub memory_file: Option<PathBuf>,
+}
+
+/// Transport knobs shared by both ends.
+#[derive(Debug, Clone, Args)]
+pub struct TransportArgs {
+    /// Transport.
+    #[arg(long, value_enum, default_value_t = TransportChoice::Tcp)]
+    pub transport: TransportChoice,
+    /// TCP data connections.
+    #[arg(long, default_value_t = transport_tcp::DEFAULT_DATA_STREAMS)]
+    pub streams: u16,
+    /// Seconds a blocked read or write may take before the peer counts as dead.
+    #[arg(long, default_value_t = 30)]
+    pub io_timeout_s: u64,
+}
+
+/// Built-in guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GuestKind {
+    /// Memory image only; nothing writes it.
+    Idle,
+    /// Threads dirtying pages at `--dirty-rate` with `--pattern`.
+    Dirty,
+    /// A ledger of accounts with transfers (checkable after migration).
+    Bank,
+}
+
+/// The built-in guest of the source.
+#[derive(Debug, Clone, Args)]
+pub struct GuestArgs {
+    /// What runs in the guest memory while it migrates.
+    #[arg(long, value_enum, default_value_t = GuestKind::Dirty)]
+    pub guest: GuestKind,
+    /// Pages per second the guest dirties (dirty guest) or transfers per
+    /// second (bank guest); 0 = as fast as it can.
+    #[arg(long, default_value_t = 5000)]
+    pub dirty_rate: u64,
+    /// Dirtying pattern: `uniform`, `sequential`, or `hot:FRACTION:PROBABILITY`.
+    #[arg(long, default_value = "hot:0.1:0.9", value_parser = parse_pattern)]
+    pub pattern: fixtures::DirtyPattern,
+    /// Guest threads (vCPUs).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Page mix of the initial image, `zero:text:random` weights.
+    #[arg(long, default_value = "40:30:30", value_parser = parse_mix)]
+    pub mix: fixtures::PageMix,
+    /// Seed of the image and the workload.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Leave the memory as it is (e.g. an existing image file): no fill.
+    #[arg(long)]
+    pub no_fill: bool,
+}
+
+/// The operator's knobs.
+#[derive(Debug, Clone, Args)]
+pub struct MigrationArgs {
+    /// Largest acceptable downtime, ms.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// Bandwidth cap, MB/s (0 = none).
+    #[arg(long, default_value_t = 0)]
+    pub bandwidth_mbs: u64,
+    /// Switch over after this many rounds even if not converged.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Overall time limit, seconds (0 = none).
+    #[arg(long, default_value_t = 0)]
+    pub timeout_s: u64,
+    /// What the time limit does.
+    #[arg(long, value_enum, default_value_t = TimeoutChoice::Cancel)]
+    pub timeout_policy: TimeoutChoice,
+    /// Do not throttle the guest when rounds stop shrinking.
+    #[arg(long)]
+    pub no_auto_converge: bool,
+    /// Before commit, compare a hash of every page on both sides; any
+    /// difference fails the migration (and the source guest resumes).
+    #[arg(long)]
+    pub verify: bool,
+    /// Offer zstd compression of page batches (for slow links).
+    #[arg(long)]
+    pub compress: bool,
+    /// Dirty tracker.
+    #[arg(long, value_enum, default_value_t = TrackerChoice::Best)]
+    pub tracker: TrackerChoice,
+}
+
+/// Timeout policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TimeoutChoice {
+    /// Abort; the guest keeps running here.
+    Cancel,
+    /// Pause and switch over whatever the downtime.
+    Force,
+}
+
+/// Dirty trackers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TrackerChoice {
+    /// The best this kernel offers.
+    Best,
+    /// userfaultfd async write-protect + PAGEMAP_SCAN.
+    UffdAsync,
+    /// userfaultfd write-protect with a handler thread.
+    UffdSync,
+}
+
+/// Progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressChoice {
+    /// A bar when stderr is a terminal.
+    Auto,
+    /// Always a bar.
+    Always,
+    /// No bar.
+    Never,
+}
+
+/// `migrate-cli source`.
+#[derive(Debug, Clone, Args)]
+pub struct SourceArgs {
+    /// Destination address, host:port.
+    #[arg(long)]
+    pub connect: String,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// Write the final statistics as one JSON object here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Progress bar.
+    #[arg(long, value_enum, default_value_t = ProgressChoice::Auto)]
+    pub progress: ProgressChoice,
+}
+
+/// `migrate-cli dest`.
+#[derive(Debug, Clone, Args)]
+pub struct DestArgs {
+    /// Address to listen on, host:port.
+    #[arg(long)]
+    pub listen: String,
+    /// Guest memory; without it, the layout the source announces is adopted.
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    /// Write the destination's report as one JSON object here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// `migrate-cli demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Guest memory size.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// TCP data connections.
+    #[arg(long, default_value_t = transport_tcp::DEFAULT_DATA_STREAMS)]
+    pub streams: u16,
+    /// Write the final statistics as one JSON object here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Progress bar.
+    #[arg(long, value_enum, default_value_t = ProgressChoice::Auto)]
+    pub progress: ProgressChoice,
+}
+
+/// `4096`, `64K`, `256M`, `1G` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size unit in {s:?} (use K, M, G, T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a size: {s:?}"))?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n)
+        .ok_or_else(|| format!("size too large: {s:?}"))
+}
+
+fn parse_pattern(s: &str) -> Result<fixtures::DirtyPattern, String> {
+    fixtures::DirtyPattern::parse(s)
+        .ok_or_else(|| format!("not a pattern: {s:?} (uniform, sequential, hot:0.1:0.9)"))
+}
+
+fn parse_mix(s: &str) -> Result<fixtures::PageMix, String> {
+    fixtures::PageMix::parse(s).ok_or_else(|| format!("not a page mix: {s:?} (e.g. 40:30:30)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("256m"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,84 @@
+//! The built-in guest: an image and a workload in the guest memory, driven
+//! like a VMM drives vCPUs.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use fixtures::{
+    BankConfig, BankGuest, FixtureSourceVm, RunningGuest, SyntheticGuest, WorkloadConfig,
+    fill_memory,
+};
+use migrate_core::memory::GuestMemory;
+use serde_json::json;
+
+use crate::args::{GuestArgs, GuestKind};
+
+/// Write the initial image (before dirty tracking starts: the image is the
+/// guest's past, not its dirtying).
+pub fn fill(mem: &GuestMemory, g: &GuestArgs) -> Result<()> {
+    if !g.no_fill {
+        fill_memory(mem, g.mix, g.seed)?;
+    }
+    if g.guest == GuestKind::Bank {
+        BankGuest::format(mem, &bank_config(mem, g))?;
+    }
+    Ok(())
+}
+
+/// Start the workload; the device state names the guest so the destination
+/// knows how to check it.
+pub fn start(mem: &Arc<GuestMemory>, g: &GuestArgs) -> Result<FixtureSourceVm> {
+    let guest = match g.guest {
+        GuestKind::Idle => RunningGuest::idle(),
+        GuestKind::Dirty => SyntheticGuest::start(
+            Arc::clone(mem),
+            WorkloadConfig {
+                threads: g.threads.max(1),
+                pages_per_sec: g.dirty_rate,
+                pattern: g.pattern,
+                seed: g.seed,
+            },
+        ),
+        GuestKind::Bank => BankGuest::start(Arc::clone(mem), bank_config(mem, g)),
+    };
+    let kind = match g.guest {
+        GuestKind::Idle => "idle",
+        GuestKind::Dirty => "dirty",
+        GuestKind::Bank => "bank",
+    };
+    let state = json!({ "guest": kind, "seed": g.seed })
+        .to_string()
+        .into_bytes();
+    Ok(FixtureSourceVm::new(guest, state))
+}
+
+fn bank_config(mem: &GuestMemory, g: &GuestArgs) -> BankConfig {
+    // One account per 1 KiB of the first region, at most a million.
+    let accounts = (mem.regions()[0].len() as u64 / 1024).clamp(64, 1 << 20);
+    BankConfig {
+        accounts,
+        initial_balance: 1000,
+        threads: g.threads.clamp(1, 64),
+        transfers_per_sec: g.dirty_rate,
+        seed: g.seed,
+    }
+}
+
+/// After commit on the destination: check what can be checked of the guest
+/// named in the device state. `None` when there is nothing to check.
+pub fn check_destination(mem: &GuestMemory, state: &[u8]) -> Option<Result<String, String>> {
+    let v: serde_json::Value = serde_json::from_slice(state).ok()?;
+    if v.get("guest")?.as_str()? != "bank" {
+        return None;
+    }
+    Some(
+        BankGuest::validate(mem)
+            .map(|s| {
+                format!(
+                    "ledger consistent: {} accounts, {} transfers, total {}",
+                    s.accounts, s.transfers, s.total
+                )
+            })
+            .map_err(|e| format!("ledger inconsistent: {e}")),
+    )
+}

@@ -1,0 +1,48 @@
+//! Guest memory from the command line, or adopted from the source's layout.
+
+use anyhow::{Context, Result, bail};
+use migrate_core::memory::{GuestMemory, GuestRegion, MemoryLayout, PageSize};
+
+use crate::args::MemoryArgs;
+
+/// The memory the arguments describe, if any.
+pub fn from_args(m: &MemoryArgs) -> Result<Option<GuestMemory>> {
+    let region = match (&m.memory_file, m.memory) {
+        (Some(path), size) => {
+            let size = match size {
+                Some(s) => s,
+                None => std::fs::metadata(path)
+                    .with_context(|| format!("{}: give --memory to create it", path.display()))?
+                    .len(),
+            };
+            GuestRegion::file(0, to_len(size)?, path)?
+        }
+        (None, Some(size)) => GuestRegion::anonymous(0, to_len(size)?)?,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(GuestMemory::new(vec![region])?))
+}
+
+/// Fresh memory shaped like `layout`: anonymous for 4 KiB regions, hugetlb
+/// for 2 MiB ones.
+pub fn adopt(layout: &MemoryLayout) -> Result<GuestMemory> {
+    let regions = layout
+        .regions
+        .iter()
+        .map(|r| {
+            let len = to_len(r.len)?;
+            Ok(match r.page_size {
+                PageSize::Small => GuestRegion::anonymous(r.gpa, len)?,
+                PageSize::Huge2M => GuestRegion::hugetlb(r.gpa, len, "adopted")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(GuestMemory::new(regions)?)
+}
+
+fn to_len(size: u64) -> Result<usize> {
+    if size == 0 {
+        bail!("guest memory size is zero");
+    }
+    usize::try_from(size).context("guest memory size does not fit this machine")
+}

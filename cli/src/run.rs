@@ -1,0 +1,284 @@
+//! The three commands.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use fixtures::FixtureDestinationVm;
+use migrate_core::dirty::{DirtyTracking, TrackerKind, TrackerPreference};
+use migrate_core::memory::GuestMemory;
+use migrate_core::protocol::RefusalCode;
+use migrate_core::transport::TransportError;
+use migrate_core::{
+    IncomingMigration, MigrationStats, SourceConfig, SourceMigration, TimeoutPolicy,
+};
+use transport_tcp::TcpMigrationListener;
+
+use crate::args::{
+    DemoArgs, DestArgs, MemoryArgs, MigrationArgs, SourceArgs, TimeoutChoice, TrackerChoice,
+    TransportArgs, TransportChoice,
+};
+use crate::{guest, memory, report, transport};
+
+fn source_config(m: &MigrationArgs) -> SourceConfig {
+    SourceConfig {
+        downtime_limit: Duration::from_millis(m.downtime_ms.max(1)),
+        bandwidth_limit: (m.bandwidth_mbs > 0).then_some(m.bandwidth_mbs * 1_000_000),
+        max_rounds: m.max_rounds.max(1),
+        timeout: (m.timeout_s > 0).then(|| {
+            (
+                Duration::from_secs(m.timeout_s),
+                match m.timeout_policy {
+                    TimeoutChoice::Cancel => TimeoutPolicy::Cancel,
+                    TimeoutChoice::Force => TimeoutPolicy::ForceSwitchover,
+                },
+            )
+        }),
+        auto_converge: !m.no_auto_converge,
+        verify: m.verify,
+        ..SourceConfig::default()
+    }
+}
+
+fn tracker_pref(t: TrackerChoice) -> TrackerPreference {
+    match t {
+        TrackerChoice::Best => TrackerPreference::Best,
+        TrackerChoice::UffdAsync => TrackerPreference::Only(TrackerKind::UffdAsync),
+        TrackerChoice::UffdSync => TrackerPreference::Only(TrackerKind::UffdSync),
+    }
+}
+
+/// `migrate-cli source`.
+pub fn source(a: SourceArgs) -> Result<bool> {
+    let mem = memory::from_args(&a.memory)?
+        .context("give the guest memory: --memory SIZE and/or --memory-file PATH")?;
+    migrate_out(
+        Arc::new(mem),
+        &a.connect,
+        &a.transport,
+        &a.guest,
+        &a.migration,
+        a.json.as_deref(),
+        a.progress,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn migrate_out(
+    mem: Arc<GuestMemory>,
+    addr: &str,
+    t: &TransportArgs,
+    g: &crate::args::GuestArgs,
+    m: &MigrationArgs,
+    json: Option<&std::path::Path>,
+    progress: crate::args::ProgressChoice,
+) -> Result<bool> {
+    guest::fill(&mem, g)?;
+    let tracking = DirtyTracking::new(&mem, tracker_pref(m.tracker))?;
+    for f in tracking.fallbacks() {
+        eprintln!("dirty tracking: not using {}: {}", f.tracker, f.reason);
+    }
+    let mut vm = guest::start(&mem, g)?;
+    let connected = transport::connect(addr, t, m.compress);
+    let (mut transport, fallback) = match connected {
+        Ok(x) => x,
+        Err(e) => {
+            vm.stop();
+            if let Some(path) = json {
+                let stats = MigrationStats {
+                    transport: transport_name(t.transport).into(),
+                    bytes_total: mem.total_bytes(),
+                    status: migrate_core::MigrationStatus::Failed,
+                    ..Default::default()
+                };
+                report::write_json(
+                    path,
+                    &report::source_json(&stats, None, Some(&format!("{e:#}"))),
+                )?;
+            }
+            return Err(e);
+        }
+    };
+    if let Some(reason) = &fallback {
+        eprintln!("transport: using TCP: {reason}");
+    }
+    let migration = SourceMigration::new(source_config(m));
+    let handle = migration.handle();
+    let bar = report::progress(&handle, progress);
+    let result = migration.run(transport.as_mut(), &mem, &tracking, &mut vm);
+    if let Some(b) = bar {
+        let _ = b.join();
+    }
+    let ok = result.is_ok();
+    let (stats, error) = match &result {
+        Ok(s) => (s.clone(), None),
+        Err(e) => (handle.stats(), Some(e.to_string())),
+    };
+    match &result {
+        Ok(s) => println!("{}", report::source_summary(s)),
+        Err(e) => {
+            eprintln!("migration failed: {e}");
+            if !matches!(e, migrate_core::MigrationError::CommitUnknown(_)) {
+                eprintln!("the source guest is running again");
+            }
+        }
+    }
+    if let Some(path) = json {
+        report::write_json(
+            path,
+            &report::source_json(&stats, fallback.as_deref(), error.as_deref()),
+        )?;
+    }
+    vm.stop();
+    Ok(ok)
+}
+
+fn transport_name(t: TransportChoice) -> &'static str {
+    match t {
+        TransportChoice::Rdma => "rdma",
+        _ => "tcp",
+    }
+}
+
+/// `migrate-cli dest`.
+pub fn dest(a: DestArgs) -> Result<bool> {
+    if a.transport.transport == TransportChoice::Rdma
+        && let Some(reason) = transport::rdma_unavailable()
+    {
+        bail!("--transport rdma: {reason}; use --transport tcp or auto");
+    }
+    let listener =
+        TcpMigrationListener::bind(&a.listen, transport::tcp_config(&a.transport, true))?;
+    let addr = listener.local_addr()?;
+    println!("listening on {addr}");
+    std::io::stdout().flush().ok();
+    let own = memory::from_args(&a.memory)?.map(Arc::new);
+    receive(&listener, own, &a.memory, a.json.as_deref())
+}
+
+/// Accept one migration (skipping clients that are not migration sources)
+/// and receive it.
+fn receive(
+    listener: &TcpMigrationListener,
+    own: Option<Arc<GuestMemory>>,
+    _args: &MemoryArgs,
+    json: Option<&std::path::Path>,
+) -> Result<bool> {
+    let mut t = loop {
+        match listener.accept() {
+            Ok(t) => break t,
+            Err(TransportError::Protocol(e)) => {
+                eprintln!("ignored a connection that is not a migration source: {e}");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let outcome = (|| -> Result<(migrate_core::DestinationReport, Option<Result<String, String>>)> {
+        let incoming = IncomingMigration::accept(&mut t)?;
+        let mem = match own {
+            Some(m) => m,
+            None => match memory::adopt(incoming.layout()) {
+                Ok(m) => Arc::new(m),
+                Err(e) => {
+                    let msg = format!("destination cannot allocate the guest memory: {e:#}");
+                    incoming.refuse(&mut t, RefusalCode::Setup, &msg);
+                    bail!(msg);
+                }
+            },
+        };
+        let mut vm = FixtureDestinationVm::default();
+        let r = incoming.receive(&mut t, &mem, &mut vm)?;
+        let check = vm
+            .state
+            .as_deref()
+            .and_then(|s| guest::check_destination(&mem, s));
+        Ok((r, check))
+    })();
+    let (ok, v) = match &outcome {
+        Ok((r, check)) => {
+            println!(
+                "received {} pages and {} zero pages in {} rounds over {}; guest resumed",
+                r.received.normal_pages, r.received.zero_pages, r.rounds, r.transport
+            );
+            if let Some(c) = check {
+                match c {
+                    Ok(m) => println!("{m}"),
+                    Err(m) => eprintln!("{m}"),
+                }
+            }
+            let consistent = !matches!(check, Some(Err(_)));
+            (
+                consistent,
+                report::destination_json(Some(r), check.as_ref(), None),
+            )
+        }
+        Err(e) => {
+            eprintln!("incoming migration failed: {e:#}; received memory discarded");
+            (
+                false,
+                report::destination_json(None, None, Some(&format!("{e:#}"))),
+            )
+        }
+    };
+    if let Some(path) = json {
+        report::write_json(path, &v)?;
+    }
+    Ok(ok)
+}
+
+/// `migrate-cli demo`.
+pub fn demo(a: DemoArgs) -> Result<bool> {
+    let listener = TcpMigrationListener::bind(
+        "127.0.0.1:0",
+        transport::tcp_config(
+            &TransportArgs {
+                transport: TransportChoice::Tcp,
+                streams: a.streams,
+                io_timeout_s: 30,
+            },
+            true,
+        ),
+    )?;
+    let addr = listener.local_addr()?.to_string();
+    let mem = Arc::new(GuestMemory::new(vec![
+        migrate_core::memory::GuestRegion::anonymous(0, a.memory as usize)?,
+    ])?);
+    eprintln!(
+        "demo: {} guest ({:?} guest, {} pages/s, {} threads) migrating over loopback TCP to {addr}",
+        report::human(a.memory),
+        a.guest.guest,
+        a.guest.dirty_rate,
+        a.guest.threads
+    );
+    let dest = std::thread::spawn(move || {
+        receive(
+            &listener,
+            None,
+            &MemoryArgs {
+                memory: None,
+                memory_file: None,
+            },
+            None,
+        )
+    });
+    let mut m = a.migration.clone();
+    m.verify = true;
+    let ok = migrate_out(
+        mem,
+        &addr,
+        &TransportArgs {
+            transport: TransportChoice::Tcp,
+            streams: a.streams,
+            io_timeout_s: 30,
+        },
+        &a.guest,
+        &m,
+        a.json.as_deref(),
+        a.progress,
+    )?;
+    let dest_ok = dest
+        .join()
+        .map_err(|_| anyhow::anyhow!("destination thread panicked"))??;
+    Ok(ok && dest_ok)
+}
