@@ -67,7 +67,11 @@ fn bank_config(mem: &GuestMemory, g: &GuestArgs) -> BankConfig {
 /// After commit on the destination: check what can be checked of the guest
 /// named in the device state. `None` when there is nothing to check.
 pub fn check_destination(mem: &GuestMemory, state: &[u8]) -> Option<Result<String, String>> {
-    let v: serde_json::Value = serde_json::from_slice(state).ok()?;
+    // The state is our JSON descriptor, then the guest's counters.
+    let v: serde_json::Value = serde_json::Deserializer::from_slice(state)
+        .into_iter()
+        .next()?
+        .ok()?;
     if v.get("guest")?.as_str()? != "bank" {
         return None;
     }

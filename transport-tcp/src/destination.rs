@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use migrate_core::memory::{GuestMemory, MemoryLayout};
 use migrate_core::protocol::{
-    BatchHeader, FEATURE_ZSTD, FrameHeader, HEADER_LEN, Kind, Message, PageRange, ProtocolError,
-    RunKind, check_seed, decode_batch_header, is_zero_page, read_frame_header, read_payload,
+    BatchHeader, FEATURE_ZSTD, HEADER_LEN, Kind, Message, PageRange, ProtocolError, RunKind,
+    decode_batch_header, is_zero_page, read_frame_header, read_payload,
 };
 use migrate_core::transport::{
     ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
 };
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::TcpConfig;
 use crate::control::{TcpControl, io};
@@ -255,8 +255,8 @@ fn receive_stream(
         let result = (|| -> Result<Option<DataEvent>, TransportError> {
             let h = read_frame_header(&mut reader)?;
             if h.kind == Kind::Pages {
-                let (bh, table) = decode_batch_header(&mut reader, &h, layout)?;
-                let ok = land_batch(&mut reader, mem, &bh, &table, &h, &mut buffers)?;
+                let bh = decode_batch_header(&mut reader, &h, layout)?;
+                let suspect = land_batch(&mut reader, mem, &bh, &mut buffers)?;
                 round.batches += 1;
                 round.received.wire_bytes += (HEADER_LEN as u64) + h.len as u64;
                 for r in &bh.runs {
@@ -264,19 +264,18 @@ fn receive_stream(
                         RunKind::Data => round.received.normal_pages += r.count as u64,
                         RunKind::Zero => round.received.zero_pages += r.count as u64,
                     }
-                    if !ok {
-                        round.suspect.push(PageRange {
-                            region: r.region,
-                            first: r.first,
-                            count: r.count,
-                        });
-                    }
                 }
-                if !ok {
+                if !suspect.is_empty() {
                     // Normal in live rounds (a guest write raced the send);
                     // the source decides whether it matters.
-                    tracing::debug!(stream, round = bh.round, "page batch failed its check");
+                    tracing::debug!(
+                        stream,
+                        round = bh.round,
+                        pages = suspect.len(),
+                        "pages failed their check"
+                    );
                 }
+                round.suspect.extend(suspect);
                 return Ok(None);
             }
             match read_payload(&mut reader, &h)? {
@@ -311,16 +310,14 @@ fn receive_stream(
     }
 }
 
-/// Land one batch's pages in guest memory; `Ok(false)` when its check fails
-/// (the pages are then suspect and will be sent again).
+/// Land one batch's pages in guest memory; returns the pages that failed
+/// their own hash (suspect: the source sends them again).
 fn land_batch(
     reader: &mut BufReader<TcpStream>,
     mem: &GuestMemory,
     bh: &BatchHeader,
-    table: &[u8],
-    h: &FrameHeader,
     (compressed, raw): &mut (Vec<u8>, Vec<u8>),
-) -> Result<bool, TransportError> {
+) -> Result<Vec<PageRange>, TransportError> {
     let read_err = |e: std::io::Error| -> TransportError {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             ProtocolError::Truncated("page bytes").into()
@@ -328,8 +325,6 @@ fn land_batch(
             io("receive pages")(e)
         }
     };
-    let mut check = Xxh3::with_seed(check_seed(h.kind, h.flags, h.len));
-    check.update(table);
     if bh.compressed {
         compressed.resize(bh.wire_len as usize, 0);
         reader.read_exact(compressed).map_err(read_err)?;
@@ -347,8 +342,9 @@ fn land_batch(
             }
             .into());
         }
-        check.update(raw);
     }
+    let mut suspect: Vec<PageRange> = Vec::new();
+    let mut hashes = bh.page_hashes.iter();
     let mut raw_pos = 0;
     for run in &bh.runs {
         let region = &mem.regions()[run.region as usize];
@@ -364,7 +360,23 @@ fn land_batch(
                     raw_pos += dst.len();
                 } else {
                     reader.read_exact(dst).map_err(read_err)?;
-                    check.update(dst);
+                }
+                let ps = region.page_size().bytes();
+                for (i, page) in dst.chunks(ps).enumerate() {
+                    let expected = hashes.next().copied();
+                    if expected != Some(xxh3_64(page)) {
+                        let p = (first + i) as u64;
+                        match suspect.last_mut() {
+                            Some(l) if l.region == run.region && l.first + l.count as u64 == p => {
+                                l.count += 1
+                            }
+                            _ => suspect.push(PageRange {
+                                region: run.region,
+                                first: p,
+                                count: 1,
+                            }),
+                        }
+                    }
                 }
             }
             RunKind::Zero => {
@@ -379,5 +391,5 @@ fn land_batch(
             }
         }
     }
-    Ok(check.digest() == h.check)
+    Ok(suspect)
 }

@@ -14,7 +14,7 @@ use migrate_core::protocol::{
 use migrate_core::transport::{
     ControlChannel, PageSender, RoundContext, RoundSent, SourceTransport, TransportError,
 };
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::TcpConfig;
 use crate::control::{TcpControl, io, prepare};
@@ -260,6 +260,7 @@ fn send_stream(
 #[derive(Default)]
 struct Scratch {
     runs: Vec<BatchRun>,
+    hashes: Vec<u64>,
     raw: Vec<u8>,
     compressed: Vec<u8>,
 }
@@ -312,7 +313,7 @@ fn send_batch(
     let mut flags = 0;
     let mut wire_len = raw_len;
     if let (Some(level), true) = (compress, raw_len > 0) {
-        // Compression copies anyway: copy once, then check and compress the
+        // Compression copies anyway: copy once, then hash and compress the
         // same stable bytes.
         scratch.raw.clear();
         data.iter().for_each(|d| scratch.raw.extend_from_slice(d));
@@ -327,20 +328,34 @@ fn send_batch(
             wire_len = n;
         }
     }
-    let table = encode_batch_header(round, &scratch.runs, wire_len as u32, raw_len as u32);
-    let len = (table.len() + wire_len) as u32;
-    let mut check = Xxh3::with_seed(check_seed(Kind::Pages, flags, len));
-    check.update(&table);
-    if flags == FLAG_ZSTD {
-        check.update(&scratch.raw);
-    } else {
-        data.iter().for_each(|d| check.update(d));
+    // One hash per page, from the bytes that go out (as close to the send
+    // as possible: a write racing it makes only that page suspect).
+    scratch.hashes.clear();
+    let mut off = 0;
+    let data_runs = scratch.runs.iter().filter(|r| r.kind == RunKind::Data);
+    for (run, d) in data_runs.zip(&data) {
+        let ps = mem.regions()[run.region as usize].page_size().bytes();
+        let bytes: &[u8] = if flags == FLAG_ZSTD {
+            &scratch.raw[off..off + d.len()]
+        } else {
+            d
+        };
+        off += d.len();
+        scratch.hashes.extend(bytes.chunks(ps).map(xxh3_64));
     }
+    let table = encode_batch_header(
+        round,
+        &scratch.runs,
+        wire_len as u32,
+        raw_len as u32,
+        &scratch.hashes,
+    );
+    let len = (table.len() + wire_len) as u32;
     let header = FrameHeader {
         kind: Kind::Pages,
         flags,
         len,
-        check: check.digest(),
+        check: xxh3_64_with_seed(&table, check_seed(Kind::Pages, flags, len)),
     };
     let mut head = Vec::with_capacity(HEADER_LEN + table.len());
     head.extend_from_slice(&header.to_bytes());

@@ -1,25 +1,33 @@
-//! Page batches: a run table, then page bytes (raw or zstd).
+//! Page batches: a run table, a hash per data page, then page bytes.
 //!
 //! ```text
 //! payload = round u32 | nruns u32 | wire_len u32 | raw_len u32
 //!         | nruns × (region u32 | count u32 | first u64 | kind u8 | 7 × 0)
+//!         | one xxh3-64 per page of the Data runs, in order
 //!         | wire_len bytes: the Data runs' pages in order (zstd if flagged)
-//! check   = xxh3-64(run table bytes ++ the raw page bytes)
+//! check   = seeded xxh3-64 of everything before the page bytes
 //! ```
+//!
+//! The frame check guards the table and the page hashes: if it fails, the
+//! batch is corrupt and nothing of it is trusted. Each page is then checked
+//! against its own hash, so a guest write racing the send of one page makes
+//! only that page suspect (it is dirty anyway and goes again).
 //!
 //! Zero runs carry no bytes: the destination zeroes those pages (a page that
 //! became zero in a later round must not keep stale bytes).
 
 use std::io::Read;
 
-use super::codec::FrameHeader;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use super::codec::{FrameHeader, check_seed};
 use super::{Cursor, Kind, ProtocolError};
 use crate::memory::MemoryLayout;
 
 /// Most runs in one batch.
 pub const MAX_BATCH_RUNS: usize = 1024;
-/// Most raw page bytes in one batch.
-pub const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Most raw page bytes in one batch (room for two 2 MiB pages).
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Frame flag: the page bytes are one zstd frame.
 pub const FLAG_ZSTD: u8 = 1;
 /// Fixed part of a batch payload.
@@ -63,11 +71,20 @@ pub struct BatchHeader {
     pub raw_len: u32,
     /// Whether the bytes are zstd.
     pub compressed: bool,
+    /// xxh3-64 of each page of the Data runs, in order.
+    pub page_hashes: Vec<u64>,
 }
 
-/// Encode the fixed part and run table of a batch (the payload prefix).
-pub fn encode_batch_header(round: u32, runs: &[BatchRun], wire_len: u32, raw_len: u32) -> Vec<u8> {
-    let mut w = Vec::with_capacity(BATCH_FIXED + RUN_ENTRY * runs.len());
+/// Encode everything of a batch before its page bytes: fixed part, run
+/// table, page hashes (the part the frame check covers).
+pub fn encode_batch_header(
+    round: u32,
+    runs: &[BatchRun],
+    wire_len: u32,
+    raw_len: u32,
+    page_hashes: &[u64],
+) -> Vec<u8> {
+    let mut w = Vec::with_capacity(BATCH_FIXED + RUN_ENTRY * runs.len() + 8 * page_hashes.len());
     w.extend_from_slice(&round.to_le_bytes());
     w.extend_from_slice(&(runs.len() as u32).to_le_bytes());
     w.extend_from_slice(&wire_len.to_le_bytes());
@@ -79,21 +96,26 @@ pub fn encode_batch_header(round: u32, runs: &[BatchRun], wire_len: u32, raw_len
         w.push(r.kind as u8);
         w.extend_from_slice(&[0; 7]);
     }
+    for h in page_hashes {
+        w.extend_from_slice(&h.to_le_bytes());
+    }
     w
 }
 
-/// Read and validate a batch's fixed part and run table from `r`, after its
-/// frame header `h`. Returns the header and the table bytes (for the check).
-/// Every run is checked against `layout` before any byte lands anywhere.
+/// Read and validate a batch's fixed part, run table and page hashes from
+/// `r`, after its frame header `h`, and check them against the frame check.
+/// Every run is checked against `layout` before any byte lands anywhere; the
+/// page bytes are left on the stream.
 ///
 /// # Errors
 /// [`ProtocolError::Malformed`] for counts or sizes that disagree, runs
-/// outside guest memory, or more than the batch limits.
+/// outside guest memory, or more than the batch limits;
+/// [`ProtocolError::Corrupt`] when the table or hashes fail the check.
 pub fn decode_batch_header(
     r: &mut impl Read,
     h: &FrameHeader,
     layout: &MemoryLayout,
-) -> Result<(BatchHeader, Vec<u8>), ProtocolError> {
+) -> Result<BatchHeader, ProtocolError> {
     let bad = |detail: String| ProtocolError::Malformed {
         kind: Kind::Pages,
         detail,
@@ -129,10 +151,10 @@ pub fn decode_batch_header(
             "{wire_len} wire bytes for {raw_len} raw bytes"
         )));
     }
-    let expected_len = BATCH_FIXED as u64 + RUN_ENTRY as u64 * nruns as u64 + wire_len as u64;
-    if h.len as u64 != expected_len {
+    let table_len = BATCH_FIXED + RUN_ENTRY * nruns as usize;
+    if (h.len as u64) < table_len as u64 + wire_len as u64 {
         return Err(bad(format!(
-            "frame length {} does not match its run table ({expected_len})",
+            "frame length {} is shorter than its run table and bytes",
             h.len
         )));
     }
@@ -145,6 +167,7 @@ pub fn decode_batch_header(
     };
     let mut runs = Vec::with_capacity(nruns as usize);
     let mut data_bytes = 0u64;
+    let mut data_pages = 0u64;
     for _ in 0..nruns {
         let region = c.u32()?;
         let count = c.u32()?;
@@ -175,6 +198,7 @@ pub fn decode_batch_header(
         }
         if kind == RunKind::Data {
             data_bytes += count as u64 * reg.page_size.bytes() as u64;
+            data_pages += count as u64;
         }
         runs.push(BatchRun {
             region,
@@ -188,16 +212,36 @@ pub fn decode_batch_header(
             "data runs hold {data_bytes} bytes, header says {raw_len}"
         )));
     }
-    Ok((
-        BatchHeader {
-            round,
-            runs,
-            wire_len,
-            raw_len,
-            compressed,
-        },
-        table,
-    ))
+    let expected_len = table_len as u64 + 8 * data_pages + wire_len as u64;
+    if h.len as u64 != expected_len {
+        return Err(bad(format!(
+            "frame length {} does not match its run table ({expected_len})",
+            h.len
+        )));
+    }
+    // Bounded: data_pages ≤ MAX_BATCH_BYTES / 4096.
+    table.resize(table_len + 8 * data_pages as usize, 0);
+    read(r, &mut table[table_len..])?;
+    let found = xxh3_64_with_seed(&table, check_seed(h.kind, h.flags, h.len));
+    if found != h.check {
+        return Err(ProtocolError::Corrupt {
+            kind: Kind::Pages,
+            expected: h.check,
+            found,
+        });
+    }
+    let page_hashes = table[table_len..]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    Ok(BatchHeader {
+        round,
+        runs,
+        wire_len,
+        raw_len,
+        compressed,
+        page_hashes,
+    })
 }
 
 /// Whether every byte of `page` is zero. Checks 64 bytes at a time with an

@@ -48,14 +48,14 @@
 //! # Integrity
 //!
 //! Every frame carries an xxh3-64 check, seeded with its kind, flags and
-//! length (so a flipped header bit fails it too). For control messages it covers the
-//! payload; a mismatch is fatal. For page batches it covers the run table and
-//! the uncompressed page bytes, computed by the source from live guest memory
-//! just before sending. A guest write racing that send also changes the page
-//! and marks it dirty, so a mismatch in a live round is expected now and then:
-//! the destination lists the batch's pages as *suspect* in its `RoundAck` and
-//! the source sends them again. A suspect page in the last (paused) round is
-//! real corruption: the source retries a bounded number of times, then aborts.
+//! length (so a flipped header bit fails it too); a mismatch is fatal. For
+//! page batches the check covers the run table and one xxh3-64 per page,
+//! which the source computes from live guest memory just before sending. A
+//! guest write racing that send changes the page (and marks it dirty), so a
+//! page that fails its own hash in a live round is expected now and then: the
+//! destination lists it as *suspect* in its `RoundAck` and the source sends it
+//! again. A suspect page in the last (paused) round is real corruption: the
+//! source retries a bounded number of times, then aborts.
 //!
 //! # Versioning and compatibility
 //!

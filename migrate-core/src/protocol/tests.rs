@@ -169,14 +169,16 @@ fn hostile_payloads_are_refused_without_big_allocations() {
 }
 
 fn batch_frame(round: u32, runs: &[BatchRun], data: &[u8]) -> Vec<u8> {
-    let table = encode_batch_header(round, runs, data.len() as u32, data.len() as u32);
+    let hashes: Vec<u64> = data.chunks(4096).map(xxhash_rust::xxh3::xxh3_64).collect();
+    let table = encode_batch_header(round, runs, data.len() as u32, data.len() as u32, &hashes);
     let mut payload = table.clone();
     payload.extend_from_slice(data);
+    let len = payload.len() as u32;
     let h = FrameHeader {
         kind: Kind::Pages,
         flags: 0,
-        len: payload.len() as u32,
-        check: 0,
+        len,
+        check: xxhash_rust::xxh3::xxh3_64_with_seed(&table, check_seed(Kind::Pages, 0, len)),
     };
     let mut wire = h.to_bytes().to_vec();
     wire.extend_from_slice(&payload);
@@ -203,8 +205,9 @@ fn batch_headers_are_validated_against_the_layout() {
     let wire = batch_frame(3, &ok, &vec![7u8; 4 * 4096]);
     let mut r = &wire[..];
     let h = read_frame_header(&mut r).unwrap();
-    let (bh, _) = decode_batch_header(&mut r, &h, &l).unwrap();
+    let bh = decode_batch_header(&mut r, &h, &l).unwrap();
     assert_eq!(bh.round, 3);
+    assert_eq!(bh.page_hashes.len(), 4);
     assert_eq!(bh.runs, ok);
     assert_eq!(bh.raw_len, 4 * 4096);
 
@@ -270,6 +273,19 @@ fn batch_headers_are_validated_against_the_layout() {
                 Err(ProtocolError::Malformed { .. })
             ),
             "{what} accepted"
+        );
+    }
+    // A flipped bit anywhere in the table or hashes fails the frame check.
+    let wire = batch_frame(3, &ok, &vec![7u8; 4 * 4096]);
+    let table_end = HEADER_LEN + 16 + 2 * 24 + 4 * 8;
+    for bit in (HEADER_LEN * 8..table_end * 8).step_by(7) {
+        let mut bad = wire.clone();
+        bad[bit / 8] ^= 1 << (bit % 8);
+        let mut r = &bad[..];
+        let res = read_frame_header(&mut r).and_then(|h| decode_batch_header(&mut r, &h, &l));
+        assert!(
+            res.is_err(),
+            "bit {bit} flipped in the batch table went unnoticed"
         );
     }
 }

@@ -1,0 +1,302 @@
+//! `migrate-cli` as operators run it: separate processes, real sockets,
+//! the JSON contract, killed peers, two network namespaces.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_migrate-cli");
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("migrate-cli-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// Start `migrate-cli dest` (optionally inside a network namespace) and
+/// return it with the address it listens on.
+fn dest(netns: Option<&str>, listen: &str, extra: &[&str], json: &Path) -> (Child, String) {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    let mut child = cmd
+        .args(["dest", "--listen", listen, "--io-timeout-s", "10", "--json"])
+        .arg(json)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dest");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("dest said {line:?}"))
+        .to_string();
+    (child, addr)
+}
+
+fn source(netns: Option<&str>, addr: &str, args: &[&str], json: &Path) -> Child {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    cmd.args([
+        "source",
+        "--connect",
+        addr,
+        "--progress",
+        "never",
+        "--io-timeout-s",
+        "10",
+        "--json",
+    ])
+    .arg(json)
+    .args(args)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn source")
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn migrate_and_check(netns: Option<(&str, &str)>, listen: &str, tag: &str) {
+    let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
+    let (d, addr) = dest(netns.map(|n| n.1), listen, &[], &dj);
+    let s = source(
+        netns.map(|n| n.0),
+        &addr,
+        &[
+            "--memory",
+            "32M",
+            "--guest",
+            "bank",
+            "--dirty-rate",
+            "20000",
+            "--verify",
+        ],
+        &sj,
+    )
+    .wait_with_output()
+    .unwrap();
+    let d = d.wait_with_output().unwrap();
+    assert!(s.status.success(), "source: {}", text(&s));
+    assert!(d.status.success(), "dest: {}", text(&d));
+    let v = json(&sj);
+    for key in [
+        "transport",
+        "verified",
+        "status",
+        "total_ms",
+        "downtime_ms",
+        "setup_ms",
+        "bytes_transferred",
+        "throughput_mbps",
+        "rounds",
+        "normal_pages",
+        "zero_pages",
+        "dirty_rate_pps",
+    ] {
+        assert!(v.get(key).is_some(), "JSON lacks {key}: {v}");
+    }
+    assert_eq!(v["transport"], "tcp");
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["status"], "completed");
+    assert!(v.get("fallback_reason").is_none());
+    let dv = json(&dj);
+    assert_eq!(dv["status"], "completed");
+    assert_eq!(dv["guest_consistent"], true, "{dv}");
+}
+
+#[test]
+fn two_processes_migrate_a_bank_guest_verified() {
+    migrate_and_check(None, "127.0.0.1:0", "loopback");
+}
+
+#[test]
+fn auto_falls_back_to_tcp_and_says_why() {
+    let (sj, dj) = (tmp("auto-s.json"), tmp("auto-d.json"));
+    let (d, addr) = dest(None, "127.0.0.1:0", &[], &dj);
+    let s = source(
+        None,
+        &addr,
+        &["--memory", "8M", "--transport", "auto", "--guest", "idle"],
+        &sj,
+    )
+    .wait_with_output()
+    .unwrap();
+    d.wait_with_output().unwrap();
+    assert!(s.status.success(), "{}", text(&s));
+    let v = json(&sj);
+    assert_eq!(v["transport"], "tcp");
+    let reason = v["fallback_reason"].as_str().expect("fallback_reason");
+    assert!(reason.contains("RDMA"), "{reason}");
+}
+
+#[test]
+fn rdma_without_a_device_is_a_clear_error() {
+    let o = Command::new(BIN)
+        .args([
+            "source",
+            "--connect",
+            "127.0.0.1:1",
+            "--memory",
+            "8M",
+            "--transport",
+            "rdma",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--transport rdma"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn mismatched_destination_memory_is_refused_with_the_difference() {
+    let (sj, dj) = (tmp("mismatch-s.json"), tmp("mismatch-d.json"));
+    let (d, addr) = dest(None, "127.0.0.1:0", &["--memory", "16M"], &dj);
+    let s = source(None, &addr, &["--memory", "32M"], &sj)
+        .wait_with_output()
+        .unwrap();
+    let d = d.wait_with_output().unwrap();
+    assert_eq!(s.status.code(), Some(1), "{}", text(&s));
+    assert!(!d.status.success());
+    let v = json(&sj);
+    assert_eq!(v["status"], "failed");
+    let err = v["error"].as_str().unwrap();
+    assert!(err.contains("region 0 differs"), "{err}");
+    assert!(String::from_utf8_lossy(&s.stderr).contains("source guest is running again"));
+}
+
+#[test]
+fn killed_destination_leaves_the_source_running() {
+    let (sj, dj) = (tmp("kill-s.json"), tmp("kill-d.json"));
+    let (mut d, addr) = dest(None, "127.0.0.1:0", &[], &dj);
+    let s = source(
+        None,
+        &addr,
+        &["--memory", "64M", "--bandwidth-mbs", "10", "--mix", "0:0:1"],
+        &sj,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    d.kill().unwrap(); // SIGKILL mid-round 0
+    d.wait().unwrap();
+    let s = s.wait_with_output().unwrap();
+    assert_eq!(s.status.code(), Some(1), "{}", text(&s));
+    assert!(
+        String::from_utf8_lossy(&s.stderr).contains("source guest is running again"),
+        "{}",
+        text(&s)
+    );
+    assert_eq!(json(&sj)["status"], "failed");
+}
+
+#[test]
+fn nothing_listening_is_a_clear_error() {
+    let sj = tmp("refused-s.json");
+    let o = source(None, "127.0.0.1:1", &["--memory", "8M"], &sj)
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("cannot connect"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(json(&sj)["status"], "failed");
+}
+
+/// Two network namespaces joined by a veth pair, as two hosts would be.
+struct Hosts {
+    src: String,
+    dst: String,
+}
+
+impl Hosts {
+    fn create() -> Result<Hosts, String> {
+        let id = std::process::id() % 100_000;
+        let (src, dst) = (format!("mcs{id}"), format!("mcd{id}"));
+        let (vs, vd) = (format!("mvs{id}"), format!("mvd{id}"));
+        let hosts = Hosts {
+            src: src.clone(),
+            dst: dst.clone(),
+        };
+        let run = |args: &[&str]| -> Result<(), String> {
+            let o = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("ip: {e}"))?;
+            if o.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ))
+            }
+        };
+        run(&["netns", "add", &src])?;
+        run(&["netns", "add", &dst])?;
+        run(&["link", "add", &vs, "type", "veth", "peer", "name", &vd])?;
+        run(&["link", "set", &vs, "netns", &src])?;
+        run(&["link", "set", &vd, "netns", &dst])?;
+        run(&["-n", &src, "addr", "add", "10.199.0.1/30", "dev", &vs])?;
+        run(&["-n", &dst, "addr", "add", "10.199.0.2/30", "dev", &vd])?;
+        for (ns, dev) in [(&src, &vs), (&dst, &vd)] {
+            run(&["-n", ns, "link", "set", dev, "up"])?;
+            run(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(hosts)
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in [&self.src, &self.dst] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+#[test]
+fn two_hosts_over_a_veth_pair() {
+    let hosts = match Hosts::create() {
+        Ok(h) => h,
+        Err(e) => {
+            println!("SKIP two_hosts_over_a_veth_pair: cannot create network namespaces here: {e}");
+            return;
+        }
+    };
+    migrate_and_check(Some((&hosts.src, &hosts.dst)), "10.199.0.2:0", "veth");
+}
