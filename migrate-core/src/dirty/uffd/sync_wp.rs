@@ -12,6 +12,8 @@ use crate::dirty::{DirtyError, DirtyLog, DirtyTracker, HostRange, TrackerKind};
 use crate::memory::GuestMemory;
 
 const KIND: TrackerKind = TrackerKind::UffdSync;
+/// How long the handler keeps polling for the next fault of a burst.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
 #[derive(Debug)]
 struct Shared {
@@ -132,7 +134,19 @@ fn handle_faults(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
         if sys::wait_fault_or_stop(&shared.uffd, stop)? {
             return Ok(());
         }
-        while let Some(addr) = shared.uffd.next_wp_fault()? {
+        // Faults come in bursts (a vCPU sweeping memory): keep reading for a
+        // short while before sleeping in poll again, so the next fault of a
+        // burst does not pay a thread wake-up.
+        let mut idle_since = std::time::Instant::now();
+        loop {
+            let Some(addr) = shared.uffd.next_wp_fault()? else {
+                if idle_since.elapsed() < SPIN {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                break;
+            };
+            idle_since = std::time::Instant::now();
             let Some((idx, r)) = shared
                 .ranges
                 .iter()
