@@ -205,7 +205,23 @@ impl IncomingMigration {
         let mut state_done = false;
         loop {
             let ctl = transport.control();
-            match recv(ctl)? {
+            let msg = match recv(ctl) {
+                Ok(m) => m,
+                // A transport may close the control channel when a data
+                // stream fails: report the stream's error, the root cause.
+                Err(e) => {
+                    return Err(events
+                        .try_iter()
+                        .find_map(|ev| match ev {
+                            DataEvent::Failed { stream, error } => {
+                                Some(stream_failed(stream, error))
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or(e));
+                }
+            };
+            match msg {
                 Message::RoundDone { round, last } => {
                     let suspect = self.collect_round(&events, round, &mut report)?;
                     report.rounds = report.rounds.max(round + 1);
@@ -301,10 +317,21 @@ impl IncomingMigration {
                     report.suspect_pages += s.iter().map(|r| r.count as u64).sum::<u64>();
                     suspect.extend(s);
                 }
-                DataEvent::Failed { error, .. } => return Err(error.into()),
+                DataEvent::Failed { stream, error } => return Err(stream_failed(stream, error)),
             }
         }
         Ok(suspect)
+    }
+}
+
+fn stream_failed(stream: u16, error: TransportError) -> MigrationError {
+    match error {
+        e @ TransportError::Stream { .. } => e.into(),
+        e => TransportError::Stream {
+            stream,
+            detail: e.to_string(),
+        }
+        .into(),
     }
 }
 

@@ -342,8 +342,15 @@ impl Run<'_> {
             // is all latency and would understate the link.
             let bandwidth = round_mbps.max(avg_mbps) * 1e6 / 8.0;
             let suspect_pages: u64 = suspect.iter().map(|r| r.count as u64).sum();
-            if suspect_pages > 0 {
+            if suspect_pages > 0 && paused {
                 tracing::warn!(
+                    round,
+                    suspect_pages,
+                    "pages failed their check with the guest paused; sending them again"
+                );
+            } else if suspect_pages > 0 {
+                // A guest write raced the send: those pages are dirty anyway.
+                tracing::debug!(
                     round,
                     suspect_pages,
                     "pages failed their check; sending them again"

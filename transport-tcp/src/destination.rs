@@ -187,9 +187,10 @@ impl DestinationTransport for TcpDestination {
             let (stream, reader) = parts.expect("all joined");
             self.kill.register(&stream);
             let (mem, tx, layout) = (Arc::clone(mem), tx.clone(), layout.clone());
+            let kill = self.kill.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("tcp-recv-{index}"))
-                .spawn(move || receive_stream(index as u16, reader, &mem, &layout, &tx))
+                .spawn(move || receive_stream(index as u16, reader, &mem, &layout, &tx, &kill))
                 .map_err(io("spawn receiver"))?;
             self.receivers.push(handle);
         }
@@ -248,6 +249,7 @@ fn receive_stream(
     mem: &GuestMemory,
     layout: &MemoryLayout,
     tx: &Sender<DataEvent>,
+    kill: &KillSwitch,
 ) {
     let mut round = StreamRound::default();
     let mut buffers = (Vec::new(), Vec::new());
@@ -300,11 +302,22 @@ fn receive_stream(
         let event = match result {
             Ok(None) => continue,
             Ok(Some(e)) => e,
-            Err(error) => DataEvent::Failed { stream, error },
+            Err(error) => {
+                let detail = error.to_string();
+                if tx.send(DataEvent::Failed { stream, error }).is_ok() {
+                    // The engine may be blocked on the control channel:
+                    // closing everything makes it look at this failure now.
+                    tracing::error!(stream, error = %detail, "data stream failed");
+                    kill.kill();
+                } else {
+                    // Nobody listens: the migration is over (peer closed).
+                    tracing::debug!(stream, error = %detail, "data stream closed");
+                }
+                return;
+            }
         };
-        let failed = matches!(event, DataEvent::Failed { .. });
         // The engine has finished (or gone) when nobody listens any more.
-        if tx.send(event).is_err() || failed {
+        if tx.send(event).is_err() {
             return;
         }
     }
