@@ -8,6 +8,10 @@ use migrate_core::transport::{ControlChannel, TransportError};
 
 use crate::TcpConfig;
 
+/// Bytes buffered per connection for headers and run tables; page bytes
+/// beyond what is buffered are read straight into guest memory.
+const READ_BUFFER: usize = 64 << 10;
+
 /// Messages over one TCP connection.
 #[derive(Debug)]
 pub struct TcpControl {
@@ -22,7 +26,8 @@ impl TcpControl {
         prepare(&stream, cfg)?;
         let mut w = &stream;
         write_preamble(&mut w)?;
-        let reader = BufReader::new(stream.try_clone().map_err(io("clone socket"))?);
+        let reader =
+            BufReader::with_capacity(READ_BUFFER, stream.try_clone().map_err(io("clone socket"))?);
         let mut control = Self { stream, reader };
         read_preamble(&mut control.reader)?;
         Ok(control)

@@ -21,10 +21,6 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::TcpConfig;
 use crate::control::{TcpControl, io};
 
-/// Bytes buffered per data connection for headers and run tables; page bytes
-/// larger than this are read straight into guest memory.
-const READ_BUFFER: usize = 64 << 10;
-
 /// A listening socket for incoming migrations.
 #[derive(Debug)]
 pub struct TcpMigrationListener {
@@ -219,8 +215,9 @@ fn join(
     let mut c = TcpControl::open(stream, cfg)?;
     match c.recv()? {
         Message::Join { session: s, index } if s == session => {
+            // Keep the reader that read the Join: it may already hold the
+            // first page bytes (dropping its buffer would desync the stream).
             let (stream, reader) = c.into_parts();
-            let reader = BufReader::with_capacity(READ_BUFFER, reader.into_inner());
             Ok((index, (stream, reader)))
         }
         Message::Join { .. } => Err(TransportError::Stream {
@@ -405,4 +402,46 @@ fn land_batch(
         }
     }
     Ok(suspect)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migrate_core::protocol::{write_message, write_preamble};
+    use std::io::Write;
+
+    /// Bytes that arrive in the same segment as the Join (the first page
+    /// batch, sent at once by a fast source) must not be lost.
+    #[test]
+    fn bytes_after_the_join_are_kept() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let mut all = Vec::new();
+            write_preamble(&mut all).unwrap();
+            write_message(
+                &mut all,
+                &Message::Join {
+                    session: 7,
+                    index: 0,
+                },
+            )
+            .unwrap();
+            all.extend_from_slice(b"first batch bytes");
+            s.write_all(&all).unwrap();
+            let mut sink = [0u8; 8];
+            s.read_exact(&mut sink).unwrap(); // the destination's preamble
+            s
+        });
+        let (server, _) = listener.accept().unwrap();
+        // Let the whole segment arrive before the Join is read.
+        std::thread::sleep(Duration::from_millis(50));
+        let (index, (_s, mut reader)) = join(server, &TcpConfig::default(), 7).unwrap();
+        assert_eq!(index, 0);
+        let mut rest = [0u8; 17];
+        reader.read_exact(&mut rest).unwrap();
+        assert_eq!(&rest, b"first batch bytes");
+        drop(client.join().unwrap());
+    }
 }
