@@ -1,12 +1,25 @@
 # Sourced by the README's commands: installs what a fresh Debian machine lacks.
-# System packages: a C toolchain (for crates that build C) and pkg-config.
+#  - build: a C toolchain, pkg-config, cmake and libclang (the RDMA binding
+#    builds a small part of rdma-core with bindgen);
+#  - the SoftRoCE VM for the RDMA tests: QEMU, Debian's kernel, rdma-core and
+#    its providers, perftest, busybox-static (Debian) and virtme-ng (PyPI).
 need_pkgs=()
-command -v cc >/dev/null || need_pkgs+=(build-essential)
-command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
+for p in build-essential pkg-config cmake libclang-dev \
+         qemu-system-x86 linux-image-amd64 rdma-core ibverbs-providers ibverbs-utils \
+         perftest libibverbs-dev librdmacm-dev busybox-static iproute2; do
+  dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
+done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  echo "setup: installing ${need_pkgs[*]}" >&2
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+if ! command -v vng >/dev/null; then
+  echo "setup: installing virtme-ng" >&2
+  python3 -m pip install -q virtme-ng >/dev/null 2>&1 \
+    || python3 -m pip install -q --break-system-packages virtme-ng >/dev/null
+  hash -r
 fi
 if ! command -v cargo >/dev/null; then
   [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"

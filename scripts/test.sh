@@ -15,3 +15,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 # Benchmarks compile and run once each in test mode (no timing).
 cargo test -p benches --benches --locked
+# RDMA over real SoftRoCE verbs, inside the emulated VM (the host has none).
+scripts/test-rdma.sh

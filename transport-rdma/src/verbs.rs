@@ -1,0 +1,400 @@
+//! The verbs this transport uses, wrapped once over `sideway`: device and
+//! GID choice, memory registration, one reliable-connected queue pair with
+//! plain completion queues, RDMA WRITE chains with selective signaling.
+//!
+//! Plain CQs (`ibv_poll_cq`) on purpose: rdma-core 44's rxe provider returns
+//! phantom completions from extended CQs.
+
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
+
+use sideway::ibverbs::AccessFlags;
+use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
+use sideway::ibverbs::completion::{
+    BasicCompletionQueue, GenericCompletionQueue, PollCompletionQueueError, WorkCompletionStatus,
+};
+use sideway::ibverbs::device::{DeviceInfo, DeviceList};
+use sideway::ibverbs::device_context::{DeviceContext, Mtu};
+use sideway::ibverbs::memory_region::MemoryRegion;
+use sideway::ibverbs::protection_domain::ProtectionDomain;
+use sideway::ibverbs::queue_pair::{
+    BasicQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState,
+    SetScatterGatherEntry, WorkRequestFlags,
+};
+
+/// Why a verbs call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VerbsError {
+    /// No RDMA device (or not the one asked for).
+    #[error("no RDMA device{}", .0.as_deref().map(|n| format!(" named {n}")).unwrap_or_default())]
+    NoDevice(Option<String>),
+    /// A verbs call failed.
+    #[error("{op}: {detail}")]
+    Call {
+        /// The verb.
+        op: &'static str,
+        /// What it said.
+        detail: String,
+    },
+    /// A work request completed with an error status.
+    #[error("work request {wr_id} failed: {status}")]
+    Completion {
+        /// Its id.
+        wr_id: u64,
+        /// The status.
+        status: String,
+    },
+}
+
+fn call<E: std::fmt::Display>(op: &'static str) -> impl FnOnce(E) -> VerbsError {
+    move |e| VerbsError::Call {
+        op,
+        detail: e.to_string(),
+    }
+}
+
+/// An open device, its protection domain and the GID to use.
+pub struct Device {
+    ctx: Arc<DeviceContext>,
+    pd: Arc<ProtectionDomain>,
+    /// Device name (e.g. `rxe0`).
+    pub name: String,
+    /// Port (1-based).
+    pub port: u8,
+    /// GID table index.
+    pub gid_index: u32,
+    /// The GID.
+    pub gid: Gid,
+    mtu: Mtu,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Device({} port {} gid[{}] {})",
+            self.name, self.port, self.gid_index, self.gid
+        )
+    }
+}
+
+/// Names of the RDMA devices on this host (empty when there are none or
+/// libibverbs is missing).
+pub fn device_names() -> Vec<String> {
+    DeviceList::new()
+        .map(|l| l.iter().map(|d| d.name()).collect())
+        .unwrap_or_default()
+}
+
+impl Device {
+    /// Open `name` (or the first device) and pick a GID: `gid_index` if
+    /// given, else the IPv4-mapped GID of `local_ip` (on RoCE, the address of
+    /// the interface that carries the control connection), else the first
+    /// IPv4-mapped GID.
+    ///
+    /// # Errors
+    /// [`VerbsError::NoDevice`], or a failing verb.
+    pub fn open(
+        name: Option<&str>,
+        gid_index: Option<u32>,
+        local_ip: Option<IpAddr>,
+    ) -> Result<Device, VerbsError> {
+        let list = DeviceList::new().map_err(|_| VerbsError::NoDevice(name.map(String::from)))?;
+        let dev = list
+            .iter()
+            .find(|d| name.is_none_or(|n| d.name() == n))
+            .ok_or_else(|| VerbsError::NoDevice(name.map(String::from)))?;
+        let dev_name = dev.name();
+        let ctx = dev.open().map_err(call("ibv_open_device"))?;
+        let port = 1u8;
+        let port_attr = ctx.query_port(port).map_err(call("ibv_query_port"))?;
+        let gid_index = match gid_index {
+            Some(i) => i,
+            None => {
+                let want = local_ip.map(|ip| match ip {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                });
+                let mut mapped = None;
+                let mut exact = None;
+                for i in 0..port_attr.gid_tbl_len().max(0) as u32 {
+                    let Ok(g) = ctx.query_gid(port, i) else {
+                        continue;
+                    };
+                    let ip = Ipv6Addr::from(g);
+                    if ip.is_unspecified() {
+                        continue;
+                    }
+                    if Some(ip) == want {
+                        exact = Some(i);
+                        break;
+                    }
+                    if mapped.is_none() && ip.to_ipv4_mapped().is_some() {
+                        mapped = Some(i);
+                    }
+                }
+                exact.or(mapped).unwrap_or(0)
+            }
+        };
+        let gid = ctx
+            .query_gid(port, gid_index)
+            .map_err(call("ibv_query_gid"))?;
+        let pd = ctx.alloc_pd().map_err(call("ibv_alloc_pd"))?;
+        Ok(Device {
+            mtu: port_attr.active_mtu(),
+            ctx,
+            pd,
+            name: dev_name,
+            port,
+            gid_index,
+            gid,
+        })
+    }
+
+    /// Register `len` bytes at `addr`; `remote_write` lets a peer WRITE them.
+    ///
+    /// # Safety
+    /// The range must stay mapped while the region lives.
+    ///
+    /// # Errors
+    /// A failing `ibv_reg_mr` (ENOMEM when RLIMIT_MEMLOCK is too small).
+    pub unsafe fn register(
+        &self,
+        addr: usize,
+        len: usize,
+        remote_write: bool,
+    ) -> Result<Arc<MemoryRegion>, VerbsError> {
+        let access = if remote_write {
+            AccessFlags::LocalWrite | AccessFlags::RemoteWrite
+        } else {
+            AccessFlags::LocalWrite
+        };
+        // SAFETY: forwarded to the caller.
+        unsafe { self.pd.reg_mr(addr, len, access) }.map_err(call("ibv_reg_mr"))
+    }
+
+    /// A reliable-connected queue pair with its own send and receive CQs.
+    ///
+    /// # Errors
+    /// A failing verb.
+    pub fn queue_pair(&self, max_send_wr: u32, max_recv_wr: u32) -> Result<Rc, VerbsError> {
+        let send_cq = self
+            .ctx
+            .create_cq_builder()
+            .setup_cqe(max_send_wr + 1)
+            .build()
+            .map_err(call("ibv_create_cq"))?;
+        let recv_cq = self
+            .ctx
+            .create_cq_builder()
+            .setup_cqe(max_recv_wr + 1)
+            .build()
+            .map_err(call("ibv_create_cq"))?;
+        let qp = self
+            .pd
+            .create_qp_builder()
+            .setup_max_send_wr(max_send_wr)
+            .setup_max_recv_wr(max_recv_wr)
+            .setup_max_send_sge(1)
+            .setup_max_recv_sge(1)
+            .setup_send_cq(GenericCompletionQueue::from(Arc::clone(&send_cq)))
+            .setup_recv_cq(GenericCompletionQueue::from(Arc::clone(&recv_cq)))
+            .build()
+            .map_err(call("ibv_create_qp"))?;
+        let psn = (std::process::id().wrapping_mul(2654435761) ^ qp.qp_number()) & 0xff_ffff;
+        let mut rc = Rc {
+            qp,
+            send_cq,
+            recv_cq,
+            port: self.port,
+            gid_index: self.gid_index,
+            mtu: self.mtu,
+            local: Endpoint {
+                qpn: 0,
+                psn,
+                gid: Ipv6Addr::from(self.gid).octets(),
+            },
+        };
+        rc.local.qpn = rc.qp.qp_number();
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::Init)
+            .setup_pkey_index(0)
+            .setup_port(self.port)
+            .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteWrite);
+        rc.qp.modify(&attr).map_err(call("ibv_modify_qp(INIT)"))?;
+        Ok(rc)
+    }
+}
+
+/// What a peer needs to connect to a queue pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Queue pair number.
+    pub qpn: u32,
+    /// First packet sequence number.
+    pub psn: u32,
+    /// GID (16 bytes).
+    pub gid: [u8; 16],
+}
+
+/// One RDMA WRITE: `len` bytes from local `addr` (in `lkey`'s region) to
+/// `remote_addr` (in `rkey`'s region).
+#[derive(Debug, Clone, Copy)]
+pub struct Write {
+    /// Local address.
+    pub addr: u64,
+    /// Length.
+    pub len: u32,
+    /// Local key.
+    pub lkey: u32,
+    /// Remote address.
+    pub remote_addr: u64,
+    /// Remote key.
+    pub rkey: u32,
+}
+
+/// A reliable-connected queue pair.
+pub struct Rc {
+    qp: BasicQueuePair,
+    send_cq: Arc<BasicCompletionQueue>,
+    recv_cq: Arc<BasicCompletionQueue>,
+    port: u8,
+    gid_index: u32,
+    mtu: Mtu,
+    /// This end.
+    pub local: Endpoint,
+}
+
+// SAFETY: the queue pair and CQs are used by one thread at a time (`&mut`
+// for posting); libibverbs objects may move between threads.
+unsafe impl Send for Rc {}
+
+impl Rc {
+    /// Move to ready-to-send, connected to `remote`.
+    ///
+    /// # Errors
+    /// A failing `ibv_modify_qp`.
+    pub fn connect(&mut self, remote: &Endpoint) -> Result<(), VerbsError> {
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::ReadyToReceive)
+            .setup_path_mtu(self.mtu)
+            .setup_dest_qp_num(remote.qpn)
+            .setup_rq_psn(remote.psn)
+            .setup_max_dest_read_atomic(0)
+            .setup_min_rnr_timer(12);
+        let mut ah = AddressHandleAttribute::new();
+        ah.setup_dest_lid(1)
+            .setup_port(self.port)
+            .setup_service_level(0)
+            .setup_grh_src_gid_index(self.gid_index as u8)
+            .setup_grh_dest_gid(&Gid::from(Ipv6Addr::from(remote.gid)))
+            .setup_grh_hop_limit(64);
+        attr.setup_address_vector(&ah);
+        self.qp.modify(&attr).map_err(call("ibv_modify_qp(RTR)"))?;
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::ReadyToSend)
+            .setup_sq_psn(self.local.psn)
+            .setup_timeout(14)
+            .setup_retry_cnt(7)
+            .setup_rnr_retry(7)
+            .setup_max_read_atomic(0);
+        self.qp.modify(&attr).map_err(call("ibv_modify_qp(RTS)"))
+    }
+
+    /// Post WRITEs as one chain; only the last is signaled when `signal`.
+    /// The `wr_id` of the signaled one is `wr_id`.
+    ///
+    /// # Errors
+    /// A failing `ibv_post_send` (e.g. the send queue is full).
+    pub fn post_writes(
+        &mut self,
+        writes: &[Write],
+        signal: bool,
+        wr_id: u64,
+    ) -> Result<(), VerbsError> {
+        let mut guard = self.qp.start_post_send();
+        for (i, w) in writes.iter().enumerate() {
+            let last = i + 1 == writes.len();
+            let flags = if last && signal {
+                WorkRequestFlags::Signaled
+            } else {
+                WorkRequestFlags::none()
+            };
+            let h = guard
+                .construct_wr(wr_id, flags)
+                .setup_write(w.rkey, w.remote_addr);
+            // SAFETY: the local range lies in the registered region `lkey`,
+            // which outlives the post (the caller waits for completions).
+            unsafe { h.setup_sge(w.lkey, w.addr, w.len) };
+        }
+        guard.post().map_err(call("ibv_post_send"))
+    }
+
+    /// Post a zero-length, signaled WRITE_WITH_IMM carrying `imm`: after
+    /// every WRITE posted before it on this QP has landed, the peer gets a
+    /// receive completion with `imm` (the round fence).
+    ///
+    /// # Errors
+    /// A failing `ibv_post_send`.
+    pub fn post_fence(
+        &mut self,
+        rkey: u32,
+        remote_addr: u64,
+        imm: u32,
+        wr_id: u64,
+    ) -> Result<(), VerbsError> {
+        let mut guard = self.qp.start_post_send();
+        let _ = guard
+            .construct_wr(wr_id, WorkRequestFlags::Signaled)
+            .setup_write_imm(rkey, remote_addr, imm);
+        guard.post().map_err(call("ibv_post_send"))
+    }
+
+    /// Post `n` zero-length receives (for WRITE_WITH_IMM fences).
+    ///
+    /// # Errors
+    /// A failing `ibv_post_recv`.
+    pub fn post_receives(&mut self, n: u32) -> Result<(), VerbsError> {
+        let mut guard = self.qp.start_post_recv();
+        for i in 0..n {
+            let _ = guard.construct_wr(i as u64);
+        }
+        guard.post().map_err(call("ibv_post_recv"))
+    }
+
+    /// Reap send completions; returns their wr_ids.
+    ///
+    /// # Errors
+    /// [`VerbsError::Completion`] for a failed work request (e.g. the peer
+    /// is gone: retry exceeded), or a failing poll.
+    pub fn poll_send(&self, out: &mut Vec<u64>) -> Result<(), VerbsError> {
+        poll(&self.send_cq, |wr_id, _| out.push(wr_id))
+    }
+
+    /// Reap receive completions; returns their immediate data.
+    ///
+    /// # Errors
+    /// As [`poll_send`](Self::poll_send).
+    pub fn poll_recv(&self, out: &mut Vec<u32>) -> Result<(), VerbsError> {
+        poll(&self.recv_cq, |_, imm| out.push(imm))
+    }
+}
+
+fn poll(cq: &BasicCompletionQueue, mut f: impl FnMut(u64, u32)) -> Result<(), VerbsError> {
+    match cq.start_poll() {
+        Ok(poller) => {
+            for wc in poller {
+                if wc.status() != WorkCompletionStatus::Success as u32 {
+                    return Err(VerbsError::Completion {
+                        wr_id: wc.wr_id(),
+                        status: format!("{:?}", WorkCompletionStatus::from(wc.status())),
+                    });
+                }
+                f(wc.wr_id(), wc.imm_data());
+            }
+            Ok(())
+        }
+        Err(PollCompletionQueueError::CompletionQueueEmpty) => Ok(()),
+        Err(e) => Err(call("ibv_poll_cq")(e)),
+    }
+}

@@ -1,0 +1,151 @@
+//! RDMA WRITE of guest memory into pre-registered guest memory, over real
+//! verbs (SoftRoCE in the emulated VM: `scripts/test-rdma.sh`). Without an
+//! RDMA device the tests say SKIP, unless `MIGRATE_REQUIRE_RDMA` is set (as
+//! inside the VM), where a missing device fails them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fixtures::transport_suite::first_difference;
+use fixtures::{PageMix, fill_memory};
+use migrate_core::memory::{GuestMemory, GuestRegion};
+use transport_rdma::verbs::{Device, Rc, VerbsError, Write, device_names};
+
+fn device_or_skip(test: &str) -> Option<Device> {
+    if device_names().is_empty() {
+        if std::env::var_os("MIGRATE_REQUIRE_RDMA").is_some() {
+            panic!("{test}: no RDMA device, but MIGRATE_REQUIRE_RDMA is set");
+        }
+        println!("SKIP {test}: no RDMA device here (run scripts/test-rdma.sh)");
+        return None;
+    }
+    Some(Device::open(None, None, None).expect("open RDMA device"))
+}
+
+fn memory() -> Arc<GuestMemory> {
+    Arc::new(
+        GuestMemory::new(vec![
+            GuestRegion::anonymous(0, 4 << 20).unwrap(),
+            GuestRegion::memfd(1 << 32, 2 << 20, "rdma-test").unwrap(),
+        ])
+        .unwrap(),
+    )
+}
+
+fn connected_pair(dev: &Device) -> (Rc, Rc) {
+    let mut a = dev.queue_pair(256, 16).unwrap();
+    let mut b = dev.queue_pair(16, 256).unwrap();
+    let (ea, eb) = (a.local, b.local);
+    a.connect(&eb).unwrap();
+    b.connect(&ea).unwrap();
+    (a, b)
+}
+
+fn wait_send(qp: &Rc, want: usize) -> Result<Vec<u64>, VerbsError> {
+    let mut done = Vec::new();
+    let start = Instant::now();
+    while done.len() < want {
+        qp.poll_send(&mut done)?;
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "send completions timed out"
+        );
+    }
+    Ok(done)
+}
+
+#[test]
+fn pages_land_byte_for_byte_and_the_fence_arrives_after_them() {
+    let Some(dev) = device_or_skip("pages_land_byte_for_byte") else {
+        return;
+    };
+    let (src, dst) = (memory(), memory());
+    fill_memory(&src, PageMix::REALISTIC, 3).unwrap();
+    fill_memory(&dst, PageMix::ALL_RANDOM, 4).unwrap();
+    // SAFETY: the regions outlive the memory registrations (dropped first).
+    let (src_mrs, dst_mrs): (Vec<_>, Vec<_>) = unsafe {
+        (
+            src.regions()
+                .iter()
+                .map(|r| dev.register(r.as_ptr() as usize, r.len(), false).unwrap())
+                .collect(),
+            dst.regions()
+                .iter()
+                .map(|r| dev.register(r.as_ptr() as usize, r.len(), true).unwrap())
+                .collect(),
+        )
+    };
+    let (mut a, mut b) = connected_pair(&dev);
+    b.post_receives(8).unwrap();
+    // 256 KiB writes, chains of 8, last of each chain signaled.
+    let mut writes = Vec::new();
+    for (i, r) in src.regions().iter().enumerate() {
+        for off in (0..r.len()).step_by(256 << 10) {
+            writes.push(Write {
+                addr: r.as_ptr() as u64 + off as u64,
+                len: (256 << 10).min(r.len() - off) as u32,
+                lkey: src_mrs[i].lkey(),
+                remote_addr: dst.regions()[i].as_ptr() as u64 + off as u64,
+                rkey: dst_mrs[i].rkey(),
+            });
+        }
+    }
+    let chains: Vec<_> = writes.chunks(8).collect();
+    for (n, chain) in chains.iter().enumerate() {
+        a.post_writes(chain, true, n as u64).unwrap();
+    }
+    let fence_region = dst.regions()[0].as_ptr() as u64;
+    a.post_fence(dst_mrs[0].rkey(), fence_region, 0xabcd, 999)
+        .unwrap();
+    wait_send(&a, chains.len() + 1).unwrap();
+    let mut imms = Vec::new();
+    let start = Instant::now();
+    while imms.is_empty() {
+        b.poll_recv(&mut imms).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "fence never arrived"
+        );
+    }
+    assert_eq!(imms, vec![0xabcd]);
+    assert_eq!(
+        first_difference(&src, &dst),
+        None,
+        "destination differs after RDMA WRITE"
+    );
+    drop((a, b, src_mrs, dst_mrs));
+}
+
+#[test]
+fn a_wrong_remote_key_fails_the_write_with_a_typed_error() {
+    let Some(dev) = device_or_skip("a_wrong_remote_key") else {
+        return;
+    };
+    let (src, dst) = (memory(), memory());
+    // SAFETY: as above.
+    let (smr, dmr) = unsafe {
+        (
+            dev.register(src.regions()[0].as_ptr() as usize, 4096, false)
+                .unwrap(),
+            dev.register(dst.regions()[0].as_ptr() as usize, 4096, true)
+                .unwrap(),
+        )
+    };
+    let (mut a, _b) = connected_pair(&dev);
+    a.post_writes(
+        &[Write {
+            addr: src.regions()[0].as_ptr() as u64,
+            len: 4096,
+            lkey: smr.lkey(),
+            remote_addr: dst.regions()[0].as_ptr() as u64,
+            rkey: dmr.rkey() ^ 0x5a5a,
+        }],
+        true,
+        1,
+    )
+    .unwrap();
+    match wait_send(&a, 1) {
+        Err(VerbsError::Completion { wr_id: 1, status }) => println!("wrong key refused: {status}"),
+        other => panic!("expected a failed completion, got {other:?}"),
+    }
+}
