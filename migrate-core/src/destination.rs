@@ -228,6 +228,12 @@ impl IncomingMigration {
                     tracing::debug!(round, last, suspect = suspect.len(), "round landed");
                     ctl.send(&Message::RoundAck { round, suspect })?;
                 }
+                Message::ZeroPages { round, ranges } => {
+                    tracing::debug!(round, ranges = ranges.len(), "zero pages");
+                    zero_pages(mem, &ranges)?;
+                    report.received.zero_pages +=
+                        ranges.iter().map(|r| r.count as u64).sum::<u64>();
+                }
                 Message::VerifyRequest => {
                     report.verify_requested = true;
                     send_hashes(ctl, mem)?;
@@ -322,6 +328,35 @@ impl IncomingMigration {
         }
         Ok(suspect)
     }
+}
+
+/// Zero the pages of `ranges` (after checking them against the layout);
+/// pages already zero are only read, so fresh memory stays unallocated.
+fn zero_pages(mem: &GuestMemory, ranges: &[PageRange]) -> Result<(), MigrationError> {
+    for r in ranges {
+        let region = mem
+            .regions()
+            .get(r.region as usize)
+            .filter(|reg| {
+                r.count > 0 && r.first.saturating_add(r.count as u64) <= reg.pages() as u64
+            })
+            .ok_or_else(|| ProtocolError::Malformed {
+                kind: crate::protocol::Kind::ZeroPages,
+                detail: format!(
+                    "{} pages at page {} of region {} are outside guest memory",
+                    r.count, r.first, r.region
+                ),
+            })?;
+        for p in r.first as usize..(r.first + r.count as u64) as usize {
+            // SAFETY: in bounds (checked above); no vCPU runs on destination
+            // memory and the data plane is idle between rounds.
+            let page = unsafe { region.page_slice_mut(p, 1) };
+            if !crate::protocol::is_zero_page(page) {
+                page.fill(0);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn stream_failed(stream: u16, error: TransportError) -> MigrationError {

@@ -32,6 +32,10 @@ use crate::transport::{
 };
 use crate::vm::SourceVm;
 
+/// Zero-page ranges per `ZeroPages` frame (16 bytes each, well under the
+/// frame limit).
+const ZERO_RANGES_PER_FRAME: usize = 256 * 1024;
+
 /// What to do when the overall timeout expires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TimeoutPolicy {
@@ -286,6 +290,10 @@ impl Run<'_> {
         }
         let features = features & offered;
         let mut sender = transport.open_data(self.mem, session, features)?;
+        // The data plane is chosen now (e.g. RDMA, or TCP when the peer has
+        // no RDMA device).
+        self.monitor
+            .update(|s| s.transport = transport.name().into());
         let setup_ms = self.elapsed_ms();
         self.monitor.update(|s| {
             s.setup_ms = setup_ms;
@@ -322,8 +330,14 @@ impl Run<'_> {
                 first_page_at = Instant::now();
             }
             let round_start = Instant::now();
-            let sent = self.send_round(sender.as_mut(), round, &runs, &limiter, totals)?;
+            let sent = self.send_round(sender.as_mut(), round, &runs, &limiter, totals.clone())?;
             let ctl = transport.control();
+            for ranges in sent.zero_ranges.chunks(ZERO_RANGES_PER_FRAME) {
+                ctl.send(&Message::ZeroPages {
+                    round,
+                    ranges: ranges.to_vec(),
+                })?;
+            }
             ctl.send(&Message::RoundDone {
                 round,
                 last: paused,

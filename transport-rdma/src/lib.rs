@@ -1,11 +1,141 @@
 //! RDMA transport for live migration: one-sided RDMA WRITE from the source's
 //! guest memory straight into the destination's pre-registered guest memory.
 //!
-//! This first layer is [`verbs`]: device and GID choice, registration of
-//! memory the caller already mapped, an RC queue pair exchanged over a side
-//! channel, WRITE chains with selective signaling and a WRITE_WITH_IMM round
-//! fence. It is exercised over real SoftRoCE verbs in the emulated VM
-//! (`scripts/rdma-vm.sh`); the `SourceTransport`/`DestinationTransport`
-//! implementation on top of it is the next step of the RDMA issue.
+//! - The destination registers every guest-memory region for remote write
+//!   before the first page ("pin-all"; registration is setup time) and sends
+//!   each region's address and rkey; the MRs are deregistered when the
+//!   migration ends ([`RdmaDestination::finish`], or drop).
+//! - The source registers its guest memory once ([`RdmaSource::connect`],
+//!   before dirty tracking starts) and posts WRITEs straight from guest
+//!   pages: contiguous dirty pages coalesce into one work request (up to
+//!   [`RdmaConfig::max_write`]), chains of 16 with only the last signaled,
+//!   a bounded number of chains in flight, over one or more RC queue pairs.
+//! - Each round ends with a zero-length WRITE_WITH_IMM(round) per queue pair:
+//!   when the destination sees it, every WRITE before it has landed. Zero
+//!   pages are not written: their ranges go on the control channel
+//!   (`ZeroPages`) and the destination zeroes them.
+//! - Control (handshake, layout, queue pairs, rounds, device state, commit)
+//!   runs over TCP with the shared protocol; RDMA CM is not used (it does not
+//!   work over `lo` with rxe). When either side has no RDMA device, the same
+//!   connection carries the pages over TCP instead, with the reason stated.
+//!
+//! [`verbs`] holds every unsafe verbs call; the rest is safe Rust.
 
+mod destination;
+mod source;
 pub mod verbs;
+
+use std::sync::Arc;
+
+use migrate_core::memory::GuestMemory;
+use migrate_core::protocol::QpEndpoint;
+use migrate_core::transport::TransportError;
+use sideway::ibverbs::memory_region::MemoryRegion;
+use transport_tcp::TcpConfig;
+
+pub use destination::{RdmaDestination, RdmaMigrationListener};
+pub use source::RdmaSource;
+
+/// Knobs of the RDMA transport.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RdmaConfig {
+    /// The control connection (and the TCP fallback). `data_streams` is the
+    /// number of RDMA queue pairs too.
+    pub tcp: TcpConfig,
+    /// RDMA device name (`None`: the first one).
+    pub device: Option<String>,
+    /// GID index (`None`: the IPv4-mapped GID of the control connection's
+    /// local address, else the first IPv4-mapped one).
+    pub gid_index: Option<u32>,
+    /// Largest single WRITE, bytes.
+    pub max_write: u32,
+    /// Fail instead of falling back to TCP when RDMA is not there.
+    pub require: bool,
+}
+
+impl Default for RdmaConfig {
+    fn default() -> Self {
+        Self {
+            tcp: TcpConfig {
+                data_streams: 1,
+                ..TcpConfig::default()
+            },
+            device: None,
+            gid_index: None,
+            max_write: 1 << 20,
+            require: true,
+        }
+    }
+}
+
+pub(crate) fn rdma_err(e: verbs::VerbsError) -> TransportError {
+    TransportError::Unavailable {
+        reason: e.to_string(),
+    }
+}
+
+pub(crate) fn endpoint_to_wire(e: &verbs::Endpoint) -> QpEndpoint {
+    QpEndpoint {
+        qpn: e.qpn,
+        psn: e.psn,
+        gid: e.gid,
+    }
+}
+
+pub(crate) fn wire_to_endpoint(e: &QpEndpoint) -> verbs::Endpoint {
+    verbs::Endpoint {
+        qpn: e.qpn,
+        psn: e.psn,
+        gid: e.gid,
+    }
+}
+
+/// Refuse up front, with the numbers, when RLIMIT_MEMLOCK cannot cover the
+/// guest (instead of a late ENOMEM from the device). Root with CAP_IPC_LOCK
+/// is not limited.
+pub(crate) fn check_memlock(needed: u64) -> Result<(), TransportError> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return Ok(());
+    }
+    // SAFETY: plain syscall.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root || lim.rlim_cur == libc::RLIM_INFINITY || lim.rlim_cur >= needed {
+        return Ok(());
+    }
+    Err(TransportError::Unavailable {
+        reason: format!(
+            "RLIMIT_MEMLOCK is {} bytes but registering the guest memory needs {needed}: \
+             raise it (`ulimit -l unlimited`, or LimitMEMLOCK=infinity for a systemd unit)",
+            lim.rlim_cur
+        ),
+    })
+}
+
+/// Register every region of `mem`.
+pub(crate) fn register_memory(
+    dev: &verbs::Device,
+    mem: &GuestMemory,
+    remote_write: bool,
+) -> Result<Vec<Arc<MemoryRegion>>, TransportError> {
+    mem.regions()
+        .iter()
+        .map(|r| {
+            // SAFETY: the guest memory outlives the transport (the caller
+            // keeps it for the migration), and the MRs are dropped with it.
+            unsafe { dev.register(r.as_ptr() as usize, r.len(), remote_write) }.map_err(|e| {
+                TransportError::Unavailable {
+                    reason: format!(
+                        "cannot register {} bytes of guest memory at GPA {:#x}: {e}",
+                        r.len(),
+                        r.gpa()
+                    ),
+                }
+            })
+        })
+        .collect()
+}

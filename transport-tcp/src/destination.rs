@@ -112,6 +112,17 @@ impl KillSwitch {
 }
 
 impl TcpDestination {
+    /// This end's address of the control connection.
+    ///
+    /// # Errors
+    /// [`TransportError::Io`] from the socket.
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.control
+            .stream()
+            .local_addr()
+            .map_err(io("local address"))
+    }
+
     /// A switch that drops all of this migration's connections.
     pub fn kill_switch(&self) -> KillSwitch {
         self.kill.clone()

@@ -63,6 +63,18 @@ impl TcpSource {
     pub fn peer(&self) -> SocketAddr {
         self.addr
     }
+
+    /// This end's address of the control connection (the interface that
+    /// reaches the destination).
+    ///
+    /// # Errors
+    /// [`TransportError::Io`] from the socket.
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.control
+            .stream()
+            .local_addr()
+            .map_err(io("local address"))
+    }
 }
 
 impl SourceTransport for TcpSource {

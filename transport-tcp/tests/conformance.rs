@@ -17,7 +17,7 @@ fn tcp_pair_with(cfg: TcpConfig) -> TransportPair {
     let addr = listener.local_addr().unwrap().to_string();
     let (slot, kill) = kill_slot::<Box<dyn Fn() + Send + Sync>>();
     TransportPair {
-        source: Box::new(move || {
+        source: Box::new(move |_| {
             Ok(Box::new(TcpSource::connect(&addr, cfg)?) as Box<dyn SourceTransport>)
         }),
         destination: Box::new(move || {

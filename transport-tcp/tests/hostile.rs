@@ -119,7 +119,7 @@ fn corrupting_pair(conn: usize, offset: usize) -> TransportPair {
     });
     let (slot, kill) = kill_slot::<Box<dyn Fn() + Send + Sync>>();
     TransportPair {
-        source: Box::new(move || {
+        source: Box::new(move |_| {
             Ok(Box::new(TcpSource::connect(&proxy_addr, cfg())?) as Box<dyn SourceTransport>)
         }),
         destination: Box::new(move || {

@@ -12,11 +12,15 @@
 //!    |                       <-  Welcome{version}         |
 //!    | Layout{regions}                                 ->  |  compare with own memory
 //!    |                       <-  LayoutAccepted           |  (or Refused{why}: stop)
-//!    | data i: MAGIC+version, Join{session, i}         ->  |  (i = 0..conns)
+//!    | data i: MAGIC+version, Join{session, i}         ->  |  (TCP: i = 0..conns)
+//!    | RdmaConnect{qps}                                ->  |  (RDMA instead: register
+//!    |            <-  RdmaAccept{qps, regions: addr,rkey}  |   all memory, connect QPs)
 //!    |                                                     |
 //!    |  round 0: every page; rounds 1..: dirty pages       |
 //!    | data: Pages{round, runs, bytes} ...             ->  |  land in guest memory,
 //!    | data: RoundEnd{round, batches}                  ->  |  check each batch
+//!    |   (RDMA: WRITEs straight into the registered memory, then per QP a
+//!    |    WRITE_WITH_IMM(round) fence; control: ZeroPages{round, ranges})
 //!    | control: RoundDone{round}                       ->  |  wait for every data stream
 //!    |                       <-  RoundAck{round, suspect}  |  (suspect: failed checks)
 //!    |   ... until the rest fits the downtime budget       |
@@ -97,6 +101,32 @@ pub const HASHES_PER_FRAME: usize = 1 << 20;
 
 /// Feature bit: page batches may be zstd-compressed.
 pub const FEATURE_ZSTD: u64 = 1 << 0;
+/// Feature bit: pages travel by RDMA WRITE (the side has an RDMA device).
+pub const FEATURE_RDMA: u64 = 1 << 1;
+/// Most queue pairs an RDMA migration may use.
+pub const MAX_RDMA_QPS: usize = 64;
+
+/// One RC queue pair's address, for the peer to connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QpEndpoint {
+    /// Queue pair number.
+    pub qpn: u32,
+    /// First packet sequence number.
+    pub psn: u32,
+    /// GID.
+    pub gid: [u8; 16],
+}
+
+/// A destination memory region the source may WRITE into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteRegion {
+    /// Address in the destination's address space.
+    pub addr: u64,
+    /// Remote key.
+    pub rkey: u32,
+    /// Length.
+    pub len: u64,
+}
 
 /// Frame kinds on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +164,12 @@ pub enum Kind {
     Abort = 15,
     /// [`Message::Refused`].
     Refused = 16,
+    /// [`Message::RdmaConnect`].
+    RdmaConnect = 17,
+    /// [`Message::RdmaAccept`].
+    RdmaAccept = 18,
+    /// [`Message::ZeroPages`].
+    ZeroPages = 19,
 }
 
 impl Kind {
@@ -157,6 +193,9 @@ impl Kind {
             14 => Committed,
             15 => Abort,
             16 => Refused,
+            17 => RdmaConnect,
+            18 => RdmaAccept,
+            19 => ZeroPages,
             _ => return None,
         })
     }
@@ -293,6 +332,27 @@ pub enum Message {
         /// Human-readable reason.
         message: String,
     },
+    /// Source → destination (RDMA): the source's queue pairs.
+    RdmaConnect {
+        /// One per queue pair.
+        qps: Vec<QpEndpoint>,
+    },
+    /// Destination → source (RDMA): its queue pairs and every guest-memory
+    /// region registered for remote write, in region order.
+    RdmaAccept {
+        /// One per queue pair, in the order of `RdmaConnect`.
+        qps: Vec<QpEndpoint>,
+        /// One per guest-memory region.
+        regions: Vec<RemoteRegion>,
+    },
+    /// Source → destination, before `RoundDone`, for transports that do not
+    /// carry zero pages in their data plane (RDMA): zero these pages.
+    ZeroPages {
+        /// Round number.
+        round: u32,
+        /// The pages.
+        ranges: Vec<PageRange>,
+    },
 }
 
 impl Message {
@@ -314,6 +374,9 @@ impl Message {
             Message::Committed => Kind::Committed,
             Message::Abort { .. } => Kind::Abort,
             Message::Refused { .. } => Kind::Refused,
+            Message::RdmaConnect { .. } => Kind::RdmaConnect,
+            Message::RdmaAccept { .. } => Kind::RdmaAccept,
+            Message::ZeroPages { .. } => Kind::ZeroPages,
         }
     }
 
@@ -362,13 +425,27 @@ impl Message {
                 put32(&mut w, *round);
                 w.push(*last as u8);
             }
-            Message::RoundAck { round, suspect } => {
+            Message::RoundAck {
+                round,
+                suspect: ranges,
+            }
+            | Message::ZeroPages { round, ranges } => {
                 put32(&mut w, *round);
-                put32(&mut w, suspect.len() as u32);
-                for r in suspect {
+                put32(&mut w, ranges.len() as u32);
+                for r in ranges {
                     put32(&mut w, r.region);
                     put64(&mut w, r.first);
                     put32(&mut w, r.count);
+                }
+            }
+            Message::RdmaConnect { qps } => put_qps(&mut w, qps),
+            Message::RdmaAccept { qps, regions } => {
+                put_qps(&mut w, qps);
+                put32(&mut w, regions.len() as u32);
+                for r in regions {
+                    put64(&mut w, r.addr);
+                    put32(&mut w, r.rkey);
+                    put64(&mut w, r.len);
                 }
             }
             Message::PageHashes {
@@ -446,18 +523,39 @@ impl Message {
                 round: r.u32()?,
                 last: r.bool()?,
             },
-            Kind::RoundAck => {
+            Kind::RoundAck | Kind::ZeroPages => {
                 let round = r.u32()?;
                 let n = r.count(16)?;
-                let mut suspect = Vec::with_capacity(n);
+                let mut ranges = Vec::with_capacity(n);
                 for _ in 0..n {
-                    suspect.push(PageRange {
+                    ranges.push(PageRange {
                         region: r.u32()?,
                         first: r.u64()?,
                         count: r.u32()?,
                     });
                 }
-                Message::RoundAck { round, suspect }
+                if kind == Kind::RoundAck {
+                    Message::RoundAck {
+                        round,
+                        suspect: ranges,
+                    }
+                } else {
+                    Message::ZeroPages { round, ranges }
+                }
+            }
+            Kind::RdmaConnect => Message::RdmaConnect { qps: r.qps()? },
+            Kind::RdmaAccept => {
+                let qps = r.qps()?;
+                let n = r.count(20)?;
+                let mut regions = Vec::with_capacity(n);
+                for _ in 0..n {
+                    regions.push(RemoteRegion {
+                        addr: r.u64()?,
+                        rkey: r.u32()?,
+                        len: r.u64()?,
+                    });
+                }
+                Message::RdmaAccept { qps, regions }
             }
             Kind::VerifyRequest => Message::VerifyRequest,
             Kind::PageHashes => {
@@ -644,6 +742,15 @@ impl ProtocolError {
     }
 }
 
+fn put_qps(w: &mut Vec<u8>, qps: &[QpEndpoint]) {
+    put32(w, qps.len() as u32);
+    for q in qps {
+        put32(w, q.qpn);
+        put32(w, q.psn);
+        w.extend_from_slice(&q.gid);
+    }
+}
+
 fn put16(w: &mut Vec<u8>, v: u16) {
     w.extend_from_slice(&v.to_le_bytes());
 }
@@ -707,6 +814,22 @@ impl<'a> Cursor<'a> {
         }
         Ok(n)
     }
+    fn qps(&mut self) -> Result<Vec<QpEndpoint>, ProtocolError> {
+        let n = self.count(24)?;
+        if n == 0 || n > MAX_RDMA_QPS {
+            return Err(self.bad(format!("{n} queue pairs (1..={MAX_RDMA_QPS} allowed)")));
+        }
+        let mut qps = Vec::with_capacity(n);
+        for _ in 0..n {
+            qps.push(QpEndpoint {
+                qpn: self.u32()?,
+                psn: self.u32()?,
+                gid: self.take()?,
+            });
+        }
+        Ok(qps)
+    }
+
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.buf)
     }

@@ -74,6 +74,33 @@ fn all_messages() -> Vec<Message> {
             code: RefusalCode::Layout,
             message: "region 1 differs".into(),
         },
+        Message::RdmaConnect {
+            qps: vec![QpEndpoint {
+                qpn: 17,
+                psn: 0x123456,
+                gid: [7; 16],
+            }],
+        },
+        Message::RdmaAccept {
+            qps: vec![QpEndpoint {
+                qpn: 18,
+                psn: 1,
+                gid: [1; 16],
+            }],
+            regions: vec![RemoteRegion {
+                addr: 0x7f00_0000_0000,
+                rkey: 0xabc,
+                len: 1 << 30,
+            }],
+        },
+        Message::ZeroPages {
+            round: 2,
+            ranges: vec![PageRange {
+                region: 0,
+                first: 5,
+                count: 9,
+            }],
+        },
     ]
 }
 

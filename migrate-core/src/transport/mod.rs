@@ -94,7 +94,7 @@ pub trait ControlChannel: Send {
 }
 
 /// What a round cost on the wire.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RoundSent {
     /// Bytes written to the wire (headers, page bytes, markers).
     pub wire_bytes: u64,
@@ -102,6 +102,9 @@ pub struct RoundSent {
     pub normal_pages: u64,
     /// Pages sent as zero markers.
     pub zero_pages: u64,
+    /// Zero pages the data plane did not carry: the engine sends them as
+    /// `ZeroPages` on the control channel (RDMA; TCP carries them in-band).
+    pub zero_ranges: Vec<PageRange>,
 }
 
 impl RoundSent {

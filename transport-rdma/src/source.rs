@@ -1,0 +1,360 @@
+//! Source side: guest memory registered once, pages posted as RDMA WRITE
+//! chains into the destination's registered memory, a fence per round.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use migrate_core::dirty::PageRun;
+use migrate_core::memory::GuestMemory;
+use migrate_core::protocol::{
+    FEATURE_RDMA, Message, PageRange, ProtocolError, QpEndpoint, RemoteRegion, is_zero_page,
+};
+use migrate_core::transport::{
+    ControlChannel, PageSender, RoundContext, RoundSent, SourceTransport, TransportError,
+};
+use sideway::ibverbs::memory_region::MemoryRegion;
+use transport_tcp::TcpSource;
+
+use crate::RdmaConfig;
+use crate::verbs::{Device, Rc, Write};
+use crate::{check_memlock, endpoint_to_wire, rdma_err, register_memory, wire_to_endpoint};
+
+/// WRITEs posted per chain (one doorbell), the last one signaled.
+const CHAIN: usize = 16;
+/// Send queue depth per queue pair.
+const SQ_DEPTH: u32 = 512;
+/// Chains in flight per queue pair (bounded by the send queue).
+const MAX_CHAINS: usize = (SQ_DEPTH as usize / CHAIN) - 1;
+const FENCE_WR: u64 = u64::MAX;
+
+struct Local {
+    dev: Device,
+    mrs: Vec<Arc<MemoryRegion>>,
+}
+
+/// A source connected to a destination: control over TCP, pages over RDMA
+/// WRITE when both sides have a device (else, in auto mode, over TCP).
+pub struct RdmaSource {
+    tcp: TcpSource,
+    cfg: RdmaConfig,
+    local: Option<Local>,
+    fallback: Option<String>,
+    rdma_active: bool,
+}
+
+impl std::fmt::Debug for RdmaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaSource")
+            .field("device", &self.local.as_ref().map(|l| &l.dev))
+            .field("fallback", &self.fallback)
+            .finish()
+    }
+}
+
+impl RdmaSource {
+    /// Connect the control connection to `addr`, open the RDMA device and
+    /// register all of `mem` for reading by the device. Call this before
+    /// dirty tracking starts: registration pins (writes to) every page.
+    ///
+    /// # Errors
+    /// [`TransportError::Connect`]; [`TransportError::Unavailable`] when
+    /// `cfg.require` and there is no device, or RLIMIT_MEMLOCK is too small
+    /// (the message says how much is needed and how to raise it).
+    pub fn connect(
+        addr: &str,
+        mem: &Arc<GuestMemory>,
+        cfg: RdmaConfig,
+    ) -> Result<Self, TransportError> {
+        let tcp = TcpSource::connect(addr, cfg.tcp.clone())?;
+        let local_ip = tcp.local_addr()?.ip();
+        let (local, fallback) =
+            match Device::open(cfg.device.as_deref(), cfg.gid_index, Some(local_ip)) {
+                Ok(dev) => {
+                    check_memlock(mem.total_bytes())?;
+                    let started = Instant::now();
+                    let mrs = register_memory(&dev, mem, false)?;
+                    tracing::info!(
+                        device = %dev.name,
+                        gid_index = dev.gid_index,
+                        ms = started.elapsed().as_secs_f64() * 1e3,
+                        "source memory registered"
+                    );
+                    (Some(Local { dev, mrs }), None)
+                }
+                Err(e) if !cfg.require => {
+                    (None, Some(format!("no RDMA device on the source: {e}")))
+                }
+                Err(e) => {
+                    return Err(TransportError::Unavailable {
+                        reason: e.to_string(),
+                    });
+                }
+            };
+        Ok(Self {
+            tcp,
+            cfg,
+            local,
+            fallback,
+            rdma_active: false,
+        })
+    }
+
+    /// Why pages went over TCP instead of RDMA, if they did.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.fallback.as_deref()
+    }
+}
+
+impl SourceTransport for RdmaSource {
+    fn name(&self) -> &'static str {
+        if self.rdma_active || (self.local.is_some() && self.fallback.is_none()) {
+            "rdma"
+        } else {
+            "tcp"
+        }
+    }
+
+    fn data_streams(&self) -> u16 {
+        self.cfg.tcp.data_streams.max(1)
+    }
+
+    fn features(&self) -> u64 {
+        self.tcp.features()
+            | if self.local.is_some() {
+                FEATURE_RDMA
+            } else {
+                0
+            }
+    }
+
+    fn control(&mut self) -> &mut dyn ControlChannel {
+        self.tcp.control()
+    }
+
+    fn open_data(
+        &mut self,
+        mem: &Arc<GuestMemory>,
+        session: u64,
+        features: u64,
+    ) -> Result<Box<dyn PageSender>, TransportError> {
+        let Some(local) = &self.local else {
+            return self.tcp.open_data(mem, session, features);
+        };
+        if features & FEATURE_RDMA == 0 {
+            let reason = "the destination has no RDMA device".to_string();
+            if self.cfg.require {
+                return Err(TransportError::Unavailable { reason });
+            }
+            tracing::warn!(%reason, "pages go over TCP");
+            self.fallback = Some(reason);
+            return self.tcp.open_data(mem, session, features);
+        }
+        let streams = self.data_streams() as usize;
+        let mut qps = (0..streams)
+            .map(|_| local.dev.queue_pair(SQ_DEPTH, 1))
+            .collect::<Result<Vec<Rc>, _>>()
+            .map_err(rdma_err)?;
+        let ctl = self.tcp.control();
+        ctl.send(&Message::RdmaConnect {
+            qps: qps.iter().map(|q| endpoint_to_wire(&q.local)).collect(),
+        })?;
+        let (remote_qps, regions) = match ctl.recv()? {
+            Message::RdmaAccept { qps, regions } => (qps, regions),
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    got: other.kind(),
+                    expected: "RdmaAccept",
+                }
+                .into());
+            }
+        };
+        check_accept(mem, streams, &remote_qps, &regions)?;
+        for (qp, remote) in qps.iter_mut().zip(&remote_qps) {
+            qp.connect(&wire_to_endpoint(remote)).map_err(rdma_err)?;
+        }
+        self.rdma_active = true;
+        tracing::info!(qps = streams, "RDMA queue pairs connected");
+        Ok(Box::new(RdmaPageSender {
+            mem: Arc::clone(mem),
+            qps,
+            lkeys: local.mrs.iter().map(|m| m.lkey()).collect(),
+            remote: regions,
+            max_write: self.cfg.max_write,
+            io_timeout: self.cfg.tcp.io_timeout,
+        }))
+    }
+}
+
+fn check_accept(
+    mem: &GuestMemory,
+    streams: usize,
+    qps: &[QpEndpoint],
+    regions: &[RemoteRegion],
+) -> Result<(), TransportError> {
+    let bad = |detail: String| TransportError::Stream {
+        stream: u16::MAX,
+        detail,
+    };
+    if qps.len() != streams {
+        return Err(bad(format!(
+            "destination answered {} queue pairs for {streams}",
+            qps.len()
+        )));
+    }
+    if regions.len() != mem.regions().len() {
+        return Err(bad(format!(
+            "destination registered {} regions, guest memory has {}",
+            regions.len(),
+            mem.regions().len()
+        )));
+    }
+    for (i, (r, ours)) in regions.iter().zip(mem.regions()).enumerate() {
+        if r.len != ours.len() as u64 {
+            return Err(bad(format!(
+                "destination region {i} is registered with {} bytes, ours has {}",
+                r.len,
+                ours.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Posts rounds as WRITE chains spread over the queue pairs.
+struct RdmaPageSender {
+    mem: Arc<GuestMemory>,
+    qps: Vec<Rc>,
+    lkeys: Vec<u32>,
+    remote: Vec<RemoteRegion>,
+    max_write: u32,
+    io_timeout: Duration,
+}
+
+impl RdmaPageSender {
+    /// The round's data pages as WRITEs (contiguous pages coalesced up to
+    /// `max_write`), and its zero pages as ranges.
+    fn plan(&self, runs: &[PageRun], sent: &mut RoundSent) -> Vec<Write> {
+        let mut writes: Vec<Write> = Vec::new();
+        for run in runs {
+            let region = &self.mem.regions()[run.region];
+            let ps = region.page_size().bytes();
+            let base = region.as_ptr() as u64;
+            let remote = self.remote[run.region];
+            for p in run.first..run.first + run.count {
+                // SAFETY: inside the region; a racing guest write is fine
+                // (the page is dirty and goes again).
+                let zero = is_zero_page(unsafe { region.page_slice(p, 1) });
+                if zero {
+                    sent.zero_pages += 1;
+                    match sent.zero_ranges.last_mut() {
+                        Some(l)
+                            if l.region as usize == run.region
+                                && l.first + l.count as u64 == p as u64 =>
+                        {
+                            l.count += 1
+                        }
+                        _ => sent.zero_ranges.push(PageRange {
+                            region: run.region as u32,
+                            first: p as u64,
+                            count: 1,
+                        }),
+                    }
+                    continue;
+                }
+                sent.normal_pages += 1;
+                let addr = base + (p * ps) as u64;
+                match writes.last_mut() {
+                    Some(w)
+                        if w.addr + w.len as u64 == addr
+                            && w.lkey == self.lkeys[run.region]
+                            && w.len as u64 + ps as u64 <= self.max_write as u64 =>
+                    {
+                        w.len += ps as u32
+                    }
+                    _ => writes.push(Write {
+                        addr,
+                        len: ps as u32,
+                        lkey: self.lkeys[run.region],
+                        remote_addr: remote.addr + (p * ps) as u64,
+                        rkey: remote.rkey,
+                    }),
+                }
+            }
+        }
+        writes
+    }
+
+    /// Reap completions of `qp` until at most `keep` chains are in flight.
+    fn reap(&self, qp: usize, inflight: &mut [usize], keep: usize) -> Result<(), TransportError> {
+        let mut done = Vec::new();
+        let mut last_progress = Instant::now();
+        while inflight[qp] > keep {
+            done.clear();
+            self.qps[qp]
+                .poll_send(&mut done)
+                .map_err(|e| stream_err(qp, e))?;
+            if done.is_empty() {
+                if last_progress.elapsed() > self.io_timeout {
+                    return Err(TransportError::Stream {
+                        stream: qp as u16,
+                        detail: format!("no RDMA completion for {:?}: peer gone?", self.io_timeout),
+                    });
+                }
+                std::hint::spin_loop();
+                continue;
+            }
+            last_progress = Instant::now();
+            inflight[qp] -= done.len();
+        }
+        Ok(())
+    }
+}
+
+fn stream_err(qp: usize, e: crate::verbs::VerbsError) -> TransportError {
+    TransportError::Stream {
+        stream: qp as u16,
+        detail: e.to_string(),
+    }
+}
+
+impl PageSender for RdmaPageSender {
+    fn send_round(
+        &mut self,
+        round: u32,
+        runs: &[PageRun],
+        ctx: &RoundContext<'_>,
+    ) -> Result<RoundSent, TransportError> {
+        let mut sent = RoundSent::default();
+        let writes = self.plan(runs, &mut sent);
+        let n = self.qps.len();
+        let mut inflight = vec![0usize; n];
+        for (k, chain) in writes.chunks(CHAIN).enumerate() {
+            if ctx.cancel.is_cancelled() {
+                return Err(TransportError::Cancelled);
+            }
+            let qp = k % n;
+            self.reap(qp, &mut inflight, MAX_CHAINS - 1)?;
+            let bytes: u64 = chain.iter().map(|w| w.len as u64).sum();
+            ctx.limiter.take(bytes);
+            self.qps[qp]
+                .post_writes(chain, true, k as u64)
+                .map_err(|e| stream_err(qp, e))?;
+            inflight[qp] += 1;
+            sent.wire_bytes += bytes;
+            let pages: u64 = chain.iter().map(|w| w.len as u64 / 4096).sum();
+            (ctx.progress)(pages, bytes);
+        }
+        // The fence: after every WRITE above on its QP, the destination sees
+        // a receive completion carrying the round number.
+        let r = self.remote[0];
+        for (qp, (rc, chains)) in self.qps.iter_mut().zip(inflight.iter_mut()).enumerate() {
+            rc.post_fence(r.rkey, r.addr, round, FENCE_WR)
+                .map_err(|e| stream_err(qp, e))?;
+            *chains += 1;
+        }
+        for qp in 0..n {
+            self.reap(qp, &mut inflight, 0)?;
+        }
+        Ok(sent)
+    }
+}
