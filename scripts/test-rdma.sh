@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run the RDMA tests over real SoftRoCE verbs inside the emulated VM
-# (scripts/rdma-vm.sh), where they must not skip.
+# (scripts/rdma-vm.sh), where they must not skip, then migrate-cli over RDMA
+# on loopback and between two network namespaces.
+# RDMA_COMPARE=1 also prints RDMA vs TCP vs ib_write_bw from the same boot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bins=$(cargo test -p transport-rdma --locked --no-run --message-format=json 2>/dev/null \
@@ -10,6 +12,9 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["executable"])')
 [ -n "$bins" ] || { echo "test-rdma: no test binaries built" >&2; exit 1; }
+cargo build --release --locked -p migrate-cli
 script=""
 for b in $bins; do script+="echo '== $(basename "$b")'; $b --test-threads=1 || exit 1; "; done
-exec scripts/rdma-vm.sh bash -c "$script"
+script+="echo '== migrate-cli over RDMA (loopback and two network namespaces)'; "
+script+="scripts/vm-rdma-cli.sh target/release/migrate-cli ${RDMA_COMPARE:+compare} || exit 1"
+exec scripts/rdma-vm.sh --netns bash -c "$script"

@@ -58,12 +58,19 @@ pub struct TransportArgs {
     /// Transport.
     #[arg(long, value_enum, default_value_t = TransportChoice::Tcp)]
     pub transport: TransportChoice,
-    /// TCP data connections.
+    /// TCP data connections (RDMA: queue pairs).
     #[arg(long, default_value_t = transport_tcp::DEFAULT_DATA_STREAMS)]
     pub streams: u16,
     /// Seconds a blocked read or write may take before the peer counts as dead.
     #[arg(long, default_value_t = 30)]
     pub io_timeout_s: u64,
+    /// RDMA device (default: the first one).
+    #[arg(long)]
+    pub rdma_device: Option<String>,
+    /// RDMA GID index (default: the IPv4-mapped GID of the control
+    /// connection's local address).
+    #[arg(long)]
+    pub gid_index: Option<u32>,
 }
 
 /// Built-in guests.

@@ -13,7 +13,6 @@ use migrate_core::transport::TransportError;
 use migrate_core::{
     IncomingMigration, MigrationStats, SourceConfig, SourceMigration, TimeoutPolicy,
 };
-use transport_tcp::TcpMigrationListener;
 
 use crate::args::{
     DemoArgs, DestArgs, MemoryArgs, MigrationArgs, SourceArgs, TimeoutChoice, TrackerChoice,
@@ -75,16 +74,11 @@ fn migrate_out(
     progress: crate::args::ProgressChoice,
 ) -> Result<bool> {
     guest::fill(&mem, g)?;
-    let tracking = DirtyTracking::new(&mem, tracker_pref(m.tracker))?;
-    for f in tracking.fallbacks() {
-        eprintln!("dirty tracking: not using {}: {}", f.tracker, f.reason);
-    }
-    let mut vm = guest::start(&mem, g)?;
-    let connected = transport::connect(addr, t, m.compress);
-    let (mut transport, fallback) = match connected {
+    // Connect first: RDMA registers (pins) the memory, which must happen
+    // before dirty tracking starts.
+    let mut transport = match transport::connect(addr, t, m.compress, &mem) {
         Ok(x) => x,
         Err(e) => {
-            vm.stop();
             if let Some(path) = json {
                 let stats = MigrationStats {
                     transport: transport_name(t.transport).into(),
@@ -100,13 +94,19 @@ fn migrate_out(
             return Err(e);
         }
     };
-    if let Some(reason) = &fallback {
-        eprintln!("transport: using TCP: {reason}");
+    let tracking = DirtyTracking::new(&mem, tracker_pref(m.tracker))?;
+    for f in tracking.fallbacks() {
+        eprintln!("dirty tracking: not using {}: {}", f.tracker, f.reason);
     }
+    let mut vm = guest::start(&mem, g)?;
     let migration = SourceMigration::new(source_config(m));
     let handle = migration.handle();
     let bar = report::progress(&handle, progress);
-    let result = migration.run(transport.as_mut(), &mem, &tracking, &mut vm);
+    let result = migration.run(transport.as_dyn(), &mem, &tracking, &mut vm);
+    let fallback = transport.fallback_reason();
+    if let Some(reason) = &fallback {
+        eprintln!("transport: pages went over TCP: {reason}");
+    }
     if let Some(b) = bar {
         let _ = b.join();
     }
@@ -143,13 +143,7 @@ fn transport_name(t: TransportChoice) -> &'static str {
 
 /// `migrate-cli dest`.
 pub fn dest(a: DestArgs) -> Result<bool> {
-    if a.transport.transport == TransportChoice::Rdma
-        && let Some(reason) = transport::rdma_unavailable()
-    {
-        bail!("--transport rdma: {reason}; use --transport tcp or auto");
-    }
-    let listener =
-        TcpMigrationListener::bind(&a.listen, transport::tcp_config(&a.transport, true))?;
+    let listener = transport::Listener::bind(&a.listen, &a.transport)?;
     let addr = listener.local_addr()?;
     println!("listening on {addr}");
     std::io::stdout().flush().ok();
@@ -160,7 +154,7 @@ pub fn dest(a: DestArgs) -> Result<bool> {
 /// Accept one migration (skipping clients that are not migration sources)
 /// and receive it.
 fn receive(
-    listener: &TcpMigrationListener,
+    listener: &transport::Listener,
     own: Option<Arc<GuestMemory>>,
     _args: &MemoryArgs,
     json: Option<&std::path::Path>,
@@ -175,26 +169,29 @@ fn receive(
         }
     };
     let outcome = (|| -> Result<(migrate_core::DestinationReport, Option<Result<String, String>>)> {
-        let incoming = IncomingMigration::accept(&mut t)?;
+        let t = t.as_dyn();
+        let incoming = IncomingMigration::accept(t)?;
         let mem = match own {
             Some(m) => m,
             None => match memory::adopt(incoming.layout()) {
                 Ok(m) => Arc::new(m),
                 Err(e) => {
                     let msg = format!("destination cannot allocate the guest memory: {e:#}");
-                    incoming.refuse(&mut t, RefusalCode::Setup, &msg);
+                    incoming.refuse(t, RefusalCode::Setup, &msg);
                     bail!(msg);
                 }
             },
         };
         let mut vm = FixtureDestinationVm::default();
-        let r = incoming.receive(&mut t, &mem, &mut vm)?;
+        let r = incoming.receive(t, &mem, &mut vm)?;
         let check = vm
             .state
             .as_deref()
             .and_then(|s| guest::check_destination(&mem, s));
         Ok((r, check))
     })();
+    // Committed or failed: end remote access to the guest memory now.
+    t.finish();
     let (ok, v) = match &outcome {
         Ok((r, check)) => {
             println!(
@@ -229,17 +226,14 @@ fn receive(
 
 /// `migrate-cli demo`.
 pub fn demo(a: DemoArgs) -> Result<bool> {
-    let listener = TcpMigrationListener::bind(
-        "127.0.0.1:0",
-        transport::tcp_config(
-            &TransportArgs {
-                transport: TransportChoice::Tcp,
-                streams: a.streams,
-                io_timeout_s: 30,
-            },
-            true,
-        ),
-    )?;
+    let demo_transport = TransportArgs {
+        transport: TransportChoice::Tcp,
+        streams: a.streams,
+        io_timeout_s: 30,
+        rdma_device: None,
+        gid_index: None,
+    };
+    let listener = transport::Listener::bind("127.0.0.1:0", &demo_transport)?;
     let addr = listener.local_addr()?.to_string();
     let mem = Arc::new(GuestMemory::new(vec![
         migrate_core::memory::GuestRegion::anonymous(0, a.memory as usize)?,
@@ -267,11 +261,7 @@ pub fn demo(a: DemoArgs) -> Result<bool> {
     let ok = migrate_out(
         mem,
         &addr,
-        &TransportArgs {
-            transport: TransportChoice::Tcp,
-            streams: a.streams,
-            io_timeout_s: 30,
-        },
+        &demo_transport,
         &a.guest,
         &m,
         a.json.as_deref(),

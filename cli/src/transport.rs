@@ -1,56 +1,147 @@
 //! Picking the transport: TCP, RDMA, or RDMA-else-TCP with the reason.
 
-use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Result, bail};
-use migrate_core::transport::SourceTransport;
-use transport_tcp::{TcpConfig, TcpSource};
+use migrate_core::memory::GuestMemory;
+use migrate_core::transport::{DestinationTransport, SourceTransport, TransportError};
+use transport_rdma::{RdmaConfig, RdmaDestination, RdmaMigrationListener, RdmaSource};
+use transport_tcp::{TcpConfig, TcpDestination, TcpMigrationListener, TcpSource};
 
 use crate::args::{TransportArgs, TransportChoice};
 
 /// Why RDMA cannot be used from this host, if it cannot.
 pub fn rdma_unavailable() -> Option<String> {
-    let dir = Path::new("/sys/class/infiniband");
-    let devices: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    if devices.is_empty() {
-        return Some(format!(
-            "no RDMA device ({} is empty or missing)",
-            dir.display()
-        ));
-    }
-    Some(format!(
-        "RDMA devices present ({}), but this build has no RDMA transport yet",
-        devices.join(", ")
-    ))
+    transport_rdma::verbs::device_names()
+        .is_empty()
+        .then(|| "no RDMA device on this host (libibverbs lists none)".to_string())
 }
 
-/// Connect to `addr` with the chosen transport; returns it and, for `auto`
-/// falling back to TCP, the reason.
+/// A connected source transport of either kind.
+pub enum Source {
+    /// TCP only.
+    Tcp(TcpSource),
+    /// RDMA, or TCP with a reason in auto mode.
+    Rdma(Box<RdmaSource>),
+}
+
+impl Source {
+    /// The engine's view.
+    pub fn as_dyn(&mut self) -> &mut dyn SourceTransport {
+        match self {
+            Source::Tcp(t) => t,
+            Source::Rdma(t) => t.as_mut(),
+        }
+    }
+
+    /// Why pages went over TCP in auto mode, if they did.
+    pub fn fallback_reason(&self) -> Option<String> {
+        match self {
+            Source::Tcp(_) => None,
+            Source::Rdma(t) => t.fallback_reason().map(String::from),
+        }
+    }
+}
+
+/// Connect to `addr` with the chosen transport. RDMA registers `mem` here,
+/// so call it before dirty tracking starts.
 pub fn connect(
     addr: &str,
     t: &TransportArgs,
     compress: bool,
-) -> Result<(Box<dyn SourceTransport>, Option<String>)> {
-    let fallback = match t.transport {
-        TransportChoice::Tcp => None,
-        TransportChoice::Rdma => match rdma_unavailable() {
-            Some(reason) => bail!("--transport rdma: {reason}; use --transport tcp or auto"),
-            None => unreachable!("rdma_unavailable always has a reason in this build"),
-        },
-        TransportChoice::Auto => {
-            let reason = rdma_unavailable().expect("always a reason in this build");
-            tracing::warn!(%reason, "falling back to TCP");
-            Some(reason)
+    mem: &Arc<GuestMemory>,
+) -> Result<Source> {
+    Ok(match t.transport {
+        TransportChoice::Tcp => Source::Tcp(TcpSource::connect(addr, tcp_config(t, compress))?),
+        TransportChoice::Rdma => {
+            if let Some(reason) = rdma_unavailable() {
+                bail!("--transport rdma: {reason}; use --transport tcp or auto");
+            }
+            Source::Rdma(Box::new(RdmaSource::connect(
+                addr,
+                mem,
+                rdma_config(t, compress, true),
+            )?))
         }
-    };
-    let cfg = tcp_config(t, compress);
-    Ok((Box::new(TcpSource::connect(addr, cfg)?), fallback))
+        TransportChoice::Auto => Source::Rdma(Box::new(RdmaSource::connect(
+            addr,
+            mem,
+            rdma_config(t, compress, false),
+        )?)),
+    })
+}
+
+/// A listener of either kind.
+pub enum Listener {
+    /// TCP only.
+    Tcp(TcpMigrationListener),
+    /// RDMA when the source has it too, else TCP.
+    Rdma(RdmaMigrationListener),
+}
+
+/// An accepted destination transport of either kind.
+pub enum Destination {
+    /// TCP.
+    Tcp(TcpDestination),
+    /// RDMA or TCP.
+    Rdma(Box<RdmaDestination>),
+}
+
+impl Destination {
+    /// The engine's view.
+    pub fn as_dyn(&mut self) -> &mut dyn DestinationTransport {
+        match self {
+            Destination::Tcp(t) => t,
+            Destination::Rdma(t) => t.as_mut(),
+        }
+    }
+
+    /// End RDMA access to the guest memory (rkeys invalid from now on).
+    pub fn finish(&mut self) {
+        if let Destination::Rdma(t) = self {
+            t.finish();
+        }
+    }
+}
+
+impl Listener {
+    /// Listen on `addr`.
+    pub fn bind(addr: &str, t: &TransportArgs) -> Result<Listener> {
+        Ok(match t.transport {
+            TransportChoice::Tcp => {
+                Listener::Tcp(TcpMigrationListener::bind(addr, tcp_config(t, true))?)
+            }
+            TransportChoice::Rdma => {
+                if let Some(reason) = rdma_unavailable() {
+                    bail!("--transport rdma: {reason}; use --transport tcp or auto");
+                }
+                Listener::Rdma(RdmaMigrationListener::bind(
+                    addr,
+                    rdma_config(t, true, true),
+                )?)
+            }
+            TransportChoice::Auto => Listener::Rdma(RdmaMigrationListener::bind(
+                addr,
+                rdma_config(t, true, false),
+            )?),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<std::net::SocketAddr, TransportError> {
+        match self {
+            Listener::Tcp(l) => l.local_addr(),
+            Listener::Rdma(l) => l.local_addr(),
+        }
+    }
+
+    /// Accept one source.
+    pub fn accept(&self) -> Result<Destination, TransportError> {
+        Ok(match self {
+            Listener::Tcp(l) => Destination::Tcp(l.accept()?),
+            Listener::Rdma(l) => Destination::Rdma(Box::new(l.accept()?)),
+        })
+    }
 }
 
 /// TCP settings from the arguments.
@@ -60,5 +151,15 @@ pub fn tcp_config(t: &TransportArgs, compress: bool) -> TcpConfig {
         compress,
         io_timeout: std::time::Duration::from_secs(t.io_timeout_s.max(1)),
         ..TcpConfig::default()
+    }
+}
+
+fn rdma_config(t: &TransportArgs, compress: bool, require: bool) -> RdmaConfig {
+    RdmaConfig {
+        tcp: tcp_config(t, compress),
+        device: t.rdma_device.clone(),
+        gid_index: t.gid_index,
+        require,
+        ..RdmaConfig::default()
     }
 }
