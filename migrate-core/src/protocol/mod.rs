@@ -728,18 +728,24 @@ impl ProtocolError {
     pub fn is_disconnect(&self) -> bool {
         match self {
             ProtocolError::Truncated(_) => true,
-            ProtocolError::Io { source, .. } => matches!(
-                source.kind(),
-                io::ErrorKind::UnexpectedEof
-                    | io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::TimedOut
-                    | io::ErrorKind::WouldBlock
-            ),
+            ProtocolError::Io { source, .. } => is_disconnect_kind(source.kind()),
             _ => false,
         }
     }
+}
+
+/// Whether an I/O error kind means the peer or the link is gone (closed,
+/// reset, timed out: a socket read timeout reports `WouldBlock`).
+pub fn is_disconnect_kind(kind: io::ErrorKind) -> bool {
+    matches!(
+        kind,
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::WouldBlock
+    )
 }
 
 fn put_qps(w: &mut Vec<u8>, qps: &[QpEndpoint]) {

@@ -63,15 +63,7 @@ impl TransportError {
     pub fn is_disconnect(&self) -> bool {
         match self {
             TransportError::Protocol(p) => p.is_disconnect(),
-            TransportError::Io { source, .. } => matches!(
-                source.kind(),
-                io::ErrorKind::UnexpectedEof
-                    | io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::TimedOut
-                    | io::ErrorKind::WouldBlock
-            ),
+            TransportError::Io { source, .. } => crate::protocol::is_disconnect_kind(source.kind()),
             _ => false,
         }
     }
