@@ -57,7 +57,7 @@ elif grep -q "RLIMIT_MEMLOCK" "$tmp/ml-s.out"; then
 else
   echo "FAIL memlock: unexpected error"; cat "$tmp/ml-s.out"; fail=1
 fi
-kill $mlpid 2>/dev/null; wait $mlpid 2>/dev/null || true
+kill $mlpid 2>/dev/null || true; wait $mlpid 2>/dev/null || true
 
 if [ "$mode" = compare ]; then
   echo "== one boot: RDMA vs TCP migration of an idle 64 MiB guest (random pages), and ib_write_bw at 1 MiB"
