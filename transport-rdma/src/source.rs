@@ -65,12 +65,15 @@ impl RdmaSource {
         mem: &Arc<GuestMemory>,
         cfg: RdmaConfig,
     ) -> Result<Self, TransportError> {
+        // Refuse before touching the network when the guest cannot be pinned.
+        if !crate::verbs::device_names().is_empty() {
+            check_memlock(mem.total_bytes())?;
+        }
         let tcp = TcpSource::connect(addr, cfg.tcp.clone())?;
         let local_ip = tcp.local_addr()?.ip();
         let (local, fallback) =
             match Device::open(cfg.device.as_deref(), cfg.gid_index, Some(local_ip)) {
                 Ok(dev) => {
-                    check_memlock(mem.total_bytes())?;
                     let started = Instant::now();
                     let mrs = register_memory(&dev, mem, false)?;
                     tracing::info!(
