@@ -12,6 +12,7 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 cargo test --workspace --locked
 # Benchmarks compile and run once each in test mode (no timing).
 cargo test -p benches --benches --locked

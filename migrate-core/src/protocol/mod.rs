@@ -243,7 +243,7 @@ impl RefusalCode {
     }
 }
 
-/// Every message except page batches (which are streamed, see [`batch`]).
+/// Every message except page batches (which are streamed, see [`BatchHeader`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     /// Source → destination, first on the control stream.
