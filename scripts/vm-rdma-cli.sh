@@ -42,6 +42,26 @@ if [ "$fail" = 0 ]; then
   grep -q '"guest_consistent": true' "$tmp/rdma-two-hosts-d.json" || { echo "FAIL: ledger not consistent after RDMA"; fail=1; }
 fi
 
+# A destination process killed mid-round (its queue pairs die with it): the
+# source fails with a clear error and its guest runs again.
+"$bin" dest --listen 127.0.0.1:0 --transport rdma > "$tmp/kill-d.out" 2>&1 &
+kpid=$!
+for _ in $(seq 1 100); do grep -q "listening on" "$tmp/kill-d.out" 2>/dev/null && break; sleep 0.1; done
+kaddr=$(sed -n 's/^listening on //p' "$tmp/kill-d.out")
+"$bin" source --connect "$kaddr" --transport rdma --memory 64M --mix 0:0:1 --bandwidth-mbs 4 \
+  --io-timeout-s 10 --progress never --json "$tmp/kill-s.json" > "$tmp/kill-s.out" 2>&1 &
+spid=$!
+sleep 4
+kill -9 $kpid 2>/dev/null || true
+if wait $spid; then
+  echo "FAIL rdma-dest-killed: the source did not notice"; fail=1
+elif grep -q "source guest is running again" "$tmp/kill-s.out"; then
+  echo "ok rdma-dest-killed: $(json_get "$tmp/kill-s.json" "['error']")"
+else
+  echo "FAIL rdma-dest-killed: unexpected"; cat "$tmp/kill-s.out"; fail=1
+fi
+wait $kpid 2>/dev/null || true
+
 # An unprivileged source whose RLIMIT_MEMLOCK cannot cover the guest is
 # refused up front, with the numbers and how to raise the limit.
 "$bin" dest --listen 127.0.0.1:0 --transport rdma > "$tmp/ml-d.out" 2>&1 &
