@@ -321,6 +321,8 @@ impl Run<'_> {
             let paused = self.paused_at.is_some();
             let runs: Vec<_> = log.runs().collect();
             let pages = log.count() as u64;
+            let round_bytes = log.dirty_bytes();
+            self.monitor.update(|s| s.bytes_remaining = round_bytes);
             self.monitor.emit(MigrationEvent::RoundStarted {
                 round,
                 pages,
@@ -537,6 +539,7 @@ impl Run<'_> {
         let bytes_done = AtomicU64::new(0);
         let last_emit = std::sync::Mutex::new(Instant::now());
         let (monitor, start) = (self.monitor, self.start);
+        let round_start = Instant::now();
         let progress = |pages: u64, bytes: u64| {
             pages_done.fetch_add(pages, Ordering::Relaxed);
             let b = bytes_done.fetch_add(bytes, Ordering::Relaxed) + bytes;
@@ -545,9 +548,12 @@ impl Run<'_> {
             };
             if last.elapsed() >= Duration::from_millis(100) {
                 *last = Instant::now();
+                let secs = round_start.elapsed().as_secs_f64().max(1e-6);
                 let stats = monitor.update(|s| {
                     s.total_ms = start.elapsed().as_secs_f64() * 1e3;
                     s.bytes_transferred = before.wire_bytes + b;
+                    // The current round's rate, live (rounds update it at their end).
+                    s.throughput_mbps = b as f64 * 8.0 / secs / 1e6;
                 });
                 monitor.emit(MigrationEvent::Progress(stats));
             }
