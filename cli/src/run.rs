@@ -15,8 +15,8 @@ use migrate_core::{
 };
 
 use crate::args::{
-    DemoArgs, DestArgs, MemoryArgs, MigrationArgs, SourceArgs, TimeoutChoice, TrackerChoice,
-    TransportArgs, TransportChoice,
+    DemoArgs, DestArgs, MigrationArgs, SourceArgs, TimeoutChoice, TrackerChoice, TransportArgs,
+    TransportChoice,
 };
 use crate::{guest, memory, report, transport};
 
@@ -148,7 +148,7 @@ pub fn dest(a: DestArgs) -> Result<bool> {
     println!("listening on {addr}");
     std::io::stdout().flush().ok();
     let own = memory::from_args(&a.memory)?.map(Arc::new);
-    receive(&listener, own, &a.memory, a.json.as_deref())
+    receive(&listener, own, a.json.as_deref())
 }
 
 /// Accept one migration (skipping clients that are not migration sources)
@@ -156,7 +156,6 @@ pub fn dest(a: DestArgs) -> Result<bool> {
 fn receive(
     listener: &transport::Listener,
     own: Option<Arc<GuestMemory>>,
-    _args: &MemoryArgs,
     json: Option<&std::path::Path>,
 ) -> Result<bool> {
     let mut t = loop {
@@ -245,17 +244,7 @@ pub fn demo(a: DemoArgs) -> Result<bool> {
         a.guest.dirty_rate,
         a.guest.threads
     );
-    let dest = std::thread::spawn(move || {
-        receive(
-            &listener,
-            None,
-            &MemoryArgs {
-                memory: None,
-                memory_file: None,
-            },
-            None,
-        )
-    });
+    let dest = std::thread::spawn(move || receive(&listener, None, None));
     let mut m = a.migration.clone();
     m.verify = true;
     let ok = migrate_out(

@@ -117,11 +117,11 @@ impl IncomingMigration {
                 })?;
                 (session, data_streams, features & ours)
             }
-            other => return Err(unexpected(ctl, other, "Hello")),
+            other => return Err(unexpected(other, "Hello")),
         };
         let layout = match recv(ctl)? {
             Message::Layout(l) => l,
-            other => return Err(unexpected(ctl, other, "Layout")),
+            other => return Err(unexpected(other, "Layout")),
         };
         Ok(Self {
             layout,
@@ -251,7 +251,7 @@ impl IncomingMigration {
                 }
                 Message::Commit => {
                     if !state_done {
-                        return Err(unexpected(ctl, Message::Commit, "DeviceState"));
+                        return Err(unexpected(Message::Commit, "DeviceState"));
                     }
                     if let Err(e) = vm.load_state(&state).and_then(|()| vm.resume()) {
                         let _ = ctl.send(&Message::Refused {
@@ -269,7 +269,7 @@ impl IncomingMigration {
                     );
                     return Ok(report);
                 }
-                other => return Err(unexpected(ctl, other, "a round, verification or commit")),
+                other => return Err(unexpected(other, "a round, verification or commit")),
             }
         }
     }
@@ -406,11 +406,7 @@ fn refuse(ctl: &mut dyn ControlChannel, code: RefusalCode, message: String) -> M
 }
 
 /// An out-of-order message; the caller tells the source (Abort).
-fn unexpected(
-    _ctl: &mut dyn ControlChannel,
-    got: Message,
-    expected: &'static str,
-) -> MigrationError {
+fn unexpected(got: Message, expected: &'static str) -> MigrationError {
     MigrationError::Protocol(ProtocolError::Unexpected {
         got: got.kind(),
         expected,

@@ -74,16 +74,6 @@ impl FrameHeader {
     }
 }
 
-/// A whole frame read from a data stream: a batch header still to be
-/// streamed, or a control message.
-#[derive(Debug)]
-pub enum Frame {
-    /// A page batch whose payload is still on the stream.
-    Pages(FrameHeader),
-    /// A complete message.
-    Message(Message),
-}
-
 fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> ProtocolError {
     move |source| {
         if source.kind() == io::ErrorKind::UnexpectedEof {

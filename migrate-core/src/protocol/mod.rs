@@ -80,7 +80,7 @@ pub use batch::{
     encode_batch_header, is_zero_page,
 };
 pub use codec::{
-    Frame, FrameHeader, HEADER_LEN, check_seed, read_frame_header, read_message, read_payload,
+    FrameHeader, HEADER_LEN, check_seed, read_frame_header, read_message, read_payload,
     read_preamble, write_frame, write_message, write_preamble,
 };
 
