@@ -129,7 +129,7 @@ pub struct MigrationArgs {
     /// What the time limit does.
     #[arg(long, value_enum, default_value_t = TimeoutChoice::Cancel)]
     pub timeout_policy: TimeoutChoice,
-    /// Do not throttle the guest when rounds stop shrinking.
+    /// Do not throttle a guest that dirties faster than the link drains.
     #[arg(long)]
     pub no_auto_converge: bool,
     /// Before commit, compare a hash of every page on both sides; any

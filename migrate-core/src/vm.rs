@@ -46,7 +46,7 @@ pub trait SourceVm: Send {
     fn save_state(&mut self) -> Result<Vec<u8>, VmError>;
 
     /// Auto-converge: slow the guest's vCPUs to `percent` % throttle (0 = full
-    /// speed) because rounds stop shrinking. Returns `false` if this VMM
+    /// speed) because it dirties faster than the link drains. Returns `false` if this VMM
     /// cannot throttle (the engine then relies on `max_rounds`).
     ///
     /// # Errors
