@@ -12,16 +12,25 @@
 //! | [`UffdAsyncTracker`] (default, Linux ≥ 6.7) | every write by any thread of this process, and the kernel's writes on its behalf | no signal, no handler thread; harvest is one `PAGEMAP_SCAN` walk |
 //! | [`UffdSyncTracker`] (fallback, Linux ≥ 5.7 anon / 5.19 shmem) | every user-space write of this process | one fault round trip to a handler thread per first write after a harvest |
 //! | [`SoftwareDirtyBitmap`] (always) | what the VMM marks: device emulation, DMA, writes through other mappings | one atomic OR per mark |
+//! | `KvmDirtyLogTracker` (feature `kvm`) | what a KVM guest's vCPUs write through their memory slots | no fault in user space; harvest is one `KVM_GET_DIRTY_LOG` per slot |
+//! | `VmMemoryBitmap` (feature `vm-memory`) | what a rust-vmm VMM writes through vm-memory | one atomic OR per write, inside vm-memory |
+//!
+//! [`DirtyUnion`] joins trackers: a KVM VMM harvests KVM's log ∪ its own bitmap.
 //!
 //! Documented limit of the userfaultfd trackers: they watch *this* mapping.
 //! Writes through a second mapping of the same memfd (another process, a
 //! vhost-user backend), `pwrite(2)` to the backing file and device DMA into
 //! pinned pages are not seen; whoever makes them must mark the software bitmap.
 
+#[cfg(feature = "kvm")]
+mod kvm;
 mod log;
 mod select;
 mod software;
 mod uffd;
+mod union;
+#[cfg(feature = "vm-memory")]
+mod vm_memory;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
@@ -29,10 +38,15 @@ pub mod conformance;
 use std::fmt;
 use std::io;
 
+#[cfg(feature = "kvm")]
+pub use kvm::KvmDirtyLogTracker;
 pub use log::{DirtyLog, PageRun};
 pub use select::{DirtyTracking, Fallback, TrackerPreference};
 pub use software::SoftwareDirtyBitmap;
 pub use uffd::{UffdAsyncTracker, UffdSupport, UffdSyncTracker};
+pub use union::DirtyUnion;
+#[cfg(feature = "vm-memory")]
+pub use vm_memory::VmMemoryBitmap;
 
 use crate::memory::{GuestMemory, PageSize};
 
@@ -66,6 +80,11 @@ pub enum TrackerKind {
     UffdSync,
     /// A bitmap that the VMM marks itself.
     Software,
+    /// KVM's dirty log of the guest's memory slots (feature `kvm`).
+    KvmDirtyLog,
+    /// vm-memory's `AtomicBitmap`, marked by the VMM's writes through
+    /// vm-memory (feature `vm-memory`).
+    VmMemoryBitmap,
 }
 
 impl TrackerKind {
@@ -75,6 +94,8 @@ impl TrackerKind {
             TrackerKind::UffdAsync => "uffd-async",
             TrackerKind::UffdSync => "uffd-sync",
             TrackerKind::Software => "software",
+            TrackerKind::KvmDirtyLog => "kvm-dirty-log",
+            TrackerKind::VmMemoryBitmap => "vm-memory-bitmap",
         }
     }
 }

@@ -60,13 +60,21 @@ impl DirtyTracking {
             TrackerPreference::Only(TrackerKind::UffdAsync) => &[TrackerKind::UffdAsync],
             TrackerPreference::Only(TrackerKind::UffdSync) => &[TrackerKind::UffdSync],
             TrackerPreference::Only(TrackerKind::Software) => &[],
+            TrackerPreference::Only(kind) => {
+                return Err(DirtyError::Unsupported {
+                    tracker: kind,
+                    reason: "it tracks the VMM's own objects (VM fd, vm-memory): build it \
+                             directly and join it with DirtyUnion"
+                        .into(),
+                });
+            }
         };
         let mut fallbacks = Vec::new();
         for &kind in candidates {
             let made: Result<Box<dyn DirtyTrackerDebug>, DirtyError> = match kind {
                 TrackerKind::UffdAsync => UffdAsyncTracker::new(mem).map(|t| Box::new(t) as _),
                 TrackerKind::UffdSync => UffdSyncTracker::new(mem).map(|t| Box::new(t) as _),
-                TrackerKind::Software => unreachable!("software is not a candidate"),
+                _ => unreachable!("only uffd trackers are candidates"),
             };
             match made {
                 Ok(tracker) => {

@@ -7,12 +7,16 @@
 //! here reads and writes through raw pointers, never through `&mut [u8]`.
 
 mod region;
+#[cfg(feature = "vm-memory")]
+mod vm_memory;
 
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
 pub use region::{Backing, GuestRegion};
+#[cfg(feature = "vm-memory")]
+pub use vm_memory::VmMemory;
 
 /// Page size of a region: the unit of dirty tracking and of transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

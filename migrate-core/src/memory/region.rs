@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -54,6 +55,17 @@ pub struct GuestRegion {
     /// `None` for external mappings: dropping the region must not unmap them.
     mapping: Option<MmapRaw>,
     file: Option<File>,
+    /// Whoever owns an external mapping, kept alive as long as the region.
+    owner: Option<Owner>,
+}
+
+/// Keeps an adopted mapping's owner alive.
+struct Owner(#[allow(dead_code)] Arc<dyn Send + Sync>);
+
+impl std::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Owner")
+    }
 }
 
 // SAFETY: the region only hands out raw pointers and copies through them; the
@@ -204,6 +216,7 @@ impl GuestRegion {
             backing: Backing::External,
             mapping: None,
             file: None,
+            owner: None,
         })
     }
 
@@ -243,7 +256,15 @@ impl GuestRegion {
             backing,
             mapping: Some(map),
             file,
+            owner: None,
         }
+    }
+
+    /// Keep `owner` (whatever owns an adopted mapping) alive as long as this
+    /// region.
+    pub fn kept_alive_by(mut self, owner: Arc<dyn Send + Sync>) -> Self {
+        self.owner = Some(Owner(owner));
+        self
     }
 
     /// Guest-physical base address.

@@ -101,7 +101,7 @@ impl UffdSupport {
                 }
                 None
             }
-            TrackerKind::Software => None,
+            TrackerKind::Software | TrackerKind::KvmDirtyLog | TrackerKind::VmMemoryBitmap => None,
         }
     }
 }

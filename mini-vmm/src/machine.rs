@@ -1,0 +1,327 @@
+//! The VM: KVM, guest memory in vm-memory (as rust-vmm VMMs keep it), one
+//! dirty-logging memory slot per region, one vCPU; and its two faces to the
+//! migration engine, [`SourceVm`] and [`DestinationVm`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_segment, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use migrate_core::dirty::{DirtyError, DirtyUnion, KvmDirtyLogTracker, VmMemoryBitmap};
+use migrate_core::memory::{GuestMemory, MemoryError, MemoryLayout, VmMemory};
+use migrate_core::vm::{DestinationVm, SourceVm, VmError};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::program::{CODE_GPA, LIST_GPA, ScatterProgram, TABLE_GPA, TableProgram};
+use crate::state::{DeviceState, VmState};
+use crate::vcpu::{VcpuError, VcpuRunner};
+
+/// A VMM error.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// `/dev/kvm` cannot be used.
+    #[error("KVM unavailable: {0}")]
+    NoKvm(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// The ioctl.
+        what: &'static str,
+        /// Its error.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be made or adopted.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// Dirty tracking could not start.
+    #[error("dirty tracking: {0}")]
+    Dirty(#[from] DirtyError),
+    /// The vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+/// The low region: code and the scatter list below 1 MiB.
+const LOW_BYTES: u64 = TABLE_GPA;
+
+/// A KVM virtual machine with its guest memory and one vCPU.
+pub struct Machine {
+    vm: Arc<VmFd>,
+    vmm_mem: Arc<VmMemory>,
+    mem: Arc<GuestMemory>,
+    vcpu: Option<VcpuFd>,
+    _kvm: Kvm,
+}
+
+impl Machine {
+    /// A VM with 1 MiB of low memory and `table_bytes` from [`TABLE_GPA`]
+    /// on (rounded up to whole pages).
+    ///
+    /// # Errors
+    /// [`VmmError`] when KVM or the memory cannot be set up.
+    pub fn new(table_bytes: u64) -> Result<Self, VmmError> {
+        let high = table_bytes.div_ceil(4096).max(1) * 4096;
+        Self::with_ranges(&[(0, LOW_BYTES), (TABLE_GPA, high)])
+    }
+
+    /// A VM whose memory has the layout a migration source announced.
+    ///
+    /// # Errors
+    /// [`VmmError`] as for [`new`](Self::new).
+    pub fn for_layout(layout: &MemoryLayout) -> Result<Self, VmmError> {
+        let ranges: Vec<(u64, u64)> = layout.regions.iter().map(|r| (r.gpa, r.len)).collect();
+        Self::with_ranges(&ranges)
+    }
+
+    fn with_ranges(ranges: &[(u64, u64)]) -> Result<Self, VmmError> {
+        let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        let vr: Vec<(GuestAddress, usize)> = ranges
+            .iter()
+            .map(|&(gpa, len)| (GuestAddress(gpa), len as usize))
+            .collect();
+        let vmm_mem =
+            Arc::new(VmMemory::from_ranges(&vr).map_err(|e| VmmError::Memory(e.to_string()))?);
+        let mem = Arc::new(
+            GuestMemory::from_vm_memory(&vmm_mem)
+                .map_err(|e: MemoryError| VmmError::Memory(e.to_string()))?,
+        );
+        for (slot, r) in mem.regions().iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+                guest_phys_addr: r.gpa(),
+                memory_size: r.len() as u64,
+                userspace_addr: r.as_ptr() as u64,
+            };
+            // SAFETY: the mapping belongs to `vmm_mem`, which this machine
+            // keeps (and `mem` keeps) alive as long as the VM fd.
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        Ok(Self {
+            vm: Arc::new(vm),
+            vmm_mem,
+            mem,
+            vcpu: Some(vcpu),
+            _kvm: kvm,
+        })
+    }
+
+    /// The KVM VM.
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// The guest memory, as the migration engine sees it.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+
+    /// The guest memory, as the VMM's devices see it (vm-memory).
+    pub fn vmm_memory(&self) -> &Arc<VmMemory> {
+        &self.vmm_mem
+    }
+
+    /// Start dirty tracking as a KVM VMM does: KVM's log of the guest's
+    /// writes ∪ vm-memory's bitmap of the VMM's own.
+    ///
+    /// # Errors
+    /// [`VmmError::Dirty`] when KVM refuses the dirty log.
+    pub fn dirty_tracking(&self) -> Result<DirtyUnion, VmmError> {
+        let slots: Vec<u32> = (0..self.mem.regions().len() as u32).collect();
+        Ok(DirtyUnion::new(vec![
+            Box::new(KvmDirtyLogTracker::new(self.vm.clone(), &self.mem, &slots)?),
+            Box::new(VmMemoryBitmap::new(&self.vmm_mem, &self.mem)?),
+        ]))
+    }
+
+    /// Load `program` (through vm-memory, so the VMM's bitmap sees it) and
+    /// return the boot state: flat 32-bit protected mode at [`CODE_GPA`].
+    ///
+    /// # Errors
+    /// [`VmmError`] when the code does not fit or KVM refuses a register read.
+    pub fn load_table_program(&self, program: &TableProgram) -> Result<VmState, VmmError> {
+        if program.table_bytes() > self.mem.total_bytes() - LOW_BYTES {
+            return Err(VmmError::Memory(format!(
+                "a {} B table does not fit the guest memory",
+                program.table_bytes()
+            )));
+        }
+        self.load(&program.code(), &[])
+    }
+
+    /// Load a [`ScatterProgram`] and its address list.
+    ///
+    /// # Errors
+    /// As [`load_table_program`](Self::load_table_program).
+    pub fn load_scatter_program(&self, program: &ScatterProgram) -> Result<VmState, VmmError> {
+        self.load(&program.code(), &program.list())
+    }
+
+    fn load(&self, code: &[u8], list: &[u8]) -> Result<VmState, VmmError> {
+        if CODE_GPA + code.len() as u64 > LIST_GPA || LIST_GPA + list.len() as u64 > LOW_BYTES {
+            return Err(VmmError::Memory("program too large".into()));
+        }
+        let write = |data: &[u8], gpa: u64| {
+            self.vmm_mem
+                .write_slice(data, GuestAddress(gpa))
+                .map_err(|e| VmmError::Memory(e.to_string()))
+        };
+        write(code, CODE_GPA)?;
+        write(list, LIST_GPA)?;
+        let fd = self.vcpu.as_ref().expect("vCPU not started yet");
+        let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let code_seg = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: 8,
+            type_: 11,
+            present: 1,
+            dpl: 0,
+            db: 1,
+            s: 1,
+            l: 0,
+            g: 1,
+            ..Default::default()
+        };
+        let data_seg = kvm_segment {
+            type_: 3,
+            selector: 0x10,
+            ..code_seg
+        };
+        sregs.cs = code_seg;
+        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) =
+            (data_seg, data_seg, data_seg, data_seg, data_seg);
+        sregs.cr0 |= 1;
+        let mut regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        regs.rip = CODE_GPA;
+        regs.rflags = 2;
+        regs.rsp = LIST_GPA;
+        Ok(VmState {
+            regs,
+            sregs,
+            device: DeviceState::default(),
+        })
+    }
+
+    /// Start the vCPU from `state`, pacing the guest to `pages_per_sec`
+    /// table pages per second (0: unpaced).
+    ///
+    /// # Errors
+    /// [`VmmError::Vcpu`] when KVM refuses the registers.
+    pub fn start(&mut self, state: &VmState, pages_per_sec: u64) -> Result<VcpuRunner, VmmError> {
+        let fd = self
+            .vcpu
+            .take()
+            .ok_or_else(|| VmmError::Memory("the vCPU already runs".into()))?;
+        Ok(VcpuRunner::start(fd, state, pages_per_sec)?)
+    }
+
+    /// The guest memory's digest: xxh3-128 over every page in address order.
+    pub fn digest(&self) -> u128 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for r in self.mem.regions() {
+            // SAFETY: the whole region, mapped for the machine's life; the
+            // caller reads it with the vCPU paused or not yet started.
+            h.update(unsafe { r.page_slice(0, r.pages()) });
+        }
+        h.digest128()
+    }
+}
+
+/// The migration source's view of the VM: a running vCPU.
+pub struct KvmSource<'a> {
+    /// The vCPU.
+    pub vcpu: &'a VcpuRunner,
+    /// The state saved by the last pause.
+    paused: Option<VmState>,
+}
+
+impl<'a> KvmSource<'a> {
+    /// Control `vcpu` for a migration.
+    pub fn new(vcpu: &'a VcpuRunner) -> Self {
+        Self { vcpu, paused: None }
+    }
+}
+
+impl SourceVm for KvmSource<'_> {
+    fn pause(&mut self) -> Result<(), VmError> {
+        self.paused = Some(self.vcpu.pause().map_err(|e| VmError::new("pause", e))?);
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.paused = None;
+        self.vcpu.resume();
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, VmError> {
+        self.paused
+            .as_ref()
+            .map(VmState::encode)
+            .ok_or_else(|| VmError::new("save device state", "the vCPU is not paused"))
+    }
+
+    fn throttle(&mut self, percent: u8) -> Result<bool, VmError> {
+        self.vcpu.throttle(percent);
+        Ok(true)
+    }
+}
+
+/// The migration destination's view of the VM: registers to load, a vCPU
+/// to start at commit.
+pub struct KvmDestination<'a> {
+    machine: &'a mut Machine,
+    state: Option<VmState>,
+    pages_per_sec: u64,
+    /// The running vCPU, after commit.
+    pub running: Option<VcpuRunner>,
+    /// The memory digest taken at commit, before the vCPU ran.
+    pub digest_at_resume: Option<u128>,
+}
+
+impl<'a> KvmDestination<'a> {
+    /// Receive into `machine`; the guest runs paced like the source's.
+    pub fn new(machine: &'a mut Machine, pages_per_sec: u64) -> Self {
+        Self {
+            machine,
+            state: None,
+            pages_per_sec,
+            running: None,
+            digest_at_resume: None,
+        }
+    }
+}
+
+impl DestinationVm for KvmDestination<'_> {
+    fn load_state(&mut self, state: &[u8]) -> Result<(), VmError> {
+        self.state =
+            Some(VmState::decode(state).map_err(|e| VmError::new("load device state", e))?);
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        let state = self
+            .state
+            .ok_or_else(|| VmError::new("resume", "no device state was loaded"))?;
+        self.digest_at_resume = Some(self.machine.digest());
+        let runner = self
+            .machine
+            .start(&state, self.pages_per_sec)
+            .map_err(|e| VmError::new("resume", e))?;
+        self.running = Some(runner);
+        Ok(())
+    }
+}
+
+/// How long a test or the CLI waits for a guest to finish.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(300);

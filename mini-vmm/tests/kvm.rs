@@ -1,0 +1,283 @@
+//! A real vCPU under KVM: its writes in KVM's dirty log, and its live
+//! migration between two `mini-vmm` processes over TCP, checked by its own
+//! answer and by the memory digests at switch-over.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use migrate_core::dirty::{DirtyLog, DirtyTracker, KvmDirtyLogTracker, VmMemoryBitmap};
+use mini_vmm::machine::Machine;
+use mini_vmm::program::{ScatterProgram, TABLE_GPA, TableProgram};
+
+fn kvm_here(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIP {test}: /dev/kvm: {e}");
+            false
+        }
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(120);
+
+#[test]
+fn kvm_log_has_exactly_the_guests_writes_and_the_bitmap_the_vmms() {
+    if !kvm_here("kvm_log") {
+        return;
+    }
+    let table = 4u64 << 20;
+    let mut m = Machine::new(table).unwrap();
+    let mem = m.memory().clone();
+    let slots = [0, 1];
+    let kvm = KvmDirtyLogTracker::new(m_vm(&m), &mem, &slots).unwrap();
+    let vmm = VmMemoryBitmap::new(m.vmm_memory(), &mem).unwrap();
+    // Pages in both regions, first and last included, some twice.
+    let pages: Vec<u64> = vec![
+        0x20, 0x21, 0x90, 0xff, 0x100, 0x101, 0x3ff, 0x400, 0x477, 0x4ff, 0x101,
+    ];
+    let targets: Vec<u32> = pages.iter().map(|p| (p * 4096 + 8) as u32).collect();
+    let prog = ScatterProgram { targets };
+    let boot = m.load_scatter_program(&prog).unwrap();
+
+    // The VMM's own writes (code, list) are in vm-memory's bitmap, not KVM's.
+    let mut log = DirtyLog::new(&mem);
+    kvm.harvest(&mut log).unwrap();
+    assert!(log.is_empty(), "KVM logged the VMM's writes");
+    vmm.harvest(&mut log).unwrap();
+    assert!(
+        log.is_dirty(0, 1) && log.is_dirty(0, 8),
+        "code and list pages not in the VMM bitmap"
+    );
+
+    let vcpu = m.start(&boot, 0).unwrap();
+    let d = vcpu.wait_halted(WAIT).unwrap().expect("guest finished");
+    assert_eq!(d.result, Some(ScatterProgram::DONE));
+    let mut got = DirtyLog::new(&mem);
+    kvm.harvest(&mut got).unwrap();
+    let mut want = DirtyLog::new(&mem);
+    for &p in &pages {
+        let gpa = p * 4096;
+        if gpa < TABLE_GPA {
+            want.mark(0, p as usize);
+        } else {
+            want.mark(1, ((gpa - TABLE_GPA) / 4096) as usize);
+        }
+    }
+    assert_eq!(
+        got.count(),
+        want.count(),
+        "KVM logged {} pages, guest wrote {}",
+        got.count(),
+        want.count()
+    );
+    assert!(got == want, "KVM's pages differ from the guest's writes");
+    let mut again = DirtyLog::new(&mem);
+    kvm.harvest(&mut again).unwrap();
+    vmm.harvest(&mut again).unwrap();
+    assert!(again.is_empty(), "second harvest not empty");
+}
+
+fn m_vm(m: &Machine) -> std::sync::Arc<kvm_ioctls::VmFd> {
+    m.vm_fd().clone()
+}
+
+/// A running guest, harvested again and again into a shadow copy (what
+/// pre-copy does): after the pause and a last harvest, the shadow equals the
+/// memory byte for byte, and the guest still computes the right answer.
+#[test]
+fn harvests_of_a_running_guest_lose_nothing() {
+    if !kvm_here("running_guest") {
+        return;
+    }
+    let program = TableProgram::new(1, 12);
+    let mut m = Machine::new(program.table_bytes()).unwrap();
+    let mem = m.memory().clone();
+    let boot = m.load_table_program(&program).unwrap();
+    let tracking = m.dirty_tracking().unwrap();
+    let mut shadow: Vec<Vec<u8>> = mem
+        .regions()
+        .iter()
+        .map(|r| {
+            let mut v = vec![0; r.len()];
+            mem.read(r.gpa(), &mut v).unwrap();
+            v
+        })
+        .collect();
+    let refresh = |shadow: &mut Vec<Vec<u8>>, log: &DirtyLog| {
+        for (ri, page) in log.pages() {
+            let r = &mem.regions()[ri];
+            let off = page * 4096;
+            mem.read(r.gpa() + off as u64, &mut shadow[ri][off..off + 4096])
+                .unwrap();
+        }
+    };
+    // Paced so that it runs through many harvests.
+    let vcpu = m.start(&boot, 4_000).unwrap();
+    let mut harvests = 0;
+    let mut dirty_seen = 0;
+    let start = Instant::now();
+    while vcpu.device().passes < 6 && start.elapsed() < WAIT {
+        let mut log = DirtyLog::new(&mem);
+        tracking.harvest(&mut log).unwrap();
+        dirty_seen += log.count();
+        refresh(&mut shadow, &log);
+        harvests += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let state = vcpu.pause().unwrap();
+    let mut log = DirtyLog::new(&mem);
+    tracking.harvest(&mut log).unwrap();
+    refresh(&mut shadow, &log);
+    assert!(
+        harvests > 10 && dirty_seen > 256,
+        "{harvests} harvests saw {dirty_seen} pages"
+    );
+    for (ri, r) in mem.regions().iter().enumerate() {
+        let mut now = vec![0; r.len()];
+        mem.read(r.gpa(), &mut now).unwrap();
+        if let Some(i) = (0..r.len()).find(|&i| now[i] != shadow[ri][i]) {
+            panic!("shadow differs at region {ri} byte {i:#x} after {harvests} harvests");
+        }
+    }
+    assert!(state.device.passes >= 6 && !state.device.halted);
+    vcpu.resume();
+    let d = vcpu.wait_halted(WAIT).unwrap().expect("guest finished");
+    assert_eq!(
+        d.result,
+        Some(program.expected()),
+        "guest answer differs from the model"
+    );
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mini-vmm"))
+}
+
+fn line(out: &str, prefix: &str) -> Option<String> {
+    out.lines().find_map(|l| {
+        l.strip_prefix(prefix)
+            .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
+    })
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Start a destination; returns it and the address it listens on.
+fn start_dest() -> (Child, String, BufReader<std::process::ChildStdout>) {
+    let mut d = bin()
+        .args(["dest", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(d.stdout.take().unwrap());
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    let addr = l
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_string();
+    (d, addr, out)
+}
+
+// About 1 s of guest work here (a VM exit per 256 KiB costs ~7 ms).
+const GUEST: [&str; 6] = ["--table-mib", "4", "--passes", "8", "--pages-per-sec", "0"];
+
+fn unmigrated_result() -> String {
+    let o = bin().arg("run").args(GUEST).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    line(&String::from_utf8_lossy(&o.stdout), "result: ").expect("result line")
+}
+
+#[test]
+fn a_running_kvm_guest_migrates_live_between_two_processes() {
+    if !kvm_here("live_migration") {
+        return;
+    }
+    let expected = unmigrated_result();
+    let (dest, addr, mut dest_out) = start_dest();
+    let src = bin()
+        .args([
+            "source",
+            "--connect",
+            &addr,
+            "--verify",
+            "--start-after-ms",
+            "500",
+        ])
+        .args(GUEST)
+        .output()
+        .unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut dest_out, &mut rest).unwrap();
+    let dest = dest.wait_with_output().unwrap();
+    let dest_text = format!("{rest}{}", String::from_utf8_lossy(&dest.stderr));
+    let src_text = text(&src);
+    assert!(src.status.success(), "source failed:\n{src_text}");
+    assert!(dest.status.success(), "destination failed:\n{dest_text}");
+    // The guest finished on the destination, with the unmigrated answer.
+    assert_eq!(line(&dest_text, "result: "), Some(expected), "{dest_text}");
+    assert!(
+        line(&src_text, "result: ").is_none(),
+        "the source guest ran on: {src_text}"
+    );
+    // Memory at switch-over: the paused source's equals the destination's.
+    let (sd, dd) = (line(&src_text, "digest: "), line(&dest_text, "digest: "));
+    assert!(
+        sd.is_some() && sd == dd,
+        "digests differ: source {sd:?}, destination {dd:?}"
+    );
+    assert!(src_text.contains("migrated: "), "{src_text}");
+}
+
+#[test]
+fn the_source_guest_runs_on_when_the_destination_dies() {
+    if !kvm_here("destination_dies") {
+        return;
+    }
+    let expected = unmigrated_result();
+    let (mut dest, addr, _out) = start_dest();
+    let mut src = bin()
+        .args([
+            "source",
+            "--connect",
+            &addr,
+            "--bandwidth-mbs",
+            "1",
+            "--start-after-ms",
+            "300",
+        ])
+        .args(GUEST)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the destination while round 0 (4 MiB at 1 MB/s) is under way.
+    let mut err = BufReader::new(src.stderr.take().unwrap());
+    let mut first = String::new();
+    err.read_line(&mut first).unwrap();
+    assert!(first.contains("migrating to"), "{first}");
+    std::thread::sleep(Duration::from_millis(300));
+    dest.kill().unwrap();
+    dest.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let src = src.wait_with_output().unwrap();
+    let t = format!("{}{first}{rest}", String::from_utf8_lossy(&src.stdout));
+    assert_eq!(src.status.code(), Some(1), "{t}");
+    assert!(t.contains("migration failed"), "{t}");
+    assert_eq!(line(&t, "result: "), Some(expected), "{t}");
+}
