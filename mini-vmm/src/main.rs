@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use migrate_core::protocol::RefusalCode;
 use migrate_core::{IncomingMigration, SourceConfig, SourceMigration};
 use mini_vmm::machine::{GUEST_TIMEOUT, KvmDestination, KvmSource, Machine};
 use mini_vmm::program::TableProgram;
@@ -183,7 +184,15 @@ fn dest(a: DestArgs) -> Result<bool> {
     std::io::stdout().flush().ok();
     let mut t = listener.accept()?;
     let incoming = IncomingMigration::accept(&mut t)?;
-    let mut m = Machine::for_layout(incoming.layout())?;
+    let mut m = match Machine::for_layout(incoming.layout()) {
+        Ok(m) => m,
+        Err(e) => {
+            // Tell the source why, so it resumes its guest with a clear error.
+            let msg = format!("destination cannot build the VM: {e}");
+            incoming.refuse(&mut t, RefusalCode::Setup, &msg);
+            bail!(msg);
+        }
+    };
     let mem = m.memory().clone();
     let mut vm = KvmDestination::new(&mut m, a.pages_per_sec);
     let report = incoming.receive(&mut t, &mem, &mut vm);
