@@ -95,13 +95,7 @@ impl DirtyTracker for KvmDirtyLogTracker {
                     op: "KVM_GET_DIRTY_LOG",
                     source: io::Error::from_raw_os_error(e.errno()),
                 })?;
-            for (w, mut bits) in words.into_iter().enumerate() {
-                while bits != 0 {
-                    let kvm_page = w * 64 + bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    log.mark(s.region, kvm_page / s.per_page.max(1));
-                }
-            }
+            log.mark_small_page_bits(s.region, words, s.per_page);
         }
         Ok(())
     }

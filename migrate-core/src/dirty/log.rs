@@ -103,6 +103,25 @@ impl DirtyLog {
         self.regions[region].as_raw_mut_slice()[word] |= bits;
     }
 
+    /// OR a kernel-style bitmap into `region`: bit *i* of `words` is 4 KiB
+    /// page *i*; `small_per_page` of those make one page of the region (1 for
+    /// 4 KiB pages, 512 for 2 MiB).
+    #[cfg(any(feature = "kvm", feature = "vm-memory"))]
+    pub(crate) fn mark_small_page_bits(
+        &mut self,
+        region: usize,
+        words: impl IntoIterator<Item = u64>,
+        small_per_page: usize,
+    ) {
+        for (w, mut bits) in words.into_iter().enumerate() {
+            while bits != 0 {
+                let small = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                self.mark(region, small / small_per_page.max(1));
+            }
+        }
+    }
+
     /// Mark every page dirty (round 0 of pre-copy).
     pub fn mark_all(&mut self) {
         self.regions.iter_mut().for_each(|r| r.fill(true));

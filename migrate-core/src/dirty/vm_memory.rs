@@ -64,18 +64,8 @@ impl DirtyTracker for VmMemoryBitmap {
 
     fn harvest(&self, log: &mut DirtyLog) -> Result<(), DirtyError> {
         for (i, r) in self.vm.iter().enumerate() {
-            let (region, per_page) = (self.regions[i], self.per_page[i].max(1));
-            for (w, mut bits) in MmapRegion::bitmap(r)
-                .get_and_reset()
-                .into_iter()
-                .enumerate()
-            {
-                while bits != 0 {
-                    let page = w * 64 + bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    log.mark(region, page / per_page);
-                }
-            }
+            let words = MmapRegion::bitmap(r).get_and_reset();
+            log.mark_small_page_bits(self.regions[i], words, self.per_page[i]);
         }
         Ok(())
     }
