@@ -208,6 +208,11 @@ pub struct DestArgs {
     pub memory: MemoryArgs,
     #[command(flatten)]
     pub transport: TransportArgs,
+    /// Allocate every guest page before the first one arrives (like QEMU's
+    /// -mem-prealloc): the kernel's zeroing of fresh memory moves from the
+    /// rounds to the setup, and zero pages take memory too.
+    #[arg(long)]
+    pub prefault: bool,
     /// Write the destination's report as one JSON object here.
     #[arg(long)]
     pub json: Option<PathBuf>,

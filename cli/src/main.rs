@@ -7,6 +7,7 @@ mod args;
 mod guest;
 mod memory;
 mod report;
+mod resources;
 mod run;
 mod transport;
 
@@ -14,6 +15,8 @@ use anyhow::Result;
 use clap::Parser;
 
 fn main() {
+    // Before the guest exists: what the process holds without it.
+    let baseline_rss = resources::status_bytes("VmRSS");
     let cli = args::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -23,8 +26,8 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result: Result<bool> = match cli.command {
-        args::Command::Source(a) => run::source(a),
-        args::Command::Dest(a) => run::dest(a),
+        args::Command::Source(a) => run::source(a, baseline_rss),
+        args::Command::Dest(a) => run::dest(a, baseline_rss),
         args::Command::Demo(a) => run::demo(a),
     };
     match result {

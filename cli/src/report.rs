@@ -115,6 +115,8 @@ pub fn source_json(
         "bytes_remaining": stats.bytes_remaining,
         "throughput_mbps": stats.avg_throughput_mbps,
         "last_round_throughput_mbps": stats.throughput_mbps,
+        "first_pass_mbps": stats.first_pass_mbps,
+        "verify_ms": stats.verify_ms,
         "rounds": stats.rounds,
         "normal_pages": stats.normal_pages,
         "zero_pages": stats.zero_pages,

@@ -18,7 +18,7 @@ use crate::args::{
     DemoArgs, DestArgs, MigrationArgs, SourceArgs, TimeoutChoice, TrackerChoice, TransportArgs,
     TransportChoice,
 };
-use crate::{guest, memory, report, transport};
+use crate::{guest, memory, report, resources, transport};
 
 fn source_config(m: &MigrationArgs) -> SourceConfig {
     SourceConfig {
@@ -49,7 +49,7 @@ fn tracker_pref(t: TrackerChoice) -> TrackerPreference {
 }
 
 /// `migrate-cli source`.
-pub fn source(a: SourceArgs) -> Result<bool> {
+pub fn source(a: SourceArgs, baseline_rss: u64) -> Result<bool> {
     let mem = memory::from_args(&a.memory)?
         .context("give the guest memory: --memory SIZE and/or --memory-file PATH")?;
     migrate_out(
@@ -60,6 +60,7 @@ pub fn source(a: SourceArgs) -> Result<bool> {
         &a.migration,
         a.json.as_deref(),
         a.progress,
+        Some(baseline_rss),
     )
 }
 
@@ -72,10 +73,13 @@ fn migrate_out(
     m: &MigrationArgs,
     json: Option<&std::path::Path>,
     progress: crate::args::ProgressChoice,
+    baseline_rss: Option<u64>,
 ) -> Result<bool> {
     guest::fill(&mem, g)?;
+    let cpu_start = resources::CpuSample::now();
     // Connect first: RDMA registers (pins) the memory, which must happen
     // before dirty tracking starts.
+    let connect_start = std::time::Instant::now();
     let mut transport = match transport::connect(addr, t, m.compress, &mem) {
         Ok(x) => x,
         Err(e) => {
@@ -94,6 +98,7 @@ fn migrate_out(
             return Err(e);
         }
     };
+    let connect_ms = connect_start.elapsed().as_secs_f64() * 1e3;
     let tracking = DirtyTracking::new(&mem, tracker_pref(m.tracker))?;
     for f in tracking.fallbacks() {
         eprintln!("dirty tracking: not using {}: {}", f.tracker, f.reason);
@@ -125,10 +130,12 @@ fn migrate_out(
         }
     }
     if let Some(path) = json {
-        report::write_json(
-            path,
-            &report::source_json(&stats, fallback.as_deref(), error.as_deref()),
-        )?;
+        let mut v = report::source_json(&stats, fallback.as_deref(), error.as_deref());
+        v["connect_ms"] = serde_json::json!(connect_ms);
+        if let Some(base) = baseline_rss {
+            v["resources"] = resources::report(cpu_start, base, Some(&mem));
+        }
+        report::write_json(path, &v)?;
     }
     vm.stop();
     Ok(ok)
@@ -142,13 +149,24 @@ fn transport_name(t: TransportChoice) -> &'static str {
 }
 
 /// `migrate-cli dest`.
-pub fn dest(a: DestArgs) -> Result<bool> {
+pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<bool> {
     let listener = transport::Listener::bind(&a.listen, &a.transport)?;
     let addr = listener.local_addr()?;
     println!("listening on {addr}");
     std::io::stdout().flush().ok();
     let own = memory::from_args(&a.memory)?.map(Arc::new);
-    receive(&listener, own, a.json.as_deref())
+    if let Some(m) = &own
+        && a.prefault
+    {
+        m.prefault()?;
+    }
+    receive(
+        &listener,
+        own,
+        a.json.as_deref(),
+        a.prefault,
+        Some(baseline_rss),
+    )
 }
 
 /// Accept one migration (skipping clients that are not migration sources)
@@ -157,6 +175,8 @@ fn receive(
     listener: &transport::Listener,
     own: Option<Arc<GuestMemory>>,
     json: Option<&std::path::Path>,
+    prefault: bool,
+    baseline_rss: Option<u64>,
 ) -> Result<bool> {
     let mut t = loop {
         match listener.accept() {
@@ -167,12 +187,19 @@ fn receive(
             Err(e) => return Err(e.into()),
         }
     };
+    let cpu_start = resources::CpuSample::now();
+    let mut guest_mem = None;
     let outcome = (|| -> Result<(migrate_core::DestinationReport, Option<Result<String, String>>)> {
         let t = t.as_dyn();
         let incoming = IncomingMigration::accept(t)?;
         let mem = match own {
             Some(m) => m,
-            None => match memory::adopt(incoming.layout()) {
+            None => match memory::adopt(incoming.layout()).and_then(|m| {
+                if prefault {
+                    m.prefault()?;
+                }
+                Ok(m)
+            }) {
                 Ok(m) => Arc::new(m),
                 Err(e) => {
                     let msg = format!("destination cannot allocate the guest memory: {e:#}");
@@ -181,6 +208,7 @@ fn receive(
                 }
             },
         };
+        guest_mem = Some(Arc::clone(&mem));
         let mut vm = FixtureDestinationVm::default();
         let r = incoming.receive(t, &mem, &mut vm)?;
         let check = vm
@@ -218,6 +246,10 @@ fn receive(
         }
     };
     if let Some(path) = json {
+        let mut v = v;
+        if let Some(base) = baseline_rss {
+            v["resources"] = resources::report(cpu_start, base, guest_mem.as_deref());
+        }
         report::write_json(path, &v)?;
     }
     Ok(ok)
@@ -244,7 +276,8 @@ pub fn demo(a: DemoArgs) -> Result<bool> {
         a.guest.dirty_rate,
         a.guest.threads
     );
-    let dest = std::thread::spawn(move || receive(&listener, None, None));
+    // One process holds both ends: no per-side resource figures.
+    let dest = std::thread::spawn(move || receive(&listener, None, None, false, None));
     let mut m = a.migration.clone();
     m.verify = true;
     let ok = migrate_out(
@@ -255,6 +288,7 @@ pub fn demo(a: DemoArgs) -> Result<bool> {
         &m,
         a.json.as_deref(),
         a.progress,
+        None,
     )?;
     let dest_ok = dest
         .join()

@@ -423,6 +423,10 @@ impl Run<'_> {
                 s.dirty_rate_pps = dirty_rate;
                 s.throughput_mbps = round_mbps;
                 s.avg_throughput_mbps = avg_mbps;
+                // `round` already counts the round just done.
+                if round == 1 {
+                    s.first_pass_mbps = round_mbps;
+                }
                 s.expected_downtime_ms = expected_ms;
             });
             self.monitor.emit(MigrationEvent::RoundDone(stats));
@@ -487,7 +491,10 @@ impl Run<'_> {
         }
 
         let verified = if self.cfg.verify {
+            let t = Instant::now();
             self.verify(transport.control())?;
+            let verify_ms = t.elapsed().as_secs_f64() * 1e3;
+            self.monitor.update(|s| s.verify_ms = verify_ms);
             true
         } else {
             false

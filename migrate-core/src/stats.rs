@@ -74,6 +74,12 @@ pub struct MigrationStats {
     pub throughput_mbps: f64,
     /// Average wire throughput from the first page to the commit, Mbit/s.
     pub avg_throughput_mbps: f64,
+    /// Wire throughput of round 0 (the full pass), Mbit/s: the transport's
+    /// bulk rate, the figure to hold against a link's ceiling.
+    pub first_pass_mbps: f64,
+    /// Time spent comparing page hashes with the destination (`verify`),
+    /// ms. It is part of `downtime_ms`: the guest is paused meanwhile.
+    pub verify_ms: f64,
     /// Rounds (dirty syncs) done, round 0 included.
     pub rounds: u32,
     /// Current auto-converge throttle, percent.

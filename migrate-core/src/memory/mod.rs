@@ -142,6 +142,16 @@ pub enum MemoryError {
         /// The OS error.
         source: io::Error,
     },
+    /// The kernel could not populate (prefault) a region's pages.
+    #[error("could not prefault the region at GPA {gpa:#x} ({len} bytes): {source}")]
+    Prefault {
+        /// Guest-physical base of the region.
+        gpa: u64,
+        /// Length in bytes.
+        len: usize,
+        /// The OS error (`ENOMEM` when the memory is not there).
+        source: io::Error,
+    },
     /// No (or not enough) free 2 MiB huge pages.
     #[error(
         "could not get {len} bytes of 2 MiB huge pages ({source}); reserve them with \
@@ -247,6 +257,39 @@ impl GuestMemory {
     /// Total bytes of guest memory.
     pub fn total_bytes(&self) -> u64 {
         self.regions.iter().map(|r| r.len() as u64).sum()
+    }
+
+    /// Allocate every page now, writable (`MADV_POPULATE_WRITE`, Linux ≥
+    /// 5.14), what QEMU's `-mem-prealloc` and Cloud Hypervisor's
+    /// `prefault=on` do: the kernel's zeroing of fresh pages then happens
+    /// here, before a migration, instead of on each page's first write while
+    /// pages arrive. A destination that can spare the time before the source
+    /// connects (or that will register the memory for RDMA anyway) trades it
+    /// for faster rounds; zero pages are allocated too.
+    ///
+    /// # Errors
+    /// [`MemoryError::Prefault`] when the kernel refuses (no memory, or a
+    /// kernel without `MADV_POPULATE_WRITE`).
+    pub fn prefault(&self) -> Result<(), MemoryError> {
+        for r in &self.regions {
+            // SAFETY: the region is one live mapping of `len` bytes that this
+            // guest memory keeps alive; populating does not change its bytes.
+            let rc = unsafe {
+                libc::madvise(
+                    r.as_ptr().cast::<libc::c_void>(),
+                    r.len(),
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if rc != 0 {
+                return Err(MemoryError::Prefault {
+                    gpa: r.gpa(),
+                    len: r.len(),
+                    source: io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Total pages over all regions.

@@ -1,0 +1,132 @@
+//! What a migration costs the process: CPU time and memory beyond the guest.
+//!
+//! - CPU: the process's user + system time over the migration, less the
+//!   built-in guest's own threads (they stand for vCPUs, not for us).
+//! - Memory: the peak resident set (`VmHWM`) less what the process held
+//!   before the guest existed and less the guest pages resident at the end
+//!   (`mincore`); what is left is the engine's own memory — bitmaps,
+//!   buffers, queues, thread stacks.
+
+use std::time::Duration;
+
+use migrate_core::memory::GuestMemory;
+use serde_json::{Value, json};
+
+/// Names the built-in guest gives its threads (`fixtures`).
+const GUEST_THREADS: [&str; 2] = ["guest-vcpu-", "bank-"];
+
+/// Process CPU time, guest threads' CPU time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSample {
+    process: Duration,
+    guest: Duration,
+}
+
+impl CpuSample {
+    /// Now.
+    pub fn now() -> Self {
+        Self {
+            process: process_cpu(),
+            guest: guest_threads_cpu(),
+        }
+    }
+}
+
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Sum of utime + stime of the live threads named like guest threads, from
+/// `/proc/self/task/*/stat` (clock ticks).
+fn guest_threads_cpu() -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut ticks = 0u64;
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    for e in dir.flatten() {
+        let p = e.path();
+        let Ok(comm) = std::fs::read_to_string(p.join("comm")) else {
+            continue;
+        };
+        if !GUEST_THREADS.iter().any(|g| comm.starts_with(g)) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(p.join("stat")) else {
+            continue;
+        };
+        // Fields after the ")" that closes the name: state is field 3,
+        // utime 14 and stime 15.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let get = |i: usize| {
+            f.get(i - 3)
+                .and_then(|x| x.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        ticks += get(14) + get(15);
+    }
+    Duration::from_secs_f64(ticks as f64 / hz)
+}
+
+/// A `/proc/self/status` field in bytes (`VmRSS`, `VmHWM`).
+pub fn status_bytes(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Guest bytes resident in RAM now (`mincore` over every region).
+pub fn guest_resident(mem: &GuestMemory) -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+    let mut total = 0u64;
+    for r in mem.regions() {
+        let pages = r.len().div_ceil(page);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the region is one live mapping of `len` bytes starting at a
+        // page-aligned address; `vec` has one byte per page of it.
+        let rc =
+            unsafe { libc::mincore(r.as_ptr().cast::<libc::c_void>(), r.len(), vec.as_mut_ptr()) };
+        if rc == 0 {
+            total += vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page as u64;
+        }
+    }
+    total
+}
+
+/// The `resources` object of a JSON report: `cpu_ms` (the engine's CPU over
+/// the migration), `guest_cpu_ms`, `peak_rss_bytes`, `baseline_rss_bytes`,
+/// `guest_resident_bytes`, `overhead_bytes`.
+pub fn report(start: CpuSample, baseline_rss: u64, mem: Option<&GuestMemory>) -> Value {
+    let end = CpuSample::now();
+    let guest = end.guest.saturating_sub(start.guest);
+    let cpu = end
+        .process
+        .saturating_sub(start.process)
+        .saturating_sub(guest);
+    let peak = status_bytes("VmHWM");
+    let resident = mem.map_or(0, guest_resident);
+    json!({
+        "cpu_ms": cpu.as_secs_f64() * 1e3,
+        "guest_cpu_ms": guest.as_secs_f64() * 1e3,
+        "peak_rss_bytes": peak,
+        "baseline_rss_bytes": baseline_rss,
+        "guest_resident_bytes": resident,
+        "overhead_bytes": peak.saturating_sub(baseline_rss).saturating_sub(resident),
+    })
+}
