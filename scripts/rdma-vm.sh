@@ -3,17 +3,26 @@
 # SoftRoCE (rxe) devices in it, and run a command there. The host kernel has
 # no RDMA; Debian's kernel in the VM has rdma_rxe.
 #
-# Usage: scripts/rdma-vm.sh [--netns] COMMAND...
+# Usage: scripts/rdma-vm.sh [--netns] [--rwdir DIR] COMMAND...
 #   --netns: also create two network namespaces (mig-src, mig-dst) joined by a
-#            veth pair (10.198.0.1/.2) with an rxe device on each end
-#            (rxe-src, rxe-dst), as two hosts would be.
+#            veth pair (10.198.0.1/.2, scripts/netns.sh) with an rxe device on
+#            each end (rxe-src, rxe-dst), as two hosts would be.
+#   --rwdir DIR: DIR (on the host) is writable inside the VM too; the rest
+#            of the host's files are read-only there.
 # The command's exit status is this script's; its output is printed.
 # Needs: qemu-system-x86, linux-image-amd64, rdma-core, ibverbs-providers,
 # perftest (Debian) and virtme-ng (PyPI); scripts/setup.sh --rdma installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 netns=0
-if [ "${1:-}" = "--netns" ]; then netns=1; shift; fi
+rwdirs=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --netns) netns=1; shift ;;
+    --rwdir) mkdir -p "$2"; rwdirs+=(--rwdir "$(cd "$2" && pwd)"); shift 2 ;;
+    *) break ;;
+  esac
+done
 [ $# -gt 0 ] || { echo "usage: $0 [--netns] COMMAND..." >&2; exit 2; }
 
 kernel=$(ls /boot/vmlinuz-*-amd64 2>/dev/null | sort -V | tail -n 1 || true)
@@ -27,13 +36,7 @@ set -u
 modprobe rdma_rxe
 rdma link add rxe0 type rxe netdev lo
 if [ $netns = 1 ]; then
-  ip netns add mig-src; ip netns add mig-dst
-  ip link add veth-src type veth peer name veth-dst
-  ip link set veth-src netns mig-src; ip link set veth-dst netns mig-dst
-  ip -n mig-src addr add 10.198.0.1/24 dev veth-src
-  ip -n mig-dst addr add 10.198.0.2/24 dev veth-dst
-  for ns in mig-src mig-dst; do ip -n \$ns link set lo up; done
-  ip -n mig-src link set veth-src up; ip -n mig-dst link set veth-dst up
+  bash $(pwd)/scripts/netns.sh up
   ip netns exec mig-src rdma link add rxe-src type rxe netdev veth-src
   ip netns exec mig-dst rdma link add rxe-dst type rxe netdev veth-dst
 fi
@@ -44,7 +47,7 @@ $cmd > $out/output 2>&1
 echo \$? > $out/status
 INNER
 # --rwdir for the output folder; the rest of the host is read-only inside.
-timeout 3000 vng -r "$kernel" --disable-kvm --memory 2G --cpus 2 --rwdir "$out" \
+timeout 3000 vng -r "$kernel" --disable-kvm --memory 2G --cpus 2 --rwdir "$out" "${rwdirs[@]}" \
   --exec "bash $out/inner.sh" > "$out/vng.log" 2>&1 || true
 if [ ! -f "$out/status" ]; then
   echo "rdma-vm: the VM did not run the command; vng said:" >&2

@@ -2,11 +2,13 @@
 #  - build: a C toolchain, pkg-config, cmake and libclang (the RDMA binding
 #    builds a small part of rdma-core with bindgen);
 #  - the SoftRoCE VM for the RDMA tests: QEMU, Debian's kernel, rdma-core and
-#    its providers, perftest, busybox-static (Debian) and virtme-ng (PyPI).
+#    its providers, perftest, busybox-static (Debian) and virtme-ng (PyPI);
+#  - the benchmark's ceiling and plot: iperf3, and the DejaVu font.
 need_pkgs=()
 for p in build-essential pkg-config cmake libclang-dev \
          qemu-system-x86 linux-image-amd64 rdma-core ibverbs-providers ibverbs-utils \
-         perftest libibverbs-dev librdmacm-dev busybox-static iproute2; do
+         perftest libibverbs-dev librdmacm-dev busybox-static iproute2 \
+         iperf3 fonts-dejavu-core; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

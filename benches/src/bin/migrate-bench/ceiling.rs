@@ -1,0 +1,202 @@
+//! The ceilings, measured in the same run as the migrations: what the link
+//! moves with the standard tools (`iperf3` with the same number of streams,
+//! perftest's `ib_write_bw`/`ib_send_bw` with the same number of queue
+//! pairs), and what this machine's memory does (memcpy, first touch of fresh
+//! pages).
+
+use std::hint::black_box;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::plan::{STREAMS, Site};
+use crate::run::in_ns;
+
+/// One ceiling measurement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ceiling {
+    /// Site (`machine` for the memory figures).
+    pub site: String,
+    /// What it bounds: `tcp`, `rdma`, `memory`.
+    pub bounds: String,
+    /// The tool and its parameters.
+    pub tool: String,
+    /// Mbit/s, one per repetition.
+    pub mbps: Vec<f64>,
+    /// Why it is missing, if it is.
+    pub error: Option<String>,
+}
+
+/// memcpy between two resident buffers, and the first write to each page of
+/// fresh anonymous memory (the kernel allocating and zeroing it).
+pub fn memory(reps: usize) -> Vec<Ceiling> {
+    let len = 256usize << 20;
+    let src = vec![0x5au8; len];
+    let mut dst = vec![0u8; len];
+    dst.fill(1);
+    let mut copy = Vec::new();
+    let mut touch = Vec::new();
+    for _ in 0..reps.max(3) {
+        let t = Instant::now();
+        dst.copy_from_slice(black_box(&src));
+        black_box(&dst);
+        copy.push(mbps(len as u64, t.elapsed()));
+        let t = Instant::now();
+        let mut fresh = vec![0u8; len];
+        for i in (0..len).step_by(4096) {
+            fresh[i] = 1;
+        }
+        black_box(&fresh);
+        touch.push(mbps(len as u64, t.elapsed()));
+    }
+    vec![
+        Ceiling {
+            site: "machine".into(),
+            bounds: "memory".into(),
+            tool: "memcpy 256 MiB".into(),
+            mbps: copy,
+            error: None,
+        },
+        Ceiling {
+            site: "machine".into(),
+            bounds: "memory".into(),
+            tool: "first write to fresh pages".into(),
+            mbps: touch,
+            error: None,
+        },
+    ]
+}
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 * 8.0 / d.as_secs_f64().max(1e-9) / 1e6
+}
+
+/// The site's link ceilings, for the transports it measures.
+pub fn network(site: &Site, reps: usize, secs: u32) -> Result<Vec<Ceiling>> {
+    let mut out = Vec::new();
+    let mut add = |bounds: &str, tool: String, f: &mut dyn FnMut() -> Result<f64>| {
+        let mut c = Ceiling {
+            site: site.name.clone(),
+            bounds: bounds.into(),
+            tool,
+            mbps: Vec::new(),
+            error: None,
+        };
+        for _ in 0..reps {
+            match f() {
+                Ok(v) => c.mbps.push(v),
+                Err(e) => {
+                    eprintln!("ceiling {}: {e:#}", c.tool);
+                    c.error = Some(format!("{e:#}"));
+                    break;
+                }
+            }
+        }
+        if let Some(m) = c.mbps.first() {
+            eprintln!(
+                "ceiling {} on {}: {m:.0} Mbit/s (first of {})",
+                c.tool,
+                site.name,
+                c.mbps.len()
+            );
+        }
+        out.push(c);
+    };
+    if site.transports.iter().any(|t| t == "tcp") {
+        add("tcp", format!("iperf3 -P {STREAMS}"), &mut || {
+            iperf3(site, secs)
+        });
+    }
+    if let (true, Some((dev, gid))) = (
+        site.transports.iter().any(|t| t == "rdma"),
+        site.rdma_device.clone(),
+    ) {
+        for (tool, size) in [
+            ("ib_write_bw", 1u32 << 20),
+            ("ib_write_bw", 4096),
+            ("ib_send_bw", 1 << 20),
+        ] {
+            let label = format!(
+                "{tool} -q {STREAMS} -s {}",
+                if size >= 1 << 20 {
+                    format!("{}M", size >> 20)
+                } else {
+                    format!("{}K", size >> 10)
+                }
+            );
+            add("rdma", label, &mut || perftest(tool, &dev, gid, size, secs));
+        }
+    }
+    Ok(out)
+}
+
+/// Wait for a server to accept connections.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(700));
+}
+
+fn iperf3(site: &Site, secs: u32) -> Result<f64> {
+    let port = "5399";
+    let mut server = in_ns(&site.dst_ns, "iperf3")
+        .args(["-s", "-1", "-p", port, "-B", &site.dst_ip])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("iperf3 not found (apt-get install iperf3)")?;
+    settle();
+    let out = in_ns(&site.src_ns, "iperf3")
+        .args(["-c", &site.dst_ip, "-p", port, "-J"])
+        .args(["-P", &STREAMS.to_string(), "-t", &secs.to_string()])
+        .output()
+        .context("running iperf3")?;
+    let _ = server.kill();
+    let _ = server.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e6)
+        .with_context(|| format!("iperf3 reported no rate: {}", v["error"]))
+}
+
+/// perftest server and client on the same device (rxe over loopback).
+fn perftest(tool: &str, dev: &str, gid: u32, size: u32, secs: u32) -> Result<f64> {
+    let args = |c: &mut Command| {
+        c.args(["-d", dev, "-x", &gid.to_string(), "-s", &size.to_string()])
+            .args(["-q", &STREAMS.to_string(), "-D", &secs.to_string()])
+            .args(["-F", "--report_gbits", "-p", "18515"]);
+    };
+    let mut server = Command::new(tool);
+    args(&mut server);
+    let mut server = server
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("{tool} not found (apt-get install perftest)"))?;
+    settle();
+    let mut client = Command::new(tool);
+    args(&mut client);
+    let out = client.arg("127.0.0.1").output()?;
+    let _ = server.kill();
+    let _ = server.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // " #bytes #iterations BW peak[Gb/sec] BW average[Gb/sec] MsgRate[Mpps]"
+    // then one line of numbers.
+    let mut lines = text.lines().skip_while(|l| !l.contains("#bytes"));
+    lines.next();
+    let Some(row) = lines.next() else {
+        bail!(
+            "{tool} printed no result: {}{}",
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    };
+    let cols: Vec<f64> = row
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    cols.get(3)
+        .map(|g| g * 1000.0)
+        .with_context(|| format!("{tool}: cannot read {row:?}"))
+}

@@ -1,0 +1,95 @@
+//! `migrate-bench`: the macro benchmark. End-to-end migrations between two
+//! `migrate-cli` processes over a matrix of guest sizes, page mixes and
+//! dirty rates per transport, the link's ceilings measured in the same run
+//! (`iperf3`, `ib_write_bw`, `ib_send_bw`, memcpy), then a markdown table and
+//! a PNG plot. `scripts/bench.sh` runs it on the host and in the SoftRoCE VM;
+//! BENCHMARKS.md says how to read the results.
+//!
+//! - `migrate-bench run --site NAME... --out RAW.json`: measure; one raw file
+//!   per machine (the host, the VM).
+//! - `migrate-bench report --results DIR`: read `DIR/raw/*.json`, write
+//!   `DIR/results.md` and `DIR/results.png`.
+
+mod ceiling;
+mod plan;
+mod plot;
+mod run;
+mod summary;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "migrate-bench", about = "Macro benchmark of live migration")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure: migrations and ceilings at the given sites.
+    Run(RunArgs),
+    /// Tables and plot from the raw results.
+    Report {
+        /// Results folder: reads raw/*.json, writes results.md and results.png.
+        #[arg(long, default_value = "benches/results")]
+        results: PathBuf,
+    },
+}
+
+/// `migrate-bench run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Where to migrate: host-loopback, host-veth (namespaces mig-src and
+    /// mig-dst joined by a veth pair, 10.198.0.1/.2), vm-loopback (RDMA on
+    /// rxe0 and TCP, inside the SoftRoCE VM).
+    #[arg(long = "site", required = true)]
+    pub sites: Vec<String>,
+    /// The migrate-cli binary.
+    #[arg(long, default_value = "target/release/migrate-cli")]
+    pub cli: PathBuf,
+    /// Runs per matrix cell (medians and min–max are reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Smallest matrix: one size, one mix, idle and moderate, one run each.
+    #[arg(long)]
+    pub quick: bool,
+    /// Seconds per ceiling measurement (iperf3, perftest).
+    #[arg(long, default_value_t = 5)]
+    pub ceiling_secs: u32,
+    /// Write the raw results here (JSON).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The command line to record with the results.
+    #[arg(long, default_value = "")]
+    pub command_line: String,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(a) => {
+            let raw = run::run(&a)?;
+            let text = serde_json::to_string_pretty(&raw)?;
+            if let Some(dir) = a.out.parent() {
+                std::fs::create_dir_all(dir).ok();
+            }
+            std::fs::write(&a.out, text + "\n")
+                .with_context(|| format!("writing {}", a.out.display()))?;
+            eprintln!("migrate-bench: wrote {}", a.out.display());
+            let failed = raw.runs.iter().filter(|r| r.error.is_some()).count();
+            if failed > 0 {
+                anyhow::bail!(
+                    "{failed} of {} runs failed (see {})",
+                    raw.runs.len(),
+                    a.out.display()
+                );
+            }
+            Ok(())
+        }
+        Command::Report { results } => summary::report(&results),
+    }
+}

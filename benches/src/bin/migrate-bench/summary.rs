@@ -1,0 +1,371 @@
+//! From raw results to the markdown table: medians with min–max per matrix
+//! cell, ratios to the ceilings, and the targets.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use crate::ceiling::Ceiling;
+use crate::plan::{Case, DOWNTIME_MS, STREAMS};
+use crate::run::{Raw, RunResult};
+
+/// Median, min, max of a non-empty sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(xs: impl IntoIterator<Item = f64>) -> Option<Self> {
+        let mut v: Vec<f64> = xs.into_iter().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Self {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+
+    fn fmt(&self, digits: usize) -> String {
+        if self.min == self.max {
+            format!("{:.digits$}", self.median)
+        } else {
+            format!(
+                "{:.digits$} ({:.digits$}–{:.digits$})",
+                self.median, self.min, self.max
+            )
+        }
+    }
+}
+
+/// The repeats of one matrix cell.
+#[derive(Debug, Clone)]
+pub struct Cell {
+    pub case: Case,
+    pub runs: Vec<RunResult>,
+    pub failed: usize,
+}
+
+impl Cell {
+    pub fn spread(&self, f: impl Fn(&RunResult) -> f64) -> Option<Spread> {
+        Spread::of(self.runs.iter().map(f))
+    }
+}
+
+/// Group runs by matrix cell, in the order they ran.
+pub fn cells(raws: &[Raw]) -> Vec<Cell> {
+    let mut out: Vec<Cell> = Vec::new();
+    for r in raws.iter().flat_map(|r| &r.runs) {
+        let Some(case) = &r.case else { continue };
+        let i = match out.iter().position(|c| c.case == *case) {
+            Some(i) => i,
+            None => {
+                out.push(Cell {
+                    case: case.clone(),
+                    runs: Vec::new(),
+                    failed: 0,
+                });
+                out.len() - 1
+            }
+        };
+        if r.error.is_some() {
+            out[i].failed += 1;
+        } else {
+            out[i].runs.push(r.clone());
+        }
+    }
+    out
+}
+
+/// The ceiling a transport's throughput is held against at a site: iperf3
+/// with the same streams for TCP, ib_write_bw at 1 MiB (the largest WRITE we
+/// post) with the same queue pairs for RDMA.
+pub fn ceiling_for<'a>(
+    ceilings: &'a [Ceiling],
+    site: &str,
+    transport: &str,
+) -> Option<&'a Ceiling> {
+    let tool = match transport {
+        "tcp" => format!("iperf3 -P {STREAMS}"),
+        _ => format!("ib_write_bw -q {STREAMS} -s 1M"),
+    };
+    ceilings.iter().find(|c| c.site == site && c.tool == tool)
+}
+
+pub fn load(results: &Path) -> Result<Vec<Raw>> {
+    let dir = results.join("raw");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "no raw results in {} (run migrate-bench run first)",
+            dir.display()
+        );
+    }
+    files
+        .iter()
+        .map(|p| {
+            serde_json::from_str(&std::fs::read_to_string(p)?)
+                .with_context(|| format!("reading {}", p.display()))
+        })
+        .collect()
+}
+
+pub fn report(results: &Path) -> Result<()> {
+    let raws = load(results)?;
+    let cells = cells(&raws);
+    let ceilings: Vec<Ceiling> = raws.iter().flat_map(|r| r.ceilings.clone()).collect();
+    let md = markdown(&raws, &cells, &ceilings);
+    let md_path = results.join("results.md");
+    std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
+    let png = results.join("results.png");
+    crate::plot::draw(&png, &cells, &ceilings)?;
+    eprintln!(
+        "migrate-bench: wrote {} and {}",
+        md_path.display(),
+        png.display()
+    );
+    Ok(())
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn markdown(raws: &[Raw], cells: &[Cell], ceilings: &[Ceiling]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Benchmark results\n");
+    let _ = writeln!(
+        s,
+        "Written by `migrate-bench report` from `raw/*.json`; BENCHMARKS.md explains \
+         how to reproduce them and how to read them. Every migration ran with \
+         `--verify` (the destination's pages equal the paused source's, page for page), \
+         {STREAMS} data streams / queue pairs, a {DOWNTIME_MS} ms downtime budget and a \
+         preallocated destination (`--prefault`) unless the row says *fresh*. Figures are \
+         medians with (min–max) over the repeats.\n"
+    );
+    for r in raws {
+        let _ = writeln!(
+            s,
+            "- **{}** — {} — {} × {}, {:.1} GiB, Linux {} — {}",
+            r.sites
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.date,
+            r.machine.cpus,
+            r.machine.cpu,
+            r.machine.mem_gib,
+            r.machine.kernel,
+            r.machine.kind
+        );
+        if !r.command.is_empty() {
+            let _ = writeln!(s, "  command: `{}`", r.command);
+        }
+    }
+
+    let _ = writeln!(s, "\n## Ceilings (same run)\n");
+    let _ = writeln!(s, "| site | bounds | tool | Mbit/s |\n|---|---|---|---|");
+    for c in ceilings {
+        let v = Spread::of(c.mbps.iter().copied())
+            .map(|x| x.fmt(0))
+            .unwrap_or_else(|| format!("— ({})", c.error.as_deref().unwrap_or("no result")));
+        let _ = writeln!(s, "| {} | {} | `{}` | {} |", c.site, c.bounds, c.tool, v);
+    }
+
+    let _ = writeln!(s, "\n## Targets\n");
+    targets(&mut s, cells, ceilings);
+
+    let _ = writeln!(s, "\n## Migrations\n");
+    let _ = writeln!(
+        s,
+        "First pass = round 0's wire rate (the transport's bulk rate); ratio = first pass / \
+         the ceiling of the transport at that site. Downtime is without (and, after +, with) \
+         the `--verify` comparison. CPU is each process's CPU time over the migration per GiB \
+         of guest memory, without the built-in guest's threads. Overhead is the larger \
+         side's peak RSS beyond its start and its resident guest pages, as a share of guest \
+         memory.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| site | transport | guest | mix | load | first pass Mbit/s | ratio | total ms | \
+         downtime ms (+verify) | setup ms | rounds | wire MiB | dirty pages/s | CPU src / dst s/GiB | overhead |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for c in cells {
+        let k = &c.case;
+        let ceiling = ceiling_for(ceilings, &k.site, &k.transport)
+            .and_then(|c| Spread::of(c.mbps.iter().copied()));
+        let sp = |f: &dyn Fn(&RunResult) -> f64, d: usize| {
+            c.spread(f).map(|x| x.fmt(d)).unwrap_or_else(|| "—".into())
+        };
+        let fp = c.spread(|r| r.first_pass_mbps);
+        let ratio = match (fp, ceiling) {
+            (Some(f), Some(cl)) => format!("{:.2}", f.median / cl.median),
+            _ => "—".into(),
+        };
+        let gib = k.size_mib as f64 / 1024.0;
+        let verify = c.spread(|r| r.verify_ms).map_or(0.0, |x| x.median);
+        let overhead = c
+            .spread(|r| {
+                r.src_overhead_bytes.max(r.dst_overhead_bytes) as f64
+                    / (r.bytes_total as f64).max(1.0)
+                    * 100.0
+            })
+            .map(|x| format!("{:.2} %", x.max))
+            .unwrap_or_else(|| "—".into());
+        let failed = if c.failed > 0 {
+            format!(" ({} failed)", c.failed)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {}{} | {} MiB{} | {} | {} | {} | {} | {} | {} +{:.0} | {} | {} | {} | {} | {} / {} | {} |",
+            k.site,
+            k.transport,
+            failed,
+            k.size_mib,
+            if k.prefault { "" } else { " *fresh*" },
+            k.mix,
+            k.load,
+            fp.map(|x| x.fmt(0)).unwrap_or_else(|| "—".into()),
+            ratio,
+            sp(&|r| r.total_ms, 0),
+            sp(&|r| r.downtime_net_ms(), 1),
+            verify,
+            sp(&|r| r.setup_ms + r.connect_ms, 1),
+            sp(&|r| r.rounds as f64, 0),
+            sp(&|r| r.bytes_transferred as f64 / (1u64 << 20) as f64, 0),
+            sp(&|r| r.dirty_rate_pps, 0),
+            sp(&|r| r.src_cpu_ms / 1e3 / gib, 2),
+            sp(&|r| r.dst_cpu_ms / 1e3 / gib, 2),
+            overhead,
+        );
+    }
+    let _ = writeln!(s, "\n![throughput and downtime](results.png)");
+    s
+}
+
+fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) {
+    // Throughput: the idle, all-random cells (the bulk rate with nothing to
+    // skip or re-send), largest size per site and transport.
+    let _ = writeln!(s, "| target | where | measured | met |\n|---|---|---|---|");
+    let mut seen = Vec::new();
+    for c in cells.iter().rev() {
+        let k = &c.case;
+        if k.load != "idle" || k.mix != "random" || !k.prefault {
+            continue;
+        }
+        let id = (k.site.clone(), k.transport.clone());
+        if seen.contains(&id) {
+            continue;
+        }
+        seen.push(id);
+        let (Some(fp), Some(cl)) = (
+            c.spread(|r| r.first_pass_mbps),
+            ceiling_for(ceilings, &k.site, &k.transport),
+        ) else {
+            continue;
+        };
+        let Some(cm) = Spread::of(cl.mbps.iter().copied()) else {
+            continue;
+        };
+        let ratio = fp.median / cm.median;
+        let _ = writeln!(
+            s,
+            "| {} ≥ 90 % of `{}` | {}, {} MiB idle random | {:.0} / {:.0} Mbit/s = {:.0} % | {} |",
+            k.transport.to_uppercase(),
+            cl.tool,
+            k.site,
+            k.size_mib,
+            fp.median,
+            cm.median,
+            ratio * 100.0,
+            if ratio >= 0.9 { "yes" } else { "**no**" }
+        );
+    }
+    // Downtime: every converged run (the switch-over came from the budget,
+    // not from max rounds or the timeout) within the budget, verify aside.
+    let runs: Vec<&RunResult> = cells.iter().flat_map(|c| &c.runs).collect();
+    let over: Vec<&&RunResult> = runs
+        .iter()
+        .filter(|r| r.downtime_net_ms() > DOWNTIME_MS as f64)
+        .collect();
+    let worst = runs
+        .iter()
+        .map(|r| r.downtime_net_ms())
+        .fold(0.0f64, f64::max);
+    let _ = writeln!(
+        s,
+        "| downtime ≤ {DOWNTIME_MS} ms budget (without `--verify`) | all {} runs | worst {:.1} ms, {} over | {} |",
+        runs.len(),
+        worst,
+        over.len(),
+        if over.is_empty() { "yes" } else { "**no**" }
+    );
+    let worst_overhead = cells
+        .iter()
+        .filter(|c| c.case.size_mib >= 1024)
+        .flat_map(|c| &c.runs)
+        .map(|r| {
+            r.src_overhead_bytes.max(r.dst_overhead_bytes) as f64 / (r.bytes_total as f64).max(1.0)
+        })
+        .fold(f64::NAN, f64::max);
+    if worst_overhead.is_finite() {
+        let _ = writeln!(
+            s,
+            "| memory overhead ≤ 1 % of guest memory | 1 GiB guests, either side | worst {:.2} % | {} |",
+            worst_overhead * 100.0,
+            if worst_overhead <= 0.01 {
+                "yes"
+            } else {
+                "**no**"
+            }
+        );
+    }
+    let cpu: Vec<f64> = cells
+        .iter()
+        .filter(|c| c.case.size_mib >= 1024 && c.case.load == "idle")
+        .flat_map(|c| &c.runs)
+        .map(|r| (r.src_cpu_ms + r.dst_cpu_ms) / 1e3 / (r.bytes_total as f64 / GIB))
+        .collect();
+    if let Some(c) = Spread::of(cpu) {
+        let _ = writeln!(
+            s,
+            "| (reported) CPU per GiB, both sides, idle 1 GiB | host | {} s | — |",
+            c.fmt(2)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Spread;
+
+    #[test]
+    fn medians_and_ranges() {
+        let s = Spread::of([3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        let s = Spread::of([4.0, 1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(s.median, 2.5);
+        assert!(Spread::of([]).is_none());
+        assert!(Spread::of([f64::NAN]).is_none());
+    }
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The benchmark, one command: the macro benchmark (migrate-bench) on this
+# host over loopback and over a veth pair between two network namespaces,
+# then RDMA vs TCP inside the SoftRoCE VM, the ceilings measured alongside;
+# writes benches/results/{raw/*.json,results.md,results.png}.
+# Usage: scripts/bench.sh [--quick] [--host-only|--vm-only]   (root)
+# BENCHMARKS.md says how to read the results.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+quick=(); host=1; vm=1
+for a in "$@"; do
+  case "$a" in
+    --quick) quick=(--quick) ;;
+    --host-only) vm=0 ;;
+    --vm-only) host=0 ;;
+    *) echo "usage: $0 [--quick] [--host-only|--vm-only]" >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" -eq 0 ] || { echo "bench: run as root (network namespaces, the VM's RDMA devices)" >&2; exit 2; }
+cargo build --release --locked -p migrate-cli -p benches --bin migrate-cli --bin migrate-bench
+results=benches/results
+mkdir -p "$results/raw"
+cmd="scripts/bench.sh $*"
+
+if [ "$host" = 1 ]; then
+  scripts/netns.sh down
+  trap 'scripts/netns.sh down' EXIT
+  scripts/netns.sh up
+  target/release/migrate-bench run --site host-loopback --site host-veth "${quick[@]}" \
+    --out "$results/raw/host.json" --command-line "$cmd"
+  scripts/netns.sh down
+fi
+if [ "$vm" = 1 ]; then
+  # Inside the VM only $results/raw is writable.
+  scripts/rdma-vm.sh --rwdir "$results/raw" target/release/migrate-bench run --site vm-loopback \
+    "${quick[@]}" --out "$results/raw/vm.json" --command-line "$cmd"
+fi
+target/release/migrate-bench report --results "$results"
