@@ -19,8 +19,11 @@ for a in "$@"; do
 done
 [ "$(id -u)" -eq 0 ] || { echo "bench: run as root (network namespaces, the VM's RDMA devices)" >&2; exit 2; }
 cargo build --release --locked -p migrate-cli -p benches --bin migrate-cli --bin migrate-bench
+# The RDMA micro benchmark runs in the VM: build it here.
+rdma_post=$(cargo bench --locked -p benches --bench rdma_post --no-run 2>&1 \
+  | grep -o 'target/release/deps/rdma_post-[0-9a-f]*' | tail -n 1)
 results=benches/results
-mkdir -p "$results/raw"
+mkdir -p "$results/raw/micro"
 cmd="scripts/bench.sh $*"
 
 if [ "$host" = 1 ]; then
@@ -30,10 +33,20 @@ if [ "$host" = 1 ]; then
   target/release/migrate-bench run --site host-loopback --site host-veth "${quick[@]}" \
     --out "$results/raw/host.json" --command-line "$cmd"
   scripts/netns.sh down
+  if [ ${#quick[@]} = 0 ]; then
+    # Micro benchmarks (criterion): dirty harvest, per-page costs, zstd.
+    crit=$(mktemp -d)
+    CRITERION_HOME=$crit cargo bench --locked -p benches --bench dirty_tracking --bench data_path
+    target/release/migrate-bench micro --criterion "$crit" --machine host --out "$results/raw/micro/host.json"
+    rm -rf "$crit"
+  fi
 fi
 if [ "$vm" = 1 ]; then
-  # Inside the VM only $results/raw is writable.
-  scripts/rdma-vm.sh --rwdir "$results/raw" target/release/migrate-bench run --site vm-loopback \
-    "${quick[@]}" --out "$results/raw/vm.json" --command-line "$cmd"
+  # Inside the VM only $results/raw is writable; criterion writes to /tmp.
+  micro=""
+  [ ${#quick[@]} = 0 ] && micro="CRITERION_HOME=/tmp/crit $rdma_post --bench && \
+    target/release/migrate-bench micro --criterion /tmp/crit --machine vm --out $results/raw/micro/vm.json && "
+  scripts/rdma-vm.sh --rwdir "$results/raw" bash -c "$micro target/release/migrate-bench run \
+    --site vm-loopback ${quick[*]} --out $results/raw/vm.json --command-line '$cmd'"
 fi
 target/release/migrate-bench report --results "$results"

@@ -7,10 +7,13 @@
 //!
 //! - `migrate-bench run --site NAME... --out RAW.json`: measure; one raw file
 //!   per machine (the host, the VM).
-//! - `migrate-bench report --results DIR`: read `DIR/raw/*.json`, write
-//!   `DIR/results.md` and `DIR/results.png`.
+//! - `migrate-bench micro --criterion DIR --machine host|vm --out FILE`:
+//!   collect criterion's micro-benchmark estimates.
+//! - `migrate-bench report --results DIR`: read `DIR/raw/*.json` and
+//!   `DIR/raw/micro/*.json`, write `DIR/results.md` and `DIR/results.png`.
 
 mod ceiling;
+mod micro;
 mod plan;
 mod plot;
 mod run;
@@ -32,6 +35,18 @@ struct Cli {
 enum Command {
     /// Measure: migrations and ceilings at the given sites.
     Run(RunArgs),
+    /// Collect criterion's results (micro benchmarks) into one JSON file.
+    Micro {
+        /// Criterion's folder (target/criterion, or $CRITERION_HOME).
+        #[arg(long, default_value = "target/criterion")]
+        criterion: PathBuf,
+        /// `host` or `vm`.
+        #[arg(long)]
+        machine: String,
+        /// Write here (the report reads results/raw/micro/*.json).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Tables and plot from the raw results.
     Report {
         /// Results folder: reads raw/*.json, writes results.md and results.png.
@@ -88,6 +103,24 @@ fn main() -> Result<()> {
                     a.out.display()
                 );
             }
+            Ok(())
+        }
+        Command::Micro {
+            criterion,
+            machine,
+            out,
+        } => {
+            let set = micro::collect(&criterion, &machine, run::date())?;
+            if let Some(dir) = out.parent() {
+                std::fs::create_dir_all(dir).ok();
+            }
+            std::fs::write(&out, serde_json::to_string_pretty(&set)? + "\n")
+                .with_context(|| format!("writing {}", out.display()))?;
+            eprintln!(
+                "migrate-bench: {} criterion results into {}",
+                set.results.len(),
+                out.display()
+            );
             Ok(())
         }
         Command::Report { results } => summary::report(&results),

@@ -99,7 +99,10 @@ pub fn ceiling_for<'a>(
 ) -> Option<&'a Ceiling> {
     let tool = match transport {
         "tcp" => format!("iperf3 -P {STREAMS}"),
-        _ => format!("ib_write_bw -q {STREAMS} -s 1M"),
+        _ => format!(
+            "ib_write_bw -q {STREAMS} -t {} -s 1M",
+            crate::ceiling::TX_DEPTH
+        ),
     };
     ceilings.iter().find(|c| c.site == site && c.tool == tool)
 }
@@ -132,7 +135,12 @@ pub fn report(results: &Path) -> Result<()> {
     let raws = load(results)?;
     let cells = cells(&raws);
     let ceilings: Vec<Ceiling> = raws.iter().flat_map(|r| r.ceilings.clone()).collect();
-    let md = markdown(&raws, &cells, &ceilings);
+    let mut md = markdown(&raws, &cells, &ceilings);
+    let micro = crate::micro::load(results)?;
+    if !micro.is_empty() {
+        md += "\n## Micro benchmarks (criterion)\n\n";
+        md += &crate::micro::markdown(&micro);
+    }
     let md_path = results.join("results.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
     let png = results.join("results.png");

@@ -1,0 +1,135 @@
+//! Work-request rate of the RDMA data path: two connected RC queue pairs on
+//! one device (rxe over loopback in the SoftRoCE VM), RDMA WRITEs posted the
+//! way the transport posts them — chains of 16, only the last signaled, a
+//! bounded number of chains in flight.
+//!
+//! - `post_only`: time inside `ibv_post_send` alone (completions are reaped
+//!   outside the timed part): what posting costs the sender's CPU.
+//! - `post_and_complete`: from the first post to the last completion: the
+//!   rate the device sustains at that size.
+//!
+//! Needs an RDMA device: run it in the VM (`scripts/bench.sh` does). Without
+//! one it says so and measures nothing.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use memmap2::MmapMut;
+use transport_rdma::verbs::{Device, Rc, VerbsError, Write};
+
+const CHAIN: usize = 16;
+const CHAINS_IN_FLIGHT: usize = 16;
+const WRS_PER_ITER: usize = 1024;
+
+struct Pair {
+    src: Rc,
+    _dst: Rc,
+    src_buf: MmapMut,
+    dst_buf: MmapMut,
+    lkey: u32,
+    rkey: u32,
+    _mrs: Vec<std::sync::Arc<sideway::ibverbs::memory_region::MemoryRegion>>,
+}
+
+fn setup(buf_len: usize) -> Result<Pair, VerbsError> {
+    let dev = Device::open(None, None, None)?;
+    let mut src_buf = MmapMut::map_anon(buf_len).expect("map");
+    let mut dst_buf = MmapMut::map_anon(buf_len).expect("map");
+    src_buf.fill(0x5a);
+    dst_buf.fill(0);
+    // SAFETY: both mappings outlive the regions (same struct, dropped after
+    // the queue pairs are done: the bench drains every completion).
+    let src_mr = unsafe { dev.register(src_buf.as_mut_ptr() as usize, buf_len, false)? };
+    let dst_mr = unsafe { dev.register(dst_buf.as_mut_ptr() as usize, buf_len, true)? };
+    let mut src = dev.queue_pair((CHAIN * CHAINS_IN_FLIGHT + 16) as u32, 16)?;
+    let mut dst = dev.queue_pair(16, 16)?;
+    let (a, b) = (src.local, dst.local);
+    src.connect(&b)?;
+    dst.connect(&a)?;
+    Ok(Pair {
+        lkey: src_mr.lkey(),
+        rkey: dst_mr.rkey(),
+        src,
+        _dst: dst,
+        src_buf,
+        dst_buf,
+        _mrs: vec![src_mr, dst_mr],
+    })
+}
+
+/// Post `WRS_PER_ITER` WRITEs of `size` bytes; returns the time spent
+/// posting and the time until the last completion.
+fn round(p: &mut Pair, size: usize) -> (Duration, Duration) {
+    let slots = p.src_buf.len() / size;
+    let (src, dst) = (p.src_buf.as_ptr() as u64, p.dst_buf.as_ptr() as u64);
+    let mut posting = Duration::ZERO;
+    let mut inflight = 0usize;
+    let mut done = Vec::new();
+    let start = Instant::now();
+    let mut next = 0usize;
+    for c in 0..WRS_PER_ITER / CHAIN {
+        while inflight >= CHAINS_IN_FLIGHT {
+            done.clear();
+            p.src.poll_send(&mut done).expect("completion");
+            inflight -= done.len();
+        }
+        let writes: Vec<Write> = (0..CHAIN)
+            .map(|_| {
+                let off = (next % slots * size) as u64;
+                next += 1;
+                Write {
+                    addr: src + off,
+                    len: size as u32,
+                    lkey: p.lkey,
+                    remote_addr: dst + off,
+                    rkey: p.rkey,
+                }
+            })
+            .collect();
+        let t = Instant::now();
+        p.src
+            .post_writes(black_box(&writes), true, c as u64)
+            .expect("post");
+        posting += t.elapsed();
+        inflight += 1;
+    }
+    while inflight > 0 {
+        done.clear();
+        p.src.poll_send(&mut done).expect("completion");
+        inflight -= done.len();
+    }
+    (posting, start.elapsed())
+}
+
+fn post_rate(c: &mut Criterion) {
+    let mut pair = match setup(16 << 20) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "rdma_post: SKIP, no usable RDMA device here ({e}); run it in the SoftRoCE VM"
+            );
+            return;
+        }
+    };
+    let mut g = c.benchmark_group("rdma_write_wr");
+    g.throughput(Throughput::Elements(WRS_PER_ITER as u64));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(3));
+    for size in [4096usize, 64 << 10] {
+        g.bench_with_input(BenchmarkId::new("post_only", size), &size, |b, &size| {
+            b.iter_custom(|iters| (0..iters).map(|_| round(&mut pair, size).0).sum())
+        });
+        g.bench_with_input(
+            BenchmarkId::new("post_and_complete", size),
+            &size,
+            |b, &size| b.iter_custom(|iters| (0..iters).map(|_| round(&mut pair, size).1).sum()),
+        );
+    }
+    g.finish();
+    // The bytes did land (a real check, not a timing): the first slot.
+    assert_eq!(pair.dst_buf[..4096], pair.src_buf[..4096]);
+}
+
+criterion_group!(benches, post_rate);
+criterion_main!(benches);
