@@ -4,6 +4,7 @@
 # then RDMA vs TCP inside the SoftRoCE VM, the ceilings measured alongside;
 # writes benches/results/{raw/*.json,results.md,results.png}.
 # Usage: scripts/bench.sh [--quick] [--host-only|--vm-only]   (root)
+#   BENCH_RESULTS=DIR: write there instead (the test command's smoke run).
 # BENCHMARKS.md says how to read the results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,10 +20,7 @@ for a in "$@"; do
 done
 [ "$(id -u)" -eq 0 ] || { echo "bench: run as root (network namespaces, the VM's RDMA devices)" >&2; exit 2; }
 cargo build --release --locked -p migrate-cli -p benches --bin migrate-cli --bin migrate-bench
-# The RDMA micro benchmark runs in the VM: build it here.
-rdma_post=$(cargo bench --locked -p benches --bench rdma_post --no-run 2>&1 \
-  | grep -o 'target/release/deps/rdma_post-[0-9a-f]*' | tail -n 1)
-results=benches/results
+results=${BENCH_RESULTS:-benches/results}
 mkdir -p "$results/raw/micro"
 cmd="scripts/bench.sh $*"
 
@@ -42,6 +40,9 @@ if [ "$host" = 1 ]; then
   fi
 fi
 if [ "$vm" = 1 ]; then
+  # The RDMA micro benchmark runs in the VM: build it here.
+  rdma_post=$(cargo bench --locked -p benches --bench rdma_post --no-run 2>&1 \
+    | grep -o 'target/release/deps/rdma_post-[0-9a-f]*' | tail -n 1)
   # Inside the VM only $results/raw is writable; criterion writes to /tmp.
   micro=""
   [ ${#quick[@]} = 0 ] && micro="CRITERION_HOME=/tmp/crit $rdma_post --bench && \

@@ -16,5 +16,13 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 cargo test --workspace --locked
 # Benchmarks compile and run once each in test mode (no timing).
 cargo test -p benches --benches --locked
+# The macro benchmark end to end, smallest matrix, host only (every run
+# verified; the table and the plot are drawn), into a scratch folder.
+if [ "$(id -u)" -eq 0 ]; then
+  bench_tmp=$(mktemp -d)
+  BENCH_RESULTS=$bench_tmp scripts/bench.sh --quick --host-only
+  test -s "$bench_tmp/results.md" && test -s "$bench_tmp/results.png"
+  rm -rf "$bench_tmp"
+fi
 # RDMA over real SoftRoCE verbs, inside the emulated VM (the host has none).
 scripts/test-rdma.sh

@@ -26,6 +26,8 @@ const SQ_DEPTH: u32 = 512;
 /// Chains in flight per queue pair (bounded by the send queue).
 const MAX_CHAINS: usize = (SQ_DEPTH as usize / CHAIN) - 1;
 const FENCE_WR: u64 = u64::MAX;
+/// How long a queue pair's poller spins before it yields the CPU.
+const SPIN: Duration = Duration::from_micros(20);
 
 struct Local {
     dev: Device,
@@ -303,7 +305,18 @@ impl RdmaPageSender {
                         detail: format!("no RDMA completion for {:?}: peer gone?", self.io_timeout),
                     });
                 }
-                std::hint::spin_loop();
+                // Spin briefly (completions on hardware come within
+                // microseconds), then give the CPU away: on rxe the
+                // completions are produced by kernel work on these same
+                // CPUs, which a spinning poller only delays.
+                let idle = last_progress.elapsed();
+                if idle < SPIN {
+                    std::hint::spin_loop();
+                } else if idle < SPIN * 10 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(20));
+                }
                 continue;
             }
             last_progress = Instant::now();
