@@ -41,12 +41,15 @@ pub struct Machine {
 
 /// One migration's figures (from both sides' JSON reports).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RunResult {
     pub case: Option<Case>,
     pub rep: usize,
     /// Why the run did not produce a verified migration.
     pub error: Option<String>,
     pub transport: String,
+    /// Dirty tracker the source used.
+    pub tracker: String,
     pub verified: bool,
     pub total_ms: f64,
     pub downtime_ms: f64,
@@ -221,6 +224,7 @@ fn migrate_into(cli: &Path, site: &Site, case: &Case, tmp: &Path, r: &mut RunRes
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     r.transport = s["transport"].as_str().unwrap_or("").into();
+    r.tracker = s["tracker"].as_str().unwrap_or("").into();
     r.verified = s["verified"].as_bool().unwrap_or(false);
     r.total_ms = f(&s, "total_ms");
     r.downtime_ms = f(&s, "downtime_ms");

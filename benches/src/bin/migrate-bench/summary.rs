@@ -183,6 +183,17 @@ fn markdown(raws: &[Raw], cells: &[Cell], ceilings: &[Ceiling]) -> String {
             r.machine.kernel,
             r.machine.kind
         );
+        let mut trackers: Vec<&str> = r
+            .runs
+            .iter()
+            .map(|x| x.tracker.as_str())
+            .filter(|t| !t.is_empty())
+            .collect();
+        trackers.sort_unstable();
+        trackers.dedup();
+        if !trackers.is_empty() {
+            let _ = writeln!(s, "  dirty tracker: {}", trackers.join(", "));
+        }
         if !r.command.is_empty() {
             let _ = writeln!(s, "  command: `{}`", r.command);
         }
