@@ -67,9 +67,10 @@ pub fn draw(path: &Path, cells: &[Cell], ceilings: &[Ceiling]) -> Result<()> {
         .min(100.0)
         / 2.0;
     let sizes: Vec<u64> = cells.iter().map(|c| c.case.size_mib).collect();
+    // x is log2 of the size in MiB: one label per power of two.
     let (xmin, xmax) = (
-        sizes.iter().copied().min().unwrap_or(32) as f64 / 1.5,
-        sizes.iter().copied().max().unwrap_or(1024) as f64 * 1.5,
+        (sizes.iter().copied().min().unwrap_or(32) as f64).log2() - 0.5,
+        (sizes.iter().copied().max().unwrap_or(1024) as f64).log2() + 0.5,
     );
     let mut chart = ChartBuilder::on(&left)
         .caption(
@@ -79,13 +80,19 @@ pub fn draw(path: &Path, cells: &[Cell], ceilings: &[Ceiling]) -> Result<()> {
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
-        .build_cartesian_2d((xmin..xmax).log_scale(), (ymin..ymax).log_scale())?;
+        .build_cartesian_2d(xmin..xmax, (ymin..ymax).log_scale())?;
     chart
         .configure_mesh()
         .x_desc("guest memory (MiB)")
         .y_desc("Mbit/s (log)")
-        .x_labels(12)
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_labels(((xmax - xmin).ceil() as usize + 1) * 2)
+        .x_label_formatter(&|x| {
+            if (x - x.round()).abs() < 0.01 {
+                format!("{}", 2f64.powf(x.round()))
+            } else {
+                String::new()
+            }
+        })
         .y_label_formatter(&|y| format!("{y:.0}"))
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 17))
@@ -108,20 +115,18 @@ pub fn draw(path: &Path, cells: &[Cell], ceilings: &[Ceiling]) -> Result<()> {
         }
         chart
             .draw_series(LineSeries::new(
-                pts.iter().map(|(x, s)| (*x as f64, s.median)),
+                pts.iter().map(|(x, s)| ((*x as f64).log2(), s.median)),
                 col.stroke_width(3),
             ))?
             .label(format!("{site} {t}"))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], col.stroke_width(3)));
         chart.draw_series(
             pts.iter()
-                .map(|(x, s)| Circle::new((*x as f64, s.median), 5, col.filled())),
+                .map(|(x, s)| Circle::new(((*x as f64).log2(), s.median), 5, col.filled())),
         )?;
         chart.draw_series(pts.iter().map(|(x, s)| {
-            PathElement::new(
-                [(*x as f64, s.min), (*x as f64, s.max)],
-                col.stroke_width(2),
-            )
+            let x = (*x as f64).log2();
+            PathElement::new([(x, s.min), (x, s.max)], col.stroke_width(2))
         }))?;
         if let Some(c) = ceiling_for(ceilings, site, t)
             .and_then(|c| Spread::of(c.mbps.iter().copied()).map(|s| (c.tool.clone(), s.median)))

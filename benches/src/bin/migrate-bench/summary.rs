@@ -211,6 +211,9 @@ fn markdown(raws: &[Raw], cells: &[Cell], ceilings: &[Ceiling]) -> String {
     let _ = writeln!(s, "\n## Targets\n");
     targets(&mut s, cells, ceilings);
 
+    let _ = writeln!(s, "\n## Ratios to every ceiling\n");
+    ratios(&mut s, cells, ceilings);
+
     let _ = writeln!(s, "\n## Migrations\n");
     let _ = writeln!(
         s,
@@ -280,6 +283,58 @@ fn markdown(raws: &[Raw], cells: &[Cell], ceilings: &[Ceiling]) -> String {
     }
     let _ = writeln!(s, "\n![throughput and downtime](results.png)");
     s
+}
+
+/// The largest idle all-random cell of each site and transport against
+/// every ceiling measured on the same machine.
+fn ratios(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) {
+    let _ = writeln!(
+        s,
+        "First pass of the largest idle all-random guest of each site and transport, \
+         divided by each ceiling measured on the same machine.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| site | transport | first pass Mbit/s | ceiling | ratio |\n|---|---|---|---|---|"
+    );
+    let mut seen = Vec::new();
+    for c in cells.iter().rev() {
+        let k = &c.case;
+        if k.load != "idle" || k.mix != "random" || !k.prefault {
+            continue;
+        }
+        let id = (k.site.clone(), k.transport.clone());
+        if seen.contains(&id) {
+            continue;
+        }
+        seen.push(id);
+        let Some(fp) = c.spread(|r| r.first_pass_mbps) else {
+            continue;
+        };
+        // This site's link ceilings, then the memory ceilings of the same
+        // machine (the raw file the site came from).
+        let machine_of_site = ceilings.iter().position(|x| x.site == k.site).unwrap_or(0);
+        let memory = ceilings[..machine_of_site]
+            .iter()
+            .rev()
+            .filter(|x| x.bounds == "memory")
+            .take(2);
+        for cl in ceilings.iter().filter(|x| x.site == k.site).chain(memory) {
+            let Some(cm) = Spread::of(cl.mbps.iter().copied()) else {
+                continue;
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | `{}` {:.0} | {:.2} |",
+                k.site,
+                k.transport,
+                fp.median,
+                cl.tool,
+                cm.median,
+                fp.median / cm.median
+            );
+        }
+    }
 }
 
 fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) {
