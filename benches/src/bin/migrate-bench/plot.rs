@@ -201,7 +201,8 @@ pub fn draw(path: &Path, cells: &[Cell], ceilings: &[Ceiling]) -> Result<()> {
         let col = color(i);
         let Some(size) = cells
             .iter()
-            .filter(|c| c.case.site == *site && c.case.transport == *t)
+            // The largest size measured at every dirty rate.
+            .filter(|c| c.case.site == *site && c.case.transport == *t && c.case.load == "high")
             .map(|c| c.case.size_mib)
             .max()
         else {

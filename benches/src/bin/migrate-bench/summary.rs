@@ -213,6 +213,7 @@ fn markdown(raws: &[Raw], cells: &[Cell], ceilings: &[Ceiling]) -> String {
 
     let _ = writeln!(s, "\n## Ratios to every ceiling\n");
     ratios(&mut s, cells, ceilings);
+    rdma_vs_tcp(&mut s, cells);
 
     let _ = writeln!(s, "\n## Migrations\n");
     let _ = writeln!(
@@ -332,6 +333,36 @@ fn ratios(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) {
                 cl.tool,
                 cm.median,
                 fp.median / cm.median
+            );
+        }
+    }
+}
+
+/// RDMA against TCP where one site measured both (same boot, same CPU).
+fn rdma_vs_tcp(s: &mut String, cells: &[Cell]) {
+    let best = |site: &str, t: &str| {
+        cells
+            .iter()
+            .filter(|c| {
+                c.case.site == site
+                    && c.case.transport == t
+                    && c.case.load == "idle"
+                    && c.case.mix == "random"
+                    && c.case.prefault
+            })
+            .max_by_key(|c| c.case.size_mib)
+            .and_then(|c| Some((c.case.size_mib, c.spread(|r| r.first_pass_mbps)?)))
+    };
+    let mut sites: Vec<&str> = cells.iter().map(|c| c.case.site.as_str()).collect();
+    sites.dedup();
+    for site in sites {
+        if let (Some((size, r)), Some((_, t))) = (best(site, "rdma"), best(site, "tcp")) {
+            let _ = writeln!(
+                s,
+                "\nRDMA / TCP at {site} ({size} MiB idle random, same boot): {:.0} / {:.0} Mbit/s = {:.2}.",
+                r.median,
+                t.median,
+                r.median / t.median
             );
         }
     }
