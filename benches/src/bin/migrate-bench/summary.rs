@@ -298,17 +298,8 @@ fn ratios(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) {
         s,
         "| site | transport | first pass Mbit/s | ceiling | ratio |\n|---|---|---|---|---|"
     );
-    let mut seen = Vec::new();
-    for c in cells.iter().rev() {
+    for c in bulk_cells(cells) {
         let k = &c.case;
-        if k.load != "idle" || k.mix != "random" || !k.prefault {
-            continue;
-        }
-        let id = (k.site.clone(), k.transport.clone());
-        if seen.contains(&id) {
-            continue;
-        }
-        seen.push(id);
         let Some(fp) = c.spread(|r| r.first_pass_mbps) else {
             continue;
         };
@@ -338,19 +329,33 @@ fn ratios(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) {
     }
 }
 
+/// Per site and transport, the largest idle all-random cell with a
+/// preallocated destination: the bulk rate, with nothing to skip or re-send.
+fn bulk_cells(cells: &[Cell]) -> Vec<&Cell> {
+    let mut out: Vec<&Cell> = Vec::new();
+    for c in cells {
+        let k = &c.case;
+        if k.load != "idle" || k.mix != "random" || !k.prefault {
+            continue;
+        }
+        match out
+            .iter_mut()
+            .find(|o| o.case.site == k.site && o.case.transport == k.transport)
+        {
+            Some(o) if o.case.size_mib < k.size_mib => *o = c,
+            Some(_) => {}
+            None => out.push(c),
+        }
+    }
+    out
+}
+
 /// RDMA against TCP where one site measured both (same boot, same CPU).
 fn rdma_vs_tcp(s: &mut String, cells: &[Cell]) {
+    let bulk = bulk_cells(cells);
     let best = |site: &str, t: &str| {
-        cells
-            .iter()
-            .filter(|c| {
-                c.case.site == site
-                    && c.case.transport == t
-                    && c.case.load == "idle"
-                    && c.case.mix == "random"
-                    && c.case.prefault
-            })
-            .max_by_key(|c| c.case.size_mib)
+        bulk.iter()
+            .find(|c| c.case.site == site && c.case.transport == t)
             .and_then(|c| Some((c.case.size_mib, c.spread(|r| r.first_pass_mbps)?)))
     };
     let mut sites: Vec<&str> = cells.iter().map(|c| c.case.site.as_str()).collect();
@@ -369,20 +374,10 @@ fn rdma_vs_tcp(s: &mut String, cells: &[Cell]) {
 }
 
 fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) {
-    // Throughput: the idle, all-random cells (the bulk rate with nothing to
-    // skip or re-send), largest size per site and transport.
+    // Throughput: the bulk cells against their transport's ceiling.
     let _ = writeln!(s, "| target | where | measured | met |\n|---|---|---|---|");
-    let mut seen = Vec::new();
-    for c in cells.iter().rev() {
+    for c in bulk_cells(cells) {
         let k = &c.case;
-        if k.load != "idle" || k.mix != "random" || !k.prefault {
-            continue;
-        }
-        let id = (k.site.clone(), k.transport.clone());
-        if seen.contains(&id) {
-            continue;
-        }
-        seen.push(id);
         let (Some(fp), Some(cl)) = (
             c.spread(|r| r.first_pass_mbps),
             ceiling_for(ceilings, &k.site, &k.transport),
