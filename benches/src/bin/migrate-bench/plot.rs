@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
@@ -99,7 +100,7 @@ pub fn draw(path: &Path, cells: &[Cell], ceilings: &[Ceiling]) -> Result<()> {
         .draw()?;
     for (i, (site, t)) in series.iter().enumerate() {
         let col = color(i);
-        let pts: Vec<(u64, Spread)> = cells
+        let pts: Vec<(f64, Spread)> = cells
             .iter()
             .filter(|c| {
                 c.case.site == *site
@@ -108,26 +109,15 @@ pub fn draw(path: &Path, cells: &[Cell], ceilings: &[Ceiling]) -> Result<()> {
                     && c.case.load == "idle"
                     && c.case.prefault
             })
-            .filter_map(|c| Some((c.case.size_mib, c.spread(|r| r.first_pass_mbps)?)))
+            .filter_map(|c| {
+                let x = (c.case.size_mib as f64).log2();
+                Some((x, c.spread(|r| r.first_pass_mbps)?))
+            })
             .collect();
         if pts.is_empty() {
             continue;
         }
-        chart
-            .draw_series(LineSeries::new(
-                pts.iter().map(|(x, s)| ((*x as f64).log2(), s.median)),
-                col.stroke_width(3),
-            ))?
-            .label(format!("{site} {t}"))
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], col.stroke_width(3)));
-        chart.draw_series(
-            pts.iter()
-                .map(|(x, s)| Circle::new(((*x as f64).log2(), s.median), 5, col.filled())),
-        )?;
-        chart.draw_series(pts.iter().map(|(x, s)| {
-            let x = (*x as f64).log2();
-            PathElement::new([(x, s.min), (x, s.max)], col.stroke_width(2))
-        }))?;
+        spread_series(&mut chart, &pts, col, 3, format!("{site} {t}"))?;
         if let Some(c) = ceiling_for(ceilings, site, t)
             .and_then(|c| Spread::of(c.mbps.iter().copied()).map(|s| (c.tool.clone(), s.median)))
         {
@@ -147,13 +137,7 @@ pub fn draw(path: &Path, cells: &[Cell], ceilings: &[Ceiling]) -> Result<()> {
                 });
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font(("sans-serif", 14))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
 
     // Right: downtime (verify aside) vs load, largest size per site.
     let loads = ["idle", "moderate", "high"];
@@ -224,30 +208,52 @@ pub fn draw(path: &Path, cells: &[Cell], ceilings: &[Ceiling]) -> Result<()> {
                 Some((j as f64 + dx, c.spread(|r| r.downtime_net_ms().max(0.1))?))
             })
             .collect();
-        chart
-            .draw_series(LineSeries::new(
-                pts.iter().map(|(x, s)| (*x, s.median)),
-                col.stroke_width(2),
-            ))?
-            .label(format!("{site} {t} {size} MiB"))
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], col.stroke_width(3)));
-        chart.draw_series(
-            pts.iter()
-                .map(|(x, s)| Circle::new((*x, s.median), 5, col.filled())),
-        )?;
-        chart.draw_series(
-            pts.iter()
-                .map(|(x, s)| PathElement::new([(*x, s.min), (*x, s.max)], col.stroke_width(2))),
-        )?;
+        spread_series(&mut chart, &pts, col, 2, format!("{site} {t} {size} MiB"))?;
     }
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Both panels: x linear, y logarithmic.
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, LogCoord<f64>>>;
+
+/// One series: medians joined by a line, a dot at each, a bar from min to
+/// max, and a legend entry.
+fn spread_series(
+    chart: &mut Chart<'_, '_>,
+    pts: &[(f64, Spread)],
+    col: RGBAColor,
+    width: u32,
+    label: String,
+) -> Result<()> {
+    chart
+        .draw_series(LineSeries::new(
+            pts.iter().map(|(x, s)| (*x, s.median)),
+            col.stroke_width(width),
+        ))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], col.stroke_width(3)));
+    chart.draw_series(
+        pts.iter()
+            .map(|(x, s)| Circle::new((*x, s.median), 5, col.filled())),
+    )?;
+    chart.draw_series(
+        pts.iter()
+            .map(|(x, s)| PathElement::new([(*x, s.min), (*x, s.max)], col.stroke_width(2))),
+    )?;
+    Ok(())
+}
+
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, at: SeriesLabelPosition) -> Result<()> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(at)
         .label_font(("sans-serif", 14))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
-    root.present()
-        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
