@@ -10,18 +10,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use xxhash_rust::xxh3::xxh3_64;
-
-use crate::MigrationError;
+use crate::control::{expect_msg, recv, unexpected};
 use crate::memory::{GuestMemory, MemoryLayout};
 use crate::protocol::{
-    HASHES_PER_FRAME, MIN_VERSION, Message, PageRange, ProtocolError, RefusalCode, VERSION,
-    check_layout,
+    FrameKind, HASHES_PER_FRAME, MIN_VERSION, Message, PageRange, ProtocolError, RefusalCode,
+    VERSION,
 };
 use crate::transport::{
     ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
 };
 use crate::vm::DestinationVm;
+use crate::MigrationError;
 
 /// Largest device state accepted (a guard against a hostile source).
 pub const MAX_DEVICE_STATE: usize = 1 << 30;
@@ -82,47 +81,21 @@ impl IncomingMigration {
         let started = Instant::now();
         let ours = transport.features();
         let ctl = transport.control();
-        let (session, streams, features) = match recv(ctl)? {
-            Message::Hello {
-                min_version,
-                max_version,
-                session,
-                data_streams,
-                features,
-            } => {
-                if max_version < MIN_VERSION || min_version > VERSION {
-                    let err = ProtocolError::Version {
-                        ours_min: MIN_VERSION,
-                        ours_max: VERSION,
-                        theirs_min: min_version,
-                        theirs_max: max_version,
-                    };
-                    let _ = ctl.send(&Message::Refused {
-                        code: RefusalCode::Version,
-                        message: err.to_string(),
-                    });
-                    return Err(MigrationError::Protocol(err));
-                }
-                if data_streams == 0 {
-                    return Err(refuse(
-                        ctl,
-                        RefusalCode::Protocol,
-                        "zero data streams".into(),
-                    ));
-                }
-                let version = max_version.min(VERSION);
-                ctl.send(&Message::Welcome {
-                    version,
-                    features: features & ours,
-                })?;
-                (session, data_streams, features & ours)
-            }
-            other => return Err(unexpected(other, "Hello")),
-        };
-        let layout = match recv(ctl)? {
-            Message::Layout(l) => l,
-            other => return Err(unexpected(other, "Layout")),
-        };
+        let (session, streams, features) = expect_msg!(ctl, Hello {
+            min_version,
+            max_version,
+            session,
+            data_streams,
+            features,
+        } => {
+            let version = negotiate(ctl, min_version, max_version, data_streams)?;
+            ctl.send(&Message::Welcome {
+                version,
+                features: features & ours,
+            })?;
+            (session, data_streams, features & ours)
+        });
+        let layout = expect_msg!(ctl, Layout { layout } => layout);
         Ok(Self {
             layout,
             session,
@@ -188,7 +161,7 @@ impl IncomingMigration {
         mem: &Arc<GuestMemory>,
         vm: &mut dyn DestinationVm,
     ) -> Result<DestinationReport, MigrationError> {
-        if let Err(m) = check_layout(&self.layout, &mem.layout()) {
+        if let Err(m) = self.layout.check_matches(&mem.layout()) {
             let _ = transport.control().send(&Message::Refused {
                 code: RefusalCode::Layout,
                 message: m.to_string(),
@@ -197,101 +170,186 @@ impl IncomingMigration {
         }
         transport.control().send(&Message::LayoutAccepted)?;
         let events = transport.open_data(mem, self.session, self.streams, self.features)?;
-        let mut report = DestinationReport {
-            transport: transport.name().into(),
-            ..Default::default()
+        let mut receiver = Receiver {
+            mem,
+            events,
+            streams: self.streams,
+            report: DestinationReport {
+                transport: transport.name().into(),
+                ..Default::default()
+            },
         };
-        let mut state = Vec::new();
-        let mut state_done = false;
+        let mut state = ReceiverState::Receiving;
         loop {
-            let ctl = transport.control();
-            let msg = match recv(ctl) {
-                Ok(m) => m,
-                // A transport may close the control channel when a data
-                // stream fails: report the stream's error, the root cause.
-                Err(e) => {
-                    return Err(events
-                        .try_iter()
-                        .find_map(|ev| match ev {
-                            DataEvent::Failed { stream, error } => {
-                                Some(stream_failed(stream, error))
-                            }
-                            _ => None,
-                        })
-                        .unwrap_or(e));
-                }
+            let msg = receiver.next_message(transport.control())?;
+            state = match receiver.step(state, msg, transport.control(), vm)? {
+                ReceiverState::Committed => break,
+                next => next,
             };
-            match msg {
-                Message::RoundDone { round, last } => {
-                    let suspect = self.collect_round(&events, round, &mut report)?;
-                    report.rounds = report.rounds.max(round + 1);
-                    tracing::debug!(round, last, suspect = suspect.len(), "round landed");
-                    ctl.send(&Message::RoundAck { round, suspect })?;
-                }
-                Message::ZeroPages { round, ranges } => {
-                    tracing::debug!(round, ranges = ranges.len(), "zero pages");
-                    zero_pages(mem, &ranges)?;
-                    report.received.zero_pages +=
-                        ranges.iter().map(|r| r.count as u64).sum::<u64>();
-                }
-                Message::VerifyRequest => {
-                    report.verify_requested = true;
-                    send_hashes(ctl, mem)?;
-                }
-                Message::DeviceState { last, bytes } => {
-                    if state_done || state.len() + bytes.len() > MAX_DEVICE_STATE {
-                        return Err(refuse(
-                            ctl,
-                            RefusalCode::DeviceState,
-                            "device state too large or sent twice".into(),
-                        ));
-                    }
-                    state.extend_from_slice(&bytes);
-                    state_done = last;
-                }
-                Message::Commit => {
-                    if !state_done {
-                        return Err(unexpected(Message::Commit, "DeviceState"));
-                    }
-                    if let Err(e) = vm.load_state(&state).and_then(|()| vm.resume()) {
-                        let _ = ctl.send(&Message::Refused {
-                            code: RefusalCode::DeviceState,
-                            message: e.to_string(),
-                        });
-                        return Err(MigrationError::Vm(e));
-                    }
-                    ctl.send(&Message::Committed)?;
-                    report.device_state_bytes = state.len() as u64;
-                    report.total_ms = self.started.elapsed().as_secs_f64() * 1e3;
-                    tracing::info!(
-                        rounds = report.rounds,
-                        "incoming migration committed; guest resumed"
-                    );
-                    return Ok(report);
-                }
-                other => return Err(unexpected(other, "a round, verification or commit")),
-            }
         }
+        receiver.report.total_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(
+            rounds = receiver.report.rounds,
+            "incoming migration committed; guest resumed"
+        );
+        Ok(receiver.report)
+    }
+}
+
+/// Check the source's versions and stream count: the version both speak,
+/// or a refusal.
+fn negotiate(
+    ctl: &mut dyn ControlChannel,
+    min_version: u16,
+    max_version: u16,
+    data_streams: u16,
+) -> Result<u16, MigrationError> {
+    if max_version < MIN_VERSION || min_version > VERSION {
+        let err = ProtocolError::Version {
+            ours_min: MIN_VERSION,
+            ours_max: VERSION,
+            theirs_min: min_version,
+            theirs_max: max_version,
+        };
+        let _ = ctl.send(&Message::Refused {
+            code: RefusalCode::Version,
+            message: err.to_string(),
+        });
+        return Err(MigrationError::Protocol(err));
+    }
+    if data_streams == 0 {
+        return Err(refuse(
+            ctl,
+            RefusalCode::Protocol,
+            "zero data streams".into(),
+        ));
+    }
+    Ok(max_version.min(VERSION))
+}
+
+/// Where the receiver is once the layout is accepted and the data streams
+/// joined: the `Receiving → HaveState → Committed` part of the state machine
+/// in [`crate::protocol`]. Every transition is in [`Receiver::step`]; a
+/// message that has none is [`ProtocolError::Unexpected`].
+#[derive(Debug)]
+enum ReceiverState {
+    /// Rounds, zero pages, verification.
+    Receiving,
+    /// Some device-state chunks arrived; more follow.
+    DeviceState(Vec<u8>),
+    /// The whole device state arrived; waiting for `Commit`.
+    HaveState(Vec<u8>),
+    /// Loaded, resumed and acknowledged.
+    Committed,
+}
+
+impl ReceiverState {
+    /// What this state waits for, as errors say it.
+    fn expects(&self) -> &'static str {
+        match self {
+            ReceiverState::Receiving => "a round, verification or device state",
+            ReceiverState::DeviceState(_) => "DeviceState",
+            ReceiverState::HaveState(_) => "Commit",
+            ReceiverState::Committed => "nothing",
+        }
+    }
+}
+
+/// What the receiving states work on.
+struct Receiver<'a> {
+    mem: &'a Arc<GuestMemory>,
+    events: crossbeam_channel::Receiver<DataEvent>,
+    streams: u16,
+    report: DestinationReport,
+}
+
+impl Receiver<'_> {
+    /// The next control message. A transport may close the control channel
+    /// when a data stream fails: then the stream's error, the root cause.
+    fn next_message(&self, ctl: &mut dyn ControlChannel) -> Result<Message, MigrationError> {
+        recv(ctl).map_err(|e| {
+            self.events
+                .try_iter()
+                .find_map(|ev| match ev {
+                    DataEvent::Failed { stream, error } => Some(stream_failed(stream, error)),
+                    _ => None,
+                })
+                .unwrap_or(e)
+        })
+    }
+
+    /// The one transition function of the receiver.
+    fn step(
+        &mut self,
+        state: ReceiverState,
+        msg: Message,
+        ctl: &mut dyn ControlChannel,
+        vm: &mut dyn DestinationVm,
+    ) -> Result<ReceiverState, MigrationError> {
+        use ReceiverState::*;
+        Ok(match (state, msg) {
+            (Receiving, Message::RoundDone { round, last }) => {
+                let suspect = self.collect_round(round)?;
+                self.report.rounds = self.report.rounds.max(round + 1);
+                tracing::debug!(round, last, suspect = suspect.len(), "round landed");
+                ctl.send(&Message::RoundAck { round, suspect })?;
+                Receiving
+            }
+            (Receiving, Message::ZeroPages { round, ranges }) => {
+                tracing::debug!(round, ranges = ranges.len(), "zero pages");
+                zero_pages(self.mem, &ranges)?;
+                self.report.received.zero_pages +=
+                    ranges.iter().map(|r| r.count as u64).sum::<u64>();
+                Receiving
+            }
+            (Receiving, Message::VerifyRequest) => {
+                self.report.verify_requested = true;
+                send_hashes(ctl, self.mem)?;
+                Receiving
+            }
+            (Receiving, Message::DeviceState { last, bytes }) => {
+                device_state(ctl, Vec::new(), last, &bytes)?
+            }
+            (DeviceState(state), Message::DeviceState { last, bytes }) => {
+                device_state(ctl, state, last, &bytes)?
+            }
+            (HaveState(_), Message::DeviceState { .. }) => {
+                return Err(refuse(
+                    ctl,
+                    RefusalCode::DeviceState,
+                    "device state too large or sent twice".into(),
+                ));
+            }
+            (HaveState(state), Message::Commit) => {
+                if let Err(e) = vm.load_state(&state).and_then(|()| vm.resume()) {
+                    let _ = ctl.send(&Message::Refused {
+                        code: RefusalCode::DeviceState,
+                        message: e.to_string(),
+                    });
+                    return Err(MigrationError::Vm(e));
+                }
+                ctl.send(&Message::Committed)?;
+                self.report.device_state_bytes = state.len() as u64;
+                Committed
+            }
+            (state, other) => return Err(unexpected(&other, state.expects())),
+        })
     }
 
     /// Wait for every data stream's end marker of `round`.
-    fn collect_round(
-        &self,
-        events: &crossbeam_channel::Receiver<DataEvent>,
-        round: u32,
-        report: &mut DestinationReport,
-    ) -> Result<Vec<PageRange>, MigrationError> {
+    fn collect_round(&mut self, round: u32) -> Result<Vec<PageRange>, MigrationError> {
         let mut ended = vec![false; self.streams as usize];
         let mut suspect = Vec::new();
         while ended.iter().any(|e| !e) {
             // Data streams have their own I/O timeouts; this only guards
             // against a transport that reports nothing at all.
-            let event = events.recv_timeout(Duration::from_secs(600)).map_err(|_| {
-                TransportError::Stream {
+            let event = self
+                .events
+                .recv_timeout(Duration::from_secs(600))
+                .map_err(|_| TransportError::Stream {
                     stream: u16::MAX,
                     detail: format!("no end of round {round} from the data streams"),
-                }
-            })?;
+                })?;
             match event {
                 DataEvent::RoundEnd {
                     stream,
@@ -319,8 +377,8 @@ impl IncomingMigration {
                         .into());
                     }
                     *slot = true;
-                    report.received.add(&received);
-                    report.suspect_pages += s.iter().map(|r| r.count as u64).sum::<u64>();
+                    self.report.received.add(&received);
+                    self.report.suspect_pages += s.iter().map(|r| r.count as u64).sum::<u64>();
                     suspect.extend(s);
                 }
                 DataEvent::Failed { stream, error } => return Err(stream_failed(stream, error)),
@@ -328,6 +386,29 @@ impl IncomingMigration {
         }
         Ok(suspect)
     }
+}
+
+/// A device-state chunk onto what arrived so far: the next state, or a
+/// refusal past [`MAX_DEVICE_STATE`].
+fn device_state(
+    ctl: &mut dyn ControlChannel,
+    mut state: Vec<u8>,
+    last: bool,
+    bytes: &[u8],
+) -> Result<ReceiverState, MigrationError> {
+    if state.len() + bytes.len() > MAX_DEVICE_STATE {
+        return Err(refuse(
+            ctl,
+            RefusalCode::DeviceState,
+            "device state too large or sent twice".into(),
+        ));
+    }
+    state.extend_from_slice(bytes);
+    Ok(if last {
+        ReceiverState::HaveState(state)
+    } else {
+        ReceiverState::DeviceState(state)
+    })
 }
 
 /// Zero the pages of `ranges` (after checking them against the layout);
@@ -341,19 +422,14 @@ fn zero_pages(mem: &GuestMemory, ranges: &[PageRange]) -> Result<(), MigrationEr
                 r.count > 0 && r.first.saturating_add(r.count as u64) <= reg.pages() as u64
             })
             .ok_or_else(|| ProtocolError::Malformed {
-                kind: crate::protocol::Kind::ZeroPages,
+                kind: FrameKind::ZeroPages,
                 detail: format!(
                     "{} pages at page {} of region {} are outside guest memory",
                     r.count, r.first, r.region
                 ),
             })?;
         for p in r.first as usize..(r.first + r.count as u64) as usize {
-            // SAFETY: in bounds (checked above); no vCPU runs on destination
-            // memory and the data plane is idle between rounds.
-            let page = unsafe { region.page_slice_mut(p, 1) };
-            if !crate::protocol::is_zero_page(page) {
-                page.fill(0);
-            }
+            region.zero_page(p);
         }
     }
     Ok(())
@@ -376,8 +452,7 @@ fn send_hashes(ctl: &mut dyn ControlChannel, mem: &GuestMemory) -> Result<(), Mi
         while first < r.pages() {
             let n = (r.pages() - first).min(HASHES_PER_FRAME);
             let hashes = (first..first + n)
-                // SAFETY: in bounds; no guest runs on destination memory yet.
-                .map(|p| xxh3_64(unsafe { r.page_slice(p, 1) }))
+                .map(|p| r.hash_page(p))
                 .collect();
             ctl.send(&Message::PageHashes {
                 region: ri as u32,
@@ -390,25 +465,10 @@ fn send_hashes(ctl: &mut dyn ControlChannel, mem: &GuestMemory) -> Result<(), Mi
     Ok(())
 }
 
-fn recv(ctl: &mut dyn ControlChannel) -> Result<Message, MigrationError> {
-    match ctl.recv()? {
-        Message::Abort { reason } => Err(MigrationError::PeerAborted { reason }),
-        m => Ok(m),
-    }
-}
-
 fn refuse(ctl: &mut dyn ControlChannel, code: RefusalCode, message: String) -> MigrationError {
     let _ = ctl.send(&Message::Refused {
         code,
         message: message.clone(),
     });
     MigrationError::Refused { code, message }
-}
-
-/// An out-of-order message; the caller tells the source (Abort).
-fn unexpected(got: Message, expected: &'static str) -> MigrationError {
-    MigrationError::Protocol(ProtocolError::Unexpected {
-        got: got.kind(),
-        expected,
-    })
 }

@@ -21,6 +21,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod cancel;
+mod control;
 pub mod destination;
 pub mod dirty;
 pub mod memory;
@@ -32,9 +34,14 @@ pub mod vm;
 
 use std::time::Duration;
 
+pub use cancel::CancelToken;
 pub use destination::{DestinationReport, IncomingMigration};
+pub use dirty::{DirtyTracker, DirtyTracking, TrackerPreference};
+pub use memory::{GuestMemory, GuestRegion};
 pub use source::{MigrationHandle, SourceConfig, SourceMigration, TimeoutPolicy};
 pub use stats::{MigrationEvent, MigrationStats, MigrationStatus};
+pub use transport::{DestinationTransport, SourceTransport};
+pub use vm::{DestinationVm, SourceVm, VmError};
 
 /// Why a migration failed. Unless it is [`MigrationError::CommitUnknown`],
 /// the source guest is running when the source sees this.
@@ -57,7 +64,7 @@ pub enum MigrationError {
     },
     /// The destination's memory layout differs from the source's.
     #[error("memory layout mismatch: {0}")]
-    Layout(#[from] protocol::LayoutMismatch),
+    Layout(#[from] memory::LayoutMismatch),
     /// The peer aborted.
     #[error("peer aborted: {reason}")]
     PeerAborted {

@@ -7,6 +7,7 @@
 //! here reads and writes through raw pointers, never through `&mut [u8]`.
 
 mod region;
+pub(crate) mod sys;
 #[cfg(feature = "vm-memory")]
 mod vm_memory;
 
@@ -15,8 +16,25 @@ use std::io;
 use std::path::PathBuf;
 
 pub use region::{Backing, GuestRegion};
+pub use sys::lockable_bytes;
 #[cfg(feature = "vm-memory")]
 pub use vm_memory::VmMemory;
+
+/// Whether every byte of `page` is zero. Checks 64 bytes at a time with an
+/// early exit, which the compiler vectorizes.
+pub fn is_zero_page(page: &[u8]) -> bool {
+    let mut chunks = page.chunks_exact(64);
+    for chunk in &mut chunks {
+        let mut acc = 0u64;
+        for w in chunk.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
 
 /// Page size of a region: the unit of dirty tracking and of transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -217,6 +235,61 @@ impl MemoryLayout {
     }
 }
 
+/// How the destination's layout differs from the source's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutMismatch {
+    /// Different numbers of regions.
+    #[error("source has {source_regions} memory regions, destination has {destination_regions}")]
+    RegionCount {
+        /// Regions on the source.
+        source_regions: usize,
+        /// Regions on the destination.
+        destination_regions: usize,
+    },
+    /// One region differs.
+    #[error(
+        "region {index} differs: source GPA {:#x} length {:#x} pages {}, \
+         destination GPA {:#x} length {:#x} pages {}",
+        source_region.gpa, source_region.len, source_region.page_size,
+        destination_region.gpa, destination_region.len, destination_region.page_size
+    )]
+    Region {
+        /// Region index.
+        index: usize,
+        /// The source's region.
+        source_region: RegionLayout,
+        /// The destination's region.
+        destination_region: RegionLayout,
+    },
+}
+
+impl MemoryLayout {
+/// Compare the source's layout (`self`) with a destination's; the error
+/// names the first difference.
+///
+/// # Errors
+/// [`LayoutMismatch`] naming the differing region or count.
+pub fn check_matches(&self, destination: &MemoryLayout) -> Result<(), LayoutMismatch> {
+    let source = self;
+    if source.regions.len() != destination.regions.len() {
+        return Err(LayoutMismatch::RegionCount {
+            source_regions: source.regions.len(),
+            destination_regions: destination.regions.len(),
+        });
+    }
+    for (index, (s, d)) in source.regions.iter().zip(&destination.regions).enumerate() {
+        if s != d {
+            return Err(LayoutMismatch::Region {
+                index,
+                source_region: *s,
+                destination_region: *d,
+            });
+        }
+    }
+    Ok(())
+}
+}
+
 /// A guest's memory: regions sorted by guest-physical address, never
 /// overlapping. Shared by the VMM's vCPU threads, the tracker and the sender.
 #[derive(Debug)]
@@ -272,24 +345,22 @@ impl GuestMemory {
     /// kernel without `MADV_POPULATE_WRITE`).
     pub fn prefault(&self) -> Result<(), MemoryError> {
         for r in &self.regions {
-            // SAFETY: the region is one live mapping of `len` bytes that this
-            // guest memory keeps alive; populating does not change its bytes.
-            let rc = unsafe {
-                libc::madvise(
-                    r.as_ptr().cast::<libc::c_void>(),
-                    r.len(),
-                    libc::MADV_POPULATE_WRITE,
-                )
-            };
-            if rc != 0 {
-                return Err(MemoryError::Prefault {
-                    gpa: r.gpa(),
-                    len: r.len(),
-                    source: io::Error::last_os_error(),
-                });
-            }
+            r.populate().map_err(|source| MemoryError::Prefault {
+                gpa: r.gpa(),
+                len: r.len(),
+                source,
+            })?;
         }
         Ok(())
+    }
+
+    /// Bytes of guest memory resident in RAM now (`mincore` over every
+    /// region; a region the kernel cannot answer for counts as 0).
+    pub fn resident_bytes(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.resident_bytes().unwrap_or(0))
+            .sum()
     }
 
     /// Total pages over all regions.
@@ -336,15 +407,7 @@ impl GuestMemory {
     /// [`MemoryError::OutOfRange`] when the range is not inside one region.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
         let (idx, off) = self.locate(gpa, data.len())?;
-        // SAFETY: `locate` proved `off + data.len()` lies inside the mapping;
-        // `data` cannot alias guest memory handed out only as raw pointers.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.regions[idx].as_ptr().add(off),
-                data.len(),
-            )
-        };
+        self.regions[idx].write_bytes(off, data);
         Ok(())
     }
 
@@ -354,14 +417,7 @@ impl GuestMemory {
     /// [`MemoryError::OutOfRange`] when the range is not inside one region.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         let (idx, off) = self.locate(gpa, buf.len())?;
-        // SAFETY: as in `write`, the source range is inside the mapping.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.regions[idx].as_ptr().add(off),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        };
+        self.regions[idx].read_bytes(off, buf);
         Ok(())
     }
 }
@@ -484,5 +540,50 @@ mod tests {
         // SAFETY: null is refused before any access.
         let null = unsafe { GuestRegion::from_raw(0, std::ptr::null_mut(), 4096, PageSize::Small) };
         assert!(matches!(null, Err(MemoryError::NullHost { .. })));
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero_page(&p));
+        p[4095] = 1;
+        assert!(!is_zero_page(&p));
+        p[4095] = 0;
+        p[0] = 1;
+        assert!(!is_zero_page(&p));
+        assert!(is_zero_page(&[0u8; 100]));
+        assert!(!is_zero_page(&[0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn layout_mismatch_names_the_difference() {
+        let layout = || MemoryLayout {
+            regions: vec![
+                RegionLayout {
+                    gpa: 0,
+                    len: 64 * 4096,
+                    page_size: PageSize::Small,
+                },
+                RegionLayout {
+                    gpa: 1 << 32,
+                    len: 4 << 20,
+                    page_size: PageSize::Huge2M,
+                },
+            ],
+        };
+        let a = layout();
+        let mut b = layout();
+        b.regions[1].len = 2 << 20;
+        let e = a.check_matches(&b).unwrap_err();
+        assert!(e.to_string().contains("region 1 differs"), "{e}");
+        b.regions.pop();
+        assert!(matches!(
+            a.check_matches(&b),
+            Err(LayoutMismatch::RegionCount {
+                source_regions: 2,
+                destination_regions: 1
+            })
+        ));
+        assert!(a.check_matches(&layout()).is_ok());
     }
 }

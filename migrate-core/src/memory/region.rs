@@ -1,16 +1,17 @@
 //! One guest-memory region: a guest-physical range backed by a host mapping.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd};
+use std::io::{self, IoSlice, Read};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use memmap2::{MmapOptions, MmapRaw};
+use xxhash_rust::xxh3::xxh3_64;
 
-use super::{MemoryError, PageSize};
+use super::{MemoryError, PageSize, sys};
 
 /// What backs a region's host mapping. Trackers use it to pick a mechanism
 /// that works for that kind of memory.
@@ -111,7 +112,7 @@ impl GuestRegion {
     /// when the memfd cannot be created, sized or mapped.
     pub fn memfd(gpa: u64, len: usize, name: &str) -> Result<Self, MemoryError> {
         check_shape(gpa, len, PageSize::Small)?;
-        let file = memfd_create(name, 0).map_err(|source| MemoryError::Map {
+        let file = sys::memfd_create(name, 0).map_err(|source| MemoryError::Map {
             what: "memfd",
             len,
             source,
@@ -129,7 +130,7 @@ impl GuestRegion {
         check_shape(gpa, len, PageSize::Huge2M)?;
         let unavailable = |source| MemoryError::HugePagesUnavailable { len, source };
         // MFD_HUGETLB with the default huge page size (2 MiB on x86-64).
-        let file = memfd_create(name, libc::MFD_HUGETLB).map_err(unavailable)?;
+        let file = sys::memfd_create(name, libc::MFD_HUGETLB).map_err(unavailable)?;
         file.set_len(len as u64).map_err(unavailable)?;
         // hugetlbfs reserves at mmap time: a shortage shows up here as ENOMEM.
         let map = MmapOptions::new()
@@ -171,7 +172,7 @@ impl GuestRegion {
         if actual == 0 {
             // Reserve the blocks now so that a full disk fails here, not as a
             // SIGBUS when the guest first touches a page.
-            allocate(&file, len as u64).map_err(file_err)?;
+            sys::allocate(&file, len as u64).map_err(file_err)?;
         } else if actual != len as u64 {
             return Err(MemoryError::FileSize {
                 path,
@@ -319,42 +320,162 @@ impl GuestRegion {
     /// When `index` is not below [`pages`](Self::pages).
     pub fn page_ptr(&self, index: usize) -> *mut u8 {
         assert!(index < self.pages(), "page {index} outside region");
+        self.span(index, 1).0
+    }
+
+    /// Byte range of `count` pages from page `first`, checked.
+    ///
+    /// # Panics
+    /// When the range is outside the region.
+    fn span(&self, first: usize, count: usize) -> (*mut u8, usize) {
+        let end = first.checked_add(count);
+        assert!(
+            end.is_some_and(|e| e <= self.pages()),
+            "pages {first}+{count} outside a region of {} pages",
+            self.pages()
+        );
+        let ps = self.page_size.bytes();
+        (self.byte_span(first * ps, count * ps), count * ps)
+    }
+
+    /// A shared view of `count` pages from page `first`, for the two
+    /// consumers that need the bytes themselves: the kernel (a vectored
+    /// send) and a compressor. vCPUs may write these pages meanwhile; the
+    /// reader then sees a torn page, which the dirty tracker has recorded, so
+    /// the page goes again. Everything else reads through the copying and
+    /// hashing accessors below.
+    ///
+    /// # Panics
+    /// When the range is outside the region.
+    pub fn io_slice(&self, first: usize, count: usize) -> IoSlice<'_> {
+        let (ptr, len) = self.span(first, count);
+        // SAFETY: in bounds and mapped for `&self`'s life. Other threads
+        // write guest memory only through raw pointers, never through Rust
+        // references, so no `&mut` aliases this view; a racing vCPU write
+        // changes bytes under it, which the callers tolerate (see above).
+        IoSlice::new(unsafe { std::slice::from_raw_parts(ptr, len) })
+    }
+
+    /// xxh3-64 of page `index`: the per-page check of the wire protocol and
+    /// of `--verify`.
+    ///
+    /// # Panics
+    /// When `index` is outside the region.
+    pub fn hash_page(&self, index: usize) -> u64 {
+        xxh3_64(&self.io_slice(index, 1))
+    }
+
+    /// Whether page `index` reads as all zeros (reading keeps a
+    /// never-touched page unallocated).
+    ///
+    /// # Panics
+    /// When `index` is outside the region.
+    pub fn is_zero_page(&self, index: usize) -> bool {
+        super::is_zero_page(&self.io_slice(index, 1))
+    }
+
+    /// Zero page `index` unless it already reads as zeros, so that fresh
+    /// memory stays unallocated.
+    ///
+    /// # Panics
+    /// When `index` is outside the region.
+    pub fn zero_page(&self, index: usize) {
+        if !self.is_zero_page(index) {
+                let (ptr, len) = self.span(index, 1);
+            // SAFETY: in bounds (checked by `span`), mapped for `&self`'s life.
+            unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        }
+    }
+
+    /// Copy `src` into the region at byte `offset`, as a vCPU or device
+    /// would.
+    ///
+    /// # Panics
+    /// When the range is outside the region.
+    pub fn write_bytes(&self, offset: usize, src: &[u8]) {
+        let ptr = self.byte_span(offset, src.len());
+        // SAFETY: `src.len()` bytes in bounds (checked); `src` is a Rust
+        // slice, so it cannot be guest memory borrowed mutably elsewhere.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ptr, src.len()) };
+    }
+
+    /// Copy the region's bytes at `offset` into `dst`.
+    ///
+    /// # Panics
+    /// When the range is outside the region.
+    pub fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
+        let ptr = self.byte_span(offset, dst.len());
+        // SAFETY: `dst.len()` bytes in bounds (checked); `dst` is exclusively ours.
+        unsafe { std::ptr::copy_nonoverlapping(ptr, dst.as_mut_ptr(), dst.len()) };
+    }
+
+    /// Host address of byte `offset`, after checking `len` bytes from it lie
+    /// in the region.
+    fn byte_span(&self, offset: usize, len: usize) -> *mut u8 {
+        assert!(
+            offset.checked_add(len).is_some_and(|e| e <= self.len),
+            "{len} bytes at {offset:#x} outside a region of {:#x} bytes",
+            self.len
+        );
         // SAFETY: in bounds of the mapping, checked above.
-        unsafe { self.host.as_ptr().add(index * self.page_size.bytes()) }
+        unsafe { self.host.as_ptr().add(offset) }
     }
 
-    /// The bytes of `count` pages from page `first`.
+    /// Fill `count` pages from page `first` with exactly their bytes read
+    /// from `reader`: received pages land in guest memory without a copy.
     ///
-    /// # Safety
-    /// Guest memory is shared with vCPU threads: the caller accepts that the
-    /// bytes may change while borrowed (a racing guest write). Readers here
-    /// (senders, hashers) tolerate torn pages because the dirty tracker
-    /// reports the racing write and the page is sent again.
+    /// # Errors
+    /// The reader's error (`UnexpectedEof` when it ends early); the pages
+    /// then hold partial data.
     ///
     /// # Panics
     /// When the range is outside the region.
-    pub unsafe fn page_slice(&self, first: usize, count: usize) -> &[u8] {
-        assert!(first + count <= self.pages(), "pages outside region");
-        let ps = self.page_size.bytes();
-        // SAFETY: in bounds (checked); liveness by the region; racing writes
-        // accepted by the caller.
-        unsafe { std::slice::from_raw_parts(self.host.as_ptr().add(first * ps), count * ps) }
+    pub fn read_pages_from(
+        &self,
+        first: usize,
+        count: usize,
+        reader: &mut dyn Read,
+    ) -> io::Result<()> {
+        let (ptr, len) = self.span(first, count);
+        // SAFETY: in bounds and mapped. The slice lives for this call only.
+        // Received pages belong to one batch of one stream per round and no
+        // vCPU runs on memory that is being received, so nothing else
+        // accesses these bytes meanwhile.
+        reader.read_exact(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
     }
 
-    /// The bytes of `count` pages from page `first`, writable.
-    ///
-    /// # Safety
-    /// No other reference to these pages may be used while the slice lives
-    /// (the destination writes pages no vCPU runs on yet, one writer per page).
+    /// The 8-byte word at byte `offset`, as an atomic: how tests and
+    /// built-in guests write guest memory from several threads, as vCPUs do.
     ///
     /// # Panics
-    /// When the range is outside the region.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn page_slice_mut(&self, first: usize, count: usize) -> &mut [u8] {
-        assert!(first + count <= self.pages(), "pages outside region");
-        let ps = self.page_size.bytes();
-        // SAFETY: in bounds (checked); exclusivity promised by the caller.
-        unsafe { std::slice::from_raw_parts_mut(self.host.as_ptr().add(first * ps), count * ps) }
+    /// When `offset` is not 8-aligned or the word is outside the region.
+    pub fn atomic_u64(&self, offset: usize) -> &AtomicU64 {
+        assert!(
+            offset % 8 == 0 && offset.checked_add(8).is_some_and(|e| e <= self.len),
+            "word at {offset:#x} outside a region of {:#x} bytes or unaligned",
+            self.len
+        );
+        let ptr = self.byte_span(offset, 8);
+        // SAFETY: 8-aligned (the mapping is page-aligned) and in bounds; the
+        // mapping lives as long as `&self`; every other access to guest memory
+        // is through raw pointers or atomics, so an `&AtomicU64` is sound.
+        unsafe { &*(ptr as *const AtomicU64) }
+    }
+
+    /// Allocate every page now, writable (`MADV_POPULATE_WRITE`).
+    ///
+    /// # Errors
+    /// The kernel's refusal (no memory, or no `MADV_POPULATE_WRITE`).
+    pub fn populate(&self) -> io::Result<()> {
+        sys::populate_write(self.host.as_ptr() as usize, self.len)
+    }
+
+    /// Bytes of this region resident in RAM now (`mincore`).
+    ///
+    /// # Errors
+    /// The kernel's refusal.
+    pub fn resident_bytes(&self) -> io::Result<u64> {
+        sys::resident_bytes(self.host.as_ptr() as usize, self.len)
     }
 
     /// Whether the host mapping is ours (dropped with the region).
@@ -384,29 +505,4 @@ pub(super) fn check_shape(gpa: u64, len: usize, page_size: PageSize) -> Result<(
         return Err(MemoryError::AddressOverflow { gpa, len });
     }
     Ok(())
-}
-
-fn memfd_create(name: &str, flags: libc::c_uint) -> io::Result<File> {
-    let name = CString::new(name.replace('\0', "_")).expect("NULs replaced");
-    // SAFETY: `name` is a valid C string; the call has no other inputs.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-    Ok(unsafe { File::from_raw_fd(fd) })
-}
-
-/// Grow `file` to `len` with real blocks (posix_fallocate), so that ENOSPC is
-/// an error now; falls back to a sparse `set_len` where the filesystem cannot
-/// allocate ahead (EOPNOTSUPP).
-fn allocate(file: &File, len: u64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: valid fd, plain integer arguments.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
-    match rc {
-        0 => Ok(()),
-        libc::EOPNOTSUPP | libc::EINVAL => file.set_len(len),
-        errno => Err(io::Error::from_raw_os_error(errno)),
-    }
 }

@@ -21,7 +21,7 @@ use std::io::Read;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::codec::{FrameHeader, check_seed};
-use super::{Cursor, Kind, ProtocolError};
+use super::{Cursor, FrameKind, ProtocolError};
 use crate::memory::MemoryLayout;
 
 /// Most runs in one batch.
@@ -117,7 +117,7 @@ pub fn decode_batch_header(
     layout: &MemoryLayout,
 ) -> Result<BatchHeader, ProtocolError> {
     let bad = |detail: String| ProtocolError::Malformed {
-        kind: Kind::Pages,
+        kind: FrameKind::Pages,
         detail,
     };
     let read = |r: &mut dyn Read, buf: &mut [u8]| {
@@ -136,7 +136,7 @@ pub fn decode_batch_header(
     read(r, &mut fixed)?;
     let mut c = Cursor {
         buf: &fixed,
-        kind: Kind::Pages,
+        kind: FrameKind::Pages,
     };
     let (round, nruns, wire_len, raw_len) = (c.u32()?, c.u32()?, c.u32()?, c.u32()?);
     if nruns as usize > MAX_BATCH_RUNS || nruns == 0 {
@@ -163,7 +163,7 @@ pub fn decode_batch_header(
     read(r, &mut table[BATCH_FIXED..])?;
     let mut c = Cursor {
         buf: &table[BATCH_FIXED..],
-        kind: Kind::Pages,
+        kind: FrameKind::Pages,
     };
     let mut runs = Vec::with_capacity(nruns as usize);
     let mut data_bytes = 0u64;
@@ -225,7 +225,7 @@ pub fn decode_batch_header(
     let found = xxh3_64_with_seed(&table, check_seed(h.kind, h.flags, h.len));
     if found != h.check {
         return Err(ProtocolError::Corrupt {
-            kind: Kind::Pages,
+            kind: FrameKind::Pages,
             expected: h.check,
             found,
         });
@@ -242,20 +242,4 @@ pub fn decode_batch_header(
         compressed,
         page_hashes,
     })
-}
-
-/// Whether every byte of `page` is zero. Checks 64 bytes at a time with an
-/// early exit, which the compiler vectorizes.
-pub fn is_zero_page(page: &[u8]) -> bool {
-    let mut chunks = page.chunks_exact(64);
-    for chunk in &mut chunks {
-        let mut acc = 0u64;
-        for w in chunk.chunks_exact(8) {
-            acc |= u64::from_ne_bytes(w.try_into().expect("8 bytes"));
-        }
-        if acc != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&b| b == 0)
 }

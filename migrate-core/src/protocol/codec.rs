@@ -10,14 +10,14 @@ use std::io::{self, Read, Write};
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::{Kind, MAGIC, MAX_FRAME, Message, ProtocolError, VERSION};
+use super::{FrameKind, MAGIC, MAX_FRAME, Message, ProtocolError, VERSION};
 
 /// Size of a frame header on the wire.
 pub const HEADER_LEN: usize = 16;
 
 /// The seed of a frame's xxh3 check: binds the check to the header's kind,
 /// flags and length, so a flipped header bit fails the check too.
-pub fn check_seed(kind: Kind, flags: u8, len: u32) -> u64 {
+pub fn check_seed(kind: FrameKind, flags: u8, len: u32) -> u64 {
     kind as u64 | (flags as u64) << 8 | (len as u64) << 16
 }
 
@@ -25,7 +25,7 @@ pub fn check_seed(kind: Kind, flags: u8, len: u32) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
     /// Frame kind.
-    pub kind: Kind,
+    pub kind: FrameKind,
     /// Kind-specific flags (page batches: compression).
     pub flags: u8,
     /// Payload length.
@@ -50,9 +50,9 @@ impl FrameHeader {
     /// # Errors
     /// Unknown kind, non-zero reserved bytes, or a length over [`MAX_FRAME`].
     pub fn from_bytes(b: &[u8; HEADER_LEN]) -> Result<FrameHeader, ProtocolError> {
-        let kind = Kind::from_u8(b[0]).ok_or(ProtocolError::UnknownKind(b[0]))?;
+        let kind = FrameKind::from_u8(b[0]).ok_or(ProtocolError::UnknownKind(b[0]))?;
         // Only page batches have flags; reserved bytes are always zero.
-        if b[2] != 0 || b[3] != 0 || (kind != Kind::Pages && b[1] != 0) {
+        if b[2] != 0 || b[3] != 0 || (kind != FrameKind::Pages && b[1] != 0) {
             return Err(ProtocolError::Malformed {
                 kind,
                 detail: "reserved header bits are not zero".into(),
@@ -125,7 +125,7 @@ pub fn write_message(w: &mut impl Write, msg: &Message) -> Result<(), ProtocolEr
 /// [`ProtocolError::Io`] when the stream fails.
 pub fn write_frame(
     w: &mut impl Write,
-    kind: Kind,
+    kind: FrameKind,
     flags: u8,
     payload: &[u8],
 ) -> Result<(), ProtocolError> {
@@ -185,9 +185,9 @@ pub fn read_payload(r: &mut impl Read, h: &FrameHeader) -> Result<Message, Proto
 /// As [`read_payload`]; [`ProtocolError::Unexpected`] for a page batch.
 pub fn read_message(r: &mut impl Read) -> Result<Message, ProtocolError> {
     let h = read_frame_header(r)?;
-    if h.kind == Kind::Pages {
+    if h.kind == FrameKind::Pages {
         return Err(ProtocolError::Unexpected {
-            got: Kind::Pages,
+            got: FrameKind::Pages,
             expected: "a control message",
         });
     }

@@ -75,14 +75,19 @@ mod codec;
 
 use std::io;
 
-pub use batch::{
-    BatchHeader, BatchRun, MAX_BATCH_BYTES, MAX_BATCH_RUNS, RunKind, decode_batch_header,
-    encode_batch_header, is_zero_page,
-};
-pub use codec::{
-    FrameHeader, HEADER_LEN, check_seed, read_frame_header, read_message, read_payload,
-    read_preamble, write_frame, write_message, write_preamble,
-};
+/// The codec that transport authors need: frames, preambles, page
+/// batches. A VMM never touches it; it sees [`Message`] only through the
+/// engine.
+pub mod wire {
+    pub use super::batch::{
+        BatchHeader, BatchRun, MAX_BATCH_BYTES, MAX_BATCH_RUNS, RunKind, decode_batch_header,
+        encode_batch_header,
+    };
+    pub use super::codec::{
+        FrameHeader, HEADER_LEN, check_seed, read_frame_header, read_message, read_payload,
+        read_preamble, write_frame, write_message, write_preamble,
+    };
+}
 
 use crate::memory::{MemoryLayout, PageSize, RegionLayout};
 
@@ -128,79 +133,6 @@ pub struct RemoteRegion {
     pub len: u64,
 }
 
-/// Frame kinds on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Kind {
-    /// [`Message::Hello`].
-    Hello = 1,
-    /// [`Message::Welcome`].
-    Welcome = 2,
-    /// [`Message::Layout`].
-    Layout = 3,
-    /// [`Message::LayoutAccepted`].
-    LayoutAccepted = 4,
-    /// [`Message::Join`].
-    Join = 5,
-    /// A page batch (see [`BatchHeader`]).
-    Pages = 6,
-    /// [`Message::RoundEnd`].
-    RoundEnd = 7,
-    /// [`Message::RoundDone`].
-    RoundDone = 8,
-    /// [`Message::RoundAck`].
-    RoundAck = 9,
-    /// [`Message::VerifyRequest`].
-    VerifyRequest = 10,
-    /// [`Message::PageHashes`].
-    PageHashes = 11,
-    /// [`Message::DeviceState`].
-    DeviceState = 12,
-    /// [`Message::Commit`].
-    Commit = 13,
-    /// [`Message::Committed`].
-    Committed = 14,
-    /// [`Message::Abort`].
-    Abort = 15,
-    /// [`Message::Refused`].
-    Refused = 16,
-    /// [`Message::RdmaConnect`].
-    RdmaConnect = 17,
-    /// [`Message::RdmaAccept`].
-    RdmaAccept = 18,
-    /// [`Message::ZeroPages`].
-    ZeroPages = 19,
-}
-
-impl Kind {
-    /// The kind of a wire byte.
-    pub fn from_u8(b: u8) -> Option<Kind> {
-        use Kind::*;
-        Some(match b {
-            1 => Hello,
-            2 => Welcome,
-            3 => Layout,
-            4 => LayoutAccepted,
-            5 => Join,
-            6 => Pages,
-            7 => RoundEnd,
-            8 => RoundDone,
-            9 => RoundAck,
-            10 => VerifyRequest,
-            11 => PageHashes,
-            12 => DeviceState,
-            13 => Commit,
-            14 => Committed,
-            15 => Abort,
-            16 => Refused,
-            17 => RdmaConnect,
-            18 => RdmaAccept,
-            19 => ZeroPages,
-            _ => return None,
-        })
-    }
-}
-
 /// A range of pages in one region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PageRange {
@@ -231,7 +163,8 @@ pub enum RefusalCode {
 }
 
 impl RefusalCode {
-    fn from_u16(v: u16) -> RefusalCode {
+    /// The code of a wire value; unknown values read as [`RefusalCode::Other`].
+    pub fn from_u16(v: u16) -> RefusalCode {
         match v {
             1 => RefusalCode::Version,
             2 => RefusalCode::Layout,
@@ -243,11 +176,109 @@ impl RefusalCode {
     }
 }
 
-/// Every message except page batches (which are streamed, see [`BatchHeader`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Message {
+/// Declares [`Message`] and [`FrameKind`] from one table: each message
+/// once, with its kind byte and its fields in wire order. Encoding and
+/// decoding follow from the fields' [`Field`] codecs, and each variant's doc
+/// ends with its byte layout, generated from the same table.
+macro_rules! messages {
+    (
+        $(
+            $(#[doc = $doc:literal])*
+            $name:ident = $code:literal $({
+                $( $(#[doc = $fdoc:literal])* $field:ident : $ty:ty ),* $(,)?
+            })?
+        ),* $(,)?
+    ) => {
+        /// Every message except page batches (which are streamed, see
+        /// [`wire::BatchHeader`]).
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum Message {
+            $(
+                $(#[doc = $doc])*
+                #[doc = ""]
+                #[doc = concat!(
+                    "Wire: kind ", stringify!($code), "; payload `",
+                    $($( stringify!($field), ": ", stringify!($ty), " | ", )*)?
+                    "`."
+                )]
+                $name $({ $( $(#[doc = $fdoc])* $field: $ty ),* })?,
+            )*
+        }
+
+        /// Frame kinds on the wire: one per [`Message`], plus page batches.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u8)]
+        pub enum FrameKind {
+            /// A page batch (see [`wire::BatchHeader`]).
+            Pages = 6,
+            $(
+                #[doc = concat!("[`Message::", stringify!($name), "`].")]
+                $name = $code,
+            )*
+        }
+
+        impl FrameKind {
+            /// The kind of a wire byte.
+            pub fn from_u8(b: u8) -> Option<FrameKind> {
+                match b {
+                    6 => Some(FrameKind::Pages),
+                    $( $code => Some(FrameKind::$name), )*
+                    _ => None,
+                }
+            }
+        }
+
+        impl Message {
+            /// The frame kind carrying this message.
+            pub fn kind(&self) -> FrameKind {
+                match self {
+                    $( Message::$name { .. } => FrameKind::$name, )*
+                }
+            }
+
+            /// Encode the payload (without frame header).
+            pub fn encode(&self) -> Vec<u8> {
+                let mut w = Vec::new();
+                match self {
+                    $(
+                        #[allow(unused_variables)]
+                        Message::$name { $($($field),*)? } => {
+                            $($( Field::put($field, &mut w); )*)?
+                        }
+                    )*
+                }
+                w
+            }
+
+            /// Decode a payload of frame kind `kind`.
+            ///
+            /// # Errors
+            /// [`ProtocolError::Malformed`] for a payload that is short,
+            /// long, or holds impossible values; never panics, never
+            /// allocates more than the payload's own size.
+            pub fn decode(kind: FrameKind, payload: &[u8]) -> Result<Message, ProtocolError> {
+                #[allow(unused_mut)]
+                let mut r = Cursor { buf: payload, kind };
+                let msg = match kind {
+                    $(
+                        FrameKind::$name => Message::$name {
+                            $($( $field: <$ty as Field>::get(&mut r)? ),*)?
+                        },
+                    )*
+                    FrameKind::Pages => return Err(r.bad("page batch decoded as a message".into())),
+                };
+                if !r.buf.is_empty() {
+                    return Err(r.bad(format!("{} trailing bytes", r.buf.len())));
+                }
+                Ok(msg)
+            }
+        }
+    };
+}
+
+messages! {
     /// Source → destination, first on the control stream.
-    Hello {
+    Hello = 1 {
         /// Lowest version the source speaks.
         min_version: u16,
         /// Highest version the source speaks.
@@ -260,48 +291,51 @@ pub enum Message {
         features: u64,
     },
     /// Destination → source: the version and features chosen.
-    Welcome {
+    Welcome = 2 {
         /// Version both speak.
         version: u16,
         /// Features both support.
         features: u64,
     },
     /// Source → destination: the guest memory layout.
-    Layout(MemoryLayout),
+    Layout = 3 {
+        /// Regions in GPA order.
+        layout: MemoryLayout,
+    },
     /// Destination → source: layouts match.
-    LayoutAccepted,
+    LayoutAccepted = 4,
     /// First message on a data stream.
-    Join {
+    Join = 5 {
         /// The session from `Hello`.
         session: u64,
         /// Stream index, `0..data_streams`.
         index: u16,
     },
     /// Data stream: all batches of `round` on this stream were sent.
-    RoundEnd {
+    RoundEnd = 7 {
         /// Round number.
         round: u32,
         /// Batches sent on this stream in this round.
         batches: u64,
     },
     /// Control: every data stream finished `round`.
-    RoundDone {
+    RoundDone = 8 {
         /// Round number.
         round: u32,
         /// Whether this is the last round (guest paused).
         last: bool,
     },
     /// Destination → source: every page of `round` landed.
-    RoundAck {
+    RoundAck = 9 {
         /// Round number.
         round: u32,
         /// Pages whose batch failed its check: send again.
         suspect: Vec<PageRange>,
     },
     /// Source → destination: send page hashes of all memory.
-    VerifyRequest,
+    VerifyRequest = 10,
     /// Destination → source: xxh3 of `hashes.len()` pages from `first`.
-    PageHashes {
+    PageHashes = 11 {
         /// Region index.
         region: u32,
         /// First page.
@@ -310,36 +344,36 @@ pub enum Message {
         hashes: Vec<u64>,
     },
     /// Source → destination: a chunk of the opaque device state.
-    DeviceState {
+    DeviceState = 12 {
         /// Whether this is the last chunk.
         last: bool,
-        /// The bytes.
+        /// The bytes (the rest of the payload).
         bytes: Vec<u8>,
     },
     /// Source → destination: the destination owns the guest now.
-    Commit,
+    Commit = 13,
     /// Destination → source: device state loaded and guest resumed.
-    Committed,
+    Committed = 14,
     /// Either side: the migration is off.
-    Abort {
-        /// Why.
+    Abort = 15 {
+        /// Why (the rest of the payload, UTF-8).
         reason: String,
     },
     /// Destination → source: refused at setup.
-    Refused {
+    Refused = 16 {
         /// Category.
         code: RefusalCode,
-        /// Human-readable reason.
+        /// Human-readable reason (the rest of the payload, UTF-8).
         message: String,
     },
     /// Source → destination (RDMA): the source's queue pairs.
-    RdmaConnect {
-        /// One per queue pair.
+    RdmaConnect = 17 {
+        /// One per queue pair (1..=[`MAX_RDMA_QPS`]).
         qps: Vec<QpEndpoint>,
     },
     /// Destination → source (RDMA): its queue pairs and every guest-memory
     /// region registered for remote write, in region order.
-    RdmaAccept {
+    RdmaAccept = 18 {
         /// One per queue pair, in the order of `RdmaConnect`.
         qps: Vec<QpEndpoint>,
         /// One per guest-memory region.
@@ -347,305 +381,12 @@ pub enum Message {
     },
     /// Source → destination, before `RoundDone`, for transports that do not
     /// carry zero pages in their data plane (RDMA): zero these pages.
-    ZeroPages {
+    ZeroPages = 19 {
         /// Round number.
         round: u32,
         /// The pages.
         ranges: Vec<PageRange>,
     },
-}
-
-impl Message {
-    /// The frame kind carrying this message.
-    pub fn kind(&self) -> Kind {
-        match self {
-            Message::Hello { .. } => Kind::Hello,
-            Message::Welcome { .. } => Kind::Welcome,
-            Message::Layout(_) => Kind::Layout,
-            Message::LayoutAccepted => Kind::LayoutAccepted,
-            Message::Join { .. } => Kind::Join,
-            Message::RoundEnd { .. } => Kind::RoundEnd,
-            Message::RoundDone { .. } => Kind::RoundDone,
-            Message::RoundAck { .. } => Kind::RoundAck,
-            Message::VerifyRequest => Kind::VerifyRequest,
-            Message::PageHashes { .. } => Kind::PageHashes,
-            Message::DeviceState { .. } => Kind::DeviceState,
-            Message::Commit => Kind::Commit,
-            Message::Committed => Kind::Committed,
-            Message::Abort { .. } => Kind::Abort,
-            Message::Refused { .. } => Kind::Refused,
-            Message::RdmaConnect { .. } => Kind::RdmaConnect,
-            Message::RdmaAccept { .. } => Kind::RdmaAccept,
-            Message::ZeroPages { .. } => Kind::ZeroPages,
-        }
-    }
-
-    /// Encode the payload (without frame header).
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Vec::new();
-        match self {
-            Message::Hello {
-                min_version,
-                max_version,
-                session,
-                data_streams,
-                features,
-            } => {
-                put16(&mut w, *min_version);
-                put16(&mut w, *max_version);
-                put64(&mut w, *session);
-                put16(&mut w, *data_streams);
-                put64(&mut w, *features);
-            }
-            Message::Welcome { version, features } => {
-                put16(&mut w, *version);
-                put64(&mut w, *features);
-            }
-            Message::Layout(layout) => {
-                put32(&mut w, layout.regions.len() as u32);
-                for r in &layout.regions {
-                    put64(&mut w, r.gpa);
-                    put64(&mut w, r.len);
-                    put32(&mut w, r.page_size.bytes() as u32);
-                }
-            }
-            Message::LayoutAccepted
-            | Message::VerifyRequest
-            | Message::Commit
-            | Message::Committed => {}
-            Message::Join { session, index } => {
-                put64(&mut w, *session);
-                put16(&mut w, *index);
-            }
-            Message::RoundEnd { round, batches } => {
-                put32(&mut w, *round);
-                put64(&mut w, *batches);
-            }
-            Message::RoundDone { round, last } => {
-                put32(&mut w, *round);
-                w.push(*last as u8);
-            }
-            Message::RoundAck {
-                round,
-                suspect: ranges,
-            }
-            | Message::ZeroPages { round, ranges } => {
-                put32(&mut w, *round);
-                put32(&mut w, ranges.len() as u32);
-                for r in ranges {
-                    put32(&mut w, r.region);
-                    put64(&mut w, r.first);
-                    put32(&mut w, r.count);
-                }
-            }
-            Message::RdmaConnect { qps } => put_qps(&mut w, qps),
-            Message::RdmaAccept { qps, regions } => {
-                put_qps(&mut w, qps);
-                put32(&mut w, regions.len() as u32);
-                for r in regions {
-                    put64(&mut w, r.addr);
-                    put32(&mut w, r.rkey);
-                    put64(&mut w, r.len);
-                }
-            }
-            Message::PageHashes {
-                region,
-                first,
-                hashes,
-            } => {
-                put32(&mut w, *region);
-                put64(&mut w, *first);
-                put32(&mut w, hashes.len() as u32);
-                for h in hashes {
-                    put64(&mut w, *h);
-                }
-            }
-            Message::DeviceState { last, bytes } => {
-                w.push(*last as u8);
-                w.extend_from_slice(bytes);
-            }
-            Message::Abort { reason } => w.extend_from_slice(reason.as_bytes()),
-            Message::Refused { code, message } => {
-                put16(&mut w, *code as u16);
-                w.extend_from_slice(message.as_bytes());
-            }
-        }
-        w
-    }
-
-    /// Decode a payload of frame kind `kind`.
-    ///
-    /// # Errors
-    /// [`ProtocolError::Malformed`] for a payload that is short, long, or
-    /// holds impossible values; never panics, never allocates more than the
-    /// payload's own size.
-    pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message, ProtocolError> {
-        let mut r = Cursor { buf: payload, kind };
-        let msg = match kind {
-            Kind::Hello => Message::Hello {
-                min_version: r.u16()?,
-                max_version: r.u16()?,
-                session: r.u64()?,
-                data_streams: r.u16()?,
-                features: r.u64()?,
-            },
-            Kind::Welcome => Message::Welcome {
-                version: r.u16()?,
-                features: r.u64()?,
-            },
-            Kind::Layout => {
-                let n = r.count(20)?;
-                let mut regions = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let gpa = r.u64()?;
-                    let len = r.u64()?;
-                    let ps = r.u32()?;
-                    let page_size = PageSize::from_bytes(ps as usize)
-                        .ok_or_else(|| r.bad(format!("page size {ps}")))?;
-                    regions.push(RegionLayout {
-                        gpa,
-                        len,
-                        page_size,
-                    });
-                }
-                Message::Layout(MemoryLayout { regions })
-            }
-            Kind::LayoutAccepted => Message::LayoutAccepted,
-            Kind::Join => Message::Join {
-                session: r.u64()?,
-                index: r.u16()?,
-            },
-            Kind::RoundEnd => Message::RoundEnd {
-                round: r.u32()?,
-                batches: r.u64()?,
-            },
-            Kind::RoundDone => Message::RoundDone {
-                round: r.u32()?,
-                last: r.bool()?,
-            },
-            Kind::RoundAck | Kind::ZeroPages => {
-                let round = r.u32()?;
-                let n = r.count(16)?;
-                let mut ranges = Vec::with_capacity(n);
-                for _ in 0..n {
-                    ranges.push(PageRange {
-                        region: r.u32()?,
-                        first: r.u64()?,
-                        count: r.u32()?,
-                    });
-                }
-                if kind == Kind::RoundAck {
-                    Message::RoundAck {
-                        round,
-                        suspect: ranges,
-                    }
-                } else {
-                    Message::ZeroPages { round, ranges }
-                }
-            }
-            Kind::RdmaConnect => Message::RdmaConnect { qps: r.qps()? },
-            Kind::RdmaAccept => {
-                let qps = r.qps()?;
-                let n = r.count(20)?;
-                let mut regions = Vec::with_capacity(n);
-                for _ in 0..n {
-                    regions.push(RemoteRegion {
-                        addr: r.u64()?,
-                        rkey: r.u32()?,
-                        len: r.u64()?,
-                    });
-                }
-                Message::RdmaAccept { qps, regions }
-            }
-            Kind::VerifyRequest => Message::VerifyRequest,
-            Kind::PageHashes => {
-                let region = r.u32()?;
-                let first = r.u64()?;
-                let n = r.count(8)?;
-                let mut hashes = Vec::with_capacity(n);
-                for _ in 0..n {
-                    hashes.push(r.u64()?);
-                }
-                Message::PageHashes {
-                    region,
-                    first,
-                    hashes,
-                }
-            }
-            Kind::DeviceState => Message::DeviceState {
-                last: r.bool()?,
-                bytes: r.rest().to_vec(),
-            },
-            Kind::Commit => Message::Commit,
-            Kind::Committed => Message::Committed,
-            Kind::Abort => Message::Abort {
-                reason: String::from_utf8_lossy(r.rest()).into_owned(),
-            },
-            Kind::Refused => Message::Refused {
-                code: RefusalCode::from_u16(r.u16()?),
-                message: String::from_utf8_lossy(r.rest()).into_owned(),
-            },
-            Kind::Pages => return Err(r.bad("page batch decoded as a message".into())),
-        };
-        if !r.buf.is_empty() {
-            return Err(r.bad(format!("{} trailing bytes", r.buf.len())));
-        }
-        Ok(msg)
-    }
-}
-
-/// How the destination's layout differs from the source's.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LayoutMismatch {
-    /// Different numbers of regions.
-    #[error("source has {source_regions} memory regions, destination has {destination_regions}")]
-    RegionCount {
-        /// Regions on the source.
-        source_regions: usize,
-        /// Regions on the destination.
-        destination_regions: usize,
-    },
-    /// One region differs.
-    #[error(
-        "region {index} differs: source GPA {:#x} length {:#x} pages {}, \
-         destination GPA {:#x} length {:#x} pages {}",
-        source_region.gpa, source_region.len, source_region.page_size,
-        destination_region.gpa, destination_region.len, destination_region.page_size
-    )]
-    Region {
-        /// Region index.
-        index: usize,
-        /// The source's region.
-        source_region: RegionLayout,
-        /// The destination's region.
-        destination_region: RegionLayout,
-    },
-}
-
-/// Compare layouts; the error names the first difference.
-///
-/// # Errors
-/// [`LayoutMismatch`] naming the differing region or count.
-pub fn check_layout(
-    source: &MemoryLayout,
-    destination: &MemoryLayout,
-) -> Result<(), LayoutMismatch> {
-    if source.regions.len() != destination.regions.len() {
-        return Err(LayoutMismatch::RegionCount {
-            source_regions: source.regions.len(),
-            destination_regions: destination.regions.len(),
-        });
-    }
-    for (index, (s, d)) in source.regions.iter().zip(&destination.regions).enumerate() {
-        if s != d {
-            return Err(LayoutMismatch::Region {
-                index,
-                source_region: *s,
-                destination_region: *d,
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Why bytes from a peer could not be understood.
@@ -687,7 +428,7 @@ pub enum ProtocolError {
     #[error("corrupt {kind:?} frame: check {found:#x}, expected {expected:#x}")]
     Corrupt {
         /// Frame kind.
-        kind: Kind,
+        kind: FrameKind,
         /// Check in the header.
         expected: u64,
         /// Check of the bytes received.
@@ -697,7 +438,7 @@ pub enum ProtocolError {
     #[error("malformed {kind:?} frame: {detail}")]
     Malformed {
         /// Frame kind.
-        kind: Kind,
+        kind: FrameKind,
         /// What is wrong.
         detail: String,
     },
@@ -705,7 +446,7 @@ pub enum ProtocolError {
     #[error("unexpected {got:?} while waiting for {expected}")]
     Unexpected {
         /// What arrived.
-        got: Kind,
+        got: FrameKind,
         /// What the state machine waited for.
         expected: &'static str,
     },
@@ -748,29 +489,10 @@ pub fn is_disconnect_kind(kind: io::ErrorKind) -> bool {
     )
 }
 
-fn put_qps(w: &mut Vec<u8>, qps: &[QpEndpoint]) {
-    put32(w, qps.len() as u32);
-    for q in qps {
-        put32(w, q.qpn);
-        put32(w, q.psn);
-        w.extend_from_slice(&q.gid);
-    }
-}
-
-fn put16(w: &mut Vec<u8>, v: u16) {
-    w.extend_from_slice(&v.to_le_bytes());
-}
-fn put32(w: &mut Vec<u8>, v: u32) {
-    w.extend_from_slice(&v.to_le_bytes());
-}
-fn put64(w: &mut Vec<u8>, v: u64) {
-    w.extend_from_slice(&v.to_le_bytes());
-}
-
 /// Bounds-checked little-endian reads from a payload.
 pub(crate) struct Cursor<'a> {
     pub(crate) buf: &'a [u8],
-    pub(crate) kind: Kind,
+    pub(crate) kind: FrameKind,
 }
 
 impl<'a> Cursor<'a> {
@@ -780,16 +502,13 @@ impl<'a> Cursor<'a> {
             detail,
         }
     }
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+    pub(crate) fn take<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
         if self.buf.len() < N {
             return Err(self.bad(format!("short payload: needed {N} more bytes")));
         }
         let (head, rest) = self.buf.split_at(N);
         self.buf = rest;
         Ok(head.try_into().expect("split at N"))
-    }
-    pub(crate) fn u16(&mut self) -> Result<u16, ProtocolError> {
-        self.take().map(u16::from_le_bytes)
     }
     pub(crate) fn u32(&mut self) -> Result<u32, ProtocolError> {
         self.take().map(u32::from_le_bytes)
@@ -799,13 +518,6 @@ impl<'a> Cursor<'a> {
     }
     pub(crate) fn u8(&mut self) -> Result<u8, ProtocolError> {
         self.take::<1>().map(|b| b[0])
-    }
-    fn bool(&mut self) -> Result<bool, ProtocolError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            b => Err(self.bad(format!("bool byte {b}"))),
-        }
     }
     /// A u32 element count, checked against the bytes left so that a hostile
     /// count cannot make us allocate more than the payload.
@@ -820,24 +532,218 @@ impl<'a> Cursor<'a> {
         }
         Ok(n)
     }
-    fn qps(&mut self) -> Result<Vec<QpEndpoint>, ProtocolError> {
-        let n = self.count(24)?;
-        if n == 0 || n > MAX_RDMA_QPS {
-            return Err(self.bad(format!("{n} queue pairs (1..={MAX_RDMA_QPS} allowed)")));
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
+    }
+}
+
+/// A message field's wire codec. Integers are little endian; lists are a
+/// u32 count, checked against the bytes left, then their elements; `bytes`
+/// and text take the rest of the payload, so they come last.
+trait Field: Sized {
+    fn put(&self, w: &mut Vec<u8>);
+    fn get(r: &mut Cursor<'_>) -> Result<Self, ProtocolError>;
+}
+
+macro_rules! int_field {
+    ($($t:ty),*) => {$(
+        impl Field for $t {
+            fn put(&self, w: &mut Vec<u8>) {
+                w.extend_from_slice(&self.to_le_bytes());
+            }
+            fn get(r: &mut Cursor<'_>) -> Result<Self, ProtocolError> {
+                r.take().map(<$t>::from_le_bytes)
+            }
         }
-        let mut qps = Vec::with_capacity(n);
-        for _ in 0..n {
-            qps.push(QpEndpoint {
-                qpn: self.u32()?,
-                psn: self.u32()?,
-                gid: self.take()?,
-            });
+    )*};
+}
+int_field!(u16, u32, u64);
+
+impl Field for bool {
+    fn put(&self, w: &mut Vec<u8>) {
+        w.push(*self as u8);
+    }
+    fn get(r: &mut Cursor<'_>) -> Result<Self, ProtocolError> {
+        match r.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(r.bad(format!("bool byte {b}"))),
+        }
+    }
+}
+
+impl Field for RefusalCode {
+    fn put(&self, w: &mut Vec<u8>) {
+        (*self as u16).put(w);
+    }
+    fn get(r: &mut Cursor<'_>) -> Result<Self, ProtocolError> {
+        u16::get(r).map(RefusalCode::from_u16)
+    }
+}
+
+/// The rest of the payload.
+impl Field for Vec<u8> {
+    fn put(&self, w: &mut Vec<u8>) {
+        w.extend_from_slice(self);
+    }
+    fn get(r: &mut Cursor<'_>) -> Result<Self, ProtocolError> {
+        Ok(r.rest().to_vec())
+    }
+}
+
+/// The rest of the payload, as UTF-8 (invalid bytes replaced: it is only
+/// ever shown to people).
+impl Field for String {
+    fn put(&self, w: &mut Vec<u8>) {
+        w.extend_from_slice(self.as_bytes());
+    }
+    fn get(r: &mut Cursor<'_>) -> Result<Self, ProtocolError> {
+        Ok(String::from_utf8_lossy(r.rest()).into_owned())
+    }
+}
+
+/// An element of a counted list, with its fixed wire size (for the count
+/// check that keeps a hostile count from allocating).
+trait Element: Sized {
+    const SIZE: usize;
+    fn put(&self, w: &mut Vec<u8>);
+    fn get(r: &mut Cursor<'_>) -> Result<Self, ProtocolError>;
+}
+
+fn put_list<T: Element>(items: &[T], w: &mut Vec<u8>) {
+    (items.len() as u32).put(w);
+    for i in items {
+        i.put(w);
+    }
+}
+
+fn get_list<T: Element>(r: &mut Cursor<'_>) -> Result<Vec<T>, ProtocolError> {
+    let n = r.count(T::SIZE)?;
+    (0..n).map(|_| T::get(r)).collect()
+}
+
+macro_rules! list_field {
+    ($($t:ty),*) => {$(
+        impl Field for Vec<$t> {
+            fn put(&self, w: &mut Vec<u8>) {
+                put_list(self, w)
+            }
+            fn get(r: &mut Cursor<'_>) -> Result<Self, ProtocolError> {
+                get_list(r)
+            }
+        }
+    )*};
+}
+list_field!(PageRange, RemoteRegion);
+
+/// Page hashes: a counted list of u64.
+impl Field for Vec<u64> {
+    fn put(&self, w: &mut Vec<u8>) {
+        (self.len() as u32).put(w);
+        for h in self {
+            h.put(w);
+        }
+    }
+    fn get(r: &mut Cursor<'_>) -> Result<Self, ProtocolError> {
+        let n = r.count(8)?;
+        (0..n).map(|_| u64::get(r)).collect()
+    }
+}
+
+/// `region u32 | first u64 | count u32`.
+impl Element for PageRange {
+    const SIZE: usize = 16;
+    fn put(&self, w: &mut Vec<u8>) {
+        self.region.put(w);
+        self.first.put(w);
+        self.count.put(w);
+    }
+    fn get(r: &mut Cursor<'_>) -> Result<Self, ProtocolError> {
+        Ok(PageRange {
+            region: u32::get(r)?,
+            first: u64::get(r)?,
+            count: u32::get(r)?,
+        })
+    }
+}
+
+/// `addr u64 | rkey u32 | len u64`.
+impl Element for RemoteRegion {
+    const SIZE: usize = 20;
+    fn put(&self, w: &mut Vec<u8>) {
+        self.addr.put(w);
+        self.rkey.put(w);
+        self.len.put(w);
+    }
+    fn get(r: &mut Cursor<'_>) -> Result<Self, ProtocolError> {
+        Ok(RemoteRegion {
+            addr: u64::get(r)?,
+            rkey: u32::get(r)?,
+            len: u64::get(r)?,
+        })
+    }
+}
+
+/// `qpn u32 | psn u32 | gid [u8; 16]`.
+impl Element for QpEndpoint {
+    const SIZE: usize = 24;
+    fn put(&self, w: &mut Vec<u8>) {
+        self.qpn.put(w);
+        self.psn.put(w);
+        w.extend_from_slice(&self.gid);
+    }
+    fn get(r: &mut Cursor<'_>) -> Result<Self, ProtocolError> {
+        Ok(QpEndpoint {
+            qpn: u32::get(r)?,
+            psn: u32::get(r)?,
+            gid: r.take()?,
+        })
+    }
+}
+
+/// Queue pairs: a counted list of 1..=[`MAX_RDMA_QPS`].
+impl Field for Vec<QpEndpoint> {
+    fn put(&self, w: &mut Vec<u8>) {
+        put_list(self, w)
+    }
+    fn get(r: &mut Cursor<'_>) -> Result<Self, ProtocolError> {
+        let qps: Vec<QpEndpoint> = get_list(r)?;
+        if qps.is_empty() || qps.len() > MAX_RDMA_QPS {
+            return Err(r.bad(format!(
+                "{} queue pairs (1..={MAX_RDMA_QPS} allowed)",
+                qps.len()
+            )));
         }
         Ok(qps)
     }
+}
 
-    fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.buf)
+/// `count u32`, then per region `gpa u64 | len u64 | page_size u32`.
+impl Field for MemoryLayout {
+    fn put(&self, w: &mut Vec<u8>) {
+        (self.regions.len() as u32).put(w);
+        for r in &self.regions {
+            r.gpa.put(w);
+            r.len.put(w);
+            (r.page_size.bytes() as u32).put(w);
+        }
+    }
+    fn get(r: &mut Cursor<'_>) -> Result<Self, ProtocolError> {
+        let n = r.count(20)?;
+        let mut regions = Vec::with_capacity(n);
+        for _ in 0..n {
+            let gpa = u64::get(r)?;
+            let len = u64::get(r)?;
+            let ps = u32::get(r)?;
+            let page_size = PageSize::from_bytes(ps as usize)
+                .ok_or_else(|| r.bad(format!("page size {ps}")))?;
+            regions.push(RegionLayout {
+                gpa,
+                len,
+                page_size,
+            });
+        }
+        Ok(MemoryLayout { regions })
     }
 }
 

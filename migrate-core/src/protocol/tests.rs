@@ -1,5 +1,6 @@
 //! Round trips and hostile input for every message and the batch header.
 
+use super::wire::*;
 use super::*;
 use crate::memory::{MemoryLayout, PageSize, RegionLayout};
 
@@ -33,7 +34,7 @@ fn all_messages() -> Vec<Message> {
             version: 1,
             features: 0,
         },
-        Message::Layout(layout()),
+        Message::Layout { layout: layout() },
         Message::LayoutAccepted,
         Message::Join {
             session: 7,
@@ -152,12 +153,12 @@ fn hostile_payloads_are_refused_without_big_allocations() {
     // Layout claiming 2^32-1 regions in a 4-byte payload.
     let payload = u32::MAX.to_le_bytes();
     assert!(matches!(
-        Message::decode(Kind::Layout, &payload),
+        Message::decode(FrameKind::Layout, &payload),
         Err(ProtocolError::Malformed { .. })
     ));
     // Frame length over the limit.
     let h = FrameHeader {
-        kind: Kind::DeviceState,
+        kind: FrameKind::DeviceState,
         flags: 0,
         len: MAX_FRAME + 1,
         check: 0,
@@ -169,7 +170,7 @@ fn hostile_payloads_are_refused_without_big_allocations() {
     // A huge announced length with no bytes behind it: truncated, and the
     // reader did not allocate the announced size up front.
     let h = FrameHeader {
-        kind: Kind::DeviceState,
+        kind: FrameKind::DeviceState,
         flags: 0,
         len: MAX_FRAME,
         check: 0,
@@ -188,11 +189,11 @@ fn hostile_payloads_are_refused_without_big_allocations() {
         read_preamble(&mut &b"GET / HTTP/1.1\r\n"[..]),
         Err(ProtocolError::BadMagic { .. })
     ));
-    assert!(Message::decode(Kind::Commit, &[0]).is_err());
+    assert!(Message::decode(FrameKind::Commit, &[0]).is_err());
     let mut l = 1u32.to_le_bytes().to_vec();
     l.extend_from_slice(&[0; 16]);
     l.extend_from_slice(&12345u32.to_le_bytes());
-    assert!(Message::decode(Kind::Layout, &l).is_err());
+    assert!(Message::decode(FrameKind::Layout, &l).is_err());
 }
 
 fn batch_frame(round: u32, runs: &[BatchRun], data: &[u8]) -> Vec<u8> {
@@ -202,10 +203,10 @@ fn batch_frame(round: u32, runs: &[BatchRun], data: &[u8]) -> Vec<u8> {
     payload.extend_from_slice(data);
     let len = payload.len() as u32;
     let h = FrameHeader {
-        kind: Kind::Pages,
+        kind: FrameKind::Pages,
         flags: 0,
         len,
-        check: xxhash_rust::xxh3::xxh3_64_with_seed(&table, check_seed(Kind::Pages, 0, len)),
+        check: xxhash_rust::xxh3::xxh3_64_with_seed(&table, check_seed(FrameKind::Pages, 0, len)),
     };
     let mut wire = h.to_bytes().to_vec();
     wire.extend_from_slice(&payload);
@@ -315,35 +316,4 @@ fn batch_headers_are_validated_against_the_layout() {
             "bit {bit} flipped in the batch table went unnoticed"
         );
     }
-}
-
-#[test]
-fn zero_detection() {
-    let mut p = vec![0u8; 4096];
-    assert!(is_zero_page(&p));
-    p[4095] = 1;
-    assert!(!is_zero_page(&p));
-    p[4095] = 0;
-    p[0] = 1;
-    assert!(!is_zero_page(&p));
-    assert!(is_zero_page(&[0u8; 100]));
-    assert!(!is_zero_page(&[0, 0, 0, 1]));
-}
-
-#[test]
-fn layout_mismatch_names_the_difference() {
-    let a = layout();
-    let mut b = layout();
-    b.regions[1].len = 2 << 20;
-    let e = check_layout(&a, &b).unwrap_err();
-    assert!(e.to_string().contains("region 1 differs"), "{e}");
-    b.regions.pop();
-    assert!(matches!(
-        check_layout(&a, &b),
-        Err(LayoutMismatch::RegionCount {
-            source_regions: 2,
-            destination_regions: 1
-        })
-    ));
-    assert!(check_layout(&a, &layout()).is_ok());
 }

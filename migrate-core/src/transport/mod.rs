@@ -9,9 +9,9 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::CancelToken;
 use crate::dirty::PageRun;
 use crate::memory::GuestMemory;
 use crate::protocol::{Message, PageRange, ProtocolError};
@@ -205,26 +205,6 @@ pub trait DestinationTransport: Send {
         streams: u16,
         features: u64,
     ) -> Result<crossbeam_channel::Receiver<DataEvent>, TransportError>;
-}
-
-/// Cancels a migration from any thread.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
-
-impl CancelToken {
-    /// A token not yet cancelled.
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// Ask the migration to stop; it aborts at the next check (between
-    /// batches), and the source guest keeps running.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    /// Whether cancel was asked.
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
 }
 
 /// A token bucket shared by all data streams: the migration's bandwidth cap.

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::netns::in_ns;
 use crate::plan::{STREAMS, Site};
-use crate::run::in_ns;
 
 /// One ceiling measurement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,6 +165,21 @@ fn iperf3(site: &Site, secs: u32) -> Result<f64> {
 /// measured in the VM: drops and retransmission timeouts); 16 is the best
 /// we found, so the ceiling is the tool at its best.
 pub const TX_DEPTH: u32 = 16;
+
+/// The ceiling a transport's throughput is held against at a site: iperf3
+/// with the same streams for TCP, ib_write_bw at 1 MiB (the largest WRITE we
+/// post) with the same queue pairs for RDMA.
+pub fn ceiling_for<'a>(
+    ceilings: &'a [Ceiling],
+    site: &str,
+    transport: &str,
+) -> Option<&'a Ceiling> {
+    let tool = match transport {
+        "tcp" => format!("iperf3 -P {STREAMS}"),
+        _ => format!("ib_write_bw -q {STREAMS} -t {TX_DEPTH} -s 1M"),
+    };
+    ceilings.iter().find(|c| c.site == site && c.tool == tool)
+}
 
 /// perftest server and client on the same device (rxe over loopback).
 fn perftest(tool: &str, dev: &str, gid: u32, size: u32, secs: u32) -> Result<f64> {

@@ -13,7 +13,9 @@
 //!   `DIR/raw/micro/*.json`, write `DIR/results.md` and `DIR/results.png`.
 
 mod ceiling;
+mod cell;
 mod micro;
+mod netns;
 mod plan;
 mod plot;
 mod run;
@@ -34,7 +36,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Measure: migrations and ceilings at the given sites.
-    Run(RunArgs),
+    Run(run::RunArgs),
     /// Collect criterion's results (micro benchmarks) into one JSON file.
     Micro {
         /// Criterion's folder (target/criterion, or $CRITERION_HOME).
@@ -53,34 +55,6 @@ enum Command {
         #[arg(long, default_value = "benches/results")]
         results: PathBuf,
     },
-}
-
-/// `migrate-bench run`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct RunArgs {
-    /// Where to migrate: host-loopback, host-veth (namespaces mig-src and
-    /// mig-dst joined by a veth pair, 10.198.0.1/.2), vm-loopback (RDMA on
-    /// rxe0 and TCP, inside the SoftRoCE VM).
-    #[arg(long = "site", required = true)]
-    pub sites: Vec<String>,
-    /// The migrate-cli binary.
-    #[arg(long, default_value = "target/release/migrate-cli")]
-    pub cli: PathBuf,
-    /// Runs per matrix cell (medians and min–max are reported).
-    #[arg(long, default_value_t = 3)]
-    pub repeat: usize,
-    /// Smallest matrix: one size, one mix, idle and moderate, one run each.
-    #[arg(long)]
-    pub quick: bool,
-    /// Seconds per ceiling measurement (iperf3, perftest).
-    #[arg(long, default_value_t = 5)]
-    pub ceiling_secs: u32,
-    /// Write the raw results here (JSON).
-    #[arg(long)]
-    pub out: PathBuf,
-    /// The command line to record with the results.
-    #[arg(long, default_value = "")]
-    pub command_line: String,
 }
 
 fn main() -> Result<()> {

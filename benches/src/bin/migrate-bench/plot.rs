@@ -8,9 +8,9 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
-use crate::ceiling::Ceiling;
+use crate::ceiling::{Ceiling, ceiling_for};
+use crate::cell::{Cell, Spread};
 use crate::plan::DOWNTIME_MS;
-use crate::summary::{Cell, Spread, ceiling_for};
 
 const FONTS: [&str; 2] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",

@@ -11,9 +11,37 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::RunArgs;
 use crate::ceiling::{self, Ceiling};
+use crate::netns::in_ns;
 use crate::plan::{self, Case, DOWNTIME_MS, STREAMS, Site};
+
+/// `migrate-bench run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Where to migrate: host-loopback, host-veth (namespaces mig-src and
+    /// mig-dst joined by a veth pair, 10.198.0.1/.2), vm-loopback (RDMA on
+    /// rxe0 and TCP, inside the SoftRoCE VM).
+    #[arg(long = "site", required = true)]
+    pub sites: Vec<String>,
+    /// The migrate-cli binary.
+    #[arg(long, default_value = "target/release/migrate-cli")]
+    pub cli: PathBuf,
+    /// Runs per matrix cell (medians and min–max are reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Smallest matrix: one size, one mix, idle and moderate, one run each.
+    #[arg(long)]
+    pub quick: bool,
+    /// Seconds per ceiling measurement (iperf3, perftest).
+    #[arg(long, default_value_t = 5)]
+    pub ceiling_secs: u32,
+    /// Write the raw results here (JSON).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The command line to record with the results.
+    #[arg(long, default_value = "")]
+    pub command_line: String,
+}
 
 /// Everything one `migrate-bench run` measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,18 +157,6 @@ pub fn run(a: &RunArgs) -> Result<Raw> {
     }
     std::fs::remove_dir_all(&tmp).ok();
     Ok(raw)
-}
-
-/// `ip netns exec NS PROGRAM` or just `PROGRAM`.
-pub fn in_ns(ns: &Option<String>, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(program);
-            c
-        }
-        None => Command::new(program),
-    }
 }
 
 fn migrate(cli: &Path, site: &Site, case: &Case, rep: usize, tmp: &Path) -> RunResult {

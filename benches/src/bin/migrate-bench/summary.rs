@@ -6,63 +6,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::ceiling::Ceiling;
-use crate::plan::{Case, DOWNTIME_MS, STREAMS};
+use crate::ceiling::{Ceiling, ceiling_for};
+use crate::cell::{Cell, Spread};
+use crate::plan::{DOWNTIME_MS, STREAMS};
 use crate::run::{Raw, RunResult};
-
-/// Median, min, max of a non-empty sample.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Spread {
-    pub median: f64,
-    pub min: f64,
-    pub max: f64,
-}
-
-impl Spread {
-    pub fn of(xs: impl IntoIterator<Item = f64>) -> Option<Self> {
-        let mut v: Vec<f64> = xs.into_iter().filter(|x| x.is_finite()).collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        Some(Self {
-            median,
-            min: v[0],
-            max: v[n - 1],
-        })
-    }
-
-    fn fmt(&self, digits: usize) -> String {
-        if self.min == self.max {
-            format!("{:.digits$}", self.median)
-        } else {
-            format!(
-                "{:.digits$} ({:.digits$}–{:.digits$})",
-                self.median, self.min, self.max
-            )
-        }
-    }
-}
-
-/// The repeats of one matrix cell.
-#[derive(Debug, Clone)]
-pub struct Cell {
-    pub case: Case,
-    pub runs: Vec<RunResult>,
-    pub failed: usize,
-}
-
-impl Cell {
-    pub fn spread(&self, f: impl Fn(&RunResult) -> f64) -> Option<Spread> {
-        Spread::of(self.runs.iter().map(f))
-    }
-}
 
 /// Group runs by matrix cell, in the order they ran.
 pub fn cells(raws: &[Raw]) -> Vec<Cell> {
@@ -87,24 +34,6 @@ pub fn cells(raws: &[Raw]) -> Vec<Cell> {
         }
     }
     out
-}
-
-/// The ceiling a transport's throughput is held against at a site: iperf3
-/// with the same streams for TCP, ib_write_bw at 1 MiB (the largest WRITE we
-/// post) with the same queue pairs for RDMA.
-pub fn ceiling_for<'a>(
-    ceilings: &'a [Ceiling],
-    site: &str,
-    transport: &str,
-) -> Option<&'a Ceiling> {
-    let tool = match transport {
-        "tcp" => format!("iperf3 -P {STREAMS}"),
-        _ => format!(
-            "ib_write_bw -q {STREAMS} -t {} -s 1M",
-            crate::ceiling::TX_DEPTH
-        ),
-    };
-    ceilings.iter().find(|c| c.site == site && c.tool == tool)
 }
 
 pub fn load(results: &Path) -> Result<Vec<Raw>> {
@@ -452,20 +381,5 @@ fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) {
             "| (reported) CPU per GiB, both sides, idle 1 GiB | host | {} s | — |",
             c.fmt(2)
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Spread;
-
-    #[test]
-    fn medians_and_ranges() {
-        let s = Spread::of([3.0, 1.0, 2.0]).unwrap();
-        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
-        let s = Spread::of([4.0, 1.0, 2.0, 3.0]).unwrap();
-        assert_eq!(s.median, 2.5);
-        assert!(Spread::of([]).is_none());
-        assert!(Spread::of([f64::NAN]).is_none());
     }
 }

@@ -1,0 +1,45 @@
+//! The engine's side of the control channel: receive with the peer's
+//! `Abort` and `Refused` turned into errors, and [`expect!`](crate::expect)
+//! for "the next message must be this one". Source and destination share it,
+//! so an out-of-order message is the same typed error on both sides.
+
+use crate::MigrationError;
+use crate::protocol::{Message, ProtocolError};
+use crate::transport::ControlChannel;
+
+/// The next control message; the peer's `Abort` and `Refused` are errors.
+///
+/// # Errors
+/// [`MigrationError::PeerAborted`], [`MigrationError::Refused`], or the
+/// channel's error.
+pub(crate) fn recv(ctl: &mut dyn ControlChannel) -> Result<Message, MigrationError> {
+    match ctl.recv()? {
+        Message::Abort { reason } => Err(MigrationError::PeerAborted { reason }),
+        Message::Refused { code, message } => Err(MigrationError::Refused { code, message }),
+        m => Ok(m),
+    }
+}
+
+/// `got` arrived while the state machine waited for `expected`.
+pub(crate) fn unexpected(got: &Message, expected: &'static str) -> MigrationError {
+    MigrationError::Protocol(ProtocolError::Unexpected {
+        got: got.kind(),
+        expected,
+    })
+}
+
+/// Receive the next control message, which must be `Message::$variant`
+/// (and satisfy the guard, if any); evaluates to `$out` with the variant's
+/// fields bound. Anything else returns `ProtocolError::Unexpected` from the
+/// enclosing function.
+macro_rules! expect_msg {
+    ($ctl:expr, $variant:ident $({ $($fields:tt)* })? $(if $guard:expr)? => $out:expr) => {
+        match $crate::control::recv($ctl)? {
+            $crate::protocol::Message::$variant $({ $($fields)* })? $(if $guard)? => $out,
+            other => {
+                return Err($crate::control::unexpected(&other, stringify!($variant)).into())
+            }
+        }
+    };
+}
+pub(crate) use expect_msg;

@@ -1,0 +1,79 @@
+//! The memory system calls, wrapped once: memfd creation, block
+//! reservation, population, residency and the locked-memory limit. With
+//! [`region`](super::region)'s pointer arithmetic, this is all the `unsafe`
+//! of the memory module.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+/// A new memfd named `name` (NULs replaced), close-on-exec, with `flags`.
+pub(super) fn memfd_create(name: &str, flags: libc::c_uint) -> io::Result<File> {
+    let name = CString::new(name.replace('\0', "_")).expect("NULs replaced");
+    // SAFETY: `name` is a valid C string; the call has no other inputs.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Grow `file` to `len` with real blocks (posix_fallocate), so that ENOSPC is
+/// an error now; falls back to a sparse `set_len` where the filesystem cannot
+/// allocate ahead (EOPNOTSUPP).
+pub(super) fn allocate(file: &File, len: u64) -> io::Result<()> {
+    // SAFETY: valid fd, plain integer arguments.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+    match rc {
+        0 => Ok(()),
+        libc::EOPNOTSUPP | libc::EINVAL => file.set_len(len),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// `MADV_POPULATE_WRITE` (Linux ≥ 5.14) over `[start, start + len)`: every
+/// page allocated and writable now, bytes unchanged. The one `madvise` of
+/// the crate (prefaulting a destination, and the uffd-sync tracker on
+/// kernels without `WP_UNPOPULATED`).
+pub(crate) fn populate_write(start: usize, len: usize) -> io::Result<()> {
+    // SAFETY: populating changes no byte and no mapping; on a range that is
+    // not mapped the kernel answers ENOMEM instead of touching anything.
+    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bytes of `[start, start + len)` resident in RAM (`mincore`).
+pub(super) fn resident_bytes(start: usize, len: usize) -> io::Result<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `vec` holds one byte per page of the range; the kernel checks
+    // the range itself (ENOMEM when unmapped).
+    let rc = unsafe { libc::mincore(start as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page as u64)
+}
+
+/// How many bytes this process may lock (pin) in RAM: `None` when it is not
+/// limited (unlimited `RLIMIT_MEMLOCK`, or root, which has CAP_IPC_LOCK), or
+/// when the limit cannot be read.
+pub fn lockable_bytes() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return None;
+    }
+    // SAFETY: plain syscall without arguments.
+    let root = unsafe { libc::geteuid() } == 0;
+    (!root && lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
+}

@@ -1,0 +1,215 @@
+//! The source side: pre-copy rounds, switch-over, device state, commit.
+//!
+//! [`SourceMigration::run`] is a blocking call that drives one migration over
+//! any [`SourceTransport`]. Round 0 sends every page (zero pages as markers);
+//! each later round sends the pages the tracker harvested while the previous
+//! round was on the wire. When the dirty bytes left can be sent within the
+//! downtime budget at the measured bandwidth (or `max_rounds` is reached, or
+//! the timeout policy says so), the guest is paused, the last dirty pages and
+//! the device state go out, and the destination commits.
+//!
+//! Any failure before the commit message leaves the source guest running
+//! (resumed if it was paused, unthrottled) and tells the destination to
+//! discard. A failure after it is [`MigrationError::CommitUnknown`]: the guest
+//! stays paused, because the destination may already be running it.
+
+mod policy;
+mod precopy;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::dirty::DirtyTracker;
+use crate::memory::GuestMemory;
+use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus, Monitor};
+use crate::transport::SourceTransport;
+use crate::vm::SourceVm;
+use crate::{CancelToken, MigrationError};
+use precopy::Precopy;
+
+/// What to do when the overall timeout expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimeoutPolicy {
+    /// Abort the migration; the guest keeps running on the source.
+    #[default]
+    Cancel,
+    /// Pause the guest and switch over at the next round boundary, whatever
+    /// the downtime.
+    ForceSwitchover,
+}
+
+/// The operator's knobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceConfig {
+    /// Largest acceptable downtime (QEMU and Cloud Hypervisor: 300 ms).
+    /// The switch-over comes when the rest is expected to take at most 85 %
+    /// of it (the margin covers what the estimate cannot see).
+    pub downtime_limit: Duration,
+    /// Bandwidth cap in bytes per second over all streams (None: no cap).
+    pub bandwidth_limit: Option<u64>,
+    /// Switch over after this many rounds even if the rest does not fit the
+    /// downtime budget.
+    pub max_rounds: u32,
+    /// Overall time limit, and what to do when it expires.
+    pub timeout: Option<(Duration, TimeoutPolicy)>,
+    /// Ask the VMM to throttle the guest when it dirties faster than the
+    /// link drains: two rounds in a row whose newly dirtied bytes exceed half
+    /// of what the round sent (QEMU's `throttle-trigger-threshold` of 50 %).
+    /// Each further pair of such rounds adds 10 points (20 % first, 99 % at
+    /// most).
+    pub auto_converge: bool,
+    /// Before commit, compare a hash of every destination page with the
+    /// paused source page; any difference aborts.
+    pub verify: bool,
+    /// Re-sends of pages that fail their check while the guest is paused.
+    pub final_retries: u32,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            downtime_limit: Duration::from_millis(300),
+            bandwidth_limit: None,
+            max_rounds: 30,
+            timeout: None,
+            auto_converge: true,
+            verify: false,
+            final_retries: 3,
+        }
+    }
+}
+
+/// Watch and steer a running migration from another thread.
+#[derive(Debug, Clone)]
+pub struct MigrationHandle {
+    monitor: Monitor,
+    cancel: CancelToken,
+}
+
+impl MigrationHandle {
+    /// Abort the migration at the next batch; the source guest keeps running.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Current figures.
+    pub fn stats(&self) -> MigrationStats {
+        self.monitor.stats()
+    }
+
+    /// A channel of events from now on (dropping it unsubscribes).
+    pub fn subscribe(&self) -> crossbeam_channel::Receiver<MigrationEvent> {
+        self.monitor.subscribe()
+    }
+}
+
+/// One outgoing migration.
+#[derive(Debug)]
+pub struct SourceMigration {
+    config: SourceConfig,
+    monitor: Monitor,
+    cancel: CancelToken,
+}
+
+impl SourceMigration {
+    /// A migration with these knobs.
+    pub fn new(config: SourceConfig) -> Self {
+        Self {
+            config,
+            monitor: Monitor::default(),
+            cancel: CancelToken::new(),
+        }
+    }
+
+    /// A handle to cancel, read statistics and subscribe to events.
+    pub fn handle(&self) -> MigrationHandle {
+        MigrationHandle {
+            monitor: self.monitor.clone(),
+            cancel: self.cancel.clone(),
+        }
+    }
+
+    /// Migrate `mem` over `transport`. `tracker` must have been started
+    /// before this call (writes from then on are caught); `vm` pauses and
+    /// resumes the guest. Blocks until committed or failed.
+    ///
+    /// # Errors
+    /// [`MigrationError`]; unless it is [`MigrationError::CommitUnknown`], the
+    /// source guest is running again when this returns.
+    pub fn run(
+        self,
+        transport: &mut dyn SourceTransport,
+        mem: &Arc<GuestMemory>,
+        tracker: &dyn DirtyTracker,
+        vm: &mut dyn SourceVm,
+    ) -> Result<MigrationStats, MigrationError> {
+        let start = Instant::now();
+        self.monitor.update(|s| {
+            s.status = MigrationStatus::Setup;
+            s.transport = transport.name().into();
+            s.tracker = tracker.kind().name().into();
+            s.bytes_total = mem.total_bytes();
+        });
+        let mut run = Precopy {
+            cfg: &self.config,
+            monitor: &self.monitor,
+            cancel: &self.cancel,
+            mem,
+            tracker,
+            vm,
+            start,
+            deadline: self.config.timeout.map(|(d, _)| start + d),
+            paused_at: None,
+            converge: Default::default(),
+            commit_sent: false,
+        };
+        let result = with_watchdog(&self.config, run.deadline, &self.cancel, || {
+            run.run(transport)
+        });
+        match result {
+            Ok(stats) => {
+                tracing::info!(
+                    total_ms = stats.total_ms,
+                    downtime_ms = stats.downtime_ms,
+                    rounds = stats.rounds,
+                    "migration completed"
+                );
+                self.monitor.emit(MigrationEvent::Completed(stats.clone()));
+                Ok(stats)
+            }
+            Err(e) => Err(run.fail(transport, e)),
+        }
+    }
+}
+
+/// Run `f` with a watchdog that turns a cancel-policy timeout into a
+/// cancellation, so that it interrupts a long round, not only round
+/// boundaries.
+fn with_watchdog<T>(
+    cfg: &SourceConfig,
+    deadline: Option<Instant>,
+    cancel: &CancelToken,
+    f: impl FnOnce() -> T,
+) -> T {
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+    let watchdog = match (cfg.timeout, deadline) {
+        (Some((_, TimeoutPolicy::Cancel)), Some(deadline)) => {
+            let cancel = cancel.clone();
+            Some(std::thread::spawn(move || {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                if let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    done_rx.recv_timeout(wait)
+                {
+                    cancel.cancel();
+                }
+            }))
+        }
+        _ => None,
+    };
+    let result = f();
+    drop(done_tx);
+    if let Some(w) = watchdog {
+        let _ = w.join();
+    }
+    result
+}

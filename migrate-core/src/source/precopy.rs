@@ -1,0 +1,592 @@
+//! One pre-copy migration as named steps: handshake, open the data plane,
+//! send a round and collect its ack, decide after a live round (switch over,
+//! throttle, or go on), verify, send the device state, commit; and `fail`,
+//! which leaves the source guest running. The decisions themselves live in
+//! [`policy`](super::policy).
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::policy::{AutoConverge, DowntimeBudget, LinkRate, SwitchReason, mbps};
+use super::{SourceConfig, TimeoutPolicy};
+use crate::dirty::{DirtyLog, DirtyTracker};
+use crate::memory::GuestMemory;
+use crate::protocol::{
+    DEVICE_STATE_CHUNK, FrameKind, MIN_VERSION, Message, PageRange, ProtocolError, VERSION,
+};
+use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus, Monitor};
+use crate::transport::{
+    ControlChannel, PageSender, RateLimiter, RoundContext, RoundSent, SourceTransport,
+    TransportError,
+};
+use crate::vm::SourceVm;
+use crate::control::expect_msg;
+use crate::{CancelToken, MigrationError};
+
+/// Zero-page ranges per `ZeroPages` frame (16 bytes each, well under the
+/// frame limit).
+const ZERO_RANGES_PER_FRAME: usize = 256 * 1024;
+
+/// A round that went out and was acknowledged.
+struct RoundDone {
+    /// How long from the first page to the ack, seconds.
+    secs: f64,
+    /// The link's rate, measured at the ack.
+    rate: LinkRate,
+    /// Pages the destination found torn: they go again.
+    resend: DirtyLog,
+    /// How many pages that is.
+    resend_pages: u64,
+}
+
+/// Figures summed over the rounds.
+struct Totals {
+    rounds: u32,
+    sent: RoundSent,
+    first_page_at: Instant,
+    last_harvest: Instant,
+    final_retries: u32,
+}
+
+impl Totals {
+    fn average_mbps(&self) -> f64 {
+        mbps(self.sent.wire_bytes, self.secs())
+    }
+
+    fn secs(&self) -> f64 {
+        self.first_page_at.elapsed().as_secs_f64()
+    }
+}
+
+/// The state of one outgoing pre-copy migration.
+pub(super) struct Precopy<'a> {
+    pub cfg: &'a SourceConfig,
+    pub monitor: &'a Monitor,
+    pub cancel: &'a CancelToken,
+    pub mem: &'a Arc<GuestMemory>,
+    pub tracker: &'a dyn DirtyTracker,
+    pub vm: &'a mut dyn SourceVm,
+    pub start: Instant,
+    pub deadline: Option<Instant>,
+    pub paused_at: Option<Instant>,
+    pub converge: AutoConverge,
+    pub commit_sent: bool,
+}
+
+impl Precopy<'_> {
+    /// The whole migration, from `Hello` to `Committed`.
+    pub fn run(
+        &mut self,
+        transport: &mut dyn SourceTransport,
+    ) -> Result<MigrationStats, MigrationError> {
+        let (session, features) = self.handshake(transport)?;
+        let mut sender = self.open_data(transport, session, features)?;
+        let limiter = RateLimiter::new(self.cfg.bandwidth_limit);
+        let mut log = DirtyLog::new(self.mem);
+        log.mark_all();
+        let mut totals = Totals {
+            rounds: 0,
+            sent: RoundSent::default(),
+            first_page_at: Instant::now(),
+            last_harvest: Instant::now(),
+            final_retries: 0,
+        };
+        loop {
+            self.check_cancel()?;
+            let done = self.round(transport, sender.as_mut(), &log, &limiter, &mut totals)?;
+            log = if self.paused_at.is_some() {
+                match self.after_paused_round(done, &mut totals)? {
+                    Some(resend) => resend,
+                    None => break,
+                }
+            } else {
+                self.after_live_round(done, log.dirty_bytes(), &mut totals)?
+            };
+        }
+        let verified = self.verify_if_asked(transport.control())?;
+        self.send_device_state(transport.control())?;
+        self.commit(transport.control())?;
+        let downtime_ms = self.paused_at.map_or(0.0, |t| ms_since(t));
+        let total_ms = self.elapsed_ms();
+        let avg = totals.average_mbps();
+        Ok(self.monitor.update(|s| {
+            s.status = MigrationStatus::Completed;
+            s.total_ms = total_ms;
+            s.downtime_ms = downtime_ms;
+            s.bytes_remaining = 0;
+            s.avg_throughput_mbps = avg;
+            s.verified = verified;
+        }))
+    }
+
+    /// `Hello` → `Welcome`, `Layout` → `LayoutAccepted`. Returns the session
+    /// id and the features both sides use.
+    fn handshake(
+        &mut self,
+        transport: &mut dyn SourceTransport,
+    ) -> Result<(u64, u64), MigrationError> {
+        let session = RandomState::new().build_hasher().finish();
+        let offered = transport.features();
+        let data_streams = transport.data_streams();
+        let ctl = transport.control();
+        ctl.send(&Message::Hello {
+            min_version: MIN_VERSION,
+            max_version: VERSION,
+            session,
+            data_streams,
+            features: offered,
+        })?;
+        let features = expect_msg!(ctl, Welcome { version, features } => {
+            tracing::debug!(version, features, "destination welcomed us");
+            features
+        });
+        ctl.send(&Message::Layout {
+            layout: self.mem.layout(),
+        })?;
+        expect_msg!(ctl, LayoutAccepted => ());
+        Ok((session, features & offered))
+    }
+
+    /// Open the data streams (the data plane is chosen now: RDMA, or TCP
+    /// when the peer has no RDMA device) and report the setup done.
+    fn open_data(
+        &mut self,
+        transport: &mut dyn SourceTransport,
+        session: u64,
+        features: u64,
+    ) -> Result<Box<dyn PageSender>, MigrationError> {
+        let sender = transport.open_data(self.mem, session, features)?;
+        let setup_ms = self.elapsed_ms();
+        self.monitor.update(|s| {
+            s.transport = transport.name().into();
+            s.setup_ms = setup_ms;
+            s.status = MigrationStatus::Active;
+        });
+        self.monitor.emit(MigrationEvent::SetupDone { setup_ms });
+        tracing::info!(
+            setup_ms,
+            transport = transport.name(),
+            "migration setup done"
+        );
+        Ok(sender)
+    }
+
+    /// Send the pages of `log` as the next round, its zero ranges and
+    /// `RoundDone`, and collect the destination's `RoundAck`.
+    fn round(
+        &mut self,
+        transport: &mut dyn SourceTransport,
+        sender: &mut dyn PageSender,
+        log: &DirtyLog,
+        limiter: &RateLimiter,
+        totals: &mut Totals,
+    ) -> Result<RoundDone, MigrationError> {
+        let round = totals.rounds;
+        let paused = self.paused_at.is_some();
+        self.monitor.update(|s| s.bytes_remaining = log.dirty_bytes());
+        self.monitor.emit(MigrationEvent::RoundStarted {
+            round,
+            pages: log.count() as u64,
+            paused,
+        });
+        if round == 0 {
+            totals.first_page_at = Instant::now();
+        }
+        let round_start = Instant::now();
+        let runs: Vec<_> = log.runs().collect();
+        let sent = self.send_pages(sender, round, &runs, limiter, &totals.sent)?;
+        let ctl = transport.control();
+        for ranges in sent.zero_ranges.chunks(ZERO_RANGES_PER_FRAME) {
+            ctl.send(&Message::ZeroPages {
+                round,
+                ranges: ranges.to_vec(),
+            })?;
+        }
+        ctl.send(&Message::RoundDone {
+            round,
+            last: paused,
+        })?;
+        let suspect = expect_msg!(ctl, RoundAck { round: r, suspect } if r == round => suspect);
+        let secs = round_start.elapsed().as_secs_f64().max(1e-6);
+        totals.rounds += 1;
+        totals.sent.add(&sent);
+        let rate = LinkRate::measure(sent.wire_bytes, secs, totals.sent.wire_bytes, totals.secs());
+        let (resend, resend_pages) = self.resend_log(&suspect);
+        if resend_pages > 0 && paused {
+            tracing::warn!(
+                round,
+                resend_pages,
+                "pages failed their check with the guest paused; sending them again"
+            );
+        } else if resend_pages > 0 {
+            // A guest write raced the send: those pages are dirty anyway.
+            tracing::debug!(
+                round,
+                resend_pages,
+                "pages failed their check; sending them again"
+            );
+        }
+        Ok(RoundDone {
+            secs,
+            rate,
+            resend,
+            resend_pages,
+        })
+    }
+
+    /// The suspect ranges of an ack (those inside guest memory) as a log.
+    fn resend_log(&self, suspect: &[PageRange]) -> (DirtyLog, u64) {
+        let mut log = DirtyLog::new(self.mem);
+        for r in suspect {
+            if (r.region as usize) < log.regions()
+                && r.first + r.count as u64 <= log.region(r.region as usize).len() as u64
+            {
+                log.mark_range(r.region as usize, r.first as usize, r.count as usize);
+            }
+        }
+        let pages = suspect.iter().map(|r| r.count as u64).sum();
+        (log, pages)
+    }
+
+    /// After a round with the guest paused: done (`None`), or the pages to
+    /// send again, a bounded number of times.
+    fn after_paused_round(
+        &mut self,
+        done: RoundDone,
+        totals: &mut Totals,
+    ) -> Result<Option<DirtyLog>, MigrationError> {
+        self.monitor.update(|s| {
+            s.rounds = totals.rounds;
+            s.bytes_transferred = totals.sent.wire_bytes;
+            s.normal_pages = totals.sent.normal_pages;
+            s.zero_pages = totals.sent.zero_pages;
+            s.resent_pages += done.resend_pages;
+        });
+        if done.resend_pages == 0 {
+            return Ok(None);
+        }
+        totals.final_retries += 1;
+        if totals.final_retries > self.cfg.final_retries {
+            return Err(MigrationError::Integrity {
+                pages: done.resend_pages,
+                retries: self.cfg.final_retries,
+            });
+        }
+        Ok(Some(done.resend))
+    }
+
+    /// After a live round that sent `round_bytes` of pages: harvest what the
+    /// guest dirtied meanwhile, report, and switch over, throttle, or go on.
+    /// Returns the pages of the next round.
+    fn after_live_round(
+        &mut self,
+        done: RoundDone,
+        round_bytes: u64,
+        totals: &mut Totals,
+    ) -> Result<DirtyLog, MigrationError> {
+        let mut next = done.resend;
+        self.tracker.harvest(&mut next)?;
+        let dirty_rate = next.count() as f64 / totals.last_harvest.elapsed().as_secs_f64().max(1e-6);
+        totals.last_harvest = Instant::now();
+        let remaining = next.dirty_bytes();
+        let rate = done.rate;
+        let expected_ms =
+            DowntimeBudget::expected_ms(remaining, rate.planning_bytes_per_sec(done.secs));
+        let rounds = totals.rounds;
+        let stats = self.monitor.update(|s| {
+            s.rounds = rounds;
+            s.total_ms = self.start.elapsed().as_secs_f64() * 1e3;
+            s.bytes_transferred = totals.sent.wire_bytes;
+            s.normal_pages = totals.sent.normal_pages;
+            s.zero_pages = totals.sent.zero_pages;
+            s.resent_pages += done.resend_pages;
+            s.bytes_remaining = remaining;
+            s.dirty_rate_pps = dirty_rate;
+            s.throughput_mbps = rate.round_mbps;
+            s.avg_throughput_mbps = rate.average_mbps;
+            if rounds == 1 {
+                s.first_pass_mbps = rate.round_mbps;
+            }
+            s.expected_downtime_ms = expected_ms;
+        });
+        self.monitor.emit(MigrationEvent::RoundDone(stats));
+        tracing::debug!(
+            round = rounds,
+            remaining,
+            expected_ms,
+            dirty_rate,
+            round_mbps = rate.round_mbps,
+            "round done"
+        );
+        let reason = SwitchReason::decide(
+            DowntimeBudget::new(self.cfg.downtime_limit).fits(expected_ms),
+            rounds >= self.cfg.max_rounds,
+            self.timed_out_forcing(),
+        );
+        match reason {
+            Some(reason) => self.switch_over(&mut next, reason, rounds)?,
+            None if self.cfg.auto_converge => {
+                if let Some(percent) = self.converge.after_round(rounds, round_bytes, remaining) {
+                    self.throttle(percent);
+                }
+            }
+            None => {}
+        }
+        Ok(next)
+    }
+
+    /// Whether the overall timeout expired under the force policy.
+    fn timed_out_forcing(&self) -> bool {
+        matches!(self.cfg.timeout, Some((_, TimeoutPolicy::ForceSwitchover)))
+            && self.deadline.is_some_and(|t| Instant::now() >= t)
+    }
+
+    /// Pause the guest and add everything it wrote up to the pause to `next`.
+    fn switch_over(
+        &mut self,
+        next: &mut DirtyLog,
+        reason: SwitchReason,
+        round: u32,
+    ) -> Result<(), MigrationError> {
+        self.check_cancel()?;
+        self.vm.pause()?;
+        self.paused_at = Some(Instant::now());
+        self.tracker.harvest(next)?;
+        let remaining_bytes = next.dirty_bytes();
+        self.monitor.update(|s| {
+            s.status = MigrationStatus::Device;
+            s.bytes_remaining = remaining_bytes;
+        });
+        self.monitor.emit(MigrationEvent::SwitchOver {
+            remaining_bytes,
+            reason: reason.name(),
+        });
+        tracing::info!(
+            round,
+            remaining_bytes,
+            reason = reason.name(),
+            "switch-over: guest paused"
+        );
+        Ok(())
+    }
+
+    /// Ask the VMM to throttle the guest to `percent`; a VMM that cannot,
+    /// or fails, leaves it running at its pace.
+    fn throttle(&mut self, percent: u8) {
+        match self.vm.throttle(percent) {
+            Ok(true) => {
+                self.converge.applied(percent);
+                self.monitor.update(|s| s.throttle_percent = percent);
+                self.monitor.emit(MigrationEvent::Throttled { percent });
+                tracing::info!(percent, "auto-converge: guest throttled");
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "auto-converge throttle failed"),
+        }
+    }
+
+    /// Hand `runs` to the data plane as `round`, with live progress events.
+    fn send_pages(
+        &self,
+        sender: &mut dyn PageSender,
+        round: u32,
+        runs: &[crate::dirty::PageRun],
+        limiter: &RateLimiter,
+        before: &RoundSent,
+    ) -> Result<RoundSent, MigrationError> {
+        let bytes_done = AtomicU64::new(0);
+        let last_emit = std::sync::Mutex::new(Instant::now());
+        let (monitor, start) = (self.monitor, self.start);
+        let round_start = Instant::now();
+        let progress = |_pages: u64, bytes: u64| {
+            let b = bytes_done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            let Ok(mut last) = last_emit.try_lock() else {
+                return;
+            };
+            if last.elapsed() >= Duration::from_millis(100) {
+                *last = Instant::now();
+                let secs = round_start.elapsed().as_secs_f64().max(1e-6);
+                let stats = monitor.update(|s| {
+                    s.total_ms = start.elapsed().as_secs_f64() * 1e3;
+                    s.bytes_transferred = before.wire_bytes + b;
+                    // The current round's rate, live (rounds update it at their end).
+                    s.throughput_mbps = b as f64 * 8.0 / secs / 1e6;
+                });
+                monitor.emit(MigrationEvent::Progress(stats));
+            }
+        };
+        let ctx = RoundContext {
+            cancel: self.cancel,
+            limiter,
+            progress: &progress,
+        };
+        sender.send_round(round, runs, &ctx).map_err(|e| match e {
+            TransportError::Cancelled => self.cancelled(),
+            other => other.into(),
+        })
+    }
+
+    /// With `verify`: ask the destination for a hash of every page and
+    /// compare with ours (the guest is paused, so ours are final).
+    fn verify_if_asked(&mut self, ctl: &mut dyn ControlChannel) -> Result<bool, MigrationError> {
+        if !self.cfg.verify {
+            return Ok(false);
+        }
+        let t = Instant::now();
+        ctl.send(&Message::VerifyRequest)?;
+        let mut checked = vec![0u64; self.mem.regions().len()];
+        let mut differ = 0u64;
+        let mut first_bad = None;
+        let unfinished = |checked: &[u64]| {
+            checked
+                .iter()
+                .zip(self.mem.regions())
+                .any(|(&c, r)| c < r.pages() as u64)
+        };
+        while unfinished(&checked) {
+            let (region, first, hashes) = expect_msg!(ctl,
+                PageHashes { region, first, hashes } => (region as usize, first, hashes));
+            let r = self
+                .mem
+                .regions()
+                .get(region)
+                .filter(|r| {
+                    first == checked[region] && first + hashes.len() as u64 <= r.pages() as u64
+                })
+                .ok_or(MigrationError::Protocol(ProtocolError::Unexpected {
+                    got: FrameKind::PageHashes,
+                    expected: "page hashes in order",
+                }))?;
+            for (i, h) in hashes.iter().enumerate() {
+                let page = first as usize + i;
+                if r.hash_page(page) != *h {
+                    differ += 1;
+                    first_bad.get_or_insert((region, page));
+                }
+            }
+            checked[region] += hashes.len() as u64;
+        }
+        if let Some((region, page)) = first_bad {
+            return Err(MigrationError::VerifyFailed {
+                pages: differ,
+                region,
+                page,
+            });
+        }
+        tracing::info!("verified: every destination page equals the paused source page");
+        let verify_ms = ms_since(t);
+        self.monitor.update(|s| s.verify_ms = verify_ms);
+        Ok(true)
+    }
+
+    /// The VMM's device state, in chunks (one empty chunk when there is none).
+    fn send_device_state(&mut self, ctl: &mut dyn ControlChannel) -> Result<(), MigrationError> {
+        let state = self.vm.save_state()?;
+        let mut chunks = state.chunks(DEVICE_STATE_CHUNK).peekable();
+        if chunks.peek().is_none() {
+            ctl.send(&Message::DeviceState {
+                last: true,
+                bytes: Vec::new(),
+            })?;
+        }
+        while let Some(c) = chunks.next() {
+            ctl.send(&Message::DeviceState {
+                last: chunks.peek().is_none(),
+                bytes: c.to_vec(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `Commit` → `Committed`. From the send on, a failure is
+    /// [`MigrationError::CommitUnknown`].
+    fn commit(&mut self, ctl: &mut dyn ControlChannel) -> Result<(), MigrationError> {
+        self.check_cancel()?;
+        ctl.send(&Message::Commit)?;
+        self.commit_sent = true;
+        expect_msg!(ctl, Committed => ());
+        Ok(())
+    }
+
+    /// Clean up after `error`: tell the destination, resume the guest unless
+    /// the commit may have happened, and report.
+    pub fn fail(
+        &mut self,
+        transport: &mut dyn SourceTransport,
+        error: MigrationError,
+    ) -> MigrationError {
+        let (error, status) = if self.commit_sent {
+            (
+                MigrationError::CommitUnknown(Box::new(error)),
+                MigrationStatus::CommitUnknown,
+            )
+        } else {
+            self.give_back(transport, &error);
+            (error, MigrationStatus::Failed)
+        };
+        let total_ms = self.elapsed_ms();
+        let stats = self.monitor.update(|s| {
+            s.status = status;
+            s.total_ms = total_ms;
+        });
+        tracing::error!(error = %error, "migration failed");
+        self.monitor.emit(MigrationEvent::Failed {
+            error: error.to_string(),
+            stats,
+        });
+        error
+    }
+
+    /// Before the commit: abort the destination, lift the throttle, resume.
+    fn give_back(&mut self, transport: &mut dyn SourceTransport, error: &MigrationError) {
+        if !matches!(
+            error,
+            MigrationError::Refused { .. } | MigrationError::PeerAborted { .. }
+        ) {
+            // Best effort: the control channel may be what failed.
+            let _ = transport.control().send(&Message::Abort {
+                reason: error.to_string(),
+            });
+        }
+        if self.converge.throttle() > 0
+            && let Err(e) = self.vm.throttle(0)
+        {
+            tracing::error!(error = %e, "could not lift the throttle after a failed migration");
+        }
+        if self.paused_at.take().is_some()
+            && let Err(e) = self.vm.resume()
+        {
+            tracing::error!(error = %e, "could not resume the source guest after a failed migration");
+        }
+    }
+
+    fn elapsed_ms(&self) -> f64 {
+        ms_since(self.start)
+    }
+
+    pub fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.cancel.is_cancelled() {
+            return Err(self.cancelled());
+        }
+        Ok(())
+    }
+
+    /// The error for a cancelled token: the watchdog's timeout, or the user.
+    fn cancelled(&self) -> MigrationError {
+        match self.cfg.timeout {
+            Some((d, TimeoutPolicy::Cancel))
+                if self.deadline.is_some_and(|t| Instant::now() >= t) =>
+            {
+                MigrationError::Timeout(d)
+            }
+            _ => MigrationError::Cancelled,
+        }
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
