@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fixtures::{PageMix, fill_memory};
-use migrate_core::memory::{GuestMemory, GuestRegion, MemoryLayout, PageSize, RegionLayout};
-use migrate_core::protocol::{
-    BatchRun, FrameHeader, Kind, RunKind, check_seed, decode_batch_header, encode_batch_header,
-    is_zero_page,
+use migrate_core::memory::{
+    GuestMemory, GuestRegion, MemoryLayout, PageSize, RegionLayout, is_zero_page,
+};
+use migrate_core::protocol::FrameKind;
+use migrate_core::protocol::wire::{
+    BatchRun, FrameHeader, RunKind, check_seed, decode_batch_header, encode_batch_header,
 };
 
 const PAGES: usize = 4096; // 16 MiB per mix
@@ -90,10 +92,10 @@ fn batch_header(c: &mut Criterion) {
     let table = encode_batch_header(1, &runs, raw, raw, &hashes);
     let len = table.len() as u32 + raw;
     let header = FrameHeader {
-        kind: Kind::Pages,
+        kind: FrameKind::Pages,
         flags: 0,
         len,
-        check: xxhash_rust::xxh3::xxh3_64_with_seed(&table, check_seed(Kind::Pages, 0, len)),
+        check: xxhash_rust::xxh3::xxh3_64_with_seed(&table, check_seed(FrameKind::Pages, 0, len)),
     };
     let mut g = c.benchmark_group("batch_header_128_runs");
     g.sample_size(20);

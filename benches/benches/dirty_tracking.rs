@@ -8,6 +8,7 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use criterion::{
@@ -31,8 +32,7 @@ fn memory(mib: usize) -> GuestMemory {
     let mem = GuestMemory::new(vec![GuestRegion::anonymous(0, mib << 20).unwrap()]).unwrap();
     let r = &mem.regions()[0];
     for p in 0..r.pages() {
-        // SAFETY: first byte of each page of the live mapping.
-        unsafe { r.page_ptr(p).write_volatile(1) };
+        r.atomic_u64(p * 4096).store(1, Ordering::Relaxed);
     }
     mem
 }
@@ -77,8 +77,8 @@ fn dirty(mem: &GuestMemory, s: &Subject, every: usize, value: u8) {
     }
     let r = &mem.regions()[0];
     for p in (0..r.pages()).step_by(every) {
-        // SAFETY: first byte of a page of the live mapping.
-        unsafe { r.page_ptr(p).write_volatile(value) };
+        r.atomic_u64(p * 4096)
+            .store(value as u64, Ordering::Relaxed);
         if let Some(m) = &s.marker {
             m.mark_page(0, p);
         }

@@ -15,54 +15,52 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use memmap2::MmapMut;
-use transport_rdma::verbs::{Device, Rc, VerbsError, Write};
+use std::sync::Arc;
+
+use migrate_core::memory::{GuestMemory, GuestRegion};
+use transport_rdma::verbs::{Device, QueuePair, RegisteredMemory, VerbsError, WriteRequest};
 
 const CHAIN: usize = 16;
 const CHAINS_IN_FLIGHT: usize = 16;
 const WRS_PER_ITER: usize = 1024;
 
 struct Pair {
-    src: Rc,
-    _dst: Rc,
-    src_buf: MmapMut,
-    dst_buf: MmapMut,
-    lkey: u32,
-    rkey: u32,
-    _mrs: Vec<std::sync::Arc<sideway::ibverbs::memory_region::MemoryRegion>>,
+    src: QueuePair,
+    _dst: QueuePair,
+    src_mem: RegisteredMemory,
+    dst_mem: RegisteredMemory,
+    len: usize,
+}
+
+fn buffer(len: usize, fill: u8) -> Arc<GuestMemory> {
+    let mem = GuestMemory::new(vec![GuestRegion::anonymous(0, len).expect("map")]).expect("memory");
+    mem.write(0, &vec![fill; len]).expect("fill");
+    Arc::new(mem)
 }
 
 fn setup(buf_len: usize) -> Result<Pair, VerbsError> {
     let dev = Device::open(None, None, None)?;
-    let mut src_buf = MmapMut::map_anon(buf_len).expect("map");
-    let mut dst_buf = MmapMut::map_anon(buf_len).expect("map");
-    src_buf.fill(0x5a);
-    dst_buf.fill(0);
-    // SAFETY: both mappings outlive the regions (same struct, dropped after
-    // the queue pairs are done: the bench drains every completion).
-    let src_mr = unsafe { dev.register(src_buf.as_mut_ptr() as usize, buf_len, false)? };
-    let dst_mr = unsafe { dev.register(dst_buf.as_mut_ptr() as usize, buf_len, true)? };
+    let src_mem = dev.register(&buffer(buf_len, 0x5a), false)?;
+    let dst_mem = dev.register(&buffer(buf_len, 0), true)?;
     let mut src = dev.queue_pair((CHAIN * CHAINS_IN_FLIGHT + 16) as u32, 16)?;
     let mut dst = dev.queue_pair(16, 16)?;
     let (a, b) = (src.local, dst.local);
     src.connect(&b)?;
     dst.connect(&a)?;
     Ok(Pair {
-        lkey: src_mr.lkey(),
-        rkey: dst_mr.rkey(),
         src,
         _dst: dst,
-        src_buf,
-        dst_buf,
-        _mrs: vec![src_mr, dst_mr],
+        src_mem,
+        dst_mem,
+        len: buf_len,
     })
 }
 
 /// Post `WRS_PER_ITER` WRITEs of `size` bytes; returns the time spent
 /// posting and the time until the last completion.
 fn round(p: &mut Pair, size: usize) -> (Duration, Duration) {
-    let slots = p.src_buf.len() / size;
-    let (src, dst) = (p.src_buf.as_ptr() as u64, p.dst_buf.as_ptr() as u64);
+    let slots = p.len / size;
+    let remote = p.dst_mem.remote(0);
     let mut posting = Duration::ZERO;
     let mut inflight = 0usize;
     let mut done = Vec::new();
@@ -74,22 +72,22 @@ fn round(p: &mut Pair, size: usize) -> (Duration, Duration) {
             p.src.poll_send(&mut done).expect("completion");
             inflight -= done.len();
         }
-        let writes: Vec<Write> = (0..CHAIN)
+        let writes: Vec<WriteRequest> = (0..CHAIN)
             .map(|_| {
                 let off = (next % slots * size) as u64;
                 next += 1;
-                Write {
-                    addr: src + off,
+                WriteRequest {
+                    region: 0,
+                    offset: off,
                     len: size as u32,
-                    lkey: p.lkey,
-                    remote_addr: dst + off,
-                    rkey: p.rkey,
+                    remote_addr: remote.addr + off,
+                    rkey: remote.rkey,
                 }
             })
             .collect();
         let t = Instant::now();
         p.src
-            .post_writes(black_box(&writes), true, c as u64)
+            .post_writes(&p.src_mem, black_box(&writes), true, c as u64)
             .expect("post");
         posting += t.elapsed();
         inflight += 1;
@@ -128,7 +126,10 @@ fn post_rate(c: &mut Criterion) {
     }
     g.finish();
     // The bytes did land (a real check, not a timing): the first slot.
-    assert_eq!(pair.dst_buf[..4096], pair.src_buf[..4096]);
+    let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+    pair.src_mem.memory().read(0, &mut a).expect("read");
+    pair.dst_mem.memory().read(0, &mut b).expect("read");
+    assert_eq!(a, b);
 }
 
 criterion_group!(benches, post_rate);

@@ -3,10 +3,13 @@
 //! its built-in guest (or an idle memory image), `demo` does both over
 //! loopback.
 
+#![deny(unsafe_code)]
+
 mod args;
 mod guest;
 mod memory;
 mod report;
+#[allow(unsafe_code)]
 mod resources;
 mod run;
 mod transport;

@@ -6,6 +6,8 @@
 //!   before the guest existed and less the guest pages resident at the end
 //!   (`mincore`); what is left is the engine's own memory — bitmaps,
 //!   buffers, queues, thread stacks.
+//!
+//! The crate's only `unsafe`: `getrusage` and `sysconf`, wrapped here.
 
 use std::time::Duration;
 
@@ -90,25 +92,6 @@ pub fn status_bytes(field: &str) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-/// Guest bytes resident in RAM now (`mincore` over every region).
-pub fn guest_resident(mem: &GuestMemory) -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
-    let mut total = 0u64;
-    for r in mem.regions() {
-        let pages = r.len().div_ceil(page);
-        let mut vec = vec![0u8; pages];
-        // SAFETY: the region is one live mapping of `len` bytes starting at a
-        // page-aligned address; `vec` has one byte per page of it.
-        let rc =
-            unsafe { libc::mincore(r.as_ptr().cast::<libc::c_void>(), r.len(), vec.as_mut_ptr()) };
-        if rc == 0 {
-            total += vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page as u64;
-        }
-    }
-    total
-}
-
 /// The `resources` object of a JSON report: `cpu_ms` (the engine's CPU over
 /// the migration), `guest_cpu_ms`, `peak_rss_bytes`, `baseline_rss_bytes`,
 /// `guest_resident_bytes`, `overhead_bytes`.
@@ -120,7 +103,7 @@ pub fn report(start: CpuSample, baseline_rss: u64, mem: Option<&GuestMemory>) ->
         .saturating_sub(start.process)
         .saturating_sub(guest);
     let peak = status_bytes("VmHWM");
-    let resident = mem.map_or(0, guest_resident);
+    let resident = mem.map_or(0, GuestMemory::resident_bytes);
     json!({
         "cpu_ms": cpu.as_secs_f64() * 1e3,
         "guest_cpu_ms": guest.as_secs_f64() * 1e3,

@@ -157,6 +157,7 @@ pub fn tcp_config(t: &TransportArgs, compress: bool) -> TcpConfig {
 fn rdma_config(t: &TransportArgs, compress: bool, require: bool) -> RdmaConfig {
     RdmaConfig {
         tcp: tcp_config(t, compress),
+        queue_pairs: t.streams.max(1),
         device: t.rdma_device.clone(),
         gid_index: t.gid_index,
         require,

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::MigrationError;
 use crate::control::{expect_msg, recv, unexpected};
 use crate::memory::{GuestMemory, MemoryLayout};
 use crate::protocol::{
@@ -20,7 +21,6 @@ use crate::transport::{
     ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
 };
 use crate::vm::DestinationVm;
-use crate::MigrationError;
 
 /// Largest device state accepted (a guard against a hostile source).
 pub const MAX_DEVICE_STATE: usize = 1 << 30;
@@ -451,9 +451,7 @@ fn send_hashes(ctl: &mut dyn ControlChannel, mem: &GuestMemory) -> Result<(), Mi
         let mut first = 0;
         while first < r.pages() {
             let n = (r.pages() - first).min(HASHES_PER_FRAME);
-            let hashes = (first..first + n)
-                .map(|p| r.hash_page(p))
-                .collect();
+            let hashes = (first..first + n).map(|p| r.hash_page(p)).collect();
             ctl.send(&Message::PageHashes {
                 region: ri as u32,
                 first: first as u64,

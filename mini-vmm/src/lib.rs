@@ -33,6 +33,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![deny(unsafe_code)]
+
+#[allow(unsafe_code)]
 pub mod machine;
 pub mod program;
 pub mod state;

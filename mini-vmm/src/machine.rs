@@ -229,9 +229,8 @@ impl Machine {
     pub fn digest(&self) -> u128 {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         for r in self.mem.regions() {
-            // SAFETY: the whole region, mapped for the machine's life; the
-            // caller reads it with the vCPU paused or not yet started.
-            h.update(unsafe { r.page_slice(0, r.pages()) });
+            // The caller reads it with the vCPU paused or not yet started.
+            h.update(&r.io_slice(0, r.pages()));
         }
         h.digest128()
     }

@@ -9,15 +9,14 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use migrate_core::memory::GuestMemory;
-use migrate_core::protocol::{FEATURE_RDMA, Message, ProtocolError, RemoteRegion};
+use migrate_core::protocol::{FEATURE_RDMA, Message, ProtocolError};
 use migrate_core::transport::{
     ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
 };
-use sideway::ibverbs::memory_region::MemoryRegion;
 use transport_tcp::{KillSwitch, TcpDestination, TcpMigrationListener};
 
 use crate::RdmaConfig;
-use crate::verbs::{Device, Rc};
+use crate::verbs::{Device, QueuePair, RegisteredMemory};
 use crate::{check_memlock, endpoint_to_wire, rdma_err, register_memory, wire_to_endpoint};
 
 /// Receives posted per queue pair (one per fence in flight; refilled).
@@ -89,7 +88,7 @@ struct Active {
     stop: Arc<AtomicBool>,
     watcher: Option<JoinHandle<()>>,
     // Dropped after the watcher stops: deregistration invalidates the rkeys.
-    _mrs: Vec<Arc<MemoryRegion>>,
+    _registered: RegisteredMemory,
 }
 
 impl Drop for Active {
@@ -186,7 +185,7 @@ impl DestinationTransport for RdmaDestination {
         // Pin-all before the first page: registration is setup time.
         check_memlock(mem.total_bytes())?;
         let started = Instant::now();
-        let mrs = register_memory(dev, mem, true)?;
+        let registered = register_memory(dev, mem, true)?;
         tracing::info!(
             ms = started.elapsed().as_secs_f64() * 1e3,
             bytes = mem.total_bytes(),
@@ -199,15 +198,8 @@ impl DestinationTransport for RdmaDestination {
             qp.post_receives(RECEIVES).map_err(rdma_err)?;
             qps.push(qp);
         }
-        let regions = mem
-            .regions()
-            .iter()
-            .zip(&mrs)
-            .map(|(r, mr)| RemoteRegion {
-                addr: r.as_ptr() as u64,
-                rkey: mr.rkey(),
-                len: r.len() as u64,
-            })
+        let regions = (0..mem.regions().len())
+            .map(|i| registered.remote(i))
             .collect();
         self.tcp.control().send(&Message::RdmaAccept {
             qps: qps.iter().map(|q| endpoint_to_wire(&q.local)).collect(),
@@ -228,7 +220,7 @@ impl DestinationTransport for RdmaDestination {
         self.active = Some(Active {
             stop,
             watcher: Some(watcher),
-            _mrs: mrs,
+            _registered: registered,
         });
         Ok(rx)
     }
@@ -236,7 +228,11 @@ impl DestinationTransport for RdmaDestination {
 
 /// Report each queue pair's round fences as the end of that round on that
 /// stream, until stopped or nobody listens.
-fn watch_fences(mut qps: Vec<Rc>, tx: &crossbeam_channel::Sender<DataEvent>, stop: &AtomicBool) {
+fn watch_fences(
+    mut qps: Vec<QueuePair>,
+    tx: &crossbeam_channel::Sender<DataEvent>,
+    stop: &AtomicBool,
+) {
     let mut imms = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         let mut idle = true;

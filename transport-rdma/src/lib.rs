@@ -19,10 +19,14 @@
 //!   work over `lo` with rxe). When either side has no RDMA device, the same
 //!   connection carries the pages over TCP instead, with the reason stated.
 //!
-//! [`verbs`] holds every unsafe verbs call; the rest is safe Rust.
+//! [`verbs`] holds every unsafe verbs call behind a safe API; the rest of
+//! the crate is safe Rust (`unsafe_code` is denied outside `verbs`).
+
+#![deny(unsafe_code)]
 
 mod destination;
 mod source;
+#[allow(unsafe_code)]
 pub mod verbs;
 
 use std::sync::Arc;
@@ -30,7 +34,6 @@ use std::sync::Arc;
 use migrate_core::memory::GuestMemory;
 use migrate_core::protocol::QpEndpoint;
 use migrate_core::transport::TransportError;
-use sideway::ibverbs::memory_region::MemoryRegion;
 use transport_tcp::TcpConfig;
 
 pub use destination::{RdmaDestination, RdmaMigrationListener};
@@ -39,9 +42,11 @@ pub use source::RdmaSource;
 /// Knobs of the RDMA transport.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RdmaConfig {
-    /// The control connection (and the TCP fallback). `data_streams` is the
-    /// number of RDMA queue pairs too.
+    /// The control connection (and the TCP fallback, with its own
+    /// `data_streams`).
     pub tcp: TcpConfig,
+    /// RDMA queue pairs (data streams over RDMA).
+    pub queue_pairs: u16,
     /// RDMA device name (`None`: the first one).
     pub device: Option<String>,
     /// GID index (`None`: the IPv4-mapped GID of the control connection's
@@ -56,12 +61,10 @@ pub struct RdmaConfig {
 impl Default for RdmaConfig {
     fn default() -> Self {
         Self {
+            tcp: TcpConfig::default(),
             // Two queue pairs: measured faster than one over SoftRoCE in the
             // emulated VM (README, RDMA section).
-            tcp: TcpConfig {
-                data_streams: 2,
-                ..TcpConfig::default()
-            },
+            queue_pairs: 2,
             device: None,
             gid_index: None,
             max_write: 1 << 20,
@@ -96,48 +99,22 @@ pub(crate) fn wire_to_endpoint(e: &QpEndpoint) -> verbs::Endpoint {
 /// guest (instead of a late ENOMEM from the device). Root with CAP_IPC_LOCK
 /// is not limited.
 pub(crate) fn check_memlock(needed: u64) -> Result<(), TransportError> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit fills the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
-        return Ok(());
+    match migrate_core::memory::lockable_bytes() {
+        Some(limit) if limit < needed => Err(TransportError::Unavailable {
+            reason: format!(
+                "RLIMIT_MEMLOCK is {limit} bytes but registering the guest memory needs {needed}: \
+                 raise it (`ulimit -l unlimited`, or LimitMEMLOCK=infinity for a systemd unit)"
+            ),
+        }),
+        _ => Ok(()),
     }
-    // SAFETY: plain syscall.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root || lim.rlim_cur == libc::RLIM_INFINITY || lim.rlim_cur >= needed {
-        return Ok(());
-    }
-    Err(TransportError::Unavailable {
-        reason: format!(
-            "RLIMIT_MEMLOCK is {} bytes but registering the guest memory needs {needed}: \
-             raise it (`ulimit -l unlimited`, or LimitMEMLOCK=infinity for a systemd unit)",
-            lim.rlim_cur
-        ),
-    })
 }
 
-/// Register every region of `mem`.
+/// Register every region of `mem` with `dev`.
 pub(crate) fn register_memory(
     dev: &verbs::Device,
-    mem: &GuestMemory,
+    mem: &Arc<GuestMemory>,
     remote_write: bool,
-) -> Result<Vec<Arc<MemoryRegion>>, TransportError> {
-    mem.regions()
-        .iter()
-        .map(|r| {
-            // SAFETY: the guest memory outlives the transport (the caller
-            // keeps it for the migration), and the MRs are dropped with it.
-            unsafe { dev.register(r.as_ptr() as usize, r.len(), remote_write) }.map_err(|e| {
-                TransportError::Unavailable {
-                    reason: format!(
-                        "cannot register {} bytes of guest memory at GPA {:#x}: {e}",
-                        r.len(),
-                        r.gpa()
-                    ),
-                }
-            })
-        })
-        .collect()
+) -> Result<verbs::RegisteredMemory, TransportError> {
+    dev.register(mem, remote_write).map_err(rdma_err)
 }

@@ -7,16 +7,15 @@ use std::time::{Duration, Instant};
 use migrate_core::dirty::PageRun;
 use migrate_core::memory::GuestMemory;
 use migrate_core::protocol::{
-    FEATURE_RDMA, Message, PageRange, ProtocolError, QpEndpoint, RemoteRegion, is_zero_page,
+    FEATURE_RDMA, Message, PageRange, ProtocolError, QpEndpoint, RemoteRegion,
 };
 use migrate_core::transport::{
     ControlChannel, PageSender, RoundContext, RoundSent, SourceTransport, TransportError,
 };
-use sideway::ibverbs::memory_region::MemoryRegion;
-use transport_tcp::TcpSource;
+use transport_tcp::{TcpConfig, TcpSource};
 
 use crate::RdmaConfig;
-use crate::verbs::{Device, Rc, Write};
+use crate::verbs::{Device, QueuePair, RegisteredMemory, WriteRequest};
 use crate::{check_memlock, endpoint_to_wire, rdma_err, register_memory, wire_to_endpoint};
 
 /// WRITEs posted per chain (one doorbell), the last one signaled.
@@ -31,7 +30,7 @@ const SPIN: Duration = Duration::from_micros(20);
 
 struct Local {
     dev: Device,
-    mrs: Vec<Arc<MemoryRegion>>,
+    registered: Arc<RegisteredMemory>,
 }
 
 /// A source connected to a destination: control over TCP, pages over RDMA
@@ -71,20 +70,26 @@ impl RdmaSource {
         if !crate::verbs::device_names().is_empty() {
             check_memlock(mem.total_bytes())?;
         }
-        let tcp = TcpSource::connect(addr, cfg.tcp.clone())?;
+        // On fallback the same number of streams goes over TCP: the count is
+        // announced before the data plane is chosen.
+        let tcp_cfg = TcpConfig {
+            data_streams: cfg.queue_pairs.max(1),
+            ..cfg.tcp.clone()
+        };
+        let tcp = TcpSource::connect(addr, tcp_cfg)?;
         let local_ip = tcp.local_addr()?.ip();
         let (local, fallback) =
             match Device::open(cfg.device.as_deref(), cfg.gid_index, Some(local_ip)) {
                 Ok(dev) => {
                     let started = Instant::now();
-                    let mrs = register_memory(&dev, mem, false)?;
+                    let registered = Arc::new(register_memory(&dev, mem, false)?);
                     tracing::info!(
                         device = %dev.name,
                         gid_index = dev.gid_index,
                         ms = started.elapsed().as_secs_f64() * 1e3,
                         "source memory registered"
                     );
-                    (Some(Local { dev, mrs }), None)
+                    (Some(Local { dev, registered }), None)
                 }
                 Err(e) if !cfg.require => {
                     (None, Some(format!("no RDMA device on the source: {e}")))
@@ -120,7 +125,7 @@ impl SourceTransport for RdmaSource {
     }
 
     fn data_streams(&self) -> u16 {
-        self.cfg.tcp.data_streams.max(1)
+        self.cfg.queue_pairs.max(1)
     }
 
     fn features(&self) -> u64 {
@@ -157,7 +162,7 @@ impl SourceTransport for RdmaSource {
         let streams = self.data_streams() as usize;
         let mut qps = (0..streams)
             .map(|_| local.dev.queue_pair(SQ_DEPTH, 1))
-            .collect::<Result<Vec<Rc>, _>>()
+            .collect::<Result<Vec<QueuePair>, _>>()
             .map_err(rdma_err)?;
         let ctl = self.tcp.control();
         ctl.send(&Message::RdmaConnect {
@@ -180,9 +185,8 @@ impl SourceTransport for RdmaSource {
         self.rdma_active = true;
         tracing::info!(qps = streams, "RDMA queue pairs connected");
         Ok(Box::new(RdmaPageSender {
-            mem: Arc::clone(mem),
+            local: Arc::clone(&local.registered),
             qps,
-            lkeys: local.mrs.iter().map(|m| m.lkey()).collect(),
             remote: regions,
             max_write: self.cfg.max_write,
             io_timeout: self.cfg.tcp.io_timeout,
@@ -227,9 +231,8 @@ fn check_accept(
 
 /// Posts rounds as WRITE chains spread over the queue pairs.
 struct RdmaPageSender {
-    mem: Arc<GuestMemory>,
-    qps: Vec<Rc>,
-    lkeys: Vec<u32>,
+    local: Arc<RegisteredMemory>,
+    qps: Vec<QueuePair>,
     remote: Vec<RemoteRegion>,
     max_write: u32,
     io_timeout: Duration,
@@ -238,17 +241,15 @@ struct RdmaPageSender {
 impl RdmaPageSender {
     /// The round's data pages as WRITEs (contiguous pages coalesced up to
     /// `max_write`), and its zero pages as ranges.
-    fn plan(&self, runs: &[PageRun], sent: &mut RoundSent) -> Vec<Write> {
-        let mut writes: Vec<Write> = Vec::new();
+    fn plan(&self, runs: &[PageRun], sent: &mut RoundSent) -> Vec<WriteRequest> {
+        let mut writes: Vec<WriteRequest> = Vec::new();
         for run in runs {
-            let region = &self.mem.regions()[run.region];
+            let region = &self.local.memory().regions()[run.region];
             let ps = region.page_size().bytes();
-            let base = region.as_ptr() as u64;
             let remote = self.remote[run.region];
             for p in run.first..run.first + run.count {
-                // SAFETY: inside the region; a racing guest write is fine
-                // (the page is dirty and goes again).
-                let zero = is_zero_page(unsafe { region.page_slice(p, 1) });
+                // A racing guest write is fine: the page is dirty and goes again.
+                let zero = region.is_zero_page(p);
                 if zero {
                     sent.zero_pages += 1;
                     match sent.zero_ranges.last_mut() {
@@ -267,20 +268,20 @@ impl RdmaPageSender {
                     continue;
                 }
                 sent.normal_pages += 1;
-                let addr = base + (p * ps) as u64;
+                let offset = (p * ps) as u64;
                 match writes.last_mut() {
                     Some(w)
-                        if w.addr + w.len as u64 == addr
-                            && w.lkey == self.lkeys[run.region]
+                        if w.region == run.region
+                            && w.offset + w.len as u64 == offset
                             && w.len as u64 + ps as u64 <= self.max_write as u64 =>
                     {
                         w.len += ps as u32
                     }
-                    _ => writes.push(Write {
-                        addr,
+                    _ => writes.push(WriteRequest {
+                        region: run.region,
+                        offset,
                         len: ps as u32,
-                        lkey: self.lkeys[run.region],
-                        remote_addr: remote.addr + (p * ps) as u64,
+                        remote_addr: remote.addr + offset,
                         rkey: remote.rkey,
                     }),
                 }
@@ -353,7 +354,7 @@ impl PageSender for RdmaPageSender {
             let bytes: u64 = chain.iter().map(|w| w.len as u64).sum();
             ctx.limiter.take(bytes);
             self.qps[qp]
-                .post_writes(chain, true, k as u64)
+                .post_writes(&self.local, chain, true, k as u64)
                 .map_err(|e| stream_err(qp, e))?;
             inflight[qp] += 1;
             sent.wire_bytes += bytes;

@@ -4,10 +4,18 @@
 //!
 //! Plain CQs (`ibv_poll_cq`) on purpose: rdma-core 44's rxe provider returns
 //! phantom completions from extended CQs.
+//!
+//! Every `unsafe` block of the transport is in this module, and the API it
+//! offers is safe: memory is registered as a whole [`GuestMemory`] that the
+//! registration keeps alive, and a WRITE names its local bytes as a region
+//! and an offset of that registration, checked before the post. Remote
+//! addresses and keys need no such care: a wrong one fails on the peer's
+//! device as a completion error, never touches our memory.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
+use migrate_core::memory::GuestMemory;
 use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
 use sideway::ibverbs::completion::{
@@ -18,7 +26,7 @@ use sideway::ibverbs::device_context::{DeviceContext, Mtu};
 use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{
-    BasicQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState,
+    BasicQueuePair, PostSendGuard, QueuePair as _, QueuePairAttribute, QueuePairState,
     SetScatterGatherEntry, WorkRequestFlags,
 };
 
@@ -35,6 +43,18 @@ pub enum VerbsError {
         op: &'static str,
         /// What it said.
         detail: String,
+    },
+    /// A WRITE whose local bytes are not inside the registered memory.
+    #[error(
+        "local range of {len} bytes at offset {offset:#x} of region {region} is not registered"
+    )]
+    OutOfRange {
+        /// Region index.
+        region: usize,
+        /// Offset in the region.
+        offset: u64,
+        /// Length.
+        len: u32,
     },
     /// A work request completed with an error status.
     #[error("work request {wr_id} failed: {status}")]
@@ -151,33 +171,51 @@ impl Device {
         })
     }
 
-    /// Register `len` bytes at `addr`; `remote_write` lets a peer WRITE them.
-    ///
-    /// # Safety
-    /// The range must stay mapped while the region lives.
+    /// Register every region of `mem`; `remote_write` lets a peer WRITE
+    /// them. The registration keeps `mem` alive.
     ///
     /// # Errors
-    /// A failing `ibv_reg_mr` (ENOMEM when RLIMIT_MEMLOCK is too small).
-    pub unsafe fn register(
+    /// A failing `ibv_reg_mr` (ENOMEM when RLIMIT_MEMLOCK is too small),
+    /// naming the region.
+    pub fn register(
         &self,
-        addr: usize,
-        len: usize,
+        mem: &Arc<GuestMemory>,
         remote_write: bool,
-    ) -> Result<Arc<MemoryRegion>, VerbsError> {
+    ) -> Result<RegisteredMemory, VerbsError> {
         let access = if remote_write {
             AccessFlags::LocalWrite | AccessFlags::RemoteWrite
         } else {
             AccessFlags::LocalWrite
         };
-        // SAFETY: forwarded to the caller.
-        unsafe { self.pd.reg_mr(addr, len, access) }.map_err(call("ibv_reg_mr"))
+        let mrs = mem
+            .regions()
+            .iter()
+            .map(|r| {
+                // SAFETY: the region's mapping lives as long as `mem`, which
+                // the returned registration holds: it outlives the MR.
+                unsafe { self.pd.reg_mr(r.as_ptr() as usize, r.len(), access) }.map_err(|e| {
+                    VerbsError::Call {
+                        op: "ibv_reg_mr",
+                        detail: format!(
+                            "cannot register {} bytes of guest memory at GPA {:#x}: {e}",
+                            r.len(),
+                            r.gpa()
+                        ),
+                    }
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(RegisteredMemory {
+            mrs,
+            mem: Arc::clone(mem),
+        })
     }
 
     /// A reliable-connected queue pair with its own send and receive CQs.
     ///
     /// # Errors
     /// A failing verb.
-    pub fn queue_pair(&self, max_send_wr: u32, max_recv_wr: u32) -> Result<Rc, VerbsError> {
+    pub fn queue_pair(&self, max_send_wr: u32, max_recv_wr: u32) -> Result<QueuePair, VerbsError> {
         let send_cq = self
             .ctx
             .create_cq_builder()
@@ -202,7 +240,7 @@ impl Device {
             .build()
             .map_err(call("ibv_create_qp"))?;
         let psn = (std::process::id().wrapping_mul(2654435761) ^ qp.qp_number()) & 0xff_ffff;
-        let mut rc = Rc {
+        let mut rc = QueuePair {
             qp,
             send_cq,
             recv_cq,
@@ -237,24 +275,74 @@ pub struct Endpoint {
     pub gid: [u8; 16],
 }
 
-/// One RDMA WRITE: `len` bytes from local `addr` (in `lkey`'s region) to
-/// `remote_addr` (in `rkey`'s region).
-#[derive(Debug, Clone, Copy)]
-pub struct Write {
-    /// Local address.
-    pub addr: u64,
+/// Guest memory registered with a device: one MR per region, and the
+/// memory itself, kept mapped as long as the MRs exist. Dropping it
+/// deregisters (the rkeys stop working).
+pub struct RegisteredMemory {
+    // Declared first: the MRs are deregistered before `mem` may unmap.
+    mrs: Vec<Arc<MemoryRegion>>,
+    mem: Arc<GuestMemory>,
+}
+
+impl RegisteredMemory {
+    /// The registered memory.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+
+    /// What a peer needs to WRITE into region `region`: its address, key
+    /// and length.
+    ///
+    /// # Panics
+    /// When `region` is not a region of the memory.
+    pub fn remote(&self, region: usize) -> migrate_core::protocol::RemoteRegion {
+        let r = &self.mem.regions()[region];
+        migrate_core::protocol::RemoteRegion {
+            addr: r.as_ptr() as u64,
+            rkey: self.mrs[region].rkey(),
+            len: r.len() as u64,
+        }
+    }
+
+    /// The local key and address of `len` bytes at `offset` of `region`,
+    /// if they are inside it.
+    fn local(&self, region: usize, offset: u64, len: u32) -> Result<(u32, u64), VerbsError> {
+        let r = self.mem.regions().get(region);
+        match r {
+            Some(r)
+                if offset
+                    .checked_add(len as u64)
+                    .is_some_and(|e| e <= r.len() as u64) =>
+            {
+                Ok((self.mrs[region].lkey(), r.as_ptr() as u64 + offset))
+            }
+            _ => Err(VerbsError::OutOfRange {
+                region,
+                offset,
+                len,
+            }),
+        }
+    }
+}
+
+/// One RDMA WRITE: `len` bytes at `offset` of local region `region` (of a
+/// [`RegisteredMemory`]) to `remote_addr` in the peer's region `rkey`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteRequest {
+    /// Local region index.
+    pub region: usize,
+    /// Offset in the local region.
+    pub offset: u64,
     /// Length.
     pub len: u32,
-    /// Local key.
-    pub lkey: u32,
     /// Remote address.
     pub remote_addr: u64,
     /// Remote key.
     pub rkey: u32,
 }
 
-/// A reliable-connected queue pair.
-pub struct Rc {
+/// A reliable-connected queue pair with its send and receive CQs.
+pub struct QueuePair {
     qp: BasicQueuePair,
     send_cq: Arc<BasicCompletionQueue>,
     recv_cq: Arc<BasicCompletionQueue>,
@@ -267,9 +355,9 @@ pub struct Rc {
 
 // SAFETY: the queue pair and CQs are used by one thread at a time (`&mut`
 // for posting); libibverbs objects may move between threads.
-unsafe impl Send for Rc {}
+unsafe impl Send for QueuePair {}
 
-impl Rc {
+impl QueuePair {
     /// Move to ready-to-send, connected to `remote`.
     ///
     /// # Errors
@@ -301,19 +389,26 @@ impl Rc {
         self.qp.modify(&attr).map_err(call("ibv_modify_qp(RTS)"))
     }
 
-    /// Post WRITEs as one chain; only the last is signaled when `signal`.
-    /// The `wr_id` of the signaled one is `wr_id`.
+    /// Post WRITEs from `local` as one chain; only the last is signaled
+    /// when `signal`. The `wr_id` of the signaled one is `wr_id`. Reap the
+    /// completions before dropping `local`.
     ///
     /// # Errors
-    /// A failing `ibv_post_send` (e.g. the send queue is full).
+    /// [`VerbsError::OutOfRange`] for a WRITE outside `local` (nothing is
+    /// posted then); a failing `ibv_post_send` (e.g. the send queue is full).
     pub fn post_writes(
         &mut self,
-        writes: &[Write],
+        local: &RegisteredMemory,
+        writes: &[WriteRequest],
         signal: bool,
         wr_id: u64,
     ) -> Result<(), VerbsError> {
+        let sges = writes
+            .iter()
+            .map(|w| local.local(w.region, w.offset, w.len))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut guard = self.qp.start_post_send();
-        for (i, w) in writes.iter().enumerate() {
+        for (i, (w, (lkey, addr))) in writes.iter().zip(sges).enumerate() {
             let last = i + 1 == writes.len();
             let flags = if last && signal {
                 WorkRequestFlags::Signaled
@@ -323,9 +418,9 @@ impl Rc {
             let h = guard
                 .construct_wr(wr_id, flags)
                 .setup_write(w.rkey, w.remote_addr);
-            // SAFETY: the local range lies in the registered region `lkey`,
-            // which outlives the post (the caller waits for completions).
-            unsafe { h.setup_sge(w.lkey, w.addr, w.len) };
+            // SAFETY: the local range lies in the registered region `lkey`
+            // (checked above), whose memory the registration keeps mapped.
+            unsafe { h.setup_sge(lkey, addr, w.len) };
         }
         guard.post().map_err(call("ibv_post_send"))
     }

@@ -23,10 +23,10 @@ fn available() -> Result<(), String> {
 fn cfg(qps: u16, require: bool) -> RdmaConfig {
     RdmaConfig {
         tcp: TcpConfig {
-            data_streams: qps,
             io_timeout: Duration::from_secs(20),
             ..TcpConfig::default()
         },
+        queue_pairs: qps,
         require,
         ..RdmaConfig::default()
     }

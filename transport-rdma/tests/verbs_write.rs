@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use fixtures::transport_suite::first_difference;
 use fixtures::{PageMix, fill_memory};
 use migrate_core::memory::{GuestMemory, GuestRegion};
-use transport_rdma::verbs::{Device, Rc, VerbsError, Write, device_names};
+use transport_rdma::verbs::{Device, QueuePair, VerbsError, WriteRequest, device_names};
 
 fn device_or_skip(test: &str) -> Option<Device> {
     if device_names().is_empty() {
@@ -32,7 +32,7 @@ fn memory() -> Arc<GuestMemory> {
     )
 }
 
-fn connected_pair(dev: &Device) -> (Rc, Rc) {
+fn connected_pair(dev: &Device) -> (QueuePair, QueuePair) {
     let mut a = dev.queue_pair(256, 16).unwrap();
     let mut b = dev.queue_pair(16, 256).unwrap();
     let (ea, eb) = (a.local, b.local);
@@ -41,7 +41,7 @@ fn connected_pair(dev: &Device) -> (Rc, Rc) {
     (a, b)
 }
 
-fn wait_send(qp: &Rc, want: usize) -> Result<Vec<u64>, VerbsError> {
+fn wait_send(qp: &QueuePair, want: usize) -> Result<Vec<u64>, VerbsError> {
     let mut done = Vec::new();
     let start = Instant::now();
     while done.len() < want {
@@ -62,40 +62,30 @@ fn pages_land_byte_for_byte_and_the_fence_arrives_after_them() {
     let (src, dst) = (memory(), memory());
     fill_memory(&src, PageMix::REALISTIC, 3).unwrap();
     fill_memory(&dst, PageMix::ALL_RANDOM, 4).unwrap();
-    // SAFETY: the regions outlive the memory registrations (dropped first).
-    let (src_mrs, dst_mrs): (Vec<_>, Vec<_>) = unsafe {
-        (
-            src.regions()
-                .iter()
-                .map(|r| dev.register(r.as_ptr() as usize, r.len(), false).unwrap())
-                .collect(),
-            dst.regions()
-                .iter()
-                .map(|r| dev.register(r.as_ptr() as usize, r.len(), true).unwrap())
-                .collect(),
-        )
-    };
+    let src_mr = dev.register(&src, false).unwrap();
+    let dst_mr = dev.register(&dst, true).unwrap();
     let (mut a, mut b) = connected_pair(&dev);
     b.post_receives(8).unwrap();
     // 256 KiB writes, chains of 8, last of each chain signaled.
     let mut writes = Vec::new();
     for (i, r) in src.regions().iter().enumerate() {
         for off in (0..r.len()).step_by(256 << 10) {
-            writes.push(Write {
-                addr: r.as_ptr() as u64 + off as u64,
+            let remote = dst_mr.remote(i);
+            writes.push(WriteRequest {
+                region: i,
+                offset: off as u64,
                 len: (256 << 10).min(r.len() - off) as u32,
-                lkey: src_mrs[i].lkey(),
-                remote_addr: dst.regions()[i].as_ptr() as u64 + off as u64,
-                rkey: dst_mrs[i].rkey(),
+                remote_addr: remote.addr + off as u64,
+                rkey: remote.rkey,
             });
         }
     }
     let chains: Vec<_> = writes.chunks(8).collect();
     for (n, chain) in chains.iter().enumerate() {
-        a.post_writes(chain, true, n as u64).unwrap();
+        a.post_writes(&src_mr, chain, true, n as u64).unwrap();
     }
-    let fence_region = dst.regions()[0].as_ptr() as u64;
-    a.post_fence(dst_mrs[0].rkey(), fence_region, 0xabcd, 999)
+    let fence_region = dst_mr.remote(0);
+    a.post_fence(fence_region.rkey, fence_region.addr, 0xabcd, 999)
         .unwrap();
     wait_send(&a, chains.len() + 1).unwrap();
     let mut imms = Vec::new();
@@ -113,7 +103,7 @@ fn pages_land_byte_for_byte_and_the_fence_arrives_after_them() {
         None,
         "destination differs after RDMA WRITE"
     );
-    drop((a, b, src_mrs, dst_mrs));
+    drop((a, b, src_mr, dst_mr));
 }
 
 #[test]
@@ -122,28 +112,31 @@ fn a_wrong_remote_key_fails_the_write_with_a_typed_error() {
         return;
     };
     let (src, dst) = (memory(), memory());
-    // SAFETY: as above.
-    let (smr, dmr) = unsafe {
-        (
-            dev.register(src.regions()[0].as_ptr() as usize, 4096, false)
-                .unwrap(),
-            dev.register(dst.regions()[0].as_ptr() as usize, 4096, true)
-                .unwrap(),
-        )
-    };
+    let smr = dev.register(&src, false).unwrap();
+    let dmr = dev.register(&dst, true).unwrap();
     let (mut a, _b) = connected_pair(&dev);
-    a.post_writes(
-        &[Write {
-            addr: src.regions()[0].as_ptr() as u64,
-            len: 4096,
-            lkey: smr.lkey(),
-            remote_addr: dst.regions()[0].as_ptr() as u64,
-            rkey: dmr.rkey() ^ 0x5a5a,
-        }],
-        true,
-        1,
-    )
-    .unwrap();
+    let remote = dmr.remote(0);
+    let write = WriteRequest {
+        region: 0,
+        offset: 0,
+        len: 4096,
+        remote_addr: remote.addr,
+        rkey: remote.rkey ^ 0x5a5a,
+    };
+    // A local range outside the registration is refused before the post.
+    for bad in [
+        WriteRequest { region: 2, ..write },
+        WriteRequest {
+            offset: (4 << 20) - 2048,
+            ..write
+        },
+    ] {
+        match a.post_writes(&smr, &[bad], true, 7) {
+            Err(VerbsError::OutOfRange { .. }) => {}
+            other => panic!("expected OutOfRange for {bad:?}, got {other:?}"),
+        }
+    }
+    a.post_writes(&smr, &[write], true, 1).unwrap();
     match wait_send(&a, 1) {
         Err(VerbsError::Completion { wr_id: 1, status }) => println!("wrong key refused: {status}"),
         other => panic!("expected a failed completion, got {other:?}"),

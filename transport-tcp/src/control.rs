@@ -3,7 +3,8 @@
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream};
 
-use migrate_core::protocol::{Message, read_message, read_preamble, write_message, write_preamble};
+use migrate_core::protocol::Message;
+use migrate_core::protocol::wire::{read_message, read_preamble, write_message, write_preamble};
 use migrate_core::transport::{ControlChannel, TransportError};
 
 use crate::TcpConfig;

@@ -9,14 +9,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use migrate_core::memory::{GuestMemory, MemoryLayout};
-use migrate_core::protocol::{
-    BatchHeader, FEATURE_ZSTD, HEADER_LEN, Kind, Message, PageRange, ProtocolError, RunKind,
-    decode_batch_header, is_zero_page, read_frame_header, read_payload,
+use migrate_core::protocol::wire::{
+    BatchHeader, HEADER_LEN, RunKind, decode_batch_header, read_frame_header, read_payload,
 };
+use migrate_core::protocol::{FEATURE_ZSTD, FrameKind, Message, PageRange, ProtocolError};
 use migrate_core::transport::{
     ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
 };
-use xxhash_rust::xxh3::xxh3_64;
 
 use crate::TcpConfig;
 use crate::control::{TcpControl, io};
@@ -264,7 +263,7 @@ fn receive_stream(
     loop {
         let result = (|| -> Result<Option<DataEvent>, TransportError> {
             let h = read_frame_header(&mut reader)?;
-            if h.kind == Kind::Pages {
+            if h.kind == FrameKind::Pages {
                 let bh = decode_batch_header(&mut reader, &h, layout)?;
                 let suspect = land_batch(&mut reader, mem, &bh, &mut buffers)?;
                 round.batches += 1;
@@ -352,13 +351,13 @@ fn land_batch(
         raw.resize(bh.raw_len as usize, 0);
         let n = zstd::bulk::decompress_to_buffer(compressed, &mut raw[..]).map_err(|e| {
             TransportError::from(ProtocolError::Malformed {
-                kind: Kind::Pages,
+                kind: FrameKind::Pages,
                 detail: format!("zstd: {e}"),
             })
         })?;
         if n != bh.raw_len as usize {
             return Err(ProtocolError::Malformed {
-                kind: Kind::Pages,
+                kind: FrameKind::Pages,
                 detail: format!("zstd gave {n} bytes, expected {}", bh.raw_len),
             }
             .into());
@@ -372,20 +371,21 @@ fn land_batch(
         let (first, count) = (run.first as usize, run.count as usize);
         match run.kind {
             RunKind::Data => {
-                // SAFETY: the run was validated against this memory's layout;
-                // no vCPU runs on destination memory, and each page belongs
-                // to one batch per round.
-                let dst = unsafe { region.page_slice_mut(first, count) };
-                if bh.compressed {
-                    dst.copy_from_slice(&raw[raw_pos..raw_pos + dst.len()]);
-                    raw_pos += dst.len();
-                } else {
-                    reader.read_exact(dst).map_err(read_err)?;
-                }
+                // The run was validated against this memory's layout; each
+                // page belongs to one batch per round.
                 let ps = region.page_size().bytes();
-                for (i, page) in dst.chunks(ps).enumerate() {
+                if bh.compressed {
+                    let len = count * ps;
+                    region.write_bytes(first * ps, &raw[raw_pos..raw_pos + len]);
+                    raw_pos += len;
+                } else {
+                    region
+                        .read_pages_from(first, count, reader)
+                        .map_err(read_err)?;
+                }
+                for i in 0..count {
                     let expected = hashes.next().copied();
-                    if expected != Some(xxh3_64(page)) {
+                    if expected != Some(region.hash_page(first + i)) {
                         let p = (first + i) as u64;
                         match suspect.last_mut() {
                             Some(l) if l.region == run.region && l.first + l.count as u64 == p => {
@@ -402,12 +402,7 @@ fn land_batch(
             }
             RunKind::Zero => {
                 for p in first..first + count {
-                    // SAFETY: as above.
-                    let page = unsafe { region.page_slice_mut(p, 1) };
-                    // Reading first leaves never-touched pages unallocated.
-                    if !is_zero_page(page) {
-                        page.fill(0);
-                    }
+                    region.zero_page(p);
                 }
             }
         }
@@ -418,7 +413,7 @@ fn land_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use migrate_core::protocol::{write_message, write_preamble};
+    use migrate_core::protocol::wire::{write_message, write_preamble};
     use std::io::Write;
 
     /// Bytes that arrive in the same segment as the Join (the first page

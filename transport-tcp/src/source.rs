@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use migrate_core::dirty::PageRun;
 use migrate_core::memory::GuestMemory;
-use migrate_core::protocol::{
-    BatchRun, FEATURE_ZSTD, FrameHeader, HEADER_LEN, Kind, MAX_BATCH_BYTES, Message, RunKind,
-    check_seed, encode_batch_header, is_zero_page, write_message,
+use migrate_core::protocol::wire::{
+    BatchRun, FrameHeader, HEADER_LEN, MAX_BATCH_BYTES, RunKind, check_seed, encode_batch_header,
+    write_message,
 };
+use migrate_core::protocol::{FEATURE_ZSTD, FrameKind, Message};
 use migrate_core::transport::{
     ControlChannel, PageSender, RoundContext, RoundSent, SourceTransport, TransportError,
 };
@@ -289,19 +290,15 @@ fn send_batch(
 ) -> Result<RoundSent, TransportError> {
     let mut sent = RoundSent::default();
     scratch.runs.clear();
-    let mut data: Vec<&[u8]> = Vec::new();
+    let mut data: Vec<IoSlice<'_>> = Vec::new();
     for piece in pieces {
         let region = &mem.regions()[piece.region];
         let mut p = piece.first;
         while p < piece.first + piece.count {
-            // SAFETY: inside the region; a racing guest write is accepted
-            // (the tracker reports it and the page goes again).
-            let zero = is_zero_page(unsafe { region.page_slice(p, 1) });
+            let zero = region.is_zero_page(p);
             let start = p;
             p += 1;
-            while p < piece.first + piece.count
-                && is_zero_page(unsafe { region.page_slice(p, 1) }) == zero
-            {
+            while p < piece.first + piece.count && region.is_zero_page(p) == zero {
                 p += 1;
             }
             let count = p - start;
@@ -315,8 +312,7 @@ fn send_batch(
                 sent.zero_pages += count as u64;
             } else {
                 sent.normal_pages += count as u64;
-                // SAFETY: as above.
-                data.push(unsafe { region.page_slice(start, count) });
+                data.push(region.io_slice(start, count));
             }
         }
     }
@@ -364,10 +360,10 @@ fn send_batch(
     );
     let len = (table.len() + wire_len) as u32;
     let header = FrameHeader {
-        kind: Kind::Pages,
+        kind: FrameKind::Pages,
         flags,
         len,
-        check: xxh3_64_with_seed(&table, check_seed(Kind::Pages, flags, len)),
+        check: xxh3_64_with_seed(&table, check_seed(FrameKind::Pages, flags, len)),
     };
     let mut head = Vec::with_capacity(HEADER_LEN + table.len());
     head.extend_from_slice(&header.to_bytes());
@@ -376,7 +372,7 @@ fn send_batch(
     if flags == FLAG_ZSTD {
         iov.push(IoSlice::new(&scratch.compressed));
     } else {
-        iov.extend(data.iter().map(|d| IoSlice::new(d)));
+        iov.extend_from_slice(&data);
     }
     write_all_vectored(stream, &mut iov)?;
     sent.wire_bytes = (head.len() + wire_len) as u64;

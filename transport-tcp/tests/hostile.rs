@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fixtures::transport_suite::{Scenario, TransportPair, kill_slot, run};
-use migrate_core::protocol::{Message, ProtocolError, write_message, write_preamble};
+use migrate_core::protocol::wire::{write_message, write_preamble};
+use migrate_core::protocol::{Message, ProtocolError};
 use migrate_core::transport::{DestinationTransport, SourceTransport, TransportError};
 use migrate_core::{IncomingMigration, MigrationError};
 use transport_tcp::{TcpConfig, TcpMigrationListener, TcpSource};

@@ -151,10 +151,9 @@ pub fn memory(test: &str, kind: MemoryKind, mib: usize) -> Option<TestMemory> {
 /// vCPU would, then mark the software bitmap if the tracker needs it.
 fn store(mem: &GuestMemory, t: &Tracked, region: usize, page: usize, offset: usize, value: u64) {
     let r = &mem.regions()[region];
-    let ptr = r.page_ptr(page).wrapping_add(offset & !7);
-    // SAFETY: in bounds of the page (offset < page size, 8-aligned); atomic
-    // because other test threads read the same memory concurrently.
-    unsafe { (*(ptr as *const AtomicU64)).store(value, Ordering::Release) };
+    // Atomic because other test threads read the same memory concurrently.
+    r.atomic_u64(page * r.page_size().bytes() + (offset & !7))
+        .store(value, Ordering::Release);
     if let Some(m) = &t.marker {
         m.mark_page(region, page);
     }
@@ -190,8 +189,7 @@ pub fn scattered_writes_are_exact(test: &str, kind: MemoryKind, factory: Tracker
     let mem = &tm.mem;
     // Touch some pages before tracking starts: they must not count.
     for r in mem.regions() {
-        // SAFETY: first byte of a live mapping.
-        unsafe { r.as_ptr().write_volatile(1) };
+        r.atomic_u64(0).store(1, Ordering::Relaxed);
     }
     let Some(t) = start(test, mem, factory) else {
         return;
@@ -215,8 +213,10 @@ pub fn scattered_writes_are_exact(test: &str, kind: MemoryKind, factory: Tracker
         // Reads of other pages, touched or not, are not writes.
         for _ in 0..pages / 5 {
             let page = rng.below(pages);
-            // SAFETY: in bounds of the region.
-            unsafe { r.page_ptr(page).read_volatile() };
+            std::hint::black_box(
+                r.atomic_u64(page * r.page_size().bytes())
+                    .load(Ordering::Relaxed),
+            );
         }
     }
     let got = harvest(&t, mem);

@@ -6,9 +6,12 @@
 //! and never unmapped. vCPU threads write the memory at any time; everything
 //! here reads and writes through raw pointers, never through `&mut [u8]`.
 
+#[allow(unsafe_code)]
 mod region;
-pub(crate) mod sys;
+#[allow(unsafe_code)]
+mod sys;
 #[cfg(feature = "vm-memory")]
+#[allow(unsafe_code)]
 mod vm_memory;
 
 use std::fmt;
@@ -264,30 +267,30 @@ pub enum LayoutMismatch {
 }
 
 impl MemoryLayout {
-/// Compare the source's layout (`self`) with a destination's; the error
-/// names the first difference.
-///
-/// # Errors
-/// [`LayoutMismatch`] naming the differing region or count.
-pub fn check_matches(&self, destination: &MemoryLayout) -> Result<(), LayoutMismatch> {
-    let source = self;
-    if source.regions.len() != destination.regions.len() {
-        return Err(LayoutMismatch::RegionCount {
-            source_regions: source.regions.len(),
-            destination_regions: destination.regions.len(),
-        });
-    }
-    for (index, (s, d)) in source.regions.iter().zip(&destination.regions).enumerate() {
-        if s != d {
-            return Err(LayoutMismatch::Region {
-                index,
-                source_region: *s,
-                destination_region: *d,
+    /// Compare the source's layout (`self`) with a destination's; the error
+    /// names the first difference.
+    ///
+    /// # Errors
+    /// [`LayoutMismatch`] naming the differing region or count.
+    pub fn check_matches(&self, destination: &MemoryLayout) -> Result<(), LayoutMismatch> {
+        let source = self;
+        if source.regions.len() != destination.regions.len() {
+            return Err(LayoutMismatch::RegionCount {
+                source_regions: source.regions.len(),
+                destination_regions: destination.regions.len(),
             });
         }
+        for (index, (s, d)) in source.regions.iter().zip(&destination.regions).enumerate() {
+            if s != d {
+                return Err(LayoutMismatch::Region {
+                    index,
+                    source_region: *s,
+                    destination_region: *d,
+                });
+            }
+        }
+        Ok(())
     }
-    Ok(())
-}
 }
 
 /// A guest's memory: regions sorted by guest-physical address, never
@@ -423,6 +426,7 @@ impl GuestMemory {
 }
 
 #[cfg(test)]
+#[allow(unsafe_code)]
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;

@@ -381,7 +381,7 @@ impl GuestRegion {
     /// When `index` is outside the region.
     pub fn zero_page(&self, index: usize) {
         if !self.is_zero_page(index) {
-                let (ptr, len) = self.span(index, 1);
+            let (ptr, len) = self.span(index, 1);
             // SAFETY: in bounds (checked by `span`), mapped for `&self`'s life.
             unsafe { std::ptr::write_bytes(ptr, 0, len) };
         }

@@ -36,8 +36,9 @@ pub(super) fn allocate(file: &File, len: u64) -> io::Result<()> {
 /// `MADV_POPULATE_WRITE` (Linux ≥ 5.14) over `[start, start + len)`: every
 /// page allocated and writable now, bytes unchanged. The one `madvise` of
 /// the crate (prefaulting a destination, and the uffd-sync tracker on
-/// kernels without `WP_UNPOPULATED`).
-pub(crate) fn populate_write(start: usize, len: usize) -> io::Result<()> {
+/// kernels without `WP_UNPOPULATED`), reached through
+/// [`GuestRegion::populate`](super::GuestRegion::populate).
+pub(super) fn populate_write(start: usize, len: usize) -> io::Result<()> {
     // SAFETY: populating changes no byte and no mapping; on a range that is
     // not mapped the kernel answers ENOMEM instead of touching anything.
     let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };

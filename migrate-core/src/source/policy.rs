@@ -232,15 +232,15 @@ mod tests {
     fn auto_converge_throttles_after_two_bad_rounds() {
         // (rounds done, round bytes, dirtied bytes, applied, expected ask)
         let steps = [
-            (1, 100, 90, true, None),     // full pass: not counted
-            (2, 100, 60, true, None),     // strike 1
-            (3, 100, 60, true, Some(20)), // strike 2: first throttle
-            (4, 100, 60, true, None),     // strikes restart
-            (5, 100, 40, true, None),     // converging: reset
-            (6, 100, 51, true, None),     // strike 1
-            (7, 100, 51, true, Some(30)), // +10 points
-            (8, 100, 50, true, None),     // exactly half is not a strike
-            (9, 100, 99, false, None),    // strike 1
+            (1, 100, 90, true, None),       // full pass: not counted
+            (2, 100, 60, true, None),       // strike 1
+            (3, 100, 60, true, Some(20)),   // strike 2: first throttle
+            (4, 100, 60, true, None),       // strikes restart
+            (5, 100, 40, true, None),       // converging: reset
+            (6, 100, 51, true, None),       // strike 1
+            (7, 100, 51, true, Some(30)),   // +10 points
+            (8, 100, 50, true, None),       // exactly half is not a strike
+            (9, 100, 99, false, None),      // strike 1
             (10, 100, 99, false, Some(40)), // VMM cannot: asked, not applied
             (11, 100, 99, false, None),
             (12, 100, 99, false, Some(40)), // asks the same again

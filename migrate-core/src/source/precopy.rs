@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::policy::{AutoConverge, DowntimeBudget, LinkRate, SwitchReason, mbps};
 use super::{SourceConfig, TimeoutPolicy};
+use crate::control::expect_msg;
 use crate::dirty::{DirtyLog, DirtyTracker};
 use crate::memory::GuestMemory;
 use crate::protocol::{
@@ -23,7 +24,6 @@ use crate::transport::{
     TransportError,
 };
 use crate::vm::SourceVm;
-use crate::control::expect_msg;
 use crate::{CancelToken, MigrationError};
 
 /// Zero-page ranges per `ZeroPages` frame (16 bytes each, well under the
@@ -109,7 +109,7 @@ impl Precopy<'_> {
         let verified = self.verify_if_asked(transport.control())?;
         self.send_device_state(transport.control())?;
         self.commit(transport.control())?;
-        let downtime_ms = self.paused_at.map_or(0.0, |t| ms_since(t));
+        let downtime_ms = self.paused_at.map_or(0.0, ms_since);
         let total_ms = self.elapsed_ms();
         let avg = totals.average_mbps();
         Ok(self.monitor.update(|s| {
@@ -186,7 +186,8 @@ impl Precopy<'_> {
     ) -> Result<RoundDone, MigrationError> {
         let round = totals.rounds;
         let paused = self.paused_at.is_some();
-        self.monitor.update(|s| s.bytes_remaining = log.dirty_bytes());
+        self.monitor
+            .update(|s| s.bytes_remaining = log.dirty_bytes());
         self.monitor.emit(MigrationEvent::RoundStarted {
             round,
             pages: log.count() as u64,
@@ -289,7 +290,8 @@ impl Precopy<'_> {
     ) -> Result<DirtyLog, MigrationError> {
         let mut next = done.resend;
         self.tracker.harvest(&mut next)?;
-        let dirty_rate = next.count() as f64 / totals.last_harvest.elapsed().as_secs_f64().max(1e-6);
+        let dirty_rate =
+            next.count() as f64 / totals.last_harvest.elapsed().as_secs_f64().max(1e-6);
         totals.last_harvest = Instant::now();
         let remaining = next.dirty_bytes();
         let rate = done.rate;

@@ -12,6 +12,8 @@
 //! - `migrate-bench report --results DIR`: read `DIR/raw/*.json` and
 //!   `DIR/raw/micro/*.json`, write `DIR/results.md` and `DIR/results.png`.
 
+#![forbid(unsafe_code)]
+
 mod ceiling;
 mod cell;
 mod micro;

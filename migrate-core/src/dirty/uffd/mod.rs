@@ -3,6 +3,7 @@
 
 mod async_wp;
 mod sync_wp;
+#[allow(unsafe_code)]
 mod sys;
 
 use std::sync::OnceLock;
@@ -91,7 +92,7 @@ impl UffdSupport {
                 if let Some(r) = mem
                     .regions()
                     .iter()
-                    .find(|r| matches!(r.backing(), Backing::File(p) if !is_shmem(p)))
+                    .find(|r| matches!(r.backing(), Backing::File(p) if !sys::is_shmem(p)))
                 {
                     return Some(format!(
                         "sync write-protect works on anonymous, shmem and hugetlb memory only, \
@@ -103,19 +104,6 @@ impl UffdSupport {
             }
             TrackerKind::Software | TrackerKind::KvmDirtyLog | TrackerKind::VmMemoryBitmap => None,
         }
-    }
-}
-
-fn is_shmem(path: &std::path::Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs into a zeroed struct with a valid C path.
-    unsafe {
-        let mut s: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut s) == 0
-            && (s.f_type == libc::TMPFS_MAGIC || s.f_type == libc::HUGETLBFS_MAGIC)
     }
 }
 

@@ -80,8 +80,8 @@ impl UffdSyncTracker {
         if offered & features::WP_UNPOPULATED == 0 {
             // Without pte markers, protecting a never-touched page does
             // nothing and its first write would go unseen: fault all in.
-            for r in &ranges {
-                sys::populate_write(r.start, r.len).map_err(os("MADV_POPULATE_WRITE"))?;
+            for r in mem.regions() {
+                r.populate().map_err(os("MADV_POPULATE_WRITE"))?;
             }
         }
         register_all(KIND, &uffd, &ranges)?;

@@ -363,15 +363,19 @@ impl Pagemap {
     }
 }
 
-/// Populate (fault in, writable) a range: for kernels without
-/// `WP_UNPOPULATED`, where write-protecting an empty pte is a no-op.
-pub fn populate_write(start: usize, len: usize) -> io::Result<()> {
-    // SAFETY: advisory call on a range the caller owns; it only faults pages in.
-    let rc = unsafe { libc::madvise(start as *mut _, len, libc::MADV_POPULATE_WRITE) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
+/// Whether `path` lies on tmpfs or hugetlbfs (shared memory, which
+/// userfaultfd write-protects only with `WP_HUGETLBFS_SHMEM`).
+pub fn is_shmem(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs into a zeroed struct with a valid C path.
+    unsafe {
+        let mut s: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut s) == 0
+            && (s.f_type == libc::TMPFS_MAGIC || s.f_type == libc::HUGETLBFS_MAGIC)
     }
-    Ok(())
 }
 
 /// Wait until `uffd` has a message or `stop` is readable; `Ok(true)` when
