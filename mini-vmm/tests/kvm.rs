@@ -7,7 +7,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use migrate_core::dirty::{DirtyLog, DirtyTracker, KvmDirtyLogTracker, VmMemoryBitmap};
-use mini_vmm::machine::Machine;
+use migrate_core::vm::conformance::vm_control_suite;
+use mini_vmm::machine::{KvmDestination, KvmSource, Machine};
 use mini_vmm::program::{ScatterProgram, TABLE_GPA, TableProgram};
 
 fn kvm_here(test: &str) -> bool {
@@ -81,6 +82,35 @@ fn kvm_log_has_exactly_the_guests_writes_and_the_bitmap_the_vmms() {
     kvm.harvest(&mut again).unwrap();
     vmm.harvest(&mut again).unwrap();
     assert!(again.is_empty(), "second harvest not empty");
+}
+
+/// mini-vmm's KVM VM control passes the same VM-control suite as the
+/// fixture guests: a real vCPU paused, saved, throttled and resumed, and a
+/// second machine loading the saved registers and starting its vCPU.
+#[test]
+fn kvm_vm_control() {
+    if !kvm_here("kvm_vm_control") {
+        return;
+    }
+    // Enough passes to keep writing through the whole suite.
+    let program = TableProgram::new(1, 100_000);
+    let mut m = Machine::new(program.table_bytes()).unwrap();
+    let mem = m.memory().clone();
+    let boot = m.load_table_program(&program).unwrap();
+    let vcpu = m.start(&boot, 20_000).unwrap();
+    let mut dm = Machine::new(program.table_bytes()).unwrap();
+    let mut destination = KvmDestination::new(&mut dm, 20_000);
+    vm_control_suite(
+        "kvm_vm_control",
+        &mut KvmSource::new(&vcpu),
+        &mem,
+        &mut destination,
+    );
+    assert!(
+        destination.running.is_some(),
+        "the destination's vCPU did not start"
+    );
+    assert!(!vcpu.device().halted, "the source guest stopped");
 }
 
 fn m_vm(m: &Machine) -> std::sync::Arc<kvm_ioctls::VmFd> {

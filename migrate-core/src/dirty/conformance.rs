@@ -1,7 +1,7 @@
 //! The one conformance suite every [`DirtyTracker`] passes, on real mmapped
 //! memory written by real threads (feature `test-utils`).
 //!
-//! A tracker proves itself with [`conformance_suite!`](crate::conformance_suite),
+//! A tracker proves itself with [`dirty_tracker_suite!`](crate::dirty_tracker_suite),
 //! which generates one test per (check, memory kind):
 //!
 //! - [`scattered_writes_are_exact`]: exactly the written pages are reported,
@@ -29,9 +29,22 @@ use crate::memory::{GuestMemory, GuestRegion, MemoryError};
 pub struct Tracked {
     /// The tracker.
     pub tracker: Box<dyn DirtyTracker>,
-    /// For trackers that only know what they are told: the bitmap the test
+    /// For trackers that only know what they are told: what the test
     /// writers mark after each store (as device emulation would).
-    pub marker: Option<Arc<SoftwareDirtyBitmap>>,
+    pub marker: Option<Arc<dyn DirtyMarker>>,
+}
+
+/// Where writers record a write the kernel does not attribute (device
+/// emulation marking its own bitmap).
+pub trait DirtyMarker: Send + Sync {
+    /// Page `page` of region `region` was written.
+    fn mark_page(&self, region: usize, page: usize);
+}
+
+impl DirtyMarker for SoftwareDirtyBitmap {
+    fn mark_page(&self, region: usize, page: usize) {
+        SoftwareDirtyBitmap::mark_page(self, region, page)
+    }
 }
 
 /// Starts a tracker over a memory, or says why it cannot.
@@ -386,20 +399,20 @@ fn copy_dirty(mem: &GuestMemory, log: &DirtyLog, shadow: &mut [Vec<u8>]) {
 /// check and memory kind.
 ///
 /// ```ignore
-/// migrate_core::conformance_suite!(uffd_async, |mem| Ok(Tracked {
+/// migrate_core::dirty_tracker_suite!(uffd_async, |mem| Ok(Tracked {
 ///     tracker: Box::new(UffdAsyncTracker::new(mem)?),
 ///     marker: None,
 /// }));
 /// ```
 #[macro_export]
-macro_rules! conformance_suite {
+macro_rules! dirty_tracker_suite {
     ($name:ident, $factory:expr) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
             use $crate::dirty::conformance::{self as c, MemoryKind};
             const FACTORY: c::TrackerFactory = $factory;
-            $crate::conformance_suite!(@kinds
+            $crate::dirty_tracker_suite!(@kinds
                 anonymous => Anonymous, memfd => Memfd, shm_file => ShmFile,
                 disk_file => DiskFile, hugetlb => Hugetlb);
         }

@@ -68,3 +68,6 @@ pub trait DestinationVm: Send {
     /// [`VmError`]; the destination refuses the commit and the source resumes.
     fn resume(&mut self) -> Result<(), VmError>;
 }
+
+#[cfg(feature = "test-utils")]
+pub mod conformance;
