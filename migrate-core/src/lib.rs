@@ -6,6 +6,103 @@
 //! (every message on the wire) → [`transport`] (the seam TCP and RDMA fill)
 //! → [`destination`] (landing pages, commit). [`vm`] is the seam to the VMM.
 //!
+//! # Embedding
+//!
+//! A VMM gives the engine its guest memory, a dirty tracker started before
+//! the first round, a transport, and its VM control ([`SourceVm`] to pause,
+//! resume, throttle and save device state; [`DestinationVm`] to load it and
+//! start the guest). The whole migration, both ends, over loopback TCP:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use migrate_core::{
+//!     DestinationVm, DirtyTracking, GuestMemory, GuestRegion, IncomingMigration, SourceConfig,
+//!     SourceMigration, SourceVm, TrackerPreference, VmError,
+//! };
+//! use transport_tcp::{TcpConfig, TcpMigrationListener, TcpSource};
+//!
+//! /// The VMM's side: its vCPUs and devices (here, a guest with no vCPU).
+//! #[derive(Default)]
+//! struct Vmm {
+//!     paused: bool,
+//!     devices: Vec<u8>,
+//! }
+//!
+//! impl SourceVm for Vmm {
+//!     fn pause(&mut self) -> Result<(), VmError> {
+//!         self.paused = true; // kick every vCPU out and stop device DMA
+//!         Ok(())
+//!     }
+//!     fn resume(&mut self) -> Result<(), VmError> {
+//!         self.paused = false;
+//!         Ok(())
+//!     }
+//!     fn save_state(&mut self) -> Result<Vec<u8>, VmError> {
+//!         Ok(b"registers, device models".to_vec())
+//!     }
+//!     fn throttle(&mut self, _percent: u8) -> Result<bool, VmError> {
+//!         Ok(false) // this VMM cannot slow its vCPUs
+//!     }
+//! }
+//!
+//! impl DestinationVm for Vmm {
+//!     fn load_state(&mut self, state: &[u8]) -> Result<(), VmError> {
+//!         self.devices = state.to_vec();
+//!         Ok(())
+//!     }
+//!     fn resume(&mut self) -> Result<(), VmError> {
+//!         self.paused = false; // start the vCPUs
+//!         Ok(())
+//!     }
+//! }
+//!
+//! // Destination: listen, learn the source's layout, give it memory, receive.
+//! let listener = TcpMigrationListener::bind("127.0.0.1:0", TcpConfig::default())?;
+//! let addr = listener.local_addr()?.to_string();
+//! let destination = std::thread::spawn(move || -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+//!     let mut transport = listener.accept()?;
+//!     let incoming = IncomingMigration::accept(&mut transport)?;
+//!     let regions = incoming
+//!         .layout()
+//!         .regions
+//!         .iter()
+//!         .map(|r| GuestRegion::anonymous(r.gpa, r.len as usize))
+//!         .collect::<Result<Vec<_>, _>>()?;
+//!     let mem = Arc::new(GuestMemory::new(regions)?);
+//!     let mut vmm = Vmm::default();
+//!     let report = incoming.receive(&mut transport, &mem, &mut vmm)?;
+//!     let mut page = [0u8; 11];
+//!     mem.read(0x10_2000, &mut page)?;
+//!     Ok((report, page, vmm.devices))
+//! });
+//!
+//! // Source: 4 MiB of guest memory in two regions, tracked from now on.
+//! let mem = Arc::new(GuestMemory::new(vec![
+//!     GuestRegion::anonymous(0, 1 << 20)?,
+//!     GuestRegion::memfd(0x10_0000, 3 << 20, "guest")?,
+//! ])?);
+//! let tracking = DirtyTracking::new(&mem, TrackerPreference::Best)?;
+//! mem.write(0x10_2000, b"guest bytes")?; // a vCPU's write
+//! let mut transport = TcpSource::connect(&addr, TcpConfig::default())?;
+//! let migration = SourceMigration::new(SourceConfig {
+//!     verify: true, // compare every page before the commit
+//!     ..SourceConfig::default()
+//! });
+//! let handle = migration.handle(); // cancel(), stats(), subscribe() from any thread
+//! let mut vmm = Vmm::default();
+//! let stats = migration.run(&mut transport, &mem, &tracking, &mut vmm)?;
+//! assert!(stats.verified && vmm.paused); // the destination runs the guest now
+//! assert_eq!(handle.stats().status, migrate_core::MigrationStatus::Completed);
+//!
+//! let (report, page, devices) = destination.join().unwrap().map_err(|e| e.to_string())?;
+//! assert_eq!(&page, b"guest bytes");
+//! assert_eq!(devices, b"registers, device models");
+//! assert!(report.verify_requested);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! What a tracker reports, on its own:
+//!
 //! ```
 //! use migrate_core::memory::{GuestMemory, GuestRegion};
 //! use migrate_core::dirty::{DirtyLog, DirtyTracker, DirtyTracking, TrackerPreference};

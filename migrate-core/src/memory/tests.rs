@@ -1,0 +1,164 @@
+//! Shapes, layouts, sharing and adoption of guest memory.
+
+use super::*;
+use std::os::fd::AsRawFd;
+
+#[test]
+fn layout_errors_are_typed() {
+    assert!(matches!(
+        GuestRegion::anonymous(0, 0),
+        Err(MemoryError::ZeroLength { gpa: 0 })
+    ));
+    assert!(matches!(
+        GuestRegion::anonymous(0x800, 4096),
+        Err(MemoryError::UnalignedBase { gpa: 0x800, .. })
+    ));
+    assert!(matches!(
+        GuestRegion::anonymous(0, 5000),
+        Err(MemoryError::UnalignedLength { len: 5000, .. })
+    ));
+    assert!(matches!(
+        GuestRegion::anonymous(u64::MAX - 4095, 8192),
+        Err(MemoryError::AddressOverflow { .. })
+    ));
+    assert!(matches!(
+        GuestMemory::new(vec![]),
+        Err(MemoryError::NoRegions)
+    ));
+    let err = GuestMemory::new(vec![
+        GuestRegion::anonymous(0x10_0000, 0x2000).unwrap(),
+        GuestRegion::anonymous(0x10_1000, 0x1000).unwrap(),
+    ])
+    .unwrap_err();
+    assert!(matches!(
+        err,
+        MemoryError::Overlap {
+            first_start: 0x10_0000,
+            first_end: 0x10_2000,
+            second_start: 0x10_1000,
+            ..
+        }
+    ));
+    assert!(err.to_string().contains("overlap"));
+}
+
+#[test]
+fn regions_sorted_and_located() {
+    let mem = GuestMemory::new(vec![
+        GuestRegion::anonymous(0x10_0000, 0x4000).unwrap(),
+        GuestRegion::memfd(0, 0x2000, "low").unwrap(),
+    ])
+    .unwrap();
+    assert_eq!(mem.regions()[0].gpa(), 0);
+    assert_eq!(mem.total_bytes(), 0x6000);
+    assert_eq!(mem.total_pages(), 6);
+    assert_eq!(mem.locate(0x10_1008, 8).unwrap(), (1, 0x1008));
+    assert!(matches!(
+        mem.locate(0x1ff8, 16),
+        Err(MemoryError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        mem.locate(0x3000, 1),
+        Err(MemoryError::OutOfRange { .. })
+    ));
+    mem.write(0x10_1ffc, b"abcd").unwrap();
+    let mut back = [0u8; 4];
+    mem.read(0x10_1ffc, &mut back).unwrap();
+    assert_eq!(&back, b"abcd");
+}
+
+#[test]
+fn memfd_is_shared_with_a_second_mapping() {
+    let region = GuestRegion::memfd(0, 0x2000, "shared").unwrap();
+    let second = memmap2::MmapOptions::new()
+        .len(0x2000)
+        .map_raw(region.fd().unwrap().as_raw_fd())
+        .unwrap();
+    // SAFETY: both pointers are inside live 8 KiB mappings.
+    unsafe {
+        *second.as_mut_ptr().add(0x1000) = 0x5a;
+        assert_eq!(*region.as_ptr().add(0x1000), 0x5a);
+    }
+}
+
+#[test]
+fn file_backed_region_checks_size() {
+    let dir = std::env::temp_dir().join(format!("mc-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("guest.img");
+    let region = GuestRegion::file(0, 0x3000, &path).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0x3000);
+    drop(region);
+    // Reopening with the same size works; another size is refused.
+    GuestRegion::file(0, 0x3000, &path).unwrap();
+    assert!(matches!(
+        GuestRegion::file(0, 0x4000, &path),
+        Err(MemoryError::FileSize {
+            expected: 0x4000,
+            actual: 0x3000,
+            ..
+        })
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn external_mapping_is_never_unmapped() {
+    let owner = GuestRegion::anonymous(0, 0x2000).unwrap();
+    // SAFETY: `owner` keeps the mapping alive past `adopted`.
+    let adopted =
+        unsafe { GuestRegion::from_raw(0x1000_0000, owner.as_ptr(), 0x2000, PageSize::Small) }
+            .unwrap();
+    assert!(!adopted.owns_mapping());
+    drop(adopted);
+    // SAFETY: still mapped: dropping the adopted region did not unmap.
+    unsafe { owner.as_ptr().write(7) };
+    // SAFETY: null is refused before any access.
+    let null = unsafe { GuestRegion::from_raw(0, std::ptr::null_mut(), 4096, PageSize::Small) };
+    assert!(matches!(null, Err(MemoryError::NullHost { .. })));
+}
+
+#[test]
+fn zero_detection() {
+    let mut p = vec![0u8; 4096];
+    assert!(is_zero_page(&p));
+    p[4095] = 1;
+    assert!(!is_zero_page(&p));
+    p[4095] = 0;
+    p[0] = 1;
+    assert!(!is_zero_page(&p));
+    assert!(is_zero_page(&[0u8; 100]));
+    assert!(!is_zero_page(&[0, 0, 0, 1]));
+}
+
+#[test]
+fn layout_mismatch_names_the_difference() {
+    let layout = || MemoryLayout {
+        regions: vec![
+            RegionLayout {
+                gpa: 0,
+                len: 64 * 4096,
+                page_size: PageSize::Small,
+            },
+            RegionLayout {
+                gpa: 1 << 32,
+                len: 4 << 20,
+                page_size: PageSize::Huge2M,
+            },
+        ],
+    };
+    let a = layout();
+    let mut b = layout();
+    b.regions[1].len = 2 << 20;
+    let e = a.check_matches(&b).unwrap_err();
+    assert!(e.to_string().contains("region 1 differs"), "{e}");
+    b.regions.pop();
+    assert!(matches!(
+        a.check_matches(&b),
+        Err(LayoutMismatch::RegionCount {
+            source_regions: 2,
+            destination_regions: 1
+        })
+    ));
+    assert!(a.check_matches(&layout()).is_ok());
+}
