@@ -1,5 +1,7 @@
 //! The destination side: handshake, layout check, landing rounds, device
-//! state, commit. Follows the receiver state machine in [`crate::protocol`].
+//! state, commit. Follows the receiver state machine in [`crate::protocol`],
+//! which `ReceiverState` spells out as a type; `Receiver::step` is its one
+//! transition function.
 //!
 //! ```text
 //! let incoming = IncomingMigration::accept(&mut transport)?;   // Hello, Layout

@@ -4,7 +4,16 @@
 //! Each region is either mapped by us (anonymous, memfd, file, hugetlb) and
 //! unmapped when dropped, or adopted from the VMM ([`GuestRegion::from_raw`])
 //! and never unmapped. vCPU threads write the memory at any time; everything
-//! here reads and writes through raw pointers, never through `&mut [u8]`.
+//! here reads and writes through raw pointers, never through a `&mut [u8]`
+//! that outlives a call.
+//!
+//! The engine, the transports and the fixtures touch guest bytes only
+//! through [`GuestRegion`]'s safe accessors: hash a page, test it for zero,
+//! zero it, a vectored slice of a run of pages for the kernel, copy in and
+//! out, land received bytes from a reader, an atomic word. The pointer
+//! arithmetic behind them is in `region.rs`, the system calls (memfd,
+//! fallocate, the one `madvise`, `mincore`, the memlock limit) in `sys.rs`:
+//! with the vm-memory adapter, these are the module's only `unsafe`.
 
 #[allow(unsafe_code)]
 mod region;

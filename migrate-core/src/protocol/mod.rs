@@ -41,10 +41,27 @@
 //! ```text
 //!  AwaitHello --Hello--> AwaitLayout --Layout ok--> AwaitJoins --all joined-->
 //!  Receiving --RoundDone, all RoundEnd--> Receiving (ack sent)
+//!  Receiving --ZeroPages--> Receiving (pages zeroed)
 //!  Receiving --VerifyRequest--> Receiving (hashes sent)
-//!  Receiving --DeviceState*--> HaveState --Commit--> Committed (resumed, acked)
+//!  Receiving --DeviceState(last: false)--> DeviceState --DeviceState...-->
+//!  Receiving / DeviceState --DeviceState(last)--> HaveState
+//!  HaveState --Commit--> Committed (state loaded, guest resumed, Committed sent)
 //!  any state --Abort / error / peer gone--> Discarded
+//!  any state --any other message--> Discarded (ProtocolError::Unexpected)
 //! ```
+//!
+//! `IncomingMigration::accept` runs the first two steps; the rest is one
+//! transition function over an explicit state type
+//! (`destination::ReceiverState`), so an illegal transition is a typed error
+//! in one place. Both sides receive through one helper that turns the peer's
+//! `Abort`/`Refused` into errors and "the next message must be X" into
+//! `ProtocolError::Unexpected` otherwise.
+//!
+//! # Messages
+//!
+//! Each message is defined once, in the table at [`Message`]: its kind byte,
+//! its fields in wire order, and (generated from the same table) its byte
+//! layout in its doc; encoding and decoding follow from the fields' codecs.
 //!
 //! A page batch never crosses a round; a `RoundEnd` on a data stream counts
 //! the batches sent on it, so a lost or extra batch is an error.

@@ -12,6 +12,13 @@
 //! (resumed if it was paused, unthrottled) and tells the destination to
 //! discard. A failure after it is [`MigrationError::CommitUnknown`]: the guest
 //! stays paused, because the destination may already be running it.
+//!
+//! The public knobs and handles are here; `precopy` holds the migration as
+//! named steps (handshake, open the data plane, a round and its ack, after a
+//! live round, switch-over, verify, device state, commit, fail), and
+//! `policy` the decisions as pure, unit-tested types: the link-rate
+//! estimate, the downtime budget with its switch-over test, and
+//! auto-converge.
 
 mod policy;
 mod precopy;

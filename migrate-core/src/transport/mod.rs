@@ -5,7 +5,7 @@
 //! and on the destination a stream of [`DataEvent`]s saying which rounds have
 //! landed. The engine (handshake, rounds, switch-over, commit) is the same
 //! for every transport; every transport passes one conformance suite
-//! (`transport::conformance`, feature `test-utils`).
+//! (`fixtures::transport_suite!`, which compares memories page for page).
 
 use std::io;
 use std::sync::Arc;
