@@ -436,4 +436,4 @@ impl GuestMemory {
 
 #[cfg(test)]
 #[allow(unsafe_code)]
-mod tests;
+pub(crate) mod tests;

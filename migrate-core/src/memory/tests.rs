@@ -3,6 +3,24 @@
 use super::*;
 use std::os::fd::AsRawFd;
 
+/// Two regions, 4 KiB and 2 MiB pages (also the protocol tests' layout).
+pub(crate) fn sample_layout() -> MemoryLayout {
+    MemoryLayout {
+        regions: vec![
+            RegionLayout {
+                gpa: 0,
+                len: 64 * 4096,
+                page_size: PageSize::Small,
+            },
+            RegionLayout {
+                gpa: 1 << 32,
+                len: 4 << 20,
+                page_size: PageSize::Huge2M,
+            },
+        ],
+    }
+}
+
 #[test]
 fn layout_errors_are_typed() {
     assert!(matches!(
@@ -133,20 +151,7 @@ fn zero_detection() {
 
 #[test]
 fn layout_mismatch_names_the_difference() {
-    let layout = || MemoryLayout {
-        regions: vec![
-            RegionLayout {
-                gpa: 0,
-                len: 64 * 4096,
-                page_size: PageSize::Small,
-            },
-            RegionLayout {
-                gpa: 1 << 32,
-                len: 4 << 20,
-                page_size: PageSize::Huge2M,
-            },
-        ],
-    };
+    let layout = sample_layout;
     let a = layout();
     let mut b = layout();
     b.regions[1].len = 2 << 20;

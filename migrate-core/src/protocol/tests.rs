@@ -2,24 +2,7 @@
 
 use super::wire::*;
 use super::*;
-use crate::memory::{MemoryLayout, PageSize, RegionLayout};
-
-fn layout() -> MemoryLayout {
-    MemoryLayout {
-        regions: vec![
-            RegionLayout {
-                gpa: 0,
-                len: 64 * 4096,
-                page_size: PageSize::Small,
-            },
-            RegionLayout {
-                gpa: 1 << 32,
-                len: 4 << 20,
-                page_size: PageSize::Huge2M,
-            },
-        ],
-    }
-}
+use crate::memory::tests::sample_layout as layout;
 
 fn all_messages() -> Vec<Message> {
     vec![
