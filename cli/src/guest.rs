@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use fixtures::{
     BankConfig, BankGuest, FixtureSourceVm, RunningGuest, SyntheticGuest, WorkloadConfig,
     fill_memory,
@@ -38,8 +38,10 @@ pub fn start(mem: &Arc<GuestMemory>, g: &GuestArgs) -> Result<FixtureSourceVm> {
                 pattern: g.pattern,
                 seed: g.seed,
             },
-        ),
-        GuestKind::Bank => BankGuest::start(Arc::clone(mem), bank_config(mem, g)),
+        )
+        .context("start the built-in guest's threads")?,
+        GuestKind::Bank => BankGuest::start(Arc::clone(mem), bank_config(mem, g))
+            .context("start the built-in guest's threads")?,
     };
     let kind = match g.guest {
         GuestKind::Idle => "idle",

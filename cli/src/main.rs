@@ -28,14 +28,13 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result: Result<bool> = match cli.command {
+    let result: Result<run::Outcome> = match cli.command {
         args::Command::Source(a) => run::source(a, baseline_rss),
         args::Command::Dest(a) => run::dest(a, baseline_rss),
         args::Command::Demo(a) => run::demo(a),
     };
     match result {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(1),
+        Ok(outcome) => std::process::exit(outcome.code()),
         Err(e) => {
             eprintln!("migrate-cli: error: {e:#}");
             std::process::exit(2);

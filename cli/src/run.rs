@@ -20,6 +20,49 @@ use crate::args::{
 };
 use crate::{guest, memory, report, resources, transport};
 
+/// How a command ended. The process exit status says exactly this, one
+/// meaning per code (setup errors before anything was sent are 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// 0: migrated; the destination runs the guest.
+    Migrated,
+    /// 1: failed; the source guest runs again, the destination discarded.
+    Failed,
+    /// 3: commit sent but not acknowledged; the source guest stays paused
+    /// and the operator must find out whether the destination runs it.
+    CommitUnknown,
+}
+
+impl Outcome {
+    /// The exit status.
+    pub fn code(self) -> i32 {
+        match self {
+            Outcome::Migrated => 0,
+            Outcome::Failed => 1,
+            Outcome::CommitUnknown => 3,
+        }
+    }
+
+    fn of(ok: bool) -> Self {
+        if ok {
+            Outcome::Migrated
+        } else {
+            Outcome::Failed
+        }
+    }
+}
+
+/// Write a report after the migration ended: failing to write it must not
+/// change the outcome the exit status reports, so it is said on stderr.
+fn write_report(path: &std::path::Path, v: &serde_json::Value) {
+    if let Err(e) = report::write_json(path, v) {
+        eprintln!(
+            "migrate-cli: warning: the migration ended, but its report {} could not be written: {e:#}",
+            path.display()
+        );
+    }
+}
+
 fn source_config(m: &MigrationArgs) -> SourceConfig {
     SourceConfig {
         downtime_limit: Duration::from_millis(m.downtime_ms.max(1)),
@@ -49,7 +92,7 @@ fn tracker_pref(t: TrackerChoice) -> TrackerPreference {
 }
 
 /// `migrate-cli source`.
-pub fn source(a: SourceArgs, baseline_rss: u64) -> Result<bool> {
+pub fn source(a: SourceArgs, baseline_rss: u64) -> Result<Outcome> {
     let mem = memory::from_args(&a.memory)?
         .context("give the guest memory: --memory SIZE and/or --memory-file PATH")?;
     migrate_out(
@@ -74,7 +117,7 @@ fn migrate_out(
     json: Option<&std::path::Path>,
     progress: crate::args::ProgressChoice,
     baseline_rss: Option<u64>,
-) -> Result<bool> {
+) -> Result<Outcome> {
     guest::fill(&mem, g)?;
     let cpu_start = resources::CpuSample::now();
     // Connect first: RDMA registers (pins) the memory, which must happen
@@ -115,7 +158,11 @@ fn migrate_out(
     if let Some(b) = bar {
         let _ = b.join();
     }
-    let ok = result.is_ok();
+    let outcome = match &result {
+        Ok(_) => Outcome::Migrated,
+        Err(migrate_core::MigrationError::CommitUnknown(_)) => Outcome::CommitUnknown,
+        Err(_) => Outcome::Failed,
+    };
     let (stats, error) = match &result {
         Ok(s) => (s.clone(), None),
         Err(e) => (handle.stats(), Some(e.to_string())),
@@ -135,10 +182,10 @@ fn migrate_out(
         if let Some(base) = baseline_rss {
             v["resources"] = resources::report(cpu_start, base, Some(&mem));
         }
-        report::write_json(path, &v)?;
+        write_report(path, &v);
     }
     vm.stop();
-    Ok(ok)
+    Ok(outcome)
 }
 
 fn transport_name(t: TransportChoice) -> &'static str {
@@ -149,7 +196,7 @@ fn transport_name(t: TransportChoice) -> &'static str {
 }
 
 /// `migrate-cli dest`.
-pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<bool> {
+pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
     let listener = transport::Listener::bind(&a.listen, &a.transport)?;
     let addr = listener.local_addr()?;
     println!("listening on {addr}");
@@ -177,7 +224,7 @@ fn receive(
     json: Option<&std::path::Path>,
     prefault: bool,
     baseline_rss: Option<u64>,
-) -> Result<bool> {
+) -> Result<Outcome> {
     let mut t = loop {
         match listener.accept() {
             Ok(t) => break t,
@@ -250,13 +297,13 @@ fn receive(
         if let Some(base) = baseline_rss {
             v["resources"] = resources::report(cpu_start, base, guest_mem.as_deref());
         }
-        report::write_json(path, &v)?;
+        write_report(path, &v);
     }
-    Ok(ok)
+    Ok(Outcome::of(ok))
 }
 
 /// `migrate-cli demo`.
-pub fn demo(a: DemoArgs) -> Result<bool> {
+pub fn demo(a: DemoArgs) -> Result<Outcome> {
     let demo_transport = TransportArgs {
         transport: TransportChoice::Tcp,
         streams: a.streams,
@@ -280,7 +327,7 @@ pub fn demo(a: DemoArgs) -> Result<bool> {
     let dest = std::thread::spawn(move || receive(&listener, None, None, false, None));
     let mut m = a.migration.clone();
     m.verify = true;
-    let ok = migrate_out(
+    let outcome = migrate_out(
         mem,
         &addr,
         &demo_transport,
@@ -290,8 +337,12 @@ pub fn demo(a: DemoArgs) -> Result<bool> {
         a.progress,
         None,
     )?;
-    let dest_ok = dest
+    let dest_outcome = dest
         .join()
         .map_err(|_| anyhow::anyhow!("destination thread panicked"))??;
-    Ok(ok && dest_ok)
+    Ok(match (outcome, dest_outcome) {
+        (Outcome::Migrated, Outcome::Migrated) => Outcome::Migrated,
+        (Outcome::CommitUnknown, _) => Outcome::CommitUnknown,
+        _ => Outcome::Failed,
+    })
 }

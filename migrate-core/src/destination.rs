@@ -174,7 +174,7 @@ impl IncomingMigration {
         let events = transport.open_data(mem, self.session, self.streams, self.features)?;
         let mut receiver = Receiver {
             mem,
-            events,
+            events: Some(events),
             streams: self.streams,
             report: DestinationReport {
                 transport: transport.name().into(),
@@ -230,13 +230,20 @@ fn negotiate(
 }
 
 /// Where the receiver is once the layout is accepted and the data streams
-/// joined: the `Receiving → HaveState → Committed` part of the state machine
-/// in [`crate::protocol`]. Every transition is in [`Receiver::step`]; a
-/// message that has none is [`ProtocolError::Unexpected`].
+/// joined: the `Receiving → Complete → HaveState → Committed` part of the
+/// state machine in [`crate::protocol`]. Every transition is in
+/// [`Receiver::step`]; a message that has none is
+/// [`ProtocolError::Unexpected`], and a `Commit` before the migration is
+/// complete is refused.
 #[derive(Debug)]
 enum ReceiverState {
-    /// Rounds, zero pages, verification.
+    /// Live rounds and their zero pages.
     Receiving,
+    /// A last (paused) round had pages that failed their check: they come
+    /// again in another last round.
+    FinalRetry,
+    /// A last round landed whole: verification, then the device state.
+    Complete,
     /// Some device-state chunks arrived; more follow.
     DeviceState(Vec<u8>),
     /// The whole device state arrived; waiting for `Commit`.
@@ -249,7 +256,9 @@ impl ReceiverState {
     /// What this state waits for, as errors say it.
     fn expects(&self) -> &'static str {
         match self {
-            ReceiverState::Receiving => "a round, verification or device state",
+            ReceiverState::Receiving => "a round",
+            ReceiverState::FinalRetry => "the pages of the last round again",
+            ReceiverState::Complete => "verification or the device state",
             ReceiverState::DeviceState(_) => "DeviceState",
             ReceiverState::HaveState(_) => "Commit",
             ReceiverState::Committed => "nothing",
@@ -260,7 +269,10 @@ impl ReceiverState {
 /// What the receiving states work on.
 struct Receiver<'a> {
     mem: &'a Arc<GuestMemory>,
-    events: crossbeam_channel::Receiver<DataEvent>,
+    /// The data plane's reports; dropped once the last round landed whole,
+    /// so that a data stream closing after that (the source exits after its
+    /// `Commit`) cannot take the `Commit` with it.
+    events: Option<crossbeam_channel::Receiver<DataEvent>>,
     streams: u16,
     report: DestinationReport,
 }
@@ -271,7 +283,8 @@ impl Receiver<'_> {
     fn next_message(&self, ctl: &mut dyn ControlChannel) -> Result<Message, MigrationError> {
         recv(ctl).map_err(|e| {
             self.events
-                .try_iter()
+                .iter()
+                .flat_map(|events| events.try_iter())
                 .find_map(|ev| match ev {
                     DataEvent::Failed { stream, error } => Some(stream_failed(stream, error)),
                     _ => None,
@@ -290,26 +303,32 @@ impl Receiver<'_> {
     ) -> Result<ReceiverState, MigrationError> {
         use ReceiverState::*;
         Ok(match (state, msg) {
-            (Receiving, Message::RoundDone { round, last }) => {
-                let suspect = self.collect_round(round)?;
-                self.report.rounds = self.report.rounds.max(round + 1);
-                tracing::debug!(round, last, suspect = suspect.len(), "round landed");
-                ctl.send(&Message::RoundAck { round, suspect })?;
+            (Receiving, Message::RoundDone { round, last: false }) => {
+                self.land_round(ctl, round, false)?;
                 Receiving
             }
-            (Receiving, Message::ZeroPages { round, ranges }) => {
+            (Receiving | FinalRetry, Message::RoundDone { round, last: true }) => {
+                if self.land_round(ctl, round, true)? {
+                    // Every page is final: the data plane has no more to say.
+                    self.events = None;
+                    Complete
+                } else {
+                    FinalRetry
+                }
+            }
+            (state @ (Receiving | FinalRetry), Message::ZeroPages { round, ranges }) => {
                 tracing::debug!(round, ranges = ranges.len(), "zero pages");
                 zero_pages(self.mem, &ranges)?;
                 self.report.received.zero_pages +=
                     ranges.iter().map(|r| r.count as u64).sum::<u64>();
-                Receiving
+                state
             }
-            (Receiving, Message::VerifyRequest) => {
+            (Complete, Message::VerifyRequest) => {
                 self.report.verify_requested = true;
                 send_hashes(ctl, self.mem)?;
-                Receiving
+                Complete
             }
-            (Receiving, Message::DeviceState { last, bytes }) => {
+            (Complete, Message::DeviceState { last, bytes }) => {
                 device_state(ctl, Vec::new(), last, &bytes)?
             }
             (DeviceState(state), Message::DeviceState { last, bytes }) => {
@@ -334,8 +353,34 @@ impl Receiver<'_> {
                 self.report.device_state_bytes = state.len() as u64;
                 Committed
             }
+            (state, Message::Commit) => {
+                return Err(refuse(
+                    ctl,
+                    RefusalCode::Protocol,
+                    format!(
+                        "commit refused: the migration is incomplete (waiting for {})",
+                        state.expects()
+                    ),
+                ));
+            }
             (state, other) => return Err(unexpected(&other, state.expects())),
         })
+    }
+
+    /// Wait for every data stream's end of `round`, and acknowledge it with
+    /// the pages that failed their check. Whether none did.
+    fn land_round(
+        &mut self,
+        ctl: &mut dyn ControlChannel,
+        round: u32,
+        last: bool,
+    ) -> Result<bool, MigrationError> {
+        let suspect = self.collect_round(round)?;
+        self.report.rounds = self.report.rounds.max(round + 1);
+        tracing::debug!(round, last, suspect = suspect.len(), "round landed");
+        let clean = suspect.is_empty();
+        ctl.send(&Message::RoundAck { round, suspect })?;
+        Ok(clean)
     }
 
     /// Wait for every data stream's end marker of `round`.
@@ -345,13 +390,16 @@ impl Receiver<'_> {
         while ended.iter().any(|e| !e) {
             // Data streams have their own I/O timeouts; this only guards
             // against a transport that reports nothing at all.
-            let event = self
-                .events
-                .recv_timeout(Duration::from_secs(600))
-                .map_err(|_| TransportError::Stream {
+            let events = self.events.as_ref().ok_or(TransportError::Stream {
+                stream: u16::MAX,
+                detail: format!("round {round} after the data plane finished"),
+            })?;
+            let event = events.recv_timeout(Duration::from_secs(600)).map_err(|_| {
+                TransportError::Stream {
                     stream: u16::MAX,
                     detail: format!("no end of round {round} from the data streams"),
-                })?;
+                }
+            })?;
             match event {
                 DataEvent::RoundEnd {
                     stream,

@@ -1,8 +1,22 @@
-//! The control connection.
+//! The control connection, and its liveness.
+//!
+//! Both ends of a control connection whose peer speaks protocol version 2
+//! or later send a `Heartbeat` frame at least once a second (a quarter of
+//! the I/O timeout when that is shorter), from the first frame after the
+//! preamble until the connection closes, and a reader thread on each end
+//! reads every frame as it arrives. A round may last as long as it takes on
+//! a healthy link; a peer from which nothing arrives — not even a heartbeat
+//! — for the I/O timeout is dead, frozen or cut off: the reader reports it
+//! once, and trips the [`KillSwitch`], which shuts every connection of the
+//! migration so that blocked data-stream reads and writes fail at once with
+//! that reason instead of waiting out their own timeouts.
 
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use migrate_core::protocol::Message;
 use migrate_core::protocol::wire::{read_message, read_preamble, write_message, write_preamble};
 use migrate_core::transport::{ControlChannel, TransportError};
@@ -12,26 +26,131 @@ use crate::TcpConfig;
 /// Bytes buffered per connection for headers and run tables; page bytes
 /// beyond what is buffered are read straight into guest memory.
 const READ_BUFFER: usize = 64 << 10;
+/// The first protocol version whose control streams carry heartbeats.
+const HEARTBEAT_VERSION: u16 = 2;
+/// Heartbeats come at least this often.
+const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Drops every connection of a migration from another thread, as the death
+/// of its process would (tests, a VMM that gives up), or because the peer
+/// fell silent; later reads and writes fail with the reason.
+#[derive(Debug, Clone, Default)]
+pub struct KillSwitch(Arc<KillState>);
+
+#[derive(Debug, Default)]
+struct KillState {
+    streams: Mutex<(bool, Vec<TcpStream>)>,
+    reason: OnceLock<TransportError>,
+}
+
+impl KillSwitch {
+    /// Shut down every connection, now and any opened later.
+    pub fn kill(&self) {
+        let mut g = self.0.streams.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 = true;
+        for s in &g.1 {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Kill because of `reason`, which the failures this causes report
+    /// instead of their own (the first reason given wins).
+    pub(crate) fn kill_because(&self, reason: TransportError) {
+        let _ = self.0.reason.set(reason);
+        self.kill();
+    }
+
+    /// Why the connections were killed, if a reason was given.
+    pub(crate) fn reason(&self) -> Option<TransportError> {
+        self.0.reason.get().map(clone_error)
+    }
+
+    pub(crate) fn register(&self, s: &TcpStream) {
+        let mut g = self.0.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(c) = s.try_clone() {
+            if g.0 {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+            g.1.push(c);
+        }
+    }
+}
+
+/// The liveness errors, rebuilt for each failure that reports them.
+fn clone_error(e: &TransportError) -> TransportError {
+    match e {
+        TransportError::PeerSilent { secs } => TransportError::PeerSilent { secs: *secs },
+        other => TransportError::Stream {
+            stream: u16::MAX,
+            detail: other.to_string(),
+        },
+    }
+}
 
 /// Messages over one TCP connection.
 #[derive(Debug)]
 pub struct TcpControl {
     stream: TcpStream,
-    reader: BufReader<TcpStream>,
+    inbound: Inbound,
+    /// One frame at a time from the engine and the heartbeat thread.
+    write_lock: Arc<Mutex<()>>,
+    /// Dropped with the connection: stops the heartbeat thread.
+    _stop_heartbeats: Option<Sender<()>>,
+}
+
+#[derive(Debug)]
+enum Inbound {
+    /// Read on the caller's thread (data streams, peers without heartbeats).
+    Direct(BufReader<TcpStream>),
+    /// A reader thread reads every frame, drops heartbeats and reports
+    /// silence.
+    Watched(Receiver<Result<Message, TransportError>>),
 }
 
 impl TcpControl {
-    /// Set up a connected stream: timeouts, no Nagle, preamble sent and the
-    /// peer's checked (so a stray client or server fails on its first bytes).
+    /// Set up a connected data stream: timeouts, no Nagle, preamble sent and
+    /// the peer's checked (so a stray client or server fails on its first
+    /// bytes). Reads happen on the caller's thread.
     pub(crate) fn open(stream: TcpStream, cfg: &TcpConfig) -> Result<Self, TransportError> {
-        prepare(&stream, cfg)?;
-        let mut w = &stream;
-        write_preamble(&mut w)?;
-        let reader =
-            BufReader::with_capacity(READ_BUFFER, stream.try_clone().map_err(io("clone socket"))?);
-        let mut control = Self { stream, reader };
-        read_preamble(&mut control.reader)?;
-        Ok(control)
+        let (stream, reader, _) = handshake(stream, cfg)?;
+        Ok(Self {
+            stream,
+            inbound: Inbound::Direct(reader),
+            write_lock: Arc::default(),
+            _stop_heartbeats: None,
+        })
+    }
+
+    /// As [`open`](Self::open), for the control connection: with a peer
+    /// that speaks heartbeats, start sending them and watching for the
+    /// peer's; silence trips `kill`.
+    pub(crate) fn open_control(
+        stream: TcpStream,
+        cfg: &TcpConfig,
+        kill: &KillSwitch,
+    ) -> Result<Self, TransportError> {
+        let (stream, reader, peer_version) = handshake(stream, cfg)?;
+        kill.register(&stream);
+        let write_lock = Arc::<Mutex<()>>::default();
+        if peer_version < HEARTBEAT_VERSION {
+            // The Hello exchange refuses such a peer with a version error.
+            return Ok(Self {
+                stream,
+                inbound: Inbound::Direct(reader),
+                write_lock,
+                _stop_heartbeats: None,
+            });
+        }
+        let interval =
+            (cfg.io_timeout / 4).clamp(Duration::from_millis(10), MAX_HEARTBEAT_INTERVAL);
+        let stop = spawn_heartbeats(&stream, &write_lock, interval)?;
+        let rx = spawn_reader(reader, cfg.io_timeout, kill.clone())?;
+        Ok(Self {
+            stream,
+            inbound: Inbound::Watched(rx),
+            write_lock,
+            _stop_heartbeats: Some(stop),
+        })
     }
 
     /// The underlying socket.
@@ -44,21 +163,122 @@ impl TcpControl {
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 
-    pub(crate) fn into_parts(self) -> (TcpStream, BufReader<TcpStream>) {
-        (self.stream, self.reader)
+    /// The socket and its reader, for a data stream (read on the caller's
+    /// thread).
+    pub(crate) fn into_parts(self) -> Option<(TcpStream, BufReader<TcpStream>)> {
+        match self.inbound {
+            Inbound::Direct(reader) => Some((self.stream, reader)),
+            Inbound::Watched(_) => None,
+        }
     }
 }
 
 impl ControlChannel for TcpControl {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
+        let _one_frame = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut w = &self.stream;
         write_message(&mut w, msg)?;
         w.flush().map_err(io("flush control"))
     }
 
     fn recv(&mut self) -> Result<Message, TransportError> {
-        Ok(read_message(&mut self.reader)?)
+        match &mut self.inbound {
+            Inbound::Direct(reader) => Ok(read_message(reader)?),
+            Inbound::Watched(rx) => rx.recv().unwrap_or_else(|_| {
+                Err(TransportError::Stream {
+                    stream: u16::MAX,
+                    detail: "control connection closed".into(),
+                })
+            }),
+        }
     }
+}
+
+/// Options, preambles both ways; returns the peer's protocol version.
+fn handshake(
+    stream: TcpStream,
+    cfg: &TcpConfig,
+) -> Result<(TcpStream, BufReader<TcpStream>, u16), TransportError> {
+    prepare(&stream, cfg)?;
+    let mut w = &stream;
+    write_preamble(&mut w)?;
+    let mut reader =
+        BufReader::with_capacity(READ_BUFFER, stream.try_clone().map_err(io("clone socket"))?);
+    let version = read_preamble(&mut reader)?;
+    Ok((stream, reader, version))
+}
+
+/// A thread that writes a heartbeat every `interval` until the returned
+/// sender is dropped or the connection fails.
+fn spawn_heartbeats(
+    stream: &TcpStream,
+    write_lock: &Arc<Mutex<()>>,
+    interval: Duration,
+) -> Result<Sender<()>, TransportError> {
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+    let stream = stream.try_clone().map_err(io("clone socket"))?;
+    let write_lock = Arc::clone(write_lock);
+    std::thread::Builder::new()
+        .name("tcp-heartbeat".into())
+        .spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                let _one_frame = write_lock.lock().unwrap_or_else(|p| p.into_inner());
+                let mut w = &stream;
+                if write_message(&mut w, &Message::Heartbeat).is_err() {
+                    // The connection is gone; the reader reports it.
+                    return;
+                }
+            }
+        })
+        .map_err(io("spawn the heartbeat thread"))?;
+    Ok(stop)
+}
+
+/// A thread that reads every frame: heartbeats prove the peer alive, the
+/// rest goes to the engine. The first error (silence for `timeout`, the
+/// peer closing, a bad frame) ends it; silence also trips `kill`.
+fn spawn_reader(
+    mut reader: BufReader<TcpStream>,
+    timeout: Duration,
+    kill: KillSwitch,
+) -> Result<Receiver<Result<Message, TransportError>>, TransportError> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::Builder::new()
+        .name("tcp-control-reader".into())
+        .spawn(move || {
+            loop {
+                let err = match read_message(&mut reader) {
+                    Ok(Message::Heartbeat) => continue,
+                    Ok(m) => {
+                        if tx.send(Ok(m)).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(e) if is_timeout(&e) => {
+                        let silent = TransportError::PeerSilent {
+                            secs: timeout.as_secs_f64(),
+                        };
+                        tracing::error!(error = %silent, "peer declared dead");
+                        kill.kill_because(clone_error(&silent));
+                        silent
+                    }
+                    Err(e) => kill.reason().unwrap_or(e.into()),
+                };
+                let _ = tx.send(Err(err));
+                return;
+            }
+        })
+        .map_err(io("spawn the control reader"))?;
+    Ok(rx)
+}
+
+fn is_timeout(e: &migrate_core::protocol::ProtocolError) -> bool {
+    matches!(
+        e,
+        migrate_core::protocol::ProtocolError::Io { source, .. }
+            if matches!(source.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+    )
 }
 
 pub(crate) fn prepare(stream: &TcpStream, cfg: &TcpConfig) -> Result<(), TransportError> {

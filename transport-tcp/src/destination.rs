@@ -2,8 +2,8 @@
 //! batches straight into guest memory.
 
 use std::io::{BufReader, Read};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Mutex};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use migrate_core::transport::{
 };
 
 use crate::TcpConfig;
-use crate::control::{TcpControl, io};
+use crate::control::{KillSwitch, TcpControl, io};
 
 /// A listening socket for incoming migrations.
 #[derive(Debug)]
@@ -61,9 +61,8 @@ impl TcpMigrationListener {
             .map_err(io("listener blocking"))?;
         let (stream, peer) = self.listener.accept().map_err(io("accept"))?;
         tracing::debug!(%peer, "control connection accepted");
-        let control = TcpControl::open(stream, &self.cfg)?;
         let kill = KillSwitch::default();
-        kill.register(control.stream());
+        let control = TcpControl::open_control(stream, &self.cfg, &kill)?;
         Ok(TcpDestination {
             listener: self.listener.try_clone().map_err(io("clone listener"))?,
             cfg: self.cfg.clone(),
@@ -82,32 +81,6 @@ pub struct TcpDestination {
     control: TcpControl,
     receivers: Vec<JoinHandle<()>>,
     kill: KillSwitch,
-}
-
-/// Drops every connection of a [`TcpDestination`] from another thread, as
-/// the death of its process would (tests, and a VMM that gives up).
-#[derive(Debug, Clone, Default)]
-pub struct KillSwitch(Arc<Mutex<(bool, Vec<TcpStream>)>>);
-
-impl KillSwitch {
-    /// Shut down every connection, now and any opened later.
-    pub fn kill(&self) {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        g.0 = true;
-        for s in &g.1 {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-
-    fn register(&self, s: &TcpStream) {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Ok(c) = s.try_clone() {
-            if g.0 {
-                let _ = c.shutdown(Shutdown::Both);
-            }
-            g.1.push(c);
-        }
-    }
 }
 
 impl TcpDestination {
@@ -227,8 +200,12 @@ fn join(
         Message::Join { session: s, index } if s == session => {
             // Keep the reader that read the Join: it may already hold the
             // first page bytes (dropping its buffer would desync the stream).
-            let (stream, reader) = c.into_parts();
-            Ok((index, (stream, reader)))
+            c.into_parts()
+                .map(|parts| (index, parts))
+                .ok_or(TransportError::Stream {
+                    stream: index,
+                    detail: "a data stream opened as a control connection".into(),
+                })
         }
         Message::Join { .. } => Err(TransportError::Stream {
             stream: u16::MAX,
@@ -310,6 +287,8 @@ fn receive_stream(
             Ok(None) => continue,
             Ok(Some(e)) => e,
             Err(error) => {
+                // A silent peer tripped the kill: report that, the cause.
+                let error = kill.reason().unwrap_or(error);
                 let detail = error.to_string();
                 if tx.send(DataEvent::Failed { stream, error }).is_ok() {
                     // The engine may be blocked on the control channel:

@@ -25,8 +25,8 @@ mod source;
 
 use std::time::Duration;
 
-pub use control::TcpControl;
-pub use destination::{KillSwitch, TcpDestination, TcpMigrationListener};
+pub use control::{KillSwitch, TcpControl};
+pub use destination::{TcpDestination, TcpMigrationListener};
 pub use source::TcpSource;
 
 /// Data connections used when not told otherwise. Measured on the 2-core
@@ -43,7 +43,9 @@ pub struct TcpConfig {
     pub compress: bool,
     /// zstd level (1 is fast; higher levels rarely pay on a live link).
     pub compress_level: i32,
-    /// How long a read or write may block before the peer counts as dead.
+    /// How long the peer may send nothing at all (heartbeats included)
+    /// before it counts as dead, and how long a single read or write may
+    /// block.
     pub io_timeout: Duration,
     /// How long connecting (and waiting for data streams to join) may take.
     pub connect_timeout: Duration,

@@ -18,7 +18,7 @@ use migrate_core::transport::{
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::TcpConfig;
-use crate::control::{TcpControl, io, prepare};
+use crate::control::{KillSwitch, TcpControl, io, prepare};
 
 /// Raw page bytes a batch aims for: large enough to amortize headers and
 /// syscalls, small enough to spread a round over all streams.
@@ -31,6 +31,9 @@ pub struct TcpSource {
     addr: SocketAddr,
     cfg: TcpConfig,
     control: TcpControl,
+    /// Every connection of this migration; tripped when the peer falls
+    /// silent.
+    kill: KillSwitch,
 }
 
 impl TcpSource {
@@ -51,12 +54,14 @@ impl TcpSource {
             .next()
             .ok_or_else(|| connect_err(std::io::Error::other("no address")))?;
         let stream = TcpStream::connect_timeout(&sa, cfg.connect_timeout).map_err(connect_err)?;
-        let control = TcpControl::open(stream, &cfg)?;
+        let kill = KillSwitch::default();
+        let control = TcpControl::open_control(stream, &cfg, &kill)?;
         tracing::debug!(%sa, "control connection open");
         Ok(Self {
             addr: sa,
             cfg,
             control,
+            kill,
         })
     }
 
@@ -112,13 +117,14 @@ impl SourceTransport for TcpSource {
             prepare(&stream, &self.cfg)?;
             let mut c = TcpControl::open(stream, &self.cfg)?;
             c.send(&Message::Join { session, index })?;
-            let (stream, _) = c.into_parts();
-            streams.push(stream);
+            self.kill.register(c.stream());
+            streams.push(c.stream().try_clone().map_err(io("clone socket"))?);
         }
         tracing::debug!(streams = streams.len(), features, "data connections open");
         Ok(Box::new(TcpPageSender {
             mem: Arc::clone(mem),
             streams,
+            kill: self.kill.clone(),
             compress: (features & FEATURE_ZSTD != 0).then_some(self.cfg.compress_level),
         }))
     }
@@ -128,6 +134,7 @@ impl SourceTransport for TcpSource {
 struct TcpPageSender {
     mem: Arc<GuestMemory>,
     streams: Vec<TcpStream>,
+    kill: KillSwitch,
     compress: Option<i32>,
 }
 
@@ -149,21 +156,26 @@ impl PageSender for TcpPageSender {
                 .enumerate()
                 .map(|(i, stream)| {
                     let (batches, next, failed) = (&batches, &next, &failed);
-                    s.spawn(move || {
-                        let r =
-                            send_stream(mem, stream, round, batches, next, failed, compress, ctx);
-                        if let Err(e) = &r {
-                            failed.store(true, Ordering::SeqCst);
-                            tracing::debug!(stream = i, error = %e, "data stream failed");
-                        }
-                        r
-                    })
+                    std::thread::Builder::new()
+                        .name(format!("tcp-send-{i}"))
+                        .spawn_scoped(s, move || {
+                            let r = send_stream(
+                                mem, stream, round, batches, next, failed, compress, ctx,
+                            );
+                            if let Err(e) = &r {
+                                failed.store(true, Ordering::SeqCst);
+                                tracing::debug!(stream = i, error = %e, "data stream failed");
+                            }
+                            r
+                        })
+                        .inspect_err(|_| failed.store(true, Ordering::SeqCst))
+                        .map_err(io("spawn a sender thread"))
                 })
                 .collect();
             handles
                 .into_iter()
                 .map(|h| {
-                    h.join().unwrap_or_else(|_| {
+                    h?.join().unwrap_or_else(|_| {
                         Err(TransportError::Stream {
                             stream: u16::MAX,
                             detail: "sender thread panicked".into(),
@@ -194,7 +206,9 @@ impl PageSender for TcpPageSender {
             }
         }
         match first_err {
-            Some(e) => Err(e),
+            // A silent peer tripped the kill: that is the cause, not the
+            // broken pipe it made.
+            Some(e) => Err(self.kill.reason().unwrap_or(e)),
             None => Ok(total),
         }
     }

@@ -40,12 +40,17 @@
 //!
 //! ```text
 //!  AwaitHello --Hello--> AwaitLayout --Layout ok--> AwaitJoins --all joined-->
-//!  Receiving --RoundDone, all RoundEnd--> Receiving (ack sent)
-//!  Receiving --ZeroPages--> Receiving (pages zeroed)
-//!  Receiving --VerifyRequest--> Receiving (hashes sent)
-//!  Receiving --DeviceState(last: false)--> DeviceState --DeviceState...-->
-//!  Receiving / DeviceState --DeviceState(last)--> HaveState
+//!  Receiving --RoundDone(live), all RoundEnd--> Receiving (ack sent)
+//!  Receiving / FinalRetry --ZeroPages--> same state (pages zeroed)
+//!  Receiving / FinalRetry --RoundDone(last), all RoundEnd, every page checked-->
+//!      Complete (ack sent; the data plane is done)
+//!  Receiving / FinalRetry --RoundDone(last), some pages failed--> FinalRetry
+//!      (ack names them; the source sends them again, paused)
+//!  Complete --VerifyRequest--> Complete (hashes sent)
+//!  Complete --DeviceState(last: false)--> DeviceState --DeviceState...-->
+//!  Complete / DeviceState --DeviceState(last)--> HaveState
 //!  HaveState --Commit--> Committed (state loaded, guest resumed, Committed sent)
+//!  any other state --Commit--> Discarded (Refused: incomplete migration)
 //!  any state --Abort / error / peer gone--> Discarded
 //!  any state --any other message--> Discarded (ProtocolError::Unexpected)
 //! ```
@@ -86,6 +91,16 @@
 //! picks the highest both speak and says so in `Welcome`. Feature bits (e.g.
 //! [`FEATURE_ZSTD`]) announce optional encodings. All integers are little
 //! endian. Frame kinds unknown to a version are errors, never skipped.
+//! Version 2 added `Heartbeat`; version 1 peers are refused.
+//!
+//! # Liveness
+//!
+//! From the preamble on, both ends of the control stream send `Heartbeat`
+//! at least once a second, and each reads the stream continuously: a round
+//! may last as long as the link needs, and a peer from which nothing at all
+//! arrives for the I/O timeout is dead, frozen or cut off, in any phase.
+//! Heartbeats never reach the state machines below; the transport drops
+//! them (`transport-tcp`'s control module).
 
 mod batch;
 mod codec;
@@ -111,9 +126,11 @@ use crate::memory::{MemoryLayout, PageSize, RegionLayout};
 /// First bytes of every stream.
 pub const MAGIC: [u8; 6] = *b"LIVMIG";
 /// The protocol version this build speaks (and the highest it accepts).
-pub const VERSION: u16 = 1;
-/// The lowest version this build accepts.
-pub const MIN_VERSION: u16 = 1;
+/// Version 2 added heartbeats on the control stream.
+pub const VERSION: u16 = 2;
+/// The lowest version this build accepts: peers without heartbeats cannot
+/// tell a long round from a dead link.
+pub const MIN_VERSION: u16 = 2;
 /// Largest frame payload accepted: decoding never allocates more.
 pub const MAX_FRAME: u32 = 16 << 20;
 /// Largest device-state chunk per frame.
@@ -404,6 +421,9 @@ messages! {
         /// The pages.
         ranges: Vec<PageRange>,
     },
+    /// Either side, on the control stream, at least once a second from the
+    /// preamble on (version 2): "still here". Never reaches the engine.
+    Heartbeat = 20,
 }
 
 /// Why bytes from a peer could not be understood.

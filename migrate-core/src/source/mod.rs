@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use crate::dirty::DirtyTracker;
 use crate::memory::GuestMemory;
 use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus, Monitor};
-use crate::transport::SourceTransport;
+use crate::transport::{SourceTransport, TransportError};
 use crate::vm::SourceVm;
 use crate::{CancelToken, MigrationError};
 use precopy::Precopy;
@@ -196,20 +196,28 @@ fn with_watchdog<T>(
     cfg: &SourceConfig,
     deadline: Option<Instant>,
     cancel: &CancelToken,
-    f: impl FnOnce() -> T,
-) -> T {
+    f: impl FnOnce() -> Result<T, MigrationError>,
+) -> Result<T, MigrationError> {
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
     let watchdog = match (cfg.timeout, deadline) {
         (Some((_, TimeoutPolicy::Cancel)), Some(deadline)) => {
             let cancel = cancel.clone();
-            Some(std::thread::spawn(move || {
+            let watch = move || {
                 let wait = deadline.saturating_duration_since(Instant::now());
                 if let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                     done_rx.recv_timeout(wait)
                 {
                     cancel.cancel();
                 }
-            }))
+            };
+            let spawned = std::thread::Builder::new()
+                .name("migration-timeout".into())
+                .spawn(watch)
+                .map_err(|source| TransportError::Io {
+                    op: "spawn the timeout watchdog",
+                    source,
+                })?;
+            Some(spawned)
         }
         _ => None,
     };

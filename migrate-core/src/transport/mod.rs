@@ -48,6 +48,14 @@ pub enum TransportError {
     /// The migration was cancelled while the transport was busy.
     #[error("cancelled")]
     Cancelled,
+    /// Nothing arrived from the peer, not even a heartbeat, for `secs`.
+    #[error(
+        "nothing from the peer for {secs:.1} s, not even a heartbeat: it is dead, frozen or cut off"
+    )]
+    PeerSilent {
+        /// How long the peer was silent (the I/O timeout).
+        secs: f64,
+    },
     /// A data stream broke or misbehaved.
     #[error("data stream {stream}: {detail}")]
     Stream {
@@ -64,6 +72,7 @@ impl TransportError {
         match self {
             TransportError::Protocol(p) => p.is_disconnect(),
             TransportError::Io { source, .. } => crate::protocol::is_disconnect_kind(source.kind()),
+            TransportError::PeerSilent { .. } => true,
             _ => false,
         }
     }
