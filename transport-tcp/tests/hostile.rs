@@ -195,3 +195,237 @@ fn corrupted_control_frame_fails_with_the_source_running() {
     );
     o.source_vm.stop();
 }
+
+/// A source written by hand, frame by frame, to drive a real destination
+/// into the states a correct source never reaches.
+struct RawSource {
+    control: TcpStream,
+    reader: std::io::BufReader<TcpStream>,
+    data: Vec<TcpStream>,
+}
+
+impl RawSource {
+    /// Preamble, Hello, Layout (one 1 MiB region), and `streams` joined
+    /// data streams.
+    fn connect(addr: std::net::SocketAddr, streams: u16) -> RawSource {
+        use migrate_core::memory::{MemoryLayout, PageSize, RegionLayout};
+        use migrate_core::protocol::{MIN_VERSION, VERSION, wire::read_preamble};
+        let mut control = TcpStream::connect(addr).unwrap();
+        write_preamble(&mut control).unwrap();
+        let mut reader = std::io::BufReader::new(control.try_clone().unwrap());
+        read_preamble(&mut reader).unwrap();
+        let mut raw = RawSource {
+            control,
+            reader,
+            data: Vec::new(),
+        };
+        raw.send(&Message::Hello {
+            min_version: MIN_VERSION,
+            max_version: VERSION,
+            session: 42,
+            data_streams: streams,
+            features: 0,
+        });
+        assert!(matches!(raw.recv(), Message::Welcome { .. }));
+        raw.send(&Message::Layout {
+            layout: MemoryLayout {
+                regions: vec![RegionLayout {
+                    gpa: 0,
+                    len: 1 << 20,
+                    page_size: PageSize::Small,
+                }],
+            },
+        });
+        assert_eq!(raw.recv(), Message::LayoutAccepted);
+        for index in 0..streams {
+            let mut s = TcpStream::connect(addr).unwrap();
+            write_preamble(&mut s).unwrap();
+            write_message(&mut s, &Message::Join { session: 42, index }).unwrap();
+            raw.data.push(s);
+        }
+        raw
+    }
+
+    fn send(&mut self, m: &Message) {
+        write_message(&mut self.control, m).unwrap();
+    }
+
+    /// The next message that is not a heartbeat.
+    fn recv(&mut self) -> Message {
+        loop {
+            match migrate_core::protocol::wire::read_message(&mut self.reader).unwrap() {
+                Message::Heartbeat => continue,
+                m => return m,
+            }
+        }
+    }
+
+    /// Round `round` on every data stream: the page batches in `frames`
+    /// on stream 0, then the end markers; then `RoundDone`. Returns the
+    /// destination's suspect pages.
+    fn round(&mut self, round: u32, last: bool, frames: &[Vec<u8>]) -> usize {
+        for (i, s) in self.data.iter_mut().enumerate() {
+            if i == 0 {
+                for f in frames {
+                    s.write_all(f).unwrap();
+                }
+            }
+            let batches = if i == 0 { frames.len() as u64 } else { 0 };
+            write_message(s, &Message::RoundEnd { round, batches }).unwrap();
+        }
+        self.send(&Message::RoundDone { round, last });
+        match self.recv() {
+            Message::RoundAck { round: r, suspect } if r == round => suspect.len(),
+            other => panic!("expected RoundAck, got {other:?}"),
+        }
+    }
+}
+
+/// One page batch: page `page` of region 0 holding `fill`, announced with
+/// the hash `hash` (the real one, or a wrong one).
+fn page_batch(round: u32, page: u64, fill: u8, hash: Option<u64>) -> Vec<u8> {
+    use migrate_core::protocol::FrameKind;
+    use migrate_core::protocol::wire::{
+        BatchRun, FrameHeader, RunKind, check_seed, encode_batch_header,
+    };
+    let bytes = vec![fill; 4096];
+    let hash = hash.unwrap_or_else(|| xxhash_rust::xxh3::xxh3_64(&bytes));
+    let runs = [BatchRun {
+        region: 0,
+        first: page,
+        count: 1,
+        kind: RunKind::Data,
+    }];
+    let table = encode_batch_header(round, &runs, 4096, 4096, &[hash]);
+    let len = (table.len() + 4096) as u32;
+    let header = FrameHeader {
+        kind: FrameKind::Pages,
+        flags: 0,
+        len,
+        check: xxhash_rust::xxh3::xxh3_64_with_seed(&table, check_seed(FrameKind::Pages, 0, len)),
+    };
+    let mut frame = header.to_bytes().to_vec();
+    frame.extend_from_slice(&table);
+    frame.extend_from_slice(&bytes);
+    frame
+}
+
+/// A destination receiving into 1 MiB, on a thread.
+fn destination() -> (
+    std::net::SocketAddr,
+    std::thread::JoinHandle<(
+        Result<migrate_core::DestinationReport, MigrationError>,
+        Arc<migrate_core::GuestMemory>,
+        fixtures::FixtureDestinationVm,
+    )>,
+) {
+    let l = TcpMigrationListener::bind("127.0.0.1:0", cfg()).unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut d = l.accept().unwrap();
+        let incoming = IncomingMigration::accept(&mut d).unwrap();
+        let mem = Arc::new(
+            migrate_core::GuestMemory::new(vec![
+                migrate_core::GuestRegion::anonymous(0, 1 << 20).unwrap(),
+            ])
+            .unwrap(),
+        );
+        let mut vm = fixtures::FixtureDestinationVm::default();
+        let r = incoming.receive(&mut d, &mem, &mut vm);
+        (r, mem, vm)
+    });
+    (addr, t)
+}
+
+fn assert_commit_refused(raw: &mut RawSource, what: &str) {
+    raw.send(&Message::Commit);
+    match raw.recv() {
+        Message::Refused { code, message } => {
+            assert_eq!(
+                code,
+                migrate_core::protocol::RefusalCode::Protocol,
+                "{what}"
+            );
+            assert!(message.contains("incomplete"), "{what}: {message}");
+        }
+        other => panic!("{what}: expected Refused, got {other:?}"),
+    }
+}
+
+#[test]
+fn commit_without_any_round_is_refused() {
+    let (addr, dest) = destination();
+    let mut raw = RawSource::connect(addr, 1);
+    raw.send(&Message::DeviceState {
+        last: true,
+        bytes: b"state".to_vec(),
+    });
+    // A device state before the last round breaks the protocol.
+    assert!(matches!(raw.recv(), Message::Abort { .. }));
+    let (r, _, vm) = dest.join().unwrap();
+    assert!(r.is_err() && !vm.resumed, "{r:?}");
+
+    let (addr, dest) = destination();
+    let mut raw = RawSource::connect(addr, 1);
+    assert_commit_refused(&mut raw, "no round");
+    let (r, _, vm) = dest.join().unwrap();
+    assert!(
+        matches!(r, Err(MigrationError::Refused { .. })) && !vm.resumed,
+        "{r:?}"
+    );
+}
+
+#[test]
+fn commit_after_live_rounds_only_is_refused() {
+    let (addr, dest) = destination();
+    let mut raw = RawSource::connect(addr, 2);
+    assert_eq!(raw.round(0, false, &[page_batch(0, 3, 7, None)]), 0);
+    assert_commit_refused(&mut raw, "live round only");
+    let (r, mem, vm) = dest.join().unwrap();
+    assert!(r.is_err() && !vm.resumed, "{r:?}");
+    // The page did land (what was received is discarded by the caller).
+    let mut b = [0u8; 1];
+    mem.read(3 * 4096, &mut b).unwrap();
+    assert_eq!(b[0], 7);
+}
+
+#[test]
+fn commit_after_a_last_round_with_failed_pages_is_refused() {
+    let (addr, dest) = destination();
+    let mut raw = RawSource::connect(addr, 1);
+    let bad = page_batch(0, 5, 9, Some(0xdead_beef));
+    assert_eq!(raw.round(0, true, &[bad]), 1, "the bad page is suspect");
+    assert_commit_refused(&mut raw, "suspect pages in the last round");
+    let (r, _, vm) = dest.join().unwrap();
+    assert!(r.is_err() && !vm.resumed, "{r:?}");
+}
+
+/// The source dies right after its Commit reached the destination: its
+/// data streams close at the same time. The migration is complete, so the
+/// destination commits, and says so.
+#[test]
+fn a_complete_migration_commits_even_when_the_data_streams_close_first() {
+    for attempt in 0..5 {
+        let (addr, dest) = destination();
+        let mut raw = RawSource::connect(addr, 2);
+        assert_eq!(raw.round(0, true, &[page_batch(0, 1, 0x5a, None)]), 0);
+        raw.send(&Message::DeviceState {
+            last: true,
+            bytes: b"state".to_vec(),
+        });
+        for s in raw.data.drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        raw.send(&Message::Commit);
+        assert_eq!(raw.recv(), Message::Committed, "attempt {attempt}");
+        let (r, mem, vm) = dest.join().unwrap();
+        assert!(r.is_ok() && vm.resumed, "attempt {attempt}: {r:?}");
+        assert_eq!(vm.state.as_deref(), Some(&b"state"[..]));
+        let mut page = vec![0u8; 4096];
+        mem.read(4096, &mut page).unwrap();
+        assert!(
+            page.iter().all(|&b| b == 0x5a),
+            "the page of the last round landed"
+        );
+    }
+}
