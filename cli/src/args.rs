@@ -61,7 +61,8 @@ pub struct TransportArgs {
     /// TCP data connections (RDMA: queue pairs).
     #[arg(long, default_value_t = transport_tcp::DEFAULT_DATA_STREAMS)]
     pub streams: u16,
-    /// Seconds a blocked read or write may take before the peer counts as dead.
+    /// Seconds the peer may send nothing at all (both ends send heartbeats
+    /// every second) before it counts as dead; rounds may last longer.
     #[arg(long, default_value_t = 30)]
     pub io_timeout_s: u64,
     /// RDMA device (default: the first one).

@@ -28,9 +28,10 @@ fn dest(netns: Option<&str>, listen: &str, extra: &[&str], json: &Path) -> (Chil
         None => Command::new(BIN),
     };
     let mut child = cmd
-        .args(["dest", "--listen", listen, "--io-timeout-s", "10", "--json"])
+        .args(["dest", "--listen", listen, "--json"])
         .arg(json)
         .args(extra)
+        .args(default_io_timeout(extra))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -56,22 +57,23 @@ fn source(netns: Option<&str>, addr: &str, args: &[&str], json: &Path) -> Child 
         }
         None => Command::new(BIN),
     };
-    cmd.args([
-        "source",
-        "--connect",
-        addr,
-        "--progress",
-        "never",
-        "--io-timeout-s",
-        "10",
-        "--json",
-    ])
-    .arg(json)
-    .args(args)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("spawn source")
+    cmd.args(["source", "--connect", addr, "--progress", "never", "--json"])
+        .arg(json)
+        .args(args)
+        .args(default_io_timeout(args))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn source")
+}
+
+/// 10 s unless the test chose its own.
+fn default_io_timeout(args: &[&str]) -> &'static [&'static str] {
+    if args.contains(&"--io-timeout-s") {
+        &[]
+    } else {
+        &["--io-timeout-s", "10"]
+    }
 }
 
 fn json(path: &Path) -> Value {
@@ -299,4 +301,173 @@ fn two_hosts_over_a_veth_pair() {
         }
     };
     migrate_and_check(Some((&hosts.src, &hosts.dst)), "10.199.0.2:0", "veth");
+}
+
+/// A healthy round may last longer than the I/O timeout: heartbeats keep
+/// both ends sure of each other (a 4 s first pass, 1 s timeout).
+#[test]
+fn a_round_longer_than_the_io_timeout_succeeds() {
+    let (sj, dj) = (tmp("long-s.json"), tmp("long-d.json"));
+    let (d, addr) = dest(None, "127.0.0.1:0", &["--io-timeout-s", "1"], &dj);
+    let s = source(
+        None,
+        &addr,
+        &[
+            "--memory",
+            "32M",
+            "--mix",
+            "0:0:1",
+            "--guest",
+            "idle",
+            "--bandwidth-mbs",
+            "8",
+            "--io-timeout-s",
+            "1",
+            "--verify",
+        ],
+        &sj,
+    )
+    .wait_with_output()
+    .unwrap();
+    let d = d.wait_with_output().unwrap();
+    assert_eq!(s.status.code(), Some(0), "{}", text(&s));
+    assert_eq!(d.status.code(), Some(0), "{}", text(&d));
+    let v = json(&sj);
+    assert_eq!(v["verified"], true, "{v}");
+    assert!(
+        v["total_ms"].as_f64().unwrap() > 2000.0,
+        "not a long round: {v}"
+    );
+    assert_eq!(json(&dj)["status"], "completed");
+}
+
+/// Resident memory of a process (`VmRSS`).
+fn resident(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:")?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        })
+        .map_or(0, |kib| kib << 10)
+}
+
+/// Wait until the destination `pid` holds `bytes` more guest memory than
+/// at the start (pages of round 0 landed in its fresh memory), within a
+/// minute: the migration is mid-round.
+fn wait_for_pages_landing(pid: u32, bytes: u64) {
+    let start = std::time::Instant::now();
+    let from = resident(pid);
+    while resident(pid) < from + bytes {
+        assert!(start.elapsed() < Duration::from_secs(60), "no pages landed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+const SLOW_ROUND: [&str; 10] = [
+    "--memory",
+    "64M",
+    "--mix",
+    "0:0:1",
+    "--guest",
+    "idle",
+    "--bandwidth-mbs",
+    "4",
+    "--io-timeout-s",
+    "2",
+];
+
+/// A destination frozen (SIGSTOP) in the middle of round 0: the source
+/// hears nothing, not even a heartbeat, declares it dead, and runs its
+/// guest again. Once thawed, the destination fails too.
+#[test]
+fn a_frozen_destination_is_declared_dead() {
+    let (sj, dj) = (tmp("frozen-d-s.json"), tmp("frozen-d-d.json"));
+    let (d, addr) = dest(None, "127.0.0.1:0", &["--io-timeout-s", "2"], &dj);
+    let s = source(None, &addr, &SLOW_ROUND, &sj);
+    wait_for_pages_landing(d.id(), 4 << 20);
+    signal(d.id(), "-STOP");
+    let frozen_at = std::time::Instant::now();
+    let s = s.wait_with_output().unwrap();
+    let detected = frozen_at.elapsed();
+    signal(d.id(), "-CONT");
+    let d = d.wait_with_output().unwrap();
+    println!("frozen destination detected after {detected:?} (I/O timeout 2 s)");
+    assert_eq!(s.status.code(), Some(1), "{}", text(&s));
+    assert!(
+        String::from_utf8_lossy(&s.stderr).contains("source guest is running again"),
+        "{}",
+        text(&s)
+    );
+    let v = json(&sj);
+    assert_eq!(v["status"], "failed");
+    assert!(v["error"].as_str().unwrap().contains("heartbeat"), "{v}");
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+    assert_eq!(json(&dj)["status"], "failed");
+}
+
+/// A source frozen in the middle of round 0: the destination declares it
+/// dead and discards what it received; the thawed source fails and runs
+/// its guest again.
+#[test]
+fn a_frozen_source_is_declared_dead() {
+    let (sj, dj) = (tmp("frozen-s-s.json"), tmp("frozen-s-d.json"));
+    let (d, addr) = dest(None, "127.0.0.1:0", &["--io-timeout-s", "2"], &dj);
+    let s = source(None, &addr, &SLOW_ROUND, &sj);
+    wait_for_pages_landing(d.id(), 4 << 20);
+    signal(s.id(), "-STOP");
+    let d = d.wait_with_output().unwrap();
+    signal(s.id(), "-CONT");
+    let s = s.wait_with_output().unwrap();
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+    let dv = json(&dj);
+    assert_eq!(dv["status"], "failed");
+    assert!(dv["error"].as_str().unwrap().contains("heartbeat"), "{dv}");
+    assert_eq!(s.status.code(), Some(1), "{}", text(&s));
+    assert!(
+        String::from_utf8_lossy(&s.stderr).contains("source guest is running again"),
+        "{}",
+        text(&s)
+    );
+}
+
+/// A report that cannot be written does not change what the exit status
+/// says: both sides migrated (0), and say on stderr what went wrong.
+#[test]
+fn an_unwritable_report_does_not_change_the_exit_status() {
+    let nowhere = Path::new("/nonexistent-dir/report.json");
+    let (d, addr) = dest(None, "127.0.0.1:0", &[], nowhere);
+    let s = source(
+        None,
+        &addr,
+        &["--memory", "8M", "--guest", "idle", "--verify"],
+        nowhere,
+    )
+    .wait_with_output()
+    .unwrap();
+    let d = d.wait_with_output().unwrap();
+    for (who, o) in [("source", &s), ("destination", &d)] {
+        assert_eq!(o.status.code(), Some(0), "{who}: {}", text(o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("could not be written"),
+            "{who}: {}",
+            text(o)
+        );
+    }
+    assert!(String::from_utf8_lossy(&s.stdout).contains("verified"));
 }

@@ -310,15 +310,15 @@ fn page_batch(round: u32, page: u64, fill: u8, hash: Option<u64>) -> Vec<u8> {
     frame
 }
 
+/// What a destination ended with: its result, its memory, its VM.
+type Received = (
+    Result<migrate_core::DestinationReport, MigrationError>,
+    Arc<migrate_core::GuestMemory>,
+    fixtures::FixtureDestinationVm,
+);
+
 /// A destination receiving into 1 MiB, on a thread.
-fn destination() -> (
-    std::net::SocketAddr,
-    std::thread::JoinHandle<(
-        Result<migrate_core::DestinationReport, MigrationError>,
-        Arc<migrate_core::GuestMemory>,
-        fixtures::FixtureDestinationVm,
-    )>,
-) {
+fn destination() -> (std::net::SocketAddr, std::thread::JoinHandle<Received>) {
     let l = TcpMigrationListener::bind("127.0.0.1:0", cfg()).unwrap();
     let addr = l.local_addr().unwrap();
     let t = std::thread::spawn(move || {
