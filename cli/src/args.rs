@@ -214,6 +214,11 @@ pub struct DestArgs {
     /// rounds to the setup, and zero pages take memory too.
     #[arg(long)]
     pub prefault: bool,
+    /// Largest guest memory adopted from a source's layout (default: the
+    /// memory this machine has available now); a larger layout is refused
+    /// before anything is allocated.
+    #[arg(long, value_parser = parse_size)]
+    pub max_memory: Option<u64>,
     /// Write the destination's report as one JSON object here.
     #[arg(long)]
     pub json: Option<PathBuf>,

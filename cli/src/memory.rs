@@ -24,8 +24,15 @@ pub fn from_args(m: &MemoryArgs) -> Result<Option<GuestMemory>> {
 }
 
 /// Fresh memory shaped like `layout`: anonymous for 4 KiB regions, hugetlb
-/// for 2 MiB ones.
-pub fn adopt(layout: &MemoryLayout) -> Result<GuestMemory> {
+/// for 2 MiB ones; refused when it exceeds `max` bytes (nothing allocated).
+pub fn adopt(layout: &MemoryLayout, max: u64) -> Result<GuestMemory> {
+    let total = layout.total_bytes();
+    if total > max {
+        bail!(
+            "the source's guest has {total} bytes of memory, more than this destination \
+             accepts ({max} bytes: raise --max-memory)"
+        );
+    }
     let regions = layout
         .regions
         .iter()
@@ -38,6 +45,24 @@ pub fn adopt(layout: &MemoryLayout) -> Result<GuestMemory> {
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(GuestMemory::new(regions)?)
+}
+
+/// What `--max-memory` is when not given: the memory available now
+/// (`MemAvailable`), or no limit when that cannot be read.
+pub fn available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("MemAvailable:")?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        })
+        .map_or(u64::MAX, |kib| kib << 10)
 }
 
 fn to_len(size: u64) -> Result<usize> {

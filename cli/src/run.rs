@@ -207,11 +207,12 @@ pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
     {
         m.prefault()?;
     }
+    let max_memory = a.max_memory.unwrap_or_else(memory::available);
     receive(
         &listener,
         own,
         a.json.as_deref(),
-        a.prefault,
+        (a.prefault, max_memory),
         Some(baseline_rss),
     )
 }
@@ -222,7 +223,7 @@ fn receive(
     listener: &transport::Listener,
     own: Option<Arc<GuestMemory>>,
     json: Option<&std::path::Path>,
-    prefault: bool,
+    (prefault, max_memory): (bool, u64),
     baseline_rss: Option<u64>,
 ) -> Result<Outcome> {
     let mut t = loop {
@@ -241,7 +242,7 @@ fn receive(
         let incoming = IncomingMigration::accept(t)?;
         let mem = match own {
             Some(m) => m,
-            None => match memory::adopt(incoming.layout()).and_then(|m| {
+            None => match memory::adopt(incoming.layout(), max_memory).and_then(|m| {
                 if prefault {
                     m.prefault()?;
                 }
@@ -324,7 +325,9 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
         a.guest.threads
     );
     // One process holds both ends: no per-side resource figures.
-    let dest = std::thread::spawn(move || receive(&listener, None, None, false, None));
+    let dest = std::thread::spawn(move || {
+        receive(&listener, None, None, (false, memory::available()), None)
+    });
     let mut m = a.migration.clone();
     m.verify = true;
     let outcome = migrate_out(

@@ -471,3 +471,30 @@ fn an_unwritable_report_does_not_change_the_exit_status() {
     }
     assert!(String::from_utf8_lossy(&s.stdout).contains("verified"));
 }
+
+/// A destination adopts a source's layout only up to `--max-memory`: a
+/// larger one is refused before anything is allocated, and the source runs on.
+#[test]
+fn a_layout_beyond_max_memory_is_refused_before_allocation() {
+    let (sj, dj) = (tmp("max-s.json"), tmp("max-d.json"));
+    let (d, addr) = dest(
+        None,
+        "127.0.0.1:0",
+        &["--max-memory", "16M", "--prefault"],
+        &dj,
+    );
+    let s = source(None, &addr, &["--memory", "32M", "--guest", "idle"], &sj)
+        .wait_with_output()
+        .unwrap();
+    let d = d.wait_with_output().unwrap();
+    assert_eq!(s.status.code(), Some(1), "{}", text(&s));
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+    let err = json(&sj)["error"].as_str().unwrap().to_string();
+    assert!(err.contains("--max-memory"), "{err}");
+    assert!(String::from_utf8_lossy(&s.stderr).contains("source guest is running again"));
+    let dv = json(&dj);
+    assert!(
+        dv["resources"]["peak_rss_bytes"].as_u64().unwrap() < 16 << 20,
+        "the destination allocated the guest: {dv}"
+    );
+}
