@@ -309,8 +309,6 @@ impl Receiver<'_> {
             }
             (Receiving | FinalRetry, Message::RoundDone { round, last: true }) => {
                 if self.land_round(ctl, round, true)? {
-                    // Every page is final: the data plane has no more to say.
-                    self.events = None;
                     Complete
                 } else {
                     FinalRetry
@@ -379,6 +377,13 @@ impl Receiver<'_> {
         self.report.rounds = self.report.rounds.max(round + 1);
         tracing::debug!(round, last, suspect = suspect.len(), "round landed");
         let clean = suspect.is_empty();
+        if last && clean {
+            // Every page is final: the data plane has no more to say. Stop
+            // listening before the ack, so that its streams closing once the
+            // source has it (a source that exits after its Commit) is no
+            // failure.
+            self.events = None;
+        }
         ctl.send(&Message::RoundAck { round, suspect })?;
         Ok(clean)
     }

@@ -22,6 +22,10 @@
 //! [`verbs`] holds every unsafe verbs call behind a safe API; the rest of
 //! the crate is safe Rust (`unsafe_code` is denied outside `verbs`).
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 #![deny(unsafe_code)]
 
 mod destination;

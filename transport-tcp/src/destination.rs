@@ -163,7 +163,12 @@ impl DestinationTransport for TcpDestination {
         }
         let layout = mem.layout();
         for (index, parts) in joined.into_iter().enumerate() {
-            let (stream, reader) = parts.expect("all joined");
+            let Some((stream, reader)) = parts else {
+                return Err(TransportError::Stream {
+                    stream: index as u16,
+                    detail: "did not join".into(),
+                });
+            };
             self.kill.register(&stream);
             let (mem, tx, layout) = (Arc::clone(mem), tx.clone(), layout.clone());
             let kill = self.kill.clone();

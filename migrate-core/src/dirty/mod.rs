@@ -33,6 +33,8 @@ mod union;
 mod vm_memory;
 
 #[cfg(any(test, feature = "test-utils"))]
+// Test support: a failed check panics, by design.
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub mod conformance;
 
 use std::fmt;

@@ -39,7 +39,9 @@ pub fn is_zero_page(page: &[u8]) -> bool {
     for chunk in &mut chunks {
         let mut acc = 0u64;
         for w in chunk.chunks_exact(8) {
-            acc |= u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+            if let Some(word) = w.first_chunk() {
+                acc |= u64::from_ne_bytes(*word);
+            }
         }
         if acc != 0 {
             return false;

@@ -93,14 +93,14 @@ impl GuestRegion {
                 len,
                 source,
             })?;
-        Ok(Self::owned(
+        Self::owned(
             gpa,
             len,
             PageSize::Small,
             Backing::Anonymous,
             map.into(),
             None,
-        ))
+        )
     }
 
     /// Shared memory from a new memfd with 4 KiB pages. The memfd stays open
@@ -137,14 +137,14 @@ impl GuestRegion {
             .len(len)
             .map_raw(&file)
             .map_err(unavailable)?;
-        Ok(Self::owned(
+        Self::owned(
             gpa,
             len,
             PageSize::Huge2M,
             Backing::Hugetlb,
             map,
             Some(file),
-        ))
+        )
     }
 
     /// Shared mapping of the file at `path` (e.g. under `/dev/shm`), created
@@ -237,7 +237,7 @@ impl GuestRegion {
             .len(len)
             .map_raw(&file)
             .map_err(map_err)?;
-        Ok(Self::owned(gpa, len, page_size, backing, map, Some(file)))
+        Self::owned(gpa, len, page_size, backing, map, Some(file))
     }
 
     fn owned(
@@ -247,9 +247,10 @@ impl GuestRegion {
         backing: Backing,
         map: MmapRaw,
         file: Option<File>,
-    ) -> Self {
-        let host = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
-        Self {
+    ) -> Result<Self, MemoryError> {
+        // mmap never returns null; refuse rather than trust it blindly.
+        let host = NonNull::new(map.as_mut_ptr()).ok_or(MemoryError::NullHost { gpa })?;
+        Ok(Self {
             gpa,
             len,
             page_size,
@@ -258,7 +259,7 @@ impl GuestRegion {
             mapping: Some(map),
             file,
             owner: None,
-        }
+        })
     }
 
     /// Keep `owner` (whatever owns an adopted mapping) alive as long as this

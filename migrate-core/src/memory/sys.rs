@@ -10,7 +10,8 @@ use std::os::fd::{AsRawFd, FromRawFd};
 
 /// A new memfd named `name` (NULs replaced), close-on-exec, with `flags`.
 pub(super) fn memfd_create(name: &str, flags: libc::c_uint) -> io::Result<File> {
-    let name = CString::new(name.replace('\0', "_")).expect("NULs replaced");
+    let name = CString::new(name.replace('\0', "_"))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `name` is a valid C string; the call has no other inputs.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
     if fd < 0 {

@@ -232,7 +232,7 @@ pub fn decode_batch_header(
     }
     let page_hashes = table[table_len..]
         .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .filter_map(|c| c.first_chunk().copied().map(u64::from_le_bytes))
         .collect();
     Ok(BatchHeader {
         round,

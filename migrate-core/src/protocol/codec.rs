@@ -50,15 +50,33 @@ impl FrameHeader {
     /// # Errors
     /// Unknown kind, non-zero reserved bytes, or a length over [`MAX_FRAME`].
     pub fn from_bytes(b: &[u8; HEADER_LEN]) -> Result<FrameHeader, ProtocolError> {
-        let kind = FrameKind::from_u8(b[0]).ok_or(ProtocolError::UnknownKind(b[0]))?;
+        let [
+            k,
+            flags,
+            r0,
+            r1,
+            l0,
+            l1,
+            l2,
+            l3,
+            c0,
+            c1,
+            c2,
+            c3,
+            c4,
+            c5,
+            c6,
+            c7,
+        ] = *b;
+        let kind = FrameKind::from_u8(k).ok_or(ProtocolError::UnknownKind(k))?;
         // Only page batches have flags; reserved bytes are always zero.
-        if b[2] != 0 || b[3] != 0 || (kind != FrameKind::Pages && b[1] != 0) {
+        if r0 != 0 || r1 != 0 || (kind != FrameKind::Pages && flags != 0) {
             return Err(ProtocolError::Malformed {
                 kind,
                 detail: "reserved header bits are not zero".into(),
             });
         }
-        let len = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
+        let len = u32::from_le_bytes([l0, l1, l2, l3]);
         if len > MAX_FRAME {
             return Err(ProtocolError::FrameTooLarge {
                 len,
@@ -67,9 +85,9 @@ impl FrameHeader {
         }
         Ok(FrameHeader {
             kind,
-            flags: b[1],
+            flags,
             len,
-            check: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            check: u64::from_le_bytes([c0, c1, c2, c3, c4, c5, c6, c7]),
         })
     }
 }
@@ -102,12 +120,12 @@ pub fn write_preamble(w: &mut impl Write) -> Result<(), ProtocolError> {
 pub fn read_preamble(r: &mut impl Read) -> Result<u16, ProtocolError> {
     let mut b = [0u8; 8];
     r.read_exact(&mut b).map_err(io_err("read preamble"))?;
-    if b[..6] != MAGIC {
-        return Err(ProtocolError::BadMagic {
-            found: b[..6].try_into().expect("6 bytes"),
-        });
+    let [m0, m1, m2, m3, m4, m5, v0, v1] = b;
+    let found = [m0, m1, m2, m3, m4, m5];
+    if found != MAGIC {
+        return Err(ProtocolError::BadMagic { found });
     }
-    Ok(u16::from_le_bytes([b[6], b[7]]))
+    Ok(u16::from_le_bytes([v0, v1]))
 }
 
 /// Write a message as one frame (a single write call).

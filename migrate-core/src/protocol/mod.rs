@@ -540,12 +540,11 @@ impl<'a> Cursor<'a> {
         }
     }
     pub(crate) fn take<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
-        if self.buf.len() < N {
+        let Some((head, rest)) = self.buf.split_first_chunk::<N>() else {
             return Err(self.bad(format!("short payload: needed {N} more bytes")));
-        }
-        let (head, rest) = self.buf.split_at(N);
+        };
         self.buf = rest;
-        Ok(head.try_into().expect("split at N"))
+        Ok(*head)
     }
     pub(crate) fn u32(&mut self) -> Result<u32, ProtocolError> {
         self.take().map(u32::from_le_bytes)

@@ -70,4 +70,6 @@ pub trait DestinationVm: Send {
 }
 
 #[cfg(feature = "test-utils")]
+// Test support: a failed check panics, by design.
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub mod conformance;
