@@ -65,6 +65,11 @@ pub struct TransportArgs {
     /// every second) before it counts as dead; rounds may last longer.
     #[arg(long, default_value_t = 30)]
     pub io_timeout_s: u64,
+    /// When the connection is lost before the switch-over, reconnect (the
+    /// source) or wait for the source to (the destination) for this many
+    /// seconds and go on where it stopped; 0: fail at once.
+    #[arg(long, default_value_t = 60)]
+    pub reconnect_s: u64,
     /// RDMA device (default: the first one).
     #[arg(long)]
     pub rdma_device: Option<String>,

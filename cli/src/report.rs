@@ -73,6 +73,14 @@ pub fn progress(handle: &MigrationHandle, choice: ProgressChoice) -> Option<Join
                         human(remaining_bytes)
                     ));
                 }
+                MigrationEvent::ConnectionLost { error } => {
+                    bar.println(format!(
+                        "connection lost ({error}); reconnecting, the guest runs on"
+                    ));
+                }
+                MigrationEvent::Resumed(_) => {
+                    bar.println("resumed over a new connection");
+                }
                 MigrationEvent::Completed(_) | MigrationEvent::Failed { .. } => {
                     bar.finish_and_clear();
                     return;
@@ -124,6 +132,7 @@ pub fn source_json(
         "dirty_rate_pps": stats.dirty_rate_pps,
         "throttle_percent": stats.throttle_percent,
         "tracker": stats.tracker,
+        "reconnects": stats.reconnects,
     });
     if let Some(r) = fallback_reason {
         v["fallback_reason"] = json!(r);

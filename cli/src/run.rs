@@ -63,7 +63,7 @@ fn write_report(path: &std::path::Path, v: &serde_json::Value) {
     }
 }
 
-fn source_config(m: &MigrationArgs) -> SourceConfig {
+fn source_config(m: &MigrationArgs, t: &TransportArgs) -> SourceConfig {
     SourceConfig {
         downtime_limit: Duration::from_millis(m.downtime_ms.max(1)),
         bandwidth_limit: (m.bandwidth_mbs > 0).then_some(m.bandwidth_mbs * 1_000_000),
@@ -79,8 +79,14 @@ fn source_config(m: &MigrationArgs) -> SourceConfig {
         }),
         auto_converge: !m.no_auto_converge,
         verify: m.verify,
+        reconnect: reconnect(t),
         ..SourceConfig::default()
     }
+}
+
+/// The grace period for a lost connection, if any.
+fn reconnect(t: &TransportArgs) -> Option<Duration> {
+    (t.reconnect_s > 0).then(|| Duration::from_secs(t.reconnect_s))
 }
 
 fn tracker_pref(t: TrackerChoice) -> TrackerPreference {
@@ -147,7 +153,7 @@ fn migrate_out(
         eprintln!("dirty tracking: not using {}: {}", f.tracker, f.reason);
     }
     let mut vm = guest::start(&mem, g)?;
-    let migration = SourceMigration::new(source_config(m));
+    let migration = SourceMigration::new(source_config(m, t));
     let handle = migration.handle();
     let bar = report::progress(&handle, progress);
     let result = migration.run(transport.as_dyn(), &mem, &tracking, &mut vm);
@@ -207,14 +213,22 @@ pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
     {
         m.prefault()?;
     }
-    let max_memory = a.max_memory.unwrap_or_else(memory::available);
-    receive(
-        &listener,
-        own,
-        a.json.as_deref(),
-        (a.prefault, max_memory),
-        Some(baseline_rss),
-    )
+    let opts = Receiving {
+        prefault: a.prefault,
+        max_memory: a.max_memory.unwrap_or_else(memory::available),
+        reconnect: reconnect(&a.transport),
+    };
+    receive(&listener, own, a.json.as_deref(), &opts, Some(baseline_rss))
+}
+
+/// How the destination receives.
+struct Receiving {
+    /// Allocate adopted memory before the first page.
+    prefault: bool,
+    /// Largest layout adopted.
+    max_memory: u64,
+    /// Grace period for a lost connection.
+    reconnect: Option<Duration>,
 }
 
 /// Accept one migration (skipping clients that are not migration sources)
@@ -223,7 +237,7 @@ fn receive(
     listener: &transport::Listener,
     own: Option<Arc<GuestMemory>>,
     json: Option<&std::path::Path>,
-    (prefault, max_memory): (bool, u64),
+    opts: &Receiving,
     baseline_rss: Option<u64>,
 ) -> Result<Outcome> {
     let mut t = loop {
@@ -239,11 +253,14 @@ fn receive(
     let mut guest_mem = None;
     let outcome = (|| -> Result<(migrate_core::DestinationReport, Option<Result<String, String>>)> {
         let t = t.as_dyn();
-        let incoming = IncomingMigration::accept(t)?;
+        let mut incoming = IncomingMigration::accept(t)?;
+        if let Some(grace) = opts.reconnect {
+            incoming = incoming.resume_within(grace);
+        }
         let mem = match own {
             Some(m) => m,
-            None => match memory::adopt(incoming.layout(), max_memory).and_then(|m| {
-                if prefault {
+            None => match memory::adopt(incoming.layout(), opts.max_memory).and_then(|m| {
+                if opts.prefault {
                     m.prefault()?;
                 }
                 Ok(m)
@@ -309,6 +326,7 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
         transport: TransportChoice::Tcp,
         streams: a.streams,
         io_timeout_s: 30,
+        reconnect_s: 0,
         rdma_device: None,
         gid_index: None,
     };
@@ -326,7 +344,12 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
     );
     // One process holds both ends: no per-side resource figures.
     let dest = std::thread::spawn(move || {
-        receive(&listener, None, None, (false, memory::available()), None)
+        let opts = Receiving {
+            prefault: false,
+            max_memory: memory::available(),
+            reconnect: None,
+        };
+        receive(&listener, None, None, &opts, None)
     });
     let mut m = a.migration.clone();
     m.verify = true;

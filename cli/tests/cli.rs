@@ -242,6 +242,8 @@ fn nothing_listening_is_a_clear_error() {
 struct Hosts {
     src: String,
     dst: String,
+    /// The source end of the veth pair (inside `src`).
+    src_dev: String,
 }
 
 impl Hosts {
@@ -252,6 +254,7 @@ impl Hosts {
         let hosts = Hosts {
             src: src.clone(),
             dst: dst.clone(),
+            src_dev: vs.clone(),
         };
         let run = |args: &[&str]| -> Result<(), String> {
             let o = Command::new("ip")
@@ -379,7 +382,7 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill {sig} {pid}");
 }
 
-const SLOW_ROUND: [&str; 10] = [
+const SLOW_ROUND: [&str; 12] = [
     "--memory",
     "64M",
     "--mix",
@@ -390,7 +393,12 @@ const SLOW_ROUND: [&str; 10] = [
     "4",
     "--io-timeout-s",
     "2",
+    "--reconnect-s",
+    "0",
 ];
+
+/// The destination side of [`SLOW_ROUND`].
+const NO_RESUME: [&str; 4] = ["--io-timeout-s", "2", "--reconnect-s", "0"];
 
 /// A destination frozen (SIGSTOP) in the middle of round 0: the source
 /// hears nothing, not even a heartbeat, declares it dead, and runs its
@@ -398,7 +406,7 @@ const SLOW_ROUND: [&str; 10] = [
 #[test]
 fn a_frozen_destination_is_declared_dead() {
     let (sj, dj) = (tmp("frozen-d-s.json"), tmp("frozen-d-d.json"));
-    let (d, addr) = dest(None, "127.0.0.1:0", &["--io-timeout-s", "2"], &dj);
+    let (d, addr) = dest(None, "127.0.0.1:0", &NO_RESUME, &dj);
     let s = source(None, &addr, &SLOW_ROUND, &sj);
     wait_for_pages_landing(d.id(), 4 << 20);
     signal(d.id(), "-STOP");
@@ -427,7 +435,7 @@ fn a_frozen_destination_is_declared_dead() {
 #[test]
 fn a_frozen_source_is_declared_dead() {
     let (sj, dj) = (tmp("frozen-s-s.json"), tmp("frozen-s-d.json"));
-    let (d, addr) = dest(None, "127.0.0.1:0", &["--io-timeout-s", "2"], &dj);
+    let (d, addr) = dest(None, "127.0.0.1:0", &NO_RESUME, &dj);
     let s = source(None, &addr, &SLOW_ROUND, &sj);
     wait_for_pages_landing(d.id(), 4 << 20);
     signal(s.id(), "-STOP");
@@ -497,4 +505,118 @@ fn a_layout_beyond_max_memory_is_refused_before_allocation() {
         dv["resources"]["peak_rss_bytes"].as_u64().unwrap() < 16 << 20,
         "the destination allocated the guest: {dv}"
     );
+}
+
+/// A peer frozen for longer than the I/O timeout, then thawed: the other
+/// side declares it dead, and both go on over a new connection — the
+/// guest keeps dirtying throughout, and the memory arrives whole.
+fn freeze_and_thaw(freeze_destination: bool, tag: &str) {
+    let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
+    let (d, addr) = dest(None, "127.0.0.1:0", &["--io-timeout-s", "2"], &dj);
+    let s = source(
+        None,
+        &addr,
+        &[
+            "--memory",
+            "64M",
+            "--mix",
+            "0:0:1",
+            "--guest",
+            "bank",
+            "--dirty-rate",
+            "1000",
+            "--bandwidth-mbs",
+            "16",
+            "--io-timeout-s",
+            "2",
+            "--verify",
+        ],
+        &sj,
+    );
+    wait_for_pages_landing(d.id(), 4 << 20);
+    let frozen = if freeze_destination { d.id() } else { s.id() };
+    signal(frozen, "-STOP");
+    std::thread::sleep(Duration::from_secs(4)); // the outage: twice the I/O timeout
+    signal(frozen, "-CONT");
+    let s = s.wait_with_output().unwrap();
+    let d = d.wait_with_output().unwrap();
+    assert_eq!(s.status.code(), Some(0), "{}", text(&s));
+    assert_eq!(d.status.code(), Some(0), "{}", text(&d));
+    let v = json(&sj);
+    assert_eq!(v["verified"], true, "{v}");
+    assert!(v["reconnects"].as_u64().unwrap() >= 1, "{v}");
+    let dv = json(&dj);
+    assert_eq!(dv["status"], "completed");
+    assert_eq!(dv["guest_consistent"], true, "{dv}");
+}
+
+#[test]
+fn a_destination_frozen_past_the_timeout_is_resumed() {
+    freeze_and_thaw(true, "thaw-d");
+}
+
+#[test]
+fn a_source_frozen_past_the_timeout_is_resumed() {
+    freeze_and_thaw(false, "thaw-s");
+}
+
+/// The link between two hosts goes down for 5 s (2.5× the I/O timeout) in
+/// round 0 and comes back: both sides declare the other dead, the source
+/// reconnects once the link is back, and the migration completes verified.
+#[test]
+fn a_cut_link_is_survived() {
+    let hosts = match Hosts::create() {
+        Ok(h) => h,
+        Err(e) => {
+            println!("SKIP a_cut_link_is_survived: cannot create network namespaces here: {e}");
+            return;
+        }
+    };
+    let (sj, dj) = (tmp("cut-s.json"), tmp("cut-d.json"));
+    let (d, addr) = dest(
+        Some(&hosts.dst),
+        "10.199.0.2:0",
+        &["--io-timeout-s", "2"],
+        &dj,
+    );
+    let s = source(
+        Some(&hosts.src),
+        &addr,
+        &[
+            "--memory",
+            "64M",
+            "--mix",
+            "0:0:1",
+            "--guest",
+            "bank",
+            "--dirty-rate",
+            "1000",
+            "--bandwidth-mbs",
+            "16",
+            "--io-timeout-s",
+            "2",
+            "--verify",
+        ],
+        &sj,
+    );
+    wait_for_pages_landing(d.id(), 4 << 20);
+    let link = |state: &str| {
+        let ok = Command::new("ip")
+            .args(["-n", &hosts.src, "link", "set", &hosts.src_dev, state])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip link set {state}");
+    };
+    link("down");
+    std::thread::sleep(Duration::from_secs(5)); // the outage
+    link("up");
+    let s = s.wait_with_output().unwrap();
+    let d = d.wait_with_output().unwrap();
+    assert_eq!(s.status.code(), Some(0), "{}", text(&s));
+    assert_eq!(d.status.code(), Some(0), "{}", text(&d));
+    let v = json(&sj);
+    assert_eq!(v["verified"], true, "{v}");
+    assert!(v["reconnects"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(json(&dj)["guest_consistent"], true);
 }

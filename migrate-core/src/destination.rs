@@ -55,6 +55,7 @@ pub struct IncomingMigration {
     streams: u16,
     features: u64,
     started: Instant,
+    reconnect: Option<Duration>,
 }
 
 impl IncomingMigration {
@@ -104,7 +105,16 @@ impl IncomingMigration {
             streams,
             features,
             started,
+            reconnect: None,
         })
+    }
+
+    /// When the connection to the source is lost before the switch-over,
+    /// keep what was received and wait up to `grace` for the source to
+    /// reconnect and `Resume` (see [`SourceConfig::reconnect`](crate::SourceConfig::reconnect)).
+    pub fn resume_within(mut self, grace: Duration) -> Self {
+        self.reconnect = Some(grace);
+        self
     }
 
     /// The source's guest memory layout.
@@ -183,10 +193,18 @@ impl IncomingMigration {
         };
         let mut state = ReceiverState::Receiving;
         loop {
-            let msg = receiver.next_message(transport.control())?;
-            state = match receiver.step(state, msg, transport.control(), vm)? {
-                ReceiverState::Committed => break,
-                next => next,
+            let live = matches!(state, ReceiverState::Receiving);
+            let next = receiver
+                .next_message(transport.control())
+                .and_then(|msg| receiver.step(state, msg, transport.control(), vm));
+            state = match next {
+                Ok(ReceiverState::Committed) => break,
+                Ok(next) => next,
+                Err(e) if live && self.may_resume(&e) => {
+                    receiver.events = Some(self.resume(transport, mem, e)?);
+                    ReceiverState::Receiving
+                }
+                Err(e) => return Err(e),
             };
         }
         receiver.report.total_ms = self.started.elapsed().as_secs_f64() * 1e3;
@@ -195,6 +213,50 @@ impl IncomingMigration {
             "incoming migration committed; guest resumed"
         );
         Ok(receiver.report)
+    }
+}
+
+impl IncomingMigration {
+    /// Whether `e` lost the connection in a way a new one may mend.
+    fn may_resume(&self, e: &MigrationError) -> bool {
+        self.reconnect.is_some() && matches!(e, MigrationError::Transport(t) if t.is_disconnect())
+    }
+
+    /// Wait for the source to come back with `Resume` for this session, then
+    /// open the data plane again. Another client is refused and waited past.
+    fn resume(
+        &self,
+        transport: &mut dyn DestinationTransport,
+        mem: &Arc<GuestMemory>,
+        cause: MigrationError,
+    ) -> Result<crossbeam_channel::Receiver<DataEvent>, MigrationError> {
+        let grace = self.reconnect.unwrap_or_default();
+        let deadline = Instant::now() + grace;
+        tracing::warn!(error = %cause, ?grace, "connection to the source lost; waiting for it");
+        loop {
+            if let Err(e) = transport.reaccept(deadline) {
+                tracing::warn!(error = %e, "the source did not come back");
+                return Err(cause);
+            }
+            let ctl = transport.control();
+            match recv(ctl) {
+                Ok(Message::Resume { session }) if session == self.session => break,
+                Ok(other) => {
+                    let _ = ctl.send(&Message::Refused {
+                        code: RefusalCode::Protocol,
+                        message: format!(
+                            "this destination is waiting for migration {:#x} to resume (got {:?})",
+                            self.session,
+                            other.kind()
+                        ),
+                    });
+                }
+                Err(e) => tracing::debug!(error = %e, "a reconnection failed"),
+            }
+        }
+        transport.control().send(&Message::Resumed)?;
+        tracing::info!("migration resumed over a new connection");
+        Ok(transport.open_data(mem, self.session, self.streams, self.features)?)
     }
 }
 
@@ -490,9 +552,12 @@ fn zero_pages(mem: &GuestMemory, ranges: &[PageRange]) -> Result<(), MigrationEr
     Ok(())
 }
 
+/// A data stream's failure as the migration's error. A lost peer stays a
+/// disconnect (it may resume); anything else names the stream.
 fn stream_failed(stream: u16, error: TransportError) -> MigrationError {
     match error {
         e @ TransportError::Stream { .. } => e.into(),
+        e if e.is_disconnect() => e.into(),
         e => TransportError::Stream {
             stream,
             detail: e.to_string(),

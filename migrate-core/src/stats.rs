@@ -86,6 +86,8 @@ pub struct MigrationStats {
     pub throttle_percent: u8,
     /// Whether the destination's pages were compared with the source's.
     pub verified: bool,
+    /// Times the migration went on over a new connection after losing one.
+    pub reconnects: u32,
 }
 
 /// What happens during a migration, in order.
@@ -121,6 +123,14 @@ pub enum MigrationEvent {
         /// Why now (`converged`, `max rounds`, `timeout`).
         reason: &'static str,
     },
+    /// The connection to the destination was lost before the switch-over;
+    /// the source reconnects within its grace period, its guest running.
+    ConnectionLost {
+        /// What broke.
+        error: String,
+    },
+    /// The migration goes on over a new connection.
+    Resumed(MigrationStats),
     /// Committed (final statistics).
     Completed(MigrationStats),
     /// Failed before commit; the source guest runs (final statistics).

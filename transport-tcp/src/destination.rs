@@ -180,6 +180,57 @@ impl DestinationTransport for TcpDestination {
         }
         Ok(rx)
     }
+
+    fn reaccept(&mut self, deadline: Instant) -> Result<(), TransportError> {
+        // The old connections are dead: close what is left, end their
+        // receiver threads, then wait for the source.
+        self.kill.kill();
+        for h in self.receivers.drain(..) {
+            let _ = h.join();
+        }
+        self.accept_control(deadline)
+    }
+}
+
+impl TcpDestination {
+    /// The next connection that speaks our preamble, until `deadline`;
+    /// anything else is dropped.
+    fn accept_control(&mut self, deadline: Instant) -> Result<(), TransportError> {
+        self.listener
+            .set_nonblocking(true)
+            .map_err(io("listener non-blocking"))?;
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, peer)) => {
+                    tracing::debug!(%peer, "connection while resuming");
+                    s
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(TransportError::Io {
+                            op: "wait for the source to reconnect",
+                            source: std::io::ErrorKind::TimedOut.into(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) => return Err(io("accept")(e)),
+            };
+            stream
+                .set_nonblocking(false)
+                .map_err(io("connection blocking"))?;
+            let kill = KillSwitch::default();
+            match TcpControl::open_control(stream, &self.cfg, &kill) {
+                Ok(control) => {
+                    self.control = control;
+                    self.kill = kill;
+                    return Ok(());
+                }
+                Err(e) => tracing::warn!(error = %e, "dropped a connection while resuming"),
+            }
+        }
+    }
 }
 
 impl Drop for TcpDestination {

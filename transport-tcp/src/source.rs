@@ -53,9 +53,7 @@ impl TcpSource {
             .map_err(connect_err)?
             .next()
             .ok_or_else(|| connect_err(std::io::Error::other("no address")))?;
-        let stream = TcpStream::connect_timeout(&sa, cfg.connect_timeout).map_err(connect_err)?;
-        let kill = KillSwitch::default();
-        let control = TcpControl::open_control(stream, &cfg, &kill)?;
+        let (control, kill) = open_control(&sa, &cfg)?;
         tracing::debug!(%sa, "control connection open");
         Ok(Self {
             addr: sa,
@@ -121,6 +119,7 @@ impl SourceTransport for TcpSource {
             streams.push(c.stream().try_clone().map_err(io("clone socket"))?);
         }
         tracing::debug!(streams = streams.len(), features, "data connections open");
+        // The previous data plane, if any, is gone with its kill switch.
         Ok(Box::new(TcpPageSender {
             mem: Arc::clone(mem),
             streams,
@@ -128,6 +127,32 @@ impl SourceTransport for TcpSource {
             compress: (features & FEATURE_ZSTD != 0).then_some(self.cfg.compress_level),
         }))
     }
+
+    fn reconnect(&mut self) -> Result<(), TransportError> {
+        // Whatever is left of the old connections goes first.
+        self.kill.kill();
+        let (control, kill) = open_control(&self.addr, &self.cfg)?;
+        self.control = control;
+        self.kill = kill;
+        tracing::info!(addr = %self.addr, "control connection open again");
+        Ok(())
+    }
+}
+
+/// A new control connection to `addr`, with its own kill switch.
+fn open_control(
+    addr: &SocketAddr,
+    cfg: &TcpConfig,
+) -> Result<(TcpControl, KillSwitch), TransportError> {
+    let stream = TcpStream::connect_timeout(addr, cfg.connect_timeout).map_err(|source| {
+        TransportError::Connect {
+            addr: addr.to_string(),
+            source,
+        }
+    })?;
+    let kill = KillSwitch::default();
+    let control = TcpControl::open_control(stream, cfg, &kill)?;
+    Ok((control, kill))
 }
 
 /// Sends rounds over the data connections, one thread per connection.

@@ -101,6 +101,24 @@
 //! arrives for the I/O timeout is dead, frozen or cut off, in any phase.
 //! Heartbeats never reach the state machines below; the transport drops
 //! them (`transport-tcp`'s control module).
+//!
+//! # Resuming after a lost connection
+//!
+//! ```text
+//!  source                                              destination
+//!    |  ... round r: connection lost (cut, reset, silent peer)    |
+//!    |  guest runs, tracker keeps recording       keeps its memory, state
+//!    | (new control connection) MAGIC+version          ->  |  Receiving
+//!    | Resume{session}                                 ->  |  same session?
+//!    |                       <-  Resumed                  |  (else Refused)
+//!    | data i: MAGIC+version, Join{session, i}         ->  |
+//!    |  round r+1: round r's pages again, and all dirtied since   |
+//! ```
+//!
+//! Only before the switch-over (the guest runs on the source), and within
+//! both sides' grace periods; after them, the usual failure: the source
+//! runs its guest, the destination discards. Pages of rounds the
+//! destination acknowledged are not sent again unless dirtied since.
 
 mod batch;
 mod codec;
@@ -424,6 +442,16 @@ messages! {
     /// Either side, on the control stream, at least once a second from the
     /// preamble on (version 2): "still here". Never reaches the engine.
     Heartbeat = 20,
+    /// Source → destination, first on a new control connection after the
+    /// old one was lost before the switch-over: continue migration
+    /// `session`.
+    Resume = 21 {
+        /// The session from `Hello`.
+        session: u64,
+    },
+    /// Destination → source: it kept what it received; data streams may
+    /// join again and rounds go on.
+    Resumed = 22,
 }
 
 /// Why bytes from a peer could not be understood.

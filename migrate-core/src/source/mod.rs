@@ -70,6 +70,12 @@ pub struct SourceConfig {
     pub verify: bool,
     /// Re-sends of pages that fail their check while the guest is paused.
     pub final_retries: u32,
+    /// When the connection to the destination is lost before the
+    /// switch-over (a cut link, a silent peer), keep migrating: reconnect
+    /// within this grace period and go on where it stopped (the transport
+    /// must support it; TCP does). `None`: fail at once, as a lost
+    /// connection after the switch-over always does.
+    pub reconnect: Option<Duration>,
 }
 
 impl Default for SourceConfig {
@@ -82,6 +88,7 @@ impl Default for SourceConfig {
             auto_converge: true,
             verify: false,
             final_retries: 3,
+            reconnect: None,
         }
     }
 }

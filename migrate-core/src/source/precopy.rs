@@ -83,6 +83,7 @@ impl Precopy<'_> {
         transport: &mut dyn SourceTransport,
     ) -> Result<MigrationStats, MigrationError> {
         let (session, features) = self.handshake(transport)?;
+        // (kept for a resume after a lost connection)
         let mut sender = self.open_data(transport, session, features)?;
         let limiter = RateLimiter::new(self.cfg.bandwidth_limit);
         let mut log = DirtyLog::new(self.mem);
@@ -96,7 +97,16 @@ impl Precopy<'_> {
         };
         loop {
             self.check_cancel()?;
-            let done = self.round(transport, sender.as_mut(), &log, &limiter, &mut totals)?;
+            let done = match self.round(transport, sender.as_mut(), &log, &limiter, &mut totals) {
+                Ok(done) => done,
+                Err(e) if self.may_resume(&e) => {
+                    // The round's pages go again, with what was dirtied since.
+                    sender = self.resume(transport, session, features, e)?;
+                    self.tracker.harvest(&mut log)?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             log = if self.paused_at.is_some() {
                 match self.after_paused_round(done, &mut totals)? {
                     Some(resend) => resend,
@@ -172,6 +182,64 @@ impl Precopy<'_> {
             "migration setup done"
         );
         Ok(sender)
+    }
+
+    /// Whether `e` lost the connection in a way a new one may mend: before
+    /// the switch-over, with a grace period configured.
+    fn may_resume(&self, e: &MigrationError) -> bool {
+        self.paused_at.is_none()
+            && self.cfg.reconnect.is_some()
+            && matches!(e, MigrationError::Transport(t) if t.is_disconnect())
+    }
+
+    /// Reconnect within the grace period, `Resume` the session and open the
+    /// data plane again. The guest runs meanwhile and the tracker records.
+    fn resume(
+        &mut self,
+        transport: &mut dyn SourceTransport,
+        session: u64,
+        features: u64,
+        cause: MigrationError,
+    ) -> Result<Box<dyn PageSender>, MigrationError> {
+        let grace = self.cfg.reconnect.unwrap_or_default();
+        let deadline = Instant::now() + grace;
+        tracing::warn!(error = %cause, ?grace, "connection to the destination lost; reconnecting");
+        self.monitor.emit(MigrationEvent::ConnectionLost {
+            error: cause.to_string(),
+        });
+        loop {
+            self.check_cancel()?;
+            match self.try_resume(transport, session, features) {
+                Ok(sender) => {
+                    let stats = self.monitor.update(|s| s.reconnects += 1);
+                    self.monitor.emit(MigrationEvent::Resumed(stats));
+                    tracing::info!("migration resumed over a new connection");
+                    return Ok(sender);
+                }
+                Err(MigrationError::Transport(e)) if e.may_pass() && Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "reconnect failed; trying again");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not resume");
+                    return Err(cause);
+                }
+            }
+        }
+    }
+
+    /// One attempt: a new connection, `Resume` → `Resumed`, the data plane.
+    fn try_resume(
+        &mut self,
+        transport: &mut dyn SourceTransport,
+        session: u64,
+        features: u64,
+    ) -> Result<Box<dyn PageSender>, MigrationError> {
+        transport.reconnect()?;
+        let ctl = transport.control();
+        ctl.send(&Message::Resume { session })?;
+        expect_msg!(ctl, Resumed => ());
+        Ok(transport.open_data(self.mem, session, features)?)
     }
 
     /// Send the pages of `log` as the next round, its zero ranges and

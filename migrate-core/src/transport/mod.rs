@@ -67,6 +67,18 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// Whether this may pass if tried again later: the peer is unreachable
+    /// or silent (a cut link, a rebooting switch), as opposed to refused
+    /// (nothing listens: the process is gone), wrong, or unsupported.
+    pub fn may_pass(&self) -> bool {
+        match self {
+            TransportError::Connect { source, .. } => {
+                source.kind() != io::ErrorKind::ConnectionRefused
+            }
+            other => other.is_disconnect(),
+        }
+    }
+
     /// Whether the peer is gone (closed, reset, timed out) rather than wrong.
     pub fn is_disconnect(&self) -> bool {
         match self {
@@ -192,6 +204,21 @@ pub trait SourceTransport: Send {
         session: u64,
         features: u64,
     ) -> Result<Box<dyn PageSender>, TransportError>;
+
+    /// After the connection to the destination was lost: open a new control
+    /// connection to it (the data plane is opened again with
+    /// [`open_data`](Self::open_data)). One attempt; the engine retries
+    /// within its grace period while the error
+    /// [may pass](TransportError::may_pass).
+    ///
+    /// # Errors
+    /// [`TransportError`]; by default [`TransportError::Unavailable`]: this
+    /// transport cannot resume.
+    fn reconnect(&mut self) -> Result<(), TransportError> {
+        Err(TransportError::Unavailable {
+            reason: format!("the {} transport cannot resume a migration", self.name()),
+        })
+    }
 }
 
 /// A connected destination-side transport.
@@ -214,6 +241,20 @@ pub trait DestinationTransport: Send {
         streams: u16,
         features: u64,
     ) -> Result<crossbeam_channel::Receiver<DataEvent>, TransportError>;
+
+    /// After the connection to the source was lost: wait until `deadline`
+    /// for a new control connection, which becomes [`control`](Self::control)
+    /// (the data plane is opened again with [`open_data`](Self::open_data)).
+    ///
+    /// # Errors
+    /// [`TransportError`] when none came in time; by default
+    /// [`TransportError::Unavailable`]: this transport cannot resume.
+    fn reaccept(&mut self, deadline: std::time::Instant) -> Result<(), TransportError> {
+        let _ = deadline;
+        Err(TransportError::Unavailable {
+            reason: format!("the {} transport cannot resume a migration", self.name()),
+        })
+    }
 }
 
 /// A token bucket shared by all data streams: the migration's bandwidth cap.
