@@ -163,6 +163,7 @@ pub fn destination_json(
         v["verify_requested"] = json!(r.verify_requested);
         v["device_state_bytes"] = json!(r.device_state_bytes);
         v["total_ms"] = json!(r.total_ms);
+        v["commit_ack_sent"] = json!(r.commit_ack_sent);
     }
     match guest_check {
         Some(Ok(m)) => {

@@ -290,6 +290,12 @@ fn receive(
                 "received {} pages and {} zero pages in {} rounds over {}; guest resumed",
                 r.received.normal_pages, r.received.zero_pages, r.rounds, r.transport
             );
+            if !r.commit_ack_sent {
+                eprintln!(
+                    "the commit acknowledgement could not be sent: the source reports \
+                     commit-unknown and keeps its guest paused; this side runs the guest"
+                );
+            }
             if let Some(c) = check {
                 match c {
                     Ok(m) => println!("{m}"),

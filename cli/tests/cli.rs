@@ -596,3 +596,78 @@ fn a_cut_link_is_survived() {
         link("up");
     });
 }
+
+/// A proxy on the control connection that forwards the source's `Commit`
+/// and then cuts the connection: the destination commits (and runs the
+/// guest), the source never hears so. The source must say commit-unknown
+/// (exit 3, guest paused), the destination completed (exit 0).
+#[test]
+fn a_lost_commit_acknowledgement_is_commit_unknown() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let (sj, dj) = (tmp("cu-s.json"), tmp("cu-d.json"));
+    let (d, upstream) = dest(None, "127.0.0.1:0", &["--reconnect-s", "0"], &dj);
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_addr = proxy.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for (n, client) in proxy.incoming().enumerate() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = TcpStream::connect(&upstream) else {
+                return;
+            };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut s2, &mut c2));
+            std::thread::spawn(move || {
+                if n > 0 {
+                    // Data streams pass as they are.
+                    let _ = std::io::copy(&mut client, &mut server);
+                    return;
+                }
+                // Control: 8-byte preamble, then frames (16-byte header,
+                // kind in byte 0, payload length in bytes 4..8).
+                let mut pre = [0u8; 8];
+                if client.read_exact(&mut pre).is_err() || server.write_all(&pre).is_err() {
+                    return;
+                }
+                loop {
+                    let mut h = [0u8; 16];
+                    if client.read_exact(&mut h).is_err() {
+                        return;
+                    }
+                    let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+                    let mut payload = vec![0u8; len];
+                    if client.read_exact(&mut payload).is_err()
+                        || server.write_all(&h).is_err()
+                        || server.write_all(&payload).is_err()
+                    {
+                        return;
+                    }
+                    if h[0] == 13 {
+                        // Commit delivered: no reply may reach the source.
+                        let _ = client.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let s = source(
+        None,
+        &proxy_addr,
+        &["--memory", "8M", "--guest", "dirty", "--reconnect-s", "0"],
+        &sj,
+    )
+    .wait_with_output()
+    .unwrap();
+    let d = d.wait_with_output().unwrap();
+    assert_eq!(s.status.code(), Some(3), "{}", text(&s));
+    assert!(
+        !String::from_utf8_lossy(&s.stderr).contains("running again"),
+        "{}",
+        text(&s)
+    );
+    assert_eq!(json(&sj)["status"], "commit-unknown");
+    assert_eq!(d.status.code(), Some(0), "{}", text(&d));
+    let dv = json(&dj);
+    assert_eq!(dv["status"], "completed", "{dv}");
+}

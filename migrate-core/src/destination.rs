@@ -44,6 +44,12 @@ pub struct DestinationReport {
     pub device_state_bytes: u64,
     /// First message to commit, ms.
     pub total_ms: f64,
+    /// Whether `Committed` could be sent (handed to the connection; whether
+    /// it arrived only the source knows). When it could not (the link broke
+    /// after the guest resumed here), the migration is committed all the
+    /// same: this side runs the guest, and the source reports commit-unknown
+    /// and keeps its copy paused.
+    pub commit_ack_sent: bool,
 }
 
 /// A migration that has said hello and announced its layout; the caller now
@@ -409,7 +415,19 @@ impl Receiver<'_> {
                     });
                     return Err(MigrationError::Vm(e));
                 }
-                ctl.send(&Message::Committed)?;
+                // The guest runs here now: whatever happens to the
+                // acknowledgement, this migration is committed.
+                self.report.commit_ack_sent = match ctl.send(&Message::Committed) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(
+                            error = %e,
+                            "guest resumed, but the commit acknowledgement could not be sent: \
+                             the source reports commit-unknown and keeps its guest paused"
+                        );
+                        false
+                    }
+                };
                 self.report.device_state_bytes = state.len() as u64;
                 Committed
             }
