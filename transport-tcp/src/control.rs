@@ -204,7 +204,15 @@ fn handshake(
     write_preamble(&mut w)?;
     let mut reader =
         BufReader::with_capacity(READ_BUFFER, stream.try_clone().map_err(io("clone socket"))?);
+    // A peer says who it is at once; one that does not is not ours.
+    let say_who = cfg.io_timeout.min(crate::accept::HANDSHAKE_TIMEOUT);
+    stream
+        .set_read_timeout(Some(say_who))
+        .map_err(io("set read timeout"))?;
     let version = read_preamble(&mut reader)?;
+    stream
+        .set_read_timeout(Some(cfg.io_timeout))
+        .map_err(io("set read timeout"))?;
     Ok((stream, reader, version))
 }
 

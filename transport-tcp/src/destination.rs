@@ -18,13 +18,17 @@ use migrate_core::transport::{
 };
 
 use crate::TcpConfig;
+use crate::accept::Handshakes;
 use crate::control::{KillSwitch, TcpControl, io};
 
-/// A listening socket for incoming migrations.
+/// A listening socket for incoming migrations. Connections are served
+/// concurrently while they say who they are (see `accept.rs`): a silent or
+/// slow client does not hold up a real source.
 #[derive(Debug)]
 pub struct TcpMigrationListener {
     listener: TcpListener,
     cfg: TcpConfig,
+    handshakes: Handshakes<(TcpControl, KillSwitch)>,
 }
 
 impl TcpMigrationListener {
@@ -38,7 +42,11 @@ impl TcpMigrationListener {
             .map_err(io("resolve listen address"))?
             .collect();
         let listener = TcpListener::bind(&sa[..]).map_err(io("bind"))?;
-        Ok(Self { listener, cfg })
+        Ok(Self {
+            listener,
+            cfg,
+            handshakes: Handshakes::new(),
+        })
     }
 
     /// The bound address.
@@ -49,20 +57,27 @@ impl TcpMigrationListener {
         self.listener.local_addr().map_err(io("local address"))
     }
 
-    /// Wait for a source's control connection. A client that is not a
-    /// migration source fails here with a protocol error; call again to keep
-    /// listening.
+    /// Wait for a source's control connection: the next connection to
+    /// finish its preamble exchange. A client that is not a migration source
+    /// (wrong first bytes, or none within a few seconds) fails here with a
+    /// protocol or I/O error; call again to keep listening.
     ///
     /// # Errors
     /// [`TransportError`] from accept or the preamble exchange.
     pub fn accept(&self) -> Result<TcpDestination, TransportError> {
-        self.listener
-            .set_nonblocking(false)
-            .map_err(io("listener blocking"))?;
-        let (stream, peer) = self.listener.accept().map_err(io("accept"))?;
-        tracing::debug!(%peer, "control connection accepted");
-        let kill = KillSwitch::default();
-        let control = TcpControl::open_control(stream, &self.cfg, &kill)?;
+        let cfg = self.cfg.clone();
+        let handshake = move |stream| {
+            let kill = KillSwitch::default();
+            TcpControl::open_control(stream, &cfg, &kill).map(|c| (c, kill))
+        };
+        let (control, kill) = loop {
+            if let Some(done) = self
+                .handshakes
+                .next(&self.listener, None, handshake.clone())?
+            {
+                break done?;
+            }
+        };
         Ok(TcpDestination {
             listener: self.listener.try_clone().map_err(io("clone listener"))?,
             cfg: self.cfg.clone(),
@@ -125,29 +140,23 @@ impl DestinationTransport for TcpDestination {
         let mut joined: Vec<Option<(TcpStream, BufReader<TcpStream>)>> =
             (0..streams).map(|_| None).collect();
         let deadline = Instant::now() + self.cfg.connect_timeout;
-        self.listener
-            .set_nonblocking(true)
-            .map_err(io("listener non-blocking"))?;
+        // Joins run concurrently: a stray connection that says nothing does
+        // not hold up the streams of this migration.
+        let handshakes = Handshakes::new();
+        let cfg = self.cfg.clone();
+        let handshake = move |stream| join(stream, &cfg, session);
         while joined.iter().any(Option::is_none) {
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        let missing = joined.iter().filter(|j| j.is_none()).count();
-                        return Err(TransportError::Stream {
-                            stream: u16::MAX,
-                            detail: format!(
-                                "{missing} of {streams} data connections did not join in time"
-                            ),
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
-                }
-                Err(e) => return Err(io("accept data connection")(e)),
+            let Some(result) =
+                handshakes.next(&self.listener, Some(deadline), handshake.clone())?
+            else {
+                let missing = joined.iter().filter(|j| j.is_none()).count();
+                return Err(TransportError::Stream {
+                    stream: u16::MAX,
+                    detail: format!("{missing} of {streams} data connections did not join in time"),
+                });
             };
             // A stray or foreign connection is dropped; we keep waiting.
-            match join(stream, &self.cfg, session) {
+            match result {
                 Ok((index, parts))
                     if (index as usize) < joined.len() && joined[index as usize].is_none() =>
                 {

@@ -23,6 +23,7 @@
 )]
 #![forbid(unsafe_code)]
 
+mod accept;
 mod control;
 mod destination;
 mod source;

@@ -429,3 +429,49 @@ fn a_complete_migration_commits_even_when_the_data_streams_close_first() {
         );
     }
 }
+
+/// Clients that connect and say nothing — more of them than the listener
+/// handshakes at once — and a real source after them: the real source is
+/// served at once, and its migration (with its own data streams joining
+/// past more silent clients) is verified.
+fn behind_silent_clients() -> TransportPair {
+    let listener = TcpMigrationListener::bind("127.0.0.1:0", cfg()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let silent: Vec<TcpStream> = (0..24).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let (slot, kill) = kill_slot::<Box<dyn Fn() + Send + Sync>>();
+    TransportPair {
+        source: Box::new(move |_| {
+            Ok(Box::new(TcpSource::connect(&addr.to_string(), cfg())?) as Box<dyn SourceTransport>)
+        }),
+        destination: Box::new(move || {
+            let d = loop {
+                match listener.accept() {
+                    Ok(d) => break d,
+                    // A silent client that timed out, or was closed to make room.
+                    Err(e) => println!("listener: {e}"),
+                }
+            };
+            // More silent clients while the data streams join.
+            let more: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+            let k = d.kill_switch();
+            drop(silent);
+            // The kill switch keeps the later silent clients connected for
+            // the whole migration.
+            *slot.lock().unwrap() = Some(Box::new(move || {
+                let _ = &more;
+                k.kill()
+            }));
+            Ok(Box::new(d) as Box<dyn DestinationTransport>)
+        }),
+        kill_destination: kill,
+    }
+}
+
+#[test]
+fn silent_clients_do_not_hold_up_a_real_source() {
+    let started = std::time::Instant::now();
+    let o = run(behind_silent_clients, Scenario::default());
+    o.assert_migrated();
+    println!("migrated behind silent clients in {:?}", started.elapsed());
+    o.source_vm.stop();
+}
