@@ -105,6 +105,8 @@ enum Inbound {
     /// A reader thread reads every frame, drops heartbeats and reports
     /// silence.
     Watched(Receiver<Result<Message, TransportError>>),
+    /// Handed over with [`TcpControl::into_parts`].
+    Taken,
 }
 
 impl TcpControl {
@@ -165,10 +167,25 @@ impl TcpControl {
 
     /// The socket and its reader, for a data stream (read on the caller's
     /// thread).
-    pub(crate) fn into_parts(self) -> Option<(TcpStream, BufReader<TcpStream>)> {
-        match self.inbound {
-            Inbound::Direct(reader) => Some((self.stream, reader)),
-            Inbound::Watched(_) => None,
+    pub(crate) fn into_parts(mut self) -> Option<(TcpStream, BufReader<TcpStream>)> {
+        if !matches!(self.inbound, Inbound::Direct(_)) {
+            return None;
+        }
+        let stream = self.stream.try_clone().ok()?;
+        match std::mem::replace(&mut self.inbound, Inbound::Taken) {
+            Inbound::Direct(reader) => Some((stream, reader)),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for TcpControl {
+    fn drop(&mut self) {
+        if matches!(self.inbound, Inbound::Watched(_)) {
+            // The reader thread holds the socket too: closing both
+            // directions ends it (and tells the peer's), instead of
+            // heartbeats keeping two idle threads and their sockets alive.
+            let _ = self.stream.shutdown(Shutdown::Both);
         }
     }
 }
@@ -189,6 +206,10 @@ impl ControlChannel for TcpControl {
                     stream: u16::MAX,
                     detail: "control connection closed".into(),
                 })
+            }),
+            Inbound::Taken => Err(TransportError::Stream {
+                stream: u16::MAX,
+                detail: "connection handed over".into(),
             }),
         }
     }
