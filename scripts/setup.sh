@@ -3,12 +3,13 @@
 #    builds a small part of rdma-core with bindgen);
 #  - the SoftRoCE VM for the RDMA tests: QEMU, Debian's kernel, rdma-core and
 #    its providers, perftest, busybox-static (Debian) and virtme-ng (PyPI);
-#  - the benchmark's ceiling and plot: iperf3, and the DejaVu font.
+#  - the benchmark's ceiling and plot: iperf3, and the DejaVu font;
+#  - fault injection between network namespaces: nftables.
 need_pkgs=()
 for p in build-essential pkg-config cmake libclang-dev \
          qemu-system-x86 linux-image-amd64 rdma-core ibverbs-providers ibverbs-utils \
          perftest libibverbs-dev librdmacm-dev busybox-static iproute2 \
-         iperf3 fonts-dejavu-core; do
+         iperf3 fonts-dejavu-core nftables; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

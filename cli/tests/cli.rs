@@ -671,3 +671,65 @@ fn a_lost_commit_acknowledgement_is_commit_unknown() {
     let dv = json(&dj);
     assert_eq!(dv["status"], "completed", "{dv}");
 }
+
+/// A slow, lossy link between two hosts: 200 Mbit/s (tbf) and 3 % of the
+/// packets into the destination dropped (nftables). TCP recovers every
+/// loss; the migration completes verified with the guest consistent.
+#[test]
+fn a_slow_lossy_link_migrates_verified() {
+    let hosts = match Hosts::create() {
+        Ok(h) => h,
+        Err(e) => {
+            println!("SKIP a_slow_lossy_link_migrates_verified: no network namespaces here: {e}");
+            return;
+        }
+    };
+    let sh = |ns: &str, cmd: &str| {
+        let o = Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", cmd])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{cmd}: {}", text(&o));
+    };
+    sh(
+        &hosts.src,
+        &format!(
+            "tc qdisc add dev {} root tbf rate 200mbit burst 64kb latency 100ms",
+            hosts.src_dev
+        ),
+    );
+    sh(
+        &hosts.dst,
+        "nft add table inet faults && \
+         nft add chain inet faults in '{ type filter hook input priority 0; }' && \
+         nft add rule inet faults in meta l4proto tcp numgen random mod 100 '<' 3 drop",
+    );
+    let (sj, dj) = (tmp("lossy-s.json"), tmp("lossy-d.json"));
+    let (d, addr) = dest(Some(&hosts.dst), "10.199.0.2:0", &[], &dj);
+    let s = source(
+        Some(&hosts.src),
+        &addr,
+        &[
+            "--memory",
+            "32M",
+            "--guest",
+            "bank",
+            "--dirty-rate",
+            "2000",
+            "--verify",
+        ],
+        &sj,
+    )
+    .wait_with_output()
+    .unwrap();
+    let d = d.wait_with_output().unwrap();
+    assert_eq!(s.status.code(), Some(0), "{}", text(&s));
+    assert_eq!(d.status.code(), Some(0), "{}", text(&d));
+    let v = json(&sj);
+    assert_eq!(v["verified"], true, "{v}");
+    println!(
+        "lossy link: {} ms total, {:.0} Mbit/s",
+        v["total_ms"], v["throughput_mbps"]
+    );
+    assert_eq!(json(&dj)["guest_consistent"], true);
+}
