@@ -148,14 +148,25 @@ fn auto_falls_back_to_tcp_and_says_why() {
     let s = source(
         None,
         &addr,
-        &["--memory", "8M", "--transport", "auto", "--guest", "idle"],
+        &[
+            "--memory",
+            "8M",
+            "--transport",
+            "auto",
+            "--guest",
+            "dirty",
+            "--verify",
+        ],
         &sj,
     )
     .wait_with_output()
     .unwrap();
-    d.wait_with_output().unwrap();
-    assert!(s.status.success(), "{}", text(&s));
+    let d = d.wait_with_output().unwrap();
+    assert_eq!(s.status.code(), Some(0), "{}", text(&s));
+    assert_eq!(d.status.code(), Some(0), "{}", text(&d));
     let v = json(&sj);
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(json(&dj)["status"], "completed");
     assert_eq!(v["transport"], "tcp");
     let reason = v["fallback_reason"].as_str().expect("fallback_reason");
     assert!(reason.contains("RDMA"), "{reason}");
