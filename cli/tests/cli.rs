@@ -608,18 +608,18 @@ fn a_cut_link_is_survived() {
     });
 }
 
-/// A proxy on the control connection that forwards the source's `Commit`
-/// and then cuts the connection: the destination commits (and runs the
-/// guest), the source never hears so. The source must say commit-unknown
-/// (exit 3, guest paused), the destination completed (exit 0).
-#[test]
-fn a_lost_commit_acknowledgement_is_commit_unknown() {
+/// A TCP proxy to `upstream` that cuts the source's first (control)
+/// connection right after forwarding the `nth` frame of kind `kind` from
+/// the source (frames parsed: 8-byte preamble, then 16-byte headers with
+/// the kind in byte 0 and the payload length in bytes 4..8). With
+/// `cut_destination`, the destination's side is closed too; without, the
+/// destination may still answer, into the void. Later connections (data
+/// streams, a reconnection) pass as they are.
+fn cutting_proxy(upstream: String, kind: u8, nth: usize, cut_destination: bool) -> String {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
-    let (sj, dj) = (tmp("cu-s.json"), tmp("cu-d.json"));
-    let (d, upstream) = dest(None, "127.0.0.1:0", &["--reconnect-s", "0"], &dj);
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
-    let proxy_addr = proxy.local_addr().unwrap().to_string();
+    let addr = proxy.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
         for (n, client) in proxy.incoming().enumerate() {
             let Ok(mut client) = client else { return };
@@ -630,16 +630,14 @@ fn a_lost_commit_acknowledgement_is_commit_unknown() {
             std::thread::spawn(move || std::io::copy(&mut s2, &mut c2));
             std::thread::spawn(move || {
                 if n > 0 {
-                    // Data streams pass as they are.
                     let _ = std::io::copy(&mut client, &mut server);
                     return;
                 }
-                // Control: 8-byte preamble, then frames (16-byte header,
-                // kind in byte 0, payload length in bytes 4..8).
                 let mut pre = [0u8; 8];
                 if client.read_exact(&mut pre).is_err() || server.write_all(&pre).is_err() {
                     return;
                 }
+                let mut seen = 0;
                 loop {
                     let mut h = [0u8; 16];
                     if client.read_exact(&mut h).is_err() {
@@ -653,34 +651,91 @@ fn a_lost_commit_acknowledgement_is_commit_unknown() {
                     {
                         return;
                     }
-                    if h[0] == 13 {
-                        // Commit delivered: no reply may reach the source.
-                        let _ = client.shutdown(std::net::Shutdown::Both);
-                        return;
+                    if h[0] == kind {
+                        seen += 1;
+                        if seen == nth {
+                            let _ = client.shutdown(std::net::Shutdown::Both);
+                            if cut_destination {
+                                let _ = server.shutdown(std::net::Shutdown::Both);
+                            }
+                            return;
+                        }
                     }
                 }
             });
         }
     });
-    let s = source(
-        None,
-        &proxy_addr,
-        &["--memory", "8M", "--guest", "dirty", "--reconnect-s", "0"],
-        &sj,
-    )
-    .wait_with_output()
-    .unwrap();
-    let d = d.wait_with_output().unwrap();
-    assert_eq!(s.status.code(), Some(3), "{}", text(&s));
-    assert!(
-        !String::from_utf8_lossy(&s.stderr).contains("running again"),
-        "{}",
-        text(&s)
-    );
-    assert_eq!(json(&sj)["status"], "commit-unknown");
-    assert_eq!(d.status.code(), Some(0), "{}", text(&d));
-    let dv = json(&dj);
-    assert_eq!(dv["status"], "completed", "{dv}");
+    addr
+}
+
+/// The control connection cut in each phase, right after the source sent
+/// the phase's message: every outcome is the documented one.
+#[test]
+fn a_cut_in_each_phase_ends_as_documented() {
+    // (phase, frame kind, nth, source exits, destination exit, reconnects).
+    // Cut after the device state, the source's Commit, sent right behind
+    // it, may still leave its socket: then it cannot know whether the
+    // destination committed (3, guest paused); else it knows it did not
+    // (1, guest runs). The destination must not commit either way.
+    let cases: [(&str, u8, usize, &[i32], i32, u64); 5] = [
+        ("handshake (Hello)", 1, 1, &[1], 1, 0),
+        ("live round (first RoundDone)", 8, 1, &[0], 0, 1),
+        ("verification (VerifyRequest)", 10, 1, &[1], 1, 0),
+        ("device state (DeviceState)", 12, 1, &[1, 3], 1, 0),
+        ("commit (Commit)", 13, 1, &[3], 0, 0),
+    ];
+    for (phase, kind, nth, source_codes, dest_code, reconnects) in cases {
+        let tag = format!("cut-{kind}");
+        let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
+        let (d, upstream) = dest(None, "127.0.0.1:0", &["--io-timeout-s", "3"], &dj);
+        let proxy = cutting_proxy(upstream, kind, nth, kind != 13);
+        let s = source(
+            None,
+            &proxy,
+            &[
+                "--memory",
+                "16M",
+                "--guest",
+                "bank",
+                "--dirty-rate",
+                "2000",
+                "--verify",
+                "--io-timeout-s",
+                "3",
+            ],
+            &sj,
+        )
+        .wait_with_output()
+        .unwrap();
+        let d = d.wait_with_output().unwrap();
+        let source_code = s.status.code().unwrap_or(-1);
+        assert!(source_codes.contains(&source_code), "{phase}: {}", text(&s));
+        assert_eq!(d.status.code(), Some(dest_code), "{phase}: {}", text(&d));
+        let v = json(&sj);
+        let stderr = String::from_utf8_lossy(&s.stderr);
+        match source_code {
+            0 => {
+                assert_eq!(v["verified"], true, "{phase}: {v}");
+                assert_eq!(v["reconnects"], reconnects, "{phase}: {v}");
+                assert_eq!(json(&dj)["guest_consistent"], true, "{phase}");
+            }
+            1 => {
+                assert_eq!(v["status"], "failed", "{phase}: {v}");
+                assert!(stderr.contains("running again"), "{phase}: {stderr}");
+            }
+            _ => {
+                assert_eq!(v["status"], "commit-unknown", "{phase}: {v}");
+                assert!(!stderr.contains("running again"), "{phase}: {stderr}");
+                let expected = if dest_code == 0 {
+                    "completed"
+                } else {
+                    "failed"
+                };
+                assert_eq!(json(&dj)["status"], expected, "{phase}");
+            }
+        }
+        println!("{phase}: source {source_code}, destination {dest_code}: as documented");
+    }
 }
 
 /// A slow, lossy link between two hosts: 200 Mbit/s (tbf) and 3 % of the
