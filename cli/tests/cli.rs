@@ -677,7 +677,8 @@ fn a_cut_in_each_phase_ends_as_documented() {
     // it, may still leave its socket: then it cannot know whether the
     // destination committed (3, guest paused); else it knows it did not
     // (1, guest runs). The destination must not commit either way.
-    let cases: [(&str, u8, usize, &[i32], i32, u64); 5] = [
+    type Case = (&'static str, u8, usize, &'static [i32], i32, u64);
+    let cases: [Case; 5] = [
         ("handshake (Hello)", 1, 1, &[1], 1, 0),
         ("live round (first RoundDone)", 8, 1, &[0], 0, 1),
         ("verification (VerifyRequest)", 10, 1, &[1], 1, 0),
