@@ -435,7 +435,13 @@ fn a_frozen_destination_is_declared_dead() {
     );
     let v = json(&sj);
     assert_eq!(v["status"], "failed");
-    assert!(v["error"].as_str().unwrap().contains("heartbeat"), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("dead, frozen or cut off"),
+        "{v}"
+    );
     assert_eq!(d.status.code(), Some(1), "{}", text(&d));
     assert_eq!(json(&dj)["status"], "failed");
 }
@@ -456,7 +462,13 @@ fn a_frozen_source_is_declared_dead() {
     assert_eq!(d.status.code(), Some(1), "{}", text(&d));
     let dv = json(&dj);
     assert_eq!(dv["status"], "failed");
-    assert!(dv["error"].as_str().unwrap().contains("heartbeat"), "{dv}");
+    assert!(
+        dv["error"]
+            .as_str()
+            .unwrap()
+            .contains("dead, frozen or cut off"),
+        "{dv}"
+    );
     assert_eq!(s.status.code(), Some(1), "{}", text(&s));
     assert!(
         String::from_utf8_lossy(&s.stderr).contains("source guest is running again"),

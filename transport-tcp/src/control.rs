@@ -310,6 +310,23 @@ fn is_timeout(e: &migrate_core::protocol::ProtocolError) -> bool {
     )
 }
 
+/// A socket timeout (`EAGAIN`, "os error 11") as what it means: no
+/// progress for the timeout. Other errors pass unchanged.
+pub(crate) fn timed_out(e: std::io::Error, timeout: Option<Duration>) -> std::io::Error {
+    match (e.kind(), timeout) {
+        (std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut, Some(t)) => {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no progress for {:.1} s: the peer is dead, frozen or cut off",
+                    t.as_secs_f64()
+                ),
+            )
+        }
+        _ => e,
+    }
+}
+
 pub(crate) fn prepare(stream: &TcpStream, cfg: &TcpConfig) -> Result<(), TransportError> {
     stream.set_nodelay(true).map_err(io("set TCP_NODELAY"))?;
     stream

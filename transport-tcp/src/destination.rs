@@ -352,8 +352,11 @@ fn receive_stream(
             Ok(None) => continue,
             Ok(Some(e)) => e,
             Err(error) => {
-                // A silent peer tripped the kill: report that, the cause.
-                let error = kill.reason().unwrap_or(error);
+                // A silent peer tripped the kill: report that, the cause;
+                // else a socket timeout as what it means.
+                let error = kill
+                    .reason()
+                    .unwrap_or_else(|| explain_timeout(error, &reader));
                 let detail = error.to_string();
                 if tx.send(DataEvent::Failed { stream, error }).is_ok() {
                     // The engine may be blocked on the control channel:
@@ -371,6 +374,24 @@ fn receive_stream(
         if tx.send(event).is_err() {
             return;
         }
+    }
+}
+
+/// A read timeout ("os error 11") as "no progress for N s".
+fn explain_timeout(error: TransportError, reader: &BufReader<TcpStream>) -> TransportError {
+    let timeout = reader.get_ref().read_timeout().ok().flatten();
+    match error {
+        TransportError::Io { op, source } => TransportError::Io {
+            op,
+            source: crate::control::timed_out(source, timeout),
+        },
+        TransportError::Protocol(ProtocolError::Io { op, source }) => {
+            TransportError::Protocol(ProtocolError::Io {
+                op,
+                source: crate::control::timed_out(source, timeout),
+            })
+        }
+        other => other,
     }
 }
 

@@ -429,7 +429,10 @@ fn write_all_vectored(
             }
             Ok(n) => IoSlice::advance_slices(&mut iov, n),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io("send pages")(e)),
+            Err(e) => {
+                let timeout = stream.write_timeout().ok().flatten();
+                return Err(io("send pages")(crate::control::timed_out(e, timeout)));
+            }
         }
     }
     Ok(())
