@@ -50,19 +50,7 @@ pub fn adopt(layout: &MemoryLayout, max: u64) -> Result<GuestMemory> {
 /// What `--max-memory` is when not given: the memory available now
 /// (`MemAvailable`), or no limit when that cannot be read.
 pub fn available() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("MemAvailable:")?
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-        })
-        .map_or(u64::MAX, |kib| kib << 10)
+    fixtures::procfs::bytes_field("/proc/meminfo", "MemAvailable").unwrap_or(u64::MAX)
 }
 
 fn to_len(size: u64) -> Result<usize> {

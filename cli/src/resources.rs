@@ -82,14 +82,7 @@ fn guest_threads_cpu() -> Duration {
 
 /// A `/proc/self/status` field in bytes (`VmRSS`, `VmHWM`).
 pub fn status_bytes(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
+    fixtures::procfs::bytes_field("/proc/self/status", field).unwrap_or(0)
 }
 
 /// The `resources` object of a JSON report: `cpu_ms` (the engine's CPU over

@@ -76,6 +76,16 @@ fn default_io_timeout(args: &[&str]) -> &'static [&'static str] {
     }
 }
 
+/// Both processes exited 0 and the source's report says verified; that
+/// report.
+fn both_migrated(s: &Output, d: &Output, sj: &Path) -> Value {
+    assert_eq!(s.status.code(), Some(0), "source: {}", text(s));
+    assert_eq!(d.status.code(), Some(0), "destination: {}", text(d));
+    let v = json(sj);
+    assert_eq!(v["verified"], true, "{v}");
+    v
+}
+
 fn json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -161,11 +171,7 @@ fn auto_falls_back_to_tcp_and_says_why() {
     )
     .wait_with_output()
     .unwrap();
-    let d = d.wait_with_output().unwrap();
-    assert_eq!(s.status.code(), Some(0), "{}", text(&s));
-    assert_eq!(d.status.code(), Some(0), "{}", text(&d));
-    let v = json(&sj);
-    assert_eq!(v["verified"], true, "{v}");
+    let v = both_migrated(&s, &d.wait_with_output().unwrap(), &sj);
     assert_eq!(json(&dj)["status"], "completed");
     assert_eq!(v["transport"], "tcp");
     let reason = v["fallback_reason"].as_str().expect("fallback_reason");
@@ -343,11 +349,7 @@ fn a_round_longer_than_the_io_timeout_succeeds() {
     )
     .wait_with_output()
     .unwrap();
-    let d = d.wait_with_output().unwrap();
-    assert_eq!(s.status.code(), Some(0), "{}", text(&s));
-    assert_eq!(d.status.code(), Some(0), "{}", text(&d));
-    let v = json(&sj);
-    assert_eq!(v["verified"], true, "{v}");
+    let v = both_migrated(&s, &d.wait_with_output().unwrap(), &sj);
     assert!(
         v["total_ms"].as_f64().unwrap() > 2000.0,
         "not a long round: {v}"
@@ -355,30 +357,13 @@ fn a_round_longer_than_the_io_timeout_succeeds() {
     assert_eq!(json(&dj)["status"], "completed");
 }
 
-/// Resident memory of a process (`VmRSS`).
-fn resident(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:")?
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-        })
-        .map_or(0, |kib| kib << 10)
-}
-
 /// Wait until the destination `pid` holds `bytes` more guest memory than
 /// at the start (pages of round 0 landed in its fresh memory), within a
 /// minute: the migration is mid-round.
 fn wait_for_pages_landing(pid: u32, bytes: u64) {
     let start = std::time::Instant::now();
-    let from = resident(pid);
-    while resident(pid) < from + bytes {
+    let from = fixtures::procfs::resident_bytes(pid);
+    while fixtures::procfs::resident_bytes(pid) < from + bytes {
         assert!(start.elapsed() < Duration::from_secs(60), "no pages landed");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -561,11 +546,7 @@ fn survives(hosts: Option<&Hosts>, listen: &str, tag: &str, fault: impl FnOnce(u
     wait_for_pages_landing(d.id(), 4 << 20);
     fault(d.id(), s.id());
     let s = s.wait_with_output().unwrap();
-    let d = d.wait_with_output().unwrap();
-    assert_eq!(s.status.code(), Some(0), "{}", text(&s));
-    assert_eq!(d.status.code(), Some(0), "{}", text(&d));
-    let v = json(&sj);
-    assert_eq!(v["verified"], true, "{v}");
+    let v = both_migrated(&s, &d.wait_with_output().unwrap(), &sj);
     assert!(v["reconnects"].as_u64().unwrap() >= 1, "{v}");
     let dv = json(&dj);
     assert_eq!(dv["status"], "completed");
@@ -801,11 +782,7 @@ fn a_slow_lossy_link_migrates_verified() {
     )
     .wait_with_output()
     .unwrap();
-    let d = d.wait_with_output().unwrap();
-    assert_eq!(s.status.code(), Some(0), "{}", text(&s));
-    assert_eq!(d.status.code(), Some(0), "{}", text(&d));
-    let v = json(&sj);
-    assert_eq!(v["verified"], true, "{v}");
+    let v = both_migrated(&s, &d.wait_with_output().unwrap(), &sj);
     println!(
         "lossy link: {} ms total, {:.0} Mbit/s",
         v["total_ms"], v["throughput_mbps"]

@@ -51,19 +51,7 @@ fn entries(dir: &str) -> usize {
 }
 
 fn resident() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:")?
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-        })
-        .map_or(0, |kib| kib << 10)
+    fixtures::procfs::resident_bytes(std::process::id())
 }
 
 /// Wait (at most 10 s) until `count()` is at most `limit`; the last count.
