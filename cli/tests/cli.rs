@@ -601,16 +601,29 @@ fn a_cut_link_is_survived() {
     });
 }
 
-/// A TCP proxy to `upstream` that cuts the source's first (control)
-/// connection right after forwarding the `nth` frame of kind `kind` from
-/// the source (frames parsed: 8-byte preamble, then 16-byte headers with
-/// the kind in byte 0 and the payload length in bytes 4..8). With
-/// `cut_destination`, the destination's side is closed too; without, the
-/// destination may still answer, into the void. Later connections (data
-/// streams, a reconnection) pass as they are.
-fn cutting_proxy(upstream: String, kind: u8, nth: usize, cut_destination: bool) -> String {
+/// What a [`cutting_proxy`] does to the control connection at its frame.
+#[derive(Clone, Copy, PartialEq)]
+enum Cut {
+    /// Close the source's side; the destination may still answer, into
+    /// the void.
+    Source,
+    /// Close both sides.
+    Both,
+    /// Stop forwarding anything, both ways, without closing: a frozen
+    /// peer, as seen from either side.
+    Stall,
+}
+
+/// A TCP proxy to `upstream` that does `cut` to the source's first
+/// (control) connection right after forwarding the `nth` frame of kind
+/// `kind` from the source (frames parsed: 8-byte preamble, then 16-byte
+/// headers with the kind in byte 0 and the payload length in bytes 4..8).
+/// Later connections (data streams, a reconnection) pass as they are.
+fn cutting_proxy(upstream: String, kind: u8, nth: usize, cut: Cut) -> String {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = proxy.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
@@ -620,7 +633,17 @@ fn cutting_proxy(upstream: String, kind: u8, nth: usize, cut_destination: bool) 
                 return;
             };
             let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            std::thread::spawn(move || std::io::copy(&mut s2, &mut c2));
+            let stalled = Arc::new(AtomicBool::new(false));
+            let stall = Arc::clone(&stalled);
+            // Destination to source, until stalled.
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64 << 10];
+                while let Ok(k) = s2.read(&mut buf) {
+                    if k == 0 || stall.load(Ordering::SeqCst) || c2.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                }
+            });
             std::thread::spawn(move || {
                 if n > 0 {
                     let _ = std::io::copy(&mut client, &mut server);
@@ -647,9 +670,19 @@ fn cutting_proxy(upstream: String, kind: u8, nth: usize, cut_destination: bool) 
                     if h[0] == kind {
                         seen += 1;
                         if seen == nth {
-                            let _ = client.shutdown(std::net::Shutdown::Both);
-                            if cut_destination {
-                                let _ = server.shutdown(std::net::Shutdown::Both);
+                            match cut {
+                                Cut::Source => {
+                                    let _ = client.shutdown(std::net::Shutdown::Both);
+                                }
+                                Cut::Both => {
+                                    let _ = client.shutdown(std::net::Shutdown::Both);
+                                    let _ = server.shutdown(std::net::Shutdown::Both);
+                                }
+                                Cut::Stall => {
+                                    stalled.store(true, Ordering::SeqCst);
+                                    // Hold both sockets open, forwarding nothing.
+                                    std::thread::sleep(Duration::from_secs(60));
+                                }
                             }
                             return;
                         }
@@ -682,7 +715,8 @@ fn a_cut_in_each_phase_ends_as_documented() {
         let tag = format!("cut-{kind}");
         let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
         let (d, upstream) = dest(None, "127.0.0.1:0", &["--io-timeout-s", "3"], &dj);
-        let proxy = cutting_proxy(upstream, kind, nth, kind != 13);
+        let cut = if kind == 13 { Cut::Source } else { Cut::Both };
+        let proxy = cutting_proxy(upstream, kind, nth, cut);
         let s = source(
             None,
             &proxy,
@@ -788,4 +822,56 @@ fn a_slow_lossy_link_migrates_verified() {
         v["total_ms"], v["throughput_mbps"]
     );
     assert_eq!(json(&dj)["guest_consistent"], true);
+}
+
+/// The control connection stalls — nothing either way, nothing closed, as
+/// a frozen peer looks — once the guest is paused (at `VerifyRequest`, at
+/// `DeviceState`). Both sides find the silence within the I/O timeout; the
+/// source, past the switch-over, does not resume: it runs its guest again
+/// (1), and the destination, which never got `Commit`, discards (1).
+#[test]
+fn a_stall_after_the_switch_over_fails_with_the_guest_running() {
+    for (phase, kind) in [("verification", 10u8), ("device state", 12)] {
+        let tag = format!("stall-{kind}");
+        let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
+        let (d, upstream) = dest(
+            None,
+            "127.0.0.1:0",
+            &["--io-timeout-s", "2", "--reconnect-s", "3"],
+            &dj,
+        );
+        let proxy = cutting_proxy(upstream, kind, 1, Cut::Stall);
+        let s = source(
+            None,
+            &proxy,
+            &[
+                "--memory",
+                "16M",
+                "--guest",
+                "bank",
+                "--dirty-rate",
+                "2000",
+                "--verify",
+                "--io-timeout-s",
+                "2",
+            ],
+            &sj,
+        )
+        .wait_with_output()
+        .unwrap();
+        let d = d.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&s.stderr);
+        // Cut after the device state, the Commit right behind it may have
+        // left the socket: then commit-unknown (3), the guest paused.
+        let expected: &[i32] = if kind == 12 { &[1, 3] } else { &[1] };
+        let code = s.status.code().unwrap_or(-1);
+        assert!(expected.contains(&code), "{phase}: {}", text(&s));
+        if code == 1 {
+            assert!(stderr.contains("running again"), "{phase}: {stderr}");
+        }
+        let err = json(&sj)["error"].as_str().unwrap_or_default().to_string();
+        assert!(err.contains("dead, frozen or cut off"), "{phase}: {err}");
+        assert_eq!(d.status.code(), Some(1), "{phase}: {}", text(&d));
+        println!("stall in {phase}: source {code}, destination 1");
+    }
 }
