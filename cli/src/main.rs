@@ -36,7 +36,7 @@ fn main() {
     match result {
         Ok(outcome) => std::process::exit(outcome.code()),
         Err(e) => {
-            eprintln!("migrate-cli: error: {e:#}");
+            eprintln!("migrate-cli: error: {}", report::error_text(&e));
             std::process::exit(2);
         }
     }

@@ -211,3 +211,31 @@ pub fn source_summary(s: &MigrationStats) -> String {
         }
     )
 }
+
+/// An error and its causes as one line, each cause once: errors that
+/// already print their source are not followed by it again (what `{:#}`
+/// does).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn causes_are_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = anyhow::Error::new(io).context("cannot connect: refused");
+        assert_eq!(super::error_text(&e), "cannot connect: refused");
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = anyhow::Error::new(io).context("cannot connect");
+        assert_eq!(super::error_text(&e), "cannot connect: refused");
+    }
+}

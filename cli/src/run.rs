@@ -57,8 +57,9 @@ impl Outcome {
 fn write_report(path: &std::path::Path, v: &serde_json::Value) {
     if let Err(e) = report::write_json(path, v) {
         eprintln!(
-            "migrate-cli: warning: the migration ended, but its report {} could not be written: {e:#}",
-            path.display()
+            "migrate-cli: warning: the migration ended, but its report {} could not be written: {}",
+            path.display(),
+            report::error_text(&e)
         );
     }
 }
@@ -141,7 +142,7 @@ fn migrate_out(
                 };
                 report::write_json(
                     path,
-                    &report::source_json(&stats, None, Some(&format!("{e:#}"))),
+                    &report::source_json(&stats, None, Some(&report::error_text(&e))),
                 )?;
             }
             return Err(e);
@@ -267,7 +268,10 @@ fn receive(
             }) {
                 Ok(m) => Arc::new(m),
                 Err(e) => {
-                    let msg = format!("destination cannot allocate the guest memory: {e:#}");
+                    let msg = format!(
+                        "destination cannot allocate the guest memory: {}",
+                        report::error_text(&e)
+                    );
                     incoming.refuse(t, RefusalCode::Setup, &msg);
                     bail!(msg);
                 }
@@ -309,10 +313,13 @@ fn receive(
             )
         }
         Err(e) => {
-            eprintln!("incoming migration failed: {e:#}; received memory discarded");
+            eprintln!(
+                "incoming migration failed: {}; received memory discarded",
+                report::error_text(e)
+            );
             (
                 false,
-                report::destination_json(None, None, Some(&format!("{e:#}"))),
+                report::destination_json(None, None, Some(&report::error_text(e))),
             )
         }
     };
