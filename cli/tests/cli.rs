@@ -86,6 +86,16 @@ fn both_migrated(s: &Output, d: &Output, sj: &Path) -> Value {
     v
 }
 
+/// The source failed (exit 1) and says its guest runs again.
+fn assert_source_runs_again(s: &Output) {
+    assert_eq!(s.status.code(), Some(1), "{}", text(s));
+    assert!(
+        String::from_utf8_lossy(&s.stderr).contains("source guest is running again"),
+        "{}",
+        text(s)
+    );
+}
+
 fn json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -231,12 +241,7 @@ fn killed_destination_leaves_the_source_running() {
     d.kill().unwrap(); // SIGKILL mid-round 0
     d.wait().unwrap();
     let s = s.wait_with_output().unwrap();
-    assert_eq!(s.status.code(), Some(1), "{}", text(&s));
-    assert!(
-        String::from_utf8_lossy(&s.stderr).contains("source guest is running again"),
-        "{}",
-        text(&s)
-    );
+    assert_source_runs_again(&s);
     assert_eq!(json(&sj)["status"], "failed");
 }
 
@@ -412,12 +417,7 @@ fn a_frozen_destination_is_declared_dead() {
     signal(d.id(), "-CONT");
     let d = d.wait_with_output().unwrap();
     println!("frozen destination detected after {detected:?} (I/O timeout 2 s)");
-    assert_eq!(s.status.code(), Some(1), "{}", text(&s));
-    assert!(
-        String::from_utf8_lossy(&s.stderr).contains("source guest is running again"),
-        "{}",
-        text(&s)
-    );
+    assert_source_runs_again(&s);
     let v = json(&sj);
     assert_eq!(v["status"], "failed");
     assert!(
@@ -454,12 +454,7 @@ fn a_frozen_source_is_declared_dead() {
             .contains("dead, frozen or cut off"),
         "{dv}"
     );
-    assert_eq!(s.status.code(), Some(1), "{}", text(&s));
-    assert!(
-        String::from_utf8_lossy(&s.stderr).contains("source guest is running again"),
-        "{}",
-        text(&s)
-    );
+    assert_source_runs_again(&s);
 }
 
 /// A report that cannot be written does not change what the exit status
