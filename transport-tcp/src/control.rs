@@ -13,6 +13,7 @@
 
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream};
+
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ use migrate_core::protocol::wire::{read_message, read_preamble, write_message, w
 use migrate_core::transport::{ControlChannel, TransportError};
 
 use crate::TcpConfig;
+use crate::conn::Conn;
+use crate::tls::secure;
 
 /// Bytes buffered per connection for headers and run tables; page bytes
 /// beyond what is buffered are read straight into guest memory.
@@ -90,7 +93,7 @@ fn clone_error(e: &TransportError) -> TransportError {
 /// Messages over one TCP connection.
 #[derive(Debug)]
 pub struct TcpControl {
-    stream: TcpStream,
+    stream: Conn,
     inbound: Inbound,
     /// One frame at a time from the engine and the heartbeat thread.
     write_lock: Arc<Mutex<()>>,
@@ -101,7 +104,7 @@ pub struct TcpControl {
 #[derive(Debug)]
 enum Inbound {
     /// Read on the caller's thread (data streams, peers without heartbeats).
-    Direct(BufReader<TcpStream>),
+    Direct(BufReader<Conn>),
     /// A reader thread reads every frame, drops heartbeats and reports
     /// silence.
     Watched(Receiver<Result<Message, TransportError>>),
@@ -132,7 +135,7 @@ impl TcpControl {
         kill: &KillSwitch,
     ) -> Result<Self, TransportError> {
         let (stream, reader, peer_version) = handshake(stream, cfg)?;
-        kill.register(&stream);
+        kill.register(stream.socket());
         let write_lock = Arc::<Mutex<()>>::default();
         if peer_version < HEARTBEAT_VERSION {
             // The Hello exchange refuses such a peer with a version error.
@@ -155,23 +158,28 @@ impl TcpControl {
         })
     }
 
-    /// The underlying socket.
+    /// The underlying socket (under TLS when the migration uses it).
     pub fn stream(&self) -> &TcpStream {
+        self.stream.socket()
+    }
+
+    /// The connection, plain or TLS.
+    pub(crate) fn conn(&self) -> &Conn {
         &self.stream
     }
 
     /// Close both directions (wakes a peer blocked on reading).
     pub fn shutdown(&self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
+        self.stream.shutdown();
     }
 
     /// The socket and its reader, for a data stream (read on the caller's
     /// thread).
-    pub(crate) fn into_parts(mut self) -> Option<(TcpStream, BufReader<TcpStream>)> {
+    pub(crate) fn into_parts(mut self) -> Option<(Conn, BufReader<Conn>)> {
         if !matches!(self.inbound, Inbound::Direct(_)) {
             return None;
         }
-        let stream = self.stream.try_clone().ok()?;
+        let stream = self.stream.clone();
         match std::mem::replace(&mut self.inbound, Inbound::Taken) {
             Inbound::Direct(reader) => Some((stream, reader)),
             _ => None,
@@ -185,7 +193,7 @@ impl Drop for TcpControl {
             // The reader thread holds the socket too: closing both
             // directions ends it (and tells the peer's), instead of
             // heartbeats keeping two idle threads and their sockets alive.
-            let _ = self.stream.shutdown(Shutdown::Both);
+            self.stream.shutdown();
         }
     }
 }
@@ -215,37 +223,38 @@ impl ControlChannel for TcpControl {
     }
 }
 
-/// Options, preambles both ways; returns the peer's protocol version.
+/// Options, TLS when configured, preambles both ways; returns the peer's
+/// protocol version. Nothing of the migration crosses the connection before
+/// the peer is authenticated.
 fn handshake(
     stream: TcpStream,
     cfg: &TcpConfig,
-) -> Result<(TcpStream, BufReader<TcpStream>, u16), TransportError> {
+) -> Result<(Conn, BufReader<Conn>, u16), TransportError> {
     prepare(&stream, cfg)?;
-    let mut w = &stream;
-    write_preamble(&mut w)?;
-    let mut reader =
-        BufReader::with_capacity(READ_BUFFER, stream.try_clone().map_err(io("clone socket"))?);
     // A peer says who it is at once; one that does not is not ours.
     let say_who = cfg.io_timeout.min(crate::accept::HANDSHAKE_TIMEOUT);
     stream
         .set_read_timeout(Some(say_who))
         .map_err(io("set read timeout"))?;
+    let conn = secure(stream, cfg.tls.as_ref())?;
+    let mut w = &conn;
+    write_preamble(&mut w)?;
+    let mut reader = BufReader::with_capacity(READ_BUFFER, conn.clone());
     let version = read_preamble(&mut reader)?;
-    stream
-        .set_read_timeout(Some(cfg.io_timeout))
+    conn.set_read_timeout(Some(cfg.io_timeout))
         .map_err(io("set read timeout"))?;
-    Ok((stream, reader, version))
+    Ok((conn, reader, version))
 }
 
 /// A thread that writes a heartbeat every `interval` until the returned
 /// sender is dropped or the connection fails.
 fn spawn_heartbeats(
-    stream: &TcpStream,
+    stream: &Conn,
     write_lock: &Arc<Mutex<()>>,
     interval: Duration,
 ) -> Result<Sender<()>, TransportError> {
     let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
-    let stream = stream.try_clone().map_err(io("clone socket"))?;
+    let stream = stream.clone();
     let write_lock = Arc::clone(write_lock);
     std::thread::Builder::new()
         .name("tcp-heartbeat".into())
@@ -267,7 +276,7 @@ fn spawn_heartbeats(
 /// rest goes to the engine. The first error (silence for `timeout`, the
 /// peer closing, a bad frame) ends it; silence also trips `kill`.
 fn spawn_reader(
-    mut reader: BufReader<TcpStream>,
+    mut reader: BufReader<Conn>,
     timeout: Duration,
     kill: KillSwitch,
 ) -> Result<Receiver<Result<Message, TransportError>>, TransportError> {

@@ -19,6 +19,7 @@ use migrate_core::transport::{
 
 use crate::TcpConfig;
 use crate::accept::Handshakes;
+use crate::conn::Conn;
 use crate::control::{KillSwitch, TcpControl, io};
 
 /// A listening socket for incoming migrations. Connections are served
@@ -137,8 +138,7 @@ impl DestinationTransport for TcpDestination {
         _features: u64,
     ) -> Result<Receiver<DataEvent>, TransportError> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let mut joined: Vec<Option<(TcpStream, BufReader<TcpStream>)>> =
-            (0..streams).map(|_| None).collect();
+        let mut joined: Vec<Option<(Conn, BufReader<Conn>)>> = (0..streams).map(|_| None).collect();
         let deadline = Instant::now() + self.cfg.connect_timeout;
         // Joins run concurrently: a stray connection that says nothing does
         // not hold up the streams of this migration.
@@ -178,7 +178,7 @@ impl DestinationTransport for TcpDestination {
                     detail: "did not join".into(),
                 });
             };
-            self.kill.register(&stream);
+            self.kill.register(stream.socket());
             let (mem, tx, layout) = (Arc::clone(mem), tx.clone(), layout.clone());
             let kill = self.kill.clone();
             let handle = std::thread::Builder::new()
@@ -256,7 +256,7 @@ fn join(
     stream: TcpStream,
     cfg: &TcpConfig,
     session: u64,
-) -> Result<(u16, (TcpStream, BufReader<TcpStream>)), TransportError> {
+) -> Result<(u16, (Conn, BufReader<Conn>)), TransportError> {
     stream
         .set_nonblocking(false)
         .map_err(io("data connection blocking"))?;
@@ -294,7 +294,7 @@ struct StreamRound {
 
 fn receive_stream(
     stream: u16,
-    mut reader: BufReader<TcpStream>,
+    mut reader: BufReader<Conn>,
     mem: &GuestMemory,
     layout: &MemoryLayout,
     tx: &Sender<DataEvent>,
@@ -378,8 +378,8 @@ fn receive_stream(
 }
 
 /// A read timeout ("os error 11") as "no progress for N s".
-fn explain_timeout(error: TransportError, reader: &BufReader<TcpStream>) -> TransportError {
-    let timeout = reader.get_ref().read_timeout().ok().flatten();
+fn explain_timeout(error: TransportError, reader: &BufReader<Conn>) -> TransportError {
+    let timeout = reader.get_ref().read_timeout();
     match error {
         TransportError::Io { op, source } => TransportError::Io {
             op,
@@ -398,7 +398,7 @@ fn explain_timeout(error: TransportError, reader: &BufReader<TcpStream>) -> Tran
 /// Land one batch's pages in guest memory; returns the pages that failed
 /// their own hash (suspect: the source sends them again).
 fn land_batch(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Conn>,
     mem: &GuestMemory,
     bh: &BatchHeader,
     (compressed, raw): &mut (Vec<u8>, Vec<u8>),

@@ -24,15 +24,19 @@
 #![forbid(unsafe_code)]
 
 mod accept;
+mod conn;
 mod control;
 mod destination;
+pub mod pki;
 mod source;
+mod tls;
 
 use std::time::Duration;
 
 pub use control::{KillSwitch, TcpControl};
 pub use destination::{TcpDestination, TcpMigrationListener};
 pub use source::TcpSource;
+pub use tls::{MIN_PSK_LEN, TlsConfig, TlsError};
 
 /// Data connections used when not told otherwise. Measured on the 2-core
 /// machine this project is developed on (see BENCHMARKS.md): 2 streams beat 1
@@ -54,6 +58,9 @@ pub struct TcpConfig {
     pub io_timeout: Duration,
     /// How long connecting (and waiting for data streams to join) may take.
     pub connect_timeout: Duration,
+    /// Mutual TLS (certificates or a pre-shared key) on every connection;
+    /// `None` is plaintext, for loopback and isolated test networks only.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for TcpConfig {
@@ -64,6 +71,7 @@ impl Default for TcpConfig {
             compress_level: 1,
             io_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }

@@ -18,6 +18,7 @@ use migrate_core::transport::{
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::TcpConfig;
+use crate::conn::Conn;
 use crate::control::{KillSwitch, TcpControl, io, prepare};
 
 /// Raw page bytes a batch aims for: large enough to amortize headers and
@@ -116,7 +117,7 @@ impl SourceTransport for TcpSource {
             let mut c = TcpControl::open(stream, &self.cfg)?;
             c.send(&Message::Join { session, index })?;
             self.kill.register(c.stream());
-            streams.push(c.stream().try_clone().map_err(io("clone socket"))?);
+            streams.push(c.conn().clone());
         }
         tracing::debug!(streams = streams.len(), features, "data connections open");
         // The previous data plane, if any, is gone with its kill switch.
@@ -158,7 +159,7 @@ fn open_control(
 /// Sends rounds over the data connections, one thread per connection.
 struct TcpPageSender {
     mem: Arc<GuestMemory>,
-    streams: Vec<TcpStream>,
+    streams: Vec<Conn>,
     kill: KillSwitch,
     compress: Option<i32>,
 }
@@ -274,7 +275,7 @@ fn plan_batches(mem: &GuestMemory, runs: &[PageRun]) -> Vec<Vec<PageRun>> {
 #[allow(clippy::too_many_arguments)]
 fn send_stream(
     mem: &GuestMemory,
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     round: u32,
     batches: &[Vec<PageRun>],
     next: &AtomicUsize,
@@ -321,7 +322,7 @@ struct Scratch {
 /// vectored write straight from guest memory (or zstd-compressed).
 fn send_batch(
     mem: &GuestMemory,
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     round: u32,
     pieces: &[PageRun],
     compress: Option<i32>,
@@ -419,18 +420,18 @@ fn send_batch(
 }
 
 fn write_all_vectored(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     mut iov: &mut [IoSlice<'_>],
 ) -> Result<(), TransportError> {
     while !iov.is_empty() {
-        match stream.write_vectored(iov) {
+        match (&*stream).write_vectored(iov) {
             Ok(0) => {
                 return Err(io("send pages")(std::io::ErrorKind::WriteZero.into()));
             }
             Ok(n) => IoSlice::advance_slices(&mut iov, n),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
-                let timeout = stream.write_timeout().ok().flatten();
+                let timeout = stream.write_timeout();
                 return Err(io("send pages")(crate::control::timed_out(e, timeout)));
             }
         }

@@ -13,12 +13,17 @@ fn cfg() -> TcpConfig {
 }
 
 fn tcp_pair_with(cfg: TcpConfig) -> TransportPair {
-    let listener = TcpMigrationListener::bind("127.0.0.1:0", cfg.clone()).unwrap();
+    tcp_pair_of(cfg.clone(), cfg)
+}
+
+/// A pair whose ends have their own configuration (their own credentials).
+fn tcp_pair_of(source_cfg: TcpConfig, cfg: TcpConfig) -> TransportPair {
+    let listener = TcpMigrationListener::bind("127.0.0.1:0", cfg).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (slot, kill) = kill_slot::<Box<dyn Fn() + Send + Sync>>();
     TransportPair {
         source: Box::new(move |_| {
-            Ok(Box::new(TcpSource::connect(&addr, cfg)?) as Box<dyn SourceTransport>)
+            Ok(Box::new(TcpSource::connect(&addr, source_cfg)?) as Box<dyn SourceTransport>)
         }),
         destination: Box::new(move || {
             let d = listener.accept()?;
@@ -47,6 +52,50 @@ mod one_stream_zstd {
             compress: true,
             ..cfg()
         })
+    }
+    fixtures::transport_suite!(pair);
+}
+
+/// The same suite with mutual TLS (certificates from one CA) on every
+/// connection.
+mod mutual_tls {
+    use super::*;
+    use transport_tcp::TlsConfig;
+    use transport_tcp::pki::write_test_pki;
+
+    fn pair() -> TransportPair {
+        let dir = fixtures::scratch_dir("tls-conformance");
+        write_test_pki(&dir, &["localhost".into()], &["source".into()]).unwrap();
+        let dest = TcpConfig {
+            tls: Some(TlsConfig::destination_from_dir(&dir, &["source".into()]).unwrap()),
+            ..cfg()
+        };
+        let source = TcpConfig {
+            tls: Some(TlsConfig::source_from_dir(&dir, "localhost").unwrap()),
+            ..cfg()
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        tcp_pair_of(source, dest)
+    }
+    fixtures::transport_suite!(pair);
+}
+
+/// The same suite with a pre-shared key instead of certificates.
+mod psk {
+    use super::*;
+    use transport_tcp::TlsConfig;
+
+    fn pair() -> TransportPair {
+        let key = b"0123456789abcdef0123456789abcdef-conformance".to_vec();
+        let dest = TcpConfig {
+            tls: Some(TlsConfig::destination_psk(key.clone()).unwrap()),
+            ..cfg()
+        };
+        let source = TcpConfig {
+            tls: Some(TlsConfig::source_psk(key).unwrap()),
+            ..cfg()
+        };
+        tcp_pair_of(source, dest)
     }
     fixtures::transport_suite!(pair);
 }

@@ -56,6 +56,13 @@ pub enum TransportError {
         /// How long the peer was silent (the I/O timeout).
         secs: f64,
     },
+    /// The peer could not be authenticated, or refused this end's
+    /// credentials: nothing of the migration was exchanged with it.
+    #[error("authentication failed: {detail}")]
+    Auth {
+        /// Who refused whom, and why.
+        detail: String,
+    },
     /// A data stream broke or misbehaved.
     #[error("data stream {stream}: {detail}")]
     Stream {
