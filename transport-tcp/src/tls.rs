@@ -506,6 +506,28 @@ fn handshake_error(e: io::Error, state: &Connection) -> TransportError {
     }
 }
 
+/// A read that failed on the peer's TLS alert: it refused this end.
+/// Other errors pass unchanged.
+pub(crate) fn refused_or(e: migrate_core::protocol::ProtocolError) -> TransportError {
+    use migrate_core::protocol::ProtocolError;
+    let alert = match &e {
+        ProtocolError::Io { source, .. } => source
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .and_then(|r| match r {
+                rustls::Error::AlertReceived(a) => Some(*a),
+                _ => None,
+            }),
+        _ => None,
+    };
+    match alert {
+        Some(a) => auth(format!(
+            "the peer refused this end's TLS credentials (alert: {a:?})"
+        )),
+        None => e.into(),
+    }
+}
+
 /// The destination's allow-list: the client's certificate must be valid
 /// for one of the names.
 fn check_allowed(

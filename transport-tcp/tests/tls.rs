@@ -1,0 +1,236 @@
+//! Only the right peer: each way a stranger can try to be the source or the
+//! destination is refused during the TLS handshake, before any byte of the
+//! migration (not even its preamble) crosses, over real loopback sockets.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use migrate_core::protocol::wire::write_preamble;
+use migrate_core::transport::TransportError;
+use transport_tcp::pki::{Leaf, TestCa, write_test_pki};
+use transport_tcp::{TcpConfig, TcpMigrationListener, TcpSource, TlsConfig, TlsError};
+
+fn cfg(tls: Option<TlsConfig>) -> TcpConfig {
+    TcpConfig {
+        io_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(5),
+        tls,
+        ..TcpConfig::default()
+    }
+}
+
+/// A directory with both ends' files from one fresh CA.
+fn pki(server: &str, client: &str) -> PathBuf {
+    let dir = fixtures::scratch_dir("tls-test");
+    write_test_pki(&dir, &[server.into()], &[client.into()]).unwrap();
+    dir
+}
+
+fn source_tls(dir: &Path, name: &str) -> Option<TlsConfig> {
+    Some(TlsConfig::source_from_dir(dir, name).unwrap())
+}
+
+fn dest_tls(dir: &Path, allowed: &[&str]) -> Option<TlsConfig> {
+    let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
+    Some(TlsConfig::destination_from_dir(dir, &allowed).unwrap())
+}
+
+/// Run a destination's `accept` and a source's `connect` against each
+/// other; both results.
+fn meet(
+    dest: TcpConfig,
+    source: TcpConfig,
+) -> (
+    Result<(), TransportError>,
+    Result<(), TransportError>,
+) {
+    let listener = TcpMigrationListener::bind("127.0.0.1:0", dest).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let d = std::thread::spawn(move || listener.accept().map(drop));
+    let s = TcpSource::connect(&addr, source).map(drop);
+    (d.join().unwrap(), s)
+}
+
+fn auth_detail(r: &Result<(), TransportError>) -> String {
+    match r {
+        Err(TransportError::Auth { detail }) => detail.clone(),
+        other => panic!("expected an authentication error, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_right_peers_meet() {
+    let dir = pki("localhost", "source-a");
+    let (d, s) = meet(
+        cfg(dest_tls(&dir, &["source-a"])),
+        cfg(source_tls(&dir, "localhost")),
+    );
+    d.unwrap();
+    s.unwrap();
+}
+
+#[test]
+fn a_plaintext_source_is_refused() {
+    let dir = pki("localhost", "source-a");
+    let (d, s) = meet(cfg(dest_tls(&dir, &[])), cfg(None));
+    assert!(auth_detail(&d).contains("does not speak TLS"), "{d:?}");
+    assert!(s.is_err(), "a plaintext source got through: {s:?}");
+}
+
+#[test]
+fn a_source_from_another_ca_is_refused() {
+    let dir = pki("localhost", "source-a");
+    let other = pki("localhost", "source-a");
+    let (d, s) = meet(
+        cfg(dest_tls(&dir, &[])),
+        cfg(source_tls(&dir_with_ca_of(&dir, &other), "localhost")),
+    );
+    let detail = auth_detail(&d);
+    assert!(detail.contains("certificate is not accepted"), "{detail}");
+    let detail = auth_detail(&s);
+    assert!(detail.contains("refused this end's TLS credentials"), "{detail}");
+}
+
+/// `client` files from `other`'s CA, the CA certificate (to check the
+/// destination) from `dir`'s.
+fn dir_with_ca_of(dir: &Path, other: &Path) -> PathBuf {
+    let mixed = fixtures::scratch_dir("tls-mixed");
+    std::fs::copy(dir.join("ca-cert.pem"), mixed.join("ca-cert.pem")).unwrap();
+    for f in ["client-cert.pem", "client-key.pem"] {
+        std::fs::copy(other.join(f), mixed.join(f)).unwrap();
+    }
+    mixed
+}
+
+#[test]
+fn an_expired_source_certificate_is_refused() {
+    let dir = fixtures::scratch_dir("tls-expired");
+    let ca = TestCa::new("test CA").unwrap();
+    ca.write_ca(&dir).unwrap();
+    ca.issue(&dir, Leaf::Server, &["localhost".into()], false)
+        .unwrap();
+    ca.issue(&dir, Leaf::Client, &["source-a".into()], true)
+        .unwrap();
+    let (d, s) = meet(
+        cfg(dest_tls(&dir, &[])),
+        cfg(source_tls(&dir, "localhost")),
+    );
+    let detail = auth_detail(&d);
+    assert!(detail.contains("expired"), "{detail}");
+    assert!(s.is_err());
+}
+
+#[test]
+fn a_source_not_on_the_allow_list_is_refused() {
+    let dir = pki("localhost", "intruder");
+    let (d, s) = meet(
+        cfg(dest_tls(&dir, &["source-a", "source-b"])),
+        cfg(source_tls(&dir, "localhost")),
+    );
+    let detail = auth_detail(&d);
+    assert!(detail.contains("none of the allowed clients"), "{detail}");
+    assert!(s.is_err());
+}
+
+#[test]
+fn a_destination_with_the_wrong_name_is_refused() {
+    let dir = pki("dest-a.example", "source-a");
+    let (_d, s) = meet(
+        cfg(dest_tls(&dir, &[])),
+        cfg(source_tls(&dir, "dest-b.example")),
+    );
+    let detail = auth_detail(&s);
+    assert!(detail.contains("destination's certificate is not accepted"), "{detail}");
+}
+
+#[test]
+fn a_destination_from_another_ca_is_refused() {
+    let dir = pki("localhost", "source-a");
+    let fake = pki("localhost", "source-a");
+    let (_d, s) = meet(
+        cfg(dest_tls(&fake, &[])),
+        cfg(source_tls(&dir, "localhost")),
+    );
+    let detail = auth_detail(&s);
+    // Both test CAs carry the same name: the signature does not verify.
+    assert!(detail.contains("destination's certificate is not accepted"), "{detail}");
+}
+
+/// A fake destination that speaks the plaintext protocol (it sends our
+/// preamble at once) gets a TLS ClientHello and nothing else: no preamble,
+/// no Hello, no page.
+#[test]
+fn a_plaintext_destination_receives_nothing_of_the_migration() {
+    let dir = pki("localhost", "source-a");
+    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = fake.local_addr().unwrap().to_string();
+    let heard = std::thread::spawn(move || {
+        let (mut s, _) = fake.accept().unwrap();
+        let mut greeting = Vec::new();
+        write_preamble(&mut greeting).unwrap();
+        std::io::Write::write_all(&mut s, &greeting).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut all = Vec::new();
+        let _ = s.read_to_end(&mut all);
+        all
+    });
+    let s = TcpSource::connect(&addr, cfg(source_tls(&dir, "localhost"))).map(drop);
+    assert!(auth_detail(&s).contains("does not speak TLS"), "{s:?}");
+    let heard = heard.join().unwrap();
+    assert_eq!(heard.first(), Some(&0x16), "not a TLS handshake record");
+    let mut preamble = Vec::new();
+    write_preamble(&mut preamble).unwrap();
+    assert!(
+        !heard.windows(4).any(|w| w == &preamble[..4]),
+        "the migration's preamble crossed in the clear"
+    );
+}
+
+#[test]
+fn psk_peers_meet_and_a_wrong_key_is_refused_both_ways() {
+    let key = b"an-example-of-a-random-key-of-40-bytes!!".to_vec();
+    let other = b"another-random-key-of-forty-bytes-here!!".to_vec();
+    let psk_dest = |k: &[u8]| cfg(Some(TlsConfig::destination_psk(k.to_vec()).unwrap()));
+    let psk_source = |k: &[u8]| cfg(Some(TlsConfig::source_psk(k.to_vec()).unwrap()));
+    let (d, s) = meet(psk_dest(&key), psk_source(&key));
+    d.unwrap();
+    s.unwrap();
+    let (d, s) = meet(psk_dest(&key), psk_source(&other));
+    assert!(auth_detail(&d).contains("source does not hold the pre-shared key"));
+    assert!(auth_detail(&s).contains("destination"), "{s:?}");
+    // A certificate-holding source is no PSK peer either.
+    let dir = pki("localhost", "source-a");
+    let (d, _s) = meet(psk_dest(&key), cfg(source_tls(&dir, "localhost")));
+    assert!(d.is_err());
+}
+
+#[test]
+fn credential_files_are_checked_before_anything_starts() {
+    let empty = fixtures::scratch_dir("tls-empty");
+    match TlsConfig::source_from_dir(&empty, "localhost") {
+        Err(TlsError::Read { path, .. }) => assert!(path.ends_with("ca-cert.pem")),
+        other => panic!("{other:?}"),
+    }
+    let dir = pki("localhost", "source-a");
+    std::fs::write(dir.join("server-key.pem"), "not a key").unwrap();
+    assert!(matches!(
+        TlsConfig::destination_from_dir(&dir, &[]),
+        Err(TlsError::Pem { .. })
+    ));
+    // A key that is not the certificate's.
+    let other = pki("localhost", "source-a");
+    std::fs::copy(other.join("client-key.pem"), dir.join("client-key.pem")).unwrap();
+    assert!(TlsConfig::source_from_dir(&dir, "localhost").is_err());
+    let short = empty.join("psk");
+    std::fs::write(&short, "password\n").unwrap();
+    assert!(matches!(
+        TlsConfig::read_psk(&short),
+        Err(TlsError::WeakKey { len: 8, .. })
+    ));
+    assert!(matches!(
+        TlsConfig::source_from_dir(&dir, "not a name!"),
+        Err(TlsError::Setup(_)) | Err(TlsError::Pem { .. })
+    ));
+}
