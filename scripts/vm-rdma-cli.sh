@@ -11,6 +11,7 @@ bin=$1; mode=${2:-check}
 tmp=$(mktemp -d)
 fail=0
 
+auth=()   # credentials given to both ends of the next migrate call
 json_get() { python3 -c "import json,sys; print(json.load(open('$1'))$2)"; }
 
 migrate() { # label transport src_ns dst_ns listen_ip size guest-args...
@@ -18,12 +19,12 @@ migrate() { # label transport src_ns dst_ns listen_ip size guest-args...
   local sx="" dx=""
   [ -n "$sns" ] && sx="ip netns exec $sns"
   [ -n "$dns" ] && dx="ip netns exec $dns"
-  $dx "$bin" dest --listen "$ip:0" --transport "$transport" --json "$tmp/$label-d.json" > "$tmp/$label-d.out" 2>&1 &
+  $dx "$bin" dest --listen "$ip:0" --transport "$transport" "${auth[@]}" --json "$tmp/$label-d.json" > "$tmp/$label-d.out" 2>&1 &
   local dpid=$!
   for _ in $(seq 1 100); do grep -q "listening on" "$tmp/$label-d.out" 2>/dev/null && break; sleep 0.1; done
   local addr; addr=$(sed -n 's/^listening on //p' "$tmp/$label-d.out")
   if ! $sx "$bin" source --connect "$addr" --transport "$transport" --memory "$size" --progress never \
-        --json "$tmp/$label-s.json" "$@" > "$tmp/$label-s.out" 2>&1; then
+        "${auth[@]}" --json "$tmp/$label-s.json" "$@" > "$tmp/$label-s.out" 2>&1; then
     echo "FAIL $label: source failed"; cat "$tmp/$label-s.out"; cat "$tmp/$label-d.out"; fail=1
     wait $dpid || true; return
   fi
@@ -36,8 +37,23 @@ migrate() { # label transport src_ns dst_ns listen_ip size guest-args...
 }
 
 migrate rdma-lo rdma "" "" 127.0.0.1 32M --guest dirty --dirty-rate 2000 --verify
+# Between the two hosts, authenticated: mutual TLS for RDMA (the rkeys
+# travel over it), a pre-shared key for TCP.
+"$bin" tls-gen --dir "$tmp/tls" --server-name 10.198.0.2 > /dev/null
+head -c 32 /dev/urandom | base64 > "$tmp/psk"
+auth=(--tls-dir "$tmp/tls")
 migrate rdma-two-hosts rdma mig-src mig-dst 10.198.0.2 32M --guest bank --dirty-rate 2000 --verify
+auth=(--psk-file "$tmp/psk")
 migrate tcp-two-hosts tcp mig-src mig-dst 10.198.0.2 32M --guest bank --dirty-rate 2000 --verify
+auth=()
+# Over the network without credentials: refused before it starts.
+if ip netns exec mig-dst "$bin" dest --listen 10.198.0.2:0 --transport rdma > "$tmp/noauth.out" 2>&1; then
+  echo "FAIL rdma-no-auth: a destination listened on a network address without credentials"; fail=1
+elif grep -q "without authentication" "$tmp/noauth.out"; then
+  echo "ok rdma-no-auth: $(grep -o 'refusing[^:]*' "$tmp/noauth.out" | head -1)"
+else
+  echo "FAIL rdma-no-auth: unexpected"; cat "$tmp/noauth.out"; fail=1
+fi
 if [ "$fail" = 0 ]; then
   grep -q '"guest_consistent": true' "$tmp/rdma-two-hosts-d.json" || { echo "FAIL: ledger not consistent after RDMA"; fail=1; }
 fi

@@ -26,6 +26,25 @@ pub enum Command {
     /// Source and destination on this machine over loopback, with the
     /// built-in guest dirtying its memory: a live migration in one command.
     Demo(DemoArgs),
+    /// Write a test certificate authority and certificates for both ends
+    /// into a directory, for `--tls-dir` (copy it to both hosts).
+    TlsGen(TlsGenArgs),
+}
+
+/// `migrate-cli tls-gen`.
+#[derive(Debug, Clone, Args)]
+pub struct TlsGenArgs {
+    /// Directory to write `ca-cert.pem`, `server-*.pem`, `client-*.pem`
+    /// into (created if missing; existing files are replaced).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Names (DNS or IP) of the destination, as sources connect to it
+    /// (repeat the option).
+    #[arg(long = "server-name", required = true)]
+    pub server_names: Vec<String>,
+    /// Names of the source, for `dest --tls-allow` (repeat the option).
+    #[arg(long = "client-name", default_value = "migration-source")]
+    pub client_names: Vec<String>,
 }
 
 /// Transports.
@@ -70,6 +89,23 @@ pub struct TransportArgs {
     /// seconds and go on where it stopped; 0: fail at once.
     #[arg(long, default_value_t = 60)]
     pub reconnect_s: u64,
+    /// Mutual TLS 1.3 on every connection with the certificates in this
+    /// directory, under QEMU's file names: `ca-cert.pem`, plus
+    /// `client-cert.pem` and `client-key.pem` on the source,
+    /// `server-cert.pem` and `server-key.pem` on the destination
+    /// (`migrate-cli tls-gen` writes a test set).
+    #[arg(long, conflicts_with = "psk_file")]
+    pub tls_dir: Option<PathBuf>,
+    /// Authenticate both ends with the pre-shared key in this file instead
+    /// of certificates (at least 32 random bytes, e.g.
+    /// `head -c 32 /dev/urandom | base64`); the connections are TLS 1.3.
+    #[arg(long)]
+    pub psk_file: Option<PathBuf>,
+    /// Run without authentication or encryption on a non-loopback address:
+    /// anyone who reaches the port can write the guest's memory (as
+    /// source) or read it (as destination). Isolated test networks only.
+    #[arg(long, conflicts_with_all = ["tls_dir", "psk_file"])]
+    pub insecure: bool,
     /// RDMA device (default: the first one).
     #[arg(long)]
     pub rdma_device: Option<String>,
@@ -187,6 +223,10 @@ pub struct SourceArgs {
     /// Destination address, host:port.
     #[arg(long)]
     pub connect: String,
+    /// The name the destination's certificate must carry (default: the
+    /// host of `--connect`).
+    #[arg(long, requires = "tls_dir")]
+    pub tls_hostname: Option<String>,
     #[command(flatten)]
     pub memory: MemoryArgs,
     #[command(flatten)]
@@ -206,9 +246,14 @@ pub struct SourceArgs {
 /// `migrate-cli dest`.
 #[derive(Debug, Clone, Args)]
 pub struct DestArgs {
-    /// Address to listen on, host:port.
+    /// Address to listen on, host:port. Without `--tls-dir` or
+    /// `--psk-file`, only a loopback address (or `--insecure`).
     #[arg(long)]
     pub listen: String,
+    /// Accept only sources whose certificate names one of these (repeat
+    /// the option; like QEMU's `tls-authz`); default: any the CA signed.
+    #[arg(long = "tls-allow", value_name = "NAME", requires = "tls_dir")]
+    pub tls_allow: Vec<String>,
     /// Guest memory; without it, the layout the source announces is adopted.
     #[command(flatten)]
     pub memory: MemoryArgs,

@@ -12,6 +12,7 @@ mod report;
 #[allow(unsafe_code)]
 mod resources;
 mod run;
+mod security;
 mod transport;
 
 use anyhow::Result;
@@ -32,6 +33,7 @@ fn main() {
         args::Command::Source(a) => run::source(a, baseline_rss),
         args::Command::Dest(a) => run::dest(a, baseline_rss),
         args::Command::Demo(a) => run::demo(a),
+        args::Command::TlsGen(a) => run::tls_gen(a),
     };
     match result {
         Ok(outcome) => std::process::exit(outcome.code()),

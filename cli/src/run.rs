@@ -15,10 +15,10 @@ use migrate_core::{
 };
 
 use crate::args::{
-    DemoArgs, DestArgs, MigrationArgs, SourceArgs, TimeoutChoice, TrackerChoice, TransportArgs,
-    TransportChoice,
+    DemoArgs, DestArgs, MigrationArgs, SourceArgs, TimeoutChoice, TlsGenArgs, TrackerChoice,
+    TransportArgs, TransportChoice,
 };
-use crate::{guest, memory, report, resources, transport};
+use crate::{guest, memory, report, resources, security, transport};
 
 /// How a command ended. The process exit status says exactly this, one
 /// meaning per code (setup errors before anything was sent are 2).
@@ -100,12 +100,21 @@ fn tracker_pref(t: TrackerChoice) -> TrackerPreference {
 
 /// `migrate-cli source`.
 pub fn source(a: SourceArgs, baseline_rss: u64) -> Result<Outcome> {
+    // Credentials first: a bad file fails before any memory is allocated.
+    let tls = security::tls(
+        &a.transport,
+        &security::Role::Source {
+            connect: &a.connect,
+            hostname: a.tls_hostname.as_deref(),
+        },
+    )?;
     let mem = memory::from_args(&a.memory)?
         .context("give the guest memory: --memory SIZE and/or --memory-file PATH")?;
     migrate_out(
         Arc::new(mem),
         &a.connect,
         &a.transport,
+        tls,
         &a.guest,
         &a.migration,
         a.json.as_deref(),
@@ -119,6 +128,7 @@ fn migrate_out(
     mem: Arc<GuestMemory>,
     addr: &str,
     t: &TransportArgs,
+    tls: Option<transport_tcp::TlsConfig>,
     g: &crate::args::GuestArgs,
     m: &MigrationArgs,
     json: Option<&std::path::Path>,
@@ -130,7 +140,7 @@ fn migrate_out(
     // Connect first: RDMA registers (pins) the memory, which must happen
     // before dirty tracking starts.
     let connect_start = std::time::Instant::now();
-    let mut transport = match transport::connect(addr, t, m.compress, &mem) {
+    let mut transport = match transport::connect(addr, t, m.compress, &mem, tls) {
         Ok(x) => x,
         Err(e) => {
             if let Some(path) = json {
@@ -192,6 +202,17 @@ fn migrate_out(
         write_report(path, &v);
     }
     vm.stop();
+    if let Err(migrate_core::MigrationError::Refused {
+        code: RefusalCode::Auth,
+        message,
+    }) = &result
+    {
+        // Like credentials the destination refused during the handshake: a
+        // set-up error, nothing was sent.
+        bail!(
+            "authentication failed: the destination refused a source without credentials: {message}"
+        );
+    }
     Ok(outcome)
 }
 
@@ -204,7 +225,14 @@ fn transport_name(t: TransportChoice) -> &'static str {
 
 /// `migrate-cli dest`.
 pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
-    let listener = transport::Listener::bind(&a.listen, &a.transport)?;
+    let tls = security::tls(
+        &a.transport,
+        &security::Role::Destination {
+            listen: &a.listen,
+            allow: &a.tls_allow,
+        },
+    )?;
+    let listener = transport::Listener::bind(&a.listen, &a.transport, tls)?;
     let addr = listener.local_addr()?;
     println!("listening on {addr}");
     std::io::stdout().flush().ok();
@@ -244,8 +272,13 @@ fn receive(
     let mut t = loop {
         match listener.accept() {
             Ok(t) => break t,
-            Err(TransportError::Protocol(e)) => {
-                eprintln!("ignored a connection that is not a migration source: {e}");
+            // One client's failure is not the listener's: a stranger, a
+            // port scanner, a peer with the wrong credentials.
+            Err(e)
+                if e.is_disconnect()
+                    || matches!(e, TransportError::Protocol(_) | TransportError::Auth { .. }) =>
+            {
+                eprintln!("refused a connection: {}", report::error_text(&e.into()));
             }
             Err(e) => return Err(e.into()),
         }
@@ -333,6 +366,19 @@ fn receive(
     Ok(Outcome::of(ok))
 }
 
+/// `migrate-cli tls-gen`.
+pub fn tls_gen(a: TlsGenArgs) -> Result<Outcome> {
+    transport_tcp::pki::write_test_pki(&a.dir, &a.server_names, &a.client_names)?;
+    println!(
+        "wrote a test CA and certificates to {}: destination `--tls-dir {0}` (names: {}), \
+         source `--tls-dir {0}` (names: {}); the CA's key was not kept",
+        a.dir.display(),
+        a.server_names.join(", "),
+        a.client_names.join(", ")
+    );
+    Ok(Outcome::Migrated)
+}
+
 /// `migrate-cli demo`.
 pub fn demo(a: DemoArgs) -> Result<Outcome> {
     let demo_transport = TransportArgs {
@@ -340,10 +386,14 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
         streams: a.streams,
         io_timeout_s: 30,
         reconnect_s: 0,
+        tls_dir: None,
+        psk_file: None,
+        insecure: false,
         rdma_device: None,
         gid_index: None,
     };
-    let listener = transport::Listener::bind("127.0.0.1:0", &demo_transport)?;
+    // Loopback within one process: nobody else to authenticate.
+    let listener = transport::Listener::bind("127.0.0.1:0", &demo_transport, None)?;
     let addr = listener.local_addr()?.to_string();
     let mem = Arc::new(GuestMemory::new(vec![
         migrate_core::memory::GuestRegion::anonymous(0, a.memory as usize)?,
@@ -370,6 +420,7 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
         mem,
         &addr,
         &demo_transport,
+        None,
         &a.guest,
         &m,
         a.json.as_deref(),

@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use migrate_core::memory::GuestMemory;
 use migrate_core::transport::{DestinationTransport, SourceTransport, TransportError};
 use transport_rdma::{RdmaConfig, RdmaDestination, RdmaMigrationListener, RdmaSource};
-use transport_tcp::{TcpConfig, TcpDestination, TcpMigrationListener, TcpSource};
+use transport_tcp::{TcpConfig, TcpDestination, TcpMigrationListener, TcpSource, TlsConfig};
 
 use crate::args::{TransportArgs, TransportChoice};
 
@@ -43,16 +43,20 @@ impl Source {
     }
 }
 
-/// Connect to `addr` with the chosen transport. RDMA registers `mem` here,
-/// so call it before dirty tracking starts.
+/// Connect to `addr` with the chosen transport, authenticated by `tls`
+/// when given. RDMA registers `mem` here, so call it before dirty tracking
+/// starts.
 pub fn connect(
     addr: &str,
     t: &TransportArgs,
     compress: bool,
     mem: &Arc<GuestMemory>,
+    tls: Option<TlsConfig>,
 ) -> Result<Source> {
     Ok(match t.transport {
-        TransportChoice::Tcp => Source::Tcp(TcpSource::connect(addr, tcp_config(t, compress))?),
+        TransportChoice::Tcp => {
+            Source::Tcp(TcpSource::connect(addr, tcp_config(t, compress, tls))?)
+        }
         TransportChoice::Rdma => {
             if let Some(reason) = rdma_unavailable() {
                 bail!("--transport rdma: {reason}; use --transport tcp or auto");
@@ -60,13 +64,13 @@ pub fn connect(
             Source::Rdma(Box::new(RdmaSource::connect(
                 addr,
                 mem,
-                rdma_config(t, compress, true),
+                rdma_config(t, compress, true, tls),
             )?))
         }
         TransportChoice::Auto => Source::Rdma(Box::new(RdmaSource::connect(
             addr,
             mem,
-            rdma_config(t, compress, false),
+            rdma_config(t, compress, false, tls),
         )?)),
     })
 }
@@ -105,11 +109,11 @@ impl Destination {
 }
 
 impl Listener {
-    /// Listen on `addr`.
-    pub fn bind(addr: &str, t: &TransportArgs) -> Result<Listener> {
+    /// Listen on `addr`; with `tls`, every connection must authenticate.
+    pub fn bind(addr: &str, t: &TransportArgs, tls: Option<TlsConfig>) -> Result<Listener> {
         Ok(match t.transport {
             TransportChoice::Tcp => {
-                Listener::Tcp(TcpMigrationListener::bind(addr, tcp_config(t, true))?)
+                Listener::Tcp(TcpMigrationListener::bind(addr, tcp_config(t, true, tls))?)
             }
             TransportChoice::Rdma => {
                 if let Some(reason) = rdma_unavailable() {
@@ -117,12 +121,12 @@ impl Listener {
                 }
                 Listener::Rdma(RdmaMigrationListener::bind(
                     addr,
-                    rdma_config(t, true, true),
+                    rdma_config(t, true, true, tls),
                 )?)
             }
             TransportChoice::Auto => Listener::Rdma(RdmaMigrationListener::bind(
                 addr,
-                rdma_config(t, true, false),
+                rdma_config(t, true, false, tls),
             )?),
         })
     }
@@ -145,18 +149,24 @@ impl Listener {
 }
 
 /// TCP settings from the arguments.
-pub fn tcp_config(t: &TransportArgs, compress: bool) -> TcpConfig {
+pub fn tcp_config(t: &TransportArgs, compress: bool, tls: Option<TlsConfig>) -> TcpConfig {
     TcpConfig {
         data_streams: t.streams.max(1),
         compress,
         io_timeout: std::time::Duration::from_secs(t.io_timeout_s.max(1)),
+        tls,
         ..TcpConfig::default()
     }
 }
 
-fn rdma_config(t: &TransportArgs, compress: bool, require: bool) -> RdmaConfig {
+fn rdma_config(
+    t: &TransportArgs,
+    compress: bool,
+    require: bool,
+    tls: Option<TlsConfig>,
+) -> RdmaConfig {
     RdmaConfig {
-        tcp: tcp_config(t, compress),
+        tcp: tcp_config(t, compress, tls),
         queue_pairs: t.streams.max(1),
         device: t.rdma_device.clone(),
         gid_index: t.gid_index,

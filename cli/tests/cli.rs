@@ -1,132 +1,32 @@
 //! `migrate-cli` as operators run it: separate processes, real sockets,
 //! the JSON contract, killed peers, two network namespaces.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
-use serde_json::Value;
+use common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_migrate-cli");
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("migrate-cli-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-/// Start `migrate-cli dest` (optionally inside a network namespace) and
-/// return it with the address it listens on.
-fn dest(netns: Option<&str>, listen: &str, extra: &[&str], json: &Path) -> (Child, String) {
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, BIN]);
-            c
-        }
-        None => Command::new(BIN),
-    };
-    let mut child = cmd
-        .args(["dest", "--listen", listen, "--json"])
-        .arg(json)
-        .args(extra)
-        .args(default_io_timeout(extra))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn dest");
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("dest said {line:?}"))
-        .to_string();
-    (child, addr)
-}
-
-fn source(netns: Option<&str>, addr: &str, args: &[&str], json: &Path) -> Child {
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, BIN]);
-            c
-        }
-        None => Command::new(BIN),
-    };
-    cmd.args(["source", "--connect", addr, "--progress", "never", "--json"])
-        .arg(json)
-        .args(args)
-        .args(default_io_timeout(args))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn source")
-}
-
-/// 10 s unless the test chose its own.
-fn default_io_timeout(args: &[&str]) -> &'static [&'static str] {
-    if args.contains(&"--io-timeout-s") {
-        &[]
-    } else {
-        &["--io-timeout-s", "10"]
-    }
-}
-
-/// Both processes exited 0 and the source's report says verified; that
-/// report.
-fn both_migrated(s: &Output, d: &Output, sj: &Path) -> Value {
-    assert_eq!(s.status.code(), Some(0), "source: {}", text(s));
-    assert_eq!(d.status.code(), Some(0), "destination: {}", text(d));
-    let v = json(sj);
-    assert_eq!(v["verified"], true, "{v}");
-    v
-}
-
-/// The source failed (exit 1) and says its guest runs again.
-fn assert_source_runs_again(s: &Output) {
-    assert_eq!(s.status.code(), Some(1), "{}", text(s));
-    assert!(
-        String::from_utf8_lossy(&s.stderr).contains("source guest is running again"),
-        "{}",
-        text(s)
-    );
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn migrate_and_check(netns: Option<(&str, &str)>, listen: &str, tag: &str) {
+/// A bank guest migrated between two processes, verified and consistent;
+/// `auth` is given to both ends.
+fn migrate_and_check(netns: Option<(&str, &str)>, listen: &str, tag: &str, auth: &[&str]) {
     let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
-    let (d, addr) = dest(netns.map(|n| n.1), listen, &[], &dj);
-    let s = source(
-        netns.map(|n| n.0),
-        &addr,
-        &[
-            "--memory",
-            "32M",
-            "--guest",
-            "bank",
-            "--dirty-rate",
-            "20000",
-            "--verify",
-        ],
-        &sj,
-    )
-    .wait_with_output()
-    .unwrap();
+    let (d, addr) = dest(netns.map(|n| n.1), listen, auth, &dj);
+    let mut args = vec![
+        "--memory",
+        "32M",
+        "--guest",
+        "bank",
+        "--dirty-rate",
+        "20000",
+        "--verify",
+    ];
+    args.extend_from_slice(auth);
+    let s = source(netns.map(|n| n.0), &addr, &args, &sj)
+        .wait_with_output()
+        .unwrap();
     let d = d.wait_with_output().unwrap();
     assert!(s.status.success(), "source: {}", text(&s));
     assert!(d.status.success(), "dest: {}", text(&d));
@@ -158,7 +58,7 @@ fn migrate_and_check(netns: Option<(&str, &str)>, listen: &str, tag: &str) {
 
 #[test]
 fn two_processes_migrate_a_bank_guest_verified() {
-    migrate_and_check(None, "127.0.0.1:0", "loopback");
+    migrate_and_check(None, "127.0.0.1:0", "loopback", &[]);
 }
 
 #[test]
@@ -325,7 +225,16 @@ fn two_hosts_over_a_veth_pair() {
             return;
         }
     };
-    migrate_and_check(Some((&hosts.src, &hosts.dst)), "10.199.0.2:0", "veth");
+    // Mutual TLS with certificates from `tls-gen`, the destination naming
+    // the source it accepts.
+    let dir = tls_dir("veth", "10.199.0.2");
+    let dir = dir.to_str().unwrap();
+    migrate_and_check(
+        Some((&hosts.src, &hosts.dst)),
+        "10.199.0.2:0",
+        "veth",
+        &["--tls-dir", dir],
+    );
 }
 
 /// A healthy round may last longer than the I/O timeout: heartbeats keep

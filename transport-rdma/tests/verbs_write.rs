@@ -142,3 +142,44 @@ fn a_wrong_remote_key_fails_the_write_with_a_typed_error() {
         other => panic!("expected a failed completion, got {other:?}"),
     }
 }
+
+/// Keys are scoped to one registration: once the destination deregisters
+/// its guest memory (as `RdmaDestination::finish` and drop do when a
+/// migration ends, whatever the outcome), a WRITE with a key it handed out
+/// fails, and the memory is untouched.
+#[test]
+fn a_key_from_an_ended_registration_fails() {
+    let Some(dev) = device_or_skip("a_key_from_an_ended_registration_fails") else {
+        return;
+    };
+    let (src, dst) = (memory(), memory());
+    fill_memory(&src, PageMix::ALL_RANDOM, 5).unwrap();
+    let smr = dev.register(&src, false).unwrap();
+    let dmr = dev.register(&dst, true).unwrap();
+    let (mut a, _b) = connected_pair(&dev);
+    let remote = dmr.remote(0);
+    let write = |offset: u64| WriteRequest {
+        region: 0,
+        offset,
+        len: 4096,
+        remote_addr: remote.addr + offset,
+        rkey: remote.rkey,
+    };
+    // While registered, the key works.
+    a.post_writes(&smr, &[write(0)], true, 1).unwrap();
+    wait_send(&a, 1).unwrap();
+    let mut page = vec![0u8; 4096];
+    dst.regions()[0].read_bytes(0, &mut page);
+    assert!(page.iter().any(|&b| b != 0), "the first write did not land");
+    // The migration ended: deregistered.
+    drop(dmr);
+    a.post_writes(&smr, &[write(4096)], true, 2).unwrap();
+    match wait_send(&a, 1) {
+        Err(VerbsError::Completion { wr_id: 2, status }) => {
+            println!("old key refused after deregistration: {status}")
+        }
+        other => panic!("a WRITE with an old key did not fail: {other:?}"),
+    }
+    dst.regions()[0].read_bytes(4096, &mut page);
+    assert!(page.iter().all(|&b| b == 0), "an old key wrote memory");
+}

@@ -433,6 +433,9 @@ pub(crate) fn secure(sock: TcpStream, tls: Option<&TlsConfig>) -> Result<Conn, T
     let Some(tls) = tls else {
         return Ok(Conn::Plain(Arc::new(sock)));
     };
+    if matches!(&*tls.0, Role::Destination { .. }) {
+        turn_away_plaintext(&sock)?;
+    }
     let (mut state, psk): (Connection, _) = match &*tls.0 {
         Role::Source {
             config,
@@ -466,6 +469,60 @@ pub(crate) fn secure(sock: TcpStream, tls: Option<&TlsConfig>) -> Result<Conn, T
         prove_psk(&conn, key, matches!(&*tls.0, Role::Source { .. }))?;
     }
     Ok(Conn::Tls(Arc::new(conn)))
+}
+
+/// A source without TLS starts with our plaintext preamble: tell it, in
+/// its own protocol, that this destination requires authentication (a
+/// `Refused` with [`RefusalCode::Auth`]) rather than leave it to guess from
+/// a closed connection, and fail this connection. Nothing else is said: no
+/// layout, no version beyond the preamble's.
+fn turn_away_plaintext(sock: &TcpStream) -> Result<(), TransportError> {
+    use migrate_core::protocol::wire::{write_message, write_preamble};
+    use migrate_core::protocol::{MAGIC, Message, RefusalCode};
+    let mut first = [0u8; MAGIC.len()];
+    let mut seen = 0;
+    // Peek until the bytes tell TLS (a handshake record starts 0x16) from
+    // our preamble; the socket's read timeout bounds the wait.
+    while seen < first.len() {
+        seen = sock.peek(&mut first).map_err(|source| TransportError::Io {
+            op: "read the first bytes",
+            source,
+        })?;
+        if seen == 0 || first[..seen] != MAGIC[..seen] {
+            return Ok(());
+        }
+    }
+    let mut w = sock;
+    let _ = write_preamble(&mut w).and_then(|()| {
+        write_message(
+            &mut w,
+            &Message::Refused {
+                code: RefusalCode::Auth,
+                message: "this destination requires mutual TLS (--tls-dir) or a pre-shared key \
+                          (--psk-file)"
+                    .into(),
+            },
+        )
+    });
+    // Close gently: a reset could destroy the refusal before it is read.
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    // Read what the source still sends (its Hello, heartbeats) for up to a
+    // second, until it closes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let mut sink = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match io::Read::read(&mut w, &mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    Err(auth(
+        "a source without TLS was told this destination requires authentication".into(),
+    ))
 }
 
 fn auth(detail: String) -> TransportError {

@@ -42,10 +42,7 @@ fn dest_tls(dir: &Path, allowed: &[&str]) -> Option<TlsConfig> {
 fn meet(
     dest: TcpConfig,
     source: TcpConfig,
-) -> (
-    Result<(), TransportError>,
-    Result<(), TransportError>,
-) {
+) -> (Result<(), TransportError>, Result<(), TransportError>) {
     let listener = TcpMigrationListener::bind("127.0.0.1:0", dest).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let d = std::thread::spawn(move || listener.accept().map(drop));
@@ -71,12 +68,26 @@ fn the_right_peers_meet() {
     s.unwrap();
 }
 
+/// A plaintext source is told, in its own protocol, that authentication is
+/// required (and nothing else), and the destination's accept fails.
 #[test]
 fn a_plaintext_source_is_refused() {
+    use migrate_core::protocol::{Message, RefusalCode};
+    use migrate_core::transport::SourceTransport;
     let dir = pki("localhost", "source-a");
-    let (d, s) = meet(cfg(dest_tls(&dir, &[])), cfg(None));
-    assert!(auth_detail(&d).contains("does not speak TLS"), "{d:?}");
-    assert!(s.is_err(), "a plaintext source got through: {s:?}");
+    let listener = TcpMigrationListener::bind("127.0.0.1:0", cfg(dest_tls(&dir, &[]))).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let d = std::thread::spawn(move || listener.accept().map(drop));
+    let mut s = TcpSource::connect(&addr, cfg(None)).unwrap();
+    match s.control().recv() {
+        Ok(Message::Refused {
+            code: RefusalCode::Auth,
+            message,
+        }) => assert!(message.contains("--tls-dir"), "{message}"),
+        other => panic!("expected Refused(Auth), got {other:?}"),
+    }
+    let d = d.join().unwrap();
+    assert!(auth_detail(&d).contains("source without TLS"), "{d:?}");
 }
 
 #[test]
@@ -90,7 +101,10 @@ fn a_source_from_another_ca_is_refused() {
     let detail = auth_detail(&d);
     assert!(detail.contains("certificate is not accepted"), "{detail}");
     let detail = auth_detail(&s);
-    assert!(detail.contains("refused this end's TLS credentials"), "{detail}");
+    assert!(
+        detail.contains("refused this end's TLS credentials"),
+        "{detail}"
+    );
 }
 
 /// `client` files from `other`'s CA, the CA certificate (to check the
@@ -113,10 +127,7 @@ fn an_expired_source_certificate_is_refused() {
         .unwrap();
     ca.issue(&dir, Leaf::Client, &["source-a".into()], true)
         .unwrap();
-    let (d, s) = meet(
-        cfg(dest_tls(&dir, &[])),
-        cfg(source_tls(&dir, "localhost")),
-    );
+    let (d, s) = meet(cfg(dest_tls(&dir, &[])), cfg(source_tls(&dir, "localhost")));
     let detail = auth_detail(&d);
     assert!(detail.contains("expired"), "{detail}");
     assert!(s.is_err());
@@ -142,7 +153,10 @@ fn a_destination_with_the_wrong_name_is_refused() {
         cfg(source_tls(&dir, "dest-b.example")),
     );
     let detail = auth_detail(&s);
-    assert!(detail.contains("destination's certificate is not accepted"), "{detail}");
+    assert!(
+        detail.contains("destination's certificate is not accepted"),
+        "{detail}"
+    );
 }
 
 #[test]
@@ -155,7 +169,10 @@ fn a_destination_from_another_ca_is_refused() {
     );
     let detail = auth_detail(&s);
     // Both test CAs carry the same name: the signature does not verify.
-    assert!(detail.contains("destination's certificate is not accepted"), "{detail}");
+    assert!(
+        detail.contains("destination's certificate is not accepted"),
+        "{detail}"
+    );
 }
 
 /// A fake destination that speaks the plaintext protocol (it sends our

@@ -212,6 +212,9 @@ pub enum RefusalCode {
     DeviceState = 5,
     /// Anything else.
     Other = 6,
+    /// The destination requires authentication (mutual TLS or a pre-shared
+    /// key) that this source did not offer.
+    Auth = 7,
 }
 
 impl RefusalCode {
@@ -223,6 +226,7 @@ impl RefusalCode {
             3 => RefusalCode::Setup,
             4 => RefusalCode::Protocol,
             5 => RefusalCode::DeviceState,
+            7 => RefusalCode::Auth,
             _ => RefusalCode::Other,
         }
     }

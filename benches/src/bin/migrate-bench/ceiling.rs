@@ -175,7 +175,8 @@ pub fn ceiling_for<'a>(
     transport: &str,
 ) -> Option<&'a Ceiling> {
     let tool = match transport {
-        "tcp" => format!("iperf3 -P {STREAMS}"),
+        // TLS against the plaintext ceiling: the ratio shows its cost.
+        "tcp" | "tcp-tls" => format!("iperf3 -P {STREAMS}"),
         _ => format!("ib_write_bw -q {STREAMS} -t {TX_DEPTH} -s 1M"),
     };
     ceilings.iter().find(|c| c.site == site && c.tool == tool)

@@ -44,7 +44,8 @@ impl Site {
             src_ns: ns.then(|| "mig-src".into()),
             dst_ns: ns.then(|| "mig-dst".into()),
             dst_ip: ip.into(),
-            transports: vec!["tcp".into()],
+            // `tcp-tls`: the same TCP with mutual TLS 1.3 (idle cells only).
+            transports: vec!["tcp".into(), "tcp-tls".into()],
             rdma_device: None,
             sizes_mib: vec![64, 256, 1024],
             bulk_sizes_mib: Vec::new(),
@@ -159,6 +160,20 @@ pub fn matrix(site: &Site, quick: bool) -> Vec<Case> {
     };
     let mut cases = Vec::new();
     for t in &site.transports {
+        if t == "tcp-tls" {
+            // The cost of encryption: the bulk cells only, beside tcp's.
+            for &size in &sizes {
+                cases.push(Case {
+                    site: site.name.clone(),
+                    transport: t.clone(),
+                    size_mib: size,
+                    mix: "random".into(),
+                    load: "idle".into(),
+                    prefault: true,
+                });
+            }
+            continue;
+        }
         for &size in &sizes {
             for mix in mixes {
                 for load in loads {

@@ -176,9 +176,22 @@ fn migrate_into(cli: &Path, site: &Site, case: &Case, tmp: &Path, r: &mut RunRes
     let _ = std::fs::remove_file(&djson);
     let _ = std::fs::remove_file(&sjson);
     let streams = STREAMS.to_string();
+    // `tcp-tls` is TCP with mutual TLS (a pre-shared key: the same TLS 1.3
+    // record layer as certificates); plaintext between namespaces has to be
+    // asked for.
+    let (transport, auth): (&str, Vec<String>) = match case.transport.as_str() {
+        "tcp-tls" => {
+            let key = tmp.join("bench.psk");
+            std::fs::write(&key, "migrate-bench-pre-shared-key-0123456789abcdef")?;
+            ("tcp", vec!["--psk-file".into(), key.display().to_string()])
+        }
+        t if site.dst_ns.is_some() => (t, vec!["--insecure".into()]),
+        t => (t, Vec::new()),
+    };
     let mut dest = in_ns(&site.dst_ns, cli);
     dest.args(["dest", "--listen", &format!("{}:0", site.dst_ip)])
-        .args(["--transport", &case.transport, "--streams", &streams])
+        .args(["--transport", transport, "--streams", &streams])
+        .args(&auth)
         .arg("--json")
         .arg(&djson)
         .stdout(Stdio::piped())
@@ -203,7 +216,8 @@ fn migrate_into(cli: &Path, site: &Site, case: &Case, tmp: &Path, r: &mut RunRes
     };
     let src = in_ns(&site.src_ns, cli)
         .args(["source", "--connect", addr])
-        .args(["--transport", &case.transport, "--streams", &streams])
+        .args(["--transport", transport, "--streams", &streams])
+        .args(&auth)
         .args(["--memory", &format!("{}M", case.size_mib)])
         .args(["--downtime-ms", &DOWNTIME_MS.to_string()])
         .args(["--verify", "--progress", "never", "--timeout-s", "300"])

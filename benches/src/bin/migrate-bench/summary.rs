@@ -143,6 +143,7 @@ fn markdown(raws: &[Raw], cells: &[Cell], ceilings: &[Ceiling]) -> String {
     let _ = writeln!(s, "\n## Ratios to every ceiling\n");
     ratios(&mut s, cells, ceilings);
     rdma_vs_tcp(&mut s, cells);
+    tls_vs_plain(&mut s, cells);
 
     let _ = writeln!(s, "\n## Migrations\n");
     let _ = writeln!(
@@ -277,6 +278,42 @@ fn bulk_cells(cells: &[Cell]) -> Vec<&Cell> {
         }
     }
     out
+}
+
+/// TLS against plaintext TCP, size by size, where a site measured both
+/// (same run): the cost of authentication and encryption.
+fn tls_vs_plain(s: &mut String, cells: &[Cell]) {
+    let first_pass = |site: &str, t: &str, size: u64| {
+        cells
+            .iter()
+            .find(|c| {
+                let k = &c.case;
+                k.site == site
+                    && k.transport == t
+                    && k.size_mib == size
+                    && k.load == "idle"
+                    && k.mix == "random"
+                    && k.prefault
+            })
+            .and_then(|c| c.spread(|r| r.first_pass_mbps))
+    };
+    for c in cells.iter().filter(|c| c.case.transport == "tcp-tls") {
+        let k = &c.case;
+        if let (Some(tls), Some(plain)) = (
+            first_pass(&k.site, "tcp-tls", k.size_mib),
+            first_pass(&k.site, "tcp", k.size_mib),
+        ) {
+            let _ = writeln!(
+                s,
+                "\nTLS / plaintext TCP at {} ({} MiB idle random, same run): {:.0} / {:.0} Mbit/s first pass = {:.2}.",
+                k.site,
+                k.size_mib,
+                tls.median,
+                plain.median,
+                tls.median / plain.median
+            );
+        }
+    }
 }
 
 /// RDMA against TCP where one site measured both (same boot, same CPU).

@@ -1,0 +1,108 @@
+//! Who may connect: TLS credentials from the arguments, and the rule that
+//! nothing crosses a non-loopback network without authentication unless
+//! the operator says `--insecure`.
+
+use std::net::ToSocketAddrs;
+
+use anyhow::{Context, Result, bail};
+use transport_tcp::TlsConfig;
+
+use crate::args::TransportArgs;
+
+/// Which end, with what it needs to pick its credentials.
+pub enum Role<'a> {
+    /// Connects to `connect`; the destination's certificate must name
+    /// `hostname` (default: the host of `connect`).
+    Source {
+        /// host:port.
+        connect: &'a str,
+        /// `--tls-hostname`.
+        hostname: Option<&'a str>,
+    },
+    /// Listens on `listen`; accepts the sources in `allow` (empty: any).
+    Destination {
+        /// host:port.
+        listen: &'a str,
+        /// `--tls-allow`.
+        allow: &'a [String],
+    },
+}
+
+/// The TLS configuration to use, `None` for plaintext (loopback, or
+/// `--insecure`). Read before any memory is allocated: bad credentials
+/// fail at once.
+///
+/// # Errors
+/// Unreadable or invalid credentials; plaintext on a non-loopback address
+/// without `--insecure`.
+pub fn tls(t: &TransportArgs, role: &Role<'_>) -> Result<Option<TlsConfig>> {
+    if let Some(dir) = &t.tls_dir {
+        let config = match role {
+            Role::Source { connect, hostname } => {
+                let name = hostname.map_or_else(|| host_of(connect), str::to_string);
+                TlsConfig::source_from_dir(dir, &name)
+            }
+            Role::Destination { allow, .. } => TlsConfig::destination_from_dir(dir, allow),
+        };
+        return Ok(Some(config.context("--tls-dir")?));
+    }
+    if let Some(file) = &t.psk_file {
+        let key = TlsConfig::read_psk(file).context("--psk-file")?;
+        let config = match role {
+            Role::Source { .. } => TlsConfig::source_psk(key),
+            Role::Destination { .. } => TlsConfig::destination_psk(key),
+        };
+        return Ok(Some(config.context("--psk-file")?));
+    }
+    let (addr, what) = match role {
+        Role::Source { connect, .. } => (*connect, "send a guest's memory to"),
+        Role::Destination { listen, .. } => (*listen, "listen on"),
+    };
+    if t.insecure {
+        tracing::warn!(%addr, "--insecure: no authentication, no encryption");
+        return Ok(None);
+    }
+    if is_loopback(addr) {
+        return Ok(None);
+    }
+    bail!(
+        "refusing to {what} {addr} without authentication: give --tls-dir DIR (mutual TLS) or \
+         --psk-file FILE (pre-shared key), or --insecure on an isolated test network"
+    )
+}
+
+/// The host part of host:port (brackets of an IPv6 literal removed).
+fn host_of(addr: &str) -> String {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
+}
+
+/// Whether every address `addr` resolves to is a loopback address.
+fn is_loopback(addr: &str) -> bool {
+    match addr.to_socket_addrs() {
+        Ok(all) => {
+            let all: Vec<_> = all.collect();
+            !all.is_empty() && all.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_and_loopback() {
+        assert_eq!(host_of("dest.example:4444"), "dest.example");
+        assert_eq!(host_of("[::1]:4444"), "::1");
+        assert_eq!(host_of("10.0.0.2:1"), "10.0.0.2");
+        assert!(is_loopback("127.0.0.1:4444"));
+        assert!(is_loopback("[::1]:4444"));
+        assert!(!is_loopback("0.0.0.0:4444"));
+        assert!(!is_loopback("10.0.0.2:4444"));
+        assert!(!is_loopback("no-such-host.invalid:1"));
+    }
+}

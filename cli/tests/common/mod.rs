@@ -1,0 +1,140 @@
+//! What the CLI test files share: starting `migrate-cli` processes as an
+//! operator would, and reading what they said.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_migrate-cli");
+
+pub fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("migrate-cli-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// Start `migrate-cli dest` (optionally inside a network namespace) and
+/// return it with the address it listens on.
+pub fn dest(netns: Option<&str>, listen: &str, extra: &[&str], json: &Path) -> (Child, String) {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    let mut child = cmd
+        .args(["dest", "--listen", listen, "--json"])
+        .arg(json)
+        .args(extra)
+        .args(default_io_timeout(extra))
+        .args(default_auth(netns, extra))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dest");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("dest said {line:?}"))
+        .to_string();
+    (child, addr)
+}
+
+pub fn source(netns: Option<&str>, addr: &str, args: &[&str], json: &Path) -> Child {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    cmd.args(["source", "--connect", addr, "--progress", "never", "--json"])
+        .arg(json)
+        .args(args)
+        .args(default_io_timeout(args))
+        .args(default_auth(netns, args))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn source")
+}
+
+/// 10 s unless the test chose its own.
+pub fn default_io_timeout(args: &[&str]) -> &'static [&'static str] {
+    if args.contains(&"--io-timeout-s") {
+        &[]
+    } else {
+        &["--io-timeout-s", "10"]
+    }
+}
+
+/// Between network namespaces (a network address: authentication is
+/// required), a pre-shared key unless the test chose its own credentials.
+pub fn default_auth(netns: Option<&str>, args: &[&str]) -> Vec<String> {
+    let chose = ["--tls-dir", "--psk-file", "--insecure"];
+    if netns.is_none() || args.iter().any(|a| chose.contains(a)) {
+        return Vec::new();
+    }
+    let key = tmp("shared.psk");
+    if !key.exists() {
+        std::fs::write(&key, "a-random-key-for-the-cli-tests-0123456789\n").unwrap();
+    }
+    vec!["--psk-file".into(), key.display().to_string()]
+}
+
+/// A test CA and certificates for both ends, written by `migrate-cli
+/// tls-gen` into a new directory.
+pub fn tls_dir(tag: &str, server_name: &str) -> PathBuf {
+    let dir = tmp(&format!("tls-{tag}"));
+    let o = Command::new(BIN)
+        .args(["tls-gen", "--dir"])
+        .arg(&dir)
+        .args(["--server-name", server_name, "--client-name", "source-a"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    dir
+}
+
+/// Both processes exited 0 and the source's report says verified; that
+/// report.
+pub fn both_migrated(s: &Output, d: &Output, sj: &Path) -> Value {
+    assert_eq!(s.status.code(), Some(0), "source: {}", text(s));
+    assert_eq!(d.status.code(), Some(0), "destination: {}", text(d));
+    let v = json(sj);
+    assert_eq!(v["verified"], true, "{v}");
+    v
+}
+
+/// The source failed (exit 1) and says its guest runs again.
+pub fn assert_source_runs_again(s: &Output) {
+    assert_eq!(s.status.code(), Some(1), "{}", text(s));
+    assert!(
+        String::from_utf8_lossy(&s.stderr).contains("source guest is running again"),
+        "{}",
+        text(s)
+    );
+}
+
+pub fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

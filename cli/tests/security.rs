@@ -1,0 +1,159 @@
+//! Only the right peer, as an operator meets it: a destination on a network
+//! address needs credentials, strangers are refused before the destination
+//! allocates anything and it keeps waiting for the real source, which then
+//! migrates verified.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn plaintext_on_a_network_address_needs_insecure() {
+    let o = Command::new(BIN)
+        .args(["dest", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("refusing to listen on 0.0.0.0:0 without authentication"),
+        "{}",
+        text(&o)
+    );
+    let o = Command::new(BIN)
+        .args(["source", "--connect", "192.0.2.7:4444", "--memory", "4M"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("refusing to send a guest's memory to"),
+        "{}",
+        text(&o)
+    );
+    // Said on purpose, it starts.
+    let (mut d, addr) = dest(None, "0.0.0.0:0", &["--insecure"], &tmp("insecure-d.json"));
+    assert!(addr.starts_with("0.0.0.0:"), "{addr}");
+    d.kill().unwrap();
+    let _ = d.wait();
+}
+
+#[test]
+fn unreadable_credentials_fail_before_anything_starts() {
+    let empty = tmp("no-credentials");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = Command::new(BIN)
+        .args(["dest", "--listen", "127.0.0.1:0", "--tls-dir"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("ca-cert.pem"),
+        "{}",
+        text(&o)
+    );
+    let weak = tmp("weak.psk");
+    std::fs::write(&weak, "hunter2").unwrap();
+    let o = Command::new(BIN)
+        .args([
+            "source",
+            "--connect",
+            "127.0.0.1:9",
+            "--memory",
+            "4M",
+            "--psk-file",
+        ])
+        .arg(&weak)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("at least 32"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// Peak resident memory of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+/// A TLS destination that would prefault whatever layout a source
+/// announces: a plaintext stranger, a source with a certificate from
+/// another CA and one with a pre-shared key (each announcing 512 MiB)
+/// are refused during the handshake, the destination allocates nothing
+/// (its peak RSS stays far below 512 MiB) and keeps waiting; then the
+/// right source migrates, verified.
+#[test]
+fn strangers_are_refused_before_allocation_and_the_right_source_migrates() {
+    let good = tls_dir("good", "localhost");
+    let other_ca = tls_dir("other-ca", "localhost");
+    let (sj, dj) = (tmp("sec-s.json"), tmp("sec-d.json"));
+    let mut dest_args = vec!["--prefault", "--tls-allow", "source-a", "--tls-dir"];
+    let good_s = good.to_str().unwrap();
+    dest_args.push(good_s);
+    let (d, addr) = dest(None, "127.0.0.1:0", &dest_args, &dj);
+    let port = addr.rsplit_once(':').unwrap().1;
+    let localhost = format!("localhost:{port}");
+    let stranger = |tag: &str, extra: &[&str]| {
+        let mut args = vec!["--memory", "512M", "--guest", "idle"];
+        args.extend_from_slice(extra);
+        let o = source(None, &localhost, &args, &tmp(&format!("sec-{tag}.json")))
+            .wait_with_output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{tag}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("authentication failed")
+                || String::from_utf8_lossy(&o.stderr).contains("refused"),
+            "{tag}: {}",
+            text(&o)
+        );
+        o
+    };
+    // No credentials at all (loopback needs none on the source's side).
+    stranger("plaintext", &[]);
+    // A certificate from another CA.
+    stranger("other-ca", &["--tls-dir", other_ca.to_str().unwrap()]);
+    // A pre-shared key where certificates are expected.
+    let key = tmp("sec.psk");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    stranger("psk", &["--psk-file", key.to_str().unwrap()]);
+    let peak = peak_rss(d.id());
+    assert!(
+        peak < 256 << 20,
+        "the destination allocated for a stranger: peak RSS {} MiB",
+        peak >> 20
+    );
+    // The destination is still waiting: the right source migrates.
+    let s = source(
+        None,
+        &localhost,
+        &[
+            "--memory",
+            "16M",
+            "--guest",
+            "bank",
+            "--verify",
+            "--tls-dir",
+            good_s,
+        ],
+        &sj,
+    )
+    .wait_with_output()
+    .unwrap();
+    let d = d.wait_with_output().unwrap();
+    both_migrated(&s, &d, &sj);
+    let refused = String::from_utf8_lossy(&d.stderr)
+        .matches("refused a connection")
+        .count();
+    assert_eq!(refused, 3, "{}", text(&d));
+}
