@@ -29,3 +29,8 @@ if ! command -v cargo >/dev/null; then
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+# The fuzzers' driver (libFuzzer through cargo-fuzz; scripts/fuzz.sh).
+if ! command -v cargo-fuzz >/dev/null; then
+  echo "setup: installing cargo-fuzz" >&2
+  cargo install -q cargo-fuzz --locked
+fi

@@ -24,5 +24,8 @@ if [ "$(id -u)" -eq 0 ]; then
   test -s "$bench_tmp/results.md" && test -s "$bench_tmp/results.png"
   rm -rf "$bench_tmp"
 fi
+# Every decoder of a peer's bytes under libFuzzer, 20 s each from the
+# committed corpus: regressions show here (scripts/fuzz.sh for long runs).
+scripts/fuzz.sh 20
 # RDMA over real SoftRoCE verbs, inside the emulated VM (the host has none).
 scripts/test-rdma.sh

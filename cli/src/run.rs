@@ -196,6 +196,7 @@ fn migrate_out(
     if let Some(path) = json {
         let mut v = report::source_json(&stats, fallback.as_deref(), error.as_deref());
         v["connect_ms"] = serde_json::json!(connect_ms);
+        v["authentication"] = serde_json::json!(security::kind(t));
         if let Some(base) = baseline_rss {
             v["resources"] = resources::report(cpu_start, base, Some(&mem));
         }
@@ -246,6 +247,7 @@ pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
         prefault: a.prefault,
         max_memory: a.max_memory.unwrap_or_else(memory::available),
         reconnect: reconnect(&a.transport),
+        authentication: security::kind(&a.transport),
     };
     receive(&listener, own, a.json.as_deref(), &opts, Some(baseline_rss))
 }
@@ -258,6 +260,8 @@ struct Receiving {
     max_memory: u64,
     /// Grace period for a lost connection.
     reconnect: Option<Duration>,
+    /// How sources authenticate (for the report).
+    authentication: &'static str,
 }
 
 /// Accept one migration (skipping clients that are not migration sources)
@@ -358,6 +362,7 @@ fn receive(
     };
     if let Some(path) = json {
         let mut v = v;
+        v["authentication"] = serde_json::json!(opts.authentication);
         if let Some(base) = baseline_rss {
             v["resources"] = resources::report(cpu_start, base, guest_mem.as_deref());
         }
@@ -411,6 +416,7 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
             prefault: false,
             max_memory: memory::available(),
             reconnect: None,
+            authentication: "none",
         };
         receive(&listener, None, None, &opts, None)
     });

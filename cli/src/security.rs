@@ -71,6 +71,18 @@ pub fn tls(t: &TransportArgs, role: &Role<'_>) -> Result<Option<TlsConfig>> {
     )
 }
 
+/// How the peers authenticate, for the JSON report: `mutual-tls`, `psk`
+/// or `none`.
+pub fn kind(t: &TransportArgs) -> &'static str {
+    if t.tls_dir.is_some() {
+        "mutual-tls"
+    } else if t.psk_file.is_some() {
+        "psk"
+    } else {
+        "none"
+    }
+}
+
 /// The host part of host:port (brackets of an IPv6 literal removed).
 fn host_of(addr: &str) -> String {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);

@@ -3,8 +3,8 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::*;
@@ -54,6 +54,15 @@ fn migrate_and_check(netns: Option<(&str, &str)>, listen: &str, tag: &str, auth:
     let dv = json(&dj);
     assert_eq!(dv["status"], "completed");
     assert_eq!(dv["guest_consistent"], true, "{dv}");
+    let authentication = if auth.contains(&"--tls-dir") {
+        "mutual-tls"
+    } else if auth.contains(&"--psk-file") {
+        "psk"
+    } else {
+        "none"
+    };
+    assert_eq!(v["authentication"], authentication, "{v}");
+    assert_eq!(dv["authentication"], authentication, "{dv}");
 }
 
 #[test]
@@ -600,6 +609,39 @@ fn cutting_proxy(upstream: String, kind: u8, nth: usize, cut: Cut) -> String {
 
 /// The control connection cut in each phase, right after the source sent
 /// the phase's message: every outcome is the documented one.
+/// A 16 MiB bank guest migrated with `--verify` through a proxy that
+/// does `cut` at the `nth` frame of `kind`, both ends with the I/O timeout
+/// `io_timeout_s` (the destination also with `dest_extra`): both outputs
+/// and both reports' paths.
+fn migrate_through(
+    tag: &str,
+    kind: u8,
+    nth: usize,
+    cut: Cut,
+    io_timeout_s: &str,
+    dest_extra: &[&str],
+) -> (Output, Output, PathBuf, PathBuf) {
+    let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
+    let mut dest_args = vec!["--io-timeout-s", io_timeout_s];
+    dest_args.extend_from_slice(dest_extra);
+    let (d, upstream) = dest(None, "127.0.0.1:0", &dest_args, &dj);
+    let proxy = cutting_proxy(upstream, kind, nth, cut);
+    let args = [
+        "--memory",
+        "16M",
+        "--guest",
+        "bank",
+        "--dirty-rate",
+        "2000",
+        "--verify",
+        "--io-timeout-s",
+        io_timeout_s,
+    ];
+    let s = source(None, &proxy, &args, &sj).wait_with_output().unwrap();
+    let d = d.wait_with_output().unwrap();
+    (s, d, sj, dj)
+}
+
 #[test]
 fn a_cut_in_each_phase_ends_as_documented() {
     // (phase, frame kind, nth, source exits, destination exit, reconnects).
@@ -616,30 +658,8 @@ fn a_cut_in_each_phase_ends_as_documented() {
         ("commit (Commit)", 13, 1, &[3], 0, 0),
     ];
     for (phase, kind, nth, source_codes, dest_code, reconnects) in cases {
-        let tag = format!("cut-{kind}");
-        let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
-        let (d, upstream) = dest(None, "127.0.0.1:0", &["--io-timeout-s", "3"], &dj);
         let cut = if kind == 13 { Cut::Source } else { Cut::Both };
-        let proxy = cutting_proxy(upstream, kind, nth, cut);
-        let s = source(
-            None,
-            &proxy,
-            &[
-                "--memory",
-                "16M",
-                "--guest",
-                "bank",
-                "--dirty-rate",
-                "2000",
-                "--verify",
-                "--io-timeout-s",
-                "3",
-            ],
-            &sj,
-        )
-        .wait_with_output()
-        .unwrap();
-        let d = d.wait_with_output().unwrap();
+        let (s, d, sj, dj) = migrate_through(&format!("cut-{kind}"), kind, nth, cut, "3", &[]);
         let source_code = s.status.code().unwrap_or(-1);
         assert!(source_codes.contains(&source_code), "{phase}: {}", text(&s));
         assert_eq!(d.status.code(), Some(dest_code), "{phase}: {}", text(&d));
@@ -737,33 +757,8 @@ fn a_slow_lossy_link_migrates_verified() {
 fn a_stall_after_the_switch_over_fails_with_the_guest_running() {
     for (phase, kind) in [("verification", 10u8), ("device state", 12)] {
         let tag = format!("stall-{kind}");
-        let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
-        let (d, upstream) = dest(
-            None,
-            "127.0.0.1:0",
-            &["--io-timeout-s", "2", "--reconnect-s", "3"],
-            &dj,
-        );
-        let proxy = cutting_proxy(upstream, kind, 1, Cut::Stall);
-        let s = source(
-            None,
-            &proxy,
-            &[
-                "--memory",
-                "16M",
-                "--guest",
-                "bank",
-                "--dirty-rate",
-                "2000",
-                "--verify",
-                "--io-timeout-s",
-                "2",
-            ],
-            &sj,
-        )
-        .wait_with_output()
-        .unwrap();
-        let d = d.wait_with_output().unwrap();
+        let (s, d, sj, _) =
+            migrate_through(&tag, kind, 1, Cut::Stall, "2", &["--reconnect-s", "3"]);
         let stderr = String::from_utf8_lossy(&s.stderr);
         // Cut after the device state, the Commit right behind it may have
         // left the socket: then commit-unknown (3), the guest paused.

@@ -272,8 +272,16 @@ fn migrate_into(cli: &Path, site: &Site, case: &Case, tmp: &Path, r: &mut RunRes
     r.dst_cpu_ms = f(&d["resources"], "cpu_ms");
     r.src_overhead_bytes = u(&s["resources"], "overhead_bytes");
     r.dst_overhead_bytes = u(&d["resources"], "overhead_bytes");
-    if r.transport != case.transport {
-        bail!("ran over {} instead of {}", r.transport, case.transport);
+    if r.transport != transport {
+        bail!("ran over {} instead of {}", r.transport, transport);
+    }
+    let authenticated = s["authentication"].as_str().unwrap_or("none") != "none";
+    if authenticated != (case.transport == "tcp-tls") {
+        bail!(
+            "authentication {} in a {} run",
+            s["authentication"],
+            case.transport
+        );
     }
     if !r.verified {
         bail!("the destination's pages were not verified equal");
