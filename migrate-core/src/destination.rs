@@ -180,9 +180,16 @@ impl IncomingMigration {
         vm: &mut dyn DestinationVm,
     ) -> Result<DestinationReport, MigrationError> {
         if let Err(m) = self.layout.check_matches(&mem.layout()) {
+            // The difference names this side's layout: only for a source
+            // that proved who it is.
+            let message = if transport.authenticated() {
+                m.to_string()
+            } else {
+                "the memory layouts differ (the destination's log says how)".into()
+            };
             let _ = transport.control().send(&Message::Refused {
                 code: RefusalCode::Layout,
-                message: m.to_string(),
+                message,
             });
             return Err(MigrationError::Layout(m));
         }

@@ -141,6 +141,10 @@ impl DestinationTransport for RdmaDestination {
         if self.active.is_some() { "rdma" } else { "tcp" }
     }
 
+    fn authenticated(&self) -> bool {
+        self.tcp.authenticated()
+    }
+
     fn features(&self) -> u64 {
         self.tcp.features() | if self.dev.is_some() { FEATURE_RDMA } else { 0 }
     }

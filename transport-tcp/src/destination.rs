@@ -122,6 +122,10 @@ impl DestinationTransport for TcpDestination {
         "tcp"
     }
 
+    fn authenticated(&self) -> bool {
+        self.cfg.tls.is_some()
+    }
+
     fn features(&self) -> u64 {
         FEATURE_ZSTD
     }

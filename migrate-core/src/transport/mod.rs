@@ -232,6 +232,13 @@ pub trait SourceTransport: Send {
 pub trait DestinationTransport: Send {
     /// `"tcp"`, `"rdma"`, ...
     fn name(&self) -> &'static str;
+    /// Whether the source proved who it is (mutual TLS, a pre-shared key)
+    /// before anything of the migration crossed. An unauthenticated source
+    /// learns nothing about this side it does not need: a refusal tells it
+    /// that the layouts differ, not this side's layout.
+    fn authenticated(&self) -> bool {
+        false
+    }
     /// Features it supports.
     fn features(&self) -> u64;
     /// The control channel.
