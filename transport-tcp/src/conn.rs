@@ -217,16 +217,9 @@ impl TlsConn {
         Ok(n)
     }
 
-    /// Send whatever rustls has sealed (alerts, answers).
+    /// Send whatever rustls has sealed (alerts, answers): a write of no
+    /// plaintext.
     fn flush_sealed(&self) -> io::Result<()> {
-        let mut sealed = lock(&self.send);
-        {
-            let mut state = lock(&self.state);
-            sealed.clear();
-            while state.wants_write() {
-                state.write_tls(&mut *sealed)?;
-            }
-        }
-        (&self.sock).write_all(&sealed)
+        self.write_vectored(&[]).map(drop)
     }
 }

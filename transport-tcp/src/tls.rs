@@ -620,16 +620,10 @@ fn prove_psk(conn: &TlsConn, key: &[u8], is_source: bool) -> Result<(), Transpor
     conn.export(&mut exported, PSK_EXPORTER_LABEL)
         .map_err(|e| auth(format!("TLS exporter: {e}")))?;
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
-    let proof = |role: &[u8]| {
-        let mut msg = role.to_vec();
-        msg.extend_from_slice(&exported);
-        ring::hmac::sign(&key, &msg)
-    };
-    let check = |role: &[u8], got: &[u8]| {
-        let mut msg = role.to_vec();
-        msg.extend_from_slice(&exported);
-        ring::hmac::verify(&key, &msg, got).is_ok()
-    };
+    // What each side signs: its role, then the exported value.
+    let signed = |role: &[u8]| [role, &exported[..]].concat();
+    let proof = |role: &[u8]| ring::hmac::sign(&key, &signed(role));
+    let check = |role: &[u8], got: &[u8]| ring::hmac::verify(&key, &signed(role), got).is_ok();
     let (mine, theirs): (&[u8], &[u8]) = if is_source {
         (b"source", b"destination")
     } else {

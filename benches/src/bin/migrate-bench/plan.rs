@@ -160,55 +160,33 @@ pub fn matrix(site: &Site, quick: bool) -> Vec<Case> {
     };
     let mut cases = Vec::new();
     for t in &site.transports {
+        let cell = |size_mib, mix: &str, load: &str, prefault| Case {
+            site: site.name.clone(),
+            transport: t.clone(),
+            size_mib,
+            mix: mix.into(),
+            load: load.into(),
+            prefault,
+        };
         if t == "tcp-tls" {
             // The cost of encryption: the bulk cells only, beside tcp's.
-            for &size in &sizes {
-                cases.push(Case {
-                    site: site.name.clone(),
-                    transport: t.clone(),
-                    size_mib: size,
-                    mix: "random".into(),
-                    load: "idle".into(),
-                    prefault: true,
-                });
-            }
+            cases.extend(sizes.iter().map(|&size| cell(size, "random", "idle", true)));
             continue;
         }
         for &size in &sizes {
             for mix in mixes {
                 for load in loads {
-                    cases.push(Case {
-                        site: site.name.clone(),
-                        transport: t.clone(),
-                        size_mib: size,
-                        mix: (*mix).into(),
-                        load: (*load).into(),
-                        prefault: true,
-                    });
+                    cases.push(cell(size, mix, load, true));
                 }
             }
         }
         if !quick {
             for &size in &site.bulk_sizes_mib {
-                cases.push(Case {
-                    site: site.name.clone(),
-                    transport: t.clone(),
-                    size_mib: size,
-                    mix: "random".into(),
-                    load: "idle".into(),
-                    prefault: true,
-                });
+                cases.push(cell(size, "random", "idle", true));
             }
         }
         if t == "tcp" && !quick {
-            cases.push(Case {
-                site: site.name.clone(),
-                transport: t.clone(),
-                size_mib: *sizes.last().unwrap_or(&64),
-                mix: "random".into(),
-                load: "idle".into(),
-                prefault: false,
-            });
+            cases.push(cell(*sizes.last().unwrap_or(&64), "random", "idle", false));
         }
     }
     cases
