@@ -3,8 +3,8 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -302,15 +302,6 @@ fn wait_for_pages_landing(pid: u32, bytes: u64) {
     }
 }
 
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 const SLOW_ROUND: [&str; 12] = [
     "--memory",
     "64M",
@@ -526,182 +517,6 @@ fn a_cut_link_is_survived() {
     });
 }
 
-/// What a [`cutting_proxy`] does to the control connection at its frame.
-#[derive(Clone, Copy, PartialEq)]
-enum Cut {
-    /// Close the source's side; the destination may still answer, into
-    /// the void.
-    Source,
-    /// Close both sides.
-    Both,
-    /// Stop forwarding anything, both ways, without closing: a frozen
-    /// peer, as seen from either side.
-    Stall,
-}
-
-/// A TCP proxy to `upstream` that does `cut` to the source's first
-/// (control) connection right after forwarding the `nth` frame of kind
-/// `kind` from the source (frames parsed: 8-byte preamble, then 16-byte
-/// headers with the kind in byte 0 and the payload length in bytes 4..8).
-/// Later connections (data streams, a reconnection) pass as they are.
-fn cutting_proxy(upstream: String, kind: u8, nth: usize, cut: Cut) -> String {
-    use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = proxy.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for (n, client) in proxy.incoming().enumerate() {
-            let Ok(mut client) = client else { return };
-            let Ok(mut server) = TcpStream::connect(&upstream) else {
-                return;
-            };
-            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            let stalled = Arc::new(AtomicBool::new(false));
-            let stall = Arc::clone(&stalled);
-            // Destination to source, until stalled.
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 64 << 10];
-                while let Ok(k) = s2.read(&mut buf) {
-                    if k == 0 || stall.load(Ordering::SeqCst) || c2.write_all(&buf[..k]).is_err() {
-                        break;
-                    }
-                }
-            });
-            std::thread::spawn(move || {
-                if n > 0 {
-                    let _ = std::io::copy(&mut client, &mut server);
-                    return;
-                }
-                let mut pre = [0u8; 8];
-                if client.read_exact(&mut pre).is_err() || server.write_all(&pre).is_err() {
-                    return;
-                }
-                let mut seen = 0;
-                loop {
-                    let mut h = [0u8; 16];
-                    if client.read_exact(&mut h).is_err() {
-                        return;
-                    }
-                    let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
-                    let mut payload = vec![0u8; len];
-                    if client.read_exact(&mut payload).is_err()
-                        || server.write_all(&h).is_err()
-                        || server.write_all(&payload).is_err()
-                    {
-                        return;
-                    }
-                    if h[0] == kind {
-                        seen += 1;
-                        if seen == nth {
-                            match cut {
-                                Cut::Source => {
-                                    let _ = client.shutdown(std::net::Shutdown::Both);
-                                }
-                                Cut::Both => {
-                                    let _ = client.shutdown(std::net::Shutdown::Both);
-                                    let _ = server.shutdown(std::net::Shutdown::Both);
-                                }
-                                Cut::Stall => {
-                                    stalled.store(true, Ordering::SeqCst);
-                                    // Hold both sockets open, forwarding nothing.
-                                    std::thread::sleep(Duration::from_secs(60));
-                                }
-                            }
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// The control connection cut in each phase, right after the source sent
-/// the phase's message: every outcome is the documented one.
-/// A 16 MiB bank guest migrated with `--verify` through a proxy that
-/// does `cut` at the `nth` frame of `kind`, both ends with the I/O timeout
-/// `io_timeout_s` (the destination also with `dest_extra`): both outputs
-/// and both reports' paths.
-fn migrate_through(
-    tag: &str,
-    kind: u8,
-    nth: usize,
-    cut: Cut,
-    io_timeout_s: &str,
-    dest_extra: &[&str],
-) -> (Output, Output, PathBuf, PathBuf) {
-    let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
-    let mut dest_args = vec!["--io-timeout-s", io_timeout_s];
-    dest_args.extend_from_slice(dest_extra);
-    let (d, upstream) = dest(None, "127.0.0.1:0", &dest_args, &dj);
-    let proxy = cutting_proxy(upstream, kind, nth, cut);
-    let args = [
-        "--memory",
-        "16M",
-        "--guest",
-        "bank",
-        "--dirty-rate",
-        "2000",
-        "--verify",
-        "--io-timeout-s",
-        io_timeout_s,
-    ];
-    let s = source(None, &proxy, &args, &sj).wait_with_output().unwrap();
-    let d = d.wait_with_output().unwrap();
-    (s, d, sj, dj)
-}
-
-#[test]
-fn a_cut_in_each_phase_ends_as_documented() {
-    // (phase, frame kind, nth, source exits, destination exit, reconnects).
-    // Cut after the device state, the source's Commit, sent right behind
-    // it, may still leave its socket: then it cannot know whether the
-    // destination committed (3, guest paused); else it knows it did not
-    // (1, guest runs). The destination must not commit either way.
-    type Case = (&'static str, u8, usize, &'static [i32], i32, u64);
-    let cases: [Case; 5] = [
-        ("handshake (Hello)", 1, 1, &[1], 1, 0),
-        ("live round (first RoundDone)", 8, 1, &[0], 0, 1),
-        ("verification (VerifyRequest)", 10, 1, &[1], 1, 0),
-        ("device state (DeviceState)", 12, 1, &[1, 3], 1, 0),
-        ("commit (Commit)", 13, 1, &[3], 0, 0),
-    ];
-    for (phase, kind, nth, source_codes, dest_code, reconnects) in cases {
-        let cut = if kind == 13 { Cut::Source } else { Cut::Both };
-        let (s, d, sj, dj) = migrate_through(&format!("cut-{kind}"), kind, nth, cut, "3", &[]);
-        let source_code = s.status.code().unwrap_or(-1);
-        assert!(source_codes.contains(&source_code), "{phase}: {}", text(&s));
-        assert_eq!(d.status.code(), Some(dest_code), "{phase}: {}", text(&d));
-        let v = json(&sj);
-        let stderr = String::from_utf8_lossy(&s.stderr);
-        match source_code {
-            0 => {
-                assert_eq!(v["verified"], true, "{phase}: {v}");
-                assert_eq!(v["reconnects"], reconnects, "{phase}: {v}");
-                assert_eq!(json(&dj)["guest_consistent"], true, "{phase}");
-            }
-            1 => {
-                assert_eq!(v["status"], "failed", "{phase}: {v}");
-                assert!(stderr.contains("running again"), "{phase}: {stderr}");
-            }
-            _ => {
-                assert_eq!(v["status"], "commit-unknown", "{phase}: {v}");
-                assert!(!stderr.contains("running again"), "{phase}: {stderr}");
-                let expected = if dest_code == 0 {
-                    "completed"
-                } else {
-                    "failed"
-                };
-                assert_eq!(json(&dj)["status"], expected, "{phase}");
-            }
-        }
-        println!("{phase}: source {source_code}, destination {dest_code}: as documented");
-    }
-}
-
 /// A slow, lossy link between two hosts: 200 Mbit/s (tbf) and 3 % of the
 /// packets into the destination dropped (nftables). TCP recovers every
 /// loss; the migration completes verified with the guest consistent.
@@ -758,31 +573,4 @@ fn a_slow_lossy_link_migrates_verified() {
         v["total_ms"], v["throughput_mbps"]
     );
     assert_eq!(json(&dj)["guest_consistent"], true);
-}
-
-/// The control connection stalls — nothing either way, nothing closed, as
-/// a frozen peer looks — once the guest is paused (at `VerifyRequest`, at
-/// `DeviceState`). Both sides find the silence within the I/O timeout; the
-/// source, past the switch-over, does not resume: it runs its guest again
-/// (1), and the destination, which never got `Commit`, discards (1).
-#[test]
-fn a_stall_after_the_switch_over_fails_with_the_guest_running() {
-    for (phase, kind) in [("verification", 10u8), ("device state", 12)] {
-        let tag = format!("stall-{kind}");
-        let (s, d, sj, _) =
-            migrate_through(&tag, kind, 1, Cut::Stall, "2", &["--reconnect-s", "3"]);
-        let stderr = String::from_utf8_lossy(&s.stderr);
-        // Cut after the device state, the Commit right behind it may have
-        // left the socket: then commit-unknown (3), the guest paused.
-        let expected: &[i32] = if kind == 12 { &[1, 3] } else { &[1] };
-        let code = s.status.code().unwrap_or(-1);
-        assert!(expected.contains(&code), "{phase}: {}", text(&s));
-        if code == 1 {
-            assert!(stderr.contains("running again"), "{phase}: {stderr}");
-        }
-        let err = json(&sj)["error"].as_str().unwrap_or_default().to_string();
-        assert!(err.contains("dead, frozen or cut off"), "{phase}: {err}");
-        assert_eq!(d.status.code(), Some(1), "{phase}: {}", text(&d));
-        println!("stall in {phase}: source {code}, destination 1");
-    }
 }

@@ -99,6 +99,9 @@ pub struct TcpControl {
     write_lock: Arc<Mutex<()>>,
     /// Dropped with the connection: stops the heartbeat thread.
     _stop_heartbeats: Option<Sender<()>>,
+    /// What [`ControlChannel::peer_gone`] took from the reader thread ahead
+    /// of [`ControlChannel::recv`].
+    peeked: Option<Box<Result<Message, TransportError>>>,
 }
 
 #[derive(Debug)]
@@ -123,6 +126,7 @@ impl TcpControl {
             inbound: Inbound::Direct(reader),
             write_lock: Arc::default(),
             _stop_heartbeats: None,
+            peeked: None,
         })
     }
 
@@ -144,6 +148,7 @@ impl TcpControl {
                 inbound: Inbound::Direct(reader),
                 write_lock,
                 _stop_heartbeats: None,
+                peeked: None,
             });
         }
         let interval =
@@ -155,6 +160,7 @@ impl TcpControl {
             inbound: Inbound::Watched(rx),
             write_lock,
             _stop_heartbeats: Some(stop),
+            peeked: None,
         })
     }
 
@@ -207,19 +213,52 @@ impl ControlChannel for TcpControl {
     }
 
     fn recv(&mut self) -> Result<Message, TransportError> {
+        if let Some(early) = self.peeked.take() {
+            return *early;
+        }
         match &mut self.inbound {
             Inbound::Direct(reader) => Ok(read_message(reader)?),
-            Inbound::Watched(rx) => rx.recv().unwrap_or_else(|_| {
-                Err(TransportError::Stream {
-                    stream: u16::MAX,
-                    detail: "control connection closed".into(),
-                })
-            }),
+            Inbound::Watched(rx) => rx.recv().unwrap_or_else(|_| Err(closed())),
             Inbound::Taken => Err(TransportError::Stream {
                 stream: u16::MAX,
                 detail: "connection handed over".into(),
             }),
         }
+    }
+
+    fn peer_gone(&mut self) -> Option<TransportError> {
+        match self.peek()? {
+            Err(_) => match self.peeked.replace(Box::new(Err(closed()))).map(|b| *b) {
+                Some(Err(e)) => Some(e),
+                _ => None,
+            },
+            Ok(_) => None,
+        }
+    }
+}
+
+impl TcpControl {
+    /// The reader thread's verdict so far, without waiting (see
+    /// [`ControlChannel::peer_gone`]).
+    fn peek(&mut self) -> Option<&Result<Message, TransportError>> {
+        let Inbound::Watched(rx) = &self.inbound else {
+            return None;
+        };
+        if self.peeked.is_none() {
+            self.peeked = match rx.try_recv() {
+                Ok(item) => Some(Box::new(item)),
+                Err(crossbeam_channel::TryRecvError::Empty) => None,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => Some(Box::new(Err(closed()))),
+            };
+        }
+        self.peeked.as_deref()
+    }
+}
+
+fn closed() -> TransportError {
+    TransportError::Stream {
+        stream: u16::MAX,
+        detail: "control connection closed".into(),
     }
 }
 

@@ -100,7 +100,10 @@ impl Precopy<'_> {
             let done = match self.round(transport, sender.as_mut(), &log, &limiter, &mut totals) {
                 Ok(done) => done,
                 Err(e) if self.may_resume(&e) => {
-                    // The round's pages go again, with what was dirtied since.
+                    // The old data plane goes first (RDMA: its queue pairs
+                    // stop retrying into the destination), then the round's
+                    // pages go again, with what was dirtied since.
+                    drop(sender);
                     sender = self.resume(transport, session, features, e)?;
                     self.tracker.harvest(&mut log)?;
                     continue;
@@ -575,6 +578,12 @@ impl Precopy<'_> {
     /// [`MigrationError::CommitUnknown`].
     fn commit(&mut self, ctl: &mut dyn ControlChannel) -> Result<(), MigrationError> {
         self.check_cancel()?;
+        // A destination already known to be gone (it closed the connection,
+        // or fell silent) cannot commit: fail now, with the guest running
+        // again, rather than send into the void and stay paused.
+        if let Some(e) = ctl.peer_gone() {
+            return Err(e.into());
+        }
         ctl.send(&Message::Commit)?;
         self.commit_sent = true;
         expect_msg!(ctl, Committed => ());

@@ -111,6 +111,16 @@ pub trait ControlChannel: Send {
     /// [`TransportError`] when the channel is broken, times out, or the peer
     /// sends bytes that do not decode.
     fn recv(&mut self) -> Result<Message, TransportError>;
+
+    /// Without waiting: the error that already ended the channel (the peer
+    /// closed it, or fell silent), if one did. A message that arrived
+    /// meanwhile stays for [`recv`](Self::recv). The source asks just before
+    /// `Commit`: a destination known to be gone cannot commit, so the guest
+    /// runs again instead of staying paused on an unknown outcome. By
+    /// default `None` (a channel that cannot tell without waiting).
+    fn peer_gone(&mut self) -> Option<TransportError> {
+        None
+    }
 }
 
 /// What a round cost on the wire.
