@@ -304,7 +304,12 @@ fn tls_vs_plain(s: &mut String, cells: &[Cell]) {
 
 /// The first pass of the idle random, preallocated cell of `transport` at
 /// `site` and `size_mib`, if the run has it.
-fn idle_random_first_pass(cells: &[Cell], site: &str, transport: &str, size_mib: u64) -> Option<Spread> {
+fn idle_random_first_pass(
+    cells: &[Cell],
+    site: &str,
+    transport: &str,
+    size_mib: u64,
+) -> Option<Spread> {
     cells
         .iter()
         .find(|c| {
