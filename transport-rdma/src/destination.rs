@@ -228,6 +228,18 @@ impl DestinationTransport for RdmaDestination {
         });
         Ok(rx)
     }
+
+    /// The source lost its connection: end RDMA access first — the fence
+    /// watcher stops, its queue pairs are destroyed and the guest memory is
+    /// deregistered, so the old keys and queue pairs write nothing more —
+    /// then wait for the source on the control listener.
+    /// [`open_data`](DestinationTransport::open_data) registers the memory
+    /// again and sends new keys, only to the source that resumed this
+    /// session over an authenticated connection.
+    fn reaccept(&mut self, deadline: Instant) -> Result<(), TransportError> {
+        self.active = None;
+        self.tcp.reaccept(deadline)
+    }
 }
 
 /// Report each queue pair's round fences as the end of that round on that

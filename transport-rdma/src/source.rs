@@ -192,6 +192,14 @@ impl SourceTransport for RdmaSource {
             io_timeout: self.cfg.tcp.io_timeout,
         }))
     }
+
+    /// A new control connection; [`open_data`](SourceTransport::open_data)
+    /// then connects new queue pairs (the engine dropped the old ones with
+    /// their sender) to the keys the destination sends again. The local
+    /// registration stays: it is this process's own memory.
+    fn reconnect(&mut self) -> Result<(), TransportError> {
+        self.tcp.reconnect()
+    }
 }
 
 fn check_accept(
@@ -301,9 +309,15 @@ impl RdmaPageSender {
                 .map_err(|e| stream_err(qp, e))?;
             if done.is_empty() {
                 if last_progress.elapsed() > self.io_timeout {
-                    return Err(TransportError::Stream {
-                        stream: qp as u16,
-                        detail: format!("no RDMA completion for {:?}: peer gone?", self.io_timeout),
+                    return Err(TransportError::Io {
+                        op: "RDMA WRITE",
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "queue pair {qp}: no completion for {:.1} s: the peer is dead, frozen or cut off",
+                                self.io_timeout.as_secs_f64()
+                            ),
+                        ),
                     });
                 }
                 // Spin briefly (completions on hardware come within
@@ -327,7 +341,18 @@ impl RdmaPageSender {
     }
 }
 
+/// A queue pair's failure: a lost peer is a disconnection (the migration
+/// may resume over new queue pairs), anything else a broken stream.
 fn stream_err(qp: usize, e: crate::verbs::VerbsError) -> TransportError {
+    if e.peer_lost() {
+        return TransportError::Io {
+            op: "RDMA WRITE",
+            source: std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                format!("queue pair {qp}: {e}"),
+            ),
+        };
+    }
     TransportError::Stream {
         stream: qp as u16,
         detail: e.to_string(),

@@ -63,7 +63,25 @@ pub enum VerbsError {
         wr_id: u64,
         /// The status.
         status: String,
+        /// Whether the status says the peer stopped answering (the
+        /// transport's retries ran out, or the queue pair was flushed after
+        /// it broke), rather than that the request was wrong.
+        peer_lost: bool,
     },
+}
+
+impl VerbsError {
+    /// Whether the peer stopped answering (a cut link, a dead or frozen
+    /// host), which a new connection may mend, rather than a wrong request.
+    pub fn peer_lost(&self) -> bool {
+        matches!(
+            self,
+            VerbsError::Completion {
+                peer_lost: true,
+                ..
+            }
+        )
+    }
 }
 
 fn call<E: std::fmt::Display>(op: &'static str) -> impl FnOnce(E) -> VerbsError {
@@ -480,9 +498,16 @@ fn poll(cq: &BasicCompletionQueue, mut f: impl FnMut(u64, u32)) -> Result<(), Ve
         Ok(poller) => {
             for wc in poller {
                 if wc.status() != WorkCompletionStatus::Success as u32 {
+                    let status = WorkCompletionStatus::from(wc.status());
                     return Err(VerbsError::Completion {
                         wr_id: wc.wr_id(),
-                        status: format!("{:?}", WorkCompletionStatus::from(wc.status())),
+                        status: format!("{status:?}"),
+                        peer_lost: matches!(
+                            status,
+                            WorkCompletionStatus::RetryCounterExceededError
+                                | WorkCompletionStatus::ResponderNotReadyRetryCounterExceededError
+                                | WorkCompletionStatus::WorkRequestFlushedError
+                        ),
                     });
                 }
                 f(wc.wr_id(), wc.imm_data());

@@ -138,7 +138,9 @@ fn a_wrong_remote_key_fails_the_write_with_a_typed_error() {
     }
     a.post_writes(&smr, &[write], true, 1).unwrap();
     match wait_send(&a, 1) {
-        Err(VerbsError::Completion { wr_id: 1, status }) => println!("wrong key refused: {status}"),
+        Err(VerbsError::Completion {
+            wr_id: 1, status, ..
+        }) => println!("wrong key refused: {status}"),
         other => panic!("expected a failed completion, got {other:?}"),
     }
 }
@@ -175,7 +177,9 @@ fn a_key_from_an_ended_registration_fails() {
     drop(dmr);
     a.post_writes(&smr, &[write(4096)], true, 2).unwrap();
     match wait_send(&a, 1) {
-        Err(VerbsError::Completion { wr_id: 2, status }) => {
+        Err(VerbsError::Completion {
+            wr_id: 2, status, ..
+        }) => {
             println!("old key refused after deregistration: {status}")
         }
         other => panic!("a WRITE with an old key did not fail: {other:?}"),
