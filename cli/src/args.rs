@@ -29,6 +29,37 @@ pub enum Command {
     /// Write a test certificate authority and certificates for both ends
     /// into a directory, for `--tls-dir` (copy it to both hosts).
     TlsGen(TlsGenArgs),
+    /// Steer a running migration through its control socket (`source
+    /// --control PATH`): `query`, `set downtime_ms=800 bandwidth_mbs=100
+    /// max_rounds=50`, `switchover`, `continue`, `cancel`, `watch`.
+    Ctl(CtlArgs),
+}
+
+/// `migrate-cli ctl`.
+#[derive(Debug, Clone, Args)]
+pub struct CtlArgs {
+    /// The control socket.
+    pub socket: PathBuf,
+    /// `query`, `set`, `switchover`, `continue`, `cancel` or `watch`.
+    pub command: String,
+    /// For `set`: KEY=VALUE (`downtime_ms`, `bandwidth_mbs`, `max_rounds`).
+    pub params: Vec<String>,
+}
+
+/// Steering a running migration from outside.
+#[derive(Debug, Clone, Args)]
+pub struct SteeringArgs {
+    /// Serve a control socket here while migrating: JSON lines, see
+    /// `migrate-cli ctl` and the README.
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Write every event as JSON Lines here while migrating.
+    #[arg(long)]
+    pub events: Option<PathBuf>,
+    /// Once the guest is paused and its memory sent, wait for `ctl PATH
+    /// continue` (or `cancel`) before the device state and the commit.
+    #[arg(long, requires = "control")]
+    pub pause_before_switchover: bool,
 }
 
 /// `migrate-cli tls-gen`.
@@ -235,6 +266,8 @@ pub struct SourceArgs {
     pub guest: GuestArgs,
     #[command(flatten)]
     pub migration: MigrationArgs,
+    #[command(flatten)]
+    pub steering: SteeringArgs,
     /// Write the final statistics as one JSON object here.
     #[arg(long)]
     pub json: Option<PathBuf>,

@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 mod args;
+mod control;
 mod guest;
 mod memory;
 mod report;
@@ -34,6 +35,13 @@ fn main() {
         args::Command::Dest(a) => run::dest(a, baseline_rss),
         args::Command::Demo(a) => run::demo(a),
         args::Command::TlsGen(a) => run::tls_gen(a),
+        args::Command::Ctl(a) => control::ctl(&a.socket, &a.command, &a.params).map(|ok| {
+            if ok {
+                run::Outcome::Migrated
+            } else {
+                run::Outcome::Failed
+            }
+        }),
     };
     match result {
         Ok(outcome) => std::process::exit(outcome.code()),

@@ -81,11 +81,19 @@ pub fn progress(handle: &MigrationHandle, choice: ProgressChoice) -> Option<Join
                 MigrationEvent::Resumed(_) => {
                     bar.println("resumed over a new connection");
                 }
-                MigrationEvent::Completed(_) | MigrationEvent::Failed { .. } => {
+                MigrationEvent::PreSwitchover(_) => {
+                    bar.println(
+                        "pre-switchover: guest paused, memory sent; waiting for `continue`",
+                    );
+                }
+                MigrationEvent::ParameterChanged { name, value } => {
+                    bar.println(format!("{name} set to {value}"));
+                }
+                e if e.is_final() => {
                     bar.finish_and_clear();
                     return;
                 }
-                MigrationEvent::SetupDone { .. } => {}
+                _ => {}
             }
         }
         bar.finish_and_clear();

@@ -15,10 +15,10 @@ use migrate_core::{
 };
 
 use crate::args::{
-    DemoArgs, DestArgs, MigrationArgs, SourceArgs, TimeoutChoice, TlsGenArgs, TrackerChoice,
-    TransportArgs, TransportChoice,
+    DemoArgs, DestArgs, MigrationArgs, SourceArgs, SteeringArgs, TimeoutChoice, TlsGenArgs,
+    TrackerChoice, TransportArgs, TransportChoice,
 };
-use crate::{guest, memory, report, resources, security, transport};
+use crate::{control, guest, memory, report, resources, security, transport};
 
 /// How a command ended. The process exit status says exactly this, one
 /// meaning per code (setup errors before anything was sent are 2).
@@ -120,6 +120,7 @@ pub fn source(a: SourceArgs, baseline_rss: u64) -> Result<Outcome> {
         a.json.as_deref(),
         a.progress,
         Some(baseline_rss),
+        Some(&a.steering),
     )
 }
 
@@ -134,7 +135,23 @@ fn migrate_out(
     json: Option<&std::path::Path>,
     progress: crate::args::ProgressChoice,
     baseline_rss: Option<u64>,
+    steering: Option<&SteeringArgs>,
 ) -> Result<Outcome> {
+    let mut config = source_config(m, t);
+    config.pause_before_switchover = steering.is_some_and(|s| s.pause_before_switchover);
+    let migration = SourceMigration::new(config);
+    let handle = migration.handle();
+    // The ways to steer it exist before anything connects: a socket that
+    // cannot be served is a setup error, with nothing sent.
+    let _control = steering
+        .and_then(|s| s.control.as_deref())
+        .map(|p| control::serve(p, &handle))
+        .transpose()?;
+    let events = steering
+        .and_then(|s| s.events.as_deref())
+        .map(|p| control::events_to(p, &handle))
+        .transpose()?;
+    control::cancel_on_signals(&handle)?;
     guest::fill(&mem, g)?;
     let cpu_start = resources::CpuSample::now();
     // Connect first: RDMA registers (pins) the memory, which must happen
@@ -164,20 +181,19 @@ fn migrate_out(
         eprintln!("dirty tracking: not using {}: {}", f.tracker, f.reason);
     }
     let mut vm = guest::start(&mem, g)?;
-    let migration = SourceMigration::new(source_config(m, t));
-    let handle = migration.handle();
     let bar = report::progress(&handle, progress);
     let result = migration.run(transport.as_dyn(), &mem, &tracking, &mut vm);
     let fallback = transport.fallback_reason();
     if let Some(reason) = &fallback {
         eprintln!("transport: pages went over TCP: {reason}");
     }
-    if let Some(b) = bar {
-        let _ = b.join();
+    for t in [bar, events].into_iter().flatten() {
+        let _ = t.join();
     }
     let outcome = match &result {
         Ok(_) => Outcome::Migrated,
         Err(migrate_core::MigrationError::CommitUnknown(_)) => Outcome::CommitUnknown,
+        // Cancelled is a failure to migrate: the guest runs here (1).
         Err(_) => Outcome::Failed,
     };
     let (stats, error) = match &result {
@@ -186,6 +202,10 @@ fn migrate_out(
     };
     match &result {
         Ok(s) => println!("{}", report::source_summary(s)),
+        Err(migrate_core::MigrationError::Cancelled) => {
+            eprintln!("migration cancelled");
+            eprintln!("the source guest is running again");
+        }
         Err(e) => {
             eprintln!("migration failed: {e}");
             if !matches!(e, migrate_core::MigrationError::CommitUnknown(_)) {
@@ -431,6 +451,7 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
         &m,
         a.json.as_deref(),
         a.progress,
+        None,
         None,
     )?;
     let dest_outcome = dest

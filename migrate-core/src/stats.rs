@@ -7,6 +7,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 /// Where a migration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum MigrationStatus {
     /// Connecting, handshake, layout, data streams, tracker.
     #[default]
@@ -15,10 +16,18 @@ pub enum MigrationStatus {
     Active,
     /// Guest paused: last round, device state, commit.
     Device,
+    /// Guest paused and its memory sent, waiting for
+    /// [`continue_switchover`](crate::MigrationHandle::continue_switchover)
+    /// or a cancel (QEMU's `pre-switchover`, with
+    /// [`SourceConfig::pause_before_switchover`](crate::SourceConfig::pause_before_switchover)).
+    PreSwitchover,
     /// Committed: the destination runs the guest.
     Completed,
-    /// Failed or cancelled before commit: the source guest runs.
+    /// Failed before commit: the source guest runs.
     Failed,
+    /// Cancelled before commit (a handle's cancel, a signal, the timeout's
+    /// cancel policy): the source guest runs.
+    Cancelled,
     /// Commit sent but not acknowledged: the source guest stays paused, the
     /// operator must find out whether the destination runs it.
     CommitUnknown,
@@ -31,8 +40,10 @@ impl MigrationStatus {
             MigrationStatus::Setup => "setup",
             MigrationStatus::Active => "active",
             MigrationStatus::Device => "device",
+            MigrationStatus::PreSwitchover => "pre-switchover",
             MigrationStatus::Completed => "completed",
             MigrationStatus::Failed => "failed",
+            MigrationStatus::Cancelled => "cancelled",
             MigrationStatus::CommitUnknown => "commit-unknown",
         }
     }
@@ -92,6 +103,7 @@ pub struct MigrationStats {
 
 /// What happens during a migration, in order.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum MigrationEvent {
     /// Setup done: streams open, tracker running.
     SetupDone {
@@ -120,8 +132,20 @@ pub enum MigrationEvent {
     SwitchOver {
         /// Dirty bytes left when paused.
         remaining_bytes: u64,
-        /// Why now (`converged`, `max rounds`, `timeout`).
+        /// Why now (`converged`, `max rounds`, `timeout`, `forced`).
         reason: &'static str,
+    },
+    /// The guest is paused and its memory sent; the migration waits for
+    /// [`continue_switchover`](crate::MigrationHandle::continue_switchover)
+    /// or a cancel.
+    PreSwitchover(MigrationStats),
+    /// A knob changed while the migration runs (through a
+    /// [`MigrationHandle`](crate::MigrationHandle)).
+    ParameterChanged {
+        /// `downtime_ms`, `bandwidth_mbs` or `max_rounds`.
+        name: &'static str,
+        /// The new value (bandwidth: 0 means no cap).
+        value: u64,
     },
     /// The connection to the destination was lost before the switch-over;
     /// the source reconnects within its grace period, its guest running.
@@ -140,6 +164,40 @@ pub enum MigrationEvent {
         /// Figures at the failure.
         stats: MigrationStats,
     },
+    /// Cancelled before commit; the source guest runs (final statistics).
+    Cancelled(MigrationStats),
+}
+
+impl MigrationEvent {
+    /// Stable lower-case name (`round-done`, `switch-over`, ...), as in
+    /// JSON event streams.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MigrationEvent::SetupDone { .. } => "setup-done",
+            MigrationEvent::RoundStarted { .. } => "round-started",
+            MigrationEvent::Progress(_) => "progress",
+            MigrationEvent::RoundDone(_) => "round-done",
+            MigrationEvent::Throttled { .. } => "throttled",
+            MigrationEvent::SwitchOver { .. } => "switch-over",
+            MigrationEvent::PreSwitchover(_) => "pre-switchover",
+            MigrationEvent::ParameterChanged { .. } => "parameter-changed",
+            MigrationEvent::ConnectionLost { .. } => "connection-lost",
+            MigrationEvent::Resumed(_) => "resumed",
+            MigrationEvent::Completed(_) => "completed",
+            MigrationEvent::Failed { .. } => "failed",
+            MigrationEvent::Cancelled(_) => "cancelled",
+        }
+    }
+
+    /// Whether the migration ends with this event (no more follow).
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            MigrationEvent::Completed(_)
+                | MigrationEvent::Failed { .. }
+                | MigrationEvent::Cancelled(_)
+        )
+    }
 }
 
 /// Live statistics and event subscribers of one migration, shared with a

@@ -23,13 +23,14 @@
 mod policy;
 mod precopy;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::dirty::DirtyTracker;
 use crate::memory::GuestMemory;
 use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus, Monitor};
-use crate::transport::{SourceTransport, TransportError};
+use crate::transport::{RateLimiter, SourceTransport, TransportError};
 use crate::vm::SourceVm;
 use crate::{CancelToken, MigrationError};
 use precopy::Precopy;
@@ -76,6 +77,13 @@ pub struct SourceConfig {
     /// must support it; TCP does). `None`: fail at once, as a lost
     /// connection after the switch-over always does.
     pub reconnect: Option<Duration>,
+    /// Once the guest is paused and its memory sent, stop before the
+    /// device state and wait for
+    /// [`MigrationHandle::continue_switchover`] (or a cancel, which resumes
+    /// the guest here): the VMM hands over what it must (disks, network)
+    /// in between (QEMU's `pause-before-switchover`). The wait counts as
+    /// downtime.
+    pub pause_before_switchover: bool,
 }
 
 impl Default for SourceConfig {
@@ -89,21 +97,86 @@ impl Default for SourceConfig {
             verify: false,
             final_retries: 3,
             reconnect: None,
+            pause_before_switchover: false,
         }
     }
 }
 
-/// Watch and steer a running migration from another thread.
+/// The knobs a [`MigrationHandle`] changes while the migration runs, and
+/// its requests; shared with the engine, which reads the knobs at each
+/// round boundary (the bandwidth cap at once).
+#[derive(Debug)]
+pub(crate) struct Steering {
+    downtime_ms: AtomicU64,
+    max_rounds: AtomicU32,
+    pub(crate) limiter: RateLimiter,
+    switchover: AtomicBool,
+    /// Set by `continue_switchover`; the engine waits on `wake` for it (or
+    /// a cancel) in pre-switchover.
+    proceed: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Steering {
+    fn new(cfg: &SourceConfig) -> Self {
+        Self {
+            downtime_ms: AtomicU64::new(cfg.downtime_limit.as_millis() as u64),
+            max_rounds: AtomicU32::new(cfg.max_rounds),
+            limiter: RateLimiter::new(cfg.bandwidth_limit),
+            switchover: AtomicBool::new(false),
+            proceed: Mutex::new(false),
+            wake: Condvar::new(),
+        }
+    }
+
+    pub(crate) fn downtime_limit(&self) -> Duration {
+        Duration::from_millis(self.downtime_ms.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn max_rounds(&self) -> u32 {
+        self.max_rounds.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn switchover_asked(&self) -> bool {
+        self.switchover.load(Ordering::Relaxed)
+    }
+
+    /// Wait until `continue_switchover` (true) or `cancelled` says so
+    /// (false), checking `cancelled` every 50 ms.
+    pub(crate) fn wait_to_proceed(&self, cancelled: impl Fn() -> bool) -> bool {
+        let mut go = self.proceed.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if *go {
+                return true;
+            }
+            if cancelled() {
+                return false;
+            }
+            go = self
+                .wake
+                .wait_timeout(go, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Watch and steer a running migration from another thread: figures,
+/// events, and the knobs an operator turns while it runs (QEMU's
+/// `migrate-set-parameters`, `migrate-continue`, `migrate_cancel`).
 #[derive(Debug, Clone)]
 pub struct MigrationHandle {
     monitor: Monitor,
     cancel: CancelToken,
+    steer: Arc<Steering>,
 }
 
 impl MigrationHandle {
-    /// Abort the migration at the next batch; the source guest keeps running.
+    /// Abort the migration at the next batch; the source guest keeps
+    /// running (or runs again), and the status is `cancelled`.
     pub fn cancel(&self) {
         self.cancel.cancel();
+        self.steer.wake.notify_all();
     }
 
     /// Current figures.
@@ -115,6 +188,51 @@ impl MigrationHandle {
     pub fn subscribe(&self) -> crossbeam_channel::Receiver<MigrationEvent> {
         self.monitor.subscribe()
     }
+
+    /// The largest acceptable downtime, from the next round boundary on:
+    /// raising it lets a migration that does not converge switch over.
+    pub fn set_downtime_limit(&self, limit: Duration) {
+        let ms = (limit.as_millis() as u64).max(1);
+        self.steer.downtime_ms.store(ms, Ordering::Relaxed);
+        self.changed("downtime_ms", ms);
+    }
+
+    /// The bandwidth cap in bytes per second over all streams (None: no
+    /// cap), at once.
+    pub fn set_bandwidth_limit(&self, bytes_per_sec: Option<u64>) {
+        self.steer.limiter.set(bytes_per_sec);
+        let mbs = bytes_per_sec.map_or(0, |b| b / 1_000_000);
+        self.changed("bandwidth_mbs", mbs);
+    }
+
+    /// Switch over after this many rounds at most, from the next round
+    /// boundary on.
+    pub fn set_max_rounds(&self, rounds: u32) {
+        let rounds = rounds.max(1);
+        self.steer.max_rounds.store(rounds, Ordering::Relaxed);
+        self.changed("max_rounds", rounds as u64);
+    }
+
+    /// Switch over at the next round boundary, whatever the downtime (the
+    /// switch-over event says `forced`).
+    pub fn switchover(&self) {
+        self.steer.switchover.store(true, Ordering::Relaxed);
+    }
+
+    /// Go on from pre-switchover (see
+    /// [`SourceConfig::pause_before_switchover`]): device state, then
+    /// commit. Before that state is reached, it lets the migration pass it
+    /// without stopping.
+    pub fn continue_switchover(&self) {
+        *self.steer.proceed.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.steer.wake.notify_all();
+    }
+
+    fn changed(&self, name: &'static str, value: u64) {
+        tracing::info!(name, value, "migration parameter changed");
+        self.monitor
+            .emit(MigrationEvent::ParameterChanged { name, value });
+    }
 }
 
 /// One outgoing migration.
@@ -123,23 +241,26 @@ pub struct SourceMigration {
     config: SourceConfig,
     monitor: Monitor,
     cancel: CancelToken,
+    steer: Arc<Steering>,
 }
 
 impl SourceMigration {
     /// A migration with these knobs.
     pub fn new(config: SourceConfig) -> Self {
         Self {
+            steer: Arc::new(Steering::new(&config)),
             config,
             monitor: Monitor::default(),
             cancel: CancelToken::new(),
         }
     }
 
-    /// A handle to cancel, read statistics and subscribe to events.
+    /// A handle to cancel, steer, read statistics and subscribe to events.
     pub fn handle(&self) -> MigrationHandle {
         MigrationHandle {
             monitor: self.monitor.clone(),
             cancel: self.cancel.clone(),
+            steer: Arc::clone(&self.steer),
         }
     }
 
@@ -168,6 +289,7 @@ impl SourceMigration {
             cfg: &self.config,
             monitor: &self.monitor,
             cancel: &self.cancel,
+            steer: &self.steer,
             mem,
             tracker,
             vm,

@@ -88,17 +88,26 @@ pub(crate) enum SwitchReason {
     MaxRounds,
     /// The overall timeout expired with the force policy.
     Timeout,
+    /// The operator asked for it (`MigrationHandle::switchover`).
+    Forced,
 }
 
 impl SwitchReason {
     /// The first reason that holds, in that order; `None`: another round.
-    pub fn decide(converged: bool, max_rounds: bool, timed_out: bool) -> Option<Self> {
+    pub fn decide(
+        converged: bool,
+        max_rounds: bool,
+        timed_out: bool,
+        forced: bool,
+    ) -> Option<Self> {
         if converged {
             Some(SwitchReason::Converged)
         } else if max_rounds {
             Some(SwitchReason::MaxRounds)
         } else if timed_out {
             Some(SwitchReason::Timeout)
+        } else if forced {
+            Some(SwitchReason::Forced)
         } else {
             None
         }
@@ -110,6 +119,7 @@ impl SwitchReason {
             SwitchReason::Converged => "converged",
             SwitchReason::MaxRounds => "max rounds",
             SwitchReason::Timeout => "timeout",
+            SwitchReason::Forced => "forced",
         }
     }
 }
@@ -217,13 +227,14 @@ mod tests {
     fn switch_reason_in_order() {
         use SwitchReason::*;
         let cases = [
-            ((false, false, false), None),
-            ((true, true, true), Some(Converged)),
-            ((false, true, true), Some(MaxRounds)),
-            ((false, false, true), Some(Timeout)),
+            ((false, false, false, false), None),
+            ((true, true, true, true), Some(Converged)),
+            ((false, true, true, true), Some(MaxRounds)),
+            ((false, false, true, true), Some(Timeout)),
+            ((false, false, false, true), Some(Forced)),
         ];
-        for ((c, m, t), want) in cases {
-            assert_eq!(SwitchReason::decide(c, m, t), want, "{c} {m} {t}");
+        for ((c, m, t, f), want) in cases {
+            assert_eq!(SwitchReason::decide(c, m, t, f), want, "{c} {m} {t} {f}");
         }
         assert_eq!(MaxRounds.name(), "max rounds");
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::policy::{AutoConverge, DowntimeBudget, LinkRate, SwitchReason, mbps};
-use super::{SourceConfig, TimeoutPolicy};
+use super::{SourceConfig, Steering, TimeoutPolicy};
 use crate::control::expect_msg;
 use crate::dirty::{DirtyLog, DirtyTracker};
 use crate::memory::GuestMemory;
@@ -66,6 +66,7 @@ pub(super) struct Precopy<'a> {
     pub cfg: &'a SourceConfig,
     pub monitor: &'a Monitor,
     pub cancel: &'a CancelToken,
+    pub steer: &'a Steering,
     pub mem: &'a Arc<GuestMemory>,
     pub tracker: &'a dyn DirtyTracker,
     pub vm: &'a mut dyn SourceVm,
@@ -85,7 +86,7 @@ impl Precopy<'_> {
         let (session, features) = self.handshake(transport)?;
         // (kept for a resume after a lost connection)
         let mut sender = self.open_data(transport, session, features)?;
-        let limiter = RateLimiter::new(self.cfg.bandwidth_limit);
+        let limiter = &self.steer.limiter;
         let mut log = DirtyLog::new(self.mem);
         log.mark_all();
         let mut totals = Totals {
@@ -97,7 +98,7 @@ impl Precopy<'_> {
         };
         loop {
             self.check_cancel()?;
-            let done = match self.round(transport, sender.as_mut(), &log, &limiter, &mut totals) {
+            let done = match self.round(transport, sender.as_mut(), &log, limiter, &mut totals) {
                 Ok(done) => done,
                 Err(e) if self.may_resume(&e) => {
                     // The old data plane goes first (RDMA: its queue pairs
@@ -118,6 +119,9 @@ impl Precopy<'_> {
             } else {
                 self.after_live_round(done, log.dirty_bytes(), &mut totals)?
             };
+        }
+        if self.cfg.pause_before_switchover {
+            self.pre_switchover()?;
         }
         let verified = self.verify_if_asked(transport.control())?;
         self.send_device_state(transport.control())?;
@@ -395,9 +399,10 @@ impl Precopy<'_> {
             "round done"
         );
         let reason = SwitchReason::decide(
-            DowntimeBudget::new(self.cfg.downtime_limit).fits(expected_ms),
-            rounds >= self.cfg.max_rounds,
+            DowntimeBudget::new(self.steer.downtime_limit()).fits(expected_ms),
+            rounds >= self.steer.max_rounds(),
             self.timed_out_forcing(),
+            self.steer.switchover_asked(),
         );
         match reason {
             Some(reason) => self.switch_over(&mut next, reason, rounds)?,
@@ -443,6 +448,24 @@ impl Precopy<'_> {
             reason = reason.name(),
             "switch-over: guest paused"
         );
+        Ok(())
+    }
+
+    /// Pre-switchover: the guest is paused and its memory acknowledged;
+    /// wait for the handle's `continue_switchover` (or a cancel, which
+    /// fails the migration and resumes the guest here).
+    fn pre_switchover(&mut self) -> Result<(), MigrationError> {
+        let stats = self.monitor.update(|s| {
+            s.status = MigrationStatus::PreSwitchover;
+            s.total_ms = self.start.elapsed().as_secs_f64() * 1e3;
+        });
+        self.monitor.emit(MigrationEvent::PreSwitchover(stats));
+        tracing::info!("pre-switchover: guest paused, memory sent; waiting to continue");
+        if !self.steer.wait_to_proceed(|| self.cancel.is_cancelled()) {
+            return Err(self.cancelled());
+        }
+        self.monitor.update(|s| s.status = MigrationStatus::Device);
+        tracing::info!("pre-switchover: continuing");
         Ok(())
     }
 
@@ -604,18 +627,27 @@ impl Precopy<'_> {
             )
         } else {
             self.give_back(transport, &error);
-            (error, MigrationStatus::Failed)
+            let status = match error {
+                MigrationError::Cancelled => MigrationStatus::Cancelled,
+                _ => MigrationStatus::Failed,
+            };
+            (error, status)
         };
         let total_ms = self.elapsed_ms();
         let stats = self.monitor.update(|s| {
             s.status = status;
             s.total_ms = total_ms;
         });
-        tracing::error!(error = %error, "migration failed");
-        self.monitor.emit(MigrationEvent::Failed {
-            error: error.to_string(),
-            stats,
-        });
+        if status == MigrationStatus::Cancelled {
+            tracing::warn!("migration cancelled; the source guest runs");
+            self.monitor.emit(MigrationEvent::Cancelled(stats));
+        } else {
+            tracing::error!(error = %error, "migration failed");
+            self.monitor.emit(MigrationEvent::Failed {
+                error: error.to_string(),
+                stats,
+            });
+        }
         error
     }
 

@@ -281,10 +281,12 @@ pub trait DestinationTransport: Send {
     }
 }
 
-/// A token bucket shared by all data streams: the migration's bandwidth cap.
+/// A token bucket shared by all data streams: the migration's bandwidth cap,
+/// which may change while it runs ([`set`](Self::set) takes effect at once).
 #[derive(Debug)]
 pub struct RateLimiter {
-    bytes_per_sec: Option<u64>,
+    /// Bytes per second; 0: no cap.
+    bytes_per_sec: std::sync::atomic::AtomicU64,
     state: std::sync::Mutex<(Instant, f64)>,
 }
 
@@ -292,15 +294,32 @@ impl RateLimiter {
     /// A limiter for `bytes_per_sec` (None: unlimited).
     pub fn new(bytes_per_sec: Option<u64>) -> Self {
         Self {
-            bytes_per_sec: bytes_per_sec.filter(|&b| b > 0),
+            bytes_per_sec: std::sync::atomic::AtomicU64::new(bytes_per_sec.unwrap_or(0)),
             state: std::sync::Mutex::new((Instant::now(), 0.0)),
         }
+    }
+
+    /// Change the cap (None: unlimited), from now on.
+    pub fn set(&self, bytes_per_sec: Option<u64>) {
+        self.bytes_per_sec.store(
+            bytes_per_sec.unwrap_or(0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The cap in bytes per second, if there is one.
+    pub fn rate(&self) -> Option<u64> {
+        Some(
+            self.bytes_per_sec
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .filter(|&b| b > 0)
     }
 
     /// Take `bytes` from the bucket, sleeping while it is empty. The bucket
     /// holds at most 50 ms of budget, so bursts stay short.
     pub fn take(&self, bytes: u64) {
-        let Some(rate) = self.bytes_per_sec else {
+        let Some(rate) = self.rate() else {
             return;
         };
         let rate = rate as f64;

@@ -1,0 +1,368 @@
+//! Steering a running migration from outside: the control socket
+//! (`--control PATH`), the event stream (`--events PATH`) and clean
+//! cancellation on SIGINT/SIGTERM.
+//!
+//! # The control protocol
+//!
+//! A Unix socket (mode 0600: whoever may use it may cancel the migration)
+//! speaking JSON, one object per line, in the spirit of QEMU's QMP but
+//! simpler. Each request is an object with a `cmd`; each gets one response
+//! line, `{"ok": true, ...}` or `{"ok": false, "error": "..."}`:
+//!
+//! | request | effect | response |
+//! |---|---|---|
+//! | `{"cmd": "query"}` | – | `{"ok": true, "stats": {…}}`: the `--json` report's fields, live |
+//! | `{"cmd": "set", "downtime_ms": 800}` (and/or `bandwidth_mbs`, 0 = no cap; `max_rounds`) | from the next round boundary (the cap at once) | `{"ok": true}` |
+//! | `{"cmd": "switchover"}` | switch over at the next round boundary, whatever the downtime | `{"ok": true}` |
+//! | `{"cmd": "continue"}` | leave `pre-switchover` (`--pause-before-switchover`) | `{"ok": true}` |
+//! | `{"cmd": "cancel"}` | cancel: the source guest runs on, the destination discards | `{"ok": true}` |
+//! | `{"cmd": "watch"}` | – | `{"ok": true}`, then one line per event until the migration ends |
+//!
+//! Events (on `watch` and in `--events`) are objects with `event` (its
+//! name: `setup-done`, `round-started`, `progress`, `round-done`,
+//! `throttled`, `switch-over`, `pre-switchover`, `parameter-changed`,
+//! `connection-lost`, `resumed`, `completed`, `failed`, `cancelled`), `time`
+//! (seconds since the Unix epoch) and the event's own fields.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use migrate_core::{MigrationEvent, MigrationHandle};
+use serde_json::{Value, json};
+
+use crate::report;
+
+/// The control socket of one migration; dropping it stops serving and
+/// removes the socket file.
+pub struct ControlSocket {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Serve `handle` on a Unix socket at `path` (a stale socket there is
+/// replaced; any other file is an error).
+pub fn serve(path: &Path, handle: &MigrationHandle) -> Result<ControlSocket> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            bail!("--control {}: exists and is not a socket", path.display());
+        }
+        if UnixStream::connect(path).is_ok() {
+            bail!(
+                "--control {}: another process serves this socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("--control {}: cannot listen", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("--control {}: cannot restrict to its owner", path.display()))?;
+    listener
+        .set_nonblocking(true)
+        .context("control socket: non-blocking accept")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let (stop, handle) = (Arc::clone(&stop), handle.clone());
+        std::thread::Builder::new()
+            .name("control-socket".into())
+            .spawn(move || accept_loop(&listener, &handle, &stop))
+            .context("starting the control socket")?
+    };
+    Ok(ControlSocket {
+        path: path.to_path_buf(),
+        stop,
+        thread: Some(thread),
+    })
+}
+
+fn accept_loop(listener: &UnixListener, handle: &MigrationHandle, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let handle = handle.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("control-client".into())
+                    .spawn(move || {
+                        if let Err(e) = client(stream, &handle) {
+                            tracing::debug!(error = %e, "control client gone");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "control socket: cannot serve a client");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket: accept failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// One client: requests until it closes the connection.
+fn client(stream: UnixStream, handle: &MigrationHandle) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    let mut out = stream.try_clone()?;
+    for line in BufReader::new(stream).lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let request: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                reply(&mut out, &refuse(format!("not JSON: {e}")))?;
+                continue;
+            }
+        };
+        match request["cmd"].as_str() {
+            Some("watch") => {
+                // Subscribe before answering: no event falls in between.
+                let events = handle.subscribe();
+                reply(&mut out, &json!({"ok": true}))?;
+                for event in events {
+                    reply(&mut out, &event_json(&event))?;
+                    if event.is_final() {
+                        break;
+                    }
+                }
+                return Ok(());
+            }
+            _ => reply(&mut out, &execute(&request, handle))?,
+        }
+    }
+    Ok(())
+}
+
+fn reply(out: &mut UnixStream, v: &Value) -> std::io::Result<()> {
+    writeln!(out, "{v}")?;
+    out.flush()
+}
+
+fn refuse(error: String) -> Value {
+    json!({"ok": false, "error": error})
+}
+
+/// Every request but `watch`.
+fn execute(request: &Value, handle: &MigrationHandle) -> Value {
+    match request["cmd"].as_str() {
+        Some("query") => json!({
+            "ok": true,
+            "stats": report::source_json(&handle.stats(), None, None),
+        }),
+        Some("set") => set(request, handle),
+        Some("switchover") => {
+            handle.switchover();
+            json!({"ok": true})
+        }
+        Some("continue") => {
+            handle.continue_switchover();
+            json!({"ok": true})
+        }
+        Some("cancel") => {
+            handle.cancel();
+            json!({"ok": true})
+        }
+        Some(other) => refuse(format!(
+            "unknown command {other:?}: query, set, switchover, continue, cancel, watch"
+        )),
+        None => refuse("a request is an object with a \"cmd\"".into()),
+    }
+}
+
+/// `set`: every named knob is checked before any is applied.
+fn set(request: &Value, handle: &MigrationHandle) -> Value {
+    const KNOBS: [&str; 3] = ["downtime_ms", "bandwidth_mbs", "max_rounds"];
+    let Some(fields) = request.as_object() else {
+        return refuse("a request is an object".into());
+    };
+    let mut values = Vec::new();
+    for (k, v) in fields.iter().filter(|(k, _)| k.as_str() != "cmd") {
+        if !KNOBS.contains(&k.as_str()) {
+            return refuse(format!("unknown parameter {k:?}: {}", KNOBS.join(", ")));
+        }
+        let Some(n) = v.as_u64() else {
+            return refuse(format!("{k} must be a whole number, not {v}"));
+        };
+        if k == "max_rounds" && (n == 0 || n > u32::MAX as u64) {
+            return refuse(format!("max_rounds must be 1..{}", u32::MAX));
+        }
+        if k == "downtime_ms" && n == 0 {
+            return refuse("downtime_ms must be at least 1".into());
+        }
+        values.push((k.as_str(), n));
+    }
+    if values.is_empty() {
+        return refuse(format!("set what? {}", KNOBS.join(", ")));
+    }
+    for (k, n) in values {
+        match k {
+            "downtime_ms" => handle.set_downtime_limit(Duration::from_millis(n)),
+            "bandwidth_mbs" => {
+                handle.set_bandwidth_limit((n > 0).then(|| n.saturating_mul(1_000_000)))
+            }
+            _ => handle.set_max_rounds(n as u32),
+        }
+    }
+    json!({"ok": true})
+}
+
+/// An event as one JSON object (see the module docs).
+pub fn event_json(event: &MigrationEvent) -> Value {
+    let time = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let mut v = json!({"event": event.name(), "time": time});
+    let stats = |s| report::source_json(s, None, None);
+    match event {
+        MigrationEvent::SetupDone { setup_ms } => v["setup_ms"] = json!(setup_ms),
+        MigrationEvent::RoundStarted {
+            round,
+            pages,
+            paused,
+        } => {
+            v["round"] = json!(round);
+            v["pages"] = json!(pages);
+            v["paused"] = json!(paused);
+        }
+        MigrationEvent::Progress(s)
+        | MigrationEvent::RoundDone(s)
+        | MigrationEvent::PreSwitchover(s)
+        | MigrationEvent::Resumed(s)
+        | MigrationEvent::Completed(s)
+        | MigrationEvent::Cancelled(s) => v["stats"] = stats(s),
+        MigrationEvent::Throttled { percent } => v["percent"] = json!(percent),
+        MigrationEvent::SwitchOver {
+            remaining_bytes,
+            reason,
+        } => {
+            v["remaining_bytes"] = json!(remaining_bytes);
+            v["reason"] = json!(reason);
+        }
+        MigrationEvent::ParameterChanged { name, value } => {
+            v["name"] = json!(name);
+            v["value"] = json!(value);
+        }
+        MigrationEvent::ConnectionLost { error } => v["error"] = json!(error),
+        MigrationEvent::Failed { error, stats: s } => {
+            v["error"] = json!(error);
+            v["stats"] = stats(s);
+        }
+        _ => {}
+    }
+    v
+}
+
+/// Write every event to `path` as JSON Lines, from now until the migration
+/// ends (the returned thread ends with it).
+pub fn events_to(path: &Path, handle: &MigrationHandle) -> Result<JoinHandle<()>> {
+    let mut file = std::fs::File::create(path)
+        .with_context(|| format!("--events {}: cannot create", path.display()))?;
+    let events = handle.subscribe();
+    let path = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("events-file".into())
+        .spawn(move || {
+            for event in events {
+                if let Err(e) = writeln!(file, "{}", event_json(&event)).and_then(|()| file.flush())
+                {
+                    eprintln!(
+                        "migrate-cli: warning: --events {}: {e}; no more events written",
+                        path.display()
+                    );
+                    return;
+                }
+                if event.is_final() {
+                    return;
+                }
+            }
+        })
+        .context("starting the events writer")
+}
+
+/// On SIGINT or SIGTERM, cancel the migration cleanly (the source guest
+/// runs on, the destination is told, the report says `cancelled`); a second
+/// signal is only acknowledged.
+pub fn cancel_on_signals(handle: &MigrationHandle) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing the SIGINT/SIGTERM handlers")?;
+    let handle = handle.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut seen = false;
+            for sig in signals.forever() {
+                let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                if seen {
+                    eprintln!("migrate-cli: {name}: already cancelling");
+                    continue;
+                }
+                seen = true;
+                eprintln!("migrate-cli: {name}: cancelling the migration; the guest stays here");
+                handle.cancel();
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
+/// `migrate-cli ctl PATH COMMAND [KEY=VALUE...]`: send one request, print
+/// the response (and, for `watch`, every event until the migration ends).
+/// Exit status 0 when the request was accepted, 1 when it was refused.
+pub fn ctl(path: &Path, command: &str, params: &[String]) -> Result<bool> {
+    let mut request = json!({"cmd": command});
+    for p in params {
+        let Some((k, v)) = p.split_once('=') else {
+            bail!("{p:?}: parameters are KEY=VALUE, e.g. downtime_ms=800");
+        };
+        let n: u64 = v
+            .parse()
+            .with_context(|| format!("{k}: {v:?} is not a whole number"))?;
+        request[k] = json!(n);
+    }
+    let stream = UnixStream::connect(path)
+        .with_context(|| format!("connecting to the control socket {}", path.display()))?;
+    let mut out = stream.try_clone()?;
+    writeln!(out, "{request}")?;
+    out.flush()?;
+    let mut lines = BufReader::new(stream).lines();
+    let first = lines
+        .next()
+        .context("the control socket closed without an answer")??;
+    println!("{first}");
+    let ok = serde_json::from_str::<Value>(&first)
+        .ok()
+        .and_then(|v| v["ok"].as_bool())
+        .unwrap_or(false);
+    if ok && command == "watch" {
+        for line in lines {
+            println!("{}", line?);
+        }
+    }
+    Ok(ok)
+}

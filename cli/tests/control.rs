@@ -1,0 +1,265 @@
+//! Steering a running migration as an operator does: `migrate-cli ctl`
+//! over the source's control socket, the `--events` stream, and SIGINT.
+//! Every migration that completes is verified (destination pages hashed
+//! against the paused source's).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// `migrate-cli ctl SOCKET ARGS...`: its exit status and first response.
+fn ctl(socket: &Path, args: &[&str]) -> (i32, Value) {
+    let o = Command::new(BIN)
+        .arg("ctl")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    let first = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .next()
+        .map(|l| serde_json::from_str(l).unwrap_or(Value::Null))
+        .unwrap_or(Value::Null);
+    (o.status.code().unwrap_or(-1), first)
+}
+
+/// Query the socket until `pred` holds of the live figures (a minute at
+/// most; the socket appears once the source started).
+fn wait_for(socket: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        if socket.exists() {
+            let (code, v) = ctl(socket, &["query"]);
+            if code == 0 && pred(&v["stats"]) {
+                return v["stats"].clone();
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "never {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The events written to `path`, one JSON object per line.
+fn events(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+struct Run {
+    d: Child,
+    s: Child,
+    socket: PathBuf,
+    sj: PathBuf,
+    dj: PathBuf,
+    ev: PathBuf,
+}
+
+/// A source steered through `--control`, with a guest that dirties 32 MiB
+/// as fast as it can against a 20 MB/s cap, with no auto-converge and 1000
+/// rounds allowed: under a 1 ms `downtime_ms` it never converges; `extra`
+/// adds arguments.
+fn steered(tag: &str, downtime_ms: &str, extra: &[&str]) -> Run {
+    let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
+    let (socket, ev) = (tmp(&format!("{tag}.sock")), tmp(&format!("{tag}.events")));
+    let (d, addr) = dest(None, "127.0.0.1:0", &[], &dj);
+    let mut args = vec![
+        "--memory",
+        "32M",
+        "--guest",
+        "dirty",
+        "--dirty-rate",
+        "0",
+        "--pattern",
+        "uniform",
+        "--threads",
+        "1",
+        "--bandwidth-mbs",
+        "20",
+        "--downtime-ms",
+        downtime_ms,
+        "--max-rounds",
+        "1000",
+        "--no-auto-converge",
+        "--verify",
+    ];
+    args.extend_from_slice(extra);
+    let socket_s = socket.display().to_string();
+    let ev_s = ev.display().to_string();
+    args.extend_from_slice(&["--control", &socket_s, "--events", &ev_s]);
+    let s = source(None, &addr, &args, &sj);
+    Run {
+        d,
+        s,
+        socket,
+        sj,
+        dj,
+        ev,
+    }
+}
+
+impl Run {
+    fn finish(self) -> (Output, Output, PathBuf, PathBuf, PathBuf) {
+        let s = self.s.wait_with_output().unwrap();
+        let d = self.d.wait_with_output().unwrap();
+        (s, d, self.sj, self.dj, self.ev)
+    }
+}
+
+/// The switch-over event and its reason.
+fn switch_reason(ev: &[Value]) -> String {
+    ev.iter()
+        .find(|e| e["event"] == "switch-over")
+        .map(|e| e["reason"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn raising_the_downtime_limit_through_the_socket_switches_over() {
+    let run = steered("raise", "1", &[]);
+    // Live figures while it runs, round after round.
+    let first = wait_for(&run.socket, "two rounds", |s| {
+        s["rounds"].as_u64() >= Some(2) && s["status"] == "active"
+    });
+    assert!(
+        first["bytes_transferred"].as_u64().unwrap() >= 32 << 20,
+        "{first}"
+    );
+    assert_eq!(first["transport"], "tcp");
+    let later = wait_for(&run.socket, "a third round", |s| {
+        s["rounds"].as_u64() >= Some(3)
+    });
+    assert!(later["bytes_transferred"].as_u64() > first["bytes_transferred"].as_u64());
+    // Refusals say why, and change nothing.
+    let (code, v) = ctl(&run.socket, &["set", "downtime=5"]);
+    assert_eq!(code, 1, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("unknown parameter"),
+        "{v}"
+    );
+    let (code, v) = ctl(&run.socket, &["frobnicate"]);
+    assert_eq!(code, 1, "{v}");
+    // The operator's remedy for a migration that does not converge.
+    let (code, v) = ctl(&run.socket, &["set", "downtime_ms=60000"]);
+    assert_eq!((code, v["ok"].as_bool()), (0, Some(true)), "{v}");
+    let (s, d, sj, dj, ev) = run.finish();
+    let v = both_migrated(&s, &d, &sj);
+    assert_eq!(json(&dj)["status"], "completed");
+    let ev = events(&ev);
+    assert!(
+        ev.iter().any(|e| e["event"] == "parameter-changed"
+            && e["name"] == "downtime_ms"
+            && e["value"] == 60000),
+        "{ev:?}"
+    );
+    assert_eq!(switch_reason(&ev), "converged", "{v}");
+    assert_eq!(ev.last().unwrap()["event"], "completed");
+}
+
+#[test]
+fn switchover_forces_the_switch_over() {
+    let run = steered("force", "1", &[]);
+    wait_for(&run.socket, "two rounds", |s| {
+        s["rounds"].as_u64() >= Some(2)
+    });
+    let (code, v) = ctl(&run.socket, &["switchover"]);
+    assert_eq!(code, 0, "{v}");
+    let (s, d, sj, _, ev) = run.finish();
+    both_migrated(&s, &d, &sj);
+    assert_eq!(switch_reason(&events(&ev)), "forced");
+}
+
+/// `--pause-before-switchover`: the guest paused, its memory sent, the
+/// migration waits in `pre-switchover`; `continue` completes it.
+#[test]
+fn pause_before_switchover_then_continue_completes() {
+    let run = steered("pause-continue", "60000", &["--pause-before-switchover"]);
+    let at = wait_for(&run.socket, "pre-switchover", |s| {
+        s["status"] == "pre-switchover"
+    });
+    assert!(
+        at["bytes_transferred"].as_u64().unwrap() >= 32 << 20,
+        "{at}"
+    );
+    // It stays there until told.
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, still) = ctl(&run.socket, &["query"]);
+    assert_eq!(still["stats"]["status"], "pre-switchover");
+    let (code, v) = ctl(&run.socket, &["continue"]);
+    assert_eq!(code, 0, "{v}");
+    let (s, d, sj, _, ev) = run.finish();
+    both_migrated(&s, &d, &sj);
+    assert!(events(&ev).iter().any(|e| e["event"] == "pre-switchover"));
+}
+
+/// `--pause-before-switchover` then `cancel`: the source guest runs
+/// again, the report says `cancelled`, the destination discards.
+#[test]
+fn pause_before_switchover_then_cancel_resumes_the_source() {
+    let run = steered("pause-cancel", "60000", &["--pause-before-switchover"]);
+    wait_for(&run.socket, "pre-switchover", |s| {
+        s["status"] == "pre-switchover"
+    });
+    let (code, v) = ctl(&run.socket, &["cancel"]);
+    assert_eq!(code, 0, "{v}");
+    let (s, d, sj, dj, ev) = run.finish();
+    assert_source_runs_again(&s);
+    assert_eq!(json(&sj)["status"], "cancelled");
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+    assert_eq!(json(&dj)["status"], "failed");
+    assert_eq!(events(&ev).last().unwrap()["event"], "cancelled");
+}
+
+/// SIGINT on the source mid-migration: it cancels cleanly (guest runs,
+/// destination told, report `cancelled`, exit 1) instead of dying.
+#[test]
+fn sigint_cancels_the_source_cleanly() {
+    let run = steered("sigint", "1", &[]);
+    wait_for(&run.socket, "a round", |s| s["rounds"].as_u64() >= Some(1));
+    signal(run.s.id(), "-INT");
+    let (s, d, sj, dj, _) = run.finish();
+    assert_source_runs_again(&s);
+    assert!(
+        String::from_utf8_lossy(&s.stderr).contains("SIGINT"),
+        "{}",
+        text(&s)
+    );
+    assert_eq!(json(&sj)["status"], "cancelled");
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+    assert_eq!(json(&dj)["status"], "failed");
+}
+
+/// A lowered bandwidth cap applies at once: the next second moves about
+/// what the new cap allows, not the old.
+#[test]
+fn the_bandwidth_cap_changes_at_once() {
+    let run = steered("cap", "1", &[]);
+    wait_for(&run.socket, "a round", |s| s["rounds"].as_u64() >= Some(1));
+    let (code, v) = ctl(&run.socket, &["set", "bandwidth_mbs=2"]);
+    assert_eq!(code, 0, "{v}");
+    // Let the cap take hold, then measure two seconds of it.
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, a) = ctl(&run.socket, &["query"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, b) = ctl(&run.socket, &["query"]);
+    let moved = b["stats"]["bytes_transferred"].as_u64().unwrap()
+        - a["stats"]["bytes_transferred"].as_u64().unwrap();
+    // 2 MB/s for 2 s is 4 MB; the old cap would have moved 40 MB.
+    assert!(
+        moved < 10_000_000,
+        "{moved} bytes in 2 s under a 2 MB/s cap"
+    );
+    let (code, _) = ctl(&run.socket, &["set", "bandwidth_mbs=0"]);
+    assert_eq!(code, 0);
+    let (code, _) = ctl(&run.socket, &["switchover"]);
+    assert_eq!(code, 0);
+    let (s, d, sj, _, _) = run.finish();
+    both_migrated(&s, &d, &sj);
+}
