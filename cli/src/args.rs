@@ -33,6 +33,15 @@ pub enum Command {
     /// --control PATH`): `query`, `set downtime_ms=800 bandwidth_mbs=100
     /// max_rounds=50`, `switchover`, `continue`, `cancel`, `watch`.
     Ctl(CtlArgs),
+    /// Print shell completions for migrate-cli (e.g. `migrate-cli
+    /// completions bash > /etc/bash_completion.d/migrate-cli`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print migrate-cli's man page (roff; e.g. `migrate-cli man >
+    /// /usr/local/share/man/man1/migrate-cli.1`).
+    Man,
 }
 
 /// `migrate-cli ctl`.

@@ -37,11 +37,24 @@ fn main() {
         args::Command::TlsGen(a) => run::tls_gen(a),
         args::Command::Ctl(a) => control::ctl(&a.socket, &a.command, &a.params).map(|ok| {
             if ok {
-                run::Outcome::Migrated
+                run::Outcome::Done
             } else {
-                run::Outcome::Failed
+                run::Outcome::Refused
             }
         }),
+        args::Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = args::Cli::command();
+            clap_complete::generate(shell, &mut cmd, "migrate-cli", &mut std::io::stdout());
+            Ok(run::Outcome::Done)
+        }
+        args::Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(args::Cli::command())
+                .render(&mut std::io::stdout())
+                .map(|()| run::Outcome::Done)
+                .map_err(anyhow::Error::from)
+        }
     };
     match result {
         Ok(outcome) => std::process::exit(outcome.code()),

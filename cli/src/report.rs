@@ -119,6 +119,10 @@ pub fn source_json(
 ) -> Value {
     let mut v = json!({
         "role": "source",
+        "schema_version": stats.schema_version,
+        // A string: JSON numbers lose precision past 2^53.
+        "migration_id": format!("{:016x}", stats.migration_id),
+        "started_at_unix_ms": stats.started_at_unix_ms,
         "transport": stats.transport,
         "verified": stats.verified,
         "status": stats.status.name(),
@@ -129,6 +133,10 @@ pub fn source_json(
         "bytes_total": stats.bytes_total,
         "bytes_transferred": stats.bytes_transferred,
         "bytes_remaining": stats.bytes_remaining,
+        "bytes_before_pause": stats.bytes_before_pause,
+        "bytes_during_pause": stats.bytes_during_pause,
+        "page_size": stats.page_size,
+        "pages_per_sec": stats.pages_per_sec,
         "throughput_mbps": stats.avg_throughput_mbps,
         "last_round_throughput_mbps": stats.throughput_mbps,
         "first_pass_mbps": stats.first_pass_mbps,
@@ -161,7 +169,9 @@ pub fn destination_json(
         "role": "destination",
         "status": if error.is_none() { "completed" } else { "failed" },
     });
+    v["schema_version"] = json!(migrate_core::STATS_SCHEMA_VERSION);
     if let Some(r) = report {
+        v["migration_id"] = json!(format!("{:016x}", r.migration_id));
         v["transport"] = json!(r.transport);
         v["rounds"] = json!(r.rounds);
         v["bytes_received"] = json!(r.received.wire_bytes);

@@ -31,14 +31,19 @@ pub enum Outcome {
     /// 3: commit sent but not acknowledged; the source guest stays paused
     /// and the operator must find out whether the destination runs it.
     CommitUnknown,
+    /// 0: a command that migrates nothing (`ctl`, `tls-gen`,
+    /// `completions`, `man`) did what it was asked.
+    Done,
+    /// 1: `ctl`: the migration refused the request (the response says why).
+    Refused,
 }
 
 impl Outcome {
     /// The exit status.
     pub fn code(self) -> i32 {
         match self {
-            Outcome::Migrated => 0,
-            Outcome::Failed => 1,
+            Outcome::Migrated | Outcome::Done => 0,
+            Outcome::Failed | Outcome::Refused => 1,
             Outcome::CommitUnknown => 3,
         }
     }
@@ -401,7 +406,7 @@ pub fn tls_gen(a: TlsGenArgs) -> Result<Outcome> {
         a.server_names.join(", "),
         a.client_names.join(", ")
     );
-    Ok(Outcome::Migrated)
+    Ok(Outcome::Done)
 }
 
 /// `migrate-cli demo`.

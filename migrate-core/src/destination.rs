@@ -30,6 +30,9 @@ pub const MAX_DEVICE_STATE: usize = 1 << 30;
 /// What the destination received.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DestinationReport {
+    /// The migration's id: the session the source chose (its
+    /// [`MigrationStats::migration_id`](crate::MigrationStats::migration_id)).
+    pub migration_id: u64,
     /// Transport used.
     pub transport: String,
     /// Rounds received.
@@ -200,6 +203,7 @@ impl IncomingMigration {
             events: Some(events),
             streams: self.streams,
             report: DestinationReport {
+                migration_id: self.session,
                 transport: transport.name().into(),
                 ..Default::default()
             },

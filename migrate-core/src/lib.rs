@@ -142,7 +142,7 @@ pub use destination::{DestinationReport, IncomingMigration};
 pub use dirty::{DirtyTracker, DirtyTracking, TrackerPreference};
 pub use memory::{GuestMemory, GuestRegion};
 pub use source::{MigrationHandle, SourceConfig, SourceMigration, TimeoutPolicy};
-pub use stats::{MigrationEvent, MigrationStats, MigrationStatus};
+pub use stats::{MigrationEvent, MigrationStats, MigrationStatus, STATS_SCHEMA_VERSION};
 pub use transport::{DestinationTransport, SourceTransport};
 pub use vm::{DestinationVm, SourceVm, VmError};
 

@@ -52,6 +52,14 @@ impl MigrationStatus {
 /// Figures of a migration, live or final. Times in milliseconds.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MigrationStats {
+    /// The layout of these figures ([`STATS_SCHEMA_VERSION`]); a consumer
+    /// that stores them can tell which fields to expect.
+    pub schema_version: u32,
+    /// This migration's id: the session both ends share (the same on the
+    /// destination, in its logs and reports).
+    pub migration_id: u64,
+    /// When it started, milliseconds since the Unix epoch.
+    pub started_at_unix_ms: u64,
     /// Where it is.
     pub status: MigrationStatus,
     /// Transport in use (`tcp`, `rdma`).
@@ -73,6 +81,13 @@ pub struct MigrationStats {
     pub bytes_remaining: u64,
     /// Guest memory size.
     pub bytes_total: u64,
+    /// The guest's smallest page size, bytes (the unit of `*_pages`).
+    pub page_size: u64,
+    /// Bytes written to the wire while the guest ran (pre-copy).
+    pub bytes_before_pause: u64,
+    /// Bytes written to the wire while it was paused (the last round(s);
+    /// 0 until the switch-over).
+    pub bytes_during_pause: u64,
     /// Pages sent with their bytes.
     pub normal_pages: u64,
     /// Pages sent as zero markers.
@@ -81,6 +96,9 @@ pub struct MigrationStats {
     pub resent_pages: u64,
     /// Pages dirtied per second, measured over the last round.
     pub dirty_rate_pps: f64,
+    /// Pages sent per second (with their bytes or as zero markers) in the
+    /// last round.
+    pub pages_per_sec: f64,
     /// Wire throughput of the last round, Mbit/s.
     pub throughput_mbps: f64,
     /// Average wire throughput from the first page to the commit, Mbit/s.
@@ -100,6 +118,10 @@ pub struct MigrationStats {
     /// Times the migration went on over a new connection after losing one.
     pub reconnects: u32,
 }
+
+/// The layout version of [`MigrationStats`] (and of `migrate-cli`'s JSON
+/// reports built from it): raised when a field changes meaning or goes.
+pub const STATS_SCHEMA_VERSION: u32 = 1;
 
 /// What happens during a migration, in order.
 #[derive(Debug, Clone, PartialEq)]

@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use crate::dirty::DirtyTracker;
 use crate::memory::GuestMemory;
-use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus, Monitor};
+use crate::stats::{
+    MigrationEvent, MigrationStats, MigrationStatus, Monitor, STATS_SCHEMA_VERSION,
+};
 use crate::transport::{RateLimiter, SourceTransport, TransportError};
 use crate::vm::SourceVm;
 use crate::{CancelToken, MigrationError};
@@ -280,10 +282,20 @@ impl SourceMigration {
     ) -> Result<MigrationStats, MigrationError> {
         let start = Instant::now();
         self.monitor.update(|s| {
+            s.schema_version = STATS_SCHEMA_VERSION;
+            s.started_at_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
             s.status = MigrationStatus::Setup;
             s.transport = transport.name().into();
             s.tracker = tracker.kind().name().into();
             s.bytes_total = mem.total_bytes();
+            s.page_size = mem
+                .regions()
+                .iter()
+                .map(|r| r.page_size().bytes() as u64)
+                .min()
+                .unwrap_or(4096);
         });
         let mut run = Precopy {
             cfg: &self.config,

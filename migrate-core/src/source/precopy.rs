@@ -34,6 +34,8 @@ const ZERO_RANGES_PER_FRAME: usize = 256 * 1024;
 struct RoundDone {
     /// How long from the first page to the ack, seconds.
     secs: f64,
+    /// Pages sent per second in it (with bytes or as zero markers).
+    pages_per_sec: f64,
     /// The link's rate, measured at the ack.
     rate: LinkRate,
     /// Pages the destination found torn: they go again.
@@ -84,6 +86,7 @@ impl Precopy<'_> {
         transport: &mut dyn SourceTransport,
     ) -> Result<MigrationStats, MigrationError> {
         let (session, features) = self.handshake(transport)?;
+        self.monitor.update(|s| s.migration_id = session);
         // (kept for a resume after a lost connection)
         let mut sender = self.open_data(transport, session, features)?;
         let limiter = &self.steer.limiter;
@@ -307,6 +310,7 @@ impl Precopy<'_> {
         }
         Ok(RoundDone {
             secs,
+            pages_per_sec: (sent.normal_pages + sent.zero_pages) as f64 / secs,
             rate,
             resend,
             resend_pages,
@@ -337,9 +341,11 @@ impl Precopy<'_> {
         self.monitor.update(|s| {
             s.rounds = totals.rounds;
             s.bytes_transferred = totals.sent.wire_bytes;
+            s.bytes_during_pause = totals.sent.wire_bytes.saturating_sub(s.bytes_before_pause);
             s.normal_pages = totals.sent.normal_pages;
             s.zero_pages = totals.sent.zero_pages;
             s.resent_pages += done.resend_pages;
+            s.pages_per_sec = done.pages_per_sec;
         });
         if done.resend_pages == 0 {
             return Ok(None);
@@ -382,6 +388,8 @@ impl Precopy<'_> {
             s.resent_pages += done.resend_pages;
             s.bytes_remaining = remaining;
             s.dirty_rate_pps = dirty_rate;
+            s.pages_per_sec = done.pages_per_sec;
+            s.bytes_before_pause = totals.sent.wire_bytes;
             s.throughput_mbps = rate.round_mbps;
             s.avg_throughput_mbps = rate.average_mbps;
             if rounds == 1 {

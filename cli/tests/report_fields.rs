@@ -1,0 +1,109 @@
+//! The README's table of report fields and the reports `--json` writes
+//! stay in step: every field a report holds is in the table for its side,
+//! and every field the table promises unconditionally is in the report.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use serde_json::Value;
+
+/// The table between the `report-fields` markers: (field, side, whether
+/// it is written only sometimes).
+fn readme_fields() -> Vec<(String, String, bool)> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme.find("<!-- report-fields -->").expect("start marker");
+    let end = readme.find("<!-- /report-fields -->").expect("end marker");
+    readme[start..end]
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let field = cells[1].trim_matches('`').to_string();
+            let conditional = cells[3].starts_with("when ");
+            (field, cells[2].to_string(), conditional)
+        })
+        .collect()
+}
+
+/// A report's keys, `resources` flattened one level (`resources.cpu_ms`).
+fn keys(v: &Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (k, val) in v.as_object().unwrap() {
+        match (k.as_str(), val) {
+            ("resources", Value::Object(inner)) => {
+                out.extend(inner.keys().map(|i| format!("resources.{i}")));
+            }
+            _ => {
+                out.insert(k.clone());
+            }
+        }
+    }
+    out
+}
+
+fn check(side: &str, report: &Value, table: &[(String, String, bool)]) {
+    let here: Vec<&(String, String, bool)> = table
+        .iter()
+        .filter(|(_, s, _)| s == side || s == "both")
+        .collect();
+    let listed: BTreeSet<&str> = here.iter().map(|(f, _, _)| f.as_str()).collect();
+    let written = keys(report);
+    for k in &written {
+        assert!(
+            listed.contains(k.as_str()),
+            "the {side} report writes `{k}`, which the README's table does not list"
+        );
+    }
+    for (f, _, conditional) in here {
+        assert!(
+            *conditional || written.contains(f),
+            "the README promises `{f}` in every {side} report; this one lacks it: {report}"
+        );
+    }
+}
+
+#[test]
+fn the_readme_lists_every_report_field() {
+    let table = readme_fields();
+    assert!(table.len() > 30, "{table:?}");
+    let (sj, dj) = (tmp("fields-s.json"), tmp("fields-d.json"));
+    let (d, addr) = dest(None, "127.0.0.1:0", &[], &dj);
+    let s = source(
+        None,
+        &addr,
+        &["--memory", "8M", "--guest", "bank", "--verify"],
+        &sj,
+    )
+    .wait_with_output()
+    .unwrap();
+    let d = d.wait_with_output().unwrap();
+    let sv = both_migrated(&s, &d, &sj);
+    let dv = json(&dj);
+    check("source", &sv, &table);
+    check("destination", &dv, &table);
+    // Both sides name the same migration.
+    assert_eq!(sv["migration_id"], dv["migration_id"]);
+    assert_eq!(sv["schema_version"], 1);
+}
+
+/// Completions and the man page come from the parser's own definitions:
+/// they name today's options.
+#[test]
+fn completions_and_man_page_name_the_options() {
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(BIN).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    for shell in ["bash", "zsh", "fish"] {
+        let c = run(&["completions", shell]);
+        assert!(c.contains("pause-before-switchover"), "{shell}");
+        assert!(c.contains("ctl"), "{shell}");
+    }
+    let man = run(&["man"]);
+    assert!(man.starts_with(".ie") || man.contains(".TH"), "{man}");
+    assert!(man.contains("migrate\\-cli"), "{man}");
+}
