@@ -36,6 +36,12 @@ migrate() { # label transport src_ns dst_ns listen_ip size guest-args...
   echo "ok $label: $(json_get "$tmp/$label-s.json" "['total_ms']") ms total, $(json_get "$tmp/$label-s.json" "['downtime_ms']") ms downtime, $(json_get "$tmp/$label-s.json" "['throughput_mbps']") Mbit/s, $(json_get "$tmp/$label-s.json" "['rounds']") rounds"
 }
 
+# `check` judges this host fit for RDMA, and names the device it would use.
+if "$bin" check --transport rdma --memory 32M > "$tmp/check.out" 2>&1 && grep -q "would use rxe" "$tmp/check.out"; then
+  echo "ok check: $(grep -o 'would use [^;]*' "$tmp/check.out")"
+else
+  echo "FAIL check: the SoftRoCE VM was not judged fit for RDMA"; cat "$tmp/check.out"; fail=1
+fi
 migrate rdma-lo rdma "" "" 127.0.0.1 32M --guest dirty --dirty-rate 2000 --verify
 # Between the two hosts, authenticated: mutual TLS for RDMA (the rkeys
 # travel over it), a pre-shared key for TCP.

@@ -33,6 +33,11 @@ pub enum Command {
     /// --control PATH`): `query`, `set downtime_ms=800 bandwidth_mbs=100
     /// max_rounds=50`, `switchover`, `continue`, `cancel`, `watch`.
     Ctl(CtlArgs),
+    /// Diagnose this host: kernel, dirty trackers (tried on real memory),
+    /// KVM, huge pages, RLIMIT_MEMLOCK against a guest size, RDMA devices,
+    /// ports, GIDs and the one a migration would choose; exit 1 when the
+    /// asked transport cannot work here, with the fix.
+    Check(CheckArgs),
     /// Print shell completions for migrate-cli (e.g. `migrate-cli
     /// completions bash > /etc/bash_completion.d/migrate-cli`).
     Completions {
@@ -42,6 +47,20 @@ pub enum Command {
     /// Print migrate-cli's man page (roff; e.g. `migrate-cli man >
     /// /usr/local/share/man/man1/migrate-cli.1`).
     Man,
+}
+
+/// `migrate-cli check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// The transport to judge the host by (`auto`: either).
+    #[arg(long, value_enum, default_value_t = TransportChoice::Tcp)]
+    pub transport: TransportChoice,
+    /// A guest size to check RLIMIT_MEMLOCK against (RDMA pins the guest).
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Also write the findings as one JSON object here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// `migrate-cli ctl`.

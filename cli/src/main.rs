@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 mod args;
+mod check;
 mod control;
 mod guest;
 mod memory;
@@ -36,6 +37,13 @@ fn main() {
         args::Command::Demo(a) => run::demo(a),
         args::Command::TlsGen(a) => run::tls_gen(a),
         args::Command::Ctl(a) => control::ctl(&a.socket, &a.command, &a.params).map(|ok| {
+            if ok {
+                run::Outcome::Done
+            } else {
+                run::Outcome::Refused
+            }
+        }),
+        args::Command::Check(a) => check::check(&a).map(|ok| {
             if ok {
                 run::Outcome::Done
             } else {

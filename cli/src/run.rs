@@ -34,7 +34,8 @@ pub enum Outcome {
     /// 0: a command that migrates nothing (`ctl`, `tls-gen`,
     /// `completions`, `man`) did what it was asked.
     Done,
-    /// 1: `ctl`: the migration refused the request (the response says why).
+    /// 1: `ctl`: the migration refused the request (the response says
+    /// why); `check`: the asked transport cannot work on this host.
     Refused,
 }
 

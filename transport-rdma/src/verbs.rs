@@ -125,6 +125,17 @@ pub fn device_names() -> Vec<String> {
 }
 
 impl Device {
+    /// The port's active MTU, bytes (what one RoCE packet carries).
+    pub fn active_mtu(&self) -> u32 {
+        match self.mtu {
+            Mtu::Mtu256 => 256,
+            Mtu::Mtu512 => 512,
+            Mtu::Mtu1024 => 1024,
+            Mtu::Mtu2048 => 2048,
+            Mtu::Mtu4096 => 4096,
+        }
+    }
+
     /// Open `name` (or the first device) and pick a GID: `gid_index` if
     /// given, else the IPv4-mapped GID of `local_ip` (on RoCE, the address of
     /// the interface that carries the control connection), else the first

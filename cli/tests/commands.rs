@@ -1,6 +1,8 @@
-//! The README's table of report fields and the reports `--json` writes
-//! stay in step: every field a report holds is in the table for its side,
-//! and every field the table promises unconditionally is in the report.
+//! The commands around a migration, as an operator meets them: the
+//! README's table of report fields stays in step with the reports `--json`
+//! writes (every field a report holds is in the table for its side, every
+//! field the table promises unconditionally is in the report), shell
+//! completions and the man page, and `check`.
 
 mod common;
 
@@ -106,4 +108,47 @@ fn completions_and_man_page_name_the_options() {
     let man = run(&["man"]);
     assert!(man.starts_with(".ie") || man.contains(".TH"), "{man}");
     assert!(man.contains("migrate\\-cli"), "{man}");
+}
+
+/// `check` reports this host: the trackers it tries on real memory work
+/// here (the other tests migrate with them), and RDMA is judged by what
+/// sysfs shows: no device, no RDMA (exit 1, with the fix).
+#[test]
+fn check_reports_this_host() {
+    let out = tmp("check.json");
+    let o = std::process::Command::new(BIN)
+        .args(["check", "--memory", "64M", "--json"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v = json(&out);
+    let verdict = |name: &str| {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name)
+            .map(|i| i["verdict"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(verdict("uffd-async"), "ok", "{v}");
+    assert_eq!(verdict("memlock"), "ok", "{v}");
+    let has_rdma = std::fs::read_dir("/sys/class/infiniband")
+        .map(|d| d.count() > 0)
+        .unwrap_or(false);
+    let o = std::process::Command::new(BIN)
+        .args(["check", "--transport", "rdma"])
+        .output()
+        .unwrap();
+    if has_rdma {
+        println!("RDMA devices here: {}", text(&o));
+    } else {
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            out.contains("FAIL rdma devices") && out.contains("fix:"),
+            "{out}"
+        );
+    }
 }
