@@ -84,10 +84,6 @@ pub struct SteeringArgs {
     /// Write every event as JSON Lines here while migrating.
     #[arg(long)]
     pub events: Option<PathBuf>,
-    /// Once the guest is paused and its memory sent, wait for `ctl PATH
-    /// continue` (or `cancel`) before the device state and the commit.
-    #[arg(long, requires = "control")]
-    pub pause_before_switchover: bool,
 }
 
 /// `migrate-cli tls-gen`.
@@ -296,6 +292,10 @@ pub struct SourceArgs {
     pub migration: MigrationArgs,
     #[command(flatten)]
     pub steering: SteeringArgs,
+    /// Once the guest is paused and its memory sent, wait for `ctl PATH
+    /// continue` (or `cancel`) before the device state and the commit.
+    #[arg(long, requires = "control")]
+    pub pause_before_switchover: bool,
     /// Write the final statistics as one JSON object here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -330,6 +330,10 @@ pub struct DestArgs {
     /// before anything is allocated.
     #[arg(long, value_parser = parse_size)]
     pub max_memory: Option<u64>,
+    /// The control socket (`query`, `cancel`, `watch`) and the event
+    /// stream, once a source has begun.
+    #[command(flatten)]
+    pub steering: SteeringArgs,
     /// Write the destination's report as one JSON object here.
     #[arg(long)]
     pub json: Option<PathBuf>,

@@ -18,6 +18,10 @@
 //! | `{"cmd": "cancel"}` | cancel: the source guest runs on, the destination discards | `{"ok": true}` |
 //! | `{"cmd": "watch"}` | – | `{"ok": true}`, then one line per event until the migration ends |
 //!
+//! The destination's socket (`dest --control`, once a source has begun)
+//! answers `query` (its report's fields, live), `cancel` and `watch`, and
+//! refuses what only the source can do.
+//!
 //! Events (on `watch` and in `--events`) are objects with `event` (its
 //! name: `setup-done`, `round-started`, `progress`, `round-done`,
 //! `throttled`, `switch-over`, `pre-switchover`, `parameter-changed`,
@@ -34,7 +38,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use migrate_core::{MigrationEvent, MigrationHandle};
+use migrate_core::{IncomingEvent, IncomingHandle, MigrationEvent, MigrationHandle};
 use serde_json::{Value, json};
 
 use crate::report;
@@ -57,9 +61,93 @@ impl Drop for ControlSocket {
     }
 }
 
+/// What the control socket and the event stream steer and watch: the
+/// source's [`MigrationHandle`] or the destination's [`IncomingHandle`].
+pub trait Steer: Clone + Send + 'static {
+    /// `query`'s `stats` object: the `--json` report's fields, live.
+    fn query(&self) -> Value;
+    /// `set`, `switchover`, `continue`: the response.
+    fn command(&self, request: &Value) -> Value;
+    /// `cancel`.
+    fn cancel(&self);
+    /// Events from now on, as JSON, each with whether it is the last.
+    fn events(&self) -> Box<dyn Iterator<Item = (Value, bool)> + Send>;
+}
+
+impl Steer for MigrationHandle {
+    fn query(&self) -> Value {
+        report::source_json(&self.stats(), None, None)
+    }
+
+    fn command(&self, request: &Value) -> Value {
+        match request["cmd"].as_str() {
+            Some("set") => set(request, self),
+            Some("switchover") => {
+                self.switchover();
+                json!({"ok": true})
+            }
+            Some("continue") => {
+                self.continue_switchover();
+                json!({"ok": true})
+            }
+            other => unknown(other),
+        }
+    }
+
+    fn cancel(&self) {
+        MigrationHandle::cancel(self);
+    }
+
+    fn events(&self) -> Box<dyn Iterator<Item = (Value, bool)> + Send> {
+        Box::new(
+            self.subscribe()
+                .into_iter()
+                .map(|e| (event_json(&e), e.is_final())),
+        )
+    }
+}
+
+impl Steer for IncomingHandle {
+    fn query(&self) -> Value {
+        let mut v = report::destination_json(Some(&self.stats()), None, None);
+        v["status"] = json!("active");
+        v
+    }
+
+    fn command(&self, request: &Value) -> Value {
+        match request["cmd"].as_str() {
+            Some(c @ ("set" | "switchover" | "continue")) => refuse(format!(
+                "{c:?} steers the source: ask its control socket; the destination answers query, cancel and watch"
+            )),
+            other => unknown(other),
+        }
+    }
+
+    fn cancel(&self) {
+        IncomingHandle::cancel(self);
+    }
+
+    fn events(&self) -> Box<dyn Iterator<Item = (Value, bool)> + Send> {
+        Box::new(
+            self.subscribe()
+                .into_iter()
+                .map(|e| (incoming_event_json(&e), e.is_final())),
+        )
+    }
+}
+
+fn unknown(cmd: Option<&str>) -> Value {
+    match cmd {
+        Some(other) => refuse(format!(
+            "unknown command {other:?}: query, set, switchover, continue, cancel, watch"
+        )),
+        None => refuse("a request is an object with a \"cmd\"".into()),
+    }
+}
+
 /// Serve `handle` on a Unix socket at `path` (a stale socket there is
 /// replaced; any other file is an error).
-pub fn serve(path: &Path, handle: &MigrationHandle) -> Result<ControlSocket> {
+pub fn serve<H: Steer>(path: &Path, handle: &H) -> Result<ControlSocket> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
@@ -96,7 +184,7 @@ pub fn serve(path: &Path, handle: &MigrationHandle) -> Result<ControlSocket> {
     })
 }
 
-fn accept_loop(listener: &UnixListener, handle: &MigrationHandle, stop: &AtomicBool) {
+fn accept_loop<H: Steer>(listener: &UnixListener, handle: &H, stop: &AtomicBool) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -124,7 +212,7 @@ fn accept_loop(listener: &UnixListener, handle: &MigrationHandle, stop: &AtomicB
 }
 
 /// One client: requests until it closes the connection.
-fn client(stream: UnixStream, handle: &MigrationHandle) -> std::io::Result<()> {
+fn client<H: Steer>(stream: UnixStream, handle: &H) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     let mut out = stream.try_clone()?;
     for line in BufReader::new(stream).lines() {
@@ -142,11 +230,11 @@ fn client(stream: UnixStream, handle: &MigrationHandle) -> std::io::Result<()> {
         match request["cmd"].as_str() {
             Some("watch") => {
                 // Subscribe before answering: no event falls in between.
-                let events = handle.subscribe();
+                let events = handle.events();
                 reply(&mut out, &json!({"ok": true}))?;
-                for event in events {
-                    reply(&mut out, &event_json(&event))?;
-                    if event.is_final() {
+                for (event, last) in events {
+                    reply(&mut out, &event)?;
+                    if last {
                         break;
                     }
                 }
@@ -168,29 +256,14 @@ fn refuse(error: String) -> Value {
 }
 
 /// Every request but `watch`.
-fn execute(request: &Value, handle: &MigrationHandle) -> Value {
+fn execute<H: Steer>(request: &Value, handle: &H) -> Value {
     match request["cmd"].as_str() {
-        Some("query") => json!({
-            "ok": true,
-            "stats": report::source_json(&handle.stats(), None, None),
-        }),
-        Some("set") => set(request, handle),
-        Some("switchover") => {
-            handle.switchover();
-            json!({"ok": true})
-        }
-        Some("continue") => {
-            handle.continue_switchover();
-            json!({"ok": true})
-        }
+        Some("query") => json!({"ok": true, "stats": handle.query()}),
         Some("cancel") => {
             handle.cancel();
             json!({"ok": true})
         }
-        Some(other) => refuse(format!(
-            "unknown command {other:?}: query, set, switchover, continue, cancel, watch"
-        )),
-        None => refuse("a request is an object with a \"cmd\"".into()),
+        _ => handle.command(request),
     }
 }
 
@@ -277,26 +350,54 @@ pub fn event_json(event: &MigrationEvent) -> Value {
     v
 }
 
+/// A destination's event as one JSON object (`round-received`,
+/// `connection-lost`, `resumed`, `committed`, `failed`, `cancelled`).
+pub fn incoming_event_json(event: &IncomingEvent) -> Value {
+    let time = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let mut v = json!({"event": event.name(), "time": time});
+    let stats = |r| report::destination_json(Some(r), None, None);
+    match event {
+        IncomingEvent::RoundReceived {
+            round,
+            last,
+            report: r,
+        } => {
+            v["round"] = json!(round);
+            v["last"] = json!(last);
+            v["stats"] = stats(r);
+        }
+        IncomingEvent::ConnectionLost { error } => v["error"] = json!(error),
+        IncomingEvent::Committed(r) | IncomingEvent::Cancelled(r) => v["stats"] = stats(r),
+        IncomingEvent::Failed { error, report: r } => {
+            v["error"] = json!(error);
+            v["stats"] = stats(r);
+        }
+        _ => {}
+    }
+    v
+}
+
 /// Write every event to `path` as JSON Lines, from now until the migration
 /// ends (the returned thread ends with it).
-pub fn events_to(path: &Path, handle: &MigrationHandle) -> Result<JoinHandle<()>> {
+pub fn events_to<H: Steer>(path: &Path, handle: &H) -> Result<JoinHandle<()>> {
     let mut file = std::fs::File::create(path)
         .with_context(|| format!("--events {}: cannot create", path.display()))?;
-    let events = handle.subscribe();
+    let events = handle.events();
     let path = path.to_path_buf();
     std::thread::Builder::new()
         .name("events-file".into())
         .spawn(move || {
-            for event in events {
-                if let Err(e) = writeln!(file, "{}", event_json(&event)).and_then(|()| file.flush())
-                {
+            for (event, last) in events {
+                if let Err(e) = writeln!(file, "{event}").and_then(|()| file.flush()) {
                     eprintln!(
                         "migrate-cli: warning: --events {}: {e}; no more events written",
                         path.display()
                     );
                     return;
                 }
-                if event.is_final() {
+                if last {
                     return;
                 }
             }
@@ -304,14 +405,20 @@ pub fn events_to(path: &Path, handle: &MigrationHandle) -> Result<JoinHandle<()>
         .context("starting the events writer")
 }
 
-/// On SIGINT or SIGTERM, cancel the migration cleanly (the source guest
-/// runs on, the destination is told, the report says `cancelled`); a second
-/// signal is only acknowledged.
-pub fn cancel_on_signals(handle: &MigrationHandle) -> Result<()> {
+/// Where the signal thread finds the migration to cancel: empty while a
+/// destination still waits for its source.
+pub type Slot<H> = Arc<std::sync::Mutex<Option<H>>>;
+
+/// On SIGINT or SIGTERM, cancel the migration in `slot` cleanly (a source's
+/// guest runs on and the destination is told; a destination tells the
+/// source and resumes nothing; the report says `cancelled`, exit 1). With
+/// nothing in the slot yet (a destination waiting for a source), exit 1 at
+/// once: there is nothing to clean up. A second signal is only
+/// acknowledged.
+pub fn cancel_on_signals<H: Steer>(slot: Slot<H>) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .context("installing the SIGINT/SIGTERM handlers")?;
-    let handle = handle.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -323,8 +430,17 @@ pub fn cancel_on_signals(handle: &MigrationHandle) -> Result<()> {
                     continue;
                 }
                 seen = true;
-                eprintln!("migrate-cli: {name}: cancelling the migration; the guest stays here");
-                handle.cancel();
+                let handle = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                match handle {
+                    Some(h) => {
+                        eprintln!("migrate-cli: {name}: cancelling the migration");
+                        h.cancel();
+                    }
+                    None => {
+                        eprintln!("migrate-cli: {name}: no migration had begun; exiting");
+                        std::process::exit(1);
+                    }
+                }
             }
         })
         .context("starting the signal thread")?;

@@ -126,7 +126,7 @@ pub fn source(a: SourceArgs, baseline_rss: u64) -> Result<Outcome> {
         a.json.as_deref(),
         a.progress,
         Some(baseline_rss),
-        Some(&a.steering),
+        Some((&a.steering, a.pause_before_switchover)),
     )
 }
 
@@ -141,14 +141,15 @@ fn migrate_out(
     json: Option<&std::path::Path>,
     progress: crate::args::ProgressChoice,
     baseline_rss: Option<u64>,
-    steering: Option<&SteeringArgs>,
+    steering: Option<(&SteeringArgs, bool)>,
 ) -> Result<Outcome> {
     let mut config = source_config(m, t);
-    config.pause_before_switchover = steering.is_some_and(|s| s.pause_before_switchover);
+    config.pause_before_switchover = steering.is_some_and(|(_, pause)| pause);
     let migration = SourceMigration::new(config);
     let handle = migration.handle();
     // The ways to steer it exist before anything connects: a socket that
     // cannot be served is a setup error, with nothing sent.
+    let steering = steering.map(|(s, _)| s);
     let _control = steering
         .and_then(|s| s.control.as_deref())
         .map(|p| control::serve(p, &handle))
@@ -157,7 +158,7 @@ fn migrate_out(
         .and_then(|s| s.events.as_deref())
         .map(|p| control::events_to(p, &handle))
         .transpose()?;
-    control::cancel_on_signals(&handle)?;
+    control::cancel_on_signals(Arc::new(std::sync::Mutex::new(Some(handle.clone()))))?;
     guest::fill(&mem, g)?;
     let cpu_start = resources::CpuSample::now();
     // Connect first: RDMA registers (pins) the memory, which must happen
@@ -275,7 +276,14 @@ pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
         reconnect: reconnect(&a.transport),
         authentication: security::kind(&a.transport),
     };
-    receive(&listener, own, a.json.as_deref(), &opts, Some(baseline_rss))
+    receive(
+        &listener,
+        own,
+        a.json.as_deref(),
+        &opts,
+        Some(baseline_rss),
+        &a.steering,
+    )
 }
 
 /// How the destination receives.
@@ -298,7 +306,11 @@ fn receive(
     json: Option<&std::path::Path>,
     opts: &Receiving,
     baseline_rss: Option<u64>,
+    steering: &SteeringArgs,
 ) -> Result<Outcome> {
+    // A signal before a source began ends the wait; after, it cancels.
+    let slot: control::Slot<migrate_core::IncomingHandle> = Arc::default();
+    control::cancel_on_signals(Arc::clone(&slot))?;
     let mut t = loop {
         match listener.accept() {
             Ok(t) => break t,
@@ -315,12 +327,29 @@ fn receive(
     };
     let cpu_start = resources::CpuSample::now();
     let mut guest_mem = None;
+    let mut handle = None;
+    let mut steered = (None, None);
     let outcome = (|| -> Result<(migrate_core::DestinationReport, Option<Result<String, String>>)> {
         let t = t.as_dyn();
         let mut incoming = IncomingMigration::accept(t)?;
         if let Some(grace) = opts.reconnect {
             incoming = incoming.resume_within(grace);
         }
+        let h = incoming.handle();
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(h.clone());
+        steered = (
+            steering
+                .control
+                .as_deref()
+                .map(|p| control::serve(p, &h))
+                .transpose()?,
+            steering
+                .events
+                .as_deref()
+                .map(|p| control::events_to(p, &h))
+                .transpose()?,
+        );
+        handle = Some(h);
         let mem = match own {
             Some(m) => m,
             None => match memory::adopt(incoming.layout(), opts.max_memory).and_then(|m| {
@@ -376,16 +405,33 @@ fn receive(
             )
         }
         Err(e) => {
-            eprintln!(
-                "incoming migration failed: {}; received memory discarded",
-                report::error_text(e)
+            let cancelled = matches!(
+                e.downcast_ref::<migrate_core::MigrationError>(),
+                Some(migrate_core::MigrationError::Cancelled)
             );
-            (
-                false,
-                report::destination_json(None, None, Some(&report::error_text(e))),
-            )
+            if cancelled {
+                eprintln!("incoming migration cancelled; received memory discarded");
+            } else {
+                eprintln!(
+                    "incoming migration failed: {}; received memory discarded",
+                    report::error_text(e)
+                );
+            }
+            let so_far = handle.as_ref().map(|h| h.stats());
+            let mut v =
+                report::destination_json(so_far.as_ref(), None, Some(&report::error_text(e)));
+            if cancelled {
+                v["status"] = serde_json::json!("cancelled");
+            }
+            (false, v)
         }
     };
+    // The last event is out: the event stream ends, the socket goes.
+    let (control_socket, events) = steered;
+    if let Some(t) = events {
+        let _ = t.join();
+    }
+    drop(control_socket);
     if let Some(path) = json {
         let mut v = v;
         v["authentication"] = serde_json::json!(opts.authentication);
@@ -444,7 +490,11 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
             reconnect: None,
             authentication: "none",
         };
-        receive(&listener, None, None, &opts, None)
+        let quiet = SteeringArgs {
+            control: None,
+            events: None,
+        };
+        receive(&listener, None, None, &opts, None, &quiet)
     });
     let mut m = a.migration.clone();
     m.verify = true;

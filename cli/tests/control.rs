@@ -60,6 +60,9 @@ struct Run {
     sj: PathBuf,
     dj: PathBuf,
     ev: PathBuf,
+    /// The destination's control socket and events.
+    dsocket: PathBuf,
+    dev: PathBuf,
 }
 
 /// A source steered through `--control`, with a guest that dirties 32 MiB
@@ -69,7 +72,17 @@ struct Run {
 fn steered(tag: &str, downtime_ms: &str, extra: &[&str]) -> Run {
     let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
     let (socket, ev) = (tmp(&format!("{tag}.sock")), tmp(&format!("{tag}.events")));
-    let (d, addr) = dest(None, "127.0.0.1:0", &[], &dj);
+    let (dsocket, dev) = (
+        tmp(&format!("{tag}-d.sock")),
+        tmp(&format!("{tag}-d.events")),
+    );
+    let (dsock_s, dev_s) = (dsocket.display().to_string(), dev.display().to_string());
+    let (d, addr) = dest(
+        None,
+        "127.0.0.1:0",
+        &["--control", &dsock_s, "--events", &dev_s],
+        &dj,
+    );
     let mut args = vec![
         "--memory",
         "32M",
@@ -102,10 +115,14 @@ fn steered(tag: &str, downtime_ms: &str, extra: &[&str]) -> Run {
         sj,
         dj,
         ev,
+        dsocket,
+        dev,
     }
 }
 
 impl Run {
+    /// Both outputs, then the source's report, the destination's and the
+    /// source's events (the destination's stay at `self.dev`).
     fn finish(self) -> (Output, Output, PathBuf, PathBuf, PathBuf) {
         let s = self.s.wait_with_output().unwrap();
         let d = self.d.wait_with_output().unwrap();
@@ -124,6 +141,7 @@ fn switch_reason(ev: &[Value]) -> String {
 #[test]
 fn raising_the_downtime_limit_through_the_socket_switches_over() {
     let run = steered("raise", "1", &[]);
+    let dev = run.dev.clone();
     // Live figures while it runs, round after round.
     let first = wait_for(&run.socket, "two rounds", |s| {
         s["rounds"].as_u64() >= Some(2) && s["status"] == "active"
@@ -161,6 +179,66 @@ fn raising_the_downtime_limit_through_the_socket_switches_over() {
     );
     assert_eq!(switch_reason(&ev), "converged", "{v}");
     assert_eq!(ev.last().unwrap()["event"], "completed");
+    // The destination's own stream: every round it received, then the commit.
+    let dev = events(&dev);
+    assert!(
+        dev.iter()
+            .filter(|e| e["event"] == "round-received")
+            .count()
+            >= 3,
+        "{dev:?}"
+    );
+    assert_eq!(dev.last().unwrap()["event"], "committed");
+}
+
+/// The destination's socket: live figures, a refusal for what only the
+/// source can do, and `cancel`, which tells the source (its guest runs on)
+/// and resumes nothing here.
+#[test]
+fn the_destination_answers_query_and_cancel() {
+    let run = steered("dest-cancel", "1", &[]);
+    let live = wait_for(&run.dsocket, "two rounds received", |s| {
+        s["rounds"].as_u64() >= Some(2)
+    });
+    assert!(
+        live["bytes_received"].as_u64().unwrap() >= 32 << 20,
+        "{live}"
+    );
+    assert_eq!(
+        live["migration_id"].as_str().map(str::len),
+        Some(16),
+        "{live}"
+    );
+    let (code, v) = ctl(&run.dsocket, &["set", "downtime_ms=5"]);
+    assert_eq!(code, 1, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("steers the source"),
+        "{v}"
+    );
+    let (code, v) = ctl(&run.dsocket, &["cancel"]);
+    assert_eq!(code, 0, "{v}");
+    let dev = run.dev.clone();
+    let (s, d, sj, dj, _) = run.finish();
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+    assert_eq!(json(&dj)["status"], "cancelled");
+    assert_source_runs_again(&s);
+    assert!(json(&sj)["error"].as_str().unwrap().contains("cancelled"));
+    assert_eq!(events(&dev).last().unwrap()["event"], "cancelled");
+}
+
+/// SIGINT on the destination mid-migration: it cancels cleanly (tells the
+/// source, reports `cancelled`, exit 1) instead of dying.
+#[test]
+fn sigint_cancels_the_destination_cleanly() {
+    let run = steered("dest-sigint", "1", &[]);
+    wait_for(&run.dsocket, "a round received", |s| {
+        s["rounds"].as_u64() >= Some(1)
+    });
+    signal(run.d.id(), "-INT");
+    let (s, d, _, dj, _) = run.finish();
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+    assert_eq!(json(&dj)["status"], "cancelled");
+    assert_source_runs_again(&s);
 }
 
 #[test]

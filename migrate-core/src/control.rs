@@ -20,6 +20,31 @@ pub(crate) fn recv(ctl: &mut dyn ControlChannel) -> Result<Message, MigrationErr
     }
 }
 
+/// As [`recv`], waiting in slices of at most 100 ms and failing with
+/// [`MigrationError::Cancelled`] once `cancel` is set.
+///
+/// # Errors
+/// As [`recv`], or [`MigrationError::Cancelled`].
+pub(crate) fn recv_unless(
+    ctl: &mut dyn ControlChannel,
+    cancel: &crate::CancelToken,
+) -> Result<Message, MigrationError> {
+    loop {
+        if cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        let m = match ctl.recv_timeout(std::time::Duration::from_millis(100))? {
+            Some(m) => m,
+            None => continue,
+        };
+        return match m {
+            Message::Abort { reason } => Err(MigrationError::PeerAborted { reason }),
+            Message::Refused { code, message } => Err(MigrationError::Refused { code, message }),
+            m => Ok(m),
+        };
+    }
+}
+
 /// `got` arrived while the state machine waited for `expected`.
 pub(crate) fn unexpected(got: &Message, expected: &'static str) -> MigrationError {
     MigrationError::Protocol(ProtocolError::Unexpected {

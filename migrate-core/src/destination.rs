@@ -12,17 +12,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::MigrationError;
-use crate::control::{expect_msg, recv, unexpected};
+use crate::control::{expect_msg, recv, recv_unless, unexpected};
 use crate::memory::{GuestMemory, MemoryLayout};
 use crate::protocol::{
     FrameKind, HASHES_PER_FRAME, MIN_VERSION, Message, PageRange, ProtocolError, RefusalCode,
     VERSION,
 };
+use crate::stats::Monitor;
 use crate::transport::{
     ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
 };
 use crate::vm::DestinationVm;
+use crate::{CancelToken, MigrationError};
 
 /// Largest device state accepted (a guard against a hostile source).
 pub const MAX_DEVICE_STATE: usize = 1 << 30;
@@ -55,6 +56,94 @@ pub struct DestinationReport {
     pub commit_ack_sent: bool,
 }
 
+/// What happens during an incoming migration, in order.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum IncomingEvent {
+    /// A round landed whole (its pages checked) and was acknowledged.
+    RoundReceived {
+        /// Round number.
+        round: u32,
+        /// Whether the source's guest was paused for it (the last round).
+        last: bool,
+        /// Figures so far.
+        report: DestinationReport,
+    },
+    /// The connection to the source was lost before the switch-over; this
+    /// side keeps what it received and waits for the source.
+    ConnectionLost {
+        /// What broke.
+        error: String,
+    },
+    /// The source came back over a new connection.
+    Resumed,
+    /// Committed: the guest runs here (final figures).
+    Committed(DestinationReport),
+    /// Failed: nothing resumed here, the received memory is to be
+    /// discarded.
+    Failed {
+        /// The error, as text.
+        error: String,
+        /// Figures at the failure.
+        report: DestinationReport,
+    },
+    /// Cancelled through the handle: the source was told, nothing resumed
+    /// here.
+    Cancelled(DestinationReport),
+}
+
+impl IncomingEvent {
+    /// Stable lower-case name, as in JSON event streams.
+    pub fn name(&self) -> &'static str {
+        match self {
+            IncomingEvent::RoundReceived { .. } => "round-received",
+            IncomingEvent::ConnectionLost { .. } => "connection-lost",
+            IncomingEvent::Resumed => "resumed",
+            IncomingEvent::Committed(_) => "committed",
+            IncomingEvent::Failed { .. } => "failed",
+            IncomingEvent::Cancelled(_) => "cancelled",
+        }
+    }
+
+    /// Whether the migration ends with this event.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            IncomingEvent::Committed(_)
+                | IncomingEvent::Failed { .. }
+                | IncomingEvent::Cancelled(_)
+        )
+    }
+}
+
+/// Watch and cancel an incoming migration from another thread (the VMM's
+/// destination side of [`MigrationHandle`](crate::MigrationHandle)).
+#[derive(Debug, Clone)]
+pub struct IncomingHandle {
+    monitor: Monitor<DestinationReport, IncomingEvent>,
+    cancel: CancelToken,
+}
+
+impl IncomingHandle {
+    /// Figures so far.
+    pub fn stats(&self) -> DestinationReport {
+        self.monitor.stats()
+    }
+
+    /// A channel of events from now on (dropping it unsubscribes).
+    pub fn subscribe(&self) -> crossbeam_channel::Receiver<IncomingEvent> {
+        self.monitor.subscribe()
+    }
+
+    /// Give up this migration within about 100 ms: the source is told (its
+    /// guest runs on), nothing is resumed here, and
+    /// [`receive`](IncomingMigration::receive) returns
+    /// [`MigrationError::Cancelled`].
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+}
+
 /// A migration that has said hello and announced its layout; the caller now
 /// decides which memory receives it.
 #[derive(Debug)]
@@ -65,6 +154,8 @@ pub struct IncomingMigration {
     features: u64,
     started: Instant,
     reconnect: Option<Duration>,
+    monitor: Monitor<DestinationReport, IncomingEvent>,
+    cancel: CancelToken,
 }
 
 impl IncomingMigration {
@@ -108,6 +199,11 @@ impl IncomingMigration {
             (session, data_streams, features & ours)
         });
         let layout = expect_msg!(ctl, Layout { layout } => layout);
+        let monitor = Monitor::<DestinationReport, IncomingEvent>::default();
+        monitor.update(|r| {
+            r.migration_id = session;
+            r.transport = transport.name().into();
+        });
         Ok(Self {
             layout,
             session,
@@ -115,7 +211,17 @@ impl IncomingMigration {
             features,
             started,
             reconnect: None,
+            monitor,
+            cancel: CancelToken::new(),
         })
+    }
+
+    /// A handle to watch and cancel this migration from another thread.
+    pub fn handle(&self) -> IncomingHandle {
+        IncomingHandle {
+            monitor: self.monitor.clone(),
+            cancel: self.cancel.clone(),
+        }
     }
 
     /// When the connection to the source is lost before the switch-over,
@@ -158,7 +264,26 @@ impl IncomingMigration {
         mem: &Arc<GuestMemory>,
         vm: &mut dyn DestinationVm,
     ) -> Result<DestinationReport, MigrationError> {
+        let (monitor, started) = (self.monitor.clone(), self.started);
         let result = self.receive_inner(transport, mem, vm);
+        let total_ms = started.elapsed().as_secs_f64() * 1e3;
+        match &result {
+            Ok(r) => {
+                monitor.update(|m| *m = r.clone());
+                monitor.emit(IncomingEvent::Committed(r.clone()));
+            }
+            Err(MigrationError::Cancelled) => {
+                let report = monitor.update(|m| m.total_ms = total_ms);
+                monitor.emit(IncomingEvent::Cancelled(report));
+            }
+            Err(e) => {
+                let report = monitor.update(|m| m.total_ms = total_ms);
+                monitor.emit(IncomingEvent::Failed {
+                    error: e.to_string(),
+                    report,
+                });
+            }
+        }
         if let Err(e) = &result {
             tracing::error!(error = %e, "incoming migration failed; received memory is discarded");
             if !matches!(
@@ -207,6 +332,8 @@ impl IncomingMigration {
                 transport: transport.name().into(),
                 ..Default::default()
             },
+            monitor: &self.monitor,
+            cancel: &self.cancel,
         };
         let mut state = ReceiverState::Receiving;
         loop {
@@ -218,7 +345,11 @@ impl IncomingMigration {
                 Ok(ReceiverState::Committed) => break,
                 Ok(next) => next,
                 Err(e) if live && self.may_resume(&e) => {
+                    self.monitor.emit(IncomingEvent::ConnectionLost {
+                        error: e.to_string(),
+                    });
                     receiver.events = Some(self.resume(transport, mem, e)?);
+                    self.monitor.emit(IncomingEvent::Resumed);
                     ReceiverState::Receiving
                 }
                 Err(e) => return Err(e),
@@ -347,6 +478,10 @@ impl ReceiverState {
 
 /// What the receiving states work on.
 struct Receiver<'a> {
+    /// The handle's view of `report`, and its subscribers.
+    monitor: &'a Monitor<DestinationReport, IncomingEvent>,
+    /// The handle's cancel.
+    cancel: &'a CancelToken,
     mem: &'a Arc<GuestMemory>,
     /// The data plane's reports; dropped once the last round landed whole,
     /// so that a data stream closing after that (the source exits after its
@@ -360,7 +495,7 @@ impl Receiver<'_> {
     /// The next control message. A transport may close the control channel
     /// when a data stream fails: then the stream's error, the root cause.
     fn next_message(&self, ctl: &mut dyn ControlChannel) -> Result<Message, MigrationError> {
-        recv(ctl).map_err(|e| {
+        recv_unless(ctl, self.cancel).map_err(|e| {
             self.events
                 .iter()
                 .flat_map(|events| events.try_iter())
@@ -468,6 +603,13 @@ impl Receiver<'_> {
         self.report.rounds = self.report.rounds.max(round + 1);
         tracing::debug!(round, last, suspect = suspect.len(), "round landed");
         let clean = suspect.is_empty();
+        let report = self.report.clone();
+        self.monitor.update(|r| *r = report.clone());
+        self.monitor.emit(IncomingEvent::RoundReceived {
+            round,
+            last,
+            report,
+        });
         if last && clean {
             // Every page is final: the data plane has no more to say. Stop
             // listening before the ack, so that its streams closing once the
@@ -483,6 +625,7 @@ impl Receiver<'_> {
     fn collect_round(&mut self, round: u32) -> Result<Vec<PageRange>, MigrationError> {
         let mut ended = vec![false; self.streams as usize];
         let mut suspect = Vec::new();
+        let waiting = Instant::now();
         while ended.iter().any(|e| !e) {
             // Data streams have their own I/O timeouts; this only guards
             // against a transport that reports nothing at all.
@@ -490,12 +633,23 @@ impl Receiver<'_> {
                 stream: u16::MAX,
                 detail: format!("round {round} after the data plane finished"),
             })?;
-            let event = events.recv_timeout(Duration::from_secs(600)).map_err(|_| {
-                TransportError::Stream {
-                    stream: u16::MAX,
-                    detail: format!("no end of round {round} from the data streams"),
+            let event = loop {
+                if self.cancel.is_cancelled() {
+                    return Err(MigrationError::Cancelled);
                 }
-            })?;
+                match events.recv_timeout(Duration::from_millis(100)) {
+                    Ok(event) => break event,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout)
+                        if waiting.elapsed() < Duration::from_secs(600) => {}
+                    Err(_) => {
+                        return Err(TransportError::Stream {
+                            stream: u16::MAX,
+                            detail: format!("no end of round {round} from the data streams"),
+                        }
+                        .into());
+                    }
+                }
+            };
             match event {
                 DataEvent::RoundEnd {
                     stream,

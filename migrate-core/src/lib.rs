@@ -138,7 +138,7 @@ pub mod vm;
 use std::time::Duration;
 
 pub use cancel::CancelToken;
-pub use destination::{DestinationReport, IncomingMigration};
+pub use destination::{DestinationReport, IncomingEvent, IncomingHandle, IncomingMigration};
 pub use dirty::{DirtyTracker, DirtyTracking, TrackerPreference};
 pub use memory::{GuestMemory, GuestRegion};
 pub use source::{MigrationHandle, SourceConfig, SourceMigration, TimeoutPolicy};

@@ -223,25 +223,44 @@ impl MigrationEvent {
 }
 
 /// Live statistics and event subscribers of one migration, shared with a
-/// [`MigrationHandle`](crate::source::MigrationHandle).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Monitor {
-    stats: Arc<Mutex<MigrationStats>>,
-    subscribers: Arc<Mutex<Vec<Sender<MigrationEvent>>>>,
+/// [`MigrationHandle`](crate::source::MigrationHandle) (or, with the
+/// destination's types, an [`IncomingHandle`](crate::IncomingHandle)).
+#[derive(Debug)]
+pub(crate) struct Monitor<S = MigrationStats, E = MigrationEvent> {
+    stats: Arc<Mutex<S>>,
+    subscribers: Arc<Mutex<Vec<Sender<E>>>>,
 }
 
-impl Monitor {
-    pub(crate) fn stats(&self) -> MigrationStats {
+impl<S, E> Clone for Monitor<S, E> {
+    fn clone(&self) -> Self {
+        Self {
+            stats: Arc::clone(&self.stats),
+            subscribers: Arc::clone(&self.subscribers),
+        }
+    }
+}
+
+impl<S: Default, E> Default for Monitor<S, E> {
+    fn default() -> Self {
+        Self {
+            stats: Arc::default(),
+            subscribers: Arc::default(),
+        }
+    }
+}
+
+impl<S: Clone, E: Clone> Monitor<S, E> {
+    pub(crate) fn stats(&self) -> S {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub(crate) fn update(&self, f: impl FnOnce(&mut MigrationStats)) -> MigrationStats {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut S)) -> S {
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut s);
         s.clone()
     }
 
-    pub(crate) fn subscribe(&self) -> Receiver<MigrationEvent> {
+    pub(crate) fn subscribe(&self) -> Receiver<E> {
         let (tx, rx) = crossbeam_channel::unbounded();
         self.subscribers
             .lock()
@@ -250,7 +269,7 @@ impl Monitor {
         rx
     }
 
-    pub(crate) fn emit(&self, event: MigrationEvent) {
+    pub(crate) fn emit(&self, event: E) {
         let mut subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         // A dropped receiver unsubscribes.
         subs.retain(|s| s.send(event.clone()).is_ok());

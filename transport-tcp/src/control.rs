@@ -226,6 +226,20 @@ impl ControlChannel for TcpControl {
         }
     }
 
+    fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Message>, TransportError> {
+        if let Some(early) = self.peeked.take() {
+            return (*early).map(Some);
+        }
+        match &mut self.inbound {
+            Inbound::Watched(rx) => match rx.recv_timeout(timeout) {
+                Ok(item) => item.map(Some),
+                Err(RecvTimeoutError::Timeout) => Ok(None),
+                Err(RecvTimeoutError::Disconnected) => Err(closed()),
+            },
+            _ => self.recv().map(Some),
+        }
+    }
+
     fn peer_gone(&mut self) -> Option<TransportError> {
         match self.peek()? {
             Err(_) => match self.peeked.replace(Box::new(Err(closed()))).map(|b| *b) {

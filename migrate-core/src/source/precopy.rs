@@ -101,7 +101,10 @@ impl Precopy<'_> {
         };
         loop {
             self.check_cancel()?;
-            let done = match self.round(transport, sender.as_mut(), &log, limiter, &mut totals) {
+            let done = match self
+                .round(transport, sender.as_mut(), &log, limiter, &mut totals)
+                .map_err(|e| abort_behind(transport.control(), e))
+            {
                 Ok(done) => done,
                 Err(e) if self.may_resume(&e) => {
                     // The old data plane goes first (RDMA: its queue pairs
@@ -703,6 +706,20 @@ impl Precopy<'_> {
             }
             _ => MigrationError::Cancelled,
         }
+    }
+}
+
+/// A data stream broke: if the destination said why on the control channel
+/// (its `Abort` or `Refused` races the broken stream), that is the error —
+/// a destination that gave up is not reconnected to.
+fn abort_behind(ctl: &mut dyn ControlChannel, e: MigrationError) -> MigrationError {
+    if !matches!(&e, MigrationError::Transport(t) if t.is_disconnect()) {
+        return e;
+    }
+    match ctl.recv_timeout(Duration::from_millis(200)) {
+        Ok(Some(Message::Abort { reason })) => MigrationError::PeerAborted { reason },
+        Ok(Some(Message::Refused { code, message })) => MigrationError::Refused { code, message },
+        _ => e,
     }
 }
 

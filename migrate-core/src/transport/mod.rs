@@ -121,6 +121,18 @@ pub trait ControlChannel: Send {
     fn peer_gone(&mut self) -> Option<TransportError> {
         None
     }
+
+    /// As [`recv`](Self::recv), but `Ok(None)` when nothing arrived within
+    /// `timeout`, so the caller can look at other things (a cancel) between
+    /// waits. By default it waits as `recv` does (a channel that cannot
+    /// wait less).
+    ///
+    /// # Errors
+    /// As [`recv`](Self::recv).
+    fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Message>, TransportError> {
+        let _ = timeout;
+        self.recv().map(Some)
+    }
 }
 
 /// What a round cost on the wire.
