@@ -14,6 +14,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 cargo test --workspace --locked
+# The optional serde feature a VMM turns on to expose statistics and events.
+cargo test -p migrate-core --features serde --lib --locked serde_tests
 # Benchmarks compile and run once each in test mode (no timing).
 cargo test -p benches --benches --locked
 # The macro benchmark end to end, smallest matrix, host only (every run

@@ -168,12 +168,10 @@ fn migrate_out(
         Ok(x) => x,
         Err(e) => {
             if let Some(path) = json {
-                let stats = MigrationStats {
-                    transport: transport_name(t.transport).into(),
-                    bytes_total: mem.total_bytes(),
-                    status: migrate_core::MigrationStatus::Failed,
-                    ..Default::default()
-                };
+                let mut stats = MigrationStats::default();
+                stats.transport = transport_name(t.transport).into();
+                stats.bytes_total = mem.total_bytes();
+                stats.status = migrate_core::MigrationStatus::Failed;
                 report::write_json(
                     path,
                     &report::source_json(&stats, None, Some(&report::error_text(&e))),

@@ -30,6 +30,8 @@ pub const MAX_DEVICE_STATE: usize = 1 << 30;
 
 /// What the destination received.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct DestinationReport {
     /// The migration's id: the session the source chose (its
     /// [`MigrationStats::migration_id`](crate::MigrationStats::migration_id)).
@@ -58,6 +60,11 @@ pub struct DestinationReport {
 
 /// What happens during an incoming migration, in order.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(tag = "event", rename_all = "kebab-case")
+)]
 #[non_exhaustive]
 pub enum IncomingEvent {
     /// A round landed whole (its pages checked) and was acknowledged.

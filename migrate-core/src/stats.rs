@@ -7,6 +7,11 @@ use crossbeam_channel::{Receiver, Sender};
 
 /// Where a migration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "kebab-case")
+)]
 #[non_exhaustive]
 pub enum MigrationStatus {
     /// Connecting, handshake, layout, data streams, tracker.
@@ -51,6 +56,8 @@ impl MigrationStatus {
 
 /// Figures of a migration, live or final. Times in milliseconds.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct MigrationStats {
     /// The layout of these figures ([`STATS_SCHEMA_VERSION`]); a consumer
     /// that stores them can tell which fields to expect.
@@ -125,6 +132,11 @@ pub const STATS_SCHEMA_VERSION: u32 = 1;
 
 /// What happens during a migration, in order.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(tag = "event", rename_all = "kebab-case")
+)]
 #[non_exhaustive]
 pub enum MigrationEvent {
     /// Setup done: streams open, tracker running.
@@ -273,5 +285,42 @@ impl<S: Clone, E: Clone> Monitor<S, E> {
         let mut subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         // A dropped receiver unsubscribes.
         subs.retain(|s| s.send(event.clone()).is_ok());
+    }
+}
+
+#[cfg(all(test, feature = "serde"))]
+mod serde_tests {
+    use super::*;
+
+    #[test]
+    fn statistics_and_events_serialize_under_their_stable_names() {
+        let stats = MigrationStats {
+            status: MigrationStatus::PreSwitchover,
+            migration_id: 7,
+            rounds: 3,
+            ..Default::default()
+        };
+        let v: serde_json::Value = serde_json::to_value(&stats).unwrap();
+        assert_eq!(v["status"], "pre-switchover");
+        assert_eq!(v["rounds"], 3);
+        let e = serde_json::to_value(MigrationEvent::SwitchOver {
+            remaining_bytes: 4096,
+            reason: "forced",
+        })
+        .unwrap();
+        assert_eq!(e["event"], "switch-over");
+        assert_eq!(
+            e["event"],
+            MigrationEvent::SwitchOver {
+                remaining_bytes: 0,
+                reason: ""
+            }
+            .name()
+        );
+        let e = serde_json::to_value(MigrationEvent::Cancelled(stats)).unwrap();
+        assert_eq!(e["event"], "cancelled");
+        assert_eq!(e["status"], "pre-switchover");
+        let s = serde_json::to_value(MigrationStatus::CommitUnknown).unwrap();
+        assert_eq!(s, MigrationStatus::CommitUnknown.name());
     }
 }

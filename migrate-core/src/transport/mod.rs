@@ -137,6 +137,7 @@ pub trait ControlChannel: Send {
 
 /// What a round cost on the wire.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct RoundSent {
     /// Bytes written to the wire (headers, page bytes, markers).
     pub wire_bytes: u64,
@@ -146,6 +147,7 @@ pub struct RoundSent {
     pub zero_pages: u64,
     /// Zero pages the data plane did not carry: the engine sends them as
     /// `ZeroPages` on the control channel (RDMA; TCP carries them in-band).
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub zero_ranges: Vec<PageRange>,
 }
 
