@@ -304,12 +304,18 @@ fn set(request: &Value, handle: &MigrationHandle) -> Value {
     json!({"ok": true})
 }
 
-/// An event as one JSON object (see the module docs).
-pub fn event_json(event: &MigrationEvent) -> Value {
+/// An event's object before its own fields: its name and the time now
+/// (seconds since the Unix epoch).
+fn stamped(name: &str) -> Value {
     let time = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
-    let mut v = json!({"event": event.name(), "time": time});
+    json!({"event": name, "time": time})
+}
+
+/// An event as one JSON object (see the module docs).
+pub fn event_json(event: &MigrationEvent) -> Value {
+    let mut v = stamped(event.name());
     let stats = |s| report::source_json(s, None, None);
     match event {
         MigrationEvent::SetupDone { setup_ms } => v["setup_ms"] = json!(setup_ms),
@@ -353,10 +359,7 @@ pub fn event_json(event: &MigrationEvent) -> Value {
 /// A destination's event as one JSON object (`round-received`,
 /// `connection-lost`, `resumed`, `committed`, `failed`, `cancelled`).
 pub fn incoming_event_json(event: &IncomingEvent) -> Value {
-    let time = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    let mut v = json!({"event": event.name(), "time": time});
+    let mut v = stamped(event.name());
     let stats = |r| report::destination_json(Some(r), None, None);
     match event {
         IncomingEvent::RoundReceived {
