@@ -8,7 +8,7 @@
 # BENCHMARKS.md says how to read the results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/setup.sh
+. scripts/setup.sh all
 quick=(); host=1; vm=1
 for a in "$@"; do
   case "$a" in

@@ -4,6 +4,6 @@
 # Usage: scripts/demo.sh [migrate-cli demo options, e.g. --memory 1G --dirty-rate 12800]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/setup.sh
+. scripts/setup.sh demo
 cargo build --release --locked -p migrate-cli
 exec ./target/release/migrate-cli demo "$@"

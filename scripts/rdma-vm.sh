@@ -11,7 +11,7 @@
 #            of the host's files are read-only there.
 # The command's exit status is this script's; its output is printed.
 # Needs: qemu-system-x86, linux-image-amd64, rdma-core, ibverbs-providers,
-# perftest (Debian) and virtme-ng (PyPI); scripts/setup.sh --rdma installs them.
+# perftest (Debian) and virtme-ng (PyPI); scripts/setup.sh all installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 netns=0

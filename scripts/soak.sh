@@ -4,5 +4,5 @@
 # (the test command runs the same test with 20). Usage: scripts/soak.sh [N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/setup.sh
+. scripts/setup.sh all
 SOAK_MIGRATIONS=${1:-200} cargo test --release --locked -p transport-tcp --test soak -- --nocapture

@@ -3,7 +3,7 @@
 # Usage: scripts/test.sh   (from anywhere; root or sudo for the set-up steps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/setup.sh
+. scripts/setup.sh all
 
 # Huge pages for the hugetlb conformance tests (skipped with a reason without).
 if [ -w /proc/sys/vm/nr_hugepages ] && [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 64 ]; then
