@@ -132,6 +132,7 @@ pub fn source_json(
         "setup_ms": stats.setup_ms,
         "bytes_total": stats.bytes_total,
         "bytes_transferred": stats.bytes_transferred,
+        "stream_bytes": stats.stream_bytes,
         "bytes_remaining": stats.bytes_remaining,
         "bytes_before_pause": stats.bytes_before_pause,
         "bytes_during_pause": stats.bytes_during_pause,
@@ -175,6 +176,7 @@ pub fn destination_json(
         v["transport"] = json!(r.transport);
         v["rounds"] = json!(r.rounds);
         v["bytes_received"] = json!(r.received.wire_bytes);
+        v["stream_bytes"] = json!(r.received.stream_bytes);
         v["normal_pages"] = json!(r.received.normal_pages);
         v["zero_pages"] = json!(r.received.zero_pages);
         v["suspect_pages"] = json!(r.suspect_pages);

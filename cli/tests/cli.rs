@@ -54,6 +54,22 @@ fn migrate_and_check(netns: Option<(&str, &str)>, listen: &str, tag: &str, auth:
     let dv = json(&dj);
     assert_eq!(dv["status"], "completed");
     assert_eq!(dv["guest_consistent"], true, "{dv}");
+    // Every data stream carried its share, and the shares add up on both
+    // sides: what each connection sent is what its peer received.
+    let by_stream = |v: &serde_json::Value| -> Vec<u64> {
+        let list = v["stream_bytes"].as_array().expect("stream_bytes");
+        list.iter().map(|b| b.as_u64().unwrap()).collect()
+    };
+    let (sent, received) = (by_stream(&v), by_stream(&dv));
+    assert_eq!(
+        sent.len(),
+        usize::from(transport_tcp::DEFAULT_DATA_STREAMS),
+        "{v}"
+    );
+    assert!(sent.iter().all(|&b| b > 0), "{v}");
+    assert_eq!(sent.iter().sum::<u64>(), v["bytes_transferred"], "{v}");
+    assert_eq!(received.iter().sum::<u64>(), dv["bytes_received"], "{dv}");
+    assert_eq!(sent, received, "source {v}\ndestination {dv}");
     let authentication = if auth.contains(&"--tls-dir") {
         "mutual-tls"
     } else if auth.contains(&"--psk-file") {

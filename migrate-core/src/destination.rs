@@ -684,7 +684,7 @@ impl Receiver<'_> {
                         .into());
                     }
                     *slot = true;
-                    self.report.received.add(&received);
+                    self.report.received.add(&received.on_stream(stream));
                     self.report.suspect_pages += s.iter().map(|r| r.count as u64).sum::<u64>();
                     suspect.extend(s);
                 }

@@ -84,6 +84,9 @@ pub struct MigrationStats {
     pub expected_downtime_ms: f64,
     /// Bytes written to the wire.
     pub bytes_transferred: u64,
+    /// `bytes_transferred` by data stream (index = stream: a TCP connection
+    /// or an RDMA queue pair), counted at the end of each round.
+    pub stream_bytes: Vec<u64>,
     /// Dirty bytes still to send (at the last harvest).
     pub bytes_remaining: u64,
     /// Guest memory size.

@@ -370,6 +370,7 @@ impl PageSender for RdmaPageSender {
         let writes = self.plan(runs, &mut sent);
         let n = self.qps.len();
         let mut inflight = vec![0usize; n];
+        sent.stream_bytes = vec![0; n];
         for (k, chain) in writes.chunks(CHAIN).enumerate() {
             if ctx.cancel.is_cancelled() {
                 return Err(TransportError::Cancelled);
@@ -383,6 +384,7 @@ impl PageSender for RdmaPageSender {
                 .map_err(|e| stream_err(qp, e))?;
             inflight[qp] += 1;
             sent.wire_bytes += bytes;
+            sent.stream_bytes[qp] += bytes;
             let pages: u64 = chain.iter().map(|w| w.len as u64 / 4096).sum();
             (ctx.progress)(pages, bytes);
         }

@@ -335,7 +335,9 @@ fn receive_stream(
             }
             match read_payload(&mut reader, &h)? {
                 Message::RoundEnd { round: r, batches } => {
-                    let done = std::mem::take(&mut round);
+                    let mut done = std::mem::take(&mut round);
+                    // The marker is on the wire too, as the source counts.
+                    done.received.wire_bytes += (HEADER_LEN as u64) + h.len as u64;
                     Ok(Some(DataEvent::RoundEnd {
                         stream,
                         round: r,

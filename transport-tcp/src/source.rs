@@ -212,9 +212,9 @@ impl PageSender for TcpPageSender {
         });
         let mut total = RoundSent::default();
         let mut first_err = None;
-        for r in results {
+        for (i, r) in results.into_iter().enumerate() {
             match r {
-                Ok(s) => total.add(&s),
+                Ok(s) => total.add(&s.on_stream(i as u16)),
                 // Prefer the root cause over the "stopped because another
                 // stream failed" of the others.
                 Err(TransportError::Cancelled) if ctx.cancel.is_cancelled() => {

@@ -344,6 +344,7 @@ impl Precopy<'_> {
         self.monitor.update(|s| {
             s.rounds = totals.rounds;
             s.bytes_transferred = totals.sent.wire_bytes;
+            s.stream_bytes.clone_from(&totals.sent.stream_bytes);
             s.bytes_during_pause = totals.sent.wire_bytes.saturating_sub(s.bytes_before_pause);
             s.normal_pages = totals.sent.normal_pages;
             s.zero_pages = totals.sent.zero_pages;
@@ -386,6 +387,7 @@ impl Precopy<'_> {
             s.rounds = rounds;
             s.total_ms = self.start.elapsed().as_secs_f64() * 1e3;
             s.bytes_transferred = totals.sent.wire_bytes;
+            s.stream_bytes.clone_from(&totals.sent.stream_bytes);
             s.normal_pages = totals.sent.normal_pages;
             s.zero_pages = totals.sent.zero_pages;
             s.resent_pages += done.resend_pages;

@@ -145,6 +145,9 @@ pub struct RoundSent {
     pub normal_pages: u64,
     /// Pages sent as zero markers.
     pub zero_pages: u64,
+    /// `wire_bytes` by data stream (index = stream; TCP connection or RDMA
+    /// queue pair), so an operator sees whether the streams share the load.
+    pub stream_bytes: Vec<u64>,
     /// Zero pages the data plane did not carry: the engine sends them as
     /// `ZeroPages` on the control channel (RDMA; TCP carries them in-band).
     #[cfg_attr(feature = "serde", serde(skip))]
@@ -157,6 +160,26 @@ impl RoundSent {
         self.wire_bytes += o.wire_bytes;
         self.normal_pages += o.normal_pages;
         self.zero_pages += o.zero_pages;
+        add_by_stream(&mut self.stream_bytes, &o.stream_bytes);
+    }
+
+    /// These figures, all of them counted on data stream `stream`.
+    #[must_use]
+    pub fn on_stream(mut self, stream: u16) -> Self {
+        let mut by_stream = vec![0; usize::from(stream) + 1];
+        by_stream[usize::from(stream)] = self.wire_bytes;
+        self.stream_bytes = by_stream;
+        self
+    }
+}
+
+/// Add `other` to `total` stream by stream (`total` grows to the longer).
+pub fn add_by_stream(total: &mut Vec<u64>, other: &[u64]) {
+    if total.len() < other.len() {
+        total.resize(other.len(), 0);
+    }
+    for (t, o) in total.iter_mut().zip(other) {
+        *t += o;
     }
 }
 
