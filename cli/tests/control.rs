@@ -226,6 +226,48 @@ fn the_destination_answers_query_and_cancel() {
     assert_eq!(events(&dev).last().unwrap()["event"], "cancelled");
 }
 
+/// A destination that lost its source waits for it (60 s by default); a
+/// `cancel` meanwhile ends the wait at once: status `cancelled`, exit 1.
+#[test]
+fn a_destination_waiting_for_its_source_cancels_at_once() {
+    let mut run = steered("dest-grace-cancel", "1", &[]);
+    wait_for(&run.dsocket, "a round received", |s| {
+        s["rounds"].as_u64() >= Some(1)
+    });
+    signal(run.s.id(), "-KILL");
+    let _ = run.s.wait();
+    wait_for_event(&run.dev, "connection-lost");
+    let asked = Instant::now();
+    let (code, v) = ctl(&run.dsocket, &["cancel"]);
+    assert_eq!(code, 0, "{v}");
+    let d = run.d.wait_with_output().unwrap();
+    // Well within the grace (it would otherwise wait the whole 60 s).
+    assert!(asked.elapsed().as_secs() < 10, "{:?}", asked.elapsed());
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+    assert_eq!(json(&run.dj)["status"], "cancelled");
+    assert_eq!(events(&run.dev).last().unwrap()["event"], "cancelled");
+}
+
+/// Until the event file holds an event named `name` (30 s at most).
+fn wait_for_event(path: &Path, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Read while written: the last line may be partial.
+    let seen = || {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|e| e["event"] == name)
+    };
+    while !seen() {
+        assert!(
+            Instant::now() < deadline,
+            "no {name} event in {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// SIGINT on the destination mid-migration: it cancels cleanly (tells the
 /// source, reports `cancelled`, exit 1) instead of dying.
 #[test]

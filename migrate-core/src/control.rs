@@ -20,7 +20,10 @@ pub(crate) fn recv(ctl: &mut dyn ControlChannel) -> Result<Message, MigrationErr
     }
 }
 
-/// As [`recv`], waiting in slices of at most 100 ms and failing with
+/// The longest a wait goes without looking at a cancel.
+pub(crate) const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// As [`recv`], waiting in slices of at most [`CANCEL_POLL`] and failing with
 /// [`MigrationError::Cancelled`] once `cancel` is set.
 ///
 /// # Errors
@@ -33,7 +36,7 @@ pub(crate) fn recv_unless(
         if cancel.is_cancelled() {
             return Err(MigrationError::Cancelled);
         }
-        let m = match ctl.recv_timeout(std::time::Duration::from_millis(100))? {
+        let m = match ctl.recv_timeout(CANCEL_POLL)? {
             Some(m) => m,
             None => continue,
         };

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::control::{expect_msg, recv, recv_unless, unexpected};
+use crate::control::{CANCEL_POLL, expect_msg, recv, recv_unless, unexpected};
 use crate::memory::{GuestMemory, MemoryLayout};
 use crate::protocol::{
     FrameKind, HASHES_PER_FRAME, MIN_VERSION, Message, PageRange, ProtocolError, RefusalCode,
@@ -378,7 +378,8 @@ impl IncomingMigration {
     }
 
     /// Wait for the source to come back with `Resume` for this session, then
-    /// open the data plane again. Another client is refused and waited past.
+    /// open the data plane again. Another client is refused and waited past;
+    /// a cancel (the handle's) ends the wait within [`CANCEL_POLL`].
     fn resume(
         &self,
         transport: &mut dyn DestinationTransport,
@@ -389,7 +390,15 @@ impl IncomingMigration {
         let deadline = Instant::now() + grace;
         tracing::warn!(error = %cause, ?grace, "connection to the source lost; waiting for it");
         loop {
-            if let Err(e) = transport.reaccept(deadline) {
+            // Wait in slices, so that a cancel is seen meanwhile.
+            let slice = deadline.min(Instant::now() + CANCEL_POLL);
+            if let Err(e) = transport.reaccept(slice) {
+                if self.cancel.is_cancelled() {
+                    return Err(MigrationError::Cancelled);
+                }
+                if slice < deadline && e.is_timeout() {
+                    continue;
+                }
                 tracing::warn!(error = %e, "the source did not come back");
                 return Err(cause);
             }
@@ -644,7 +653,7 @@ impl Receiver<'_> {
                 if self.cancel.is_cancelled() {
                     return Err(MigrationError::Cancelled);
                 }
-                match events.recv_timeout(Duration::from_millis(100)) {
+                match events.recv_timeout(CANCEL_POLL) {
                     Ok(event) => break event,
                     Err(crossbeam_channel::RecvTimeoutError::Timeout)
                         if waiting.elapsed() < Duration::from_secs(600) => {}

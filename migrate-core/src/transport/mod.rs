@@ -86,6 +86,11 @@ impl TransportError {
         }
     }
 
+    /// Whether a wait with a deadline ran out (nothing else went wrong).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, TransportError::Io { source, .. } if source.kind() == io::ErrorKind::TimedOut)
+    }
+
     /// Whether the peer is gone (closed, reset, timed out) rather than wrong.
     pub fn is_disconnect(&self) -> bool {
         match self {
