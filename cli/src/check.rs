@@ -72,7 +72,11 @@ pub fn check(a: &CheckArgs) -> Result<bool> {
     let mut items = vec![kernel()];
     items.extend(trackers());
     items.push(kvm());
-    items.push(huge_pages());
+    let (huge, free_huge_pages) = huge_pages();
+    items.push(huge);
+    if free_huge_pages > 0 {
+        items.push(hugetlb_tracker());
+    }
     items.push(memlock(a.memory, rdma));
     items.extend(rdma_items(rdma));
     let ok = items
@@ -206,7 +210,8 @@ fn kvm() -> Item {
     }
 }
 
-fn huge_pages() -> Item {
+/// The huge pages item, and how many are free.
+fn huge_pages() -> (Item, u64) {
     let meminfo = read("/proc/meminfo").unwrap_or_default();
     let field = |name: &str| {
         meminfo
@@ -217,12 +222,35 @@ fn huge_pages() -> Item {
             .unwrap_or(0)
     };
     let (total, free) = (field("HugePages_Total:"), field("HugePages_Free:"));
-    item(
+    let huge = item(
         "huge pages",
         if free > 0 { Verdict::Ok } else { Verdict::Warn },
         format!("{free} of {total} 2 MiB huge pages free (hugetlb-backed guests need them)"),
     )
-    .fix("`sysctl vm.nr_hugepages=N` for N 2 MiB pages")
+    .fix("`sysctl vm.nr_hugepages=N` for N 2 MiB pages");
+    (huge, free)
+}
+
+/// With a free huge page: the async tracker started on a hugetlb-backed
+/// 2 MiB region, as a hugetlb guest's migration would start it (its
+/// write-protect on huge pages is a kernel feature of its own).
+fn hugetlb_tracker() -> Item {
+    let name = "uffd-hugetlb";
+    let mem = GuestRegion::hugetlb(0, 2 << 20, "migrate-cli-check")
+        .and_then(|r| GuestMemory::new(vec![r]));
+    let started = match mem {
+        Ok(m) => DirtyTracking::new(&m, TrackerPreference::Only(TrackerKind::UffdAsync)).map(drop),
+        Err(e) => {
+            return item(name, Verdict::Warn, format!("no hugetlb memory: {e}"))
+                .fix("`sysctl vm.nr_hugepages=N`; hugetlb guests need free huge pages");
+        }
+    };
+    match started {
+        Ok(()) => item(name, Verdict::Ok, "uffd-async started on a 2 MiB hugetlb page"),
+        Err(e) => item(name, Verdict::Warn, e.to_string()).fix(
+            "hugetlb write-protect in async mode needs Linux 6.7; else the software tracker is used",
+        ),
+    }
 }
 
 fn memlock(memory: Option<u64>, rdma: bool) -> Item {
