@@ -9,6 +9,8 @@
 //!   per machine (the host, the VM).
 //! - `migrate-bench micro --criterion DIR --machine host|vm --out FILE`:
 //!   collect criterion's micro-benchmark estimates.
+//! - `migrate-bench qemu --out DIR/raw/peer/qemu.json`: QEMU's migration
+//!   and ours on the same image, side by side (see [`qemu`]).
 //! - `migrate-bench report --results DIR`: read `DIR/raw/*.json` and
 //!   `DIR/raw/micro/*.json`, write `DIR/results.md` and `DIR/results.png`.
 
@@ -20,6 +22,8 @@ mod micro;
 mod netns;
 mod plan;
 mod plot;
+mod qemu;
+mod qemu_report;
 mod run;
 mod summary;
 
@@ -51,6 +55,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// QEMU's migration beside ours, on the same image, in one run.
+    Qemu(qemu::QemuArgs),
     /// Tables and plot from the raw results.
     Report {
         /// Results folder: reads raw/*.json, writes results.md and results.png.
@@ -97,6 +103,20 @@ fn main() -> Result<()> {
                 set.results.len(),
                 out.display()
             );
+            Ok(())
+        }
+        Command::Qemu(a) => {
+            let raw = qemu::run(&a)?;
+            if let Some(dir) = a.out.parent() {
+                std::fs::create_dir_all(dir).ok();
+            }
+            std::fs::write(&a.out, serde_json::to_string_pretty(&raw)? + "\n")
+                .with_context(|| format!("writing {}", a.out.display()))?;
+            eprintln!("migrate-bench: wrote {}", a.out.display());
+            let failed = raw.runs.iter().filter(|r| r.error.is_some()).count();
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} QEMU-peer runs failed", raw.runs.len());
+            }
             Ok(())
         }
         Command::Report { results } => summary::report(&results),

@@ -17,7 +17,7 @@ const FONTS: [&str; 2] = [
     "/usr/share/fonts/dejavu/DejaVuSans.ttf",
 ];
 
-fn load_font() -> Result<()> {
+pub fn load_font() -> Result<()> {
     let bytes = FONTS
         .iter()
         .find_map(|p| std::fs::read(p).ok())

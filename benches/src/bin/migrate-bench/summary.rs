@@ -70,10 +70,17 @@ pub fn report(results: &Path) -> Result<()> {
         md += "\n## Micro benchmarks (criterion)\n\n";
         md += &crate::micro::markdown(&micro);
     }
+    let peer = crate::qemu_report::load(results)?;
+    if let Some(peer) = &peer {
+        md += &crate::qemu_report::markdown(peer);
+    }
     let md_path = results.join("results.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
     let png = results.join("results.png");
     crate::plot::draw(&png, &cells, &ceilings)?;
+    if let Some(peer) = &peer {
+        crate::qemu_report::draw(&results.join("results-qemu.png"), peer)?;
+    }
     eprintln!(
         "migrate-bench: wrote {} and {}",
         md_path.display(),

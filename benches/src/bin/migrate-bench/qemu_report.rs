@@ -1,0 +1,215 @@
+//! The QEMU comparison in the report: a table with the ratios and the
+//! targets, and a bar chart (`results-qemu.png`).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+
+use crate::cell::Spread;
+use crate::qemu::{PeerRaw, PeerRun};
+
+/// Where `migrate-bench qemu` writes inside a results folder.
+pub const RAW: &str = "raw/peer/qemu.json";
+
+/// The comparison, when one was measured.
+pub fn load(results: &Path) -> Result<Option<PeerRaw>> {
+    let path = results.join(RAW);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)?;
+    Ok(Some(
+        serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?,
+    ))
+}
+
+/// The good runs of one engine with one kind of destination memory.
+fn runs<'a>(
+    raw: &'a PeerRaw,
+    engine: &'a str,
+    prealloc: bool,
+) -> impl Iterator<Item = &'a PeerRun> {
+    raw.runs
+        .iter()
+        .filter(move |r| r.engine == engine && r.prealloc == prealloc && r.error.is_none())
+}
+
+fn spread(raw: &PeerRaw, engine: &str, prealloc: bool, f: fn(&PeerRun) -> f64) -> Option<Spread> {
+    Spread::of(runs(raw, engine, prealloc).map(f))
+}
+
+const KINDS: [(bool, &str); 2] = [(false, "fresh"), (true, "preallocated")];
+
+/// Ours / QEMU of the medians.
+fn ratio(raw: &PeerRaw, prealloc: bool, f: fn(&PeerRun) -> f64) -> Option<f64> {
+    let (q, o) = (
+        spread(raw, "qemu", prealloc, f)?,
+        spread(raw, "ours", prealloc, f)?,
+    );
+    (q.median > 0.0).then(|| o.median / q.median)
+}
+
+pub fn markdown(raw: &PeerRaw) -> String {
+    let mut s = String::new();
+    let n = raw.runs.len();
+    let identical = raw.runs.iter().filter(|r| r.identical).count();
+    let failed = raw.runs.iter().filter(|r| r.error.is_some()).count();
+    let _ = writeln!(s, "\n## Beside QEMU (same image, same run)\n");
+    let _ = writeln!(
+        s,
+        "{} — {}, multifd with {} channels, against `migrate-cli` with {} streams; a {} MiB \
+         image ({} zero:text:random pages), loopback TCP, both destinations files in /dev/shm, \
+         each compared with the image byte for byte after the migration: {identical} of {n} \
+         identical{}. Linux {}. Medians (min–max); the runs were interleaved. Time: QEMU from \
+         `migrate` to the destination's completion event, ours from starting the source \
+         process to its exit. CPU: both processes over the migration (ours: the source's \
+         whole process). `results-qemu.png` draws it.\n",
+        raw.date,
+        raw.qemu_version,
+        raw.channels,
+        raw.channels,
+        raw.size_mib,
+        raw.mix,
+        if failed > 0 {
+            format!(", **{failed} failed**")
+        } else {
+            String::new()
+        },
+        raw.kernel,
+    );
+    let _ = writeln!(
+        s,
+        "| destination memory | QEMU ms | ours ms | ours / QEMU | QEMU CPU s | ours CPU s | ours / QEMU |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let cell = |x: Option<Spread>, d: usize| x.map_or("not measured".into(), |x| x.fmt(d));
+    let times = |r: &PeerRun| r.ms;
+    let cpus = |r: &PeerRun| r.cpu_s();
+    let ratio_text = |x: Option<f64>| x.map_or("—".into(), |x| format!("{x:.2}"));
+    for (prealloc, kind) in KINDS {
+        let _ = writeln!(
+            s,
+            "| {kind} | {} | {} | {} | {} | {} | {} |",
+            cell(spread(raw, "qemu", prealloc, times), 0),
+            cell(spread(raw, "ours", prealloc, times), 0),
+            ratio_text(ratio(raw, prealloc, times)),
+            cell(spread(raw, "qemu", prealloc, cpus), 2),
+            cell(spread(raw, "ours", prealloc, cpus), 2),
+            ratio_text(ratio(raw, prealloc, cpus)),
+        );
+    }
+    let _ = writeln!(s, "\n| target | measured | |\n|---|---|---|");
+    let targets: [(&str, Option<f64>, f64); 4] = [
+        (
+            "time, preallocated destination ≤ 0.7 × QEMU",
+            ratio(raw, true, times),
+            0.7,
+        ),
+        (
+            "time, fresh destination ≤ 0.5 × QEMU",
+            ratio(raw, false, times),
+            0.5,
+        ),
+        (
+            "CPU, preallocated ≤ 0.7 × QEMU",
+            ratio(raw, true, cpus),
+            0.7,
+        ),
+        ("CPU, fresh ≤ 0.7 × QEMU", ratio(raw, false, cpus), 0.7),
+    ];
+    for (what, got, bound) in targets {
+        let verdict = match got {
+            None => "not measured",
+            Some(x) if x <= bound => "met",
+            Some(_) => "**not met**",
+        };
+        let _ = writeln!(s, "| {what} | {} | {verdict} |", ratio_text(got));
+    }
+    s
+}
+
+/// Two panels of bars (time, CPU): per kind of destination memory, QEMU
+/// and ours side by side, the median as the bar and min–max as a whisker.
+pub fn draw(path: &Path, raw: &PeerRaw) -> Result<()> {
+    crate::plot::load_font()?;
+    let root = BitMapBackend::new(path, (1200, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(600);
+    let engines = [("qemu", "QEMU multifd", RED), ("ours", "migrate-cli", BLUE)];
+    type Figure = fn(&PeerRun) -> f64;
+    let panels: [(&DrawingArea<_, _>, &str, &str, Figure); 2] = [
+        (&left, "End-to-end time", "ms", |r| r.ms),
+        (&right, "CPU, both processes", "CPU s", |r| r.cpu_s()),
+    ];
+    for (area, title, unit, f) in panels {
+        let top = raw
+            .runs
+            .iter()
+            .filter(|r| r.error.is_none())
+            .map(f)
+            .fold(0.0, f64::max)
+            * 1.2;
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                format!("{title}, {} MiB image", raw.size_mib),
+                ("sans-serif", 22),
+            )
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..2.0, 0.0..top.max(1e-3))?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(5)
+            .x_label_formatter(&|x| {
+                let near = |v: f64| (x - v).abs() < 0.01;
+                if near(0.5) {
+                    "fresh destination".into()
+                } else if near(1.5) {
+                    "preallocated destination".into()
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc(unit)
+            .label_style(("sans-serif", 15))
+            .axis_desc_style(("sans-serif", 17))
+            .draw()?;
+        for (k, (prealloc, _)) in KINDS.iter().enumerate() {
+            let x0 = k as f64;
+            for (e, (engine, label, color)) in engines.iter().enumerate() {
+                let Some(sp) = spread(raw, engine, *prealloc, f) else {
+                    continue;
+                };
+                let (a, b) = (x0 + 0.15 + 0.35 * e as f64, x0 + 0.45 + 0.35 * e as f64);
+                let bar = chart.draw_series(std::iter::once(Rectangle::new(
+                    [(a, 0.0), (b, sp.median)],
+                    color.mix(0.7).filled(),
+                )))?;
+                if k == 0 {
+                    let c = *color;
+                    bar.label(*label).legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 6), (x + 14, y + 6)], c.mix(0.7).filled())
+                    });
+                }
+                let mid = (a + b) / 2.0;
+                chart.draw_series(std::iter::once(PathElement::new(
+                    [(mid, sp.min), (mid, sp.max)],
+                    BLACK.stroke_width(2),
+                )))?;
+            }
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 15))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
