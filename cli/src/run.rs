@@ -260,15 +260,20 @@ pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
     )?;
     let listener = transport::Listener::bind(&a.listen, &a.transport, tls)?;
     let addr = listener.local_addr()?;
-    println!("listening on {addr}");
-    std::io::stdout().flush().ok();
+    let own_reads_zero = memory::reads_zero(&a.memory);
     let own = memory::from_args(&a.memory)?.map(Arc::new);
     if let Some(m) = &own
         && a.prefault
     {
         m.prefault()?;
     }
+    // Ready: its own memory allocated (and prefaulted when asked), so a
+    // source that connects on this line waits for nothing.
+    println!("listening on {addr}");
+    std::io::stdout().flush().ok();
     let opts = Receiving {
+        // Adopted memory is fresh.
+        reads_zero: own.is_none() || own_reads_zero,
         prefault: a.prefault,
         max_memory: a.max_memory.unwrap_or_else(memory::available),
         reconnect: reconnect(&a.transport),
@@ -286,6 +291,8 @@ pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
 
 /// How the destination receives.
 struct Receiving {
+    /// The memory reads as zeros before the first page lands.
+    reads_zero: bool,
     /// Allocate adopted memory before the first page.
     prefault: bool,
     /// Largest layout adopted.
@@ -329,7 +336,7 @@ fn receive(
     let mut steered = (None, None);
     let outcome = (|| -> Result<(migrate_core::DestinationReport, Option<Result<String, String>>)> {
         let t = t.as_dyn();
-        let mut incoming = IncomingMigration::accept(t)?;
+        let mut incoming = IncomingMigration::accept(t)?.memory_reads_zero(opts.reads_zero);
         if let Some(grace) = opts.reconnect {
             incoming = incoming.resume_within(grace);
         }
@@ -483,6 +490,7 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
     // One process holds both ends: no per-side resource figures.
     let dest = std::thread::spawn(move || {
         let opts = Receiving {
+            reads_zero: true,
             prefault: false,
             max_memory: memory::available(),
             reconnect: None,

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use crate::control::{CANCEL_POLL, expect_msg, recv, recv_unless, unexpected};
 use crate::memory::{GuestMemory, MemoryLayout};
 use crate::protocol::{
-    FrameKind, HASHES_PER_FRAME, MIN_VERSION, Message, PageRange, ProtocolError, RefusalCode,
-    VERSION,
+    FEATURE_ZERO_SKIP, FrameKind, HASHES_PER_FRAME, MIN_VERSION, Message, PageRange, ProtocolError,
+    RefusalCode, VERSION,
 };
 use crate::stats::Monitor;
 use crate::transport::{
@@ -161,6 +161,7 @@ pub struct IncomingMigration {
     features: u64,
     started: Instant,
     reconnect: Option<Duration>,
+    memory_reads_zero: bool,
     monitor: Monitor<DestinationReport, IncomingEvent>,
     cancel: CancelToken,
 }
@@ -189,7 +190,7 @@ impl IncomingMigration {
 
     fn accept_inner(transport: &mut dyn DestinationTransport) -> Result<Self, MigrationError> {
         let started = Instant::now();
-        let ours = transport.features();
+        let ours = transport.features() | FEATURE_ZERO_SKIP;
         let ctl = transport.control();
         let (session, streams, features) = expect_msg!(ctl, Hello {
             min_version,
@@ -218,6 +219,7 @@ impl IncomingMigration {
             features,
             started,
             reconnect: None,
+            memory_reads_zero: false,
             monitor,
             cancel: CancelToken::new(),
         })
@@ -236,6 +238,17 @@ impl IncomingMigration {
     /// reconnect and `Resume` (see [`SourceConfig::reconnect`](crate::SourceConfig::reconnect)).
     pub fn resume_within(mut self, grace: Duration) -> Self {
         self.reconnect = Some(grace);
+        self
+    }
+
+    /// Say that the memory [`receive`](Self::receive) will get reads as
+    /// zeros everywhere (freshly mapped, nothing written yet): the source
+    /// then sends a zero page only where it sent data before, and the pages
+    /// that stay zero are never touched here (fresh memory is not even
+    /// allocated for them). Only for memory that really is all zeros: a
+    /// page that is not, and stays zero on the source, would keep its bytes.
+    pub fn memory_reads_zero(mut self, yes: bool) -> Self {
+        self.memory_reads_zero = yes;
         self
     }
 
@@ -329,6 +342,11 @@ impl IncomingMigration {
             return Err(MigrationError::Layout(m));
         }
         transport.control().send(&Message::LayoutAccepted)?;
+        if self.features & FEATURE_ZERO_SKIP != 0 {
+            transport.control().send(&Message::DestinationMemory {
+                reads_zero: self.memory_reads_zero,
+            })?;
+        }
         let events = transport.open_data(mem, self.session, self.streams, self.features)?;
         let mut receiver = Receiver {
             mem,

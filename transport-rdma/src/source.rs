@@ -10,7 +10,8 @@ use migrate_core::protocol::{
     FEATURE_RDMA, Message, PageRange, ProtocolError, QpEndpoint, RemoteRegion,
 };
 use migrate_core::transport::{
-    ControlChannel, PageSender, RoundContext, RoundSent, SourceTransport, TransportError,
+    ControlChannel, DestinationPages, PageSender, RoundContext, RoundSent, SourceTransport,
+    TransportError,
 };
 use transport_tcp::{TcpConfig, TcpSource};
 
@@ -249,7 +250,14 @@ struct RdmaPageSender {
 impl RdmaPageSender {
     /// The round's data pages as WRITEs (contiguous pages coalesced up to
     /// `max_write`), and its zero pages as ranges.
-    fn plan(&self, runs: &[PageRun], sent: &mut RoundSent) -> Vec<WriteRequest> {
+    /// Zero pages the destination already reads as zeros (`dest`) are left
+    /// out.
+    fn plan(
+        &self,
+        runs: &[PageRun],
+        dest: &DestinationPages,
+        sent: &mut RoundSent,
+    ) -> Vec<WriteRequest> {
         let mut writes: Vec<WriteRequest> = Vec::new();
         for run in runs {
             let region = &self.local.memory().regions()[run.region];
@@ -260,6 +268,9 @@ impl RdmaPageSender {
                 let zero = region.is_zero_page(p);
                 if zero {
                     sent.zero_pages += 1;
+                    if !dest.zero_needs_sending(run.region, p) {
+                        continue;
+                    }
                     match sent.zero_ranges.last_mut() {
                         Some(l)
                             if l.region as usize == run.region
@@ -276,6 +287,7 @@ impl RdmaPageSender {
                     continue;
                 }
                 sent.normal_pages += 1;
+                dest.sent_data(run.region, p, 1);
                 let offset = (p * ps) as u64;
                 match writes.last_mut() {
                     Some(w)
@@ -367,7 +379,7 @@ impl PageSender for RdmaPageSender {
         ctx: &RoundContext<'_>,
     ) -> Result<RoundSent, TransportError> {
         let mut sent = RoundSent::default();
-        let writes = self.plan(runs, &mut sent);
+        let writes = self.plan(runs, ctx.dest_pages, &mut sent);
         let n = self.qps.len();
         let mut inflight = vec![0usize; n];
         sent.stream_bytes = vec![0; n];

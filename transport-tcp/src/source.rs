@@ -13,7 +13,8 @@ use migrate_core::protocol::wire::{
 };
 use migrate_core::protocol::{FEATURE_ZSTD, FrameKind, Message};
 use migrate_core::transport::{
-    ControlChannel, PageSender, RoundContext, RoundSent, SourceTransport, TransportError,
+    ControlChannel, DestinationPages, PageSender, RoundContext, RoundSent, SourceTransport,
+    TransportError,
 };
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -292,8 +293,20 @@ fn send_stream(
         }
         let i = next.fetch_add(1, Ordering::Relaxed);
         let Some(batch) = batches.get(i) else { break };
-        let b = send_batch(mem, stream, round, batch, compress, &mut scratch)?;
-        count += 1;
+        let b = send_batch(
+            mem,
+            stream,
+            round,
+            batch,
+            compress,
+            ctx.dest_pages,
+            &mut scratch,
+        )?;
+        // A batch of pages the destination already reads as zeros sends
+        // no frame at all.
+        if b.wire_bytes > 0 {
+            count += 1;
+        }
         ctx.limiter.take(b.wire_bytes);
         (ctx.progress)(b.normal_pages + b.zero_pages, b.wire_bytes);
         sent.add(&b);
@@ -318,14 +331,28 @@ struct Scratch {
     compressed: Vec<u8>,
 }
 
-/// Send one batch: zero pages become markers, data pages go out by one
-/// vectored write straight from guest memory (or zstd-compressed).
+/// What one page of a batch becomes.
+#[derive(Clone, Copy, PartialEq)]
+enum Class {
+    /// Its bytes.
+    Data,
+    /// A zero marker.
+    Zero,
+    /// Nothing: a zero page the destination already reads as zeros.
+    Skip,
+}
+
+/// Send one batch: data pages go out by one vectored write straight from
+/// guest memory (or zstd-compressed), zero pages as markers where the
+/// destination may hold something else (`dest`), else not at all. No frame
+/// when nothing is left to send (0 wire bytes).
 fn send_batch(
     mem: &GuestMemory,
     stream: &mut Conn,
     round: u32,
     pieces: &[PageRun],
     compress: Option<i32>,
+    dest: &DestinationPages,
     scratch: &mut Scratch,
 ) -> Result<RoundSent, TransportError> {
     let mut sent = RoundSent::default();
@@ -333,28 +360,52 @@ fn send_batch(
     let mut data: Vec<IoSlice<'_>> = Vec::new();
     for piece in pieces {
         let region = &mem.regions()[piece.region];
+        let end = piece.first + piece.count;
+        if piece.count == 0 {
+            continue;
+        }
+        let class = |p: usize| match region.is_zero_page(p) {
+            false => Class::Data,
+            true if dest.zero_needs_sending(piece.region, p) => Class::Zero,
+            true => Class::Skip,
+        };
         let mut p = piece.first;
-        while p < piece.first + piece.count {
-            let zero = region.is_zero_page(p);
-            let start = p;
+        let mut next = class(p);
+        while p < end {
+            let (kind, start) = (next, p);
             p += 1;
-            while p < piece.first + piece.count && region.is_zero_page(p) == zero {
+            // Each page is classified once (the test has a side effect).
+            while p < end {
+                next = class(p);
+                if next != kind {
+                    break;
+                }
                 p += 1;
             }
             let count = p - start;
-            scratch.runs.push(BatchRun {
+            let run = |kind| BatchRun {
                 region: piece.region as u32,
                 first: start as u64,
                 count: count as u32,
-                kind: if zero { RunKind::Zero } else { RunKind::Data },
-            });
-            if zero {
-                sent.zero_pages += count as u64;
-            } else {
-                sent.normal_pages += count as u64;
-                data.push(region.io_slice(start, count));
+                kind,
+            };
+            match kind {
+                Class::Data => {
+                    sent.normal_pages += count as u64;
+                    dest.sent_data(piece.region, start, count);
+                    scratch.runs.push(run(RunKind::Data));
+                    data.push(region.io_slice(start, count));
+                }
+                Class::Zero => {
+                    sent.zero_pages += count as u64;
+                    scratch.runs.push(run(RunKind::Zero));
+                }
+                Class::Skip => sent.zero_pages += count as u64,
             }
         }
+    }
+    if scratch.runs.is_empty() {
+        return Ok(sent);
     }
     let raw_len: usize = data.iter().map(|d| d.len()).sum();
     debug_assert!(raw_len <= MAX_BATCH_BYTES);

@@ -12,6 +12,7 @@
 //!    |                       <-  Welcome{version}         |
 //!    | Layout{regions}                                 ->  |  compare with own memory
 //!    |                       <-  LayoutAccepted           |  (or Refused{why}: stop)
+//!    |                 <-  DestinationMemory{reads_zero}  |  (FEATURE_ZERO_SKIP only)
 //!    | data i: MAGIC+version, Join{session, i}         ->  |  (TCP: i = 0..conns)
 //!    | RdmaConnect{qps}                                ->  |  (RDMA instead: register
 //!    |            <-  RdmaAccept{qps, regions: addr,rkey}  |   all memory, connect QPs)
@@ -160,6 +161,11 @@ pub const HASHES_PER_FRAME: usize = 1 << 20;
 pub const FEATURE_ZSTD: u64 = 1 << 0;
 /// Feature bit: pages travel by RDMA WRITE (the side has an RDMA device).
 pub const FEATURE_RDMA: u64 = 1 << 1;
+/// Feature bit: right after `LayoutAccepted` the destination says whether
+/// its memory reads as zeros (`DestinationMemory`). If it does, the source
+/// sends a zero page only where it sent data before: a fresh destination
+/// never touches (allocates) the pages that stay zero.
+pub const FEATURE_ZERO_SKIP: u64 = 1 << 2;
 /// Most queue pairs an RDMA migration may use.
 pub const MAX_RDMA_QPS: usize = 64;
 
@@ -456,6 +462,13 @@ messages! {
     /// Destination → source: it kept what it received; data streams may
     /// join again and rounds go on.
     Resumed = 22,
+    /// Destination → source, right after `LayoutAccepted` when both offered
+    /// [`FEATURE_ZERO_SKIP`]: what its memory holds before any page lands.
+    DestinationMemory = 23 {
+        /// Every byte reads as zero (fresh memory): zero pages need not be
+        /// sent until data was.
+        reads_zero: bool,
+    },
 }
 
 /// Why bytes from a peer could not be understood.

@@ -19,6 +19,7 @@ fn all_messages() -> Vec<Message> {
         },
         Message::Layout { layout: layout() },
         Message::LayoutAccepted,
+        Message::DestinationMemory { reads_zero: true },
         Message::Join {
             session: 7,
             index: 3,

@@ -16,12 +16,13 @@ use crate::control::expect_msg;
 use crate::dirty::{DirtyLog, DirtyTracker};
 use crate::memory::GuestMemory;
 use crate::protocol::{
-    DEVICE_STATE_CHUNK, FrameKind, MIN_VERSION, Message, PageRange, ProtocolError, VERSION,
+    DEVICE_STATE_CHUNK, FEATURE_ZERO_SKIP, FrameKind, MIN_VERSION, Message, PageRange,
+    ProtocolError, VERSION,
 };
 use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus, Monitor};
 use crate::transport::{
-    ControlChannel, PageSender, RateLimiter, RoundContext, RoundSent, SourceTransport,
-    TransportError,
+    ControlChannel, DestinationPages, PageSender, RateLimiter, RoundContext, RoundSent,
+    SourceTransport, TransportError,
 };
 use crate::vm::SourceVm;
 use crate::{CancelToken, MigrationError};
@@ -85,8 +86,9 @@ impl Precopy<'_> {
         &mut self,
         transport: &mut dyn SourceTransport,
     ) -> Result<MigrationStats, MigrationError> {
-        let (session, features) = self.handshake(transport)?;
+        let (session, features, reads_zero) = self.handshake(transport)?;
         self.monitor.update(|s| s.migration_id = session);
+        let dest_pages = DestinationPages::new(self.mem, reads_zero);
         // (kept for a resume after a lost connection)
         let mut sender = self.open_data(transport, session, features)?;
         let limiter = &self.steer.limiter;
@@ -102,7 +104,14 @@ impl Precopy<'_> {
         loop {
             self.check_cancel()?;
             let done = match self
-                .round(transport, sender.as_mut(), &log, limiter, &mut totals)
+                .round(
+                    transport,
+                    sender.as_mut(),
+                    &log,
+                    limiter,
+                    &dest_pages,
+                    &mut totals,
+                )
                 .map_err(|e| abort_behind(transport.control(), e))
             {
                 Ok(done) => done,
@@ -111,6 +120,11 @@ impl Precopy<'_> {
                     // stop retrying into the destination), then the round's
                     // pages go again, with what was dirtied since.
                     drop(sender);
+                    // Some of the round's zero markers may not have landed:
+                    // its pages count as holding anything again.
+                    for run in log.runs() {
+                        dest_pages.sent_data(run.region, run.first, run.count);
+                    }
                     sender = self.resume(transport, session, features, e)?;
                     self.tracker.harvest(&mut log)?;
                     continue;
@@ -145,14 +159,15 @@ impl Precopy<'_> {
         }))
     }
 
-    /// `Hello` → `Welcome`, `Layout` → `LayoutAccepted`. Returns the session
-    /// id and the features both sides use.
+    /// `Hello` → `Welcome`, `Layout` → `LayoutAccepted` (→
+    /// `DestinationMemory`). Returns the session id, the features both sides
+    /// use, and whether the destination's memory reads as zeros.
     fn handshake(
         &mut self,
         transport: &mut dyn SourceTransport,
-    ) -> Result<(u64, u64), MigrationError> {
+    ) -> Result<(u64, u64, bool), MigrationError> {
         let session = RandomState::new().build_hasher().finish();
-        let offered = transport.features();
+        let offered = transport.features() | FEATURE_ZERO_SKIP;
         let data_streams = transport.data_streams();
         let ctl = transport.control();
         ctl.send(&Message::Hello {
@@ -170,7 +185,11 @@ impl Precopy<'_> {
             layout: self.mem.layout(),
         })?;
         expect_msg!(ctl, LayoutAccepted => ());
-        Ok((session, features & offered))
+        let features = features & offered;
+        let reads_zero = features & FEATURE_ZERO_SKIP != 0
+            && expect_msg!(ctl, DestinationMemory { reads_zero } => reads_zero);
+        tracing::debug!(reads_zero, "the destination's memory");
+        Ok((session, features, reads_zero))
     }
 
     /// Open the data streams (the data plane is chosen now: RDMA, or TCP
@@ -263,6 +282,7 @@ impl Precopy<'_> {
         sender: &mut dyn PageSender,
         log: &DirtyLog,
         limiter: &RateLimiter,
+        dest_pages: &DestinationPages,
         totals: &mut Totals,
     ) -> Result<RoundDone, MigrationError> {
         let round = totals.rounds;
@@ -279,7 +299,7 @@ impl Precopy<'_> {
         }
         let round_start = Instant::now();
         let runs: Vec<_> = log.runs().collect();
-        let sent = self.send_pages(sender, round, &runs, limiter, &totals.sent)?;
+        let sent = self.send_pages(sender, round, &runs, limiter, dest_pages, &totals.sent)?;
         let ctl = transport.control();
         for ranges in sent.zero_ranges.chunks(ZERO_RANGES_PER_FRAME) {
             ctl.send(&Message::ZeroPages {
@@ -504,6 +524,7 @@ impl Precopy<'_> {
         round: u32,
         runs: &[crate::dirty::PageRun],
         limiter: &RateLimiter,
+        dest_pages: &DestinationPages,
         before: &RoundSent,
     ) -> Result<RoundSent, MigrationError> {
         let bytes_done = AtomicU64::new(0);
@@ -531,6 +552,7 @@ impl Precopy<'_> {
             cancel: self.cancel,
             limiter,
             progress: &progress,
+            dest_pages,
         };
         sender.send_round(round, runs, &ctx).map_err(|e| match e {
             TransportError::Cancelled => self.cancelled(),

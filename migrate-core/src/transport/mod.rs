@@ -16,6 +16,9 @@ use crate::dirty::PageRun;
 use crate::memory::GuestMemory;
 use crate::protocol::{Message, PageRange, ProtocolError};
 
+mod zero;
+pub use zero::DestinationPages;
+
 /// Why a transport failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -148,7 +151,8 @@ pub struct RoundSent {
     pub wire_bytes: u64,
     /// Pages sent with their bytes.
     pub normal_pages: u64,
-    /// Pages sent as zero markers.
+    /// Zero pages: sent as zero markers, or not at all where the
+    /// destination already reads zeros.
     pub zero_pages: u64,
     /// `wire_bytes` by data stream (index = stream; TCP connection or RDMA
     /// queue pair), so an operator sees whether the streams share the load.
@@ -196,6 +200,11 @@ pub struct RoundContext<'a> {
     pub limiter: &'a RateLimiter,
     /// Called with (pages, wire bytes) as batches go out, from any thread.
     pub progress: &'a (dyn Fn(u64, u64) + Sync),
+    /// What the destination's pages may hold: a zero page goes out (as a
+    /// marker) only where [`DestinationPages::zero_needs_sending`] says so,
+    /// and every data page sent is recorded with
+    /// [`DestinationPages::sent_data`].
+    pub dest_pages: &'a DestinationPages,
 }
 
 /// The source's data plane.
