@@ -97,6 +97,18 @@ impl Read for &Conn {
             Conn::Tls(t) => t.read(out),
         }
     }
+
+    /// Plain TCP: one `readv` straight into the caller's buffers (guest
+    /// pages); TLS decrypts into them one at a time.
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => (&**s).read_vectored(bufs),
+            Conn::Tls(t) => {
+                let first = bufs.iter_mut().find(|b| !b.is_empty());
+                first.map_or(Ok(0), |b| t.read(b))
+            }
+        }
+    }
 }
 
 impl Write for &Conn {

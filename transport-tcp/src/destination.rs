@@ -434,6 +434,16 @@ fn land_batch(
             .into());
         }
     }
+    if !bh.compressed {
+        // Every data run's bytes, in order, straight into guest memory.
+        let data: Vec<(usize, usize, usize)> = bh
+            .runs
+            .iter()
+            .filter(|r| r.kind == RunKind::Data)
+            .map(|r| (r.region as usize, r.first as usize, r.count as usize))
+            .collect();
+        mem.read_runs_from(&data, reader).map_err(read_err)?;
+    }
     let mut suspect: Vec<PageRange> = Vec::new();
     let mut hashes = bh.page_hashes.iter();
     let mut raw_pos = 0;
@@ -449,10 +459,6 @@ fn land_batch(
                     let len = count * ps;
                     region.write_bytes(first * ps, &raw[raw_pos..raw_pos + len]);
                     raw_pos += len;
-                } else {
-                    region
-                        .read_pages_from(first, count, reader)
-                        .map_err(read_err)?;
                 }
                 for i in 0..count {
                     let expected = hashes.next().copied();

@@ -341,6 +341,37 @@ impl GuestMemory {
         &self.regions
     }
 
+    /// Read the pages of `runs` (region index, first page, page count), in
+    /// that order, from `reader` straight into guest memory: vectored reads,
+    /// no bounce buffer (a `BufReader` hands over what it holds, then reads
+    /// past its buffer). For a receiver landing a batch of pages whose runs
+    /// were validated against this memory's layout; while they land, nothing
+    /// else may access those pages (no vCPU runs on memory being received).
+    ///
+    /// # Errors
+    /// The reader's, or `UnexpectedEof` when it ends first.
+    ///
+    /// # Panics
+    /// When a run is outside its region.
+    pub fn read_runs_from(
+        &self,
+        runs: &[(usize, usize, usize)],
+        reader: &mut dyn io::Read,
+    ) -> io::Result<()> {
+        let mut slices = region::receive_slices(&self.regions, runs);
+        let mut bufs = &mut slices[..];
+        io::IoSliceMut::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            match reader.read_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => io::IoSliceMut::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Total bytes of guest memory.
     pub fn total_bytes(&self) -> u64 {
         self.regions.iter().map(|r| r.len() as u64).sum()

@@ -1,7 +1,7 @@
 //! One guest-memory region: a guest-physical range backed by a host mapping.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice, Read};
+use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -471,6 +471,18 @@ impl GuestRegion {
         sys::populate_write(self.host.as_ptr() as usize, self.len)
     }
 
+    /// Map every page readable now, in one call (`MADV_POPULATE_READ`), so
+    /// that a pass reading all of them (the first round's zero check) does
+    /// not fault once per page: a tracked (userfaultfd-registered) mapping
+    /// gets no fault-around. Reading a hole of shared memory allocates it,
+    /// as that pass would; private anonymous holes map the zero page.
+    ///
+    /// # Errors
+    /// The kernel's refusal (e.g. no `MADV_POPULATE_READ` before 5.14).
+    pub fn populate_read(&self) -> io::Result<()> {
+        sys::populate_read(self.host.as_ptr() as usize, self.len)
+    }
+
     /// Bytes of this region resident in RAM now (`mincore`).
     ///
     /// # Errors
@@ -506,4 +518,25 @@ pub(super) fn check_shape(gpa: u64, len: usize, page_size: PageSize) -> Result<(
         return Err(MemoryError::AddressOverflow { gpa, len });
     }
     Ok(())
+}
+
+/// The pages of `runs` (region index, first page, count) as buffers to
+/// receive into, for [`GuestMemory::read_runs_from`](super::GuestMemory::read_runs_from).
+///
+/// # Panics
+/// When a run is outside its region.
+pub(super) fn receive_slices<'a>(
+    regions: &'a [GuestRegion],
+    runs: &[(usize, usize, usize)],
+) -> Vec<IoSliceMut<'a>> {
+    runs.iter()
+        .map(|&(region, first, count)| {
+            let (ptr, len) = regions[region].span(first, count);
+            // SAFETY: in bounds (checked by `span`) and mapped for the
+            // regions' life. Received pages belong to one batch of one stream
+            // per round and no vCPU runs on memory being received, so nothing
+            // else accesses them while the caller's read fills them.
+            IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+        })
+        .collect()
 }

@@ -35,14 +35,25 @@ pub(super) fn allocate(file: &File, len: u64) -> io::Result<()> {
 }
 
 /// `MADV_POPULATE_WRITE` (Linux ≥ 5.14) over `[start, start + len)`: every
-/// page allocated and writable now, bytes unchanged. The one `madvise` of
-/// the crate (prefaulting a destination, and the uffd-sync tracker on
-/// kernels without `WP_UNPOPULATED`), reached through
+/// page allocated and writable now, bytes unchanged (prefaulting a
+/// destination, and the uffd-sync tracker on kernels without
+/// `WP_UNPOPULATED`), reached through
 /// [`GuestRegion::populate`](super::GuestRegion::populate).
 pub(super) fn populate_write(start: usize, len: usize) -> io::Result<()> {
+    populate(start, len, libc::MADV_POPULATE_WRITE)
+}
+
+/// `MADV_POPULATE_READ` (Linux ≥ 5.14) over `[start, start + len)`: every
+/// page mapped readable now, in one call, bytes unchanged; reached through
+/// [`GuestRegion::populate_read`](super::GuestRegion::populate_read).
+pub(super) fn populate_read(start: usize, len: usize) -> io::Result<()> {
+    populate(start, len, libc::MADV_POPULATE_READ)
+}
+
+fn populate(start: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
     // SAFETY: populating changes no byte and no mapping; on a range that is
     // not mapped the kernel answers ENOMEM instead of touching anything.
-    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, advice) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

@@ -167,3 +167,47 @@ fn layout_mismatch_names_the_difference() {
     ));
     assert!(a.check_matches(&layout()).is_ok());
 }
+
+/// A reader that hands out at most 7 bytes per call, however many buffers
+/// it is given: partial vectored reads must resume mid-buffer.
+struct Trickle<'a>(&'a [u8]);
+
+impl std::io::Read for Trickle<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = out.len().min(7).min(self.0.len());
+        out[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+}
+
+#[test]
+fn runs_land_in_order_from_partial_vectored_reads() {
+    let mem = GuestMemory::new(vec![
+        GuestRegion::anonymous(0, 8 * 4096).unwrap(),
+        GuestRegion::memfd(1 << 20, 4 * 4096, "runs").unwrap(),
+    ])
+    .unwrap();
+    let runs = [(1, 2, 2), (0, 0, 1), (0, 5, 3)];
+    let bytes: Vec<u8> = (0..6 * 4096).map(|i| (i % 251) as u8 + 1).collect();
+    mem.read_runs_from(&runs, &mut Trickle(&bytes)).unwrap();
+    let mut at = 0;
+    for (region, first, count) in runs {
+        let mut got = vec![0u8; count * 4096];
+        mem.regions()[region].read_bytes(first * 4096, &mut got);
+        assert_eq!(
+            got,
+            bytes[at..at + count * 4096],
+            "run {region}:{first}+{count}"
+        );
+        at += count * 4096;
+    }
+    // Pages outside the runs stay as they were (zero).
+    assert!(mem.regions()[0].is_zero_page(1));
+    assert!(mem.regions()[1].is_zero_page(0));
+    // A reader that ends first is an error, not a short landing.
+    let e = mem
+        .read_runs_from(&runs, &mut Trickle(&bytes[..100]))
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+}

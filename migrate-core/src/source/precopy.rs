@@ -91,6 +91,12 @@ impl Precopy<'_> {
         let dest_pages = DestinationPages::new(self.mem, reads_zero);
         // (kept for a resume after a lost connection)
         let mut sender = self.open_data(transport, session, features)?;
+        // Round 0 reads every page: map them in bulk first.
+        for r in self.mem.regions() {
+            if let Err(e) = r.populate_read() {
+                tracing::debug!(gpa = r.gpa(), error = %e, "no bulk read-mapping; pages fault one by one");
+            }
+        }
         let limiter = &self.steer.limiter;
         let mut log = DirtyLog::new(self.mem);
         log.mark_all();

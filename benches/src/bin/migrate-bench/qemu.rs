@@ -15,8 +15,9 @@
 //!   --memory-file IMAGE --guest idle --no-fill` (no `--verify`: the file
 //!   comparison checks the bytes instead). The time runs from starting the
 //!   source process to its exit (after the destination's commit): process
-//!   start, tracker set-up and connection included. The CPU is the source's
-//!   whole process and the destination's from its ready line to its exit.
+//!   start, tracker set-up and connection included. The CPU is what each
+//!   process reports for the migration (`resources.cpu_ms`: the source's
+//!   from just before it connects, the destination's from the connection).
 //!
 //! The destination memory is either *fresh* (a sparse file: every page is
 //! first touched during the migration) or *preallocated* before the
@@ -435,7 +436,6 @@ fn ours_run(
     let Some(addr) = line.trim().strip_prefix("listening on ") else {
         bail!("the destination did not get ready: {line:?}");
     };
-    let d0 = cpu_s(procs.0[0].id())?;
     let t0 = Instant::now();
     let src = Command::new(&a.cli)
         .args(["source", "--connect", addr, "--streams", &streams])
@@ -464,7 +464,7 @@ fn ours_run(
     let (s, d) = (report(&sj)?, report(&dj)?);
     let cpu = |v: &Value| v["resources"]["cpu_ms"].as_f64().unwrap_or(0.0) / 1e3;
     r.src_cpu_s = cpu(&s);
-    r.dst_cpu_s = cpu(&d) - d0;
+    r.dst_cpu_s = cpu(&d);
     if s["status"] != "completed" || d["status"] != "completed" {
         bail!("statuses {} / {}", s["status"], d["status"]);
     }
