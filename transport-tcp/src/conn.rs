@@ -136,6 +136,10 @@ impl Read for Conn {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         (&*self).read(out)
     }
+
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        (&*self).read_vectored(bufs)
+    }
 }
 
 impl TlsConn {
