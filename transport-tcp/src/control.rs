@@ -28,7 +28,7 @@ use crate::tls::secure;
 
 /// Bytes buffered per connection for headers and run tables; page bytes
 /// beyond what is buffered are read straight into guest memory.
-const READ_BUFFER: usize = 64 << 10;
+const READ_BUFFER: usize = 16 << 10;
 /// The first protocol version whose control streams carry heartbeats.
 const HEARTBEAT_VERSION: u16 = 2;
 /// Heartbeats come at least this often.
