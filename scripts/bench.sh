@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The benchmark, one command: the macro benchmark (migrate-bench) on this
 # host over loopback and over a veth pair between two network namespaces,
-# then RDMA vs TCP inside the SoftRoCE VM, the ceilings measured alongside;
-# writes benches/results/{raw/*.json,results.md,results.png}.
+# then QEMU's migration beside ours on the same image (host), then RDMA vs
+# TCP inside the SoftRoCE VM, the ceilings measured alongside; writes
+# benches/results/{raw/*.json,raw/peer/qemu.json,results.md,results.png,
+# results-qemu.png}.
 # Usage: scripts/bench.sh [--quick] [--host-only|--vm-only]   (root)
 #   BENCH_RESULTS=DIR: write there instead (the test command's smoke run).
 # BENCHMARKS.md says how to read the results.
@@ -31,6 +33,10 @@ if [ "$host" = 1 ]; then
   target/release/migrate-bench run --site host-loopback --site host-veth "${quick[@]}" \
     --out "$results/raw/host.json" --command-line "$cmd"
   scripts/netns.sh down
+  # QEMU 7.2 multifd against migrate-cli on one image, one run, interleaved
+  # (the smoke run: a small image, once).
+  if [ ${#quick[@]} = 0 ]; then peer=(--size-mib 1024 --repeat 5); else peer=(--size-mib 128 --repeat 1); fi
+  target/release/migrate-bench qemu "${peer[@]}" --out "$results/raw/peer/qemu.json" --command-line "$cmd"
   if [ ${#quick[@]} = 0 ]; then
     # Micro benchmarks (criterion): dirty harvest, per-page costs, zstd.
     crit=$(mktemp -d)

@@ -23,7 +23,7 @@ cargo test -p benches --benches --locked
 if [ "$(id -u)" -eq 0 ]; then
   bench_tmp=$(mktemp -d)
   BENCH_RESULTS=$bench_tmp scripts/bench.sh --quick --host-only
-  test -s "$bench_tmp/results.md" && test -s "$bench_tmp/results.png"
+  test -s "$bench_tmp/results.md" && test -s "$bench_tmp/results.png" && test -s "$bench_tmp/results-qemu.png"
   rm -rf "$bench_tmp"
 fi
 # Every decoder of a peer's bytes under libFuzzer, 20 s each from the

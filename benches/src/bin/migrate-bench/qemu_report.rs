@@ -64,8 +64,9 @@ pub fn markdown(raw: &PeerRaw) -> String {
          each compared with the image byte for byte after the migration: {identical} of {n} \
          identical{}. Linux {}. Medians (min–max); the runs were interleaved. Time: QEMU from \
          `migrate` to the destination's completion event, ours from starting the source \
-         process to its exit. CPU: both processes over the migration (ours: the source's \
-         whole process). `results-qemu.png` draws it.\n",
+         process to its exit. CPU: both processes over the migration (QEMU's from \
+         `migrate` on; ours as each process reports it, from its connection on). \
+         `results-qemu.png` draws it.\n",
         raw.date,
         raw.qemu_version,
         raw.channels,
