@@ -15,6 +15,10 @@ for l in sys.stdin:
 cargo build --release --locked -p migrate-cli
 script=""
 for b in $bins; do script+="echo '== $(basename "$b")'; $b --test-threads=1 || exit 1; "; done
+# The RDMA micro benchmark once in test mode (no timing), over rxe0.
+rdma_post=$(cargo bench --locked -p benches --bench rdma_post --no-run 2>&1 \
+  | grep -o 'target/release/deps/rdma_post-[0-9a-f]*' | tail -n 1)
+script+="echo '== rdma_post (test mode)'; CRITERION_HOME=/tmp/crit $rdma_post --test || exit 1; "
 script+="echo '== migrate-cli over RDMA (loopback and two network namespaces)'; "
 script+="scripts/vm-rdma-cli.sh target/release/migrate-cli ${RDMA_COMPARE:+compare} || exit 1"
 exec scripts/rdma-vm.sh --netns bash -c "$script"

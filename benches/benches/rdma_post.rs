@@ -104,8 +104,10 @@ fn post_rate(c: &mut Criterion) {
     let mut pair = match setup(16 << 20) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!(
-                "rdma_post: SKIP, no usable RDMA device here ({e}); run it in the SoftRoCE VM"
+            fixtures::skip(
+                "rdma_post",
+                fixtures::Need::Rdma,
+                &format!("no usable RDMA device here ({e}); run it in the SoftRoCE VM"),
             );
             return;
         }

@@ -205,7 +205,11 @@ struct Hosts {
 
 impl Hosts {
     fn create() -> Result<Hosts, String> {
-        let id = std::process::id() % 100_000;
+        // One pair of hosts per test, and the tests run in parallel: the
+        // names carry the process and a count (interface names fit 15 bytes).
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = (std::process::id() % 100_000) * 100 + n % 100;
         let (src, dst) = (format!("mcs{id}"), format!("mcd{id}"));
         let (vs, vd) = (format!("mvs{id}"), format!("mvd{id}"));
         let hosts = Hosts {
@@ -256,7 +260,11 @@ fn two_hosts_over_a_veth_pair() {
     let hosts = match Hosts::create() {
         Ok(h) => h,
         Err(e) => {
-            println!("SKIP two_hosts_over_a_veth_pair: cannot create network namespaces here: {e}");
+            fixtures::skip(
+                "two_hosts_over_a_veth_pair",
+                fixtures::Need::NetNs,
+                &format!("cannot create network namespaces here: {e}"),
+            );
             return;
         }
     };
@@ -512,7 +520,11 @@ fn a_cut_link_is_survived() {
     let hosts = match Hosts::create() {
         Ok(h) => h,
         Err(e) => {
-            println!("SKIP a_cut_link_is_survived: cannot create network namespaces here: {e}");
+            fixtures::skip(
+                "a_cut_link_is_survived",
+                fixtures::Need::NetNs,
+                &format!("cannot create network namespaces here: {e}"),
+            );
             return;
         }
     };
@@ -541,7 +553,11 @@ fn a_slow_lossy_link_migrates_verified() {
     let hosts = match Hosts::create() {
         Ok(h) => h,
         Err(e) => {
-            println!("SKIP a_slow_lossy_link_migrates_verified: no network namespaces here: {e}");
+            fixtures::skip(
+                "a_slow_lossy_link_migrates_verified",
+                fixtures::Need::NetNs,
+                &format!("no network namespaces here: {e}"),
+            );
             return;
         }
     };

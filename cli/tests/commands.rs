@@ -139,7 +139,11 @@ fn check_reports_this_host() {
     if verdict("huge pages") == "ok" {
         assert_eq!(verdict("uffd-hugetlb"), "ok", "{v}");
     } else {
-        println!("SKIP uffd-hugetlb check: no free huge pages here");
+        fixtures::skip(
+            "check_reports_this_host (uffd-hugetlb)",
+            fixtures::Need::HugePages,
+            "no free huge pages here",
+        );
     }
     let has_rdma = std::fs::read_dir("/sys/class/infiniband")
         .map(|d| d.count() > 0)

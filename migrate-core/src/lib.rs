@@ -130,6 +130,7 @@ pub mod destination;
 pub mod dirty;
 pub mod memory;
 pub mod protocol;
+pub mod skip;
 pub mod source;
 pub mod stats;
 pub mod transport;

@@ -17,7 +17,11 @@ fn second_mapping_writes_need_the_software_bitmap() {
     let tracking = match DirtyTracking::new(&mem, TrackerPreference::Best) {
         Ok(t) => t,
         Err(e) => {
-            println!("SKIP second_mapping_writes_need_the_software_bitmap: {e}");
+            migrate_core::skip::skip(
+                "second_mapping_writes_need_the_software_bitmap",
+                migrate_core::skip::Need::Uffd,
+                &e.to_string(),
+            );
             return;
         }
     };
@@ -89,7 +93,11 @@ fn kernel_writes_are_tracked_in_async_mode() {
     let mem = GuestMemory::new(vec![GuestRegion::anonymous(0, 16 * 4096).unwrap()]).unwrap();
     let Ok(tracking) = DirtyTracking::new(&mem, TrackerPreference::Only(TrackerKind::UffdAsync))
     else {
-        println!("SKIP kernel_writes_are_tracked_in_async_mode: no async tracker here");
+        migrate_core::skip::skip(
+            "kernel_writes_are_tracked_in_async_mode",
+            migrate_core::skip::Need::Uffd,
+            "no async tracker here",
+        );
         return;
     };
     let mut fds = [0; 2];

@@ -19,7 +19,11 @@ fn kvm_here(test: &str) -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            println!("SKIP {test}: /dev/kvm: {e}");
+            migrate_core::skip::skip(
+                test,
+                migrate_core::skip::Need::Kvm,
+                &format!("/dev/kvm: {e}"),
+            );
             false
         }
     }

@@ -66,7 +66,11 @@ fn two_qps() -> TransportPair {
 #[test]
 fn pages_travel_by_rdma_over_two_queue_pairs() {
     if let Err(reason) = available() {
-        println!("SKIP pages_travel_by_rdma_over_two_queue_pairs: {reason}");
+        fixtures::skip(
+            "pages_travel_by_rdma_over_two_queue_pairs",
+            fixtures::Need::Rdma,
+            &reason,
+        );
         return;
     }
     let o = run(two_qps, Scenario::default());
@@ -108,7 +112,11 @@ fn destination_without_device() -> TransportPair {
 #[test]
 fn auto_falls_back_to_tcp_when_the_destination_has_no_device() {
     if let Err(reason) = available() {
-        println!("SKIP auto_falls_back_to_tcp_when_the_destination_has_no_device: {reason}");
+        fixtures::skip(
+            "auto_falls_back_to_tcp_when_the_destination_has_no_device",
+            fixtures::Need::Rdma,
+            &reason,
+        );
         return;
     }
     let o = run(destination_without_device, Scenario::default());

@@ -13,10 +13,11 @@ use transport_rdma::verbs::{Device, QueuePair, VerbsError, WriteRequest, device_
 
 fn device_or_skip(test: &str) -> Option<Device> {
     if device_names().is_empty() {
-        if std::env::var_os("MIGRATE_REQUIRE_RDMA").is_some() {
-            panic!("{test}: no RDMA device, but MIGRATE_REQUIRE_RDMA is set");
-        }
-        println!("SKIP {test}: no RDMA device here (run scripts/test-rdma.sh)");
+        fixtures::skip(
+            test,
+            fixtures::Need::Rdma,
+            "no RDMA device here (run scripts/test-rdma.sh)",
+        );
         return None;
     }
     Some(Device::open(None, None, None).expect("open RDMA device"))

@@ -136,12 +136,23 @@ impl MemoryKind {
     }
 }
 
-/// Start the tracker, or `None` (with a SKIP line) when this kernel lacks it.
-fn start(test: &str, mem: &GuestMemory, factory: TrackerFactory) -> Option<Tracked> {
+/// Start the tracker, or `None`: when the tracker refuses this kind of
+/// memory by design (userfaultfd write-protect has no disk files), which
+/// must be a typed refusal; or (a skip) when this kernel lacks it.
+fn start(
+    test: &str,
+    kind: MemoryKind,
+    mem: &GuestMemory,
+    factory: TrackerFactory,
+) -> Option<Tracked> {
     match factory(mem) {
         Ok(t) => Some(t),
+        Err(DirtyError::Unsupported { reason, .. }) if kind == MemoryKind::DiskFile => {
+            println!("n/a {test}: refused as it must be: {reason}");
+            None
+        }
         Err(DirtyError::Unsupported { reason, .. }) => {
-            println!("SKIP {test}: {reason}");
+            crate::skip::skip(test, crate::skip::Need::Uffd, &reason);
             None
         }
         Err(e) => panic!("{test}: tracker failed to start: {e}"),
@@ -153,7 +164,7 @@ pub fn memory(test: &str, kind: MemoryKind, mib: usize) -> Option<TestMemory> {
     match kind.build(mib) {
         Ok(m) => Some(m),
         Err(reason) if kind == MemoryKind::Hugetlb => {
-            println!("SKIP {test}: {reason}");
+            crate::skip::skip(test, crate::skip::Need::HugePages, &reason);
             None
         }
         Err(reason) => panic!("{test}: cannot build {kind:?} memory: {reason}"),
@@ -204,7 +215,7 @@ pub fn scattered_writes_are_exact(test: &str, kind: MemoryKind, factory: Tracker
     for r in mem.regions() {
         r.atomic_u64(0).store(1, Ordering::Relaxed);
     }
-    let Some(t) = start(test, mem, factory) else {
+    let Some(t) = start(test, kind, mem, factory) else {
         return;
     };
     assert!(
@@ -275,7 +286,7 @@ pub fn concurrent_writes_are_never_lost(test: &str, kind: MemoryKind, factory: T
         return;
     };
     let mem = &tm.mem;
-    let Some(t) = start(test, mem, factory) else {
+    let Some(t) = start(test, kind, mem, factory) else {
         return;
     };
     // The shadow starts as a full copy (round 0), then follows harvests.

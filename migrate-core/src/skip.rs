@@ -1,0 +1,69 @@
+//! Skipped tests as visible, counted outcomes (for this crate's conformance
+//! suites and the workspace's tests; a VMM does not need it).
+//!
+//! A test whose prerequisite this machine lacks calls [`skip`]: it prints
+//! `SKIP <test>: <reason>`, appends that line to the file named by
+//! `MIGRATE_SKIP_LOG` (the test command prints them all at its end, since
+//! `cargo test` swallows a passing test's output), and returns so the test
+//! can end. Where the test command has checked that this machine *has* the
+//! prerequisite, it sets `MIGRATE_REQUIRE_<NEED>=1`, and the skip fails the
+//! test instead: on a machine that can run a test, a skip is a failure.
+
+use std::io::Write;
+
+/// What a test may need that a machine may lack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Need {
+    /// An RDMA device (`MIGRATE_REQUIRE_RDMA`).
+    Rdma,
+    /// `/dev/kvm` (`MIGRATE_REQUIRE_KVM`).
+    Kvm,
+    /// Free 2 MiB huge pages (`MIGRATE_REQUIRE_HUGETLB`).
+    HugePages,
+    /// userfaultfd write-protect trackers, async with `PAGEMAP_SCAN`
+    /// (`MIGRATE_REQUIRE_UFFD`).
+    Uffd,
+    /// Network namespaces and veth pairs (root; `MIGRATE_REQUIRE_NETNS`).
+    NetNs,
+}
+
+impl Need {
+    /// The variable that turns a skip for this need into a failure.
+    pub fn variable(self) -> &'static str {
+        match self {
+            Need::Rdma => "MIGRATE_REQUIRE_RDMA",
+            Need::Kvm => "MIGRATE_REQUIRE_KVM",
+            Need::HugePages => "MIGRATE_REQUIRE_HUGETLB",
+            Need::Uffd => "MIGRATE_REQUIRE_UFFD",
+            Need::NetNs => "MIGRATE_REQUIRE_NETNS",
+        }
+    }
+}
+
+/// Skip `test` for lack of `need` (`reason` says what is missing): a
+/// logged, counted `SKIP` line, or a panic where the need is required.
+///
+/// # Panics
+/// When `MIGRATE_REQUIRE_<NEED>` is set: this machine was checked to have
+/// what the test needs.
+pub fn skip(test: &str, need: Need, reason: &str) {
+    if std::env::var_os(need.variable()).is_some() {
+        panic!(
+            "{test}: skipped for lack of {need:?} ({reason}), but {} is set: this machine has it",
+            need.variable()
+        );
+    }
+    let line = format!("SKIP {test}: {reason}");
+    println!("{line}");
+    if let Some(path) = std::env::var_os("MIGRATE_SKIP_LOG") {
+        let logged = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = logged {
+            panic!("{test}: cannot log the skip to MIGRATE_SKIP_LOG: {e}");
+        }
+    }
+}
