@@ -164,7 +164,7 @@ fn source(a: SourceArgs) -> Result<bool> {
                 let v = serde_json::json!({
                     "status": "completed", "rounds": stats.rounds, "downtime_ms": stats.downtime_ms,
                     "total_ms": stats.total_ms, "bytes_transferred": stats.bytes_transferred,
-                    "throttle_percent": stats.throttle_percent, "verified": a.verify,
+                    "throttle_percent": stats.throttle_percent, "verified": stats.verified,
                 });
                 std::fs::write(p, v.to_string()).context("writing the JSON report")?;
             }
