@@ -153,9 +153,15 @@ pub fn run(a: &QemuArgs) -> Result<PeerRaw> {
                     rep,
                     ..Default::default()
                 };
+                let w = Where {
+                    args: a,
+                    image: &image,
+                    dst: &dst,
+                    tmp: &tmp,
+                };
                 let outcome = match engine {
-                    "qemu" => qemu_run(a, &image, &dst, prealloc, &tmp, &mut r),
-                    _ => ours_run(a, &image, &dst, prealloc, &tmp, &mut r),
+                    "qemu" => qemu_run(&w, prealloc, &mut r),
+                    _ => ours_run(&w, prealloc, &mut r),
                 };
                 let outcome = outcome.and_then(|()| {
                     r.identical = same_bytes(&image, &dst)?;
@@ -186,6 +192,15 @@ pub fn run(a: &QemuArgs) -> Result<PeerRaw> {
     let _ = std::fs::remove_file(&image);
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(raw)
+}
+
+/// What every run uses: the arguments, the image, the destination file and
+/// a scratch folder.
+struct Where<'a> {
+    args: &'a QemuArgs,
+    image: &'a Path,
+    dst: &'a Path,
+    tmp: &'a Path,
 }
 
 /// The image: `len` bytes of the page mix, in a file.
@@ -331,14 +346,8 @@ impl Drop for Reaper {
     }
 }
 
-fn qemu_run(
-    a: &QemuArgs,
-    image: &Path,
-    dst: &Path,
-    prealloc: bool,
-    tmp: &Path,
-    r: &mut PeerRun,
-) -> Result<()> {
+fn qemu_run(w: &Where<'_>, prealloc: bool, r: &mut PeerRun) -> Result<()> {
+    let (a, image, dst, tmp) = (w.args, w.image, w.dst, w.tmp);
     let mib = a.size_mib;
     let qemu = |mem_path: &Path, extra: &str, qmp: &Path, incoming: bool| -> Result<Child> {
         let mut c = Command::new(&a.qemu);
@@ -406,14 +415,8 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-fn ours_run(
-    a: &QemuArgs,
-    image: &Path,
-    dst: &Path,
-    prealloc: bool,
-    tmp: &Path,
-    r: &mut PeerRun,
-) -> Result<()> {
+fn ours_run(w: &Where<'_>, prealloc: bool, r: &mut PeerRun) -> Result<()> {
+    let (a, image, dst, tmp) = (w.args, w.image, w.dst, w.tmp);
     let size = format!("{}M", a.size_mib);
     let streams = a.channels.to_string();
     sparse(dst, a.size_mib << 20)?;
