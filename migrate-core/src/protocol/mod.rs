@@ -40,7 +40,8 @@
 //! # Receiver (destination) state machine
 //!
 //! ```text
-//!  AwaitHello --Hello--> AwaitLayout --Layout ok--> AwaitJoins --all joined-->
+//!  AwaitHello --Hello--> AwaitLayout --Layout ok (LayoutAccepted, and with
+//!      FEATURE_ZERO_SKIP DestinationMemory sent)--> AwaitJoins --all joined-->
 //!  Receiving --RoundDone(live), all RoundEnd--> Receiving (ack sent)
 //!  Receiving / FinalRetry --ZeroPages--> same state (pages zeroed)
 //!  Receiving / FinalRetry --RoundDone(last), all RoundEnd, every page checked-->
