@@ -233,6 +233,12 @@ pub struct MigrationArgs {
     /// difference fails the migration (and the source guest resumes).
     #[arg(long)]
     pub verify: bool,
+    /// After a completed migration, hash every page of the paused guest
+    /// memory into `memory_digest` in `--json` (compare it with the
+    /// destination's `dest --digest`: the bytes checked without the
+    /// downtime `--verify` adds).
+    #[arg(long)]
+    pub digest: bool,
     /// Offer zstd compression of page batches (for slow links).
     #[arg(long)]
     pub compress: bool,
@@ -337,6 +343,10 @@ pub struct DestArgs {
     /// Write the destination's report as one JSON object here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// After the commit, hash every page of the guest memory into
+    /// `memory_digest` in `--json` (compare with the source's `--digest`).
+    #[arg(long)]
+    pub digest: bool,
 }
 
 /// `migrate-cli demo`.

@@ -225,6 +225,10 @@ fn migrate_out(
         if let Some(base) = baseline_rss {
             v["resources"] = resources::report(cpu_start, base, Some(&mem));
         }
+        // After the figures: the guest stays paused, nothing is timed.
+        if m.digest && result.is_ok() {
+            v["memory_digest"] = serde_json::json!(format!("{:016x}", mem.digest()));
+        }
         write_report(path, &v);
     }
     vm.stop();
@@ -274,6 +278,7 @@ pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
     let opts = Receiving {
         // Adopted memory is fresh.
         reads_zero: own.is_none() || own_reads_zero,
+        digest: a.digest,
         prefault: a.prefault,
         max_memory: a.max_memory.unwrap_or_else(memory::available),
         reconnect: reconnect(&a.transport),
@@ -291,6 +296,8 @@ pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
 
 /// How the destination receives.
 struct Receiving {
+    /// Write the memory's digest after the commit.
+    digest: bool,
     /// The memory reads as zeros before the first page lands.
     reads_zero: bool,
     /// Allocate adopted memory before the first page.
@@ -443,6 +450,9 @@ fn receive(
         if let Some(base) = baseline_rss {
             v["resources"] = resources::report(cpu_start, base, guest_mem.as_deref());
         }
+        if let (true, true, Some(mem)) = (opts.digest, ok, &guest_mem) {
+            v["memory_digest"] = serde_json::json!(format!("{:016x}", mem.digest()));
+        }
         write_report(path, &v);
     }
     Ok(Outcome::of(ok))
@@ -491,6 +501,7 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
     let dest = std::thread::spawn(move || {
         let opts = Receiving {
             reads_zero: true,
+            digest: false,
             prefault: false,
             max_memory: memory::available(),
             reconnect: None,

@@ -72,11 +72,11 @@ fn the_readme_lists_every_report_field() {
     let table = readme_fields();
     assert!(table.len() > 30, "{table:?}");
     let (sj, dj) = (tmp("fields-s.json"), tmp("fields-d.json"));
-    let (d, addr) = dest(None, "127.0.0.1:0", &[], &dj);
+    let (d, addr) = dest(None, "127.0.0.1:0", &["--digest"], &dj);
     let s = source(
         None,
         &addr,
-        &["--memory", "8M", "--guest", "bank", "--verify"],
+        &["--memory", "8M", "--guest", "bank", "--verify", "--digest"],
         &sj,
     )
     .wait_with_output()
@@ -86,8 +86,10 @@ fn the_readme_lists_every_report_field() {
     let dv = json(&dj);
     check("source", &sv, &table);
     check("destination", &dv, &table);
-    // Both sides name the same migration.
+    // Both sides name the same migration, and hold the same bytes.
     assert_eq!(sv["migration_id"], dv["migration_id"]);
+    assert_eq!(sv["memory_digest"].as_str().map(str::len), Some(16), "{sv}");
+    assert_eq!(sv["memory_digest"], dv["memory_digest"]);
     assert_eq!(sv["schema_version"], 1);
 }
 

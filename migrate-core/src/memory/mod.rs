@@ -372,6 +372,19 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// One 64-bit digest of every page's bytes (xxh3 per page, folded in
+    /// page order): two memories with equal layouts and equal bytes have
+    /// equal digests. For checking a migration after the fact, e.g. the
+    /// source's paused memory against the destination's after the commit.
+    pub fn digest(&self) -> u64 {
+        self.regions
+            .iter()
+            .flat_map(|r| (0..r.pages()).map(move |p| r.hash_page(p)))
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, p| {
+                (h ^ p).wrapping_mul(0x100_0000_01b3)
+            })
+    }
+
     /// Total bytes of guest memory.
     pub fn total_bytes(&self) -> u64 {
         self.regions.iter().map(|r| r.len() as u64).sum()

@@ -97,8 +97,10 @@ fn markdown(raws: &[Raw], cells: &[Cell], ceilings: &[Ceiling]) -> String {
     let _ = writeln!(
         s,
         "Written by `migrate-bench report` from `raw/*.json`; BENCHMARKS.md explains \
-         how to reproduce them and how to read them. Every migration ran with \
-         `--verify` (the destination's pages equal the paused source's, page for page), \
+         how to reproduce them and how to read them. Every migration's bytes were \
+         checked: the destination's memory after the commit equals the paused source's \
+         (`--digest` on both sides, outside the downtime; runs recorded before it ran with \
+         `--verify`, whose time the tables show after a +), \
          {STREAMS} data streams / queue pairs, a {DOWNTIME_MS} ms downtime budget and a \
          preallocated destination (`--prefault`) unless the row says *fresh*. Figures are \
          medians with (min–max) over the repeats.\n"
@@ -156,8 +158,8 @@ fn markdown(raws: &[Raw], cells: &[Cell], ceilings: &[Ceiling]) -> String {
     let _ = writeln!(
         s,
         "First pass = round 0's wire rate (the transport's bulk rate); ratio = first pass / \
-         the ceiling of the transport at that site. Downtime is without (and, after +, with) \
-         the `--verify` comparison. CPU is each process's CPU time over the migration per GiB \
+         the ceiling of the transport at that site. Downtime is measured without \
+         `--verify` (after +: the time `--verify` took, in runs that used it). CPU is each process's CPU time over the migration per GiB \
          of guest memory, without the built-in guest's threads. Overhead is the larger \
          side's peak RSS beyond its start and its resident guest pages, as a share of guest \
          memory.\n"
