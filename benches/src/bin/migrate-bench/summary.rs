@@ -64,7 +64,7 @@ pub fn report(results: &Path) -> Result<()> {
     let raws = load(results)?;
     let cells = cells(&raws);
     let ceilings: Vec<Ceiling> = raws.iter().flat_map(|r| r.ceilings.clone()).collect();
-    let mut md = markdown(&raws, &cells, &ceilings);
+    let (mut md, unmeasured) = markdown(&raws, &cells, &ceilings);
     let micro = crate::micro::load(results)?;
     if !micro.is_empty() {
         md += "\n## Micro benchmarks (criterion)\n\n";
@@ -86,12 +86,17 @@ pub fn report(results: &Path) -> Result<()> {
         md_path.display(),
         png.display()
     );
+    if unmeasured > 0 {
+        bail!("{unmeasured} targets not measured: their ceiling failed (see the report)");
+    }
     Ok(())
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-fn markdown(raws: &[Raw], cells: &[Cell], ceilings: &[Ceiling]) -> String {
+/// The report, and how many targets could not be judged (their ceiling
+/// failed to measure).
+fn markdown(raws: &[Raw], cells: &[Cell], ceilings: &[Ceiling]) -> (String, usize) {
     let mut s = String::new();
     let _ = writeln!(s, "# Benchmark results\n");
     let _ = writeln!(
@@ -147,7 +152,7 @@ fn markdown(raws: &[Raw], cells: &[Cell], ceilings: &[Ceiling]) -> String {
     }
 
     let _ = writeln!(s, "\n## Targets\n");
-    targets(&mut s, cells, ceilings);
+    let unmeasured = targets(&mut s, cells, ceilings);
 
     let _ = writeln!(s, "\n## Ratios to every ceiling\n");
     ratios(&mut s, cells, ceilings);
@@ -222,7 +227,7 @@ fn markdown(raws: &[Raw], cells: &[Cell], ceilings: &[Ceiling]) -> String {
         );
     }
     let _ = writeln!(s, "\n![throughput and downtime](results.png)");
-    s
+    (s, unmeasured)
 }
 
 /// The largest idle all-random cell of each site and transport against
@@ -254,15 +259,21 @@ fn ratios(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) {
             let Some(cm) = Spread::of(cl.mbps.iter().copied()) else {
                 continue;
             };
+            let ratio = fp.median / cm.median;
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} | `{}` {:.0} | {:.2} |",
+                "| {} | {} | {:.0} | `{}` {:.0} | {:.2}{} |",
                 k.site,
                 k.transport,
                 fp.median,
                 cl.tool,
                 cm.median,
-                fp.median / cm.median
+                ratio,
+                if ratio > 1.0 && cl.bounds != "memory" {
+                    " (not an upper bound)"
+                } else {
+                    ""
+                }
             );
         }
     }
@@ -356,7 +367,9 @@ fn rdma_vs_tcp(s: &mut String, cells: &[Cell]) {
     }
 }
 
-fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) {
+/// The targets table; returns how many could not be judged.
+fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) -> usize {
+    let mut unmeasured = 0;
     // Throughput: the bulk cells against their transport's ceiling.
     let _ = writeln!(s, "| target | where | measured | met |\n|---|---|---|---|");
     for c in bulk_cells(cells) {
@@ -383,19 +396,26 @@ fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) {
             );
             continue;
         }
-        let (Some(fp), Some(cl)) = (
-            c.spread(|r| r.first_pass_mbps),
-            ceiling_for(ceilings, &k.site, &k.transport),
-        ) else {
+        let Some(fp) = c.spread(|r| r.first_pass_mbps) else {
             continue;
         };
-        let Some(cm) = Spread::of(cl.mbps.iter().copied()) else {
+        let ceiling = ceiling_for(ceilings, &k.site, &k.transport)
+            .and_then(|cl| Spread::of(cl.mbps.iter().copied()).map(|cm| (cl, cm)));
+        let Some((cl, cm)) = ceiling else {
+            unmeasured += 1;
+            let _ = writeln!(
+                s,
+                "| {} ≥ 90 % of its best-measured ceiling | {}, {} MiB idle random | ceiling **not measured** | **no** |",
+                k.transport.to_uppercase(),
+                k.site,
+                k.size_mib,
+            );
             continue;
         };
         let ratio = fp.median / cm.median;
         let _ = writeln!(
             s,
-            "| {} ≥ 90 % of `{}` | {}, {} MiB idle random | {:.0} / {:.0} Mbit/s = {:.0} % | {} |",
+            "| {} ≥ 90 % of `{}` | {}, {} MiB idle random | {:.0} / {:.0} Mbit/s = {:.0} %{} | {} |",
             k.transport.to_uppercase(),
             cl.tool,
             k.site,
@@ -403,6 +423,11 @@ fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) {
             fp.median,
             cm.median,
             ratio * 100.0,
+            if ratio > 1.0 {
+                " (faster than this ceiling: not an upper bound)"
+            } else {
+                ""
+            },
             if ratio >= 0.9 { "yes" } else { "**no**" }
         );
     }
@@ -458,4 +483,5 @@ fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) {
             c.fmt(2)
         );
     }
+    unmeasured
 }
