@@ -138,7 +138,9 @@ pub fn network(site: &Site, reps: usize, secs: u32) -> Result<Vec<Ceiling>> {
                     format!("{}K", size >> 10)
                 }
             );
-            add("rdma", label, &mut || perftest(tool, &dev, gid, size, qps, secs));
+            add("rdma", label, &mut || {
+                perftest(tool, &dev, gid, size, qps, secs)
+            });
         }
     }
     out.extend(best(&out, "tcp"));
@@ -178,9 +180,12 @@ fn iperf3(site: &Site, secs: u32, streams: u32, zerocopy: bool) -> Result<f64> {
         .context("iperf3 not found (apt-get install iperf3)")?;
     settle();
     let mut client = in_ns(&site.src_ns, "iperf3");
-    client
-        .args(["-c", &site.dst_ip, "-p", port, "-J"])
-        .args(["-P", &streams.to_string(), "-t", &secs.to_string()]);
+    client.args(["-c", &site.dst_ip, "-p", port, "-J"]).args([
+        "-P",
+        &streams.to_string(),
+        "-t",
+        &secs.to_string(),
+    ]);
     if zerocopy {
         client.arg("-Z");
     }
@@ -211,7 +216,10 @@ pub fn ceiling_for<'a>(
 ) -> Option<&'a Ceiling> {
     let (bounds, older) = match transport {
         "tcp" | "tcp-tls" => ("tcp", format!("iperf3 -P {STREAMS}")),
-        _ => ("rdma", format!("ib_write_bw -q {STREAMS} -t {TX_DEPTH} -s 1M")),
+        _ => (
+            "rdma",
+            format!("ib_write_bw -q {STREAMS} -t {TX_DEPTH} -s 1M"),
+        ),
     };
     let here = |c: &&Ceiling| c.site == site && c.bounds == bounds;
     ceilings
