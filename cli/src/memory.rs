@@ -26,23 +26,15 @@ pub fn from_args(m: &MemoryArgs) -> Result<Option<GuestMemory>> {
 /// Whether the memory [`from_args`] makes of `m` will read as zeros
 /// everywhere (ask before making it): anonymous memory, a file it creates,
 /// or a file without data (all holes, e.g. made by `truncate -s`).
-#[allow(unsafe_code)]
 pub fn reads_zero(m: &MemoryArgs) -> bool {
     let Some(path) = &m.memory_file else {
         return m.memory.is_some();
     };
-    let Ok(file) = std::fs::File::open(path) else {
+    match std::fs::File::open(path) {
+        Ok(file) => migrate_core::memory::file_reads_zero(&file),
         // Created by `from_args`.
-        return !path.exists();
-    };
-    if file.metadata().map(|md| md.len() == 0).unwrap_or(false) {
-        return true;
+        Err(_) => !path.exists(),
     }
-    // SEEK_DATA from 0 fails with ENXIO when no byte of the file is data.
-    use std::os::fd::AsRawFd;
-    // SAFETY: lseek on an open descriptor we own; no memory is involved.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
-    r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
 }
 
 /// Fresh memory shaped like `layout`: anonymous for 4 KiB regions, hugetlb

@@ -28,7 +28,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use region::{Backing, GuestRegion};
-pub use sys::lockable_bytes;
+pub use sys::{file_reads_zero, lockable_bytes};
 #[cfg(feature = "vm-memory")]
 pub use vm_memory::VmMemory;
 

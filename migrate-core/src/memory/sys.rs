@@ -90,3 +90,15 @@ pub fn lockable_bytes() -> Option<u64> {
     let root = unsafe { libc::geteuid() } == 0;
     (!root && lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
 }
+
+/// Whether `file` holds no data at all: empty, or only holes (`SEEK_DATA`
+/// from offset 0 fails with `ENXIO`), so every byte of it reads as zero.
+/// A filesystem that cannot answer counts as holding data.
+pub fn file_reads_zero(file: &File) -> bool {
+    if file.metadata().is_ok_and(|m| m.len() == 0) {
+        return true;
+    }
+    // SAFETY: lseek on a descriptor `file` keeps open; no memory involved.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
+    r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
+}

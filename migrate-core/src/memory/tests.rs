@@ -211,3 +211,18 @@ fn runs_land_in_order_from_partial_vectored_reads() {
         .unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
 }
+
+#[test]
+fn a_file_without_data_reads_zero() {
+    let dir = std::env::temp_dir().join(format!("reads-zero-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("f");
+    let f = std::fs::File::create(&path).unwrap();
+    assert!(file_reads_zero(&f), "empty");
+    f.set_len(1 << 20).unwrap();
+    assert!(file_reads_zero(&f), "all holes");
+    std::fs::write(&path, b"data").unwrap();
+    let f = std::fs::File::open(&path).unwrap();
+    assert!(!file_reads_zero(&f), "holds data");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
