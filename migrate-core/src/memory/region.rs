@@ -1,7 +1,7 @@
 //! One guest-memory region: a guest-physical range backed by a host mapping.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -420,29 +420,6 @@ impl GuestRegion {
         );
         // SAFETY: in bounds of the mapping, checked above.
         unsafe { self.host.as_ptr().add(offset) }
-    }
-
-    /// Fill `count` pages from page `first` with exactly their bytes read
-    /// from `reader`: received pages land in guest memory without a copy.
-    ///
-    /// # Errors
-    /// The reader's error (`UnexpectedEof` when it ends early); the pages
-    /// then hold partial data.
-    ///
-    /// # Panics
-    /// When the range is outside the region.
-    pub fn read_pages_from(
-        &self,
-        first: usize,
-        count: usize,
-        reader: &mut dyn Read,
-    ) -> io::Result<()> {
-        let (ptr, len) = self.span(first, count);
-        // SAFETY: in bounds and mapped. The slice lives for this call only.
-        // Received pages belong to one batch of one stream per round and no
-        // vCPU runs on memory that is being received, so nothing else
-        // accesses these bytes meanwhile.
-        reader.read_exact(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
     }
 
     /// The 8-byte word at byte `offset`, as an atomic: how tests and

@@ -183,7 +183,7 @@ impl RoundSent {
 }
 
 /// Add `other` to `total` stream by stream (`total` grows to the longer).
-pub fn add_by_stream(total: &mut Vec<u64>, other: &[u64]) {
+fn add_by_stream(total: &mut Vec<u64>, other: &[u64]) {
     if total.len() < other.len() {
         total.resize(other.len(), 0);
     }
