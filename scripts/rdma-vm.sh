@@ -5,8 +5,11 @@
 #
 # Usage: scripts/rdma-vm.sh [--netns] [--rwdir DIR] COMMAND...
 #   --netns: also create two network namespaces (mig-src, mig-dst) joined by a
-#            veth pair (10.198.0.1/.2, scripts/netns.sh) with an rxe device on
-#            each end (rxe-src, rxe-dst), as two hosts would be.
+#            veth pair (10.198.0.1/.2, scripts/netns.sh) for TCP between two
+#            hosts, and a RoCE fabric: rxe-a (10.199.0.1) and rxe-b
+#            (10.199.0.2) on the two ends of another veth pair, whose RoCE
+#            packets cross that link (scripts/roce-fabric.sh says why not
+#            namespaces for RDMA).
 #   --rwdir DIR: DIR (on the host) is writable inside the VM too; the rest
 #            of the host's files are read-only there.
 # The command's exit status is this script's; its output is printed.
@@ -37,8 +40,7 @@ modprobe rdma_rxe
 rdma link add rxe0 type rxe netdev lo
 if [ $netns = 1 ]; then
   bash $(pwd)/scripts/netns.sh up
-  ip netns exec mig-src rdma link add rxe-src type rxe netdev veth-src
-  ip netns exec mig-dst rdma link add rxe-dst type rxe netdev veth-dst
+  bash $(pwd)/scripts/roce-fabric.sh up
 fi
 ulimit -l unlimited
 cd $(pwd)

@@ -19,6 +19,6 @@ for b in $bins; do script+="echo '== $(basename "$b")'; $b --test-threads=1 || e
 rdma_post=$(cargo bench --locked -p benches --bench rdma_post --no-run 2>&1 \
   | grep -o 'target/release/deps/rdma_post-[0-9a-f]*' | tail -n 1)
 script+="echo '== rdma_post (test mode)'; CRITERION_HOME=/tmp/crit $rdma_post --test || exit 1; "
-script+="echo '== migrate-cli over RDMA (loopback and two network namespaces)'; "
+script+="echo '== migrate-cli over RDMA (loopback, a RoCE fabric link with faults) and TCP between two namespaces'; "
 script+="scripts/vm-rdma-cli.sh target/release/migrate-cli ${RDMA_COMPARE:+compare} || exit 1"
 exec scripts/rdma-vm.sh --netns bash -c "$script"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs INSIDE the SoftRoCE VM (scripts/rdma-vm.sh --netns): migrate-cli over
-# RDMA on rxe0 (loopback), then between two network namespaces joined by a
-# veth pair with an rxe device on each end; each run must report
-# "transport": "rdma", "verified": true.
+# RDMA on rxe0 (loopback), then between two SoftRoCE devices whose RoCE
+# packets cross a veth link (scripts/roce-fabric.sh), and TCP between two
+# network namespaces; each run must report "transport": "rdma" (or "tcp"),
+# "verified": true.
 # Usage (in the VM): scripts/vm-rdma-cli.sh BIN [compare]
 #   compare: also print RDMA vs TCP migration throughput and ib_write_bw at
 #            the same message size (1 MiB), from this one boot.
@@ -11,7 +12,8 @@ bin=$1; mode=${2:-check}
 tmp=$(mktemp -d)
 fail=0
 
-auth=()   # credentials given to both ends of the next migrate call
+auth=()      # credentials given to both ends of the next migrate call
+dest_args=() # more arguments for the destination of the next migrate call
 json_get() { python3 -c "import json,sys; print(json.load(open('$1'))$2)"; }
 
 migrate() { # label transport src_ns dst_ns listen_ip size guest-args...
@@ -19,7 +21,7 @@ migrate() { # label transport src_ns dst_ns listen_ip size guest-args...
   local sx="" dx=""
   [ -n "$sns" ] && sx="ip netns exec $sns"
   [ -n "$dns" ] && dx="ip netns exec $dns"
-  $dx "$bin" dest --listen "$ip:0" --transport "$transport" "${auth[@]}" --json "$tmp/$label-d.json" > "$tmp/$label-d.out" 2>&1 &
+  $dx "$bin" dest --listen "$ip:0" --transport "$transport" "${auth[@]}" "${dest_args[@]}" --json "$tmp/$label-d.json" > "$tmp/$label-d.out" 2>&1 &
   local dpid=$!
   for _ in $(seq 1 100); do grep -q "listening on" "$tmp/$label-d.out" 2>/dev/null && break; sleep 0.1; done
   local addr; addr=$(sed -n 's/^listening on //p' "$tmp/$label-d.out")
@@ -45,10 +47,23 @@ fi
 migrate rdma-lo rdma "" "" 127.0.0.1 32M --guest dirty --dirty-rate 2000 --verify
 # Between the two hosts, authenticated: mutual TLS for RDMA (the rkeys
 # travel over it), a pre-shared key for TCP.
-"$bin" tls-gen --dir "$tmp/tls" --server-name 10.198.0.2 > /dev/null
+"$bin" tls-gen --dir "$tmp/tls" --server-name 10.199.0.2 > /dev/null
 head -c 32 /dev/urandom | base64 > "$tmp/psk"
-auth=(--tls-dir "$tmp/tls")
-migrate rdma-two-hosts rdma mig-src mig-dst 10.198.0.2 32M --guest bank --dirty-rate 2000 --verify
+# RDMA between rxe-a and rxe-b: both "hosts" share the VM's namespace (see
+# roce-fabric.sh), so each side is told its device; the destination would
+# find rxe-b by its address anyway. The fabric link's counters prove the
+# pages crossed it rather than rxe's internal loopback.
+fab_tx() { cat /sys/class/net/fab-a/statistics/tx_bytes; }
+auth=(--tls-dir "$tmp/tls"); dest_args=(--rdma-device rxe-b)
+before=$(fab_tx)
+migrate rdma-two-hosts rdma "" "" 10.199.0.2 32M --rdma-device rxe-a --guest bank --dirty-rate 2000 --verify
+crossed=$(( $(fab_tx) - before ))
+if [ "$crossed" -ge $((32 << 20)) ]; then
+  echo "ok rdma-two-hosts crossed the fabric link: $((crossed >> 20)) MiB left fab-a"
+else
+  echo "FAIL rdma-two-hosts: only $crossed bytes left fab-a for a 32 MiB guest"; fail=1
+fi
+dest_args=()
 # TLS in the emulated CPU moves ~35 Mbit/s: a gentler guest, or
 # auto-converge works for a minute and a half.
 auth=(--psk-file "$tmp/psk")
@@ -72,40 +87,77 @@ wait_for() { # file pattern label
   echo "FAIL $3: never saw '$2'"; cat "$1"; fail=1; return 1
 }
 
-# The link between the two hosts down for 5 s in round 0, RoCE and the
-# control connection alike: both ends find the silence within the I/O
-# timeout (2 s), the destination deregisters its memory (the old keys die),
-# the source reconnects once the link is back, new queue pairs and keys
-# over a new TLS connection, and the migration completes verified.
-auth=(--tls-dir "$tmp/tls")
-ip netns exec mig-dst "$bin" --log info dest --listen 10.198.0.2:0 --transport rdma "${auth[@]}" \
-  --io-timeout-s 2 --json "$tmp/cut-d.json" > "$tmp/cut-d.out" 2>&1 &
-cpid=$!
-if wait_for "$tmp/cut-d.out" "listening on" rdma-cut; then
-  caddr=$(sed -n 's/^listening on //p' "$tmp/cut-d.out")
-  ip netns exec mig-src "$bin" source --connect "$caddr" --transport rdma "${auth[@]}" --memory 32M \
-    --mix 0:0:1 --guest bank --dirty-rate 200 --bandwidth-mbs 2 --io-timeout-s 2 --verify \
-    --progress never --json "$tmp/cut-s.json" > "$tmp/cut-s.out" 2>&1 &
-  spid=$!
-  # Round 0 is 16 s at 2 MB/s: one second after the keys went out, pages flow.
-  if wait_for "$tmp/cut-d.out" "registered for remote write" rdma-cut; then
-    sleep 1
-    ip -n mig-src link set veth-src down; sleep 5; ip -n mig-src link set veth-src up
-  fi
-  if wait $spid && wait $cpid; then
-    r=$(json_get "$tmp/cut-s.json" "['reconnects']"); v=$(json_get "$tmp/cut-s.json" "['verified']")
-    c=$(json_get "$tmp/cut-d.json" "['guest_consistent']"); t=$(json_get "$tmp/cut-s.json" "['transport']")
-    if [ "$r" -ge 1 ] && [ "$v" = True ] && [ "$c" = True ] && [ "$t" = rdma ]; then
-      echo "ok rdma-cut: resumed over RDMA after a 5 s cut ($r reconnects), verified, ledger consistent"
-    else
-      echo "FAIL rdma-cut: reconnects=$r verified=$v consistent=$c transport=$t"; fail=1
+# A fault for 5 s in round 0 of an authenticated two-host RDMA migration
+# (I/O timeout 2 s): the migration must resume over new queue pairs and new
+# keys once the fault is gone, and complete verified with a consistent ledger.
+survives_fault() { # label fault-function what
+  local label=$1 fault=$2 what=$3
+  auth=(--tls-dir "$tmp/tls")
+  "$bin" --log info dest --listen 10.199.0.2:0 --transport rdma "${auth[@]}" --rdma-device rxe-b \
+    --io-timeout-s 2 --json "$tmp/$label-d.json" > "$tmp/$label-d.out" 2>&1 &
+  local dpid=$! spid
+  if wait_for "$tmp/$label-d.out" "listening on" "$label"; then
+    local addr; addr=$(sed -n 's/^listening on //p' "$tmp/$label-d.out")
+    port=${addr##*:}
+    "$bin" source --connect "$addr" --transport rdma "${auth[@]}" --rdma-device rxe-a --memory 32M \
+      --mix 0:0:1 --guest bank --dirty-rate 200 --bandwidth-mbs 2 --io-timeout-s 2 --verify \
+      --progress never --json "$tmp/$label-s.json" > "$tmp/$label-s.out" 2>&1 &
+    spid=$!
+    # Round 0 is 16 s at 2 MB/s: one second after the keys went out, pages flow.
+    if wait_for "$tmp/$label-d.out" "registered for remote write" "$label"; then
+      sleep 1; $fault
     fi
-  else
-    echo "FAIL rdma-cut: a side failed"; cat "$tmp/cut-s.out" "$tmp/cut-d.out"; fail=1
-    kill $cpid 2>/dev/null || true; wait $cpid 2>/dev/null || true
+    if wait $spid && wait $dpid; then
+      local r v c t
+      r=$(json_get "$tmp/$label-s.json" "['reconnects']"); v=$(json_get "$tmp/$label-s.json" "['verified']")
+      c=$(json_get "$tmp/$label-d.json" "['guest_consistent']"); t=$(json_get "$tmp/$label-s.json" "['transport']")
+      if [ "$r" -ge 1 ] && [ "$v" = True ] && [ "$c" = True ] && [ "$t" = rdma ]; then
+        echo "ok $label: resumed over RDMA after $what ($r reconnects), verified, ledger consistent"
+      else
+        echo "FAIL $label: reconnects=$r verified=$v consistent=$c transport=$t"; fail=1
+      fi
+    else
+      echo "FAIL $label: a side failed"; cat "$tmp/$label-s.out" "$tmp/$label-d.out"; fail=1
+      kill $dpid 2>/dev/null || true; wait $dpid 2>/dev/null || true
+    fi
   fi
-fi
-auth=()
+  auth=()
+}
+
+# Packets dropped by tc on a device's way out (below netfilter, which rxe's
+# packets do not pass): RoCE v2 (UDP 4791) leaving fab-a, and TCP to and
+# from the control port on the loopback device that carries it.
+drop_roce() {
+  tc qdisc add dev fab-a clsact
+  tc filter add dev fab-a egress protocol ip u32 match ip protocol 17 0xff match ip dport 4791 0xffff action drop
+}
+drop_control() {
+  tc qdisc add dev lo clsact
+  tc filter add dev lo egress protocol ip u32 match ip protocol 6 0xff match ip dport "$port" 0xffff action drop
+  tc filter add dev lo egress protocol ip u32 match ip protocol 6 0xff match ip sport "$port" 0xffff action drop
+}
+dropped() { tc -s filter show dev "$1" egress | grep -o 'dropped [0-9]*' | awk '{s+=$2} END {print s+0}'; }
+heal() { tc qdisc del dev fab-a clsact 2>/dev/null || true; tc qdisc del dev lo clsact 2>/dev/null || true; }
+
+# The link between the two hosts cut for 5 s, RoCE and the control
+# connection alike: both ends find the silence within the I/O timeout, the
+# destination deregisters its memory (the old keys die), the source
+# reconnects once the link is back over a new TLS connection.
+cut_link() {
+  drop_roce; drop_control; sleep 5
+  echo "   (cut for 5 s: tc dropped $(dropped fab-a) RoCE and $(dropped lo) control packets)"; heal
+}
+survives_fault rdma-cut cut_link "a 5 s cut"
+
+# The RDMA fabric alone stops (the queue pairs complete nothing) while the
+# control connection stays up and keeps its heartbeats. The source finds
+# its queue pairs silent within the I/O timeout, treats it as a lost
+# connection and resumes over new queue pairs.
+stop_roce() {
+  drop_roce; sleep 5
+  echo "   (RoCE stopped for 5 s: tc dropped $(dropped fab-a) packets)"; heal
+}
+survives_fault rdma-qp-stopped stop_roce "its queue pairs stopped for 5 s under a live control connection"
 
 # A destination process killed mid-round (its queue pairs die with it): the
 # source's reconnection is refused (the process is gone), so it fails at

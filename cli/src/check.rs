@@ -360,7 +360,7 @@ fn rdma_items(needed: bool) -> Vec<Item> {
             "rdma choice",
             Verdict::Ok,
             format!(
-                "would use {} GID index {} ({}), active MTU {} bytes; a real migration picks the GID of the address its control connection uses",
+                "would use {} GID index {} ({}), active MTU {} bytes; a real migration picks the device and GID that hold the address its control connection uses",
                 dev.name,
                 dev.gid_index,
                 Ipv6Addr::from(dev.gid.raw),

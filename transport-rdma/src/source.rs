@@ -254,6 +254,7 @@ impl RdmaPageSender {
     /// out.
     fn plan(
         &self,
+        max_write: u32,
         runs: &[PageRun],
         dest: &DestinationPages,
         sent: &mut RoundSent,
@@ -293,7 +294,7 @@ impl RdmaPageSender {
                     Some(w)
                         if w.region == run.region
                             && w.offset + w.len as u64 == offset
-                            && w.len as u64 + ps as u64 <= self.max_write as u64 =>
+                            && w.len as u64 + ps as u64 <= max_write as u64 =>
                     {
                         w.len += ps as u32
                     }
@@ -310,48 +311,118 @@ impl RdmaPageSender {
         writes
     }
 
-    /// Reap completions of `qp` until at most `keep` chains are in flight.
-    fn reap(&self, qp: usize, inflight: &mut [usize], keep: usize) -> Result<(), TransportError> {
+    /// Reap completions of `qp` until at most `keep` chains are in flight
+    /// (`keep` = `usize::MAX`: take what has completed, wait for nothing).
+    /// A queue pair with work in flight that completes nothing for the I/O
+    /// timeout is a lost peer, whether or not the caller must wait for it:
+    /// the fabric stopped, though the control connection may live on.
+    fn reap(&self, qp: usize, flight: &mut Flight, keep: usize) -> Result<(), TransportError> {
         let mut done = Vec::new();
-        let mut last_progress = Instant::now();
-        while inflight[qp] > keep {
+        loop {
             done.clear();
             self.qps[qp]
                 .poll_send(&mut done)
                 .map_err(|e| stream_err(qp, e))?;
-            if done.is_empty() {
-                if last_progress.elapsed() > self.io_timeout {
-                    return Err(TransportError::Io {
-                        op: "RDMA WRITE",
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!(
-                                "queue pair {qp}: no completion for {:.1} s: the peer is dead, frozen or cut off",
-                                self.io_timeout.as_secs_f64()
-                            ),
+            if !done.is_empty() {
+                flight.since[qp] = Instant::now();
+                flight.chains[qp] = flight.chains[qp].saturating_sub(done.len());
+            }
+            if flight.chains[qp] == 0 {
+                return Ok(());
+            }
+            let idle = flight.since[qp].elapsed();
+            if idle > self.io_timeout {
+                return Err(TransportError::Io {
+                    op: "RDMA WRITE",
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "queue pair {qp}: no completion for {:.1} s: the peer is dead, frozen or cut off",
+                            self.io_timeout.as_secs_f64()
                         ),
-                    });
-                }
-                // Spin briefly (completions on hardware come within
-                // microseconds), then give the CPU away: on rxe the
-                // completions are produced by kernel work on these same
-                // CPUs, which a spinning poller only delays.
-                let idle = last_progress.elapsed();
-                if idle < SPIN {
-                    std::hint::spin_loop();
-                } else if idle < SPIN * 10 {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(Duration::from_micros(20));
-                }
+                    ),
+                });
+            }
+            if flight.chains[qp] <= keep {
+                return Ok(());
+            }
+            if !done.is_empty() {
                 continue;
             }
-            last_progress = Instant::now();
-            inflight[qp] -= done.len();
+            // Spin briefly (completions on hardware come within
+            // microseconds), then give the CPU away: on rxe the
+            // completions are produced by kernel work on these same
+            // CPUs, which a spinning poller only delays.
+            if idle < SPIN {
+                std::hint::spin_loop();
+            } else if idle < SPIN * 10 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
         }
+    }
+
+    /// Post `chain` on `qp`; a queue pair that was idle starts its
+    /// silence clock now.
+    fn post(
+        &mut self,
+        qp: usize,
+        chain: &[WriteRequest],
+        k: u64,
+        flight: &mut Flight,
+    ) -> Result<(), TransportError> {
+        self.qps[qp]
+            .post_writes(&self.local, chain, true, k)
+            .map_err(|e| stream_err(qp, e))?;
+        if flight.chains[qp] == 0 {
+            flight.since[qp] = Instant::now();
+        }
+        flight.chains[qp] += 1;
         Ok(())
     }
 }
+
+/// Signaled chains in flight per queue pair, and since when each has
+/// completed nothing.
+struct Flight {
+    chains: Vec<usize>,
+    since: Vec<Instant>,
+}
+
+impl Flight {
+    fn new(n: usize) -> Flight {
+        Flight {
+            chains: vec![0; n],
+            since: vec![Instant::now(); n],
+        }
+    }
+}
+
+/// `writes` in chains of at most [`CHAIN`] WRITEs and about `max_bytes`
+/// (a chain has at least one WRITE).
+fn chains(writes: &[WriteRequest], max_bytes: u64) -> impl Iterator<Item = &[WriteRequest]> {
+    let mut rest = writes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0u64;
+        let mut n = 0;
+        while n < rest.len().min(CHAIN) && (n == 0 || bytes + rest[n].len as u64 <= max_bytes) {
+            bytes += rest[n].len as u64;
+            n += 1;
+        }
+        let (chain, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chain)
+    })
+}
+
+/// Bytes the bandwidth cap is asked for at a time: between two asks the
+/// sender looks at its queue pairs, so a capped round still finds a
+/// stopped fabric within the I/O timeout (plus one slice).
+const CAP_SLICE: u64 = 256 << 10;
 
 /// A queue pair's failure: a lost peer is a disconnection (the migration
 /// may resume over new queue pairs), anything else a broken stream.
@@ -379,22 +450,33 @@ impl PageSender for RdmaPageSender {
         ctx: &RoundContext<'_>,
     ) -> Result<RoundSent, TransportError> {
         let mut sent = RoundSent::default();
-        let writes = self.plan(runs, ctx.dest_pages, &mut sent);
+        // Under a bandwidth cap, a chain holds about what the cap's bucket
+        // does (50 ms), so the NIC is fed smoothly rather than a burst of
+        // 16 MiB and a long wait, and work is in flight whenever the
+        // sender runs (a stopped fabric shows as a silent queue pair).
+        let cap = ctx.limiter.rate().map(|r| (r / 20).max(64 << 10));
+        let max_write = cap.map_or(self.max_write, |c| c.min(self.max_write as u64) as u32);
+        let writes = self.plan(max_write, runs, ctx.dest_pages, &mut sent);
         let n = self.qps.len();
-        let mut inflight = vec![0usize; n];
+        let mut flight = Flight::new(n);
         sent.stream_bytes = vec![0; n];
-        for (k, chain) in writes.chunks(CHAIN).enumerate() {
+        for (k, chain) in chains(&writes, cap.unwrap_or(u64::MAX)).enumerate() {
             if ctx.cancel.is_cancelled() {
                 return Err(TransportError::Cancelled);
             }
             let qp = k % n;
-            self.reap(qp, &mut inflight, MAX_CHAINS - 1)?;
+            self.reap(qp, &mut flight, MAX_CHAINS - 1)?;
             let bytes: u64 = chain.iter().map(|w| w.len as u64).sum();
-            ctx.limiter.take(bytes);
-            self.qps[qp]
-                .post_writes(&self.local, chain, true, k as u64)
-                .map_err(|e| stream_err(qp, e))?;
-            inflight[qp] += 1;
+            let mut asked = 0;
+            while asked < bytes {
+                let slice = CAP_SLICE.min(bytes - asked);
+                ctx.limiter.take(slice);
+                asked += slice;
+                for other in 0..n {
+                    self.reap(other, &mut flight, usize::MAX)?;
+                }
+            }
+            self.post(qp, chain, k as u64, &mut flight)?;
             sent.wire_bytes += bytes;
             sent.stream_bytes[qp] += bytes;
             let pages: u64 = chain.iter().map(|w| w.len as u64 / 4096).sum();
@@ -403,14 +485,53 @@ impl PageSender for RdmaPageSender {
         // The fence: after every WRITE above on its QP, the destination sees
         // a receive completion carrying the round number.
         let r = self.remote[0];
-        for (qp, (rc, chains)) in self.qps.iter_mut().zip(inflight.iter_mut()).enumerate() {
-            rc.post_fence(r.rkey, r.addr, round, FENCE_WR)
+        for qp in 0..n {
+            self.qps[qp]
+                .post_fence(r.rkey, r.addr, round, FENCE_WR)
                 .map_err(|e| stream_err(qp, e))?;
-            *chains += 1;
+            if flight.chains[qp] == 0 {
+                flight.since[qp] = Instant::now();
+            }
+            flight.chains[qp] += 1;
         }
         for qp in 0..n {
-            self.reap(qp, &mut inflight, 0)?;
+            self.reap(qp, &mut flight, 0)?;
         }
         Ok(sent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(len: u32) -> WriteRequest {
+        WriteRequest {
+            region: 0,
+            offset: 0,
+            len,
+            remote_addr: 0,
+            rkey: 0,
+        }
+    }
+
+    fn sizes(writes: &[WriteRequest], max: u64) -> Vec<usize> {
+        chains(writes, max).map(|c| c.len()).collect()
+    }
+
+    #[test]
+    fn chains_hold_at_most_chain_writes_and_about_max_bytes() {
+        let writes: Vec<_> = (0..40).map(|_| w(4096)).collect();
+        assert_eq!(sizes(&writes, u64::MAX), vec![16, 16, 8]);
+        assert_eq!(
+            sizes(&writes, 3 * 4096),
+            vec![3; 13].into_iter().chain([1]).collect::<Vec<_>>()
+        );
+        // A WRITE larger than the budget goes alone; nothing is lost.
+        let big = [w(1 << 20), w(4096), w(1 << 20)];
+        assert_eq!(sizes(&big, 64 << 10), vec![1, 1, 1]);
+        let total: usize = chains(&writes, 5000).map(|c| c.len()).sum();
+        assert_eq!(total, 40);
+        assert_eq!(chains(&[], 1).count(), 0);
     }
 }

@@ -124,6 +124,33 @@ pub fn device_names() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// GID indexes of `port`: the one equal to `want`, and the first
+/// IPv4-mapped one.
+fn scan_gids(
+    ctx: &DeviceContext,
+    port: u8,
+    len: i32,
+    want: Option<Ipv6Addr>,
+) -> (Option<u32>, Option<u32>) {
+    let mut mapped = None;
+    for i in 0..len.max(0) as u32 {
+        let Ok(g) = ctx.query_gid(port, i) else {
+            continue;
+        };
+        let ip = Ipv6Addr::from(g);
+        if ip.is_unspecified() {
+            continue;
+        }
+        if Some(ip) == want {
+            return (Some(i), mapped);
+        }
+        if mapped.is_none() && ip.to_ipv4_mapped().is_some() {
+            mapped = Some(i);
+        }
+    }
+    (None, mapped)
+}
+
 impl Device {
     /// The port's active MTU, bytes (what one RoCE packet carries).
     pub fn active_mtu(&self) -> u32 {
@@ -136,10 +163,17 @@ impl Device {
         }
     }
 
-    /// Open `name` (or the first device) and pick a GID: `gid_index` if
-    /// given, else the IPv4-mapped GID of `local_ip` (on RoCE, the address of
-    /// the interface that carries the control connection), else the first
-    /// IPv4-mapped GID.
+    /// Open a device and pick a GID.
+    ///
+    /// The device is `name` if given. Otherwise, on RoCE, it is the device
+    /// whose GID table holds `local_ip` (the address of the interface that
+    /// carries the control connection), as `rdma_cm` binds: on a host with a
+    /// management NIC and a fabric NIC the pages go where the control
+    /// connection goes. Without such a device (or without `local_ip`), the
+    /// first device, with a warning when `local_ip` was given.
+    ///
+    /// The GID is `gid_index` if given, else the IPv4-mapped GID of
+    /// `local_ip`, else the device's first IPv4-mapped GID.
     ///
     /// # Errors
     /// [`VerbsError::NoDevice`], or a failing verb.
@@ -149,42 +183,44 @@ impl Device {
         local_ip: Option<IpAddr>,
     ) -> Result<Device, VerbsError> {
         let list = DeviceList::new().map_err(|_| VerbsError::NoDevice(name.map(String::from)))?;
-        let dev = list
-            .iter()
-            .find(|d| name.is_none_or(|n| d.name() == n))
-            .ok_or_else(|| VerbsError::NoDevice(name.map(String::from)))?;
-        let dev_name = dev.name();
-        let ctx = dev.open().map_err(call("ibv_open_device"))?;
+        let want = local_ip.map(|ip| match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        });
         let port = 1u8;
-        let port_attr = ctx.query_port(port).map_err(call("ibv_query_port"))?;
-        let gid_index = match gid_index {
-            Some(i) => i,
+        // (context, port attributes, GID index holding `want`) of each
+        // candidate, in the system's order.
+        let mut chosen = None;
+        let mut first = None;
+        for dev in list.iter().filter(|d| name.is_none_or(|n| d.name() == n)) {
+            let Ok(ctx) = dev.open() else { continue };
+            let Ok(port_attr) = ctx.query_port(port) else {
+                continue;
+            };
+            let (exact, mapped) = scan_gids(&ctx, port, port_attr.gid_tbl_len(), want);
+            if exact.is_some() {
+                chosen = Some((dev.name(), ctx, port_attr, exact, mapped));
+                break;
+            }
+            if first.is_none() {
+                first = Some((dev.name(), ctx, port_attr, exact, mapped));
+            }
+        }
+        let (dev_name, ctx, port_attr, exact, mapped) = match chosen {
+            Some(c) => c,
             None => {
-                let want = local_ip.map(|ip| match ip {
-                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                    IpAddr::V6(v6) => v6,
-                });
-                let mut mapped = None;
-                let mut exact = None;
-                for i in 0..port_attr.gid_tbl_len().max(0) as u32 {
-                    let Ok(g) = ctx.query_gid(port, i) else {
-                        continue;
-                    };
-                    let ip = Ipv6Addr::from(g);
-                    if ip.is_unspecified() {
-                        continue;
-                    }
-                    if Some(ip) == want {
-                        exact = Some(i);
-                        break;
-                    }
-                    if mapped.is_none() && ip.to_ipv4_mapped().is_some() {
-                        mapped = Some(i);
-                    }
+                let f = first.ok_or_else(|| VerbsError::NoDevice(name.map(String::from)))?;
+                if let (None, Some(ip)) = (name, local_ip) {
+                    tracing::warn!(
+                        device = %f.0,
+                        address = %ip,
+                        "no RDMA device has a GID for the control connection's address: using the first device, whose RoCE traffic may take another path"
+                    );
                 }
-                exact.or(mapped).unwrap_or(0)
+                f
             }
         };
+        let gid_index = gid_index.or(exact).or(mapped).unwrap_or(0);
         let gid = ctx
             .query_gid(port, gid_index)
             .map_err(call("ibv_query_gid"))?;
