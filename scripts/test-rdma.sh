@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run the RDMA tests over real SoftRoCE verbs inside the emulated VM
 # (scripts/rdma-vm.sh), where they must not skip, then migrate-cli over RDMA
-# on loopback and between two network namespaces.
+# on loopback and between rxe-a and rxe-b on the two ends of one veth pair
+# (scripts/roce-fabric.sh), with faults, and over TCP between the network
+# namespaces mig-src and mig-dst.
 # RDMA_COMPARE=1 also prints RDMA vs TCP vs ib_write_bw from the same boot.
 set -euo pipefail
 cd "$(dirname "$0")/.."

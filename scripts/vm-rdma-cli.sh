@@ -16,6 +16,22 @@ auth=()      # credentials given to both ends of the next migrate call
 dest_args=() # more arguments for the destination of the next migrate call
 json_get() { python3 -c "import json,sys; print(json.load(open('$1'))$2)"; }
 
+# Wait (up to 2 minutes) until FILE says PATTERN; fail the run if it never does.
+wait_for() { # file pattern label
+  for _ in $(seq 1 1200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "FAIL $3: never saw '$2'"; cat "$1"; fail=1; return 1
+}
+
+# Wait (up to 2 minutes) until COMMAND prints a number at least MIN: pages
+# flowing, seen in a byte or packet counter rather than assumed after a sleep.
+wait_count() { # label min command...
+  local label=$1 min=$2; shift 2
+  for _ in $(seq 1 1200); do [ "$("$@")" -ge "$min" ] && return 0; sleep 0.1; done
+  echo "FAIL $label: the counter never reached $min"; fail=1; return 1
+}
+fab_tx() { cat /sys/class/net/fab-a/statistics/tx_bytes; }
+rxe_sent() { rdma statistic show link "$1/1" | grep -o 'sent_pkts [0-9]*' | awk '{print $2}'; }
+
 migrate() { # label transport src_ns dst_ns listen_ip size guest-args...
   local label=$1 transport=$2 sns=$3 dns=$4 ip=$5 size=$6; shift 6
   local sx="" dx=""
@@ -23,7 +39,7 @@ migrate() { # label transport src_ns dst_ns listen_ip size guest-args...
   [ -n "$dns" ] && dx="ip netns exec $dns"
   $dx "$bin" dest --listen "$ip:0" --transport "$transport" "${auth[@]}" "${dest_args[@]}" --json "$tmp/$label-d.json" > "$tmp/$label-d.out" 2>&1 &
   local dpid=$!
-  for _ in $(seq 1 100); do grep -q "listening on" "$tmp/$label-d.out" 2>/dev/null && break; sleep 0.1; done
+  wait_for "$tmp/$label-d.out" "listening on" "$label" || { kill $dpid 2>/dev/null; wait $dpid 2>/dev/null; return; }
   local addr; addr=$(sed -n 's/^listening on //p' "$tmp/$label-d.out")
   if ! $sx "$bin" source --connect "$addr" --transport "$transport" --memory "$size" --progress never \
         "${auth[@]}" --json "$tmp/$label-s.json" "$@" > "$tmp/$label-s.out" 2>&1; then
@@ -53,7 +69,6 @@ head -c 32 /dev/urandom | base64 > "$tmp/psk"
 # roce-fabric.sh), so each side is told its device; the destination would
 # find rxe-b by its address anyway. The fabric link's counters prove the
 # pages crossed it rather than rxe's internal loopback.
-fab_tx() { cat /sys/class/net/fab-a/statistics/tx_bytes; }
 auth=(--tls-dir "$tmp/tls"); dest_args=(--rdma-device rxe-b)
 before=$(fab_tx)
 migrate rdma-two-hosts rdma "" "" 10.199.0.2 32M --rdma-device rxe-a --guest bank --dirty-rate 2000 --verify
@@ -81,11 +96,6 @@ if [ "$fail" = 0 ]; then
   grep -q '"guest_consistent": true' "$tmp/rdma-two-hosts-d.json" || { echo "FAIL: ledger not consistent after RDMA"; fail=1; }
 fi
 
-# Wait (up to 2 minutes) until FILE says PATTERN; fail the run if it never does.
-wait_for() { # file pattern label
-  for _ in $(seq 1 1200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-  echo "FAIL $3: never saw '$2'"; cat "$1"; fail=1; return 1
-}
 
 # A fault for 5 s in round 0 of an authenticated two-host RDMA migration
 # (I/O timeout 2 s): the migration must resume over new queue pairs and new
@@ -103,9 +113,10 @@ survives_fault() { # label fault-function what
       --mix 0:0:1 --guest bank --dirty-rate 200 --bandwidth-mbs 2 --io-timeout-s 2 --verify \
       --progress never --json "$tmp/$label-s.json" > "$tmp/$label-s.out" 2>&1 &
     spid=$!
-    # Round 0 is 16 s at 2 MB/s: one second after the keys went out, pages flow.
-    if wait_for "$tmp/$label-d.out" "registered for remote write" "$label"; then
-      sleep 1; $fault
+    # Round 0 is 16 s at 2 MB/s: the fault comes once a MiB crossed the
+    # fabric, and holds until the source has found it.
+    if wait_count "$label" $(( $(fab_tx) + (1 << 20) )) fab_tx; then
+      $fault
     fi
     if wait $spid && wait $dpid; then
       local r v c t
@@ -143,21 +154,29 @@ heal() { tc qdisc del dev fab-a clsact 2>/dev/null || true; tc qdisc del dev lo 
 # connection alike: both ends find the silence within the I/O timeout, the
 # destination deregisters its memory (the old keys die), the source
 # reconnects once the link is back over a new TLS connection.
-cut_link() {
-  drop_roce; drop_control; sleep 5
-  echo "   (cut for 5 s: tc dropped $(dropped fab-a) RoCE and $(dropped lo) control packets)"; heal
+# Hold the fault until the source reports its connection lost (within the
+# I/O timeout, however slow the VM), two seconds more, then heal it.
+hold() {
+  local t0=$SECONDS
+  wait_for "$tmp/$label-s.out" "connection to the destination lost" "$label" || true
+  sleep 2
+  held=$((SECONDS - t0))
 }
-survives_fault rdma-cut cut_link "a 5 s cut"
+cut_link() {
+  drop_roce; drop_control; hold
+  echo "   (cut for ${held} s: tc dropped $(dropped fab-a) RoCE and $(dropped lo) control packets)"; heal
+}
+survives_fault rdma-cut cut_link "a cut"
 
 # The RDMA fabric alone stops (the queue pairs complete nothing) while the
 # control connection stays up and keeps its heartbeats. The source finds
 # its queue pairs silent within the I/O timeout, treats it as a lost
 # connection and resumes over new queue pairs.
 stop_roce() {
-  drop_roce; sleep 5
-  echo "   (RoCE stopped for 5 s: tc dropped $(dropped fab-a) packets)"; heal
+  drop_roce; hold
+  echo "   (RoCE stopped for ${held} s: tc dropped $(dropped fab-a) packets)"; heal
 }
-survives_fault rdma-qp-stopped stop_roce "its queue pairs stopped for 5 s under a live control connection"
+survives_fault rdma-qp-stopped stop_roce "its queue pairs stopped under a live control connection"
 
 # A destination process killed mid-round (its queue pairs die with it): the
 # source's reconnection is refused (the process is gone), so it fails at
@@ -169,8 +188,8 @@ kaddr=$(sed -n 's/^listening on //p' "$tmp/kill-d.out")
 "$bin" source --connect "$kaddr" --transport rdma --memory 64M --mix 0:0:1 --bandwidth-mbs 4 \
   --io-timeout-s 10 --progress never --json "$tmp/kill-s.json" > "$tmp/kill-s.out" 2>&1 &
 spid=$!
-# Round 0 is 16 s at 4 MB/s: one second after the keys went out, pages flow.
-wait_for "$tmp/kill-d.out" "registered for remote write" rdma-dest-killed && sleep 1
+# Round 0 is 16 s at 4 MB/s: killed once a MiB of RoCE packets went out.
+wait_count rdma-dest-killed $(( $(rxe_sent rxe0) + 256 )) rxe_sent rxe0 || true
 kill -9 $kpid 2>/dev/null || true
 if wait $spid; then
   echo "FAIL rdma-dest-killed: the source did not notice"; fail=1
@@ -185,7 +204,7 @@ wait $kpid 2>/dev/null || true
 # refused up front, with the numbers and how to raise the limit.
 "$bin" dest --listen 127.0.0.1:0 --transport rdma > "$tmp/ml-d.out" 2>&1 &
 mlpid=$!
-for _ in $(seq 1 100); do grep -q "listening on" "$tmp/ml-d.out" 2>/dev/null && break; sleep 0.1; done
+wait_for "$tmp/ml-d.out" "listening on" memlock || true
 mladdr=$(sed -n 's/^listening on //p' "$tmp/ml-d.out")
 if setpriv --reuid=65534 --regid=65534 --clear-groups bash -c \
      "ulimit -l 1024; '$bin' source --connect $mladdr --transport rdma --memory 32M --progress never" \
@@ -207,7 +226,7 @@ if [ "$mode" = compare ]; then
     migrate "cmp-tcp-2conn-$i" tcp "" "" 127.0.0.1 64M --guest idle --mix 0:0:1 --streams 2
   done
   ib_write_bw -d rxe0 -x 1 -s 1048576 -n 200 -F > "$tmp/bw-s.out" 2>&1 &
-  sleep 1
+  wait_for "$tmp/bw-s.out" "Waiting for client" ib_write_bw || true
   ib_write_bw -d rxe0 -x 1 -s 1048576 -n 200 -F 127.0.0.1 > "$tmp/bw-c.out" 2>&1 || true
   wait || true
   echo "ib_write_bw (1 MiB messages, MB/s = 2^20 B/s):"; grep -A2 "#bytes" "$tmp/bw-c.out" || cat "$tmp/bw-c.out"

@@ -172,7 +172,7 @@ fn killed_destination_leaves_the_source_running() {
         &["--memory", "64M", "--bandwidth-mbs", "10", "--mix", "0:0:1"],
         &sj,
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for_pages_landing(d.id(), 4 << 20);
     d.kill().unwrap(); // SIGKILL mid-round 0
     d.wait().unwrap();
     let s = s.wait_with_output().unwrap();

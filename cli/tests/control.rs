@@ -241,8 +241,10 @@ fn a_destination_waiting_for_its_source_cancels_at_once() {
     let (code, v) = ctl(&run.dsocket, &["cancel"]);
     assert_eq!(code, 0, "{v}");
     let d = run.d.wait_with_output().unwrap();
-    // Well within the grace (it would otherwise wait the whole 60 s).
-    assert!(asked.elapsed().as_secs() < 10, "{:?}", asked.elapsed());
+    // Before the grace ran out (it would otherwise wait the whole 60 s and
+    // end `failed`): the status below is the proof, the bound a backstop
+    // that a loaded machine cannot reach.
+    assert!(asked.elapsed().as_secs() < 45, "{:?}", asked.elapsed());
     assert_eq!(d.status.code(), Some(1), "{}", text(&d));
     assert_eq!(json(&run.dj)["status"], "cancelled");
     assert_eq!(events(&run.dev).last().unwrap()["event"], "cancelled");
@@ -364,17 +366,23 @@ fn the_bandwidth_cap_changes_at_once() {
     wait_for(&run.socket, "a round", |s| s["rounds"].as_u64() >= Some(1));
     let (code, v) = ctl(&run.socket, &["set", "bandwidth_mbs=2"]);
     assert_eq!(code, 0, "{v}");
-    // Let the cap take hold, then measure two seconds of it.
+    // Past what the old cap had already granted (its bucket holds 50 ms),
+    // measure a window of about two seconds. Its length is measured from
+    // before the first query to after the second, which holds both
+    // answers: a slow machine can only make the rate look lower, never
+    // fail the test, while the old cap (20 MB/s) stays far above the bound.
     std::thread::sleep(Duration::from_millis(500));
+    let window = Instant::now();
     let (_, a) = ctl(&run.socket, &["query"]);
     std::thread::sleep(Duration::from_secs(2));
     let (_, b) = ctl(&run.socket, &["query"]);
+    let secs = window.elapsed().as_secs_f64();
     let moved = b["stats"]["bytes_transferred"].as_u64().unwrap()
         - a["stats"]["bytes_transferred"].as_u64().unwrap();
-    // 2 MB/s for 2 s is 4 MB; the old cap would have moved 40 MB.
+    let rate = moved as f64 / secs;
     assert!(
-        moved < 10_000_000,
-        "{moved} bytes in 2 s under a 2 MB/s cap"
+        rate < 5e6,
+        "{moved} bytes in {secs:.2} s ({rate:.0} B/s) under a 2 MB/s cap"
     );
     let (code, _) = ctl(&run.socket, &["set", "bandwidth_mbs=0"]);
     assert_eq!(code, 0);

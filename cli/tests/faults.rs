@@ -430,7 +430,10 @@ fn a_cut_in_each_phase_ends_as_documented() {
         );
         assert_eq!(o.dest, End::Code(dest_code), "{phase}: {}", text(&o.d));
         if source_code == 0 {
-            assert_eq!(json(&o.sj)["reconnects"], reconnects, "{phase}");
+            // At least the fault's reconnection: a starved but healthy
+            // process on a loaded machine may add one of its own.
+            let made = json(&o.sj)["reconnects"].as_u64().unwrap_or(0);
+            assert!(made >= reconnects, "{phase}: {made} reconnects");
         }
         if source_code == 3 {
             let expected = if dest_code == 0 {

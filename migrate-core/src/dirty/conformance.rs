@@ -1,5 +1,7 @@
-//! The one conformance suite every [`DirtyTracker`] passes, on real mmapped
-//! memory written by real threads (feature `test-utils`).
+//! The one conformance suite every [`DirtyTracker`] that host threads can
+//! exercise passes, on real mmapped memory written by real threads (feature
+//! `test-utils`). KVM's dirty log sees only a vCPU's writes, so mini-vmm's
+//! KVM tests check it instead.
 //!
 //! A tracker proves itself with [`dirty_tracker_suite!`](crate::dirty_tracker_suite),
 //! which generates one test per (check, memory kind):

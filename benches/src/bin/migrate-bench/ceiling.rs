@@ -2,9 +2,13 @@
 //! moves with the standard tools at their best, and what this machine's
 //! memory does (memcpy, first touch of fresh pages).
 //!
-//! Each tool runs over a sweep of its knobs (`iperf3`: 1, 2 and 4 streams,
-//! with and without `-Z` zero-copy; perftest: WRITE at 4 KiB, 64 KiB and
-//! 1 MiB with 2 and 4 queue pairs, SEND at 1 MiB), every setting recorded;
+//! Each tool runs over a sweep of its knobs, every setting recorded:
+//! `iperf3` with 1, 2 and 4 streams, with and without `-Z` zero-copy, and
+//! as two processes at once (iperf3 3.12 runs all its streams in one
+//! thread, so one process is bound by one core while a migration uses a
+//! thread per stream), also with 1 MiB writes; perftest WRITE at 4 KiB,
+//! 64 KiB and 1 MiB with 2 and 4 queue pairs, with a post list of 16, as
+//! two processes at once, and SEND at 1 MiB;
 //! the setting with the highest median becomes the site's `best: ...`
 //! ceiling, the one migrations are held against. A ceiling is an upper
 //! bound only if the tool at its best is faster than we are: the report
@@ -111,36 +115,62 @@ pub fn network(site: &Site, reps: usize, secs: u32) -> Result<Vec<Ceiling>> {
         out.push(c);
     };
     if site.transports.iter().any(|t| t == "tcp") {
+        let mut settings: Vec<Iperf> = Vec::new();
         for streams in [1u32, 2, 4] {
             for zerocopy in [false, true] {
-                let label = format!("iperf3 -P {streams}{}", if zerocopy { " -Z" } else { "" });
-                add("tcp", label, &mut || iperf3(site, secs, streams, zerocopy));
+                settings.push(Iperf {
+                    procs: 1,
+                    streams,
+                    zerocopy,
+                    big_writes: false,
+                });
             }
+        }
+        for (zerocopy, big_writes) in [(false, false), (true, false), (true, true)] {
+            settings.push(Iperf {
+                procs: STREAMS,
+                streams: 1,
+                zerocopy,
+                big_writes,
+            });
+        }
+        for i in settings {
+            add("tcp", i.label(), &mut || iperf3(site, secs, i));
         }
     }
     if let (true, Some((dev, gid))) = (
         site.transports.iter().any(|t| t == "rdma"),
         site.rdma_device.clone(),
     ) {
-        for (tool, size, qps) in [
-            ("ib_write_bw", 1u32 << 20, STREAMS),
-            ("ib_write_bw", 64 << 10, STREAMS),
-            ("ib_write_bw", 4096, STREAMS),
-            ("ib_write_bw", 1 << 20, 4),
-            ("ib_write_bw", 64 << 10, 4),
-            ("ib_send_bw", 1 << 20, STREAMS),
+        let q = STREAMS;
+        let one = |tool, size, qps| Perf {
+            tool,
+            size,
+            qps,
+            procs: 1,
+            post_list: None,
+        };
+        for p in [
+            one("ib_write_bw", 1 << 20, q),
+            one("ib_write_bw", 64 << 10, q),
+            one("ib_write_bw", 4096, q),
+            one("ib_write_bw", 1 << 20, 4),
+            one("ib_write_bw", 64 << 10, 4),
+            Perf {
+                post_list: Some(16),
+                ..one("ib_write_bw", 1 << 20, q)
+            },
+            Perf {
+                post_list: Some(16),
+                ..one("ib_write_bw", 64 << 10, q)
+            },
+            Perf {
+                procs: q,
+                ..one("ib_write_bw", 1 << 20, 1)
+            },
+            one("ib_send_bw", 1 << 20, q),
         ] {
-            let label = format!(
-                "{tool} -q {qps} -t {TX_DEPTH} -s {}",
-                if size >= 1 << 20 {
-                    format!("{}M", size >> 20)
-                } else {
-                    format!("{}K", size >> 10)
-                }
-            );
-            add("rdma", label, &mut || {
-                perftest(tool, &dev, gid, size, qps, secs)
-            });
+            add("rdma", p.label(), &mut || perftest(&p, &dev, gid, secs));
         }
     }
     out.extend(best(&out, "tcp"));
@@ -170,33 +200,85 @@ fn settle() {
     std::thread::sleep(Duration::from_millis(700));
 }
 
-fn iperf3(site: &Site, secs: u32, streams: u32, zerocopy: bool) -> Result<f64> {
-    let port = "5399";
-    let mut server = in_ns(&site.dst_ns, "iperf3")
-        .args(["-s", "-1", "-p", port, "-B", &site.dst_ip])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("iperf3 not found (apt-get install iperf3)")?;
-    settle();
-    let mut client = in_ns(&site.src_ns, "iperf3");
-    client.args(["-c", &site.dst_ip, "-p", port, "-J"]).args([
-        "-P",
-        &streams.to_string(),
-        "-t",
-        &secs.to_string(),
-    ]);
-    if zerocopy {
-        client.arg("-Z");
+/// One iperf3 setting: `procs` client/server pairs at once (their rates
+/// summed), each with `streams` streams.
+#[derive(Debug, Clone, Copy)]
+struct Iperf {
+    procs: u32,
+    streams: u32,
+    zerocopy: bool,
+    /// 1 MiB per write instead of iperf3's 128 KiB.
+    big_writes: bool,
+}
+
+impl Iperf {
+    fn label(&self) -> String {
+        format!(
+            "{}iperf3 -P {}{}{}",
+            if self.procs > 1 {
+                format!("{}x ", self.procs)
+            } else {
+                String::new()
+            },
+            self.streams,
+            if self.zerocopy { " -Z" } else { "" },
+            if self.big_writes { " -l 1M" } else { "" }
+        )
     }
-    let out = client.output().context("running iperf3")?;
-    let _ = server.kill();
-    let _ = server.wait();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e6)
-        .with_context(|| format!("iperf3 reported no rate: {}", v["error"]))
+}
+
+fn iperf3(site: &Site, secs: u32, i: Iperf) -> Result<f64> {
+    let ports: Vec<String> = (0..i.procs).map(|k| (5399 + k).to_string()).collect();
+    let mut servers = Vec::new();
+    for port in &ports {
+        servers.push(
+            in_ns(&site.dst_ns, "iperf3")
+                .args(["-s", "-1", "-p", port, "-B", &site.dst_ip])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("iperf3 not found (apt-get install iperf3)")?,
+        );
+    }
+    settle();
+    let mut clients = Vec::new();
+    for port in &ports {
+        let mut client = in_ns(&site.src_ns, "iperf3");
+        client.args(["-c", &site.dst_ip, "-p", port, "-J"]).args([
+            "-P",
+            &i.streams.to_string(),
+            "-t",
+            &secs.to_string(),
+        ]);
+        if i.zerocopy {
+            client.arg("-Z");
+        }
+        if i.big_writes {
+            client.args(["-l", "1M"]);
+        }
+        clients.push(
+            client
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("running iperf3")?,
+        );
+    }
+    let outs: Vec<_> = clients.into_iter().map(|c| c.wait_with_output()).collect();
+    for mut server in servers {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    let mut total = 0.0;
+    for out in outs {
+        let out = out.context("running iperf3")?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
+        total += v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|b| b / 1e6)
+            .with_context(|| format!("iperf3 reported no rate: {}", v["error"]))?;
+    }
+    Ok(total)
 }
 
 /// Send-queue depth for perftest. Its default (128) of 1 MiB WRITEs in
@@ -229,27 +311,92 @@ pub fn ceiling_for<'a>(
         .or_else(|| ceilings.iter().filter(here).find(|c| c.tool == older))
 }
 
-/// perftest server and client on the same device (rxe over loopback).
-fn perftest(tool: &str, dev: &str, gid: u32, size: u32, qps: u32, secs: u32) -> Result<f64> {
-    let args = |c: &mut Command| {
-        c.args(["-d", dev, "-x", &gid.to_string(), "-s", &size.to_string()])
-            .args(["-q", &qps.to_string(), "-D", &secs.to_string()])
+/// One perftest setting: `procs` server/client pairs at once on the same
+/// device (ports 18515 on), their rates summed.
+#[derive(Debug, Clone, Copy)]
+struct Perf {
+    tool: &'static str,
+    size: u32,
+    qps: u32,
+    procs: u32,
+    /// Work requests posted per call (`--post_list`).
+    post_list: Option<u32>,
+}
+
+impl Perf {
+    fn label(&self) -> String {
+        let size = if self.size >= 1 << 20 {
+            format!("{}M", self.size >> 20)
+        } else {
+            format!("{}K", self.size >> 10)
+        };
+        format!(
+            "{}{} -q {} -t {TX_DEPTH} -s {size}{}",
+            if self.procs > 1 {
+                format!("{}x ", self.procs)
+            } else {
+                String::new()
+            },
+            self.tool,
+            self.qps,
+            self.post_list
+                .map(|l| format!(" -l {l}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+/// perftest servers and clients on the same device (rxe over loopback).
+fn perftest(p: &Perf, dev: &str, gid: u32, secs: u32) -> Result<f64> {
+    let args = |c: &mut Command, port: u32| {
+        c.args(["-d", dev, "-x", &gid.to_string(), "-s", &p.size.to_string()])
+            .args(["-q", &p.qps.to_string(), "-D", &secs.to_string()])
             .args(["-t", &TX_DEPTH.to_string()])
-            .args(["-F", "--report_gbits", "-p", "18515"]);
+            .args(["-F", "--report_gbits", "-p", &port.to_string()]);
+        if let Some(l) = p.post_list {
+            c.args(["-l", &l.to_string()]);
+        }
     };
-    let mut server = Command::new(tool);
-    args(&mut server);
-    let mut server = server
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("{tool} not found (apt-get install perftest)"))?;
+    let ports: Vec<u32> = (0..p.procs).map(|k| 18515 + k).collect();
+    let mut servers = Vec::new();
+    for &port in &ports {
+        let mut server = Command::new(p.tool);
+        args(&mut server, port);
+        servers.push(
+            server
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("{} not found (apt-get install perftest)", p.tool))?,
+        );
+    }
     settle();
-    let mut client = Command::new(tool);
-    args(&mut client);
-    let out = client.arg("127.0.0.1").output()?;
-    let _ = server.kill();
-    let _ = server.wait();
+    let mut clients = Vec::new();
+    for &port in &ports {
+        let mut client = Command::new(p.tool);
+        args(&mut client, port);
+        clients.push(
+            client
+                .arg("127.0.0.1")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?,
+        );
+    }
+    let outs: Vec<_> = clients.into_iter().map(|c| c.wait_with_output()).collect();
+    for mut server in servers {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    let mut total = 0.0;
+    for out in outs {
+        total += perftest_rate(p.tool, &out?)?;
+    }
+    Ok(total)
+}
+
+/// The average rate, Mbit/s, in one perftest client's report.
+fn perftest_rate(tool: &str, out: &std::process::Output) -> Result<f64> {
     let text = String::from_utf8_lossy(&out.stdout);
     // " #bytes #iterations BW peak[Gb/sec] BW average[Gb/sec] MsgRate[Mpps]"
     // then one line of numbers.

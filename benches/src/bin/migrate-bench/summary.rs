@@ -236,7 +236,13 @@ fn ratios(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) {
     let _ = writeln!(
         s,
         "First pass of the largest idle all-random guest of each site and transport, \
-         divided by each ceiling measured on the same machine.\n"
+         divided by each ceiling measured on the same machine.\n\n\
+         The physical bound of every site is the `memcpy` row: each migrated byte is \
+         copied twice (TCP: into the sender's kernel and out of the receiver's; rxe: \
+         into the packet and out of it into the registered memory, with a CRC over it), \
+         and this machine has two cores, so even with the two copies on different cores \
+         in parallel and nothing else to do (no hashing, no zero test, no TLS, no \
+         protocol), a site moves at most what one core copies.\n"
     );
     let _ = writeln!(
         s,
