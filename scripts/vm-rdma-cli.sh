@@ -18,15 +18,16 @@ json_get() { python3 -c "import json,sys; print(json.load(open('$1'))$2)"; }
 
 # Wait (up to 2 minutes) until FILE says PATTERN; fail the run if it never does.
 wait_for() { # file pattern label
-  for _ in $(seq 1 1200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+  local until=$((SECONDS + 120))
+  while [ $SECONDS -lt $until ]; do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
   echo "FAIL $3: never saw '$2'"; cat "$1"; fail=1; return 1
 }
 
 # Wait (up to 2 minutes) until COMMAND prints a number at least MIN: pages
 # flowing, seen in a byte or packet counter rather than assumed after a sleep.
 wait_count() { # label min command...
-  local label=$1 min=$2; shift 2
-  for _ in $(seq 1 1200); do [ "$("$@")" -ge "$min" ] && return 0; sleep 0.1; done
+  local label=$1 min=$2 until=$((SECONDS + 120)); shift 2
+  while [ $SECONDS -lt $until ]; do [ "$("$@")" -ge "$min" ] && return 0; sleep 0.1; done
   echo "FAIL $label: the counter never reached $min"; fail=1; return 1
 }
 fab_tx() { cat /sys/class/net/fab-a/statistics/tx_bytes; }
@@ -109,7 +110,7 @@ survives_fault() { # label fault-function what
   if wait_for "$tmp/$label-d.out" "listening on" "$label"; then
     local addr; addr=$(sed -n 's/^listening on //p' "$tmp/$label-d.out")
     port=${addr##*:}
-    "$bin" source --connect "$addr" --transport rdma "${auth[@]}" --rdma-device rxe-a --memory 32M \
+    "$bin" --log warn source --connect "$addr" --transport rdma "${auth[@]}" --rdma-device rxe-a --memory 32M \
       --mix 0:0:1 --guest bank --dirty-rate 200 --bandwidth-mbs 2 --io-timeout-s 2 --verify \
       --progress never --json "$tmp/$label-s.json" > "$tmp/$label-s.out" 2>&1 &
     spid=$!
@@ -135,20 +136,22 @@ survives_fault() { # label fault-function what
   auth=()
 }
 
-# Packets dropped by tc on a device's way out (below netfilter, which rxe's
-# packets do not pass): RoCE v2 (UDP 4791) leaving fab-a, and TCP to and
-# from the control port on the loopback device that carries it.
+# Packets dropped by tc (below netfilter, which rxe's packets do not pass):
+# RoCE v2 (UDP 4791) arriving on fab-b, as a fabric that loses them would
+# (dropped on their way out instead, rxe retries each send at once, in a
+# loop that starves the emulated CPUs), and TCP to and from the control
+# port on the loopback device that carries it.
 drop_roce() {
-  tc qdisc add dev fab-a clsact
-  tc filter add dev fab-a egress protocol ip u32 match ip protocol 17 0xff match ip dport 4791 0xffff action drop
+  tc qdisc add dev fab-b clsact
+  tc filter add dev fab-b ingress protocol ip u32 match ip protocol 17 0xff match ip dport 4791 0xffff action drop
 }
 drop_control() {
   tc qdisc add dev lo clsact
   tc filter add dev lo egress protocol ip u32 match ip protocol 6 0xff match ip dport "$port" 0xffff action drop
   tc filter add dev lo egress protocol ip u32 match ip protocol 6 0xff match ip sport "$port" 0xffff action drop
 }
-dropped() { tc -s filter show dev "$1" egress | grep -o 'dropped [0-9]*' | awk '{s+=$2} END {print s+0}'; }
-heal() { tc qdisc del dev fab-a clsact 2>/dev/null || true; tc qdisc del dev lo clsact 2>/dev/null || true; }
+dropped() { tc -s filter show dev "$1" "$2" | grep -o 'dropped [0-9]*' | awk '{s+=$2} END {print s+0}'; }
+heal() { tc qdisc del dev fab-b clsact 2>/dev/null || true; tc qdisc del dev lo clsact 2>/dev/null || true; }
 
 # The link between the two hosts cut for 5 s, RoCE and the control
 # connection alike: both ends find the silence within the I/O timeout, the
@@ -164,7 +167,7 @@ hold() {
 }
 cut_link() {
   drop_roce; drop_control; hold
-  echo "   (cut for ${held} s: tc dropped $(dropped fab-a) RoCE and $(dropped lo) control packets)"; heal
+  echo "   (cut for ${held} s: tc dropped $(dropped fab-b ingress) RoCE and $(dropped lo egress) control packets)"; heal
 }
 survives_fault rdma-cut cut_link "a cut"
 
@@ -174,7 +177,7 @@ survives_fault rdma-cut cut_link "a cut"
 # connection and resumes over new queue pairs.
 stop_roce() {
   drop_roce; hold
-  echo "   (RoCE stopped for ${held} s: tc dropped $(dropped fab-a) packets)"; heal
+  echo "   (RoCE stopped for ${held} s: tc dropped $(dropped fab-b ingress) packets)"; heal
 }
 survives_fault rdma-qp-stopped stop_roce "its queue pairs stopped under a live control connection"
 
