@@ -215,11 +215,7 @@ impl Iperf {
     fn label(&self) -> String {
         format!(
             "{}iperf3 -P {}{}{}",
-            if self.procs > 1 {
-                format!("{}x ", self.procs)
-            } else {
-                String::new()
-            },
+            times(self.procs),
             self.streams,
             if self.zerocopy { " -Z" } else { "" },
             if self.big_writes { " -l 1M" } else { "" }
@@ -229,48 +225,30 @@ impl Iperf {
 
 fn iperf3(site: &Site, secs: u32, i: Iperf) -> Result<f64> {
     let ports: Vec<String> = (0..i.procs).map(|k| (5399 + k).to_string()).collect();
-    let mut servers = Vec::new();
-    for port in &ports {
-        servers.push(
-            in_ns(&site.dst_ns, "iperf3")
-                .args(["-s", "-1", "-p", port, "-B", &site.dst_ip])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("iperf3 not found (apt-get install iperf3)")?,
-        );
-    }
-    settle();
-    let mut clients = Vec::new();
-    for port in &ports {
-        let mut client = in_ns(&site.src_ns, "iperf3");
-        client.args(["-c", &site.dst_ip, "-p", port, "-J"]).args([
+    let servers = ports.iter().map(|port| {
+        let mut c = in_ns(&site.dst_ns, "iperf3");
+        c.args(["-s", "-1", "-p", port, "-B", &site.dst_ip]);
+        c
+    });
+    let clients = ports.iter().map(|port| {
+        let mut c = in_ns(&site.src_ns, "iperf3");
+        c.args(["-c", &site.dst_ip, "-p", port, "-J"]).args([
             "-P",
             &i.streams.to_string(),
             "-t",
             &secs.to_string(),
         ]);
         if i.zerocopy {
-            client.arg("-Z");
+            c.arg("-Z");
         }
         if i.big_writes {
-            client.args(["-l", "1M"]);
+            c.args(["-l", "1M"]);
         }
-        clients.push(
-            client
-                .stdout(Stdio::piped())
-                .spawn()
-                .context("running iperf3")?,
-        );
-    }
-    let outs: Vec<_> = clients.into_iter().map(|c| c.wait_with_output()).collect();
-    for mut server in servers {
-        let _ = server.kill();
-        let _ = server.wait();
-    }
+        c
+    });
+    let outs = pairs("iperf3 (apt-get install iperf3)", servers, clients)?;
     let mut total = 0.0;
     for out in outs {
-        let out = out.context("running iperf3")?;
         let v: serde_json::Value =
             serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
         total += v["end"]["sum_received"]["bits_per_second"]
@@ -332,11 +310,7 @@ impl Perf {
         };
         format!(
             "{}{} -q {} -t {TX_DEPTH} -s {size}{}",
-            if self.procs > 1 {
-                format!("{}x ", self.procs)
-            } else {
-                String::new()
-            },
+            times(self.procs),
             self.tool,
             self.qps,
             self.post_list
@@ -344,6 +318,48 @@ impl Perf {
                 .unwrap_or_default()
         )
     }
+}
+
+/// `2x ` for two processes at once, nothing for one.
+fn times(procs: u32) -> String {
+    if procs > 1 {
+        format!("{procs}x ")
+    } else {
+        String::new()
+    }
+}
+
+/// Start every server, wait for them to listen, run every client at once
+/// and collect their output, then stop the servers.
+fn pairs(
+    tool: &str,
+    servers: impl Iterator<Item = Command>,
+    clients: impl Iterator<Item = Command>,
+) -> Result<Vec<std::process::Output>> {
+    let mut running = Vec::new();
+    for mut c in servers {
+        running.push(
+            c.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {tool}"))?,
+        );
+    }
+    settle();
+    let spawned: Vec<_> = clients
+        .map(|mut c| c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn())
+        .collect();
+    let outs: Vec<_> = spawned
+        .into_iter()
+        .map(|c| c.and_then(|c| c.wait_with_output()))
+        .collect();
+    for mut server in running {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    outs.into_iter()
+        .map(|o| o.with_context(|| format!("running {tool}")))
+        .collect()
 }
 
 /// perftest servers and clients on the same device (rxe over loopback).
@@ -358,39 +374,22 @@ fn perftest(p: &Perf, dev: &str, gid: u32, secs: u32) -> Result<f64> {
         }
     };
     let ports: Vec<u32> = (0..p.procs).map(|k| 18515 + k).collect();
-    let mut servers = Vec::new();
-    for &port in &ports {
-        let mut server = Command::new(p.tool);
-        args(&mut server, port);
-        servers.push(
-            server
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .with_context(|| format!("{} not found (apt-get install perftest)", p.tool))?,
-        );
-    }
-    settle();
-    let mut clients = Vec::new();
-    for &port in &ports {
-        let mut client = Command::new(p.tool);
-        args(&mut client, port);
-        clients.push(
-            client
-                .arg("127.0.0.1")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()?,
-        );
-    }
-    let outs: Vec<_> = clients.into_iter().map(|c| c.wait_with_output()).collect();
-    for mut server in servers {
-        let _ = server.kill();
-        let _ = server.wait();
-    }
+    let make = |port: u32, client: bool| {
+        let mut c = Command::new(p.tool);
+        args(&mut c, port);
+        if client {
+            c.arg("127.0.0.1");
+        }
+        c
+    };
+    let outs = pairs(
+        &format!("{} (apt-get install perftest)", p.tool),
+        ports.iter().map(|&port| make(port, false)),
+        ports.iter().map(|&port| make(port, true)),
+    )?;
     let mut total = 0.0;
     for out in outs {
-        total += perftest_rate(p.tool, &out?)?;
+        total += perftest_rate(p.tool, &out)?;
     }
     Ok(total)
 }
