@@ -35,8 +35,12 @@
 
 #![deny(unsafe_code)]
 
+pub mod boot;
+#[allow(unsafe_code)]
+pub mod kick;
 #[allow(unsafe_code)]
 pub mod machine;
+pub mod pc;
 pub mod program;
 pub mod state;
 pub mod vcpu;

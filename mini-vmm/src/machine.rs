@@ -12,9 +12,10 @@ use migrate_core::memory::{GuestMemory, MemoryError, MemoryLayout, VmMemory};
 use migrate_core::vm::{DestinationVm, SourceVm, VmError};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::boot::{LOAD_GPA, SECTOR};
 use crate::program::{CODE_GPA, LIST_GPA, ScatterProgram, TABLE_GPA, TableProgram};
 use crate::state::{DeviceState, VmState};
-use crate::vcpu::{VcpuError, VcpuRunner};
+use crate::vcpu::{SerialSink, VcpuError, VcpuRunner};
 
 /// A VMM error.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,9 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
 
+/// CR0's cache-disable and not-write-through bits.
+const CR0_CD_NW: u64 = 0x6000_0000;
+
 /// The low region: code and the scatter list below 1 MiB.
 const LOW_BYTES: u64 = TABLE_GPA;
 
@@ -54,6 +58,7 @@ pub struct Machine {
     vmm_mem: Arc<VmMemory>,
     mem: Arc<GuestMemory>,
     vcpu: Option<VcpuFd>,
+    serial: Option<SerialSink>,
     _kvm: Kvm,
 }
 
@@ -66,6 +71,21 @@ impl Machine {
     pub fn new(table_bytes: u64) -> Result<Self, VmmError> {
         let high = table_bytes.div_ceil(4096).max(1) * 4096;
         Self::with_ranges(&[(0, LOW_BYTES), (TABLE_GPA, high)])
+    }
+
+    /// A PC: `bytes` of RAM from address 0 (rounded up to whole pages; the
+    /// legacy hole below 1 MiB is plain RAM), for a boot sector.
+    ///
+    /// # Errors
+    /// [`VmmError`] when KVM or the memory cannot be set up, or `bytes` is
+    /// below 2 MiB.
+    pub fn pc(bytes: u64) -> Result<Self, VmmError> {
+        if bytes < 2 << 20 {
+            return Err(VmmError::Memory(format!(
+                "a PC needs at least 2 MiB of memory, not {bytes} B"
+            )));
+        }
+        Self::with_ranges(&[(0, bytes.div_ceil(4096) * 4096)])
     }
 
     /// A VM whose memory has the layout a migration source announced.
@@ -111,6 +131,7 @@ impl Machine {
             vmm_mem,
             mem,
             vcpu: Some(vcpu),
+            serial: None,
             _kvm: kvm,
         })
     }
@@ -156,6 +177,47 @@ impl Machine {
             )));
         }
         self.load(&program.code(), &[])
+    }
+
+    /// Load a boot sector at [`LOAD_GPA`] (through vm-memory) and return
+    /// the state a PC BIOS hands over: real mode, `CS:IP` = 0000:7C00,
+    /// `DL` = 0x80 (the first hard disk), interrupts off, the other
+    /// registers as the vCPU's reset left them.
+    ///
+    /// # Errors
+    /// [`VmmError`] when the memory or KVM refuses.
+    pub fn load_boot_sector(&self, sector: &[u8; SECTOR]) -> Result<VmState, VmmError> {
+        self.vmm_mem
+            .write_slice(sector, GuestAddress(LOAD_GPA))
+            .map_err(|e| VmmError::Memory(e.to_string()))?;
+        let fd = self
+            .vcpu
+            .as_ref()
+            .ok_or_else(|| VmmError::Memory("the vCPU already runs".into()))?;
+        let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        // A BIOS turns the caches on (CR0.CD and NW are set at reset); a
+        // guest that finds them off runs every access uncached.
+        sregs.cr0 &= !CR0_CD_NW;
+        let mut regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        regs.rip = LOAD_GPA;
+        regs.rflags = 2;
+        regs.rdx = 0x80;
+        Ok(VmState {
+            regs,
+            sregs,
+            device: DeviceState {
+                boot_sector: true,
+                ..DeviceState::default()
+            },
+        })
+    }
+
+    /// Send the guest's serial output (COM1) to `sink` once the vCPU
+    /// starts (without one it is dropped).
+    pub fn set_serial(&mut self, sink: SerialSink) {
+        self.serial = Some(sink);
     }
 
     /// Load a [`ScatterProgram`] and its address list.
@@ -222,7 +284,12 @@ impl Machine {
             .vcpu
             .take()
             .ok_or_else(|| VmmError::Memory("the vCPU already runs".into()))?;
-        Ok(VcpuRunner::start(fd, state, pages_per_sec)?)
+        Ok(VcpuRunner::start(
+            fd,
+            state,
+            pages_per_sec,
+            self.serial.take(),
+        )?)
     }
 
     /// The guest memory's digest: xxh3-128 over every page in address order.

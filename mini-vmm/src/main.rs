@@ -4,23 +4,30 @@
 //! mini-vmm run                         # the guest alone: prints its result
 //! mini-vmm dest --listen 127.0.0.1:0   # prints "listening on ADDR", receives, runs the guest on
 //! mini-vmm source --connect ADDR       # runs the guest and migrates it while it runs
+//! mini-vmm run --boot-sector FILE --memory 150M --serial out.txt --run-for-s 5
+//! mini-vmm source --boot-sector FILE --memory 150M --connect ADDR
+//! mini-vmm guest sweeper --out sweeper.img   # write one of our boot-sector guests
 //! ```
-//! Both ends print `result: 0x...` when the guest finishes, and `digest: ...`
-//! of the guest memory at the switch-over (the paused source; the
-//! destination before its vCPU runs). Exit status: 0 done, 1 migration
-//! failed (the source guest ran on to its result), 2 setup.
+//! The table program: both ends print `result: 0x...` when the guest
+//! finishes. A boot sector runs until stopped: `run` and `dest` let it run
+//! `--run-for-s` seconds, the source stops once it migrated it. Both ends
+//! print `digest: ...` of the guest memory at the switch-over (the paused
+//! source; the destination before its vCPU runs). Exit status: 0 done, 1
+//! migration failed (the source guest ran on), 2 setup.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use migrate_core::protocol::RefusalCode;
 use migrate_core::{IncomingMigration, SourceConfig, SourceMigration};
+use mini_vmm::boot;
 use mini_vmm::machine::{GUEST_TIMEOUT, KvmDestination, KvmSource, Machine};
 use mini_vmm::program::TableProgram;
-use mini_vmm::vcpu::VcpuRunner;
+use mini_vmm::state::VmState;
+use mini_vmm::vcpu::{SerialSink, VcpuRunner};
 use transport_tcp::{TcpConfig, TcpMigrationListener, TcpSource};
 
 #[derive(Parser)]
@@ -38,6 +45,43 @@ enum Cmd {
     Source(SourceArgs),
     /// Receive a guest and run it on.
     Dest(DestArgs),
+    /// Write one of our boot-sector guests to a file.
+    Guest(GuestImageArgs),
+}
+
+#[derive(Args)]
+struct GuestImageArgs {
+    /// `sweeper` (adds one to a byte of every page, sweep after sweep;
+    /// prints `B`) or `ledger` (a table whose words step by a constant,
+    /// rewritten and checked each pass; prints `G`, or `E` and stops).
+    kind: String,
+    /// The file to write (512 bytes).
+    #[arg(long)]
+    out: PathBuf,
+    /// First byte of the range the guest writes (above 1 MiB).
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    start: u64,
+    /// End of that range.
+    #[arg(long, default_value = "100M", value_parser = parse_size)]
+    end: u64,
+    /// Print once every this many sweeps or passes.
+    #[arg(long, default_value_t = 1)]
+    every: u32,
+}
+
+/// `N`, `NK`, `NM` or `NG` bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 150M)"))
 }
 
 #[derive(Args, Clone)]
@@ -51,6 +95,73 @@ struct GuestArgs {
     /// Table pages the guest may write per second (0: as fast as it can).
     #[arg(long, default_value_t = 0)]
     pages_per_sec: u64,
+    /// Boot this PC boot sector (512 bytes, 0x55AA) instead of running the
+    /// table program.
+    #[arg(long)]
+    boot_sector: Option<PathBuf>,
+    /// The PC's memory, from address 0 (with `--boot-sector`).
+    #[arg(long, default_value = "150M", value_parser = parse_size)]
+    memory: u64,
+    /// Where the guest's serial port (COM1) writes (default: stdout).
+    #[arg(long)]
+    serial: Option<PathBuf>,
+    /// How long `run` lets a boot sector run before it stops it.
+    #[arg(long, default_value_t = 5)]
+    run_for_s: u64,
+}
+
+/// The serial sink `path` names (stdout without one).
+fn serial_sink(path: Option<&Path>) -> Result<SerialSink> {
+    Ok(match path {
+        Some(p) => {
+            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => Box::new(std::io::stdout()),
+    })
+}
+
+/// The machine and boot state `g` asks for.
+fn boot_guest(g: &GuestArgs) -> Result<(Machine, VmState)> {
+    if let Some(path) = &g.boot_sector {
+        let image = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let sector = boot::check(&image).with_context(|| path.display().to_string())?;
+        let mut m = Machine::pc(g.memory)?;
+        let state = m.load_boot_sector(&sector)?;
+        m.set_serial(serial_sink(g.serial.as_deref())?);
+        return Ok((m, state));
+    }
+    let program = TableProgram::new(g.table_mib, g.passes);
+    let m = Machine::new(program.table_bytes())?;
+    let state = m.load_table_program(&program)?;
+    Ok((m, state))
+}
+
+/// A boot sector runs until stopped: let it run `secs`, then say how it
+/// fared. `Ok(false)` when its vCPU failed (e.g. a triple fault).
+fn run_for(vcpu: &VcpuRunner, secs: u64) -> Result<bool> {
+    let halted = vcpu.wait_halted(Duration::from_secs(secs));
+    let d = vcpu.device();
+    match halted {
+        Ok(h) => {
+            eprintln!(
+                "guest {} after {secs} s: {} bytes on its serial port",
+                if h.is_some() {
+                    "halted"
+                } else {
+                    "still running"
+                },
+                d.pc.serial_bytes
+            );
+            Ok(true)
+        }
+        Err(e) => {
+            eprintln!(
+                "mini-vmm: {e} ({} bytes on its serial port)",
+                d.pc.serial_bytes
+            );
+            Ok(false)
+        }
+    }
 }
 
 #[derive(Args)]
@@ -85,6 +196,14 @@ struct DestArgs {
     /// Table pages the guest may write per second once it runs here.
     #[arg(long, default_value_t = 0)]
     pages_per_sec: u64,
+    /// Where a boot sector's serial port writes once it runs here
+    /// (default: stdout).
+    #[arg(long)]
+    serial: Option<PathBuf>,
+    /// How long a boot sector runs here after the migration before
+    /// mini-vmm stops it and exits.
+    #[arg(long, default_value_t = 5)]
+    run_for_s: u64,
 }
 
 fn main() {
@@ -109,14 +228,29 @@ fn main() {
 fn run(cli: Cli) -> Result<bool> {
     match cli.cmd {
         Cmd::Run(g) => {
-            let program = TableProgram::new(g.table_mib, g.passes);
-            let mut m = Machine::new(program.table_bytes())?;
-            let boot = m.load_table_program(&program)?;
+            let (mut m, boot) = boot_guest(&g)?;
             let vcpu = m.start(&boot, g.pages_per_sec)?;
-            finish(&vcpu)
+            if g.boot_sector.is_some() {
+                run_for(&vcpu, g.run_for_s)
+            } else {
+                finish(&vcpu)
+            }
         }
         Cmd::Source(a) => source(a),
         Cmd::Dest(a) => dest(a),
+        Cmd::Guest(a) => {
+            let (start, end) = (a.start as u32, a.end as u32);
+            if a.start < 1 << 20 || a.end <= a.start || a.end > u64::from(u32::MAX) {
+                bail!("the range must lie between 1 MiB and 4 GiB");
+            }
+            let sector = match a.kind.as_str() {
+                "sweeper" => boot::sweeper(start & !0xfff, end, a.every)?,
+                "ledger" => boot::ledger(start & !3, end & !3, boot::LEDGER_STEP, a.every)?,
+                other => bail!("no guest named {other:?} (sweeper, ledger)"),
+            };
+            std::fs::write(&a.out, sector).with_context(|| a.out.display().to_string())?;
+            Ok(true)
+        }
     }
 }
 
@@ -131,16 +265,14 @@ fn finish(vcpu: &VcpuRunner) -> Result<bool> {
 }
 
 fn source(a: SourceArgs) -> Result<bool> {
-    let program = TableProgram::new(a.guest.table_mib, a.guest.passes);
-    let mut m = Machine::new(program.table_bytes())?;
-    let boot = m.load_table_program(&program)?;
+    let (mut m, boot) = boot_guest(&a.guest)?;
     let tracking = m.dirty_tracking()?;
     let vcpu = m.start(&boot, a.guest.pages_per_sec)?;
     std::thread::sleep(Duration::from_millis(a.start_after_ms));
     let before = vcpu.device();
     eprintln!(
-        "guest running: {} passes, {} pages written; migrating to {}",
-        before.passes, before.pages, a.connect
+        "guest running: {} passes, {} pages written, {} serial bytes; migrating to {}",
+        before.passes, before.pages, before.pc.serial_bytes, a.connect
     );
     let cfg = SourceConfig {
         downtime_limit: Duration::from_millis(a.downtime_ms.max(1)),
@@ -172,7 +304,11 @@ fn source(a: SourceArgs) -> Result<bool> {
         }
         Err(e) => {
             eprintln!("migration failed: {e}; the guest runs on here");
-            finish(&vcpu)?;
+            if a.guest.boot_sector.is_some() {
+                run_for(&vcpu, a.guest.run_for_s)?;
+            } else {
+                finish(&vcpu)?;
+            }
             Ok(false)
         }
     }
@@ -194,6 +330,7 @@ fn dest(a: DestArgs) -> Result<bool> {
         }
     };
     let mem = m.memory().clone();
+    m.set_serial(serial_sink(a.serial.as_deref())?);
     let mut vm = KvmDestination::new(&mut m, a.pages_per_sec);
     let report = incoming.receive(&mut t, &mem, &mut vm);
     if let Err(e) = report {
@@ -203,5 +340,9 @@ fn dest(a: DestArgs) -> Result<bool> {
         println!("digest: {d:032x}");
     }
     let vcpu = vm.running.take().context("the guest was not started")?;
-    finish(&vcpu)
+    if vcpu.device().boot_sector {
+        run_for(&vcpu, a.run_for_s)
+    } else {
+        finish(&vcpu)
+    }
 }

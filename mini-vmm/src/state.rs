@@ -1,10 +1,14 @@
 //! The device-state blob the engine carries from source to destination:
-//! the vCPU's registers and the I/O device's state, in a versioned,
+//! the vCPU's registers and the devices' state, in a versioned,
 //! fixed-layout little-endian encoding (decoding checks every length).
+//! Version 2 added the PC devices (COM1, port 0x92) and how the guest
+//! booted; a version-1 blob is refused as foreign.
 
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 
-const MAGIC: &[u8; 8] = b"MINIVMM1";
+use crate::pc::PcState;
+
+const MAGIC: &[u8; 8] = b"MINIVMM2";
 
 /// The guest-visible device: what the guest reported on its ports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -17,6 +21,11 @@ pub struct DeviceState {
     pub result: Option<u32>,
     /// The vCPU executed `hlt`.
     pub halted: bool,
+    /// The guest is a boot sector (it runs until stopped), not the table
+    /// program (which halts with a result).
+    pub boot_sector: bool,
+    /// The PC devices.
+    pub pc: PcState,
 }
 
 /// Everything the destination needs to continue the guest.
@@ -34,7 +43,7 @@ pub struct VmState {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// Not a blob of this VMM (or of another version of it).
-    #[error("device state has no MINIVMM1 header")]
+    #[error("device state has no MINIVMM2 header (not this VMM's, or another version's)")]
     BadMagic,
     /// Shorter than its layout.
     #[error("device state truncated at byte {0}")]
@@ -155,6 +164,12 @@ impl VmState {
         w.u8(d.result.is_some() as u8);
         w.u32(d.result.unwrap_or(0));
         w.u8(d.halted as u8);
+        w.u8(d.boot_sector as u8);
+        let pc = &d.pc;
+        for v in [pc.ier, pc.lcr, pc.mcr, pc.scr, pc.dll, pc.dlm, pc.port92] {
+            w.u8(v);
+        }
+        w.u64(pc.serial_bytes);
         let mut regs = self.regs;
         for f in regs_fields(&mut regs) {
             w.u64(*f);
@@ -188,6 +203,17 @@ impl VmState {
         let has_result = r.u8()? != 0;
         let result = r.u32()?;
         let halted = r.u8()? != 0;
+        let boot_sector = r.u8()? != 0;
+        let pc = PcState {
+            ier: r.u8()?,
+            lcr: r.u8()?,
+            mcr: r.u8()?,
+            scr: r.u8()?,
+            dll: r.u8()?,
+            dlm: r.u8()?,
+            port92: r.u8()?,
+            serial_bytes: r.u64()?,
+        };
         let mut regs = kvm_regs::default();
         for f in regs_fields(&mut regs) {
             *f = r.u64()?;
@@ -225,6 +251,8 @@ impl VmState {
                 passes,
                 result: has_result.then_some(result),
                 halted,
+                boot_sector,
+                pc,
             },
         })
     }
@@ -247,6 +275,14 @@ mod tests {
             passes: 2,
             result: Some(5),
             halted: true,
+            boot_sector: true,
+            pc: PcState {
+                lcr: 3,
+                scr: 0x5a,
+                port92: 2,
+                serial_bytes: 77,
+                ..PcState::default()
+            },
         };
         let b = st.encode();
         assert_eq!(VmState::decode(&b).unwrap(), st);

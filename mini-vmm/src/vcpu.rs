@@ -2,20 +2,38 @@
 //! pause (with pending I/O completed, so the saved registers are
 //! consistent), resume, throttle, stop.
 //!
-//! The guest exits to the VMM after every [`PAGES_PER_REPORT`] table pages
-//! it writes ([`PORT_PAGE`]), so a pause waits for that much guest work;
-//! a VMM whose guest does not exit often kicks the vCPU with a signal
-//! instead. Pacing and throttling put the vCPU thread to sleep at those
-//! exits.
+//! A guest may never exit on its own (a boot sector sweeping memory in a
+//! loop), so pause and throttle kick the vCPU out of `KVM_RUN` with a
+//! signal ([`crate::kick`]), again every millisecond until it is paused
+//! (a kick that lands just before `KVM_RUN` is lost), and every 10 ms while
+//! it is throttled; after each return from `KVM_RUN` a throttled vCPU
+//! sleeps its share of the time it ran. The table program also exits after
+//! every [`PAGES_PER_REPORT`] pages ([`PORT_PAGE`]), where pacing sleeps.
+//!
+//! Port I/O reaches the table program's ports, then the PC devices
+//! ([`crate::pc`]: COM1, whose bytes go to the serial sink, and port
+//! 0x92); any other port reads as all ones and ignores writes, logged once
+//! per port. A triple fault, or an exit this VMM does not handle, stops the
+//! vCPU with an error that says which.
 
+use std::collections::BTreeSet;
+use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::kick::Kicker;
+use crate::pc::Written;
 use crate::program::{PAGES_PER_REPORT, PORT_PAGE, PORT_PASS, PORT_RESULT};
 use crate::state::{DeviceState, VmState};
+
+/// Where the guest's serial bytes go.
+pub type SerialSink = Box<dyn Write + Send>;
+
+/// How often a throttled vCPU is kicked out of `KVM_RUN` to take its sleep.
+const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 
 /// What the VMM wants of the vCPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +52,8 @@ struct Ctl {
     /// Why the vCPU cannot run any more (an exit the VMM does not handle).
     failed: Option<String>,
     throttle: u8,
+    /// The vCPU thread has left its loop (no more kicks needed).
+    stopped: bool,
 }
 
 #[derive(Debug)]
@@ -64,20 +84,36 @@ pub enum VcpuError {
     },
 }
 
-/// A running vCPU thread.
-#[derive(Debug)]
+/// A running vCPU thread, and the thread that kicks it while it is to be
+/// paused or throttled.
 pub struct VcpuRunner {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    kicker: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for VcpuRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuRunner")
+            .field("ctl", &*self.shared.lock())
+            .finish()
+    }
 }
 
 impl VcpuRunner {
     /// Load `state` into `fd` and start running it, at most `pages_per_sec`
-    /// table pages per second (0: as fast as it can).
+    /// table pages per second (0: as fast as it can); the guest's serial
+    /// bytes go to `serial` (dropped without one).
     ///
     /// # Errors
-    /// [`VcpuError::Kvm`] when KVM refuses the registers.
-    pub fn start(fd: VcpuFd, state: &VmState, pages_per_sec: u64) -> Result<Self, VcpuError> {
+    /// [`VcpuError::Kvm`] when KVM refuses the registers, [`VcpuError::Failed`]
+    /// when a thread cannot be started.
+    pub fn start(
+        fd: VcpuFd,
+        state: &VmState,
+        pages_per_sec: u64,
+        serial: Option<SerialSink>,
+    ) -> Result<Self, VcpuError> {
         fd.set_sregs(&state.sregs)
             .map_err(|source| VcpuError::Kvm {
                 what: "KVM_SET_SREGS",
@@ -94,17 +130,41 @@ impl VcpuRunner {
                 device: state.device,
                 failed: None,
                 throttle: 0,
+                stopped: false,
             }),
             cv: Condvar::new(),
         });
+        crate::kick::prepare().map_err(|e| VcpuError::Failed(format!("kick signal: {e}")))?;
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("vcpu0".into())
-            .spawn(move || vcpu_loop(fd, &s, pages_per_sec))
-            .expect("spawn vCPU thread");
+            .spawn(move || vcpu_loop(fd, &s, pages_per_sec, serial))
+            .map_err(|e| VcpuError::Failed(format!("cannot start the vCPU thread: {e}")))?;
+        let kick = Kicker::new(&thread);
+        let s = shared.clone();
+        let kicker = std::thread::Builder::new()
+            .name("vcpu0-kick".into())
+            .spawn(move || kick_loop(&s, &kick));
+        let kicker = match kicker {
+            Ok(k) => k,
+            Err(e) => {
+                shared.lock().want = Want::Stop;
+                shared.cv.notify_all();
+                let kick = Kicker::new(&thread);
+                while !thread.is_finished() {
+                    kick.kick();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let _ = thread.join();
+                return Err(VcpuError::Failed(format!(
+                    "cannot start the kick thread: {e}"
+                )));
+            }
+        };
         Ok(Self {
             shared,
             thread: Some(thread),
+            kicker: Some(kicker),
         })
     }
 
@@ -138,6 +198,7 @@ impl VcpuRunner {
     /// Slow the vCPU: it sleeps `percent` % of the time (0: full speed).
     pub fn throttle(&self, percent: u8) {
         self.shared.lock().throttle = percent.min(99);
+        self.shared.cv.notify_all();
     }
 
     /// What the guest has reported so far.
@@ -177,23 +238,59 @@ impl Drop for VcpuRunner {
     fn drop(&mut self) {
         self.shared.lock().want = Want::Stop;
         self.shared.cv.notify_all();
+        // The kicker first: it signals the vCPU thread, which must not
+        // have been joined while it does.
+        if let Some(k) = self.kicker.take() {
+            let _ = k.join();
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn vcpu_loop(mut fd: VcpuFd, s: &Shared, pages_per_sec: u64) {
+/// Kick the vCPU out of `KVM_RUN` while it is to stop, pause (every
+/// millisecond until it has) or be throttled (every [`THROTTLE_PERIOD`]).
+fn kick_loop(s: &Shared, kick: &Kicker) {
+    let mut c = s.lock();
+    loop {
+        let (kick_now, wait) = match c.want {
+            // Until the vCPU thread has left KVM_RUN for good (a kick that
+            // lands just before KVM_RUN is lost).
+            Want::Stop if !c.stopped => (true, Duration::from_millis(1)),
+            Want::Stop => return,
+            Want::Pause if c.paused.is_none() && c.failed.is_none() => {
+                (true, Duration::from_millis(1))
+            }
+            Want::Run if c.throttle > 0 => (true, THROTTLE_PERIOD),
+            _ => (false, Duration::from_secs(1)),
+        };
+        if kick_now {
+            kick.kick();
+        }
+        c =
+            s.cv.wait_timeout(c, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+    }
+}
+
+fn vcpu_loop(mut fd: VcpuFd, s: &Shared, pages_per_sec: u64, mut serial: Option<SerialSink>) {
     let start = Instant::now();
     let mut paced_pages = 0u64;
     let mut ran_since = Instant::now();
+    let mut unclaimed = BTreeSet::new();
     loop {
         // Honour pause and stop; a halted or failed vCPU parks here too.
         {
             let mut c = s.lock();
             loop {
                 match c.want {
-                    Want::Stop => return,
+                    Want::Stop => {
+                        c.stopped = true;
+                        s.cv.notify_all();
+                        return;
+                    }
                     Want::Pause if c.paused.is_none() => {
                         let st = save(&mut fd, c.device);
                         match st {
@@ -211,58 +308,122 @@ fn vcpu_loop(mut fd: VcpuFd, s: &Shared, pages_per_sec: u64) {
                 }
                 c = s.cv.wait(c).unwrap_or_else(|p| p.into_inner());
             }
+            // A throttled vCPU sleeps its share of the time it ran (wakeable
+            // by pause and stop).
+            // `ran_since` restarts at every return from KVM_RUN, so the
+            // share is of the last stretch only (never of time before the
+            // throttle was set).
+            let throttle = c.throttle;
+            let ran = ran_since.elapsed();
+            if throttle > 0 {
+                let wake =
+                    Instant::now() + ran.mul_f64(f64::from(throttle) / f64::from(100 - throttle));
+                c = sleep_until(s, c, wake);
+            }
+            ran_since = Instant::now();
+            if c.want != Want::Run {
+                continue;
+            }
         }
         let exit = match fd.run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                let mut v = [0u8; 4];
-                let n = data.len().min(4);
-                v[..n].copy_from_slice(&data[..n]);
-                Ok((port, u32::from_le_bytes(v)))
+            Ok(VcpuExit::IoOut(port, data)) => Exit::Out(port, le_u32(data)),
+            Ok(VcpuExit::IoIn(port, data)) => {
+                let c = s.lock();
+                for b in data.iter_mut() {
+                    *b = c.device.pc.read(port).unwrap_or_else(|| {
+                        if unclaimed.insert(port) {
+                            tracing::warn!(
+                                port = format_args!("{port:#x}"),
+                                "guest reads a port nobody emulates: it reads as 0xff (logged once)"
+                            );
+                        }
+                        0xff
+                    });
+                }
+                continue;
             }
-            Ok(VcpuExit::Hlt) => Err(None),
-            Ok(other) => Err(Some(format!("unexpected vCPU exit {other:?}"))),
+            Ok(VcpuExit::Hlt) => Exit::Halt,
+            Ok(VcpuExit::Shutdown) => Exit::Failed(
+                "the guest shut down (triple fault): its state is lost, as on a PC that resets"
+                    .into(),
+            ),
+            Ok(other) => Exit::Failed(format!("unexpected vCPU exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(e) => Err(Some(format!("KVM_RUN: {e}"))),
+            Err(e) => Exit::Failed(format!("KVM_RUN: {e}")),
         };
         let mut c = s.lock();
         match exit {
-            Ok((PORT_PAGE, _)) => {
+            Exit::Out(PORT_PAGE, _) => {
                 c.device.pages += u64::from(PAGES_PER_REPORT);
-                let throttle = c.throttle;
-                // Pacing and throttle: sleep (wakeable by pause/stop).
+                // Pacing: sleep (wakeable by pause/stop) until the pages
+                // written are due.
                 paced_pages += u64::from(PAGES_PER_REPORT);
-                let mut wake = Instant::now();
                 if pages_per_sec > 0 {
                     let due =
                         start + Duration::from_secs_f64(paced_pages as f64 / pages_per_sec as f64);
-                    wake = wake.max(due);
+                    c = sleep_until(s, c, due);
                 }
-                if throttle > 0 {
-                    let ran = ran_since.elapsed();
-                    wake += ran.mul_f64(f64::from(throttle) / f64::from(100 - throttle));
-                }
-                while c.want == Want::Run {
-                    let left = wake.saturating_duration_since(Instant::now());
-                    if left < Duration::from_micros(200) {
-                        break;
+            }
+            Exit::Out(PORT_PASS, v) => c.device.passes = v,
+            Exit::Out(PORT_RESULT, v) => c.device.result = Some(v),
+            Exit::Out(port, v) => match c.device.pc.write(port, v as u8) {
+                Written::Register => {}
+                Written::Serial(b) => {
+                    if let Some(out) = serial.as_mut() {
+                        // The serial line has no flow control to the host:
+                        // a sink that fails loses the byte, as a
+                        // disconnected terminal would.
+                        let _ = out.write_all(&[b]).and_then(|()| out.flush());
                     }
-                    c =
-                        s.cv.wait_timeout(c, left)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0;
                 }
-                ran_since = Instant::now();
-            }
-            Ok((PORT_PASS, v)) => c.device.passes = v,
-            Ok((PORT_RESULT, v)) => c.device.result = Some(v),
-            Ok((port, v)) => {
-                c.failed = Some(format!("write of {v:#x} to unknown port {port:#x}"));
-            }
-            Err(None) => c.device.halted = true,
-            Err(Some(msg)) => c.failed = Some(msg),
+                Written::Unclaimed => {
+                    if unclaimed.insert(port) {
+                        tracing::warn!(
+                            port = format_args!("{port:#x}"),
+                            value = v,
+                            "guest writes a port nobody emulates: ignored (logged once)"
+                        );
+                    }
+                }
+            },
+            Exit::Halt => c.device.halted = true,
+            Exit::Failed(msg) => c.failed = Some(msg),
         }
         s.cv.notify_all();
     }
+}
+
+/// Why `KVM_RUN` returned, once the guest's port reads are answered.
+enum Exit {
+    Out(u16, u32),
+    Halt,
+    Failed(String),
+}
+
+fn le_u32(data: &[u8]) -> u32 {
+    let mut v = [0u8; 4];
+    let n = data.len().min(4);
+    v[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(v)
+}
+
+/// Sleep until `wake` or until the VMM wants something else than running.
+fn sleep_until<'a>(
+    s: &'a Shared,
+    mut c: MutexGuard<'a, Ctl>,
+    wake: Instant,
+) -> MutexGuard<'a, Ctl> {
+    while c.want == Want::Run {
+        let left = wake.saturating_duration_since(Instant::now());
+        if left < Duration::from_micros(200) {
+            break;
+        }
+        c =
+            s.cv.wait_timeout(c, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+    }
+    c
 }
 
 /// Complete pending port I/O (KVM finishes it on the next `KVM_RUN`; with

@@ -1,0 +1,323 @@
+//! PC boot sectors under KVM: our own guests (assembled in `mini_vmm::boot`)
+//! booted as a BIOS hands over, and migrated live while they run — in one
+//! process through the library, checked by the guest's own rule on the
+//! paused source, by the digests at switch-over and by the guest printing
+//! on at the destination; and between two `mini-vmm` processes.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use migrate_core::{IncomingMigration, SourceConfig, SourceMigration};
+use mini_vmm::boot::{self, LEDGER_STEP};
+use mini_vmm::machine::{KvmDestination, KvmSource, Machine};
+use mini_vmm::vcpu::VcpuRunner;
+use transport_tcp::{TcpConfig, TcpMigrationListener, TcpSource};
+
+fn kvm_here(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            migrate_core::skip::skip(
+                test,
+                migrate_core::skip::Need::Kvm,
+                &format!("/dev/kvm: {e}"),
+            );
+            false
+        }
+    }
+}
+
+/// A serial line the test reads.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+    fn count(&self, c: char) -> usize {
+        self.text().chars().filter(|&x| x == c).count()
+    }
+}
+
+/// Wait (a minute at most: only a hang fails) until `cond`.
+fn until(what: &str, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(60), "never {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+const MIB: u32 = 1 << 20;
+
+/// Boot `sector` on a `mem_mib` MiB PC, wait until it printed `c` twice,
+/// migrate it live over loopback TCP to a destination in this process,
+/// and return the paused source machine and vCPU, the destination's
+/// running vCPU and serial line, and the digests at switch-over.
+struct Moved {
+    source: Machine,
+    _source_vcpu: VcpuRunner,
+    source_serial: Captured,
+    dest_vcpu: VcpuRunner,
+    dest_serial: Captured,
+    source_digest: u128,
+    dest_digest: u128,
+    _dest: Machine,
+}
+
+fn migrate_live(sector: [u8; 512], mem_mib: u64, c: char) -> Moved {
+    let mut m = Machine::pc(mem_mib << 20).unwrap();
+    let state = m.load_boot_sector(&sector).unwrap();
+    let source_serial = Captured::default();
+    m.set_serial(Box::new(source_serial.clone()));
+    let tracking = m.dirty_tracking().unwrap();
+    let vcpu = m.start(&state, 0).unwrap();
+    // Running, and past its set-up: it printed twice.
+    until("the guest printed on the source", || {
+        source_serial.count(c) >= 2
+    });
+
+    let listener = TcpMigrationListener::bind("127.0.0.1:0", TcpConfig::default()).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dest_serial = Captured::default();
+    let ds = dest_serial.clone();
+    let dest = std::thread::spawn(move || {
+        let mut t = listener.accept().unwrap();
+        let incoming = IncomingMigration::accept(&mut t).unwrap();
+        let mut dm = Machine::for_layout(incoming.layout()).unwrap();
+        dm.set_serial(Box::new(ds));
+        let mem = dm.memory().clone();
+        let mut vm = KvmDestination::new(&mut dm, 0);
+        incoming.receive(&mut t, &mem, &mut vm).unwrap();
+        let digest = vm.digest_at_resume.unwrap();
+        let running = vm.running.take().unwrap();
+        (dm, digest, running)
+    });
+    let mut t = TcpSource::connect(&addr, TcpConfig::default()).unwrap();
+    let stats = SourceMigration::new(SourceConfig::default())
+        .run(&mut t, m.memory(), &tracking, &mut KvmSource::new(&vcpu))
+        .unwrap();
+    assert!(stats.rounds >= 2, "not a live migration: {stats:?}");
+    let (dm, dest_digest, dest_vcpu) = dest.join().unwrap();
+    Moved {
+        source_digest: m.digest(),
+        source: m,
+        _source_vcpu: vcpu,
+        source_serial,
+        dest_vcpu,
+        dest_serial,
+        dest_digest,
+        _dest: dm,
+    }
+}
+
+#[test]
+fn our_sweeper_migrates_live_and_sweeps_on() {
+    if !kvm_here("sweeper_migrates_live") {
+        return;
+    }
+    let (start, end) = (MIB, 24 * MIB);
+    let moved = migrate_live(boot::sweeper(start, end, 1).unwrap(), 32, 'B');
+    // The paused source obeys the sweep rule, and the destination started
+    // from the same bytes.
+    let mut pages = Vec::new();
+    for gpa in (start..end).step_by(4096) {
+        let mut b = [0u8];
+        moved.source.memory().read(u64::from(gpa), &mut b).unwrap();
+        pages.push(b[0]);
+    }
+    let (value, at) = boot::check_sweep(&pages).unwrap();
+    assert_ne!(
+        (value, at),
+        (0, 0),
+        "the guest had not swept anything before the switch-over"
+    );
+    assert_eq!(
+        moved.source_digest, moved.dest_digest,
+        "digests at switch-over differ"
+    );
+    // It sweeps on over there: it prints, and the source stays quiet.
+    let before = moved.source_serial.count('B');
+    until("the guest printed on the destination", || {
+        moved.dest_serial.count('B') >= 2
+    });
+    assert_eq!(moved.source_serial.count('B'), before, "the source ran on");
+    assert!(!moved.dest_vcpu.device().halted);
+    assert_eq!(moved.dest_serial.text().trim_matches('B'), "");
+}
+
+#[test]
+fn our_ledger_migrates_live_and_checks_itself() {
+    if !kvm_here("ledger_migrates_live") {
+        return;
+    }
+    // 64 Ki words: this machine's KVM (a paravirtual backend) emulates a
+    // 32-bit guest's instructions at a few microseconds each, so a pass
+    // over them takes about half a second.
+    let (start, end) = (MIB, MIB + (256 << 10));
+    let moved = migrate_live(boot::ledger(start, end, LEDGER_STEP, 1).unwrap(), 16, 'G');
+    let mut bytes = vec![0u8; (end - start) as usize];
+    moved
+        .source
+        .memory()
+        .read(u64::from(start), &mut bytes)
+        .unwrap();
+    let words: Vec<u32> = bytes
+        .chunks_exact(4)
+        .map(|w| u32::from_le_bytes(w.try_into().unwrap()))
+        .collect();
+    boot::check_ledger(&words, LEDGER_STEP).unwrap();
+    assert_eq!(moved.source_digest, moved.dest_digest);
+    // The guest checks its whole table each pass on the destination: it
+    // prints G, never E.
+    until("two checked passes on the destination", || {
+        moved.dest_serial.count('G') >= 2
+    });
+    let t = moved.dest_serial.text();
+    assert!(!t.contains('E'), "the guest found its table broken: {t}");
+    assert!(!moved.dest_vcpu.device().halted);
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mini-vmm"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("mini-vmm-boot-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+#[test]
+fn a_file_that_is_no_boot_sector_is_refused() {
+    let short = scratch("short.img");
+    std::fs::write(&short, [0u8; 100]).unwrap();
+    let unsigned = scratch("unsigned.img");
+    std::fs::write(&unsigned, [0u8; 512]).unwrap();
+    for (f, says) in [(&short, "512 bytes"), (&unsigned, "boot signature")] {
+        let o = bin()
+            .args(["run", "--boot-sector"])
+            .arg(f)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(text(&o).contains(says), "{}", text(&o));
+    }
+}
+
+#[test]
+fn a_boot_sector_migrates_live_between_two_processes() {
+    if !kvm_here("boot_sector_two_processes") {
+        return;
+    }
+    let image = scratch("sweeper.img");
+    let o = bin()
+        .args(["guest", "sweeper", "--start", "1M", "--end", "40M", "--out"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    // Booted alone, it prints.
+    let alone = scratch("alone.txt");
+    let o = bin()
+        .args([
+            "run",
+            "--memory",
+            "48M",
+            "--run-for-s",
+            "1",
+            "--boot-sector",
+        ])
+        .arg(&image)
+        .arg("--serial")
+        .arg(&alone)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("still running"), "{}", text(&o));
+    assert!(std::fs::read_to_string(&alone).unwrap().contains('B'));
+
+    let dest_serial = scratch("dest.txt");
+    let mut dest = bin()
+        .args([
+            "dest",
+            "--listen",
+            "127.0.0.1:0",
+            "--run-for-s",
+            "2",
+            "--serial",
+        ])
+        .arg(&dest_serial)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut dest_out = BufReader::new(dest.stdout.take().unwrap());
+    let mut l = String::new();
+    dest_out.read_line(&mut l).unwrap();
+    let addr = l.trim().strip_prefix("listening on ").unwrap().to_string();
+    let source_serial = scratch("source.txt");
+    let src = bin()
+        .args([
+            "source",
+            "--memory",
+            "48M",
+            "--start-after-ms",
+            "300",
+            "--connect",
+        ])
+        .arg(&addr)
+        .arg("--boot-sector")
+        .arg(&image)
+        .arg("--serial")
+        .arg(&source_serial)
+        .output()
+        .unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut dest_out, &mut rest).unwrap();
+    let dest = dest.wait_with_output().unwrap();
+    let dest_text = format!("{rest}{}", String::from_utf8_lossy(&dest.stderr));
+    assert!(src.status.success(), "source: {}", text(&src));
+    assert!(dest.status.success(), "destination: {dest_text}");
+    let digest = |t: &str| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("digest: "))
+            .map(str::to_string)
+    };
+    assert!(
+        digest(&text(&src)).is_some() && digest(&text(&src)) == digest(&dest_text),
+        "digests differ:\n{}\n{dest_text}",
+        text(&src)
+    );
+    assert!(dest_text.contains("still running"), "{dest_text}");
+    let printed = std::fs::read_to_string(&dest_serial).unwrap();
+    assert!(
+        printed.contains('B') && printed.trim_matches('B').is_empty(),
+        "the destination's serial line: {printed:?}"
+    );
+}
