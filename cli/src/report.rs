@@ -6,8 +6,8 @@ use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use migrate_core::{DestinationReport, MigrationEvent, MigrationHandle, MigrationStats};
-use serde_json::{Value, json};
+use migrate_core::{MigrationEvent, MigrationHandle, MigrationStats};
+use serde_json::Value;
 
 use crate::args::ProgressChoice;
 
@@ -111,96 +111,7 @@ pub fn human(b: u64) -> String {
     }
 }
 
-/// The source's JSON report (the scripting contract).
-pub fn source_json(
-    stats: &MigrationStats,
-    fallback_reason: Option<&str>,
-    error: Option<&str>,
-) -> Value {
-    let mut v = json!({
-        "role": "source",
-        "schema_version": stats.schema_version,
-        // A string: JSON numbers lose precision past 2^53.
-        "migration_id": format!("{:016x}", stats.migration_id),
-        "started_at_unix_ms": stats.started_at_unix_ms,
-        "transport": stats.transport,
-        "verified": stats.verified,
-        "status": stats.status.name(),
-        "total_ms": stats.total_ms,
-        "downtime_ms": stats.downtime_ms,
-        "expected_downtime_ms": stats.expected_downtime_ms,
-        "setup_ms": stats.setup_ms,
-        "bytes_total": stats.bytes_total,
-        "bytes_transferred": stats.bytes_transferred,
-        "stream_bytes": stats.stream_bytes,
-        "bytes_remaining": stats.bytes_remaining,
-        "bytes_before_pause": stats.bytes_before_pause,
-        "bytes_during_pause": stats.bytes_during_pause,
-        "page_size": stats.page_size,
-        "pages_per_sec": stats.pages_per_sec,
-        "throughput_mbps": stats.avg_throughput_mbps,
-        "last_round_throughput_mbps": stats.throughput_mbps,
-        "first_pass_mbps": stats.first_pass_mbps,
-        "verify_ms": stats.verify_ms,
-        "rounds": stats.rounds,
-        "normal_pages": stats.normal_pages,
-        "zero_pages": stats.zero_pages,
-        "resent_pages": stats.resent_pages,
-        "dirty_rate_pps": stats.dirty_rate_pps,
-        "throttle_percent": stats.throttle_percent,
-        "tracker": stats.tracker,
-        "reconnects": stats.reconnects,
-    });
-    if let Some(r) = fallback_reason {
-        v["fallback_reason"] = json!(r);
-    }
-    if let Some(e) = error {
-        v["error"] = json!(e);
-    }
-    v
-}
-
-/// The destination's JSON report.
-pub fn destination_json(
-    report: Option<&DestinationReport>,
-    guest_check: Option<&Result<String, String>>,
-    error: Option<&str>,
-) -> Value {
-    let mut v = json!({
-        "role": "destination",
-        "status": if error.is_none() { "completed" } else { "failed" },
-    });
-    v["schema_version"] = json!(migrate_core::STATS_SCHEMA_VERSION);
-    if let Some(r) = report {
-        v["migration_id"] = json!(format!("{:016x}", r.migration_id));
-        v["transport"] = json!(r.transport);
-        v["rounds"] = json!(r.rounds);
-        v["bytes_received"] = json!(r.received.wire_bytes);
-        v["stream_bytes"] = json!(r.received.stream_bytes);
-        v["normal_pages"] = json!(r.received.normal_pages);
-        v["zero_pages"] = json!(r.received.zero_pages);
-        v["suspect_pages"] = json!(r.suspect_pages);
-        v["verify_requested"] = json!(r.verify_requested);
-        v["device_state_bytes"] = json!(r.device_state_bytes);
-        v["total_ms"] = json!(r.total_ms);
-        v["commit_ack_sent"] = json!(r.commit_ack_sent);
-    }
-    match guest_check {
-        Some(Ok(m)) => {
-            v["guest_check"] = json!(m);
-            v["guest_consistent"] = json!(true);
-        }
-        Some(Err(m)) => {
-            v["guest_check"] = json!(m);
-            v["guest_consistent"] = json!(false);
-        }
-        None => {}
-    }
-    if let Some(e) = error {
-        v["error"] = json!(e);
-    }
-    v
-}
+pub use migrate_core::report::{destination_json, source_json};
 
 /// Write a JSON report.
 pub fn write_json(path: &Path, v: &Value) -> Result<()> {

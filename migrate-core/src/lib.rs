@@ -130,6 +130,8 @@ pub mod destination;
 pub mod dirty;
 pub mod memory;
 pub mod protocol;
+#[cfg(feature = "json")]
+pub mod report;
 // Test support (tiny, so always built: fixtures and every test crate use
 // it): a skip where the machine has the need fails, by design.
 #[allow(clippy::panic)]

@@ -2,6 +2,9 @@
 //! dirty-logging memory slot per region, one vCPU; and its two faces to the
 //! migration engine, [`SourceVm`] and [`DestinationVm`].
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +13,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use migrate_core::dirty::{DirtyError, DirtyUnion, KvmDirtyLogTracker, VmMemoryBitmap};
 use migrate_core::memory::{GuestMemory, MemoryError, MemoryLayout, VmMemory};
 use migrate_core::vm::{DestinationVm, SourceVm, VmError};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, FileOffset, GuestAddress};
 
 use crate::boot::{LOAD_GPA, SECTOR};
 use crate::program::{CODE_GPA, LIST_GPA, ScatterProgram, TABLE_GPA, TableProgram};
@@ -40,6 +43,35 @@ pub enum VmmError {
     /// The vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+}
+
+/// The file at `path`, created with `bytes` reserved, or checked to hold
+/// exactly `bytes`.
+fn backing_file(path: &Path, bytes: u64) -> Result<File, VmmError> {
+    let err = |e: std::io::Error| VmmError::Memory(format!("{}: {e}", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(err)?;
+    let actual = file.metadata().map_err(err)?.len();
+    if actual == 0 {
+        let len = libc::off_t::try_from(bytes)
+            .map_err(|_| VmmError::Memory(format!("{bytes} B do not fit a file")))?;
+        // SAFETY: a plain syscall on a file descriptor this function owns.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+        if rc != 0 {
+            return Err(err(std::io::Error::from_raw_os_error(rc)));
+        }
+    } else if actual != bytes {
+        return Err(VmmError::Memory(format!(
+            "{} holds {actual} B, the guest has {bytes} B",
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -93,21 +125,48 @@ impl Machine {
     /// # Errors
     /// [`VmmError`] as for [`new`](Self::new).
     pub fn for_layout(layout: &MemoryLayout) -> Result<Self, VmmError> {
+        Self::for_layout_in(layout, None)
+    }
+
+    /// As [`for_layout`](Self::for_layout), with the guest's memory in the
+    /// file at `path` when given (shared mapping, regions one after another
+    /// in the file), so that it can be read once the VMM has exited. The
+    /// file is created at the layout's size, or must have exactly that size.
+    ///
+    /// # Errors
+    /// As for [`new`](Self::new); [`VmmError::Memory`] when the file cannot
+    /// be created, has another size, or its blocks cannot be reserved (a
+    /// full disk fails here, not as a fault when the guest touches a page).
+    pub fn for_layout_in(layout: &MemoryLayout, path: Option<&Path>) -> Result<Self, VmmError> {
         let ranges: Vec<(u64, u64)> = layout.regions.iter().map(|r| (r.gpa, r.len)).collect();
-        Self::with_ranges(&ranges)
+        let file = path
+            .map(|p| backing_file(p, ranges.iter().map(|r| r.1).sum()))
+            .transpose()?;
+        Self::with_ranges_in(&ranges, file)
     }
 
     fn with_ranges(ranges: &[(u64, u64)]) -> Result<Self, VmmError> {
+        Self::with_ranges_in(ranges, None)
+    }
+
+    fn with_ranges_in(ranges: &[(u64, u64)], file: Option<File>) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm.set_tss_address(0xfffb_d000)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        let vr: Vec<(GuestAddress, usize)> = ranges
-            .iter()
-            .map(|&(gpa, len)| (GuestAddress(gpa), len as usize))
-            .collect();
-        let vmm_mem =
-            Arc::new(VmMemory::from_ranges(&vr).map_err(|e| VmmError::Memory(e.to_string()))?);
+        let file = file.map(Arc::new);
+        let mut offset = 0;
+        let mut vr = Vec::with_capacity(ranges.len());
+        for &(gpa, len) in ranges {
+            let at = file
+                .as_ref()
+                .map(|f| FileOffset::from_arc(f.clone(), offset));
+            vr.push((GuestAddress(gpa), len as usize, at));
+            offset += len;
+        }
+        let vmm_mem = Arc::new(
+            VmMemory::from_ranges_with_files(&vr).map_err(|e| VmmError::Memory(e.to_string()))?,
+        );
         let mem = Arc::new(
             GuestMemory::from_vm_memory(&vmm_mem)
                 .map_err(|e: MemoryError| VmmError::Memory(e.to_string()))?,

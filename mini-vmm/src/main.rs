@@ -5,7 +5,8 @@
 //! mini-vmm dest --listen 127.0.0.1:0   # prints "listening on ADDR", receives, runs the guest on
 //! mini-vmm source --connect ADDR       # runs the guest and migrates it while it runs
 //! mini-vmm run --boot-sector FILE --memory 150M --serial out.txt --run-for-s 5
-//! mini-vmm source --boot-sector FILE --memory 150M --connect ADDR
+//! mini-vmm source --boot-sector FILE --memory 150M --connect ADDR --json src.json
+//! mini-vmm dest --listen 127.0.0.1:0 --memory-file ram.img --json dst.json
 //! mini-vmm guest sweeper --out sweeper.img   # write one of our boot-sector guests
 //! ```
 //! The table program: both ends print `result: 0x...` when the guest
@@ -22,13 +23,17 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use migrate_core::protocol::RefusalCode;
-use migrate_core::{IncomingMigration, SourceConfig, SourceMigration};
+use migrate_core::{
+    DestinationTransport, IncomingMigration, MigrationError, SourceConfig, SourceMigration,
+    SourceTransport, report,
+};
 use mini_vmm::boot;
 use mini_vmm::machine::{GUEST_TIMEOUT, KvmDestination, KvmSource, Machine};
 use mini_vmm::program::TableProgram;
 use mini_vmm::state::VmState;
 use mini_vmm::vcpu::{SerialSink, VcpuRunner};
-use transport_tcp::{TcpConfig, TcpMigrationListener, TcpSource};
+use transport_rdma::{RdmaConfig, RdmaMigrationListener, RdmaSource};
+use transport_tcp::{TcpConfig, TcpMigrationListener, TcpSource, TlsConfig, is_loopback};
 
 #[derive(Parser)]
 #[command(version, about = "A minimal KVM VMM whose running guest live-migrates")]
@@ -164,8 +169,80 @@ fn run_for(vcpu: &VcpuRunner, secs: u64) -> Result<bool> {
     }
 }
 
+/// How the two mini-vmms reach each other.
+#[derive(Args, Clone)]
+struct NetArgs {
+    /// `auto` (RDMA when both ends have a device, else TCP, with the
+    /// reason), `rdma` (RDMA or fail) or `tcp`.
+    #[arg(long, default_value = "auto")]
+    transport: String,
+    /// Data streams (TCP connections, or RDMA queue pairs).
+    #[arg(long, default_value_t = 2)]
+    streams: u16,
+    /// Offer zstd compression of page batches over TCP (used when both
+    /// ends offer it).
+    #[arg(long)]
+    compress: bool,
+    /// Authenticate both ends with this pre-shared key (TLS 1.3 PSK, as
+    /// `migrate-cli --psk-file`).
+    #[arg(long)]
+    psk_file: Option<PathBuf>,
+    /// Send a guest's memory in the clear to or from a non-loopback address
+    /// (isolated test networks only).
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl NetArgs {
+    /// The TLS settings, checked against `addr` before anything else
+    /// happens: plaintext only on loopback or with `--insecure`.
+    fn tls(&self, addr: &str, source: bool) -> Result<Option<TlsConfig>> {
+        if let Some(path) = &self.psk_file {
+            let key = TlsConfig::read_psk(path).context("--psk-file")?;
+            let tls = if source {
+                TlsConfig::source_psk(key)
+            } else {
+                TlsConfig::destination_psk(key)
+            };
+            return Ok(Some(tls.context("--psk-file")?));
+        }
+        if !self.insecure && !is_loopback(addr) {
+            bail!(
+                "refusing to move a guest's memory over {addr} without authentication: give \
+                 --psk-file FILE, or --insecure on an isolated test network"
+            );
+        }
+        Ok(None)
+    }
+
+    /// The RDMA settings (TCP within them), or `None` for `--transport tcp`.
+    fn rdma(&self, tls: Option<TlsConfig>) -> Result<(TcpConfig, Option<RdmaConfig>)> {
+        let tcp = TcpConfig {
+            tls,
+            data_streams: self.streams.max(1),
+            compress: self.compress,
+            ..TcpConfig::default()
+        };
+        let require = match self.transport.as_str() {
+            "tcp" => return Ok((tcp, None)),
+            "auto" => false,
+            "rdma" => true,
+            other => bail!("--transport {other}: use tcp, rdma or auto"),
+        };
+        let rdma = RdmaConfig {
+            tcp: tcp.clone(),
+            queue_pairs: self.streams.max(1),
+            require,
+            ..RdmaConfig::default()
+        };
+        Ok((tcp, Some(rdma)))
+    }
+}
+
 #[derive(Args)]
 struct SourceArgs {
+    #[command(flatten)]
+    net: NetArgs,
     #[command(flatten)]
     guest: GuestArgs,
     /// The destination's address.
@@ -183,16 +260,28 @@ struct SourceArgs {
     /// Compare every page's hash on both sides before commit.
     #[arg(long)]
     verify: bool,
-    /// Write the migration statistics here as JSON.
+    /// Write the migration's report here as JSON (the fields of
+    /// `migrate-cli source --json`, plus `digest`).
     #[arg(long)]
     json: Option<PathBuf>,
 }
 
 #[derive(Args)]
 struct DestArgs {
+    #[command(flatten)]
+    net: NetArgs,
     /// Address to listen on.
     #[arg(long)]
     listen: String,
+    /// Back the guest's memory with this file (created at the guest's
+    /// size, or of exactly that size), so it can be read after mini-vmm
+    /// exits.
+    #[arg(long)]
+    memory_file: Option<PathBuf>,
+    /// Write the migration's report here as JSON (the fields of
+    /// `migrate-cli dest --json`, plus `digest`).
+    #[arg(long)]
+    json: Option<PathBuf>,
     /// Table pages the guest may write per second once it runs here.
     #[arg(long, default_value_t = 0)]
     pages_per_sec: u64,
@@ -254,6 +343,23 @@ fn run(cli: Cli) -> Result<bool> {
     }
 }
 
+/// CPU time this process has used (user + system, all threads, the vCPU's
+/// guest time included), ms at the kernel's 10 ms resolution; 0 when
+/// `/proc` cannot say. Reported as `resources.process_cpu_ms`: unlike
+/// migrate-cli's `cpu_ms`, it holds the running guest's time too.
+fn cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    // utime and stime, in USER_HZ (100 on every Linux that reports here).
+    ticks(11)
+        .zip(ticks(12))
+        .map_or(0.0, |(u, s)| (u + s) * 10.0)
+}
+
 /// Wait for the guest's answer and print it.
 fn finish(vcpu: &VcpuRunner) -> Result<bool> {
     let d = vcpu
@@ -265,7 +371,25 @@ fn finish(vcpu: &VcpuRunner) -> Result<bool> {
 }
 
 fn source(a: SourceArgs) -> Result<bool> {
+    let tls = a.net.tls(&a.connect, true)?;
+    let (tcp, rdma) = a.net.rdma(tls)?;
     let (mut m, boot) = boot_guest(&a.guest)?;
+    let before_connect = cpu_ms();
+    // RDMA registers the guest memory here, before dirty tracking starts.
+    let connected: Result<(Box<dyn SourceTransport>, Option<String>), MigrationError> = match rdma {
+        None => TcpSource::connect(&a.connect, tcp)
+            .map(|t| (Box::new(t) as Box<dyn SourceTransport>, None))
+            .map_err(MigrationError::from),
+        Some(cfg) => RdmaSource::connect(&a.connect, m.memory(), cfg)
+            .map(|t| {
+                let why = t.fallback_reason().map(String::from);
+                (Box::new(t) as Box<dyn SourceTransport>, why)
+            })
+            .map_err(MigrationError::from),
+    };
+    // The migration's CPU: connecting, then everything from its start on
+    // (not the guest's run before it).
+    let connecting = cpu_ms() - before_connect;
     let tracking = m.dirty_tracking()?;
     let vcpu = m.start(&boot, a.guest.pages_per_sec)?;
     std::thread::sleep(Duration::from_millis(a.start_after_ms));
@@ -280,30 +404,50 @@ fn source(a: SourceArgs) -> Result<bool> {
         verify: a.verify,
         ..SourceConfig::default()
     };
-    let result = TcpSource::connect(&a.connect, TcpConfig::default())
-        .map_err(migrate_core::MigrationError::from)
-        .and_then(|mut t| {
-            SourceMigration::new(cfg).run(&mut t, m.memory(), &tracking, &mut KvmSource::new(&vcpu))
-        });
-    match result {
+    let migration = SourceMigration::new(cfg);
+    let cpu_at_start = cpu_ms();
+    let handle = migration.handle();
+    let mut fallback = None;
+    let result = connected.and_then(|(mut t, why)| {
+        fallback = why;
+        migration.run(
+            t.as_mut(),
+            m.memory(),
+            &tracking,
+            &mut KvmSource::new(&vcpu),
+        )
+    });
+    let stats = handle.stats();
+    let cpu = connecting + cpu_ms() - cpu_at_start;
+    let json = |error: Option<&str>| -> Result<()> {
+        if let Some(p) = &a.json {
+            let mut v = report::source_json(&stats, fallback.as_deref(), error);
+            v["resources"] = serde_json::json!({ "process_cpu_ms": cpu });
+            if error.is_none() {
+                v["digest"] = serde_json::json!(format!("{:032x}", m.digest()));
+            }
+            std::fs::write(p, v.to_string() + "\n")
+                .with_context(|| format!("writing {}", p.display()))?;
+        }
+        Ok(())
+    };
+    match &result {
         Ok(stats) => {
             println!("digest: {:032x}", m.digest());
             println!(
-                "migrated: {} rounds, {:.1} ms downtime, {:.1} ms total, {} B",
-                stats.rounds, stats.downtime_ms, stats.total_ms, stats.bytes_transferred
+                "migrated: {} rounds, {:.1} ms downtime, {:.1} ms total, {} B, throttled to {} %",
+                stats.rounds,
+                stats.downtime_ms,
+                stats.total_ms,
+                stats.bytes_transferred,
+                stats.throttle_percent
             );
-            if let Some(p) = &a.json {
-                let v = serde_json::json!({
-                    "status": "completed", "rounds": stats.rounds, "downtime_ms": stats.downtime_ms,
-                    "total_ms": stats.total_ms, "bytes_transferred": stats.bytes_transferred,
-                    "throttle_percent": stats.throttle_percent, "verified": stats.verified,
-                });
-                std::fs::write(p, v.to_string()).context("writing the JSON report")?;
-            }
+            json(None)?;
             Ok(true)
         }
         Err(e) => {
             eprintln!("migration failed: {e}; the guest runs on here");
+            json(Some(&e.to_string()))?;
             if a.guest.boot_sector.is_some() {
                 run_for(&vcpu, a.guest.run_for_s)?;
             } else {
@@ -314,26 +458,56 @@ fn source(a: SourceArgs) -> Result<bool> {
     }
 }
 
+/// Accept one source over the chosen transport.
+fn accept(a: &DestArgs) -> Result<Box<dyn DestinationTransport>> {
+    let tls = a.net.tls(&a.listen, false)?;
+    Ok(match a.net.rdma(tls)? {
+        (tcp, None) => {
+            let listener = TcpMigrationListener::bind(&a.listen, tcp)?;
+            println!("listening on {}", listener.local_addr()?);
+            std::io::stdout().flush().ok();
+            Box::new(listener.accept()?)
+        }
+        (_, Some(cfg)) => {
+            let listener = RdmaMigrationListener::bind(&a.listen, cfg)?;
+            println!("listening on {}", listener.local_addr()?);
+            std::io::stdout().flush().ok();
+            // Dropped after the migration: the memory keys die with it.
+            Box::new(listener.accept()?)
+        }
+    })
+}
+
 fn dest(a: DestArgs) -> Result<bool> {
-    let listener = TcpMigrationListener::bind(&a.listen, TcpConfig::default())?;
-    println!("listening on {}", listener.local_addr()?);
-    std::io::stdout().flush().ok();
-    let mut t = listener.accept()?;
-    let incoming = IncomingMigration::accept(&mut t)?;
-    let mut m = match Machine::for_layout(incoming.layout()) {
+    let mut t = accept(&a)?;
+    let cpu_at_accept = cpu_ms();
+    let incoming = IncomingMigration::accept(t.as_mut())?;
+    let mut m = match Machine::for_layout_in(incoming.layout(), a.memory_file.as_deref()) {
         Ok(m) => m,
         Err(e) => {
             // Tell the source why, so it resumes its guest with a clear error.
             let msg = format!("destination cannot build the VM: {e}");
-            incoming.refuse(&mut t, RefusalCode::Setup, &msg);
+            incoming.refuse(t.as_mut(), RefusalCode::Setup, &msg);
             bail!(msg);
         }
     };
     let mem = m.memory().clone();
     m.set_serial(serial_sink(a.serial.as_deref())?);
     let mut vm = KvmDestination::new(&mut m, a.pages_per_sec);
-    let report = incoming.receive(&mut t, &mem, &mut vm);
-    if let Err(e) = report {
+    let received = incoming.receive(t.as_mut(), &mem, &mut vm);
+    let cpu = cpu_ms() - cpu_at_accept;
+    drop(t);
+    if let Some(p) = &a.json {
+        let error = received.as_ref().err().map(ToString::to_string);
+        let mut v = report::destination_json(received.as_ref().ok(), None, error.as_deref());
+        v["resources"] = serde_json::json!({ "process_cpu_ms": cpu });
+        if let Some(d) = vm.digest_at_resume {
+            v["digest"] = serde_json::json!(format!("{d:032x}"));
+        }
+        std::fs::write(p, v.to_string() + "\n")
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Err(e) = received {
         bail!("incoming migration failed: {e}; nothing was started");
     }
     if let Some(d) = vm.digest_at_resume {

@@ -263,6 +263,7 @@ fn a_boot_sector_migrates_live_between_two_processes() {
     assert!(std::fs::read_to_string(&alone).unwrap().contains('B'));
 
     let dest_serial = scratch("dest.txt");
+    let (ram, dest_json, source_json) = (scratch("ram.img"), scratch("d.json"), scratch("s.json"));
     let mut dest = bin()
         .args([
             "dest",
@@ -273,6 +274,10 @@ fn a_boot_sector_migrates_live_between_two_processes() {
             "--serial",
         ])
         .arg(&dest_serial)
+        .arg("--memory-file")
+        .arg(&ram)
+        .arg("--json")
+        .arg(&dest_json)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -296,6 +301,8 @@ fn a_boot_sector_migrates_live_between_two_processes() {
         .arg(&image)
         .arg("--serial")
         .arg(&source_serial)
+        .arg("--json")
+        .arg(&source_json)
         .output()
         .unwrap();
     let mut rest = String::new();
@@ -320,4 +327,50 @@ fn a_boot_sector_migrates_live_between_two_processes() {
         printed.contains('B') && printed.trim_matches('B').is_empty(),
         "the destination's serial line: {printed:?}"
     );
+    // The destination's RAM, read from its file after mini-vmm exited,
+    // obeys the sweep rule: the guest ran on and was stopped mid-sweep.
+    let ram = std::fs::read(&ram).unwrap();
+    assert_eq!(ram.len(), 48 << 20, "the memory file holds the guest");
+    let pages: Vec<u8> = (1 << 20..40 << 20).step_by(4096).map(|a| ram[a]).collect();
+    let (value, _) = boot::check_sweep(&pages).unwrap();
+    assert_ne!(value, 0, "nothing swept in the destination's memory");
+    // Both reports, with migrate-cli's fields, agree.
+    let json = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let (s, d) = (json(&source_json), json(&dest_json));
+    assert_eq!(s["role"], "source");
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(d["role"], "destination");
+    assert_eq!(d["status"], "completed", "{d}");
+    assert_eq!(s["migration_id"], d["migration_id"]);
+    assert_eq!(s["transport"], d["transport"]);
+    assert!(s["rounds"].as_u64().unwrap() >= 2, "{s}");
+    assert!(s["downtime_ms"].as_f64().unwrap() > 0.0, "{s}");
+    assert_eq!(
+        s["digest"].as_str().map(|d| format!("digest: {d}")),
+        text(&src)
+            .lines()
+            .find(|l| l.starts_with("digest: "))
+            .map(String::from)
+    );
+    assert_eq!(s["digest"], d["digest"], "{s}\n{d}");
+}
+
+#[test]
+fn plaintext_off_this_host_needs_insecure() {
+    for args in [
+        &["dest", "--listen", "0.0.0.0:0"][..],
+        &[
+            "source",
+            "--connect",
+            "192.0.2.1:4444",
+            "--boot-sector",
+            "/nonexistent",
+        ][..],
+    ] {
+        let o = bin().args(args).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(text(&o).contains("without authentication"), "{}", text(&o));
+    }
 }

@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 mod accept;
+mod addr;
 mod conn;
 mod control;
 mod destination;
@@ -33,6 +34,7 @@ mod tls;
 
 use std::time::Duration;
 
+pub use addr::is_loopback;
 pub use control::{KillSwitch, TcpControl};
 pub use destination::{TcpDestination, TcpMigrationListener};
 pub use source::TcpSource;

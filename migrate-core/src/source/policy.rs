@@ -24,6 +24,10 @@ pub(crate) struct LinkRate {
     pub round_mbps: f64,
     /// Every round's wire bytes over the time since the first page, Mbit/s.
     pub average_mbps: f64,
+    /// The last round's rate in guest bytes of data pages (zero pages not
+    /// counted), Mbit/s: above the wire rate when compression shrinks the
+    /// pages.
+    pub round_page_mbps: f64,
 }
 
 impl LinkRate {
@@ -33,18 +37,32 @@ impl LinkRate {
         Self {
             round_mbps: mbps(round_bytes, round_secs),
             average_mbps: mbps(total_bytes, total_secs),
+            round_page_mbps: 0.0,
         }
     }
 
-    /// The rate to plan the switch-over with, bytes/s: the last round's own
-    /// rate when it ran long enough to measure the link; else the better of
-    /// it and the average (a tiny round is all latency and would understate
-    /// the link).
+    /// With the last round's data pages: `page_bytes` of guest memory (as
+    /// the guest holds them, before compression) in `round_secs`.
+    pub fn with_pages(mut self, page_bytes: u64, round_secs: f64) -> Self {
+        self.round_page_mbps = mbps(page_bytes, round_secs);
+        self
+    }
+
+    /// The rate to plan the switch-over with, in guest bytes/s (what the
+    /// remaining dirty bytes are counted in): the last round's own rate when
+    /// it ran long enough to measure the link; else the better of it and
+    /// the average (a tiny round is all latency and would understate the
+    /// link). A round's rate is the better of its wire rate and its
+    /// data-page rate: without compression they agree (the wire carries
+    /// headers too); with it, the pages cleared per second are what ends a
+    /// round, however few bytes they took on the wire. Zero pages are not
+    /// credited: they cost little, and the next round's share is unknown.
     pub fn planning_bytes_per_sec(&self, round_secs: f64) -> f64 {
+        let round = self.round_mbps.max(self.round_page_mbps);
         let mbps = if round_secs >= MEASURED_ROUND_SECS {
-            self.round_mbps
+            round
         } else {
-            self.round_mbps.max(self.average_mbps)
+            round.max(self.average_mbps)
         };
         mbps * 1e6 / 8.0
     }
@@ -203,6 +221,28 @@ mod tests {
         let r = LinkRate::measure(1_250_000, 0.1, 0, 0.0);
         assert!((r.round_mbps - 100.0).abs() < 1e-9);
         assert_eq!(r.average_mbps, 0.0);
+    }
+
+    #[test]
+    fn link_rate_counts_compressed_pages_as_cleared() {
+        // (wire bytes, page bytes, round s, planning MB/s)
+        let cases = [
+            // 1 MB on the wire carried 100 MB of pages in 100 ms: compression
+            // cleared 1000 MB/s of dirty memory, not 10.
+            (1_000_000, 100_000_000, 0.1, 1000.0),
+            // Uncompressed: headers make the wire a little more; it decides.
+            (10_100_000, 10_000_000, 0.1, 101.0),
+            // Only zero pages (no data pages): the wire rate.
+            (50_000, 0, 0.1, 0.5),
+        ];
+        for (wire, pages, secs, want_mbs) in cases {
+            let rate = LinkRate::measure(wire, secs, wire, secs).with_pages(pages, secs);
+            let got = rate.planning_bytes_per_sec(secs) / 1e6;
+            assert!(
+                (got - want_mbs).abs() < 1e-6,
+                "{wire} B wire, {pages} B pages in {secs} s: {got} MB/s, want {want_mbs}"
+            );
+        }
     }
 
     #[test]

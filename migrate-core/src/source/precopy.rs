@@ -321,7 +321,16 @@ impl Precopy<'_> {
         let secs = round_start.elapsed().as_secs_f64().max(1e-6);
         totals.rounds += 1;
         totals.sent.add(&sent);
-        let rate = LinkRate::measure(sent.wire_bytes, secs, totals.sent.wire_bytes, totals.secs());
+        // Guest bytes of the data pages this round carried (page sizes as
+        // the log's regions have them; zero pages excluded).
+        let pages = sent.normal_pages + sent.zero_pages;
+        let page_bytes = if pages == 0 {
+            0
+        } else {
+            (log.dirty_bytes() as f64 * sent.normal_pages.min(pages) as f64 / pages as f64) as u64
+        };
+        let rate = LinkRate::measure(sent.wire_bytes, secs, totals.sent.wire_bytes, totals.secs())
+            .with_pages(page_bytes, secs);
         let (resend, resend_pages) = self.resend_log(&suspect);
         if resend_pages > 0 && paused {
             tracing::warn!(

@@ -11,11 +11,15 @@
 //!   collect criterion's micro-benchmark estimates.
 //! - `migrate-bench qemu --out DIR/raw/peer/qemu.json`: QEMU's migration
 //!   and ours on the same image, side by side (see [`qemu`]).
+//! - `migrate-bench boot-sector --out DIR/raw/peer/boot-sector.json`: QEMU
+//!   and mini-vmm migrating the same running boot sector (see
+//!   [`boot_sector`]).
 //! - `migrate-bench report --results DIR`: read `DIR/raw/*.json` and
 //!   `DIR/raw/micro/*.json`, write `DIR/results.md` and `DIR/results.png`.
 
 #![forbid(unsafe_code)]
 
+mod boot_sector;
 mod ceiling;
 mod cell;
 mod micro;
@@ -57,6 +61,8 @@ enum Command {
     },
     /// QEMU's migration beside ours, on the same image, in one run.
     Qemu(qemu::QemuArgs),
+    /// QEMU and mini-vmm live-migrating the same running boot sector.
+    BootSector(boot_sector::BootArgs),
     /// Tables and plot from the raw results.
     Report {
         /// Results folder: reads raw/*.json, writes results.md and results.png.
@@ -116,6 +122,20 @@ fn main() -> Result<()> {
             let failed = raw.runs.iter().filter(|r| r.error.is_some()).count();
             if failed > 0 {
                 anyhow::bail!("{failed} of {} QEMU-peer runs failed", raw.runs.len());
+            }
+            Ok(())
+        }
+        Command::BootSector(a) => {
+            let raw = boot_sector::run(&a)?;
+            if let Some(dir) = a.out.parent() {
+                std::fs::create_dir_all(dir).ok();
+            }
+            std::fs::write(&a.out, serde_json::to_string_pretty(&raw)? + "\n")
+                .with_context(|| format!("writing {}", a.out.display()))?;
+            eprintln!("migrate-bench: wrote {}", a.out.display());
+            let failed = raw.runs.iter().filter(|r| r.error.is_some()).count();
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} boot-sector runs failed", raw.runs.len());
             }
             Ok(())
         }

@@ -108,15 +108,7 @@ impl PeerRun {
 }
 
 pub fn run(a: &QemuArgs) -> Result<PeerRaw> {
-    let version = Command::new(&a.qemu)
-        .arg("--version")
-        .output()
-        .with_context(|| format!("running {} (install qemu-system-x86)", a.qemu.display()))?;
-    let qemu_version = String::from_utf8_lossy(&version.stdout)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let qemu_version = qemu_version(&a.qemu)?;
     if !a.cli.exists() {
         bail!("{} not found: build it first", a.cli.display());
     }
@@ -194,6 +186,19 @@ pub fn run(a: &QemuArgs) -> Result<PeerRaw> {
     Ok(raw)
 }
 
+/// The first line of `qemu --version`.
+pub(crate) fn qemu_version(qemu: &Path) -> Result<String> {
+    let version = Command::new(qemu)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} (install qemu-system-x86)", qemu.display()))?;
+    Ok(String::from_utf8_lossy(&version.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
 /// What every run uses: the arguments, the image, the destination file and
 /// a scratch folder.
 struct Where<'a> {
@@ -240,7 +245,7 @@ fn same_bytes(a: &Path, b: &Path) -> Result<bool> {
 }
 
 /// CPU seconds a live process has used (user + system).
-fn cpu_s(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_s(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -255,7 +260,7 @@ fn cpu_s(pid: u32) -> Result<f64> {
 }
 
 /// A QMP connection: commands and their answers, events kept aside.
-struct Qmp {
+pub(crate) struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     events: Vec<Value>,
@@ -265,7 +270,7 @@ impl Qmp {
     /// Connect (QEMU creates the socket as it starts) and leave the
     /// greeting; the greeting comes once QEMU finished starting, memory
     /// preallocation included.
-    fn connect(path: &Path, child: &mut Child) -> Result<Self> {
+    pub(crate) fn connect(path: &Path, child: &mut Child) -> Result<Self> {
         let deadline = Instant::now() + Duration::from_secs(120);
         let stream = loop {
             if let Ok(s) = UnixStream::connect(path) {
@@ -301,7 +306,7 @@ impl Qmp {
         Ok(serde_json::from_str(&line)?)
     }
 
-    fn cmd(&mut self, execute: &str, arguments: Value) -> Result<Value> {
+    pub(crate) fn cmd(&mut self, execute: &str, arguments: Value) -> Result<Value> {
         let msg = json!({ "execute": execute, "arguments": arguments });
         writeln!(self.writer, "{msg}")?;
         loop {
@@ -317,7 +322,7 @@ impl Qmp {
     }
 
     /// The next `MIGRATION` event whose status ends a migration.
-    fn migration_end(&mut self) -> Result<String> {
+    pub(crate) fn migration_end(&mut self) -> Result<String> {
         let mut pending = std::mem::take(&mut self.events).into_iter();
         loop {
             let m = match pending.next() {
@@ -335,7 +340,7 @@ impl Qmp {
 }
 
 /// Kills the processes it holds when dropped (a failed run leaves none).
-struct Reaper(Vec<Child>);
+pub(crate) struct Reaper(pub(crate) Vec<Child>);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
@@ -409,7 +414,7 @@ fn qemu_run(w: &Where<'_>, prealloc: bool, r: &mut PeerRun) -> Result<()> {
 }
 
 /// A port nothing listens on now (QEMU's `-incoming` needs one named).
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

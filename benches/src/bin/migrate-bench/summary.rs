@@ -74,6 +74,9 @@ pub fn report(results: &Path) -> Result<()> {
     if let Some(peer) = &peer {
         md += &crate::qemu_report::markdown(peer);
     }
+    if let Some(boot) = crate::boot_sector::load(results)? {
+        md += &crate::boot_sector::markdown(&boot);
+    }
     let md_path = results.join("results.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
     let png = results.join("results.png");
