@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The benchmark, one command: the macro benchmark (migrate-bench) on this
 # host over loopback and over a veth pair between two network namespaces,
-# then QEMU's migration beside ours on the same image (host), then RDMA vs
+# then QEMU's migration beside ours on the same image (host), then QEMU and
+# mini-vmm live-migrating the same running boot sector (host, KVM), then RDMA vs
 # TCP inside the SoftRoCE VM, the ceilings measured alongside; writes
-# benches/results/{raw/*.json,raw/peer/qemu.json,results.md,results.png,
+# benches/results/{raw/*.json,raw/peer/{qemu,boot-sector}.json,results.md,results.png,
 # results-qemu.png}.
 # Usage: scripts/bench.sh [--quick] [--host-only|--vm-only]   (root)
 #   BENCH_RESULTS=DIR: write there instead (the test command's smoke run).
@@ -21,7 +22,7 @@ for a in "$@"; do
   esac
 done
 [ "$(id -u)" -eq 0 ] || { echo "bench: run as root (network namespaces, the VM's RDMA devices)" >&2; exit 2; }
-cargo build --release --locked -p migrate-cli -p benches --bin migrate-cli --bin migrate-bench
+cargo build --release --locked -p migrate-cli -p benches -p mini-vmm --bin migrate-cli --bin migrate-bench --bin mini-vmm
 results=${BENCH_RESULTS:-benches/results}
 mkdir -p "$results/raw/micro"
 cmd="scripts/bench.sh $*"
@@ -37,6 +38,14 @@ if [ "$host" = 1 ]; then
   # (the smoke run: a small image, once).
   if [ ${#quick[@]} = 0 ]; then peer=(--size-mib 1024 --repeat 5); else peer=(--size-mib 128 --repeat 1); fi
   target/release/migrate-bench qemu "${peer[@]}" --out "$results/raw/peer/qemu.json" --command-line "$cmd"
+  # The same running boot sector (our sweeper) under QEMU with KVM and under
+  # mini-vmm, migrated live (the smoke run: once).
+  if [ -c /dev/kvm ]; then
+    if [ ${#quick[@]} = 0 ]; then boot=(--repeat 5); else boot=(--repeat 1); fi
+    target/release/migrate-bench boot-sector "${boot[@]}" --out "$results/raw/peer/boot-sector.json" --command-line "$cmd"
+  else
+    echo "SKIP boot-sector comparison: no /dev/kvm on this machine" >&2
+  fi
   if [ ${#quick[@]} = 0 ]; then
     # Micro benchmarks (criterion): dirty harvest, per-page costs, zstd.
     crit=$(mktemp -d)

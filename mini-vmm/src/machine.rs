@@ -213,6 +213,14 @@ impl Machine {
     /// Start dirty tracking as a KVM VMM does: KVM's log of the guest's
     /// writes ∪ vm-memory's bitmap of the VMM's own.
     ///
+    /// Why KVM's log and not userfaultfd write-protect: under this kernel
+    /// both see every page a vCPU writes (the boot-sector test
+    /// `userfaultfd_sees_a_kvm_guests_writes_as_the_dirty_log_does` runs
+    /// both on one running guest), and the log is the cheaper harvest:
+    /// 61 µs against 234 µs for 32 MiB with 5889 pages dirty, measured
+    /// here; it also needs no re-protection of the host mappings, which
+    /// would make KVM drop its own mappings of every harvested page.
+    ///
     /// # Errors
     /// [`VmmError::Dirty`] when KVM refuses the dirty log.
     pub fn dirty_tracking(&self) -> Result<DirtyUnion, VmmError> {

@@ -296,4 +296,19 @@ mod tests {
             Err(StateError::Trailing(1))
         ));
     }
+
+    /// The fuzzer starts from seeds in today's format: a seed of an older
+    /// version would only ever test the magic check.
+    #[test]
+    fn the_fuzz_seeds_are_of_this_version() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/machine_state");
+        let mut seeds = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let path = e.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            VmState::decode(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seeds += 1;
+        }
+        assert!(seeds > 0, "no seed in {dir}");
+    }
 }

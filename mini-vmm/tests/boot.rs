@@ -374,3 +374,67 @@ fn plaintext_off_this_host_needs_insecure() {
         assert!(text(&o).contains("without authentication"), "{}", text(&o));
     }
 }
+
+/// Whether userfaultfd write-protect (async) sees what a KVM guest writes,
+/// beside KVM's own dirty log: both trackers on the same memory while our
+/// sweeper runs two whole sweeps must each report every page of its range.
+/// Prints what one harvest of each costs (measured, not asserted).
+#[test]
+fn userfaultfd_sees_a_kvm_guests_writes_as_the_dirty_log_does() {
+    use migrate_core::dirty::{DirtyLog, DirtyTracker, DirtyTracking, TrackerPreference};
+    if !kvm_here("uffd_sees_kvm_writes") {
+        return;
+    }
+    let (start, end) = (MIB, 24 * MIB);
+    let mut m = Machine::pc(32 << 20).unwrap();
+    let state = m
+        .load_boot_sector(&boot::sweeper(start, end, 1).unwrap())
+        .unwrap();
+    let serial = Captured::default();
+    m.set_serial(Box::new(serial.clone()));
+    let kvm_log = m.dirty_tracking().unwrap();
+    let uffd = match DirtyTracking::new(m.memory(), TrackerPreference::Best) {
+        Ok(t) => t,
+        Err(e) => {
+            migrate_core::skip::skip(
+                "uffd_sees_kvm_writes",
+                migrate_core::skip::Need::Uffd,
+                &e.to_string(),
+            );
+            return;
+        }
+    };
+    // Everything loaded so far counts as sent: start both from clean.
+    let (mut a, mut b) = (DirtyLog::new(m.memory()), DirtyLog::new(m.memory()));
+    kvm_log.harvest(&mut a).unwrap();
+    uffd.harvest(&mut b).unwrap();
+    let vcpu = m.start(&state, 0).unwrap();
+    let printed = serial.count('B');
+    until("two whole sweeps", || serial.count('B') >= printed + 2);
+    vcpu.pause().unwrap();
+    let timed = |t: &dyn DirtyTracker| {
+        let mut log = DirtyLog::new(m.memory());
+        let at = Instant::now();
+        t.harvest(&mut log).unwrap();
+        (log, at.elapsed())
+    };
+    let (by_kvm, kvm_took) = timed(&kvm_log);
+    let (by_uffd, uffd_took) = timed(&uffd);
+    let range = (start as usize / 4096)..(end as usize / 4096);
+    let missed = |log: &DirtyLog| range.clone().filter(|&p| !log.is_dirty(0, p)).count();
+    assert_eq!(missed(&by_kvm), 0, "KVM's dirty log missed swept pages");
+    assert_eq!(
+        missed(&by_uffd),
+        0,
+        "{} missed pages the KVM guest swept",
+        uffd.kind().name()
+    );
+    println!(
+        "one harvest of {} MiB after two sweeps: KVM dirty log + bitmap {kvm_took:?} \
+         ({} pages), {} {uffd_took:?} ({} pages)",
+        m.memory().total_bytes() >> 20,
+        by_kvm.count(),
+        uffd.kind().name(),
+        by_uffd.count()
+    );
+}

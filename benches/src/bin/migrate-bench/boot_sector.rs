@@ -521,3 +521,38 @@ pub fn markdown(raw: &BootRaw) -> String {
     }
     s
 }
+
+/// `results-boot-sector.png`: time and downtime (left), CPU (right), QEMU
+/// and mini-vmm side by side.
+pub fn draw(path: &Path, raw: &BootRaw) -> Result<()> {
+    use crate::cell::Spread;
+    use crate::qemu_report::{BarPanel, bars};
+    let spread = |engine: &str, f: fn(&BootRun) -> f64| {
+        Spread::of(
+            raw.runs
+                .iter()
+                .filter(|r| r.engine == engine && r.error.is_none() && r.consistent)
+                .map(f),
+        )
+    };
+    let pair = |f: fn(&BootRun) -> f64| vec![spread("qemu", f), spread("ours", f)];
+    bars(
+        path,
+        &["QEMU (KVM, multifd)", "mini-vmm"],
+        &[
+            BarPanel {
+                title: format!("Running boot sector, {} MiB", raw.memory_mib),
+                unit: "ms",
+                groups: vec![
+                    ("end-to-end".into(), pair(|r| r.total_ms)),
+                    ("downtime".into(), pair(|r| r.downtime_ms)),
+                ],
+            },
+            BarPanel {
+                title: "CPU, both processes (guest included)".into(),
+                unit: "CPU s",
+                groups: vec![("CPU".into(), pair(BootRun::cpu_s))],
+            },
+        ],
+    )
+}

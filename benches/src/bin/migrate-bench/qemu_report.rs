@@ -134,66 +134,94 @@ pub fn markdown(raw: &PeerRaw) -> String {
 /// Two panels of bars (time, CPU): per kind of destination memory, QEMU
 /// and ours side by side, the median as the bar and min–max as a whisker.
 pub fn draw(path: &Path, raw: &PeerRaw) -> Result<()> {
-    crate::plot::load_font()?;
-    let root = BitMapBackend::new(path, (1200, 520)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (left, right) = root.split_horizontally(600);
-    let engines = [("qemu", "QEMU multifd", RED), ("ours", "migrate-cli", BLUE)];
     type Figure = fn(&PeerRun) -> f64;
-    let panels: [(&DrawingArea<_, _>, &str, &str, Figure); 2] = [
-        (&left, "End-to-end time", "ms", |r| r.ms),
-        (&right, "CPU, both processes", "CPU s", |r| r.cpu_s()),
-    ];
-    for (area, title, unit, f) in panels {
-        let top = raw
-            .runs
+    let panel = |title: &str, unit: &'static str, f: Figure| BarPanel {
+        title: format!("{title}, {} MiB image", raw.size_mib),
+        unit,
+        groups: KINDS
             .iter()
-            .filter(|r| r.error.is_none())
-            .map(f)
+            .map(|&(prealloc, kind)| {
+                (
+                    format!("{kind} destination"),
+                    vec![
+                        spread(raw, "qemu", prealloc, f),
+                        spread(raw, "ours", prealloc, f),
+                    ],
+                )
+            })
+            .collect(),
+    };
+    bars(
+        path,
+        &["QEMU multifd", "migrate-cli"],
+        &[
+            panel("End-to-end time", "ms", |r| r.ms),
+            panel("CPU, both processes", "CPU s", PeerRun::cpu_s),
+        ],
+    )
+}
+
+/// One panel of [`bars`]: groups of bars (one per engine) under a label.
+pub struct BarPanel {
+    pub title: String,
+    pub unit: &'static str,
+    /// Label, and per engine the spread (or nothing measured).
+    pub groups: Vec<(String, Vec<Option<Spread>>)>,
+}
+
+/// Panels side by side, each with its groups of bars: per engine (QEMU in
+/// red, ours in blue) the median as the bar and min–max as a whisker.
+pub fn bars(path: &Path, engines: &[&str; 2], panels: &[BarPanel]) -> Result<()> {
+    crate::plot::load_font()?;
+    let width = 600 * panels.len() as u32;
+    let root = BitMapBackend::new(path, (width, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let areas = root.split_evenly((1, panels.len()));
+    let colors = [RED, BLUE];
+    for (area, p) in areas.iter().zip(panels) {
+        let top = p
+            .groups
+            .iter()
+            .flat_map(|(_, g)| g.iter().flatten().map(|s| s.max))
             .fold(0.0, f64::max)
             * 1.2;
+        let n = p.groups.len().max(1) as f64;
+        let labels: Vec<String> = p.groups.iter().map(|(l, _)| l.clone()).collect();
         let mut chart = ChartBuilder::on(area)
-            .caption(
-                format!("{title}, {} MiB image", raw.size_mib),
-                ("sans-serif", 22),
-            )
+            .caption(&p.title, ("sans-serif", 22))
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(0.0..2.0, 0.0..top.max(1e-3))?;
+            .build_cartesian_2d(0.0..n, 0.0..top.max(1e-3))?;
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(5)
+            .x_labels(2 * labels.len() + 1)
             .x_label_formatter(&|x| {
-                let near = |v: f64| (x - v).abs() < 0.01;
-                if near(0.5) {
-                    "fresh destination".into()
-                } else if near(1.5) {
-                    "preallocated destination".into()
+                let k = x - 0.5;
+                if (k - k.round()).abs() < 0.01 && k >= -0.01 {
+                    labels.get(k.round() as usize).cloned().unwrap_or_default()
                 } else {
                     String::new()
                 }
             })
-            .y_desc(unit)
+            .y_desc(p.unit)
             .label_style(("sans-serif", 15))
             .axis_desc_style(("sans-serif", 17))
             .draw()?;
-        for (k, (prealloc, _)) in KINDS.iter().enumerate() {
+        for (k, (_, group)) in p.groups.iter().enumerate() {
             let x0 = k as f64;
-            for (e, (engine, label, color)) in engines.iter().enumerate() {
-                let Some(sp) = spread(raw, engine, *prealloc, f) else {
-                    continue;
-                };
+            for (e, sp) in group.iter().enumerate().take(2) {
+                let Some(sp) = sp else { continue };
+                let color = colors[e];
                 let (a, b) = (x0 + 0.15 + 0.35 * e as f64, x0 + 0.45 + 0.35 * e as f64);
                 let bar = chart.draw_series(std::iter::once(Rectangle::new(
                     [(a, 0.0), (b, sp.median)],
                     color.mix(0.7).filled(),
                 )))?;
                 if k == 0 {
-                    let c = *color;
-                    bar.label(*label).legend(move |(x, y)| {
-                        Rectangle::new([(x, y - 6), (x + 14, y + 6)], c.mix(0.7).filled())
+                    bar.label(engines[e]).legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.mix(0.7).filled())
                     });
                 }
                 let mid = (a + b) / 2.0;

@@ -74,8 +74,9 @@ pub fn report(results: &Path) -> Result<()> {
     if let Some(peer) = &peer {
         md += &crate::qemu_report::markdown(peer);
     }
-    if let Some(boot) = crate::boot_sector::load(results)? {
-        md += &crate::boot_sector::markdown(&boot);
+    let boot = crate::boot_sector::load(results)?;
+    if let Some(boot) = &boot {
+        md += &crate::boot_sector::markdown(boot);
     }
     let md_path = results.join("results.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
@@ -83,6 +84,9 @@ pub fn report(results: &Path) -> Result<()> {
     crate::plot::draw(&png, &cells, &ceilings)?;
     if let Some(peer) = &peer {
         crate::qemu_report::draw(&results.join("results-qemu.png"), peer)?;
+    }
+    if let Some(boot) = &boot {
+        crate::boot_sector::draw(&results.join("results-boot-sector.png"), boot)?;
     }
     eprintln!(
         "migrate-bench: wrote {} and {}",
