@@ -27,7 +27,7 @@ if [ "$setup_mode" = all ]; then
     kernel_pkg=linux-image-generic
   fi
   want_pkgs+=(qemu-system-x86 "$kernel_pkg" rdma-core ibverbs-providers ibverbs-utils
-              perftest libibverbs-dev librdmacm-dev busybox-static iproute2
+              perftest libibverbs-dev librdmacm-dev busybox-static iproute2 curl xz-utils
               iperf3 fonts-dejavu-core nftables python3-pip)
 fi
 for p in "${want_pkgs[@]}"; do

@@ -38,6 +38,15 @@ if [ "$(id -u)" -eq 0 ] && ip netns add "migrate-probe-$$" 2>/dev/null; then
   export MIGRATE_REQUIRE_NETNS=1; have "network namespaces"
 fi
 
+# A boot sector nobody here wrote (QEMU's migration-test guest), fetched
+# from Debian's QEMU source with pinned hashes: once fetched, required.
+if foreign=$(scripts/foreign-boot-sector.sh 2>&1); then
+  export MINI_VMM_FOREIGN_BOOT_SECTOR="$PWD/$foreign" MIGRATE_REQUIRE_FOREIGN_GUEST=1
+  have "QEMU's migration-test boot sector ($foreign)"
+else
+  echo "test: could not fetch QEMU's boot sector: $foreign" >&2
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked

@@ -26,6 +26,9 @@ pub enum Need {
     Uffd,
     /// Network namespaces and veth pairs (root; `MIGRATE_REQUIRE_NETNS`).
     NetNs,
+    /// A guest written elsewhere, fetched at test time (QEMU's migration
+    /// test boot sector; `MIGRATE_REQUIRE_FOREIGN_GUEST`).
+    ForeignGuest,
 }
 
 impl Need {
@@ -37,6 +40,7 @@ impl Need {
             Need::HugePages => "MIGRATE_REQUIRE_HUGETLB",
             Need::Uffd => "MIGRATE_REQUIRE_UFFD",
             Need::NetNs => "MIGRATE_REQUIRE_NETNS",
+            Need::ForeignGuest => "MIGRATE_REQUIRE_FOREIGN_GUEST",
         }
     }
 }

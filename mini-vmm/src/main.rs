@@ -141,21 +141,44 @@ fn boot_guest(g: &GuestArgs) -> Result<(Machine, VmState)> {
     Ok((m, state))
 }
 
-/// A boot sector runs until stopped: let it run `secs`, then say how it
-/// fared. `Ok(false)` when its vCPU failed (e.g. a triple fault).
-fn run_for(vcpu: &VcpuRunner, secs: u64) -> Result<bool> {
-    let halted = vcpu.wait_halted(Duration::from_secs(secs));
+/// A boot sector runs until stopped: let it run `secs`, or only until it
+/// has printed `until_serial` more bytes here when given (`secs` then only
+/// bounds a guest that never prints), then say how it fared. `Ok(false)`
+/// when its vCPU failed (e.g. a triple fault).
+fn run_for(vcpu: &VcpuRunner, secs: u64, until_serial: Option<u64>) -> Result<bool> {
+    let start = std::time::Instant::now();
+    let limit = Duration::from_secs(secs);
+    let printed = vcpu.device().pc.serial_bytes;
+    let halted = loop {
+        let left = limit.saturating_sub(start.elapsed());
+        let step = if until_serial.is_some() {
+            left.min(Duration::from_millis(50))
+        } else {
+            left
+        };
+        match vcpu.wait_halted(step) {
+            Ok(None) if !left.is_zero() => {
+                let more = vcpu.device().pc.serial_bytes.saturating_sub(printed);
+                if until_serial.is_some_and(|n| more >= n) {
+                    break Ok(None);
+                }
+            }
+            other => break other,
+        }
+    };
     let d = vcpu.device();
     match halted {
         Ok(h) => {
             eprintln!(
-                "guest {} after {secs} s: {} bytes on its serial port",
+                "guest {} after {:.1} s: {} bytes on its serial port ({} here)",
                 if h.is_some() {
                     "halted"
                 } else {
                     "still running"
                 },
-                d.pc.serial_bytes
+                start.elapsed().as_secs_f64(),
+                d.pc.serial_bytes,
+                d.pc.serial_bytes.saturating_sub(printed)
             );
             Ok(true)
         }
@@ -293,6 +316,10 @@ struct DestArgs {
     /// mini-vmm stops it and exits.
     #[arg(long, default_value_t = 5)]
     run_for_s: u64,
+    /// Stop as soon as the guest has printed this many bytes here
+    /// (`--run-for-s` then bounds a guest that never does).
+    #[arg(long)]
+    run_until_serial: Option<u64>,
 }
 
 fn main() {
@@ -320,7 +347,7 @@ fn run(cli: Cli) -> Result<bool> {
             let (mut m, boot) = boot_guest(&g)?;
             let vcpu = m.start(&boot, g.pages_per_sec)?;
             if g.boot_sector.is_some() {
-                run_for(&vcpu, g.run_for_s)
+                run_for(&vcpu, g.run_for_s, None)
             } else {
                 finish(&vcpu)
             }
@@ -449,7 +476,7 @@ fn source(a: SourceArgs) -> Result<bool> {
             eprintln!("migration failed: {e}; the guest runs on here");
             json(Some(&e.to_string()))?;
             if a.guest.boot_sector.is_some() {
-                run_for(&vcpu, a.guest.run_for_s)?;
+                run_for(&vcpu, a.guest.run_for_s, None)?;
             } else {
                 finish(&vcpu)?;
             }
@@ -515,7 +542,7 @@ fn dest(a: DestArgs) -> Result<bool> {
     }
     let vcpu = vm.running.take().context("the guest was not started")?;
     if vcpu.device().boot_sector {
-        run_for(&vcpu, a.run_for_s)
+        run_for(&vcpu, a.run_for_s, a.run_until_serial)
     } else {
         finish(&vcpu)
     }

@@ -438,3 +438,95 @@ fn userfaultfd_sees_a_kvm_guests_writes_as_the_dirty_log_does() {
         by_uffd.count()
     );
 }
+
+/// QEMU's own migration-test guest (`tests/migration/i386/a-b-bootblock`,
+/// fetched by `scripts/foreign-boot-sector.sh`, never stored here): it
+/// enters protected mode with its own GDT, sets A20 through port 0x92,
+/// prints `A`, then sweeps 1..100 MiB adding one to a byte of every page,
+/// printing `B` every 64 sweeps. Dropped into `mini-vmm source
+/// --boot-sector`, it migrates live between two processes and runs on at
+/// the destination (prints there), whose RAM obeys the sweep rule.
+#[test]
+fn a_boot_sector_nobody_here_wrote_migrates_live() {
+    if !kvm_here("foreign_boot_sector") {
+        return;
+    }
+    let image = std::env::var_os("MINI_VMM_FOREIGN_BOOT_SECTOR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/foreign/qemu-a-b-bootblock.img")
+        });
+    if !image.exists() {
+        migrate_core::skip::skip(
+            "foreign_boot_sector",
+            migrate_core::skip::Need::ForeignGuest,
+            &format!(
+                "{} is missing (scripts/foreign-boot-sector.sh fetches it)",
+                image.display()
+            ),
+        );
+        return;
+    }
+    let (ram, dest_serial) = (scratch("foreign-ram.img"), scratch("foreign-dest.txt"));
+    let mut dest = bin()
+        .args(["dest", "--listen", "127.0.0.1:0", "--transport", "tcp"])
+        // Until it prints here: a B takes 64 sweeps of 99 MiB.
+        .args(["--run-until-serial", "1", "--run-for-s", "600"])
+        .arg("--memory-file")
+        .arg(&ram)
+        .arg("--serial")
+        .arg(&dest_serial)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut dest_out = BufReader::new(dest.stdout.take().unwrap());
+    let mut l = String::new();
+    dest_out.read_line(&mut l).unwrap();
+    let addr = l.trim().strip_prefix("listening on ").unwrap().to_string();
+    let source_serial = scratch("foreign-source.txt");
+    let src = bin()
+        .args(["source", "--memory", "150M", "--transport", "tcp"])
+        .args(["--start-after-ms", "500", "--connect"])
+        .arg(&addr)
+        .arg("--boot-sector")
+        .arg(&image)
+        .arg("--serial")
+        .arg(&source_serial)
+        .output()
+        .unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut dest_out, &mut rest).unwrap();
+    let dest = dest.wait_with_output().unwrap();
+    let dest_text = format!("{rest}{}", String::from_utf8_lossy(&dest.stderr));
+    assert!(src.status.success(), "source: {}", text(&src));
+    assert!(dest.status.success(), "destination: {dest_text}");
+    // It ran before the migration: it printed its A on the source.
+    assert!(
+        std::fs::read_to_string(&source_serial)
+            .unwrap()
+            .starts_with('A'),
+        "the guest never started on the source"
+    );
+    let digest = |t: &str| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("digest: "))
+            .map(str::to_string)
+    };
+    assert!(
+        digest(&text(&src)).is_some() && digest(&text(&src)) == digest(&dest_text),
+        "digests differ:\n{}\n{dest_text}",
+        text(&src)
+    );
+    assert!(dest_text.contains("still running"), "{dest_text}");
+    let printed = std::fs::read_to_string(&dest_serial).unwrap();
+    assert!(
+        printed.contains('B'),
+        "nothing printed on the destination: {printed:?}"
+    );
+    let ram = std::fs::read(&ram).unwrap();
+    let pages: Vec<u8> = (1 << 20..100 << 20).step_by(4096).map(|a| ram[a]).collect();
+    let (value, _) = boot::check_sweep(&pages).unwrap();
+    assert_ne!(value, 0, "nothing swept in the destination's memory");
+}
