@@ -530,3 +530,77 @@ fn a_boot_sector_nobody_here_wrote_migrates_live() {
     let (value, _) = boot::check_sweep(&pages).unwrap();
     assert_ne!(value, 0, "nothing swept in the destination's memory");
 }
+
+/// A sweeper out-dirties a 20 MB/s link (it rewrites 15 MiB in a few
+/// milliseconds, a round takes most of a second): auto-converge throttles
+/// its vCPU (mini-vmm sleeps it a share of each period), the report says
+/// so, and the guest still arrives whole and runs on.
+#[test]
+fn a_sweeping_boot_sector_is_throttled_and_still_arrives() {
+    if !kvm_here("boot_sector_throttled") {
+        return;
+    }
+    let image = scratch("throttled.img");
+    let o = bin()
+        .args(["guest", "sweeper", "--start", "1M", "--end", "16M", "--out"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let (ram, dj, sj) = (
+        scratch("throttled-ram.img"),
+        scratch("throttled-d.json"),
+        scratch("throttled-s.json"),
+    );
+    let mut dest = bin()
+        .args(["dest", "--listen", "127.0.0.1:0", "--transport", "tcp"])
+        .args(["--run-until-serial", "2", "--run-for-s", "600"])
+        .arg("--memory-file")
+        .arg(&ram)
+        .arg("--json")
+        .arg(&dj)
+        .arg("--serial")
+        .arg(scratch("throttled-serial.txt"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut dest_out = BufReader::new(dest.stdout.take().unwrap());
+    let mut l = String::new();
+    dest_out.read_line(&mut l).unwrap();
+    let addr = l.trim().strip_prefix("listening on ").unwrap().to_string();
+    let src = bin()
+        .args(["source", "--memory", "24M", "--transport", "tcp"])
+        .args([
+            "--bandwidth-mbs",
+            "20",
+            "--start-after-ms",
+            "300",
+            "--connect",
+        ])
+        .arg(&addr)
+        .arg("--boot-sector")
+        .arg(&image)
+        .arg("--serial")
+        .arg(scratch("throttled-source.txt"))
+        .arg("--json")
+        .arg(&sj)
+        .output()
+        .unwrap();
+    let dest = dest.wait_with_output().unwrap();
+    assert!(src.status.success(), "source: {}", text(&src));
+    assert!(dest.status.success(), "destination: {}", text(&dest));
+    let json = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let (s, d) = (json(&sj), json(&dj));
+    assert_eq!(s["status"], "completed", "{s}");
+    assert!(
+        s["throttle_percent"].as_u64().unwrap() > 0,
+        "a guest rewriting 15 MiB per sweep over a 20 MB/s link was never throttled: {s}"
+    );
+    assert_eq!(s["digest"], d["digest"], "{s}\n{d}");
+    let ram = std::fs::read(&ram).unwrap();
+    let pages: Vec<u8> = (1 << 20..16 << 20).step_by(4096).map(|a| ram[a]).collect();
+    boot::check_sweep(&pages).unwrap();
+}
