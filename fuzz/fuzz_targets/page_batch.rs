@@ -1,12 +1,15 @@
 //! A data stream's page batch: frame header, fixed part, run table and page
 //! hashes, validated against a guest layout (a 4 KiB-page region and a
-//! 2 MiB-page region) before any byte could land.
+//! 2 MiB-page region) before any byte could land; then, for an uncompressed
+//! batch, the Sparse pages' encodings after the Data bytes, decoded as a
+//! receiver would.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use migrate_core::memory::{MemoryLayout, PageSize, RegionLayout};
 use migrate_core::protocol::wire::{
-    decode_batch_header, read_frame_header, read_message, read_preamble,
+    RunKind, decode_batch_header, decode_sparse_page, read_frame_header, read_message,
+    read_preamble,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -45,8 +48,27 @@ fuzz_target!(|data: &[u8]| {
             let pages = region.len / region.page_size.bytes() as u64;
             assert!(run.first + run.count as u64 <= pages);
         }
-        // Skip the page bytes as a receiver would read them.
+        // Page bytes: the Data runs' bytes, then (uncompressed) the Sparse
+        // encodings, each decoded into a page as a receiver would.
         let skip = (b.wire_len as usize).min(r.len());
+        if !b.compressed {
+            let sparse = r
+                .get(b.data_len as usize..skip)
+                .unwrap_or_default();
+            let pages: u32 = b
+                .runs
+                .iter()
+                .filter(|run| run.kind == RunKind::Sparse)
+                .map(|run| run.count)
+                .sum();
+            let (mut at, mut page) = (0, [0u8; 4096]);
+            for _ in 0..pages {
+                match sparse.get(at..).map(|s| decode_sparse_page(s, &mut page)) {
+                    Some(Ok(took)) => at += took,
+                    _ => break,
+                }
+            }
+        }
         r = &r[skip..];
     }
 });

@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use migrate_core::memory::{GuestMemory, MemoryLayout};
 use migrate_core::protocol::wire::{
-    BatchHeader, HEADER_LEN, RunKind, decode_batch_header, read_frame_header, read_payload,
+    BatchHeader, HEADER_LEN, RunKind, decode_batch_header, decode_sparse_page, read_frame_header,
+    read_payload,
 };
-use migrate_core::protocol::{FEATURE_ZSTD, FrameKind, Message, PageRange, ProtocolError};
+use migrate_core::protocol::{
+    FEATURE_SPARSE, FEATURE_ZSTD, FrameKind, Message, PageRange, ProtocolError,
+};
 use migrate_core::transport::{
     ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
 };
@@ -127,7 +130,7 @@ impl DestinationTransport for TcpDestination {
     }
 
     fn features(&self) -> u64 {
-        FEATURE_ZSTD
+        FEATURE_ZSTD | if self.cfg.sparse { FEATURE_SPARSE } else { 0 }
     }
 
     fn control(&mut self) -> &mut dyn ControlChannel {
@@ -316,7 +319,9 @@ fn receive_stream(
                 round.received.wire_bytes += (HEADER_LEN as u64) + h.len as u64;
                 for r in &bh.runs {
                     match r.kind {
-                        RunKind::Data => round.received.normal_pages += r.count as u64,
+                        RunKind::Data | RunKind::Sparse => {
+                            round.received.normal_pages += r.count as u64
+                        }
                         RunKind::Zero => round.received.zero_pages += r.count as u64,
                     }
                 }
@@ -416,25 +421,29 @@ fn land_batch(
             io("receive pages")(e)
         }
     };
+    let malformed = |detail: String| -> TransportError {
+        ProtocolError::Malformed {
+            kind: FrameKind::Pages,
+            detail,
+        }
+        .into()
+    };
+    // `raw` holds what is not read straight into guest memory: everything
+    // when compressed, else the Sparse encodings after the Data bytes.
+    let data_len = bh.data_len as usize;
     if bh.compressed {
         compressed.resize(bh.wire_len as usize, 0);
         reader.read_exact(compressed).map_err(read_err)?;
         raw.resize(bh.raw_len as usize, 0);
-        let n = zstd::bulk::decompress_to_buffer(compressed, &mut raw[..]).map_err(|e| {
-            TransportError::from(ProtocolError::Malformed {
-                kind: FrameKind::Pages,
-                detail: format!("zstd: {e}"),
-            })
-        })?;
+        let n = zstd::bulk::decompress_to_buffer(compressed, &mut raw[..])
+            .map_err(|e| malformed(format!("zstd: {e}")))?;
         if n != bh.raw_len as usize {
-            return Err(ProtocolError::Malformed {
-                kind: FrameKind::Pages,
-                detail: format!("zstd gave {n} bytes, expected {}", bh.raw_len),
-            }
-            .into());
+            return Err(malformed(format!(
+                "zstd gave {n} bytes, expected {}",
+                bh.raw_len
+            )));
         }
-    }
-    if !bh.compressed {
+    } else {
         // Every data run's bytes, in order, straight into guest memory.
         let data: Vec<(usize, usize, usize)> = bh
             .runs
@@ -443,22 +452,31 @@ fn land_batch(
             .map(|r| (r.region as usize, r.first as usize, r.count as usize))
             .collect();
         mem.read_runs_from(&data, reader).map_err(read_err)?;
+        raw.resize(bh.raw_len as usize - data_len, 0);
+        reader.read_exact(raw).map_err(read_err)?;
     }
+    let (mut data_pos, mut sparse_pos) = (0, if bh.compressed { data_len } else { 0 });
+    let mut page = [0u8; 4096];
     let mut suspect: Vec<PageRange> = Vec::new();
     let mut hashes = bh.page_hashes.iter();
-    let mut raw_pos = 0;
     for run in &bh.runs {
         let region = &mem.regions()[run.region as usize];
         let (first, count) = (run.first as usize, run.count as usize);
+        let ps = region.page_size().bytes();
         match run.kind {
-            RunKind::Data => {
+            RunKind::Data | RunKind::Sparse => {
                 // The run was validated against this memory's layout; each
                 // page belongs to one batch per round.
-                let ps = region.page_size().bytes();
-                if bh.compressed {
+                if run.kind == RunKind::Sparse {
+                    for p in first..first + count {
+                        let took = decode_sparse_page(&raw[sparse_pos..], &mut page)?;
+                        sparse_pos += took;
+                        region.write_bytes(p * ps, &page);
+                    }
+                } else if bh.compressed {
                     let len = count * ps;
-                    region.write_bytes(first * ps, &raw[raw_pos..raw_pos + len]);
-                    raw_pos += len;
+                    region.write_bytes(first * ps, &raw[data_pos..data_pos + len]);
+                    data_pos += len;
                 }
                 for i in 0..count {
                     let expected = hashes.next().copied();
@@ -483,6 +501,12 @@ fn land_batch(
                 }
             }
         }
+    }
+    if sparse_pos != raw.len() {
+        return Err(malformed(format!(
+            "sparse pages took {sparse_pos} of {} bytes",
+            raw.len()
+        )));
     }
     Ok(suspect)
 }

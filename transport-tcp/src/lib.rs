@@ -54,6 +54,10 @@ pub struct TcpConfig {
     pub compress: bool,
     /// zstd level (1 is fast; higher levels rarely pay on a live link).
     pub compress_level: i32,
+    /// Offer Sparse page runs: a 4 KiB page with at most 64 non-zero
+    /// 8-byte words travels as those words (used if the peer agrees). On by
+    /// default: testing a dense page stops at its 65th non-zero word.
+    pub sparse: bool,
     /// How long the peer may send nothing at all (heartbeats included)
     /// before it counts as dead, and how long a single read or write may
     /// block.
@@ -71,6 +75,7 @@ impl Default for TcpConfig {
             data_streams: DEFAULT_DATA_STREAMS,
             compress: false,
             compress_level: 1,
+            sparse: true,
             io_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             tls: None,

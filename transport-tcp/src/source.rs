@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use migrate_core::dirty::PageRun;
-use migrate_core::memory::GuestMemory;
+use migrate_core::memory::{GuestMemory, PageSize, sparse_words};
 use migrate_core::protocol::wire::{
-    BatchRun, FrameHeader, HEADER_LEN, MAX_BATCH_BYTES, RunKind, check_seed, encode_batch_header,
-    write_message,
+    BatchRun, FrameHeader, HEADER_LEN, MAX_BATCH_BYTES, MAX_SPARSE_WORDS, RunKind, check_seed,
+    encode_batch_header, encode_sparse_page, write_message,
 };
-use migrate_core::protocol::{FEATURE_ZSTD, FrameKind, Message};
+use migrate_core::protocol::{FEATURE_SPARSE, FEATURE_ZSTD, FrameKind, Message};
 use migrate_core::transport::{
     ControlChannel, DestinationPages, PageSender, RoundContext, RoundSent, SourceTransport,
     TransportError,
@@ -93,7 +93,8 @@ impl SourceTransport for TcpSource {
     }
 
     fn features(&self) -> u64 {
-        if self.cfg.compress { FEATURE_ZSTD } else { 0 }
+        (if self.cfg.compress { FEATURE_ZSTD } else { 0 })
+            | if self.cfg.sparse { FEATURE_SPARSE } else { 0 }
     }
 
     fn control(&mut self) -> &mut dyn ControlChannel {
@@ -126,7 +127,10 @@ impl SourceTransport for TcpSource {
             mem: Arc::clone(mem),
             streams,
             kill: self.kill.clone(),
-            compress: (features & FEATURE_ZSTD != 0).then_some(self.cfg.compress_level),
+            enc: Encoding {
+                compress: (features & FEATURE_ZSTD != 0).then_some(self.cfg.compress_level),
+                sparse: features & FEATURE_SPARSE != 0,
+            },
         }))
     }
 
@@ -162,7 +166,16 @@ struct TcpPageSender {
     mem: Arc<GuestMemory>,
     streams: Vec<Conn>,
     kill: KillSwitch,
+    enc: Encoding,
+}
+
+/// How page bytes are encoded, as both ends agreed.
+#[derive(Debug, Clone, Copy)]
+struct Encoding {
+    /// zstd at this level.
     compress: Option<i32>,
+    /// 4 KiB pages with few non-zero words go as those words.
+    sparse: bool,
 }
 
 impl PageSender for TcpPageSender {
@@ -175,7 +188,7 @@ impl PageSender for TcpPageSender {
         let batches = plan_batches(&self.mem, runs);
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
-        let (mem, compress) = (&*self.mem, self.compress);
+        let (mem, enc) = (&*self.mem, self.enc);
         let results: Vec<Result<RoundSent, TransportError>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .streams
@@ -186,9 +199,8 @@ impl PageSender for TcpPageSender {
                     std::thread::Builder::new()
                         .name(format!("tcp-send-{i}"))
                         .spawn_scoped(s, move || {
-                            let r = send_stream(
-                                mem, stream, round, batches, next, failed, compress, ctx,
-                            );
+                            let r =
+                                send_stream(mem, stream, round, batches, next, failed, enc, ctx);
                             if let Err(e) = &r {
                                 failed.store(true, Ordering::SeqCst);
                                 tracing::debug!(stream = i, error = %e, "data stream failed");
@@ -281,7 +293,7 @@ fn send_stream(
     batches: &[Vec<PageRun>],
     next: &AtomicUsize,
     failed: &AtomicBool,
-    compress: Option<i32>,
+    enc: Encoding,
     ctx: &RoundContext<'_>,
 ) -> Result<RoundSent, TransportError> {
     let mut sent = RoundSent::default();
@@ -293,15 +305,7 @@ fn send_stream(
         }
         let i = next.fetch_add(1, Ordering::Relaxed);
         let Some(batch) = batches.get(i) else { break };
-        let b = send_batch(
-            mem,
-            stream,
-            round,
-            batch,
-            compress,
-            ctx.dest_pages,
-            &mut scratch,
-        )?;
+        let b = send_batch(mem, stream, round, batch, enc, ctx.dest_pages, &mut scratch)?;
         // A batch of pages the destination already reads as zeros sends
         // no frame at all.
         if b.wire_bytes > 0 {
@@ -329,6 +333,10 @@ struct Scratch {
     hashes: Vec<u64>,
     raw: Vec<u8>,
     compressed: Vec<u8>,
+    /// The Sparse pages' encodings, in page order, and their hashes.
+    sparse: Vec<u8>,
+    sparse_hashes: Vec<u64>,
+    words: Vec<(u16, u64)>,
 }
 
 /// What one page of a batch becomes.
@@ -336,6 +344,8 @@ struct Scratch {
 enum Class {
     /// Its bytes.
     Data,
+    /// Its few non-zero words.
+    Sparse,
     /// A zero marker.
     Zero,
     /// Nothing: a zero page the destination already reads as zeros.
@@ -343,20 +353,23 @@ enum Class {
 }
 
 /// Send one batch: data pages go out by one vectored write straight from
-/// guest memory (or zstd-compressed), zero pages as markers where the
-/// destination may hold something else (`dest`), else not at all. No frame
-/// when nothing is left to send (0 wire bytes).
+/// guest memory (or zstd-compressed), pages with few non-zero words as
+/// those words (when agreed), zero pages as markers where the destination
+/// may hold something else (`dest`), else not at all. No frame when
+/// nothing is left to send (0 wire bytes).
 fn send_batch(
     mem: &GuestMemory,
     stream: &mut Conn,
     round: u32,
     pieces: &[PageRun],
-    compress: Option<i32>,
+    enc: Encoding,
     dest: &DestinationPages,
     scratch: &mut Scratch,
 ) -> Result<RoundSent, TransportError> {
     let mut sent = RoundSent::default();
     scratch.runs.clear();
+    scratch.sparse.clear();
+    scratch.sparse_hashes.clear();
     let mut data: Vec<IoSlice<'_>> = Vec::new();
     for piece in pieces {
         let region = &mem.regions()[piece.region];
@@ -364,17 +377,33 @@ fn send_batch(
         if piece.count == 0 {
             continue;
         }
-        let class = |p: usize| match region.is_zero_page(p) {
-            false => Class::Data,
-            true if dest.zero_needs_sending(piece.region, p) => Class::Zero,
-            true => Class::Skip,
+        let sparse = enc.sparse && region.page_size() == PageSize::Small;
+        // Each page is classified once, in order: a Sparse page's words
+        // and hash are taken here (a guest write racing them makes the page
+        // suspect at the destination, as for any page).
+        let mut class = |p: usize| {
+            if region.is_zero_page(p) {
+                return match dest.zero_needs_sending(piece.region, p) {
+                    true => Class::Zero,
+                    false => Class::Skip,
+                };
+            }
+            if !sparse {
+                return Class::Data;
+            }
+            scratch.words.clear();
+            if !sparse_words(&region.io_slice(p, 1), MAX_SPARSE_WORDS, &mut scratch.words) {
+                return Class::Data;
+            }
+            encode_sparse_page(&scratch.words, &mut scratch.sparse);
+            scratch.sparse_hashes.push(xxh3_64(&region.io_slice(p, 1)));
+            Class::Sparse
         };
         let mut p = piece.first;
         let mut next = class(p);
         while p < end {
             let (kind, start) = (next, p);
             p += 1;
-            // Each page is classified once (the test has a side effect).
             while p < end {
                 next = class(p);
                 if next != kind {
@@ -390,11 +419,15 @@ fn send_batch(
                 kind,
             };
             match kind {
-                Class::Data => {
+                Class::Data | Class::Sparse => {
                     sent.normal_pages += count as u64;
                     dest.sent_data(piece.region, start, count);
-                    scratch.runs.push(run(RunKind::Data));
-                    data.push(region.io_slice(start, count));
+                    if kind == Class::Data {
+                        scratch.runs.push(run(RunKind::Data));
+                        data.push(region.io_slice(start, count));
+                    } else {
+                        scratch.runs.push(run(RunKind::Sparse));
+                    }
                 }
                 Class::Zero => {
                     sent.zero_pages += count as u64;
@@ -407,15 +440,17 @@ fn send_batch(
     if scratch.runs.is_empty() {
         return Ok(sent);
     }
-    let raw_len: usize = data.iter().map(|d| d.len()).sum();
-    debug_assert!(raw_len <= MAX_BATCH_BYTES);
+    let data_len: usize = data.iter().map(|d| d.len()).sum();
+    let raw_len = data_len + scratch.sparse.len();
+    debug_assert!(data_len <= MAX_BATCH_BYTES);
     let mut flags = 0;
     let mut wire_len = raw_len;
-    if let (Some(level), true) = (compress, raw_len > 0) {
+    if let (Some(level), true) = (enc.compress, raw_len > 0) {
         // Compression copies anyway: copy once, then hash and compress the
         // same stable bytes.
         scratch.raw.clear();
         data.iter().for_each(|d| scratch.raw.extend_from_slice(d));
+        scratch.raw.extend_from_slice(&scratch.sparse);
         scratch
             .compressed
             .resize(zstd::zstd_safe::compress_bound(raw_len), 0);
@@ -427,20 +462,29 @@ fn send_batch(
             wire_len = n;
         }
     }
-    // One hash per page, from the bytes that go out (as close to the send
-    // as possible: a write racing it makes only that page suspect).
+    // One hash per page, in run order, from the bytes that go out (as close
+    // to the send as possible: a write racing it makes only that page
+    // suspect).
     scratch.hashes.clear();
-    let mut off = 0;
-    let data_runs = scratch.runs.iter().filter(|r| r.kind == RunKind::Data);
-    for (run, d) in data_runs.zip(&data) {
-        let ps = mem.regions()[run.region as usize].page_size().bytes();
-        let bytes: &[u8] = if flags == FLAG_ZSTD {
-            &scratch.raw[off..off + d.len()]
-        } else {
-            d
-        };
-        off += d.len();
-        scratch.hashes.extend(bytes.chunks(ps).map(xxh3_64));
+    let (mut off, mut datas, mut sparse_hashes) = (0, data.iter(), scratch.sparse_hashes.iter());
+    for run in &scratch.runs {
+        match run.kind {
+            RunKind::Data => {
+                let Some(d) = datas.next() else { break };
+                let ps = mem.regions()[run.region as usize].page_size().bytes();
+                let bytes: &[u8] = if flags == FLAG_ZSTD {
+                    &scratch.raw[off..off + d.len()]
+                } else {
+                    d
+                };
+                off += d.len();
+                scratch.hashes.extend(bytes.chunks(ps).map(xxh3_64));
+            }
+            RunKind::Sparse => scratch
+                .hashes
+                .extend(sparse_hashes.by_ref().take(run.count as usize)),
+            RunKind::Zero => {}
+        }
     }
     let table = encode_batch_header(
         round,
@@ -464,6 +508,7 @@ fn send_batch(
         iov.push(IoSlice::new(&scratch.compressed));
     } else {
         iov.extend_from_slice(&data);
+        iov.push(IoSlice::new(&scratch.sparse));
     }
     write_all_vectored(stream, &mut iov)?;
     sent.wire_bytes = (head.len() + wire_len) as u64;

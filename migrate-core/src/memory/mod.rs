@@ -50,6 +50,26 @@ pub fn is_zero_page(page: &[u8]) -> bool {
     chunks.remainder().iter().all(|&b| b == 0)
 }
 
+/// The non-zero 8-byte words of `page`, as (word index, value), appended to
+/// `out` in order, if there are at most `max` of them; `false` (and `out`
+/// holds some of them) when there are more. A dense page stops after
+/// `max + 1` words, so testing it costs little; a sparse page is read once.
+pub fn sparse_words(page: &[u8], max: usize, out: &mut Vec<(u16, u64)>) -> bool {
+    let mut found = 0;
+    for (i, w) in page.chunks_exact(8).enumerate() {
+        let Some(word) = w.first_chunk() else { break };
+        let v = u64::from_le_bytes(*word);
+        if v != 0 {
+            found += 1;
+            if found > max || i > usize::from(u16::MAX) {
+                return false;
+            }
+            out.push((i as u16, v));
+        }
+    }
+    page.len() % 8 == 0
+}
+
 /// Page size of a region: the unit of dirty tracking and of transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PageSize {

@@ -3,10 +3,20 @@
 //! ```text
 //! payload = round u32 | nruns u32 | wire_len u32 | raw_len u32
 //!         | nruns × (region u32 | count u32 | first u64 | kind u8 | 7 × 0)
-//!         | one xxh3-64 per page of the Data runs, in order
-//!         | wire_len bytes: the Data runs' pages in order (zstd if flagged)
+//!         | one xxh3-64 per page of the Data and Sparse runs, in run order
+//!         | wire_len bytes (zstd if flagged) of raw_len bytes:
+//!             the Data runs' pages in order,
+//!             then one encoding per page of the Sparse runs, in order:
+//!             n u16 | n × (word u16 | value u64), words ascending
 //! check   = seeded xxh3-64 of everything before the page bytes
 //! ```
+//!
+//! A Sparse page (only with [`FEATURE_SPARSE`](super::FEATURE_SPARSE), only
+//! 4 KiB pages) holds at most [`MAX_SPARSE_WORDS`] non-zero 8-byte words
+//! and travels as those words: the destination zeroes the page and writes
+//! them, then checks the page's hash like any other. Freshly touched
+//! memory, page tables and counters (a guest sweeping a byte per page) move
+//! at a few bytes a page, with no compressor in the path.
 //!
 //! The frame check guards the table and the page hashes: if it fails, the
 //! batch is corrupt and nothing of it is trusted. Each page is then checked
@@ -35,6 +45,10 @@ pub const BATCH_FIXED: usize = 16;
 /// One run-table entry.
 pub const RUN_ENTRY: usize = 24;
 
+/// Most non-zero words a Sparse page may carry (beyond that, a page goes
+/// whole: 64 words take 642 bytes of its 4096).
+pub const MAX_SPARSE_WORDS: usize = 64;
+
 /// Whether a run carries bytes or stands for zero pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -43,6 +57,8 @@ pub enum RunKind {
     Data = 0,
     /// All-zero pages, no bytes.
     Zero = 1,
+    /// 4 KiB pages sent as their non-zero words (after the Data bytes).
+    Sparse = 2,
 }
 
 /// One run of pages in a batch.
@@ -71,8 +87,59 @@ pub struct BatchHeader {
     pub raw_len: u32,
     /// Whether the bytes are zstd.
     pub compressed: bool,
-    /// xxh3-64 of each page of the Data runs, in order.
+    /// Bytes of the Data runs' pages (the rest of `raw_len` encodes the
+    /// Sparse pages).
+    pub data_len: u32,
+    /// xxh3-64 of each page of the Data and Sparse runs, in run order.
     pub page_hashes: Vec<u64>,
+}
+
+/// Append the encoding of one Sparse page (its non-zero words, ascending).
+pub fn encode_sparse_page(words: &[(u16, u64)], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(words.len() as u16).to_le_bytes());
+    for (i, v) in words {
+        out.extend_from_slice(&i.to_le_bytes());
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Decode the Sparse page at the front of `bytes` into `page` (zeroed
+/// first, `page_bytes` long); returns the bytes it took.
+///
+/// # Errors
+/// [`ProtocolError::Malformed`] for a truncated encoding, too many words,
+/// words out of the page or not ascending.
+pub fn decode_sparse_page(bytes: &[u8], page: &mut [u8]) -> Result<usize, ProtocolError> {
+    let bad = |detail: String| ProtocolError::Malformed {
+        kind: FrameKind::Pages,
+        detail,
+    };
+    page.fill(0);
+    let n = bytes
+        .first_chunk::<2>()
+        .map(|b| u16::from_le_bytes(*b) as usize)
+        .ok_or_else(|| bad("sparse page truncated".into()))?;
+    if n > MAX_SPARSE_WORDS {
+        return Err(bad(format!("sparse page of {n} words")));
+    }
+    let len = 2 + 10 * n;
+    let body = bytes
+        .get(2..len)
+        .ok_or_else(|| bad("sparse page truncated".into()))?;
+    let mut last = None;
+    for e in body.chunks_exact(10) {
+        let (i, v) = e.split_at(2);
+        let i = u16::from_le_bytes([i[0], i[1]]) as usize;
+        if last.is_some_and(|l| i <= l) {
+            return Err(bad("sparse words not ascending".into()));
+        }
+        last = Some(i);
+        let at = page
+            .get_mut(i * 8..i * 8 + 8)
+            .ok_or_else(|| bad(format!("sparse word {i} outside the page")))?;
+        at.copy_from_slice(v);
+    }
+    Ok(len)
 }
 
 /// Encode everything of a batch before its page bytes: fixed part, run
@@ -168,6 +235,7 @@ pub fn decode_batch_header(
     let mut runs = Vec::with_capacity(nruns as usize);
     let mut data_bytes = 0u64;
     let mut data_pages = 0u64;
+    let mut sparse_pages = 0u64;
     for _ in 0..nruns {
         let region = c.u32()?;
         let count = c.u32()?;
@@ -175,6 +243,7 @@ pub fn decode_batch_header(
         let kind = match c.u8()? {
             0 => RunKind::Data,
             1 => RunKind::Zero,
+            2 => RunKind::Sparse,
             k => return Err(bad(format!("run kind {k}"))),
         };
         for _ in 0..7 {
@@ -196,9 +265,16 @@ pub fn decode_batch_header(
                 "run of {count} pages at page {first} outside region {region} ({pages} pages)"
             )));
         }
-        if kind == RunKind::Data {
-            data_bytes += count as u64 * reg.page_size.bytes() as u64;
-            data_pages += count as u64;
+        match kind {
+            RunKind::Data => {
+                data_bytes += count as u64 * reg.page_size.bytes() as u64;
+                data_pages += count as u64;
+            }
+            RunKind::Sparse if reg.page_size.bytes() != 4096 => {
+                return Err(bad(format!("sparse run in region {region} of huge pages")));
+            }
+            RunKind::Sparse => sparse_pages += count as u64,
+            RunKind::Zero => {}
         }
         runs.push(BatchRun {
             region,
@@ -207,20 +283,31 @@ pub fn decode_batch_header(
             kind,
         });
     }
-    if data_bytes != raw_len as u64 {
+    // Sparse encodings take 2 to 2 + 10 × MAX_SPARSE_WORDS bytes each.
+    let sparse_len = (raw_len as u64).checked_sub(data_bytes);
+    let fits = |len: u64| {
+        (2 * sparse_pages..=(2 + 10 * MAX_SPARSE_WORDS as u64) * sparse_pages).contains(&len)
+    };
+    if !sparse_len.is_some_and(fits) {
         return Err(bad(format!(
-            "data runs hold {data_bytes} bytes, header says {raw_len}"
+            "data runs hold {data_bytes} bytes and {sparse_pages} sparse pages, header says \
+             {raw_len}"
         )));
     }
-    let expected_len = table_len as u64 + 8 * data_pages + wire_len as u64;
+    // One hash per page with bytes: never more than a batch of 4 KiB pages.
+    let hashed = data_pages + sparse_pages;
+    if hashed > (MAX_BATCH_BYTES / 4096) as u64 {
+        return Err(bad(format!("{hashed} pages with bytes in one batch")));
+    }
+    let expected_len = table_len as u64 + 8 * hashed + wire_len as u64;
     if h.len as u64 != expected_len {
         return Err(bad(format!(
             "frame length {} does not match its run table ({expected_len})",
             h.len
         )));
     }
-    // Bounded: data_pages ≤ MAX_BATCH_BYTES / 4096.
-    table.resize(table_len + 8 * data_pages as usize, 0);
+    // Bounded above: at most MAX_BATCH_BYTES / 4096 hashes.
+    table.resize(table_len + 8 * hashed as usize, 0);
     read(r, &mut table[table_len..])?;
     let found = xxh3_64_with_seed(&table, check_seed(h.kind, h.flags, h.len));
     // Fuzzing (cargo fuzz sets `cfg(fuzzing)`) skips the check so that
@@ -242,6 +329,7 @@ pub fn decode_batch_header(
         wire_len,
         raw_len,
         compressed,
+        data_len: data_bytes as u32,
         page_hashes,
     })
 }

@@ -132,8 +132,8 @@ use std::io;
 /// engine.
 pub mod wire {
     pub use super::batch::{
-        BatchHeader, BatchRun, MAX_BATCH_BYTES, MAX_BATCH_RUNS, RunKind, decode_batch_header,
-        encode_batch_header,
+        BatchHeader, BatchRun, MAX_BATCH_BYTES, MAX_BATCH_RUNS, MAX_SPARSE_WORDS, RunKind,
+        decode_batch_header, decode_sparse_page, encode_batch_header, encode_sparse_page,
     };
     pub use super::codec::{
         FrameHeader, HEADER_LEN, check_seed, read_frame_header, read_message, read_payload,
@@ -167,6 +167,9 @@ pub const FEATURE_RDMA: u64 = 1 << 1;
 /// sends a zero page only where it sent data before: a fresh destination
 /// never touches (allocates) the pages that stay zero.
 pub const FEATURE_ZERO_SKIP: u64 = 1 << 2;
+/// Feature bit: page batches may carry Sparse runs (4 KiB pages sent as
+/// their few non-zero words; see the batch layout in `wire`).
+pub const FEATURE_SPARSE: u64 = 1 << 3;
 /// Most queue pairs an RDMA migration may use.
 pub const MAX_RDMA_QPS: usize = 64;
 

@@ -301,3 +301,156 @@ fn batch_headers_are_validated_against_the_layout() {
         );
     }
 }
+
+/// A Sparse batch frame: `pages` full pages (for their hashes) travel as
+/// their words after `data`.
+fn sparse_frame(runs: &[BatchRun], data: &[u8], pages: &[Vec<u8>]) -> Vec<u8> {
+    let mut hashes: Vec<u64> = data.chunks(4096).map(xxhash_rust::xxh3::xxh3_64).collect();
+    let mut bytes = data.to_vec();
+    for p in pages {
+        let mut words = Vec::new();
+        assert!(crate::memory::sparse_words(p, MAX_SPARSE_WORDS, &mut words));
+        encode_sparse_page(&words, &mut bytes);
+        hashes.push(xxhash_rust::xxh3::xxh3_64(p));
+    }
+    let table = encode_batch_header(0, runs, bytes.len() as u32, bytes.len() as u32, &hashes);
+    let mut payload = table.clone();
+    payload.extend_from_slice(&bytes);
+    let len = payload.len() as u32;
+    let h = FrameHeader {
+        kind: FrameKind::Pages,
+        flags: 0,
+        len,
+        check: xxhash_rust::xxh3::xxh3_64_with_seed(&table, check_seed(FrameKind::Pages, 0, len)),
+    };
+    let mut wire = h.to_bytes().to_vec();
+    wire.extend_from_slice(&payload);
+    wire
+}
+
+#[test]
+fn sparse_pages_round_trip_and_bad_encodings_are_refused() {
+    // A page with three words set: 2 + 3 × 10 bytes, back to the same page.
+    let mut page = vec![0u8; 4096];
+    page[0] = 1;
+    page[8 * 100 + 3] = 0xab;
+    page[4088..].copy_from_slice(&u64::MAX.to_le_bytes());
+    let mut words = Vec::new();
+    assert!(crate::memory::sparse_words(
+        &page,
+        MAX_SPARSE_WORDS,
+        &mut words
+    ));
+    assert_eq!(words.len(), 3);
+    let mut enc = Vec::new();
+    encode_sparse_page(&words, &mut enc);
+    assert_eq!(enc.len(), 32);
+    let mut back = vec![0xffu8; 4096];
+    assert_eq!(decode_sparse_page(&enc, &mut back).unwrap(), 32);
+    assert_eq!(back, page);
+    // A dense page is not sparse; exactly MAX_SPARSE_WORDS words still are.
+    let dense = vec![1u8; 4096];
+    assert!(!crate::memory::sparse_words(
+        &dense,
+        MAX_SPARSE_WORDS,
+        &mut Vec::new()
+    ));
+    let mut edge = vec![0u8; 4096];
+    (0..MAX_SPARSE_WORDS).for_each(|i| edge[i * 16] = 1);
+    assert!(crate::memory::sparse_words(
+        &edge,
+        MAX_SPARSE_WORDS,
+        &mut Vec::new()
+    ));
+    edge[4095] = 1;
+    assert!(!crate::memory::sparse_words(
+        &edge,
+        MAX_SPARSE_WORDS,
+        &mut Vec::new()
+    ));
+
+    let entry = |i: u16, v: u64| [i.to_le_bytes().to_vec(), v.to_le_bytes().to_vec()].concat();
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (vec![], "empty"),
+        (vec![1, 0], "truncated words"),
+        (
+            [vec![65, 0], entry(0, 1).repeat(65)].concat(),
+            "too many words",
+        ),
+        (
+            [vec![1, 0], entry(512, 1)].concat(),
+            "word outside the page",
+        ),
+        (
+            [vec![2, 0], entry(5, 1), entry(5, 2)].concat(),
+            "words not ascending",
+        ),
+    ];
+    for (bytes, what) in cases {
+        assert!(
+            matches!(
+                decode_sparse_page(&bytes, &mut back),
+                Err(ProtocolError::Malformed { .. })
+            ),
+            "{what} accepted"
+        );
+    }
+}
+
+#[test]
+fn sparse_runs_are_validated() {
+    let l = layout();
+    let runs = [
+        BatchRun {
+            region: 0,
+            first: 0,
+            count: 1,
+            kind: RunKind::Data,
+        },
+        BatchRun {
+            region: 0,
+            first: 1,
+            count: 2,
+            kind: RunKind::Sparse,
+        },
+    ];
+    let mut p = vec![0u8; 4096];
+    p[17] = 9;
+    let wire = sparse_frame(&runs, &vec![3u8; 4096], &[p.clone(), p.clone()]);
+    let mut r = &wire[..];
+    let h = read_frame_header(&mut r).unwrap();
+    let bh = decode_batch_header(&mut r, &h, &l).unwrap();
+    assert_eq!(bh.page_hashes.len(), 3, "data and sparse pages are hashed");
+    assert_eq!(bh.data_len, 4096);
+    assert_eq!(bh.raw_len, 4096 + 2 * 12);
+
+    // Sparse pages in a region of 2 MiB pages; fewer encoding bytes than
+    // pages could hold.
+    let huge = [BatchRun {
+        region: 1,
+        first: 0,
+        count: 1,
+        kind: RunKind::Sparse,
+    }];
+    let short = [BatchRun {
+        region: 0,
+        first: 0,
+        count: 3,
+        kind: RunKind::Sparse,
+    }];
+    for (runs, pages, what) in [
+        (&huge[..], 1, "sparse huge page"),
+        (&short[..], 2, "three sparse pages in the bytes of two"),
+    ] {
+        let wire = sparse_frame(runs, &[], &vec![vec![0u8; 4096]; pages]);
+        let mut r = &wire[..];
+        let h = read_frame_header(&mut r).unwrap();
+        assert!(
+            matches!(
+                decode_batch_header(&mut r, &h, &l),
+                Err(ProtocolError::Malformed { .. })
+            ),
+            "{what} accepted"
+        );
+    }
+}
