@@ -14,7 +14,9 @@
 //! `--run-for-s` seconds, the source stops once it migrated it. Both ends
 //! print `digest: ...` of the guest memory at the switch-over (the paused
 //! source; the destination before its vCPU runs). Exit status: 0 done, 1
-//! migration failed (the source guest ran on), 2 setup.
+//! migration failed (the source guest ran on), 2 setup, 3 commit sent but
+//! not acknowledged (the source guest stays paused: the destination may run
+//! it), as `migrate-cli`'s.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -331,8 +333,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let code = match run(Cli::parse()) {
-        Ok(true) => 0,
-        Ok(false) => 1,
+        Ok(Exit::Done) => 0,
+        Ok(Exit::Failed) => 1,
+        Ok(Exit::CommitUnknown) => 3,
         Err(e) => {
             eprintln!("mini-vmm: {e:#}");
             2
@@ -341,19 +344,35 @@ fn main() {
     std::process::exit(code);
 }
 
-fn run(cli: Cli) -> Result<bool> {
-    match cli.cmd {
+/// How a command ended (besides set-up errors, 2).
+enum Exit {
+    /// 0.
+    Done,
+    /// 1: the migration failed; the source guest ran on.
+    Failed,
+    /// 3: commit sent, never acknowledged; the source guest stays paused.
+    CommitUnknown,
+}
+
+impl From<bool> for Exit {
+    fn from(ok: bool) -> Self {
+        if ok { Exit::Done } else { Exit::Failed }
+    }
+}
+
+fn run(cli: Cli) -> Result<Exit> {
+    let ok = match cli.cmd {
+        Cmd::Source(a) => return source(a),
         Cmd::Run(g) => {
             let (mut m, boot) = boot_guest(&g)?;
             let vcpu = m.start(&boot, g.pages_per_sec)?;
             if g.boot_sector.is_some() {
-                run_for(&vcpu, g.run_for_s, None)
+                run_for(&vcpu, g.run_for_s, None)?
             } else {
-                finish(&vcpu)
+                finish(&vcpu)?
             }
         }
-        Cmd::Source(a) => source(a),
-        Cmd::Dest(a) => dest(a),
+        Cmd::Dest(a) => dest(a)?,
         Cmd::Guest(a) => {
             let (start, end) = (a.start as u32, a.end as u32);
             if a.start < 1 << 20 || a.end <= a.start || a.end > u64::from(u32::MAX) {
@@ -365,9 +384,10 @@ fn run(cli: Cli) -> Result<bool> {
                 other => bail!("no guest named {other:?} (sweeper, ledger)"),
             };
             std::fs::write(&a.out, sector).with_context(|| a.out.display().to_string())?;
-            Ok(true)
+            true
         }
-    }
+    };
+    Ok(Exit::from(ok))
 }
 
 /// CPU time this process has used (user + system, all threads, the vCPU's
@@ -397,7 +417,7 @@ fn finish(vcpu: &VcpuRunner) -> Result<bool> {
     Ok(true)
 }
 
-fn source(a: SourceArgs) -> Result<bool> {
+fn source(a: SourceArgs) -> Result<Exit> {
     let tls = a.net.tls(&a.connect, true)?;
     let (tcp, rdma) = a.net.rdma(tls)?;
     let (mut m, boot) = boot_guest(&a.guest)?;
@@ -470,7 +490,13 @@ fn source(a: SourceArgs) -> Result<bool> {
                 stats.throttle_percent
             );
             json(None)?;
-            Ok(true)
+            Ok(Exit::Done)
+        }
+        Err(e @ MigrationError::CommitUnknown(_)) => {
+            // Not resumed here: the destination may be running it.
+            eprintln!("migration failed: {e}");
+            json(Some(&e.to_string()))?;
+            Ok(Exit::CommitUnknown)
         }
         Err(e) => {
             eprintln!("migration failed: {e}; the guest runs on here");
@@ -480,7 +506,7 @@ fn source(a: SourceArgs) -> Result<bool> {
             } else {
                 finish(&vcpu)?;
             }
-            Ok(false)
+            Ok(Exit::Failed)
         }
     }
 }

@@ -284,6 +284,17 @@ fn the_source_guest_runs_on_when_the_destination_dies() {
     }
     let expected = unmigrated_result();
     let (mut dest, addr, _out) = start_dest();
+    // Frozen before the source arrives, the destination can never reach
+    // the commit, however fast or slow this machine runs the migration (a
+    // kill at a guessed moment once landed between commit and ack, where
+    // the source rightly keeps its guest paused). The source connects (the
+    // kernel completes the handshake), its guest runs under dirty tracking,
+    // the migration starts and waits on the frozen peer; then the peer dies.
+    let frozen = Command::new("kill")
+        .args(["-STOP", &dest.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(frozen.success());
     let mut src = bin()
         .args([
             "source",
@@ -299,12 +310,10 @@ fn the_source_guest_runs_on_when_the_destination_dies() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Kill the destination while round 0 (4 MiB at 1 MB/s) is under way.
     let mut err = BufReader::new(src.stderr.take().unwrap());
     let mut first = String::new();
     err.read_line(&mut first).unwrap();
     assert!(first.contains("migrating to"), "{first}");
-    std::thread::sleep(Duration::from_millis(300));
     dest.kill().unwrap();
     dest.wait().unwrap();
     let mut rest = String::new();
