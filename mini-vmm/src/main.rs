@@ -208,6 +208,10 @@ struct NetArgs {
     /// ends offer it).
     #[arg(long)]
     compress: bool,
+    /// Send every data page whole over TCP, also those with a few non-zero
+    /// words (to compare; by default they travel as those words).
+    #[arg(long)]
+    no_sparse: bool,
     /// Authenticate both ends with this pre-shared key (TLS 1.3 PSK, as
     /// `migrate-cli --psk-file`).
     #[arg(long)]
@@ -246,6 +250,7 @@ impl NetArgs {
             tls,
             data_streams: self.streams.max(1),
             compress: self.compress,
+            sparse: !self.no_sparse,
             ..TcpConfig::default()
         };
         let require = match self.transport.as_str() {

@@ -4,8 +4,11 @@
 //! paused source, by the digests at switch-over and by the guest printing
 //! on at the destination; and between two `mini-vmm` processes.
 
+mod common;
+use common::{bin, kvm_here, text};
+
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,24 +17,6 @@ use mini_vmm::boot::{self, LEDGER_STEP};
 use mini_vmm::machine::{KvmDestination, KvmSource, Machine};
 use mini_vmm::vcpu::VcpuRunner;
 use transport_tcp::{TcpConfig, TcpMigrationListener, TcpSource};
-
-fn kvm_here(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            migrate_core::skip::skip(
-                test,
-                migrate_core::skip::Need::Kvm,
-                &format!("/dev/kvm: {e}"),
-            );
-            false
-        }
-    }
-}
 
 /// A serial line the test reads.
 #[derive(Clone, Default)]
@@ -195,22 +180,76 @@ fn our_ledger_migrates_live_and_checks_itself() {
     assert!(!moved.dest_vcpu.device().halted);
 }
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_mini-vmm"))
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn scratch(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("mini-vmm-boot-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d.join(name)
+}
+
+/// Command-line arguments of mixed kinds.
+fn args(items: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<std::ffi::OsString> {
+    items.iter().map(|a| a.as_ref().to_os_string()).collect()
+}
+
+/// What a migration between two `mini-vmm` processes left: the source's
+/// output and the destination's stdout + stderr (both exited 0).
+struct TwoProcesses {
+    src: Output,
+    dest_text: String,
+}
+
+impl TwoProcesses {
+    /// `mini-vmm dest --listen 127.0.0.1:0 DEST_ARGS`, then `mini-vmm source
+    /// --connect ADDR SOURCE_ARGS` against it; both must succeed.
+    fn run(dest_args: &[std::ffi::OsString], source_args: &[std::ffi::OsString]) -> Self {
+        let mut dest = bin()
+            .args(["dest", "--listen", "127.0.0.1:0"])
+            .args(dest_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut dest_out = BufReader::new(dest.stdout.take().unwrap());
+        let mut l = String::new();
+        dest_out.read_line(&mut l).unwrap();
+        let addr = l.trim().strip_prefix("listening on ").unwrap().to_string();
+        let src = bin()
+            .args(["source", "--connect", &addr])
+            .args(source_args)
+            .output()
+            .unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut dest_out, &mut rest).unwrap();
+        let dest = dest.wait_with_output().unwrap();
+        let dest_text = format!("{rest}{}", String::from_utf8_lossy(&dest.stderr));
+        assert!(src.status.success(), "source: {}", text(&src));
+        assert!(dest.status.success(), "destination: {dest_text}");
+        Self { src, dest_text }
+    }
+
+    /// Both ends printed the same `digest: ` of the memory at switch-over.
+    fn assert_same_digest(&self) {
+        let digest = |t: &str| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("digest: "))
+                .map(str::to_string)
+        };
+        let s = digest(&text(&self.src));
+        assert!(
+            s.is_some() && s == digest(&self.dest_text),
+            "digests differ:\n{}\n{}",
+            text(&self.src),
+            self.dest_text
+        );
+    }
+}
+
+/// Pages `start..end` of a RAM file, one byte each (the sweep's bytes),
+/// obey the sweep rule; returns the sweep's value.
+fn swept(ram: &std::path::Path, start: usize, end: usize) -> u8 {
+    let ram = std::fs::read(ram).unwrap();
+    let pages: Vec<u8> = (start..end).step_by(4096).map(|a| ram[a]).collect();
+    boot::check_sweep(&pages).unwrap().0
 }
 
 #[test]
@@ -264,63 +303,33 @@ fn a_boot_sector_migrates_live_between_two_processes() {
 
     let dest_serial = scratch("dest.txt");
     let (ram, dest_json, source_json) = (scratch("ram.img"), scratch("d.json"), scratch("s.json"));
-    let mut dest = bin()
-        .args([
-            "dest",
-            "--listen",
-            "127.0.0.1:0",
-            "--run-for-s",
-            "2",
-            "--serial",
-        ])
-        .arg(&dest_serial)
-        .arg("--memory-file")
-        .arg(&ram)
-        .arg("--json")
-        .arg(&dest_json)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut dest_out = BufReader::new(dest.stdout.take().unwrap());
-    let mut l = String::new();
-    dest_out.read_line(&mut l).unwrap();
-    let addr = l.trim().strip_prefix("listening on ").unwrap().to_string();
     let source_serial = scratch("source.txt");
-    let src = bin()
-        .args([
-            "source",
-            "--memory",
-            "48M",
-            "--start-after-ms",
-            "300",
-            "--connect",
-        ])
-        .arg(&addr)
-        .arg("--boot-sector")
-        .arg(&image)
-        .arg("--serial")
-        .arg(&source_serial)
-        .arg("--json")
-        .arg(&source_json)
-        .output()
-        .unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut dest_out, &mut rest).unwrap();
-    let dest = dest.wait_with_output().unwrap();
-    let dest_text = format!("{rest}{}", String::from_utf8_lossy(&dest.stderr));
-    assert!(src.status.success(), "source: {}", text(&src));
-    assert!(dest.status.success(), "destination: {dest_text}");
-    let digest = |t: &str| {
-        t.lines()
-            .find_map(|l| l.strip_prefix("digest: "))
-            .map(str::to_string)
-    };
-    assert!(
-        digest(&text(&src)).is_some() && digest(&text(&src)) == digest(&dest_text),
-        "digests differ:\n{}\n{dest_text}",
-        text(&src)
+    let run = TwoProcesses::run(
+        &args(&[
+            &"--run-for-s",
+            &"2",
+            &"--serial",
+            &dest_serial,
+            &"--memory-file",
+            &ram,
+            &"--json",
+            &dest_json,
+        ]),
+        &args(&[
+            &"--memory",
+            &"48M",
+            &"--start-after-ms",
+            &"300",
+            &"--boot-sector",
+            &image,
+            &"--serial",
+            &source_serial,
+            &"--json",
+            &source_json,
+        ]),
     );
+    run.assert_same_digest();
+    let (src, dest_text) = (&run.src, &run.dest_text);
     assert!(dest_text.contains("still running"), "{dest_text}");
     let printed = std::fs::read_to_string(&dest_serial).unwrap();
     assert!(
@@ -329,11 +338,8 @@ fn a_boot_sector_migrates_live_between_two_processes() {
     );
     // The destination's RAM, read from its file after mini-vmm exited,
     // obeys the sweep rule: the guest ran on and was stopped mid-sweep.
-    let ram = std::fs::read(&ram).unwrap();
-    assert_eq!(ram.len(), 48 << 20, "the memory file holds the guest");
-    let pages: Vec<u8> = (1 << 20..40 << 20).step_by(4096).map(|a| ram[a]).collect();
-    let (value, _) = boot::check_sweep(&pages).unwrap();
-    assert_ne!(value, 0, "nothing swept in the destination's memory");
+    assert_eq!(std::fs::metadata(&ram).unwrap().len(), 48 << 20);
+    assert_ne!(swept(&ram, 1 << 20, 40 << 20), 0, "nothing swept there");
     // Both reports, with migrate-cli's fields, agree.
     let json = |p: &std::path::Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
@@ -349,7 +355,7 @@ fn a_boot_sector_migrates_live_between_two_processes() {
     assert!(s["downtime_ms"].as_f64().unwrap() > 0.0, "{s}");
     assert_eq!(
         s["digest"].as_str().map(|d| format!("digest: {d}")),
-        text(&src)
+        text(src)
             .lines()
             .find(|l| l.starts_with("digest: "))
             .map(String::from)
@@ -469,39 +475,34 @@ fn a_boot_sector_nobody_here_wrote_migrates_live() {
         return;
     }
     let (ram, dest_serial) = (scratch("foreign-ram.img"), scratch("foreign-dest.txt"));
-    let mut dest = bin()
-        .args(["dest", "--listen", "127.0.0.1:0", "--transport", "tcp"])
-        // Until it prints here: a B takes 64 sweeps of 99 MiB.
-        .args(["--run-until-serial", "1", "--run-for-s", "600"])
-        .arg("--memory-file")
-        .arg(&ram)
-        .arg("--serial")
-        .arg(&dest_serial)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut dest_out = BufReader::new(dest.stdout.take().unwrap());
-    let mut l = String::new();
-    dest_out.read_line(&mut l).unwrap();
-    let addr = l.trim().strip_prefix("listening on ").unwrap().to_string();
     let source_serial = scratch("foreign-source.txt");
-    let src = bin()
-        .args(["source", "--memory", "150M", "--transport", "tcp"])
-        .args(["--start-after-ms", "500", "--connect"])
-        .arg(&addr)
-        .arg("--boot-sector")
-        .arg(&image)
-        .arg("--serial")
-        .arg(&source_serial)
-        .output()
-        .unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut dest_out, &mut rest).unwrap();
-    let dest = dest.wait_with_output().unwrap();
-    let dest_text = format!("{rest}{}", String::from_utf8_lossy(&dest.stderr));
-    assert!(src.status.success(), "source: {}", text(&src));
-    assert!(dest.status.success(), "destination: {dest_text}");
+    let run = TwoProcesses::run(
+        &args(&[
+            &"--transport",
+            &"tcp",
+            // Until it prints here: a B takes 64 sweeps of 99 MiB.
+            &"--run-until-serial",
+            &"1",
+            &"--run-for-s",
+            &"600",
+            &"--memory-file",
+            &ram,
+            &"--serial",
+            &dest_serial,
+        ]),
+        &args(&[
+            &"--memory",
+            &"150M",
+            &"--transport",
+            &"tcp",
+            &"--start-after-ms",
+            &"500",
+            &"--boot-sector",
+            &image,
+            &"--serial",
+            &source_serial,
+        ]),
+    );
     // It ran before the migration: it printed its A on the source.
     assert!(
         std::fs::read_to_string(&source_serial)
@@ -509,32 +510,22 @@ fn a_boot_sector_nobody_here_wrote_migrates_live() {
             .starts_with('A'),
         "the guest never started on the source"
     );
-    let digest = |t: &str| {
-        t.lines()
-            .find_map(|l| l.strip_prefix("digest: "))
-            .map(str::to_string)
-    };
-    assert!(
-        digest(&text(&src)).is_some() && digest(&text(&src)) == digest(&dest_text),
-        "digests differ:\n{}\n{dest_text}",
-        text(&src)
-    );
-    assert!(dest_text.contains("still running"), "{dest_text}");
+    run.assert_same_digest();
+    assert!(run.dest_text.contains("still running"), "{}", run.dest_text);
     let printed = std::fs::read_to_string(&dest_serial).unwrap();
     assert!(
         printed.contains('B'),
         "nothing printed on the destination: {printed:?}"
     );
-    let ram = std::fs::read(&ram).unwrap();
-    let pages: Vec<u8> = (1 << 20..100 << 20).step_by(4096).map(|a| ram[a]).collect();
-    let (value, _) = boot::check_sweep(&pages).unwrap();
-    assert_ne!(value, 0, "nothing swept in the destination's memory");
+    assert_ne!(swept(&ram, 1 << 20, 100 << 20), 0, "nothing swept there");
 }
 
-/// A sweeper out-dirties a 20 MB/s link (it rewrites 15 MiB in a few
-/// milliseconds, a round takes most of a second): auto-converge throttles
-/// its vCPU (mini-vmm sleeps it a share of each period), the report says
-/// so, and the guest still arrives whole and runs on.
+/// Sent whole (`--no-sparse`), a sweeper out-dirties a 20 MB/s link (it
+/// rewrites 15 MiB in a few milliseconds, a round takes most of a second):
+/// auto-converge throttles its vCPU (mini-vmm sleeps it a share of each
+/// period), the report says so, and the guest still arrives whole and runs
+/// on. (Its pages hold one byte each: as sparse pages they take 12 bytes,
+/// and the same guest converges at once, unthrottled.)
 #[test]
 fn a_sweeping_boot_sector_is_throttled_and_still_arrives() {
     if !kvm_here("boot_sector_throttled") {
@@ -552,44 +543,39 @@ fn a_sweeping_boot_sector_is_throttled_and_still_arrives() {
         scratch("throttled-d.json"),
         scratch("throttled-s.json"),
     );
-    let mut dest = bin()
-        .args(["dest", "--listen", "127.0.0.1:0", "--transport", "tcp"])
-        .args(["--run-until-serial", "2", "--run-for-s", "600"])
-        .arg("--memory-file")
-        .arg(&ram)
-        .arg("--json")
-        .arg(&dj)
-        .arg("--serial")
-        .arg(scratch("throttled-serial.txt"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut dest_out = BufReader::new(dest.stdout.take().unwrap());
-    let mut l = String::new();
-    dest_out.read_line(&mut l).unwrap();
-    let addr = l.trim().strip_prefix("listening on ").unwrap().to_string();
-    let src = bin()
-        .args(["source", "--memory", "24M", "--transport", "tcp"])
-        .args([
-            "--bandwidth-mbs",
-            "20",
-            "--start-after-ms",
-            "300",
-            "--connect",
-        ])
-        .arg(&addr)
-        .arg("--boot-sector")
-        .arg(&image)
-        .arg("--serial")
-        .arg(scratch("throttled-source.txt"))
-        .arg("--json")
-        .arg(&sj)
-        .output()
-        .unwrap();
-    let dest = dest.wait_with_output().unwrap();
-    assert!(src.status.success(), "source: {}", text(&src));
-    assert!(dest.status.success(), "destination: {}", text(&dest));
+    TwoProcesses::run(
+        &args(&[
+            &"--transport",
+            &"tcp",
+            &"--run-until-serial",
+            &"2",
+            &"--run-for-s",
+            &"600",
+            &"--memory-file",
+            &ram,
+            &"--json",
+            &dj,
+            &"--serial",
+            &scratch("throttled-serial.txt"),
+        ]),
+        &args(&[
+            &"--memory",
+            &"24M",
+            &"--transport",
+            &"tcp",
+            &"--bandwidth-mbs",
+            &"20",
+            &"--no-sparse",
+            &"--start-after-ms",
+            &"300",
+            &"--boot-sector",
+            &image,
+            &"--serial",
+            &scratch("throttled-source.txt"),
+            &"--json",
+            &sj,
+        ]),
+    );
     let json = |p: &std::path::Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
     };
@@ -600,7 +586,5 @@ fn a_sweeping_boot_sector_is_throttled_and_still_arrives() {
         "a guest rewriting 15 MiB per sweep over a 20 MB/s link was never throttled: {s}"
     );
     assert_eq!(s["digest"], d["digest"], "{s}\n{d}");
-    let ram = std::fs::read(&ram).unwrap();
-    let pages: Vec<u8> = (1 << 20..16 << 20).step_by(4096).map(|a| ram[a]).collect();
-    boot::check_sweep(&pages).unwrap();
+    swept(&ram, 1 << 20, 16 << 20);
 }

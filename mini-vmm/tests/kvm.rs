@@ -2,32 +2,17 @@
 //! migration between two `mini-vmm` processes over TCP, checked by its own
 //! answer and by the memory digests at switch-over.
 
+mod common;
+use common::{bin, kvm_here, text};
+
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use migrate_core::dirty::{DirtyLog, DirtyTracker, KvmDirtyLogTracker, VmMemoryBitmap};
 use migrate_core::vm::conformance::vm_control_suite;
 use mini_vmm::machine::{KvmDestination, KvmSource, Machine};
 use mini_vmm::program::{ScatterProgram, TABLE_GPA, TableProgram};
-
-fn kvm_here(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            migrate_core::skip::skip(
-                test,
-                migrate_core::skip::Need::Kvm,
-                &format!("/dev/kvm: {e}"),
-            );
-            false
-        }
-    }
-}
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -189,23 +174,11 @@ fn harvests_of_a_running_guest_lose_nothing() {
     );
 }
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_mini-vmm"))
-}
-
 fn line(out: &str, prefix: &str) -> Option<String> {
     out.lines().find_map(|l| {
         l.strip_prefix(prefix)
             .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
     })
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Start a destination; returns it and the address it listens on.

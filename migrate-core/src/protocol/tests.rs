@@ -182,7 +182,12 @@ fn hostile_payloads_are_refused_without_big_allocations() {
 
 fn batch_frame(round: u32, runs: &[BatchRun], data: &[u8]) -> Vec<u8> {
     let hashes: Vec<u64> = data.chunks(4096).map(xxhash_rust::xxh3::xxh3_64).collect();
-    let table = encode_batch_header(round, runs, data.len() as u32, data.len() as u32, &hashes);
+    frame(round, runs, data, &hashes)
+}
+
+/// A Pages frame of `runs` with page `bytes` (uncompressed) and `hashes`.
+fn frame(round: u32, runs: &[BatchRun], data: &[u8], hashes: &[u64]) -> Vec<u8> {
+    let table = encode_batch_header(round, runs, data.len() as u32, data.len() as u32, hashes);
     let mut payload = table.clone();
     payload.extend_from_slice(data);
     let len = payload.len() as u32;
@@ -313,19 +318,7 @@ fn sparse_frame(runs: &[BatchRun], data: &[u8], pages: &[Vec<u8>]) -> Vec<u8> {
         encode_sparse_page(&words, &mut bytes);
         hashes.push(xxhash_rust::xxh3::xxh3_64(p));
     }
-    let table = encode_batch_header(0, runs, bytes.len() as u32, bytes.len() as u32, &hashes);
-    let mut payload = table.clone();
-    payload.extend_from_slice(&bytes);
-    let len = payload.len() as u32;
-    let h = FrameHeader {
-        kind: FrameKind::Pages,
-        flags: 0,
-        len,
-        check: xxhash_rust::xxh3::xxh3_64_with_seed(&table, check_seed(FrameKind::Pages, 0, len)),
-    };
-    let mut wire = h.to_bytes().to_vec();
-    wire.extend_from_slice(&payload);
-    wire
+    frame(0, runs, &bytes, &hashes)
 }
 
 #[test]

@@ -424,14 +424,7 @@ pub const RAW: &str = "raw/peer/boot-sector.json";
 
 /// The comparison, when one was measured.
 pub fn load(results: &Path) -> Result<Option<BootRaw>> {
-    let path = results.join(RAW);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path)?;
-    Ok(Some(
-        serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?,
-    ))
+    crate::load_raw(results, RAW)
 }
 
 /// The report's section: the figures of both engines, ours / QEMU of the

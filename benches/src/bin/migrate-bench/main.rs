@@ -113,32 +113,50 @@ fn main() -> Result<()> {
         }
         Command::Qemu(a) => {
             let raw = qemu::run(&a)?;
-            if let Some(dir) = a.out.parent() {
-                std::fs::create_dir_all(dir).ok();
-            }
-            std::fs::write(&a.out, serde_json::to_string_pretty(&raw)? + "\n")
-                .with_context(|| format!("writing {}", a.out.display()))?;
-            eprintln!("migrate-bench: wrote {}", a.out.display());
             let failed = raw.runs.iter().filter(|r| r.error.is_some()).count();
-            if failed > 0 {
-                anyhow::bail!("{failed} of {} QEMU-peer runs failed", raw.runs.len());
-            }
-            Ok(())
+            write_raw(&a.out, &raw, failed, raw.runs.len(), "QEMU-peer")
         }
         Command::BootSector(a) => {
             let raw = boot_sector::run(&a)?;
-            if let Some(dir) = a.out.parent() {
-                std::fs::create_dir_all(dir).ok();
-            }
-            std::fs::write(&a.out, serde_json::to_string_pretty(&raw)? + "\n")
-                .with_context(|| format!("writing {}", a.out.display()))?;
-            eprintln!("migrate-bench: wrote {}", a.out.display());
             let failed = raw.runs.iter().filter(|r| r.error.is_some()).count();
-            if failed > 0 {
-                anyhow::bail!("{failed} of {} boot-sector runs failed", raw.runs.len());
-            }
-            Ok(())
+            write_raw(&a.out, &raw, failed, raw.runs.len(), "boot-sector")
         }
         Command::Report { results } => summary::report(&results),
     }
+}
+
+/// Write one comparison's raw results to `out`; fail when any of its `runs`
+/// failed (`failed` of them).
+fn write_raw(
+    out: &std::path::Path,
+    raw: &impl serde::Serialize,
+    failed: usize,
+    runs: usize,
+    what: &str,
+) -> Result<()> {
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(out, serde_json::to_string_pretty(raw)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("migrate-bench: wrote {}", out.display());
+    if failed > 0 {
+        anyhow::bail!("{failed} of {runs} {what} runs failed");
+    }
+    Ok(())
+}
+
+/// The raw results at `rel` in a results folder, when they were measured.
+pub fn load_raw<T: serde::de::DeserializeOwned>(
+    results: &std::path::Path,
+    rel: &str,
+) -> Result<Option<T>> {
+    let path = results.join(rel);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)?;
+    Ok(Some(
+        serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?,
+    ))
 }

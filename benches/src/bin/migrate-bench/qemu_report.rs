@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use plotters::prelude::*;
 
 use crate::cell::Spread;
@@ -15,14 +15,7 @@ pub const RAW: &str = "raw/peer/qemu.json";
 
 /// The comparison, when one was measured.
 pub fn load(results: &Path) -> Result<Option<PeerRaw>> {
-    let path = results.join(RAW);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path)?;
-    Ok(Some(
-        serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?,
-    ))
+    crate::load_raw(results, RAW)
 }
 
 /// The good runs of one engine with one kind of destination memory.
