@@ -61,10 +61,15 @@ fuzz_target!(|data: &[u8]| {
                 .filter(|run| run.kind == RunKind::Sparse)
                 .map(|run| run.count)
                 .sum();
-            let (mut at, mut page) = (0, [0u8; 4096]);
+            let (mut at, mut words) = (0, Vec::new());
+            // Every decoded word lies inside a 4 KiB page, ascending.
             for _ in 0..pages {
-                match sparse.get(at..).map(|s| decode_sparse_page(s, &mut page)) {
-                    Some(Ok(took)) => at += took,
+                match sparse.get(at..).map(|s| decode_sparse_page(s, &mut words)) {
+                    Some(Ok(took)) => {
+                        assert!(words.windows(2).all(|w| w[0].0 < w[1].0));
+                        assert!(words.iter().all(|w| w.0 < 512));
+                        at += took;
+                    }
                     _ => break,
                 }
             }

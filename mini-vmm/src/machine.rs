@@ -11,7 +11,7 @@ use std::time::Duration;
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use migrate_core::dirty::{DirtyError, DirtyUnion, KvmDirtyLogTracker, VmMemoryBitmap};
-use migrate_core::memory::{GuestMemory, MemoryError, MemoryLayout, VmMemory};
+use migrate_core::memory::{GuestMemory, MemoryError, MemoryLayout, VmMemory, file_reads_zero};
 use migrate_core::vm::{DestinationVm, SourceVm, VmError};
 use vm_memory::{Bytes, FileOffset, GuestAddress};
 
@@ -46,8 +46,9 @@ pub enum VmmError {
 }
 
 /// The file at `path`, created with `bytes` reserved, or checked to hold
-/// exactly `bytes`.
-fn backing_file(path: &Path, bytes: u64) -> Result<File, VmmError> {
+/// exactly `bytes`; and whether it reads as zeros (created here, or only
+/// holes).
+fn backing_file(path: &Path, bytes: u64) -> Result<(File, bool), VmmError> {
     let err = |e: std::io::Error| VmmError::Memory(format!("{}: {e}", path.display()));
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -65,13 +66,15 @@ fn backing_file(path: &Path, bytes: u64) -> Result<File, VmmError> {
         if rc != 0 {
             return Err(err(std::io::Error::from_raw_os_error(rc)));
         }
+        return Ok((file, true));
     } else if actual != bytes {
         return Err(VmmError::Memory(format!(
             "{} holds {actual} B, the guest has {bytes} B",
             path.display()
         )));
     }
-    Ok(file)
+    let zeros = file_reads_zero(&file);
+    Ok((file, zeros))
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -91,6 +94,8 @@ pub struct Machine {
     mem: Arc<GuestMemory>,
     vcpu: Option<VcpuFd>,
     serial: Option<SerialSink>,
+    /// Known to read as zeros (fresh); see [`Machine::reads_zero`].
+    reads_zero: bool,
     _kvm: Kvm,
 }
 
@@ -142,7 +147,18 @@ impl Machine {
         let file = path
             .map(|p| backing_file(p, ranges.iter().map(|r| r.1).sum()))
             .transpose()?;
-        Self::with_ranges_in(&ranges, file)
+        // Fresh anonymous memory, a file made here, or one of only holes.
+        let reads_zero = file.as_ref().is_none_or(|f| f.1);
+        let mut m = Self::with_ranges_in(&ranges, file.map(|f| f.0))?;
+        m.reads_zero = reads_zero;
+        Ok(m)
+    }
+
+    /// Whether the guest memory reads as zeros everywhere (nothing written
+    /// yet): an incoming migration then need not send zero pages
+    /// (`IncomingMigration::memory_reads_zero`).
+    pub fn reads_zero(&self) -> bool {
+        self.reads_zero
     }
 
     fn with_ranges(ranges: &[(u64, u64)]) -> Result<Self, VmmError> {
@@ -186,6 +202,7 @@ impl Machine {
         }
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         Ok(Self {
+            reads_zero: false,
             vm: Arc::new(vm),
             vmm_mem,
             mem,
@@ -418,8 +435,11 @@ pub struct KvmDestination<'a> {
     pages_per_sec: u64,
     /// The running vCPU, after commit.
     pub running: Option<VcpuRunner>,
-    /// The memory digest taken at commit, before the vCPU ran.
+    /// The memory digest taken at commit, before the vCPU ran (when asked
+    /// for: hashing all of the guest's memory there adds to the downtime).
     pub digest_at_resume: Option<u128>,
+    /// Take [`digest_at_resume`](Self::digest_at_resume).
+    pub digest: bool,
 }
 
 impl<'a> KvmDestination<'a> {
@@ -431,6 +451,7 @@ impl<'a> KvmDestination<'a> {
             pages_per_sec,
             running: None,
             digest_at_resume: None,
+            digest: true,
         }
     }
 }
@@ -446,7 +467,9 @@ impl DestinationVm for KvmDestination<'_> {
         let state = self
             .state
             .ok_or_else(|| VmError::new("resume", "no device state was loaded"))?;
-        self.digest_at_resume = Some(self.machine.digest());
+        if self.digest {
+            self.digest_at_resume = Some(self.machine.digest());
+        }
         let runner = self
             .machine
             .start(&state, self.pages_per_sec)

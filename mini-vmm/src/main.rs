@@ -11,9 +11,10 @@
 //! ```
 //! The table program: both ends print `result: 0x...` when the guest
 //! finishes. A boot sector runs until stopped: `run` and `dest` let it run
-//! `--run-for-s` seconds, the source stops once it migrated it. Both ends
-//! print `digest: ...` of the guest memory at the switch-over (the paused
-//! source; the destination before its vCPU runs). Exit status: 0 done, 1
+//! `--run-for-s` seconds, the source stops once it migrated it. With
+//! `--digest`, both ends print `digest: ...` of the guest memory at the
+//! switch-over (the paused source; the destination before its vCPU runs).
+//! Exit status: 0 done, 1
 //! migration failed (the source guest ran on), 2 setup, 3 commit sent but
 //! not acknowledged (the source guest stays paused: the destination may run
 //! it), as `migrate-cli`'s.
@@ -291,9 +292,13 @@ struct SourceArgs {
     #[arg(long)]
     verify: bool,
     /// Write the migration's report here as JSON (the fields of
-    /// `migrate-cli source --json`, plus `digest`).
+    /// `migrate-cli source --json`, plus `digest` with `--digest`).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Print (and report) `digest:` of the paused guest's memory after the
+    /// migration.
+    #[arg(long)]
+    digest: bool,
 }
 
 #[derive(Args)]
@@ -309,7 +314,7 @@ struct DestArgs {
     #[arg(long)]
     memory_file: Option<PathBuf>,
     /// Write the migration's report here as JSON (the fields of
-    /// `migrate-cli dest --json`, plus `digest`).
+    /// `migrate-cli dest --json`, plus `digest` with `--digest`).
     #[arg(long)]
     json: Option<PathBuf>,
     /// Table pages the guest may write per second once it runs here.
@@ -327,6 +332,10 @@ struct DestArgs {
     /// (`--run-for-s` then bounds a guest that never does).
     #[arg(long)]
     run_until_serial: Option<u64>,
+    /// Print (and report) `digest:` of the guest memory at the commit,
+    /// before the vCPU runs: hashing all of it there lengthens the downtime.
+    #[arg(long)]
+    digest: bool,
 }
 
 fn main() {
@@ -475,7 +484,7 @@ fn source(a: SourceArgs) -> Result<Exit> {
         if let Some(p) = &a.json {
             let mut v = report::source_json(&stats, fallback.as_deref(), error);
             v["resources"] = serde_json::json!({ "process_cpu_ms": cpu });
-            if error.is_none() {
+            if error.is_none() && a.digest {
                 v["digest"] = serde_json::json!(format!("{:032x}", m.digest()));
             }
             std::fs::write(p, v.to_string() + "\n")
@@ -485,7 +494,9 @@ fn source(a: SourceArgs) -> Result<Exit> {
     };
     match &result {
         Ok(stats) => {
-            println!("digest: {:032x}", m.digest());
+            if a.digest {
+                println!("digest: {:032x}", m.digest());
+            }
             println!(
                 "migrated: {} rounds, {:.1} ms downtime, {:.1} ms total, {} B, throttled to {} %",
                 stats.rounds,
@@ -549,9 +560,11 @@ fn dest(a: DestArgs) -> Result<bool> {
             bail!(msg);
         }
     };
+    let incoming = incoming.memory_reads_zero(m.reads_zero());
     let mem = m.memory().clone();
     m.set_serial(serial_sink(a.serial.as_deref())?);
     let mut vm = KvmDestination::new(&mut m, a.pages_per_sec);
+    vm.digest = a.digest;
     let received = incoming.receive(t.as_mut(), &mem, &mut vm);
     let cpu = cpu_ms() - cpu_at_accept;
     drop(t);

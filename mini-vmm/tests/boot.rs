@@ -200,10 +200,11 @@ struct TwoProcesses {
 
 impl TwoProcesses {
     /// `mini-vmm dest --listen 127.0.0.1:0 DEST_ARGS`, then `mini-vmm source
-    /// --connect ADDR SOURCE_ARGS` against it; both must succeed.
+    /// --connect ADDR SOURCE_ARGS` against it, both with `--digest`; both
+    /// must succeed.
     fn run(dest_args: &[std::ffi::OsString], source_args: &[std::ffi::OsString]) -> Self {
         let mut dest = bin()
-            .args(["dest", "--listen", "127.0.0.1:0"])
+            .args(["dest", "--listen", "127.0.0.1:0", "--digest"])
             .args(dest_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -214,7 +215,7 @@ impl TwoProcesses {
         dest_out.read_line(&mut l).unwrap();
         let addr = l.trim().strip_prefix("listening on ").unwrap().to_string();
         let src = bin()
-            .args(["source", "--connect", &addr])
+            .args(["source", "--connect", &addr, "--digest"])
             .args(source_args)
             .output()
             .unwrap();

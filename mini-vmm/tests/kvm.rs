@@ -184,7 +184,7 @@ fn line(out: &str, prefix: &str) -> Option<String> {
 /// Start a destination; returns it and the address it listens on.
 fn start_dest() -> (Child, String, BufReader<std::process::ChildStdout>) {
     let mut d = bin()
-        .args(["dest", "--listen", "127.0.0.1:0"])
+        .args(["dest", "--listen", "127.0.0.1:0", "--digest"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -222,6 +222,7 @@ fn a_running_kvm_guest_migrates_live_between_two_processes() {
             "--connect",
             &addr,
             "--verify",
+            "--digest",
             "--start-after-ms",
             "500",
         ])

@@ -19,6 +19,7 @@ use migrate_core::protocol::{
 use migrate_core::transport::{
     ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
 };
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::TcpConfig;
 use crate::accept::Handshakes;
@@ -456,7 +457,7 @@ fn land_batch(
         reader.read_exact(raw).map_err(read_err)?;
     }
     let (mut data_pos, mut sparse_pos) = (0, if bh.compressed { data_len } else { 0 });
-    let mut page = [0u8; 4096];
+    let mut words = Vec::new();
     let mut suspect: Vec<PageRange> = Vec::new();
     let mut hashes = bh.page_hashes.iter();
     for run in &bh.runs {
@@ -467,20 +468,28 @@ fn land_batch(
             RunKind::Data | RunKind::Sparse => {
                 // The run was validated against this memory's layout; each
                 // page belongs to one batch per round.
-                if run.kind == RunKind::Sparse {
-                    for p in first..first + count {
-                        let took = decode_sparse_page(&raw[sparse_pos..], &mut page)?;
-                        sparse_pos += took;
-                        region.write_bytes(p * ps, &page);
-                    }
-                } else if bh.compressed {
+                if run.kind == RunKind::Data && bh.compressed {
                     let len = count * ps;
                     region.write_bytes(first * ps, &raw[data_pos..data_pos + len]);
                     data_pos += len;
                 }
                 for i in 0..count {
                     let expected = hashes.next().copied();
-                    if expected != Some(region.hash_page(first + i)) {
+                    let found = if run.kind == RunKind::Sparse {
+                        // Checked as encoded, then zeroed and written.
+                        let enc = &raw[sparse_pos..];
+                        let took = decode_sparse_page(enc, &mut words)?;
+                        sparse_pos += took;
+                        let p = first + i;
+                        region.zero_page(p);
+                        for &(w, v) in &words {
+                            region.write_bytes(p * ps + usize::from(w) * 8, &v.to_le_bytes());
+                        }
+                        xxh3_64(&enc[..took])
+                    } else {
+                        region.hash_page(first + i)
+                    };
+                    if expected != Some(found) {
                         let p = (first + i) as u64;
                         match suspect.last_mut() {
                             Some(l) if l.region == run.region && l.first + l.count as u64 == p => {

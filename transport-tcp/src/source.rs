@@ -378,9 +378,9 @@ fn send_batch(
             continue;
         }
         let sparse = enc.sparse && region.page_size() == PageSize::Small;
-        // Each page is classified once, in order: a Sparse page's words
-        // and hash are taken here (a guest write racing them makes the page
-        // suspect at the destination, as for any page).
+        // Each page is classified once, in order: a Sparse page's words are
+        // taken here, and its hash is of their encoding (a guest write
+        // racing the scan dirties the page: it goes again next round).
         let mut class = |p: usize| {
             if region.is_zero_page(p) {
                 return match dest.zero_needs_sending(piece.region, p) {
@@ -395,8 +395,9 @@ fn send_batch(
             if !sparse_words(&region.io_slice(p, 1), MAX_SPARSE_WORDS, &mut scratch.words) {
                 return Class::Data;
             }
+            let at = scratch.sparse.len();
             encode_sparse_page(&scratch.words, &mut scratch.sparse);
-            scratch.sparse_hashes.push(xxh3_64(&region.io_slice(p, 1)));
+            scratch.sparse_hashes.push(xxh3_64(&scratch.sparse[at..]));
             Class::Sparse
         };
         let mut p = piece.first;

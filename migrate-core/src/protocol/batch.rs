@@ -4,6 +4,7 @@
 //! payload = round u32 | nruns u32 | wire_len u32 | raw_len u32
 //!         | nruns × (region u32 | count u32 | first u64 | kind u8 | 7 × 0)
 //!         | one xxh3-64 per page of the Data and Sparse runs, in run order
+//!           (of a Data page's bytes; of a Sparse page's encoding)
 //!         | wire_len bytes (zstd if flagged) of raw_len bytes:
 //!             the Data runs' pages in order,
 //!             then one encoding per page of the Sparse runs, in order:
@@ -13,10 +14,14 @@
 //!
 //! A Sparse page (only with [`FEATURE_SPARSE`](super::FEATURE_SPARSE), only
 //! 4 KiB pages) holds at most [`MAX_SPARSE_WORDS`] non-zero 8-byte words
-//! and travels as those words: the destination zeroes the page and writes
-//! them, then checks the page's hash like any other. Freshly touched
-//! memory, page tables and counters (a guest sweeping a byte per page) move
-//! at a few bytes a page, with no compressor in the path.
+//! and travels as those words: the destination checks the encoding against
+//! its hash, zeroes the page and writes them. Freshly touched memory, page
+//! tables and counters (a guest sweeping a byte per page) move at a few
+//! bytes a page, with no compressor in the path and no 4 KiB hashed or
+//! copied on either side. A guest write racing the source's scan of such a
+//! page is caught by the dirty tracker, as for a compressed page: the page
+//! goes again in the next round (and in the paused last round nothing
+//! races).
 //!
 //! The frame check guards the table and the page hashes: if it fails, the
 //! batch is corrupt and nothing of it is trusted. Each page is then checked
@@ -103,18 +108,22 @@ pub fn encode_sparse_page(words: &[(u16, u64)], out: &mut Vec<u8>) {
     }
 }
 
-/// Decode the Sparse page at the front of `bytes` into `page` (zeroed
-/// first, `page_bytes` long); returns the bytes it took.
+/// Decode the Sparse page encoding at the front of `bytes`: its words
+/// into `words` (cleared first, ascending, each inside a 4 KiB page);
+/// returns the bytes it took.
 ///
 /// # Errors
 /// [`ProtocolError::Malformed`] for a truncated encoding, too many words,
 /// words out of the page or not ascending.
-pub fn decode_sparse_page(bytes: &[u8], page: &mut [u8]) -> Result<usize, ProtocolError> {
+pub fn decode_sparse_page(
+    bytes: &[u8],
+    words: &mut Vec<(u16, u64)>,
+) -> Result<usize, ProtocolError> {
     let bad = |detail: String| ProtocolError::Malformed {
         kind: FrameKind::Pages,
         detail,
     };
-    page.fill(0);
+    words.clear();
     let n = bytes
         .first_chunk::<2>()
         .map(|b| u16::from_le_bytes(*b) as usize)
@@ -126,18 +135,17 @@ pub fn decode_sparse_page(bytes: &[u8], page: &mut [u8]) -> Result<usize, Protoc
     let body = bytes
         .get(2..len)
         .ok_or_else(|| bad("sparse page truncated".into()))?;
-    let mut last = None;
     for e in body.chunks_exact(10) {
         let (i, v) = e.split_at(2);
-        let i = u16::from_le_bytes([i[0], i[1]]) as usize;
-        if last.is_some_and(|l| i <= l) {
+        let i = u16::from_le_bytes([i[0], i[1]]);
+        if usize::from(i) >= 4096 / 8 {
+            return Err(bad(format!("sparse word {i} outside the page")));
+        }
+        if words.last().is_some_and(|&(l, _)| i <= l) {
             return Err(bad("sparse words not ascending".into()));
         }
-        last = Some(i);
-        let at = page
-            .get_mut(i * 8..i * 8 + 8)
-            .ok_or_else(|| bad(format!("sparse word {i} outside the page")))?;
-        at.copy_from_slice(v);
+        let v = v.first_chunk::<8>().map_or(0, |v| u64::from_le_bytes(*v));
+        words.push((i, v));
     }
     Ok(len)
 }
