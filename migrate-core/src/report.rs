@@ -41,6 +41,7 @@ pub fn source_json(
         "verify_ms": stats.verify_ms,
         "rounds": stats.rounds,
         "normal_pages": stats.normal_pages,
+        "sparse_pages": stats.sparse_pages,
         "zero_pages": stats.zero_pages,
         "resent_pages": stats.resent_pages,
         "dirty_rate_pps": stats.dirty_rate_pps,

@@ -98,8 +98,10 @@ pub struct MigrationStats {
     /// Bytes written to the wire while it was paused (the last round(s);
     /// 0 until the switch-over).
     pub bytes_during_pause: u64,
-    /// Pages sent with their bytes.
+    /// Pages sent with their bytes (whole, or as their few non-zero words).
     pub normal_pages: u64,
+    /// Of those, pages sent as their non-zero words (TCP, sparse pages).
+    pub sparse_pages: u64,
     /// Pages sent as zero markers.
     pub zero_pages: u64,
     /// Pages re-sent because their batch failed its check.

@@ -427,6 +427,7 @@ fn send_batch(
                         scratch.runs.push(run(RunKind::Data));
                         data.push(region.io_slice(start, count));
                     } else {
+                        sent.sparse_pages += count as u64;
                         scratch.runs.push(run(RunKind::Sparse));
                     }
                 }

@@ -382,6 +382,7 @@ impl Precopy<'_> {
             s.stream_bytes.clone_from(&totals.sent.stream_bytes);
             s.bytes_during_pause = totals.sent.wire_bytes.saturating_sub(s.bytes_before_pause);
             s.normal_pages = totals.sent.normal_pages;
+            s.sparse_pages = totals.sent.sparse_pages;
             s.zero_pages = totals.sent.zero_pages;
             s.resent_pages += done.resend_pages;
             s.pages_per_sec = done.pages_per_sec;
@@ -424,6 +425,7 @@ impl Precopy<'_> {
             s.bytes_transferred = totals.sent.wire_bytes;
             s.stream_bytes.clone_from(&totals.sent.stream_bytes);
             s.normal_pages = totals.sent.normal_pages;
+            s.sparse_pages = totals.sent.sparse_pages;
             s.zero_pages = totals.sent.zero_pages;
             s.resent_pages += done.resend_pages;
             s.bytes_remaining = remaining;

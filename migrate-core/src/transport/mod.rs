@@ -149,8 +149,10 @@ pub trait ControlChannel: Send {
 pub struct RoundSent {
     /// Bytes written to the wire (headers, page bytes, markers).
     pub wire_bytes: u64,
-    /// Pages sent with their bytes.
+    /// Pages sent with their bytes (whole, or as their few non-zero words).
     pub normal_pages: u64,
+    /// Of those, pages sent as their non-zero words (Sparse runs).
+    pub sparse_pages: u64,
     /// Zero pages: sent as zero markers, or not at all where the
     /// destination already reads zeros.
     pub zero_pages: u64,
@@ -168,6 +170,7 @@ impl RoundSent {
     pub fn add(&mut self, o: &RoundSent) {
         self.wire_bytes += o.wire_bytes;
         self.normal_pages += o.normal_pages;
+        self.sparse_pages += o.sparse_pages;
         self.zero_pages += o.zero_pages;
         add_by_stream(&mut self.stream_bytes, &o.stream_bytes);
     }
