@@ -135,6 +135,10 @@ pub struct TransportArgs {
     /// TCP data connections (RDMA: queue pairs).
     #[arg(long, default_value_t = transport_tcp::DEFAULT_DATA_STREAMS)]
     pub streams: u16,
+    /// Send (accept) every data page whole over TCP, also those with a few
+    /// non-zero words, which by default travel as those words.
+    #[arg(long)]
+    pub no_sparse: bool,
     /// Seconds the peer may send nothing at all (both ends send heartbeats
     /// every second) before it counts as dead; rounds may last longer.
     #[arg(long, default_value_t = 30)]

@@ -476,6 +476,7 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
     let demo_transport = TransportArgs {
         transport: TransportChoice::Tcp,
         streams: a.streams,
+        no_sparse: false,
         io_timeout_s: 30,
         reconnect_s: 0,
         tls_dir: None,

@@ -153,6 +153,7 @@ pub fn tcp_config(t: &TransportArgs, compress: bool, tls: Option<TlsConfig>) -> 
     TcpConfig {
         data_streams: t.streams.max(1),
         compress,
+        sparse: !t.no_sparse,
         io_timeout: std::time::Duration::from_secs(t.io_timeout_s.max(1)),
         tls,
         ..TcpConfig::default()

@@ -86,6 +86,35 @@ fn two_processes_migrate_a_bank_guest_verified() {
     migrate_and_check(None, "127.0.0.1:0", "loopback", &[]);
 }
 
+/// Over a zero image, every page the dirty guest writes holds a stamp or
+/// two: by default each travels as its words; a destination given
+/// `--no-sparse` does not agree to that, and every page arrives whole.
+/// Both verified.
+#[test]
+fn sparse_pages_unless_the_destination_refuses_them() {
+    for (tag, dest_args) in [("sparse", &[][..]), ("whole", &["--no-sparse"][..])] {
+        let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
+        let (d, addr) = dest(None, "127.0.0.1:0", dest_args, &dj);
+        let args = [
+            "--memory", "16M", "--guest", "dirty", "--mix", "1:0:0", "--verify",
+        ];
+        let s = source(None, &addr, &args, &sj).wait_with_output().unwrap();
+        let d = d.wait_with_output().unwrap();
+        assert!(s.status.success(), "source: {}", text(&s));
+        assert!(d.status.success(), "dest: {}", text(&d));
+        let v = json(&sj);
+        assert_eq!(v["verified"], true, "{v}");
+        // The guest ran from before the connection on: it wrote pages.
+        assert!(v["normal_pages"].as_u64() > Some(0), "{v}");
+        let sparse = if dest_args.is_empty() {
+            v["normal_pages"].clone()
+        } else {
+            0.into()
+        };
+        assert_eq!(v["sparse_pages"], sparse, "{tag}: {v}");
+    }
+}
+
 #[test]
 fn auto_falls_back_to_tcp_and_says_why() {
     let (sj, dj) = (tmp("auto-s.json"), tmp("auto-d.json"));
