@@ -52,33 +52,27 @@ pub fn is_zero_page(page: &[u8]) -> bool {
 
 /// The non-zero 8-byte words of `page`, as (word index, value), appended to
 /// `out` in order, if there are at most `max` of them; `false` (and `out`
-/// untouched) when there are more. Counting stops at the `max + 1`th
-/// non-zero word, so a dense page costs a few hundred bytes of reading and
-/// no writes; a sparse page is read twice (count, then collect), 64 bytes
-/// at a time (as [`is_zero_page`]), looking closer only where a block is
-/// not all zeros.
+/// holds some of them) when there are more. A dense page stops after
+/// `max + 1` words, so testing it costs little; a sparse page is read once,
+/// 64 bytes at a time (as [`is_zero_page`]), looking closer only where a
+/// block is not all zeros.
 pub fn sparse_words(page: &[u8], max: usize, out: &mut Vec<(u16, u64)>) -> bool {
     if page.len() % 64 != 0 || page.len() / 8 > usize::from(u16::MAX) + 1 {
         return false;
     }
-    let word = |w: &[u8]| w.first_chunk().map_or(0, |w| u64::from_le_bytes(*w));
-    let nonzero = |block: &[u8]| block.chunks_exact(8).fold(0, |acc, w| acc | word(w)) != 0;
-    // Count first, writing nothing: a dense page stops at its (max + 1)th
-    // non-zero word, a few hundred bytes in.
     let mut found = 0;
-    for block in page.chunks_exact(64).filter(|b| nonzero(b)) {
-        found += block.chunks_exact(8).filter(|w| word(w) != 0).count();
-        if found > max {
-            return false;
-        }
-    }
     for (b, block) in page.chunks_exact(64).enumerate() {
-        if !nonzero(block) {
+        let word = |w: &[u8]| w.first_chunk().map_or(0, |w| u64::from_le_bytes(*w));
+        if block.chunks_exact(8).fold(0, |acc, w| acc | word(w)) == 0 {
             continue;
         }
         for (j, w) in block.chunks_exact(8).enumerate() {
             let v = word(w);
             if v != 0 {
+                found += 1;
+                if found > max {
+                    return false;
+                }
                 out.push(((b * 8 + j) as u16, v));
             }
         }
