@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use crate::control::{CANCEL_POLL, expect_msg, recv, recv_unless, unexpected};
 use crate::memory::{GuestMemory, MemoryLayout};
+use crate::postcopy::fetch::PostcopyTarget;
 use crate::protocol::{
-    FEATURE_ZERO_SKIP, FrameKind, HASHES_PER_FRAME, MIN_VERSION, Message, PageRange, ProtocolError,
-    RefusalCode, VERSION,
+    FEATURE_POSTCOPY, FEATURE_ZERO_SKIP, FrameKind, HASHES_PER_FRAME, MIN_VERSION, Message,
+    PageRange, ProtocolError, RefusalCode, VERSION,
 };
 use crate::stats::Monitor;
 use crate::transport::{
@@ -56,6 +57,17 @@ pub struct DestinationReport {
     /// same: this side runs the guest, and the source reports commit-unknown
     /// and keeps its copy paused.
     pub commit_ack_sent: bool,
+    /// Whether the guest resumed here before all of its memory arrived
+    /// (post-copy).
+    pub postcopy: bool,
+    /// From the guest resuming here to its last page, ms.
+    pub postcopy_ms: f64,
+    /// Post-copy pages the guest's faults asked for.
+    pub postcopy_demand_pages: u64,
+    /// Post-copy pages the source pushed.
+    pub postcopy_pushed_pages: u64,
+    /// How long the guest waited on pages that had not arrived.
+    pub fault_latency_us: crate::FaultLatency,
 }
 
 /// What happens during an incoming migration, in order.
@@ -84,6 +96,8 @@ pub enum IncomingEvent {
     },
     /// The source came back over a new connection.
     Resumed,
+    /// The guest runs here; the pages it still lacks follow (post-copy).
+    Postcopy,
     /// Committed: the guest runs here (final figures).
     Committed(DestinationReport),
     /// Failed: nothing resumed here, the received memory is to be
@@ -106,6 +120,7 @@ impl IncomingEvent {
             IncomingEvent::RoundReceived { .. } => "round-received",
             IncomingEvent::ConnectionLost { .. } => "connection-lost",
             IncomingEvent::Resumed => "resumed",
+            IncomingEvent::Postcopy => "postcopy",
             IncomingEvent::Committed(_) => "committed",
             IncomingEvent::Failed { .. } => "failed",
             IncomingEvent::Cancelled(_) => "cancelled",
@@ -190,7 +205,12 @@ impl IncomingMigration {
 
     fn accept_inner(transport: &mut dyn DestinationTransport) -> Result<Self, MigrationError> {
         let started = Instant::now();
-        let ours = transport.features() | FEATURE_ZERO_SKIP;
+        let postcopy = if transport.control().sender().is_some() {
+            FEATURE_POSTCOPY
+        } else {
+            0
+        };
+        let ours = transport.features() | FEATURE_ZERO_SKIP | postcopy;
         let ctl = transport.control();
         let (session, streams, features) = expect_msg!(ctl, Hello {
             min_version,
@@ -304,7 +324,9 @@ impl IncomingMigration {
                 });
             }
         }
-        if let Err(e) = &result {
+        if let Err(e @ MigrationError::PostcopyInterrupted(_)) = &result {
+            tracing::error!(error = %e, "post-copy interrupted: the guest runs here without all of its pages");
+        } else if let Err(e) = &result {
             tracing::error!(error = %e, "incoming migration failed; received memory is discarded");
             if !matches!(
                 e,
@@ -359,6 +381,9 @@ impl IncomingMigration {
             },
             monitor: &self.monitor,
             cancel: &self.cancel,
+            postcopy_allowed: self.features & FEATURE_POSTCOPY != 0,
+            postcopy_set: Vec::new(),
+            postcopy: None,
         };
         let mut state = ReceiverState::Receiving;
         loop {
@@ -379,6 +404,18 @@ impl IncomingMigration {
                 }
                 Err(e) => return Err(e),
             };
+        }
+        if let Some(target) = receiver.postcopy.take() {
+            self.monitor.emit(IncomingEvent::Postcopy);
+            let fetched = target
+                .run(transport.control())
+                .map_err(|e| MigrationError::PostcopyInterrupted(Box::new(e)))?;
+            let r = &mut receiver.report;
+            r.postcopy = true;
+            r.postcopy_ms = fetched.ms;
+            r.postcopy_demand_pages = fetched.demand_pages;
+            r.postcopy_pushed_pages = fetched.pushed_pages;
+            r.fault_latency_us = fetched.latency;
         }
         receiver.report.total_ms = self.started.elapsed().as_secs_f64() * 1e3;
         tracing::info!(
@@ -523,6 +560,12 @@ struct Receiver<'a> {
     events: Option<crossbeam_channel::Receiver<DataEvent>>,
     streams: u16,
     report: DestinationReport,
+    /// Both sides offered post-copy.
+    postcopy_allowed: bool,
+    /// The post-copy set as it arrives.
+    postcopy_set: Vec<PageRange>,
+    /// Memory set up for post-copy, once the whole set arrived.
+    postcopy: Option<PostcopyTarget>,
 }
 
 impl Receiver<'_> {
@@ -569,6 +612,17 @@ impl Receiver<'_> {
                     ranges.iter().map(|r| r.count as u64).sum::<u64>();
                 state
             }
+            (Receiving, Message::PostcopyStart { last, ranges }) if self.postcopy_allowed => {
+                self.postcopy_start(ctl, last, ranges)?
+            }
+            (Complete, Message::VerifyRequest) if self.postcopy.is_some() => {
+                return Err(refuse(
+                    ctl,
+                    RefusalCode::Protocol,
+                    "no verification in post-copy: the guest runs before its last pages arrive"
+                        .into(),
+                ));
+            }
             (Complete, Message::VerifyRequest) => {
                 self.report.verify_requested = true;
                 send_hashes(ctl, self.mem)?;
@@ -588,6 +642,20 @@ impl Receiver<'_> {
                 ));
             }
             (HaveState(state), Message::Commit) => {
+                if let Some(target) = &mut self.postcopy {
+                    // Before the guest runs: its first touch may fault.
+                    let started = ctl
+                        .sender()
+                        .ok_or_else(|| "the control channel has no sending half".to_string())
+                        .and_then(|tx| target.start(tx).map_err(|e| e.to_string()));
+                    if let Err(m) = started {
+                        return Err(refuse(
+                            ctl,
+                            RefusalCode::Setup,
+                            format!("post-copy fault handler: {m}"),
+                        ));
+                    }
+                }
                 if let Err(e) = vm.load_state(&state).and_then(|()| vm.resume()) {
                     let _ = ctl.send(&Message::Refused {
                         code: RefusalCode::DeviceState,
@@ -623,6 +691,48 @@ impl Receiver<'_> {
             }
             (state, other) => return Err(unexpected(&other, state.expects())),
         })
+    }
+
+    /// A chunk of the post-copy set; with the last one, set the memory up
+    /// for post-copy (refused if it cannot be) and stop listening to the
+    /// data plane, which has no more to say.
+    fn postcopy_start(
+        &mut self,
+        ctl: &mut dyn ControlChannel,
+        last: bool,
+        ranges: Vec<PageRange>,
+    ) -> Result<ReceiverState, MigrationError> {
+        let regions = self.mem.regions();
+        if let Some(r) = ranges.iter().find(|r| {
+            regions
+                .get(r.region as usize)
+                .is_none_or(|g| r.first.saturating_add(u64::from(r.count)) > g.pages() as u64)
+        }) {
+            return Err(MigrationError::Protocol(ProtocolError::Malformed {
+                kind: FrameKind::PostcopyStart,
+                detail: format!(
+                    "pages {}+{} of region {} are outside the layout",
+                    r.first, r.count, r.region
+                ),
+            }));
+        }
+        self.postcopy_set.extend(ranges);
+        if !last {
+            return Ok(ReceiverState::Receiving);
+        }
+        self.events = None;
+        let set = std::mem::take(&mut self.postcopy_set);
+        match PostcopyTarget::prepare(self.mem, &set) {
+            Ok(target) => self.postcopy = Some(target),
+            Err(m) => {
+                return Err(refuse(
+                    ctl,
+                    RefusalCode::Setup,
+                    format!("post-copy impossible here: {m}"),
+                ));
+            }
+        }
+        Ok(ReceiverState::Complete)
     }
 
     /// Wait for every data stream's end of `round`, and acknowledge it with

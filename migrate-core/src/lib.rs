@@ -129,6 +129,7 @@ mod control;
 pub mod destination;
 pub mod dirty;
 pub mod memory;
+pub mod postcopy;
 pub mod protocol;
 #[cfg(feature = "json")]
 pub mod report;
@@ -147,6 +148,7 @@ pub use cancel::CancelToken;
 pub use destination::{DestinationReport, IncomingEvent, IncomingHandle, IncomingMigration};
 pub use dirty::{DirtyTracker, DirtyTracking, TrackerPreference};
 pub use memory::{GuestMemory, GuestRegion};
+pub use postcopy::{FaultLatency, PostcopyMode};
 pub use source::{MigrationHandle, SourceConfig, SourceMigration, TimeoutPolicy};
 pub use stats::{MigrationEvent, MigrationStats, MigrationStatus, STATS_SCHEMA_VERSION};
 pub use transport::{DestinationTransport, SourceTransport};
@@ -219,4 +221,12 @@ pub enum MigrationError {
          check whether the destination runs it before resuming"
     )]
     CommitUnknown(Box<MigrationError>),
+    /// The connection broke during post-copy: the destination runs the
+    /// guest but lacks some of its pages, which only the source holds. The
+    /// source guest stays paused and its memory intact.
+    #[error(
+        "post-copy interrupted ({0}): the destination runs the guest without all of its \
+         pages; the source keeps its paused guest and memory"
+    )]
+    PostcopyInterrupted(Box<MigrationError>),
 }

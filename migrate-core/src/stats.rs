@@ -26,6 +26,9 @@ pub enum MigrationStatus {
     /// or a cancel (QEMU's `pre-switchover`, with
     /// [`SourceConfig::pause_before_switchover`](crate::SourceConfig::pause_before_switchover)).
     PreSwitchover,
+    /// Post-copy: the destination runs the guest and fetches the pages it
+    /// still lacks; the source serves them, its guest paused.
+    PostcopyActive,
     /// Committed: the destination runs the guest.
     Completed,
     /// Failed before commit: the source guest runs.
@@ -36,6 +39,10 @@ pub enum MigrationStatus {
     /// Commit sent but not acknowledged: the source guest stays paused, the
     /// operator must find out whether the destination runs it.
     CommitUnknown,
+    /// The connection broke during post-copy: the destination runs the
+    /// guest without all of its pages; the source keeps its paused guest
+    /// and memory (see [`crate::postcopy`]).
+    PostcopyInterrupted,
 }
 
 impl MigrationStatus {
@@ -50,6 +57,8 @@ impl MigrationStatus {
             MigrationStatus::Failed => "failed",
             MigrationStatus::Cancelled => "cancelled",
             MigrationStatus::CommitUnknown => "commit-unknown",
+            MigrationStatus::PostcopyActive => "postcopy-active",
+            MigrationStatus::PostcopyInterrupted => "postcopy-interrupted",
         }
     }
 }
@@ -129,6 +138,16 @@ pub struct MigrationStats {
     pub verified: bool,
     /// Times the migration went on over a new connection after losing one.
     pub reconnects: u32,
+    /// Whether the migration switched to post-copy.
+    pub postcopy: bool,
+    /// From the guest resuming on the destination to its last page there.
+    pub postcopy_ms: f64,
+    /// Post-copy pages sent because the destination's guest touched them.
+    pub postcopy_demand_pages: u64,
+    /// Post-copy pages pushed in the background.
+    pub postcopy_pushed_pages: u64,
+    /// How long the destination's guest waited on missing pages.
+    pub fault_latency_us: crate::FaultLatency,
 }
 
 /// The layout version of [`MigrationStats`] (and of `migrate-cli`'s JSON
@@ -174,6 +193,9 @@ pub enum MigrationEvent {
         /// Why now (`converged`, `max rounds`, `timeout`, `forced`).
         reason: &'static str,
     },
+    /// The destination runs the guest; the pages it lacks follow
+    /// (post-copy).
+    Postcopy(MigrationStats),
     /// The guest is paused and its memory sent; the migration waits for
     /// [`continue_switchover`](crate::MigrationHandle::continue_switchover)
     /// or a cancel.
@@ -219,6 +241,7 @@ impl MigrationEvent {
             MigrationEvent::Throttled { .. } => "throttled",
             MigrationEvent::SwitchOver { .. } => "switch-over",
             MigrationEvent::PreSwitchover(_) => "pre-switchover",
+            MigrationEvent::Postcopy(_) => "postcopy",
             MigrationEvent::ParameterChanged { .. } => "parameter-changed",
             MigrationEvent::ConnectionLost { .. } => "connection-lost",
             MigrationEvent::Resumed(_) => "resumed",

@@ -20,7 +20,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use migrate_core::protocol::Message;
 use migrate_core::protocol::wire::{read_message, read_preamble, write_message, write_preamble};
-use migrate_core::transport::{ControlChannel, TransportError};
+use migrate_core::transport::{ControlChannel, ControlSender, TransportError};
 
 use crate::TcpConfig;
 use crate::conn::Conn;
@@ -204,12 +204,36 @@ impl Drop for TcpControl {
     }
 }
 
+/// Writes one frame at a time to a control connection, beside the engine
+/// and the heartbeat thread.
+struct TcpSender {
+    stream: Conn,
+    write_lock: Arc<Mutex<()>>,
+}
+
+impl ControlSender for TcpSender {
+    fn send(&self, msg: &Message) -> Result<(), TransportError> {
+        send_frame(&self.stream, &self.write_lock, msg)
+    }
+}
+
+fn send_frame(stream: &Conn, lock: &Mutex<()>, msg: &Message) -> Result<(), TransportError> {
+    let _one_frame = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let mut w = stream;
+    write_message(&mut w, msg)?;
+    w.flush().map_err(io("flush control"))
+}
+
 impl ControlChannel for TcpControl {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
-        let _one_frame = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut w = &self.stream;
-        write_message(&mut w, msg)?;
-        w.flush().map_err(io("flush control"))
+        send_frame(&self.stream, &self.write_lock, msg)
+    }
+
+    fn sender(&self) -> Option<Box<dyn ControlSender>> {
+        Some(Box::new(TcpSender {
+            stream: self.stream.clone(),
+            write_lock: Arc::clone(&self.write_lock),
+        }))
     }
 
     fn recv(&mut self) -> Result<Message, TransportError> {

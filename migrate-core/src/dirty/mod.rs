@@ -27,7 +27,7 @@ mod kvm;
 mod log;
 mod select;
 mod software;
-mod uffd;
+pub(crate) mod uffd;
 mod union;
 #[cfg(feature = "vm-memory")]
 mod vm_memory;

@@ -460,6 +460,28 @@ impl GuestRegion {
         sys::populate_read(self.host.as_ptr() as usize, self.len)
     }
 
+    /// Drop `count` pages from page `first`: a later read finds zeros, or,
+    /// under a userfaultfd registered for missing pages, faults (post-copy
+    /// fetches them). Shared backings lose the blocks; an external mapping
+    /// is tried as shared, then as private.
+    ///
+    /// # Errors
+    /// The kernel's refusal (e.g. a private file mapping).
+    ///
+    /// # Panics
+    /// When the range is outside the region.
+    pub fn discard_pages(&self, first: usize, count: usize) -> io::Result<()> {
+        let (ptr, len) = self.span(first, count);
+        let start = ptr as usize;
+        match self.backing {
+            Backing::Anonymous => sys::discard(start, len, false),
+            Backing::Memfd | Backing::File(_) | Backing::Hugetlb => sys::discard(start, len, true),
+            Backing::External => {
+                sys::discard(start, len, true).or_else(|_| sys::discard(start, len, false))
+            }
+        }
+    }
+
     /// Bytes of this region resident in RAM now (`mincore`).
     ///
     /// # Errors

@@ -60,6 +60,26 @@ fn populate(start: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// Give the pages of `[start, start + len)` back: a later touch finds them
+/// missing (zeros, or a userfaultfd fault). Shared memory (memfd, tmpfs or
+/// hugetlbfs files) loses its blocks (`MADV_REMOVE`); private memory its
+/// pages (`MADV_DONTNEED`).
+pub(super) fn discard(start: usize, len: usize, shared: bool) -> io::Result<()> {
+    let advice = if shared {
+        libc::MADV_REMOVE
+    } else {
+        libc::MADV_DONTNEED
+    };
+    // SAFETY: the range lies inside a mapping the caller owns; dropping
+    // its pages changes their bytes (to zeros or to "missing"), never the
+    // mapping, and the caller wants exactly that.
+    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, advice) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Bytes of `[start, start + len)` resident in RAM (`mincore`).
 pub(super) fn resident_bytes(start: usize, len: usize) -> io::Result<u64> {
     // SAFETY: sysconf has no preconditions.

@@ -170,6 +170,11 @@ pub const FEATURE_ZERO_SKIP: u64 = 1 << 2;
 /// Feature bit: page batches may carry Sparse runs (4 KiB pages sent as
 /// their few non-zero words; see the batch layout in `wire`).
 pub const FEATURE_SPARSE: u64 = 1 << 3;
+/// Feature bit: the destination can take the guest before all of its
+/// memory arrived (post-copy: it fetches missing pages on first touch).
+pub const FEATURE_POSTCOPY: u64 = 1 << 4;
+/// Page ranges per `PostcopyStart` or `PageRequest` frame.
+pub const RANGES_PER_FRAME: usize = 1 << 16;
 /// Most queue pairs an RDMA migration may use.
 pub const MAX_RDMA_QPS: usize = 64;
 
@@ -472,6 +477,47 @@ messages! {
         /// Every byte reads as zero (fresh memory): zero pages need not be
         /// sent until data was.
         reads_zero: bool,
+    },
+    /// Source → destination, with the guest paused, when both offered
+    /// [`FEATURE_POSTCOPY`]: instead of a last round, the pages whose latest
+    /// version the destination lacks. It drops them and will fetch each on
+    /// first touch; the device state and `Commit` follow at once.
+    PostcopyStart = 24 {
+        /// Whether this is the last chunk of the set.
+        last: bool,
+        /// The pages.
+        ranges: Vec<PageRange>,
+    },
+    /// Destination → source, during post-copy: the guest touched these
+    /// pages; send them first.
+    PageRequest = 25 {
+        /// The pages.
+        ranges: Vec<PageRange>,
+    },
+    /// Source → destination, during post-copy: whole pages from `first`
+    /// (the bytes are a multiple of the region's page size), sent once each.
+    PostcopyPages = 26 {
+        /// Region index.
+        region: u32,
+        /// First page.
+        first: u64,
+        /// Whether a `PageRequest` asked for them (else pushed).
+        demand: bool,
+        /// The pages' bytes (the rest of the payload).
+        bytes: Vec<u8>,
+    },
+    /// Destination → source: every page of the post-copy set is in place;
+    /// the source may let its memory go. Carries the destination's view of
+    /// the faults its guest waited on.
+    PostcopyDone = 27 {
+        /// Faults on pages that had not arrived.
+        faults: u64,
+        /// Median wait of those faults, microseconds.
+        p50_us: u64,
+        /// 99th percentile wait, microseconds.
+        p99_us: u64,
+        /// Longest wait, microseconds.
+        max_us: u64,
     },
 }
 

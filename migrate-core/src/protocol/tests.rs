@@ -86,6 +86,33 @@ fn all_messages() -> Vec<Message> {
                 count: 9,
             }],
         },
+        Message::PostcopyStart {
+            last: true,
+            ranges: vec![PageRange {
+                region: 1,
+                first: 40,
+                count: 2,
+            }],
+        },
+        Message::PageRequest {
+            ranges: vec![PageRange {
+                region: 0,
+                first: 3,
+                count: 1,
+            }],
+        },
+        Message::PostcopyPages {
+            region: 1,
+            first: 40,
+            demand: true,
+            bytes: vec![0xab; 64],
+        },
+        Message::PostcopyDone {
+            faults: 12,
+            p50_us: 80,
+            p99_us: 900,
+            max_us: 1200,
+        },
     ]
 }
 

@@ -21,6 +21,7 @@
 //! auto-converge.
 
 mod policy;
+mod postcopy;
 mod precopy;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use crate::dirty::DirtyTracker;
 use crate::memory::GuestMemory;
+use crate::postcopy::PostcopyMode;
 use crate::stats::{
     MigrationEvent, MigrationStats, MigrationStatus, Monitor, STATS_SCHEMA_VERSION,
 };
@@ -86,6 +88,12 @@ pub struct SourceConfig {
     /// in between (QEMU's `pause-before-switchover`). The wait counts as
     /// downtime.
     pub pause_before_switchover: bool,
+    /// Whether the guest may move in post-copy when pre-copy does not
+    /// converge (see [`crate::postcopy`]; the destination must offer it).
+    pub postcopy: PostcopyMode,
+    /// With post-copy allowed: switch to it after this many rounds at the
+    /// latest (unless the rest fits the downtime budget).
+    pub postcopy_after_rounds: Option<u32>,
 }
 
 impl Default for SourceConfig {
@@ -100,6 +108,8 @@ impl Default for SourceConfig {
             final_retries: 3,
             reconnect: None,
             pause_before_switchover: false,
+            postcopy: PostcopyMode::Never,
+            postcopy_after_rounds: None,
         }
     }
 }
@@ -310,6 +320,8 @@ impl SourceMigration {
             paused_at: None,
             converge: Default::default(),
             commit_sent: false,
+            postcopy_ok: false,
+            postcopy_running: false,
         };
         let result = with_watchdog(&self.config, run.deadline, &self.cancel, || {
             run.run(transport)

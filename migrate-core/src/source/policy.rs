@@ -108,6 +108,32 @@ pub(crate) enum SwitchReason {
     Timeout,
     /// The operator asked for it (`MigrationHandle::switchover`).
     Forced,
+    /// Rounds stopped shrinking (post-copy instead of a throttle).
+    Stalled,
+    /// `postcopy_after_rounds` rounds were sent.
+    PostcopyAfterRounds,
+}
+
+/// After a live round, with post-copy allowed: whether to switch to it now
+/// and why. A rest that fits the budget finishes as pre-copy; any other
+/// reason to switch over (rounds, timeout, operator) goes to post-copy, as
+/// do rounds that stopped shrinking (`stalled`) and reaching
+/// `after_rounds`.
+pub(crate) fn postcopy_now(
+    after_rounds: Option<u32>,
+    rounds: u32,
+    reason: Option<SwitchReason>,
+    stalled: bool,
+) -> Option<SwitchReason> {
+    match reason {
+        Some(SwitchReason::Converged) => None,
+        Some(other) => Some(other),
+        None if after_rounds.is_some_and(|n| rounds >= n) => {
+            Some(SwitchReason::PostcopyAfterRounds)
+        }
+        None if stalled => Some(SwitchReason::Stalled),
+        None => None,
+    }
 }
 
 impl SwitchReason {
@@ -138,6 +164,8 @@ impl SwitchReason {
             SwitchReason::MaxRounds => "max rounds",
             SwitchReason::Timeout => "timeout",
             SwitchReason::Forced => "forced",
+            SwitchReason::Stalled => "not converging",
+            SwitchReason::PostcopyAfterRounds => "post-copy after rounds",
         }
     }
 }
@@ -196,6 +224,23 @@ impl AutoConverge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postcopy_only_when_precopy_does_not_finish() {
+        use SwitchReason::*;
+        // A rest that fits finishes as pre-copy, whatever else holds.
+        assert_eq!(postcopy_now(Some(1), 5, Some(Converged), true), None);
+        for r in [MaxRounds, Timeout, Forced] {
+            assert_eq!(postcopy_now(None, 1, Some(r), false), Some(r));
+        }
+        assert_eq!(postcopy_now(Some(3), 2, None, false), None);
+        assert_eq!(
+            postcopy_now(Some(3), 3, None, false),
+            Some(PostcopyAfterRounds)
+        );
+        assert_eq!(postcopy_now(None, 2, None, true), Some(Stalled));
+        assert_eq!(postcopy_now(None, 9, None, false), None);
+    }
 
     #[test]
     fn link_rate_prefers_a_measured_round() {

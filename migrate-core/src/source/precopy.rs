@@ -10,14 +10,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::policy::{AutoConverge, DowntimeBudget, LinkRate, SwitchReason, mbps};
+use super::policy::{AutoConverge, DowntimeBudget, LinkRate, SwitchReason, mbps, postcopy_now};
 use super::{SourceConfig, Steering, TimeoutPolicy};
 use crate::control::expect_msg;
 use crate::dirty::{DirtyLog, DirtyTracker};
 use crate::memory::GuestMemory;
+use crate::postcopy::PostcopyMode;
 use crate::protocol::{
-    DEVICE_STATE_CHUNK, FEATURE_ZERO_SKIP, FrameKind, MIN_VERSION, Message, PageRange,
-    ProtocolError, VERSION,
+    DEVICE_STATE_CHUNK, FEATURE_POSTCOPY, FEATURE_ZERO_SKIP, FrameKind, MIN_VERSION, Message,
+    PageRange, ProtocolError, VERSION,
 };
 use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus, Monitor};
 use crate::transport::{
@@ -78,6 +79,18 @@ pub(super) struct Precopy<'a> {
     pub paused_at: Option<Instant>,
     pub converge: AutoConverge,
     pub commit_sent: bool,
+    /// Both sides offered post-copy and the configuration allows it.
+    pub postcopy_ok: bool,
+    /// The destination runs the guest and fetches its missing pages.
+    pub postcopy_running: bool,
+}
+
+/// What comes after a live round.
+pub(super) enum Next {
+    /// Another round (live or paused) with these pages.
+    Round(DirtyLog),
+    /// Post-copy (guest paused): the destination lacks these pages.
+    Postcopy(DirtyLog),
 }
 
 impl Precopy<'_> {
@@ -91,6 +104,7 @@ impl Precopy<'_> {
         let dest_pages = DestinationPages::new(self.mem, reads_zero);
         // (kept for a resume after a lost connection)
         let mut sender = self.open_data(transport, session, features)?;
+        let mut postcopy = None;
         // Round 0 reads every page: map them in bulk first.
         for r in self.mem.regions() {
             if let Err(e) = r.populate_read() {
@@ -143,8 +157,18 @@ impl Precopy<'_> {
                     None => break,
                 }
             } else {
-                self.after_live_round(done, log.dirty_bytes(), &mut totals)?
+                match self.after_live_round(done, log.dirty_bytes(), &mut totals)? {
+                    Next::Round(next) => next,
+                    Next::Postcopy(set) => {
+                        postcopy = Some(set);
+                        break;
+                    }
+                }
             };
+        }
+        if let Some(set) = postcopy {
+            let avg = totals.average_mbps();
+            return self.finish_postcopy(transport, &set, avg);
         }
         if self.cfg.pause_before_switchover {
             self.pre_switchover()?;
@@ -173,7 +197,13 @@ impl Precopy<'_> {
         transport: &mut dyn SourceTransport,
     ) -> Result<(u64, u64, bool), MigrationError> {
         let session = RandomState::new().build_hasher().finish();
-        let offered = transport.features() | FEATURE_ZERO_SKIP;
+        let offered = transport.features()
+            | FEATURE_ZERO_SKIP
+            | if self.cfg.postcopy == PostcopyMode::Never {
+                0
+            } else {
+                FEATURE_POSTCOPY
+            };
         let data_streams = transport.data_streams();
         let ctl = transport.control();
         ctl.send(&Message::Hello {
@@ -192,6 +222,10 @@ impl Precopy<'_> {
         })?;
         expect_msg!(ctl, LayoutAccepted => ());
         let features = features & offered;
+        self.postcopy_ok = features & FEATURE_POSTCOPY != 0;
+        if self.cfg.postcopy != PostcopyMode::Never && !self.postcopy_ok {
+            tracing::warn!("the destination cannot take post-copy: pre-copy only");
+        }
         let reads_zero = features & FEATURE_ZERO_SKIP != 0
             && expect_msg!(ctl, DestinationMemory { reads_zero } => reads_zero);
         tracing::debug!(reads_zero, "the destination's memory");
@@ -408,7 +442,7 @@ impl Precopy<'_> {
         done: RoundDone,
         round_bytes: u64,
         totals: &mut Totals,
-    ) -> Result<DirtyLog, MigrationError> {
+    ) -> Result<Next, MigrationError> {
         let mut next = done.resend;
         self.tracker.harvest(&mut next)?;
         let dirty_rate =
@@ -454,16 +488,28 @@ impl Precopy<'_> {
             self.timed_out_forcing(),
             self.steer.switchover_asked(),
         );
-        match reason {
-            Some(reason) => self.switch_over(&mut next, reason, rounds)?,
-            None if self.cfg.auto_converge => {
-                if let Some(percent) = self.converge.after_round(rounds, round_bytes, remaining) {
-                    self.throttle(percent);
-                }
-            }
-            None => {}
+        let stalled = if reason.is_none() && (self.cfg.auto_converge || self.postcopy_ok) {
+            self.converge.after_round(rounds, round_bytes, remaining)
+        } else {
+            None
+        };
+        if self.postcopy_ok
+            && let Some(why) = postcopy_now(
+                self.cfg.postcopy_after_rounds,
+                rounds,
+                reason,
+                stalled.is_some(),
+            )
+        {
+            self.switch_over(&mut next, why, rounds)?;
+            return Ok(Next::Postcopy(next));
         }
-        Ok(next)
+        match (reason, stalled) {
+            (Some(reason), _) => self.switch_over(&mut next, reason, rounds)?,
+            (None, Some(percent)) if self.cfg.auto_converge => self.throttle(percent),
+            _ => {}
+        }
+        Ok(Next::Round(next))
     }
 
     /// Whether the overall timeout expired under the force policy.
@@ -504,7 +550,7 @@ impl Precopy<'_> {
     /// Pre-switchover: the guest is paused and its memory acknowledged;
     /// wait for the handle's `continue_switchover` (or a cancel, which
     /// fails the migration and resumes the guest here).
-    fn pre_switchover(&mut self) -> Result<(), MigrationError> {
+    pub(super) fn pre_switchover(&mut self) -> Result<(), MigrationError> {
         let stats = self.monitor.update(|s| {
             s.status = MigrationStatus::PreSwitchover;
             s.total_ms = self.start.elapsed().as_secs_f64() * 1e3;
@@ -631,7 +677,10 @@ impl Precopy<'_> {
     }
 
     /// The VMM's device state, in chunks (one empty chunk when there is none).
-    fn send_device_state(&mut self, ctl: &mut dyn ControlChannel) -> Result<(), MigrationError> {
+    pub(super) fn send_device_state(
+        &mut self,
+        ctl: &mut dyn ControlChannel,
+    ) -> Result<(), MigrationError> {
         let state = self.vm.save_state()?;
         let mut chunks = state.chunks(DEVICE_STATE_CHUNK).peekable();
         if chunks.peek().is_none() {
@@ -651,7 +700,7 @@ impl Precopy<'_> {
 
     /// `Commit` → `Committed`. From the send on, a failure is
     /// [`MigrationError::CommitUnknown`].
-    fn commit(&mut self, ctl: &mut dyn ControlChannel) -> Result<(), MigrationError> {
+    pub(super) fn commit(&mut self, ctl: &mut dyn ControlChannel) -> Result<(), MigrationError> {
         self.check_cancel()?;
         // A destination already known to be gone (it closed the connection,
         // or fell silent) cannot commit: fail now, with the guest running
@@ -672,7 +721,12 @@ impl Precopy<'_> {
         transport: &mut dyn SourceTransport,
         error: MigrationError,
     ) -> MigrationError {
-        let (error, status) = if self.commit_sent {
+        let (error, status) = if self.postcopy_running {
+            (
+                MigrationError::PostcopyInterrupted(Box::new(error)),
+                MigrationStatus::PostcopyInterrupted,
+            )
+        } else if self.commit_sent {
             (
                 MigrationError::CommitUnknown(Box::new(error)),
                 MigrationStatus::CommitUnknown,
@@ -764,6 +818,6 @@ fn abort_behind(ctl: &mut dyn ControlChannel, e: MigrationError) -> MigrationErr
     }
 }
 
-fn ms_since(t: Instant) -> f64 {
+pub(super) fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }

@@ -141,6 +141,23 @@ pub trait ControlChannel: Send {
         let _ = timeout;
         self.recv().map(Some)
     }
+
+    /// A sending half for another thread, if the channel has one (post-copy
+    /// needs it on the destination). By default `None`.
+    fn sender(&self) -> Option<Box<dyn ControlSender>> {
+        None
+    }
+}
+
+/// The sending half of a [`ControlChannel`], for another thread: during
+/// post-copy the destination's fault handler asks for pages while the
+/// engine's thread receives them. Frames from both never interleave.
+pub trait ControlSender: Send {
+    /// Send one message.
+    ///
+    /// # Errors
+    /// [`TransportError`] when the channel is broken.
+    fn send(&self, msg: &Message) -> Result<(), TransportError>;
 }
 
 /// What a round cost on the wire.
@@ -373,20 +390,29 @@ impl RateLimiter {
     /// Take `bytes` from the bucket, sleeping while it is empty. The bucket
     /// holds at most 50 ms of budget, so bursts stay short.
     pub fn take(&self, bytes: u64) {
+        let wait = self.reserve(bytes);
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// Take `bytes` from the bucket without sleeping: how long the caller
+    /// should wait before sending more (it may do other work meanwhile,
+    /// such as serving a post-copy request).
+    pub fn reserve(&self, bytes: u64) -> Duration {
         let Some(rate) = self.rate() else {
-            return;
+            return Duration::ZERO;
         };
         let rate = rate as f64;
-        let wait = {
-            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            let refill = now.duration_since(s.0).as_secs_f64() * rate;
-            s.0 = now;
-            s.1 = (s.1 + refill).min(rate * 0.05) - bytes as f64;
-            if s.1 < 0.0 { -s.1 / rate } else { 0.0 }
-        };
-        if wait > 0.0 {
-            std::thread::sleep(Duration::from_secs_f64(wait));
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let refill = now.duration_since(s.0).as_secs_f64() * rate;
+        s.0 = now;
+        s.1 = (s.1 + refill).min(rate * 0.05) - bytes as f64;
+        if s.1 < 0.0 {
+            Duration::from_secs_f64(-s.1 / rate)
+        } else {
+            Duration::ZERO
         }
     }
 }

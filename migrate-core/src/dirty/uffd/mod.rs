@@ -4,7 +4,7 @@
 mod async_wp;
 mod sync_wp;
 #[allow(unsafe_code)]
-mod sys;
+pub(crate) mod sys;
 
 use std::sync::OnceLock;
 

@@ -32,6 +32,7 @@ pub mod features {
 }
 
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
@@ -59,6 +60,15 @@ struct UffdioRegister {
 }
 
 #[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
 struct UffdioWriteprotect {
     range: UffdioRange,
     mode: u64,
@@ -79,6 +89,9 @@ struct UffdMsg {
 
 const UFFDIO_API: u64 = iowr(UFFDIO, 0x3F, size_of::<UffdioApi>());
 const UFFDIO_REGISTER: u64 = iowr(UFFDIO, 0x00, size_of::<UffdioRegister>());
+const UFFDIO_UNREGISTER: u64 = ioc(2, UFFDIO, 0x01, size_of::<UffdioRange>());
+const UFFDIO_WAKE: u64 = ioc(2, UFFDIO, 0x02, size_of::<UffdioRange>());
+const UFFDIO_COPY: u64 = iowr(UFFDIO, 0x03, size_of::<UffdioCopy>());
 const UFFDIO_WRITEPROTECT: u64 = iowr(UFFDIO, 0x06, size_of::<UffdioWriteprotect>());
 /// `_IO(0xAA, 0)` on `/dev/userfaultfd`.
 const USERFAULTFD_IOC_NEW: u64 = ioc(0, UFFDIO, 0x00, 0);
@@ -170,6 +183,117 @@ impl Uffd {
         Ok(())
     }
 
+    /// Register `[start, start + len)` for missing-page faults: a touch of
+    /// a page that is not there blocks until [`copy`](Self::copy) places it.
+    pub fn register_missing(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange {
+                start: start as u64,
+                len: len as u64,
+            },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: `reg` is valid for the ioctl; the kernel checks the range.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Stop handling faults in `[start, start + len)`; missing pages read
+    /// as zeros again.
+    pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut range = UffdioRange {
+            start: start as u64,
+            len: len as u64,
+        };
+        // SAFETY: `range` is valid for the ioctl; the kernel checks it.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut range) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Place `src` atomically at `dst` (page-aligned, a whole number of the
+    /// region's pages, all missing) and wake the threads waiting on them.
+    /// `Ok(false)`: a page was already there (nothing copied past it); the
+    /// waiters are woken anyway.
+    pub fn copy(&self, dst: usize, src: &[u8]) -> io::Result<bool> {
+        loop {
+            let mut c = UffdioCopy {
+                dst: dst as u64,
+                src: src.as_ptr() as u64,
+                len: src.len() as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: `src` is readable for its length for the ioctl's
+            // duration; the kernel checks `dst` against the registered
+            // ranges and writes only missing pages there.
+            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
+            if rc == 0 {
+                return Ok(true);
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                // The mm changed under us (fork, remap): try again.
+                Some(libc::EAGAIN) if c.copy <= 0 => continue,
+                Some(libc::EAGAIN) => {
+                    // Part landed: copy the rest.
+                    let done = c.copy as usize;
+                    return self.copy(dst + done, &src[done..]);
+                }
+                Some(libc::EEXIST) => {
+                    self.wake(dst, src.len())?;
+                    return Ok(false);
+                }
+                _ => return Err(err),
+            }
+        }
+    }
+
+    /// Wait until an event is pending or `timeout_ms` passed; whether one is.
+    pub fn wait(&self, timeout_ms: libc::c_int) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the call's duration.
+        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EINTR) => Ok(false),
+                _ => Err(err),
+            };
+        }
+        Ok(rc > 0)
+    }
+
+    /// Wake the threads blocked on faults in `[start, start + len)`.
+    pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut range = UffdioRange {
+            start: start as u64,
+            len: len as u64,
+        };
+        // SAFETY: `range` is valid for the ioctl; the kernel checks it.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE as _, &mut range) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Read one pending event: `Some(address)` for a missing-page fault,
+    /// `None` when nothing is pending. Other events are skipped.
+    pub fn next_missing_fault(&self) -> io::Result<Option<usize>> {
+        self.next_fault(|flags| flags & UFFD_PAGEFAULT_FLAG_WP == 0)
+    }
+
     /// Write-protect (`protect`) or un-protect a range. Un-protecting wakes
     /// threads blocked on a write fault in the range.
     pub fn write_protect(&self, start: usize, len: usize, protect: bool) -> io::Result<()> {
@@ -201,6 +325,11 @@ impl Uffd {
     /// Read one pending event: `Some(address)` for a write-protect fault,
     /// `None` when nothing is pending. Other events are skipped.
     pub fn next_wp_fault(&self) -> io::Result<Option<usize>> {
+        self.next_fault(|flags| flags & UFFD_PAGEFAULT_FLAG_WP != 0)
+    }
+
+    /// The next page fault whose flags `wanted` accepts.
+    fn next_fault(&self, wanted: impl Fn(u64) -> bool) -> io::Result<Option<usize>> {
         loop {
             let mut msg = UffdMsg::default();
             // SAFETY: reading at most one `uffd_msg` into a buffer of that size.
@@ -225,7 +354,7 @@ impl Uffd {
                     format!("short userfaultfd message: {n} bytes"),
                 ));
             }
-            if msg.event == UFFD_EVENT_PAGEFAULT && msg.flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
+            if msg.event == UFFD_EVENT_PAGEFAULT && wanted(msg.flags) {
                 return Ok(Some(msg.address as usize));
             }
         }

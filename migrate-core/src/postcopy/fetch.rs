@@ -1,0 +1,344 @@
+//! The destination's side of post-copy: drop the set, handle the guest's
+//! faults on it, place the pages as they come.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use super::{FaultLatency, PageBits};
+use crate::dirty::uffd::sys::{Uffd, UffdMode};
+use crate::memory::GuestMemory;
+use crate::protocol::{FrameKind, Message, PageRange, ProtocolError};
+use crate::transport::{ControlChannel, ControlSender};
+use crate::{MigrationError, control};
+
+/// How long the fault handler waits before it looks at its stop flag.
+const HANDLER_POLL_MS: libc::c_int = 50;
+
+/// What the destination's post-copy phase did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Fetched {
+    pub demand_pages: u64,
+    pub pushed_pages: u64,
+    pub latency: FaultLatency,
+    pub ms: f64,
+}
+
+/// Shared by the fault handler thread and the thread placing pages.
+struct Shared {
+    mem: Arc<GuestMemory>,
+    uffd: Uffd,
+    /// Pages of the post-copy set.
+    needed: PageBits,
+    /// Pages of the set placed.
+    present: PageBits,
+    /// Pages of the set asked for.
+    requested: PageBits,
+    /// When the guest first waited on a page of the set not yet there.
+    waiting: Mutex<HashMap<(usize, usize), Instant>>,
+    waits_us: Mutex<Vec<u64>>,
+    faults: AtomicU64,
+    stop: AtomicBool,
+    /// Set once `Committed` went out: requests wait for it, so that the
+    /// source reads the commit's answer first.
+    may_ask: AtomicBool,
+}
+
+impl Shared {
+    /// The region and page holding host address `addr`.
+    fn locate(&self, addr: usize) -> Option<(usize, usize)> {
+        self.mem.regions().iter().enumerate().find_map(|(i, r)| {
+            let start = r.as_ptr() as usize;
+            (addr >= start && addr < start + r.len())
+                .then(|| (i, (addr - start) / r.page_size().bytes()))
+        })
+    }
+
+    fn page_addr(&self, region: usize, page: usize) -> usize {
+        self.mem.regions()[region].page_ptr(page) as usize
+    }
+}
+
+/// The destination's memory, between `PostcopyStart` and the last page.
+pub(crate) struct PostcopyTarget {
+    shared: Arc<Shared>,
+    remaining: u64,
+    handler: Option<JoinHandle<()>>,
+}
+
+impl PostcopyTarget {
+    /// Register every region for missing-page faults, then drop the pages
+    /// of `set` (validated against the layout by the caller).
+    ///
+    /// # Errors
+    /// Why this memory cannot take post-copy (no userfaultfd, a backing
+    /// without missing-mode support such as a file on disk).
+    pub(crate) fn prepare(mem: &Arc<GuestMemory>, set: &[PageRange]) -> Result<Self, String> {
+        // Not user-mode only: a vCPU's access through KVM faults in the
+        // kernel, and must wait for its page like a user access.
+        let uffd = Uffd::open(UffdMode::All)
+            .or_else(|_| Uffd::open(UffdMode::UserOnly))
+            .map_err(|e| format!("userfaultfd: {e}"))?;
+        uffd.api(0)
+            .map_err(|e| format!("userfaultfd handshake: {e}"))?;
+        for (i, r) in mem.regions().iter().enumerate() {
+            uffd.register_missing(r.as_ptr() as usize, r.len())
+                .map_err(|e| {
+                    format!(
+                        "region {i} ({} memory) cannot take missing-page faults: {e}",
+                        r.backing().name()
+                    )
+                })?;
+        }
+        let needed = PageBits::new(mem);
+        let mut remaining = 0;
+        for r in set {
+            let region = &mem.regions()[r.region as usize];
+            region
+                .discard_pages(r.first as usize, r.count as usize)
+                .map_err(|e| format!("drop pages of region {}: {e}", r.region))?;
+            for p in r.first..r.first + u64::from(r.count) {
+                if !needed.set(r.region as usize, p as usize) {
+                    remaining += 1;
+                }
+            }
+        }
+        tracing::info!(
+            pages = remaining,
+            "post-copy: pages dropped, memory registered"
+        );
+        Ok(Self {
+            shared: Arc::new(Shared {
+                mem: Arc::clone(mem),
+                uffd,
+                present: PageBits::new(mem),
+                requested: PageBits::new(mem),
+                needed,
+                waiting: Mutex::new(HashMap::new()),
+                waits_us: Mutex::new(Vec::new()),
+                faults: AtomicU64::new(0),
+                stop: AtomicBool::new(false),
+                may_ask: AtomicBool::new(false),
+            }),
+            remaining,
+            handler: None,
+        })
+    }
+
+    /// Start the fault handler, which asks for pages through `requests`:
+    /// before the guest resumes.
+    ///
+    /// # Errors
+    /// The thread could not start.
+    pub(crate) fn start(&mut self, requests: Box<dyn ControlSender>) -> io::Result<()> {
+        let shared = Arc::clone(&self.shared);
+        self.handler = Some(
+            std::thread::Builder::new()
+                .name("postcopy-faults".into())
+                .spawn(move || {
+                    if let Err(e) = handle_faults(&shared, requests.as_ref()) {
+                        tracing::error!(error = %e, "post-copy fault handler stopped");
+                    }
+                })?,
+        );
+        Ok(())
+    }
+
+    /// Place pages as they come until every page of the set is there, then
+    /// tell the source.
+    ///
+    /// # Errors
+    /// The channel's error (the guest then waits on its missing pages), or
+    /// a source that sends what was not asked for.
+    pub(crate) fn run(mut self, ctl: &mut dyn ControlChannel) -> Result<Fetched, MigrationError> {
+        let started = Instant::now();
+        self.shared.may_ask.store(true, Ordering::Release);
+        let mut out = Fetched::default();
+        while self.remaining > 0 {
+            match control::recv(ctl)? {
+                Message::PostcopyPages {
+                    region,
+                    first,
+                    demand,
+                    bytes,
+                } => {
+                    let placed = self.place(region, first, &bytes)?;
+                    self.remaining -= placed;
+                    if demand {
+                        out.demand_pages += placed;
+                    } else {
+                        out.pushed_pages += placed;
+                    }
+                }
+                other => return Err(control::unexpected(&other, "PostcopyPages")),
+            }
+        }
+        self.finish()?;
+        let s = &self.shared;
+        let waits = std::mem::take(&mut *s.waits_us.lock().unwrap_or_else(|p| p.into_inner()));
+        out.latency = FaultLatency::of(waits, s.faults.load(Ordering::Relaxed));
+        out.ms = started.elapsed().as_secs_f64() * 1e3;
+        let l = out.latency;
+        ctl.send(&Message::PostcopyDone {
+            faults: l.faults,
+            p50_us: l.p50,
+            p99_us: l.p99,
+            max_us: l.max,
+        })?;
+        tracing::info!(
+            demand = out.demand_pages,
+            pushed = out.pushed_pages,
+            faults = l.faults,
+            p50_us = l.p50,
+            p99_us = l.p99,
+            "post-copy complete: every page in place"
+        );
+        Ok(out)
+    }
+
+    /// Place the pages of one `PostcopyPages`; how many were new.
+    fn place(&self, region: u32, first: u64, bytes: &[u8]) -> Result<u64, MigrationError> {
+        let s = &self.shared;
+        let bad = |detail: String| {
+            MigrationError::Protocol(ProtocolError::Malformed {
+                kind: FrameKind::PostcopyPages,
+                detail,
+            })
+        };
+        let r = s
+            .mem
+            .regions()
+            .get(region as usize)
+            .ok_or_else(|| bad(format!("region {region} does not exist")))?;
+        let ps = r.page_size().bytes();
+        let count = bytes.len() / ps;
+        if bytes.is_empty() || bytes.len() % ps != 0 {
+            return Err(bad(format!("{} bytes for pages of {ps}", bytes.len())));
+        }
+        if first.saturating_add(count as u64) > r.pages() as u64 {
+            return Err(bad(format!(
+                "pages {first}+{count} outside region {region}"
+            )));
+        }
+        let region = region as usize;
+        let mut placed = 0;
+        for (i, page) in bytes.chunks_exact(ps).enumerate() {
+            let p = first as usize + i;
+            if !s.needed.get(region, p) {
+                return Err(bad(format!(
+                    "page {p} of region {region} is not in the post-copy set"
+                )));
+            }
+            if s.present.get(region, p) {
+                continue;
+            }
+            s.uffd
+                .copy(s.page_addr(region, p), page)
+                .map_err(|e| MigrationError::Transport(io_err("place a post-copy page", e)))?;
+            s.present.set(region, p);
+            placed += 1;
+            let waited = s
+                .waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&(region, p));
+            if let Some(t) = waited {
+                s.waits_us
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(t.elapsed().as_micros() as u64);
+            }
+        }
+        Ok(placed)
+    }
+
+    /// Stop the handler and hand the memory back to the kernel: every page
+    /// of the set is there, and a missing page elsewhere reads as zeros,
+    /// as on the source.
+    fn finish(&mut self) -> Result<(), MigrationError> {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+        for r in self.shared.mem.regions() {
+            self.shared
+                .uffd
+                .unregister(r.as_ptr() as usize, r.len())
+                .map_err(|e| MigrationError::Transport(io_err("unregister userfaultfd", e)))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PostcopyTarget {
+    fn drop(&mut self) {
+        // On an error the handler stops; the registration goes with the
+        // descriptor, once nothing holds it.
+        self.shared.stop.store(true, Ordering::Release);
+    }
+}
+
+fn io_err(op: &'static str, source: io::Error) -> crate::transport::TransportError {
+    crate::transport::TransportError::Io { op, source }
+}
+
+/// The fault handler: a touched page of the set goes on a request (once),
+/// a touched page outside it gets zeros.
+fn handle_faults(s: &Shared, requests: &dyn ControlSender) -> Result<(), MigrationError> {
+    let zeros = vec![
+        0u8;
+        s.mem
+            .regions()
+            .iter()
+            .map(|r| r.page_size().bytes())
+            .max()
+            .unwrap_or(4096)
+    ];
+    let mut ask: Vec<PageRange> = Vec::new();
+    while !s.stop.load(Ordering::Acquire) {
+        s.uffd
+            .wait(if ask.is_empty() { HANDLER_POLL_MS } else { 1 })
+            .map_err(|e| MigrationError::Transport(io_err("poll userfaultfd", e)))?;
+        while let Some(addr) = s
+            .uffd
+            .next_missing_fault()
+            .map_err(|e| MigrationError::Transport(io_err("read userfaultfd", e)))?
+        {
+            let Some((region, page)) = s.locate(addr) else {
+                continue;
+            };
+            let ps = s.mem.regions()[region].page_size().bytes();
+            let at = s.page_addr(region, page);
+            let placed = if s.present.get(region, page) {
+                s.uffd.wake(at, ps).map(|()| true)
+            } else if !s.needed.get(region, page) {
+                s.uffd.copy(at, &zeros[..ps])
+            } else {
+                s.faults.fetch_add(1, Ordering::Relaxed);
+                s.waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry((region, page))
+                    .or_insert_with(Instant::now);
+                if !s.requested.set(region, page) {
+                    ask.push(PageRange {
+                        region: region as u32,
+                        first: page as u64,
+                        count: 1,
+                    });
+                }
+                Ok(true)
+            };
+            placed.map_err(|e| MigrationError::Transport(io_err("answer a fault", e)))?;
+        }
+        if !ask.is_empty() && s.may_ask.load(Ordering::Acquire) {
+            requests.send(&Message::PageRequest {
+                ranges: std::mem::take(&mut ask),
+            })?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! Post-copy: the destination runs the guest before all of its memory is
+//! there, and fetches each missing page the moment the guest touches it.
+//!
+//! Pre-copy cannot move a guest that dirties memory faster than the link
+//! drains it. With post-copy allowed (`SourceConfig::postcopy`), the source
+//! stops its rounds when they do not converge (or after a set number of
+//! rounds), pauses the guest, and instead of a last round sends only the
+//! *set* of pages whose latest version the destination lacks. The
+//! destination drops those pages, registers its memory with userfaultfd in
+//! missing mode, loads the device state and resumes the guest at once: the
+//! downtime is the pause, the set and the device state, not the pages.
+//!
+//! # Sequence
+//!
+//! ```text
+//!  source                                              destination
+//!    |  ... live rounds (pre-copy), each acknowledged             |
+//!    | (pause guest; harvest the last dirty pages = the set)       |
+//!    | PostcopyStart{last, ranges} ...                 ->  |  register userfaultfd
+//!    |                                                     |  (missing), drop the set
+//!    | DeviceState{chunk, last} ...                    ->  |
+//!    | Commit                                          ->  |  start the fault handler,
+//!    |                       <-  Committed                |  load state, resume guest
+//!    |                                                     |
+//!    |      guest touches page p of the set: fault          |
+//!    |                       <-  PageRequest{p}           |  (fault handler thread)
+//!    | PostcopyPages{p, demand}                        ->  |  UFFDIO_COPY p: the
+//!    |                                                     |  faulting thread runs on
+//!    | PostcopyPages{next pages, pushed} ...           ->  |  (background push, from
+//!    |                                                     |   the last request on)
+//!    |                       <-  PostcopyDone{latency}    |  every page of the set
+//!    | (source lets its memory go: done)                   |  placed; unregister
+//! ```
+//!
+//! Each page of the set travels once: the source serves a request before
+//! the next pushed chunk, skips pages already sent, and moves its push
+//! cursor to the requested page (the guest's next touches are likely its
+//! neighbours). A page the guest touches that is not in the set and was
+//! never written here holds zeros on the source: the handler places a zero
+//! page without asking. Every frame is checked (xxh3) like any other.
+//!
+//! # Receiver states (after the pre-copy states of [`crate::protocol`])
+//!
+//! ```text
+//!  Receiving --PostcopyStart(last: false)--> Receiving (set grows)
+//!  Receiving --PostcopyStart(last)--> Complete (memory registered, set
+//!      dropped; Refused{Setup} if this memory cannot take missing faults)
+//!  Complete --VerifyRequest--> Discarded (no verification in post-copy)
+//!  HaveState --Commit--> Postcopy (handler started, guest resumed,
+//!      Committed sent)
+//!  Postcopy --PostcopyPages--> Postcopy (pages placed) --every page of the
+//!      set placed--> Done (PostcopyDone sent)
+//!  Postcopy --connection lost--> Broken (the guest waits on its missing
+//!      pages; see below)
+//! ```
+//!
+//! # When the link breaks during post-copy
+//!
+//! From `Commit` on, neither side alone holds the guest: the destination
+//! runs it, the source holds the pages it still lacks. The source keeps
+//! its guest paused and its memory intact and reports
+//! [`MigrationError::PostcopyInterrupted`](crate::MigrationError::PostcopyInterrupted);
+//! the destination's guest threads wait on their missing pages. If the
+//! source host dies in this phase the guest is lost (as with QEMU's
+//! post-copy): post-copy trades that risk for a bounded downtime, which is
+//! why it is never the default.
+
+pub(crate) mod fetch;
+pub(crate) mod serve;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::memory::GuestMemory;
+
+/// Whether (and when) the source may switch to post-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PostcopyMode {
+    /// Pre-copy only: a guest that does not converge is throttled or
+    /// switched over with whatever downtime the rest costs.
+    #[default]
+    Never,
+    /// Post-copy when pre-copy does not converge: the rounds stop growing
+    /// shorter (two rounds in a row dirty more than half of what they sent,
+    /// the auto-converge trigger), `max_rounds` is reached, the timeout
+    /// forces a switch-over, the operator asks for one, or after
+    /// `postcopy_after_rounds` rounds. A remainder that fits the downtime
+    /// budget still finishes as pre-copy.
+    Auto,
+}
+
+/// How long the destination's guest waited on pages that had not arrived.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct FaultLatency {
+    /// Faults on pages of the post-copy set that had not arrived.
+    pub faults: u64,
+    /// Median wait, microseconds.
+    pub p50: u64,
+    /// 99th percentile wait, microseconds.
+    pub p99: u64,
+    /// Longest wait, microseconds.
+    pub max: u64,
+}
+
+impl FaultLatency {
+    /// Summarise waits given in microseconds.
+    pub(crate) fn of(mut waits: Vec<u64>, faults: u64) -> Self {
+        waits.sort_unstable();
+        let at = |q: f64| -> u64 {
+            if waits.is_empty() {
+                0
+            } else {
+                waits[((waits.len() - 1) as f64 * q).round() as usize]
+            }
+        };
+        Self {
+            faults,
+            p50: at(0.5),
+            p99: at(0.99),
+            max: waits.last().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// One bit per page of every region, set from any thread.
+#[derive(Debug)]
+pub(crate) struct PageBits {
+    regions: Vec<Vec<AtomicU64>>,
+}
+
+impl PageBits {
+    pub(crate) fn new(mem: &GuestMemory) -> Self {
+        Self {
+            regions: mem
+                .regions()
+                .iter()
+                .map(|r| {
+                    (0..r.pages().div_ceil(64))
+                        .map(|_| AtomicU64::new(0))
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn get(&self, region: usize, page: usize) -> bool {
+        self.regions[region][page / 64].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+    }
+
+    /// Set the bit; whether it was set before.
+    pub(crate) fn set(&self, region: usize, page: usize) -> bool {
+        let bit = 1 << (page % 64);
+        self.regions[region][page / 64].fetch_or(bit, Ordering::AcqRel) & bit != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_percentiles() {
+        let l = FaultLatency::of((1..=100).rev().collect(), 120);
+        assert_eq!((l.faults, l.p50, l.p99, l.max), (120, 51, 99, 100));
+        assert_eq!(FaultLatency::of(Vec::new(), 0), FaultLatency::default());
+    }
+}

@@ -1,0 +1,97 @@
+//! The source's switch to post-copy: the set instead of a last round, the
+//! device state and commit, then serving pages until the destination has
+//! them all (see [`crate::postcopy`]).
+
+use super::precopy::{Precopy, ms_since};
+use crate::MigrationError;
+use crate::dirty::DirtyLog;
+use crate::postcopy::serve::serve;
+use crate::protocol::{Message, PageRange, RANGES_PER_FRAME};
+use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus};
+use crate::transport::SourceTransport;
+
+impl Precopy<'_> {
+    /// With the guest paused and `set` its pages the destination lacks:
+    /// announce the set, hand over the device state, commit, and serve the
+    /// set. `avg_mbps`: the pre-copy rounds' average.
+    pub(super) fn finish_postcopy(
+        &mut self,
+        transport: &mut dyn SourceTransport,
+        set: &DirtyLog,
+        avg_mbps: f64,
+    ) -> Result<MigrationStats, MigrationError> {
+        if self.cfg.pause_before_switchover {
+            self.pre_switchover()?;
+        }
+        if self.cfg.verify {
+            tracing::warn!(
+                "verification does not apply to post-copy (the destination's guest runs before \
+                 its last pages arrive); every post-copy frame is checked on arrival"
+            );
+        }
+        let ranges: Vec<PageRange> = set
+            .runs()
+            .map(|r| PageRange {
+                region: r.region as u32,
+                first: r.first as u64,
+                count: r.count as u32,
+            })
+            .collect();
+        let pages = set.count() as u64;
+        let ctl = transport.control();
+        let mut chunks = ranges.chunks(RANGES_PER_FRAME).peekable();
+        if chunks.peek().is_none() {
+            ctl.send(&Message::PostcopyStart {
+                last: true,
+                ranges: Vec::new(),
+            })?;
+        }
+        while let Some(chunk) = chunks.next() {
+            ctl.send(&Message::PostcopyStart {
+                last: chunks.peek().is_none(),
+                ranges: chunk.to_vec(),
+            })?;
+        }
+        tracing::info!(pages, "post-copy: the destination will fetch these pages");
+        self.send_device_state(ctl)?;
+        self.commit(ctl)?;
+        self.postcopy_running = true;
+        let downtime_ms = self.paused_at.map_or(0.0, ms_since);
+        let remaining = set.dirty_bytes();
+        let stats = self.monitor.update(|s| {
+            s.status = MigrationStatus::PostcopyActive;
+            s.postcopy = true;
+            s.downtime_ms = downtime_ms;
+            s.bytes_remaining = remaining;
+        });
+        self.monitor.emit(MigrationEvent::Postcopy(stats));
+        tracing::info!(downtime_ms, "post-copy: the destination runs the guest");
+        let page_bytes = remaining.checked_div(pages).unwrap_or(0);
+        let monitor = self.monitor;
+        let served = serve(ctl, self.mem, set, &self.steer.limiter, &mut |left| {
+            monitor.update(|s| s.bytes_remaining = left * page_bytes);
+        })?;
+        self.postcopy_running = false;
+        let total_ms = ms_since(self.start);
+        let stats = self.monitor.update(|s| {
+            s.status = MigrationStatus::Completed;
+            s.total_ms = total_ms;
+            s.bytes_remaining = 0;
+            s.bytes_transferred += served.bytes;
+            s.avg_throughput_mbps = avg_mbps;
+            s.postcopy_ms = served.ms;
+            s.postcopy_demand_pages = served.demand_pages;
+            s.postcopy_pushed_pages = served.pushed_pages;
+            s.fault_latency_us = served.latency;
+        });
+        tracing::info!(
+            postcopy_ms = served.ms,
+            demand = served.demand_pages,
+            pushed = served.pushed_pages,
+            fault_p50_us = served.latency.p50,
+            fault_p99_us = served.latency.p99,
+            "post-copy complete"
+        );
+        Ok(stats)
+    }
+}
