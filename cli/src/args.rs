@@ -233,6 +233,18 @@ pub struct MigrationArgs {
     /// Do not throttle a guest that dirties faster than the link drains.
     #[arg(long)]
     pub no_auto_converge: bool,
+    /// `auto`: when pre-copy does not converge (rounds stop shrinking, max
+    /// rounds, a forcing timeout, `ctl switchover`), resume the guest on the
+    /// destination at once and let it fetch its missing pages (post-copy;
+    /// the destination's memory must be anonymous, memfd, tmpfs or
+    /// hugetlbfs). If the link breaks then, neither side holds the whole
+    /// guest: exit status 4.
+    #[arg(long, value_enum, default_value_t = PostcopyChoice::Never)]
+    pub postcopy: PostcopyChoice,
+    /// With `--postcopy auto`: switch to post-copy after this many rounds at
+    /// the latest (unless the rest fits the downtime budget).
+    #[arg(long, value_name = "N")]
+    pub postcopy_after_rounds: Option<u32>,
     /// Before commit, compare a hash of every page on both sides; any
     /// difference fails the migration (and the source guest resumes).
     #[arg(long)]
@@ -249,6 +261,15 @@ pub struct MigrationArgs {
     /// Dirty tracker.
     #[arg(long, value_enum, default_value_t = TrackerChoice::Best)]
     pub tracker: TrackerChoice,
+}
+
+/// Post-copy policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PostcopyChoice {
+    /// Pre-copy only.
+    Never,
+    /// Post-copy when pre-copy does not converge.
+    Auto,
 }
 
 /// Timeout policies.

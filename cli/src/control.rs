@@ -24,7 +24,7 @@
 //!
 //! Events (on `watch` and in `--events`) are objects with `event` (its
 //! name: `setup-done`, `round-started`, `progress`, `round-done`,
-//! `throttled`, `switch-over`, `pre-switchover`, `parameter-changed`,
+//! `throttled`, `switch-over`, `pre-switchover`, `postcopy`, `parameter-changed`,
 //! `connection-lost`, `resumed`, `completed`, `failed`, `cancelled`), `time`
 //! (seconds since the Unix epoch) and the event's own fields.
 
@@ -331,6 +331,7 @@ pub fn event_json(event: &MigrationEvent) -> Value {
         MigrationEvent::Progress(s)
         | MigrationEvent::RoundDone(s)
         | MigrationEvent::PreSwitchover(s)
+        | MigrationEvent::Postcopy(s)
         | MigrationEvent::Resumed(s)
         | MigrationEvent::Completed(s)
         | MigrationEvent::Cancelled(s) => v["stats"] = stats(s),
@@ -357,7 +358,8 @@ pub fn event_json(event: &MigrationEvent) -> Value {
 }
 
 /// A destination's event as one JSON object (`round-received`,
-/// `connection-lost`, `resumed`, `committed`, `failed`, `cancelled`).
+/// `connection-lost`, `resumed`, `postcopy`, `committed`, `failed`,
+/// `cancelled`).
 pub fn incoming_event_json(event: &IncomingEvent) -> Value {
     let mut v = stamped(event.name());
     let stats = |r| report::destination_json(Some(r), None, None);

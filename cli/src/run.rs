@@ -11,12 +11,12 @@ use migrate_core::memory::GuestMemory;
 use migrate_core::protocol::RefusalCode;
 use migrate_core::transport::TransportError;
 use migrate_core::{
-    IncomingMigration, MigrationStats, SourceConfig, SourceMigration, TimeoutPolicy,
+    IncomingMigration, MigrationStats, PostcopyMode, SourceConfig, SourceMigration, TimeoutPolicy,
 };
 
 use crate::args::{
-    DemoArgs, DestArgs, MigrationArgs, SourceArgs, SteeringArgs, TimeoutChoice, TlsGenArgs,
-    TrackerChoice, TransportArgs, TransportChoice,
+    DemoArgs, DestArgs, MigrationArgs, PostcopyChoice, SourceArgs, SteeringArgs, TimeoutChoice,
+    TlsGenArgs, TrackerChoice, TransportArgs, TransportChoice,
 };
 use crate::{control, guest, memory, report, resources, security, transport};
 
@@ -31,6 +31,10 @@ pub enum Outcome {
     /// 3: commit sent but not acknowledged; the source guest stays paused
     /// and the operator must find out whether the destination runs it.
     CommitUnknown,
+    /// 4: the link broke during post-copy: the destination runs the guest
+    /// without all of its pages, the source keeps its paused guest and the
+    /// pages; neither may be discarded.
+    PostcopyInterrupted,
     /// 0: a command that migrates nothing (`ctl`, `tls-gen`,
     /// `completions`, `man`) did what it was asked.
     Done,
@@ -46,6 +50,7 @@ impl Outcome {
             Outcome::Migrated | Outcome::Done => 0,
             Outcome::Failed | Outcome::Refused => 1,
             Outcome::CommitUnknown => 3,
+            Outcome::PostcopyInterrupted => 4,
         }
     }
 
@@ -86,6 +91,11 @@ fn source_config(m: &MigrationArgs, t: &TransportArgs) -> SourceConfig {
         }),
         auto_converge: !m.no_auto_converge,
         verify: m.verify,
+        postcopy: match m.postcopy {
+            PostcopyChoice::Never => PostcopyMode::Never,
+            PostcopyChoice::Auto => PostcopyMode::Auto,
+        },
+        postcopy_after_rounds: m.postcopy_after_rounds,
         reconnect: reconnect(t),
         ..SourceConfig::default()
     }
@@ -198,6 +208,7 @@ fn migrate_out(
     let outcome = match &result {
         Ok(_) => Outcome::Migrated,
         Err(migrate_core::MigrationError::CommitUnknown(_)) => Outcome::CommitUnknown,
+        Err(migrate_core::MigrationError::PostcopyInterrupted(_)) => Outcome::PostcopyInterrupted,
         // Cancelled is a failure to migrate: the guest runs here (1).
         Err(_) => Outcome::Failed,
     };
@@ -213,7 +224,11 @@ fn migrate_out(
         }
         Err(e) => {
             eprintln!("migration failed: {e}");
-            if !matches!(e, migrate_core::MigrationError::CommitUnknown(_)) {
+            if !matches!(
+                e,
+                migrate_core::MigrationError::CommitUnknown(_)
+                    | migrate_core::MigrationError::PostcopyInterrupted(_)
+            ) {
                 eprintln!("the source guest is running again");
             }
         }
@@ -392,6 +407,13 @@ fn receive(
     })();
     // Committed or failed: end remote access to the guest memory now.
     t.finish();
+    let interrupted = matches!(
+        outcome
+            .as_ref()
+            .err()
+            .and_then(|e| e.downcast_ref::<migrate_core::MigrationError>()),
+        Some(migrate_core::MigrationError::PostcopyInterrupted(_))
+    );
     let (ok, v) = match &outcome {
         Ok((r, check)) => {
             println!(
@@ -423,6 +445,11 @@ fn receive(
             );
             if cancelled {
                 eprintln!("incoming migration cancelled; received memory discarded");
+            } else if interrupted {
+                eprintln!(
+                    "{}: the guest runs here without all of its pages; the source keeps them",
+                    report::error_text(e)
+                );
             } else {
                 eprintln!(
                     "incoming migration failed: {}; received memory discarded",
@@ -434,6 +461,8 @@ fn receive(
                 report::destination_json(so_far.as_ref(), None, Some(&report::error_text(e)));
             if cancelled {
                 v["status"] = serde_json::json!("cancelled");
+            } else if interrupted {
+                v["status"] = serde_json::json!("postcopy-interrupted");
             }
             (false, v)
         }
@@ -455,7 +484,11 @@ fn receive(
         }
         write_report(path, &v);
     }
-    Ok(Outcome::of(ok))
+    Ok(if interrupted {
+        Outcome::PostcopyInterrupted
+    } else {
+        Outcome::of(ok)
+    })
 }
 
 /// `migrate-cli tls-gen`.
@@ -534,6 +567,9 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
     Ok(match (outcome, dest_outcome) {
         (Outcome::Migrated, Outcome::Migrated) => Outcome::Migrated,
         (Outcome::CommitUnknown, _) => Outcome::CommitUnknown,
+        (Outcome::PostcopyInterrupted, _) | (_, Outcome::PostcopyInterrupted) => {
+            Outcome::PostcopyInterrupted
+        }
         _ => Outcome::Failed,
     })
 }

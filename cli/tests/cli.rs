@@ -635,3 +635,53 @@ fn a_slow_lossy_link_migrates_verified() {
     );
     assert_eq!(json(&dj)["guest_consistent"], true);
 }
+
+/// `--postcopy auto` moves a guest that out-dirties a 1 MB/s link: the
+/// destination resumes it after the set, not the pages; both reports say
+/// post-copy, and the destination's memory equals the paused source's
+/// (digests). Exit 0 on both ends.
+#[test]
+fn postcopy_moves_a_guest_faster_than_the_link() {
+    let (sj, dj) = (tmp("postcopy-s.json"), tmp("postcopy-d.json"));
+    let (d, addr) = dest(None, "127.0.0.1:0", &["--digest"], &dj);
+    let args = [
+        "--memory",
+        "2M",
+        "--guest",
+        "dirty",
+        "--dirty-rate",
+        "4000",
+        "--pattern",
+        "uniform",
+        "--mix",
+        "0:0:1",
+        "--bandwidth-mbs",
+        "1",
+        "--downtime-ms",
+        "20",
+        "--postcopy",
+        "auto",
+        "--postcopy-after-rounds",
+        "2",
+        "--digest",
+    ];
+    let s = source(None, &addr, &args, &sj).wait_with_output().unwrap();
+    let d = d.wait_with_output().unwrap();
+    assert!(s.status.success(), "source: {}", text(&s));
+    assert!(d.status.success(), "dest: {}", text(&d));
+    let (v, dv) = (json(&sj), json(&dj));
+    assert_eq!(
+        (&v["status"], &dv["status"]),
+        (&"completed".into(), &"completed".into())
+    );
+    assert_eq!(v["postcopy"], true, "{v}");
+    assert_eq!(dv["postcopy"], true, "{dv}");
+    assert_eq!(v["throttle_percent"], 0, "{v}");
+    let pages = |j: &serde_json::Value| {
+        j["postcopy_demand_pages"].as_u64().unwrap() + j["postcopy_pushed_pages"].as_u64().unwrap()
+    };
+    assert!(pages(&v) > 0 && pages(&v) == pages(&dv), "{v}\n{dv}");
+    assert!(v["fault_latency_us"]["p99"].is_u64(), "{v}");
+    assert_eq!(v["memory_digest"], dv["memory_digest"], "{v}\n{dv}");
+    assert!(v["memory_digest"].is_string(), "{v}");
+}

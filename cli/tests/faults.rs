@@ -611,3 +611,60 @@ fn a_source_frozen_in_each_phase() {
         ],
     );
 }
+
+/// The destination dies during post-copy (SIGKILL once the source's
+/// events say `postcopy`): the source cannot give its guest back — the
+/// destination ran it — nor finish: exit 4, status `postcopy-interrupted`,
+/// its guest paused and its memory kept (it says so), never exit 0 or 1.
+#[test]
+fn destination_killed_during_postcopy_is_exit_4() {
+    let (sj, dj, ev) = (
+        tmp("pc-kill-s.json"),
+        tmp("pc-kill-d.json"),
+        tmp("pc-kill.events"),
+    );
+    let (d, addr) = dest(None, "127.0.0.1:0", &[], &dj);
+    let ev_s = ev.to_string_lossy().into_owned();
+    let args = [
+        "--memory",
+        "2M",
+        "--guest",
+        "dirty",
+        "--dirty-rate",
+        "4000",
+        "--pattern",
+        "uniform",
+        "--mix",
+        "0:0:1",
+        "--bandwidth-mbs",
+        "1",
+        "--downtime-ms",
+        "20",
+        "--postcopy",
+        "auto",
+        "--postcopy-after-rounds",
+        "2",
+        "--events",
+        &ev_s,
+    ];
+    let s = source(None, &addr, &args, &sj);
+    let started = Instant::now();
+    while !std::fs::read_to_string(&ev).is_ok_and(|t| t.contains(r#""event":"postcopy""#)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no post-copy within a minute"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(d.id(), "-KILL");
+    let _ = d.wait_with_output();
+    let (end, s) = finish(s, Duration::from_secs(60));
+    assert_eq!(s.status.code(), Some(4), "{end:?}: {}", text(&s));
+    let v = json(&sj);
+    assert_eq!(v["status"], "postcopy-interrupted", "{v}");
+    let err = String::from_utf8_lossy(&s.stderr);
+    assert!(
+        err.contains("keeps its paused guest") && !err.contains("running again"),
+        "{err}"
+    );
+}

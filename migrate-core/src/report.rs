@@ -49,6 +49,15 @@ pub fn source_json(
         "tracker": stats.tracker,
         "reconnects": stats.reconnects,
     });
+    if stats.postcopy {
+        postcopy_json(
+            &mut v,
+            stats.postcopy_ms,
+            stats.postcopy_demand_pages,
+            stats.postcopy_pushed_pages,
+            stats.fault_latency_us,
+        );
+    }
     if let Some(r) = fallback_reason {
         v["fallback_reason"] = json!(r);
     }
@@ -82,6 +91,15 @@ pub fn destination_json(
         v["device_state_bytes"] = json!(r.device_state_bytes);
         v["total_ms"] = json!(r.total_ms);
         v["commit_ack_sent"] = json!(r.commit_ack_sent);
+        if r.postcopy {
+            postcopy_json(
+                &mut v,
+                r.postcopy_ms,
+                r.postcopy_demand_pages,
+                r.postcopy_pushed_pages,
+                r.fault_latency_us,
+            );
+        }
     }
     match guest_check {
         Some(Ok(m)) => {
@@ -98,4 +116,18 @@ pub fn destination_json(
         v["error"] = json!(e);
     }
     v
+}
+
+/// The post-copy fields, the same on both sides.
+fn postcopy_json(v: &mut Value, ms: f64, demand: u64, pushed: u64, l: crate::FaultLatency) {
+    v["postcopy"] = json!(true);
+    v["postcopy_ms"] = json!(ms);
+    v["postcopy_demand_pages"] = json!(demand);
+    v["postcopy_pushed_pages"] = json!(pushed);
+    v["fault_latency_us"] = json!({
+        "faults": l.faults,
+        "p50": l.p50,
+        "p99": l.p99,
+        "max": l.max,
+    });
 }
