@@ -685,3 +685,96 @@ fn postcopy_moves_a_guest_faster_than_the_link() {
     assert_eq!(v["memory_digest"], dv["memory_digest"], "{v}\n{dv}");
     assert!(v["memory_digest"].is_string(), "{v}");
 }
+
+/// The link between two hosts goes down during post-copy (the destination
+/// runs the guest, pages still missing) for 5 s, over twice the I/O
+/// timeout, and comes back: both sides declare the other dead, keep what
+/// they hold, and the source reconnects; the destination says which pages
+/// it still lacks, post-copy completes, both exit 0 with equal digests.
+#[test]
+fn a_link_cut_during_postcopy_is_recovered() {
+    let hosts = match Hosts::create() {
+        Ok(h) => h,
+        Err(e) => {
+            fixtures::skip(
+                "a_link_cut_during_postcopy_is_recovered",
+                fixtures::Need::NetNs,
+                &format!("cannot create network namespaces here: {e}"),
+            );
+            return;
+        }
+    };
+    let (sj, dj, ev) = (
+        tmp("pc-cut-s.json"),
+        tmp("pc-cut-d.json"),
+        tmp("pc-cut.events"),
+    );
+    let (d, addr) = dest(
+        Some(&hosts.dst),
+        "10.199.0.2:0",
+        &["--io-timeout-s", "2", "--digest"],
+        &dj,
+    );
+    let ev_s = ev.to_string_lossy().into_owned();
+    let args = [
+        "--memory",
+        "4M",
+        "--guest",
+        "dirty",
+        "--dirty-rate",
+        "4000",
+        "--pattern",
+        "uniform",
+        "--mix",
+        "0:0:1",
+        "--bandwidth-mbs",
+        "1",
+        "--downtime-ms",
+        "20",
+        "--postcopy",
+        "auto",
+        "--postcopy-after-rounds",
+        "2",
+        "--io-timeout-s",
+        "2",
+        "--digest",
+        "--events",
+        &ev_s,
+    ];
+    let s = source(Some(&hosts.src), &addr, &args, &sj);
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&ev).is_ok_and(|t| t.contains(r#""event":"postcopy""#)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no post-copy within a minute"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let link = |state: &str| {
+        let ok = Command::new("ip")
+            .args(["-n", &hosts.src, "link", "set", &hosts.src_dev, state])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip link set {state}");
+    };
+    link("down");
+    std::thread::sleep(Duration::from_secs(5));
+    link("up");
+    let s = s.wait_with_output().unwrap();
+    let d = d.wait_with_output().unwrap();
+    assert_eq!(s.status.code(), Some(0), "source: {}", text(&s));
+    assert_eq!(d.status.code(), Some(0), "destination: {}", text(&d));
+    let (v, dv) = (json(&sj), json(&dj));
+    assert_eq!(
+        (&v["postcopy"], &dv["postcopy"]),
+        (&true.into(), &true.into())
+    );
+    assert!(v["reconnects"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["memory_digest"], dv["memory_digest"], "{v}\n{dv}");
+    let events = std::fs::read_to_string(&ev).unwrap();
+    assert!(
+        events.contains(r#""event":"connection-lost""#) && events.contains(r#""event":"resumed""#),
+        "{events}"
+    );
+}

@@ -408,7 +408,17 @@ impl IncomingMigration {
         if let Some(target) = receiver.postcopy.take() {
             self.monitor.emit(IncomingEvent::Postcopy);
             let fetched = target
-                .run(transport.control())
+                .run(transport, &mut |t, e| {
+                    if !self.may_resume(&e) {
+                        return Err(e);
+                    }
+                    self.monitor.emit(IncomingEvent::ConnectionLost {
+                        error: e.to_string(),
+                    });
+                    self.await_source(t, e)?;
+                    self.monitor.emit(IncomingEvent::Resumed);
+                    Ok(())
+                })
                 .map_err(|e| MigrationError::PostcopyInterrupted(Box::new(e)))?;
             let r = &mut receiver.report;
             r.postcopy = true;
@@ -441,6 +451,18 @@ impl IncomingMigration {
         mem: &Arc<GuestMemory>,
         cause: MigrationError,
     ) -> Result<crossbeam_channel::Receiver<DataEvent>, MigrationError> {
+        self.await_source(transport, cause)?;
+        Ok(transport.open_data(mem, self.session, self.streams, self.features)?)
+    }
+
+    /// Wait within the grace period for the source to come back with
+    /// `Resume` for this session, and answer `Resumed`; `cause` if it does
+    /// not.
+    fn await_source(
+        &self,
+        transport: &mut dyn DestinationTransport,
+        cause: MigrationError,
+    ) -> Result<(), MigrationError> {
         let grace = self.reconnect.unwrap_or_default();
         let deadline = Instant::now() + grace;
         tracing::warn!(error = %cause, ?grace, "connection to the source lost; waiting for it");
@@ -475,7 +497,7 @@ impl IncomingMigration {
         }
         transport.control().send(&Message::Resumed)?;
         tracing::info!("migration resumed over a new connection");
-        Ok(transport.open_data(mem, self.session, self.streams, self.features)?)
+        Ok(())
     }
 }
 

@@ -11,8 +11,8 @@ use std::time::Instant;
 use super::{FaultLatency, PageBits};
 use crate::dirty::uffd::sys::{Uffd, UffdMode};
 use crate::memory::GuestMemory;
-use crate::protocol::{FrameKind, Message, PageRange, ProtocolError};
-use crate::transport::{ControlChannel, ControlSender};
+use crate::protocol::{FrameKind, Message, PageRange, ProtocolError, RANGES_PER_FRAME};
+use crate::transport::{ControlChannel, ControlSender, DestinationTransport};
 use crate::{MigrationError, control};
 
 /// How long the fault handler waits before it looks at its stop flag.
@@ -25,6 +25,7 @@ pub(crate) struct Fetched {
     pub pushed_pages: u64,
     pub latency: FaultLatency,
     pub ms: f64,
+    pub reconnects: u32,
 }
 
 /// Shared by the fault handler thread and the thread placing pages.
@@ -45,6 +46,9 @@ struct Shared {
     /// Set once `Committed` went out: requests wait for it, so that the
     /// source reads the commit's answer first.
     may_ask: AtomicBool,
+    /// Where requests go: the control connection's sending half; `None`
+    /// while the connection is lost (requests wait for the next one).
+    requests: Mutex<Option<Box<dyn ControlSender>>>,
 }
 
 impl Shared {
@@ -122,6 +126,7 @@ impl PostcopyTarget {
                 faults: AtomicU64::new(0),
                 stop: AtomicBool::new(false),
                 may_ask: AtomicBool::new(false),
+                requests: Mutex::new(None),
             }),
             remaining,
             handler: None,
@@ -134,12 +139,13 @@ impl PostcopyTarget {
     /// # Errors
     /// The thread could not start.
     pub(crate) fn start(&mut self, requests: Box<dyn ControlSender>) -> io::Result<()> {
+        *lock(&self.shared.requests) = Some(requests);
         let shared = Arc::clone(&self.shared);
         self.handler = Some(
             std::thread::Builder::new()
                 .name("postcopy-faults".into())
                 .spawn(move || {
-                    if let Err(e) = handle_faults(&shared, requests.as_ref()) {
+                    if let Err(e) = handle_faults(&shared) {
                         tracing::error!(error = %e, "post-copy fault handler stopped");
                     }
                 })?,
@@ -148,23 +154,32 @@ impl PostcopyTarget {
     }
 
     /// Place pages as they come until every page of the set is there, then
-    /// tell the source.
+    /// tell the source. When the connection is lost, `reconnect` waits for
+    /// the source to come back (`Resume` answered); the source then hears
+    /// which pages are still missing, and which the guest waits on.
     ///
     /// # Errors
-    /// The channel's error (the guest then waits on its missing pages), or
-    /// a source that sends what was not asked for.
-    pub(crate) fn run(mut self, ctl: &mut dyn ControlChannel) -> Result<Fetched, MigrationError> {
+    /// The channel's error when `reconnect` gives up (the guest then waits
+    /// on its missing pages), or a source that sends what was not asked for.
+    pub(crate) fn run(
+        mut self,
+        transport: &mut dyn DestinationTransport,
+        reconnect: &mut dyn FnMut(
+            &mut dyn DestinationTransport,
+            MigrationError,
+        ) -> Result<(), MigrationError>,
+    ) -> Result<Fetched, MigrationError> {
         let started = Instant::now();
         self.shared.may_ask.store(true, Ordering::Release);
         let mut out = Fetched::default();
         while self.remaining > 0 {
-            match control::recv(ctl)? {
-                Message::PostcopyPages {
+            match control::recv(transport.control()) {
+                Ok(Message::PostcopyPages {
                     region,
                     first,
                     demand,
                     bytes,
-                } => {
+                }) => {
                     let placed = self.place(region, first, &bytes)?;
                     self.remaining -= placed;
                     if demand {
@@ -173,16 +188,22 @@ impl PostcopyTarget {
                         out.pushed_pages += placed;
                     }
                 }
-                other => return Err(control::unexpected(&other, "PostcopyPages")),
+                Ok(other) => return Err(control::unexpected(&other, "PostcopyPages")),
+                Err(e) => {
+                    *lock(&self.shared.requests) = None;
+                    reconnect(transport, e)?;
+                    out.reconnects += 1;
+                    self.tell_missing(transport.control())?;
+                }
             }
         }
         self.finish()?;
         let s = &self.shared;
-        let waits = std::mem::take(&mut *s.waits_us.lock().unwrap_or_else(|p| p.into_inner()));
+        let waits = std::mem::take(&mut *lock(&s.waits_us));
         out.latency = FaultLatency::of(waits, s.faults.load(Ordering::Relaxed));
         out.ms = started.elapsed().as_secs_f64() * 1e3;
         let l = out.latency;
-        ctl.send(&Message::PostcopyDone {
+        transport.control().send(&Message::PostcopyDone {
             faults: l.faults,
             p50_us: l.p50,
             p99_us: l.p99,
@@ -197,6 +218,51 @@ impl PostcopyTarget {
             "post-copy complete: every page in place"
         );
         Ok(out)
+    }
+
+    /// After a reconnection: the pages of the set not placed yet, then
+    /// requests for those the guest waits on; requests go over the new
+    /// connection from now on.
+    fn tell_missing(&self, ctl: &mut dyn ControlChannel) -> Result<(), MigrationError> {
+        let s = &self.shared;
+        let mut missing: Vec<PageRange> = Vec::new();
+        for (ri, r) in s.mem.regions().iter().enumerate() {
+            for p in 0..r.pages() {
+                if s.needed.get(ri, p) && !s.present.get(ri, p) {
+                    push_page(&mut missing, ri, p);
+                }
+            }
+        }
+        tracing::info!(
+            ranges = missing.len(),
+            "post-copy resumed: telling the source what is missing"
+        );
+        let mut chunks = missing.chunks(RANGES_PER_FRAME).peekable();
+        if chunks.peek().is_none() {
+            ctl.send(&Message::PostcopyMissing {
+                last: true,
+                ranges: Vec::new(),
+            })?;
+        }
+        while let Some(chunk) = chunks.next() {
+            ctl.send(&Message::PostcopyMissing {
+                last: chunks.peek().is_none(),
+                ranges: chunk.to_vec(),
+            })?;
+        }
+        let mut waited: Vec<(usize, usize)> = lock(&s.waiting).keys().copied().collect();
+        waited.sort_unstable();
+        let mut ask = Vec::new();
+        for (ri, p) in waited {
+            push_page(&mut ask, ri, p);
+        }
+        for chunk in ask.chunks(RANGES_PER_FRAME) {
+            ctl.send(&Message::PageRequest {
+                ranges: chunk.to_vec(),
+            })?;
+        }
+        *lock(&s.requests) = ctl.sender();
+        Ok(())
     }
 
     /// Place the pages of one `PostcopyPages`; how many were new.
@@ -240,16 +306,9 @@ impl PostcopyTarget {
                 .map_err(|e| MigrationError::Transport(io_err("place a post-copy page", e)))?;
             s.present.set(region, p);
             placed += 1;
-            let waited = s
-                .waiting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&(region, p));
+            let waited = lock(&s.waiting).remove(&(region, p));
             if let Some(t) = waited {
-                s.waits_us
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(t.elapsed().as_micros() as u64);
+                lock(&s.waits_us).push(t.elapsed().as_micros() as u64);
             }
         }
         Ok(placed)
@@ -281,13 +340,32 @@ impl Drop for PostcopyTarget {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Add page `p` of region `ri` to `ranges`, extending the last range when
+/// it ends right before it.
+fn push_page(ranges: &mut Vec<PageRange>, ri: usize, p: usize) {
+    match ranges.last_mut() {
+        Some(l) if l.region == ri as u32 && l.first + u64::from(l.count) == p as u64 => {
+            l.count += 1
+        }
+        _ => ranges.push(PageRange {
+            region: ri as u32,
+            first: p as u64,
+            count: 1,
+        }),
+    }
+}
+
 fn io_err(op: &'static str, source: io::Error) -> crate::transport::TransportError {
     crate::transport::TransportError::Io { op, source }
 }
 
 /// The fault handler: a touched page of the set goes on a request (once),
 /// a touched page outside it gets zeros.
-fn handle_faults(s: &Shared, requests: &dyn ControlSender) -> Result<(), MigrationError> {
+fn handle_faults(s: &Shared) -> Result<(), MigrationError> {
     let zeros = vec![
         0u8;
         s.mem
@@ -318,26 +396,30 @@ fn handle_faults(s: &Shared, requests: &dyn ControlSender) -> Result<(), Migrati
                 s.uffd.copy(at, &zeros[..ps])
             } else {
                 s.faults.fetch_add(1, Ordering::Relaxed);
-                s.waiting
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                lock(&s.waiting)
                     .entry((region, page))
                     .or_insert_with(Instant::now);
                 if !s.requested.set(region, page) {
-                    ask.push(PageRange {
-                        region: region as u32,
-                        first: page as u64,
-                        count: 1,
-                    });
+                    push_page(&mut ask, region, page);
                 }
                 Ok(true)
             };
             placed.map_err(|e| MigrationError::Transport(io_err("answer a fault", e)))?;
         }
         if !ask.is_empty() && s.may_ask.load(Ordering::Acquire) {
-            requests.send(&Message::PageRequest {
-                ranges: std::mem::take(&mut ask),
-            })?;
+            let mut tx = lock(&s.requests);
+            if let Some(requests) = tx.as_ref() {
+                let msg = Message::PageRequest {
+                    ranges: std::mem::take(&mut ask),
+                };
+                if let Err(e) = requests.send(&msg) {
+                    // The engine hears of it on its side of the connection
+                    // and reconnects; the new one carries every waited-on
+                    // page again.
+                    tracing::debug!(error = %e, "a page request was lost with the connection");
+                    *tx = None;
+                }
+            }
         }
     }
     Ok(())

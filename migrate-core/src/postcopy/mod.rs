@@ -50,15 +50,34 @@
 //!      Committed sent)
 //!  Postcopy --PostcopyPages--> Postcopy (pages placed) --every page of the
 //!      set placed--> Done (PostcopyDone sent)
-//!  Postcopy --connection lost--> Broken (the guest waits on its missing
-//!      pages; see below)
+//!  Postcopy --connection lost--> AwaitResume --Resume--> Postcopy
+//!      (Resumed, PostcopyMissing and PageRequests sent; see below)
+//!  AwaitResume --grace period over--> Broken (the guest waits on its
+//!      missing pages)
 //! ```
 //!
 //! # When the link breaks during post-copy
 //!
 //! From `Commit` on, neither side alone holds the guest: the destination
-//! runs it, the source holds the pages it still lacks. The source keeps
-//! its guest paused and its memory intact and reports
+//! runs it, the source holds the pages it still lacks. Within both sides'
+//! grace periods a lost connection is resumed as before the switch-over,
+//! and post-copy goes on:
+//!
+//! ```text
+//!  source                                              destination
+//!    |  ... post-copy: connection lost (cut, reset, silent peer)  |
+//!    |  guest paused, memory kept              guest waits on its missing
+//!    |                                         pages; requests wait too
+//!    | (new control connection) MAGIC+version          ->  |
+//!    | Resume{session}                                 ->  |  same session?
+//!    |                       <-  Resumed                  |
+//!    |                 <-  PostcopyMissing{last, ranges}  |  set pages not placed
+//!    |                       <-  PageRequest{waited on}   |  (sent ones may be lost)
+//!    |  serve and push again, from what is missing          |
+//! ```
+//!
+//! Past the grace period the source keeps its guest paused and its memory
+//! intact and reports
 //! [`MigrationError::PostcopyInterrupted`](crate::MigrationError::PostcopyInterrupted);
 //! the destination's guest threads wait on their missing pages. If the
 //! source host dies in this phase the guest is lost (as with QEMU's

@@ -24,100 +24,186 @@ pub(crate) struct Served {
     pub ms: f64,
 }
 
-/// Send every page of `set` from the (paused) `mem`: requested pages as
-/// they are asked for, the others pushed from the last request on; then
-/// wait for the destination's `PostcopyDone`. `progress` hears the pages
-/// left now and then.
-///
-/// # Errors
-/// The channel's error, or a destination that asks for what is not in the
-/// set or ends before it was sent.
-pub(crate) fn serve(
-    ctl: &mut dyn ControlChannel,
-    mem: &GuestMemory,
-    set: &DirtyLog,
-    limiter: &RateLimiter,
-    progress: &mut dyn FnMut(u64),
-) -> Result<Served, MigrationError> {
-    let started = Instant::now();
-    let mut unsent = set.clone();
-    let mut left = unsent.count() as u64;
-    let mut out = Served::default();
-    let mut cursor = (0, 0);
-    let mut buf = Vec::new();
-    let mut frames = 0u64;
-    // Under a bandwidth cap the push waits its turn here, listening for
-    // requests (which go out at once) instead of sleeping.
-    let mut push_at = Instant::now();
-    loop {
-        let msg = if left > 0 {
-            ctl.recv_timeout(push_at.saturating_duration_since(Instant::now()))?
-        } else {
-            Some(ctl.recv()?)
-        };
-        match msg {
-            None => {}
-            Some(Message::PageRequest { ranges }) => {
-                for r in ranges {
-                    check_range(mem, &r)?;
-                    let region = r.region as usize;
-                    for p in r.first as usize..(r.first + u64::from(r.count)) as usize {
-                        if unsent.is_dirty(region, p) {
-                            let bytes =
-                                send_pages(ctl, mem, &mut unsent, (region, p, 1), true, &mut buf)?;
-                            // Counted against the cap; never delayed by it.
-                            push_at = Instant::now() + limiter.reserve(bytes);
-                            out.bytes += bytes;
-                            out.demand_pages += 1;
-                            left -= 1;
-                            cursor = (region, p + 1);
-                        }
+/// The source's post-copy: what is left to send, across connections.
+pub(crate) struct Serving<'a> {
+    mem: &'a GuestMemory,
+    set: &'a DirtyLog,
+    unsent: DirtyLog,
+    left: u64,
+    cursor: (usize, usize),
+    buf: Vec<u8>,
+    started: Instant,
+    pub out: Served,
+}
+
+impl<'a> Serving<'a> {
+    /// Serve `set` from the (paused) `mem`.
+    pub(crate) fn new(mem: &'a GuestMemory, set: &'a DirtyLog) -> Self {
+        Self {
+            mem,
+            set,
+            unsent: set.clone(),
+            left: set.count() as u64,
+            cursor: (0, 0),
+            buf: Vec::new(),
+            started: Instant::now(),
+            out: Served::default(),
+        }
+    }
+
+    /// After a new connection: the destination's `PostcopyMissing` chunks
+    /// say what it still lacks; those pages go (again).
+    ///
+    /// # Errors
+    /// The channel's error, or ranges outside the set.
+    pub(crate) fn missing(&mut self, ctl: &mut dyn ControlChannel) -> Result<(), MigrationError> {
+        let mut unsent = DirtyLog::new(self.mem);
+        loop {
+            let (last, ranges) =
+                control::expect_msg!(ctl, PostcopyMissing { last, ranges } => (last, ranges));
+            for r in ranges {
+                check_range(self.mem, &r)?;
+                let (ri, first) = (r.region as usize, r.first as usize);
+                for p in first..first + r.count as usize {
+                    if !self.set.is_dirty(ri, p) {
+                        return Err(MigrationError::Protocol(ProtocolError::Malformed {
+                            kind: FrameKind::PostcopyMissing,
+                            detail: format!("page {p} of region {ri} is not in the post-copy set"),
+                        }));
                     }
                 }
+                unsent.mark_range(ri, first, r.count as usize);
+            }
+            if last {
+                break;
+            }
+        }
+        self.left = unsent.count() as u64;
+        self.unsent = unsent;
+        tracing::info!(
+            pages = self.left,
+            "post-copy resumed: pages the destination lacks"
+        );
+        Ok(())
+    }
+
+    /// Send every page left: requested pages as they are asked for, the
+    /// others pushed from the last request on; then wait for the
+    /// destination's `PostcopyDone`. `progress` hears the pages left now
+    /// and then.
+    ///
+    /// # Errors
+    /// The channel's error, or a destination that asks for what is not in
+    /// the layout or ends before the set was sent.
+    pub(crate) fn run(
+        &mut self,
+        ctl: &mut dyn ControlChannel,
+        limiter: &RateLimiter,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), MigrationError> {
+        let mut frames = 0u64;
+        // Under a bandwidth cap the push waits its turn here, listening
+        // for requests (which go out at once) instead of sleeping.
+        let mut push_at = Instant::now();
+        loop {
+            let msg = if self.left > 0 {
+                ctl.recv_timeout(push_at.saturating_duration_since(Instant::now()))?
+            } else {
+                Some(ctl.recv()?)
+            };
+            match msg {
+                None => {}
+                Some(Message::PageRequest { ranges }) => {
+                    for r in ranges {
+                        check_range(self.mem, &r)?;
+                        let region = r.region as usize;
+                        for p in r.first as usize..(r.first + u64::from(r.count)) as usize {
+                            if self.unsent.is_dirty(region, p) {
+                                let bytes = self.send(ctl, (region, p, 1), true)?;
+                                // Counted against the cap; never delayed by it.
+                                push_at = Instant::now() + limiter.reserve(bytes);
+                                self.out.demand_pages += 1;
+                                self.cursor = (region, p + 1);
+                            }
+                        }
+                    }
+                    continue;
+                }
+                Some(Message::PostcopyDone {
+                    faults,
+                    p50_us,
+                    p99_us,
+                    max_us,
+                }) => {
+                    if self.left > 0 {
+                        return Err(MigrationError::Protocol(ProtocolError::Malformed {
+                            kind: FrameKind::PostcopyDone,
+                            detail: format!("{} pages of the set were not sent yet", self.left),
+                        }));
+                    }
+                    self.out.latency = FaultLatency {
+                        faults,
+                        p50: p50_us,
+                        p99: p99_us,
+                        max: max_us,
+                    };
+                    self.out.ms = self.started.elapsed().as_secs_f64() * 1e3;
+                    return Ok(());
+                }
+                Some(Message::Abort { reason }) => {
+                    return Err(MigrationError::PeerAborted { reason });
+                }
+                Some(Message::Refused { code, message }) => {
+                    return Err(MigrationError::Refused { code, message });
+                }
+                Some(other) => {
+                    return Err(control::unexpected(&other, "PageRequest or PostcopyDone"));
+                }
+            }
+            if self.left == 0 || Instant::now() < push_at {
                 continue;
             }
-            Some(Message::PostcopyDone {
-                faults,
-                p50_us,
-                p99_us,
-                max_us,
-            }) => {
-                if left > 0 {
-                    return Err(MigrationError::Protocol(ProtocolError::Malformed {
-                        kind: FrameKind::PostcopyDone,
-                        detail: format!("{left} pages of the set were not sent yet"),
-                    }));
-                }
-                out.latency = FaultLatency {
-                    faults,
-                    p50: p50_us,
-                    p99: p99_us,
-                    max: max_us,
-                };
-                out.ms = started.elapsed().as_secs_f64() * 1e3;
-                return Ok(out);
+            let Some(run) = next_run(self.mem, &self.unsent, &mut self.cursor) else {
+                continue;
+            };
+            let bytes = self.send(ctl, run, false)?;
+            push_at = Instant::now() + limiter.reserve(bytes);
+            self.out.pushed_pages += run.2 as u64;
+            frames += 1;
+            if frames % 256 == 0 {
+                progress(self.left);
             }
-            Some(Message::Abort { reason }) => return Err(MigrationError::PeerAborted { reason }),
-            Some(Message::Refused { code, message }) => {
-                return Err(MigrationError::Refused { code, message });
-            }
-            Some(other) => return Err(control::unexpected(&other, "PageRequest or PostcopyDone")),
         }
-        if left == 0 || Instant::now() < push_at {
-            continue;
-        }
-        let Some(run) = next_run(mem, &unsent, &mut cursor) else {
-            continue;
+    }
+
+    /// Send `count` pages from `first` of `region` and mark them sent; the
+    /// bytes sent.
+    fn send(
+        &mut self,
+        ctl: &mut dyn ControlChannel,
+        (region, first, count): (usize, usize, usize),
+        demand: bool,
+    ) -> Result<u64, MigrationError> {
+        let r = &self.mem.regions()[region];
+        let ps = r.page_size().bytes();
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(count * ps, 0);
+        r.read_bytes(first * ps, &mut buf);
+        let msg = Message::PostcopyPages {
+            region: region as u32,
+            first: first as u64,
+            demand,
+            bytes: buf,
         };
-        let bytes = send_pages(ctl, mem, &mut unsent, run, false, &mut buf)?;
-        push_at = Instant::now() + limiter.reserve(bytes);
-        out.bytes += bytes;
-        out.pushed_pages += run.2 as u64;
-        left -= run.2 as u64;
-        frames += 1;
-        if frames % 256 == 0 {
-            progress(left);
+        ctl.send(&msg)?;
+        if let Message::PostcopyPages { bytes, .. } = msg {
+            self.buf = bytes;
         }
+        self.unsent.region_mut(region)[first..first + count].fill(false);
+        self.left -= count as u64;
+        let bytes = (count * ps) as u64;
+        self.out.bytes += bytes;
+        Ok(bytes)
     }
 }
 
@@ -168,32 +254,4 @@ fn next_run(
         return Some((region, first, count));
     }
     None
-}
-
-/// Send `count` pages from `first` of `region` and mark them sent; the
-/// bytes sent.
-fn send_pages(
-    ctl: &mut dyn ControlChannel,
-    mem: &GuestMemory,
-    unsent: &mut DirtyLog,
-    (region, first, count): (usize, usize, usize),
-    demand: bool,
-    buf: &mut Vec<u8>,
-) -> Result<u64, MigrationError> {
-    let r = &mem.regions()[region];
-    let ps = r.page_size().bytes();
-    buf.resize(count * ps, 0);
-    r.read_bytes(first * ps, buf);
-    unsent.region_mut(region)[first..first + count].fill(false);
-    let msg = Message::PostcopyPages {
-        region: region as u32,
-        first: first as u64,
-        demand,
-        bytes: std::mem::take(buf),
-    };
-    ctl.send(&msg)?;
-    if let Message::PostcopyPages { bytes, .. } = msg {
-        *buf = bytes;
-    }
-    Ok((count * ps) as u64)
 }

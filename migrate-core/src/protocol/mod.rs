@@ -519,6 +519,15 @@ messages! {
         /// Longest wait, microseconds.
         max_us: u64,
     },
+    /// Destination → source, right after `Resumed` when the connection was
+    /// lost during post-copy: the pages of the set not placed yet (some
+    /// the source sent may have been lost with the connection).
+    PostcopyMissing = 28 {
+        /// Whether this is the last chunk.
+        last: bool,
+        /// The pages.
+        ranges: Vec<PageRange>,
+    },
 }
 
 /// Why bytes from a peer could not be understood.

@@ -107,6 +107,14 @@ fn all_messages() -> Vec<Message> {
             demand: true,
             bytes: vec![0xab; 64],
         },
+        Message::PostcopyMissing {
+            last: false,
+            ranges: vec![PageRange {
+                region: 0,
+                first: 8,
+                count: 4,
+            }],
+        },
         Message::PostcopyDone {
             faults: 12,
             p50_us: 80,

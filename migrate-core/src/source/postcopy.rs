@@ -5,7 +5,7 @@
 use super::precopy::{Precopy, ms_since};
 use crate::MigrationError;
 use crate::dirty::DirtyLog;
-use crate::postcopy::serve::serve;
+use crate::postcopy::serve::Serving;
 use crate::protocol::{Message, PageRange, RANGES_PER_FRAME};
 use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus};
 use crate::transport::SourceTransport;
@@ -17,6 +17,7 @@ impl Precopy<'_> {
     pub(super) fn finish_postcopy(
         &mut self,
         transport: &mut dyn SourceTransport,
+        session: u64,
         set: &DirtyLog,
         avg_mbps: f64,
     ) -> Result<MigrationStats, MigrationError> {
@@ -68,9 +69,26 @@ impl Precopy<'_> {
         tracing::info!(downtime_ms, "post-copy: the destination runs the guest");
         let page_bytes = remaining.checked_div(pages).unwrap_or(0);
         let monitor = self.monitor;
-        let served = serve(ctl, self.mem, set, &self.steer.limiter, &mut |left| {
-            monitor.update(|s| s.bytes_remaining = left * page_bytes);
-        })?;
+        let mut serving = Serving::new(self.mem, set);
+        loop {
+            let served = serving.run(transport.control(), &self.steer.limiter, &mut |left| {
+                monitor.update(|s| s.bytes_remaining = left * page_bytes);
+            });
+            match served {
+                Ok(()) => break,
+                Err(e) if self.may_resume_postcopy(&e) => {
+                    // Neither side may give up within the grace period:
+                    // the destination runs the guest, this side holds the
+                    // pages it lacks.
+                    self.reconnect_within(transport, e, |me, t| {
+                        me.resume_control(t, session)?;
+                        serving.missing(t.control())
+                    })?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let served = serving.out;
         self.postcopy_running = false;
         let total_ms = ms_since(self.start);
         let stats = self.monitor.update(|s| {
@@ -93,5 +111,12 @@ impl Precopy<'_> {
             "post-copy complete"
         );
         Ok(stats)
+    }
+
+    /// Whether `e` lost the connection during post-copy in a way a new one
+    /// may mend (a grace period is configured).
+    fn may_resume_postcopy(&self, e: &MigrationError) -> bool {
+        self.cfg.reconnect.is_some()
+            && matches!(e, MigrationError::Transport(t) if t.is_disconnect())
     }
 }

@@ -168,7 +168,7 @@ impl Precopy<'_> {
         }
         if let Some(set) = postcopy {
             let avg = totals.average_mbps();
-            return self.finish_postcopy(transport, &set, avg);
+            return self.finish_postcopy(transport, session, &set, avg);
         }
         if self.cfg.pause_before_switchover {
             self.pre_switchover()?;
@@ -273,6 +273,21 @@ impl Precopy<'_> {
         features: u64,
         cause: MigrationError,
     ) -> Result<Box<dyn PageSender>, MigrationError> {
+        self.reconnect_within(transport, cause, |me, t| {
+            me.resume_control(t, session)?;
+            Ok(t.open_data(me.mem, session, features)?)
+        })
+    }
+
+    /// After `cause` lost the connection: try `attempt` (a new connection
+    /// and what follows on it) until it works or the grace period ends
+    /// (then `cause`). Before post-copy a cancel stops the wait.
+    pub(super) fn reconnect_within<T>(
+        &mut self,
+        transport: &mut dyn SourceTransport,
+        cause: MigrationError,
+        mut attempt: impl FnMut(&mut Self, &mut dyn SourceTransport) -> Result<T, MigrationError>,
+    ) -> Result<T, MigrationError> {
         let grace = self.cfg.reconnect.unwrap_or_default();
         let deadline = Instant::now() + grace;
         tracing::warn!(error = %cause, ?grace, "connection to the destination lost; reconnecting");
@@ -280,13 +295,15 @@ impl Precopy<'_> {
             error: cause.to_string(),
         });
         loop {
-            self.check_cancel()?;
-            match self.try_resume(transport, session, features) {
-                Ok(sender) => {
+            if !self.postcopy_running {
+                self.check_cancel()?;
+            }
+            match attempt(self, transport) {
+                Ok(out) => {
                     let stats = self.monitor.update(|s| s.reconnects += 1);
                     self.monitor.emit(MigrationEvent::Resumed(stats));
                     tracing::info!("migration resumed over a new connection");
-                    return Ok(sender);
+                    return Ok(out);
                 }
                 Err(MigrationError::Transport(e)) if e.may_pass() && Instant::now() < deadline => {
                     tracing::debug!(error = %e, "reconnect failed; trying again");
@@ -300,18 +317,17 @@ impl Precopy<'_> {
         }
     }
 
-    /// One attempt: a new connection, `Resume` → `Resumed`, the data plane.
-    fn try_resume(
+    /// One attempt: a new control connection, `Resume` → `Resumed`.
+    pub(super) fn resume_control(
         &mut self,
         transport: &mut dyn SourceTransport,
         session: u64,
-        features: u64,
-    ) -> Result<Box<dyn PageSender>, MigrationError> {
+    ) -> Result<(), MigrationError> {
         transport.reconnect()?;
         let ctl = transport.control();
         ctl.send(&Message::Resume { session })?;
         expect_msg!(ctl, Resumed => ());
-        Ok(transport.open_data(self.mem, session, features)?)
+        Ok(())
     }
 
     /// Send the pages of `log` as the next round, its zero ranges and
