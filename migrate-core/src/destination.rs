@@ -678,6 +678,9 @@ impl Receiver<'_> {
                         ));
                     }
                 }
+                if self.postcopy.is_some() {
+                    vm.postcopy();
+                }
                 if let Err(e) = vm.load_state(&state).and_then(|()| vm.resume()) {
                     let _ = ctl.send(&Message::Refused {
                         code: RefusalCode::DeviceState,

@@ -440,6 +440,9 @@ pub struct KvmDestination<'a> {
     pub digest_at_resume: Option<u128>,
     /// Take [`digest_at_resume`](Self::digest_at_resume).
     pub digest: bool,
+    /// The guest resumes in post-copy: its memory is incomplete at resume,
+    /// so no digest is taken there.
+    pub postcopy: bool,
 }
 
 impl<'a> KvmDestination<'a> {
@@ -452,11 +455,16 @@ impl<'a> KvmDestination<'a> {
             running: None,
             digest_at_resume: None,
             digest: true,
+            postcopy: false,
         }
     }
 }
 
 impl DestinationVm for KvmDestination<'_> {
+    fn postcopy(&mut self) {
+        self.postcopy = true;
+    }
+
     fn load_state(&mut self, state: &[u8]) -> Result<(), VmError> {
         self.state =
             Some(VmState::decode(state).map_err(|e| VmError::new("load device state", e))?);
@@ -467,7 +475,7 @@ impl DestinationVm for KvmDestination<'_> {
         let state = self
             .state
             .ok_or_else(|| VmError::new("resume", "no device state was loaded"))?;
-        if self.digest {
+        if self.digest && !self.postcopy {
             self.digest_at_resume = Some(self.machine.digest());
         }
         let runner = self

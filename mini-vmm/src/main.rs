@@ -27,8 +27,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use migrate_core::protocol::RefusalCode;
 use migrate_core::{
-    DestinationTransport, IncomingMigration, MigrationError, SourceConfig, SourceMigration,
-    SourceTransport, report,
+    DestinationTransport, IncomingMigration, MigrationError, PostcopyMode, SourceConfig,
+    SourceMigration, SourceTransport, report,
 };
 use mini_vmm::boot;
 use mini_vmm::machine::{GUEST_TIMEOUT, KvmDestination, KvmSource, Machine};
@@ -299,6 +299,16 @@ struct SourceArgs {
     /// migration.
     #[arg(long)]
     digest: bool,
+    /// When pre-copy does not converge, resume the guest on the
+    /// destination at once and let it fetch its missing pages (post-copy;
+    /// the destination's `--digest` is then not taken: its memory is
+    /// incomplete at the commit).
+    #[arg(long)]
+    postcopy: bool,
+    /// Post-copy after this many rounds at the latest (implies
+    /// `--postcopy`).
+    #[arg(long, value_name = "N")]
+    postcopy_after_rounds: Option<u32>,
 }
 
 #[derive(Args)]
@@ -350,6 +360,7 @@ fn main() {
         Ok(Exit::Done) => 0,
         Ok(Exit::Failed) => 1,
         Ok(Exit::CommitUnknown) => 3,
+        Ok(Exit::PostcopyInterrupted) => 4,
         Err(e) => {
             eprintln!("mini-vmm: {e:#}");
             2
@@ -366,6 +377,9 @@ enum Exit {
     Failed,
     /// 3: commit sent, never acknowledged; the source guest stays paused.
     CommitUnknown,
+    /// 4: the link broke during post-copy: the destination runs the guest
+    /// without all of its pages; the source's stays paused.
+    PostcopyInterrupted,
 }
 
 impl From<bool> for Exit {
@@ -463,6 +477,12 @@ fn source(a: SourceArgs) -> Result<Exit> {
         downtime_limit: Duration::from_millis(a.downtime_ms.max(1)),
         bandwidth_limit: (a.bandwidth_mbs > 0).then_some(a.bandwidth_mbs * 1_000_000),
         verify: a.verify,
+        postcopy: if a.postcopy || a.postcopy_after_rounds.is_some() {
+            PostcopyMode::Auto
+        } else {
+            PostcopyMode::Never
+        },
+        postcopy_after_rounds: a.postcopy_after_rounds,
         ..SourceConfig::default()
     };
     let migration = SourceMigration::new(cfg);
@@ -507,6 +527,12 @@ fn source(a: SourceArgs) -> Result<Exit> {
             );
             json(None)?;
             Ok(Exit::Done)
+        }
+        Err(e @ MigrationError::PostcopyInterrupted(_)) => {
+            // The destination runs the guest; these pages are its only copy.
+            eprintln!("migration failed: {e}");
+            json(Some(&e.to_string()))?;
+            Ok(Exit::PostcopyInterrupted)
         }
         Err(e @ MigrationError::CommitUnknown(_)) => {
             // Not resumed here: the destination may be running it.

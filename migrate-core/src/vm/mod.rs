@@ -67,6 +67,15 @@ pub trait DestinationVm: Send {
     /// # Errors
     /// [`VmError`]; the destination refuses the commit and the source resumes.
     fn resume(&mut self) -> Result<(), VmError>;
+
+    /// Called before [`load_state`](Self::load_state) when the guest
+    /// resumes in post-copy (see [`crate::postcopy`]): its memory is not
+    /// all there yet, and the engine places the missing pages only once
+    /// [`resume`](Self::resume) returned. So `resume` must start the vCPUs
+    /// and return without reading guest memory itself (a vCPU's or another
+    /// thread's access waits for its page and is served). By default
+    /// nothing.
+    fn postcopy(&mut self) {}
 }
 
 #[cfg(feature = "test-utils")]
