@@ -66,6 +66,9 @@ pub struct DestinationReport {
     pub postcopy_demand_pages: u64,
     /// Post-copy pages the source pushed.
     pub postcopy_pushed_pages: u64,
+    /// Of the demand pages, those read from the source's memory by RDMA
+    /// READ (no source CPU in the path).
+    pub postcopy_read_pages: u64,
     /// How long the guest waited on pages that had not arrived.
     pub fault_latency_us: crate::FaultLatency,
 }
@@ -390,7 +393,16 @@ impl IncomingMigration {
             let live = matches!(state, ReceiverState::Receiving);
             let next = receiver
                 .next_message(transport.control())
-                .and_then(|msg| receiver.step(state, msg, transport.control(), vm));
+                .and_then(|msg| match msg {
+                    offer @ Message::RdmaReadOffer { .. }
+                        if matches!(state, ReceiverState::Complete)
+                            && receiver.postcopy.is_some() =>
+                    {
+                        receiver.read_offer(transport, &offer)?;
+                        Ok(state)
+                    }
+                    msg => receiver.step(state, msg, transport.control(), vm),
+                });
             state = match next {
                 Ok(ReceiverState::Committed) => break,
                 Ok(next) => next,
@@ -425,6 +437,7 @@ impl IncomingMigration {
             r.postcopy_ms = fetched.ms;
             r.postcopy_demand_pages = fetched.demand_pages;
             r.postcopy_pushed_pages = fetched.pushed_pages;
+            r.postcopy_read_pages = fetched.read_pages;
             r.fault_latency_us = fetched.latency;
         }
         receiver.report.total_ms = self.started.elapsed().as_secs_f64() * 1e3;
@@ -721,6 +734,31 @@ impl Receiver<'_> {
     /// A chunk of the post-copy set; with the last one, set the memory up
     /// for post-copy (refused if it cannot be) and stop listening to the
     /// data plane, which has no more to say.
+    /// The source offers its memory for RDMA READ: take it (the fault
+    /// handler then reads pages itself) or decline (faults ask).
+    fn read_offer(
+        &mut self,
+        transport: &mut dyn DestinationTransport,
+        offer: &Message,
+    ) -> Result<(), MigrationError> {
+        match transport.postcopy_fetcher(self.mem, offer) {
+            Ok((answer, fetcher)) => {
+                if let Some(target) = &mut self.postcopy {
+                    target.set_fetcher(fetcher);
+                }
+                transport.control().send(&answer)?;
+                tracing::info!("post-copy: faulted pages are read from the source by RDMA READ");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "post-copy: no RDMA READ; faults ask over the control connection");
+                transport.control().send(&Message::RdmaReadDeclined {
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     fn postcopy_start(
         &mut self,
         ctl: &mut dyn ControlChannel,

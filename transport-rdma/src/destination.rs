@@ -11,7 +11,7 @@ use crossbeam_channel::Receiver;
 use migrate_core::memory::GuestMemory;
 use migrate_core::protocol::{FEATURE_RDMA, Message, ProtocolError};
 use migrate_core::transport::{
-    ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
+    ControlChannel, DataEvent, DestinationTransport, PageFetcher, RoundSent, TransportError,
 };
 use transport_tcp::{KillSwitch, TcpDestination, TcpMigrationListener};
 
@@ -80,6 +80,7 @@ impl RdmaMigrationListener {
             dev,
             fallback,
             active: None,
+            io_timeout: self.cfg.tcp.io_timeout,
         })
     }
 }
@@ -107,6 +108,8 @@ pub struct RdmaDestination {
     dev: Option<Device>,
     fallback: Option<String>,
     active: Option<Active>,
+    /// How long a post-copy page read may take.
+    io_timeout: Duration,
 }
 
 impl std::fmt::Debug for RdmaDestination {
@@ -151,6 +154,20 @@ impl DestinationTransport for RdmaDestination {
 
     fn control(&mut self) -> &mut dyn ControlChannel {
         self.tcp.control()
+    }
+
+    fn postcopy_fetcher(
+        &mut self,
+        mem: &Arc<GuestMemory>,
+        offer: &Message,
+    ) -> Result<(Message, Box<dyn PageFetcher>), TransportError> {
+        let dev = self
+            .dev
+            .as_ref()
+            .ok_or_else(|| TransportError::Unavailable {
+                reason: "no RDMA device on the destination".into(),
+            })?;
+        crate::postcopy::fetcher(dev, mem, offer, self.io_timeout)
     }
 
     fn open_data(

@@ -29,6 +29,7 @@
 #![deny(unsafe_code)]
 
 mod destination;
+mod postcopy;
 mod source;
 #[allow(unsafe_code)]
 pub mod verbs;
@@ -60,6 +61,11 @@ pub struct RdmaConfig {
     pub max_write: u32,
     /// Fail instead of falling back to TCP when RDMA is not there.
     pub require: bool,
+    /// Source: register the guest memory for remote read as well, so that
+    /// in post-copy the destination reads the pages its guest faults on by
+    /// RDMA READ (the keys go to it only at the switch to post-copy, over
+    /// the authenticated control connection). Set it with post-copy on.
+    pub postcopy_reads: bool,
 }
 
 impl Default for RdmaConfig {
@@ -73,6 +79,7 @@ impl Default for RdmaConfig {
             gid_index: None,
             max_write: 1 << 20,
             require: true,
+            postcopy_reads: false,
         }
     }
 }

@@ -16,8 +16,8 @@ use migrate_core::transport::{
 use transport_tcp::{TcpConfig, TcpSource};
 
 use crate::RdmaConfig;
-use crate::verbs::{Device, QueuePair, RegisteredMemory, WriteRequest};
-use crate::{check_memlock, endpoint_to_wire, rdma_err, register_memory, wire_to_endpoint};
+use crate::verbs::{Device, QueuePair, RegisteredMemory, Remote, WriteRequest};
+use crate::{check_memlock, endpoint_to_wire, rdma_err, wire_to_endpoint};
 
 /// WRITEs posted per chain (one doorbell), the last one signaled.
 const CHAIN: usize = 16;
@@ -42,6 +42,8 @@ pub struct RdmaSource {
     local: Option<Local>,
     fallback: Option<String>,
     rdma_active: bool,
+    /// The queue pair the destination reads through in post-copy.
+    read_qp: Option<QueuePair>,
 }
 
 impl std::fmt::Debug for RdmaSource {
@@ -83,7 +85,12 @@ impl RdmaSource {
             match Device::open(cfg.device.as_deref(), cfg.gid_index, Some(local_ip)) {
                 Ok(dev) => {
                     let started = Instant::now();
-                    let registered = Arc::new(register_memory(&dev, mem, false)?);
+                    let remote = if cfg.postcopy_reads {
+                        Remote::Read
+                    } else {
+                        Remote::None
+                    };
+                    let registered = Arc::new(dev.register_for(mem, remote).map_err(rdma_err)?);
                     tracing::info!(
                         device = %dev.name,
                         gid_index = dev.gid_index,
@@ -107,6 +114,7 @@ impl RdmaSource {
             local,
             fallback,
             rdma_active: false,
+            read_qp: None,
         })
     }
 
@@ -192,6 +200,30 @@ impl SourceTransport for RdmaSource {
             max_write: self.cfg.max_write,
             io_timeout: self.cfg.tcp.io_timeout,
         }))
+    }
+
+    /// With `postcopy_reads` and the pages over RDMA: a queue pair for the
+    /// destination's reads, and the keys of this side's memory.
+    fn postcopy_offer(&mut self) -> Result<Option<Message>, TransportError> {
+        let Some(local) = &self.local else {
+            return Ok(None);
+        };
+        if !self.cfg.postcopy_reads || !self.rdma_active {
+            return Ok(None);
+        }
+        let (qp, offer) = crate::postcopy::offer(&local.dev, &local.registered)?;
+        self.read_qp = Some(qp);
+        Ok(Some(offer))
+    }
+
+    fn postcopy_accepted(&mut self, answer: &Message) -> Result<(), TransportError> {
+        let qp = self
+            .read_qp
+            .as_mut()
+            .ok_or_else(|| TransportError::Unavailable {
+                reason: "no post-copy queue pair was offered".into(),
+            })?;
+        crate::postcopy::accepted(qp, answer)
     }
 
     /// A new control connection; [`open_data`](SourceTransport::open_data)

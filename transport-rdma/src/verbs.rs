@@ -247,10 +247,29 @@ impl Device {
         mem: &Arc<GuestMemory>,
         remote_write: bool,
     ) -> Result<RegisteredMemory, VerbsError> {
-        let access = if remote_write {
-            AccessFlags::LocalWrite | AccessFlags::RemoteWrite
-        } else {
-            AccessFlags::LocalWrite
+        self.register_for(
+            mem,
+            if remote_write {
+                Remote::Write
+            } else {
+                Remote::None
+            },
+        )
+    }
+
+    /// As [`register`](Self::register), with the remote access `remote`.
+    ///
+    /// # Errors
+    /// As [`register`](Self::register).
+    pub fn register_for(
+        &self,
+        mem: &Arc<GuestMemory>,
+        remote: Remote,
+    ) -> Result<RegisteredMemory, VerbsError> {
+        let access = match remote {
+            Remote::None => AccessFlags::LocalWrite,
+            Remote::Write => AccessFlags::LocalWrite | AccessFlags::RemoteWrite,
+            Remote::Read => AccessFlags::LocalWrite | AccessFlags::RemoteRead,
         };
         let mrs = mem
             .regions()
@@ -323,10 +342,26 @@ impl Device {
         attr.setup_state(QueuePairState::Init)
             .setup_pkey_index(0)
             .setup_port(self.port)
-            .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteWrite);
+            // The queue pair allows what a registration allows: the MRs'
+            // own flags decide (a source's memory is readable only when
+            // registered for post-copy).
+            .setup_access_flags(
+                AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead,
+            );
         rc.qp.modify(&attr).map_err(call("ibv_modify_qp(INIT)"))?;
         Ok(rc)
     }
+}
+
+/// What a peer may do to registered memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remote {
+    /// Nothing: the device reads it for our WRITEs.
+    None,
+    /// RDMA WRITE into it (a destination's guest memory).
+    Write,
+    /// RDMA READ from it (a source's guest memory, for post-copy).
+    Read,
 }
 
 /// What a peer needs to connect to a queue pair.
@@ -428,12 +463,22 @@ impl QueuePair {
     /// # Errors
     /// A failing `ibv_modify_qp`.
     pub fn connect(&mut self, remote: &Endpoint) -> Result<(), VerbsError> {
+        self.connect_with_reads(remote, 0)
+    }
+
+    /// As [`connect`](Self::connect), with `reads` RDMA READs in flight
+    /// allowed each way (one is enough for a post-copy fault handler; every
+    /// device supports it).
+    ///
+    /// # Errors
+    /// A failing `ibv_modify_qp`.
+    pub fn connect_with_reads(&mut self, remote: &Endpoint, reads: u8) -> Result<(), VerbsError> {
         let mut attr = QueuePairAttribute::new();
         attr.setup_state(QueuePairState::ReadyToReceive)
             .setup_path_mtu(self.mtu)
             .setup_dest_qp_num(remote.qpn)
             .setup_rq_psn(remote.psn)
-            .setup_max_dest_read_atomic(0)
+            .setup_max_dest_read_atomic(reads)
             .setup_min_rnr_timer(12);
         let mut ah = AddressHandleAttribute::new();
         ah.setup_dest_lid(1)
@@ -450,7 +495,7 @@ impl QueuePair {
             .setup_timeout(14)
             .setup_retry_cnt(7)
             .setup_rnr_retry(7)
-            .setup_max_read_atomic(0);
+            .setup_max_read_atomic(reads);
         self.qp.modify(&attr).map_err(call("ibv_modify_qp(RTS)"))
     }
 
@@ -487,6 +532,32 @@ impl QueuePair {
             // (checked above), whose memory the registration keeps mapped.
             unsafe { h.setup_sge(lkey, addr, w.len) };
         }
+        guard.post().map_err(call("ibv_post_send"))
+    }
+
+    /// Post one signaled RDMA READ of `len` bytes at `remote_addr` (key
+    /// `rkey`) into `offset` of region `region` of `local`. Reap its
+    /// completion before dropping `local`.
+    ///
+    /// # Errors
+    /// [`VerbsError::OutOfRange`] for a local range outside `local`; a
+    /// failing `ibv_post_send`.
+    pub fn post_read(
+        &mut self,
+        local: &RegisteredMemory,
+        (region, offset, len): (usize, u64, u32),
+        (remote_addr, rkey): (u64, u32),
+        wr_id: u64,
+    ) -> Result<(), VerbsError> {
+        let (lkey, addr) = local.local(region, offset, len)?;
+        let mut guard = self.qp.start_post_send();
+        let h = guard
+            .construct_wr(wr_id, WorkRequestFlags::Signaled)
+            .setup_read(rkey, remote_addr);
+        // SAFETY: the local range lies in the registered region `lkey`
+        // (checked above), whose memory the registration keeps mapped; the
+        // device writes the READ's bytes there.
+        unsafe { h.setup_sge(lkey, addr, len) };
         guard.post().map_err(call("ibv_post_send"))
     }
 

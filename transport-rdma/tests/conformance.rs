@@ -28,6 +28,8 @@ fn cfg(qps: u16, require: bool) -> RdmaConfig {
         },
         queue_pairs: qps,
         require,
+        // The suite's post-copy test reads faulted pages by RDMA READ.
+        postcopy_reads: true,
         ..RdmaConfig::default()
     }
 }

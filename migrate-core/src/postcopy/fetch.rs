@@ -12,7 +12,7 @@ use super::{FaultLatency, PageBits};
 use crate::dirty::uffd::sys::{Uffd, UffdMode};
 use crate::memory::GuestMemory;
 use crate::protocol::{FrameKind, Message, PageRange, ProtocolError, RANGES_PER_FRAME};
-use crate::transport::{ControlChannel, ControlSender, DestinationTransport};
+use crate::transport::{ControlChannel, ControlSender, DestinationTransport, PageFetcher};
 use crate::{MigrationError, control};
 
 /// How long the fault handler waits before it looks at its stop flag.
@@ -26,6 +26,7 @@ pub(crate) struct Fetched {
     pub latency: FaultLatency,
     pub ms: f64,
     pub reconnects: u32,
+    pub read_pages: u64,
 }
 
 /// Shared by the fault handler thread and the thread placing pages.
@@ -49,6 +50,13 @@ struct Shared {
     /// Where requests go: the control connection's sending half; `None`
     /// while the connection is lost (requests wait for the next one).
     requests: Mutex<Option<Box<dyn ControlSender>>>,
+    /// Reads pages from the source by itself (RDMA READ), when the
+    /// transport offered it; dropped at its first failure.
+    fetcher: Mutex<Option<Box<dyn PageFetcher>>>,
+    /// Pages of the set not placed yet.
+    remaining: AtomicU64,
+    /// Pages the fault handler read from the source itself.
+    read_pages: AtomicU64,
 }
 
 impl Shared {
@@ -64,12 +72,54 @@ impl Shared {
     fn page_addr(&self, region: usize, page: usize) -> usize {
         self.mem.regions()[region].page_ptr(page) as usize
     }
+
+    /// Place page `page` of the set (`bytes`), whoever brought it: whether
+    /// it was new (the other path may have placed it first).
+    fn place(&self, region: usize, page: usize, bytes: &[u8]) -> io::Result<bool> {
+        let new = self.uffd.copy(self.page_addr(region, page), bytes)?;
+        self.present.set(region, page);
+        if new {
+            self.remaining.fetch_sub(1, Ordering::AcqRel);
+            let waited = lock(&self.waiting).remove(&(region, page));
+            if let Some(t) = waited {
+                lock(&self.waits_us).push(t.elapsed().as_micros() as u64);
+            }
+        }
+        Ok(new)
+    }
+
+    /// Read the page with the fetcher, if there is one, and place it;
+    /// whether that worked (else it must be asked for).
+    fn read_and_place(&self, region: usize, page: usize, buf: &mut [u8]) -> bool {
+        let mut fetcher = lock(&self.fetcher);
+        let Some(f) = fetcher.as_mut() else {
+            return false;
+        };
+        let ps = self.mem.regions()[region].page_size().bytes();
+        let buf = &mut buf[..ps];
+        if let Err(e) = f.fetch(region, page, buf) {
+            tracing::warn!(error = %e, "post-copy page read failed; asking over the control connection from now on");
+            *fetcher = None;
+            return false;
+        }
+        match self.place(region, page, buf) {
+            Ok(new) => {
+                if new {
+                    self.read_pages.fetch_add(1, Ordering::Relaxed);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "placing a page read from the source failed");
+                false
+            }
+        }
+    }
 }
 
 /// The destination's memory, between `PostcopyStart` and the last page.
 pub(crate) struct PostcopyTarget {
     shared: Arc<Shared>,
-    remaining: u64,
     handler: Option<JoinHandle<()>>,
 }
 
@@ -127,10 +177,18 @@ impl PostcopyTarget {
                 stop: AtomicBool::new(false),
                 may_ask: AtomicBool::new(false),
                 requests: Mutex::new(None),
+                fetcher: Mutex::new(None),
+                remaining: AtomicU64::new(remaining),
+                read_pages: AtomicU64::new(0),
             }),
-            remaining,
             handler: None,
         })
+    }
+
+    /// Let the fault handler read the pages it needs with `fetcher`
+    /// instead of asking.
+    pub(crate) fn set_fetcher(&mut self, fetcher: Box<dyn PageFetcher>) {
+        *lock(&self.shared.fetcher) = Some(fetcher);
     }
 
     /// Start the fault handler, which asks for pages through `requests`:
@@ -172,7 +230,7 @@ impl PostcopyTarget {
         let started = Instant::now();
         self.shared.may_ask.store(true, Ordering::Release);
         let mut out = Fetched::default();
-        while self.remaining > 0 {
+        while self.shared.remaining.load(Ordering::Acquire) > 0 {
             match control::recv(transport.control()) {
                 Ok(Message::PostcopyPages {
                     region,
@@ -181,7 +239,6 @@ impl PostcopyTarget {
                     bytes,
                 }) => {
                     let placed = self.place(region, first, &bytes)?;
-                    self.remaining -= placed;
                     if demand {
                         out.demand_pages += placed;
                     } else {
@@ -202,14 +259,19 @@ impl PostcopyTarget {
         let waits = std::mem::take(&mut *lock(&s.waits_us));
         out.latency = FaultLatency::of(waits, s.faults.load(Ordering::Relaxed));
         out.ms = started.elapsed().as_secs_f64() * 1e3;
+        out.read_pages = s.read_pages.load(Ordering::Relaxed);
+        out.demand_pages += out.read_pages;
         let l = out.latency;
         transport.control().send(&Message::PostcopyDone {
             faults: l.faults,
             p50_us: l.p50,
             p99_us: l.p99,
             max_us: l.max,
+            demand_pages: out.demand_pages,
+            pushed_pages: out.pushed_pages,
         })?;
         tracing::info!(
+            read = out.read_pages,
             demand = out.demand_pages,
             pushed = out.pushed_pages,
             faults = l.faults,
@@ -301,14 +363,11 @@ impl PostcopyTarget {
             if s.present.get(region, p) {
                 continue;
             }
-            s.uffd
-                .copy(s.page_addr(region, p), page)
+            let new = s
+                .place(region, p, page)
                 .map_err(|e| MigrationError::Transport(io_err("place a post-copy page", e)))?;
-            s.present.set(region, p);
-            placed += 1;
-            let waited = lock(&s.waiting).remove(&(region, p));
-            if let Some(t) = waited {
-                lock(&s.waits_us).push(t.elapsed().as_micros() as u64);
+            if new {
+                placed += 1;
             }
         }
         Ok(placed)
@@ -375,6 +434,7 @@ fn handle_faults(s: &Shared) -> Result<(), MigrationError> {
             .max()
             .unwrap_or(4096)
     ];
+    let mut buf = zeros.clone();
     let mut ask: Vec<PageRange> = Vec::new();
     while !s.stop.load(Ordering::Acquire) {
         s.uffd
@@ -399,7 +459,7 @@ fn handle_faults(s: &Shared) -> Result<(), MigrationError> {
                 lock(&s.waiting)
                     .entry((region, page))
                     .or_insert_with(Instant::now);
-                if !s.requested.set(region, page) {
+                if !s.requested.set(region, page) && !s.read_and_place(region, page, &mut buf) {
                     push_page(&mut ask, region, page);
                 }
                 Ok(true)

@@ -134,13 +134,19 @@ impl<'a> Serving<'a> {
                     p50_us,
                     p99_us,
                     max_us,
+                    demand_pages,
+                    pushed_pages,
                 }) => {
-                    if self.left > 0 {
-                        return Err(MigrationError::Protocol(ProtocolError::Malformed {
-                            kind: FrameKind::PostcopyDone,
-                            detail: format!("{} pages of the set were not sent yet", self.left),
-                        }));
-                    }
+                    // The destination knows what it holds: pages it read
+                    // itself (RDMA READ) were never sent from here.
+                    tracing::debug!(
+                        unsent = self.left,
+                        served = self.out.demand_pages,
+                        pushed = self.out.pushed_pages,
+                        "post-copy done at the destination"
+                    );
+                    self.out.demand_pages = demand_pages;
+                    self.out.pushed_pages = pushed_pages;
                     self.out.latency = FaultLatency {
                         faults,
                         p50: p50_us,

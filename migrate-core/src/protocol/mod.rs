@@ -518,6 +518,10 @@ messages! {
         p99_us: u64,
         /// Longest wait, microseconds.
         max_us: u64,
+        /// Pages the guest's faults brought (asked for, or read by RDMA).
+        demand_pages: u64,
+        /// Pages placed as the source pushed them.
+        pushed_pages: u64,
     },
     /// Destination → source, right after `Resumed` when the connection was
     /// lost during post-copy: the pages of the set not placed yet (some
@@ -527,6 +531,28 @@ messages! {
         last: bool,
         /// The pages.
         ranges: Vec<PageRange>,
+    },
+    /// Source → destination, after the last `PostcopyStart` (RDMA): read
+    /// the pages your guest faults on yourself, with RDMA READ from this
+    /// queue pair's side and these keys (the source's guest memory,
+    /// registered for remote read; sent only over the authenticated
+    /// control channel).
+    RdmaReadOffer = 29 {
+        /// The source's queue pair for the reads (one).
+        qps: Vec<QpEndpoint>,
+        /// Every region of the source's guest memory, in region order.
+        regions: Vec<RemoteRegion>,
+    },
+    /// Destination → source: connect to this queue pair; reads follow.
+    RdmaReadAccept = 30 {
+        /// The destination's queue pair (one).
+        qps: Vec<QpEndpoint>,
+    },
+    /// Destination → source: no RDMA READ here; faults ask over the
+    /// control connection.
+    RdmaReadDeclined = 31 {
+        /// Why (the rest of the payload, UTF-8).
+        reason: String,
     },
 }
 

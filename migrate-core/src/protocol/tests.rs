@@ -120,6 +120,30 @@ fn all_messages() -> Vec<Message> {
             p50_us: 80,
             p99_us: 900,
             max_us: 1200,
+            demand_pages: 30,
+            pushed_pages: 70,
+        },
+        Message::RdmaReadOffer {
+            qps: vec![QpEndpoint {
+                qpn: 19,
+                psn: 2,
+                gid: [3; 16],
+            }],
+            regions: vec![RemoteRegion {
+                addr: 0x7f00_1000_0000,
+                rkey: 0xdef,
+                len: 1 << 20,
+            }],
+        },
+        Message::RdmaReadAccept {
+            qps: vec![QpEndpoint {
+                qpn: 20,
+                psn: 3,
+                gid: [4; 16],
+            }],
+        },
+        Message::RdmaReadDeclined {
+            reason: "no device".into(),
         },
     ]
 }

@@ -3,12 +3,12 @@
 //! them all (see [`crate::postcopy`]).
 
 use super::precopy::{Precopy, ms_since};
-use crate::MigrationError;
 use crate::dirty::DirtyLog;
 use crate::postcopy::serve::Serving;
 use crate::protocol::{Message, PageRange, RANGES_PER_FRAME};
 use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus};
 use crate::transport::SourceTransport;
+use crate::{MigrationError, control};
 
 impl Precopy<'_> {
     /// With the guest paused and `set` its pages the destination lacks:
@@ -54,6 +54,21 @@ impl Precopy<'_> {
             })?;
         }
         tracing::info!(pages, "post-copy: the destination will fetch these pages");
+        if let Some(offer) = transport.postcopy_offer()? {
+            transport.control().send(&offer)?;
+            match control::recv(transport.control())? {
+                answer @ Message::RdmaReadAccept { .. } => {
+                    transport.postcopy_accepted(&answer)?;
+                    tracing::info!("post-copy: the destination reads faulted pages by RDMA READ");
+                }
+                Message::RdmaReadDeclined { reason } => tracing::warn!(
+                    %reason,
+                    "the destination reads no pages itself; its faults ask over the control connection"
+                ),
+                other => return Err(control::unexpected(&other, "RdmaReadAccept")),
+            }
+        }
+        let ctl = transport.control();
         self.send_device_state(ctl)?;
         self.commit(ctl)?;
         self.postcopy_running = true;

@@ -160,6 +160,19 @@ pub trait ControlSender: Send {
     fn send(&self, msg: &Message) -> Result<(), TransportError>;
 }
 
+/// Reads pages straight from the source's memory during post-copy (RDMA
+/// READ: no source CPU in the path). Used by the destination's fault
+/// handler, one page at a time.
+pub trait PageFetcher: Send {
+    /// Read page `page` of region `region` of the source's guest memory
+    /// into `out` (exactly one page), waiting for it.
+    ///
+    /// # Errors
+    /// [`TransportError`] when the read fails (the handler then asks over
+    /// the control connection).
+    fn fetch(&mut self, region: usize, page: usize, out: &mut [u8]) -> Result<(), TransportError>;
+}
+
 /// What a round cost on the wire.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -293,6 +306,30 @@ pub trait SourceTransport: Send {
         features: u64,
     ) -> Result<Box<dyn PageSender>, TransportError>;
 
+    /// At the switch to post-copy: a message offering the destination to
+    /// read the pages its guest faults on by itself (RDMA: a queue pair and
+    /// the keys of this side's memory, registered for remote read), if this
+    /// transport can. By default `None`: faults ask over the control
+    /// connection.
+    ///
+    /// # Errors
+    /// [`TransportError`] when the offer cannot be made.
+    fn postcopy_offer(&mut self) -> Result<Option<Message>, TransportError> {
+        Ok(None)
+    }
+
+    /// The destination accepted the offer with `answer`
+    /// ([`Message::RdmaReadAccept`]): connect.
+    ///
+    /// # Errors
+    /// [`TransportError`]; by default [`TransportError::Unavailable`].
+    fn postcopy_accepted(&mut self, answer: &Message) -> Result<(), TransportError> {
+        let _ = answer;
+        Err(TransportError::Unavailable {
+            reason: format!("the {} transport made no post-copy offer", self.name()),
+        })
+    }
+
     /// After the connection to the destination was lost: open a new control
     /// connection to it (the data plane is opened again with
     /// [`open_data`](Self::open_data)). One attempt; the engine retries
@@ -336,6 +373,23 @@ pub trait DestinationTransport: Send {
         streams: u16,
         features: u64,
     ) -> Result<crossbeam_channel::Receiver<DataEvent>, TransportError>;
+
+    /// The source's post-copy offer (`RdmaReadOffer`): a fetcher reading
+    /// pages of `mem`'s layout from the source, and the answer to send.
+    ///
+    /// # Errors
+    /// [`TransportError`] (the destination declines; faults ask over the
+    /// control connection); by default [`TransportError::Unavailable`].
+    fn postcopy_fetcher(
+        &mut self,
+        mem: &Arc<GuestMemory>,
+        offer: &Message,
+    ) -> Result<(Message, Box<dyn PageFetcher>), TransportError> {
+        let _ = (mem, offer);
+        Err(TransportError::Unavailable {
+            reason: format!("the {} transport cannot read pages", self.name()),
+        })
+    }
 
     /// After the connection to the source was lost: wait until `deadline`
     /// for a new control connection, which becomes [`control`](Self::control)
