@@ -2,10 +2,12 @@
 # The benchmark, one command: the macro benchmark (migrate-bench) on this
 # host over loopback and over a veth pair between two network namespaces,
 # then QEMU's migration beside ours on the same image (host), then QEMU and
-# mini-vmm live-migrating the same running boot sector (host, KVM), then RDMA vs
-# TCP inside the SoftRoCE VM, the ceilings measured alongside; writes
-# benches/results/{raw/*.json,raw/peer/{qemu,boot-sector}.json,results.md,results.png,
-# results-qemu.png}.
+# mini-vmm live-migrating the same running boot sector (host, KVM), then a
+# guest that out-dirties the link by pre-copy and by post-copy (host), then
+# RDMA vs TCP and post-copy over both inside the SoftRoCE VM, the ceilings
+# measured alongside; writes benches/results/{raw/*.json,
+# raw/peer/{qemu,boot-sector,postcopy-*}.json,results.md,results.png,
+# results-qemu.png,results-boot-sector.png,results-postcopy.png}.
 # Usage: scripts/bench.sh [--quick] [--host-only|--vm-only]   (root)
 #   BENCH_RESULTS=DIR: write there instead (the test command's smoke run).
 # BENCHMARKS.md says how to read the results.
@@ -46,6 +48,10 @@ if [ "$host" = 1 ]; then
   else
     echo "SKIP boot-sector comparison: no /dev/kvm on this machine" >&2
   fi
+  # A guest that out-dirties the link: pre-copy (auto-converge) beside
+  # post-copy, in-process over TCP (the smoke run: small, once).
+  if [ ${#quick[@]} = 0 ]; then pc=(--repeats 3); else pc=(--mib 16 --repeats 1); fi
+  target/release/migrate-bench postcopy --machine host "${pc[@]}" --results "$results"
   if [ ${#quick[@]} = 0 ]; then
     # Micro benchmarks (criterion): dirty harvest, per-page costs, zstd.
     crit=$(mktemp -d)
@@ -62,7 +68,13 @@ if [ "$vm" = 1 ]; then
   micro=""
   [ ${#quick[@]} = 0 ] && micro="CRITERION_HOME=/tmp/crit $rdma_post --bench && \
     target/release/migrate-bench micro --criterion /tmp/crit --machine vm --out $results/raw/micro/vm.json && "
+  # Post-copy there too, over TCP and over RDMA READ in the same boot
+  # (the emulated CPUs: a smaller guest over a slower link).
+  if [ ${#quick[@]} = 0 ]; then vpc="--repeats 3"; else vpc="--mib 8 --repeats 1"; fi
+  mkdir -p "$results/raw/peer"
   scripts/rdma-vm.sh --rwdir "$results/raw" bash -c "$micro target/release/migrate-bench run \
-    --site vm-loopback ${quick[*]} --out $results/raw/vm.json --command-line '$cmd'"
+    --site vm-loopback ${quick[*]} --out $results/raw/vm.json --command-line '$cmd' && \
+    target/release/migrate-bench postcopy --machine vm --rdma --mib 16 --bandwidth-mbs 8 \
+    --transfers-per-sec 20000 $vpc --results $results"
 fi
 target/release/migrate-bench report --results "$results"

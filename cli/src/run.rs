@@ -174,7 +174,8 @@ fn migrate_out(
     // Connect first: RDMA registers (pins) the memory, which must happen
     // before dirty tracking starts.
     let connect_start = std::time::Instant::now();
-    let mut transport = match transport::connect(addr, t, m.compress, &mem, tls) {
+    let postcopy = m.postcopy != PostcopyChoice::Never;
+    let mut transport = match transport::connect(addr, t, m.compress, &mem, tls, postcopy) {
         Ok(x) => x,
         Err(e) => {
             if let Some(path) = json {

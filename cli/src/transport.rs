@@ -44,14 +44,16 @@ impl Source {
 }
 
 /// Connect to `addr` with the chosen transport, authenticated by `tls`
-/// when given. RDMA registers `mem` here, so call it before dirty tracking
-/// starts.
+/// when given. RDMA registers `mem` here (for remote read too when
+/// `postcopy` may happen: the destination then reads faulted pages by RDMA
+/// READ), so call it before dirty tracking starts.
 pub fn connect(
     addr: &str,
     t: &TransportArgs,
     compress: bool,
     mem: &Arc<GuestMemory>,
     tls: Option<TlsConfig>,
+    postcopy: bool,
 ) -> Result<Source> {
     Ok(match t.transport {
         TransportChoice::Tcp => {
@@ -64,13 +66,19 @@ pub fn connect(
             Source::Rdma(Box::new(RdmaSource::connect(
                 addr,
                 mem,
-                rdma_config(t, compress, true, tls),
+                RdmaConfig {
+                    postcopy_reads: postcopy,
+                    ..rdma_config(t, compress, true, tls)
+                },
             )?))
         }
         TransportChoice::Auto => Source::Rdma(Box::new(RdmaSource::connect(
             addr,
             mem,
-            rdma_config(t, compress, false, tls),
+            RdmaConfig {
+                postcopy_reads: postcopy,
+                ..rdma_config(t, compress, false, tls)
+            },
         )?)),
     })
 }

@@ -455,12 +455,19 @@ fn source(a: SourceArgs) -> Result<Exit> {
         None => TcpSource::connect(&a.connect, tcp)
             .map(|t| (Box::new(t) as Box<dyn SourceTransport>, None))
             .map_err(MigrationError::from),
-        Some(cfg) => RdmaSource::connect(&a.connect, m.memory(), cfg)
-            .map(|t| {
-                let why = t.fallback_reason().map(String::from);
-                (Box::new(t) as Box<dyn SourceTransport>, why)
-            })
-            .map_err(MigrationError::from),
+        Some(cfg) => RdmaSource::connect(
+            &a.connect,
+            m.memory(),
+            RdmaConfig {
+                postcopy_reads: a.postcopy || a.postcopy_after_rounds.is_some(),
+                ..cfg
+            },
+        )
+        .map(|t| {
+            let why = t.fallback_reason().map(String::from);
+            (Box::new(t) as Box<dyn SourceTransport>, why)
+        })
+        .map_err(MigrationError::from),
     };
     // The migration's CPU: connecting, then everything from its start on
     // (not the guest's run before it).

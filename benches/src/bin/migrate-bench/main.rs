@@ -14,6 +14,8 @@
 //! - `migrate-bench boot-sector --out DIR/raw/peer/boot-sector.json`: QEMU
 //!   and mini-vmm migrating the same running boot sector (see
 //!   [`boot_sector`]).
+//! - `migrate-bench postcopy --machine host|vm`: a guest that out-dirties
+//!   the link, by pre-copy and by post-copy (see [`postcopy`]).
 //! - `migrate-bench report --results DIR`: read `DIR/raw/*.json` and
 //!   `DIR/raw/micro/*.json`, write `DIR/results.md` and `DIR/results.png`.
 
@@ -26,6 +28,7 @@ mod micro;
 mod netns;
 mod plan;
 mod plot;
+mod postcopy;
 mod qemu;
 mod qemu_report;
 mod run;
@@ -63,6 +66,8 @@ enum Command {
     Qemu(qemu::QemuArgs),
     /// QEMU and mini-vmm live-migrating the same running boot sector.
     BootSector(boot_sector::BootArgs),
+    /// Pre-copy and post-copy of a guest that out-dirties the link.
+    Postcopy(postcopy::PostcopyArgs),
     /// Tables and plot from the raw results.
     Report {
         /// Results folder: reads raw/*.json, writes results.md and results.png.
@@ -120,6 +125,16 @@ fn main() -> Result<()> {
             let raw = boot_sector::run(&a)?;
             let failed = raw.runs.iter().filter(|r| r.error.is_some()).count();
             write_raw(&a.out, &raw, failed, raw.runs.len(), "boot-sector")
+        }
+        Command::Postcopy(a) => {
+            let raw = postcopy::run(&a)?;
+            let failed = raw
+                .runs
+                .iter()
+                .filter(|r| r.error.is_some() || !r.consistent)
+                .count();
+            let out = postcopy::raw_path(&a.results, &a.machine);
+            write_raw(&out, &raw, failed, raw.runs.len(), "post-copy")
         }
         Command::Report { results } => summary::report(&results),
     }

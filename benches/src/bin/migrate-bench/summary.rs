@@ -78,6 +78,10 @@ pub fn report(results: &Path) -> Result<()> {
     if let Some(boot) = &boot {
         md += &crate::boot_sector::markdown(boot);
     }
+    let postcopy = crate::postcopy::load(results)?;
+    if !postcopy.is_empty() {
+        md += &crate::postcopy::markdown(&postcopy);
+    }
     let md_path = results.join("results.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
     let png = results.join("results.png");
@@ -88,6 +92,7 @@ pub fn report(results: &Path) -> Result<()> {
     if let Some(boot) = &boot {
         crate::boot_sector::draw(&results.join("results-boot-sector.png"), boot)?;
     }
+    crate::postcopy::draw(&results.join("results-postcopy.png"), &postcopy)?;
     eprintln!(
         "migrate-bench: wrote {} and {}",
         md_path.display(),
