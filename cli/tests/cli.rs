@@ -778,3 +778,60 @@ fn a_link_cut_during_postcopy_is_recovered() {
         "{events}"
     );
 }
+
+/// Post-copy into a destination whose memory is a file on a disk, which
+/// cannot take missing-page faults: refused when the set arrives, before
+/// anything is handed over; the source guest runs on (exit 1) and says
+/// why, the destination discards (exit 1).
+#[test]
+fn postcopy_into_a_disk_file_is_refused_before_the_handover() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let fs = Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let fs = String::from_utf8_lossy(&fs.stdout).trim().to_string();
+    assert!(
+        fs != "tmpfs",
+        "{} is on tmpfs, which takes missing-page faults: this test needs a disk there",
+        dir.display()
+    );
+    let file = dir.join(format!("pc-disk-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let (sj, dj) = (tmp("pc-disk-s.json"), tmp("pc-disk-d.json"));
+    let file_s = file.to_string_lossy().into_owned();
+    let (d, addr) = dest(
+        None,
+        "127.0.0.1:0",
+        &["--memory", "2M", "--memory-file", &file_s],
+        &dj,
+    );
+    let args = [
+        "--memory",
+        "2M",
+        "--guest",
+        "dirty",
+        "--dirty-rate",
+        "4000",
+        "--pattern",
+        "uniform",
+        "--mix",
+        "0:0:1",
+        "--bandwidth-mbs",
+        "1",
+        "--downtime-ms",
+        "1",
+        "--postcopy",
+        "auto",
+        "--postcopy-after-rounds",
+        "1",
+    ];
+    let s = source(None, &addr, &args, &sj).wait_with_output().unwrap();
+    let d = d.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert_source_runs_again(&s);
+    let err = json(&sj)["error"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("missing-page faults"), "{err}");
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+}

@@ -795,6 +795,7 @@ impl Receiver<'_> {
                 ));
             }
         }
+        ctl.send(&Message::PostcopyAccepted)?;
         Ok(ReceiverState::Complete)
     }
 

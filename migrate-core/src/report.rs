@@ -99,6 +99,7 @@ pub fn destination_json(
                 r.postcopy_pushed_pages,
                 r.fault_latency_us,
             );
+            v["postcopy_read_pages"] = json!(r.postcopy_read_pages);
         }
     }
     match guest_check {

@@ -17,7 +17,11 @@
 //!    |  ... live rounds (pre-copy), each acknowledged             |
 //!    | (pause guest; harvest the last dirty pages = the set)       |
 //!    | PostcopyStart{last, ranges} ...                 ->  |  register userfaultfd
-//!    |                                                     |  (missing), drop the set
+//!    |                       <-  PostcopyAccepted         |  (missing), drop the set
+//!    |                                                     |  (or Refused: the source
+//!    |                                                     |   resumes its guest)
+//!    | RdmaReadOffer{qp, regions: addr,rkey}           ->  |  (RDMA, memory registered
+//!    |            <-  RdmaReadAccept{qp} | RdmaReadDeclined |   for remote read)
 //!    | DeviceState{chunk, last} ...                    ->  |
 //!    | Commit                                          ->  |  start the fault handler,
 //!    |                       <-  Committed                |  load state, resume guest
@@ -26,9 +30,11 @@
 //!    |                       <-  PageRequest{p}           |  (fault handler thread)
 //!    | PostcopyPages{p, demand}                        ->  |  UFFDIO_COPY p: the
 //!    |                                                     |  faulting thread runs on
+//!    |   (RDMA: the handler READs p from the source's memory itself
+//!    |    and places it; a failed READ falls back to PageRequest)
 //!    | PostcopyPages{next pages, pushed} ...           ->  |  (background push, from
 //!    |                                                     |   the last request on)
-//!    |                       <-  PostcopyDone{latency}    |  every page of the set
+//!    |      <-  PostcopyDone{latency, demand, pushed}     |  every page of the set
 //!    | (source lets its memory go: done)                   |  placed; unregister
 //! ```
 //!
@@ -44,8 +50,11 @@
 //! ```text
 //!  Receiving --PostcopyStart(last: false)--> Receiving (set grows)
 //!  Receiving --PostcopyStart(last)--> Complete (memory registered, set
-//!      dropped; Refused{Setup} if this memory cannot take missing faults)
+//!      dropped, PostcopyAccepted sent; Refused{Setup} if this memory
+//!      cannot take missing faults)
 //!  Complete --VerifyRequest--> Discarded (no verification in post-copy)
+//!  Complete --RdmaReadOffer--> Complete (RdmaReadAccept: the handler
+//!      reads pages itself; or RdmaReadDeclined)
 //!  HaveState --Commit--> Postcopy (handler started, guest resumed,
 //!      Committed sent)
 //!  Postcopy --PostcopyPages--> Postcopy (pages placed) --every page of the

@@ -554,6 +554,10 @@ messages! {
         /// Why (the rest of the payload, UTF-8).
         reason: String,
     },
+    /// Destination → source, after the last `PostcopyStart`: its memory is
+    /// registered for missing-page faults and the set dropped; the source
+    /// may hand over (else `Refused{Setup}`, and the source's guest runs on).
+    PostcopyAccepted = 32,
 }
 
 /// Why bytes from a peer could not be understood.

@@ -145,6 +145,7 @@ fn all_messages() -> Vec<Message> {
         Message::RdmaReadDeclined {
             reason: "no device".into(),
         },
+        Message::PostcopyAccepted,
     ]
 }
 

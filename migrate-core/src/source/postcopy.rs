@@ -53,6 +53,9 @@ impl Precopy<'_> {
                 ranges: chunk.to_vec(),
             })?;
         }
+        // The destination set its memory up (or refused: the guest runs
+        // on here, nothing was handed over).
+        control::expect_msg!(transport.control(), PostcopyAccepted => ());
         tracing::info!(pages, "post-copy: the destination will fetch these pages");
         if let Some(offer) = transport.postcopy_offer()? {
             transport.control().send(&offer)?;
