@@ -45,6 +45,9 @@ if [ "$host" = 1 ]; then
   if [ -c /dev/kvm ]; then
     if [ ${#quick[@]} = 0 ]; then boot=(--repeat 5); else boot=(--repeat 1); fi
     target/release/migrate-bench boot-sector "${boot[@]}" --out "$results/raw/peer/boot-sector.json" --command-line "$cmd"
+    # The same in post-copy: QEMU's postcopy-ram against mini-vmm's.
+    target/release/migrate-bench boot-sector --postcopy "${boot[@]}" \
+      --out "$results/raw/peer/boot-sector-postcopy.json" --command-line "$cmd"
   else
     echo "SKIP boot-sector comparison: no /dev/kvm on this machine" >&2
   fi

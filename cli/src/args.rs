@@ -242,7 +242,7 @@ pub struct MigrationArgs {
     #[arg(long, value_enum, default_value_t = PostcopyChoice::Never)]
     pub postcopy: PostcopyChoice,
     /// With `--postcopy auto`: switch to post-copy after this many rounds at
-    /// the latest (unless the rest fits the downtime budget).
+    /// the latest, even if the rest would fit the downtime budget.
     #[arg(long, value_name = "N")]
     pub postcopy_after_rounds: Option<u32>,
     /// Before commit, compare a hash of every page on both sides; any

@@ -110,9 +110,9 @@ pub enum PostcopyMode {
     /// Post-copy when pre-copy does not converge: the rounds stop growing
     /// shorter (two rounds in a row dirty more than half of what they sent,
     /// the auto-converge trigger), `max_rounds` is reached, the timeout
-    /// forces a switch-over, the operator asks for one, or after
-    /// `postcopy_after_rounds` rounds. A remainder that fits the downtime
-    /// budget still finishes as pre-copy.
+    /// forces a switch-over, or the operator asks for one; a remainder
+    /// that fits the downtime budget then still finishes as pre-copy.
+    /// After `postcopy_after_rounds` rounds, post-copy in any case.
     Auto,
 }
 

@@ -92,7 +92,8 @@ pub struct SourceConfig {
     /// converge (see [`crate::postcopy`]; the destination must offer it).
     pub postcopy: PostcopyMode,
     /// With post-copy allowed: switch to it after this many rounds at the
-    /// latest (unless the rest fits the downtime budget).
+    /// latest, even if the rest would fit the downtime budget (as QEMU's
+    /// `migrate-start-postcopy`).
     pub postcopy_after_rounds: Option<u32>,
 }
 

@@ -115,10 +115,11 @@ pub(crate) enum SwitchReason {
 }
 
 /// After a live round, with post-copy allowed: whether to switch to it now
-/// and why. A rest that fits the budget finishes as pre-copy; any other
-/// reason to switch over (rounds, timeout, operator) goes to post-copy, as
-/// do rounds that stopped shrinking (`stalled`) and reaching
-/// `after_rounds`.
+/// and why. Reaching `after_rounds` always does (the operator asked for
+/// post-copy then, as QEMU's `migrate-start-postcopy`); otherwise a rest
+/// that fits the budget finishes as pre-copy, and any other reason to
+/// switch over (rounds, timeout, operator) goes to post-copy, as do rounds
+/// that stopped shrinking (`stalled`).
 pub(crate) fn postcopy_now(
     after_rounds: Option<u32>,
     rounds: u32,
@@ -126,11 +127,9 @@ pub(crate) fn postcopy_now(
     stalled: bool,
 ) -> Option<SwitchReason> {
     match reason {
+        _ if after_rounds.is_some_and(|n| rounds >= n) => Some(SwitchReason::PostcopyAfterRounds),
         Some(SwitchReason::Converged) => None,
         Some(other) => Some(other),
-        None if after_rounds.is_some_and(|n| rounds >= n) => {
-            Some(SwitchReason::PostcopyAfterRounds)
-        }
         None if stalled => Some(SwitchReason::Stalled),
         None => None,
     }
@@ -228,8 +227,14 @@ mod tests {
     #[test]
     fn postcopy_only_when_precopy_does_not_finish() {
         use SwitchReason::*;
-        // A rest that fits finishes as pre-copy, whatever else holds.
-        assert_eq!(postcopy_now(Some(1), 5, Some(Converged), true), None);
+        // A rest that fits finishes as pre-copy, whatever else holds...
+        assert_eq!(postcopy_now(None, 5, Some(Converged), true), None);
+        assert_eq!(postcopy_now(Some(6), 5, Some(Converged), true), None);
+        // ... unless the operator's round count is reached.
+        assert_eq!(
+            postcopy_now(Some(5), 5, Some(Converged), false),
+            Some(PostcopyAfterRounds)
+        );
         for r in [MaxRounds, Timeout, Forced] {
             assert_eq!(postcopy_now(None, 1, Some(r), false), Some(r));
         }

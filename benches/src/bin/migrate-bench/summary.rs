@@ -78,6 +78,10 @@ pub fn report(results: &Path) -> Result<()> {
     if let Some(boot) = &boot {
         md += &crate::boot_sector::markdown(boot);
     }
+    let boot_postcopy = crate::boot_sector::load_postcopy(results)?;
+    if let Some(boot) = &boot_postcopy {
+        md += &crate::boot_sector::markdown(boot);
+    }
     let postcopy = crate::postcopy::load(results)?;
     if !postcopy.is_empty() {
         md += &crate::postcopy::markdown(&postcopy);
@@ -91,6 +95,9 @@ pub fn report(results: &Path) -> Result<()> {
     }
     if let Some(boot) = &boot {
         crate::boot_sector::draw(&results.join("results-boot-sector.png"), boot)?;
+    }
+    if let Some(boot) = &boot_postcopy {
+        crate::boot_sector::draw(&results.join("results-boot-sector-postcopy.png"), boot)?;
     }
     crate::postcopy::draw(&results.join("results-postcopy.png"), &postcopy)?;
     eprintln!(
