@@ -644,27 +644,16 @@ fn a_slow_lossy_link_migrates_verified() {
 fn postcopy_moves_a_guest_faster_than_the_link() {
     let (sj, dj) = (tmp("postcopy-s.json"), tmp("postcopy-d.json"));
     let (d, addr) = dest(None, "127.0.0.1:0", &["--digest"], &dj);
-    let args = [
+    let mut args = POSTCOPY_GUEST.to_vec();
+    args.extend([
         "--memory",
         "2M",
-        "--guest",
-        "dirty",
-        "--dirty-rate",
-        "4000",
-        "--pattern",
-        "uniform",
-        "--mix",
-        "0:0:1",
-        "--bandwidth-mbs",
-        "1",
         "--downtime-ms",
         "20",
-        "--postcopy",
-        "auto",
         "--postcopy-after-rounds",
         "2",
         "--digest",
-    ];
+    ]);
     let s = source(None, &addr, &args, &sj).wait_with_output().unwrap();
     let d = d.wait_with_output().unwrap();
     assert!(s.status.success(), "source: {}", text(&s));
@@ -716,23 +705,10 @@ fn a_link_cut_during_postcopy_is_recovered() {
         &dj,
     );
     let ev_s = ev.to_string_lossy().into_owned();
-    let args = [
+    let mut args = POSTCOPY_GUEST.to_vec();
+    args.extend([
         "--memory",
         "4M",
-        "--guest",
-        "dirty",
-        "--dirty-rate",
-        "4000",
-        "--pattern",
-        "uniform",
-        "--mix",
-        "0:0:1",
-        "--bandwidth-mbs",
-        "1",
-        "--downtime-ms",
-        "20",
-        "--postcopy",
-        "auto",
         "--postcopy-after-rounds",
         "2",
         "--io-timeout-s",
@@ -740,16 +716,9 @@ fn a_link_cut_during_postcopy_is_recovered() {
         "--digest",
         "--events",
         &ev_s,
-    ];
+    ]);
     let s = source(Some(&hosts.src), &addr, &args, &sj);
-    let started = std::time::Instant::now();
-    while !std::fs::read_to_string(&ev).is_ok_and(|t| t.contains(r#""event":"postcopy""#)) {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no post-copy within a minute"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_event(&ev, "postcopy");
     let link = |state: &str| {
         let ok = Command::new("ip")
             .args(["-n", &hosts.src, "link", "set", &hosts.src_dev, state])
@@ -807,26 +776,8 @@ fn postcopy_into_a_disk_file_is_refused_before_the_handover() {
         &["--memory", "2M", "--memory-file", &file_s],
         &dj,
     );
-    let args = [
-        "--memory",
-        "2M",
-        "--guest",
-        "dirty",
-        "--dirty-rate",
-        "4000",
-        "--pattern",
-        "uniform",
-        "--mix",
-        "0:0:1",
-        "--bandwidth-mbs",
-        "1",
-        "--downtime-ms",
-        "1",
-        "--postcopy",
-        "auto",
-        "--postcopy-after-rounds",
-        "1",
-    ];
+    let mut args = POSTCOPY_GUEST.to_vec();
+    args.extend(["--memory", "2M", "--postcopy-after-rounds", "1"]);
     let s = source(None, &addr, &args, &sj).wait_with_output().unwrap();
     let d = d.wait_with_output().unwrap();
     let _ = std::fs::remove_file(&file);

@@ -625,37 +625,17 @@ fn destination_killed_during_postcopy_is_exit_4() {
     );
     let (d, addr) = dest(None, "127.0.0.1:0", &[], &dj);
     let ev_s = ev.to_string_lossy().into_owned();
-    let args = [
+    let mut args = POSTCOPY_GUEST.to_vec();
+    args.extend([
         "--memory",
         "2M",
-        "--guest",
-        "dirty",
-        "--dirty-rate",
-        "4000",
-        "--pattern",
-        "uniform",
-        "--mix",
-        "0:0:1",
-        "--bandwidth-mbs",
-        "1",
-        "--downtime-ms",
-        "20",
-        "--postcopy",
-        "auto",
         "--postcopy-after-rounds",
         "2",
         "--events",
         &ev_s,
-    ];
+    ]);
     let s = source(None, &addr, &args, &sj);
-    let started = Instant::now();
-    while !std::fs::read_to_string(&ev).is_ok_and(|t| t.contains(r#""event":"postcopy""#)) {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no post-copy within a minute"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_event(&ev, "postcopy");
     signal(d.id(), "-KILL");
     let _ = d.wait_with_output();
     let (end, s) = finish(s, Duration::from_secs(60));

@@ -183,8 +183,16 @@ fn line(out: &str, prefix: &str) -> Option<String> {
 
 /// Start a destination; returns it and the address it listens on.
 fn start_dest() -> (Child, String, BufReader<std::process::ChildStdout>) {
+    start_dest_with(&["--digest".as_ref()])
+}
+
+/// As [`start_dest`], with `extra` arguments instead of `--digest`.
+fn start_dest_with(
+    extra: &[&std::ffi::OsStr],
+) -> (Child, String, BufReader<std::process::ChildStdout>) {
     let mut d = bin()
-        .args(["dest", "--listen", "127.0.0.1:0", "--digest"])
+        .args(["dest", "--listen", "127.0.0.1:0"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -311,21 +319,7 @@ fn a_running_kvm_guest_migrates_in_postcopy() {
     }
     let expected = unmigrated_result();
     let json = std::env::temp_dir().join(format!("mini-vmm-postcopy-{}.json", std::process::id()));
-    let mut d = bin()
-        .args(["dest", "--listen", "127.0.0.1:0", "--json"])
-        .arg(&json)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut dest_out = BufReader::new(d.stdout.take().unwrap());
-    let mut l = String::new();
-    dest_out.read_line(&mut l).unwrap();
-    let addr = l
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("listening line")
-        .to_string();
+    let (d, addr, mut dest_out) = start_dest_with(&["--json".as_ref(), json.as_os_str()]);
     let src = bin()
         .args([
             "source",

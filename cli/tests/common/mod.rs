@@ -148,3 +148,34 @@ pub fn signal(pid: u32, sig: &str) {
         .success();
     assert!(ok, "kill {sig} {pid}");
 }
+
+/// A built-in guest that out-dirties a 1 MB/s link, migrated with
+/// `--postcopy auto` (the post-copy tests add size and triggers).
+pub const POSTCOPY_GUEST: [&str; 12] = [
+    "--guest",
+    "dirty",
+    "--dirty-rate",
+    "4000",
+    "--pattern",
+    "uniform",
+    "--mix",
+    "0:0:1",
+    "--bandwidth-mbs",
+    "1",
+    "--postcopy",
+    "auto",
+];
+
+/// Wait (a minute at most) until the `--events` file at `path` holds an
+/// event named `name`.
+pub fn wait_for_event(path: &Path, name: &str) {
+    let needle = format!(r#""event":"{name}""#);
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(path).is_ok_and(|t| t.contains(&needle)) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "no {name} event within a minute"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

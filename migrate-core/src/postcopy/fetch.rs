@@ -299,19 +299,10 @@ impl PostcopyTarget {
             ranges = missing.len(),
             "post-copy resumed: telling the source what is missing"
         );
-        let mut chunks = missing.chunks(RANGES_PER_FRAME).peekable();
-        if chunks.peek().is_none() {
-            ctl.send(&Message::PostcopyMissing {
-                last: true,
-                ranges: Vec::new(),
-            })?;
-        }
-        while let Some(chunk) = chunks.next() {
-            ctl.send(&Message::PostcopyMissing {
-                last: chunks.peek().is_none(),
-                ranges: chunk.to_vec(),
-            })?;
-        }
+        super::send_ranges(ctl, &missing, |last, ranges| Message::PostcopyMissing {
+            last,
+            ranges,
+        })?;
         let mut waited: Vec<(usize, usize)> = lock(&s.waiting).keys().copied().collect();
         waited.sort_unstable();
         let mut ask = Vec::new();

@@ -99,6 +99,25 @@ pub(crate) mod serve;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::memory::GuestMemory;
+use crate::protocol::{Message, PageRange, RANGES_PER_FRAME};
+use crate::transport::{ControlChannel, TransportError};
+
+/// Send `ranges` as messages of at most [`RANGES_PER_FRAME`] each, made by
+/// `msg(last, chunk)`; one empty last message when there are none.
+pub(crate) fn send_ranges(
+    ctl: &mut dyn ControlChannel,
+    ranges: &[PageRange],
+    msg: impl Fn(bool, Vec<PageRange>) -> Message,
+) -> Result<(), TransportError> {
+    let mut chunks = ranges.chunks(RANGES_PER_FRAME).peekable();
+    if chunks.peek().is_none() {
+        return ctl.send(&msg(true, Vec::new()));
+    }
+    while let Some(chunk) = chunks.next() {
+        ctl.send(&msg(chunks.peek().is_none(), chunk.to_vec()))?;
+    }
+    Ok(())
+}
 
 /// Whether (and when) the source may switch to post-copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

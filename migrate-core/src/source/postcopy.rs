@@ -4,8 +4,9 @@
 
 use super::precopy::{Precopy, ms_since};
 use crate::dirty::DirtyLog;
+use crate::postcopy::send_ranges;
 use crate::postcopy::serve::Serving;
-use crate::protocol::{Message, PageRange, RANGES_PER_FRAME};
+use crate::protocol::{Message, PageRange};
 use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus};
 use crate::transport::SourceTransport;
 use crate::{MigrationError, control};
@@ -39,20 +40,9 @@ impl Precopy<'_> {
             })
             .collect();
         let pages = set.count() as u64;
-        let ctl = transport.control();
-        let mut chunks = ranges.chunks(RANGES_PER_FRAME).peekable();
-        if chunks.peek().is_none() {
-            ctl.send(&Message::PostcopyStart {
-                last: true,
-                ranges: Vec::new(),
-            })?;
-        }
-        while let Some(chunk) = chunks.next() {
-            ctl.send(&Message::PostcopyStart {
-                last: chunks.peek().is_none(),
-                ranges: chunk.to_vec(),
-            })?;
-        }
+        send_ranges(transport.control(), &ranges, |last, ranges| {
+            Message::PostcopyStart { last, ranges }
+        })?;
         // The destination set its memory up (or refused: the guest runs
         // on here, nothing was handed over).
         control::expect_msg!(transport.control(), PostcopyAccepted => ());
