@@ -70,6 +70,11 @@ struct Run {
 /// rounds allowed: under a 1 ms `downtime_ms` it never converges; `extra`
 /// adds arguments.
 fn steered(tag: &str, downtime_ms: &str, extra: &[&str]) -> Run {
+    steered_with(tag, downtime_ms, extra, &[])
+}
+
+/// As [`steered`], with `dest_extra` for the destination.
+fn steered_with(tag: &str, downtime_ms: &str, extra: &[&str], dest_extra: &[&str]) -> Run {
     let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
     let (socket, ev) = (tmp(&format!("{tag}.sock")), tmp(&format!("{tag}.events")));
     let (dsocket, dev) = (
@@ -77,12 +82,9 @@ fn steered(tag: &str, downtime_ms: &str, extra: &[&str]) -> Run {
         tmp(&format!("{tag}-d.events")),
     );
     let (dsock_s, dev_s) = (dsocket.display().to_string(), dev.display().to_string());
-    let (d, addr) = dest(
-        None,
-        "127.0.0.1:0",
-        &["--control", &dsock_s, "--events", &dev_s],
-        &dj,
-    );
+    let mut dest_args = vec!["--control", dsock_s.as_str(), "--events", dev_s.as_str()];
+    dest_args.extend_from_slice(dest_extra);
+    let (d, addr) = dest(None, "127.0.0.1:0", &dest_args, &dj);
     let mut args = vec![
         "--memory",
         "32M",
@@ -296,6 +298,36 @@ fn switchover_forces_the_switch_over() {
     let (s, d, sj, _, ev) = run.finish();
     both_migrated(&s, &d, &sj);
     assert_eq!(switch_reason(&events(&ev)), "forced");
+}
+
+/// Under `--postcopy auto`, `switchover` moves the guest in post-copy: the
+/// destination resumes it after the set and fetches the rest; both reports
+/// say post-copy, the switch-over says why, and the digests are equal.
+#[test]
+fn switchover_under_postcopy_auto_goes_to_postcopy() {
+    let run = steered_with(
+        "force-pc",
+        "1",
+        &["--postcopy", "auto", "--digest"],
+        &["--digest"],
+    );
+    wait_for(&run.socket, "two rounds", |s| {
+        s["rounds"].as_u64() >= Some(2)
+    });
+    let (code, v) = ctl(&run.socket, &["switchover"]);
+    assert_eq!(code, 0, "{v}");
+    let (s, d, sj, dj, ev) = run.finish();
+    assert_eq!(s.status.code(), Some(0), "source: {}", text(&s));
+    assert_eq!(d.status.code(), Some(0), "destination: {}", text(&d));
+    let (v, dv) = (json(&sj), json(&dj));
+    assert_eq!(
+        (&v["postcopy"], &dv["postcopy"]),
+        (&true.into(), &true.into())
+    );
+    assert_eq!(v["memory_digest"], dv["memory_digest"], "{v}\n{dv}");
+    let ev = events(&ev);
+    assert_eq!(switch_reason(&ev), "forced");
+    assert!(ev.iter().any(|e| e["event"] == "postcopy"), "{ev:?}");
 }
 
 /// `--pause-before-switchover`: the guest paused, its memory sent, the

@@ -417,6 +417,9 @@ impl IncomingMigration {
                 Err(e) => return Err(e),
             };
         }
+        // Committed: the data plane's pages are all in (pre-copy) or come
+        // another way (post-copy).
+        transport.data_done();
         if let Some(target) = receiver.postcopy.take() {
             self.monitor.emit(IncomingEvent::Postcopy);
             let fetched = target

@@ -156,6 +156,10 @@ impl DestinationTransport for RdmaDestination {
         self.tcp.control()
     }
 
+    fn data_done(&mut self) {
+        self.finish();
+    }
+
     fn postcopy_fetcher(
         &mut self,
         mem: &Arc<GuestMemory>,

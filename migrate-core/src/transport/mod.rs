@@ -391,6 +391,12 @@ pub trait DestinationTransport: Send {
         })
     }
 
+    /// The guest runs here and the data plane has no more to carry:
+    /// release what it holds (RDMA: deregister the guest memory, which
+    /// invalidates the keys and, in post-copy, unpins the dropped pages).
+    /// By default nothing.
+    fn data_done(&mut self) {}
+
     /// After the connection to the source was lost: wait until `deadline`
     /// for a new control connection, which becomes [`control`](Self::control)
     /// (the data plane is opened again with [`open_data`](Self::open_data)).
