@@ -131,6 +131,7 @@ impl PostcopyTarget {
     /// Why this memory cannot take post-copy (no userfaultfd, a backing
     /// without missing-mode support such as a file on disk).
     pub(crate) fn prepare(mem: &Arc<GuestMemory>, set: &[PageRange]) -> Result<Self, String> {
+        let started = Instant::now();
         // Not user-mode only: a vCPU's access through KVM faults in the
         // kernel, and must wait for its page like a user access.
         let uffd = Uffd::open(UffdMode::All)
@@ -147,6 +148,7 @@ impl PostcopyTarget {
                     )
                 })?;
         }
+        let registered = started.elapsed().as_secs_f64() * 1e3;
         let needed = PageBits::new(mem);
         let mut remaining = 0;
         for r in set {
@@ -162,6 +164,8 @@ impl PostcopyTarget {
         }
         tracing::info!(
             pages = remaining,
+            register_ms = registered,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
             "post-copy: pages dropped, memory registered"
         );
         Ok(Self {
