@@ -561,6 +561,9 @@ enum ReceiverState {
     /// A last (paused) round had pages that failed their check: they come
     /// again in another last round.
     FinalRetry,
+    /// Post-copy prepared (memory registered, the known set dropped) while
+    /// the source's guest still ran: the last pages of the set come next.
+    Prepared,
     /// A last round landed whole: verification, then the device state.
     Complete,
     /// Some device-state chunks arrived; more follow.
@@ -577,6 +580,7 @@ impl ReceiverState {
         match self {
             ReceiverState::Receiving => "a round",
             ReceiverState::FinalRetry => "the pages of the last round again",
+            ReceiverState::Prepared => "the last pages of the post-copy set",
             ReceiverState::Complete => "verification or the device state",
             ReceiverState::DeviceState(_) => "DeviceState",
             ReceiverState::HaveState(_) => "Commit",
@@ -650,8 +654,13 @@ impl Receiver<'_> {
                     ranges.iter().map(|r| r.count as u64).sum::<u64>();
                 state
             }
-            (Receiving, Message::PostcopyStart { last, ranges }) if self.postcopy_allowed => {
-                self.postcopy_start(ctl, last, ranges)?
+            (Receiving, Message::PostcopyPrepare { last, ranges }) if self.postcopy_allowed => {
+                self.postcopy_set_part(ctl, FrameKind::PostcopyPrepare, last, ranges)?
+            }
+            (Receiving | Prepared, Message::PostcopyStart { last, ranges })
+                if self.postcopy_allowed =>
+            {
+                self.postcopy_set_part(ctl, FrameKind::PostcopyStart, last, ranges)?
             }
             (Complete, Message::VerifyRequest) if self.postcopy.is_some() => {
                 return Err(refuse(
@@ -762,9 +771,10 @@ impl Receiver<'_> {
         Ok(())
     }
 
-    fn postcopy_start(
+    fn postcopy_set_part(
         &mut self,
         ctl: &mut dyn ControlChannel,
+        kind: FrameKind,
         last: bool,
         ranges: Vec<PageRange>,
     ) -> Result<ReceiverState, MigrationError> {
@@ -775,7 +785,7 @@ impl Receiver<'_> {
                 .is_none_or(|g| r.first.saturating_add(u64::from(r.count)) > g.pages() as u64)
         }) {
             return Err(MigrationError::Protocol(ProtocolError::Malformed {
-                kind: FrameKind::PostcopyStart,
+                kind,
                 detail: format!(
                     "pages {}+{} of region {} are outside the layout",
                     r.first, r.count, r.region
@@ -783,20 +793,32 @@ impl Receiver<'_> {
             }));
         }
         self.postcopy_set.extend(ranges);
+        let now = if self.postcopy.is_some() {
+            ReceiverState::Prepared
+        } else {
+            ReceiverState::Receiving
+        };
         if !last {
-            return Ok(ReceiverState::Receiving);
+            return Ok(now);
         }
         self.events = None;
         let set = std::mem::take(&mut self.postcopy_set);
-        match PostcopyTarget::prepare(self.mem, &set) {
-            Ok(target) => self.postcopy = Some(target),
-            Err(m) => {
-                return Err(refuse(
-                    ctl,
-                    RefusalCode::Setup,
-                    format!("post-copy impossible here: {m}"),
-                ));
-            }
+        let done = match &mut self.postcopy {
+            Some(target) => target.add(&set),
+            None => PostcopyTarget::prepare(self.mem, &set).map(|t| {
+                self.postcopy = Some(t);
+            }),
+        };
+        if let Err(m) = done {
+            return Err(refuse(
+                ctl,
+                RefusalCode::Setup,
+                format!("post-copy impossible here: {m}"),
+            ));
+        }
+        if kind == FrameKind::PostcopyPrepare {
+            ctl.send(&Message::PostcopyPrepared)?;
+            return Ok(ReceiverState::Prepared);
         }
         ctl.send(&Message::PostcopyAccepted)?;
         Ok(ReceiverState::Complete)

@@ -150,18 +150,7 @@ impl PostcopyTarget {
         }
         let registered = started.elapsed().as_secs_f64() * 1e3;
         let needed = PageBits::new(mem);
-        let mut remaining = 0;
-        for r in set {
-            let region = &mem.regions()[r.region as usize];
-            region
-                .discard_pages(r.first as usize, r.count as usize)
-                .map_err(|e| format!("drop pages of region {}: {e}", r.region))?;
-            for p in r.first..r.first + u64::from(r.count) {
-                if !needed.set(r.region as usize, p as usize) {
-                    remaining += 1;
-                }
-            }
-        }
+        let remaining = drop_new(mem, &needed, set)?;
         tracing::info!(
             pages = remaining,
             register_ms = registered,
@@ -187,6 +176,24 @@ impl PostcopyTarget {
             }),
             handler: None,
         })
+    }
+
+    /// Add `set` to the pages to fetch (the last ones, harvested once the
+    /// source paused its guest): drop those not dropped before.
+    ///
+    /// # Errors
+    /// Why a page could not be dropped.
+    pub(crate) fn add(&mut self, set: &[PageRange]) -> Result<(), String> {
+        let started = Instant::now();
+        let s = &self.shared;
+        let added = drop_new(&s.mem, &s.needed, set)?;
+        s.remaining.fetch_add(added, Ordering::AcqRel);
+        tracing::info!(
+            pages = added,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "post-copy: the last dirty pages dropped"
+        );
+        Ok(())
     }
 
     /// Let the fault handler read the pages it needs with `fetcher`
@@ -392,6 +399,37 @@ impl Drop for PostcopyTarget {
         // descriptor, once nothing holds it.
         self.shared.stop.store(true, Ordering::Release);
     }
+}
+
+/// Drop the pages of `set` not marked in `needed` yet, and mark them; how
+/// many there were.
+fn drop_new(mem: &GuestMemory, needed: &PageBits, set: &[PageRange]) -> Result<u64, String> {
+    let mut added = 0;
+    for r in set {
+        let ri = r.region as usize;
+        let region = &mem.regions()[ri];
+        let end = r.first as usize + r.count as usize;
+        let mut p = r.first as usize;
+        while p < end {
+            if needed.get(ri, p) {
+                p += 1;
+                continue;
+            }
+            let first = p;
+            while p < end && !needed.set(ri, p) {
+                p += 1;
+            }
+            added += (p - first) as u64;
+            region
+                .discard_pages(first, p - first)
+                .map_err(|e| format!("drop pages of region {ri}: {e}"))?;
+            // `p` was set already (by an earlier range): step past it.
+            if p < end {
+                p += 1;
+            }
+        }
+    }
+    Ok(added)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -9,17 +9,23 @@
 //! destination drops those pages, registers its memory with userfaultfd in
 //! missing mode, loads the device state and resumes the guest at once: the
 //! downtime is the pause, the set and the device state, not the pages.
+//! The destination drops the pages it knows to be stale (dirtied since
+//! sent) before the source pauses, so that only those dirtied in the last
+//! moments are dropped inside the downtime.
 //!
 //! # Sequence
 //!
 //! ```text
 //!  source                                              destination
 //!    |  ... live rounds (pre-copy), each acknowledged             |
-//!    | (pause guest; harvest the last dirty pages = the set)       |
-//!    | PostcopyStart{last, ranges} ...                 ->  |  register userfaultfd
-//!    |                       <-  PostcopyAccepted         |  (missing), drop the set
+//!    |  (post-copy chosen; the guest still runs)                   |
+//!    | PostcopyPrepare{last, ranges} ...               ->  |  register userfaultfd
+//!    |                       <-  PostcopyPrepared         |  (missing), drop these
 //!    |                                                     |  (or Refused: the source
-//!    |                                                     |   resumes its guest)
+//!    |                                                     |   runs on, nothing moved)
+//!    | (pause guest; harvest the last dirty pages: the set)        |
+//!    | PostcopyStart{last, ranges} ...                 ->  |  drop the set's pages
+//!    |                       <-  PostcopyAccepted         |  not dropped before
 //!    | RdmaReadOffer{qp, regions: addr,rkey}           ->  |  (RDMA, memory registered
 //!    |            <-  RdmaReadAccept{qp} | RdmaReadDeclined |   for remote read)
 //!    | DeviceState{chunk, last} ...                    ->  |
@@ -48,10 +54,15 @@
 //! # Receiver states (after the pre-copy states of [`crate::protocol`])
 //!
 //! ```text
-//!  Receiving --PostcopyStart(last: false)--> Receiving (set grows)
-//!  Receiving --PostcopyStart(last)--> Complete (memory registered, set
-//!      dropped, PostcopyAccepted sent; Refused{Setup} if this memory
+//!  Receiving --PostcopyPrepare(last: false)--> Receiving (set grows)
+//!  Receiving --PostcopyPrepare(last)--> Prepared (memory registered, the
+//!      pages dropped, PostcopyPrepared sent; Refused{Setup} if this memory
 //!      cannot take missing faults)
+//!  Prepared --PostcopyStart(last: false)--> Prepared (set grows)
+//!  Prepared --PostcopyStart(last)--> Complete (the set's other pages
+//!      dropped, PostcopyAccepted sent)
+//!  Receiving --PostcopyStart(last)--> Complete (as both at once: a source
+//!      that did not prepare)
 //!  Complete --VerifyRequest--> Discarded (no verification in post-copy)
 //!  Complete --RdmaReadOffer--> Complete (RdmaReadAccept: the handler
 //!      reads pages itself; or RdmaReadDeclined)

@@ -558,6 +558,20 @@ messages! {
     /// registered for missing-page faults and the set dropped; the source
     /// may hand over (else `Refused{Setup}`, and the source's guest runs on).
     PostcopyAccepted = 32,
+    /// Source → destination, with the guest still running, once it chose
+    /// post-copy: the pages it knows the destination will have to fetch
+    /// (dirtied since sent). The destination registers its memory and
+    /// drops them now, outside the downtime; `PostcopyStart` then adds the
+    /// last ones.
+    PostcopyPrepare = 33 {
+        /// Whether this is the last chunk.
+        last: bool,
+        /// The pages.
+        ranges: Vec<PageRange>,
+    },
+    /// Destination → source: prepared (else `Refused{Setup}`); the source
+    /// may pause its guest.
+    PostcopyPrepared = 34,
 }
 
 /// Why bytes from a peer could not be understood.

@@ -146,6 +146,15 @@ fn all_messages() -> Vec<Message> {
             reason: "no device".into(),
         },
         Message::PostcopyAccepted,
+        Message::PostcopyPrepare {
+            last: true,
+            ranges: vec![PageRange {
+                region: 0,
+                first: 1,
+                count: 7,
+            }],
+        },
+        Message::PostcopyPrepared,
     ]
 }
 

@@ -11,7 +11,39 @@ use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus};
 use crate::transport::SourceTransport;
 use crate::{MigrationError, control};
 
+/// The ranges of `set`, as the protocol carries them.
+fn ranges_of(set: &DirtyLog) -> Vec<PageRange> {
+    set.runs()
+        .map(|r| PageRange {
+            region: r.region as u32,
+            first: r.first as u64,
+            count: r.count as u32,
+        })
+        .collect()
+}
+
 impl Precopy<'_> {
+    /// With the guest still running, post-copy chosen: have the destination
+    /// register its memory and drop the pages of `set` (dirtied since they
+    /// were sent) now, outside the downtime.
+    pub(super) fn prepare_postcopy(
+        &mut self,
+        transport: &mut dyn SourceTransport,
+        set: &DirtyLog,
+    ) -> Result<(), MigrationError> {
+        let started = std::time::Instant::now();
+        send_ranges(transport.control(), &ranges_of(set), |last, ranges| {
+            Message::PostcopyPrepare { last, ranges }
+        })?;
+        control::expect_msg!(transport.control(), PostcopyPrepared => ());
+        tracing::info!(
+            pages = set.count(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "post-copy prepared: the destination dropped the pages known to be stale"
+        );
+        Ok(())
+    }
+
     /// With the guest paused and `set` its pages the destination lacks:
     /// announce the set, hand over the device state, commit, and serve the
     /// set. `avg_mbps`: the pre-copy rounds' average.
@@ -31,14 +63,7 @@ impl Precopy<'_> {
                  its last pages arrive); every post-copy frame is checked on arrival"
             );
         }
-        let ranges: Vec<PageRange> = set
-            .runs()
-            .map(|r| PageRange {
-                region: r.region as u32,
-                first: r.first as u64,
-                count: r.count as u32,
-            })
-            .collect();
+        let ranges = ranges_of(set);
         let pages = set.count() as u64;
         send_ranges(transport.control(), &ranges, |last, ranges| {
             Message::PostcopyStart { last, ranges }

@@ -89,8 +89,10 @@ pub(super) struct Precopy<'a> {
 pub(super) enum Next {
     /// Another round (live or paused) with these pages.
     Round(DirtyLog),
-    /// Post-copy (guest paused): the destination lacks these pages.
-    Postcopy(DirtyLog),
+    /// Post-copy, for this reason: the destination lacks these pages (the
+    /// guest still runs: the engine prepares the destination, then pauses
+    /// it and adds what it dirtied meanwhile).
+    Postcopy(DirtyLog, SwitchReason),
 }
 
 impl Precopy<'_> {
@@ -159,7 +161,12 @@ impl Precopy<'_> {
             } else {
                 match self.after_live_round(done, log.dirty_bytes(), &mut totals)? {
                     Next::Round(next) => next,
-                    Next::Postcopy(set) => {
+                    Next::Postcopy(mut set, why) => {
+                        // The destination drops what it already knows to be
+                        // stale while the guest still runs here: only the
+                        // pages dirtied from now to the pause cost downtime.
+                        self.prepare_postcopy(transport, &set)?;
+                        self.switch_over(&mut set, why, totals.rounds)?;
                         postcopy = Some(set);
                         break;
                     }
@@ -517,8 +524,7 @@ impl Precopy<'_> {
                 stalled.is_some(),
             )
         {
-            self.switch_over(&mut next, why, rounds)?;
-            return Ok(Next::Postcopy(next));
+            return Ok(Next::Postcopy(next, why));
         }
         match (reason, stalled) {
             (Some(reason), _) => self.switch_over(&mut next, reason, rounds)?,
