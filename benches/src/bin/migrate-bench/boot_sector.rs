@@ -348,10 +348,18 @@ fn qemu_run(a: &BootArgs, f: &Files, r: &mut BootRun) -> Result<()> {
     if status != "completed" {
         bail!("QEMU's migration ended {status}");
     }
-    let info = s.cmd("query-migrate", json!({}))?;
-    if info["status"] != "completed" {
-        bail!("the source says {}", info["status"]);
-    }
+    // In post-copy the destination completes first; the source follows.
+    let asked = Instant::now();
+    let info = loop {
+        let info = s.cmd("query-migrate", json!({}))?;
+        if info["status"] == "completed" {
+            break info;
+        }
+        if asked.elapsed() > Duration::from_secs(10) {
+            bail!("the source says {}", info["status"]);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     let num = |v: &Value| v.as_f64().unwrap_or(0.0);
     r.total_ms = num(&info["total-time"]);
     r.downtime_ms = num(&info["downtime"]);

@@ -442,7 +442,7 @@ pub fn markdown(raws: &[PostcopyRaw]) -> String {
         if let (Some(t), Some(d)) = (ratio(|r| r.total_ms), ratio(|r| r.downtime_ms)) {
             let _ = writeln!(
                 s,
-                "\nPost-copy / pre-copy over TCP (medians): total time {t:.2}, downtime {d:.2}."
+                "\nPost-copy / pre-copy over TCP (medians): total time {t:.2}, downtime {d:.3}."
             );
         }
         let rdma = spread(raw, "rdma", "post-copy", |r| r.fault_p50_us as f64);
