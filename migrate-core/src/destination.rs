@@ -778,12 +778,7 @@ impl Receiver<'_> {
         last: bool,
         ranges: Vec<PageRange>,
     ) -> Result<ReceiverState, MigrationError> {
-        let regions = self.mem.regions();
-        if let Some(r) = ranges.iter().find(|r| {
-            regions
-                .get(r.region as usize)
-                .is_none_or(|g| r.first.saturating_add(u64::from(r.count)) > g.pages() as u64)
-        }) {
+        if let Some(r) = ranges.iter().find(|r| !crate::postcopy::fits(self.mem, r)) {
             return Err(MigrationError::Protocol(ProtocolError::Malformed {
                 kind,
                 detail: format!(

@@ -179,3 +179,18 @@ pub fn wait_for_event(path: &Path, name: &str) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Both processes exited 0 after a post-copy migration: both reports say
+/// post-copy and carry the same memory digest; the two reports.
+pub fn both_migrated_in_postcopy(s: &Output, d: &Output, sj: &Path, dj: &Path) -> (Value, Value) {
+    assert_eq!(s.status.code(), Some(0), "source: {}", text(s));
+    assert_eq!(d.status.code(), Some(0), "destination: {}", text(d));
+    let (v, dv) = (json(sj), json(dj));
+    assert_eq!(
+        (&v["postcopy"], &dv["postcopy"]),
+        (&true.into(), &true.into())
+    );
+    assert!(v["memory_digest"].is_string(), "{v}");
+    assert_eq!(v["memory_digest"], dv["memory_digest"], "{v}\n{dv}");
+    (v, dv)
+}

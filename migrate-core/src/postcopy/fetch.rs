@@ -25,7 +25,6 @@ pub(crate) struct Fetched {
     pub pushed_pages: u64,
     pub latency: FaultLatency,
     pub ms: f64,
-    pub reconnects: u32,
     pub read_pages: u64,
 }
 
@@ -260,7 +259,6 @@ impl PostcopyTarget {
                 Err(e) => {
                     *lock(&self.shared.requests) = None;
                     reconnect(transport, e)?;
-                    out.reconnects += 1;
                     self.tell_missing(transport.control())?;
                 }
             }

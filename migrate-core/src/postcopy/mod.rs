@@ -113,6 +113,14 @@ use crate::memory::GuestMemory;
 use crate::protocol::{Message, PageRange, RANGES_PER_FRAME};
 use crate::transport::{ControlChannel, TransportError};
 
+/// Whether the pages of `r` lie inside `mem`'s layout (a peer's ranges are
+/// checked before anything indexes with them).
+pub(crate) fn fits(mem: &GuestMemory, r: &PageRange) -> bool {
+    mem.regions()
+        .get(r.region as usize)
+        .is_some_and(|g| r.first.saturating_add(u64::from(r.count)) <= g.pages() as u64)
+}
+
 /// Send `ranges` as messages of at most [`RANGES_PER_FRAME`] each, made by
 /// `msg(last, chunk)`; one empty last message when there are none.
 pub(crate) fn send_ranges(

@@ -215,11 +215,7 @@ impl<'a> Serving<'a> {
 
 /// A range from the destination must lie in the layout.
 fn check_range(mem: &GuestMemory, r: &PageRange) -> Result<(), MigrationError> {
-    let fits = mem
-        .regions()
-        .get(r.region as usize)
-        .is_some_and(|reg| r.first.saturating_add(u64::from(r.count)) <= reg.pages() as u64);
-    if fits {
+    if super::fits(mem, r) {
         Ok(())
     } else {
         Err(MigrationError::Protocol(ProtocolError::Malformed {
