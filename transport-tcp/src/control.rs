@@ -317,9 +317,7 @@ fn handshake(
     let mut w = &conn;
     write_preamble(&mut w)?;
     let mut reader = BufReader::with_capacity(READ_BUFFER, conn.clone());
-    // Under TLS 1.3 a source learns that the destination refused its
-    // certificate only here, from the alert that arrives instead.
-    let version = read_preamble(&mut reader).map_err(crate::tls::refused_or)?;
+    let version = read_preamble(&mut reader)?;
     conn.set_read_timeout(Some(cfg.io_timeout))
         .map_err(io("set read timeout"))?;
     Ok((conn, reader, version))

@@ -29,6 +29,7 @@ mod conn;
 mod control;
 mod destination;
 pub mod pki;
+mod record;
 mod source;
 mod tls;
 

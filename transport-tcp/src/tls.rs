@@ -22,6 +22,12 @@
 //! random value; that is why the key must be long and random (at least
 //! [`MIN_PSK_LEN`] bytes), never a password.
 //!
+//! **After the handshake** the destination confirms the session in one TLS
+//! record (the source learns there, not later, that its certificate was
+//! refused), and from then on both directions travel as sealed records
+//! keyed from the session's exporter ([`crate::record`]): one key and one
+//! lock per direction, one copy on each side of the socket.
+//!
 //! Nothing of the migration (not even its preamble) crosses a connection
 //! before both ends are authenticated, so a stranger never learns the
 //! destination's memory layout or causes an allocation.
@@ -35,6 +41,7 @@ use std::sync::Arc;
 use migrate_core::transport::TransportError;
 
 use crate::conn::{Conn, TlsConn};
+use crate::record::{Direction, Keys, Opener, Sealer, Suite};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
@@ -51,12 +58,13 @@ use rustls::{
 pub const MIN_PSK_LEN: usize = 32;
 /// Label of the keying material exported for the PSK proofs.
 const PSK_EXPORTER_LABEL: &[u8] = b"EXPORTER-live-migration-psk-v1";
-/// Plaintext sealed per write before it goes to the socket. rustls seals
-/// each 16 KiB record into its own allocation; with 256 KiB per write the
-/// allocator returned the freed records to the kernel and faulted them in
-/// again on the next write (a third of the sender's extra CPU, measured);
-/// 64 KiB stays below glibc's trim threshold.
-const TLS_BUFFER: usize = 64 << 10;
+/// Label of the keying material the sealed records' keys come from
+/// ([`crate::record`]).
+const RECORDS_EXPORTER_LABEL: &[u8] = b"EXPORTER-live-migration-records-v1";
+/// The byte of the TLS record that confirms the session (see [`ready`]).
+const READY: u8 = 0x5a;
+/// The longest TLS 1.3 record body (RFC 8446 §5.2).
+const MAX_TLS_RECORD: usize = (1 << 14) + 256;
 
 /// A credential file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -468,7 +476,6 @@ pub(crate) fn secure(sock: TcpStream, tls: Option<&TlsConfig>) -> Result<Conn, T
             psk.as_deref(),
         ),
     };
-    state.set_buffer_limit(Some(TLS_BUFFER));
     let mut io_sock = &sock;
     while state.is_handshaking() {
         state
@@ -478,11 +485,86 @@ pub(crate) fn secure(sock: TcpStream, tls: Option<&TlsConfig>) -> Result<Conn, T
     if let Role::Destination { allowed, .. } = &*tls.0 {
         check_allowed(&state, allowed)?;
     }
-    let conn = TlsConn::new(sock, state);
+    let is_source = matches!(&*tls.0, Role::Source { .. });
+    ready(&sock, &mut state, is_source).map_err(|e| handshake_error(e, &state))?;
+    let export = |label: &[u8]| -> Result<[u8; 32], TransportError> {
+        let mut out = [0u8; 32];
+        state
+            .export_keying_material(&mut out, label, None)
+            .map_err(|e| auth(format!("TLS exporter: {e}")))?;
+        Ok(out)
+    };
+    let records = export(RECORDS_EXPORTER_LABEL)?;
+    let psk_exported = export(PSK_EXPORTER_LABEL)?;
+    let suite = match state.negotiated_cipher_suite().map(|s| s.suite()) {
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256) => Suite::Aes128Gcm,
+        Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384) => Suite::Aes256Gcm,
+        Some(rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256) => Suite::Chacha20Poly1305,
+        other => return Err(auth(format!("TLS: unexpected cipher suite {other:?}"))),
+    };
+    let (mine, theirs) = if is_source {
+        (Direction::FromSource, Direction::FromDestination)
+    } else {
+        (Direction::FromDestination, Direction::FromSource)
+    };
+    let keys = |d| {
+        Keys::new(&records, suite, d).map_err(|source| TransportError::Io {
+            op: "derive the record keys",
+            source,
+        })
+    };
+    let conn = TlsConn::new(sock, Sealer::new(keys(mine)?), Opener::new(keys(theirs)?));
     if let Some(key) = psk {
-        prove_psk(&conn, key, matches!(&*tls.0, Role::Source { .. }))?;
+        prove_psk(&conn, key, is_source, &psk_exported)?;
     }
     Ok(Conn::Tls(Arc::new(conn)))
+}
+
+/// The switch from TLS records to sealed records: the destination, once it
+/// has checked the source's certificate, sends one TLS record saying so;
+/// the source reads exactly that record (a header, then its length), so
+/// nothing that follows it is left inside rustls. The destination's refusal
+/// (an alert) arrives here instead, as the handshake error it is.
+fn ready(sock: &TcpStream, state: &mut Connection, is_source: bool) -> io::Result<()> {
+    let mut io_sock = sock;
+    if !is_source {
+        io::Write::write_all(&mut state.writer(), &[READY])?;
+    }
+    while state.wants_write() {
+        state.write_tls(&mut io_sock)?;
+    }
+    if !is_source {
+        return Ok(());
+    }
+    loop {
+        let mut b = [0u8; 1];
+        match io::Read::read(&mut state.reader(), &mut b) {
+            Ok(1) if b[0] == READY => return Ok(()),
+            Ok(_) => {
+                return Err(io::Error::other(
+                    "the destination did not confirm the TLS session",
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        // One whole TLS record: its 5-byte header says how long it is.
+        let mut record = vec![0u8; 5];
+        io::Read::read_exact(&mut io_sock, &mut record)?;
+        let len = usize::from(u16::from_be_bytes([record[3], record[4]]));
+        if len > MAX_TLS_RECORD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                rustls::Error::InvalidMessage(rustls::InvalidMessage::MessageTooLarge),
+            ));
+        }
+        record.resize(5 + len, 0);
+        io::Read::read_exact(&mut io_sock, &mut record[5..])?;
+        state.read_tls(&mut &record[..])?;
+        state
+            .process_new_packets()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    }
 }
 
 /// A source without TLS starts with our plaintext preamble: tell it, in
@@ -577,28 +659,6 @@ fn handshake_error(e: io::Error, state: &Connection) -> TransportError {
     }
 }
 
-/// A read that failed on the peer's TLS alert: it refused this end.
-/// Other errors pass unchanged.
-pub(crate) fn refused_or(e: migrate_core::protocol::ProtocolError) -> TransportError {
-    use migrate_core::protocol::ProtocolError;
-    let alert = match &e {
-        ProtocolError::Io { source, .. } => source
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .and_then(|r| match r {
-                rustls::Error::AlertReceived(a) => Some(*a),
-                _ => None,
-            }),
-        _ => None,
-    };
-    match alert {
-        Some(a) => auth(format!(
-            "the peer refused this end's TLS credentials (alert: {a:?})"
-        )),
-        None => e.into(),
-    }
-}
-
 /// The destination's allow-list: the client's certificate must be valid
 /// for one of the names.
 fn check_allowed(
@@ -629,10 +689,12 @@ fn check_allowed(
 
 /// The PSK proofs over the exported value: the source's first; the
 /// destination answers only a valid one.
-fn prove_psk(conn: &TlsConn, key: &[u8], is_source: bool) -> Result<(), TransportError> {
-    let mut exported = [0u8; 32];
-    conn.export(&mut exported, PSK_EXPORTER_LABEL)
-        .map_err(|e| auth(format!("TLS exporter: {e}")))?;
+fn prove_psk(
+    conn: &TlsConn,
+    key: &[u8],
+    is_source: bool,
+    exported: &[u8; 32],
+) -> Result<(), TransportError> {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
     // What each side signs: its role, then the exported value.
     let signed = |role: &[u8]| [role, &exported[..]].concat();
