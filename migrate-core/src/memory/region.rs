@@ -460,6 +460,19 @@ impl GuestRegion {
         sys::populate_read(self.host.as_ptr() as usize, self.len)
     }
 
+    /// [`populate_read`](Self::populate_read) for `count` pages from page
+    /// `first` only.
+    ///
+    /// # Errors
+    /// The kernel's refusal.
+    ///
+    /// # Panics
+    /// When the range is outside the region.
+    pub fn populate_read_pages(&self, first: usize, count: usize) -> io::Result<()> {
+        let (ptr, len) = self.span(first, count);
+        sys::populate_read(ptr as usize, len)
+    }
+
     /// Drop `count` pages from page `first`: a later read finds zeros, or,
     /// under a userfaultfd registered for missing pages, faults (post-copy
     /// fetches them). Shared backings lose the blocks; an external mapping

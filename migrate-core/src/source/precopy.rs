@@ -7,7 +7,7 @@
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::policy::{AutoConverge, DowntimeBudget, LinkRate, SwitchReason, mbps, postcopy_now};
@@ -103,16 +103,37 @@ impl Precopy<'_> {
     ) -> Result<MigrationStats, MigrationError> {
         let (session, features, reads_zero) = self.handshake(transport)?;
         self.monitor.update(|s| s.migration_id = session);
+        // Round 0 reads every page: a thread maps them in bulk, ahead of
+        // the senders, while the data connections open and the first
+        // batches go.
+        let mem = self.mem;
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("populate".into())
+                .spawn_scoped(scope, || populate_ahead(mem, &stop))
+                .map_err(
+                    |e| tracing::debug!(error = %e, "no populate thread; pages fault one by one"),
+                )
+                .ok();
+            let outcome = self.rounds(transport, session, features, reads_zero);
+            stop.store(true, Ordering::Relaxed);
+            outcome
+        })
+    }
+
+    /// From the data connections to `Committed`.
+    fn rounds(
+        &mut self,
+        transport: &mut dyn SourceTransport,
+        session: u64,
+        features: u64,
+        reads_zero: bool,
+    ) -> Result<MigrationStats, MigrationError> {
         let dest_pages = DestinationPages::new(self.mem, reads_zero);
         // (kept for a resume after a lost connection)
         let mut sender = self.open_data(transport, session, features)?;
         let mut postcopy = None;
-        // Round 0 reads every page: map them in bulk first.
-        for r in self.mem.regions() {
-            if let Err(e) = r.populate_read() {
-                tracing::debug!(gpa = r.gpa(), error = %e, "no bulk read-mapping; pages fault one by one");
-            }
-        }
         let limiter = &self.steer.limiter;
         let mut log = DirtyLog::new(self.mem);
         log.mark_all();
@@ -842,4 +863,24 @@ fn abort_behind(ctl: &mut dyn ControlChannel, e: MigrationError) -> MigrationErr
 
 pub(super) fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Map every page of `mem` readable, 16 MiB at a time from the start (the
+/// order round 0 reads them), until `stop`: one call per chunk instead of
+/// one fault per page (a tracked mapping gets no fault-around), and off
+/// the engine's path.
+fn populate_ahead(mem: &GuestMemory, stop: &AtomicBool) {
+    const CHUNK: usize = 16 << 20;
+    for r in mem.regions() {
+        let step = (CHUNK / r.page_size().bytes()).max(1);
+        let mut first = 0;
+        while first < r.pages() && !stop.load(Ordering::Relaxed) {
+            let count = step.min(r.pages() - first);
+            if let Err(e) = r.populate_read_pages(first, count) {
+                tracing::debug!(gpa = r.gpa(), error = %e, "no bulk read-mapping; pages fault one by one");
+                break;
+            }
+            first += count;
+        }
+    }
 }

@@ -14,8 +14,10 @@
 //! - Ours: `migrate-cli dest --memory-file` and `migrate-cli source
 //!   --memory-file IMAGE --guest idle --no-fill` (no `--verify`: the file
 //!   comparison checks the bytes instead). The time runs from starting the
-//!   source process to its exit (after the destination's commit): process
-//!   start, tracker set-up and connection included. The CPU is what each
+//!   source process to the destination's completion (the line it prints
+//!   once its guest resumed), the same end as QEMU's: process start,
+//!   mapping, tracker set-up and connection included; the time to the
+//!   source's exit is kept beside it (`source_exit_ms`). The CPU is what each
 //!   process reports for the migration (`resources.cpu_ms`: the source's
 //!   from just before it connects, the destination's from the connection).
 //!
@@ -93,6 +95,9 @@ pub struct PeerRun {
     pub rep: usize,
     /// End-to-end time, ms (see the module docs for the interval).
     pub ms: f64,
+    /// Ours only: from starting the source to its exit (the source's
+    /// teardown after the destination completed included), ms.
+    pub source_exit_ms: Option<f64>,
     /// CPU seconds of the source and the destination process.
     pub src_cpu_s: f64,
     pub dst_cpu_s: f64,
@@ -444,6 +449,13 @@ fn ours_run(w: &Where<'_>, prealloc: bool, r: &mut PeerRun) -> Result<()> {
     let Some(addr) = line.trim().strip_prefix("listening on ") else {
         bail!("the destination did not get ready: {line:?}");
     };
+    // The destination's next line says its guest resumed: the end.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = out.read_line(&mut line);
+        let _ = done_tx.send((Instant::now(), read.map(|_| line)));
+    });
     let t0 = Instant::now();
     let src = Command::new(&a.cli)
         .args(["source", "--connect", addr, "--streams", &streams])
@@ -455,7 +467,7 @@ fn ours_run(w: &Where<'_>, prealloc: bool, r: &mut PeerRun) -> Result<()> {
         .stdout(Stdio::null())
         .output()
         .context("running migrate-cli source")?;
-    r.ms = t0.elapsed().as_secs_f64() * 1e3;
+    r.source_exit_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
     if !src.status.success() {
         bail!(
             "source exited with {}: {}",
@@ -463,6 +475,14 @@ fn ours_run(w: &Where<'_>, prealloc: bool, r: &mut PeerRun) -> Result<()> {
             String::from_utf8_lossy(&src.stderr).trim()
         );
     }
+    let (done_at, said) = done_rx
+        .recv_timeout(Duration::from_secs(30))
+        .context("the destination did not report its completion")?;
+    let said = said.context("reading the destination's output")?;
+    if !said.contains("guest resumed") {
+        bail!("the destination did not complete: {said:?}");
+    }
+    r.ms = done_at.duration_since(t0).as_secs_f64() * 1e3;
     let dstatus = procs.0[0].wait()?;
     if !dstatus.success() {
         bail!("destination exited with {dstatus}");
