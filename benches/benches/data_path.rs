@@ -50,7 +50,7 @@ fn per_page(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("xxh3_page_hash", name), &img, |b, img| {
             b.iter(|| {
                 img.chunks(4096)
-                    .map(|p| xxhash_rust::xxh3::xxh3_64(black_box(p)))
+                    .map(|p| migrate_core::checksum::xxh3_64(black_box(p)))
                     .fold(0u64, |a, h| a ^ h)
             })
         });
@@ -95,7 +95,10 @@ fn batch_header(c: &mut Criterion) {
         kind: FrameKind::Pages,
         flags: 0,
         len,
-        check: xxhash_rust::xxh3::xxh3_64_with_seed(&table, check_seed(FrameKind::Pages, 0, len)),
+        check: migrate_core::checksum::xxh3_64_with_seed(
+            &table,
+            check_seed(FrameKind::Pages, 0, len),
+        ),
     };
     let mut g = c.benchmark_group("batch_header_128_runs");
     g.sample_size(20);

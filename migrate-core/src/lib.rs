@@ -125,6 +125,7 @@
 #![deny(unsafe_code)]
 
 mod cancel;
+pub mod checksum;
 mod control;
 pub mod destination;
 pub mod dirty;

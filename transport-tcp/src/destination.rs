@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use migrate_core::memory::{GuestMemory, MemoryLayout};
+use migrate_core::checksum::xxh3_64;
+use migrate_core::memory::{FreshPages, GuestMemory, MemoryLayout};
 use migrate_core::protocol::wire::{
     BatchHeader, HEADER_LEN, RunKind, decode_batch_header, decode_sparse_page, read_frame_header,
     read_payload,
@@ -19,7 +20,6 @@ use migrate_core::protocol::{
 use migrate_core::transport::{
     ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
 };
-use xxhash_rust::xxh3::xxh3_64;
 
 use crate::TcpConfig;
 use crate::accept::Handshakes;
@@ -179,6 +179,9 @@ impl DestinationTransport for TcpDestination {
             }
         }
         let layout = mem.layout();
+        // The pages not allocated yet, shared by the streams: each run of
+        // them is allocated in one call before its bytes are read in.
+        let fresh = Arc::new(FreshPages::new(mem));
         for (index, parts) in joined.into_iter().enumerate() {
             let Some((stream, reader)) = parts else {
                 return Err(TransportError::Stream {
@@ -188,10 +191,13 @@ impl DestinationTransport for TcpDestination {
             };
             self.kill.register(stream.socket());
             let (mem, tx, layout) = (Arc::clone(mem), tx.clone(), layout.clone());
-            let kill = self.kill.clone();
+            let (kill, fresh) = (self.kill.clone(), Arc::clone(&fresh));
             let handle = std::thread::Builder::new()
                 .name(format!("tcp-recv-{index}"))
-                .spawn(move || receive_stream(index as u16, reader, &mem, &layout, &tx, &kill))
+                .spawn(move || {
+                    let to = (&*mem, &*fresh);
+                    receive_stream(index as u16, reader, to, &layout, &tx, &kill)
+                })
                 .map_err(io("spawn receiver"))?;
             self.receivers.push(handle);
         }
@@ -303,7 +309,7 @@ struct StreamRound {
 fn receive_stream(
     stream: u16,
     mut reader: BufReader<Conn>,
-    mem: &GuestMemory,
+    to: (&GuestMemory, &FreshPages),
     layout: &MemoryLayout,
     tx: &Sender<DataEvent>,
     kill: &KillSwitch,
@@ -315,7 +321,7 @@ fn receive_stream(
             let h = read_frame_header(&mut reader)?;
             if h.kind == FrameKind::Pages {
                 let bh = decode_batch_header(&mut reader, &h, layout)?;
-                let suspect = land_batch(&mut reader, mem, &bh, &mut buffers)?;
+                let suspect = land_batch(&mut reader, to, &bh, &mut buffers)?;
                 round.batches += 1;
                 round.received.wire_bytes += (HEADER_LEN as u64) + h.len as u64;
                 for r in &bh.runs {
@@ -411,7 +417,7 @@ fn explain_timeout(error: TransportError, reader: &BufReader<Conn>) -> Transport
 /// their own hash (suspect: the source sends them again).
 fn land_batch(
     reader: &mut BufReader<Conn>,
-    mem: &GuestMemory,
+    (mem, fresh): (&GuestMemory, &FreshPages),
     bh: &BatchHeader,
     (compressed, raw): &mut (Vec<u8>, Vec<u8>),
 ) -> Result<Vec<PageRange>, TransportError> {
@@ -429,6 +435,13 @@ fn land_batch(
         }
         .into()
     };
+    // Fresh pages of the batch are allocated by run, before they are
+    // written (no fault per page).
+    for r in bh.runs.iter().filter(|r| r.kind != RunKind::Zero) {
+        fresh
+            .allocate(mem, r.region as usize, r.first as usize, r.count as usize)
+            .map_err(io("allocate guest memory for received pages"))?;
+    }
     // `raw` holds what is not read straight into guest memory: everything
     // when compressed, else the Sparse encodings after the Data bytes.
     let data_len = bh.data_len as usize;

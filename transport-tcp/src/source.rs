@@ -5,6 +5,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use migrate_core::checksum::{xxh3_64, xxh3_64_with_seed};
 use migrate_core::dirty::PageRun;
 use migrate_core::memory::{GuestMemory, PageSize, sparse_words};
 use migrate_core::protocol::wire::{
@@ -16,7 +17,6 @@ use migrate_core::transport::{
     ControlChannel, DestinationPages, PageSender, RoundContext, RoundSent, SourceTransport,
     TransportError,
 };
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::TcpConfig;
 use crate::conn::Conn;

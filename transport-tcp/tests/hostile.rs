@@ -289,7 +289,7 @@ fn page_batch(round: u32, page: u64, fill: u8, hash: Option<u64>) -> Vec<u8> {
         BatchRun, FrameHeader, RunKind, check_seed, encode_batch_header,
     };
     let bytes = vec![fill; 4096];
-    let hash = hash.unwrap_or_else(|| xxhash_rust::xxh3::xxh3_64(&bytes));
+    let hash = hash.unwrap_or_else(|| migrate_core::checksum::xxh3_64(&bytes));
     let runs = [BatchRun {
         region: 0,
         first: page,
@@ -302,7 +302,10 @@ fn page_batch(round: u32, page: u64, fill: u8, hash: Option<u64>) -> Vec<u8> {
         kind: FrameKind::Pages,
         flags: 0,
         len,
-        check: xxhash_rust::xxh3::xxh3_64_with_seed(&table, check_seed(FrameKind::Pages, 0, len)),
+        check: migrate_core::checksum::xxh3_64_with_seed(
+            &table,
+            check_seed(FrameKind::Pages, 0, len),
+        ),
     };
     let mut frame = header.to_bytes().to_vec();
     frame.extend_from_slice(&table);

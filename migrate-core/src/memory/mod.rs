@@ -15,6 +15,7 @@
 //! fallocate, the one `madvise`, `mincore`, the memlock limit) in `sys.rs`:
 //! with the vm-memory adapter, these are the module's only `unsafe`.
 
+mod fresh;
 #[allow(unsafe_code)]
 mod region;
 #[allow(unsafe_code)]
@@ -27,6 +28,7 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
+pub use fresh::FreshPages;
 pub use region::{Backing, GuestRegion};
 pub use sys::{file_reads_zero, lockable_bytes};
 #[cfg(feature = "vm-memory")]

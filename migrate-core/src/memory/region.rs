@@ -8,8 +8,8 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use crate::checksum::xxh3_64;
 use memmap2::{MmapOptions, MmapRaw};
-use xxhash_rust::xxh3::xxh3_64;
 
 use super::{MemoryError, PageSize, sys};
 
@@ -460,6 +460,15 @@ impl GuestRegion {
         sys::populate_read(self.host.as_ptr() as usize, self.len)
     }
 
+    /// Allocate `count` pages from page `first` now, writable.
+    ///
+    /// # Errors
+    /// The kernel's refusal.
+    pub fn populate_write_pages(&self, first: usize, count: usize) -> io::Result<()> {
+        let (ptr, len) = self.span(first, count);
+        sys::populate_write(ptr as usize, len)
+    }
+
     /// [`populate_read`](Self::populate_read) for `count` pages from page
     /// `first` only.
     ///
@@ -501,6 +510,20 @@ impl GuestRegion {
     /// The kernel's refusal.
     pub fn resident_bytes(&self) -> io::Result<u64> {
         sys::resident_bytes(self.host.as_ptr() as usize, self.len)
+    }
+
+    /// Which of the region's pages are resident (`mincore`); for a shared
+    /// file mapping, which pages the file holds in memory.
+    ///
+    /// # Errors
+    /// The kernel's.
+    pub fn resident_pages(&self) -> io::Result<Vec<bool>> {
+        let per = self.page_size.bytes() / 4096;
+        let bytes = sys::resident_pages(self.host.as_ptr() as usize, self.len)?;
+        Ok(bytes
+            .chunks(per.max(1))
+            .map(|c| c.iter().all(|b| b & 1 != 0))
+            .collect())
     }
 
     /// Whether the host mapping is ours (dropped with the region).

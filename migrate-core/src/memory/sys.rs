@@ -82,16 +82,27 @@ pub(super) fn discard(start: usize, len: usize, shared: bool) -> io::Result<()> 
 
 /// Bytes of `[start, start + len)` resident in RAM (`mincore`).
 pub(super) fn resident_bytes(start: usize, len: usize) -> io::Result<u64> {
+    let vec = resident_pages(start, len)?;
+    Ok(vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * base_page_size() as u64)
+}
+
+fn base_page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
-    let mut vec = vec![0u8; len.div_ceil(page)];
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize
+}
+
+/// One byte per base page of `[start, start + len)`, bit 0 set where the
+/// page is resident (`mincore`; for a shared file mapping: the file holds
+/// the page in memory).
+pub(super) fn resident_pages(start: usize, len: usize) -> io::Result<Vec<u8>> {
+    let mut vec = vec![0u8; len.div_ceil(base_page_size())];
     // SAFETY: `vec` holds one byte per page of the range; the kernel checks
     // the range itself (ENOMEM when unmapped).
     let rc = unsafe { libc::mincore(start as *mut libc::c_void, len, vec.as_mut_ptr()) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page as u64)
+    Ok(vec)
 }
 
 /// How many bytes this process may lock (pin) in RAM: `None` when it is not

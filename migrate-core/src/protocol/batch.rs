@@ -33,7 +33,7 @@
 
 use std::io::Read;
 
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use crate::checksum::xxh3_64_with_seed;
 
 use super::codec::{FrameHeader, check_seed};
 use super::{Cursor, FrameKind, ProtocolError};

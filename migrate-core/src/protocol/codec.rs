@@ -8,7 +8,7 @@
 
 use std::io::{self, Read, Write};
 
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use crate::checksum::xxh3_64_with_seed;
 
 use super::{FrameKind, MAGIC, MAX_FRAME, Message, ProtocolError, VERSION};
 

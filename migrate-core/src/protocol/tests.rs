@@ -250,7 +250,7 @@ fn hostile_payloads_are_refused_without_big_allocations() {
 }
 
 fn batch_frame(round: u32, runs: &[BatchRun], data: &[u8]) -> Vec<u8> {
-    let hashes: Vec<u64> = data.chunks(4096).map(xxhash_rust::xxh3::xxh3_64).collect();
+    let hashes: Vec<u64> = data.chunks(4096).map(crate::checksum::xxh3_64).collect();
     frame(round, runs, data, &hashes)
 }
 
@@ -264,7 +264,7 @@ fn frame(round: u32, runs: &[BatchRun], data: &[u8], hashes: &[u64]) -> Vec<u8> 
         kind: FrameKind::Pages,
         flags: 0,
         len,
-        check: xxhash_rust::xxh3::xxh3_64_with_seed(&table, check_seed(FrameKind::Pages, 0, len)),
+        check: crate::checksum::xxh3_64_with_seed(&table, check_seed(FrameKind::Pages, 0, len)),
     };
     let mut wire = h.to_bytes().to_vec();
     wire.extend_from_slice(&payload);
@@ -379,14 +379,14 @@ fn batch_headers_are_validated_against_the_layout() {
 /// A Sparse batch frame: `pages` full pages (for their hashes) travel as
 /// their words after `data`.
 fn sparse_frame(runs: &[BatchRun], data: &[u8], pages: &[Vec<u8>]) -> Vec<u8> {
-    let mut hashes: Vec<u64> = data.chunks(4096).map(xxhash_rust::xxh3::xxh3_64).collect();
+    let mut hashes: Vec<u64> = data.chunks(4096).map(crate::checksum::xxh3_64).collect();
     let mut bytes = data.to_vec();
     for p in pages {
         let mut words = Vec::new();
         assert!(crate::memory::sparse_words(p, MAX_SPARSE_WORDS, &mut words));
         let at = bytes.len();
         encode_sparse_page(&words, &mut bytes);
-        hashes.push(xxhash_rust::xxh3::xxh3_64(&bytes[at..]));
+        hashes.push(crate::checksum::xxh3_64(&bytes[at..]));
     }
     frame(0, runs, &bytes, &hashes)
 }
