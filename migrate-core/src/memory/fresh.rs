@@ -10,8 +10,8 @@
 //! Zero pages a fresh destination is never sent stay unallocated.
 //!
 //! Measured on this machine (1 GiB of a 40 % zero image into a fresh tmpfs
-//! file, two streams, loopback; three interleaved pairs): the run ended
-//! after 535–583 ms with bulk allocation against 602–685 ms without. A
+//! file, two streams, loopback; three interleaved pairs): the migration
+//! took 601–730 ms with bulk allocation against 707–751 ms without. A
 //! write through the file (`pwrite`, which skips the zeroing) was tried
 //! first and lost: two receiving threads writing one file serialize on its
 //! inode lock (17 % of the destination's CPU spinning on it).

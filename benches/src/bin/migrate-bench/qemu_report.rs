@@ -57,7 +57,7 @@ pub fn markdown(raw: &PeerRaw) -> String {
          each compared with the image byte for byte after the migration: {identical} of {n} \
          identical{}. Linux {}. Medians (min–max); the runs were interleaved. Time: QEMU from \
          `migrate` to the destination's completion event, ours from starting the source \
-         process to its exit. CPU: both processes over the migration (QEMU's from \
+         process to {}. CPU: both processes over the migration (QEMU's from \
          `migrate` on; ours as each process reports it, from its connection on). \
          `results-qemu.png` draws it.\n",
         raw.date,
@@ -72,6 +72,12 @@ pub fn markdown(raw: &PeerRaw) -> String {
             String::new()
         },
         raw.kernel,
+        if raw.runs.iter().any(|r| r.source_exit_ms.is_some()) {
+            "the destination's completion (the line it prints once its guest resumed; \
+             the source's exit, after its teardown, is `source_exit_ms` in the raw file)"
+        } else {
+            "its exit (runs before 2026-11-30)"
+        },
     );
     let _ = writeln!(
         s,
