@@ -84,7 +84,7 @@ impl Read for &Conn {
     fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
         match self {
             Conn::Plain(s) => (&**s).read_vectored(bufs),
-            Conn::Tls(t) => lock(&t.recv).read_vectored(&t.sock, bufs),
+            Conn::Tls(t) => lock(&t.recv).read_vectored(&mut &t.sock, bufs),
         }
     }
 }
@@ -132,10 +132,10 @@ impl TlsConn {
     }
 
     pub(crate) fn read(&self, out: &mut [u8]) -> io::Result<usize> {
-        lock(&self.recv).read_vectored(&self.sock, &mut [io::IoSliceMut::new(out)])
+        lock(&self.recv).read_vectored(&mut &self.sock, &mut [io::IoSliceMut::new(out)])
     }
 
     pub(crate) fn write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        lock(&self.send).write_vectored(&self.sock, bufs)
+        lock(&self.send).write_vectored(&mut &self.sock, bufs)
     }
 }

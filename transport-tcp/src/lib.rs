@@ -30,6 +30,11 @@ mod control;
 mod destination;
 pub mod pki;
 mod record;
+/// Entry points for the fuzz targets (`fuzz/`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::record::fuzz as sealed_records;
+}
 mod source;
 mod tls;
 
