@@ -277,48 +277,36 @@ impl Opener {
     /// only a record already buffered (`false` if there is none).
     fn open_next(&mut self, sock: &mut dyn Read, may_block: bool) -> io::Result<bool> {
         loop {
-            let have = self.end - self.start;
-            let need = if have >= HEADER {
-                let mut len = [0u8; HEADER];
-                len.copy_from_slice(&self.buf[self.start..self.start + HEADER]);
-                let len = u32::from_be_bytes(len) as usize;
+            let header = self.buf[self.start..self.end]
+                .first_chunk::<HEADER>()
+                .copied();
+            if let Some(header) = header {
+                let len = u32::from_be_bytes(header) as usize;
                 if !(TAG..=RECORD_PLAIN + TAG).contains(&len) {
                     return Err(crypto_error(&format!(
                         "a record of {len} bytes (a peer that is not this program, or a corrupted stream)"
                     )));
                 }
-                HEADER + len
-            } else {
-                HEADER
-            };
-            if have >= need && need > HEADER {
-                let header: [u8; HEADER] = {
-                    let mut h = [0u8; HEADER];
-                    h.copy_from_slice(&self.buf[self.start..self.start + HEADER]);
-                    h
-                };
-                let body = self.start + HEADER;
-                let nonce = self.keys.next_nonce()?;
-                let plain = self
-                    .keys
-                    .key
-                    .open_in_place(
-                        nonce,
-                        Aad::from(header),
-                        &mut self.buf[body..body + need - HEADER],
-                    )
-                    .map_err(|_| {
-                        crypto_error(
-                            "a record failed authentication (corrupted, replayed or forged)",
-                        )
-                    })?
-                    .len();
-                self.plain = (body, body + plain);
-                self.start += need;
-                if plain > 0 {
-                    return Ok(true);
+                if self.end - self.start >= HEADER + len {
+                    let body = self.start + HEADER;
+                    let nonce = self.keys.next_nonce()?;
+                    let plain = self
+                        .keys
+                        .key
+                        .open_in_place(nonce, Aad::from(header), &mut self.buf[body..body + len])
+                        .map_err(|_| {
+                            crypto_error(
+                                "a record failed authentication (corrupted, replayed or forged)",
+                            )
+                        })?
+                        .len();
+                    self.plain = (body, body + plain);
+                    self.start = body + len;
+                    if plain > 0 {
+                        return Ok(true);
+                    }
+                    continue;
                 }
-                continue;
             }
             if !may_block {
                 return Ok(false);

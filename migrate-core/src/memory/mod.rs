@@ -27,6 +27,7 @@ mod vm_memory;
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use fresh::FreshPages;
 pub use region::{Backing, GuestRegion};
@@ -509,6 +510,38 @@ impl GuestMemory {
         let (idx, off) = self.locate(gpa, buf.len())?;
         self.regions[idx].read_bytes(off, buf);
         Ok(())
+    }
+}
+
+/// One bit per page of every region, set from any thread.
+#[derive(Debug)]
+pub(crate) struct PageBits {
+    regions: Vec<Vec<AtomicU64>>,
+}
+
+impl PageBits {
+    pub(crate) fn new(mem: &GuestMemory) -> Self {
+        Self {
+            regions: mem
+                .regions()
+                .iter()
+                .map(|r| {
+                    (0..r.pages().div_ceil(64))
+                        .map(|_| AtomicU64::new(0))
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn get(&self, region: usize, page: usize) -> bool {
+        self.regions[region][page / 64].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+    }
+
+    /// Set the bit; whether it was set before.
+    pub(crate) fn set(&self, region: usize, page: usize) -> bool {
+        let bit = 1 << (page % 64);
+        self.regions[region][page / 64].fetch_or(bit, Ordering::AcqRel) & bit != 0
     }
 }
 

@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::{FaultLatency, PageBits};
+use super::FaultLatency;
 use crate::dirty::uffd::sys::{Uffd, UffdMode};
 use crate::memory::GuestMemory;
+use crate::memory::PageBits;
 use crate::protocol::{FrameKind, Message, PageRange, ProtocolError, RANGES_PER_FRAME};
 use crate::transport::{ControlChannel, ControlSender, DestinationTransport, PageFetcher};
 use crate::{MigrationError, control};

@@ -107,8 +107,6 @@
 pub(crate) mod fetch;
 pub(crate) mod serve;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use crate::memory::GuestMemory;
 use crate::protocol::{Message, PageRange, RANGES_PER_FRAME};
 use crate::transport::{ControlChannel, TransportError};
@@ -185,38 +183,6 @@ impl FaultLatency {
             p99: at(0.99),
             max: waits.last().copied().unwrap_or(0),
         }
-    }
-}
-
-/// One bit per page of every region, set from any thread.
-#[derive(Debug)]
-pub(crate) struct PageBits {
-    regions: Vec<Vec<AtomicU64>>,
-}
-
-impl PageBits {
-    pub(crate) fn new(mem: &GuestMemory) -> Self {
-        Self {
-            regions: mem
-                .regions()
-                .iter()
-                .map(|r| {
-                    (0..r.pages().div_ceil(64))
-                        .map(|_| AtomicU64::new(0))
-                        .collect()
-                })
-                .collect(),
-        }
-    }
-
-    pub(crate) fn get(&self, region: usize, page: usize) -> bool {
-        self.regions[region][page / 64].load(Ordering::Acquire) & (1 << (page % 64)) != 0
-    }
-
-    /// Set the bit; whether it was set before.
-    pub(crate) fn set(&self, region: usize, page: usize) -> bool {
-        let bit = 1 << (page % 64);
-        self.regions[region][page / 64].fetch_or(bit, Ordering::AcqRel) & bit != 0
     }
 }
 

@@ -109,13 +109,12 @@ impl Precopy<'_> {
         let mem = self.mem;
         let stop = AtomicBool::new(false);
         std::thread::scope(|scope| {
-            std::thread::Builder::new()
+            let populate = std::thread::Builder::new()
                 .name("populate".into())
-                .spawn_scoped(scope, || populate_ahead(mem, &stop))
-                .map_err(
-                    |e| tracing::debug!(error = %e, "no populate thread; pages fault one by one"),
-                )
-                .ok();
+                .spawn_scoped(scope, || populate_ahead(mem, &stop));
+            if let Err(e) = populate {
+                tracing::debug!(error = %e, "no populate thread; pages fault one by one");
+            }
             let outcome = self.rounds(transport, session, features, reads_zero);
             stop.store(true, Ordering::Relaxed);
             outcome
