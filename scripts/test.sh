@@ -37,6 +37,12 @@ if [ "$(id -u)" -eq 0 ] && ip netns add "migrate-probe-$$" 2>/dev/null; then
   ip netns del "migrate-probe-$$"
   export MIGRATE_REQUIRE_NETNS=1; have "network namespaces"
 fi
+probe=$(mktemp -d)
+if [ "$(id -u)" -eq 0 ] && mount -t tmpfs -o size=1m migrate-probe "$probe" 2>/dev/null; then
+  umount "$probe"
+  export MIGRATE_REQUIRE_MOUNT=1; have "a tmpfs to mount"
+fi
+rmdir "$probe"
 
 # A boot sector nobody here wrote (QEMU's migration-test guest), fetched
 # from Debian's QEMU source with pinned hashes: once fetched, required.

@@ -773,3 +773,49 @@ fn postcopy_into_a_disk_file_is_refused_before_the_handover() {
     assert!(err.contains("missing-page faults"), "{err}");
     assert_eq!(d.status.code(), Some(1), "{}", text(&d));
 }
+
+/// A destination whose memory file lives on a file system too small for
+/// the guest (a 4 MiB tmpfs, a 16 MiB sparse file): it fails with a clear
+/// error instead of dying of SIGBUS on the first page that finds no room,
+/// exits 1, and the source's guest runs again.
+#[test]
+fn a_full_file_system_at_the_destination_fails_cleanly() {
+    let mnt = tmp("small-tmpfs");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "migrate-small"])
+        .arg(&mnt)
+        .output();
+    match mounted {
+        Ok(o) if o.status.success() => {}
+        other => {
+            fixtures::skip(
+                "a_full_file_system_at_the_destination_fails_cleanly",
+                fixtures::Need::Mount,
+                &format!("cannot mount a tmpfs here: {other:?}"),
+            );
+            return;
+        }
+    }
+    let file = mnt.join("guest.mem");
+    std::fs::File::create(&file)
+        .and_then(|f| f.set_len(16 << 20))
+        .unwrap();
+    let (sj, dj) = (tmp("full-fs-s.json"), tmp("full-fs-d.json"));
+    let file_s = file.to_string_lossy().into_owned();
+    let (d, addr) = dest(
+        None,
+        "127.0.0.1:0",
+        &["--memory", "16M", "--memory-file", &file_s],
+        &dj,
+    );
+    let args = ["--memory", "16M", "--mix", "0:0:1", "--guest", "idle"];
+    let s = source(None, &addr, &args, &sj).wait_with_output().unwrap();
+    let d = d.wait_with_output().unwrap();
+    let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+    assert_source_runs_again(&s);
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+    assert_eq!(json(&dj)["status"], "failed");
+    let err = json(&dj)["error"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("file system is full"), "{err}");
+}

@@ -26,6 +26,9 @@ pub enum Need {
     Uffd,
     /// Network namespaces and veth pairs (root; `MIGRATE_REQUIRE_NETNS`).
     NetNs,
+    /// Mounting a small tmpfs, to fill a file system for real (root;
+    /// `MIGRATE_REQUIRE_MOUNT`).
+    Mount,
     /// A guest written elsewhere, fetched at test time (QEMU's migration
     /// test boot sector; `MIGRATE_REQUIRE_FOREIGN_GUEST`).
     ForeignGuest,
@@ -40,6 +43,7 @@ impl Need {
             Need::HugePages => "MIGRATE_REQUIRE_HUGETLB",
             Need::Uffd => "MIGRATE_REQUIRE_UFFD",
             Need::NetNs => "MIGRATE_REQUIRE_NETNS",
+            Need::Mount => "MIGRATE_REQUIRE_MOUNT",
             Need::ForeignGuest => "MIGRATE_REQUIRE_FOREIGN_GUEST",
         }
     }

@@ -19,7 +19,7 @@
 use std::io;
 
 use super::GuestMemory;
-use crate::postcopy::PageBits;
+use super::PageBits;
 
 /// Which pages of a destination's memory are allocated; shared by the
 /// receiving threads of one migration.
@@ -65,7 +65,8 @@ impl FreshPages {
     /// one call, if the first of them is fresh; about to be written.
     ///
     /// # Errors
-    /// The kernel's refusal (no memory, a full file system).
+    /// `StorageFull` when the memory file's file system has no room;
+    /// the kernel's other refusals (e.g. no memory).
     ///
     /// # Panics
     /// When the pages are outside the region.
@@ -79,7 +80,16 @@ impl FreshPages {
         if !self.is_fresh(region, first) {
             return Ok(());
         }
-        mem.regions()[region].populate_write_pages(first, count)?;
+        mem.regions()[region]
+            .populate_write_pages(first, count)
+            .map_err(|e| match e.raw_os_error() {
+                // What would have been a SIGBUS on the first write.
+                Some(libc::EFAULT) => io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "no room for the received pages: the memory file's file system is full",
+                ),
+                _ => e,
+            })?;
         for p in first..first + count {
             self.held.set(region, p);
         }
