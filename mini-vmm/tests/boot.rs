@@ -180,10 +180,17 @@ fn our_ledger_migrates_live_and_checks_itself() {
     assert!(!moved.dest_vcpu.device().halted);
 }
 
+/// A path in this process's scratch folder, emptied on first use so that a
+/// folder an earlier run left under the same process id gives no stale files.
 fn scratch(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("mini-vmm-boot-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("mini-vmm-boot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+    .join(name)
 }
 
 /// Command-line arguments of mixed kinds.

@@ -319,6 +319,8 @@ fn a_running_kvm_guest_migrates_in_postcopy() {
     }
     let expected = unmigrated_result();
     let json = std::env::temp_dir().join(format!("mini-vmm-postcopy-{}.json", std::process::id()));
+    // Never an earlier run's report under the same process id.
+    let _ = std::fs::remove_file(&json);
     let (d, addr, mut dest_out) = start_dest_with(&["--json".as_ref(), json.as_os_str()]);
     let src = bin()
         .args([

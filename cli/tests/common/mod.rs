@@ -11,9 +11,18 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_migrate-cli");
 
+/// A path in this test process's scratch folder. The folder is emptied on
+/// first use: a folder left by an earlier run whose test binary had the same
+/// process id (a fresh CI container numbers its processes alike) would
+/// otherwise hand a test the previous run's events and reports.
 pub fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("migrate-cli-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("migrate-cli-tests-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    });
     dir.join(name)
 }
 

@@ -102,6 +102,7 @@ fn memfd_is_shared_with_a_second_mapping() {
 #[test]
 fn file_backed_region_checks_size() {
     let dir = std::env::temp_dir().join(format!("mc-file-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("guest.img");
     let region = GuestRegion::file(0, 0x3000, &path).unwrap();
@@ -215,6 +216,7 @@ fn runs_land_in_order_from_partial_vectored_reads() {
 #[test]
 fn a_file_without_data_reads_zero() {
     let dir = std::env::temp_dir().join(format!("reads-zero-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("f");
     let f = std::fs::File::create(&path).unwrap();

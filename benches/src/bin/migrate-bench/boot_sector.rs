@@ -140,6 +140,8 @@ pub fn run(a: &BootArgs) -> Result<BootRaw> {
     }
     let tag = std::process::id();
     let tmp = std::env::temp_dir().join(format!("migrate-bench-boot.{tag}"));
+    // An earlier run under the same process id left nothing to read.
+    let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     let f = Files {
         image: tmp.join("sweeper.img"),

@@ -122,6 +122,8 @@ pub fn run(a: &QemuArgs) -> Result<PeerRaw> {
     let image = a.dir.join(format!("migrate-bench-image.{tag}"));
     let dst = a.dir.join(format!("migrate-bench-dst.{tag}"));
     let tmp = std::env::temp_dir().join(format!("migrate-bench-qemu.{tag}"));
+    // An earlier run under the same process id left nothing to read.
+    let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     let len = a.size_mib << 20;
     write_image(&image, len, mix)?;

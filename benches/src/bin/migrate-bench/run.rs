@@ -121,6 +121,8 @@ pub fn run(a: &RunArgs) -> Result<Raw> {
         .map(|s| Site::named(s))
         .collect::<Result<Vec<_>>>()?;
     let tmp = std::env::temp_dir().join(format!("migrate-bench.{}", std::process::id()));
+    // An earlier run under the same process id left nothing to read.
+    let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     let mut raw = Raw {
         date: date(),
