@@ -451,8 +451,9 @@ impl GuestRegion {
     /// Map every page readable now, in one call (`MADV_POPULATE_READ`), so
     /// that a pass reading all of them (the first round's zero check) does
     /// not fault once per page: a tracked (userfaultfd-registered) mapping
-    /// gets no fault-around. Reading a hole of shared memory allocates it,
-    /// as that pass would; private anonymous holes map the zero page.
+    /// gets no fault-around. Reading a hole of shared memory allocates it
+    /// (see [`data_pages`](Self::data_pages)); private anonymous holes map
+    /// the zero page.
     ///
     /// # Errors
     /// The kernel's refusal (e.g. no `MADV_POPULATE_READ` before 5.14).
@@ -524,6 +525,38 @@ impl GuestRegion {
             .chunks(per.max(1))
             .map(|c| c.iter().all(|b| b & 1 != 0))
             .collect())
+    }
+
+    /// The page ranges of a region backed by a file or memfd that may hold
+    /// data, in order; the pages between them are holes of the file: they
+    /// read as zeros and, in shared memory, take no memory until written.
+    /// Reading a hole allocates it (a tmpfs page, or a page-cache page), so
+    /// a pass over the guest skips them. `None` when the region has no file
+    /// (anonymous or adopted memory) or the file system cannot answer.
+    ///
+    /// The answer holds for the moment of the call: pages written later are
+    /// the dirty tracker's to report.
+    pub fn data_pages(&self) -> Option<Vec<std::ops::Range<usize>>> {
+        let file = self.file.as_ref()?;
+        let ps = self.page_size.bytes() as u64;
+        match sys::data_ranges(file, self.len as u64) {
+            Ok(ranges) => {
+                let mut pages: Vec<std::ops::Range<usize>> = Vec::with_capacity(ranges.len());
+                for r in ranges {
+                    let (first, end) = ((r.start / ps) as usize, r.end.div_ceil(ps) as usize);
+                    match pages.last_mut() {
+                        // Two ranges meeting inside one (huge) page.
+                        Some(last) if last.end >= first => last.end = last.end.max(end),
+                        _ => pages.push(first..end),
+                    }
+                }
+                Some(pages)
+            }
+            Err(e) => {
+                tracing::debug!(gpa = self.gpa, error = %e, "cannot find the memory file's holes");
+                None
+            }
+        }
     }
 
     /// Whether the host mapping is ours (dropped with the region).

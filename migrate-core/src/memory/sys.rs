@@ -133,3 +133,44 @@ pub fn file_reads_zero(file: &File) -> bool {
     let r = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
     r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
 }
+
+/// The byte ranges of `file`'s first `len` bytes that may hold data, in
+/// order (`SEEK_DATA` / `SEEK_HOLE`): everything else is a hole, which
+/// reads as zeros and takes no memory until written. A filesystem that
+/// cannot tell reports one range, the whole file (Linux's default). A
+/// page swapped out of shared memory counts as data; so does anything
+/// the kernel is not sure is a hole.
+pub(super) fn data_ranges(file: &File, len: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
+    let fd = file.as_raw_fd();
+    let seek = |from: u64, whence| -> io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor `file` keeps open; no memory involved.
+        let r = unsafe { libc::lseek(fd, from as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        // ENXIO: no data at or after `from` (or `from` past the end).
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let Some(start) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        if start >= len {
+            break;
+        }
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        // A hole never starts where data does; guard against a kernel
+        // that says so anyway rather than loop.
+        let end = end.max(start + 1);
+        out.push(start..end);
+        at = end;
+    }
+    Ok(out)
+}

@@ -20,6 +20,7 @@
 //! estimate, the downtime budget with its switch-over test, and
 //! auto-converge.
 
+mod holes;
 mod policy;
 mod postcopy;
 mod precopy;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::holes::Holes;
 use super::policy::{AutoConverge, DowntimeBudget, LinkRate, SwitchReason, mbps, postcopy_now};
 use super::{SourceConfig, Steering, TimeoutPolicy};
 use crate::control::expect_msg;
@@ -103,19 +104,28 @@ impl Precopy<'_> {
     ) -> Result<MigrationStats, MigrationError> {
         let (session, features, reads_zero) = self.handshake(transport)?;
         self.monitor.update(|s| s.migration_id = session);
-        // Round 0 reads every page: a thread maps them in bulk, ahead of
-        // the senders, while the data connections open and the first
+        // Tracking runs: the memory files' holes now are zero pages that
+        // round 0 need not read (reading would allocate them).
+        let holes = Holes::find(self.mem);
+        if holes.pages() > 0 {
+            tracing::info!(
+                mib = holes.bytes(self.mem) >> 20,
+                "holes in the guest's memory files: sent as zero pages, unread"
+            );
+        }
+        // Round 0 reads every other page: a thread maps them in bulk, ahead
+        // of the senders, while the data connections open and the first
         // batches go.
         let mem = self.mem;
         let stop = AtomicBool::new(false);
         std::thread::scope(|scope| {
             let populate = std::thread::Builder::new()
                 .name("populate".into())
-                .spawn_scoped(scope, || populate_ahead(mem, &stop));
+                .spawn_scoped(scope, || populate_ahead(mem, &holes, &stop));
             if let Err(e) = populate {
                 tracing::debug!(error = %e, "no populate thread; pages fault one by one");
             }
-            let outcome = self.rounds(transport, session, features, reads_zero);
+            let outcome = self.rounds(transport, session, features, reads_zero, &holes);
             stop.store(true, Ordering::Relaxed);
             outcome
         })
@@ -128,6 +138,7 @@ impl Precopy<'_> {
         session: u64,
         features: u64,
         reads_zero: bool,
+        holes: &Holes,
     ) -> Result<MigrationStats, MigrationError> {
         let dest_pages = DestinationPages::new(self.mem, reads_zero);
         // (kept for a resume after a lost connection)
@@ -136,6 +147,7 @@ impl Precopy<'_> {
         let limiter = &self.steer.limiter;
         let mut log = DirtyLog::new(self.mem);
         log.mark_all();
+        holes.clear_from(&mut log);
         let mut totals = Totals {
             rounds: 0,
             sent: RoundSent::default(),
@@ -150,6 +162,7 @@ impl Precopy<'_> {
                     transport,
                     sender.as_mut(),
                     &log,
+                    (totals.rounds == 0).then_some(holes),
                     limiter,
                     &dest_pages,
                     &mut totals,
@@ -166,6 +179,9 @@ impl Precopy<'_> {
                     // its pages count as holding anything again.
                     for run in log.runs() {
                         dest_pages.sent_data(run.region, run.first, run.count);
+                    }
+                    if totals.rounds == 0 {
+                        holes.unsent(&dest_pages);
                     }
                     sender = self.resume(transport, session, features, e)?;
                     self.tracker.harvest(&mut log)?;
@@ -357,13 +373,16 @@ impl Precopy<'_> {
         Ok(())
     }
 
-    /// Send the pages of `log` as the next round, its zero ranges and
-    /// `RoundDone`, and collect the destination's `RoundAck`.
+    /// Send the pages of `log` as the next round, its zero ranges (with
+    /// the markers `holes` need, in round 0) and `RoundDone`, and collect
+    /// the destination's `RoundAck`.
+    #[allow(clippy::too_many_arguments)]
     fn round(
         &mut self,
         transport: &mut dyn SourceTransport,
         sender: &mut dyn PageSender,
         log: &DirtyLog,
+        holes: Option<&Holes>,
         limiter: &RateLimiter,
         dest_pages: &DestinationPages,
         totals: &mut Totals,
@@ -382,7 +401,14 @@ impl Precopy<'_> {
         }
         let round_start = Instant::now();
         let runs: Vec<_> = log.runs().collect();
-        let sent = self.send_pages(sender, round, &runs, limiter, dest_pages, &totals.sent)?;
+        let mut sent = self.send_pages(sender, round, &runs, limiter, dest_pages, &totals.sent)?;
+        // Guest bytes of this round's pages: the log's, and the holes'.
+        let mut round_bytes = log.dirty_bytes();
+        if let Some(h) = holes {
+            sent.zero_ranges.extend(h.zero_ranges(dest_pages));
+            sent.zero_pages += h.pages();
+            round_bytes += h.bytes(self.mem);
+        }
         let ctl = transport.control();
         for ranges in sent.zero_ranges.chunks(ZERO_RANGES_PER_FRAME) {
             ctl.send(&Message::ZeroPages {
@@ -404,7 +430,7 @@ impl Precopy<'_> {
         let page_bytes = if pages == 0 {
             0
         } else {
-            (log.dirty_bytes() as f64 * sent.normal_pages.min(pages) as f64 / pages as f64) as u64
+            (round_bytes as f64 * sent.normal_pages.min(pages) as f64 / pages as f64) as u64
         };
         let rate = LinkRate::measure(sent.wire_bytes, secs, totals.sent.wire_bytes, totals.secs())
             .with_pages(page_bytes, secs);
@@ -673,6 +699,15 @@ impl Precopy<'_> {
         }
         let t = Instant::now();
         ctl.send(&Message::VerifyRequest)?;
+        // The guest is paused: the holes now are final, and hash as zeros
+        // without being read (and so allocated).
+        let holes = Holes::find(self.mem);
+        let zero_hash: Vec<u64> = self
+            .mem
+            .regions()
+            .iter()
+            .map(|r| crate::checksum::xxh3_64(&vec![0u8; r.page_size().bytes()]))
+            .collect();
         let mut checked = vec![0u64; self.mem.regions().len()];
         let mut differ = 0u64;
         let mut first_bad = None;
@@ -698,7 +733,12 @@ impl Precopy<'_> {
                 }))?;
             for (i, h) in hashes.iter().enumerate() {
                 let page = first as usize + i;
-                if r.hash_page(page) != *h {
+                let ours = if holes.contains(region, page) {
+                    zero_hash[region]
+                } else {
+                    r.hash_page(page)
+                };
+                if ours != *h {
                     differ += 1;
                     first_bad.get_or_insert((region, page));
                 }
@@ -868,18 +908,24 @@ pub(super) fn ms_since(t: Instant) -> f64 {
 /// order round 0 reads them), until `stop`: one call per chunk instead of
 /// one fault per page (a tracked mapping gets no fault-around), and off
 /// the engine's path.
-fn populate_ahead(mem: &GuestMemory, stop: &AtomicBool) {
+fn populate_ahead(mem: &GuestMemory, holes: &Holes, stop: &AtomicBool) {
     const CHUNK: usize = 16 << 20;
-    for r in mem.regions() {
+    for (i, r) in mem.regions().iter().enumerate() {
         let step = (CHUNK / r.page_size().bytes()).max(1);
-        let mut first = 0;
-        while first < r.pages() && !stop.load(Ordering::Relaxed) {
-            let count = step.min(r.pages() - first);
-            if let Err(e) = r.populate_read_pages(first, count) {
-                tracing::debug!(gpa = r.gpa(), error = %e, "no bulk read-mapping; pages fault one by one");
-                break;
+        // Never the holes: that would allocate them.
+        for data in holes.data_between(i, r.pages()) {
+            let mut first = data.start;
+            while first < data.end {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let count = step.min(data.end - first);
+                if let Err(e) = r.populate_read_pages(first, count) {
+                    tracing::debug!(gpa = r.gpa(), error = %e, "no bulk read-mapping; pages fault one by one");
+                    return;
+                }
+                first += count;
             }
-            first += count;
         }
     }
 }

@@ -63,6 +63,41 @@ impl DestinationPages {
         }
     }
 
+    /// Of `pages` of `region`, append those the destination may hold
+    /// non-zero bytes in to `out` as ranges, and count them as zero from now
+    /// on (the caller sends them zero markers): the range form of
+    /// [`zero_needs_sending`](Self::zero_needs_sending), a word at a time.
+    pub fn take_nonzero(
+        &self,
+        region: usize,
+        pages: std::ops::Range<usize>,
+        out: &mut Vec<crate::protocol::PageRange>,
+    ) {
+        let words = &self.regions[region];
+        let mut p = pages.start;
+        while p < pages.end {
+            let (w, b) = (p / 64, p % 64);
+            let n = (64 - b).min(pages.end - p);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << b
+            };
+            let mut set = words[w].fetch_and(!mask, Ordering::Relaxed) & mask;
+            while set != 0 {
+                let lo = set.trailing_zeros() as usize;
+                let len = (set >> lo).trailing_ones() as usize;
+                push_run(out, region, w * 64 + lo, len);
+                set &= !(if len == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << len) - 1) << lo
+                });
+            }
+            p += n;
+        }
+    }
+
     /// How many pages the destination may hold non-zero bytes in.
     pub fn maybe_nonzero(&self) -> u64 {
         self.regions
@@ -71,6 +106,25 @@ impl DestinationPages {
             .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
             .sum()
     }
+}
+
+/// Append `count` pages from `first` to `out`, joining the last range when
+/// they continue it (ranges stay within a `u32` count).
+fn push_run(out: &mut Vec<crate::protocol::PageRange>, region: usize, first: usize, count: usize) {
+    let region = region as u32;
+    if let Some(last) = out.last_mut()
+        && last.region == region
+        && last.first + u64::from(last.count) == first as u64
+        && u64::from(last.count) + count as u64 <= u64::from(u32::MAX)
+    {
+        last.count += count as u32;
+        return;
+    }
+    out.push(crate::protocol::PageRange {
+        region,
+        first: first as u64,
+        count: count as u32,
+    });
 }
 
 #[cfg(test)]
