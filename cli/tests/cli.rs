@@ -520,6 +520,88 @@ fn survives(hosts: Option<&Hosts>, listen: &str, tag: &str, fault: impl FnOnce(u
     assert_eq!(dv["guest_consistent"], true, "{dv}");
 }
 
+/// A source whose memory file is half holes, a destination whose memory
+/// file holds stale bytes (so the holes need zero markers), a guest
+/// writing all over memory (into holes too), and the destination frozen
+/// past the I/O timeout in round 0: round 0 goes again over a new
+/// connection with the pages written into holes meanwhile. Those go with
+/// their bytes, never also as zero markers racing them; verified.
+#[test]
+fn round_0_resumed_over_holes_keeps_what_the_guest_wrote_into_them() {
+    let shm = std::path::Path::new("/dev/shm");
+    assert!(
+        shm.is_dir(),
+        "no /dev/shm: the test needs a tmpfs for the source's memory"
+    );
+    /// Removes the file in /dev/shm however the test ends.
+    struct Gone(std::path::PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let src_mem = shm.join(format!("migrate-cli-holes-{}", std::process::id()));
+    let _gone = Gone(src_mem.clone());
+    let dst_mem = tmp("holes-dst.img");
+    let len = 64usize << 20;
+    {
+        let f = std::fs::File::create(&src_mem).unwrap();
+        f.set_len(len as u64).unwrap();
+        // Data in the first half, every other 64 KiB; holes elsewhere.
+        let chunk: Vec<u8> = (0..64 << 10)
+            .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 1)
+            .collect();
+        for at in (0..len / 2).step_by(128 << 10) {
+            std::os::unix::fs::FileExt::write_all_at(&f, &chunk, at as u64).unwrap();
+        }
+        std::fs::write(&dst_mem, vec![0xa5u8; len]).unwrap();
+    }
+    let (sj, dj) = (tmp("holes-s.json"), tmp("holes-d.json"));
+    let dst_arg = dst_mem.to_string_lossy().into_owned();
+    let (d, addr) = dest(
+        None,
+        "127.0.0.1:0",
+        &["--io-timeout-s", "2", "--memory-file", &dst_arg],
+        &dj,
+    );
+    let src_arg = src_mem.to_string_lossy().into_owned();
+    let s = source(
+        None,
+        &addr,
+        &[
+            "--memory",
+            "64M",
+            "--memory-file",
+            &src_arg,
+            "--no-fill",
+            "--guest",
+            "dirty",
+            "--pattern",
+            "uniform",
+            "--dirty-rate",
+            "2000",
+            "--bandwidth-mbs",
+            "8",
+            "--io-timeout-s",
+            "2",
+            "--verify",
+        ],
+        &sj,
+    );
+    wait_for_pages_landing(d.id(), 2 << 20);
+    signal(d.id(), "-STOP");
+    std::thread::sleep(Duration::from_secs(4));
+    signal(d.id(), "-CONT");
+    let s = s.wait_with_output().unwrap();
+    let v = both_migrated(&s, &d.wait_with_output().unwrap(), &sj);
+    assert!(v["reconnects"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["verified"], true, "{v}");
+    assert!(
+        v["zero_pages"].as_u64().unwrap() > 0,
+        "no holes went as zero pages: {v}"
+    );
+}
+
 /// A peer frozen for twice the I/O timeout, then thawed: the other side
 /// declares it dead, and both go on over a new connection.
 fn freeze_and_thaw(freeze_destination: bool, tag: &str) {

@@ -532,7 +532,8 @@ impl GuestRegion {
     /// read as zeros and, in shared memory, take no memory until written.
     /// Reading a hole allocates it (a tmpfs page, or a page-cache page), so
     /// a pass over the guest skips them. `None` when the region has no file
-    /// (anonymous or adopted memory) or the file system cannot answer.
+    /// (anonymous or adopted memory), or its file is not in shared memory
+    /// (tmpfs, a memfd: see `sys::data_ranges`), or the lookup failed.
     ///
     /// The answer holds for the moment of the call: pages written later are
     /// the dirty tracker's to report.
@@ -540,7 +541,8 @@ impl GuestRegion {
         let file = self.file.as_ref()?;
         let ps = self.page_size.bytes() as u64;
         match sys::data_ranges(file, self.len as u64) {
-            Ok(ranges) => {
+            Ok(None) => None,
+            Ok(Some(ranges)) => {
                 let mut pages: Vec<std::ops::Range<usize>> = Vec::with_capacity(ranges.len());
                 for r in ranges {
                     let (first, end) = ((r.start / ps) as usize, r.end.div_ceil(ps) as usize);

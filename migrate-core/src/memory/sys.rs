@@ -136,12 +136,25 @@ pub fn file_reads_zero(file: &File) -> bool {
 
 /// The byte ranges of `file`'s first `len` bytes that may hold data, in
 /// order (`SEEK_DATA` / `SEEK_HOLE`): everything else is a hole, which
-/// reads as zeros and takes no memory until written. A filesystem that
-/// cannot tell reports one range, the whole file (Linux's default). A
-/// page swapped out of shared memory counts as data; so does anything
-/// the kernel is not sure is a hole.
-pub(super) fn data_ranges(file: &File, len: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
-    let fd = file.as_raw_fd();
+/// reads as zeros and takes no memory until written. `None` unless the
+/// file lives in shared memory (tmpfs, a memfd): the only memory a read
+/// of a hole allocates for good, and a file system that answers from the
+/// pages themselves (a page swapped out counts as data) — a FUSE server,
+/// say, might not know of pages written through a mapping and not yet
+/// written back. The file is reopened for the lookup, so the offset it
+/// shares with every copy of its descriptor does not move.
+pub(super) fn data_ranges(file: &File, len: u64) -> io::Result<Option<Vec<std::ops::Range<u64>>>> {
+    const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    // SAFETY: fstatfs fills the struct we pass; the descriptor is open.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.f_type as libc::c_long != TMPFS_MAGIC {
+        return Ok(None);
+    }
+    let own = File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let fd = own.as_raw_fd();
     let seek = |from: u64, whence| -> io::Result<Option<u64>> {
         // SAFETY: lseek on a descriptor `file` keeps open; no memory involved.
         let r = unsafe { libc::lseek(fd, from as libc::off_t, whence) };
@@ -172,5 +185,5 @@ pub(super) fn data_ranges(file: &File, len: u64) -> io::Result<Vec<std::ops::Ran
         out.push(start..end);
         at = end;
     }
-    Ok(out)
+    Ok(Some(out))
 }

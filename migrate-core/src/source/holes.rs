@@ -18,11 +18,22 @@ use crate::memory::GuestMemory;
 use crate::protocol::PageRange;
 use crate::transport::DestinationPages;
 
+/// What the holes add to round 0: the zero markers they need, and the
+/// hole pages (and their bytes) the round does not read.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct HoleRound {
+    pub markers: Vec<PageRange>,
+    pub pages: u64,
+    pub bytes: u64,
+}
+
 /// Per region, the page ranges that were holes of its memory file when
 /// [`Holes::find`] looked.
 #[derive(Debug, Default)]
 pub(super) struct Holes {
     regions: Vec<Vec<Range<usize>>>,
+    /// Per region, its page size in bytes.
+    page_bytes: Vec<u64>,
 }
 
 impl Holes {
@@ -38,7 +49,15 @@ impl Holes {
                 None => Vec::new(),
             })
             .collect();
-        Self { regions }
+        let page_bytes = mem
+            .regions()
+            .iter()
+            .map(|r| r.page_size().bytes() as u64)
+            .collect();
+        Self {
+            regions,
+            page_bytes,
+        }
     }
 
     /// How many pages are holes.
@@ -47,13 +66,11 @@ impl Holes {
     }
 
     /// How many bytes of guest memory they are.
-    pub fn bytes(&self, mem: &GuestMemory) -> u64 {
+    pub fn bytes(&self) -> u64 {
         self.regions
             .iter()
-            .zip(mem.regions())
-            .map(|(h, r)| {
-                h.iter().map(|h| h.len() as u64).sum::<u64>() * r.page_size().bytes() as u64
-            })
+            .zip(&self.page_bytes)
+            .map(|(h, ps)| h.iter().map(|h| h.len() as u64).sum::<u64>() * ps)
             .sum()
     }
 
@@ -84,25 +101,42 @@ impl Holes {
     }
 
     /// The zero markers the holes need: those of their pages where the
-    /// destination may hold something else (none for a fresh destination).
-    /// Asked once per round that carries the holes.
-    pub fn zero_ranges(&self, dest_pages: &DestinationPages) -> Vec<PageRange> {
-        let mut out = Vec::new();
+    /// destination may hold something else (none for a fresh destination),
+    /// leaving out the pages `log` sends with their bytes (after a lost
+    /// round 0, those the guest wrote into holes meanwhile: a marker racing
+    /// their bytes could zero them). The bits of the pages returned are
+    /// clear afterwards (see [`unsent`](Self::unsent)).
+    pub fn zero_ranges(&self, dest_pages: &DestinationPages, log: &DirtyLog) -> HoleRound {
+        let mut out = HoleRound::default();
         for (region, holes) in self.regions.iter().enumerate() {
+            let dirty = log.region(region);
+            let page_bytes = self.page_bytes[region];
             for h in holes {
-                dest_pages.take_nonzero(region, h.clone(), &mut out);
+                let bits = &dirty[h.clone()];
+                let mut i = 0;
+                while let Some(clean) = bits[i..].first_zero() {
+                    let start = i + clean;
+                    let end = bits[start..].first_one().map_or(bits.len(), |d| start + d);
+                    dest_pages.take_nonzero(
+                        region,
+                        h.start + start..h.start + end,
+                        &mut out.markers,
+                    );
+                    out.pages += (end - start) as u64;
+                    out.bytes += (end - start) as u64 * page_bytes;
+                    i = end;
+                }
             }
         }
         out
     }
 
-    /// The round that carried the holes was lost: their markers may not
-    /// have landed, so the destination may hold anything there again.
-    pub fn unsent(&self, dest_pages: &DestinationPages) {
-        for (region, holes) in self.regions.iter().enumerate() {
-            for h in holes {
-                dest_pages.sent_data(region, h.start, h.len());
-            }
+    /// The round that carried `markers` (from [`zero_ranges`](Self::zero_ranges))
+    /// was lost: they may not have landed, so the destination may hold
+    /// anything there again.
+    pub fn unsent(markers: &[PageRange], dest_pages: &DestinationPages) {
+        for m in markers {
+            dest_pages.sent_data(m.region as usize, m.first as usize, m.count as usize);
         }
     }
 }
@@ -154,7 +188,7 @@ mod tests {
         assert!(holes.of(0).is_empty(), "anonymous memory has no file");
         assert_eq!(holes.of(1), &[3..50, 51..100, 101..255]);
         assert_eq!(holes.pages(), 47 + 49 + 154);
-        assert_eq!(holes.bytes(&mem), holes.pages() * 4096);
+        assert_eq!(holes.bytes(), holes.pages() * 4096);
         // Looking did not allocate them.
         assert_eq!(Holes::find(&mem).of(1), holes.of(1));
         let mut log = DirtyLog::new(&mem);
@@ -179,44 +213,59 @@ mod tests {
         mem.regions()[0].write_bytes(150 * 4096, &[1]);
         let holes = Holes::find(&mem);
         assert_eq!(holes.of(0), &[1..150, 151..200]);
+        let none = DirtyLog::new(&mem);
         let fresh = DestinationPages::new(&mem, true);
-        assert!(holes.zero_ranges(&fresh).is_empty());
+        let round = |d: &DestinationPages, log: &DirtyLog| {
+            let r = holes.zero_ranges(d, log);
+            assert_eq!(r.bytes, r.pages * 4096);
+            (r.markers, r.pages)
+        };
+        assert_eq!(round(&fresh, &none), (vec![], 198));
         fresh.sent_data(0, 60, 70);
-        let r = holes.zero_ranges(&fresh);
+        let (r, zero) = round(&fresh, &none);
         assert_eq!(
-            r,
-            vec![PageRange {
-                region: 0,
-                first: 60,
-                count: 70
-            }]
+            (r.clone(), zero),
+            (
+                vec![PageRange {
+                    region: 0,
+                    first: 60,
+                    count: 70
+                }],
+                198
+            )
         );
-        // Once marked, zero; lost, and marked again.
-        assert!(holes.zero_ranges(&fresh).is_empty());
-        holes.unsent(&fresh);
-        assert_eq!(
-            holes
-                .zero_ranges(&fresh)
-                .iter()
-                .map(|r| r.count)
-                .sum::<u32>(),
-            198
-        );
+        // Once marked, zero; lost, and marked again (those only).
+        assert!(round(&fresh, &none).0.is_empty());
+        Holes::unsent(&r, &fresh);
+        assert_eq!(round(&fresh, &none).0, r);
         let stale = DestinationPages::new(&mem, false);
+        // Pages the log sends with their bytes get no marker.
+        let mut log = DirtyLog::new(&mem);
+        log.mark_range(0, 10, 5);
+        log.mark(0, 149);
+        log.mark(0, 199);
         assert_eq!(
-            holes.zero_ranges(&stale),
-            vec![
-                PageRange {
-                    region: 0,
-                    first: 1,
-                    count: 149
-                },
-                PageRange {
-                    region: 0,
-                    first: 151,
-                    count: 49
-                },
-            ]
+            round(&stale, &log),
+            (
+                vec![
+                    PageRange {
+                        region: 0,
+                        first: 1,
+                        count: 9
+                    },
+                    PageRange {
+                        region: 0,
+                        first: 15,
+                        count: 134
+                    },
+                    PageRange {
+                        region: 0,
+                        first: 151,
+                        count: 48
+                    },
+                ],
+                191
+            )
         );
     }
 }

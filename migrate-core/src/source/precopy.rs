@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::holes::Holes;
+use super::holes::{HoleRound, Holes};
 use super::policy::{AutoConverge, DowntimeBudget, LinkRate, SwitchReason, mbps, postcopy_now};
 use super::{SourceConfig, Steering, TimeoutPolicy};
 use crate::control::expect_msg;
@@ -109,7 +109,7 @@ impl Precopy<'_> {
         let holes = Holes::find(self.mem);
         if holes.pages() > 0 {
             tracing::info!(
-                mib = holes.bytes(self.mem) >> 20,
+                mib = holes.bytes() >> 20,
                 "holes in the guest's memory files: sent as zero pages, unread"
             );
         }
@@ -157,12 +157,18 @@ impl Precopy<'_> {
         };
         loop {
             self.check_cancel()?;
+            // Round 0 carries the holes: zero markers where needed.
+            let hole_round = if totals.rounds == 0 {
+                holes.zero_ranges(&dest_pages, &log)
+            } else {
+                HoleRound::default()
+            };
             let done = match self
                 .round(
                     transport,
                     sender.as_mut(),
                     &log,
-                    (totals.rounds == 0).then_some(holes),
+                    &hole_round,
                     limiter,
                     &dest_pages,
                     &mut totals,
@@ -180,9 +186,7 @@ impl Precopy<'_> {
                     for run in log.runs() {
                         dest_pages.sent_data(run.region, run.first, run.count);
                     }
-                    if totals.rounds == 0 {
-                        holes.unsent(&dest_pages);
-                    }
+                    Holes::unsent(&hole_round.markers, &dest_pages);
                     sender = self.resume(transport, session, features, e)?;
                     self.tracker.harvest(&mut log)?;
                     continue;
@@ -374,15 +378,15 @@ impl Precopy<'_> {
     }
 
     /// Send the pages of `log` as the next round, its zero ranges (with
-    /// the markers `holes` need, in round 0) and `RoundDone`, and collect
-    /// the destination's `RoundAck`.
+    /// the holes' markers and the number of hole pages, in round 0) and
+    /// `RoundDone`, and collect the destination's `RoundAck`.
     #[allow(clippy::too_many_arguments)]
     fn round(
         &mut self,
         transport: &mut dyn SourceTransport,
         sender: &mut dyn PageSender,
         log: &DirtyLog,
-        holes: Option<&Holes>,
+        holes: &HoleRound,
         limiter: &RateLimiter,
         dest_pages: &DestinationPages,
         totals: &mut Totals,
@@ -403,12 +407,9 @@ impl Precopy<'_> {
         let runs: Vec<_> = log.runs().collect();
         let mut sent = self.send_pages(sender, round, &runs, limiter, dest_pages, &totals.sent)?;
         // Guest bytes of this round's pages: the log's, and the holes'.
-        let mut round_bytes = log.dirty_bytes();
-        if let Some(h) = holes {
-            sent.zero_ranges.extend(h.zero_ranges(dest_pages));
-            sent.zero_pages += h.pages();
-            round_bytes += h.bytes(self.mem);
-        }
+        sent.zero_ranges.extend_from_slice(&holes.markers);
+        sent.zero_pages += holes.pages;
+        let round_bytes = log.dirty_bytes() + holes.bytes;
         let ctl = transport.control();
         for ranges in sent.zero_ranges.chunks(ZERO_RANGES_PER_FRAME) {
             ctl.send(&Message::ZeroPages {
@@ -910,7 +911,7 @@ pub(super) fn ms_since(t: Instant) -> f64 {
 /// the engine's path.
 fn populate_ahead(mem: &GuestMemory, holes: &Holes, stop: &AtomicBool) {
     const CHUNK: usize = 16 << 20;
-    for (i, r) in mem.regions().iter().enumerate() {
+    'regions: for (i, r) in mem.regions().iter().enumerate() {
         let step = (CHUNK / r.page_size().bytes()).max(1);
         // Never the holes: that would allocate them.
         for data in holes.data_between(i, r.pages()) {
@@ -922,7 +923,7 @@ fn populate_ahead(mem: &GuestMemory, holes: &Holes, stop: &AtomicBool) {
                 let count = step.min(data.end - first);
                 if let Err(e) = r.populate_read_pages(first, count) {
                     tracing::debug!(gpa = r.gpa(), error = %e, "no bulk read-mapping; pages fault one by one");
-                    return;
+                    continue 'regions;
                 }
                 first += count;
             }
