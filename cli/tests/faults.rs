@@ -648,3 +648,41 @@ fn destination_killed_during_postcopy_is_exit_4() {
         "{err}"
     );
 }
+
+/// The source dies during post-copy (SIGKILL once its events say
+/// `postcopy`): the destination runs a guest some of whose pages are gone
+/// with it. After its reconnection grace it gives up: exit 4, status
+/// `postcopy-interrupted`, never 0 (a guest with holes is not a migrated
+/// guest) nor 1 (there is no source guest left to fall back on).
+#[test]
+fn source_killed_during_postcopy_is_exit_4_at_the_destination() {
+    let (sj, dj, ev) = (
+        tmp("pc-skill-s.json"),
+        tmp("pc-skill-d.json"),
+        tmp("pc-skill.events"),
+    );
+    let (d, addr) = dest(None, "127.0.0.1:0", &["--reconnect-s", "2"], &dj);
+    let ev_s = ev.to_string_lossy().into_owned();
+    let mut args = POSTCOPY_GUEST.to_vec();
+    args.extend([
+        "--memory",
+        "2M",
+        "--postcopy-after-rounds",
+        "2",
+        "--events",
+        &ev_s,
+    ]);
+    let s = source(None, &addr, &args, &sj);
+    wait_for_event(&ev, "postcopy");
+    signal(s.id(), "-KILL");
+    let _ = s.wait_with_output();
+    let (end, d) = finish(d, Duration::from_secs(60));
+    assert_eq!(d.status.code(), Some(4), "{end:?}: {}", text(&d));
+    let v = json(&dj);
+    assert_eq!(v["status"], "postcopy-interrupted", "{v}");
+    let err = String::from_utf8_lossy(&d.stderr);
+    assert!(
+        err.contains("without all of its pages") && !err.contains("received memory discarded"),
+        "{err}"
+    );
+}
