@@ -612,18 +612,17 @@ fn a_source_frozen_in_each_phase() {
     );
 }
 
-/// The destination dies during post-copy (SIGKILL once the source's
-/// events say `postcopy`): the source cannot give its guest back — the
-/// destination ran it — nor finish: exit 4, status `postcopy-interrupted`,
-/// its guest paused and its memory kept (it says so), never exit 0 or 1.
-#[test]
-fn destination_killed_during_postcopy_is_exit_4() {
+/// A post-copy migration of a 2 MiB guest that out-dirties its 1 MB/s
+/// link, once the source's events say `postcopy` (the destination runs
+/// the guest, most of its pages still at the source): the destination and
+/// the source, and their report files.
+fn in_postcopy(tag: &str, dest_extra: &[&str]) -> (Child, Child, PathBuf, PathBuf) {
     let (sj, dj, ev) = (
-        tmp("pc-kill-s.json"),
-        tmp("pc-kill-d.json"),
-        tmp("pc-kill.events"),
+        tmp(&format!("{tag}-s.json")),
+        tmp(&format!("{tag}-d.json")),
+        tmp(&format!("{tag}.events")),
     );
-    let (d, addr) = dest(None, "127.0.0.1:0", &[], &dj);
+    let (d, addr) = dest(None, "127.0.0.1:0", dest_extra, &dj);
     let ev_s = ev.to_string_lossy().into_owned();
     let mut args = POSTCOPY_GUEST.to_vec();
     args.extend([
@@ -636,6 +635,16 @@ fn destination_killed_during_postcopy_is_exit_4() {
     ]);
     let s = source(None, &addr, &args, &sj);
     wait_for_event(&ev, "postcopy");
+    (d, s, sj, dj)
+}
+
+/// The destination dies during post-copy (SIGKILL once the source's
+/// events say `postcopy`): the source cannot give its guest back — the
+/// destination ran it — nor finish: exit 4, status `postcopy-interrupted`,
+/// its guest paused and its memory kept (it says so), never exit 0 or 1.
+#[test]
+fn destination_killed_during_postcopy_is_exit_4() {
+    let (d, s, sj, _) = in_postcopy("pc-kill", &[]);
     signal(d.id(), "-KILL");
     let _ = d.wait_with_output();
     let (end, s) = finish(s, Duration::from_secs(60));
@@ -656,24 +665,7 @@ fn destination_killed_during_postcopy_is_exit_4() {
 /// guest) nor 1 (there is no source guest left to fall back on).
 #[test]
 fn source_killed_during_postcopy_is_exit_4_at_the_destination() {
-    let (sj, dj, ev) = (
-        tmp("pc-skill-s.json"),
-        tmp("pc-skill-d.json"),
-        tmp("pc-skill.events"),
-    );
-    let (d, addr) = dest(None, "127.0.0.1:0", &["--reconnect-s", "2"], &dj);
-    let ev_s = ev.to_string_lossy().into_owned();
-    let mut args = POSTCOPY_GUEST.to_vec();
-    args.extend([
-        "--memory",
-        "2M",
-        "--postcopy-after-rounds",
-        "2",
-        "--events",
-        &ev_s,
-    ]);
-    let s = source(None, &addr, &args, &sj);
-    wait_for_event(&ev, "postcopy");
+    let (d, s, _, dj) = in_postcopy("pc-skill", &["--reconnect-s", "2"]);
     signal(s.id(), "-KILL");
     let _ = s.wait_with_output();
     let (end, d) = finish(d, Duration::from_secs(60));
