@@ -63,9 +63,22 @@ pub fn sparse_words(page: &[u8], max: usize, out: &mut Vec<(u16, u64)>) -> bool 
     if page.len() % 64 != 0 || page.len() / 8 > usize::from(u16::MAX) + 1 {
         return false;
     }
+    let word = |w: &[u8]| w.first_chunk().map_or(0, |w| u64::from_le_bytes(*w));
+    // Most pages are dense and fail within their first `max + 1` words:
+    // count those branch-free (the compiler vectorizes it) before
+    // collecting any.
+    let head = (max + 1).div_ceil(8) * 64;
+    if head <= page.len()
+        && page[..head]
+            .chunks_exact(8)
+            .filter(|w| word(w) != 0)
+            .count()
+            > max
+    {
+        return false;
+    }
     let mut found = 0;
     for (b, block) in page.chunks_exact(64).enumerate() {
-        let word = |w: &[u8]| w.first_chunk().map_or(0, |w| u64::from_le_bytes(*w));
         if block.chunks_exact(8).fold(0, |acc, w| acc | word(w)) == 0 {
             continue;
         }

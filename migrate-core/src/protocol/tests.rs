@@ -431,6 +431,23 @@ fn sparse_pages_round_trip_and_bad_encodings_are_refused() {
         MAX_SPARSE_WORDS,
         &mut Vec::new()
     ));
+    // The same limits with every word at the start of the page (where the
+    // dense test counts before collecting).
+    let mut head = vec![0u8; 4096];
+    (0..MAX_SPARSE_WORDS).for_each(|i| head[i * 8 + 7] = 1);
+    let mut words = Vec::new();
+    assert!(crate::memory::sparse_words(
+        &head,
+        MAX_SPARSE_WORDS,
+        &mut words
+    ));
+    assert_eq!(words.len(), MAX_SPARSE_WORDS);
+    head[MAX_SPARSE_WORDS * 8] = 1;
+    assert!(!crate::memory::sparse_words(
+        &head,
+        MAX_SPARSE_WORDS,
+        &mut Vec::new()
+    ));
 
     let entry = |i: u16, v: u64| [i.to_le_bytes().to_vec(), v.to_le_bytes().to_vec()].concat();
     let cases: Vec<(Vec<u8>, &str)> = vec![
