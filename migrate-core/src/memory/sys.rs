@@ -145,8 +145,9 @@ pub fn file_reads_zero(file: &File) -> bool {
 /// shares with every copy of its descriptor does not move.
 pub(super) fn data_ranges(file: &File, len: u64) -> io::Result<Option<Vec<std::ops::Range<u64>>>> {
     const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
-    // SAFETY: fstatfs fills the struct we pass; the descriptor is open.
+    // SAFETY: `statfs` is plain integers, for which all zeros is valid.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs fills the struct we pass; the descriptor is open.
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -156,7 +157,7 @@ pub(super) fn data_ranges(file: &File, len: u64) -> io::Result<Option<Vec<std::o
     let own = File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
     let fd = own.as_raw_fd();
     let seek = |from: u64, whence| -> io::Result<Option<u64>> {
-        // SAFETY: lseek on a descriptor `file` keeps open; no memory involved.
+        // SAFETY: lseek on a descriptor `own` keeps open; no memory involved.
         let r = unsafe { libc::lseek(fd, from as libc::off_t, whence) };
         if r >= 0 {
             return Ok(Some(r as u64));

@@ -27,6 +27,16 @@ pub(super) struct HoleRound {
     pub bytes: u64,
 }
 
+impl HoleRound {
+    /// The round that carried these markers was lost: they may not have
+    /// landed, so the destination may hold anything there again.
+    pub fn unsent(&self, dest_pages: &DestinationPages) {
+        for m in &self.markers {
+            dest_pages.sent_data(m.region as usize, m.first as usize, m.count as usize);
+        }
+    }
+}
+
 /// Per region, the page ranges that were holes of its memory file when
 /// [`Holes::find`] looked.
 #[derive(Debug, Default)]
@@ -105,7 +115,7 @@ impl Holes {
     /// leaving out the pages `log` sends with their bytes (after a lost
     /// round 0, those the guest wrote into holes meanwhile: a marker racing
     /// their bytes could zero them). The bits of the pages returned are
-    /// clear afterwards (see [`unsent`](Self::unsent)).
+    /// clear afterwards (see [`HoleRound::unsent`]).
     pub fn zero_ranges(&self, dest_pages: &DestinationPages, log: &DirtyLog) -> HoleRound {
         let mut out = HoleRound::default();
         for (region, holes) in self.regions.iter().enumerate() {
@@ -129,15 +139,6 @@ impl Holes {
             }
         }
         out
-    }
-
-    /// The round that carried `markers` (from [`zero_ranges`](Self::zero_ranges))
-    /// was lost: they may not have landed, so the destination may hold
-    /// anything there again.
-    pub fn unsent(markers: &[PageRange], dest_pages: &DestinationPages) {
-        for m in markers {
-            dest_pages.sent_data(m.region as usize, m.first as usize, m.count as usize);
-        }
     }
 }
 
@@ -236,7 +237,11 @@ mod tests {
         );
         // Once marked, zero; lost, and marked again (those only).
         assert!(round(&fresh, &none).0.is_empty());
-        Holes::unsent(&r, &fresh);
+        HoleRound {
+            markers: r.clone(),
+            ..HoleRound::default()
+        }
+        .unsent(&fresh);
         assert_eq!(round(&fresh, &none).0, r);
         let stale = DestinationPages::new(&mem, false);
         // Pages the log sends with their bytes get no marker.

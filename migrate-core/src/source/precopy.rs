@@ -186,7 +186,7 @@ impl Precopy<'_> {
                     for run in log.runs() {
                         dest_pages.sent_data(run.region, run.first, run.count);
                     }
-                    Holes::unsent(&hole_round.markers, &dest_pages);
+                    hole_round.unsent(&dest_pages);
                     sender = self.resume(transport, session, features, e)?;
                     self.tracker.harvest(&mut log)?;
                     continue;
@@ -406,7 +406,8 @@ impl Precopy<'_> {
         let round_start = Instant::now();
         let runs: Vec<_> = log.runs().collect();
         let mut sent = self.send_pages(sender, round, &runs, limiter, dest_pages, &totals.sent)?;
-        // Guest bytes of this round's pages: the log's, and the holes'.
+        // The holes are zero pages of this round: their markers go with the
+        // round's, their bytes count with the log's.
         sent.zero_ranges.extend_from_slice(&holes.markers);
         sent.zero_pages += holes.pages;
         let round_bytes = log.dirty_bytes() + holes.bytes;
