@@ -54,6 +54,11 @@ impl Conn {
         }
     }
 
+    /// Whether an AEAD seals this connection's records (TLS).
+    pub(crate) fn sealed(&self) -> bool {
+        matches!(self, Conn::Tls(_))
+    }
+
     pub(crate) fn shutdown(&self) {
         let _ = self.socket().shutdown(Shutdown::Both);
     }

@@ -15,7 +15,7 @@ use migrate_core::protocol::wire::{
     read_payload,
 };
 use migrate_core::protocol::{
-    FEATURE_SPARSE, FEATURE_ZSTD, FrameKind, Message, PageRange, ProtocolError,
+    FEATURE_SPARSE, FEATURE_UNHASHED, FEATURE_ZSTD, FrameKind, Message, PageRange, ProtocolError,
 };
 use migrate_core::transport::{
     ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
@@ -131,7 +131,13 @@ impl DestinationTransport for TcpDestination {
     }
 
     fn features(&self) -> u64 {
-        FEATURE_ZSTD | if self.cfg.sparse { FEATURE_SPARSE } else { 0 }
+        FEATURE_ZSTD
+            | if self.cfg.sparse { FEATURE_SPARSE } else { 0 }
+            | if self.cfg.tls.is_some() {
+                FEATURE_UNHASHED
+            } else {
+                0
+            }
     }
 
     fn control(&mut self) -> &mut dyn ControlChannel {
@@ -143,7 +149,7 @@ impl DestinationTransport for TcpDestination {
         mem: &Arc<GuestMemory>,
         session: u64,
         streams: u16,
-        _features: u64,
+        features: u64,
     ) -> Result<Receiver<DataEvent>, TransportError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut joined: Vec<Option<(Conn, BufReader<Conn>)>> = (0..streams).map(|_| None).collect();
@@ -190,13 +196,17 @@ impl DestinationTransport for TcpDestination {
                 });
             };
             self.kill.register(stream.socket());
+            // Batches without page hashes only where both ends agreed and
+            // an AEAD seals this connection.
+            let unhashed_ok = features & FEATURE_UNHASHED != 0 && stream.sealed();
             let (mem, tx, layout) = (Arc::clone(mem), tx.clone(), layout.clone());
             let (kill, fresh) = (self.kill.clone(), Arc::clone(&fresh));
             let handle = std::thread::Builder::new()
                 .name(format!("tcp-recv-{index}"))
                 .spawn(move || {
                     let to = (&*mem, &*fresh);
-                    receive_stream(index as u16, reader, to, &layout, &tx, &kill)
+                    let expect = (&layout, unhashed_ok);
+                    receive_stream(index as u16, reader, to, expect, &tx, &kill)
                 })
                 .map_err(io("spawn receiver"))?;
             self.receivers.push(handle);
@@ -310,7 +320,7 @@ fn receive_stream(
     stream: u16,
     mut reader: BufReader<Conn>,
     to: (&GuestMemory, &FreshPages),
-    layout: &MemoryLayout,
+    (layout, unhashed_ok): (&MemoryLayout, bool),
     tx: &Sender<DataEvent>,
     kill: &KillSwitch,
 ) {
@@ -321,6 +331,14 @@ fn receive_stream(
             let h = read_frame_header(&mut reader)?;
             if h.kind == FrameKind::Pages {
                 let bh = decode_batch_header(&mut reader, &h, layout)?;
+                if bh.unhashed && !unhashed_ok {
+                    return Err(ProtocolError::Malformed {
+                        kind: FrameKind::Pages,
+                        detail: "a batch without page hashes on a connection that is not sealed"
+                            .into(),
+                    }
+                    .into());
+                }
                 let suspect = land_batch(&mut reader, to, &bh, &mut buffers)?;
                 round.batches += 1;
                 round.received.wire_bytes += (HEADER_LEN as u64) + h.len as u64;
@@ -487,7 +505,6 @@ fn land_batch(
                     data_pos += len;
                 }
                 for i in 0..count {
-                    let expected = hashes.next().copied();
                     let found = if run.kind == RunKind::Sparse {
                         // Checked as encoded, then zeroed and written.
                         let enc = &raw[sparse_pos..];
@@ -498,10 +515,13 @@ fn land_batch(
                         for &(w, v) in &words {
                             region.write_bytes(p * ps + usize::from(w) * 8, &v.to_le_bytes());
                         }
-                        xxh3_64(&enc[..took])
+                        (!bh.unhashed).then(|| xxh3_64(&enc[..took]))
                     } else {
-                        region.hash_page(first + i)
+                        // Sealed records: their AEAD checked every byte.
+                        (!bh.unhashed).then(|| region.hash_page(first + i))
                     };
+                    let Some(found) = found else { continue };
+                    let expected = hashes.next().copied();
                     if expected != Some(found) {
                         let p = (first + i) as u64;
                         match suspect.last_mut() {

@@ -9,10 +9,10 @@ use migrate_core::checksum::{xxh3_64, xxh3_64_with_seed};
 use migrate_core::dirty::PageRun;
 use migrate_core::memory::{GuestMemory, PageSize, sparse_words};
 use migrate_core::protocol::wire::{
-    BatchRun, FrameHeader, HEADER_LEN, MAX_BATCH_BYTES, MAX_SPARSE_WORDS, RunKind, check_seed,
-    encode_batch_header, encode_sparse_page, write_message,
+    BatchRun, FLAG_UNHASHED, FLAG_ZSTD, FrameHeader, HEADER_LEN, MAX_BATCH_BYTES, MAX_SPARSE_WORDS,
+    RunKind, check_seed, encode_batch_header, encode_sparse_page, write_message,
 };
-use migrate_core::protocol::{FEATURE_SPARSE, FEATURE_ZSTD, FrameKind, Message};
+use migrate_core::protocol::{FEATURE_SPARSE, FEATURE_UNHASHED, FEATURE_ZSTD, FrameKind, Message};
 use migrate_core::transport::{
     ControlChannel, DestinationPages, PageSender, RoundContext, RoundSent, SourceTransport,
     TransportError,
@@ -25,7 +25,6 @@ use crate::control::{KillSwitch, TcpControl, io, prepare};
 /// Raw page bytes a batch aims for: large enough to amortize headers and
 /// syscalls, small enough to spread a round over all streams.
 const BATCH_TARGET: usize = 512 << 10;
-const FLAG_ZSTD: u8 = 1;
 
 /// A source connected to a destination over TCP.
 #[derive(Debug)]
@@ -95,6 +94,11 @@ impl SourceTransport for TcpSource {
     fn features(&self) -> u64 {
         (if self.cfg.compress { FEATURE_ZSTD } else { 0 })
             | if self.cfg.sparse { FEATURE_SPARSE } else { 0 }
+            | if self.cfg.tls.is_some() {
+                FEATURE_UNHASHED
+            } else {
+                0
+            }
     }
 
     fn control(&mut self) -> &mut dyn ControlChannel {
@@ -130,6 +134,7 @@ impl SourceTransport for TcpSource {
             enc: Encoding {
                 compress: (features & FEATURE_ZSTD != 0).then_some(self.cfg.compress_level),
                 sparse: features & FEATURE_SPARSE != 0,
+                unhashed: features & FEATURE_UNHASHED != 0,
             },
         }))
     }
@@ -176,6 +181,8 @@ struct Encoding {
     compress: Option<i32>,
     /// 4 KiB pages with few non-zero words go as those words.
     sparse: bool,
+    /// Batches on sealed connections go without page hashes.
+    unhashed: bool,
 }
 
 impl PageSender for TcpPageSender {
@@ -367,6 +374,8 @@ fn send_batch(
     scratch: &mut Scratch,
 ) -> Result<RoundSent, TransportError> {
     let mut sent = RoundSent::default();
+    // The records' AEAD authenticates every byte: no page hashes.
+    let hashed = !(enc.unhashed && stream.sealed());
     scratch.runs.clear();
     scratch.sparse.clear();
     scratch.sparse_hashes.clear();
@@ -397,7 +406,9 @@ fn send_batch(
             }
             let at = scratch.sparse.len();
             encode_sparse_page(&scratch.words, &mut scratch.sparse);
-            scratch.sparse_hashes.push(xxh3_64(&scratch.sparse[at..]));
+            if hashed {
+                scratch.sparse_hashes.push(xxh3_64(&scratch.sparse[at..]));
+            }
             Class::Sparse
         };
         let mut p = piece.first;
@@ -445,7 +456,7 @@ fn send_batch(
     let data_len: usize = data.iter().map(|d| d.len()).sum();
     let raw_len = data_len + scratch.sparse.len();
     debug_assert!(data_len <= MAX_BATCH_BYTES);
-    let mut flags = 0;
+    let mut flags = if hashed { 0 } else { FLAG_UNHASHED };
     let mut wire_len = raw_len;
     if let (Some(level), true) = (enc.compress, raw_len > 0) {
         // Compression copies anyway: copy once, then hash and compress the
@@ -460,7 +471,7 @@ fn send_batch(
             .map_err(io("zstd compress"))?;
         scratch.compressed.truncate(n);
         if n < raw_len {
-            flags = FLAG_ZSTD;
+            flags |= FLAG_ZSTD;
             wire_len = n;
         }
     }
@@ -468,13 +479,14 @@ fn send_batch(
     // to the send as possible: a write racing it makes only that page
     // suspect).
     scratch.hashes.clear();
+    let compressed = flags & FLAG_ZSTD != 0;
     let (mut off, mut datas, mut sparse_hashes) = (0, data.iter(), scratch.sparse_hashes.iter());
-    for run in &scratch.runs {
+    for run in scratch.runs.iter().filter(|_| hashed) {
         match run.kind {
             RunKind::Data => {
                 let Some(d) = datas.next() else { break };
                 let ps = mem.regions()[run.region as usize].page_size().bytes();
-                let bytes: &[u8] = if flags == FLAG_ZSTD {
+                let bytes: &[u8] = if compressed {
                     &scratch.raw[off..off + d.len()]
                 } else {
                     d
@@ -506,7 +518,7 @@ fn send_batch(
     head.extend_from_slice(&header.to_bytes());
     head.extend_from_slice(&table);
     let mut iov = vec![IoSlice::new(&head)];
-    if flags == FLAG_ZSTD {
+    if compressed {
         iov.push(IoSlice::new(&scratch.compressed));
     } else {
         iov.extend_from_slice(&data);

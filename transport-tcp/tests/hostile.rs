@@ -208,6 +208,11 @@ impl RawSource {
     /// Preamble, Hello, Layout (one 1 MiB region), and `streams` joined
     /// data streams.
     fn connect(addr: std::net::SocketAddr, streams: u16) -> RawSource {
+        Self::connect_offering(addr, streams, 0)
+    }
+
+    /// As `connect`, offering the feature bits `features`.
+    fn connect_offering(addr: std::net::SocketAddr, streams: u16, features: u64) -> RawSource {
         use migrate_core::memory::{MemoryLayout, PageSize, RegionLayout};
         use migrate_core::protocol::{MIN_VERSION, VERSION, wire::read_preamble};
         let mut control = TcpStream::connect(addr).unwrap();
@@ -224,7 +229,7 @@ impl RawSource {
             max_version: VERSION,
             session: 42,
             data_streams: streams,
-            features: 0,
+            features,
         });
         assert!(matches!(raw.recv(), Message::Welcome { .. }));
         raw.send(&Message::Layout {
@@ -284,27 +289,32 @@ impl RawSource {
 /// One page batch: page `page` of region 0 holding `fill`, announced with
 /// the hash `hash` (the real one, or a wrong one).
 fn page_batch(round: u32, page: u64, fill: u8, hash: Option<u64>) -> Vec<u8> {
+    let hash = hash.unwrap_or_else(|| migrate_core::checksum::xxh3_64(&[fill; 4096]));
+    flagged_page_batch(round, page, fill, &[hash], 0)
+}
+
+/// One page batch with frame flags `flags` and the page hashes `hashes`.
+fn flagged_page_batch(round: u32, page: u64, fill: u8, hashes: &[u64], flags: u8) -> Vec<u8> {
     use migrate_core::protocol::FrameKind;
     use migrate_core::protocol::wire::{
         BatchRun, FrameHeader, RunKind, check_seed, encode_batch_header,
     };
     let bytes = vec![fill; 4096];
-    let hash = hash.unwrap_or_else(|| migrate_core::checksum::xxh3_64(&bytes));
     let runs = [BatchRun {
         region: 0,
         first: page,
         count: 1,
         kind: RunKind::Data,
     }];
-    let table = encode_batch_header(round, &runs, 4096, 4096, &[hash]);
+    let table = encode_batch_header(round, &runs, 4096, 4096, hashes);
     let len = (table.len() + 4096) as u32;
     let header = FrameHeader {
         kind: FrameKind::Pages,
-        flags: 0,
+        flags,
         len,
         check: migrate_core::checksum::xxh3_64_with_seed(
             &table,
-            check_seed(FrameKind::Pages, 0, len),
+            check_seed(FrameKind::Pages, flags, len),
         ),
     };
     let mut frame = header.to_bytes().to_vec();
@@ -401,6 +411,29 @@ fn commit_after_a_last_round_with_failed_pages_is_refused() {
     assert_commit_refused(&mut raw, "suspect pages in the last round");
     let (r, _, vm) = dest.join().unwrap();
     assert!(r.is_err() && !vm.resumed, "{r:?}");
+}
+
+/// Batches without page hashes are for connections an AEAD seals: a
+/// plaintext source that offers the feature and sends one is refused, and
+/// its page never lands.
+#[test]
+fn a_batch_without_page_hashes_is_refused_on_a_plaintext_connection() {
+    use migrate_core::protocol::{FEATURE_UNHASHED, wire::FLAG_UNHASHED};
+    let (addr, dest) = destination();
+    let mut raw = RawSource::connect_offering(addr, 1, FEATURE_UNHASHED);
+    raw.data[0]
+        .write_all(&flagged_page_batch(0, 5, 0x77, &[], FLAG_UNHASHED))
+        .unwrap();
+    let (r, mem, vm) = dest.join().unwrap();
+    let e = r.expect_err("an unhashed batch on a plaintext connection");
+    assert!(
+        e.to_string().contains("without page hashes"),
+        "the error names the cause: {e}"
+    );
+    assert!(!vm.resumed);
+    let mut page = vec![1u8; 4096];
+    mem.read(5 * 4096, &mut page).unwrap();
+    assert!(page.iter().all(|&b| b == 0), "nothing of it landed");
 }
 
 /// The source dies right after its Commit reached the destination: its

@@ -28,6 +28,16 @@
 //! against its own hash, so a guest write racing the send of one page makes
 //! only that page suspect (it is dirty anyway and goes again).
 //!
+//! **Unhashed batches** ([`FLAG_UNHASHED`], only with
+//! [`FEATURE_UNHASHED`](super::FEATURE_UNHASHED), only on a connection
+//! whose records an AEAD seals) carry no page hashes: the record's tag
+//! already authenticates every byte between the source's read of the page
+//! and the destination's, with a cryptographic key rather than a checksum,
+//! so a second hash on each side proves nothing more and cost the TLS
+//! first pass a fifth of its throughput (on the source it is the first
+//! read of each page from memory). A guest write racing the send is caught
+//! by the dirty tracker, as for compressed and Sparse pages.
+//!
 //! Zero runs carry no bytes: the destination zeroes those pages (a page that
 //! became zero in a later round must not keep stale bytes).
 
@@ -45,6 +55,9 @@ pub const MAX_BATCH_RUNS: usize = 1024;
 pub const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Frame flag: the page bytes are one zstd frame.
 pub const FLAG_ZSTD: u8 = 1;
+/// Frame flag: the batch has no page hashes (sealed connections only; see
+/// the module docs).
+pub const FLAG_UNHASHED: u8 = 2;
 /// Fixed part of a batch payload.
 pub const BATCH_FIXED: usize = 16;
 /// One run-table entry.
@@ -95,8 +108,12 @@ pub struct BatchHeader {
     /// Bytes of the Data runs' pages (the rest of `raw_len` encodes the
     /// Sparse pages).
     pub data_len: u32,
-    /// xxh3-64 of each page of the Data and Sparse runs, in run order.
+    /// xxh3-64 of each page of the Data and Sparse runs, in run order;
+    /// empty when `unhashed`.
     pub page_hashes: Vec<u64>,
+    /// The batch carries no page hashes ([`FLAG_UNHASHED`]): only a
+    /// connection whose records an AEAD seals may take it.
+    pub unhashed: bool,
 }
 
 /// Append the encoding of one Sparse page (its non-zero words, ascending).
@@ -204,7 +221,7 @@ pub fn decode_batch_header(
             },
         })
     };
-    if h.flags & !FLAG_ZSTD != 0 {
+    if h.flags & !(FLAG_ZSTD | FLAG_UNHASHED) != 0 {
         return Err(bad(format!("unknown flags {:#x}", h.flags)));
     }
     let mut fixed = [0u8; BATCH_FIXED];
@@ -221,6 +238,7 @@ pub fn decode_batch_header(
         return Err(bad(format!("{raw_len} raw bytes exceed {MAX_BATCH_BYTES}")));
     }
     let compressed = h.flags & FLAG_ZSTD != 0;
+    let unhashed = h.flags & FLAG_UNHASHED != 0;
     if (!compressed && wire_len != raw_len) || wire_len > raw_len {
         return Err(bad(format!(
             "{wire_len} wire bytes for {raw_len} raw bytes"
@@ -307,6 +325,7 @@ pub fn decode_batch_header(
     if hashed > (MAX_BATCH_BYTES / 4096) as u64 {
         return Err(bad(format!("{hashed} pages with bytes in one batch")));
     }
+    let hashed = if unhashed { 0 } else { hashed };
     let expected_len = table_len as u64 + 8 * hashed + wire_len as u64;
     if h.len as u64 != expected_len {
         return Err(bad(format!(
@@ -339,5 +358,6 @@ pub fn decode_batch_header(
         compressed,
         data_len: data_bytes as u32,
         page_hashes,
+        unhashed,
     })
 }

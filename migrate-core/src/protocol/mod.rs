@@ -85,6 +85,13 @@
 //! again. A suspect page in the last (paused) round is real corruption: the
 //! source retries a bounded number of times, then aborts.
 //!
+//! On a connection whose records an AEAD seals (TLS), both ends offering
+//! [`FEATURE_UNHASHED`] send and take page batches without the per-page
+//! hashes: the record tags authenticate every byte with a key instead of a
+//! checksum, and a racing guest write is left to the dirty tracker (as for
+//! compressed pages). A destination refuses such a batch on a plaintext
+//! connection.
+//!
 //! # Versioning and compatibility
 //!
 //! Every stream starts with [`MAGIC`] and the sender's [`VERSION`] (u16 LE),
@@ -132,8 +139,9 @@ use std::io;
 /// engine.
 pub mod wire {
     pub use super::batch::{
-        BatchHeader, BatchRun, MAX_BATCH_BYTES, MAX_BATCH_RUNS, MAX_SPARSE_WORDS, RunKind,
-        decode_batch_header, decode_sparse_page, encode_batch_header, encode_sparse_page,
+        BatchHeader, BatchRun, FLAG_UNHASHED, FLAG_ZSTD, MAX_BATCH_BYTES, MAX_BATCH_RUNS,
+        MAX_SPARSE_WORDS, RunKind, decode_batch_header, decode_sparse_page, encode_batch_header,
+        encode_sparse_page,
     };
     pub use super::codec::{
         FrameHeader, HEADER_LEN, check_seed, read_frame_header, read_message, read_payload,
@@ -173,6 +181,10 @@ pub const FEATURE_SPARSE: u64 = 1 << 3;
 /// Feature bit: the destination can take the guest before all of its
 /// memory arrived (post-copy: it fetches missing pages on first touch).
 pub const FEATURE_POSTCOPY: u64 = 1 << 4;
+/// Feature bit: on a connection whose records an AEAD seals (TLS), page
+/// batches may leave out their per-page hashes (`FLAG_UNHASHED`): the
+/// record tags authenticate every byte already.
+pub const FEATURE_UNHASHED: u64 = 1 << 5;
 /// Page ranges per `PostcopyStart` or `PageRequest` frame.
 pub const RANGES_PER_FRAME: usize = 1 << 16;
 /// Most queue pairs an RDMA migration may use.

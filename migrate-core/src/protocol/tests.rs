@@ -256,15 +256,20 @@ fn batch_frame(round: u32, runs: &[BatchRun], data: &[u8]) -> Vec<u8> {
 
 /// A Pages frame of `runs` with page `bytes` (uncompressed) and `hashes`.
 fn frame(round: u32, runs: &[BatchRun], data: &[u8], hashes: &[u64]) -> Vec<u8> {
+    flagged_frame(round, runs, data, hashes, 0)
+}
+
+/// A Pages frame with frame flags `flags`.
+fn flagged_frame(round: u32, runs: &[BatchRun], data: &[u8], hashes: &[u64], flags: u8) -> Vec<u8> {
     let table = encode_batch_header(round, runs, data.len() as u32, data.len() as u32, hashes);
     let mut payload = table.clone();
     payload.extend_from_slice(data);
     let len = payload.len() as u32;
     let h = FrameHeader {
         kind: FrameKind::Pages,
-        flags: 0,
+        flags,
         len,
-        check: crate::checksum::xxh3_64_with_seed(&table, check_seed(FrameKind::Pages, 0, len)),
+        check: crate::checksum::xxh3_64_with_seed(&table, check_seed(FrameKind::Pages, flags, len)),
     };
     let mut wire = h.to_bytes().to_vec();
     wire.extend_from_slice(&payload);
@@ -372,6 +377,50 @@ fn batch_headers_are_validated_against_the_layout() {
         assert!(
             res.is_err(),
             "bit {bit} flipped in the batch table went unnoticed"
+        );
+    }
+}
+
+/// A batch flagged unhashed has no page hashes: it decodes without them,
+/// and one that carries them anyway (or an unknown flag) is malformed.
+#[test]
+fn unhashed_batches_carry_no_page_hashes() {
+    let l = layout();
+    let runs = [BatchRun {
+        region: 0,
+        first: 2,
+        count: 3,
+        kind: RunKind::Data,
+    }];
+    let data = vec![9u8; 3 * 4096];
+    let wire = flagged_frame(1, &runs, &data, &[], FLAG_UNHASHED);
+    let mut r = &wire[..];
+    let h = read_frame_header(&mut r).unwrap();
+    let bh = decode_batch_header(&mut r, &h, &l).unwrap();
+    assert!(bh.unhashed && bh.page_hashes.is_empty());
+    assert_eq!((bh.runs.as_slice(), bh.raw_len), (&runs[..], 3 * 4096));
+    assert_eq!(r, &data[..], "the page bytes are left on the stream");
+    // A hashed frame is not unhashed.
+    let wire = frame(1, &runs, &data, &[1, 2, 3]);
+    let mut r = &wire[..];
+    let h = read_frame_header(&mut r).unwrap();
+    assert!(!decode_batch_header(&mut r, &h, &l).unwrap().unhashed);
+
+    let hashes = [1, 2, 3];
+    for (flags, hashes, what) in [
+        (FLAG_UNHASHED, &hashes[..], "unhashed with hashes"),
+        (0, &[][..], "hashed without hashes"),
+        (4, &hashes[..], "unknown flag"),
+    ] {
+        let wire = flagged_frame(1, &runs, &data, hashes, flags);
+        let mut r = &wire[..];
+        let h = read_frame_header(&mut r).unwrap();
+        assert!(
+            matches!(
+                decode_batch_header(&mut r, &h, &l),
+                Err(ProtocolError::Malformed { .. })
+            ),
+            "{what} accepted"
         );
     }
 }
