@@ -6,8 +6,8 @@
 # guest that out-dirties the link by pre-copy and by post-copy (host), then
 # RDMA vs TCP and post-copy over both inside the SoftRoCE VM, the ceilings
 # measured alongside; writes benches/results/{raw/*.json,
-# raw/peer/{qemu,boot-sector,postcopy-*}.json,results.md,results.png,
-# results-qemu.png,results-boot-sector.png,results-postcopy.png}.
+# raw/peer/{qemu,scale,boot-sector,postcopy-*}.json,results.md,results.png,
+# results-qemu.png,results-scale.png,results-boot-sector.png,results-postcopy.png}.
 # Usage: scripts/bench.sh [--quick] [--host-only|--vm-only]   (root)
 #   BENCH_RESULTS=DIR: write there instead (the test command's smoke run).
 # BENCHMARKS.md says how to read the results.
@@ -40,6 +40,10 @@ if [ "$host" = 1 ]; then
   # (the smoke run: a small image, once).
   if [ ${#quick[@]} = 0 ]; then peer=(--size-mib 1024 --repeat 5); else peer=(--size-mib 128 --repeat 1); fi
   target/release/migrate-bench qemu "${peer[@]}" --out "$results/raw/peer/qemu.json" --command-line "$cmd"
+  # Ours at 1 GiB and at 8 GiB, interleaved: time, CPU and overhead per
+  # GiB (skipped, and said so, without the memory; the smoke run: small).
+  if [ ${#quick[@]} = 0 ]; then sc=(--base-mib 1024 --large-mib 8192 --repeat 3); else sc=(--base-mib 64 --large-mib 256 --repeat 1); fi
+  target/release/migrate-bench scale "${sc[@]}" --out "$results/raw/peer/scale.json" --command-line "$cmd"
   # The same running boot sector (our sweeper) under QEMU with KVM and under
   # mini-vmm, migrated live (the smoke run: once).
   if [ -c /dev/kvm ]; then

@@ -71,6 +71,9 @@ if [ "$(id -u)" -eq 0 ]; then
   bench_tmp=$(mktemp -d)
   BENCH_RESULTS=$bench_tmp scripts/bench.sh --quick --host-only
   test -s "$bench_tmp/results.md" && test -s "$bench_tmp/results.png" && test -s "$bench_tmp/results-qemu.png"
+  # The scale comparison ran (its plot) or said why it skipped.
+  grep -q "^## Scale" "$bench_tmp/results.md"
+  test -s "$bench_tmp/results-scale.png" || grep -q " — skipped: " "$bench_tmp/results.md"
   rm -rf "$bench_tmp"
 fi
 # Every decoder of a peer's bytes under libFuzzer, 20 s each from the

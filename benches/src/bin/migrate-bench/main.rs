@@ -32,6 +32,7 @@ mod postcopy;
 mod qemu;
 mod qemu_report;
 mod run;
+mod scale;
 mod summary;
 
 use std::path::PathBuf;
@@ -68,6 +69,8 @@ enum Command {
     BootSector(boot_sector::BootArgs),
     /// Pre-copy and post-copy of a guest that out-dirties the link.
     Postcopy(postcopy::PostcopyArgs),
+    /// Ours at 1 GiB and at 8 GiB: time, CPU and overhead per GiB.
+    Scale(scale::ScaleArgs),
     /// Tables and plot from the raw results.
     Report {
         /// Results folder: reads raw/*.json, writes results.md and results.png.
@@ -135,6 +138,11 @@ fn main() -> Result<()> {
                 .count();
             let out = postcopy::raw_path(&a.results, &a.machine);
             write_raw(&out, &raw, failed, raw.runs.len(), "post-copy")
+        }
+        Command::Scale(a) => {
+            let raw = scale::run(&a)?;
+            let failed = raw.runs.iter().filter(|r| r.error.is_some()).count();
+            write_raw(&a.out, &raw, failed, raw.runs.len(), "scale")
         }
         Command::Report { results } => summary::report(&results),
     }

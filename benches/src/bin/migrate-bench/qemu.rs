@@ -216,7 +216,7 @@ struct Where<'a> {
 }
 
 /// The image: `len` bytes of the page mix, in a file.
-fn write_image(path: &Path, len: u64, mix: fixtures::PageMix) -> Result<()> {
+pub(crate) fn write_image(path: &Path, len: u64, mix: fixtures::PageMix) -> Result<()> {
     let _ = std::fs::remove_file(path);
     let region = GuestRegion::file(0, len as usize, path)
         .with_context(|| format!("creating {}", path.display()))?;

@@ -86,6 +86,10 @@ pub fn report(results: &Path) -> Result<()> {
     if !postcopy.is_empty() {
         md += &crate::postcopy::markdown(&postcopy);
     }
+    let scale = crate::scale::load(results)?;
+    if let Some(scale) = &scale {
+        md += &crate::scale::markdown(scale);
+    }
     let md_path = results.join("results.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
     let png = results.join("results.png");
@@ -100,6 +104,9 @@ pub fn report(results: &Path) -> Result<()> {
         crate::boot_sector::draw(&results.join("results-boot-sector-postcopy.png"), boot)?;
     }
     crate::postcopy::draw(&results.join("results-postcopy.png"), &postcopy)?;
+    if let Some(scale) = &scale {
+        crate::scale::draw(&results.join("results-scale.png"), scale)?;
+    }
     eprintln!(
         "migrate-bench: wrote {} and {}",
         md_path.display(),
