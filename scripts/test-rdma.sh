@@ -5,6 +5,8 @@
 # (scripts/roce-fabric.sh), with faults, and over TCP between the network
 # namespaces mig-src and mig-dst.
 # RDMA_COMPARE=1 also prints RDMA vs TCP vs ib_write_bw from the same boot.
+# In the same boot, the dirty trackers' conformance suite for uffd-sync on
+# the VM's older kernel (Debian's 6.1: no async write-protect, no markers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bins=$(cargo test -p transport-rdma --locked --no-run --message-format=json 2>/dev/null \
@@ -21,6 +23,12 @@ for b in $bins; do script+="echo '== $(basename "$b")'; $b --test-threads=1 || e
 rdma_post=$(cargo bench --locked -p benches --bench rdma_post --no-run 2>&1 \
   | grep -o 'target/release/deps/rdma_post-[0-9a-f]*' | tail -n 1)
 script+="echo '== rdma_post (test mode)'; CRITERION_HOME=/tmp/crit $rdma_post --test || exit 1; "
+# The tracker an older kernel (the VM's) selects, without pte markers for
+# unpopulated anonymous memory: uffd-sync, its whole conformance suite.
+dirty=$(cargo test -p migrate-core --features test-utils --locked --test dirty_conformance --no-run 2>&1 \
+  | grep -o 'target/debug/deps/dirty_conformance-[0-9a-f]*' | tail -n 1)
+[ -n "$dirty" ] || { echo "test-rdma: no dirty_conformance binary built" >&2; exit 1; }
+script+="echo '== dirty tracking on the VM kernel (uffd-sync)'; $dirty --test-threads=1 uffd_sync || exit 1; "
 script+="echo '== migrate-cli over RDMA (loopback, a RoCE fabric link with faults) and TCP between two namespaces'; "
 script+="scripts/vm-rdma-cli.sh target/release/migrate-cli ${RDMA_COMPARE:+compare} || exit 1"
 exec scripts/rdma-vm.sh --netns bash -c "$script"

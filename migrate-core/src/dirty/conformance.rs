@@ -13,6 +13,8 @@
 //!   lands after harvest *k* returns is reported by harvest *k + 1* at the
 //!   latest, and a shadow copy refreshed from each harvest (what pre-copy
 //!   does) ends equal to the memory, byte for byte;
+//! - [`discarded_pages_are_reported`]: pages the VMM discards (a balloon)
+//!   read as zeros and are reported, and the writes after them too;
 //! - memory kinds from [`MemoryKind`]: anonymous (two regions with a hole),
 //!   memfd, a file under `/dev/shm`, a file on disk, and hugetlb where the
 //!   machine has free 2 MiB pages.
@@ -271,6 +273,65 @@ pub fn scattered_writes_are_exact(test: &str, kind: MemoryKind, factory: Tracker
     assert!(harvest(&t, mem) == subset, "{test}: rewrite subset differs");
 }
 
+/// Pages the VMM discards (a balloon inflating: `MADV_DONTNEED` on
+/// anonymous memory, `MADV_REMOVE` on shared memory, through
+/// [`GuestRegion::discard_pages`]) read as zeros from then on: the next
+/// harvest reports them (or the destination keeps their old bytes), and
+/// the writes after them are reported harvest after harvest, as before.
+pub fn discarded_pages_are_reported(test: &str, kind: MemoryKind, factory: TrackerFactory) {
+    let Some(tm) = memory(test, kind, 8) else {
+        return;
+    };
+    let mem = &tm.mem;
+    // Every page holds data before tracking starts.
+    for r in mem.regions() {
+        for p in 0..r.pages() {
+            r.atomic_u64(p * r.page_size().bytes())
+                .store(p as u64 | 1, Ordering::Relaxed);
+        }
+    }
+    let Some(t) = start(test, kind, mem, factory) else {
+        return;
+    };
+    assert!(
+        harvest(&t, mem).is_empty(),
+        "{test}: dirty before any write"
+    );
+    let mut discarded = DirtyLog::new(mem);
+    for (ri, r) in mem.regions().iter().enumerate() {
+        for page in [1, r.pages() / 2, r.pages() - 1] {
+            if let Err(e) = r.discard_pages(page, 1) {
+                // A disk filesystem without hole punching: nothing to track.
+                println!("n/a {test}: this memory cannot be discarded here: {e}");
+                return;
+            }
+            if let Some(m) = &t.marker {
+                m.mark_page(ri, page);
+            }
+            assert!(r.is_zero_page(page), "{test}: a discarded page kept data");
+            discarded.mark(ri, page);
+        }
+    }
+    assert!(
+        harvest(&t, mem) == discarded,
+        "{test}: the discarded pages were not reported (the destination would keep their \
+         old bytes)"
+    );
+    for round in 0..3u64 {
+        for (ri, page) in discarded.pages() {
+            store(mem, &t, ri, page, 8 * round as usize, 0xd1 + round);
+        }
+        assert!(
+            harvest(&t, mem) == discarded,
+            "{test}: write {round} to a page after its discard was not reported"
+        );
+    }
+    assert!(
+        harvest(&t, mem).is_empty(),
+        "{test}: idle harvest after the discards not empty"
+    );
+}
+
 /// One write as the writer saw it: harvests completed before it started,
 /// harvests started before it finished.
 struct WriteRecord {
@@ -438,6 +499,14 @@ macro_rules! dirty_tracker_suite {
                 fn scattered_writes_are_exact() {
                     c::scattered_writes_are_exact(
                         concat!(module_path!(), "::scattered_writes_are_exact"),
+                        MemoryKind::$kind,
+                        FACTORY,
+                    );
+                }
+                #[test]
+                fn discarded_pages_are_reported() {
+                    c::discarded_pages_are_reported(
+                        concat!(module_path!(), "::discarded_pages_are_reported"),
                         MemoryKind::$kind,
                         FACTORY,
                     );

@@ -1,9 +1,11 @@
 //! userfaultfd write-protect in async mode, harvested with `PAGEMAP_SCAN`.
 
-use std::sync::Mutex;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
-use super::sys::{Pagemap, Uffd, UffdMode, features};
-use super::{check, register_all};
+use super::sys::{self, Event, Pagemap, Uffd, UffdMode, features};
+use super::{PageBits, check, mark_removed, page_bits, register_all, runs};
 use crate::dirty::{DirtyError, DirtyLog, DirtyTracker, HostRange, TrackerKind};
 use crate::memory::GuestMemory;
 
@@ -20,12 +22,30 @@ const SCAN_VEC_LEN: usize = 4096;
 /// Sees writes by every thread of this process and the kernel's writes on
 /// its behalf (e.g. `read(2)` into guest memory). Works on anonymous, memfd,
 /// file and hugetlb memory (hugetlb at 2 MiB granularity).
+///
+/// A discard of guest memory (`MADV_DONTNEED`, `MADV_REMOVE`: a balloon)
+/// changes pages without writing them; a small thread reads the kernel's
+/// removal events (the `madvise` caller waits for that read) and the next
+/// harvest reports those pages.
 #[derive(Debug)]
 pub struct UffdAsyncTracker {
-    // Keeps the registration alive; closing it ends tracking.
-    _uffd: Uffd,
+    shared: Arc<Shared>,
     pagemap: Mutex<Pagemap>,
+    /// Tells the removal-event thread to stop.
+    stop: OwnedFd,
+    events: Option<JoinHandle<()>>,
+}
+
+/// What the tracker and its removal-event thread share.
+#[derive(Debug)]
+struct Shared {
+    // Keeps the registration alive; closing it ends tracking.
+    uffd: Uffd,
     ranges: Vec<HostRange>,
+    /// Pages discarded since the last harvest.
+    removed: Mutex<PageBits>,
+    /// The event thread's fatal error, reported by the next harvest.
+    failure: Mutex<Option<std::io::Error>>,
 }
 
 impl UffdAsyncTracker {
@@ -50,16 +70,71 @@ impl UffdAsyncTracker {
         let uffd = Uffd::open(UffdMode::UserOnly).map_err(os("userfaultfd"))?;
         let wanted = features::WP_ASYNC
             | features::WP_UNPOPULATED
-            | (offered & features::WP_HUGETLBFS_SHMEM);
+            | (offered & (features::WP_HUGETLBFS_SHMEM | features::EVENT_REMOVE));
         uffd.api(wanted).map_err(os("UFFDIO_API"))?;
         let ranges = HostRange::all(mem);
-        register_all(KIND, &uffd, &ranges)?;
         let pagemap = Pagemap::open(SCAN_VEC_LEN).map_err(os("open /proc/self/pagemap"))?;
-        Ok(Self {
-            _uffd: uffd,
-            pagemap: Mutex::new(pagemap),
+        let stop = sys::eventfd().map_err(os("eventfd"))?;
+        let shared = Arc::new(Shared {
+            removed: Mutex::new(page_bits(&ranges)),
+            uffd,
             ranges,
-        })
+            failure: Mutex::new(None),
+        });
+        // The thread reads removal events from the start (a discard during
+        // registration must not wait for it).
+        let (thread_shared, stop_fd) = (Arc::clone(&shared), stop.as_raw_fd());
+        let events = std::thread::Builder::new()
+            .name("uffd-remove-events".into())
+            .spawn(move || {
+                if let Err(e) = read_removals(&thread_shared, stop_fd) {
+                    tracing::error!(error = %e, "userfaultfd removal-event reader failed");
+                    *thread_shared
+                        .failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
+            })
+            .map_err(os("spawn removal-event thread"))?;
+        let tracker = Self {
+            shared,
+            pagemap: Mutex::new(pagemap),
+            stop,
+            events: Some(events),
+        };
+        register_all(KIND, &tracker.shared.uffd, &tracker.shared.ranges)?;
+        Ok(tracker)
+    }
+}
+
+/// Record every removal event until told to stop.
+fn read_removals(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
+    loop {
+        if sys::wait_fault_or_stop(&shared.uffd, stop)? {
+            return Ok(());
+        }
+        // Each message is read under the lock: reading a removal lets its
+        // `madvise` return, and a harvest right after must find its pages.
+        loop {
+            let mut removed = shared.removed.lock().unwrap_or_else(|p| p.into_inner());
+            match shared.uffd.next_event()? {
+                Some(Event::Removed { start, end }) => {
+                    mark_removed(&mut removed, &shared.ranges, start, end)
+                }
+                Some(Event::Fault { .. }) => {}
+                None => break,
+            }
+        }
+    }
+}
+
+impl Drop for UffdAsyncTracker {
+    fn drop(&mut self) {
+        if sys::eventfd_signal(&self.stop).is_ok() {
+            if let Some(h) = self.events.take() {
+                let _ = h.join();
+            }
+        }
     }
 }
 
@@ -69,8 +144,37 @@ impl DirtyTracker for UffdAsyncTracker {
     }
 
     fn harvest(&self, log: &mut DirtyLog) -> Result<(), DirtyError> {
+        if let Some(e) = self
+            .shared
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Err(DirtyError::Os {
+                tracker: TrackerKind::UffdAsync,
+                op: "removal-event reader",
+                source: e,
+            });
+        }
+        // Discarded pages first: a discard's `madvise` returned only once
+        // its event was read, so one that returned before this harvest is
+        // in these bits.
+        {
+            let mut removed = self
+                .shared
+                .removed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (idx, bits) in removed.iter_mut().enumerate() {
+                for (first, count) in runs(bits) {
+                    log.mark_range(idx, first, count);
+                }
+                bits.fill(false);
+            }
+        }
         let mut pagemap = self.pagemap.lock().unwrap_or_else(|p| p.into_inner());
-        for (idx, r) in self.ranges.iter().enumerate() {
+        for (idx, r) in self.shared.ranges.iter().enumerate() {
             let shift = r.page_size.shift();
             pagemap
                 .harvest_written(r.start, r.end(), |start, end| {

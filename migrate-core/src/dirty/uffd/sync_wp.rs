@@ -4,12 +4,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use bitvec::prelude::*;
-
-use super::sys::{self, Uffd, UffdMode, features};
-use super::{check, register_all};
+use super::sys::{self, Event, Uffd, UffdMode, features};
+use super::{PageBits, check, mark_removed, page_bits, register_all, runs};
 use crate::dirty::{DirtyError, DirtyLog, DirtyTracker, HostRange, TrackerKind};
-use crate::memory::GuestMemory;
+use crate::memory::{Backing, GuestMemory};
 
 const KIND: TrackerKind = TrackerKind::UffdSync;
 /// How long the handler keeps polling for the next fault of a burst.
@@ -23,21 +21,41 @@ struct Shared {
     /// sets a bit and un-protects under this lock; the harvest takes the bits
     /// and re-protects under it too, so a page can never be un-protected
     /// without its bit reaching the next harvest.
-    dirty: Mutex<Vec<BitVec<u64, Lsb0>>>,
+    dirty: Mutex<PageBits>,
+    /// Pages discarded since the last harvest (also in `dirty`), when this
+    /// kernel cannot protect an unpopulated anonymous page (a discard drops
+    /// its protection with it; shared memory keeps a marker): the harvest
+    /// faults them in before it re-protects them. `None` with pte markers
+    /// for anonymous memory too.
+    repopulate: Option<Mutex<PageBits>>,
+    /// Per range: anonymous memory.
+    anonymous: Vec<bool>,
     /// The handler's fatal error, reported by the next harvest.
     failure: Mutex<Option<std::io::Error>>,
 }
 
 impl Shared {
-    fn lock_dirty(&self) -> MutexGuard<'_, Vec<BitVec<u64, Lsb0>>> {
+    fn lock_dirty(&self) -> MutexGuard<'_, PageBits> {
         self.dirty.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `[start, end)` was discarded: its pages changed (to zeros) without a
+    /// fault, and an anonymous page lost its protection with its contents.
+    fn removed(&self, dirty: &mut PageBits, start: usize, end: usize) {
+        mark_removed(dirty, &self.ranges, start, end);
+        if let Some(r) = &self.repopulate {
+            let mut r = r.lock().unwrap_or_else(|p| p.into_inner());
+            mark_removed(&mut r, &self.ranges, start, end);
+        }
     }
 }
 
 /// Fallback for kernels without async write-protect: pages are
 /// write-protected, the first write to one blocks its thread on a fault that
 /// a handler thread resolves (record the page, un-protect, wake; ≈ 6–11 µs),
-/// and a harvest re-protects the pages it reports.
+/// and a harvest re-protects the pages it reports. A discard of guest
+/// memory (`MADV_DONTNEED`, `MADV_REMOVE`: a balloon) arrives as a removal
+/// event: the pages are reported and protected again.
 ///
 /// Opened with kernel faults included where the process may (root or
 /// `vm.unprivileged_userfaultfd = 1`), so `read(2)` into guest memory is
@@ -74,7 +92,8 @@ impl UffdSyncTracker {
                 true,
             ),
         };
-        let wanted = offered & (features::WP_UNPOPULATED | features::WP_HUGETLBFS_SHMEM);
+        let wanted = offered
+            & (features::WP_UNPOPULATED | features::WP_HUGETLBFS_SHMEM | features::EVENT_REMOVE);
         uffd.api(wanted).map_err(os("UFFDIO_API"))?;
         let ranges = HostRange::all(mem);
         if offered & features::WP_UNPOPULATED == 0 {
@@ -85,16 +104,20 @@ impl UffdSyncTracker {
             }
         }
         register_all(KIND, &uffd, &ranges)?;
-        let dirty = Mutex::new(
-            ranges
-                .iter()
-                .map(|r| bitvec![u64, Lsb0; 0; r.len / r.page_size.bytes()])
-                .collect(),
-        );
+        let dirty = Mutex::new(page_bits(&ranges));
+        let repopulate =
+            (offered & features::WP_UNPOPULATED == 0).then(|| Mutex::new(page_bits(&ranges)));
+        let anonymous = mem
+            .regions()
+            .iter()
+            .map(|r| matches!(r.backing(), Backing::Anonymous | Backing::External))
+            .collect();
         let shared = Arc::new(Shared {
             uffd,
             ranges,
             dirty,
+            repopulate,
+            anonymous,
             failure: Mutex::new(None),
         });
         let stop = sys::eventfd().map_err(os("eventfd"))?;
@@ -139,12 +162,25 @@ fn handle_faults(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
         // burst does not pay a thread wake-up.
         let mut idle_since = std::time::Instant::now();
         loop {
-            let Some(addr) = shared.uffd.next_wp_fault()? else {
-                if idle_since.elapsed() < SPIN {
-                    std::hint::spin_loop();
+            // Each message is read under the dirty lock: reading a removal
+            // lets its `madvise` return, and a harvest right after must
+            // find its pages marked.
+            let mut dirty = shared.lock_dirty();
+            let addr = match shared.uffd.next_event()? {
+                Some(Event::Fault { address, flags }) if sys::is_wp_fault(flags) => address,
+                Some(Event::Removed { start, end }) => {
+                    shared.removed(&mut dirty, start, end);
                     continue;
                 }
-                break;
+                Some(Event::Fault { .. }) => continue,
+                None => {
+                    drop(dirty);
+                    if idle_since.elapsed() < SPIN {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    break;
+                }
             };
             idle_since = std::time::Instant::now();
             let Some((idx, r)) = shared
@@ -157,7 +193,6 @@ fn handle_faults(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
             };
             let page = (addr - r.start) >> r.page_size.shift();
             let page_start = r.start + (page << r.page_size.shift());
-            let mut dirty = shared.lock_dirty();
             dirty[idx].set(page, true);
             shared
                 .uffd
@@ -191,7 +226,43 @@ impl DirtyTracker for UffdSyncTracker {
                 source: e,
             });
         }
+        let os = |op| {
+            move |source| DirtyError::Os {
+                tracker: KIND,
+                op,
+                source,
+            }
+        };
+        // Without pte markers a discarded anonymous page stays unprotected
+        // until it is there again: fault it in (as zeros), then report and
+        // protect it below (a write since its discard, unseen, is in that
+        // report). Outside the dirty lock: a page that still carries a
+        // marker faults to the handler, which must be free to take it.
+        let mut again: Vec<Vec<(usize, usize)>> = Vec::new();
+        if let Some(repopulate) = &self.shared.repopulate {
+            let mut bits = repopulate.lock().unwrap_or_else(|p| p.into_inner());
+            for (idx, b) in bits.iter_mut().enumerate() {
+                again.push(if self.shared.anonymous[idx] {
+                    runs(b)
+                } else {
+                    Vec::new()
+                });
+                b.fill(false);
+            }
+        }
+        for (runs, r) in again.iter().zip(&self.shared.ranges) {
+            let shift = r.page_size.shift();
+            for &(first, count) in runs {
+                sys::populate_write(r.start + (first << shift), count << shift)
+                    .map_err(os("MADV_POPULATE_WRITE"))?;
+            }
+        }
         let mut dirty = self.shared.lock_dirty();
+        for (bits, runs) in dirty.iter_mut().zip(&again) {
+            for &(first, count) in runs {
+                bits[first..first + count].fill(true);
+            }
+        }
         for (idx, (bits, r)) in dirty.iter_mut().zip(&self.shared.ranges).enumerate() {
             let shift = r.page_size.shift();
             let mut pos = 0;

@@ -22,6 +22,10 @@ const UFFDIO: u8 = 0xAA;
 
 /// Feature bits of `struct uffdio_api`.
 pub mod features {
+    /// Report `madvise(MADV_DONTNEED/MADV_REMOVE/MADV_FREE)` of registered
+    /// memory as `UFFD_EVENT_REMOVE` messages; the caller of `madvise` waits
+    /// until the message is read.
+    pub const EVENT_REMOVE: u64 = 1 << 3;
     /// Write-protect shmem and hugetlbfs memory.
     pub const WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
     /// Write-protect pages that were never populated (pte markers).
@@ -36,6 +40,7 @@ const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_EVENT_REMOVE: u8 = 0x15;
 const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 
 #[repr(C)]
@@ -74,7 +79,8 @@ struct UffdioWriteprotect {
     mode: u64,
 }
 
-/// `struct uffd_msg` (32 bytes); only the page-fault arm is read.
+/// `struct uffd_msg` (32 bytes): the page-fault arm (`flags`, `address`)
+/// and the remove arm (`start`, `end` in the same two words).
 #[repr(C)]
 #[derive(Default)]
 struct UffdMsg {
@@ -95,6 +101,21 @@ const UFFDIO_COPY: u64 = iowr(UFFDIO, 0x03, size_of::<UffdioCopy>());
 const UFFDIO_WRITEPROTECT: u64 = iowr(UFFDIO, 0x06, size_of::<UffdioWriteprotect>());
 /// `_IO(0xAA, 0)` on `/dev/userfaultfd`.
 const USERFAULTFD_IOC_NEW: u64 = ioc(0, UFFDIO, 0x00, 0);
+
+/// One message read from a userfaultfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A page fault at `address` (`flags`: `UFFD_PAGEFAULT_FLAG_*`).
+    Fault { address: usize, flags: u64 },
+    /// `[start, end)` was discarded (`features::EVENT_REMOVE`): it reads as
+    /// zeros, or as the file's bytes, from now on.
+    Removed { start: usize, end: usize },
+}
+
+/// Whether a fault's flags say it is a write-protect fault.
+pub fn is_wp_fault(flags: u64) -> bool {
+    flags & UFFD_PAGEFAULT_FLAG_WP != 0
+}
 
 /// How the uffd was opened: whether kernel-mode accesses fault to it too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,14 +343,20 @@ impl Uffd {
         }
     }
 
-    /// Read one pending event: `Some(address)` for a write-protect fault,
-    /// `None` when nothing is pending. Other events are skipped.
-    pub fn next_wp_fault(&self) -> io::Result<Option<usize>> {
-        self.next_fault(|flags| flags & UFFD_PAGEFAULT_FLAG_WP != 0)
-    }
-
     /// The next page fault whose flags `wanted` accepts.
     fn next_fault(&self, wanted: impl Fn(u64) -> bool) -> io::Result<Option<usize>> {
+        loop {
+            match self.next_event()? {
+                None => return Ok(None),
+                Some(Event::Fault { address, flags }) if wanted(flags) => return Ok(Some(address)),
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Read one pending message: `None` when nothing is pending. Messages
+    /// other than page faults and removals are skipped.
+    pub fn next_event(&self) -> io::Result<Option<Event>> {
         loop {
             let mut msg = UffdMsg::default();
             // SAFETY: reading at most one `uffd_msg` into a buffer of that size.
@@ -354,8 +381,20 @@ impl Uffd {
                     format!("short userfaultfd message: {n} bytes"),
                 ));
             }
-            if msg.event == UFFD_EVENT_PAGEFAULT && wanted(msg.flags) {
-                return Ok(Some(msg.address as usize));
+            match msg.event {
+                UFFD_EVENT_PAGEFAULT => {
+                    return Ok(Some(Event::Fault {
+                        address: msg.address as usize,
+                        flags: msg.flags,
+                    }));
+                }
+                UFFD_EVENT_REMOVE => {
+                    return Ok(Some(Event::Removed {
+                        start: msg.flags as usize,
+                        end: msg.address as usize,
+                    }));
+                }
+                _ => {}
             }
         }
     }
@@ -533,6 +572,18 @@ pub fn wait_fault_or_stop(uffd: &Uffd, stop: libc::c_int) -> io::Result<bool> {
             return Err(err);
         }
     }
+}
+
+/// Fault `[start, len)` in, writable (`MADV_POPULATE_WRITE`): pages that
+/// are not there become zero pages; pages that are stay as they are.
+pub fn populate_write(start: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the range lies in a mapping the caller registered; populating
+    // allocates missing pages and never changes a byte that is there.
+    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// An eventfd used to tell a handler thread to stop.
