@@ -128,3 +128,37 @@ fn tls_batches_leave_out_the_page_hashes() {
     let (sealed, _) = moved(psk::pair);
     assert!(sealed < pages * (4096 + 8), "TLS: {sealed} bytes");
 }
+
+/// A balloon inflates while the migration runs, after round 0 sent every
+/// page (every 16th page of both regions, anonymous and memfd, discarded:
+/// zeros from then on), and the guest writes again to every 64th while a
+/// workload out-dirties the link: the destination ends equal to the paused
+/// source, page for page, the discarded pages as zeros.
+#[test]
+fn pages_discarded_during_the_migration_arrive_as_zeros() {
+    use fixtures::transport_suite::{Scenario, Workload, run};
+    use fixtures::{DirtyPattern, WorkloadConfig};
+    use migrate_core::SourceConfig;
+    let o = run(
+        tcp_pair,
+        Scenario {
+            config: SourceConfig {
+                // 16 MiB at 8 MB/s, and a guest dirtying 12 MB/s: rounds
+                // go on (auto-converge) well past the discards.
+                bandwidth_limit: Some(8 << 20),
+                ..Default::default()
+            },
+            workload: Workload::Dirty(WorkloadConfig {
+                threads: 1,
+                pages_per_sec: 3000,
+                pattern: DirtyPattern::Uniform,
+                seed: 11,
+            }),
+            balloon: true,
+            ..Scenario::default()
+        },
+    );
+    let s = o.assert_migrated();
+    assert!(s.rounds >= 3, "{} rounds", s.rounds);
+    o.source_vm.stop();
+}
