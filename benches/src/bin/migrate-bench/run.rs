@@ -289,14 +289,20 @@ fn migrate_into(cli: &Path, site: &Site, case: &Case, tmp: &Path, r: &mut RunRes
             case.transport
         );
     }
-    if !r.verified {
-        bail!(
-            "the destination's memory differs from the source's: digest {} vs {}",
-            s["memory_digest"],
-            d["memory_digest"]
-        );
+    digests_equal(&s, &d)
+}
+
+/// Whether the source's and the destination's reports (`--digest`) hold the
+/// same memory digest; the error says both when not.
+pub(crate) fn digests_equal(s: &Value, d: &Value) -> Result<()> {
+    if s["memory_digest"].is_string() && s["memory_digest"] == d["memory_digest"] {
+        return Ok(());
     }
-    Ok(())
+    bail!(
+        "the destination's memory differs from the source's: digest {} vs {}",
+        s["memory_digest"],
+        d["memory_digest"]
+    )
 }
 
 pub fn date() -> String {

@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::sys::{self, Event, Pagemap, Uffd, UffdMode, features};
-use super::{PageBits, check, mark_removed, page_bits, register_all, runs};
+use super::{
+    Failure, PageBits, check, mark_removed, page_bits, register_all, runs, spawn_tracker_thread,
+};
 use crate::dirty::{DirtyError, DirtyLog, DirtyTracker, HostRange, TrackerKind};
 use crate::memory::GuestMemory;
 
@@ -45,7 +47,7 @@ struct Shared {
     /// Pages discarded since the last harvest.
     removed: Mutex<PageBits>,
     /// The event thread's fatal error, reported by the next harvest.
-    failure: Mutex<Option<std::io::Error>>,
+    failure: Failure,
 }
 
 impl UffdAsyncTracker {
@@ -79,23 +81,18 @@ impl UffdAsyncTracker {
             removed: Mutex::new(page_bits(&ranges)),
             uffd,
             ranges,
-            failure: Mutex::new(None),
+            failure: Failure::default(),
         });
         // The thread reads removal events from the start (a discard during
         // registration must not wait for it).
-        let (thread_shared, stop_fd) = (Arc::clone(&shared), stop.as_raw_fd());
-        let events = std::thread::Builder::new()
-            .name("uffd-remove-events".into())
-            .spawn(move || {
-                if let Err(e) = read_removals(&thread_shared, stop_fd) {
-                    tracing::error!(error = %e, "userfaultfd removal-event reader failed");
-                    *thread_shared
-                        .failure
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner()) = Some(e);
-                }
-            })
-            .map_err(os("spawn removal-event thread"))?;
+        let stop_fd = stop.as_raw_fd();
+        let events = spawn_tracker_thread(
+            "uffd-remove-events",
+            &shared,
+            |s| &s.failure,
+            move |s| read_removals(s, stop_fd),
+        )
+        .map_err(os("spawn removal-event thread"))?;
         let tracker = Self {
             shared,
             pagemap: Mutex::new(pagemap),
@@ -144,19 +141,9 @@ impl DirtyTracker for UffdAsyncTracker {
     }
 
     fn harvest(&self, log: &mut DirtyLog) -> Result<(), DirtyError> {
-        if let Some(e) = self
-            .shared
+        self.shared
             .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            return Err(DirtyError::Os {
-                tracker: TrackerKind::UffdAsync,
-                op: "removal-event reader",
-                source: e,
-            });
-        }
+            .check(TrackerKind::UffdAsync, "removal-event reader")?;
         // Discarded pages first: a discard's `madvise` returned only once
         // its event was read, so one that returned before this harvest is
         // in these bits.

@@ -6,7 +6,8 @@ mod sync_wp;
 #[allow(unsafe_code)]
 pub(crate) mod sys;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 
 use bitvec::prelude::*;
 
@@ -107,6 +108,43 @@ impl UffdSupport {
             TrackerKind::Software | TrackerKind::KvmDirtyLog | TrackerKind::VmMemoryBitmap => None,
         }
     }
+}
+
+/// A tracker thread's fatal error, kept for the next harvest to report.
+#[derive(Debug, Default)]
+struct Failure(Mutex<Option<std::io::Error>>);
+
+impl Failure {
+    /// The kept error, as the harvest's (once).
+    fn check(&self, tracker: TrackerKind, op: &'static str) -> Result<(), DirtyError> {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(source) => Err(DirtyError::Os {
+                tracker,
+                op,
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Start the thread `name` running `body` over `shared`; its error is
+/// logged and kept in the failure `failure` picks out of `shared`.
+fn spawn_tracker_thread<S: Send + Sync + 'static>(
+    name: &str,
+    shared: &Arc<S>,
+    failure: fn(&S) -> &Failure,
+    body: impl FnOnce(&S) -> std::io::Result<()> + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    let shared = Arc::clone(shared);
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if let Err(e) = body(&shared) {
+                tracing::error!(error = %e, thread = %std::thread::current().name().unwrap_or(""), "userfaultfd tracker thread failed");
+                *failure(&shared).0.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            }
+        })
 }
 
 /// Per range, one bit per page.

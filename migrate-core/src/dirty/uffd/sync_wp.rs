@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use super::sys::{self, Event, Uffd, UffdMode, features};
-use super::{PageBits, check, mark_removed, page_bits, register_all, runs};
+use super::{
+    Failure, PageBits, check, mark_removed, page_bits, register_all, runs, spawn_tracker_thread,
+};
 use crate::dirty::{DirtyError, DirtyLog, DirtyTracker, HostRange, TrackerKind};
 use crate::memory::{Backing, GuestMemory};
 
@@ -31,7 +33,7 @@ struct Shared {
     /// Per range: anonymous memory.
     anonymous: Vec<bool>,
     /// The handler's fatal error, reported by the next harvest.
-    failure: Mutex<Option<std::io::Error>>,
+    failure: Failure,
 }
 
 impl Shared {
@@ -118,23 +120,17 @@ impl UffdSyncTracker {
             dirty,
             repopulate,
             anonymous,
-            failure: Mutex::new(None),
+            failure: Failure::default(),
         });
         let stop = sys::eventfd().map_err(os("eventfd"))?;
         let stop_fd = stop.as_raw_fd();
-        let handler_shared = Arc::clone(&shared);
-        let handler = std::thread::Builder::new()
-            .name("uffd-wp-handler".into())
-            .spawn(move || {
-                if let Err(e) = handle_faults(&handler_shared, stop_fd) {
-                    tracing::error!(error = %e, "userfaultfd write-protect handler failed");
-                    *handler_shared
-                        .failure
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner()) = Some(e);
-                }
-            })
-            .map_err(os("spawn handler thread"))?;
+        let handler = spawn_tracker_thread(
+            "uffd-wp-handler",
+            &shared,
+            |s| &s.failure,
+            move |s| handle_faults(s, stop_fd),
+        )
+        .map_err(os("spawn handler thread"))?;
         Ok(Self {
             shared,
             stop,
@@ -213,19 +209,7 @@ impl DirtyTracker for UffdSyncTracker {
     }
 
     fn harvest(&self, log: &mut DirtyLog) -> Result<(), DirtyError> {
-        if let Some(e) = self
-            .shared
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            return Err(DirtyError::Os {
-                tracker: KIND,
-                op: "fault handler",
-                source: e,
-            });
-        }
+        self.shared.failure.check(KIND, "fault handler")?;
         let os = |op| {
             move |source| DirtyError::Os {
                 tracker: KIND,
