@@ -44,8 +44,11 @@ struct Shared {
     // Keeps the registration alive; closing it ends tracking.
     uffd: Uffd,
     ranges: Vec<HostRange>,
-    /// Pages discarded since the last harvest.
-    removed: Mutex<PageBits>,
+    /// Pages discarded since the last harvest, and those the last harvest
+    /// reported. The kernel sends a removal before it drops the pages, so a
+    /// harvest between the two reports the page before it changes: each
+    /// discarded page is reported by two harvests.
+    removed: Mutex<(PageBits, PageBits)>,
     /// The event thread's fatal error, reported by the next harvest.
     failure: Failure,
 }
@@ -78,7 +81,7 @@ impl UffdAsyncTracker {
         let pagemap = Pagemap::open(SCAN_VEC_LEN).map_err(os("open /proc/self/pagemap"))?;
         let stop = sys::eventfd().map_err(os("eventfd"))?;
         let shared = Arc::new(Shared {
-            removed: Mutex::new(page_bits(&ranges)),
+            removed: Mutex::new((page_bits(&ranges), page_bits(&ranges))),
             uffd,
             ranges,
             failure: Failure::default(),
@@ -116,7 +119,7 @@ fn read_removals(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
             let mut removed = shared.removed.lock().unwrap_or_else(|p| p.into_inner());
             match shared.uffd.next_event()? {
                 Some(Event::Removed { start, end }) => {
-                    mark_removed(&mut removed, &shared.ranges, start, end)
+                    mark_removed(&mut removed.0, &shared.ranges, start, end)
                 }
                 Some(Event::Fault { .. }) => {}
                 None => break,
@@ -146,18 +149,20 @@ impl DirtyTracker for UffdAsyncTracker {
             .check(TrackerKind::UffdAsync, "removal-event reader")?;
         // Discarded pages first: a discard's `madvise` returned only once
         // its event was read, so one that returned before this harvest is
-        // in these bits.
+        // in these bits (and again in the next harvest's: see `removed`).
         {
             let mut removed = self
                 .shared
                 .removed
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            for (idx, bits) in removed.iter_mut().enumerate() {
-                for (first, count) in runs(bits) {
+            let (now, before) = &mut *removed;
+            for (idx, (now, before)) in now.iter_mut().zip(before.iter_mut()).enumerate() {
+                for (first, count) in runs(now).into_iter().chain(runs(before)) {
                     log.mark_range(idx, first, count);
                 }
-                bits.fill(false);
+                before.copy_from_bitslice(now);
+                now.fill(false);
             }
         }
         let mut pagemap = self.pagemap.lock().unwrap_or_else(|p| p.into_inner());

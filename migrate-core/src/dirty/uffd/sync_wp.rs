@@ -4,12 +4,12 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use super::sys::{self, Event, Uffd, UffdMode, features};
-use super::{
-    Failure, PageBits, check, mark_removed, page_bits, register_all, runs, spawn_tracker_thread,
-};
+use bitvec::prelude::*;
+
+use super::sys::{self, Uffd, UffdMode, features};
+use super::{check, register_all};
 use crate::dirty::{DirtyError, DirtyLog, DirtyTracker, HostRange, TrackerKind};
-use crate::memory::{Backing, GuestMemory};
+use crate::memory::GuestMemory;
 
 const KIND: TrackerKind = TrackerKind::UffdSync;
 /// How long the handler keeps polling for the next fault of a burst.
@@ -23,41 +23,28 @@ struct Shared {
     /// sets a bit and un-protects under this lock; the harvest takes the bits
     /// and re-protects under it too, so a page can never be un-protected
     /// without its bit reaching the next harvest.
-    dirty: Mutex<PageBits>,
-    /// Pages discarded since the last harvest (also in `dirty`), when this
-    /// kernel cannot protect an unpopulated anonymous page (a discard drops
-    /// its protection with it; shared memory keeps a marker): the harvest
-    /// faults them in before it re-protects them. `None` with pte markers
-    /// for anonymous memory too.
-    repopulate: Option<Mutex<PageBits>>,
-    /// Per range: anonymous memory.
-    anonymous: Vec<bool>,
+    dirty: Mutex<Vec<BitVec<u64, Lsb0>>>,
     /// The handler's fatal error, reported by the next harvest.
-    failure: Failure,
+    failure: Mutex<Option<std::io::Error>>,
 }
 
 impl Shared {
-    fn lock_dirty(&self) -> MutexGuard<'_, PageBits> {
+    fn lock_dirty(&self) -> MutexGuard<'_, Vec<BitVec<u64, Lsb0>>> {
         self.dirty.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// `[start, end)` was discarded: its pages changed (to zeros) without a
-    /// fault, and an anonymous page lost its protection with its contents.
-    fn removed(&self, dirty: &mut PageBits, start: usize, end: usize) {
-        mark_removed(dirty, &self.ranges, start, end);
-        if let Some(r) = &self.repopulate {
-            let mut r = r.lock().unwrap_or_else(|p| p.into_inner());
-            mark_removed(&mut r, &self.ranges, start, end);
-        }
     }
 }
 
 /// Fallback for kernels without async write-protect: pages are
 /// write-protected, the first write to one blocks its thread on a fault that
 /// a handler thread resolves (record the page, un-protect, wake; ≈ 6–11 µs),
-/// and a harvest re-protects the pages it reports. A discard of guest
-/// memory (`MADV_DONTNEED`, `MADV_REMOVE`: a balloon) arrives as a removal
-/// event: the pages are reported and protected again.
+/// and a harvest re-protects the pages it reports.
+///
+/// It does not see discards (`MADV_DONTNEED`, `MADV_REMOVE`: a balloon):
+/// removal events would stall its own re-protection (`UFFDIO_WRITEPROTECT`
+/// fails with `EAGAIN` while one is unread, and only this handler reads
+/// them), so a discarded page keeps its old bytes at the destination, and
+/// on anonymous memory later writes to it go unseen. Keep the balloon still
+/// while a migration runs on this tracker (the README says so).
 ///
 /// Opened with kernel faults included where the process may (root or
 /// `vm.unprivileged_userfaultfd = 1`), so `read(2)` into guest memory is
@@ -94,8 +81,7 @@ impl UffdSyncTracker {
                 true,
             ),
         };
-        let wanted = offered
-            & (features::WP_UNPOPULATED | features::WP_HUGETLBFS_SHMEM | features::EVENT_REMOVE);
+        let wanted = offered & (features::WP_UNPOPULATED | features::WP_HUGETLBFS_SHMEM);
         uffd.api(wanted).map_err(os("UFFDIO_API"))?;
         let ranges = HostRange::all(mem);
         if offered & features::WP_UNPOPULATED == 0 {
@@ -106,31 +92,33 @@ impl UffdSyncTracker {
             }
         }
         register_all(KIND, &uffd, &ranges)?;
-        let dirty = Mutex::new(page_bits(&ranges));
-        let repopulate =
-            (offered & features::WP_UNPOPULATED == 0).then(|| Mutex::new(page_bits(&ranges)));
-        let anonymous = mem
-            .regions()
-            .iter()
-            .map(|r| matches!(r.backing(), Backing::Anonymous | Backing::External))
-            .collect();
+        let dirty = Mutex::new(
+            ranges
+                .iter()
+                .map(|r| bitvec![u64, Lsb0; 0; r.len / r.page_size.bytes()])
+                .collect(),
+        );
         let shared = Arc::new(Shared {
             uffd,
             ranges,
             dirty,
-            repopulate,
-            anonymous,
-            failure: Failure::default(),
+            failure: Mutex::new(None),
         });
         let stop = sys::eventfd().map_err(os("eventfd"))?;
         let stop_fd = stop.as_raw_fd();
-        let handler = spawn_tracker_thread(
-            "uffd-wp-handler",
-            &shared,
-            |s| &s.failure,
-            move |s| handle_faults(s, stop_fd),
-        )
-        .map_err(os("spawn handler thread"))?;
+        let handler_shared = Arc::clone(&shared);
+        let handler = std::thread::Builder::new()
+            .name("uffd-wp-handler".into())
+            .spawn(move || {
+                if let Err(e) = handle_faults(&handler_shared, stop_fd) {
+                    tracing::error!(error = %e, "userfaultfd write-protect handler failed");
+                    *handler_shared
+                        .failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
+            })
+            .map_err(os("spawn handler thread"))?;
         Ok(Self {
             shared,
             stop,
@@ -158,25 +146,19 @@ fn handle_faults(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
         // burst does not pay a thread wake-up.
         let mut idle_since = std::time::Instant::now();
         loop {
-            // Each message is read under the dirty lock: reading a removal
-            // lets its `madvise` return, and a harvest right after must
-            // find its pages marked.
-            let mut dirty = shared.lock_dirty();
-            let addr = match shared.uffd.next_event()? {
-                Some(Event::Fault { address, flags }) if sys::is_wp_fault(flags) => address,
-                Some(Event::Removed { start, end }) => {
-                    shared.removed(&mut dirty, start, end);
+            let event = shared.uffd.next_event()?;
+            let Some(addr) = (match event {
+                Some(sys::Event::Fault { address, flags }) if sys::is_wp_fault(flags) => {
+                    Some(address)
+                }
+                Some(_) => continue,
+                None => None,
+            }) else {
+                if idle_since.elapsed() < SPIN {
+                    std::hint::spin_loop();
                     continue;
                 }
-                Some(Event::Fault { .. }) => continue,
-                None => {
-                    drop(dirty);
-                    if idle_since.elapsed() < SPIN {
-                        std::hint::spin_loop();
-                        continue;
-                    }
-                    break;
-                }
+                break;
             };
             idle_since = std::time::Instant::now();
             let Some((idx, r)) = shared
@@ -189,6 +171,7 @@ fn handle_faults(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
             };
             let page = (addr - r.start) >> r.page_size.shift();
             let page_start = r.start + (page << r.page_size.shift());
+            let mut dirty = shared.lock_dirty();
             dirty[idx].set(page, true);
             shared
                 .uffd
@@ -209,44 +192,20 @@ impl DirtyTracker for UffdSyncTracker {
     }
 
     fn harvest(&self, log: &mut DirtyLog) -> Result<(), DirtyError> {
-        self.shared.failure.check(KIND, "fault handler")?;
-        let os = |op| {
-            move |source| DirtyError::Os {
+        if let Some(e) = self
+            .shared
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Err(DirtyError::Os {
                 tracker: KIND,
-                op,
-                source,
-            }
-        };
-        // Without pte markers a discarded anonymous page stays unprotected
-        // until it is there again: fault it in (as zeros), then report and
-        // protect it below (a write since its discard, unseen, is in that
-        // report). Outside the dirty lock: a page that still carries a
-        // marker faults to the handler, which must be free to take it.
-        let mut again: Vec<Vec<(usize, usize)>> = Vec::new();
-        if let Some(repopulate) = &self.shared.repopulate {
-            let mut bits = repopulate.lock().unwrap_or_else(|p| p.into_inner());
-            for (idx, b) in bits.iter_mut().enumerate() {
-                again.push(if self.shared.anonymous[idx] {
-                    runs(b)
-                } else {
-                    Vec::new()
-                });
-                b.fill(false);
-            }
-        }
-        for (runs, r) in again.iter().zip(&self.shared.ranges) {
-            let shift = r.page_size.shift();
-            for &(first, count) in runs {
-                sys::populate_write(r.start + (first << shift), count << shift)
-                    .map_err(os("MADV_POPULATE_WRITE"))?;
-            }
+                op: "fault handler",
+                source: e,
+            });
         }
         let mut dirty = self.shared.lock_dirty();
-        for (bits, runs) in dirty.iter_mut().zip(&again) {
-            for &(first, count) in runs {
-                bits[first..first + count].fill(true);
-            }
-        }
         for (idx, (bits, r)) in dirty.iter_mut().zip(&self.shared.ranges).enumerate() {
             let shift = r.page_size.shift();
             let mut pos = 0;

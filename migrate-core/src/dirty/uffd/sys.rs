@@ -574,18 +574,6 @@ pub fn wait_fault_or_stop(uffd: &Uffd, stop: libc::c_int) -> io::Result<bool> {
     }
 }
 
-/// Fault `[start, len)` in, writable (`MADV_POPULATE_WRITE`): pages that
-/// are not there become zero pages; pages that are stay as they are.
-pub fn populate_write(start: usize, len: usize) -> io::Result<()> {
-    // SAFETY: the range lies in a mapping the caller registered; populating
-    // allocates missing pages and never changes a byte that is there.
-    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// An eventfd used to tell a handler thread to stop.
 pub fn eventfd() -> io::Result<OwnedFd> {
     // SAFETY: plain syscall.
