@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use bitvec::prelude::*;
 
 use super::sys::{self, Uffd, UffdMode, features};
-use super::{check, register_all};
+use super::{Failure, check, register_all, spawn_tracker_thread};
 use crate::dirty::{DirtyError, DirtyLog, DirtyTracker, HostRange, TrackerKind};
 use crate::memory::GuestMemory;
 
@@ -25,7 +25,7 @@ struct Shared {
     /// without its bit reaching the next harvest.
     dirty: Mutex<Vec<BitVec<u64, Lsb0>>>,
     /// The handler's fatal error, reported by the next harvest.
-    failure: Mutex<Option<std::io::Error>>,
+    failure: Failure,
 }
 
 impl Shared {
@@ -102,23 +102,17 @@ impl UffdSyncTracker {
             uffd,
             ranges,
             dirty,
-            failure: Mutex::new(None),
+            failure: Failure::default(),
         });
         let stop = sys::eventfd().map_err(os("eventfd"))?;
         let stop_fd = stop.as_raw_fd();
-        let handler_shared = Arc::clone(&shared);
-        let handler = std::thread::Builder::new()
-            .name("uffd-wp-handler".into())
-            .spawn(move || {
-                if let Err(e) = handle_faults(&handler_shared, stop_fd) {
-                    tracing::error!(error = %e, "userfaultfd write-protect handler failed");
-                    *handler_shared
-                        .failure
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner()) = Some(e);
-                }
-            })
-            .map_err(os("spawn handler thread"))?;
+        let handler = spawn_tracker_thread(
+            "uffd-wp-handler",
+            &shared,
+            |s| &s.failure,
+            move |s| handle_faults(s, stop_fd),
+        )
+        .map_err(os("spawn handler thread"))?;
         Ok(Self {
             shared,
             stop,
@@ -192,19 +186,7 @@ impl DirtyTracker for UffdSyncTracker {
     }
 
     fn harvest(&self, log: &mut DirtyLog) -> Result<(), DirtyError> {
-        if let Some(e) = self
-            .shared
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            return Err(DirtyError::Os {
-                tracker: KIND,
-                op: "fault handler",
-                source: e,
-            });
-        }
+        self.shared.failure.check(KIND, "fault handler")?;
         let mut dirty = self.shared.lock_dirty();
         for (idx, (bits, r)) in dirty.iter_mut().zip(&self.shared.ranges).enumerate() {
             let shift = r.page_size.shift();
