@@ -71,6 +71,8 @@ if [ "$(id -u)" -eq 0 ]; then
   bench_tmp=$(mktemp -d)
   BENCH_RESULTS=$bench_tmp scripts/bench.sh --quick --host-only
   test -s "$bench_tmp/results.md" && test -s "$bench_tmp/results.png" && test -s "$bench_tmp/results-qemu.png"
+  # The QEMU comparison measured the floor beside both engines.
+  grep -q "| floor ms |" "$bench_tmp/results.md"
   # The scale comparison ran (its plot) or said why it skipped.
   grep -q "^## Scale" "$bench_tmp/results.md"
   test -s "$bench_tmp/results-scale.png" || grep -q " — skipped: " "$bench_tmp/results.md"

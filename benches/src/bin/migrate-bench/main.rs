@@ -24,6 +24,7 @@
 mod boot_sector;
 mod ceiling;
 mod cell;
+mod floor;
 mod micro;
 mod netns;
 mod plan;
@@ -71,6 +72,12 @@ enum Command {
     Postcopy(postcopy::PostcopyArgs),
     /// Ours at 1 GiB and at 8 GiB: time, CPU and overhead per GiB.
     Scale(scale::ScaleArgs),
+    /// The floor's sender (run by `qemu`; see the floor module).
+    #[command(hide = true)]
+    FloorSend(floor::FloorArgs),
+    /// The floor's receiver (run by `qemu`).
+    #[command(hide = true)]
+    FloorRecv(floor::FloorArgs),
     /// Tables and plot from the raw results.
     Report {
         /// Results folder: reads raw/*.json, writes results.md and results.png.
@@ -119,6 +126,8 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::FloorSend(a) => floor::send(&a),
+        Command::FloorRecv(a) => floor::recv(&a),
         Command::Qemu(a) => {
             let raw = qemu::run(&a)?;
             let failed = raw.runs.iter().filter(|r| r.error.is_some()).count();

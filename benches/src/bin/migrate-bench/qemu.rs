@@ -21,6 +21,10 @@
 //!   process reports for the migration (`resources.cpu_ms`: the source's
 //!   from just before it connects, the destination's from the connection).
 //!
+//! - The floor ([`crate::floor`]): the least work any engine must do to
+//!   move the image over the same streams, timed and charged like ours. A
+//!   target below the floor cannot be met on this machine.
+//!
 //! The destination memory is either *fresh* (a sparse file: every page is
 //! first touched during the migration) or *preallocated* before the
 //! destination says it is ready (QEMU `prealloc=on`, ours `--prefault`), so
@@ -88,7 +92,7 @@ pub struct PeerRaw {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PeerRun {
-    /// `qemu` or `ours`.
+    /// `qemu`, `ours` or `floor` (see [`crate::floor`]).
     pub engine: String,
     /// Destination memory allocated before the migration.
     pub prealloc: bool,
@@ -140,11 +144,11 @@ pub fn run(a: &QemuArgs) -> Result<PeerRaw> {
         channels: a.channels,
         runs: Vec::new(),
     };
-    // Interleaved (QEMU, ours, QEMU, ...) so that drifts of this shared
+    // Interleaved (QEMU, ours, the floor, QEMU, ...) so that drifts of this shared
     // machine's speed hit both alike.
     for rep in 0..a.repeat.max(1) {
         for prealloc in [false, true] {
-            for engine in ["qemu", "ours"] {
+            for engine in ["qemu", "ours", "floor"] {
                 let _ = std::fs::remove_file(&dst);
                 let mut r = PeerRun {
                     engine: engine.into(),
@@ -160,7 +164,8 @@ pub fn run(a: &QemuArgs) -> Result<PeerRaw> {
                 };
                 let outcome = match engine {
                     "qemu" => qemu_run(&w, prealloc, &mut r),
-                    _ => ours_run(&w, prealloc, &mut r),
+                    "ours" => ours_run(&w, prealloc, &mut r),
+                    _ => crate::floor::run(&w, prealloc, &mut r),
                 };
                 let outcome = outcome.and_then(|()| {
                     r.identical = same_bytes(&image, &dst)?;
@@ -208,10 +213,10 @@ pub(crate) fn qemu_version(qemu: &Path) -> Result<String> {
 
 /// What every run uses: the arguments, the image, the destination file and
 /// a scratch folder.
-struct Where<'a> {
-    args: &'a QemuArgs,
-    image: &'a Path,
-    dst: &'a Path,
+pub(crate) struct Where<'a> {
+    pub(crate) args: &'a QemuArgs,
+    pub(crate) image: &'a Path,
+    pub(crate) dst: &'a Path,
     tmp: &'a Path,
 }
 
@@ -226,7 +231,7 @@ pub(crate) fn write_image(path: &Path, len: u64, mix: fixtures::PageMix) -> Resu
 }
 
 /// A sparse file of `len` bytes: pages allocated when first written.
-fn sparse(path: &Path, len: u64) -> Result<()> {
+pub(crate) fn sparse(path: &Path, len: u64) -> Result<()> {
     File::create(path)
         .and_then(|f| f.set_len(len))
         .with_context(|| format!("creating {}", path.display()))
@@ -420,6 +425,43 @@ fn qemu_run(w: &Where<'_>, prealloc: bool, r: &mut PeerRun) -> Result<()> {
     Ok(())
 }
 
+/// A receiving process that printed `listening on ADDR` once ready, and
+/// whose next line (read on a thread, timed as it arrives) says it is done.
+pub(crate) struct Listening {
+    /// Where it listens.
+    pub(crate) addr: String,
+    done: std::sync::mpsc::Receiver<(Instant, std::io::Result<String>)>,
+}
+
+impl Listening {
+    /// Wait for `child`'s `listening on` line (its stdout piped).
+    pub(crate) fn read(child: &mut Child) -> Result<Self> {
+        let mut out = BufReader::new(child.stdout.take().context("no stdout to read")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            bail!("the receiving process did not get ready: {line:?}");
+        };
+        let addr = addr.to_string();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let read = out.read_line(&mut line);
+            let _ = done_tx.send((Instant::now(), read.map(|_| line)));
+        });
+        Ok(Self { addr, done })
+    }
+
+    /// When the next line came, and the line (within 30 s).
+    pub(crate) fn done(&self) -> Result<(Instant, String)> {
+        let (at, line) = self
+            .done
+            .recv_timeout(Duration::from_secs(30))
+            .context("the receiving process did not report its end")?;
+        Ok((at, line.context("reading the receiving process's output")?))
+    }
+}
+
 /// A port nothing listens on now (QEMU's `-incoming` needs one named).
 pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -445,22 +487,11 @@ fn ours_run(w: &Where<'_>, prealloc: bool, r: &mut PeerRun) -> Result<()> {
         dest.arg("--prefault");
     }
     let mut procs = Reaper(vec![dest.spawn().context("starting migrate-cli dest")?]);
-    let mut out = BufReader::new(procs.0[0].stdout.take().context("dest stdout")?);
-    let mut line = String::new();
-    out.read_line(&mut line)?;
-    let Some(addr) = line.trim().strip_prefix("listening on ") else {
-        bail!("the destination did not get ready: {line:?}");
-    };
     // The destination's next line says its guest resumed: the end.
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let read = out.read_line(&mut line);
-        let _ = done_tx.send((Instant::now(), read.map(|_| line)));
-    });
+    let dest = Listening::read(&mut procs.0[0])?;
     let t0 = Instant::now();
     let src = Command::new(&a.cli)
-        .args(["source", "--connect", addr, "--streams", &streams])
+        .args(["source", "--connect", &dest.addr, "--streams", &streams])
         .arg("--memory-file")
         .arg(image)
         .args(["--memory", &size, "--guest", "idle", "--no-fill"])
@@ -477,10 +508,7 @@ fn ours_run(w: &Where<'_>, prealloc: bool, r: &mut PeerRun) -> Result<()> {
             String::from_utf8_lossy(&src.stderr).trim()
         );
     }
-    let (done_at, said) = done_rx
-        .recv_timeout(Duration::from_secs(30))
-        .context("the destination did not report its completion")?;
-    let said = said.context("reading the destination's output")?;
+    let (done_at, said) = dest.done()?;
     if !said.contains("guest resumed") {
         bail!("the destination did not complete: {said:?}");
     }
