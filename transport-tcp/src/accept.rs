@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,8 @@ pub(crate) struct Handshakes<T> {
     rx: Receiver<Result<T, TransportError>>,
     /// The connections still in their handshake, oldest first.
     pending: Arc<Mutex<VecDeque<(u64, TcpStream)>>>,
+    /// Handshake threads that have not sent their result yet.
+    running: Arc<AtomicUsize>,
     next_id: AtomicU64,
 }
 
@@ -41,6 +43,7 @@ impl<T: Send + 'static> Handshakes<T> {
             tx,
             rx,
             pending: Arc::default(),
+            running: Arc::default(),
             next_id: AtomicU64::new(0),
         }
     }
@@ -60,13 +63,41 @@ impl<T: Send + 'static> Handshakes<T> {
     where
         F: Fn(TcpStream) -> Result<T, TransportError> + Clone + Send + 'static,
     {
-        listener
-            .set_nonblocking(true)
-            .map_err(io("listener non-blocking"))?;
         loop {
             if let Ok(done) = self.rx.try_recv() {
                 return Ok(Some(done));
             }
+            if self.idle() {
+                // Nothing in progress can finish (a handshake thread sends
+                // its result before it stops counting), so wait in `accept`
+                // itself: a connection is served the moment it arrives.
+                if let Ok(done) = self.rx.try_recv() {
+                    return Ok(Some(done));
+                }
+                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                if left.is_some_and(|l| l.is_zero()) {
+                    return Ok(None);
+                }
+                listener
+                    .set_nonblocking(false)
+                    .map_err(io("listener blocking"))?;
+                accept_timeout(listener, left).map_err(io("listener timeout"))?;
+                match listener.accept() {
+                    Ok((stream, peer)) => self.start(stream, peer, handshake.clone())?,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock
+                                | std::io::ErrorKind::TimedOut
+                                | std::io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(e) => return Err(io("accept")(e)),
+                }
+                continue;
+            }
+            listener
+                .set_nonblocking(true)
+                .map_err(io("listener non-blocking"))?;
             match listener.accept() {
                 Ok((stream, peer)) => self.start(stream, peer, handshake.clone())?,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -82,6 +113,11 @@ impl<T: Send + 'static> Handshakes<T> {
                 Err(e) => return Err(io("accept")(e)),
             }
         }
+    }
+
+    /// No handshake in progress.
+    fn idle(&self) -> bool {
+        self.running.load(Ordering::SeqCst) == 0
     }
 
     fn start<F>(
@@ -111,6 +147,8 @@ impl<T: Send + 'static> Handshakes<T> {
             }
         }
         let (tx, pending) = (self.tx.clone(), Arc::clone(&self.pending));
+        let running = Arc::clone(&self.running);
+        running.fetch_add(1, Ordering::SeqCst);
         let spawned = std::thread::Builder::new()
             .name("tcp-handshake".into())
             .spawn(move || {
@@ -119,9 +157,13 @@ impl<T: Send + 'static> Handshakes<T> {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .retain(|(i, _)| *i != id);
+                // Send, then stop counting: `next` waits in `accept` only
+                // when nothing runs and no result is queued.
                 let _ = tx.send(result);
+                running.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
+            self.running.fetch_sub(1, Ordering::SeqCst);
             self.pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -130,4 +172,14 @@ impl<T: Send + 'static> Handshakes<T> {
         }
         Ok(())
     }
+}
+
+/// Make a blocking `accept` on `listener` give up after `timeout` (none:
+/// wait for ever): `SO_RCVTIMEO`, which Linux applies to `accept`, set
+/// through a second descriptor of the same socket (std sets it only on
+/// streams).
+fn accept_timeout(listener: &TcpListener, timeout: Option<Duration>) -> std::io::Result<()> {
+    let same_socket = TcpStream::from(std::os::fd::OwnedFd::from(listener.try_clone()?));
+    // A zero timeout means "none" to the kernel and is refused by std.
+    same_socket.set_read_timeout(timeout.map(|t| t.max(Duration::from_millis(1))))
 }

@@ -208,6 +208,19 @@ mod tests {
     }
 
     #[test]
+    fn a_wholly_written_memfd_has_no_holes_until_one_page_is_punched() {
+        let mem = GuestMemory::new(vec![GuestRegion::memfd(0, 64 * 4096, "full").unwrap()]).unwrap();
+        let r = &mem.regions()[0];
+        for p in 0..64 {
+            r.write_bytes(p * 4096, &[0]);
+        }
+        assert!(Holes::find(&mem).of(0).is_empty());
+        // One page fewer allocated: the lookup walks the file again.
+        r.discard_pages(40, 1).unwrap();
+        assert_eq!(Holes::find(&mem).of(0), &[40..41]);
+    }
+
+    #[test]
     fn holes_need_markers_only_where_the_destination_may_hold_data() {
         let mem = GuestMemory::new(vec![GuestRegion::memfd(0, 200 * 4096, "m").unwrap()]).unwrap();
         mem.regions()[0].write_bytes(0, &[1]);
