@@ -209,7 +209,8 @@ mod tests {
 
     #[test]
     fn a_wholly_written_memfd_has_no_holes_until_one_page_is_punched() {
-        let mem = GuestMemory::new(vec![GuestRegion::memfd(0, 64 * 4096, "full").unwrap()]).unwrap();
+        let mem =
+            GuestMemory::new(vec![GuestRegion::memfd(0, 64 * 4096, "full").unwrap()]).unwrap();
         let r = &mem.regions()[0];
         for p in 0..64 {
             r.write_bytes(p * 4096, &[0]);
