@@ -161,7 +161,7 @@ pub(super) fn data_ranges(file: &File, len: u64) -> io::Result<Option<Vec<std::o
     // the first page may go.
     let meta = file.metadata()?;
     if meta.blocks().saturating_mul(512) >= meta.len() {
-        return Ok(Some(Vec::from([0..len])));
+        return Ok(Some(std::iter::once(0..len).collect()));
     }
     let own = File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
     let fd = own.as_raw_fd();
