@@ -218,7 +218,8 @@ mod tests {
         assert!(Holes::find(&mem).of(0).is_empty());
         // One page fewer allocated: the lookup walks the file again.
         r.discard_pages(40, 1).unwrap();
-        assert_eq!(Holes::find(&mem).of(0), &[40..41]);
+        let holes = Holes::find(&mem);
+        assert_eq!((holes.of(0).len(), holes.of(0)[0].clone()), (1, 40..41));
     }
 
     #[test]
