@@ -136,6 +136,18 @@ fn tls_batches_leave_out_the_page_hashes() {
 /// source, page for page, the discarded pages as zeros.
 #[test]
 fn pages_discarded_during_the_migration_arrive_as_zeros() {
+    discarded_pages_arrive_as_zeros(migrate_core::dirty::TrackerPreference::Best);
+}
+
+/// The same with the fallback tracker of kernels before 6.7 (uffd-sync),
+/// whose fault handler also reads the removal events.
+#[test]
+fn pages_discarded_during_the_migration_arrive_as_zeros_under_uffd_sync() {
+    use migrate_core::dirty::{TrackerKind, TrackerPreference};
+    discarded_pages_arrive_as_zeros(TrackerPreference::Only(TrackerKind::UffdSync));
+}
+
+fn discarded_pages_arrive_as_zeros(tracker: migrate_core::dirty::TrackerPreference) {
     use fixtures::transport_suite::{Scenario, Workload, run};
     use fixtures::{DirtyPattern, WorkloadConfig};
     use migrate_core::SourceConfig;
@@ -155,6 +167,7 @@ fn pages_discarded_during_the_migration_arrive_as_zeros() {
                 seed: 11,
             }),
             balloon: true,
+            tracker,
             ..Scenario::default()
         },
     );

@@ -14,8 +14,9 @@
 //!   latest, and a shadow copy refreshed from each harvest (what pre-copy
 //!   does) ends equal to the memory, byte for byte;
 //! - [`discarded_pages_are_reported`]: pages the VMM discards (a balloon)
-//!   read as zeros and are reported, and the writes after them too (not
-//!   uffd-sync, which says so);
+//!   read as zeros and are reported, and the writes after them too;
+//! - [`discards_racing_writes_are_never_lost`]: writes, discards and
+//!   harvests at once neither hang nor lose a page;
 //! - memory kinds from [`MemoryKind`]: anonymous (two regions with a hole),
 //!   memfd, a file under `/dev/shm`, a file on disk, and hugetlb where the
 //!   machine has free 2 MiB pages.
@@ -27,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use super::{DirtyError, DirtyLog, DirtyTracker, SoftwareDirtyBitmap, TrackerKind};
+use super::{DirtyError, DirtyLog, DirtyTracker, SoftwareDirtyBitmap};
 use crate::memory::{GuestMemory, GuestRegion, MemoryError};
 
 /// A tracker under test, and how writes reach it.
@@ -294,12 +295,6 @@ pub fn discarded_pages_are_reported(test: &str, kind: MemoryKind, factory: Track
     let Some(t) = start(test, kind, mem, factory) else {
         return;
     };
-    if t.tracker.kind() == TrackerKind::UffdSync {
-        // Its handler would stall on its own re-protection while a removal
-        // is unread (see `UffdSyncTracker`): documented, not done.
-        println!("n/a {test}: uffd-sync does not see discards (keep the balloon still on it)");
-        return;
-    }
     assert!(
         harvest(&t, mem).is_empty(),
         "{test}: dirty before any write"
@@ -462,6 +457,133 @@ pub fn concurrent_writes_are_never_lost(test: &str, kind: MemoryKind, factory: T
     );
 }
 
+/// Writers write, a balloon discards and a harvester harvests, all at
+/// once: nothing hangs (a tracker whose re-protection waits on an unread
+/// removal would), and a shadow copy refreshed from each harvest, then from
+/// two after the stop (a discard is reported by two), ends equal to the
+/// memory. A watchdog aborts the test binary, loudly, after 120 s.
+pub fn discards_racing_writes_are_never_lost(
+    test: &str,
+    kind: MemoryKind,
+    factory: TrackerFactory,
+) {
+    const WRITERS: usize = 2;
+    const WRITES_PER_THREAD: usize = 10_000;
+    let Some(tm) = memory(test, kind, 8) else {
+        return;
+    };
+    let mem = &tm.mem;
+    for r in mem.regions() {
+        for p in 0..r.pages() {
+            r.atomic_u64(p * r.page_size().bytes())
+                .store(p as u64 | 1, Ordering::Relaxed);
+        }
+    }
+    let Some(t) = start(test, kind, mem, factory) else {
+        return;
+    };
+    if let Err(e) = mem.regions()[0].discard_pages(0, 1) {
+        println!("n/a {test}: this memory cannot be discarded here: {e}");
+        return;
+    }
+    if let Some(m) = &t.marker {
+        m.mark_page(0, 0);
+    }
+    let mut shadow: Vec<Vec<u8>> = mem
+        .regions()
+        .iter()
+        .map(|r| {
+            let mut v = vec![0u8; r.len()];
+            mem.read(r.gpa(), &mut v).unwrap();
+            v
+        })
+        .collect();
+    let (finished, watchdog) = std::sync::mpsc::channel::<()>();
+    let name = test.to_string();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            watchdog.recv_timeout(std::time::Duration::from_secs(120))
+        {
+            // Past the test harness's capture, which an abort would lose.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "{name}: HUNG: writers, discards and harvests did not finish in 120 s"
+            );
+            std::process::abort();
+        }
+    });
+    let done = AtomicUsize::new(0);
+    let discards = AtomicU64::new(0);
+    let harvests = std::thread::scope(|s| {
+        for w in 0..WRITERS {
+            let (t, done) = (&t, &done);
+            s.spawn(move || {
+                let mut rng = Mix(0x5eed ^ (w as u64) << 32 ^ kind as u64);
+                for seq in 1..=WRITES_PER_THREAD as u64 {
+                    let region = rng.below(mem.regions().len());
+                    let page = rng.below(mem.regions()[region].pages());
+                    store(mem, t, region, page, 8 + w * 8, (w as u64) << 56 | seq);
+                    if seq % 256 == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        {
+            let (t, done, discards) = (&t, &done, &discards);
+            s.spawn(move || {
+                let mut rng = Mix(0xba11 ^ kind as u64);
+                while done.load(Ordering::SeqCst) < WRITERS {
+                    let region = rng.below(mem.regions().len());
+                    let page = rng.below(mem.regions()[region].pages());
+                    mem.regions()[region]
+                        .discard_pages(page, 1)
+                        .expect("discard failed");
+                    // A balloon device marks what it drops for the
+                    // trackers that only know what they are told.
+                    if let Some(m) = &t.marker {
+                        m.mark_page(region, page);
+                    }
+                    discards.fetch_add(1, Ordering::SeqCst);
+                    std::thread::yield_now();
+                }
+            });
+        }
+        let mut harvests = 0;
+        while done.load(Ordering::SeqCst) < WRITERS {
+            copy_dirty(mem, &harvest(&t, mem), &mut shadow);
+            harvests += 1;
+        }
+        harvests
+    });
+    // The pause: every writer and the balloon stopped. Two harvests.
+    for _ in 0..2 {
+        copy_dirty(mem, &harvest(&t, mem), &mut shadow);
+    }
+    let _ = finished.send(());
+    let discards = discards.load(Ordering::SeqCst);
+    assert!(discards > 0, "{test}: no discard raced the writers");
+    for (ri, r) in mem.regions().iter().enumerate() {
+        let mut now = vec![0u8; r.len()];
+        mem.read(r.gpa(), &mut now).unwrap();
+        let ps = r.page_size().bytes();
+        if let Some(bad) =
+            (0..r.pages()).find(|&p| now[p * ps..(p + 1) * ps] != shadow[ri][p * ps..(p + 1) * ps])
+        {
+            panic!(
+                "{test}: shadow copy of region {ri} is stale at page {bad} \
+                 ({discards} discards, {harvests} harvests)"
+            );
+        }
+    }
+    println!(
+        "{test}: {} writes, {discards} discards, {harvests} harvests, shadow equal",
+        WRITERS * WRITES_PER_THREAD
+    );
+}
+
 fn copy_dirty(mem: &GuestMemory, log: &DirtyLog, shadow: &mut [Vec<u8>]) {
     for run in log.runs() {
         let r = &mem.regions()[run.region];
@@ -514,6 +636,14 @@ macro_rules! dirty_tracker_suite {
                 fn discarded_pages_are_reported() {
                     c::discarded_pages_are_reported(
                         concat!(module_path!(), "::discarded_pages_are_reported"),
+                        MemoryKind::$kind,
+                        FACTORY,
+                    );
+                }
+                #[test]
+                fn discards_racing_writes_are_never_lost() {
+                    c::discards_racing_writes_are_never_lost(
+                        concat!(module_path!(), "::discards_racing_writes_are_never_lost"),
                         MemoryKind::$kind,
                         FACTORY,
                     );

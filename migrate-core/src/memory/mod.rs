@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use fresh::FreshPages;
 pub use region::{Backing, GuestRegion};
+pub(crate) use sys::populate_write;
 pub use sys::{file_reads_zero, lockable_bytes};
 #[cfg(feature = "vm-memory")]
 pub use vm_memory::VmMemory;

@@ -39,8 +39,9 @@ pub(super) fn allocate(file: &File, len: u64) -> io::Result<()> {
 /// page allocated and writable now, bytes unchanged (prefaulting a
 /// destination, and the uffd-sync tracker on kernels without
 /// `WP_UNPOPULATED`), reached through
-/// [`GuestRegion::populate`](super::GuestRegion::populate).
-pub(super) fn populate_write(start: usize, len: usize) -> io::Result<()> {
+/// [`GuestRegion::populate`](super::GuestRegion::populate), or by the
+/// uffd-sync tracker directly for pages a discard dropped.
+pub(crate) fn populate_write(start: usize, len: usize) -> io::Result<()> {
     populate(start, len, libc::MADV_POPULATE_WRITE)
 }
 

@@ -5,9 +5,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::sys::{self, Event, Pagemap, Uffd, UffdMode, features};
-use bitvec::prelude::*;
 
-use super::{Failure, check, register_all, spawn_tracker_thread};
+use super::{
+    Failure, PageBits, check, mark_removed, page_bits, register_all, runs, spawn_tracker_thread,
+};
 use crate::dirty::{DirtyError, DirtyLog, DirtyTracker, HostRange, TrackerKind};
 use crate::memory::GuestMemory;
 
@@ -187,41 +188,4 @@ impl DirtyTracker for UffdAsyncTracker {
         }
         Ok(())
     }
-}
-
-/// Per range, one bit per page.
-type PageBits = Vec<BitVec<u64, Lsb0>>;
-
-/// No page of `ranges` marked.
-fn page_bits(ranges: &[HostRange]) -> PageBits {
-    ranges
-        .iter()
-        .map(|r| bitvec![u64, Lsb0; 0; r.len / r.page_size.bytes()])
-        .collect()
-}
-
-/// Mark in `bits` every page of `ranges` that `[start, end)` touches (a
-/// removal event's range).
-fn mark_removed(bits: &mut PageBits, ranges: &[HostRange], start: usize, end: usize) {
-    for (b, r) in bits.iter_mut().zip(ranges) {
-        let (s, e) = (start.max(r.start), end.min(r.end()));
-        if s < e {
-            let shift = r.page_size.shift();
-            let (first, last) = ((s - r.start) >> shift, (e - 1 - r.start) >> shift);
-            b[first..=last].fill(true);
-        }
-    }
-}
-
-/// The runs of set bits of `bits`, as (first, count).
-fn runs(bits: &BitSlice<u64, Lsb0>) -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while let Some(off) = bits[pos..].first_one() {
-        let first = pos + off;
-        let count = bits[first..].first_zero().unwrap_or(bits.len() - first);
-        out.push((first, count));
-        pos = first + count;
-    }
-    out
 }

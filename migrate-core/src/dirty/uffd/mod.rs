@@ -9,6 +9,8 @@ pub(crate) mod sys;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
+use bitvec::prelude::*;
+
 pub use async_wp::UffdAsyncTracker;
 pub use sync_wp::UffdSyncTracker;
 
@@ -181,4 +183,41 @@ fn check(tracker: TrackerKind, mem: &GuestMemory) -> Result<&'static UffdSupport
         Some(reason) => Err(DirtyError::Unsupported { tracker, reason }),
         None => Ok(support),
     }
+}
+
+/// Per range, one bit per page.
+pub(super) type PageBits = Vec<BitVec<u64, Lsb0>>;
+
+/// No page of `ranges` marked.
+pub(super) fn page_bits(ranges: &[HostRange]) -> PageBits {
+    ranges
+        .iter()
+        .map(|r| bitvec![u64, Lsb0; 0; r.len / r.page_size.bytes()])
+        .collect()
+}
+
+/// Mark in `bits` every page of `ranges` that `[start, end)` touches (a
+/// removal event's range).
+pub(super) fn mark_removed(bits: &mut PageBits, ranges: &[HostRange], start: usize, end: usize) {
+    for (b, r) in bits.iter_mut().zip(ranges) {
+        let (s, e) = (start.max(r.start), end.min(r.end()));
+        if s < e {
+            let shift = r.page_size.shift();
+            let (first, last) = ((s - r.start) >> shift, (e - 1 - r.start) >> shift);
+            b[first..=last].fill(true);
+        }
+    }
+}
+
+/// The runs of set bits of `bits`, as (first, count).
+pub(super) fn runs(bits: &BitSlice<u64, Lsb0>) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Some(off) = bits[pos..].first_one() {
+        let first = pos + off;
+        let count = bits[first..].first_zero().unwrap_or(bits.len() - first);
+        out.push((first, count));
+        pos = first + count;
+    }
+    out
 }

@@ -1,15 +1,16 @@
 //! userfaultfd write-protect with a fault-handler thread (Linux ≥ 5.7).
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use bitvec::prelude::*;
-
-use super::sys::{self, Uffd, UffdMode, features};
-use super::{Failure, check, register_all, spawn_tracker_thread};
+use super::sys::{self, Event, Uffd, UffdMode, features};
+use super::{
+    Failure, PageBits, check, mark_removed, page_bits, register_all, runs, spawn_tracker_thread,
+};
 use crate::dirty::{DirtyError, DirtyLog, DirtyTracker, HostRange, TrackerKind};
-use crate::memory::GuestMemory;
+use crate::memory::{Backing, GuestMemory};
 
 const KIND: TrackerKind = TrackerKind::UffdSync;
 /// How long the handler keeps polling for the next fault of a burst.
@@ -19,18 +20,52 @@ const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 struct Shared {
     uffd: Uffd,
     ranges: Vec<HostRange>,
-    /// Pages un-protected by the handler since the last harvest. The handler
-    /// sets a bit and un-protects under this lock; the harvest takes the bits
-    /// and re-protects under it too, so a page can never be un-protected
-    /// without its bit reaching the next harvest.
-    dirty: Mutex<Vec<BitVec<u64, Lsb0>>>,
+    /// Per range: whether a discarded page must be faulted in again before
+    /// it can be protected (anonymous memory on a kernel without
+    /// `WP_UNPOPULATED`, where protecting an empty page does nothing).
+    repopulate: Vec<bool>,
+    /// What the handler records and the harvest takes, under one lock.
+    state: Mutex<State>,
     /// The handler's fatal error, reported by the next harvest.
     failure: Failure,
 }
 
+/// The pages to report.
+#[derive(Debug)]
+struct State {
+    /// Pages un-protected by the handler since the last harvest. The handler
+    /// sets a bit and un-protects under the lock; the harvest takes the bits
+    /// and re-protects under it too, so a page can never be un-protected
+    /// without its bit reaching the next harvest.
+    dirty: PageBits,
+    /// Pages discarded since the last harvest, and those the last harvest
+    /// reported: the kernel sends a removal before it drops the pages, so
+    /// each discarded page is reported (and re-protected) by two harvests,
+    /// as in [`UffdAsyncTracker`](super::UffdAsyncTracker).
+    removed: (PageBits, PageBits),
+}
+
 impl Shared {
-    fn lock_dirty(&self) -> MutexGuard<'_, Vec<BitVec<u64, Lsb0>>> {
-        self.dirty.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Read every pending message while the handler holds the lock (its
+    /// own `UFFDIO_WRITEPROTECT` failed with `EAGAIN`: a removal is
+    /// unread): removals are recorded, faults kept for later.
+    fn drain(&self, state: &mut State, faults: &mut VecDeque<usize>) -> std::io::Result<()> {
+        while let Some(event) = self.uffd.next_event()? {
+            match event {
+                Event::Removed { start, end } => {
+                    mark_removed(&mut state.removed.0, &self.ranges, start, end)
+                }
+                Event::Fault { address, flags } if sys::is_wp_fault(flags) => {
+                    faults.push_back(address)
+                }
+                Event::Fault { .. } => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -39,12 +74,16 @@ impl Shared {
 /// a handler thread resolves (record the page, un-protect, wake; ≈ 6–11 µs),
 /// and a harvest re-protects the pages it reports.
 ///
-/// It does not see discards (`MADV_DONTNEED`, `MADV_REMOVE`: a balloon):
-/// removal events would stall its own re-protection (`UFFDIO_WRITEPROTECT`
-/// fails with `EAGAIN` while one is unread, and only this handler reads
-/// them), so a discarded page keeps its old bytes at the destination, and
-/// on anonymous memory later writes to it go unseen. Keep the balloon still
-/// while a migration runs on this tracker (the README says so).
+/// A discard of guest memory (`MADV_DONTNEED`, `MADV_REMOVE`: a balloon)
+/// changes pages without writing them: the handler also reads the kernel's
+/// removal events, and the next two harvests report those pages and
+/// protect them again. While a removal is unread, `UFFDIO_WRITEPROTECT`
+/// fails with `EAGAIN`: the handler then reads the pending messages itself
+/// (keeping the faults for after), and a harvest lets go of the lock so
+/// that the handler can. On anonymous memory without `WP_UNPOPULATED`
+/// (before Linux 6.4) a discarded page is faulted in again before it is
+/// protected, so its later writes fault: the memory a balloon frees there
+/// comes back until tracking stops.
 ///
 /// Opened with kernel faults included where the process may (root or
 /// `vm.unprivileged_userfaultfd = 1`), so `read(2)` into guest memory is
@@ -81,29 +120,36 @@ impl UffdSyncTracker {
                 true,
             ),
         };
-        let wanted = offered & (features::WP_UNPOPULATED | features::WP_HUGETLBFS_SHMEM);
+        let wanted = offered
+            & (features::WP_UNPOPULATED | features::WP_HUGETLBFS_SHMEM | features::EVENT_REMOVE);
         uffd.api(wanted).map_err(os("UFFDIO_API"))?;
         let ranges = HostRange::all(mem);
-        if offered & features::WP_UNPOPULATED == 0 {
+        let unpopulated = offered & features::WP_UNPOPULATED != 0;
+        if !unpopulated {
             // Without pte markers, protecting a never-touched page does
             // nothing and its first write would go unseen: fault all in.
             for r in mem.regions() {
                 r.populate().map_err(os("MADV_POPULATE_WRITE"))?;
             }
         }
-        register_all(KIND, &uffd, &ranges)?;
-        let dirty = Mutex::new(
-            ranges
-                .iter()
-                .map(|r| bitvec![u64, Lsb0; 0; r.len / r.page_size.bytes()])
-                .collect(),
-        );
+        let repopulate = mem
+            .regions()
+            .iter()
+            .map(|r| !unpopulated && matches!(r.backing(), Backing::Anonymous | Backing::External))
+            .collect();
         let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                dirty: page_bits(&ranges),
+                removed: (page_bits(&ranges), page_bits(&ranges)),
+            }),
             uffd,
             ranges,
-            dirty,
+            repopulate,
             failure: Failure::default(),
         });
+        // The handler reads removal events from the start: a discard during
+        // registration waits for that read, and the registration's own
+        // protection fails until it happened.
         let stop = sys::eventfd().map_err(os("eventfd"))?;
         let stop_fd = stop.as_raw_fd();
         let handler = spawn_tracker_thread(
@@ -113,12 +159,14 @@ impl UffdSyncTracker {
             move |s| handle_faults(s, stop_fd),
         )
         .map_err(os("spawn handler thread"))?;
-        Ok(Self {
+        let tracker = Self {
             shared,
             stop,
             handler: Some(handler),
             user_mode_only,
-        })
+        };
+        register_all(KIND, &tracker.shared.uffd, &tracker.shared.ranges)?;
+        Ok(tracker)
     }
 
     /// Whether only user-space writes are tracked (no privilege for more):
@@ -128,11 +176,14 @@ impl UffdSyncTracker {
     }
 }
 
-/// The handler loop: resolve write faults until told to stop. On an error it
-/// un-protects everything first, so that no guest thread stays blocked.
+/// The handler loop: resolve write faults and record removals until told
+/// to stop. On an error it un-protects everything first, so that no guest
+/// thread stays blocked.
 fn handle_faults(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
+    // Faults read while draining messages for a retry, resolved next.
+    let mut queued = VecDeque::new();
     let result = (|| loop {
-        if sys::wait_fault_or_stop(&shared.uffd, stop)? {
+        if queued.is_empty() && sys::wait_fault_or_stop(&shared.uffd, stop)? {
             return Ok(());
         }
         // Faults come in bursts (a vCPU sweeping memory): keep reading for a
@@ -140,36 +191,27 @@ fn handle_faults(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
         // burst does not pay a thread wake-up.
         let mut idle_since = std::time::Instant::now();
         loop {
-            let event = shared.uffd.next_event()?;
-            let Some(addr) = (match event {
-                Some(sys::Event::Fault { address, flags }) if sys::is_wp_fault(flags) => {
-                    Some(address)
-                }
-                Some(_) => continue,
-                None => None,
-            }) else {
-                if idle_since.elapsed() < SPIN {
-                    std::hint::spin_loop();
-                    continue;
-                }
-                break;
-            };
-            idle_since = std::time::Instant::now();
-            let Some((idx, r)) = shared
-                .ranges
-                .iter()
-                .enumerate()
-                .find(|(_, r)| (r.start..r.end()).contains(&addr))
-            else {
+            if let Some(address) = queued.pop_front() {
+                resolve(shared, address, &mut queued)?;
+                idle_since = std::time::Instant::now();
                 continue;
-            };
-            let page = (addr - r.start) >> r.page_size.shift();
-            let page_start = r.start + (page << r.page_size.shift());
-            let mut dirty = shared.lock_dirty();
-            dirty[idx].set(page, true);
-            shared
-                .uffd
-                .write_protect(page_start, r.page_size.bytes(), false)?;
+            }
+            match shared.uffd.next_event()? {
+                Some(Event::Fault { address, flags }) if sys::is_wp_fault(flags) => {
+                    resolve(shared, address, &mut queued)?;
+                    idle_since = std::time::Instant::now();
+                }
+                Some(Event::Removed { start, end }) => {
+                    // Read under the lock: the discard's `madvise` returns
+                    // once this is read, and a harvest right after must
+                    // find its pages.
+                    let mut state = shared.lock();
+                    mark_removed(&mut state.removed.0, &shared.ranges, start, end);
+                }
+                Some(Event::Fault { .. }) => {}
+                None if idle_since.elapsed() < SPIN => std::hint::spin_loop(),
+                None => break,
+            }
         }
     })();
     if result.is_err() {
@@ -180,34 +222,113 @@ fn handle_faults(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
     result
 }
 
+/// Record the page written at `addr` and un-protect it (waking the writer).
+fn resolve(shared: &Shared, addr: usize, queued: &mut VecDeque<usize>) -> std::io::Result<()> {
+    let Some((idx, r)) = shared
+        .ranges
+        .iter()
+        .enumerate()
+        .find(|(_, r)| (r.start..r.end()).contains(&addr))
+    else {
+        return Ok(());
+    };
+    let page = (addr - r.start) >> r.page_size.shift();
+    let page_start = r.start + (page << r.page_size.shift());
+    let mut state = shared.lock();
+    state.dirty[idx].set(page, true);
+    loop {
+        match shared
+            .uffd
+            .try_write_protect(page_start, r.page_size.bytes(), false)
+        {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                shared.drain(&mut state, queued)?;
+                std::thread::yield_now();
+            }
+            other => return other,
+        }
+    }
+}
+
 impl DirtyTracker for UffdSyncTracker {
     fn kind(&self) -> TrackerKind {
         KIND
     }
 
     fn harvest(&self, log: &mut DirtyLog) -> Result<(), DirtyError> {
-        self.shared.failure.check(KIND, "fault handler")?;
-        let mut dirty = self.shared.lock_dirty();
-        for (idx, (bits, r)) in dirty.iter_mut().zip(&self.shared.ranges).enumerate() {
+        let shared = &*self.shared;
+        shared.failure.check(KIND, "fault handler")?;
+        let os = |op| {
+            move |source| DirtyError::Os {
+                tracker: KIND,
+                op,
+                source,
+            }
+        };
+        // Discarded pages that must be faulted in again, outside the lock:
+        // one still protected faults to the handler, which takes it.
+        let refill: Vec<(usize, Vec<(usize, usize)>)> = {
+            let state = shared.lock();
+            let (now, before) = &state.removed;
+            (0..shared.ranges.len())
+                .filter(|&i| shared.repopulate[i])
+                .map(|i| (i, runs(&(now[i].clone() | &before[i]))))
+                .collect()
+        };
+        for (idx, runs) in &refill {
+            let r = &shared.ranges[*idx];
             let shift = r.page_size.shift();
-            let mut pos = 0;
-            while let Some(off) = bits[pos..].first_one() {
-                let first = pos + off;
-                let count = bits[first..].first_zero().unwrap_or(bits.len() - first);
-                // Into the log before re-protecting: on error nothing is lost.
-                log.mark_range(idx, first, count);
-                bits[first..first + count].fill(false);
-                self.shared
-                    .uffd
-                    .write_protect(r.start + (first << shift), count << shift, true)
-                    .map_err(|source| DirtyError::Os {
-                        tracker: KIND,
-                        op: "UFFDIO_WRITEPROTECT",
-                        source,
-                    })?;
-                pos = first + count;
+            for &(first, count) in runs {
+                crate::memory::populate_write(r.start + (first << shift), count << shift)
+                    .map_err(os("MADV_POPULATE_WRITE"))?;
             }
         }
+        let mut state = shared.lock();
+        // What to report and protect again: the pages written (un-protected
+        // by the handler) and those discarded since the last two harvests.
+        let mut todo = Vec::new();
+        {
+            let State { dirty, removed } = &mut *state;
+            let (now, before) = removed;
+            for (idx, bits) in dirty.iter_mut().enumerate() {
+                let mut all = bits.clone();
+                all |= &now[idx];
+                all |= &before[idx];
+                for (first, count) in runs(&all) {
+                    // Into the log before re-protecting: on error nothing
+                    // is lost.
+                    log.mark_range(idx, first, count);
+                    todo.push((idx, first, count));
+                }
+                bits.fill(false);
+                before[idx].copy_from_bitslice(&now[idx]);
+                now[idx].fill(false);
+            }
+        }
+        for (idx, first, count) in todo {
+            let r = &shared.ranges[idx];
+            let shift = r.page_size.shift();
+            loop {
+                match shared.uffd.try_write_protect(
+                    r.start + (first << shift),
+                    count << shift,
+                    true,
+                ) {
+                    // A removal is unread: let the handler take the lock
+                    // and read it.
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                        drop(state);
+                        std::thread::yield_now();
+                        state = shared.lock();
+                    }
+                    other => {
+                        other.map_err(os("UFFDIO_WRITEPROTECT"))?;
+                        break;
+                    }
+                }
+            }
+        }
+        drop(state);
         Ok(())
     }
 }

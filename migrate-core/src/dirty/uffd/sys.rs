@@ -316,8 +316,24 @@ impl Uffd {
     }
 
     /// Write-protect (`protect`) or un-protect a range. Un-protecting wakes
-    /// threads blocked on a write fault in the range.
+    /// threads blocked on a write fault in the range. Retries while the
+    /// kernel says `EAGAIN`: only for a uffd without removal events, or
+    /// whose events another thread reads (see [`try_write_protect`](Self::try_write_protect)).
     pub fn write_protect(&self, start: usize, len: usize, protect: bool) -> io::Result<()> {
+        loop {
+            match self.try_write_protect(start, len, protect) {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// [`write_protect`](Self::write_protect) once: `EAGAIN` when the
+    /// address space is changing (a fork, a THP split) or, with
+    /// `EVENT_REMOVE`, while a removal event is unread (the discarding
+    /// thread waits for that read): the reader must read it before a retry
+    /// can succeed.
+    pub fn try_write_protect(&self, start: usize, len: usize, protect: bool) -> io::Result<()> {
         let mut wp = UffdioWriteprotect {
             range: UffdioRange {
                 start: start as u64,
@@ -329,17 +345,12 @@ impl Uffd {
                 0
             },
         };
-        loop {
-            // SAFETY: `wp` is valid for the ioctl; the kernel checks the range.
-            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut wp) };
-            if rc == 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            // EAGAIN: the mm is changing under us (e.g. fork, THP split).
-            if err.raw_os_error() != Some(libc::EAGAIN) {
-                return Err(err);
-            }
+        // SAFETY: `wp` is valid for the ioctl; the kernel checks the range.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut wp) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
         }
     }
 
