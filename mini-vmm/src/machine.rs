@@ -443,6 +443,9 @@ pub struct KvmDestination<'a> {
     /// The guest resumes in post-copy: its memory is incomplete at resume,
     /// so no digest is taken there.
     pub postcopy: bool,
+    /// Called once the vCPU runs in post-copy (its missing pages still on
+    /// the source): the binary tells its operator.
+    pub on_postcopy_resume: Option<Box<dyn FnOnce() + Send + 'a>>,
 }
 
 impl<'a> KvmDestination<'a> {
@@ -456,6 +459,7 @@ impl<'a> KvmDestination<'a> {
             digest_at_resume: None,
             digest: true,
             postcopy: false,
+            on_postcopy_resume: None,
         }
     }
 }
@@ -483,6 +487,11 @@ impl DestinationVm for KvmDestination<'_> {
             .start(&state, self.pages_per_sec)
             .map_err(|e| VmError::new("resume", e))?;
         self.running = Some(runner);
+        if self.postcopy
+            && let Some(tell) = self.on_postcopy_resume.take()
+        {
+            tell();
+        }
         Ok(())
     }
 }

@@ -598,6 +598,15 @@ fn dest(a: DestArgs) -> Result<bool> {
     m.set_serial(serial_sink(a.serial.as_deref())?);
     let mut vm = KvmDestination::new(&mut m, a.pages_per_sec);
     vm.digest = a.digest;
+    vm.on_postcopy_resume = Some(Box::new(|| {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "post-copy: the guest runs here; its missing pages follow from the source"
+        );
+        let _ = out.flush();
+    }));
     let received = incoming.receive(t.as_mut(), &mem, &mut vm);
     let cpu = cpu_ms() - cpu_at_accept;
     drop(t);

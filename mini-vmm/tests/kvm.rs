@@ -367,3 +367,63 @@ fn a_running_kvm_guest_migrates_in_postcopy() {
         v["fault_latency_us"]["p99"]
     );
 }
+
+/// The destination dies while the KVM guest runs there in post-copy (its
+/// missing pages still on the source): the source can neither give the
+/// guest back (the destination ran it) nor finish. Exit 4, the guest not
+/// run on at the source, never 0 or 1.
+#[test]
+fn the_destination_killed_in_postcopy_is_exit_4_at_the_source() {
+    if !kvm_here("postcopy_destination_killed") {
+        return;
+    }
+    let (mut d, addr, mut dest_out) = start_dest_with(&[]);
+    let src = bin()
+        .args([
+            "source",
+            "--connect",
+            &addr,
+            "--bandwidth-mbs",
+            "2",
+            "--postcopy-after-rounds",
+            "1",
+            "--downtime-ms",
+            "1",
+            "--start-after-ms",
+            "300",
+        ])
+        .args(GUEST)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The destination says when its vCPU runs in post-copy.
+    let mut said = String::new();
+    loop {
+        let mut l = String::new();
+        if dest_out.read_line(&mut l).unwrap() == 0 {
+            let out = d.wait_with_output().unwrap();
+            panic!(
+                "the destination ended before post-copy: {said}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        said.push_str(&l);
+        if l.starts_with("post-copy: ") {
+            break;
+        }
+    }
+    d.kill().unwrap();
+    d.wait().unwrap();
+    let src = src.wait_with_output().unwrap();
+    let t = text(&src);
+    assert_eq!(src.status.code(), Some(4), "{t}");
+    assert!(
+        t.contains("migration failed") && !t.contains("runs on here"),
+        "{t}"
+    );
+    assert!(
+        line(&t, "result: ").is_none(),
+        "the source guest ran on: {t}"
+    );
+}

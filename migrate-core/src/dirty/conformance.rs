@@ -151,18 +151,19 @@ fn start(
     mem: &GuestMemory,
     factory: TrackerFactory,
 ) -> Option<Tracked> {
-    match factory(mem) {
-        Ok(t) => Some(t),
-        Err(DirtyError::Unsupported { reason, .. }) if kind == MemoryKind::DiskFile => {
-            println!("n/a {test}: refused as it must be: {reason}");
-            None
-        }
-        Err(DirtyError::Unsupported { reason, .. }) => {
-            crate::skip::skip(test, crate::skip::Need::Uffd, &reason);
-            None
-        }
+    // Refused: one tracker's reason, or (the selected set) every one's.
+    let refused = match factory(mem) {
+        Ok(t) => return Some(t),
+        Err(DirtyError::Unsupported { reason, .. }) => reason,
+        Err(e @ DirtyError::NoTracker(_)) => e.to_string(),
         Err(e) => panic!("{test}: tracker failed to start: {e}"),
+    };
+    if kind == MemoryKind::DiskFile {
+        println!("n/a {test}: refused as it must be: {refused}");
+    } else {
+        crate::skip::skip(test, crate::skip::Need::Uffd, &refused);
     }
+    None
 }
 
 /// Build the memory, or `None` (with a SKIP line) when this machine lacks it.
