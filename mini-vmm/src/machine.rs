@@ -445,7 +445,7 @@ pub struct KvmDestination<'a> {
     pub postcopy: bool,
     /// Called once the vCPU runs in post-copy (its missing pages still on
     /// the source): the binary tells its operator.
-    pub on_postcopy_resume: Option<Box<dyn FnOnce() + Send + 'a>>,
+    pub on_postcopy_resume: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl<'a> KvmDestination<'a> {
