@@ -195,6 +195,18 @@ pub enum MigrationError {
     /// Dirty tracking failed.
     #[error("dirty tracking: {0}")]
     Dirty(#[from] dirty::DirtyError),
+    /// The VMM discarded guest memory (a balloon) while the transport read
+    /// it from a registered, pinned copy (RDMA): the discarded pages' old
+    /// bytes would have gone. The source guest runs on.
+    #[error(
+        "{pages} guest pages were discarded (a balloon) while the memory was registered for \
+         RDMA, which would send their old bytes: stop discards for an RDMA migration (as QEMU \
+         does), or migrate over TCP"
+    )]
+    DiscardedWhilePinned {
+        /// Pages discarded, as the tracker counted them.
+        pages: u64,
+    },
     /// Pages kept failing their check with the guest paused: corruption.
     #[error(
         "{pages} pages still failed their integrity check after {retries} re-sends with the guest paused"

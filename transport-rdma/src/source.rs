@@ -133,6 +133,11 @@ impl SourceTransport for RdmaSource {
         }
     }
 
+    fn pins_memory(&self) -> bool {
+        // Pages go by RDMA WRITE from the registered memory.
+        self.name() == "rdma"
+    }
+
     fn data_streams(&self) -> u16 {
         self.cfg.queue_pairs.max(1)
     }

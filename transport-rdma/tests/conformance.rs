@@ -85,6 +85,50 @@ fn pages_travel_by_rdma_over_two_queue_pairs() {
     o.source_vm.stop();
 }
 
+/// The VMM discards guest pages (a balloon inflating) while the source's
+/// memory is registered for RDMA: the NIC reads the pinned pages, which
+/// keep their old bytes while the guest goes on in new ones. The
+/// migration fails with its own error at the next harvest, and the source
+/// guest runs on (QEMU forbids discards under RDMA instead).
+#[test]
+fn a_discard_under_rdma_fails_the_migration_and_the_source_runs_on() {
+    use fixtures::transport_suite::Workload;
+    use fixtures::{DirtyPattern, WorkloadConfig};
+    use migrate_core::{MigrationError, SourceConfig};
+    if let Err(reason) = available() {
+        fixtures::skip(
+            "a_discard_under_rdma_fails_the_migration_and_the_source_runs_on",
+            fixtures::Need::Rdma,
+            &reason,
+        );
+        return;
+    }
+    let o = run(
+        rdma_pair,
+        Scenario {
+            config: SourceConfig {
+                // Rounds go on past the discards (after round 0).
+                bandwidth_limit: Some(8 << 20),
+                ..Default::default()
+            },
+            workload: Workload::Dirty(WorkloadConfig {
+                threads: 1,
+                pages_per_sec: 3000,
+                pattern: DirtyPattern::Uniform,
+                seed: 11,
+            }),
+            balloon: true,
+            ..Scenario::default()
+        },
+    );
+    let e = o.assert_failed_and_source_runs();
+    assert!(
+        matches!(e, MigrationError::DiscardedWhilePinned { pages } if *pages > 0),
+        "{e}"
+    );
+    o.source_vm.stop();
+}
+
 fn source_without_device() -> TransportPair {
     let src = RdmaConfig {
         device: Some("no-such-device".into()),

@@ -71,6 +71,51 @@ pub trait DirtyTracker: Send + Sync {
     /// pages already ORed into `log` stay there, so a failed harvest never
     /// loses pages, but the caller should treat tracking as broken.
     fn harvest(&self, log: &mut DirtyLog) -> Result<(), DirtyError>;
+
+    /// Pages the VMM discarded (a balloon: `MADV_DONTNEED`, `MADV_REMOVE`)
+    /// since tracking began, as far as this tracker can tell: the uffd
+    /// trackers count the kernel's removal events (a page discarded twice
+    /// counts twice); those that cannot tell (the software bitmap, KVM's
+    /// dirty log) say 0. The engine fails an RDMA migration on a discard:
+    /// the NIC reads a registered (pinned) copy that a discard leaves
+    /// behind.
+    fn discarded_pages(&self) -> u64 {
+        0
+    }
+
+    /// The VMM dropped `pages` (they read as zeros now, and the harvest that
+    /// called this reports them): track them again where dropping a page
+    /// undid its tracking (uffd-sync on anonymous memory without pte
+    /// markers maps and write-protects them). By default nothing.
+    ///
+    /// # Errors
+    /// As [`harvest`](Self::harvest).
+    fn discarded(&self, pages: &DirtyLog) -> Result<(), DirtyError> {
+        let _ = pages;
+        Ok(())
+    }
+}
+
+/// One harvest as the engine makes it: the tracker's pages, and those the
+/// VMM dropped through [`GuestRegion::discard_pages`](crate::memory::GuestRegion::discard_pages)
+/// since the last one (marked once the kernel dropped them, so exact
+/// whatever the tracker sees), which the tracker then tracks again.
+///
+/// # Errors
+/// The tracker's.
+pub fn harvest_with_discards(
+    tracker: &dyn DirtyTracker,
+    mem: &GuestMemory,
+    log: &mut DirtyLog,
+) -> Result<(), DirtyError> {
+    tracker.harvest(log)?;
+    let mut dropped = DirtyLog::new(mem);
+    mem.take_discarded(&mut dropped);
+    if dropped.count() > 0 {
+        log.union_with(&dropped);
+        tracker.discarded(&dropped)?;
+    }
+    Ok(())
 }
 
 /// The tracking mechanisms.

@@ -135,4 +135,12 @@ impl DirtyTracker for DirtyTracking {
         }
         self.software.harvest(log)
     }
+
+    fn discarded_pages(&self) -> u64 {
+        self.primary.as_ref().map_or(0, |p| p.discarded_pages())
+    }
+
+    fn discarded(&self, pages: &DirtyLog) -> Result<(), DirtyError> {
+        self.primary.as_ref().map_or(Ok(()), |p| p.discarded(pages))
+    }
 }

@@ -116,4 +116,12 @@ impl<T: DirtyTracker + ?Sized> DirtyTracker for std::sync::Arc<T> {
     fn harvest(&self, log: &mut DirtyLog) -> Result<(), DirtyError> {
         (**self).harvest(log)
     }
+
+    fn discarded_pages(&self) -> u64 {
+        (**self).discarded_pages()
+    }
+
+    fn discarded(&self, pages: &DirtyLog) -> Result<(), DirtyError> {
+        (**self).discarded(pages)
+    }
 }

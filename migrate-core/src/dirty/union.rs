@@ -48,4 +48,18 @@ impl DirtyTracker for DirtyUnion {
         }
         first_err.map_or(Ok(()), Err)
     }
+
+    fn discarded_pages(&self) -> u64 {
+        self.trackers.iter().map(|t| t.discarded_pages()).sum()
+    }
+
+    fn discarded(&self, pages: &DirtyLog) -> Result<(), DirtyError> {
+        let mut first_err = None;
+        for t in &self.trackers {
+            if let Err(e) = t.discarded(pages) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
 }

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use fresh::FreshPages;
 pub use region::{Backing, GuestRegion};
-pub(crate) use sys::populate_write;
+pub(crate) use sys::populate_read;
 pub use sys::{file_reads_zero, lockable_bytes};
 #[cfg(feature = "vm-memory")]
 pub use vm_memory::VmMemory;
@@ -417,6 +417,21 @@ impl GuestMemory {
             }
         }
         Ok(())
+    }
+
+    /// OR into `log` the pages [`GuestRegion::discard_pages`] dropped since
+    /// the last call, and clear their marks: what a harvest adds to the
+    /// tracker's report (the engine does it at every harvest).
+    pub fn take_discarded(&self, log: &mut crate::dirty::DirtyLog) {
+        for (i, r) in self.regions.iter().enumerate() {
+            r.take_discarded(log.region_mut(i));
+        }
+    }
+
+    /// Pages [`GuestRegion::discard_pages`] dropped in all regions since
+    /// they were made.
+    pub fn discarded_pages(&self) -> u64 {
+        self.regions.iter().map(GuestRegion::discarded_pages).sum()
     }
 
     /// One 64-bit digest of every page's bytes (xxh3 per page, folded in

@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::checksum::xxh3_64;
 use memmap2::{MmapOptions, MmapRaw};
@@ -58,6 +58,32 @@ pub struct GuestRegion {
     file: Option<File>,
     /// Whoever owns an external mapping, kept alive as long as the region.
     owner: Option<Owner>,
+    /// Pages [`discard_pages`](Self::discard_pages) dropped, until taken.
+    discards: DiscardMarks,
+}
+
+/// One bit per page, set once the kernel dropped the page (after the
+/// `madvise` returned), and how many were set in all.
+#[derive(Debug)]
+struct DiscardMarks {
+    words: Box<[AtomicU64]>,
+    total: AtomicU64,
+}
+
+impl DiscardMarks {
+    fn new(pages: usize) -> Self {
+        Self {
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            total: AtomicU64::new(0),
+        }
+    }
+
+    fn mark(&self, first: usize, count: usize) {
+        for p in first..first + count {
+            self.words[p / 64].fetch_or(1 << (p % 64), Ordering::Release);
+        }
+        self.total.fetch_add(count as u64, Ordering::Release);
+    }
 }
 
 /// Keeps an adopted mapping's owner alive.
@@ -218,6 +244,7 @@ impl GuestRegion {
             mapping: None,
             file: None,
             owner: None,
+            discards: DiscardMarks::new(len / page_size.bytes()),
         })
     }
 
@@ -259,6 +286,7 @@ impl GuestRegion {
             mapping: Some(map),
             file,
             owner: None,
+            discards: DiscardMarks::new(len / page_size.bytes()),
         })
     }
 
@@ -486,7 +514,12 @@ impl GuestRegion {
     /// Drop `count` pages from page `first`: a later read finds zeros, or,
     /// under a userfaultfd registered for missing pages, faults (post-copy
     /// fetches them). Shared backings lose the blocks; an external mapping
-    /// is tried as shared, then as private.
+    /// is tried as shared, then as private. The pages are marked once the
+    /// call returns: a running migration's next harvest reports them (the
+    /// destination must learn that they read as zeros), whatever tracker
+    /// it runs — the exact way to discard during a migration. A VMM that
+    /// calls `madvise` itself relies on the uffd trackers' removal events
+    /// instead (see the README).
     ///
     /// # Errors
     /// The kernel's refusal (e.g. a private file mapping).
@@ -502,7 +535,33 @@ impl GuestRegion {
             Backing::External => {
                 sys::discard(start, len, true).or_else(|_| sys::discard(start, len, false))
             }
+        }?;
+        // Marked once the kernel dropped them: a migration's next harvest
+        // reports them ([`GuestMemory::take_discarded`]).
+        self.discards.mark(first, count);
+        Ok(())
+    }
+
+    /// Move the marks of pages [`discard_pages`](Self::discard_pages)
+    /// dropped into `out` (one bit per page of this region), clearing them.
+    pub(crate) fn take_discarded(
+        &self,
+        out: &mut bitvec::slice::BitSlice<u64, bitvec::order::Lsb0>,
+    ) {
+        for (i, w) in self.discards.words.iter().enumerate() {
+            let mut bits = w.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                out.set(i * 64 + b, true);
+                bits &= bits - 1;
+            }
         }
+    }
+
+    /// Pages [`discard_pages`](Self::discard_pages) dropped since the
+    /// region was made (a page dropped twice counts twice).
+    pub fn discarded_pages(&self) -> u64 {
+        self.discards.total.load(Ordering::Acquire)
     }
 
     /// Bytes of this region resident in RAM now (`mincore`).

@@ -7,7 +7,6 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::MetadataExt;
 
 /// A new memfd named `name` (NULs replaced), close-on-exec, with `flags`.
 pub(super) fn memfd_create(name: &str, flags: libc::c_uint) -> io::Result<File> {
@@ -39,16 +38,15 @@ pub(super) fn allocate(file: &File, len: u64) -> io::Result<()> {
 /// page allocated and writable now, bytes unchanged (prefaulting a
 /// destination, and the uffd-sync tracker on kernels without
 /// `WP_UNPOPULATED`), reached through
-/// [`GuestRegion::populate`](super::GuestRegion::populate), or by the
-/// uffd-sync tracker directly for pages a discard dropped.
-pub(crate) fn populate_write(start: usize, len: usize) -> io::Result<()> {
+/// [`GuestRegion::populate`](super::GuestRegion::populate).
+pub(super) fn populate_write(start: usize, len: usize) -> io::Result<()> {
     populate(start, len, libc::MADV_POPULATE_WRITE)
 }
 
 /// `MADV_POPULATE_READ` (Linux ≥ 5.14) over `[start, start + len)`: every
 /// page mapped readable now, in one call, bytes unchanged; reached through
 /// [`GuestRegion::populate_read`](super::GuestRegion::populate_read).
-pub(super) fn populate_read(start: usize, len: usize) -> io::Result<()> {
+pub(crate) fn populate_read(start: usize, len: usize) -> io::Result<()> {
     populate(start, len, libc::MADV_POPULATE_READ)
 }
 
@@ -155,14 +153,6 @@ pub(super) fn data_ranges(file: &File, len: u64) -> io::Result<Option<Vec<std::o
     }
     if st.f_type as libc::c_long != TMPFS_MAGIC {
         return Ok(None);
-    }
-    // Every page of the file allocated (tmpfs counts its pages in
-    // `st_blocks`, nothing else): no hole to look for. `SEEK_HOLE` walks the
-    // file's pages one by one, 18 ms for a whole 1 GiB image here, before
-    // the first page may go.
-    let meta = file.metadata()?;
-    if meta.blocks().saturating_mul(512) >= meta.len() {
-        return Ok(Some(std::iter::once(0..len).collect()));
     }
     let own = File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
     let fd = own.as_raw_fd();

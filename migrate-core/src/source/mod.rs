@@ -324,6 +324,8 @@ impl SourceMigration {
             commit_sent: false,
             postcopy_ok: false,
             postcopy_running: false,
+            pinned: false,
+            discards_before: mem.discarded_pages(),
         };
         let result = with_watchdog(&self.config, run.deadline, &self.cancel, || {
             run.run(transport)

@@ -84,6 +84,11 @@ pub(super) struct Precopy<'a> {
     pub postcopy_ok: bool,
     /// The destination runs the guest and fetches its missing pages.
     pub postcopy_running: bool,
+    /// The data plane reads a registered (pinned) copy of the memory
+    /// ([`SourceTransport::pins_memory`]): a discard fails the migration.
+    pub pinned: bool,
+    /// Pages discarded through the memory's own API before the migration.
+    pub discards_before: u64,
 }
 
 /// What comes after a live round.
@@ -188,7 +193,7 @@ impl Precopy<'_> {
                     }
                     hole_round.unsent(&dest_pages);
                     sender = self.resume(transport, session, features, e)?;
-                    self.tracker.harvest(&mut log)?;
+                    self.harvest(&mut log)?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -288,6 +293,7 @@ impl Precopy<'_> {
         features: u64,
     ) -> Result<Box<dyn PageSender>, MigrationError> {
         let sender = transport.open_data(self.mem, session, features)?;
+        self.pinned = transport.pins_memory();
         let setup_ms = self.elapsed_ms();
         self.monitor.update(|s| {
             s.transport = transport.name().into();
@@ -301,6 +307,22 @@ impl Precopy<'_> {
             "migration setup done"
         );
         Ok(sender)
+    }
+
+    /// Harvest into `log`: the tracker's pages and those the VMM discarded
+    /// through [`GuestRegion::discard_pages`](crate::memory::GuestRegion::discard_pages).
+    /// Over a pinned data plane, fail on a discard.
+    fn harvest(&self, log: &mut DirtyLog) -> Result<(), MigrationError> {
+        crate::dirty::harvest_with_discards(self.tracker, self.mem, log)?;
+        let pages = self
+            .tracker
+            .discarded_pages()
+            .max(self.mem.discarded_pages() - self.discards_before);
+        if self.pinned && pages > 0 {
+            tracing::error!(pages, "guest memory discarded while registered for RDMA");
+            return Err(MigrationError::DiscardedWhilePinned { pages });
+        }
+        Ok(())
     }
 
     /// Whether `e` lost the connection in a way a new one may mend: before
@@ -322,7 +344,9 @@ impl Precopy<'_> {
     ) -> Result<Box<dyn PageSender>, MigrationError> {
         self.reconnect_within(transport, cause, |me, t| {
             me.resume_control(t, session)?;
-            Ok(t.open_data(me.mem, session, features)?)
+            let sender = t.open_data(me.mem, session, features)?;
+            me.pinned = t.pins_memory();
+            Ok(sender)
         })
     }
 
@@ -515,7 +539,7 @@ impl Precopy<'_> {
         totals: &mut Totals,
     ) -> Result<Next, MigrationError> {
         let mut next = done.resend;
-        self.tracker.harvest(&mut next)?;
+        self.harvest(&mut next)?;
         let dirty_rate =
             next.count() as f64 / totals.last_harvest.elapsed().as_secs_f64().max(1e-6);
         totals.last_harvest = Instant::now();
@@ -598,7 +622,7 @@ impl Precopy<'_> {
         self.check_cancel()?;
         self.vm.pause()?;
         self.paused_at = Some(Instant::now());
-        self.tracker.harvest(next)?;
+        self.harvest(next)?;
         let remaining_bytes = next.dirty_bytes();
         self.monitor.update(|s| {
             s.status = MigrationStatus::Device;

@@ -288,6 +288,14 @@ pub enum DataEvent {
 pub trait SourceTransport: Send {
     /// `"tcp"`, `"rdma"`, ...
     fn name(&self) -> &'static str;
+    /// Whether pages are read from a registered (pinned) copy of the guest
+    /// memory rather than through the process's mapping (RDMA): a page the
+    /// VMM discards then stays pinned with its old bytes while the guest
+    /// goes on in a new one, so the engine fails the migration on a
+    /// discard. By default no.
+    fn pins_memory(&self) -> bool {
+        false
+    }
     /// Number of data streams it will open.
     fn data_streams(&self) -> u16;
     /// Protocol feature bits it may use (e.g. zstd).

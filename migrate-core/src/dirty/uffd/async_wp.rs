@@ -1,6 +1,7 @@
 //! userfaultfd write-protect in async mode, harvested with `PAGEMAP_SCAN`.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -50,6 +51,8 @@ struct Shared {
     /// harvest between the two reports the page before it changes: each
     /// discarded page is reported by two harvests.
     removed: Mutex<(PageBits, PageBits)>,
+    /// Pages discarded since tracking began.
+    discarded: AtomicU64,
     /// The event thread's fatal error, reported by the next harvest.
     failure: Failure,
 }
@@ -83,6 +86,7 @@ impl UffdAsyncTracker {
         let stop = sys::eventfd().map_err(os("eventfd"))?;
         let shared = Arc::new(Shared {
             removed: Mutex::new((page_bits(&ranges), page_bits(&ranges))),
+            discarded: AtomicU64::new(0),
             uffd,
             ranges,
             failure: Failure::default(),
@@ -119,9 +123,13 @@ fn read_removals(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
         loop {
             let mut removed = shared.removed.lock().unwrap_or_else(|p| p.into_inner());
             match shared.uffd.next_event()? {
-                Some(Event::Removed { start, end }) => {
-                    mark_removed(&mut removed.0, &shared.ranges, start, end)
-                }
+                Some(Event::Removed { start, end }) => mark_removed(
+                    &mut removed.0,
+                    &shared.ranges,
+                    start,
+                    end,
+                    &shared.discarded,
+                ),
                 Some(Event::Fault { .. }) => {}
                 None => break,
             }
@@ -142,6 +150,10 @@ impl Drop for UffdAsyncTracker {
 impl DirtyTracker for UffdAsyncTracker {
     fn kind(&self) -> TrackerKind {
         TrackerKind::UffdAsync
+    }
+
+    fn discarded_pages(&self) -> u64 {
+        self.shared.discarded.load(Ordering::Relaxed)
     }
 
     fn harvest(&self, log: &mut DirtyLog) -> Result<(), DirtyError> {

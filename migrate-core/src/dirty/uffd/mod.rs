@@ -6,6 +6,7 @@ mod sync_wp;
 #[allow(unsafe_code)]
 pub(crate) mod sys;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
@@ -197,14 +198,21 @@ pub(super) fn page_bits(ranges: &[HostRange]) -> PageBits {
 }
 
 /// Mark in `bits` every page of `ranges` that `[start, end)` touches (a
-/// removal event's range).
-pub(super) fn mark_removed(bits: &mut PageBits, ranges: &[HostRange], start: usize, end: usize) {
+/// removal event's range), and count them in `total`.
+pub(super) fn mark_removed(
+    bits: &mut PageBits,
+    ranges: &[HostRange],
+    start: usize,
+    end: usize,
+    total: &AtomicU64,
+) {
     for (b, r) in bits.iter_mut().zip(ranges) {
         let (s, e) = (start.max(r.start), end.min(r.end()));
         if s < e {
             let shift = r.page_size.shift();
             let (first, last) = ((s - r.start) >> shift, (e - 1 - r.start) >> shift);
             b[first..=last].fill(true);
+            total.fetch_add((last - first + 1) as u64, Ordering::Relaxed);
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -20,12 +21,14 @@ const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 struct Shared {
     uffd: Uffd,
     ranges: Vec<HostRange>,
-    /// Per range: whether a discarded page must be faulted in again before
-    /// it can be protected (anonymous memory on a kernel without
+    /// Per range: whether a discarded page must be mapped again before it
+    /// can be protected (anonymous memory on a kernel without
     /// `WP_UNPOPULATED`, where protecting an empty page does nothing).
     repopulate: Vec<bool>,
     /// What the handler records and the harvest takes, under one lock.
     state: Mutex<State>,
+    /// Pages discarded since tracking began.
+    discarded: AtomicU64,
     /// The handler's fatal error, reported by the next harvest.
     failure: Failure,
 }
@@ -56,9 +59,13 @@ impl Shared {
     fn drain(&self, state: &mut State, faults: &mut VecDeque<usize>) -> std::io::Result<()> {
         while let Some(event) = self.uffd.next_event()? {
             match event {
-                Event::Removed { start, end } => {
-                    mark_removed(&mut state.removed.0, &self.ranges, start, end)
-                }
+                Event::Removed { start, end } => mark_removed(
+                    &mut state.removed.0,
+                    &self.ranges,
+                    start,
+                    end,
+                    &self.discarded,
+                ),
                 Event::Fault { address, flags } if sys::is_wp_fault(flags) => {
                     faults.push_back(address)
                 }
@@ -81,9 +88,10 @@ impl Shared {
 /// fails with `EAGAIN`: the handler then reads the pending messages itself
 /// (keeping the faults for after), and a harvest lets go of the lock so
 /// that the handler can. On anonymous memory without `WP_UNPOPULATED`
-/// (before Linux 6.4) a discarded page is faulted in again before it is
-/// protected, so its later writes fault: the memory a balloon frees there
-/// comes back until tracking stops.
+/// (before Linux 6.4) a discarded page is mapped again before it is
+/// protected (read-only, the zero page), so its later writes fault; pages
+/// dropped through [`GuestRegion::discard_pages`](crate::memory::GuestRegion::discard_pages)
+/// get that after the drop for sure ([`DirtyTracker::discarded`]).
 ///
 /// Opened with kernel faults included where the process may (root or
 /// `vm.unprivileged_userfaultfd = 1`), so `read(2)` into guest memory is
@@ -142,6 +150,7 @@ impl UffdSyncTracker {
                 dirty: page_bits(&ranges),
                 removed: (page_bits(&ranges), page_bits(&ranges)),
             }),
+            discarded: AtomicU64::new(0),
             uffd,
             ranges,
             repopulate,
@@ -196,27 +205,51 @@ fn handle_faults(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
                 idle_since = std::time::Instant::now();
                 continue;
             }
-            match shared.uffd.next_event()? {
+            // Each message is read under the lock: reading a removal lets
+            // its `madvise` return, and a harvest right after must find its
+            // pages (the last one, with the guest paused, is the last
+            // chance).
+            let event = {
+                let mut state = shared.lock();
+                match shared.uffd.next_event()? {
+                    Some(Event::Removed { start, end }) => {
+                        mark_removed(
+                            &mut state.removed.0,
+                            &shared.ranges,
+                            start,
+                            end,
+                            &shared.discarded,
+                        );
+                        continue;
+                    }
+                    other => other,
+                }
+            };
+            match event {
                 Some(Event::Fault { address, flags }) if sys::is_wp_fault(flags) => {
                     resolve(shared, address, &mut queued)?;
                     idle_since = std::time::Instant::now();
                 }
-                Some(Event::Removed { start, end }) => {
-                    // Read under the lock: the discard's `madvise` returns
-                    // once this is read, and a harvest right after must
-                    // find its pages.
-                    let mut state = shared.lock();
-                    mark_removed(&mut state.removed.0, &shared.ranges, start, end);
-                }
-                Some(Event::Fault { .. }) => {}
+                Some(_) => {}
                 None if idle_since.elapsed() < SPIN => std::hint::spin_loop(),
                 None => break,
             }
         }
     })();
     if result.is_err() {
+        // Un-protect everything, reading what blocks it (a removal unread
+        // makes the kernel refuse; its discard waits for the read), a
+        // bounded number of times: this thread is the only reader.
         for r in &shared.ranges {
-            let _ = shared.uffd.write_protect(r.start, r.len, false);
+            for _ in 0..10_000 {
+                match shared.uffd.try_write_protect(r.start, r.len, false) {
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                        while let Ok(Some(_)) = shared.uffd.next_event() {}
+                        std::thread::yield_now();
+                    }
+                    _ => break,
+                }
+            }
         }
     }
     result
@@ -255,6 +288,10 @@ impl DirtyTracker for UffdSyncTracker {
         KIND
     }
 
+    fn discarded_pages(&self) -> u64 {
+        self.shared.discarded.load(Ordering::Relaxed)
+    }
+
     fn harvest(&self, log: &mut DirtyLog) -> Result<(), DirtyError> {
         let shared = &*self.shared;
         shared.failure.check(KIND, "fault handler")?;
@@ -265,8 +302,11 @@ impl DirtyTracker for UffdSyncTracker {
                 source,
             }
         };
-        // Discarded pages that must be faulted in again, outside the lock:
-        // one still protected faults to the handler, which takes it.
+        // Discarded pages that must be mapped again to be protected, outside
+        // the lock: read-mapped (the zero page), so that a page not yet
+        // dropped, or protected again already, does not fault (a kernel
+        // write fault on a protected page is EFAULT to a user-mode-only
+        // uffd), and the balloon's memory stays free.
         let refill: Vec<(usize, Vec<(usize, usize)>)> = {
             let state = shared.lock();
             let (now, before) = &state.removed;
@@ -279,8 +319,8 @@ impl DirtyTracker for UffdSyncTracker {
             let r = &shared.ranges[*idx];
             let shift = r.page_size.shift();
             for &(first, count) in runs {
-                crate::memory::populate_write(r.start + (first << shift), count << shift)
-                    .map_err(os("MADV_POPULATE_WRITE"))?;
+                crate::memory::populate_read(r.start + (first << shift), count << shift)
+                    .map_err(os("MADV_POPULATE_READ"))?;
             }
         }
         let mut state = shared.lock();
@@ -305,32 +345,70 @@ impl DirtyTracker for UffdSyncTracker {
                 now[idx].fill(false);
             }
         }
-        for (idx, first, count) in todo {
+        protect(shared, state, &todo)
+    }
+
+    fn discarded(&self, pages: &DirtyLog) -> Result<(), DirtyError> {
+        let shared = &*self.shared;
+        // Only where dropping a page dropped its protection for good.
+        let todo: Vec<(usize, usize, usize)> = pages
+            .runs()
+            .filter(|run| shared.repopulate.get(run.region).copied().unwrap_or(false))
+            .map(|run| (run.region, run.first, run.count))
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        // Read-mapped first, outside the lock (see `harvest`).
+        for &(idx, first, count) in &todo {
             let r = &shared.ranges[idx];
             let shift = r.page_size.shift();
-            loop {
-                match shared.uffd.try_write_protect(
-                    r.start + (first << shift),
-                    count << shift,
-                    true,
-                ) {
-                    // A removal is unread: let the handler take the lock
-                    // and read it.
-                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                        drop(state);
-                        std::thread::yield_now();
-                        state = shared.lock();
-                    }
-                    other => {
-                        other.map_err(os("UFFDIO_WRITEPROTECT"))?;
-                        break;
-                    }
+            crate::memory::populate_read(r.start + (first << shift), count << shift).map_err(
+                |source| DirtyError::Os {
+                    tracker: KIND,
+                    op: "MADV_POPULATE_READ",
+                    source,
+                },
+            )?;
+        }
+        protect(shared, shared.lock(), &todo)
+    }
+}
+
+/// Write-protect each (range, first page, count) of `todo`, holding
+/// `state`'s lock but for the moments the kernel refuses while a removal
+/// is unread (the handler must take the lock to read it).
+fn protect<'a>(
+    shared: &'a Shared,
+    mut state: MutexGuard<'a, State>,
+    todo: &[(usize, usize, usize)],
+) -> Result<(), DirtyError> {
+    for &(idx, first, count) in todo {
+        let r = &shared.ranges[idx];
+        let shift = r.page_size.shift();
+        loop {
+            match shared
+                .uffd
+                .try_write_protect(r.start + (first << shift), count << shift, true)
+            {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    drop(state);
+                    std::thread::yield_now();
+                    state = shared.lock();
+                }
+                other => {
+                    other.map_err(|source| DirtyError::Os {
+                        tracker: KIND,
+                        op: "UFFDIO_WRITEPROTECT",
+                        source,
+                    })?;
+                    break;
                 }
             }
         }
-        drop(state);
-        Ok(())
     }
+    drop(state);
+    Ok(())
 }
 
 impl Drop for UffdSyncTracker {
