@@ -152,6 +152,9 @@ impl<T: Send + 'static> Handshakes<T> {
         let spawned = std::thread::Builder::new()
             .name("tcp-handshake".into())
             .spawn(move || {
+                // Stops counting when the thread ends, a panic included
+                // (else `next` would poll for ever).
+                let _counted = Counted(running);
                 let result = handshake(stream);
                 pending
                     .lock()
@@ -160,7 +163,6 @@ impl<T: Send + 'static> Handshakes<T> {
                 // Send, then stop counting: `next` waits in `accept` only
                 // when nothing runs and no result is queued.
                 let _ = tx.send(result);
-                running.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
             self.running.fetch_sub(1, Ordering::SeqCst);
@@ -171,6 +173,15 @@ impl<T: Send + 'static> Handshakes<T> {
             return Err(io("spawn a handshake thread")(e));
         }
         Ok(())
+    }
+}
+
+/// One running handshake thread, counted until dropped.
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
