@@ -307,6 +307,29 @@ fn the_source_guest_runs_on_when_the_destination_dies() {
     assert_eq!(line(&t, "result: "), Some(expected), "{t}");
 }
 
+/// A source of the KVM guest to `addr` that goes post-copy after one round
+/// over a 2 MB/s link.
+fn postcopy_source(addr: &str) -> Command {
+    let mut c = bin();
+    c.args([
+        "source",
+        "--connect",
+        addr,
+        "--bandwidth-mbs",
+        "2",
+        "--postcopy-after-rounds",
+        "1",
+        // Any rest misses a 1 ms budget at 2 MB/s: post-copy, never a
+        // pre-copy finish.
+        "--downtime-ms",
+        "1",
+        "--start-after-ms",
+        "300",
+    ])
+    .args(GUEST);
+    c
+}
+
 /// The KVM guest moves in post-copy: after one round over a 2 MB/s link
 /// the source pauses it and the destination resumes it with the table
 /// pages it rewrote still on the source; the vCPU's accesses to them fault
@@ -322,25 +345,7 @@ fn a_running_kvm_guest_migrates_in_postcopy() {
     // Never an earlier run's report under the same process id.
     let _ = std::fs::remove_file(&json);
     let (d, addr, mut dest_out) = start_dest_with(&["--json".as_ref(), json.as_os_str()]);
-    let src = bin()
-        .args([
-            "source",
-            "--connect",
-            &addr,
-            "--bandwidth-mbs",
-            "2",
-            "--postcopy-after-rounds",
-            "1",
-            // Any rest misses a 1 ms budget at 2 MB/s: post-copy, never a
-            // pre-copy finish.
-            "--downtime-ms",
-            "1",
-            "--start-after-ms",
-            "300",
-        ])
-        .args(GUEST)
-        .output()
-        .unwrap();
+    let src = postcopy_source(&addr).output().unwrap();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut dest_out, &mut rest).unwrap();
     let dest = d.wait_with_output().unwrap();
@@ -378,21 +383,7 @@ fn the_destination_killed_in_postcopy_is_exit_4_at_the_source() {
         return;
     }
     let (mut d, addr, mut dest_out) = start_dest_with(&[]);
-    let src = bin()
-        .args([
-            "source",
-            "--connect",
-            &addr,
-            "--bandwidth-mbs",
-            "2",
-            "--postcopy-after-rounds",
-            "1",
-            "--downtime-ms",
-            "1",
-            "--start-after-ms",
-            "300",
-        ])
-        .args(GUEST)
+    let src = postcopy_source(&addr)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

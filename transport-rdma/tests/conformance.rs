@@ -92,9 +92,8 @@ fn pages_travel_by_rdma_over_two_queue_pairs() {
 /// guest runs on (QEMU forbids discards under RDMA instead).
 #[test]
 fn a_discard_under_rdma_fails_the_migration_and_the_source_runs_on() {
-    use fixtures::transport_suite::Workload;
-    use fixtures::{DirtyPattern, WorkloadConfig};
-    use migrate_core::{MigrationError, SourceConfig};
+    use migrate_core::MigrationError;
+    use migrate_core::dirty::TrackerPreference;
     if let Err(reason) = available() {
         fixtures::skip(
             "a_discard_under_rdma_fails_the_migration_and_the_source_runs_on",
@@ -105,21 +104,7 @@ fn a_discard_under_rdma_fails_the_migration_and_the_source_runs_on() {
     }
     let o = run(
         rdma_pair,
-        Scenario {
-            config: SourceConfig {
-                // Rounds go on past the discards (after round 0).
-                bandwidth_limit: Some(8 << 20),
-                ..Default::default()
-            },
-            workload: Workload::Dirty(WorkloadConfig {
-                threads: 1,
-                pages_per_sec: 3000,
-                pattern: DirtyPattern::Uniform,
-                seed: 11,
-            }),
-            balloon: true,
-            ..Scenario::default()
-        },
+        Scenario::balloon_while_dirtying(TrackerPreference::Best),
     );
     let e = o.assert_failed_and_source_runs();
     assert!(

@@ -148,29 +148,8 @@ fn pages_discarded_during_the_migration_arrive_as_zeros_under_uffd_sync() {
 }
 
 fn discarded_pages_arrive_as_zeros(tracker: migrate_core::dirty::TrackerPreference) {
-    use fixtures::transport_suite::{Scenario, Workload, run};
-    use fixtures::{DirtyPattern, WorkloadConfig};
-    use migrate_core::SourceConfig;
-    let o = run(
-        tcp_pair,
-        Scenario {
-            config: SourceConfig {
-                // 16 MiB at 8 MB/s, and a guest dirtying 12 MB/s: rounds
-                // go on (auto-converge) well past the discards.
-                bandwidth_limit: Some(8 << 20),
-                ..Default::default()
-            },
-            workload: Workload::Dirty(WorkloadConfig {
-                threads: 1,
-                pages_per_sec: 3000,
-                pattern: DirtyPattern::Uniform,
-                seed: 11,
-            }),
-            balloon: true,
-            tracker,
-            ..Scenario::default()
-        },
-    );
+    use fixtures::transport_suite::{Scenario, run};
+    let o = run(tcp_pair, Scenario::balloon_while_dirtying(tracker));
     let s = o.assert_migrated();
     assert!(s.rounds >= 3, "{} rounds", s.rounds);
     o.source_vm.stop();

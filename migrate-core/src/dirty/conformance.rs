@@ -288,13 +288,7 @@ pub fn discarded_pages_are_reported(test: &str, kind: MemoryKind, factory: Track
         return;
     };
     let mem = &tm.mem;
-    // Every page holds data before tracking starts.
-    for r in mem.regions() {
-        for p in 0..r.pages() {
-            r.atomic_u64(p * r.page_size().bytes())
-                .store(p as u64 | 1, Ordering::Relaxed);
-        }
-    }
+    fill_every_page(mem);
     let Some(t) = start(test, kind, mem, factory) else {
         return;
     };
@@ -376,15 +370,7 @@ pub fn concurrent_writes_are_never_lost(test: &str, kind: MemoryKind, factory: T
         return;
     };
     // The shadow starts as a full copy (round 0), then follows harvests.
-    let mut shadow: Vec<Vec<u8>> = mem
-        .regions()
-        .iter()
-        .map(|r| {
-            let mut v = vec![0u8; r.len()];
-            mem.read(r.gpa(), &mut v).unwrap();
-            v
-        })
-        .collect();
+    let mut shadow = copy_all(mem);
     let started = AtomicU64::new(0);
     let completed = AtomicU64::new(0);
     let done = AtomicUsize::new(0);
@@ -460,17 +446,7 @@ pub fn concurrent_writes_are_never_lost(test: &str, kind: MemoryKind, factory: T
             rec.region, rec.page, lo, hi
         );
     }
-    for (ri, r) in mem.regions().iter().enumerate() {
-        let mut now = vec![0u8; r.len()];
-        mem.read(r.gpa(), &mut now).unwrap();
-        if now != shadow[ri] {
-            let ps = r.page_size().bytes();
-            let bad = (0..r.pages())
-                .find(|&p| now[p * ps..(p + 1) * ps] != shadow[ri][p * ps..(p + 1) * ps])
-                .unwrap();
-            panic!("{test}: shadow copy of region {ri} is stale at page {bad}");
-        }
-    }
+    assert_shadow_equal(test, mem, &shadow, "");
     println!(
         "{test}: {} writes, {} harvests, all reported in their window",
         records.len(),
@@ -497,12 +473,7 @@ pub fn discards_racing_writes_are_never_lost(
         return;
     };
     let mem = &tm.mem;
-    for r in mem.regions() {
-        for p in 0..r.pages() {
-            r.atomic_u64(p * r.page_size().bytes())
-                .store(p as u64 | 1, Ordering::Relaxed);
-        }
-    }
+    fill_every_page(mem);
     let Some(t) = start(test, kind, mem, factory) else {
         return;
     };
@@ -513,15 +484,7 @@ pub fn discards_racing_writes_are_never_lost(
     if let Some(m) = &t.marker {
         m.mark_page(0, 0);
     }
-    let mut shadow: Vec<Vec<u8>> = mem
-        .regions()
-        .iter()
-        .map(|r| {
-            let mut v = vec![0u8; r.len()];
-            mem.read(r.gpa(), &mut v).unwrap();
-            v
-        })
-        .collect();
+    let mut shadow = copy_all(mem);
     let (finished, watchdog) = std::sync::mpsc::channel::<()>();
     let name = test.to_string();
     std::thread::spawn(move || {
@@ -587,6 +550,44 @@ pub fn discards_racing_writes_are_never_lost(
     let _ = finished.send(());
     let discards = discards.load(Ordering::SeqCst);
     assert!(discards > 0, "{test}: no discard raced the writers");
+    assert_shadow_equal(
+        test,
+        mem,
+        &shadow,
+        &format!(" ({discards} discards, {harvests} harvests)"),
+    );
+    println!(
+        "{test}: {} writes, {discards} discards, {harvests} harvests, shadow equal",
+        WRITERS * WRITES_PER_THREAD
+    );
+}
+
+/// Every page holds data (its own number) before tracking starts, so a
+/// discard changes its bytes.
+fn fill_every_page(mem: &GuestMemory) {
+    for r in mem.regions() {
+        for p in 0..r.pages() {
+            r.atomic_u64(p * r.page_size().bytes())
+                .store(p as u64 | 1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A copy of every region's bytes (a shadow's start: round 0).
+fn copy_all(mem: &GuestMemory) -> Vec<Vec<u8>> {
+    mem.regions()
+        .iter()
+        .map(|r| {
+            let mut v = vec![0u8; r.len()];
+            mem.read(r.gpa(), &mut v).unwrap();
+            v
+        })
+        .collect()
+}
+
+/// The shadow equals the memory, page for page (else the first stale
+/// page, and `context`).
+fn assert_shadow_equal(test: &str, mem: &GuestMemory, shadow: &[Vec<u8>], context: &str) {
     for (ri, r) in mem.regions().iter().enumerate() {
         let mut now = vec![0u8; r.len()];
         mem.read(r.gpa(), &mut now).unwrap();
@@ -594,16 +595,9 @@ pub fn discards_racing_writes_are_never_lost(
         if let Some(bad) =
             (0..r.pages()).find(|&p| now[p * ps..(p + 1) * ps] != shadow[ri][p * ps..(p + 1) * ps])
         {
-            panic!(
-                "{test}: shadow copy of region {ri} is stale at page {bad} \
-                 ({discards} discards, {harvests} harvests)"
-            );
+            panic!("{test}: shadow copy of region {ri} is stale at page {bad}{context}");
         }
     }
-    println!(
-        "{test}: {} writes, {discards} discards, {harvests} harvests, shadow equal",
-        WRITERS * WRITES_PER_THREAD
-    );
 }
 
 /// A harvest as the engine makes it.

@@ -111,9 +111,7 @@ pub fn recv(a: &FloorArgs) -> Result<()> {
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .try_for_each(|w| w.join().map_err(|_| anyhow::anyhow!("a stream panicked"))?)
+        join_all(workers)
     })?;
     let cpu = cpu_s(std::process::id())? - cpu0;
     println!("done cpu_ms {:.0}", cpu * 1e3);
@@ -176,13 +174,19 @@ pub fn send(a: &FloorArgs) -> Result<()> {
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .try_for_each(|w| w.join().map_err(|_| anyhow::anyhow!("a stream panicked"))?)
+        join_all(workers)
     })?;
     let cpu = cpu_s(std::process::id())? - cpu0;
     println!("cpu_ms {:.0}", cpu * 1e3);
     Ok(())
+}
+
+/// Wait for every stream's thread; the first error, or a panic, is the
+/// answer.
+fn join_all(workers: Vec<std::thread::ScopedJoinHandle<'_, Result<()>>>) -> Result<()> {
+    workers
+        .into_iter()
+        .try_for_each(|w| w.join().map_err(|_| anyhow::anyhow!("a stream panicked"))?)
 }
 
 /// One floor run of the comparison, into `r` (engine `floor`).
