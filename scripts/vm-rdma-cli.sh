@@ -200,6 +200,44 @@ stop_roce() {
 }
 survives_fault rdma-qp-stopped stop_roce "its queue pairs stopped under a live control connection"
 
+# Post-copy over RDMA between the two hosts (the destination runs the
+# guest and READs its missing pages from the source's memory) with the link
+# cut once post-copy began, both RoCE and the control connection, for over
+# twice the I/O timeout: both ends declare the other dead and keep what they
+# hold, the source reconnects once the link is back, post-copy completes;
+# both exit 0 with equal digests (the TCP test
+# a_link_cut_during_postcopy_is_recovered, over RDMA).
+label=rdma-postcopy-cut
+"$bin" --log info dest --listen 10.199.0.2:0 --transport rdma --tls-dir "$tmp/tls" --rdma-device rxe-b \
+  --io-timeout-s 2 --digest --json "$tmp/$label-d.json" > "$tmp/$label-d.out" 2>&1 &
+pcd=$!
+if wait_for "$tmp/$label-d.out" "listening on" "$label"; then
+  pcaddr=$(sed -n 's/^listening on //p' "$tmp/$label-d.out")
+  port=${pcaddr##*:}
+  "$bin" --log warn source --connect "$pcaddr" --transport rdma --tls-dir "$tmp/tls" --rdma-device rxe-a \
+    --memory 4M --guest dirty --dirty-rate 4000 --pattern uniform --mix 0:0:1 --bandwidth-mbs 1 \
+    --downtime-ms 20 --postcopy auto --postcopy-after-rounds 2 --io-timeout-s 2 --digest \
+    --events "$tmp/$label.events" --progress never --json "$tmp/$label-s.json" > "$tmp/$label-s.out" 2>&1 &
+  pcs=$!
+  if wait_for "$tmp/$label.events" '"event":"postcopy"' "$label"; then
+    drop_roce; drop_control; hold
+    echo "   (cut for ${held} s in post-copy: tc dropped $(dropped fab-b ingress) RoCE and $(dropped lo egress) control packets)"
+    heal
+  fi
+  if wait $pcs && wait $pcd; then
+    r=$(json_get "$tmp/$label-s.json" "['reconnects']"); p=$(json_get "$tmp/$label-d.json" "['postcopy']")
+    ds=$(json_get "$tmp/$label-s.json" "['memory_digest']"); dd=$(json_get "$tmp/$label-d.json" "['memory_digest']")
+    if [ "$r" -ge 1 ] && [ "$p" = True ] && [ "$ds" = "$dd" ]; then
+      echo "ok $label: post-copy over RDMA resumed after a cut ($r reconnects), digests equal"
+    else
+      echo "FAIL $label: reconnects=$r postcopy=$p digests $ds/$dd"; fail=1
+    fi
+  else
+    echo "FAIL $label: a side failed"; cat "$tmp/$label-s.out" "$tmp/$label-d.out"; fail=1
+    kill $pcd 2>/dev/null || true; wait $pcd 2>/dev/null || true
+  fi
+fi
+
 # A destination process killed mid-round (its queue pairs die with it): the
 # source's reconnection is refused (the process is gone), so it fails at
 # once with a clear error and its guest runs again.
