@@ -284,14 +284,10 @@ pub fn scattered_writes_are_exact(test: &str, kind: MemoryKind, factory: Tracker
 /// harvest reports them (or the destination keeps their old bytes), and
 /// the writes after them are reported harvest after harvest, as before.
 pub fn discarded_pages_are_reported(test: &str, kind: MemoryKind, factory: TrackerFactory) {
-    let Some(tm) = memory(test, kind, 8) else {
+    let Some((tm, t)) = filled_and_tracked(test, kind, factory) else {
         return;
     };
     let mem = &tm.mem;
-    fill_every_page(mem);
-    let Some(t) = start(test, kind, mem, factory) else {
-        return;
-    };
     assert!(
         harvest(&t, mem).is_empty(),
         "{test}: dirty before any write"
@@ -469,14 +465,10 @@ pub fn discards_racing_writes_are_never_lost(
 ) {
     const WRITERS: usize = 2;
     const WRITES_PER_THREAD: usize = 10_000;
-    let Some(tm) = memory(test, kind, 8) else {
+    let Some((tm, t)) = filled_and_tracked(test, kind, factory) else {
         return;
     };
     let mem = &tm.mem;
-    fill_every_page(mem);
-    let Some(t) = start(test, kind, mem, factory) else {
-        return;
-    };
     if let Err(e) = mem.regions()[0].discard_pages(0, 1) {
         println!("n/a {test}: this memory cannot be discarded here: {e}");
         return;
@@ -562,15 +554,23 @@ pub fn discards_racing_writes_are_never_lost(
     );
 }
 
-/// Every page holds data (its own number) before tracking starts, so a
-/// discard changes its bytes.
-fn fill_every_page(mem: &GuestMemory) {
-    for r in mem.regions() {
+/// A test memory whose every page holds data (its own number) before
+/// tracking starts, so that a discard changes its bytes, and the tracker
+/// over it; `None` (said why) when this machine cannot.
+fn filled_and_tracked(
+    test: &str,
+    kind: MemoryKind,
+    factory: TrackerFactory,
+) -> Option<(TestMemory, Tracked)> {
+    let tm = memory(test, kind, 8)?;
+    for r in tm.mem.regions() {
         for p in 0..r.pages() {
             r.atomic_u64(p * r.page_size().bytes())
                 .store(p as u64 | 1, Ordering::Relaxed);
         }
     }
+    let t = start(test, kind, &tm.mem, factory)?;
+    Some((tm, t))
 }
 
 /// A copy of every region's bytes (a shadow's start: round 0).
