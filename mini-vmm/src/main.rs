@@ -495,6 +495,18 @@ fn source(a: SourceArgs) -> Result<Exit> {
     let migration = SourceMigration::new(cfg);
     let cpu_at_start = cpu_ms();
     let handle = migration.handle();
+    // The operator learns when the guest runs at the destination in
+    // post-copy (the commit acknowledged; its missing pages go from here).
+    let events = handle.subscribe();
+    std::thread::spawn(move || {
+        for e in events {
+            if matches!(e, migrate_core::MigrationEvent::Postcopy(_)) {
+                eprintln!(
+                    "post-copy: the guest runs at the destination; its missing pages go from here"
+                );
+            }
+        }
+    });
     let mut fallback = None;
     let result = connected.and_then(|(mut t, why)| {
         fallback = why;

@@ -382,22 +382,21 @@ fn the_destination_killed_in_postcopy_is_exit_4_at_the_source() {
     if !kvm_here("postcopy_destination_killed") {
         return;
     }
-    let (mut d, addr, mut dest_out) = start_dest_with(&[]);
-    let src = postcopy_source(&addr)
+    let (mut d, addr, _dest_out) = start_dest_with(&[]);
+    let mut src = postcopy_source(&addr)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The destination says when its vCPU runs in post-copy.
+    // The source says when post-copy runs: the destination acknowledged
+    // the commit (killed before that, the source could not know whether it
+    // runs the guest: exit 3).
+    let mut src_err = BufReader::new(src.stderr.take().unwrap());
     let mut said = String::new();
     loop {
         let mut l = String::new();
-        if dest_out.read_line(&mut l).unwrap() == 0 {
-            let out = d.wait_with_output().unwrap();
-            panic!(
-                "the destination ended before post-copy: {said}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        if src_err.read_line(&mut l).unwrap() == 0 {
+            panic!("the source ended before post-copy: {said}");
         }
         said.push_str(&l);
         if l.starts_with("post-copy: ") {
@@ -406,8 +405,10 @@ fn the_destination_killed_in_postcopy_is_exit_4_at_the_source() {
     }
     d.kill().unwrap();
     d.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut src_err, &mut rest).unwrap();
     let src = src.wait_with_output().unwrap();
-    let t = text(&src);
+    let t = format!("{}{said}{rest}", text(&src));
     assert_eq!(src.status.code(), Some(4), "{t}");
     assert!(
         t.contains("migration failed") && !t.contains("runs on here"),
