@@ -65,7 +65,7 @@ migrate rdma-lo rdma "" "" 127.0.0.1 32M --guest dirty --dirty-rate 2000 --verif
 # Between the two hosts, authenticated: mutual TLS for RDMA (the rkeys
 # travel over it), a pre-shared key for TCP.
 "$bin" tls-gen --dir "$tmp/tls" --server-name 10.199.0.2 > /dev/null
-head -c 32 /dev/urandom | base64 > "$tmp/psk"
+(umask 077; head -c 32 /dev/urandom | base64 > "$tmp/psk")
 # RDMA between rxe-a and rxe-b: both "hosts" share the VM's namespace (see
 # roce-fabric.sh), so each side is told its device; the destination would
 # find rxe-b by its address anyway. The fabric link's counters prove the

@@ -90,7 +90,8 @@ pub struct SteeringArgs {
 #[derive(Debug, Clone, Args)]
 pub struct TlsGenArgs {
     /// Directory to write `ca-cert.pem`, `server-*.pem`, `client-*.pem`
-    /// into (created if missing; existing files are replaced).
+    /// into (created 0700 if missing; keys are 0600; an existing CA is
+    /// replaced only with --force).
     #[arg(long)]
     pub dir: PathBuf,
     /// Names (DNS or IP) of the destination, as sources connect to it
@@ -100,6 +101,10 @@ pub struct TlsGenArgs {
     /// Names of the source, for `dest --tls-allow` (repeat the option).
     #[arg(long = "client-name", default_value = "migration-source")]
     pub client_names: Vec<String>,
+    /// Replace an existing CA in the directory (every certificate it signed
+    /// stops being trusted).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Transports.
@@ -156,8 +161,9 @@ pub struct TransportArgs {
     #[arg(long, conflicts_with = "psk_file")]
     pub tls_dir: Option<PathBuf>,
     /// Authenticate both ends with the pre-shared key in this file instead
-    /// of certificates (at least 32 random bytes, e.g.
-    /// `head -c 32 /dev/urandom | base64`); the connections are TLS 1.3.
+    /// of certificates: base64 or hex of at least 32 random bytes, in a file
+    /// only its owner can read (e.g. `(umask 077; head -c 32 /dev/urandom |
+    /// base64 > key)`); the connections are TLS 1.3.
     #[arg(long)]
     pub psk_file: Option<PathBuf>,
     /// Run without authentication or encryption on a non-loopback address:
@@ -188,9 +194,10 @@ pub enum GuestKind {
 /// The built-in guest of the source.
 #[derive(Debug, Clone, Args)]
 pub struct GuestArgs {
-    /// What runs in the guest memory while it migrates.
-    #[arg(long, value_enum, default_value_t = GuestKind::Dirty)]
-    pub guest: GuestKind,
+    /// What runs in the guest memory while it migrates [default: dirty;
+    /// idle on an existing --memory-file, which is used as it is].
+    #[arg(long, value_enum)]
+    pub guest: Option<GuestKind>,
     /// Pages per second the guest dirties (dirty guest) or transfers per
     /// second (bank guest); 0 = as fast as it can.
     #[arg(long, default_value_t = 5000)]
@@ -207,9 +214,46 @@ pub struct GuestArgs {
     /// Seed of the image and the workload.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Leave the memory as it is (e.g. an existing image file): no fill.
-    #[arg(long)]
+    /// Leave new memory as it is (zeros): no fill. An existing
+    /// --memory-file is never filled without --fill.
+    #[arg(long, conflicts_with = "fill")]
     pub no_fill: bool,
+    /// Overwrite an existing --memory-file with the built-in guest's image
+    /// (its bytes are lost); new memory is filled without it.
+    #[arg(long)]
+    pub fill: bool,
+}
+
+impl GuestArgs {
+    /// The built-in guest for memory that is new or, with `existing_file`,
+    /// an existing memory file: that file is the guest's memory, so it is
+    /// not filled without `--fill` and runs the idle guest unless another is
+    /// named; the bank guest, which formats its ledger, needs `--fill` there.
+    ///
+    /// # Errors
+    /// `--guest bank` on an existing file without `--fill`.
+    pub fn for_memory(&self, existing_file: bool) -> anyhow::Result<Self> {
+        let mut g = self.clone();
+        if existing_file {
+            let kind = *g.guest.get_or_insert(GuestKind::Idle);
+            if kind == GuestKind::Bank && !g.fill {
+                anyhow::bail!(
+                    "the bank guest formats its ledger over the memory, and an existing \
+                     --memory-file is used as it is: give --fill to overwrite it"
+                );
+            }
+            g.no_fill = !g.fill;
+        } else {
+            g.guest.get_or_insert(GuestKind::Dirty);
+        }
+        Ok(g)
+    }
+
+    /// The guest that runs (dirty when not resolved by
+    /// [`GuestArgs::for_memory`]).
+    pub fn kind(&self) -> GuestKind {
+        self.guest.unwrap_or(GuestKind::Dirty)
+    }
 }
 
 /// The operator's knobs.

@@ -4,8 +4,10 @@
 //!
 //! # The control protocol
 //!
-//! A Unix socket (mode 0600: whoever may use it may cancel the migration)
-//! speaking JSON, one object per line, in the spirit of QEMU's QMP but
+//! A Unix socket (mode 0600 from the moment it exists: whoever may use it
+//! may cancel the migration; a client of another user than the process's,
+//! root aside, is refused by its kernel credentials too) speaking JSON, one
+//! object per line of at most 64 KiB, to at most 16 clients at once, in the spirit of QEMU's QMP but
 //! simpler. Each request is an object with a `cmd`; each gets one response
 //! line, `{"ok": true, ...}` or `{"ok": false, "error": "..."}`:
 //!
@@ -28,7 +30,7 @@
 //! `connection-lost`, `resumed`, `completed`, `failed`, `cancelled`), `time`
 //! (seconds since the Unix epoch) and the event's own fields.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -162,10 +164,7 @@ pub fn serve<H: Steer>(path: &Path, handle: &H) -> Result<ControlSocket> {
         std::fs::remove_file(path)
             .with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("--control {}: cannot listen", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("--control {}: cannot restrict to its owner", path.display()))?;
+    let listener = bind_private(path)?;
     listener
         .set_nonblocking(true)
         .context("control socket: non-blocking accept")?;
@@ -184,14 +183,90 @@ pub fn serve<H: Steer>(path: &Path, handle: &H) -> Result<ControlSocket> {
     })
 }
 
+/// The longest request line a client may send (a longer one is refused
+/// and the client closed: a line is held whole before it is parsed).
+pub const MAX_REQUEST: usize = 64 << 10;
+/// The most clients served at once (each holds a thread).
+pub const MAX_CLIENTS: usize = 16;
+
+/// Listen at `path` with mode 0600 from the moment the socket exists: it
+/// is bound inside a new private (0700) directory beside `path`, restricted,
+/// then renamed into place, so no other user can connect in between (a
+/// chmod after bind leaves a window, and the umask is process-wide).
+fn bind_private(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("--control {}: not a file name", path.display()))?;
+    let private = parent.join(format!(
+        ".{}.{}.bind",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| {
+            format!(
+                "--control {}: cannot create {}",
+                path.display(),
+                private.display()
+            )
+        })?;
+    let inside = private.join("socket");
+    let bound = (|| {
+        let listener = UnixListener::bind(&inside)?;
+        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inside, path)?;
+        Ok::<_, std::io::Error>(listener)
+    })();
+    let _ = std::fs::remove_file(&inside);
+    let _ = std::fs::remove_dir(&private);
+    bound.with_context(|| format!("--control {}: cannot listen", path.display()))
+}
+
 fn accept_loop<H: Steer>(listener: &UnixListener, handle: &H, stop: &AtomicBool) {
+    let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let me = crate::sys::effective_uid();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
-            Ok((stream, _)) => {
+            Ok((mut stream, _)) => {
+                // The socket's mode keeps other users out; the peer's
+                // credentials say so again (root may always steer).
+                match crate::sys::peer_uid(&stream) {
+                    Ok(uid) if uid == me || uid == 0 => {}
+                    Ok(uid) => {
+                        tracing::warn!(uid, "control socket: refused a client of another user");
+                        let _ = reply(
+                            &mut stream,
+                            &refuse(format!("uid {uid} may not steer this migration")),
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control socket: no peer credentials");
+                        continue;
+                    }
+                }
+                if clients.load(Ordering::SeqCst) >= MAX_CLIENTS {
+                    let _ = reply(
+                        &mut stream,
+                        &refuse(format!("{MAX_CLIENTS} clients already connected")),
+                    );
+                    continue;
+                }
+                clients.fetch_add(1, Ordering::SeqCst);
+                let served = Served(Arc::clone(&clients));
                 let handle = handle.clone();
                 let spawned = std::thread::Builder::new()
                     .name("control-client".into())
                     .spawn(move || {
+                        let _served = served;
                         if let Err(e) = client(stream, &handle) {
                             tracing::debug!(error = %e, "control client gone");
                         }
@@ -211,16 +286,44 @@ fn accept_loop<H: Steer>(listener: &UnixListener, handle: &H, stop: &AtomicBool)
     }
 }
 
-/// One client: requests until it closes the connection.
+/// A client being served: counted until its thread ends (a panic too).
+struct Served(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One client: requests until it closes the connection, or sends a line
+/// longer than [`MAX_REQUEST`].
 fn client<H: Steer>(stream: UnixStream, handle: &H) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     let mut out = stream.try_clone()?;
-    for line in BufReader::new(stream).lines() {
-        let line = line?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut raw = Vec::new();
+        let n = (&mut reader)
+            .take(MAX_REQUEST as u64 + 1)
+            .read_until(b'\n', &mut raw)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if raw.last() != Some(&b'\n') && n > MAX_REQUEST {
+            reply(
+                &mut out,
+                &refuse(format!("a request line is at most {MAX_REQUEST} bytes")),
+            )?;
+            return Ok(());
+        }
+        let Ok(line) = std::str::from_utf8(&raw) else {
+            reply(&mut out, &refuse("not UTF-8".into()))?;
+            continue;
+        };
         if line.trim().is_empty() {
             continue;
         }
-        let request: Value = match serde_json::from_str(&line) {
+        let request: Value = match serde_json::from_str(line) {
             Ok(v) => v,
             Err(e) => {
                 reply(&mut out, &refuse(format!("not JSON: {e}")))?;
@@ -243,7 +346,6 @@ fn client<H: Steer>(stream: UnixStream, handle: &H) -> std::io::Result<()> {
             _ => reply(&mut out, &execute(&request, handle))?,
         }
     }
-    Ok(())
 }
 
 fn reply(out: &mut UnixStream, v: &Value) -> std::io::Result<()> {
@@ -387,8 +489,7 @@ pub fn incoming_event_json(event: &IncomingEvent) -> Value {
 /// Write every event to `path` as JSON Lines, from now until the migration
 /// ends (the returned thread ends with it).
 pub fn events_to<H: Steer>(path: &Path, handle: &H) -> Result<JoinHandle<()>> {
-    let mut file = std::fs::File::create(path)
-        .with_context(|| format!("--events {}: cannot create", path.display()))?;
+    let mut file = crate::report::create_output(path).context("--events")?;
     let events = handle.events();
     let path = path.to_path_buf();
     std::thread::Builder::new()

@@ -19,7 +19,7 @@ pub fn fill(mem: &GuestMemory, g: &GuestArgs) -> Result<()> {
     if !g.no_fill {
         fill_memory(mem, g.mix, g.seed)?;
     }
-    if g.guest == GuestKind::Bank {
+    if g.kind() == GuestKind::Bank {
         BankGuest::format(mem, &bank_config(mem, g))?;
     }
     Ok(())
@@ -28,7 +28,7 @@ pub fn fill(mem: &GuestMemory, g: &GuestArgs) -> Result<()> {
 /// Start the workload; the device state names the guest so the destination
 /// knows how to check it.
 pub fn start(mem: &Arc<GuestMemory>, g: &GuestArgs) -> Result<FixtureSourceVm> {
-    let guest = match g.guest {
+    let guest = match g.kind() {
         GuestKind::Idle => RunningGuest::idle(),
         GuestKind::Dirty => SyntheticGuest::start(
             Arc::clone(mem),
@@ -43,7 +43,7 @@ pub fn start(mem: &Arc<GuestMemory>, g: &GuestArgs) -> Result<FixtureSourceVm> {
         GuestKind::Bank => BankGuest::start(Arc::clone(mem), bank_config(mem, g))
             .context("start the built-in guest's threads")?,
     };
-    let kind = match g.guest {
+    let kind = match g.kind() {
         GuestKind::Idle => "idle",
         GuestKind::Dirty => "dirty",
         GuestKind::Bank => "bank",

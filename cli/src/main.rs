@@ -15,6 +15,8 @@ mod report;
 mod resources;
 mod run;
 mod security;
+#[allow(unsafe_code)]
+mod sys;
 mod transport;
 
 use anyhow::Result;

@@ -23,6 +23,14 @@ pub fn from_args(m: &MemoryArgs) -> Result<Option<GuestMemory>> {
     Ok(Some(GuestMemory::new(vec![region])?))
 }
 
+/// Whether `--memory-file` names something that exists (a file, or a
+/// link [`from_args`] will refuse): memory that is not new.
+pub fn existing_file(m: &MemoryArgs) -> bool {
+    m.memory_file
+        .as_ref()
+        .is_some_and(|p| p.symlink_metadata().is_ok())
+}
+
 /// Whether the memory [`from_args`] makes of `m` will read as zeros
 /// everywhere (ask before making it): anonymous memory, a file it creates,
 /// or a file without data (all holes, e.g. made by `truncate -s`).

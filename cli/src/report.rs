@@ -113,10 +113,52 @@ pub fn human(b: u64) -> String {
 
 pub use migrate_core::report::{destination_json, source_json};
 
-/// Write a JSON report.
+/// Open an output file (a report, an event log) for writing from its
+/// start, made for this process's user alone (0600) when new. A symbolic
+/// link there is not followed and a file another user owns is refused,
+/// before anything in it changes: nobody can plant a link or a file to have
+/// a root migration write through it.
+pub fn create_output(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                anyhow::anyhow!("{}: a symbolic link, not followed", path.display())
+            } else {
+                anyhow::Error::new(e).context(format!("{}: cannot create", path.display()))
+            }
+        })?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("{}: cannot inspect", path.display()))?;
+    if !meta.file_type().is_file() {
+        anyhow::bail!("{}: not a regular file", path.display());
+    }
+    let euid = crate::sys::effective_uid();
+    if meta.uid() != euid {
+        anyhow::bail!(
+            "{}: owned by uid {}, not by this process's uid {euid}: not overwritten",
+            path.display(),
+            meta.uid()
+        );
+    }
+    file.set_len(0)
+        .with_context(|| format!("{}: cannot truncate", path.display()))?;
+    Ok(file)
+}
+
+/// Write a JSON report (through [`create_output`]).
 pub fn write_json(path: &Path, v: &Value) -> Result<()> {
+    use std::io::Write;
     let text = serde_json::to_string_pretty(v).expect("JSON values serialize");
-    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+    create_output(path)?
+        .write_all((text + "\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The human summary of a source run.

@@ -7,7 +7,7 @@
 //!   (`mincore`); what is left is the engine's own memory — bitmaps,
 //!   buffers, queues, thread stacks.
 //!
-//! The crate's only `unsafe`: `getrusage` and `sysconf`, wrapped here.
+//! The crate's `unsafe` beside `sys`: `getrusage` and `sysconf`, wrapped here.
 
 use std::time::Duration;
 

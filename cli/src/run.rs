@@ -124,6 +124,8 @@ pub fn source(a: SourceArgs, baseline_rss: u64) -> Result<Outcome> {
             hostname: a.tls_hostname.as_deref(),
         },
     )?;
+    // An existing memory file is the guest's memory: used as it is.
+    let guest = a.guest.for_memory(memory::existing_file(&a.memory))?;
     let mem = memory::from_args(&a.memory)?
         .context("give the guest memory: --memory SIZE and/or --memory-file PATH")?;
     migrate_out(
@@ -131,7 +133,7 @@ pub fn source(a: SourceArgs, baseline_rss: u64) -> Result<Outcome> {
         &a.connect,
         &a.transport,
         tls,
-        &a.guest,
+        &guest,
         &a.migration,
         a.json.as_deref(),
         a.progress,
@@ -494,7 +496,7 @@ fn receive(
 
 /// `migrate-cli tls-gen`.
 pub fn tls_gen(a: TlsGenArgs) -> Result<Outcome> {
-    transport_tcp::pki::write_test_pki(&a.dir, &a.server_names, &a.client_names)?;
+    transport_tcp::pki::write_test_pki(&a.dir, &a.server_names, &a.client_names, a.force)?;
     println!(
         "wrote a test CA and certificates to {}: destination `--tls-dir {0}` (names: {}), \
          source `--tls-dir {0}` (names: {}); the CA's key was not kept",
@@ -528,7 +530,7 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
     eprintln!(
         "demo: {} guest ({:?} guest, {} pages/s, {} threads) migrating over loopback TCP to {addr}",
         report::human(a.memory),
-        a.guest.guest,
+        a.guest.kind(),
         a.guest.dirty_rate,
         a.guest.threads
     );

@@ -54,26 +54,39 @@ fn unreadable_credentials_fail_before_anything_starts() {
         "{}",
         text(&o)
     );
+    // A key file others can read, a short key, a password: refused before
+    // anything connects.
+    use std::os::unix::fs::PermissionsExt;
+    let exposed = tmp("exposed.psk");
+    write_key(&exposed);
+    std::fs::set_permissions(&exposed, std::fs::Permissions::from_mode(0o644)).unwrap();
     let weak = tmp("weak.psk");
-    std::fs::write(&weak, "hunter2").unwrap();
-    let o = Command::new(BIN)
-        .args([
-            "source",
-            "--connect",
-            "127.0.0.1:9",
-            "--memory",
-            "4M",
-            "--psk-file",
-        ])
-        .arg(&weak)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("at least 32"),
-        "{}",
-        text(&o)
-    );
+    std::fs::write(&weak, "aHVudGVyMg==").unwrap();
+    std::fs::set_permissions(&weak, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let password = tmp("password.psk");
+    std::fs::write(&password, "correct-horse-battery-staple-123").unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for (key, says) in [
+        (&exposed, "chmod 600"),
+        (&weak, "at least 32"),
+        (&password, "neither base64 nor hex"),
+    ] {
+        for side in ["source", "dest"] {
+            let mut c = Command::new(BIN);
+            if side == "source" {
+                c.args(["source", "--connect", "127.0.0.1:9", "--memory", "4M"]);
+            } else {
+                c.args(["dest", "--listen", "127.0.0.1:0"]);
+            }
+            let o = c.arg("--psk-file").arg(key).output().unwrap();
+            assert_eq!(o.status.code(), Some(2), "{side}: {}", text(&o));
+            assert!(
+                String::from_utf8_lossy(&o.stderr).contains(says),
+                "{side}: {}",
+                text(&o)
+            );
+        }
+    }
 }
 
 /// Peak resident memory of a process, in bytes.
@@ -125,7 +138,7 @@ fn strangers_are_refused_before_allocation_and_the_right_source_migrates() {
     stranger("other-ca", &["--tls-dir", other_ca.to_str().unwrap()]);
     // A pre-shared key where certificates are expected.
     let key = tmp("sec.psk");
-    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    write_key(&key);
     stranger("psk", &["--psk-file", key.to_str().unwrap()]);
     let peak = peak_rss(d.id());
     assert!(

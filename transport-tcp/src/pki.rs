@@ -31,22 +31,38 @@ fn cert_err(e: rcgen::Error) -> TlsError {
     TlsError::Setup(format!("making a certificate: {e}"))
 }
 
+/// Write `text` to `path` as a new file (0600 for a `secret`, 0644 else,
+/// whatever the umask and whatever was there): written aside with
+/// `O_EXCL|O_NOFOLLOW`, synced, then renamed over `path`. A link planted at
+/// `path` is replaced, never followed, and a reader never sees half a key.
 fn write(path: &Path, text: &str, secret: bool) -> Result<(), TlsError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let err = |source| TlsError::Read {
         path: path.into(),
         source,
     };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if secret { 0o600 } else { 0o644 })
-        .open(path)
-        .map_err(err)?;
-    f.write_all(text.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("pem");
+    let aside = path.with_file_name(format!(".{name}.{}.new", std::process::id()));
+    let _ = std::fs::remove_file(&aside);
+    let mode = if secret { 0o600 } else { 0o644 };
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&aside)?;
+        // The umask may have taken bits from a certificate's 0644.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&aside, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&aside);
+    }
+    written.map_err(err)
 }
 
 impl TestCa {
@@ -77,6 +93,9 @@ impl TestCa {
     /// write it and its key into `dir` under the names of `leaf`. An
     /// `expired` one ended yesterday (for tests).
     ///
+    /// Returns the certificate's serial number (for
+    /// [`TestCa::write_crl`]).
+    ///
     /// # Errors
     /// [`TlsError`] when a name is invalid or a file cannot be written.
     pub fn issue(
@@ -85,8 +104,10 @@ impl TestCa {
         leaf: Leaf,
         names: &[String],
         expired: bool,
-    ) -> Result<(), TlsError> {
+    ) -> Result<u64, TlsError> {
         let mut params = CertificateParams::new(names.to_vec()).map_err(cert_err)?;
+        let serial = fresh_serial();
+        params.serial_number = Some(serial.into());
         if let Some(first) = names.first() {
             params
                 .distinguished_name
@@ -109,8 +130,52 @@ impl TestCa {
             &dir.join(format!("{stem}-key.pem")),
             &key.serialize_pem(),
             true,
+        )?;
+        Ok(serial)
+    }
+
+    /// Write `ca-crl.pem` into `dir`: a revocation list, signed by this CA,
+    /// that revokes the certificates with the serial numbers `revoked`.
+    ///
+    /// # Errors
+    /// [`TlsError`] when the list cannot be made or written.
+    pub fn write_crl(&self, dir: &Path, revoked: &[u64]) -> Result<(), TlsError> {
+        use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams};
+        let now = std::time::SystemTime::now();
+        let params = CertificateRevocationListParams {
+            this_update: (now - std::time::Duration::from_secs(60)).into(),
+            next_update: (now + std::time::Duration::from_secs(30 * 86_400)).into(),
+            crl_number: fresh_serial().into(),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|&serial| RevokedCertParams {
+                    serial_number: serial.into(),
+                    revocation_time: (now - std::time::Duration::from_secs(60)).into(),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).map_err(cert_err)?;
+        write(
+            &dir.join("ca-crl.pem"),
+            &crl.pem().map_err(cert_err)?,
+            false,
         )
     }
+}
+
+/// A serial number no other certificate of this process has (positive,
+/// unique enough for a test CA: the clock and a counter).
+fn fresh_serial() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    ((nanos << 8) | (NEXT.fetch_add(1, Ordering::Relaxed) & 0xff)) >> 1 | 1
 }
 
 fn validity(params: &mut CertificateParams, expired: bool) {
@@ -126,23 +191,57 @@ fn validity(params: &mut CertificateParams, expired: bool) {
 }
 
 /// Make a fresh CA and write a complete directory for both ends into
-/// `dir`: `ca-cert.pem`, a server certificate for `server_names` and a
-/// client certificate for `client_names`. The CA's key is not kept: to add
-/// hosts later, run it again (and copy the directory to every host).
+/// `dir` (made 0700 when new): `ca-cert.pem`, a server certificate for
+/// `server_names` and a client certificate for `client_names`, keys 0600.
+/// The CA's key is not kept: to add hosts later, run it again with
+/// `replace` (and copy the directory to every host): without it an
+/// existing CA is never replaced, since every certificate it signed would
+/// stop being trusted.
 ///
 /// # Errors
-/// [`TlsError`] when a name is invalid or a file cannot be written.
+/// [`TlsError::Setup`] when a name is not a DNS name or an IP address
+/// (wildcards included), [`TlsError::WouldReplace`] for an existing CA
+/// without `replace`, [`TlsError::Read`] when a file cannot be written.
 pub fn write_test_pki(
     dir: &Path,
     server_names: &[String],
     client_names: &[String],
+    replace: bool,
 ) -> Result<(), TlsError> {
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::Read {
-        path: dir.into(),
-        source,
-    })?;
+    for name in server_names.iter().chain(client_names) {
+        check_name(name)?;
+    }
+    let ca_cert = dir.join("ca-cert.pem");
+    if !replace && ca_cert.symlink_metadata().is_ok() {
+        return Err(TlsError::WouldReplace { path: ca_cert });
+    }
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| TlsError::Read {
+                path: dir.into(),
+                source,
+            })?;
+    }
     let ca = TestCa::new("live-migration test CA")?;
     ca.write_ca(dir)?;
     ca.issue(dir, Leaf::Server, server_names, false)?;
-    ca.issue(dir, Leaf::Client, client_names, false)
+    ca.issue(dir, Leaf::Client, client_names, false)?;
+    Ok(())
+}
+
+/// A certificate name must be a DNS name or an IP address, exactly: no
+/// wildcard, no URL, no spaces.
+fn check_name(name: &str) -> Result<(), TlsError> {
+    if name.contains('*') {
+        return Err(TlsError::Setup(format!(
+            "'{name}': no wildcard names (a destination allows exact names only)"
+        )));
+    }
+    rustls::pki_types::ServerName::try_from(name)
+        .map(|_| ())
+        .map_err(|e| TlsError::Setup(format!("'{name}' is not a DNS name or IP address: {e}")))
 }

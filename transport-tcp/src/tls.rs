@@ -20,7 +20,8 @@
 //! has two TLS sessions with two different exported values, so a proof it
 //! relays is worthless, and a stranger learns nothing but one MAC of a
 //! random value; that is why the key must be long and random (at least
-//! [`MIN_PSK_LEN`] bytes), never a password.
+//! [`MIN_PSK_LEN`] bytes, written as base64 or hex), never a password, and
+//! its file readable by its owner alone.
 //!
 //! **After the handshake** the destination confirms the session in one TLS
 //! record (the source learns there, not later, that its certificate was
@@ -87,7 +88,7 @@ pub enum TlsError {
     },
     /// The pre-shared key is too short to be safe.
     #[error(
-        "{}: the pre-shared key has {len} bytes; it must have at least {MIN_PSK_LEN} random bytes (e.g. `head -c 32 /dev/urandom | base64`)",
+        "{}: the pre-shared key has {len} bytes; it must have at least {MIN_PSK_LEN} random bytes (e.g. `(umask 077; head -c 32 /dev/urandom | base64 > key)`)",
         path.display()
     )]
     WeakKey {
@@ -95,6 +96,34 @@ pub enum TlsError {
         path: PathBuf,
         /// Its length after trimming.
         len: usize,
+    },
+    /// A key file that users other than its owner can read (as ssh
+    /// refuses one).
+    #[error(
+        "{}: the key file has mode {mode:04o}, readable by others: `chmod 600` it",
+        path.display()
+    )]
+    KeyFileExposed {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A pre-shared key file that is neither base64 nor hex.
+    #[error(
+        "{}: the pre-shared key is neither base64 nor hex (make one with `(umask 077; head -c 32 /dev/urandom | base64 > key)`)",
+        path.display()
+    )]
+    KeyEncoding {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// A file that would be replaced without being asked to (an existing
+    /// CA: every certificate it signed would stop being trusted).
+    #[error("{} exists: not replaced (give --force to make a new CA)", path.display())]
+    WouldReplace {
+        /// The file.
+        path: PathBuf,
     },
     /// rustls refused the credentials (a key that does not match its
     /// certificate, an unsupported algorithm, a bad client name).
@@ -178,10 +207,17 @@ impl TlsConfig {
         let roots = load_roots(&dir.join("ca-cert.pem"))?;
         let chain = load_certs(&dir.join("client-cert.pem"))?;
         let key = load_key(&dir.join("client-key.pem"))?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .with_crls(load_crls(dir)?)
+        .build()
+        .map_err(setup)?;
         let config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(setup)?
-            .with_root_certificates(roots)
+            .with_webpki_verifier(verifier)
             .with_client_auth_cert(chain, key)
             .map_err(setup)?;
         Ok(Self::source(config, parse_name(server_name)?, None))
@@ -201,6 +237,7 @@ impl TlsConfig {
         let chain = load_certs(&dir.join("server-cert.pem"))?;
         let key = load_key(&dir.join("server-key.pem"))?;
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .with_crls(load_crls(dir)?)
             .build()
             .map_err(setup)?;
         let mut config = ServerConfig::builder_with_provider(provider())
@@ -260,17 +297,33 @@ impl TlsConfig {
         })))
     }
 
-    /// Read a pre-shared key file: its bytes, surrounding whitespace
-    /// trimmed, at least [`MIN_PSK_LEN`] of them.
+    /// Read a pre-shared key file: base64 (padded or not) or hex text,
+    /// surrounding whitespace trimmed, that decodes to at least
+    /// [`MIN_PSK_LEN`] bytes. The file must not be readable by group or
+    /// others: a key anyone can read authenticates anyone.
     ///
     /// # Errors
-    /// [`TlsError::Read`] or [`TlsError::WeakKey`].
+    /// [`TlsError::Read`], [`TlsError::KeyFileExposed`],
+    /// [`TlsError::KeyEncoding`] or [`TlsError::WeakKey`] (`len` is the
+    /// decoded length).
     pub fn read_psk(path: &Path) -> Result<Vec<u8>, TlsError> {
-        let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        use std::os::unix::fs::MetadataExt;
+        let read_err = |source| TlsError::Read {
             path: path.into(),
             source,
-        })?;
-        let key = bytes.trim_ascii().to_vec();
+        };
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        let mode = file.metadata().map_err(read_err)?.mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(TlsError::KeyFileExposed {
+                path: path.into(),
+                mode,
+            });
+        }
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut &file, &mut bytes).map_err(read_err)?;
+        let key = decode_psk(bytes.trim_ascii())
+            .ok_or_else(|| TlsError::KeyEncoding { path: path.into() })?;
         if key.len() < MIN_PSK_LEN {
             return Err(TlsError::WeakKey {
                 path: path.into(),
@@ -293,6 +346,22 @@ impl TlsConfig {
             psk,
         }))
     }
+}
+
+/// A key's text as bytes: hex when it is only hex digits (an even number),
+/// else base64, padded or not.
+fn decode_psk(text: &[u8]) -> Option<Vec<u8>> {
+    use data_encoding::{BASE64, BASE64_NOPAD, HEXLOWER_PERMISSIVE};
+    if text.is_empty() {
+        return None;
+    }
+    if text.len() % 2 == 0 && text.iter().all(u8::is_ascii_hexdigit) {
+        return HEXLOWER_PERMISSIVE.decode(text).ok();
+    }
+    BASE64
+        .decode(text)
+        .or_else(|_| BASE64_NOPAD.decode(text))
+        .ok()
 }
 
 fn parse_name(name: &str) -> Result<ServerName<'static>, TlsError> {
@@ -333,6 +402,33 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
         })?;
     }
     Ok(roots)
+}
+
+/// The revocation lists in `ca-crl.pem` of `dir` (QEMU's name), if that
+/// file exists: a certificate they revoke is refused.
+fn load_crls(
+    dir: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, TlsError> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    let path = dir.join("ca-crl.pem");
+    let pem = match std::fs::read(&path) {
+        Ok(pem) => pem,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(TlsError::Read { path, source }),
+    };
+    let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+    if crls.is_empty() {
+        return Err(TlsError::Pem {
+            path,
+            detail: "no X509 CRL in the file".into(),
+        });
+    }
+    Ok(crls)
 }
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
@@ -659,8 +755,11 @@ fn handshake_error(e: io::Error, state: &Connection) -> TransportError {
     }
 }
 
-/// The destination's allow-list: the client's certificate must be valid
-/// for one of the names.
+/// The destination's allow-list: the client's certificate must carry one
+/// of the names exactly, as a DNS name (ASCII case aside) or an IP address
+/// in its subject alternative names. A wildcard name in the certificate
+/// (`*.corp.example`) stands for itself only: it allows no host (QEMU's
+/// tls-authz matches exactly too).
 fn check_allowed(
     state: &Connection,
     allowed: &[ServerName<'static>],
@@ -671,20 +770,74 @@ fn check_allowed(
     let Some(cert) = state.peer_certificates().and_then(|c| c.first()) else {
         return Err(auth("the source presented no certificate".into()));
     };
-    let ee = webpki::EndEntityCert::try_from(cert)
+    let names = certificate_names(cert)
         .map_err(|e| auth(format!("the source's certificate does not parse: {e}")))?;
-    if allowed
-        .iter()
-        .any(|name| ee.verify_is_valid_for_subject_name(name).is_ok())
-    {
+    if allowed.iter().any(|a| names.iter().any(|n| n.is(a))) {
         Ok(())
     } else {
-        let names: Vec<String> = allowed.iter().map(|n| n.to_str().into_owned()).collect();
+        let allowed: Vec<String> = allowed.iter().map(|n| n.to_str().into_owned()).collect();
+        let had: Vec<String> = names.iter().map(ToString::to_string).collect();
         Err(auth(format!(
-            "the source's certificate names none of the allowed clients ({})",
-            names.join(", ")
+            "the source's certificate ({}) names none of the allowed clients ({}) exactly",
+            had.join(", "),
+            allowed.join(", ")
         )))
     }
+}
+
+/// A name a certificate carries in its subject alternative names.
+#[derive(Debug)]
+enum CertName {
+    Dns(String),
+    Ip(std::net::IpAddr),
+}
+
+impl CertName {
+    fn is(&self, name: &ServerName<'_>) -> bool {
+        match (self, name) {
+            (CertName::Dns(d), ServerName::DnsName(n)) => d.eq_ignore_ascii_case(n.as_ref()),
+            (CertName::Ip(i), ServerName::IpAddress(n)) => *i == std::net::IpAddr::from(*n),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for CertName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CertName::Dns(d) => write!(f, "DNS:{d}"),
+            CertName::Ip(i) => write!(f, "IP:{i}"),
+        }
+    }
+}
+
+/// The DNS names and IP addresses of a certificate's subject alternative
+/// names.
+fn certificate_names(cert: &CertificateDer<'_>) -> Result<Vec<CertName>, String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).map_err(|e| e.to_string())?;
+    let Some(san) = parsed
+        .subject_alternative_name()
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(Vec::new());
+    };
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(CertName::Dns((*d).to_string())),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b).ok().map(|a| CertName::Ip(a.into())),
+                16 => <[u8; 16]>::try_from(*b)
+                    .ok()
+                    .map(|a| CertName::Ip(a.into())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect())
 }
 
 /// The PSK proofs over the exported value: the source's first; the

@@ -65,7 +65,7 @@ mod mutual_tls {
 
     fn pair() -> TransportPair {
         let dir = fixtures::scratch_dir("tls-conformance");
-        write_test_pki(&dir, &["localhost".into()], &["source".into()]).unwrap();
+        write_test_pki(&dir, &["localhost".into()], &["source".into()], true).unwrap();
         let dest = TcpConfig {
             tls: Some(TlsConfig::destination_from_dir(&dir, &["source".into()]).unwrap()),
             ..cfg()

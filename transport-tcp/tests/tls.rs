@@ -24,7 +24,7 @@ fn cfg(tls: Option<TlsConfig>) -> TcpConfig {
 /// A directory with both ends' files from one fresh CA.
 fn pki(server: &str, client: &str) -> PathBuf {
     let dir = fixtures::scratch_dir("tls-test");
-    write_test_pki(&dir, &[server.into()], &[client.into()]).unwrap();
+    write_test_pki(&dir, &[server.into()], &[client.into()], false).unwrap();
     dir
 }
 
@@ -241,13 +241,141 @@ fn credential_files_are_checked_before_anything_starts() {
     std::fs::copy(other.join("client-key.pem"), dir.join("client-key.pem")).unwrap();
     assert!(TlsConfig::source_from_dir(&dir, "localhost").is_err());
     let short = empty.join("psk");
-    std::fs::write(&short, "password\n").unwrap();
+    write_private(&short, "password\n");
     assert!(matches!(
         TlsConfig::read_psk(&short),
-        Err(TlsError::WeakKey { len: 8, .. })
+        Err(TlsError::WeakKey { len: 6, .. })
     ));
     assert!(matches!(
         TlsConfig::source_from_dir(&dir, "not a name!"),
         Err(TlsError::Setup(_)) | Err(TlsError::Pem { .. })
+    ));
+}
+
+fn write_private(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn a_psk_file_must_be_private_and_a_key_not_a_password() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("psk-rules-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("key");
+    // 32 random bytes as base64, as the README makes one.
+    let b64 = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=";
+    write_private(&path, &format!("{b64}\n"));
+    assert_eq!(TlsConfig::read_psk(&path).unwrap().len(), 32);
+    // Unpadded base64 and hex say the same key.
+    write_private(&path, b64.trim_end_matches('='));
+    let unpadded = TlsConfig::read_psk(&path).unwrap();
+    write_private(
+        &path,
+        "abcdef1234567890ABCDEF1234567890abcdef1234567890abcdef1234567890",
+    );
+    assert_eq!(TlsConfig::read_psk(&path).unwrap().len(), 32);
+    assert_eq!(unpadded.len(), 32);
+    // Readable by the group or by others: refused whatever the key.
+    for mode in [0o640, 0o604, 0o644] {
+        write_private(&path, b64);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        assert!(
+            matches!(TlsConfig::read_psk(&path), Err(TlsError::KeyFileExposed { mode: m, .. }) if m == mode),
+            "mode {mode:o}"
+        );
+    }
+    // A 32-character password is no key: not base64 or hex...
+    write_private(&path, "correct-horse-battery-staple-123");
+    assert!(matches!(
+        TlsConfig::read_psk(&path),
+        Err(TlsError::KeyEncoding { .. })
+    ));
+    // ... and 32 characters of base64 are 24 bytes, too few.
+    write_private(&path, "Y29ycmVjdGhvcnNlYmF0dGVyeXN0YXBs");
+    assert!(matches!(
+        TlsConfig::read_psk(&path),
+        Err(TlsError::WeakKey { len: 24, .. })
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--tls-allow` names match a certificate's names exactly: a wildcard
+/// certificate allows no host, a parent domain no child.
+#[test]
+fn an_allowed_name_matches_exactly_never_by_wildcard() {
+    let dir = fixtures::scratch_dir("tls-exact");
+    let ca = TestCa::new("test CA").unwrap();
+    ca.write_ca(&dir).unwrap();
+    ca.issue(&dir, Leaf::Server, &["localhost".into()], false)
+        .unwrap();
+    ca.issue(&dir, Leaf::Client, &["*.corp.example".into()], false)
+        .unwrap();
+    let (d, s) = meet(
+        cfg(dest_tls(&dir, &["src-host.corp.example"])),
+        cfg(source_tls(&dir, "localhost")),
+    );
+    let detail = auth_detail(&d);
+    assert!(
+        detail.contains("names none of the allowed clients"),
+        "{detail}"
+    );
+    assert!(s.is_err());
+    ca.issue(
+        &dir,
+        Leaf::Client,
+        &["src-host.corp.example".into(), "10.1.2.3".into()],
+        false,
+    )
+    .unwrap();
+    for (allowed, ok) in [
+        ("SRC-HOST.corp.example", true),
+        ("10.1.2.3", true),
+        ("corp.example", false),
+        ("10.1.2.4", false),
+    ] {
+        let (d, s) = meet(
+            cfg(dest_tls(&dir, &[allowed])),
+            cfg(source_tls(&dir, "localhost")),
+        );
+        assert_eq!(d.is_ok(), ok, "{allowed}: {d:?}");
+        assert_eq!(s.is_ok(), ok, "{allowed}: {s:?}");
+    }
+}
+
+/// A `ca-crl.pem` beside the CA (QEMU's name) revokes: a revoked source is
+/// refused by the destination, a revoked destination by the source.
+#[test]
+fn a_revoked_certificate_is_refused() {
+    let dir = fixtures::scratch_dir("tls-crl");
+    let ca = TestCa::new("test CA").unwrap();
+    ca.write_ca(&dir).unwrap();
+    let server = ca
+        .issue(&dir, Leaf::Server, &["localhost".into()], false)
+        .unwrap();
+    let client = ca
+        .issue(&dir, Leaf::Client, &["source-a".into()], false)
+        .unwrap();
+    ca.write_crl(&dir, &[]).unwrap();
+    let (d, s) = meet(cfg(dest_tls(&dir, &[])), cfg(source_tls(&dir, "localhost")));
+    d.unwrap();
+    s.unwrap();
+    ca.write_crl(&dir, &[client]).unwrap();
+    let (d, s) = meet(cfg(dest_tls(&dir, &[])), cfg(source_tls(&dir, "localhost")));
+    let detail = auth_detail(&d);
+    assert!(detail.to_lowercase().contains("revoked"), "{detail}");
+    assert!(s.is_err());
+    ca.write_crl(&dir, &[server]).unwrap();
+    let (d, s) = meet(cfg(dest_tls(&dir, &[])), cfg(source_tls(&dir, "localhost")));
+    let detail = auth_detail(&s);
+    assert!(detail.to_lowercase().contains("revoked"), "{detail}");
+    assert!(d.is_err());
+    // A list that is not one is an error at set-up, not an open door.
+    std::fs::write(dir.join("ca-crl.pem"), "not a list").unwrap();
+    assert!(matches!(
+        TlsConfig::destination_from_dir(&dir, &[]),
+        Err(TlsError::Pem { .. })
     ));
 }

@@ -97,9 +97,32 @@ pub fn default_auth(netns: Option<&str>, args: &[&str]) -> Vec<String> {
     }
     let key = tmp("shared.psk");
     if !key.exists() {
-        std::fs::write(&key, "a-random-key-for-the-cli-tests-0123456789\n").unwrap();
+        write_key(&key);
     }
     vec!["--psk-file".into(), key.display().to_string()]
+}
+
+/// Write a pre-shared key file as an operator makes one: 32 random bytes
+/// as hex, readable by its owner alone (written aside, then renamed, so
+/// a test running beside never reads half a key).
+pub fn write_key(path: &Path) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+        .unwrap();
+    let aside = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&aside)
+        .unwrap();
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    writeln!(f, "{hex}").unwrap();
+    std::fs::rename(&aside, path).unwrap();
 }
 
 /// A test CA and certificates for both ends, written by `migrate-cli

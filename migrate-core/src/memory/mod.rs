@@ -250,6 +250,16 @@ pub enum MemoryError {
         /// The OS error.
         source: io::Error,
     },
+    /// An existing backing file this process must not trust with a guest:
+    /// a symbolic link, not a regular file, another user's, or writable by
+    /// others (they could write into the guest).
+    #[error("guest memory file {path} is refused: {reason}")]
+    FileNotTrusted {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An existing backing file with another size than the region.
     #[error("guest memory file {path} has {actual} bytes, the region needs {expected}")]
     FileSize {

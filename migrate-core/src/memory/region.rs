@@ -3,6 +3,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -173,14 +174,35 @@ impl GuestRegion {
         )
     }
 
-    /// Shared mapping of the file at `path` (e.g. under `/dev/shm`), created
-    /// and sized to `len` if it does not exist or is empty.
+    /// Shared mapping of the file at `path` (e.g. under `/dev/shm`): a new
+    /// file is created as by [`GuestRegion::create_file`], an existing one
+    /// is opened as by [`GuestRegion::open_file`].
     ///
     /// # Errors
-    /// [`MemoryError::FileSize`] when an existing file has another size,
-    /// [`MemoryError::File`] when it cannot be opened or grown (a full disk
-    /// shows up here), layout errors as for [`GuestRegion::anonymous`].
+    /// As for [`GuestRegion::create_file`] and [`GuestRegion::open_file`].
     pub fn file(gpa: u64, len: usize, path: impl AsRef<Path>) -> Result<Self, MemoryError> {
+        let path = path.as_ref();
+        match Self::create_file(gpa, len, path) {
+            Err(MemoryError::File { source, .. })
+                if source.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                Self::open_file(gpa, len, path)
+            }
+            other => other,
+        }
+    }
+
+    /// Shared mapping of a new file at `path`, created for this process's
+    /// user alone (mode 0600 whatever the umask: guest memory holds the
+    /// guest's keys) and sized to `len` with real blocks. The path must not
+    /// exist, not even as a symbolic link (`O_EXCL|O_NOFOLLOW`): nobody can
+    /// plant a file or a link there for the guest to adopt.
+    ///
+    /// # Errors
+    /// [`MemoryError::File`] when the file exists (`AlreadyExists`), cannot
+    /// be created or cannot be grown (a full disk shows up here), layout
+    /// errors as for [`GuestRegion::anonymous`].
+    pub fn create_file(gpa: u64, len: usize, path: impl AsRef<Path>) -> Result<Self, MemoryError> {
         let path = path.as_ref().to_path_buf();
         check_shape(gpa, len, PageSize::Small)?;
         let file_err = |source| MemoryError::File {
@@ -190,14 +212,77 @@ impl GuestRegion {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(false)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(file_err)?;
-        let actual = file.metadata().map_err(file_err)?.len();
+        // Reserve the blocks now so that a full disk fails here, not as a
+        // SIGBUS when the guest first touches a page.
+        if let Err(source) = sys::allocate(&file, len as u64) {
+            // Leave nothing half made behind (the file is ours: O_EXCL).
+            let _ = std::fs::remove_file(&path);
+            return Err(file_err(source));
+        }
+        Self::shared_file(gpa, len, PageSize::Small, Backing::File(path), file)
+    }
+
+    /// Shared mapping of the existing file at `path`, used as it is (its
+    /// bytes are the guest's memory). The file must be a regular file (not a
+    /// symbolic link), owned by this process's effective user and not
+    /// writable by its group or others: a file another user made or can
+    /// write is refused, so nobody else can write into the guest. An empty
+    /// file is sized to `len`.
+    ///
+    /// # Errors
+    /// [`MemoryError::FileNotTrusted`] for a link, another owner or a group-
+    /// or world-writable file, [`MemoryError::FileSize`] when it has another
+    /// size, [`MemoryError::File`] when it cannot be opened or grown, layout
+    /// errors as for [`GuestRegion::anonymous`].
+    pub fn open_file(gpa: u64, len: usize, path: impl AsRef<Path>) -> Result<Self, MemoryError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = path.as_ref().to_path_buf();
+        check_shape(gpa, len, PageSize::Small)?;
+        let file_err = |source| MemoryError::File {
+            path: path.clone(),
+            source,
+        };
+        let untrusted = |reason: String| MemoryError::FileNotTrusted {
+            path: path.clone(),
+            reason,
+        };
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+        {
+            Ok(file) => file,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(untrusted("it is a symbolic link".into()));
+            }
+            Err(e) => return Err(file_err(e)),
+        };
+        // Checked on the open descriptor: what is mapped is what was checked.
+        let meta = file.metadata().map_err(file_err)?;
+        if !meta.file_type().is_file() {
+            return Err(untrusted("it is not a regular file".into()));
+        }
+        let euid = sys::effective_uid();
+        if meta.uid() != euid {
+            return Err(untrusted(format!(
+                "it is owned by uid {}, not by this process's uid {euid}",
+                meta.uid()
+            )));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(untrusted(format!(
+                "its mode {:04o} lets other users write it (chmod go-w)",
+                meta.mode() & 0o7777
+            )));
+        }
+        let actual = meta.len();
         if actual == 0 {
-            // Reserve the blocks now so that a full disk fails here, not as a
-            // SIGBUS when the guest first touches a page.
             sys::allocate(&file, len as u64).map_err(file_err)?;
         } else if actual != len as u64 {
             return Err(MemoryError::FileSize {

@@ -21,6 +21,12 @@ pub(super) fn memfd_create(name: &str, flags: libc::c_uint) -> io::Result<File> 
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
+/// The process's effective user id (the owner a guest memory file must have).
+pub(super) fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Grow `file` to `len` with real blocks (posix_fallocate), so that ENOSPC is
 /// an error now; falls back to a sparse `set_len` where the filesystem cannot
 /// allocate ahead (EOPNOTSUPP).

@@ -121,6 +121,90 @@ fn file_backed_region_checks_size() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A scratch directory of this test's own, removed on drop.
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mc-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_new_memory_file_is_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = ScratchDir::new("file-mode");
+    let path = dir.0.join("guest.img");
+    // SAFETY: umask only changes this process's creation mask; it is put back.
+    let old = unsafe { libc::umask(0) };
+    let region = GuestRegion::file(0, 0x3000, &path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    drop(region.unwrap());
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        mode, 0o600,
+        "guest memory must be readable by its owner alone"
+    );
+    // create_file never adopts what is there.
+    let err = GuestRegion::create_file(0, 0x3000, &path).unwrap_err();
+    assert!(
+        matches!(&err, MemoryError::File { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_memory_file_others_could_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = ScratchDir::new("file-trust");
+    // A planted symbolic link: neither followed to create nor to open.
+    let target = dir.0.join("target.img");
+    std::fs::write(&target, vec![0u8; 0x3000]).unwrap();
+    let link = dir.0.join("link.img");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let err = GuestRegion::file(0, 0x3000, &link).unwrap_err();
+    assert!(matches!(err, MemoryError::FileNotTrusted { .. }), "{err}");
+    // Group- or world-writable: refused, its bytes untouched.
+    for mode in [0o620, 0o602, 0o666] {
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).unwrap();
+        let err = GuestRegion::file(0, 0x3000, &target).unwrap_err();
+        assert!(
+            matches!(&err, MemoryError::FileNotTrusted { reason, .. } if reason.contains("write")),
+            "mode {mode:o}: {err}"
+        );
+    }
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+    GuestRegion::file(0, 0x3000, &target).unwrap();
+    // Another user's file in a sticky, world-writable directory (as /tmp or
+    // /dev/shm): refused. Only root can make a file another user owns.
+    if sys::effective_uid() == 0 {
+        let sticky = dir.0.join("sticky");
+        std::fs::create_dir(&sticky).unwrap();
+        std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let planted = sticky.join("guest.img");
+        std::fs::write(&planted, vec![0u8; 0x3000]).unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+        let err = GuestRegion::file(0, 0x3000, &planted).unwrap_err();
+        assert!(
+            matches!(&err, MemoryError::FileNotTrusted { reason, .. } if reason.contains("owned by uid 65534")),
+            "{err}"
+        );
+    } else {
+        println!("not root: the other-owner case needs chown and is left out");
+    }
+}
+
 #[test]
 fn external_mapping_is_never_unmapped() {
     let owner = GuestRegion::anonymous(0, 0x2000).unwrap();

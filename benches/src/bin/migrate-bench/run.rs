@@ -187,7 +187,21 @@ fn migrate_into(cli: &Path, site: &Site, case: &Case, tmp: &Path, r: &mut RunRes
     let (transport, auth): (&str, Vec<String>) = match case.transport.as_str() {
         "tcp-tls" => {
             let key = tmp.join("bench.psk");
-            std::fs::write(&key, "migrate-bench-pre-shared-key-0123456789abcdef")?;
+            // 32 bytes as hex, readable by the bench alone (the CLI refuses
+            // a key file others can read).
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let _ = std::fs::remove_file(&key);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&key)?
+                    .write_all(
+                        b"6d696772617465206265e5c8207072652d736861726564206b65792030313233",
+                    )?;
+            }
             ("tcp", vec!["--psk-file".into(), key.display().to_string()])
         }
         t if site.dst_ns.is_some() => (t, vec!["--insecure".into()]),
