@@ -486,7 +486,7 @@ fn a_layout_beyond_max_memory_is_refused_before_allocation() {
 /// I/O timeout) with `fault` done to it once round 0 is under way (given
 /// the destination's and the source's pids); it must resume and complete:
 /// both exit 0, the memory verified, the ledger consistent.
-fn survives(hosts: Option<&Hosts>, listen: &str, tag: &str, fault: impl FnOnce(u32, u32)) {
+fn survives(hosts: Option<&Hosts>, listen: &str, tag: &str, fault: impl FnOnce(u32, u32, &str)) {
     let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
     let dst = hosts.map(|h| h.dst.as_str());
     let (d, addr) = dest(dst, listen, &["--io-timeout-s", "2"], &dj);
@@ -511,7 +511,7 @@ fn survives(hosts: Option<&Hosts>, listen: &str, tag: &str, fault: impl FnOnce(u
         &sj,
     );
     wait_for_pages_landing(d.id(), 4 << 20);
-    fault(d.id(), s.id());
+    fault(d.id(), s.id(), &addr);
     let s = s.wait_with_output().unwrap();
     let v = both_migrated(&s, &d.wait_with_output().unwrap(), &sj);
     assert!(v["reconnects"].as_u64().unwrap() >= 1, "{v}");
@@ -605,7 +605,7 @@ fn round_0_resumed_over_holes_keeps_what_the_guest_wrote_into_them() {
 /// A peer frozen for twice the I/O timeout, then thawed: the other side
 /// declares it dead, and both go on over a new connection.
 fn freeze_and_thaw(freeze_destination: bool, tag: &str) {
-    survives(None, "127.0.0.1:0", tag, |d, s| {
+    survives(None, "127.0.0.1:0", tag, |d, s, _| {
         let frozen = if freeze_destination { d } else { s };
         signal(frozen, "-STOP");
         std::thread::sleep(Duration::from_secs(4)); // the outage
@@ -647,12 +647,54 @@ fn a_cut_link_is_survived() {
             .success();
         assert!(ok, "ip link set {state}");
     };
-    survives(Some(&hosts), "10.199.0.2:0", "cut", |_, _| {
+    survives(Some(&hosts), "10.199.0.2:0", "cut", |_, _, _| {
         // The outage: 20 s in round 0, ten times the I/O timeout;
         // the reconnection grace (default 60 s) covers it.
         link("down");
         std::thread::sleep(Duration::from_secs(20));
         link("up");
+    });
+}
+
+/// As [`a_cut_link_is_survived`], between hosts that authenticate (PSK),
+/// with strangers at the destination's port while the link is down: three
+/// that trickle a TLS record a byte every 2 s (each beats a per-read
+/// timeout for ever) and twelve that say nothing, all there before the
+/// source comes back. Each handshake has 5 s from its accept, whatever it
+/// trickles, and runs beside the others: the source resumes, verified.
+#[test]
+fn strangers_at_the_port_do_not_stall_a_resume() {
+    let hosts = match Hosts::create() {
+        Ok(h) => h,
+        Err(e) => {
+            fixtures::skip(
+                "strangers_at_the_port_do_not_stall_a_resume",
+                fixtures::Need::NetNs,
+                &format!("cannot create network namespaces here: {e}"),
+            );
+            return;
+        }
+    };
+    let link = |state: &str| {
+        let ok = Command::new("ip")
+            .args(["-n", &hosts.src, "link", "set", &hosts.src_dev, state])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip link set {state}");
+    };
+    let dst = hosts.dst.clone();
+    survives(Some(&hosts), "10.199.0.2:0", "strangers", |_, _, addr| {
+        link("down");
+        let crowd = strangers(Some(&dst), addr, 3, 12, 120);
+        // Past the I/O timeout on both sides: the old connections are dead
+        // and the strangers' handshakes are under way.
+        std::thread::sleep(Duration::from_secs(6));
+        link("up");
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(60));
+            dismiss(crowd);
+        });
     });
 }
 
@@ -758,11 +800,29 @@ fn postcopy_moves_a_guest_faster_than_the_link() {
 /// it still lacks, post-copy completes, both exit 0 with equal digests.
 #[test]
 fn a_link_cut_during_postcopy_is_recovered() {
+    postcopy_link_cut("a_link_cut_during_postcopy_is_recovered", "pc-cut", false);
+}
+
+/// As [`a_link_cut_during_postcopy_is_recovered`], with strangers at the
+/// destination's port while the link is down (three trickling a TLS record,
+/// twelve silent): post-copy recovery goes through the same guarded
+/// handshakes as a pre-copy resume, so the source still comes back in its
+/// 20 s grace and the guest gets all of its pages (exit 0, not 4).
+#[test]
+fn strangers_at_the_port_do_not_stall_a_postcopy_recovery() {
+    postcopy_link_cut(
+        "strangers_at_the_port_do_not_stall_a_postcopy_recovery",
+        "pc-strangers",
+        true,
+    );
+}
+
+fn postcopy_link_cut(test: &str, tag: &str, with_strangers: bool) {
     let hosts = match Hosts::create() {
         Ok(h) => h,
         Err(e) => {
             fixtures::skip(
-                "a_link_cut_during_postcopy_is_recovered",
+                test,
                 fixtures::Need::NetNs,
                 &format!("cannot create network namespaces here: {e}"),
             );
@@ -770,14 +830,14 @@ fn a_link_cut_during_postcopy_is_recovered() {
         }
     };
     let (sj, dj, ev) = (
-        tmp("pc-cut-s.json"),
-        tmp("pc-cut-d.json"),
-        tmp("pc-cut.events"),
+        tmp(&format!("{tag}-s.json")),
+        tmp(&format!("{tag}-d.json")),
+        tmp(&format!("{tag}.events")),
     );
     let (d, addr) = dest(
         Some(&hosts.dst),
         "10.199.0.2:0",
-        &["--io-timeout-s", "2", "--digest"],
+        &["--io-timeout-s", "2", "--digest", "--reconnect-s", "20"],
         &dj,
     );
     let ev_s = ev.to_string_lossy().into_owned();
@@ -789,6 +849,8 @@ fn a_link_cut_during_postcopy_is_recovered() {
         "2",
         "--io-timeout-s",
         "2",
+        "--reconnect-s",
+        "20",
         "--digest",
         "--events",
         &ev_s,
@@ -804,10 +866,14 @@ fn a_link_cut_during_postcopy_is_recovered() {
         assert!(ok, "ip link set {state}");
     };
     link("down");
+    let crowd = with_strangers.then(|| strangers(Some(&hosts.dst), &addr, 3, 12, 120));
     std::thread::sleep(Duration::from_secs(5));
     link("up");
     let s = s.wait_with_output().unwrap();
     let d = d.wait_with_output().unwrap();
+    if let Some(crowd) = crowd {
+        dismiss(crowd);
+    }
     let (v, _) = both_migrated_in_postcopy(&s, &d, &sj, &dj);
     assert!(v["reconnects"].as_u64().unwrap() >= 1, "{v}");
     let events = std::fs::read_to_string(&ev).unwrap();

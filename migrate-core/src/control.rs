@@ -5,7 +5,7 @@
 
 use crate::MigrationError;
 use crate::protocol::{Message, ProtocolError};
-use crate::transport::ControlChannel;
+use crate::transport::{ControlChannel, TransportError};
 
 /// The next control message; the peer's `Abort` and `Refused` are errors.
 ///
@@ -32,11 +32,35 @@ pub(crate) fn recv_unless(
     ctl: &mut dyn ControlChannel,
     cancel: &crate::CancelToken,
 ) -> Result<Message, MigrationError> {
+    recv_until(ctl, cancel, None)
+}
+
+/// As [`recv_unless`], and no later than `deadline`, if given.
+///
+/// # Errors
+/// As [`recv_unless`], or a timed-out [`TransportError::Io`] once the
+/// deadline passed with nothing received.
+pub(crate) fn recv_until(
+    ctl: &mut dyn ControlChannel,
+    cancel: &crate::CancelToken,
+    deadline: Option<std::time::Instant>,
+) -> Result<Message, MigrationError> {
     loop {
         if cancel.is_cancelled() {
             return Err(MigrationError::Cancelled);
         }
-        let m = match ctl.recv_timeout(CANCEL_POLL)? {
+        let mut wait = CANCEL_POLL;
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(MigrationError::Transport(TransportError::Io {
+                    op: "wait for the peer's message",
+                    source: std::io::ErrorKind::TimedOut.into(),
+                }));
+            }
+            wait = wait.min(left);
+        }
+        let m = match ctl.recv_timeout(wait)? {
             Some(m) => m,
             None => continue,
         };

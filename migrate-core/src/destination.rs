@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::control::{CANCEL_POLL, expect_msg, recv, recv_unless, unexpected};
+use crate::control::{CANCEL_POLL, expect_msg, recv_unless, recv_until, unexpected};
 use crate::memory::{GuestMemory, MemoryLayout};
 use crate::postcopy::fetch::PostcopyTarget;
 use crate::protocol::{
@@ -483,6 +483,11 @@ impl IncomingMigration {
         let deadline = Instant::now() + grace;
         tracing::warn!(error = %cause, ?grace, "connection to the source lost; waiting for it");
         loop {
+            // The grace ends whatever keeps arriving.
+            if Instant::now() >= deadline {
+                tracing::warn!("the source did not come back within the grace period");
+                return Err(cause);
+            }
             // Wait in slices, so that a cancel is seen meanwhile.
             let slice = deadline.min(Instant::now() + CANCEL_POLL);
             if let Err(e) = transport.reaccept(slice) {
@@ -495,8 +500,12 @@ impl IncomingMigration {
                 tracing::warn!(error = %e, "the source did not come back");
                 return Err(cause);
             }
+            // A source that came back says `Resume` at once: a connection
+            // that says nothing is dropped (the next `reaccept` closes it)
+            // before it can hold up the grace.
+            let say_resume = deadline.min(Instant::now() + RESUME_WAIT);
             let ctl = transport.control();
-            match recv(ctl) {
+            match recv_until(ctl, &self.cancel, Some(say_resume)) {
                 Ok(Message::Resume { session }) if session == self.session => break,
                 Ok(other) => {
                     let _ = ctl.send(&Message::Refused {
@@ -508,6 +517,7 @@ impl IncomingMigration {
                         ),
                     });
                 }
+                Err(MigrationError::Cancelled) => return Err(MigrationError::Cancelled),
                 Err(e) => tracing::debug!(error = %e, "a reconnection failed"),
             }
         }
@@ -516,6 +526,10 @@ impl IncomingMigration {
         Ok(())
     }
 }
+
+/// How long a new connection has, once its handshake is done, to say
+/// `Resume`.
+const RESUME_WAIT: Duration = Duration::from_secs(5);
 
 /// Check the source's versions and stream count: the version both speak,
 /// or a refusal.

@@ -1,16 +1,28 @@
 //! Accepting connections so that no client holds up the others: each new
-//! connection's handshake (preamble, and for a data stream its `Join`) runs
-//! on its own thread with a short deadline, and the first to finish is
-//! served. At most [`MAX_PENDING`] run at once: a new connection beyond
-//! that closes the oldest one still saying nothing (a real peer finishes in
-//! a millisecond, so a flood of silent clients evicts itself). A client that
-//! connects and says nothing costs one thread for a few seconds, not the
-//! listener.
+//! connection's handshake (TLS and PSK proofs, the preamble, and for a data
+//! stream its `Join`) runs on its own thread, and the first to finish is
+//! served. Three bounds keep strangers from holding the listener:
+//!
+//! - **A total deadline.** A handshake has [`HANDSHAKE_TIMEOUT`] from its
+//!   accept, whatever the peer trickles (a per-read timeout alone lets a
+//!   byte every few seconds last for ever): a watchdog closes it then.
+//! - **Silent ones go first.** At most [`MAX_PENDING`] run at once; a new
+//!   connection beyond closes the one whose peer has sent the fewest bytes
+//!   (the kernel counts them: `TCP_INFO`), the oldest among equals. A real
+//!   source mid-TLS has sent a kilobyte or more; a flood of connections
+//!   that say nothing evicts itself, never the source.
+//! - **Per peer address.** One address holds at most its share
+//!   ([`Handshakes::per_address`]) of the pending handshakes; beyond, its
+//!   own least-advanced one is closed.
+//!
+//! A client that connects and says nothing costs one thread for at most
+//! [`HANDSHAKE_TIMEOUT`], not the listener. The same pool serves the first
+//! connection, the data streams' joins and a resume after a lost
+//! connection (pre-copy and post-copy recovery alike).
 
-use std::collections::VecDeque;
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -19,32 +31,103 @@ use migrate_core::transport::TransportError;
 use crate::control::io;
 
 /// Handshakes in progress at most; a new connection beyond closes the
-/// oldest.
+/// least advanced.
 pub(crate) const MAX_PENDING: usize = 16;
-/// How long a new connection may take to say who it is.
+/// Handshakes in progress from one peer address at most, by default.
+pub(crate) const MAX_PENDING_PER_ADDRESS: usize = 8;
+/// How long a new connection may take, from its accept, to finish its
+/// handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One connection in its handshake.
+#[derive(Debug)]
+struct Pending {
+    id: u64,
+    address: IpAddr,
+    accepted: Instant,
+    /// A second descriptor of the connection, to close it from outside.
+    stream: TcpStream,
+    /// Set when the watchdog or an eviction closed it (its error says so).
+    closed: Arc<AtomicBool>,
+}
+
+impl Pending {
+    /// How far the peer got: the bytes it has sent (the kernel's count,
+    /// read or not), then when it came (the older of two equals is closer
+    /// to its deadline and goes first).
+    fn progress(&self) -> (u64, Instant) {
+        let bytes = crate::sys::bytes_received(&self.stream).unwrap_or(0);
+        (bytes, self.accepted)
+    }
+
+    fn close(&self, why: &str) {
+        tracing::warn!(address = %self.address, "{why}: closed a connection in its handshake");
+        self.closed.store(true, Ordering::SeqCst);
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// The connections in their handshakes, shared with their threads and the
+/// watchdog.
+type PendingSet = Arc<Mutex<Vec<Pending>>>;
 
 /// Handshakes running beside a listener, and their results.
 #[derive(Debug)]
 pub(crate) struct Handshakes<T> {
     tx: Sender<Result<T, TransportError>>,
     rx: Receiver<Result<T, TransportError>>,
-    /// The connections still in their handshake, oldest first.
-    pending: Arc<Mutex<VecDeque<(u64, TcpStream)>>>,
+    pending: PendingSet,
     /// Handshake threads that have not sent their result yet.
     running: Arc<AtomicUsize>,
     next_id: AtomicU64,
+    per_address: usize,
+}
+
+/// Close every pending handshake older than [`HANDSHAKE_TIMEOUT`], every
+/// 50 ms, until the pool is gone.
+fn spawn_watchdog(pending: Weak<Mutex<Vec<Pending>>>) {
+    let spawned = std::thread::Builder::new()
+        .name("tcp-handshake-watchdog".into())
+        .spawn(move || {
+            while let Some(pending) = pending.upgrade() {
+                {
+                    let mut set = pending.lock().unwrap_or_else(|p| p.into_inner());
+                    set.retain(|p| {
+                        let late = p.accepted.elapsed() >= HANDSHAKE_TIMEOUT;
+                        if late {
+                            p.close("no handshake within its deadline");
+                        }
+                        !late
+                    });
+                }
+                drop(pending);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+    if let Err(e) = spawned {
+        // Per-read timeouts still bound each step.
+        tracing::warn!(error = %e, "no handshake watchdog");
+    }
 }
 
 impl<T: Send + 'static> Handshakes<T> {
     pub(crate) fn new() -> Self {
+        Self::per_address(MAX_PENDING_PER_ADDRESS)
+    }
+
+    /// A pool where one peer address holds at most `limit` pending
+    /// handshakes (at least the streams a source opens at once).
+    pub(crate) fn per_address(limit: usize) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
+        let pending = PendingSet::default();
+        spawn_watchdog(Arc::downgrade(&pending));
         Self {
             tx,
             rx,
-            pending: Arc::default(),
+            pending,
             running: Arc::default(),
             next_id: AtomicU64::new(0),
+            per_address: limit.clamp(1, MAX_PENDING),
         }
     }
 
@@ -66,6 +149,10 @@ impl<T: Send + 'static> Handshakes<T> {
         loop {
             if let Ok(done) = self.rx.try_recv() {
                 return Ok(Some(done));
+            }
+            // Whatever keeps arriving, the deadline holds.
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
             }
             if self.idle() {
                 // Nothing in progress can finish (a handshake thread sends
@@ -134,16 +221,32 @@ impl<T: Send + 'static> Handshakes<T> {
             .map_err(io("connection blocking"))?;
         tracing::debug!(%peer, "connection accepted");
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let closed = Arc::new(AtomicBool::new(false));
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            if pending.len() >= MAX_PENDING
-                && let Some((_, oldest)) = pending.pop_front()
-            {
-                tracing::warn!(%peer, "too many connections saying nothing: closed the oldest");
-                let _ = oldest.shutdown(Shutdown::Both);
+            let address = peer.ip();
+            let same = pending.iter().filter(|p| p.address == address).count();
+            let victim = if same >= self.per_address {
+                least_advanced(pending.iter().filter(|p| p.address == address))
+                    .map(|v| (v, "too many handshakes from one address"))
+            } else if pending.len() >= MAX_PENDING {
+                least_advanced(pending.iter()).map(|v| (v, "too many handshakes at once"))
+            } else {
+                None
+            };
+            if let Some((victim, why)) = victim {
+                if let Some(i) = pending.iter().position(|p| p.id == victim) {
+                    pending.swap_remove(i).close(why);
+                }
             }
             if let Ok(clone) = stream.try_clone() {
-                pending.push_back((id, clone));
+                pending.push(Pending {
+                    id,
+                    address,
+                    accepted: Instant::now(),
+                    stream: clone,
+                    closed: Arc::clone(&closed),
+                });
             }
         }
         let (tx, pending) = (self.tx.clone(), Arc::clone(&self.pending));
@@ -155,11 +258,20 @@ impl<T: Send + 'static> Handshakes<T> {
                 // Stops counting when the thread ends, a panic included
                 // (else `next` would poll for ever).
                 let _counted = Counted(running);
-                let result = handshake(stream);
+                let result = handshake(stream).map_err(|e| {
+                    if closed.load(Ordering::SeqCst) {
+                        TransportError::Io {
+                            op: "handshake (closed: past its deadline, or evicted)",
+                            source: std::io::ErrorKind::TimedOut.into(),
+                        }
+                    } else {
+                        e
+                    }
+                });
                 pending
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .retain(|(i, _)| *i != id);
+                    .retain(|p| p.id != id);
                 // Send, then stop counting: `next` waits in `accept` only
                 // when nothing runs and no result is queued.
                 let _ = tx.send(result);
@@ -169,11 +281,17 @@ impl<T: Send + 'static> Handshakes<T> {
             self.pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .retain(|(i, _)| *i != id);
+                .retain(|p| p.id != id);
             return Err(io("spawn a handshake thread")(e));
         }
         Ok(())
     }
+}
+
+/// The pending handshake whose peer got least far (see
+/// [`Pending::progress`]).
+fn least_advanced<'a>(candidates: impl Iterator<Item = &'a Pending>) -> Option<u64> {
+    candidates.min_by_key(|p| p.progress()).map(|p| p.id)
 }
 
 /// One running handshake thread, counted until dropped.

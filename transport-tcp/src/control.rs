@@ -15,7 +15,7 @@ use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream};
 
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use migrate_core::protocol::Message;
@@ -276,6 +276,29 @@ impl ControlChannel for TcpControl {
 }
 
 impl TcpControl {
+    /// Wait until `deadline` for the peer's first message, kept for the
+    /// next [`ControlChannel::recv`]: a connection that finishes its
+    /// handshake and then says nothing is not handed on (a source coming
+    /// back says `Resume` at once).
+    ///
+    /// # Errors
+    /// A timed-out [`TransportError::Io`], or the channel's error.
+    pub(crate) fn await_first_message(&mut self, deadline: Instant) -> Result<(), TransportError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(TransportError::Io {
+                    op: "wait for the first message after the handshake",
+                    source: std::io::ErrorKind::TimedOut.into(),
+                });
+            }
+            if let Some(m) = self.recv_timeout(left)? {
+                self.peeked = Some(Box::new(Ok(m)));
+                return Ok(());
+            }
+        }
+    }
+
     /// The reader thread's verdict so far, without waiting (see
     /// [`ControlChannel::peer_gone`]).
     fn peek(&mut self) -> Option<&Result<Message, TransportError>> {

@@ -5,7 +5,7 @@ use std::io::{BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use migrate_core::checksum::xxh3_64;
@@ -89,6 +89,7 @@ impl TcpMigrationListener {
             control,
             receivers: Vec::new(),
             kill,
+            resumes: None,
         })
     }
 }
@@ -101,6 +102,10 @@ pub struct TcpDestination {
     control: TcpControl,
     receivers: Vec<JoinHandle<()>>,
     kill: KillSwitch,
+    /// The handshakes of connections that may be the source coming back,
+    /// kept across [`DestinationTransport::reaccept`]'s calls (the engine
+    /// waits in slices: a handshake in progress must outlive a slice).
+    resumes: Option<Handshakes<(TcpControl, KillSwitch)>>,
 }
 
 impl TcpDestination {
@@ -155,8 +160,11 @@ impl DestinationTransport for TcpDestination {
         let mut joined: Vec<Option<(Conn, BufReader<Conn>)>> = (0..streams).map(|_| None).collect();
         let deadline = Instant::now() + self.cfg.connect_timeout;
         // Joins run concurrently: a stray connection that says nothing does
-        // not hold up the streams of this migration.
-        let handshakes = Handshakes::new();
+        // not hold up the streams of this migration. The source opens them
+        // all at once from one address.
+        let handshakes = Handshakes::per_address(
+            usize::from(streams).max(crate::accept::MAX_PENDING_PER_ADDRESS),
+        );
         let cfg = self.cfg.clone();
         let handshake = move |stream| join(stream, &cfg, session);
         while joined.iter().any(Option::is_none) {
@@ -226,41 +234,37 @@ impl DestinationTransport for TcpDestination {
 }
 
 impl TcpDestination {
-    /// The next connection that speaks our preamble, until `deadline`;
-    /// anything else is dropped.
+    /// The next connection to finish its handshake (TLS, preamble), until
+    /// `deadline`; anything else is dropped. Handshakes run in the guarded
+    /// pool (`accept.rs`): a stranger that trickles or floods neither holds
+    /// up the source nor stretches the deadline.
     fn accept_control(&mut self, deadline: Instant) -> Result<(), TransportError> {
-        self.listener
-            .set_nonblocking(true)
-            .map_err(io("listener non-blocking"))?;
-        loop {
-            let stream = match self.listener.accept() {
-                Ok((s, peer)) => {
-                    tracing::debug!(%peer, "connection while resuming");
-                    s
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        return Err(TransportError::Io {
-                            op: "wait for the source to reconnect",
-                            source: std::io::ErrorKind::TimedOut.into(),
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-                Err(e) => return Err(io("accept")(e)),
-            };
-            stream
-                .set_nonblocking(false)
-                .map_err(io("connection blocking"))?;
+        let cfg = self.cfg.clone();
+        let handshake = move |stream| {
+            let said_who = Instant::now() + crate::accept::HANDSHAKE_TIMEOUT;
             let kill = KillSwitch::default();
-            match TcpControl::open_control(stream, &self.cfg, &kill) {
-                Ok(control) => {
+            let mut control = TcpControl::open_control(stream, &cfg, &kill)?;
+            // Only a connection that says something comes out of the pool:
+            // strangers that finish a handshake and fall silent cannot
+            // queue up in front of the source, each costing a wait.
+            control.await_first_message(said_who)?;
+            Ok((control, kill))
+        };
+        let resumes = self.resumes.get_or_insert_with(Handshakes::new);
+        loop {
+            match resumes.next(&self.listener, Some(deadline), handshake.clone())? {
+                None => {
+                    return Err(TransportError::Io {
+                        op: "wait for the source to reconnect",
+                        source: std::io::ErrorKind::TimedOut.into(),
+                    });
+                }
+                Some(Ok((control, kill))) => {
                     self.control = control;
                     self.kill = kill;
                     return Ok(());
                 }
-                Err(e) => tracing::warn!(error = %e, "dropped a connection while resuming"),
+                Some(Err(e)) => tracing::warn!(error = %e, "dropped a connection while resuming"),
             }
         }
     }
@@ -585,7 +589,7 @@ mod tests {
         });
         let (server, _) = listener.accept().unwrap();
         // Let the whole segment arrive before the Join is read.
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(50));
         let (index, (_s, mut reader)) = join(server, &TcpConfig::default(), 7).unwrap();
         assert_eq!(index, 0);
         let mut rest = [0u8; 17];

@@ -21,7 +21,7 @@
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod accept;
 mod addr;
@@ -36,6 +36,8 @@ pub mod fuzzing {
     pub use crate::record::fuzz as sealed_records;
 }
 mod source;
+#[allow(unsafe_code)]
+mod sys;
 mod tls;
 
 use std::time::Duration;

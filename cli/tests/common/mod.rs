@@ -226,3 +226,56 @@ pub fn both_migrated_in_postcopy(s: &Output, d: &Output, sj: &Path, dj: &Path) -
     assert_eq!(v["memory_digest"], dv["memory_digest"], "{v}\n{dv}");
     (v, dv)
 }
+
+/// Strangers at a destination's port `addr` (host:port), from inside
+/// `netns` if given, each for `for_s` seconds: `trickling` of them send
+/// what looks like the start of a TLS record (a handshake record of 512
+/// bytes) one byte every 2 s — never enough to finish, always enough to
+/// beat a per-read timeout — and `silent` say nothing. Real processes
+/// (bash's /dev/tcp), so the destination sees real connections.
+pub fn strangers(
+    netns: Option<&str>,
+    addr: &str,
+    trickling: usize,
+    silent: usize,
+    for_s: u64,
+) -> Vec<Child> {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let trickle = format!(
+        "exec 3<>/dev/tcp/{host}/{port} || exit 1; \
+         for b in '\\x16' '\\x03' '\\x01' '\\x02' '\\x00'; do printf \"$b\" >&3 || exit 0; sleep 2; done; \
+         end=$((SECONDS + {for_s})); \
+         while [ $SECONDS -lt $end ]; do printf '\\x00' >&3 || exit 0; sleep 2; done"
+    );
+    let quiet = format!("exec 3<>/dev/tcp/{host}/{port} || exit 1; sleep {for_s}");
+    let script = |s: &str| {
+        let mut c = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "bash", "-c", s]);
+                c
+            }
+            None => {
+                let mut c = Command::new("bash");
+                c.args(["-c", s]);
+                c
+            }
+        };
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut all: Vec<Child> = (0..trickling).map(|_| script(&trickle)).collect();
+    all.extend((0..silent).map(|_| script(&quiet)));
+    all
+}
+
+/// End stranger processes.
+pub fn dismiss(strangers: Vec<Child>) {
+    for mut c in strangers {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
