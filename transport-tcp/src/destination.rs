@@ -105,7 +105,7 @@ pub struct TcpDestination {
     /// The handshakes of connections that may be the source coming back,
     /// kept across [`DestinationTransport::reaccept`]'s calls (the engine
     /// waits in slices: a handshake in progress must outlive a slice).
-    resumes: Option<Handshakes<(TcpControl, KillSwitch)>>,
+    resumes: Option<Box<Handshakes<(TcpControl, KillSwitch)>>>,
 }
 
 impl TcpDestination {
@@ -250,7 +250,9 @@ impl TcpDestination {
             control.await_first_message(said_who)?;
             Ok((control, kill))
         };
-        let resumes = self.resumes.get_or_insert_with(Handshakes::new);
+        let resumes = self
+            .resumes
+            .get_or_insert_with(|| Box::new(Handshakes::new()));
         loop {
             match resumes.next(&self.listener, Some(deadline), handshake.clone())? {
                 None => {
