@@ -164,6 +164,9 @@ pub fn tcp_config(t: &TransportArgs, compress: bool, tls: Option<TlsConfig>) -> 
         sparse: !t.no_sparse,
         io_timeout: std::time::Duration::from_secs(t.io_timeout_s.max(1)),
         tls,
+        // Without credentials on loopback, only this user's processes may
+        // be the peer, unless the operator said --insecure.
+        any_local_user: t.insecure,
         ..TcpConfig::default()
     }
 }

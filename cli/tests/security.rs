@@ -170,3 +170,117 @@ fn strangers_are_refused_before_allocation_and_the_right_source_migrates() {
         .count();
     assert_eq!(refused, 3, "{}", text(&d));
 }
+
+/// `migrate-cli` as user `nobody` (`setpriv`), with `args`.
+fn as_nobody(args: &[&str]) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+        .args(args);
+    c
+}
+
+/// Loopback without credentials is not a free pass between users: a
+/// source of another user is refused by a root destination before it says
+/// anything (the destination allocates nothing for its layout and keeps
+/// waiting; then its own user's source migrates, verified), and a root
+/// source does not send its guest to a destination another user runs.
+/// With `--insecure` the operator allows it.
+#[test]
+fn on_loopback_without_credentials_only_the_same_user_is_a_peer() {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        println!("not root: cannot run a process as another user here");
+        return;
+    }
+    let (sj, dj) = (tmp("users-s.json"), tmp("users-d.json"));
+    let (d, addr) = dest(None, "127.0.0.1:0", &["--prefault"], &dj);
+    // A stranger announcing 512 MiB: refused at the handshake.
+    let o = as_nobody(&[
+        "source",
+        "--connect",
+        &addr,
+        "--memory",
+        "512M",
+        "--guest",
+        "idle",
+        "--progress",
+        "never",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("authentication failed"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        peak_rss(d.id()) < 256 << 20,
+        "the destination allocated for another user's source"
+    );
+    let s = source(
+        None,
+        &addr,
+        &["--memory", "16M", "--guest", "bank", "--verify"],
+        &sj,
+    )
+    .wait_with_output()
+    .unwrap();
+    let d = d.wait_with_output().unwrap();
+    both_migrated(&s, &d, &sj);
+    assert!(
+        String::from_utf8_lossy(&d.stderr).contains("runs as uid 65534"),
+        "{}",
+        text(&d)
+    );
+    // A destination run by another user: a root source sends it nothing.
+    let mut other = as_nobody(&["dest", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(other.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let other_addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let o = source(
+        None,
+        &other_addr,
+        &["--memory", "4M", "--guest", "idle"],
+        &tmp("users-to-other.json"),
+    )
+    .wait_with_output()
+    .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("runs as uid 65534"),
+        "{}",
+        text(&o)
+    );
+    // Said on purpose, another user's destination is a peer.
+    let o = source(
+        None,
+        &other_addr,
+        &["--memory", "4M", "--guest", "idle", "--insecure"],
+        &tmp("users-insecure.json"),
+    )
+    .wait_with_output()
+    .unwrap();
+    let _ = other.kill();
+    let other = other.wait_with_output().unwrap();
+    // The nobody destination cannot allocate what root can, but the
+    // handshake passed: the source got past authentication.
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("authentication failed"),
+        "{}\n{}",
+        text(&o),
+        text(&other)
+    );
+}

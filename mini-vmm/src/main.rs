@@ -252,6 +252,7 @@ impl NetArgs {
             data_streams: self.streams.max(1),
             compress: self.compress,
             sparse: !self.no_sparse,
+            any_local_user: self.insecure,
             ..TcpConfig::default()
         };
         let require = match self.transport.as_str() {

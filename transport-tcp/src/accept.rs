@@ -10,7 +10,8 @@
 //!   connection beyond closes the one whose peer has sent the fewest bytes
 //!   (the kernel counts them: `TCP_INFO`), the oldest among equals. A real
 //!   source mid-TLS has sent a kilobyte or more; a flood of connections
-//!   that say nothing evicts itself, never the source.
+//!   that say nothing evicts itself, never the source once it spoke (and
+//!   there is room for it to speak: see [`MAX_PENDING`]).
 //! - **Per peer address.** One address holds at most its share
 //!   ([`Handshakes::per_address`]) of the pending handshakes; beyond, its
 //!   own least-advanced one is closed.
@@ -31,10 +32,18 @@ use migrate_core::transport::TransportError;
 use crate::control::io;
 
 /// Handshakes in progress at most; a new connection beyond closes the
-/// least advanced.
-pub(crate) const MAX_PENDING: usize = 16;
+/// least advanced. Room enough that under a flood of N silent connections
+/// a second a connection lives `MAX_PENDING_PER_ADDRESS / N` seconds before
+/// it can be evicted: a real peer, which speaks one round trip after it
+/// connected, gets to say its first bytes (and from then on outranks every
+/// silent one) unless the flood from its own address tops ~1000 a second
+/// per 100 ms of round trip.
+pub(crate) const MAX_PENDING: usize = 512;
 /// Handshakes in progress from one peer address at most, by default.
-pub(crate) const MAX_PENDING_PER_ADDRESS: usize = 8;
+pub(crate) const MAX_PENDING_PER_ADDRESS: usize = 128;
+/// A handshake thread's stack: a TLS handshake needs far less than the
+/// default 2 MiB, and hundreds may wait at once.
+const HANDSHAKE_STACK: usize = 512 << 10;
 /// How long a new connection may take, from its accept, to finish its
 /// handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -254,6 +263,7 @@ impl<T: Send + 'static> Handshakes<T> {
         running.fetch_add(1, Ordering::SeqCst);
         let spawned = std::thread::Builder::new()
             .name("tcp-handshake".into())
+            .stack_size(HANDSHAKE_STACK)
             .spawn(move || {
                 // Stops counting when the thread ends, a panic included
                 // (else `next` would poll for ever).

@@ -331,6 +331,9 @@ fn handshake(
     cfg: &TcpConfig,
 ) -> Result<(Conn, BufReader<Conn>, u16), TransportError> {
     prepare(&stream, cfg)?;
+    if cfg.tls.is_none() && !cfg.any_local_user {
+        crate::local_peer::check_same_user(&stream)?;
+    }
     // A peer says who it is at once; one that does not is not ours.
     let say_who = cfg.io_timeout.min(crate::accept::HANDSHAKE_TIMEOUT);
     stream

@@ -28,6 +28,7 @@ mod addr;
 mod conn;
 mod control;
 mod destination;
+mod local_peer;
 pub mod pki;
 mod record;
 /// Entry points for the fuzz targets (`fuzz/`); not an API.
@@ -75,6 +76,13 @@ pub struct TcpConfig {
     /// Mutual TLS (certificates or a pre-shared key) on every connection;
     /// `None` is plaintext, for loopback and isolated test networks only.
     pub tls: Option<TlsConfig>,
+    /// Without `tls`, on loopback: take a peer process of any user. By
+    /// default (`false`) the peer's socket must belong to this process's
+    /// user or to root (the kernel says whose it is), so that on a shared
+    /// host another user can neither push a guest into a destination nor
+    /// pose as one; a peer of another user fails with
+    /// [`TransportError::Auth`](migrate_core::transport::TransportError::Auth).
+    pub any_local_user: bool,
 }
 
 impl Default for TcpConfig {
@@ -87,6 +95,7 @@ impl Default for TcpConfig {
             io_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             tls: None,
+            any_local_user: false,
         }
     }
 }

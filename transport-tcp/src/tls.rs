@@ -669,8 +669,7 @@ fn ready(sock: &TcpStream, state: &mut Connection, is_source: bool) -> io::Resul
 /// a closed connection, and fail this connection. Nothing else is said: no
 /// layout, no version beyond the preamble's.
 fn turn_away_plaintext(sock: &TcpStream) -> Result<(), TransportError> {
-    use migrate_core::protocol::wire::{write_message, write_preamble};
-    use migrate_core::protocol::{MAGIC, Message, RefusalCode};
+    use migrate_core::protocol::MAGIC;
     let mut first = [0u8; MAGIC.len()];
     let mut seen = 0;
     // Peek until the bytes tell TLS (a handshake record starts 0x16) from
@@ -684,22 +683,33 @@ fn turn_away_plaintext(sock: &TcpStream) -> Result<(), TransportError> {
             return Ok(());
         }
     }
+    refuse_in_protocol(
+        sock,
+        "this destination requires mutual TLS (--tls-dir) or a pre-shared key (--psk-file)",
+    );
+    Err(auth(
+        "a source without TLS was told this destination requires authentication".into(),
+    ))
+}
+
+/// Tell a plaintext peer, in its own protocol (preamble, then `Refused`
+/// with the authentication code), why it is refused, and close gently:
+/// what it still sends is read for up to a second, so that a reset does
+/// not destroy the refusal before it is read.
+pub(crate) fn refuse_in_protocol(sock: &TcpStream, message: &str) {
+    use migrate_core::protocol::wire::{write_message, write_preamble};
+    use migrate_core::protocol::{Message, RefusalCode};
     let mut w = sock;
     let _ = write_preamble(&mut w).and_then(|()| {
         write_message(
             &mut w,
             &Message::Refused {
                 code: RefusalCode::Auth,
-                message: "this destination requires mutual TLS (--tls-dir) or a pre-shared key \
-                          (--psk-file)"
-                    .into(),
+                message: message.into(),
             },
         )
     });
-    // Close gently: a reset could destroy the refusal before it is read.
     let _ = sock.shutdown(std::net::Shutdown::Write);
-    // Read what the source still sends (its Hello, heartbeats) for up to a
-    // second, until it closes.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
     let mut sink = [0u8; 4096];
     loop {
@@ -712,9 +722,6 @@ fn turn_away_plaintext(sock: &TcpStream) -> Result<(), TransportError> {
             Ok(_) => {}
         }
     }
-    Err(auth(
-        "a source without TLS was told this destination requires authentication".into(),
-    ))
 }
 
 fn auth(detail: String) -> TransportError {

@@ -379,3 +379,104 @@ fn a_revoked_certificate_is_refused() {
         Err(TlsError::Pem { .. })
     ));
 }
+
+/// A proxy to `upstream` that delays every chunk by `delay`, both ways (a
+/// slow, far link); its address.
+fn slow_link(upstream: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
+    use std::net::TcpStream;
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = proxy.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for client in proxy.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(upstream) else {
+                return;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    use std::io::Write;
+                    let mut buf = [0u8; 16 << 10];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        std::thread::sleep(delay);
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// A real source whose handshake is slow (30 ms per chunk each way, so
+/// its TLS handshake takes a few hundred milliseconds) while a flood of
+/// silent connections from the same address (about 600 a second, each
+/// held open, for a second before the source comes) hits the destination:
+/// the pending handshakes overflow again and again, and each time one
+/// that said nothing is closed, never the source that is getting
+/// somewhere. The source connects.
+#[test]
+fn a_flood_of_silent_connections_never_evicts_a_progressing_handshake() {
+    use std::net::TcpStream;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = pki("localhost", "source-a");
+    let listener =
+        TcpMigrationListener::bind("127.0.0.1:0", cfg(dest_tls(&dir, &["source-a"]))).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let d = std::thread::spawn(move || {
+        // Strangers' handshakes fail (closed, or timed out); the source's
+        // is the one that finishes (or the test gives up after 30 s).
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            match listener.accept() {
+                Ok(d) => return Some(d),
+                Err(e) => println!("listener: {e}"),
+            }
+        }
+        None
+    });
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            // Held open (the newest 600: the destination closed the older
+            // ones, and file descriptors are finite).
+            let mut held = std::collections::VecDeque::new();
+            let mut made = 0;
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(s) = TcpStream::connect(addr) {
+                    held.push_back(s);
+                    made += 1;
+                    if held.len() > 600 {
+                        held.pop_front();
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(1600));
+            }
+            made
+        })
+    };
+    // A second of flood first: the pending handshakes are full and
+    // evicting when the source comes.
+    std::thread::sleep(Duration::from_secs(1));
+    let slow = slow_link(addr, Duration::from_millis(30));
+    let s = TcpSource::connect(&slow.to_string(), cfg(source_tls(&dir, "localhost")));
+    stop.store(true, Ordering::SeqCst);
+    let d = s.as_ref().ok().and_then(|_| d.join().unwrap());
+    let flooded = flood.join().unwrap();
+    println!("silent connections: {flooded}");
+    assert!(
+        flooded > 400,
+        "the flood did not overflow the pending handshakes"
+    );
+    s.unwrap();
+    assert!(d.is_some(), "the destination never got the source");
+}
