@@ -18,7 +18,9 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use std::sync::Arc;
 
 use migrate_core::memory::{GuestMemory, GuestRegion};
-use transport_rdma::verbs::{Device, QueuePair, RegisteredMemory, VerbsError, WriteRequest};
+use transport_rdma::verbs::{
+    Device, QueuePair, RegisteredMemory, Remote, VerbsError, WriteRequest,
+};
 
 const CHAIN: usize = 16;
 const CHAINS_IN_FLIGHT: usize = 16;
@@ -42,8 +44,8 @@ fn setup(buf_len: usize) -> Result<Pair, VerbsError> {
     let dev = Device::open(None, None, None)?;
     let src_mem = dev.register(&buffer(buf_len, 0x5a), false)?;
     let dst_mem = dev.register(&buffer(buf_len, 0), true)?;
-    let mut src = dev.queue_pair((CHAIN * CHAINS_IN_FLIGHT + 16) as u32, 16)?;
-    let mut dst = dev.queue_pair(16, 16)?;
+    let mut src = dev.queue_pair((CHAIN * CHAINS_IN_FLIGHT + 16) as u32, 16, Remote::None)?;
+    let mut dst = dev.queue_pair(16, 16, Remote::Write)?;
     let (a, b) = (src.local, dst.local);
     src.connect(&b)?;
     dst.connect(&a)?;

@@ -401,7 +401,18 @@ impl IncomingMigration {
                         receiver.read_offer(transport, &offer)?;
                         Ok(state)
                     }
-                    msg => receiver.step(state, msg, transport.control(), vm),
+                    msg => {
+                        if matches!(msg, Message::Commit)
+                            && matches!(state, ReceiverState::HaveState(_))
+                        {
+                            // Every page is in (or comes by post-copy's own
+                            // path): end the data plane's remote access
+                            // (RDMA: deregister, the keys stop working)
+                            // before the guest runs on this memory.
+                            transport.data_done();
+                        }
+                        receiver.step(state, msg, transport.control(), vm)
+                    }
                 });
             state = match next {
                 Ok(ReceiverState::Committed) => break,
@@ -417,9 +428,7 @@ impl IncomingMigration {
                 Err(e) => return Err(e),
             };
         }
-        // Committed: the data plane's pages are all in (pre-copy) or come
-        // another way (post-copy).
-        transport.data_done();
+        // Committed: the data plane ended before the guest resumed (above).
         if let Some(target) = receiver.postcopy.take() {
             self.monitor.emit(IncomingEvent::Postcopy);
             let fetched = target

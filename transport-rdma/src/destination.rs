@@ -16,7 +16,7 @@ use migrate_core::transport::{
 use transport_tcp::{KillSwitch, TcpDestination, TcpMigrationListener};
 
 use crate::RdmaConfig;
-use crate::verbs::{Device, QueuePair, RegisteredMemory};
+use crate::verbs::{Device, QueuePair, RegisteredMemory, Remote};
 use crate::{check_memlock, endpoint_to_wire, rdma_err, register_memory, wire_to_endpoint};
 
 /// Receives posted per queue pair (one per fence in flight; refilled).
@@ -218,7 +218,9 @@ impl DestinationTransport for RdmaDestination {
         );
         let mut qps = Vec::new();
         for remote in &remote_qps {
-            let mut qp = dev.queue_pair(1, RECEIVES).map_err(rdma_err)?;
+            let mut qp = dev
+                .queue_pair(1, RECEIVES, Remote::Write)
+                .map_err(rdma_err)?;
             qp.connect(&wire_to_endpoint(remote)).map_err(rdma_err)?;
             qp.post_receives(RECEIVES).map_err(rdma_err)?;
             qps.push(qp);

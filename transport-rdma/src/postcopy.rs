@@ -3,7 +3,11 @@
 //! RDMA READ, on a queue pair of its own; the source's CPU is not in the
 //! path. The source registers its memory for remote read only when told
 //! to (`RdmaConfig::postcopy_reads`), and sends the keys only at the switch
-//! to post-copy, over the (authenticated) control connection.
+//! to post-copy, over the (authenticated) control connection. Until then
+//! no queue pair of the source takes a READ: its data queue pairs allow
+//! their peer nothing, and the one responder queue pair that allows remote
+//! read is made at the switch (a second registration there would add its
+//! time to the downtime; `ibv_rereg_mr` is not in the binding).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +16,7 @@ use migrate_core::memory::{GuestMemory, GuestRegion};
 use migrate_core::protocol::{Message, RemoteRegion};
 use migrate_core::transport::{PageFetcher, TransportError};
 
-use crate::verbs::{Device, QueuePair, RegisteredMemory};
+use crate::verbs::{Device, QueuePair, RegisteredMemory, Remote};
 use crate::{endpoint_to_wire, rdma_err, wire_to_endpoint};
 
 /// Reads in flight on the post-copy queue pair (the handler waits for each).
@@ -26,7 +30,7 @@ pub(crate) fn offer(
     dev: &Device,
     registered: &RegisteredMemory,
 ) -> Result<(QueuePair, Message), TransportError> {
-    let qp = dev.queue_pair(4, 1).map_err(rdma_err)?;
+    let qp = dev.queue_pair(4, 1, Remote::Read).map_err(rdma_err)?;
     let regions = (0..registered.memory().regions().len())
         .map(|i| registered.remote(i))
         .collect();
@@ -103,7 +107,7 @@ pub(crate) fn fetcher(
         })?,
     );
     let landing = dev.register(&landing, false).map_err(rdma_err)?;
-    let mut qp = dev.queue_pair(4, 1).map_err(rdma_err)?;
+    let mut qp = dev.queue_pair(4, 1, Remote::None).map_err(rdma_err)?;
     qp.connect_with_reads(&wire_to_endpoint(&qps[0]), READS)
         .map_err(rdma_err)?;
     let answer = Message::RdmaReadAccept {

@@ -175,7 +175,7 @@ impl SourceTransport for RdmaSource {
         }
         let streams = self.data_streams() as usize;
         let mut qps = (0..streams)
-            .map(|_| local.dev.queue_pair(SQ_DEPTH, 1))
+            .map(|_| local.dev.queue_pair(SQ_DEPTH, 1, Remote::None))
             .collect::<Result<Vec<QueuePair>, _>>()
             .map_err(rdma_err)?;
         let ctl = self.tcp.control();

@@ -295,11 +295,19 @@ impl Device {
         })
     }
 
-    /// A reliable-connected queue pair with its own send and receive CQs.
+    /// A reliable-connected queue pair with its own send and receive CQs,
+    /// letting its peer do `remote` and nothing more (a source's data queue
+    /// pairs only send, a destination's take WRITEs, a post-copy responder
+    /// takes READs), starting at a random packet sequence number.
     ///
     /// # Errors
     /// A failing verb.
-    pub fn queue_pair(&self, max_send_wr: u32, max_recv_wr: u32) -> Result<QueuePair, VerbsError> {
+    pub fn queue_pair(
+        &self,
+        max_send_wr: u32,
+        max_recv_wr: u32,
+        remote: Remote,
+    ) -> Result<QueuePair, VerbsError> {
         let send_cq = self
             .ctx
             .create_cq_builder()
@@ -323,7 +331,12 @@ impl Device {
             .setup_recv_cq(GenericCompletionQueue::from(Arc::clone(&recv_cq)))
             .build()
             .map_err(call("ibv_create_qp"))?;
-        let psn = (std::process::id().wrapping_mul(2654435761) ^ qp.qp_number()) & 0xff_ffff;
+        // A random first PSN (24 bits): an off-path peer cannot guess the
+        // sequence to inject packets into the connection.
+        let psn = random_u32().map_err(|e| VerbsError::Call {
+            op: "read /dev/urandom",
+            detail: e.to_string(),
+        })? & 0xff_ffff;
         let mut rc = QueuePair {
             qp,
             send_cq,
@@ -342,18 +355,27 @@ impl Device {
         attr.setup_state(QueuePairState::Init)
             .setup_pkey_index(0)
             .setup_port(self.port)
-            // The queue pair allows what a registration allows: the MRs'
-            // own flags decide (a source's memory is readable only when
-            // registered for post-copy).
-            .setup_access_flags(
-                AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead,
-            );
+            // Both the queue pair and the registration must allow a remote
+            // operation: each queue pair allows only its role's.
+            .setup_access_flags(match remote {
+                Remote::None => AccessFlags::LocalWrite,
+                Remote::Write => AccessFlags::LocalWrite | AccessFlags::RemoteWrite,
+                Remote::Read => AccessFlags::LocalWrite | AccessFlags::RemoteRead,
+            });
         rc.qp.modify(&attr).map_err(call("ibv_modify_qp(INIT)"))?;
         Ok(rc)
     }
 }
 
-/// What a peer may do to registered memory.
+/// Four random bytes from the kernel.
+fn random_u32() -> std::io::Result<u32> {
+    use std::io::Read;
+    let mut b = [0u8; 4];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(u32::from_ne_bytes(b))
+}
+
+/// What a peer may do to registered memory, or through a queue pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Remote {
     /// Nothing: the device reads it for our WRITEs.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use fixtures::transport_suite::first_difference;
 use fixtures::{PageMix, fill_memory};
 use migrate_core::memory::{GuestMemory, GuestRegion};
-use transport_rdma::verbs::{Device, QueuePair, VerbsError, WriteRequest, device_names};
+use transport_rdma::verbs::{Device, QueuePair, Remote, VerbsError, WriteRequest, device_names};
 
 fn device_or_skip(test: &str) -> Option<Device> {
     if device_names().is_empty() {
@@ -34,8 +34,8 @@ fn memory() -> Arc<GuestMemory> {
 }
 
 fn connected_pair(dev: &Device) -> (QueuePair, QueuePair) {
-    let mut a = dev.queue_pair(256, 16).unwrap();
-    let mut b = dev.queue_pair(16, 256).unwrap();
+    let mut a = dev.queue_pair(256, 16, Remote::None).unwrap();
+    let mut b = dev.queue_pair(16, 256, Remote::Write).unwrap();
     let (ea, eb) = (a.local, b.local);
     a.connect(&eb).unwrap();
     b.connect(&ea).unwrap();
@@ -187,4 +187,105 @@ fn a_key_from_an_ended_registration_fails() {
     }
     dst.regions()[0].read_bytes(4096, &mut page);
     assert!(page.iter().all(|&b| b == 0), "an old key wrote memory");
+}
+
+/// Two queue pairs connected to each other, the first letting its peer do
+/// `ra`, the second `rb`.
+fn pair_with(dev: &Device, ra: Remote, rb: Remote) -> (QueuePair, QueuePair) {
+    let mut a = dev.queue_pair(16, 16, ra).unwrap();
+    let mut b = dev.queue_pair(16, 16, rb).unwrap();
+    let (ea, eb) = (a.local, b.local);
+    a.connect_with_reads(&eb, 1).unwrap();
+    b.connect_with_reads(&ea, 1).unwrap();
+    (a, b)
+}
+
+/// A queue pair lets its peer do its role's operation and nothing else,
+/// whatever a registration allows: a destination's (remote write) takes
+/// WRITEs but no READ, even of memory registered for reading; a source's
+/// data queue pair (nothing remote) takes no WRITE; only a post-copy
+/// responder (remote read) takes READs. Each refusal is a typed completion
+/// error, and the memory is untouched.
+#[test]
+fn queue_pairs_allow_their_peer_only_their_role() {
+    let Some(dev) = device_or_skip("queue_pairs_allow_their_peer_only_their_role") else {
+        return;
+    };
+    let (readable, writable, local) = (memory(), memory(), memory());
+    fill_memory(&readable, PageMix::ALL_RANDOM, 8).unwrap();
+    fill_memory(&local, PageMix::ALL_RANDOM, 9).unwrap();
+    let rmr = dev.register_for(&readable, Remote::Read).unwrap();
+    let wmr = dev.register_for(&writable, Remote::Write).unwrap();
+    let lmr = dev.register(&local, false).unwrap();
+    let (r, w) = (rmr.remote(0), wmr.remote(0));
+    let write = |page: u64| WriteRequest {
+        region: 0,
+        offset: page * 4096,
+        len: 4096,
+        remote_addr: w.addr + page * 4096,
+        rkey: w.rkey,
+    };
+    let mut page = vec![0u8; 4096];
+    // Through a destination's queue pair: WRITE yes...
+    let (mut src, _dst) = pair_with(&dev, Remote::None, Remote::Write);
+    src.post_writes(&lmr, &[write(0)], true, 1).unwrap();
+    wait_send(&src, 1).unwrap();
+    writable.regions()[0].read_bytes(0, &mut page);
+    assert!(page.iter().any(|&b| b != 0), "the WRITE did not land");
+    // ... READ no, though the key's registration allows reading.
+    let (mut src, _dst) = pair_with(&dev, Remote::None, Remote::Write);
+    src.post_read(&lmr, (0, 0, 4096), (r.addr, r.rkey), 2)
+        .unwrap();
+    match wait_send(&src, 1) {
+        Err(VerbsError::Completion {
+            wr_id: 2, status, ..
+        }) => {
+            println!("READ through a write-only queue pair refused: {status}")
+        }
+        other => panic!("a READ through a destination's queue pair did not fail: {other:?}"),
+    }
+    // Into a source's queue pair, which takes nothing: no WRITE.
+    let (_src, mut dst) = pair_with(&dev, Remote::None, Remote::None);
+    dst.post_writes(&lmr, &[write(1)], true, 3).unwrap();
+    match wait_send(&dst, 1) {
+        Err(VerbsError::Completion {
+            wr_id: 3, status, ..
+        }) => {
+            println!("WRITE into a send-only queue pair refused: {status}")
+        }
+        other => panic!("a WRITE into a source's queue pair did not fail: {other:?}"),
+    }
+    writable.regions()[0].read_bytes(4096, &mut page);
+    assert!(page.iter().all(|&b| b == 0), "a refused WRITE wrote memory");
+    // A post-copy responder takes READs.
+    let (mut reader, _responder) = pair_with(&dev, Remote::None, Remote::Read);
+    reader
+        .post_read(&lmr, (0, 8192, 4096), (r.addr, r.rkey), 4)
+        .unwrap();
+    wait_send(&reader, 1).unwrap();
+    let mut expect = vec![0u8; 4096];
+    readable.regions()[0].read_bytes(0, &mut expect);
+    local.regions()[0].read_bytes(8192, &mut page);
+    assert_eq!(page, expect, "the READ did not bring the page");
+}
+
+/// Every queue pair starts at a random packet sequence number (24 bits):
+/// the numbers of queue pairs made one after the other share no pattern.
+/// (Derived from the process and the queue pair number, as before, they
+/// differed only in their low bits.)
+#[test]
+fn queue_pairs_start_at_random_sequence_numbers() {
+    let Some(dev) = device_or_skip("queue_pairs_start_at_random_sequence_numbers") else {
+        return;
+    };
+    let psns: Vec<u32> = (0..8)
+        .map(|_| dev.queue_pair(1, 1, Remote::None).unwrap().local.psn)
+        .collect();
+    assert!(psns.iter().all(|&p| p <= 0xff_ffff), "{psns:?}");
+    // Random: the chance that 8 share their top 12 bits is 2^-84.
+    let high: std::collections::HashSet<u32> = psns.iter().map(|p| p >> 12).collect();
+    assert!(
+        high.len() > 1,
+        "sequence numbers share their high bits: {psns:x?}"
+    );
 }

@@ -399,10 +399,11 @@ pub trait DestinationTransport: Send {
         })
     }
 
-    /// The guest runs here and the data plane has no more to carry:
-    /// release what it holds (RDMA: deregister the guest memory, which
-    /// invalidates the keys and, in post-copy, unpins the dropped pages).
-    /// By default nothing.
+    /// `Commit` arrived and the data plane has no more to carry: release
+    /// what it holds. The engine calls it before the guest resumes here, so
+    /// nothing of the source writes into memory the guest runs on (RDMA:
+    /// deregister the guest memory, which invalidates the keys and, in
+    /// post-copy, unpins the dropped pages). By default nothing.
     fn data_done(&mut self) {}
 
     /// After the connection to the source was lost: wait until `deadline`
