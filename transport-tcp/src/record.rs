@@ -6,7 +6,7 @@
 //! receive buffer into guest memory (rustls' buffers copied each byte three
 //! or four times).
 //!
-//! **Why aws-lc-rs for the records** (ring still does the handshake): it
+//! **Why aws-lc-rs** (for the handshake too, one crypto library): it
 //! seals from one buffer into another and opens likewise
 //! (`seal_out_of_place_scatter`, `open_separate_gather`), which ring cannot,
 //! and its AES-GCM uses AVX-512 where the CPU has it: 1.5× ring's 0.17
