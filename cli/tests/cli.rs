@@ -233,6 +233,32 @@ struct Hosts {
 }
 
 impl Hosts {
+    /// Two hosts for `test`, or a logged skip (`None`) where namespaces
+    /// cannot be made.
+    fn for_test(test: &str) -> Option<Hosts> {
+        match Hosts::create() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                fixtures::skip(
+                    test,
+                    fixtures::Need::NetNs,
+                    &format!("cannot create network namespaces here: {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Take the source's end of the link `up` or `down`.
+    fn source_link(&self, state: &str) {
+        let ok = Command::new("ip")
+            .args(["-n", &self.src, "link", "set", &self.src_dev, state])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip link set {state}");
+    }
+
     fn create() -> Result<Hosts, String> {
         // One pair of hosts per test, and the tests run in parallel: the
         // names carry the process and a count (interface names fit 15 bytes).
@@ -286,16 +312,8 @@ impl Drop for Hosts {
 
 #[test]
 fn two_hosts_over_a_veth_pair() {
-    let hosts = match Hosts::create() {
-        Ok(h) => h,
-        Err(e) => {
-            fixtures::skip(
-                "two_hosts_over_a_veth_pair",
-                fixtures::Need::NetNs,
-                &format!("cannot create network namespaces here: {e}"),
-            );
-            return;
-        }
+    let Some(hosts) = Hosts::for_test("two_hosts_over_a_veth_pair") else {
+        return;
     };
     // Mutual TLS with certificates from `tls-gen`, the destination naming
     // the source it accepts.
@@ -628,25 +646,10 @@ fn a_source_frozen_past_the_timeout_is_resumed() {
 /// reconnects once the link is back, and the migration completes verified.
 #[test]
 fn a_cut_link_is_survived() {
-    let hosts = match Hosts::create() {
-        Ok(h) => h,
-        Err(e) => {
-            fixtures::skip(
-                "a_cut_link_is_survived",
-                fixtures::Need::NetNs,
-                &format!("cannot create network namespaces here: {e}"),
-            );
-            return;
-        }
+    let Some(hosts) = Hosts::for_test("a_cut_link_is_survived") else {
+        return;
     };
-    let link = |state: &str| {
-        let ok = Command::new("ip")
-            .args(["-n", &hosts.src, "link", "set", &hosts.src_dev, state])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "ip link set {state}");
-    };
+    let link = |state: &str| hosts.source_link(state);
     survives(Some(&hosts), "10.199.0.2:0", "cut", |_, _, _| {
         // The outage: 20 s in round 0, ten times the I/O timeout;
         // the reconnection grace (default 60 s) covers it.
@@ -664,25 +667,10 @@ fn a_cut_link_is_survived() {
 /// trickles, and runs beside the others: the source resumes, verified.
 #[test]
 fn strangers_at_the_port_do_not_stall_a_resume() {
-    let hosts = match Hosts::create() {
-        Ok(h) => h,
-        Err(e) => {
-            fixtures::skip(
-                "strangers_at_the_port_do_not_stall_a_resume",
-                fixtures::Need::NetNs,
-                &format!("cannot create network namespaces here: {e}"),
-            );
-            return;
-        }
+    let Some(hosts) = Hosts::for_test("strangers_at_the_port_do_not_stall_a_resume") else {
+        return;
     };
-    let link = |state: &str| {
-        let ok = Command::new("ip")
-            .args(["-n", &hosts.src, "link", "set", &hosts.src_dev, state])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "ip link set {state}");
-    };
+    let link = |state: &str| hosts.source_link(state);
     let dst = hosts.dst.clone();
     survives(Some(&hosts), "10.199.0.2:0", "strangers", |_, _, addr| {
         link("down");
@@ -703,16 +691,8 @@ fn strangers_at_the_port_do_not_stall_a_resume() {
 /// loss; the migration completes verified with the guest consistent.
 #[test]
 fn a_slow_lossy_link_migrates_verified() {
-    let hosts = match Hosts::create() {
-        Ok(h) => h,
-        Err(e) => {
-            fixtures::skip(
-                "a_slow_lossy_link_migrates_verified",
-                fixtures::Need::NetNs,
-                &format!("no network namespaces here: {e}"),
-            );
-            return;
-        }
+    let Some(hosts) = Hosts::for_test("a_slow_lossy_link_migrates_verified") else {
+        return;
     };
     let sh = |ns: &str, cmd: &str| {
         let o = Command::new("ip")
@@ -818,16 +798,8 @@ fn strangers_at_the_port_do_not_stall_a_postcopy_recovery() {
 }
 
 fn postcopy_link_cut(test: &str, tag: &str, with_strangers: bool) {
-    let hosts = match Hosts::create() {
-        Ok(h) => h,
-        Err(e) => {
-            fixtures::skip(
-                test,
-                fixtures::Need::NetNs,
-                &format!("cannot create network namespaces here: {e}"),
-            );
-            return;
-        }
+    let Some(hosts) = Hosts::for_test(test) else {
+        return;
     };
     let (sj, dj, ev) = (
         tmp(&format!("{tag}-s.json")),
@@ -857,14 +829,7 @@ fn postcopy_link_cut(test: &str, tag: &str, with_strangers: bool) {
     ]);
     let s = source(Some(&hosts.src), &addr, &args, &sj);
     wait_for_event(&ev, "postcopy");
-    let link = |state: &str| {
-        let ok = Command::new("ip")
-            .args(["-n", &hosts.src, "link", "set", &hosts.src_dev, state])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "ip link set {state}");
-    };
+    let link = |state: &str| hosts.source_link(state);
     link("down");
     let crowd = with_strangers.then(|| strangers(Some(&hosts.dst), &addr, 3, 12, 120));
     std::thread::sleep(Duration::from_secs(5));
