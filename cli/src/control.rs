@@ -16,7 +16,7 @@
 //! | `{"cmd": "query"}` | – | `{"ok": true, "stats": {…}}`: the `--json` report's fields, live |
 //! | `{"cmd": "set", "downtime_ms": 800}` (and/or `bandwidth_mbs`, 0 = no cap; `max_rounds`) | from the next round boundary (the cap at once) | `{"ok": true}` |
 //! | `{"cmd": "switchover"}` | switch over at the next round boundary, whatever the downtime | `{"ok": true}` |
-//! | `{"cmd": "continue"}` | leave `pre-switchover` (`--pause-before-switchover`) | `{"ok": true}` |
+//! | `{"cmd": "continue"}` | leave `pre-switchover` (`--pause-before-switchover`) | `{"ok": true}`; refused in any other state |
 //! | `{"cmd": "cancel"}` | cancel: the source guest runs on, the destination discards | `{"ok": true}` |
 //! | `{"cmd": "watch"}` | – | `{"ok": true}`, then one line per event until the migration ends |
 //!
@@ -88,10 +88,10 @@ impl Steer for MigrationHandle {
                 self.switchover();
                 json!({"ok": true})
             }
-            Some("continue") => {
-                self.continue_switchover();
-                json!({"ok": true})
-            }
+            Some("continue") => match self.continue_switchover() {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => refuse(e.to_string()),
+            },
             other => unknown(other),
         }
     }

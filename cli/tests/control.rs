@@ -324,10 +324,24 @@ fn switchover_under_postcopy_auto_goes_to_postcopy() {
 }
 
 /// `--pause-before-switchover`: the guest paused, its memory sent, the
-/// migration waits in `pre-switchover`; `continue` completes it.
+/// migration waits in `pre-switchover`; `continue` completes it, and only
+/// there.
 #[test]
 fn pause_before_switchover_then_continue_completes() {
     let run = steered("pause-continue", "60000", &["--pause-before-switchover"]);
+    // A continue before the pause is refused (exit 1, the state named) and
+    // does not let the migration pass the pause (QEMU refuses
+    // migrate-continue outside pre-switchover too).
+    wait_for(&run.socket, "a round", |s| s["status"] == "active");
+    let (code, v) = ctl(&run.socket, &["continue"]);
+    assert_eq!(code, 1, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("not paused before the switch-over"),
+        "{v}"
+    );
     let at = wait_for(&run.socket, "pre-switchover", |s| {
         s["status"] == "pre-switchover"
     });

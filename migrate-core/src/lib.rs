@@ -150,7 +150,7 @@ pub use destination::{DestinationReport, IncomingEvent, IncomingHandle, Incoming
 pub use dirty::{DirtyTracker, DirtyTracking, TrackerPreference};
 pub use memory::{GuestMemory, GuestRegion};
 pub use postcopy::{FaultLatency, PostcopyMode};
-pub use source::{MigrationHandle, SourceConfig, SourceMigration, TimeoutPolicy};
+pub use source::{MigrationHandle, NotPreSwitchover, SourceConfig, SourceMigration, TimeoutPolicy};
 pub use stats::{MigrationEvent, MigrationStats, MigrationStatus, STATS_SCHEMA_VERSION};
 pub use transport::{DestinationTransport, SourceTransport};
 pub use vm::{DestinationVm, SourceVm, VmError};

@@ -235,11 +235,20 @@ impl MigrationHandle {
 
     /// Go on from pre-switchover (see
     /// [`SourceConfig::pause_before_switchover`]): device state, then
-    /// commit. Before that state is reached, it lets the migration pass it
-    /// without stopping.
-    pub fn continue_switchover(&self) {
+    /// commit. Refused in any other state, as QEMU refuses
+    /// `migrate-continue` outside `pre-switchover`: an early continue would
+    /// let the migration pass the pause the VMM asked for.
+    ///
+    /// # Errors
+    /// [`NotPreSwitchover`] with the state the migration is in.
+    pub fn continue_switchover(&self) -> Result<(), NotPreSwitchover> {
+        let status = self.stats().status;
+        if status != MigrationStatus::PreSwitchover {
+            return Err(NotPreSwitchover { status });
+        }
         *self.steer.proceed.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.steer.wake.notify_all();
+        Ok(())
     }
 
     fn changed(&self, name: &'static str, value: u64) {
@@ -247,6 +256,14 @@ impl MigrationHandle {
         self.monitor
             .emit(MigrationEvent::ParameterChanged { name, value });
     }
+}
+
+/// [`MigrationHandle::continue_switchover`] outside pre-switchover.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the migration is not paused before the switch-over (it is {}): nothing to continue", status.name())]
+pub struct NotPreSwitchover {
+    /// The state the migration is in.
+    pub status: MigrationStatus,
 }
 
 /// One outgoing migration.
