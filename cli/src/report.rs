@@ -152,6 +152,45 @@ pub fn create_output(path: &Path) -> Result<std::fs::File> {
     Ok(file)
 }
 
+/// Check, before anything listens or connects, every path a command will
+/// write to: a report (`--json`) and an event log (`--events`) are created
+/// now (empty until written, by [`create_output`]'s rules), and a control
+/// socket's (`--control`) directory must exist and the path, if it exists,
+/// be a socket. A path that cannot serve fails now, naming the option and
+/// the path (exit 2), not when a source arrives or after the migration.
+pub fn check_outputs(
+    json: Option<&Path>,
+    steering: Option<&crate::args::SteeringArgs>,
+) -> Result<()> {
+    if let Some(p) = json {
+        create_output(p).with_context(|| format!("--json {}", p.display()))?;
+    }
+    let Some(s) = steering else { return Ok(()) };
+    if let Some(p) = &s.events {
+        create_output(p).with_context(|| format!("--events {}", p.display()))?;
+    }
+    if let Some(p) = &s.control {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "--control {}: the directory {} does not exist",
+                p.display(),
+                dir.display()
+            );
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(p)
+            && !meta.file_type().is_socket()
+        {
+            anyhow::bail!("--control {}: exists and is not a socket", p.display());
+        }
+    }
+    Ok(())
+}
+
 /// Write a JSON report (through [`create_output`]).
 pub fn write_json(path: &Path, v: &Value) -> Result<()> {
     use std::io::Write;

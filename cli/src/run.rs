@@ -116,7 +116,9 @@ fn tracker_pref(t: TrackerChoice) -> TrackerPreference {
 
 /// `migrate-cli source`.
 pub fn source(a: SourceArgs, baseline_rss: u64) -> Result<Outcome> {
-    // Credentials first: a bad file fails before any memory is allocated.
+    // Where the results go, then credentials: a bad path or file fails
+    // before any memory is allocated or anything is sent.
+    report::check_outputs(a.json.as_deref(), Some(&a.steering))?;
     let tls = security::tls(
         &a.transport,
         &security::Role::Source {
@@ -273,6 +275,7 @@ fn transport_name(t: TransportChoice) -> &'static str {
 
 /// `migrate-cli dest`.
 pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
+    report::check_outputs(a.json.as_deref(), Some(&a.steering))?;
     let tls = security::tls(
         &a.transport,
         &security::Role::Destination {
@@ -509,6 +512,7 @@ pub fn tls_gen(a: TlsGenArgs) -> Result<Outcome> {
 
 /// `migrate-cli demo`.
 pub fn demo(a: DemoArgs) -> Result<Outcome> {
+    report::check_outputs(a.json.as_deref(), None)?;
     let demo_transport = TransportArgs {
         transport: TransportChoice::Tcp,
         streams: a.streams,

@@ -216,3 +216,43 @@ fn tls_gen_writes_private_keys_never_through_links_and_keeps_a_ca() {
         assert!(stderr(&o).contains(bad), "{bad}: {}", text(&o));
     }
 }
+
+/// Every output path is checked before anything listens or connects: a
+/// report, an event log or a control socket in a directory that does not
+/// exist fails at once (exit 2, naming the option and the path), not when
+/// a source arrives (it died then with "stream ended inside a frame") or
+/// after the migration (the report was lost).
+#[test]
+fn output_paths_are_checked_before_anything_starts() {
+    let missing = "/nonexistent-migrate-dir/out";
+    for (side, option) in [
+        ("dest", "--events"),
+        ("dest", "--control"),
+        ("dest", "--json"),
+        ("source", "--json"),
+        ("source", "--events"),
+        ("source", "--control"),
+    ] {
+        let mut c = Command::new(BIN);
+        if side == "source" {
+            // A listening port that must never be reached.
+            c.args(["source", "--connect", "127.0.0.1:9", "--memory", "1M"]);
+        } else {
+            c.args(["dest", "--listen", "127.0.0.1:0"]);
+        }
+        let started = std::time::Instant::now();
+        let o = c
+            .args([option, missing])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{side} {option}: {}", text(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains(option) && err.contains(missing),
+            "{side} {option}: {err}"
+        );
+        assert!(!String::from_utf8_lossy(&o.stdout).contains("listening on"));
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+}
