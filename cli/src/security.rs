@@ -34,6 +34,27 @@ pub enum Role<'a> {
 /// Unreadable or invalid credentials; plaintext on a non-loopback address
 /// without `--insecure`.
 pub fn tls(t: &TransportArgs, role: &Role<'_>) -> Result<Option<TlsConfig>> {
+    // What is wrong with the address is said first, whatever the
+    // credentials: a typo is not an authentication problem.
+    match role {
+        Role::Source { connect, .. } => {
+            resolve("--connect", connect)?;
+        }
+        Role::Destination { listen, .. } => {
+            for a in resolve("--listen", listen)? {
+                // Port 0: whether the address is this host's, not whether
+                // the port is free (bind says that, naming it).
+                std::net::TcpListener::bind(std::net::SocketAddr::new(a.ip(), 0)).with_context(
+                    || {
+                        format!(
+                            "--listen {listen}: {} is not an address of this host",
+                            a.ip()
+                        )
+                    },
+                )?;
+            }
+        }
+    }
     if let Some(dir) = &t.tls_dir {
         let config = match role {
             Role::Source { connect, hostname } => {
@@ -67,6 +88,27 @@ pub fn tls(t: &TransportArgs, role: &Role<'_>) -> Result<Option<TlsConfig>> {
         "refusing to {what} {addr} without authentication: give --tls-dir DIR (mutual TLS) or \
          --psk-file FILE (pre-shared key), or --insecure on an isolated test network"
     )
+}
+
+/// The addresses `addr` (host:port) names, or an error saying what is
+/// wrong with it: no port, a port that is no number, a host that does not
+/// resolve.
+fn resolve(option: &str, addr: &str) -> Result<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        bail!("{option} {addr}: no port (give host:port, e.g. {addr}:4444)");
+    };
+    if port.parse::<u16>().is_err() {
+        bail!("{option} {addr}: the port {port:?} is not a number from 0 to 65535");
+    }
+    let all: Vec<_> = addr
+        .to_socket_addrs()
+        .with_context(|| format!("{option} {addr}: cannot resolve the host {host:?}"))?
+        .collect();
+    if all.is_empty() {
+        bail!("{option} {addr}: the host {host:?} has no address");
+    }
+    Ok(all)
 }
 
 /// How the peers authenticate, for the JSON report: `mutual-tls`, `psk`

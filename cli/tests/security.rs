@@ -284,3 +284,41 @@ fn on_loopback_without_credentials_only_the_same_user_is_a_peer() {
         text(&other)
     );
 }
+
+/// What is wrong with an address is said before the credential rule: no
+/// port, a host that does not resolve, a listen address that is not this
+/// host's (exit 2 each, naming the problem, never "without
+/// authentication").
+#[test]
+fn address_errors_say_what_is_wrong_before_credentials() {
+    for (args, says) in [
+        (
+            &["source", "--connect", "127.0.0.1", "--memory", "1M"][..],
+            "no port",
+        ),
+        (
+            &[
+                "source",
+                "--connect",
+                "no-such-host.invalid:4444",
+                "--memory",
+                "1M",
+            ][..],
+            "cannot resolve the host",
+        ),
+        (
+            &["source", "--connect", "10.0.0.1:http", "--memory", "1M"][..],
+            "is not a number",
+        ),
+        (
+            &["dest", "--listen", "192.0.2.1:4444"][..],
+            "192.0.2.1 is not an address of this host",
+        ),
+    ] {
+        let o = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.contains("without authentication"), "{args:?}: {err}");
+    }
+}
