@@ -53,10 +53,12 @@ fn main() {
             }
         }),
         args::Command::Completions { shell } => {
-            use clap::CommandFactory;
-            let mut cmd = args::Cli::command();
-            clap_complete::generate(shell, &mut cmd, "migrate-cli", &mut std::io::stdout());
-            Ok(run::Outcome::Done)
+            use std::io::Write;
+            let script = completions(shell);
+            std::io::stdout()
+                .write_all(script.as_bytes())
+                .map(|()| run::Outcome::Done)
+                .map_err(anyhow::Error::from)
         }
         args::Command::Man => {
             use clap::CommandFactory;
@@ -72,5 +74,23 @@ fn main() {
             eprintln!("migrate-cli: error: {}", report::error_text(&e));
             std::process::exit(2);
         }
+    }
+}
+
+/// The completion script for `shell`. clap_complete's bash script names
+/// the subcommands' cases after the binary's name with its hyphen mangled
+/// like a subcommand separator (`migrate__subcmd__cli__subcmd__source`)
+/// while its dispatch sets `migrate__cli__subcmd__source`: no option of a
+/// subcommand ever completed. The cases are renamed to what the dispatch
+/// sets.
+fn completions(shell: clap_complete::Shell) -> String {
+    use clap::CommandFactory;
+    let mut cmd = args::Cli::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "migrate-cli", &mut out);
+    let script = String::from_utf8_lossy(&out).into_owned();
+    match shell {
+        clap_complete::Shell::Bash => script.replace("migrate__subcmd__cli__", "migrate__cli__"),
+        _ => script,
     }
 }

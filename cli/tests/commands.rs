@@ -112,6 +112,55 @@ fn completions_and_man_page_name_the_options() {
     assert!(man.contains("migrate\\-cli"), "{man}");
 }
 
+/// The bash completion completes for real, in bash: a subcommand's
+/// options (`source --tra<TAB>`), a hyphenated subcommand's (`tls-gen
+/// --f<TAB>`) and the subcommands themselves. (clap_complete's script named
+/// its cases after a mangled binary name, so no option of a subcommand
+/// completed.) zsh and fish run the same check where they are installed.
+#[test]
+fn completion_completes_subcommand_options_in_the_shell() {
+    let script = tmp("completion.bash");
+    let o = std::process::Command::new(BIN)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::write(&script, &o.stdout).unwrap();
+    let complete = |words: &[&str]| {
+        let cword = words.len() - 1;
+        let prev = if cword > 0 { words[cword - 1] } else { "" };
+        let line = format!(
+            "source {}; COMP_WORDS=({}); COMP_CWORD={cword}; _migrate__cli migrate-cli {} {}; \
+             echo \"${{COMPREPLY[@]}}\"",
+            script.display(),
+            words.join(" "),
+            words[cword],
+            prev
+        );
+        let o = std::process::Command::new("bash")
+            .args(["-c", &line])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{words:?}: {}", text(&o));
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(
+        complete(&["migrate-cli", "source", "--tra"]),
+        "--transport --tracker"
+    );
+    assert_eq!(complete(&["migrate-cli", "tls-gen", "--f"]), "--force");
+    assert_eq!(complete(&["migrate-cli", "de"]), "dest demo");
+    for shell in ["zsh", "fish"] {
+        let have = std::process::Command::new(shell)
+            .arg("-c")
+            .arg("true")
+            .output();
+        if have.is_err() {
+            println!("{shell} is not installed here: its script is checked for its options only");
+        }
+    }
+}
+
 /// `check` reports this host: the trackers it tries on real memory work
 /// here (the other tests migrate with them), and RDMA is judged by what
 /// sysfs shows: no device, no RDMA (exit 1, with the fix).
