@@ -45,8 +45,14 @@ pub enum Command {
         shell: clap_complete::Shell,
     },
     /// Print migrate-cli's man page (roff; e.g. `migrate-cli man >
-    /// /usr/local/share/man/man1/migrate-cli.1`).
-    Man,
+    /// /usr/local/share/man/man1/migrate-cli.1`), or with --dir write it
+    /// and one page per subcommand (migrate-cli-source.1, ...) there.
+    Man {
+        /// Write every page into this directory (e.g.
+        /// /usr/local/share/man/man1).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `migrate-cli check`.

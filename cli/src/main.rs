@@ -9,6 +9,7 @@ mod args;
 mod check;
 mod control;
 mod guest;
+mod manual;
 mod memory;
 mod report;
 #[allow(unsafe_code)]
@@ -60,13 +61,7 @@ fn main() {
                 .map(|()| run::Outcome::Done)
                 .map_err(anyhow::Error::from)
         }
-        args::Command::Man => {
-            use clap::CommandFactory;
-            clap_mangen::Man::new(args::Cli::command())
-                .render(&mut std::io::stdout())
-                .map(|()| run::Outcome::Done)
-                .map_err(anyhow::Error::from)
-        }
+        args::Command::Man { dir } => manual::man(dir.as_deref()).map(|()| run::Outcome::Done),
     };
     match result {
         Ok(outcome) => std::process::exit(outcome.code()),

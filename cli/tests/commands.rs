@@ -153,6 +153,50 @@ fn completion_completes_subcommand_options_in_the_shell() {
     assert_eq!(complete(&["migrate-cli", "de"]), "dest demo");
 }
 
+/// `man --dir` writes the top page and one per subcommand, the ones the
+/// top page refers to (`migrate-cli-source(1)`, ...); each says its exit
+/// codes, and the pages of the commands that write `--json` its fields,
+/// from the README's tables.
+#[test]
+fn man_pages_one_per_subcommand_with_exit_status_and_fields() {
+    let dir = tmp("man");
+    let o = std::process::Command::new(BIN)
+        .args(["man", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let page = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let top = page("migrate-cli.1");
+    for sub in [
+        "source",
+        "dest",
+        "demo",
+        "tls-gen",
+        "ctl",
+        "check",
+        "completions",
+        "man",
+    ] {
+        let p = page(&format!("migrate-cli-{sub}.1"));
+        assert!(p.contains(".SH \"EXIT STATUS\""), "{sub}");
+        let roff_name = format!("migrate-cli-{sub}(1)").replace('-', "\\-");
+        assert!(top.contains(&roff_name), "top page names {sub}");
+    }
+    let source = page("migrate-cli-source.1");
+    assert!(source.contains("commit unknown"), "{source}");
+    assert!(source.contains(".SH \"JSON FIELDS\"") && source.contains("downtime_ms"));
+    let dest = page("migrate-cli-dest.1");
+    assert!(
+        dest.contains("guest_consistent") || dest.contains("digest"),
+        "{dest}"
+    );
+    assert!(
+        !dest.contains("started_at_unix_ms"),
+        "a source-only field on the dest page"
+    );
+}
+
 /// `check` reports this host: the trackers it tries on real memory work
 /// here (the other tests migrate with them), and RDMA is judged by what
 /// sysfs shows: no device, no RDMA (exit 1, with the fix).
