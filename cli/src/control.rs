@@ -464,7 +464,19 @@ pub fn event_json(event: &MigrationEvent) -> Value {
 /// `cancelled`).
 pub fn incoming_event_json(event: &IncomingEvent) -> Value {
     let mut v = stamped(event.name());
-    let stats = |r| report::destination_json(Some(r), None, None);
+    // The figures as of this event, with the status this event means (the
+    // report's own status is the end's: "completed" unless it failed).
+    let status = match event {
+        IncomingEvent::Committed(_) => "completed",
+        IncomingEvent::Cancelled(_) => "cancelled",
+        IncomingEvent::Failed { .. } => "failed",
+        _ => "active",
+    };
+    let stats = |r| {
+        let mut s = report::destination_json(Some(r), None, None);
+        s["status"] = json!(status);
+        s
+    };
     match event {
         IncomingEvent::RoundReceived {
             round,

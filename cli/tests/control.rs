@@ -191,6 +191,15 @@ fn raising_the_downtime_limit_through_the_socket_switches_over() {
         "{dev:?}"
     );
     assert_eq!(dev.last().unwrap()["event"], "committed");
+    // Each event's figures carry the status that event means.
+    for e in &dev {
+        let want = match e["event"].as_str().unwrap() {
+            "committed" => "completed",
+            "round-received" => "active",
+            _ => continue,
+        };
+        assert_eq!(e["stats"]["status"], want, "{e}");
+    }
 }
 
 /// The destination's socket: live figures, a refusal for what only the
@@ -370,12 +379,26 @@ fn pause_before_switchover_then_cancel_resumes_the_source() {
     });
     let (code, v) = ctl(&run.socket, &["cancel"]);
     assert_eq!(code, 0, "{v}");
+    let dev = run.dev.clone();
     let (s, d, sj, dj, ev) = run.finish();
     assert_source_runs_again(&s);
     assert_eq!(json(&sj)["status"], "cancelled");
     assert_eq!(d.status.code(), Some(1), "{}", text(&d));
     assert_eq!(json(&dj)["status"], "failed");
     assert_eq!(events(&ev).last().unwrap()["event"], "cancelled");
+    // The destination's last event is its failure, and its figures say so
+    // (they said "completed" before).
+    let last = events(&dev).last().cloned().unwrap();
+    assert!(
+        matches!(last["event"].as_str(), Some("failed" | "cancelled")),
+        "{last}"
+    );
+    let want = if last["event"] == "cancelled" {
+        "cancelled"
+    } else {
+        "failed"
+    };
+    assert_eq!(last["stats"]["status"], want, "{last}");
 }
 
 /// SIGINT on the source mid-migration: it cancels cleanly (guest runs,
