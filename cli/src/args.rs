@@ -30,7 +30,7 @@ pub enum Command {
     /// into a directory, for `--tls-dir` (copy it to both hosts).
     TlsGen(TlsGenArgs),
     /// Steer a running migration through its control socket (`source
-    /// --control PATH`): `query`, `set downtime_ms=800 bandwidth_mbs=100
+    /// --control PATH`): `query`, `get`, `set downtime_ms=800 bandwidth_mbs=100
     /// max_rounds=50`, `switchover`, `continue`, `cancel`, `watch`.
     Ctl(CtlArgs),
     /// Diagnose this host: kernel, dirty trackers (tried on real memory),
@@ -74,7 +74,7 @@ pub struct CheckArgs {
 pub struct CtlArgs {
     /// The control socket.
     pub socket: PathBuf,
-    /// `query`, `set`, `switchover`, `continue`, `cancel` or `watch`.
+    /// `query`, `get`, `set`, `switchover`, `continue`, `cancel` or `watch`.
     pub command: String,
     /// For `set`: KEY=VALUE (`downtime_ms`, `bandwidth_mbs`, `max_rounds`).
     pub params: Vec<String>,

@@ -15,6 +15,7 @@
 //! |---|---|---|
 //! | `{"cmd": "query"}` | – | `{"ok": true, "stats": {…}}`: the `--json` report's fields, live |
 //! | `{"cmd": "set", "downtime_ms": 800}` (and/or `bandwidth_mbs`, 0 = no cap; `max_rounds`) | from the next round boundary (the cap at once) | `{"ok": true}` |
+//! | `{"cmd": "get"}` | – | `{"ok": true, "parameters": {"downtime_ms": …, "bandwidth_mbs": …, "max_rounds": …}}`: the knobs as they are now |
 //! | `{"cmd": "switchover"}` | switch over at the next round boundary, whatever the downtime | `{"ok": true}` |
 //! | `{"cmd": "continue"}` | leave `pre-switchover` (`--pause-before-switchover`) | `{"ok": true}`; refused in any other state |
 //! | `{"cmd": "cancel"}` | cancel: the source guest runs on, the destination discards | `{"ok": true}` |
@@ -88,6 +89,14 @@ impl Steer for MigrationHandle {
                 self.switchover();
                 json!({"ok": true})
             }
+            Some("get") => {
+                let p = self.parameters();
+                json!({"ok": true, "parameters": {
+                    "downtime_ms": p.downtime_limit.as_millis() as u64,
+                    "bandwidth_mbs": p.bandwidth_limit.map_or(0, |b| b / 1_000_000),
+                    "max_rounds": p.max_rounds,
+                }})
+            }
             Some("continue") => match self.continue_switchover() {
                 Ok(()) => json!({"ok": true}),
                 Err(e) => refuse(e.to_string()),
@@ -118,7 +127,7 @@ impl Steer for IncomingHandle {
 
     fn command(&self, request: &Value) -> Value {
         match request["cmd"].as_str() {
-            Some(c @ ("set" | "switchover" | "continue")) => refuse(format!(
+            Some(c @ ("set" | "get" | "switchover" | "continue")) => refuse(format!(
                 "{c:?} steers the source: ask its control socket; the destination answers query, cancel and watch"
             )),
             other => unknown(other),
@@ -141,7 +150,7 @@ impl Steer for IncomingHandle {
 fn unknown(cmd: Option<&str>) -> Value {
     match cmd {
         Some(other) => refuse(format!(
-            "unknown command {other:?}: query, set, switchover, continue, cancel, watch"
+            "unknown command {other:?}: query, get, set, switchover, continue, cancel, watch"
         )),
         None => refuse("a request is an object with a \"cmd\"".into()),
     }

@@ -166,6 +166,18 @@ fn raising_the_downtime_limit_through_the_socket_switches_over() {
     );
     let (code, v) = ctl(&run.socket, &["frobnicate"]);
     assert_eq!(code, 1, "{v}");
+    // The knobs read back (QEMU's query-migrate-parameters): as started,
+    // then as set.
+    let (code, v) = ctl(&run.socket, &["get"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["parameters"]["downtime_ms"], 1, "{v}");
+    assert_eq!(v["parameters"]["bandwidth_mbs"], 20, "{v}");
+    assert_eq!(v["parameters"]["max_rounds"], 1000, "{v}");
+    let (code, _) = ctl(&run.socket, &["set", "max_rounds=2000", "bandwidth_mbs=25"]);
+    assert_eq!(code, 0);
+    let (_, v) = ctl(&run.socket, &["get"]);
+    assert_eq!(v["parameters"]["max_rounds"], 2000, "{v}");
+    assert_eq!(v["parameters"]["bandwidth_mbs"], 25, "{v}");
     // The operator's remedy for a migration that does not converge.
     let (code, v) = ctl(&run.socket, &["set", "downtime_ms=60000"]);
     assert_eq!((code, v["ok"].as_bool()), (0, Some(true)), "{v}");

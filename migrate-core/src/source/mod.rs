@@ -227,6 +227,16 @@ impl MigrationHandle {
         self.changed("max_rounds", rounds as u64);
     }
 
+    /// The knobs as they are now (QEMU's `query-migrate-parameters`): what
+    /// the `set_*` calls last set, or the configuration's.
+    pub fn parameters(&self) -> MigrationParameters {
+        MigrationParameters {
+            downtime_limit: self.steer.downtime_limit(),
+            bandwidth_limit: self.steer.limiter.rate(),
+            max_rounds: self.steer.max_rounds(),
+        }
+    }
+
     /// Switch over at the next round boundary, whatever the downtime (the
     /// switch-over event says `forced`).
     pub fn switchover(&self) {
@@ -256,6 +266,19 @@ impl MigrationHandle {
         self.monitor
             .emit(MigrationEvent::ParameterChanged { name, value });
     }
+}
+
+/// The knobs of a running migration ([`MigrationHandle::parameters`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MigrationParameters {
+    /// The largest acceptable downtime.
+    pub downtime_limit: Duration,
+    /// The bandwidth cap in bytes per second over all streams (None: no
+    /// cap).
+    pub bandwidth_limit: Option<u64>,
+    /// Switch over after this many rounds at most.
+    pub max_rounds: u32,
 }
 
 /// [`MigrationHandle::continue_switchover`] outside pre-switchover.
