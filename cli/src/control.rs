@@ -21,7 +21,8 @@
 //! | `{"cmd": "cancel"}` | cancel: the source guest runs on, the destination discards | `{"ok": true}` |
 //! | `{"cmd": "watch"}` | – | `{"ok": true}`, then one line per event until the migration ends |
 //!
-//! The destination's socket (`dest --control`, once a source has begun)
+//! The destination's socket (`dest --control`, from the moment it listens;
+//! `waiting` until a source begins)
 //! answers `query` (its report's fields, live), `cancel` and `watch`, and
 //! refuses what only the source can do.
 //!
@@ -142,6 +143,96 @@ impl Steer for IncomingHandle {
         Box::new(
             self.subscribe()
                 .into_iter()
+                .map(|e| (incoming_event_json(&e), e.is_final())),
+        )
+    }
+}
+
+/// A destination's control socket and event stream from the moment it
+/// listens: before a source begins, `query` says `waiting`, `cancel` ends
+/// the wait (exit 1, as SIGINT does) and `watch` waits for the migration;
+/// from [`attach`](Waiting::attach) on, the migration's [`IncomingHandle`].
+#[derive(Clone)]
+pub struct Waiting {
+    slot: Slot<IncomingHandle>,
+    /// Event streams asked for before the migration began: each gets its
+    /// subscription at `attach`, before the migration emits anything.
+    watchers: Arc<
+        std::sync::Mutex<
+            Vec<crossbeam_channel::Sender<crossbeam_channel::Receiver<IncomingEvent>>>,
+        >,
+    >,
+}
+
+impl Waiting {
+    /// Steering that waits for a migration, in `slot` once it began (the
+    /// signal handler's slot).
+    pub fn new(slot: Slot<IncomingHandle>) -> Self {
+        Self {
+            slot,
+            watchers: Arc::default(),
+        }
+    }
+
+    /// The migration began: it is steered and watched from now on, every
+    /// waiting event stream from its first event.
+    pub fn attach(&self, h: &IncomingHandle) {
+        let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(h.clone());
+        for w in watchers.drain(..) {
+            let _ = w.send(h.subscribe());
+        }
+    }
+
+    fn handle(&self) -> Option<IncomingHandle> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Steer for Waiting {
+    fn query(&self) -> Value {
+        match self.handle() {
+            Some(h) => h.query(),
+            None => json!({"role": "destination", "status": "waiting"}),
+        }
+    }
+
+    fn command(&self, request: &Value) -> Value {
+        match self.handle() {
+            Some(h) => h.command(request),
+            None => match request["cmd"].as_str() {
+                Some(c @ ("set" | "get" | "switchover" | "continue")) => refuse(format!(
+                    "{c:?} steers the source, and no source has begun here yet"
+                )),
+                other => unknown(other),
+            },
+        }
+    }
+
+    fn cancel(&self) {
+        match self.handle() {
+            Some(h) => h.cancel(),
+            None => {
+                eprintln!(
+                    "migrate-cli: cancelled by the control socket: no migration had begun; exiting"
+                );
+                std::process::exit(1);
+            }
+        }
+    }
+
+    fn events(&self) -> Box<dyn Iterator<Item = (Value, bool)> + Send> {
+        let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = self.handle() {
+            return h.events();
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        watchers.push(tx);
+        // Waits, at its first item, for the subscription `attach` sends.
+        Box::new(
+            std::iter::once(())
+                .flat_map(move |()| rx.recv().ok())
+                .flat_map(|events| events.into_iter())
                 .map(|e| (incoming_event_json(&e), e.is_final())),
         )
     }
@@ -352,6 +443,12 @@ fn client<H: Steer>(stream: UnixStream, handle: &H) -> std::io::Result<()> {
                 }
                 return Ok(());
             }
+            // Answered first: a cancel may end this process (a destination
+            // that had no migration yet exits at once).
+            Some("cancel") => {
+                reply(&mut out, &json!({"ok": true}))?;
+                handle.cancel();
+            }
             _ => reply(&mut out, &execute(&request, handle))?,
         }
     }
@@ -366,14 +463,10 @@ fn refuse(error: String) -> Value {
     json!({"ok": false, "error": error})
 }
 
-/// Every request but `watch`.
+/// Every request but `watch` and `cancel`.
 fn execute<H: Steer>(request: &Value, handle: &H) -> Value {
     match request["cmd"].as_str() {
         Some("query") => json!({"ok": true, "stats": handle.query()}),
-        Some("cancel") => {
-            handle.cancel();
-            json!({"ok": true})
-        }
         _ => handle.command(request),
     }
 }

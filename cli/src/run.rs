@@ -344,6 +344,21 @@ fn receive(
     // A signal before a source began ends the wait; after, it cancels.
     let slot: control::Slot<migrate_core::IncomingHandle> = Arc::default();
     control::cancel_on_signals(Arc::clone(&slot))?;
+    // Steered and watched from the moment it listens: before a source
+    // begins the socket says `waiting`, then it is the migration's.
+    let waiting = control::Waiting::new(Arc::clone(&slot));
+    let steered = (
+        steering
+            .control
+            .as_deref()
+            .map(|p| control::serve(p, &waiting))
+            .transpose()?,
+        steering
+            .events
+            .as_deref()
+            .map(|p| control::events_to(p, &waiting))
+            .transpose()?,
+    );
     let mut t = loop {
         match listener.accept() {
             Ok(t) => break t,
@@ -361,7 +376,6 @@ fn receive(
     let cpu_start = resources::CpuSample::now();
     let mut guest_mem = None;
     let mut handle = None;
-    let mut steered = (None, None);
     let outcome = (|| -> Result<(migrate_core::DestinationReport, Option<Result<String, String>>)> {
         let t = t.as_dyn();
         let mut incoming = IncomingMigration::accept(t)?.memory_reads_zero(opts.reads_zero);
@@ -369,19 +383,7 @@ fn receive(
             incoming = incoming.resume_within(grace);
         }
         let h = incoming.handle();
-        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(h.clone());
-        steered = (
-            steering
-                .control
-                .as_deref()
-                .map(|p| control::serve(p, &h))
-                .transpose()?,
-            steering
-                .events
-                .as_deref()
-                .map(|p| control::events_to(p, &h))
-                .transpose()?,
-        );
+        waiting.attach(&h);
         handle = Some(h);
         let mem = match own {
             Some(m) => m,

@@ -551,3 +551,38 @@ fn the_control_socket_serves_its_user_alone_within_bounds() {
     let (s, d, sj, _, _) = run.finish();
     both_migrated(&s, &d, &sj);
 }
+
+/// A destination's control socket and event log exist from the moment it
+/// listens: before any source, `query` says `waiting`, what only a source
+/// does is refused, and `cancel` ends the wait (exit 1, as SIGINT does).
+#[test]
+fn a_destination_is_steerable_from_the_moment_it_listens() {
+    let (sock, ev) = (tmp("early-d.sock"), tmp("early-d.events"));
+    let (sock_s, ev_s) = (sock.display().to_string(), ev.display().to_string());
+    let (d, _addr) = dest(
+        None,
+        "127.0.0.1:0",
+        &["--control", &sock_s, "--events", &ev_s],
+        &tmp("early-d.json"),
+    );
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(ev.exists(), "no event log while listening");
+    let (code, v) = ctl(&sock, &["query"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["stats"]["status"], "waiting", "{v}");
+    let (code, v) = ctl(&sock, &["get"]);
+    assert_eq!(code, 1, "{v}");
+    let (code, v) = ctl(&sock, &["cancel"]);
+    assert_eq!(code, 0, "{v}");
+    let d = d.wait_with_output().unwrap();
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+    assert!(
+        String::from_utf8_lossy(&d.stderr).contains("no migration had begun"),
+        "{}",
+        text(&d)
+    );
+}
