@@ -33,7 +33,7 @@ if [ -w /dev/kvm ]; then
   target/release/mini-vmm source --connect "$proxy" > /dev/null || true
 fi
 sleep 1
-mkdir -p "$corpus"/{control_stream,message_payload,page_batch,machine_state,bank_ledger,sealed_records}
+mkdir -p "$corpus"/{control_stream,message_payload,page_batch,machine_state,bank_ledger,tls_records}
 python3 - "$tmp" "$corpus" <<'PY'
 import glob, os, struct, sys, hashlib
 tmp, corpus = sys.argv[1], sys.argv[2]
@@ -63,7 +63,7 @@ for run in ("cli", "zstd", "kvm"):
             # suite (first byte 3, 4, 5: see transport-tcp's record::fuzz).
             if run == "cli":
                 for first in (3, 4, 5):
-                    put("sealed_records", bytes([first]) + b[:64 << 10])
+                    put("tls_records", bytes([first]) + b[:64 << 10])
             continue
         put("control_stream", b[:64 << 10])
         for kind, payload, frame in frames(b):

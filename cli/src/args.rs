@@ -177,6 +177,12 @@ pub struct TransportArgs {
     /// source) or read it (as destination). Isolated test networks only.
     #[arg(long, conflicts_with_all = ["tls_dir", "psk_file"])]
     pub insecure: bool,
+    /// Who seals and opens the TLS records: the kernel where it can (its
+    /// `tls` module, kTLS), else this program (`auto`); the kernel or
+    /// fail (`on`); always this program (`off`). The records are the same
+    /// either way, so each end chooses alone.
+    #[arg(long, value_enum, default_value_t = KernelTlsArg::Auto)]
+    pub kernel_tls: KernelTlsArg,
     /// RDMA device (default: the first one).
     #[arg(long)]
     pub rdma_device: Option<String>,
@@ -184,6 +190,17 @@ pub struct TransportArgs {
     /// connection's local address).
     #[arg(long)]
     pub gid_index: Option<u32>,
+}
+
+/// `--kernel-tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KernelTlsArg {
+    /// The kernel where it can, else this program.
+    Auto,
+    /// The kernel, or the connection fails.
+    On,
+    /// This program.
+    Off,
 }
 
 /// Built-in guests.

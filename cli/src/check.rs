@@ -78,6 +78,7 @@ pub fn check(a: &CheckArgs) -> Result<bool> {
         items.push(hugetlb_tracker());
     }
     items.push(memlock(a.memory, rdma));
+    items.push(kernel_tls());
     items.extend(rdma_items(rdma));
     let ok = items
         .iter()
@@ -140,6 +141,24 @@ fn kernel() -> Item {
         format!("Linux {release}"),
     )
     .fix("Linux 6.7 or later has userfaultfd async write-protect with PAGEMAP_SCAN, the fastest tracker")
+}
+
+/// Whether the kernel seals TLS records (kTLS), tried on a loopback
+/// connection: where it can, `--kernel-tls auto` hands it the records.
+fn kernel_tls() -> Item {
+    match transport_tcp::kernel_tls_support() {
+        Ok(()) => item(
+            "kernel-tls",
+            Verdict::Ok,
+            "the kernel seals and opens TLS records (kTLS)",
+        ),
+        Err(e) => item(
+            "kernel-tls",
+            Verdict::Warn,
+            format!("no kernel TLS ({e}): this program seals the TLS records itself"),
+        )
+        .fix("load the tls module (modprobe tls) for kernel TLS"),
+    }
 }
 
 /// Start each kernel tracker on real memory, as a migration would.

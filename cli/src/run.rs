@@ -524,6 +524,7 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
         tls_dir: None,
         psk_file: None,
         insecure: false,
+        kernel_tls: crate::args::KernelTlsArg::Auto,
         rdma_device: None,
         gid_index: None,
     };

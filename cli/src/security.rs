@@ -3,9 +3,9 @@
 //! the operator says `--insecure`.
 
 use anyhow::{Context, Result, bail};
-use transport_tcp::{TlsConfig, is_loopback};
+use transport_tcp::{KernelTls, TlsConfig, is_loopback};
 
-use crate::args::TransportArgs;
+use crate::args::{KernelTlsArg, TransportArgs};
 
 /// Which end, with what it needs to pick its credentials.
 pub enum Role<'a> {
@@ -55,6 +55,18 @@ pub fn tls(t: &TransportArgs, role: &Role<'_>) -> Result<Option<TlsConfig>> {
             }
         }
     }
+    let kernel = match t.kernel_tls {
+        KernelTlsArg::Auto => KernelTls::Auto,
+        KernelTlsArg::Off => KernelTls::Off,
+        KernelTlsArg::On => {
+            if t.tls_dir.is_none() && t.psk_file.is_none() {
+                bail!("--kernel-tls on: there is no TLS without --tls-dir or --psk-file");
+            }
+            transport_tcp::kernel_tls_support()
+                .context("--kernel-tls on: this kernel cannot seal TLS records (no tls module?)")?;
+            KernelTls::On
+        }
+    };
     if let Some(dir) = &t.tls_dir {
         let config = match role {
             Role::Source { connect, hostname } => {
@@ -63,7 +75,7 @@ pub fn tls(t: &TransportArgs, role: &Role<'_>) -> Result<Option<TlsConfig>> {
             }
             Role::Destination { allow, .. } => TlsConfig::destination_from_dir(dir, allow),
         };
-        return Ok(Some(config.context("--tls-dir")?));
+        return Ok(Some(config.context("--tls-dir")?.with_kernel_tls(kernel)));
     }
     if let Some(file) = &t.psk_file {
         let key = TlsConfig::read_psk(file).context("--psk-file")?;
@@ -71,7 +83,7 @@ pub fn tls(t: &TransportArgs, role: &Role<'_>) -> Result<Option<TlsConfig>> {
             Role::Source { .. } => TlsConfig::source_psk(key),
             Role::Destination { .. } => TlsConfig::destination_psk(key),
         };
-        return Ok(Some(config.context("--psk-file")?));
+        return Ok(Some(config.context("--psk-file")?.with_kernel_tls(kernel)));
     }
     let (addr, what) = match role {
         Role::Source { connect, .. } => (*connect, "send a guest's memory to"),

@@ -94,7 +94,7 @@ pub enum Listener {
 /// An accepted destination transport of either kind.
 pub enum Destination {
     /// TCP.
-    Tcp(TcpDestination),
+    Tcp(Box<TcpDestination>),
     /// RDMA or TCP.
     Rdma(Box<RdmaDestination>),
 }
@@ -103,7 +103,7 @@ impl Destination {
     /// The engine's view.
     pub fn as_dyn(&mut self) -> &mut dyn DestinationTransport {
         match self {
-            Destination::Tcp(t) => t,
+            Destination::Tcp(t) => t.as_mut(),
             Destination::Rdma(t) => t.as_mut(),
         }
     }
@@ -150,7 +150,7 @@ impl Listener {
     /// Accept one source.
     pub fn accept(&self) -> Result<Destination, TransportError> {
         Ok(match self {
-            Listener::Tcp(l) => Destination::Tcp(l.accept()?),
+            Listener::Tcp(l) => Destination::Tcp(Box::new(l.accept()?)),
             Listener::Rdma(l) => Destination::Rdma(Box::new(l.accept()?)),
         })
     }

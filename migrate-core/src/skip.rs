@@ -32,6 +32,8 @@ pub enum Need {
     /// A guest written elsewhere, fetched at test time (QEMU's migration
     /// test boot sector; `MIGRATE_REQUIRE_FOREIGN_GUEST`).
     ForeignGuest,
+    /// The kernel's TLS (`tls.ko`, kTLS; `MIGRATE_REQUIRE_KTLS`).
+    KernelTls,
 }
 
 impl Need {
@@ -45,6 +47,7 @@ impl Need {
             Need::NetNs => "MIGRATE_REQUIRE_NETNS",
             Need::Mount => "MIGRATE_REQUIRE_MOUNT",
             Need::ForeignGuest => "MIGRATE_REQUIRE_FOREIGN_GUEST",
+            Need::KernelTls => "MIGRATE_REQUIRE_KTLS",
         }
     }
 }

@@ -3,11 +3,12 @@
 //! has a reader thread and writers; a data connection is shut down from
 //! another thread when the migration is killed).
 //!
-//! Under TLS, each direction has its own sealed-record state
-//! ([`crate::record`]) behind its own lock: a reader blocked on the socket
-//! never stalls a writer, and the heartbeat writer never waits for the
-//! engine's reader. Writers hold the send lock until their records are on
-//! the socket, so records leave in the order they were sealed.
+//! Under TLS, each direction has its own record state behind its own lock:
+//! sealed or opened here ([`crate::record`]) or by the kernel
+//! ([`crate::ktls`]). A reader blocked on the socket never stalls a writer,
+//! and the heartbeat writer never waits for the engine's reader. Writers
+//! hold the send lock until their records are on the socket, so records
+//! leave in the order they were sealed.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -15,6 +16,7 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::ktls::{KernelRx, KernelTx};
 use crate::record::{Opener, Sealer};
 
 /// A connection after its handshake: plain TCP, or TLS over it. Clones
@@ -30,9 +32,21 @@ pub(crate) enum Conn {
 pub(crate) struct TlsConn {
     sock: TcpStream,
     /// The sending direction; held until the records are on the socket.
-    send: Mutex<Sealer>,
+    send: Mutex<Sending>,
     /// The receiving direction; serializes readers.
-    recv: Mutex<Opener>,
+    recv: Mutex<Receiving>,
+}
+
+/// Who seals what this end sends.
+pub(crate) enum Sending {
+    User(Sealer),
+    Kernel(KernelTx),
+}
+
+/// Who opens what this end receives.
+pub(crate) enum Receiving {
+    User(Opener),
+    Kernel(KernelRx),
 }
 
 impl fmt::Debug for TlsConn {
@@ -63,6 +77,15 @@ impl Conn {
         let _ = self.socket().shutdown(Shutdown::Both);
     }
 
+    /// End this end's stream cleanly: TLS `close_notify` (so the peer
+    /// can tell the end from a cut), then the socket's sending side.
+    pub(crate) fn close(&self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.shutdown(Shutdown::Write),
+            Conn::Tls(t) => t.close(),
+        }
+    }
+
     pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.socket().set_read_timeout(t)
     }
@@ -89,7 +112,7 @@ impl Read for &Conn {
     fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
         match self {
             Conn::Plain(s) => (&**s).read_vectored(bufs),
-            Conn::Tls(t) => lock(&t.recv).read_vectored(&mut &t.sock, bufs),
+            Conn::Tls(t) => t.read_vectored(bufs),
         }
     }
 }
@@ -128,7 +151,7 @@ impl Read for Conn {
 impl TlsConn {
     /// A connection over `sock` whose directions are sealed by `send` and
     /// opened by `recv`.
-    pub(crate) fn new(sock: TcpStream, send: Sealer, recv: Opener) -> Self {
+    pub(crate) fn new(sock: TcpStream, send: Sending, recv: Receiving) -> Self {
         Self {
             sock,
             send: Mutex::new(send),
@@ -136,11 +159,60 @@ impl TlsConn {
         }
     }
 
+    /// The TCP socket under the records.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn socket(&self) -> &TcpStream {
+        &self.sock
+    }
+
     pub(crate) fn read(&self, out: &mut [u8]) -> io::Result<usize> {
-        lock(&self.recv).read_vectored(&mut &self.sock, &mut [io::IoSliceMut::new(out)])
+        self.read_vectored(&mut [io::IoSliceMut::new(out)])
+    }
+
+    pub(crate) fn read_vectored(&self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        match &mut *lock(&self.recv) {
+            Receiving::User(o) => o.read_vectored(&mut &self.sock, bufs),
+            Receiving::Kernel(k) => k.read_vectored(&self.sock, bufs),
+        }
     }
 
     pub(crate) fn write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        lock(&self.send).write_vectored(&mut &self.sock, bufs)
+        match &mut *lock(&self.send) {
+            Sending::User(s) => s.write_vectored(&mut &self.sock, bufs),
+            Sending::Kernel(k) => k.write_vectored(&self.sock, bufs),
+        }
+    }
+
+    /// End this end's stream with `close_notify` and shut the socket's
+    /// sending side: the peer's reads end cleanly.
+    pub(crate) fn close(&self) -> io::Result<()> {
+        match &mut *lock(&self.send) {
+            Sending::User(s) => s.close_notify(&mut &self.sock)?,
+            Sending::Kernel(k) => k.close_notify(&self.sock)?,
+        }
+        self.sock.shutdown(Shutdown::Write)
+    }
+
+    /// Update the sending key every `records` records (tests).
+    #[cfg(test)]
+    pub(crate) fn key_update_every(&self, records: u64) {
+        match &mut *lock(&self.send) {
+            Sending::User(s) => s.key_update_every(records),
+            Sending::Kernel(k) => k.key_update_every(records),
+        }
+    }
+
+    /// Key updates sent and received so far.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn key_updates(&self) -> (u64, u64) {
+        let sent = match &*lock(&self.send) {
+            Sending::User(s) => s.updates,
+            Sending::Kernel(k) => k.updates,
+        };
+        let received = match &*lock(&self.recv) {
+            Receiving::User(o) => o.updates,
+            Receiving::Kernel(k) => k.updates,
+        };
+        (sent, received)
     }
 }

@@ -28,13 +28,15 @@ mod addr;
 mod conn;
 mod control;
 mod destination;
+mod handshake;
+mod ktls;
 mod local_peer;
 pub mod pki;
 mod record;
 /// Entry points for the fuzz targets (`fuzz/`); not an API.
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use crate::record::fuzz as sealed_records;
+    pub use crate::record::fuzz as tls_records;
 }
 mod source;
 #[allow(unsafe_code)]
@@ -47,7 +49,21 @@ pub use addr::is_loopback;
 pub use control::{KillSwitch, TcpControl};
 pub use destination::{TcpDestination, TcpMigrationListener};
 pub use source::TcpSource;
-pub use tls::{MIN_PSK_LEN, TlsConfig, TlsError};
+pub use tls::{KernelTls, MIN_PSK_LEN, TlsConfig, TlsError};
+
+/// Whether this kernel seals and opens TLS records itself (kTLS: the `tls`
+/// module attaches to a connected loopback socket), for
+/// [`KernelTls::Auto`] to use.
+///
+/// # Errors
+/// Why not: the kernel's refusal (no `tls` module: "No such file or
+/// directory"), or the loopback socket's error.
+pub fn kernel_tls_support() -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let sock = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let _peer = listener.accept()?;
+    sys::ktls_attach(&sock)
+}
 
 /// Data connections used when not told otherwise. Measured on the 2-core
 /// machine this project is developed on (see BENCHMARKS.md): 2 streams beat 1

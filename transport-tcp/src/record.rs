@@ -1,53 +1,54 @@
-//! The sealed record layer every TLS connection uses once its handshake is
-//! over: one AEAD key per direction, derived from the TLS session's
-//! exporter (RFC 8446 §7.5), so reading and writing never share a lock or a
-//! state, and page bytes are never copied apart from the cipher: they are
-//! sealed from guest memory into the send buffer and opened from the
-//! receive buffer into guest memory (rustls' buffers copied each byte three
-//! or four times).
+//! TLS 1.3 records (RFC 8446 §5) after the handshake, sealed and opened by
+//! this crate from the session's own traffic secrets: one key and one lock
+//! per direction, so a reader blocked on the socket never stalls a writer,
+//! and page bytes are never copied apart from the cipher on the sending
+//! side (sealed from guest memory into the send buffer). Where the kernel
+//! has TLS (`tls.ko`), [`crate::ktls`] hands the same secrets to it instead
+//! and the wire does not change: either end may use either path.
 //!
-//! **Why aws-lc-rs** (for the handshake too, one crypto library): it
-//! seals from one buffer into another and opens likewise
-//! (`seal_out_of_place_scatter`, `open_separate_gather`), which ring cannot,
-//! and its AES-GCM uses AVX-512 where the CPU has it: 1.5× ring's 0.17
-//! (AES-128-GCM, 64 KiB records, this machine).
+//! **Keys.** rustls runs the handshake and then gives up its secrets
+//! (`dangerous_into_kernel_connection`): each direction's key, IV and
+//! sequence number, and a [`Ratchet`] that computes the next traffic secret
+//! at a key update (RFC 8446 §7.2). One crypto library, aws-lc-rs, for the
+//! handshake and the records: it seals from one buffer into another
+//! (`seal_out_of_place_scatter`), which ring cannot.
 //!
-//! **Why not TLS records after the handshake.** rustls keeps both
-//! directions in one state (one lock for a reader thread and a writer
-//! thread) and copies application data through its own buffers; kernel TLS
-//! would avoid both but this project's kernels often lack it. Deriving the
-//! data keys from the exporter is the pattern of NTS (RFC 8915, Network
-//! Time Security), which keys its own AEAD records from a TLS 1.3 session:
-//! the keys are as secret and as bound to the authenticated handshake as
-//! the session's own (the exporter secret comes from the same ECDHE
-//! exchange both certificates, or both PSK proofs, vouch for).
+//! **Format.** Standard TLS 1.3 records: a 5-byte header (type 23, version
+//! 0x0303, length ≤ 2^14 + 256), then the AEAD of the plaintext (at most
+//! 2^14 bytes), its one-byte content type and any zero padding, then the
+//! tag. The additional data is the header; the nonce is the direction's IV
+//! XOR the record's sequence number, so a record dropped, replayed,
+//! reordered or moved to the other direction fails authentication.
 //!
-//! **Format.** A record is a 4-byte big-endian length `n` (16 ≤ `n` ≤
-//! [`RECORD_PLAIN`] + 16), then `n` bytes of ciphertext and tag. The AEAD
-//! is the one of the negotiated TLS suite (AES-128-GCM, AES-256-GCM or
-//! ChaCha20-Poly1305); the additional data is the length header; the
-//! nonce is the direction's IV XOR the record's sequence number, so a
-//! record dropped, replayed, reordered or moved to the other direction
-//! fails authentication.
+//! **Key update.** A direction sends a `KeyUpdate` handshake message and
+//! moves to the next traffic secret every [`KEY_UPDATE_RECORDS`] records
+//! (64 GiB of full records: far inside AES-GCM's per-key limit, RFC 8446
+//! §5.5, 2^24.5 records), and when the peer asks for one
+//! (`update_requested`). A receiver moves when the message arrives.
 //!
-//! **Limits.** Every [`REKEY_RECORDS`] records a direction moves to the
-//! next key epoch (key and IV expanded by HKDF from the direction's
-//! secret with the epoch number): both ends count records, so no message
-//! is needed. That keeps AES-GCM far inside its per-key confidentiality
-//! limit (RFC 8446 §5.5: 2^24.5 full TLS records, about 2^38.5 bytes;
-//! an epoch carries at most 2^36). A length outside the bounds or a
-//! failed tag is an error, never an allocation or a panic.
+//! **End of stream.** [`Sealer::close_notify`] sends the `close_notify`
+//! alert; after it a reader gets end of file. A connection that ends
+//! without one is an error ([`io::ErrorKind::UnexpectedEof`]): the stream
+//! may have been cut short by anyone on the path. Any other alert, a
+//! handshake message other than `KeyUpdate`, a record after `close_notify`,
+//! a length outside the bounds or a failed tag is an error, never an
+//! allocation or a panic.
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
-use aws_lc_rs::hkdf;
+use rustls::ConnectionTrafficSecrets;
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-/// Plaintext per record at most.
-pub(crate) const RECORD_PLAIN: usize = 64 << 10;
-/// Records per key epoch: 2^20 records of at most 64 KiB, 64 GiB.
-pub(crate) const REKEY_RECORDS: u64 = 1 << 20;
-/// The length header.
-const HEADER: usize = 4;
+/// Plaintext per record at most (RFC 8446 §5.1).
+pub(crate) const RECORD_PLAIN: usize = 1 << 14;
+/// Ciphertext per record at most (RFC 8446 §5.2).
+const RECORD_MAX: usize = RECORD_PLAIN + 256;
+/// Records a direction seals with one key before it updates it: 2^22
+/// records of at most 16 KiB, 64 GiB.
+pub(crate) const KEY_UPDATE_RECORDS: u64 = 1 << 22;
+/// The record header.
+const HEADER: usize = 5;
 /// The AEAD tag (all three suites).
 const TAG: usize = 16;
 /// Plaintext sealed per socket write at most.
@@ -55,7 +56,85 @@ const SEND_PLAIN: usize = 256 << 10;
 /// Ciphertext read from the socket at a time at most.
 const RECV_CHUNK: usize = 256 << 10;
 
-/// Which AEAD the records use (the negotiated TLS suite's).
+/// Content types (RFC 8446 §5.1).
+pub(crate) const ALERT: u8 = 21;
+/// Content type of handshake messages (a `KeyUpdate` after the handshake).
+pub(crate) const HANDSHAKE: u8 = 22;
+/// Content type of the migration's bytes.
+pub(crate) const APPLICATION_DATA: u8 = 23;
+/// The `KeyUpdate` handshake message type (RFC 8446 §4.6.3).
+const KEY_UPDATE: u8 = 24;
+/// A `KeyUpdate` that does not ask the peer to update its own key.
+pub(crate) const KEY_UPDATE_MESSAGE: [u8; 5] = [KEY_UPDATE, 0, 0, 1, 0];
+/// The `close_notify` alert: level warning, description 0.
+pub(crate) const CLOSE_NOTIFY: [u8; 2] = [1, 0];
+
+/// The next traffic secret of each direction (rustls' `KernelConnection`,
+/// which knows the session's secrets and hash).
+pub(crate) trait Ratchet: Send {
+    /// The keys of this end's next sending secret.
+    fn next_tx(&mut self) -> Result<ConnectionTrafficSecrets, rustls::Error>;
+    /// The keys of the peer's next sending secret.
+    fn next_rx(&mut self) -> Result<ConnectionTrafficSecrets, rustls::Error>;
+}
+
+impl<D> Ratchet for rustls::kernel::KernelConnection<D>
+where
+    rustls::kernel::KernelConnection<D>: Send,
+{
+    fn next_tx(&mut self) -> Result<ConnectionTrafficSecrets, rustls::Error> {
+        self.update_tx_secret().map(|(_, s)| s)
+    }
+
+    fn next_rx(&mut self) -> Result<ConnectionTrafficSecrets, rustls::Error> {
+        self.update_rx_secret().map(|(_, s)| s)
+    }
+}
+
+/// What both directions of one connection share: the ratchet, and the
+/// peer's request that this end update its sending key.
+pub(crate) struct Shared {
+    ratchet: Mutex<Box<dyn Ratchet>>,
+    update_requested: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new(ratchet: Box<dyn Ratchet>) -> Arc<Self> {
+        Arc::new(Self {
+            ratchet: Mutex::new(ratchet),
+            update_requested: AtomicBool::new(false),
+        })
+    }
+
+    /// This end's next sending secret (sequence number 0).
+    pub(crate) fn next_tx(&self) -> io::Result<Secret> {
+        let mut r = self.ratchet.lock().unwrap_or_else(|p| p.into_inner());
+        let s = r
+            .next_tx()
+            .map_err(|e| crypto_error(&format!("key update: {e}")))?;
+        Secret::new(0, &s)
+    }
+
+    /// The peer's next sending secret (sequence number 0).
+    pub(crate) fn next_rx(&self) -> io::Result<Secret> {
+        let mut r = self.ratchet.lock().unwrap_or_else(|p| p.into_inner());
+        let s = r
+            .next_rx()
+            .map_err(|e| crypto_error(&format!("key update: {e}")))?;
+        Secret::new(0, &s)
+    }
+
+    /// Whether the peer asked for a key update since the last call.
+    pub(crate) fn take_update_request(&self) -> bool {
+        self.update_requested.swap(false, Ordering::Relaxed)
+    }
+}
+
+pub(crate) fn crypto_error(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("TLS record: {what}"))
+}
+
+/// Which AEAD a session's records use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Suite {
     Aes128Gcm,
@@ -63,102 +142,75 @@ pub(crate) enum Suite {
     Chacha20Poly1305,
 }
 
-impl Suite {
-    fn algorithm(self) -> &'static aead::Algorithm {
-        match self {
-            Suite::Aes128Gcm => &aead::AES_128_GCM,
-            Suite::Aes256Gcm => &aead::AES_256_GCM,
-            Suite::Chacha20Poly1305 => &aead::CHACHA20_POLY1305,
-        }
+/// One direction's traffic keys as rustls gives them: the AEAD, its key
+/// and IV, and the next record's sequence number.
+#[derive(Clone)]
+pub(crate) struct Secret {
+    pub(crate) suite: Suite,
+    pub(crate) key: Vec<u8>,
+    pub(crate) iv: [u8; aead::NONCE_LEN],
+    pub(crate) seq: u64,
+}
+
+impl Secret {
+    /// rustls' keys, at sequence number `seq`.
+    pub(crate) fn new(seq: u64, secrets: &ConnectionTrafficSecrets) -> io::Result<Self> {
+        let (suite, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Suite::Aes128Gcm, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Suite::Aes256Gcm, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (Suite::Chacha20Poly1305, key, iv)
+            }
+            _ => return Err(crypto_error("a cipher suite this crate does not seal")),
+        };
+        let iv = <[u8; aead::NONCE_LEN]>::try_from(iv.as_ref())
+            .map_err(|_| crypto_error("bad IV length"))?;
+        Ok(Self {
+            suite,
+            key: key.as_ref().to_vec(),
+            iv,
+            seq,
+        })
     }
 }
 
-/// Which end this is: the source seals with the source's key and opens
-/// with the destination's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Direction {
-    FromSource,
-    FromDestination,
-}
-
-impl Direction {
-    fn label(self) -> &'static [u8] {
-        match self {
-            Direction::FromSource => b"live-migration records v1: source to destination",
-            Direction::FromDestination => b"live-migration records v1: destination to source",
-        }
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Secret")
+            .field("suite", &self.suite)
+            .field("seq", &self.seq)
+            .finish()
     }
 }
 
-/// One direction's keys: the secret, the epoch, the sequence number.
+/// One direction's keys and sequence number.
 pub(crate) struct Keys {
-    secret: hkdf::Prk,
-    suite: Suite,
-    epoch: u64,
-    seq: u64,
     key: LessSafeKey,
     iv: [u8; aead::NONCE_LEN],
-}
-
-/// The length HKDF is asked to expand to.
-struct Len(usize);
-
-impl hkdf::KeyType for Len {
-    fn len(&self) -> usize {
-        self.0
-    }
-}
-
-fn crypto_error(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("sealed record: {what}"))
+    seq: u64,
 }
 
 impl Keys {
-    /// The keys of `direction`, from the 32 bytes exported from the TLS
-    /// session.
-    pub(crate) fn new(exported: &[u8; 32], suite: Suite, direction: Direction) -> io::Result<Self> {
-        let secret = hkdf::Salt::new(hkdf::HKDF_SHA256, direction.label()).extract(exported);
-        let (key, iv) = Self::epoch_keys(&secret, suite, 0)?;
+    /// The sealing or opening keys of `secret`.
+    pub(crate) fn new(secret: &Secret) -> io::Result<Self> {
+        let alg = match secret.suite {
+            Suite::Aes128Gcm => &aead::AES_128_GCM,
+            Suite::Aes256Gcm => &aead::AES_256_GCM,
+            Suite::Chacha20Poly1305 => &aead::CHACHA20_POLY1305,
+        };
+        let key = UnboundKey::new(alg, &secret.key).map_err(|_| crypto_error("bad key length"))?;
         Ok(Self {
-            secret,
-            suite,
-            epoch: 0,
-            seq: 0,
-            key,
-            iv,
+            key: LessSafeKey::new(key),
+            iv: secret.iv,
+            seq: secret.seq,
         })
     }
 
-    fn epoch_keys(
-        secret: &hkdf::Prk,
-        suite: Suite,
-        epoch: u64,
-    ) -> io::Result<(LessSafeKey, [u8; aead::NONCE_LEN])> {
-        let alg = suite.algorithm();
-        let epoch = epoch.to_be_bytes();
-        let mut bytes = [0u8; 32 + aead::NONCE_LEN];
-        let want = alg.key_len() + aead::NONCE_LEN;
-        let info: [&[u8]; 2] = [b"key and iv of epoch", &epoch];
-        secret
-            .expand(&info, Len(want))
-            .and_then(|okm| okm.fill(&mut bytes[..want]))
-            .map_err(|_| crypto_error("key derivation failed"))?;
-        let key = UnboundKey::new(alg, &bytes[..alg.key_len()])
-            .map_err(|_| crypto_error("bad key length"))?;
-        let mut iv = [0u8; aead::NONCE_LEN];
-        iv.copy_from_slice(&bytes[alg.key_len()..want]);
-        Ok((LessSafeKey::new(key), iv))
-    }
-
-    /// The next record's nonce; moves to the next epoch when this one is
-    /// used up.
+    /// The next record's nonce.
     fn next_nonce(&mut self) -> io::Result<Nonce> {
-        if self.seq == REKEY_RECORDS {
-            self.epoch += 1;
-            let (key, iv) = Self::epoch_keys(&self.secret, self.suite, self.epoch)?;
-            self.key = key;
-            self.iv = iv;
-            self.seq = 0;
+        if self.seq == u64::MAX {
+            return Err(crypto_error("sequence numbers used up"));
         }
         let mut nonce = self.iv;
         for (n, s) in nonce[aead::NONCE_LEN - 8..]
@@ -172,45 +224,71 @@ impl Keys {
     }
 }
 
+/// The header of a record whose ciphertext (content type and tag
+/// included) is `len` bytes.
+fn header(len: usize) -> io::Result<[u8; HEADER]> {
+    let len = u16::try_from(len).map_err(|_| crypto_error("record too long"))?;
+    let [a, b] = len.to_be_bytes();
+    Ok([APPLICATION_DATA, 3, 3, a, b])
+}
+
 /// The sending half: seals plaintext into records in one reused buffer.
 ///
 /// Slices of at least [`DIRECT`] bytes (guest pages) are sealed straight
 /// from where they are into the buffer, each in records of its own, so the
 /// encryption is the copy; smaller ones (frame headers, tables, sparse
-/// words) are gathered into records by copying, then sealed in place. A
-/// receiver reading into the same slices (the page runs of a batch, as the
-/// destination does) then opens each page record straight into guest
-/// memory.
+/// words) are gathered into records by copying, then sealed in place.
 pub(crate) struct Sealer {
     keys: Keys,
+    shared: Arc<Shared>,
+    /// Records sealed with one key before it is updated.
+    key_update_after: u64,
+    /// Key updates sent.
+    pub(crate) updates: u64,
     buf: Box<[u8]>,
 }
 
 /// A slice this long or longer is sealed where it lies, in its own records.
-const DIRECT: usize = 16 << 10;
+const DIRECT: usize = 4 << 10;
+
+/// Records one call of [`Sealer::write_vectored`] may seal at most: at most
+/// SEND_PLAIN / DIRECT + 1 direct slices, each in records of at most
+/// RECORD_PLAIN bytes but for its last; gathered records full but for those
+/// a direct slice (or the end) closes; one key update.
+const WRITE_RECORDS: usize = 2 * (SEND_PLAIN / DIRECT + 1) + 2 * (SEND_PLAIN / RECORD_PLAIN) + 2;
 
 impl Sealer {
-    pub(crate) fn new(keys: Keys) -> Self {
-        // Room for SEND_PLAIN bytes however the slices fall: at most
-        // SEND_PLAIN / DIRECT + 1 direct slices, each in records of at most
-        // RECORD_PLAIN bytes but for its last; gathered records full but for
-        // those a direct slice (or the end) closes.
-        let records = 2 * (SEND_PLAIN / DIRECT + 1) + 2 * (SEND_PLAIN / RECORD_PLAIN) + 1;
-        let overhead = records * (HEADER + TAG);
+    pub(crate) fn new(keys: Keys, shared: Arc<Shared>) -> Self {
         Self {
             keys,
-            buf: vec![0; SEND_PLAIN + overhead].into_boxed_slice(),
+            shared,
+            key_update_after: KEY_UPDATE_RECORDS,
+            updates: 0,
+            buf: vec![0; SEND_PLAIN + WRITE_RECORDS * (HEADER + 1 + TAG)].into_boxed_slice(),
         }
     }
 
+    /// Update the key every `records` records instead (tests, fuzzing).
+    pub(crate) fn key_update_every(&mut self, records: u64) {
+        self.key_update_after = records.max(WRITE_RECORDS as u64 + 1);
+    }
+
     /// Seal up to [`SEND_PLAIN`] bytes of `bufs` and write the records to
-    /// `sock`; returns the plaintext bytes taken.
+    /// `sock`; returns the plaintext bytes taken. A key update, when due,
+    /// goes first.
     pub(crate) fn write_vectored(
         &mut self,
         sock: &mut dyn Write,
         bufs: &[io::IoSlice<'_>],
     ) -> io::Result<usize> {
         let mut at = 0; // bytes of `buf` filled
+        if self.keys.seq + WRITE_RECORDS as u64 > self.key_update_after
+            || self.shared.take_update_request()
+        {
+            at = self.seal_control(HANDSHAKE, &KEY_UPDATE_MESSAGE, at)?;
+            self.keys = Keys::new(&self.shared.next_tx()?)?;
+            self.updates += 1;
+        }
         let mut taken = 0;
         // The record being gathered from small slices: where its body starts.
         let mut open: Option<usize> = None;
@@ -258,75 +336,139 @@ impl Sealer {
         Ok(taken)
     }
 
-    /// The record header for `plain` bytes of plaintext.
-    fn header(plain: usize) -> io::Result<[u8; HEADER]> {
-        u32::try_from(plain + TAG)
-            .map(u32::to_be_bytes)
-            .map_err(|_| crypto_error("record too long"))
+    /// Send `close_notify`: the peer's reads end cleanly after it.
+    pub(crate) fn close_notify(&mut self, sock: &mut dyn Write) -> io::Result<()> {
+        let at = self.seal_control(ALERT, &CLOSE_NOTIFY, 0)?;
+        sock.write_all(&self.buf[..at])
     }
 
-    /// Seal the plaintext gathered at `buf[body..at]` in place, header before
-    /// it and tag after; returns the new fill.
+    /// Seal the plaintext gathered at `buf[body..at]` in place as
+    /// application data, header before it, content type and tag after;
+    /// returns the new fill.
     fn seal_gathered(&mut self, body: usize, at: usize) -> io::Result<usize> {
-        let header = Self::header(at - body)?;
+        self.buf[at] = APPLICATION_DATA;
+        let end = at + 1;
+        let header = header(end - body + TAG)?;
         self.buf[body - HEADER..body].copy_from_slice(&header);
         let nonce = self.keys.next_nonce()?;
         let tag = self
             .keys
             .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut self.buf[body..at])
+            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut self.buf[body..end])
             .map_err(|_| crypto_error("sealing failed"))?;
-        self.buf[at..at + TAG].copy_from_slice(tag.as_ref());
-        Ok(at + TAG)
+        self.buf[end..end + TAG].copy_from_slice(tag.as_ref());
+        Ok(end + TAG)
     }
 
-    /// Seal `plain` from where it lies into a record at `buf[at..]`; returns
-    /// the new fill.
-    fn seal_from(&mut self, plain: &[u8], at: usize) -> io::Result<usize> {
-        let header = Self::header(plain.len())?;
+    /// Seal `plain` from where it lies into a record of content type `kind`
+    /// at `buf[at..]`; returns the new fill.
+    fn seal_record(&mut self, kind: u8, plain: &[u8], at: usize) -> io::Result<usize> {
+        let header = header(plain.len() + 1 + TAG)?;
         let body = at + HEADER;
         let end = body + plain.len();
         self.buf[at..body].copy_from_slice(&header);
         let nonce = self.keys.next_nonce()?;
-        let (out, tag) = self.buf[body..end + TAG].split_at_mut(plain.len());
+        let (out, kind_and_tag) = self.buf[body..end + 1 + TAG].split_at_mut(plain.len());
         self.keys
             .key
-            .seal_out_of_place_scatter(nonce, Aad::from(header), plain, out, &[], tag)
+            .seal_out_of_place_scatter(nonce, Aad::from(header), plain, out, &[kind], kind_and_tag)
             .map_err(|_| crypto_error("sealing failed"))?;
-        Ok(end + TAG)
+        Ok(end + 1 + TAG)
+    }
+
+    fn seal_from(&mut self, plain: &[u8], at: usize) -> io::Result<usize> {
+        self.seal_record(APPLICATION_DATA, plain, at)
+    }
+
+    fn seal_control(&mut self, kind: u8, message: &[u8], at: usize) -> io::Result<usize> {
+        self.seal_record(kind, message, at)
     }
 }
 
-/// The receiving half: ciphertext read in large chunks; a record whose
-/// plaintext fits the caller's current buffer is opened straight into it
-/// (the decryption is the copy), any other is opened in place and handed
-/// out from there.
+/// What a record that is not application data means to the reader.
+pub(crate) enum Control {
+    /// `close_notify`: the stream ends here.
+    Closed,
+    /// A `KeyUpdate`: the peer's next records use its next key.
+    KeyUpdate,
+}
+
+/// The meaning of a control record's plaintext (`kind` is its content
+/// type); any other alert, handshake message or content type is an error.
+/// A `KeyUpdate` that asks for one in return sets the shared request.
+pub(crate) fn control(kind: u8, plain: &[u8], shared: &Shared) -> io::Result<Control> {
+    match (kind, plain) {
+        (ALERT, [_, 0]) => Ok(Control::Closed),
+        (ALERT, [level, description]) => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("the peer sent TLS alert {description} (level {level})"),
+        )),
+        (HANDSHAKE, [KEY_UPDATE, 0, 0, 1, request @ (0 | 1)]) => {
+            if *request == 1 {
+                shared.update_requested.store(true, Ordering::Relaxed);
+            }
+            Ok(Control::KeyUpdate)
+        }
+        (HANDSHAKE, [t, ..]) => Err(crypto_error(&format!(
+            "an unexpected handshake message (type {t}, {} bytes) after the handshake",
+            plain.len()
+        ))),
+        _ => Err(crypto_error(&format!(
+            "an unexpected record (content type {kind}, {} bytes)",
+            plain.len()
+        ))),
+    }
+}
+
+/// The content type and plaintext length of an opened record's inner
+/// plaintext (RFC 8446 §5.4: content, type, zero padding).
+fn inner(plain: &[u8]) -> io::Result<(u8, usize)> {
+    match plain.iter().rposition(|&b| b != 0) {
+        Some(at) => Ok((plain[at], at)),
+        None => Err(crypto_error("a record without a content type")),
+    }
+}
+
+/// The receiving half: ciphertext read in large chunks; an application
+/// data record whose plaintext and content type fit the caller's current
+/// buffer is opened straight into it (the decryption is the copy), any
+/// other is opened in place and handed out from there. Bytes of the
+/// caller's buffer past what a read returns may hold scratch, as
+/// [`Read`] allows.
 pub(crate) struct Opener {
     keys: Keys,
+    shared: Arc<Shared>,
     buf: Vec<u8>,
     /// Ciphertext not yet opened: `buf[start..end]`.
     start: usize,
     end: usize,
     /// Plaintext not yet handed out: `buf[plain.0..plain.1]`.
     plain: (usize, usize),
+    /// `close_notify` arrived.
+    closed: bool,
     /// Records opened straight into the caller's buffers.
     pub(crate) direct: u64,
+    /// Key updates received.
+    pub(crate) updates: u64,
 }
 
 impl Opener {
-    pub(crate) fn new(keys: Keys) -> Self {
+    pub(crate) fn new(keys: Keys, shared: Arc<Shared>) -> Self {
         Self {
             keys,
-            buf: vec![0; RECV_CHUNK + HEADER + RECORD_PLAIN + TAG],
+            shared,
+            buf: vec![0; RECV_CHUNK + HEADER + RECORD_MAX],
             start: 0,
             end: 0,
             plain: (0, 0),
+            closed: false,
             direct: 0,
+            updates: 0,
         }
     }
 
     /// Plaintext into `bufs` in order; reads the socket only when nothing
-    /// is buffered, and then once.
+    /// is buffered, and then once. `Ok(0)` after `close_notify`.
     pub(crate) fn read_vectored(
         &mut self,
         sock: &mut dyn Read,
@@ -340,17 +482,23 @@ impl Opener {
             let mut out: &mut [u8] = out;
             while !out.is_empty() {
                 if self.plain.0 == self.plain.1 {
+                    if self.closed {
+                        return Ok(copied);
+                    }
                     let Some(len) = self.next_record(sock, copied == 0)? else {
                         return Ok(copied);
                     };
-                    let plain = len - TAG;
-                    if plain <= out.len() {
-                        self.open_into(len, &mut out[..plain])?;
-                        copied += plain;
-                        out = &mut out[plain..];
+                    let inner_len = len - TAG;
+                    if inner_len <= out.len() {
+                        let n = self.open_into(len, &mut out[..inner_len])?;
+                        copied += n;
+                        out = &mut out[n..];
                         continue;
                     }
                     self.open_in_place(len)?;
+                    if self.closed {
+                        return Ok(copied);
+                    }
                 }
                 let (a, b) = self.plain;
                 let n = out.len().min(b - a);
@@ -371,11 +519,16 @@ impl Opener {
             let header = self.buf[self.start..self.end]
                 .first_chunk::<HEADER>()
                 .copied();
-            if let Some(header) = header {
-                let len = u32::from_be_bytes(header) as usize;
-                if !(TAG..=RECORD_PLAIN + TAG).contains(&len) {
+            if let Some([kind, major, minor, a, b]) = header {
+                let len = usize::from(u16::from_be_bytes([a, b]));
+                if kind != APPLICATION_DATA || [major, minor] != [3, 3] {
                     return Err(crypto_error(&format!(
-                        "a record of {len} bytes (a peer that is not this program, or a corrupted stream)"
+                        "a record of type {kind}, version {major}.{minor} (a peer that is not TLS 1.3, or a corrupted stream)"
+                    )));
+                }
+                if !(TAG + 1..=RECORD_MAX).contains(&len) {
+                    return Err(crypto_error(&format!(
+                        "a record of {len} bytes (a peer that is not TLS 1.3, or a corrupted stream)"
                     )));
                 }
                 if self.end - self.start >= HEADER + len {
@@ -389,7 +542,7 @@ impl Opener {
             if self.start == self.end {
                 self.start = 0;
                 self.end = 0;
-            } else if self.buf.len() - self.start < HEADER + RECORD_PLAIN + TAG {
+            } else if self.buf.len() - self.start < HEADER + RECORD_MAX {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
@@ -399,7 +552,7 @@ impl Opener {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     if self.start == self.end {
-                        "the peer closed the connection"
+                        "the peer closed the connection without close_notify (the stream may have been cut short)"
                     } else {
                         "the peer closed the connection in the middle of a record"
                     },
@@ -409,8 +562,8 @@ impl Opener {
         }
     }
 
-    /// The buffered record's header, body range, and the nonce; the record
-    /// counts as consumed.
+    /// The buffered record's header and body range, and the nonce; the
+    /// record counts as consumed.
     fn take_record(&mut self, len: usize) -> io::Result<([u8; HEADER], usize, Nonce)> {
         let mut header = [0; HEADER];
         header.copy_from_slice(&self.buf[self.start..self.start + HEADER]);
@@ -419,21 +572,27 @@ impl Opener {
         Ok((header, body, self.keys.next_nonce()?))
     }
 
-    /// Open the buffered record of `len` bytes into `out` (its plaintext's
-    /// exact size).
-    fn open_into(&mut self, len: usize, out: &mut [u8]) -> io::Result<()> {
+    /// Open the buffered record of `len` bytes into `out` (its inner
+    /// plaintext's size); returns the application bytes it gave (0 for a
+    /// control record, which is handled here).
+    fn open_into(&mut self, len: usize, out: &mut [u8]) -> io::Result<usize> {
         let (header, body, nonce) = self.take_record(len)?;
         let (ciphertext, tag) = self.buf[body..body + len].split_at(len - TAG);
         self.keys
             .key
             .open_separate_gather(nonce, Aad::from(header), ciphertext, tag, out)
             .map_err(|_| forged())?;
-        self.direct += 1;
-        Ok(())
+        let (kind, n) = inner(out)?;
+        if kind == APPLICATION_DATA {
+            self.direct += 1;
+            return Ok(n);
+        }
+        self.handle(kind, &out[..n])?;
+        Ok(0)
     }
 
-    /// Open the buffered record of `len` bytes where it lies; its plaintext
-    /// is handed out from there.
+    /// Open the buffered record of `len` bytes where it lies; application
+    /// data is handed out from there.
     fn open_in_place(&mut self, len: usize) -> io::Result<()> {
         let (header, body, nonce) = self.take_record(len)?;
         let plain = self
@@ -442,8 +601,32 @@ impl Opener {
             .open_in_place(nonce, Aad::from(header), &mut self.buf[body..body + len])
             .map_err(|_| forged())?
             .len();
-        self.plain = (body, body + plain);
+        let (kind, n) = inner(&self.buf[body..body + plain])?;
+        if kind == APPLICATION_DATA {
+            self.plain = (body, body + n);
+            return Ok(());
+        }
+        let message = self.buf[body..body + n].to_vec();
+        self.handle(kind, &message)
+    }
+
+    /// A control record: `close_notify` ends the stream, a `KeyUpdate`
+    /// moves to the peer's next key.
+    fn handle(&mut self, kind: u8, plain: &[u8]) -> io::Result<()> {
+        match control(kind, plain, &self.shared)? {
+            Control::Closed => self.closed = true,
+            Control::KeyUpdate => {
+                self.keys = Keys::new(&self.shared.next_rx()?)?;
+                self.updates += 1;
+            }
+        }
         Ok(())
+    }
+
+    /// Whether `close_notify` arrived.
+    #[cfg(test)]
+    pub(crate) fn closed(&self) -> bool {
+        self.closed
     }
 }
 
@@ -451,23 +634,35 @@ fn forged() -> io::Error {
     crypto_error("a record failed authentication (corrupted, replayed or forged)")
 }
 
-/// For the fuzz target (`fuzz/fuzz_targets/sealed_records.rs`): `data`'s
-/// first byte picks the suite and the mode. Mode 0 opens the rest as a
-/// peer's byte stream (a stranger's or a corrupted one: it must end in an
-/// error or the end of the stream, never a panic, never more plaintext
-/// than it holds); mode 1 seals the rest in writes of sizes taken from it
-/// and opens the result, which must give back the same bytes.
+/// For the fuzz target (`fuzz/fuzz_targets/tls_records.rs`): `data`'s
+/// first byte picks the suite and the mode; the keys come from one real
+/// TLS session per suite, made once. Mode 0 opens the rest as a peer's byte
+/// stream (a stranger's or a corrupted one: it must end in an error or the
+/// end of the stream, never a panic, never more plaintext than it holds);
+/// mode 1 seals the rest in writes of sizes taken from it, with a key
+/// update every few writes and `close_notify` at the end, and opens the
+/// result, which must give back the same bytes and end cleanly.
 pub fn fuzz(data: &[u8]) {
+    use std::sync::OnceLock;
+    type Ends = (Secret, Arc<Shared>, Secret, Arc<Shared>);
+    static SESSIONS: OnceLock<Vec<Ends>> = OnceLock::new();
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
-    let suite =
-        [Suite::Aes128Gcm, Suite::Aes256Gcm, Suite::Chacha20Poly1305][usize::from(first % 3)];
-    let keys = || Keys::new(&[7; 32], suite, Direction::FromSource);
-    let (Ok(k1), Ok(k2)) = (keys(), keys()) else {
+    let sessions = SESSIONS.get_or_init(|| {
+        [Suite::Aes128Gcm, Suite::Aes256Gcm, Suite::Chacha20Poly1305]
+            .into_iter()
+            .filter_map(|suite| crate::tls::session_pair(suite).ok())
+            .map(|(c, s)| (c.tx, Shared::new(c.ratchet), s.rx, Shared::new(s.ratchet)))
+            .collect()
+    });
+    let Some((tx, tx_shared, rx, rx_shared)) = sessions.get(usize::from(first % 3)) else {
         return;
     };
-    let mut opener = Opener::new(k2);
+    let (Ok(k1), Ok(k2)) = (Keys::new(tx), Keys::new(rx)) else {
+        return;
+    };
+    let mut opener = Opener::new(k2, Arc::clone(rx_shared));
     let mut out = vec![0u8; 3 * RECORD_PLAIN];
     let mut plain = Vec::new();
     let mut open_all = |wire: &[u8], plain: &mut Vec<u8>| -> io::Result<()> {
@@ -478,6 +673,9 @@ pub fn fuzz(data: &[u8]) {
                 &mut src,
                 &mut [io::IoSliceMut::new(a), io::IoSliceMut::new(b)],
             )?;
+            if n == 0 {
+                return Ok(());
+            }
             plain.extend_from_slice(&out[..n]);
             assert!(plain.len() <= wire.len(), "more plaintext than bytes");
         }
@@ -486,12 +684,13 @@ pub fn fuzz(data: &[u8]) {
         let _ = open_all(rest, &mut plain);
         return;
     }
-    let mut sealer = Sealer::new(k1);
+    let mut sealer = Sealer::new(k1, Arc::clone(tx_shared));
+    sealer.key_update_every(0);
     let mut wire = Vec::new();
     let mut left = rest;
     let mut sizes = rest.iter().cycle();
     while !left.is_empty() {
-        let size = (usize::from(*sizes.next().unwrap_or(&1)) * 1031 % (2 * RECORD_PLAIN)).max(1);
+        let size = (usize::from(*sizes.next().unwrap_or(&1)) * 1031 % (4 * RECORD_PLAIN)).max(1);
         let now = &left[..size.min(left.len())];
         let (x, y) = now.split_at(now.len() / 2);
         let took = sealer
@@ -500,14 +699,17 @@ pub fn fuzz(data: &[u8]) {
         assert!(took > 0, "a write of {} bytes sealed nothing", now.len());
         left = &left[took..];
     }
-    let end = open_all(&wire, &mut plain).err().map(|e| e.kind());
-    assert_eq!(end, Some(io::ErrorKind::UnexpectedEof), "the stream's end");
+    assert!(sealer.close_notify(&mut wire).is_ok(), "close_notify");
+    let end = open_all(&wire, &mut plain);
+    assert!(end.is_ok(), "the stream's end: {end:?}");
     assert!(plain == rest, "sealed and opened bytes differ");
+    assert_eq!(opener.updates, sealer.updates, "key updates");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handshake::Session;
     use std::net::{TcpListener, TcpStream};
 
     /// The fuzz target's two modes on a few inputs (the target itself runs
@@ -521,34 +723,35 @@ mod tests {
             fuzz(&input[..1000]);
         }
         fuzz(&[]);
-        fuzz(&[0, 0, 0, 0, 16]);
+        fuzz(&[0, 23, 3, 3, 0, 16]);
     }
 
-    fn pair() -> (TcpStream, TcpStream) {
+    pub(crate) fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (b, _) = l.accept().unwrap();
         (a, b)
     }
 
-    fn keys(seed: u8, suite: Suite) -> (Sealer, Opener) {
-        let exported = [seed; 32];
-        (
-            Sealer::new(Keys::new(&exported, suite, Direction::FromSource).unwrap()),
-            Opener::new(Keys::new(&exported, suite, Direction::FromSource).unwrap()),
-        )
+    /// The client's sending half and the server's receiving half of one
+    /// real session.
+    fn halves(suite: Suite) -> (Sealer, Opener, Session, Session) {
+        let (c, s) = crate::tls::session_pair(suite).unwrap();
+        let sealer = Sealer::new(Keys::new(&c.tx).unwrap(), Shared::new(c.ratchet));
+        let opener = Opener::new(Keys::new(&s.rx).unwrap(), Shared::new(s.ratchet));
+        let (c2, s2) = crate::tls::session_pair(suite).unwrap();
+        (sealer, opener, c2, s2)
     }
 
     /// Real sockets: vectored writes of odd sizes come out byte for byte,
-    /// across records, socket reads and a key epoch change.
+    /// across records, socket reads and key updates, and `close_notify`
+    /// ends the stream cleanly.
     #[test]
-    fn records_carry_every_byte_across_epochs() {
+    fn records_carry_every_byte_across_key_updates() {
         for suite in [Suite::Aes128Gcm, Suite::Aes256Gcm, Suite::Chacha20Poly1305] {
             let (a, b) = pair();
-            let (mut sealer, mut opener) = keys(3, suite);
-            // Start near the end of epoch 0 so the test crosses into epoch 1.
-            sealer.keys.seq = REKEY_RECORDS - 5;
-            opener.keys.seq = REKEY_RECORDS - 5;
+            let (mut sealer, mut opener, ..) = halves(suite);
+            sealer.key_update_every(0);
             let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
             let sent = data.clone();
             let writer = std::thread::spawn(move || {
@@ -562,7 +765,8 @@ mod tests {
                     ];
                     off += sealer.write_vectored(&mut &a, &slices).unwrap();
                 }
-                sealer.keys.epoch
+                sealer.close_notify(&mut &a).unwrap();
+                sealer.updates
             });
             let mut got = vec![0u8; data.len()];
             let mut off = 0;
@@ -572,58 +776,37 @@ mod tests {
                 let mut bufs = [io::IoSliceMut::new(x), io::IoSliceMut::new(y)];
                 off += opener.read_vectored(&mut &b, &mut bufs).unwrap();
             }
-            assert_eq!(writer.join().unwrap(), 1, "{suite:?}: the epoch changed");
-            assert_eq!(opener.keys.epoch, 1);
+            let mut more = [0u8; 10];
+            assert_eq!(
+                opener
+                    .read_vectored(&mut &b, &mut [io::IoSliceMut::new(&mut more)])
+                    .unwrap(),
+                0,
+                "{suite:?}: close_notify ends the stream"
+            );
+            assert!(opener.closed());
+            let updates = writer.join().unwrap();
+            assert!(updates >= 10, "{suite:?}: {updates} key updates");
+            assert_eq!(opener.updates, updates, "{suite:?}");
             assert!(got == data, "{suite:?}: bytes differ");
         }
     }
 
     /// Batches as the TCP transport writes them (a small header and table,
     /// then page runs straight from memory, then sparse words), read into
-    /// the same slices as the destination does: every page record opens
-    /// straight into its run, and the bytes are the same. Alternating small
-    /// and page-sized slices in one write fill the send buffer's worst
-    /// case.
+    /// the same slices as the destination does: every record of a run but
+    /// its last opens straight into the run, and the bytes are the same.
     #[test]
     fn page_runs_open_straight_into_their_slices() {
-        let sizes: Vec<usize> = vec![
-            44,
-            16 << 10,
-            3,
-            20 << 10,
-            100,
-            64 << 10,
-            1,
-            200 << 10,
-            5,
-            16 << 10,
-            7,
-            16 << 10,
-            9,
-            16 << 10,
-            11,
-            16 << 10,
-            13,
-            16 << 10,
-            15,
-            16 << 10,
-            17,
-            16 << 10,
-            19,
-            16 << 10,
-            21,
-            16 << 10,
-            23,
-            16 << 10,
-            25,
-            16 << 10,
-            4096,
-            300,
-        ];
+        let mut sizes: Vec<usize> = vec![44, 16 << 10, 3, 20 << 10, 100, 64 << 10, 1, 200 << 10];
+        for i in 0..12 {
+            sizes.extend([5 + 2 * i, 4096 * (1 + i % 3)]);
+        }
+        sizes.extend([4096, 300]);
         let total: usize = sizes.iter().sum();
         let data: Vec<u8> = (0..total).map(|i| (i * 13 % 241) as u8).collect();
         let (a, b) = pair();
-        let (mut sealer, mut opener) = keys(9, Suite::Aes128Gcm);
+        let (mut sealer, mut opener, ..) = halves(Suite::Aes128Gcm);
         let sent = data.clone();
         let cuts = sizes.clone();
         let writer = std::thread::spawn(move || {
@@ -679,67 +862,99 @@ mod tests {
         }
         writer.join().unwrap();
         assert!(got == data, "bytes differ");
-        // Every record of a slice of 16 KiB or more opened straight into it.
-        let page_records: u64 = sizes
+        let straight: u64 = sizes
             .iter()
             .filter(|&&n| n >= DIRECT)
-            .map(|n| n.div_ceil(RECORD_PLAIN) as u64)
+            .map(|n| n.div_ceil(RECORD_PLAIN) as u64 - 1)
             .sum();
-        assert_eq!(page_records, 18);
+        assert_eq!(straight, 16);
         assert!(
-            opener.direct >= page_records,
-            "{} of {page_records} page records opened straight into their slices",
+            opener.direct >= straight,
+            "{} of {straight} page records opened straight into their slices",
             opener.direct
         );
     }
 
-    /// A flipped bit, a wrong key and a forged length are errors.
+    /// A flipped bit, other keys, a forged length or type, a record of the
+    /// other direction and a cut stream are errors; `close_notify` is not.
     #[test]
-    fn tampering_and_wrong_keys_are_refused() {
-        let seal = |bytes: &[u8]| {
-            let (a, b) = pair();
-            let (mut sealer, _) = keys(1, Suite::Aes128Gcm);
-            sealer
-                .write_vectored(&mut &a, &[io::IoSlice::new(bytes)])
-                .unwrap();
-            drop(a);
+    fn tampering_other_keys_and_cuts_are_refused() {
+        let (sealer, _, c2, s2) = halves(Suite::Aes128Gcm);
+        let client_shared = Shared::new(c2.ratchet);
+        let seal = |mut sealer: Sealer, bytes: &[u8], close: bool| {
             let mut wire = Vec::new();
-            (&b).read_to_end(&mut wire).unwrap();
+            sealer
+                .write_vectored(&mut wire, &[io::IoSlice::new(bytes)])
+                .unwrap();
+            if close {
+                sealer.close_notify(&mut wire).unwrap();
+            }
             wire
         };
-        let open = |wire: Vec<u8>, seed: u8| {
-            let (a, b) = pair();
-            (&a).write_all(&wire).unwrap();
-            drop(a);
-            let (_, mut opener) = keys(seed, Suite::Aes128Gcm);
-            let mut out = vec![0u8; 1000];
-            opener.read_vectored(&mut &b, &mut [io::IoSliceMut::new(&mut out)])
+        // Opened by the session the records belong to, or another.
+        let (c, s) = crate::tls::session_pair(Suite::Aes128Gcm).unwrap();
+        let right = || Opener::new(Keys::new(&s.rx).unwrap(), Shared::new(Box::new(NoRatchet)));
+        let sealer = {
+            drop(sealer);
+            Sealer::new(Keys::new(&c.tx).unwrap(), Shared::new(c.ratchet))
         };
-        let wire = seal(b"the guest's memory");
-        assert_eq!(open(wire.clone(), 1).unwrap(), 18);
+        let wire = seal(sealer, b"the guest's memory", true);
+        let open = |mut opener: Opener, wire: &[u8]| {
+            let mut out = vec![0u8; 1000];
+            let mut src = wire;
+            let n = opener.read_vectored(&mut src, &mut [io::IoSliceMut::new(&mut out)])?;
+            let end = opener.read_vectored(&mut src, &mut [io::IoSliceMut::new(&mut out)])?;
+            Ok::<_, io::Error>((n, end))
+        };
+        assert_eq!(open(right(), &wire).unwrap(), (18, 0));
         let mut flipped = wire.clone();
         flipped[10] ^= 1;
-        let e = open(flipped, 1).unwrap_err();
+        let e = open(right(), &flipped).unwrap_err();
         assert!(e.to_string().contains("failed authentication"), "{e}");
-        let e = open(wire.clone(), 2).unwrap_err();
+        let other = Opener::new(Keys::new(&s2.rx).unwrap(), Shared::new(Box::new(NoRatchet)));
+        let e = open(other, &wire).unwrap_err();
         assert!(e.to_string().contains("failed authentication"), "{e}");
+        // The server's own sending keys (the other direction).
+        let reverse = Opener::new(Keys::new(&s.tx).unwrap(), Arc::clone(&client_shared));
+        assert!(open(reverse, &wire).is_err());
         let mut long = wire.clone();
-        long[..4].copy_from_slice(&u32::MAX.to_be_bytes());
-        let e = open(long, 1).unwrap_err();
-        assert!(e.to_string().contains("4294967295 bytes"), "{e}");
-        let e = open(wire[..wire.len() - 1].to_vec(), 1).unwrap_err();
+        long[3..5].copy_from_slice(&u16::MAX.to_be_bytes());
+        let e = open(right(), &long).unwrap_err();
+        assert!(e.to_string().contains("65535 bytes"), "{e}");
+        let mut typed = wire.clone();
+        typed[0] = HANDSHAKE;
+        let e = open(right(), &typed).unwrap_err();
+        assert!(e.to_string().contains("a record of type 22"), "{e}");
+        // Cut inside a record, and cut at a record boundary before
+        // close_notify: both are errors, never a clean end.
+        let e = open(right(), &wire[..wire.len() - 1]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
-        // A record of the other direction does not open.
-        let (a, b) = pair();
-        (&a).write_all(&wire).unwrap();
-        drop(a);
-        let mut other =
-            Opener::new(Keys::new(&[1; 32], Suite::Aes128Gcm, Direction::FromDestination).unwrap());
+        let first = HEADER + usize::from(u16::from_be_bytes([wire[3], wire[4]]));
+        let mut opener = right();
         let mut out = vec![0u8; 100];
-        assert!(
-            other
-                .read_vectored(&mut &b, &mut [io::IoSliceMut::new(&mut out)])
-                .is_err()
+        let mut src = &wire[..first];
+        assert_eq!(
+            opener
+                .read_vectored(&mut src, &mut [io::IoSliceMut::new(&mut out)])
+                .unwrap(),
+            18
         );
+        let e = opener
+            .read_vectored(&mut src, &mut [io::IoSliceMut::new(&mut out)])
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(e.to_string().contains("without close_notify"), "{e}");
+    }
+
+    /// A receiver that never sees a key update.
+    struct NoRatchet;
+
+    impl Ratchet for NoRatchet {
+        fn next_tx(&mut self) -> Result<ConnectionTrafficSecrets, rustls::Error> {
+            Err(rustls::Error::General("no key update expected".into()))
+        }
+        fn next_rx(&mut self) -> Result<ConnectionTrafficSecrets, rustls::Error> {
+            Err(rustls::Error::General("no key update expected".into()))
+        }
     }
 }

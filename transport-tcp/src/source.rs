@@ -258,6 +258,14 @@ impl PageSender for TcpPageSender {
             None => Ok(total),
         }
     }
+
+    fn finish(&mut self) {
+        for (i, s) in self.streams.iter().enumerate() {
+            if let Err(e) = s.close() {
+                tracing::debug!(stream = i, error = %e, "could not end a data stream cleanly");
+            }
+        }
+    }
 }
 
 /// Cut the round's runs into batches of about [`BATCH_TARGET`] bytes (at

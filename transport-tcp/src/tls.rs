@@ -14,20 +14,25 @@
 //! and [`TlsConfig::destination_psk`]: rustls has no TLS 1.3 external PSK,
 //! so each end makes a throw-away certificate, the TLS handshake runs as
 //! usual (encryption, forward secrecy), and then each end proves that it
-//! holds the key by an HMAC-SHA256, keyed by the PSK, of a value exported
-//! from this very TLS session (RFC 5705/8446 exporter): the source's proof
+//! holds the key by an HMAC-SHA256, keyed by the PSK, of a value bound to
+//! this very TLS session (HKDF of both directions' first traffic keys,
+//! which only the two ends know: rustls' unbuffered API, which gives up the
+//! secrets for our record layer, has no exporter): the source's proof
 //! first, and the destination answers only a valid one. A man in the middle
-//! has two TLS sessions with two different exported values, so a proof it
-//! relays is worthless, and a stranger learns nothing but one MAC of a
-//! random value; that is why the key must be long and random (at least
+//! has two TLS sessions with two different bindings, so a proof it relays
+//! is worthless, and a stranger learns nothing but one MAC of a random
+//! value; that is why the key must be long and random (at least
 //! [`MIN_PSK_LEN`] bytes, written as base64 or hex), never a password, and
 //! its file readable by its owner alone.
 //!
-//! **After the handshake** the destination confirms the session in one TLS
-//! record (the source learns there, not later, that its certificate was
-//! refused), and from then on both directions travel as sealed records
-//! keyed from the session's exporter ([`crate::record`]): one key and one
-//! lock per direction, one copy on each side of the socket.
+//! **After the handshake** ([`crate::handshake`]) the destination confirms
+//! the session in one TLS record (the source learns there, not later, that
+//! its certificate was refused), and from then on both directions travel
+//! as standard TLS 1.3 records from the session's own traffic secrets, with
+//! key updates and `close_notify`: sealed and opened by this crate
+//! ([`crate::record`]: one key and one lock per direction, page bytes
+//! sealed straight from guest memory), or by the kernel where it has TLS
+//! ([`crate::ktls`], [`KernelTls`]). The wire is the same either way.
 //!
 //! Nothing of the migration (not even its preamble) crosses a connection
 //! before both ends are authenticated, so a stranger never learns the
@@ -41,8 +46,10 @@ use std::sync::Arc;
 
 use migrate_core::transport::TransportError;
 
-use crate::conn::{Conn, TlsConn};
-use crate::record::{Direction, Keys, Opener, Sealer, Suite};
+use crate::conn::{Conn, Receiving, Sending, TlsConn};
+use crate::handshake::{self, Session};
+use crate::ktls::{self, KernelRx, KernelTx, Offload};
+use crate::record::{Keys, Opener, Sealer, Shared, Suite};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
@@ -50,23 +57,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    ClientConfig, ClientConnection, Connection, DigitallySignedStruct, DistinguishedName,
-    RootCertStore, ServerConfig, ServerConnection, SignatureScheme,
+    ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme,
 };
 
 /// The shortest pre-shared key accepted, in bytes (after trimming
 /// whitespace): 32 random bytes, or their hex or base64 text.
 pub const MIN_PSK_LEN: usize = 32;
-/// Label of the keying material exported for the PSK proofs.
-const PSK_EXPORTER_LABEL: &[u8] = b"EXPORTER-live-migration-psk-v1";
-/// Label of the keying material the sealed records' keys come from
-/// ([`crate::record`]).
-const RECORDS_EXPORTER_LABEL: &[u8] = b"EXPORTER-live-migration-records-v1";
-/// The byte of the TLS record that confirms the session (see [`ready`]).
-const READY: u8 = 0x5a;
-/// The longest TLS 1.3 record body (RFC 8446 §5.2).
-const MAX_TLS_RECORD: usize = (1 << 14) + 256;
-
 /// A credential file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -133,7 +130,24 @@ pub enum TlsError {
 
 /// One end's TLS credentials and the peers it accepts; cheap to clone.
 #[derive(Clone)]
-pub struct TlsConfig(Arc<Role>);
+pub struct TlsConfig {
+    role: Arc<Role>,
+    kernel: KernelTls,
+}
+
+/// Whether the kernel seals and opens the TLS records (`tls.ko`: kTLS).
+/// The records are the same either way, so each end chooses alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelTls {
+    /// Where the kernel takes the session's keys, it seals and opens;
+    /// elsewhere this crate does.
+    #[default]
+    Auto,
+    /// This crate seals and opens.
+    Off,
+    /// The kernel must take both directions, or the connection fails.
+    On,
+}
 
 enum Role {
     Source {
@@ -152,18 +166,20 @@ enum Role {
 impl fmt::Debug for TlsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never the key.
-        match &*self.0 {
+        match &*self.role {
             Role::Source {
                 server_name, psk, ..
             } => f
                 .debug_struct("TlsConfig::Source")
                 .field("server_name", server_name)
                 .field("psk", &psk.is_some())
+                .field("kernel", &self.kernel)
                 .finish(),
             Role::Destination { allowed, psk, .. } => f
                 .debug_struct("TlsConfig::Destination")
                 .field("allowed", allowed)
                 .field("psk", &psk.is_some())
+                .field("kernel", &self.kernel)
                 .finish(),
         }
     }
@@ -171,7 +187,7 @@ impl fmt::Debug for TlsConfig {
 
 impl PartialEq for TlsConfig {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.role, &other.role) && self.kernel == other.kernel
     }
 }
 
@@ -189,6 +205,49 @@ fn provider() -> Arc<CryptoProvider> {
         ],
         ..rustls::crypto::aws_lc_rs::default_provider()
     })
+}
+
+/// Two ends of one real TLS session over loopback TCP that negotiated
+/// `suite` (the client's, then the server's), without the PSK proofs: for
+/// tests and fuzzing of the record layers.
+pub(crate) fn session_pair(suite: Suite) -> io::Result<(Session, Session)> {
+    use rustls::crypto::aws_lc_rs::cipher_suite as s;
+    let only = Arc::new(CryptoProvider {
+        cipher_suites: vec![match suite {
+            Suite::Aes128Gcm => s::TLS13_AES_128_GCM_SHA256,
+            Suite::Aes256Gcm => s::TLS13_AES_256_GCM_SHA384,
+            Suite::Chacha20Poly1305 => s::TLS13_CHACHA20_POLY1305_SHA256,
+        }],
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    });
+    let key = vec![1u8; MIN_PSK_LEN];
+    let client =
+        TlsConfig::source_psk_with(key.clone(), Arc::clone(&only)).map_err(io::Error::other)?;
+    let server = TlsConfig::destination_psk_with(key, only).map_err(io::Error::other)?;
+    let (
+        Role::Source {
+            config: cc,
+            server_name,
+            ..
+        },
+        Role::Destination { config: sc, .. },
+    ) = (&*client.role, &*server.role)
+    else {
+        return Err(io::Error::other("the roles are the wrong way round"));
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let (cc, name) = (Arc::clone(cc), server_name.clone());
+    let client = std::thread::spawn(move || {
+        let sock = TcpStream::connect(addr)?;
+        handshake::client(&sock, cc, name).map(|s| (s, sock))
+    });
+    let (sock, _) = listener.accept()?;
+    let server = handshake::server(&sock, Arc::clone(sc), |_| Ok::<(), io::Error>(()))?;
+    let (client, _sock) = client
+        .join()
+        .map_err(|_| io::Error::other("the client thread panicked"))??;
+    Ok((client, server))
 }
 
 fn setup(e: impl fmt::Display) -> TlsError {
@@ -241,22 +300,17 @@ impl TlsConfig {
             .with_crls(load_crls(dir)?)
             .build()
             .map_err(setup)?;
-        let mut config = ServerConfig::builder_with_provider(provider())
+        let config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(setup)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(setup)?;
-        config.send_tls13_tickets = 0;
         let allowed = allowed_clients
             .iter()
             .map(|n| parse_name(n))
             .collect::<Result<_, _>>()?;
-        Ok(Self(Arc::new(Role::Destination {
-            config: Arc::new(config),
-            allowed,
-            psk: None,
-        })))
+        Ok(Self::destination(config, allowed, None))
     }
 
     /// A source that proves, and asks the destination to prove, that it
@@ -265,8 +319,12 @@ impl TlsConfig {
     /// # Errors
     /// [`TlsError::Setup`] when a throw-away certificate cannot be made.
     pub fn source_psk(key: Vec<u8>) -> Result<Self, TlsError> {
+        Self::source_psk_with(key, provider())
+    }
+
+    fn source_psk_with(key: Vec<u8>, provider: Arc<CryptoProvider>) -> Result<Self, TlsError> {
         let (chain, private) = throw_away_certificate()?;
-        let config = ClientConfig::builder_with_provider(provider())
+        let config = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(setup)?
             .dangerous()
@@ -283,19 +341,18 @@ impl TlsConfig {
     /// # Errors
     /// [`TlsError::Setup`] when a throw-away certificate cannot be made.
     pub fn destination_psk(key: Vec<u8>) -> Result<Self, TlsError> {
+        Self::destination_psk_with(key, provider())
+    }
+
+    fn destination_psk_with(key: Vec<u8>, provider: Arc<CryptoProvider>) -> Result<Self, TlsError> {
         let (chain, private) = throw_away_certificate()?;
-        let mut config = ServerConfig::builder_with_provider(provider())
+        let config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(setup)?
             .with_client_cert_verifier(Arc::new(ProvenByPsk::new()))
             .with_single_cert(chain, private)
             .map_err(setup)?;
-        config.send_tls13_tickets = 0;
-        Ok(Self(Arc::new(Role::Destination {
-            config: Arc::new(config),
-            allowed: Vec::new(),
-            psk: Some(key),
-        })))
+        Ok(Self::destination(config, Vec::new(), Some(key)))
     }
 
     /// Read a pre-shared key file: base64 (padded or not) or hex text,
@@ -341,11 +398,47 @@ impl TlsConfig {
     ) -> Self {
         let mut config = config;
         config.resumption = rustls::client::Resumption::disabled();
-        Self(Arc::new(Role::Source {
-            config: Arc::new(config),
-            server_name,
-            psk,
-        }))
+        // The records are sealed from the session's own secrets.
+        config.enable_secret_extraction = true;
+        Self {
+            role: Arc::new(Role::Source {
+                config: Arc::new(config),
+                server_name,
+                psk,
+            }),
+            kernel: KernelTls::default(),
+        }
+    }
+
+    fn destination(
+        mut config: ServerConfig,
+        allowed: Vec<ServerName<'static>>,
+        psk: Option<Vec<u8>>,
+    ) -> Self {
+        // No session tickets: nothing but records of the migration after
+        // the handshake.
+        config.send_tls13_tickets = 0;
+        config.enable_secret_extraction = true;
+        Self {
+            role: Arc::new(Role::Destination {
+                config: Arc::new(config),
+                allowed,
+                psk,
+            }),
+            kernel: KernelTls::default(),
+        }
+    }
+
+    /// The same credentials, with the kernel's TLS used as `kernel` says.
+    #[must_use]
+    pub fn with_kernel_tls(mut self, kernel: KernelTls) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// Whether the kernel seals and opens this end's records.
+    pub fn kernel_tls(&self) -> KernelTls {
+        self.kernel
     }
 }
 
@@ -547,121 +640,148 @@ impl ClientCertVerifier for ProvenByPsk {
 /// # Errors
 /// [`TransportError::Auth`] when the peer is not who it must be (no
 /// certificate, wrong CA, wrong name, no PSK proof, not TLS at all);
-/// [`TransportError::Io`] when the connection fails.
+/// [`TransportError::Io`] when the connection fails, or the kernel refuses
+/// the keys under [`KernelTls::On`].
 pub(crate) fn secure(sock: TcpStream, tls: Option<&TlsConfig>) -> Result<Conn, TransportError> {
     let Some(tls) = tls else {
         return Ok(Conn::Plain(Arc::new(sock)));
     };
-    if matches!(&*tls.0, Role::Destination { .. }) {
-        turn_away_plaintext(&sock)?;
-    }
-    let (mut state, psk): (Connection, _) = match &*tls.0 {
+    let is_source = matches!(&*tls.role, Role::Source { .. });
+    let (session, psk) = match &*tls.role {
         Role::Source {
             config,
             server_name,
             psk,
         } => (
-            ClientConnection::new(Arc::clone(config), server_name.clone())
-                .map_err(|e| auth(format!("TLS client: {e}")))?
-                .into(),
+            handshake::client(&sock, Arc::clone(config), server_name.clone())
+                .map_err(|e| handshake_error(e, is_source))?,
             psk.as_deref(),
         ),
-        Role::Destination { config, psk, .. } => (
-            ServerConnection::new(Arc::clone(config))
-                .map_err(|e| auth(format!("TLS server: {e}")))?
-                .into(),
-            psk.as_deref(),
-        ),
+        Role::Destination {
+            config,
+            psk,
+            allowed,
+        } => {
+            turn_away_plaintext(&sock)?;
+            let session = handshake::server(&sock, Arc::clone(config), |state| {
+                check_allowed(state, allowed).map_err(Admission::Refused)
+            })
+            .map_err(|e| match e {
+                Admission::Io(e) => handshake_error(e, is_source),
+                Admission::Refused(e) => e,
+            })?;
+            (session, psk.as_deref())
+        }
     };
-    let mut io_sock = &sock;
-    while state.is_handshaking() {
-        state
-            .complete_io(&mut io_sock)
-            .map_err(|e| handshake_error(e, &state))?;
-    }
-    if let Role::Destination { allowed, .. } = &*tls.0 {
-        check_allowed(&state, allowed)?;
-    }
-    let is_source = matches!(&*tls.0, Role::Source { .. });
-    ready(&sock, &mut state, is_source).map_err(|e| handshake_error(e, &state))?;
-    let export = |label: &[u8]| -> Result<[u8; 32], TransportError> {
-        let mut out = [0u8; 32];
-        state
-            .export_keying_material(&mut out, label, None)
-            .map_err(|e| auth(format!("TLS exporter: {e}")))?;
-        Ok(out)
-    };
-    let records = export(RECORDS_EXPORTER_LABEL)?;
-    let psk_exported = export(PSK_EXPORTER_LABEL)?;
-    let suite = match state.negotiated_cipher_suite().map(|s| s.suite()) {
-        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256) => Suite::Aes128Gcm,
-        Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384) => Suite::Aes256Gcm,
-        Some(rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256) => Suite::Chacha20Poly1305,
-        other => return Err(auth(format!("TLS: unexpected cipher suite {other:?}"))),
-    };
-    let (mine, theirs) = if is_source {
-        (Direction::FromSource, Direction::FromDestination)
-    } else {
-        (Direction::FromDestination, Direction::FromSource)
-    };
-    let keys = |d| {
-        Keys::new(&records, suite, d).map_err(|source| TransportError::Io {
-            op: "derive the record keys",
-            source,
-        })
-    };
-    let conn = TlsConn::new(sock, Sealer::new(keys(mine)?), Opener::new(keys(theirs)?));
-    if let Some(key) = psk {
-        prove_psk(&conn, key, is_source, &psk_exported)?;
+    let binding = psk.map(|_| session_binding(&session));
+    let conn = records(sock, session, tls.kernel)?;
+    if let (Some(key), Some(binding)) = (psk, binding) {
+        prove_psk(&conn, key, is_source, &binding)?;
     }
     Ok(Conn::Tls(Arc::new(conn)))
 }
 
-/// The switch from TLS records to sealed records: the destination, once it
-/// has checked the source's certificate, sends one TLS record saying so;
-/// the source reads exactly that record (a header, then its length), so
-/// nothing that follows it is left inside rustls. The destination's refusal
-/// (an alert) arrives here instead, as the handshake error it is.
-fn ready(sock: &TcpStream, state: &mut Connection, is_source: bool) -> io::Result<()> {
-    let mut io_sock = sock;
-    if !is_source {
-        io::Write::write_all(&mut state.writer(), &[READY])?;
+/// The destination's handshake failed on the wire, or refused the source.
+enum Admission {
+    Io(io::Error),
+    Refused(TransportError),
+}
+
+impl From<io::Error> for Admission {
+    fn from(e: io::Error) -> Self {
+        Admission::Io(e)
     }
-    while state.wants_write() {
-        state.write_tls(&mut io_sock)?;
+}
+
+impl From<TransportError> for Admission {
+    fn from(e: TransportError) -> Self {
+        Admission::Refused(e)
     }
-    if !is_source {
-        return Ok(());
+}
+
+/// The value both PSK proofs sign: bound to this very session, as an
+/// exporter value would be (rustls' unbuffered API, which gives up the
+/// traffic secrets, has no exporter): HKDF of both directions' first
+/// traffic keys and IVs, which only the two ends of this session know. A
+/// man in the middle holds two sessions with different keys, so a proof it
+/// relays is worthless.
+fn session_binding(session: &Session) -> [u8; 32] {
+    use aws_lc_rs::hkdf;
+    // The source's sending keys first, whichever end computes it.
+    let (first, second) = match session.is_client {
+        true => (&session.tx, &session.rx),
+        false => (&session.rx, &session.tx),
+    };
+    let mut ikm = Vec::with_capacity(2 * (32 + 12));
+    for s in [first, second] {
+        ikm.extend_from_slice(&s.key);
+        ikm.extend_from_slice(&s.iv);
     }
-    loop {
-        let mut b = [0u8; 1];
-        match io::Read::read(&mut state.reader(), &mut b) {
-            Ok(1) if b[0] == READY => return Ok(()),
-            Ok(_) => {
-                return Err(io::Error::other(
-                    "the destination did not confirm the TLS session",
-                ));
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"live-migration psk binding v1").extract(&ikm);
+    ikm.fill(0);
+    let mut out = [0u8; 32];
+    // 32 bytes of HKDF-SHA256 output cannot fail (at most 255 × 32).
+    if let Ok(okm) = prk.expand(&[b"binding"], hkdf::HKDF_SHA256) {
+        let _ = okm.fill(&mut out);
+    }
+    out
+}
+
+/// The connection's record layers: each direction the kernel takes (per
+/// `kernel`) is sealed or opened there, the others here.
+fn records(
+    sock: TcpStream,
+    session: Session,
+    kernel: KernelTls,
+) -> Result<TlsConn, TransportError> {
+    let Session {
+        tx, rx, ratchet, ..
+    } = session;
+    let shared = Shared::new(ratchet);
+    let offload = match kernel {
+        KernelTls::Off => Offload::default(),
+        KernelTls::Auto | KernelTls::On => match ktls::offload(&sock, &tx, &rx) {
+            Ok(o) => o,
+            Err(e) if kernel == KernelTls::Auto => {
+                tracing::debug!("kernel TLS not used: {e}");
+                Offload::default()
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-        // One whole TLS record: its 5-byte header says how long it is.
-        let mut record = vec![0u8; 5];
-        io::Read::read_exact(&mut io_sock, &mut record)?;
-        let len = usize::from(u16::from_be_bytes([record[3], record[4]]));
-        if len > MAX_TLS_RECORD {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                rustls::Error::InvalidMessage(rustls::InvalidMessage::MessageTooLarge),
-            ));
-        }
-        record.resize(5 + len, 0);
-        io::Read::read_exact(&mut io_sock, &mut record[5..])?;
-        state.read_tls(&mut &record[..])?;
-        state
-            .process_new_packets()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            Err(source) => {
+                return Err(TransportError::Io {
+                    op: "hand the TLS keys to the kernel (--kernel-tls on; is the tls module there?)",
+                    source,
+                });
+            }
+        },
+    };
+    if kernel == KernelTls::On && !(offload.tx && offload.rx) {
+        return Err(TransportError::Io {
+            op: "hand the TLS keys to the kernel (--kernel-tls on)",
+            source: io::Error::other(format!(
+                "the kernel took only {offload:?} of this {:?} session",
+                tx.suite
+            )),
+        });
     }
+    tracing::debug!(?offload, suite = ?tx.suite, "TLS records");
+    let io_err = |source| TransportError::Io {
+        op: "set up the TLS records",
+        source,
+    };
+    let send = if offload.tx {
+        Sending::Kernel(KernelTx::new(Arc::clone(&shared)))
+    } else {
+        Sending::User(Sealer::new(
+            Keys::new(&tx).map_err(io_err)?,
+            Arc::clone(&shared),
+        ))
+    };
+    let recv = if offload.rx {
+        Receiving::Kernel(KernelRx::new(shared))
+    } else {
+        Receiving::User(Opener::new(Keys::new(&rx).map_err(io_err)?, shared))
+    };
+    Ok(TlsConn::new(sock, send, recv))
 }
 
 /// A source without TLS starts with our plaintext preamble: tell it, in
@@ -730,14 +850,11 @@ fn auth(detail: String) -> TransportError {
 }
 
 /// A failed handshake as what it means to an operator.
-fn handshake_error(e: io::Error, state: &Connection) -> TransportError {
+fn handshake_error(e: io::Error, is_source: bool) -> TransportError {
     let rustls_error = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    let side = match state {
-        Connection::Client(_) => "destination",
-        Connection::Server(_) => "source",
-    };
+    let side = if is_source { "destination" } else { "source" };
     match rustls_error {
         Some(rustls::Error::InvalidMessage(_))
         | Some(rustls::Error::InappropriateMessage { .. }) => auth(format!(
@@ -769,7 +886,7 @@ fn handshake_error(e: io::Error, state: &Connection) -> TransportError {
 /// (`*.corp.example`) stands for itself only: it allows no host (QEMU's
 /// tls-authz matches exactly too).
 fn check_allowed(
-    state: &Connection,
+    state: &CommonState,
     allowed: &[ServerName<'static>],
 ) -> Result<(), TransportError> {
     if allowed.is_empty() {
@@ -942,5 +1059,102 @@ mod tests {
         (&conn).read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"world");
         assert_eq!(&server.join().unwrap(), b"hello");
+    }
+
+    /// Our records are TLS 1.3 as rustls itself speaks it: a destination
+    /// of ours (certificates, userspace records) and a plain rustls client
+    /// with its own record layer exchange 300 KB each way, each end
+    /// updates its key mid-stream (rustls' KeyUpdate and ours), and each
+    /// end's close_notify ends the other's reading cleanly.
+    #[test]
+    fn our_records_are_tls_13_as_rustls_speaks_it() {
+        let dir = fixtures::scratch_dir("tls-interop");
+        crate::pki::write_test_pki(&dir, &["localhost".into()], &["source".into()], true).unwrap();
+        let dest = TlsConfig::destination_from_dir(&dir, &[])
+            .unwrap()
+            .with_kernel_tls(KernelTls::Off);
+        let source = TlsConfig::source_from_dir(&dir, "localhost").unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 11 % 253) as u8).collect();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let theirs = data.clone();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let Conn::Tls(conn) = secure(s, Some(&dest)).unwrap() else {
+                panic!("not TLS")
+            };
+            conn.key_update_every(1);
+            let mut left = &theirs[..];
+            while !left.is_empty() {
+                let n = conn
+                    .write_vectored(&[io::IoSlice::new(&left[..left.len().min(50_000)])])
+                    .unwrap();
+                left = &left[n..];
+            }
+            conn.close().unwrap();
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match conn.read(&mut buf).unwrap() {
+                    0 => break,
+                    n => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            (got, conn.key_updates())
+        });
+        let Role::Source {
+            config,
+            server_name,
+            ..
+        } = &*source.role
+        else {
+            panic!("not a source")
+        };
+        let mut sock = TcpStream::connect(addr).unwrap();
+        let mut tls =
+            rustls::ClientConnection::new(Arc::clone(config), server_name.clone()).unwrap();
+        // Everything the destination sends: READY, then its data.
+        let mut got = Vec::new();
+        let mut sent = 0;
+        let mut refreshed = false;
+        let mut closed_ours = false;
+        loop {
+            if !tls.is_handshaking() && sent < data.len() {
+                let n = tls
+                    .writer()
+                    .write(&data[sent..(sent + 20_000).min(data.len())])
+                    .unwrap();
+                sent += n;
+                if sent > data.len() / 2 && !refreshed {
+                    tls.refresh_traffic_keys().unwrap();
+                    refreshed = true;
+                }
+            } else if sent == data.len() && !closed_ours {
+                tls.send_close_notify();
+                closed_ours = true;
+            }
+            while tls.wants_write() {
+                tls.write_tls(&mut sock).unwrap();
+            }
+            if tls.wants_read() {
+                if tls.read_tls(&mut sock).unwrap() == 0 {
+                    break;
+                }
+                let state = tls.process_new_packets().unwrap();
+                let mut buf = vec![0u8; state.plaintext_bytes_to_read()];
+                tls.reader().read_exact(&mut buf).unwrap();
+                got.extend_from_slice(&buf);
+                if state.peer_has_closed() && closed_ours {
+                    break;
+                }
+            }
+        }
+        assert_eq!(got[0], 0x5a, "READY first");
+        assert!(got[1..] == data[..], "rustls read our records");
+        let (theirs_got, (updates_sent, updates_received)) = server.join().unwrap();
+        assert!(theirs_got == data, "we read rustls' records");
+        assert!(updates_sent >= 2, "{updates_sent} key updates sent");
+        assert_eq!(updates_received, 1, "rustls' key update");
     }
 }

@@ -222,6 +222,7 @@ impl Precopy<'_> {
             let avg = totals.average_mbps();
             return self.finish_postcopy(transport, session, &set, avg);
         }
+        sender.finish();
         if self.cfg.pause_before_switchover {
             self.pre_switchover()?;
         }

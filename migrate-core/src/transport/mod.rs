@@ -255,6 +255,11 @@ pub trait PageSender: Send {
         runs: &[PageRun],
         ctx: &RoundContext<'_>,
     ) -> Result<RoundSent, TransportError>;
+
+    /// The last round is sent: end every data stream cleanly, so the
+    /// destination can tell the end from a cut (TLS: `close_notify`). By
+    /// default nothing.
+    fn finish(&mut self) {}
 }
 
 /// What a destination's data plane reports.
