@@ -31,6 +31,19 @@ dirty=$(cargo test -p migrate-core --features test-utils --locked --test dirty_c
   | grep -o 'target/debug/deps/dirty_conformance-[0-9a-f]*' | tail -n 1)
 [ -n "$dirty" ] || { echo "test-rdma: no dirty_conformance binary built" >&2; exit 1; }
 script+="echo '== dirty tracking on the VM kernel (uffd-sync, the selected set)'; $dirty --test-threads=1 uffd_sync selected_best || exit 1; "
+# Kernel TLS: the VM's kernel has the tls module (this host's has not), so
+# there the kernel's records and ours must read each other, and a guest
+# must move byte for byte through them; a skip there is a failure.
+tcp_bins=$(cargo test -p transport-tcp --locked --lib --test conformance --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["target"]["name"] + "=" + m["executable"])')
+tcp_lib=$(echo "$tcp_bins" | sed -n 's/^transport_tcp=//p')
+tcp_conf=$(echo "$tcp_bins" | sed -n 's/^conformance=//p')
+[ -n "$tcp_lib" ] && [ -n "$tcp_conf" ] || { echo "test-rdma: no transport-tcp test binaries built" >&2; exit 1; }
+script+="echo '== kernel TLS (the VM kernel has tls.ko)'; MIGRATE_REQUIRE_KTLS=1 $tcp_lib --test-threads=1 ktls:: record:: tls:: || exit 1; MIGRATE_REQUIRE_KTLS=1 $tcp_conf --test-threads=1 kernel_tls || exit 1; "
 script+="echo '== migrate-cli over RDMA (loopback, a RoCE fabric link with faults) and TCP between two namespaces'; "
 script+="scripts/vm-rdma-cli.sh target/release/migrate-cli ${RDMA_COMPARE:+compare} || exit 1"
 exec scripts/rdma-vm.sh --netns bash -c "$script"

@@ -562,8 +562,8 @@ pub fn event_json(event: &MigrationEvent) -> Value {
 }
 
 /// A destination's event as one JSON object (`round-received`,
-/// `connection-lost`, `resumed`, `postcopy`, `committed`, `failed`,
-/// `cancelled`).
+/// `progress`, `connection-lost`, `resumed`, `postcopy`, `committed`,
+/// `failed`, `cancelled`).
 pub fn incoming_event_json(event: &IncomingEvent) -> Value {
     let mut v = stamped(event.name());
     // The figures as of this event, with the status this event means (the
@@ -590,7 +590,9 @@ pub fn incoming_event_json(event: &IncomingEvent) -> Value {
             v["stats"] = stats(r);
         }
         IncomingEvent::ConnectionLost { error } => v["error"] = json!(error),
-        IncomingEvent::Committed(r) | IncomingEvent::Cancelled(r) => v["stats"] = stats(r),
+        IncomingEvent::Committed(r) | IncomingEvent::Cancelled(r) | IncomingEvent::Progress(r) => {
+            v["stats"] = stats(r)
+        }
         IncomingEvent::Failed { error, report: r } => {
             v["error"] = json!(error);
             v["stats"] = stats(r);

@@ -586,3 +586,59 @@ fn a_destination_is_steerable_from_the_moment_it_listens() {
         text(&d)
     );
 }
+
+/// Live figures (issue 31, item 6): before the destination has received a
+/// whole round, its `query` already counts the bytes that landed and its
+/// clock runs; the source's bytes and clock move between two queries; a
+/// destination cancelled by SIGINT reports the bytes that had landed, and
+/// its event log has `progress` events with moving figures.
+#[test]
+fn figures_are_live_between_round_ends() {
+    let run = steered("live", "1", &[]);
+    let d1 = wait_for(&run.dsocket, "bytes landed before a round ended", |s| {
+        s["rounds"].as_u64() == Some(0) && s["bytes_received"].as_u64() > Some(0)
+    });
+    assert!(d1["total_ms"].as_f64() > Some(0.0), "{d1}");
+    let (_, s1) = ctl(&run.socket, &["query"]);
+    std::thread::sleep(Duration::from_millis(400));
+    let (_, s2) = ctl(&run.socket, &["query"]);
+    let d2 = wait_for(&run.dsocket, "more bytes", |s| {
+        s["bytes_received"].as_u64() > d1["bytes_received"].as_u64()
+    });
+    assert!(
+        d2["total_ms"].as_f64().unwrap() > d1["total_ms"].as_f64().unwrap(),
+        "{d1} then {d2}"
+    );
+    let (s1, s2) = (&s1["stats"], &s2["stats"]);
+    assert!(
+        s2["total_ms"].as_f64().unwrap() >= s1["total_ms"].as_f64().unwrap() + 300.0,
+        "{s1} then {s2}"
+    );
+    assert!(
+        s2["bytes_transferred"].as_u64() > s1["bytes_transferred"].as_u64(),
+        "{s1} then {s2}"
+    );
+    wait_for_event(&run.dev, "progress");
+    let dev = run.dev.clone();
+    signal(run.d.id(), "-INT");
+    let (_, d, _, dj, _) = run.finish();
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+    let report = json(&dj);
+    assert_eq!(report["status"], "cancelled");
+    assert!(
+        report["bytes_received"].as_u64() >= d2["bytes_received"].as_u64(),
+        "{report}"
+    );
+    assert!(
+        report["total_ms"].as_f64() > d2["total_ms"].as_f64(),
+        "{report}"
+    );
+    let progress: Vec<Value> = events(&dev)
+        .into_iter()
+        .filter(|e| e["event"] == "progress")
+        .collect();
+    assert!(!progress.is_empty());
+    for e in &progress {
+        assert_eq!(e["stats"]["status"], "active", "{e}");
+    }
+}

@@ -21,7 +21,7 @@ use crate::protocol::{
 };
 use crate::stats::Monitor;
 use crate::transport::{
-    ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
+    ControlChannel, DataEvent, DestinationTransport, Landed, RoundSent, TransportError,
 };
 use crate::vm::DestinationVm;
 use crate::{CancelToken, MigrationError};
@@ -101,6 +101,9 @@ pub enum IncomingEvent {
     Resumed,
     /// The guest runs here; the pages it still lacks follow (post-copy).
     Postcopy,
+    /// Figures so far, every [`PROGRESS_EVERY`] while the migration runs
+    /// (bytes counted as batches land, where the transport sees them: TCP).
+    Progress(DestinationReport),
     /// Committed: the guest runs here (final figures).
     Committed(DestinationReport),
     /// Failed: nothing resumed here, the received memory is to be
@@ -124,6 +127,7 @@ impl IncomingEvent {
             IncomingEvent::ConnectionLost { .. } => "connection-lost",
             IncomingEvent::Resumed => "resumed",
             IncomingEvent::Postcopy => "postcopy",
+            IncomingEvent::Progress(_) => "progress",
             IncomingEvent::Committed(_) => "committed",
             IncomingEvent::Failed { .. } => "failed",
             IncomingEvent::Cancelled(_) => "cancelled",
@@ -141,18 +145,66 @@ impl IncomingEvent {
     }
 }
 
+/// How often a running incoming migration emits [`IncomingEvent::Progress`].
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Figures that move between the engine's own updates: the clock, and what
+/// the data plane has landed (counted per batch).
+#[derive(Debug)]
+struct Live {
+    started: Instant,
+    landed: std::sync::OnceLock<Arc<Landed>>,
+    /// The migration ended: the report's `total_ms` is final.
+    ended: std::sync::atomic::AtomicBool,
+}
+
+impl Live {
+    fn new(started: Instant) -> Arc<Self> {
+        Arc::new(Self {
+            started,
+            landed: std::sync::OnceLock::new(),
+            ended: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// `report` as of now: the clock while running, and what landed.
+    fn overlay(&self, report: &mut DestinationReport) {
+        if !self.ended.load(std::sync::atomic::Ordering::Relaxed) {
+            report.total_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        }
+        self.merge(report);
+    }
+
+    /// What the data plane landed, where it is ahead of the rounds the
+    /// engine counted.
+    fn merge(&self, report: &mut DestinationReport) {
+        if let Some(landed) = self.landed.get() {
+            let (bytes, normal, zero) = landed.get();
+            let r = &mut report.received;
+            r.wire_bytes = r.wire_bytes.max(bytes);
+            r.normal_pages = r.normal_pages.max(normal);
+            r.zero_pages = r.zero_pages.max(zero);
+        }
+    }
+}
+
 /// Watch and cancel an incoming migration from another thread (the VMM's
 /// destination side of [`MigrationHandle`](crate::MigrationHandle)).
 #[derive(Debug, Clone)]
 pub struct IncomingHandle {
     monitor: Monitor<DestinationReport, IncomingEvent>,
     cancel: CancelToken,
+    live: Arc<Live>,
 }
 
 impl IncomingHandle {
-    /// Figures so far.
+    /// Figures so far: live while the migration runs (the clock, and the
+    /// bytes and pages landed so far where the transport counts them as
+    /// they land), final once it ended.
     pub fn stats(&self) -> DestinationReport {
-        self.monitor.stats()
+        let mut r = self.monitor.stats();
+        self.live.overlay(&mut r);
+        r
     }
 
     /// A channel of events from now on (dropping it unsubscribes).
@@ -182,6 +234,7 @@ pub struct IncomingMigration {
     memory_reads_zero: bool,
     monitor: Monitor<DestinationReport, IncomingEvent>,
     cancel: CancelToken,
+    live: Arc<Live>,
 }
 
 impl IncomingMigration {
@@ -245,6 +298,7 @@ impl IncomingMigration {
             memory_reads_zero: false,
             monitor,
             cancel: CancelToken::new(),
+            live: Live::new(started),
         })
     }
 
@@ -253,6 +307,7 @@ impl IncomingMigration {
         IncomingHandle {
             monitor: self.monitor.clone(),
             cancel: self.cancel.clone(),
+            live: Arc::clone(&self.live),
         }
     }
 
@@ -307,20 +362,48 @@ impl IncomingMigration {
         mem: &Arc<GuestMemory>,
         vm: &mut dyn DestinationVm,
     ) -> Result<DestinationReport, MigrationError> {
-        let (monitor, started) = (self.monitor.clone(), self.started);
-        let result = self.receive_inner(transport, mem, vm);
+        let (monitor, started, live) = (self.monitor.clone(), self.started, Arc::clone(&self.live));
+        let result = std::thread::scope(|s| {
+            // Progress events while it runs: the figures move between
+            // rounds too.
+            let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+            let (m, l) = (monitor.clone(), Arc::clone(&live));
+            let ticker = std::thread::Builder::new()
+                .name("incoming-progress".into())
+                .spawn_scoped(s, move || {
+                    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                        stopped.recv_timeout(PROGRESS_EVERY)
+                    {
+                        let mut r = m.stats();
+                        l.overlay(&mut r);
+                        m.emit(IncomingEvent::Progress(r));
+                    }
+                });
+            if let Err(e) = &ticker {
+                tracing::warn!(error = %e, "no progress events: the thread did not start");
+            }
+            let result = self.receive_inner(transport, mem, vm);
+            drop(stop);
+            result
+        });
         let total_ms = started.elapsed().as_secs_f64() * 1e3;
+        // Final figures: what landed counts even where no round ended.
+        let end = |m: &mut DestinationReport| {
+            m.total_ms = total_ms;
+            live.merge(m);
+        };
+        live.ended.store(true, std::sync::atomic::Ordering::Relaxed);
         match &result {
             Ok(r) => {
                 monitor.update(|m| *m = r.clone());
                 monitor.emit(IncomingEvent::Committed(r.clone()));
             }
             Err(MigrationError::Cancelled) => {
-                let report = monitor.update(|m| m.total_ms = total_ms);
+                let report = monitor.update(end);
                 monitor.emit(IncomingEvent::Cancelled(report));
             }
             Err(e) => {
-                let report = monitor.update(|m| m.total_ms = total_ms);
+                let report = monitor.update(end);
                 monitor.emit(IncomingEvent::Failed {
                     error: e.to_string(),
                     report,
@@ -373,6 +456,9 @@ impl IncomingMigration {
             })?;
         }
         let events = transport.open_data(mem, self.session, self.streams, self.features)?;
+        if let Some(landed) = transport.landed() {
+            let _ = self.live.landed.set(landed);
+        }
         let mut receiver = Receiver {
             mem,
             events: Some(events),

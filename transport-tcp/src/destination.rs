@@ -18,7 +18,7 @@ use migrate_core::protocol::{
     FEATURE_SPARSE, FEATURE_UNHASHED, FEATURE_ZSTD, FrameKind, Message, PageRange, ProtocolError,
 };
 use migrate_core::transport::{
-    ControlChannel, DataEvent, DestinationTransport, RoundSent, TransportError,
+    ControlChannel, DataEvent, DestinationTransport, Landed, RoundSent, TransportError,
 };
 
 use crate::TcpConfig;
@@ -90,6 +90,7 @@ impl TcpMigrationListener {
             receivers: Vec::new(),
             kill,
             resumes: None,
+            landed: Arc::default(),
         })
     }
 }
@@ -106,6 +107,8 @@ pub struct TcpDestination {
     /// kept across [`DestinationTransport::reaccept`]'s calls (the engine
     /// waits in slices: a handshake in progress must outlive a slice).
     resumes: Option<Box<Handshakes<(TcpControl, KillSwitch)>>>,
+    /// What the data streams have landed, every round, counted per batch.
+    landed: Arc<Landed>,
 }
 
 impl TcpDestination {
@@ -209,17 +212,22 @@ impl DestinationTransport for TcpDestination {
             let unhashed_ok = features & FEATURE_UNHASHED != 0 && stream.sealed();
             let (mem, tx, layout) = (Arc::clone(mem), tx.clone(), layout.clone());
             let (kill, fresh) = (self.kill.clone(), Arc::clone(&fresh));
+            let landed = Arc::clone(&self.landed);
             let handle = std::thread::Builder::new()
                 .name(format!("tcp-recv-{index}"))
                 .spawn(move || {
                     let to = (&*mem, &*fresh);
                     let expect = (&layout, unhashed_ok);
-                    receive_stream(index as u16, reader, to, expect, &tx, &kill)
+                    receive_stream(index as u16, reader, to, expect, (&tx, &landed), &kill)
                 })
                 .map_err(io("spawn receiver"))?;
             self.receivers.push(handle);
         }
         Ok(rx)
+    }
+
+    fn landed(&self) -> Option<Arc<Landed>> {
+        Some(Arc::clone(&self.landed))
     }
 
     fn reaccept(&mut self, deadline: Instant) -> Result<(), TransportError> {
@@ -327,7 +335,7 @@ fn receive_stream(
     mut reader: BufReader<Conn>,
     to: (&GuestMemory, &FreshPages),
     (layout, unhashed_ok): (&MemoryLayout, bool),
-    tx: &Sender<DataEvent>,
+    (tx, landed): (&Sender<DataEvent>, &Landed),
     kill: &KillSwitch,
 ) {
     let mut round = StreamRound::default();
@@ -347,15 +355,18 @@ fn receive_stream(
                 }
                 let suspect = land_batch(&mut reader, to, &bh, &mut buffers)?;
                 round.batches += 1;
-                round.received.wire_bytes += (HEADER_LEN as u64) + h.len as u64;
+                let bytes = (HEADER_LEN as u64) + h.len as u64;
+                let (mut normal, mut zero) = (0, 0);
                 for r in &bh.runs {
                     match r.kind {
-                        RunKind::Data | RunKind::Sparse => {
-                            round.received.normal_pages += r.count as u64
-                        }
-                        RunKind::Zero => round.received.zero_pages += r.count as u64,
+                        RunKind::Data | RunKind::Sparse => normal += r.count as u64,
+                        RunKind::Zero => zero += r.count as u64,
                     }
                 }
+                round.received.wire_bytes += bytes;
+                round.received.normal_pages += normal;
+                round.received.zero_pages += zero;
+                landed.add(bytes, normal, zero);
                 if !suspect.is_empty() {
                     // Normal in live rounds (a guest write raced the send);
                     // the source decides whether it matters.
@@ -374,6 +385,7 @@ fn receive_stream(
                     let mut done = std::mem::take(&mut round);
                     // The marker is on the wire too, as the source counts.
                     done.received.wire_bytes += (HEADER_LEN as u64) + h.len as u64;
+                    landed.add((HEADER_LEN as u64) + h.len as u64, 0, 0);
                     Ok(Some(DataEvent::RoundEnd {
                         stream,
                         round: r,

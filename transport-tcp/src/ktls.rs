@@ -347,6 +347,7 @@ mod tests {
                 }
                 (sent, received) => {
                     let e = sent.err().or(received.err()).unwrap().to_string();
+                    println!("key update under kernel TLS (kernel sends: {kernel_sends}): {e}");
                     assert!(
                         e.contains("cannot take a key update"),
                         "kernel sends: {kernel_sends}: {e}"

@@ -193,9 +193,28 @@ impl MigrationHandle {
         self.steer.wake.notify_all();
     }
 
-    /// Current figures.
+    /// Current figures: `total_ms` runs with the clock until the
+    /// migration ends; bytes move as batches go out, not only at round
+    /// ends.
     pub fn stats(&self) -> MigrationStats {
-        self.monitor.stats()
+        let mut s = self.monitor.stats();
+        let running = !matches!(
+            s.status,
+            MigrationStatus::Completed
+                | MigrationStatus::Failed
+                | MigrationStatus::Cancelled
+                | MigrationStatus::CommitUnknown
+                | MigrationStatus::PostcopyInterrupted
+        );
+        if running && s.started_at_unix_ms > 0 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            s.total_ms = s
+                .total_ms
+                .max(now.saturating_sub(s.started_at_unix_ms) as f64);
+        }
+        s
     }
 
     /// A channel of events from now on (dropping it unsubscribes).

@@ -262,6 +262,38 @@ pub trait PageSender: Send {
     fn finish(&mut self) {}
 }
 
+/// What a destination's data plane has landed so far, all rounds, counted
+/// as each batch lands (shared with the engine, which reads it for live
+/// figures between round ends; [`DataEvent::RoundEnd`] stays the count a
+/// round is checked against).
+#[derive(Debug, Default)]
+pub struct Landed {
+    wire_bytes: std::sync::atomic::AtomicU64,
+    normal_pages: std::sync::atomic::AtomicU64,
+    zero_pages: std::sync::atomic::AtomicU64,
+}
+
+impl Landed {
+    /// Count a batch (or a round's end marker): its bytes on the wire and
+    /// its pages.
+    pub fn add(&self, wire_bytes: u64, normal_pages: u64, zero_pages: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.wire_bytes.fetch_add(wire_bytes, Relaxed);
+        self.normal_pages.fetch_add(normal_pages, Relaxed);
+        self.zero_pages.fetch_add(zero_pages, Relaxed);
+    }
+
+    /// The figures so far: wire bytes, pages with bytes, zero pages.
+    pub fn get(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.wire_bytes.load(Relaxed),
+            self.normal_pages.load(Relaxed),
+            self.zero_pages.load(Relaxed),
+        )
+    }
+}
+
 /// What a destination's data plane reports.
 #[derive(Debug)]
 pub enum DataEvent {
@@ -386,6 +418,14 @@ pub trait DestinationTransport: Send {
         streams: u16,
         features: u64,
     ) -> Result<crossbeam_channel::Receiver<DataEvent>, TransportError>;
+
+    /// What the data plane has landed so far, counted as batches land, if
+    /// this transport sees them land (TCP does; RDMA WRITEs land without
+    /// this side's CPU, so its figures move at round ends). By default
+    /// `None`.
+    fn landed(&self) -> Option<Arc<Landed>> {
+        None
+    }
 
     /// The source's post-copy offer (`RdmaReadOffer`): a fetcher reading
     /// pages of `mem`'s layout from the source, and the answer to send.

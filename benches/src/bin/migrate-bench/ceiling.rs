@@ -275,7 +275,7 @@ pub fn ceiling_for<'a>(
     transport: &str,
 ) -> Option<&'a Ceiling> {
     let (bounds, older) = match transport {
-        "tcp" | "tcp-tls" => ("tcp", format!("iperf3 -P {STREAMS}")),
+        "tcp" | "tcp-tls" | "tcp-ktls" => ("tcp", format!("iperf3 -P {STREAMS}")),
         _ => (
             "rdma",
             format!("ib_write_bw -q {STREAMS} -t {TX_DEPTH} -s 1M"),

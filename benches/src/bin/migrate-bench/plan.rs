@@ -44,7 +44,8 @@ impl Site {
             src_ns: ns.then(|| "mig-src".into()),
             dst_ns: ns.then(|| "mig-dst".into()),
             dst_ip: ip.into(),
-            // `tcp-tls`: the same TCP with mutual TLS 1.3 (idle cells only).
+            // `tcp-tls`: the same TCP with mutual TLS 1.3 (idle cells only;
+            // this host's kernel has no TLS, so records sealed in userspace).
             transports: vec!["tcp".into(), "tcp-tls".into()],
             rdma_device: None,
             sizes_mib: vec![64, 256, 1024],
@@ -64,7 +65,14 @@ impl Site {
                 src_ns: None,
                 dst_ns: None,
                 dst_ip: "127.0.0.1".into(),
-                transports: vec!["rdma".into(), "tcp".into()],
+                // TLS both ways: records sealed by this program
+                // (`tcp-tls`) and by the VM kernel's TLS (`tcp-ktls`).
+                transports: vec![
+                    "rdma".into(),
+                    "tcp".into(),
+                    "tcp-tls".into(),
+                    "tcp-ktls".into(),
+                ],
                 rdma_device: Some(("rxe0".into(), 1)),
                 sizes_mib: vec![32, 64],
                 // 64 MiB is a 0.3 s first pass in the VM; 256 MiB about 1.5 s.
@@ -75,6 +83,13 @@ impl Site {
             other => bail!("unknown site {other:?} (host-loopback, host-veth, vm-loopback)"),
         })
     }
+}
+
+/// Whether `transport` is TCP with TLS: `tcp-tls` (records sealed by
+/// migrate-cli, `--kernel-tls off`) or `tcp-ktls` (by the kernel,
+/// `--kernel-tls on`).
+pub fn is_tls(transport: &str) -> bool {
+    matches!(transport, "tcp-tls" | "tcp-ktls")
 }
 
 /// One cell of the matrix.
@@ -168,7 +183,7 @@ pub fn matrix(site: &Site, quick: bool) -> Vec<Case> {
             load: load.into(),
             prefault,
         };
-        if t == "tcp-tls" {
+        if is_tls(t) {
             // The cost of encryption: the bulk cells only, beside tcp's.
             cases.extend(sizes.iter().map(|&size| cell(size, "random", "idle", true)));
             continue;

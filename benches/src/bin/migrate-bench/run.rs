@@ -44,6 +44,15 @@ pub struct RunArgs {
     /// The command line to record with the results.
     #[arg(long, default_value = "")]
     pub command_line: String,
+    /// Only these transports of each site (e.g. `--transport tcp
+    /// --transport tcp-tls` to measure what TLS costs alone); all by
+    /// default.
+    #[arg(long = "transport")]
+    pub transports: Vec<String>,
+    /// Only the idle random cells with a preallocated destination (the
+    /// bulk first passes that the ceilings and the TLS ratios compare).
+    #[arg(long)]
+    pub bulk_only: bool,
 }
 
 /// Everything one `migrate-bench run` measured.
@@ -118,7 +127,13 @@ pub fn run(a: &RunArgs) -> Result<Raw> {
     let sites = a
         .sites
         .iter()
-        .map(|s| Site::named(s))
+        .map(|s| {
+            let mut site = Site::named(s)?;
+            if !a.transports.is_empty() {
+                site.transports.retain(|t| a.transports.contains(t));
+            }
+            Ok(site)
+        })
         .collect::<Result<Vec<_>>>()?;
     let tmp = std::env::temp_dir().join(format!("migrate-bench.{}", std::process::id()));
     // An earlier run under the same process id left nothing to read.
@@ -137,7 +152,10 @@ pub fn run(a: &RunArgs) -> Result<Raw> {
     for site in &sites {
         raw.ceilings
             .extend(ceiling::network(site, reps, a.ceiling_secs)?);
-        let cases = plan::matrix(site, a.quick);
+        let mut cases = plan::matrix(site, a.quick);
+        if a.bulk_only {
+            cases.retain(|c| c.mix == "random" && c.load == "idle" && c.prefault);
+        }
         let n = cases.len() * reps;
         let mut i = 0;
         for case in &cases {
@@ -182,10 +200,11 @@ fn migrate_into(cli: &Path, site: &Site, case: &Case, tmp: &Path, r: &mut RunRes
     let _ = std::fs::remove_file(&sjson);
     let streams = STREAMS.to_string();
     // `tcp-tls` is TCP with mutual TLS (a pre-shared key: the same TLS 1.3
-    // record layer as certificates); plaintext between namespaces has to be
-    // asked for.
+    // records as certificates), sealed by migrate-cli; `tcp-ktls` the same
+    // sealed by the kernel; plaintext between namespaces has to be asked
+    // for.
     let (transport, auth): (&str, Vec<String>) = match case.transport.as_str() {
-        "tcp-tls" => {
+        t if crate::plan::is_tls(t) => {
             let key = tmp.join("bench.psk");
             // 32 bytes as hex, readable by the bench alone (the CLI refuses
             // a key file others can read).
@@ -202,7 +221,16 @@ fn migrate_into(cli: &Path, site: &Site, case: &Case, tmp: &Path, r: &mut RunRes
                         b"6d696772617465206265e5c8207072652d736861726564206b65792030313233",
                     )?;
             }
-            ("tcp", vec!["--psk-file".into(), key.display().to_string()])
+            let kernel = if t == "tcp-ktls" { "on" } else { "off" };
+            (
+                "tcp",
+                vec![
+                    "--psk-file".into(),
+                    key.display().to_string(),
+                    "--kernel-tls".into(),
+                    kernel.into(),
+                ],
+            )
         }
         t if site.dst_ns.is_some() => (t, vec!["--insecure".into()]),
         t => (t, Vec::new()),
@@ -296,7 +324,7 @@ fn migrate_into(cli: &Path, site: &Site, case: &Case, tmp: &Path, r: &mut RunRes
         bail!("ran over {} instead of {}", r.transport, transport);
     }
     let authenticated = s["authentication"].as_str().unwrap_or("none") != "none";
-    if authenticated != (case.transport == "tcp-tls") {
+    if authenticated != crate::plan::is_tls(&case.transport) {
         bail!(
             "authentication {} in a {} run",
             s["authentication"],

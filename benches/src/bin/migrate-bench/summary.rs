@@ -332,18 +332,31 @@ fn bulk_cells(cells: &[Cell]) -> Vec<&Cell> {
     out
 }
 
+/// Who sealed a TLS transport's records.
+fn tls_sealer(transport: &str) -> &'static str {
+    if transport == "tcp-ktls" {
+        "kernel TLS"
+    } else {
+        "records sealed by migrate-cli"
+    }
+}
+
 /// TLS against plaintext TCP, size by size, where a site measured both
 /// (same run): the cost of authentication and encryption.
 fn tls_vs_plain(s: &mut String, cells: &[Cell]) {
-    for c in cells.iter().filter(|c| c.case.transport == "tcp-tls") {
+    for c in cells
+        .iter()
+        .filter(|c| crate::plan::is_tls(&c.case.transport))
+    {
         let k = &c.case;
         if let (Some(tls), Some(plain)) = (
-            idle_random_first_pass(cells, &k.site, "tcp-tls", k.size_mib),
+            idle_random_first_pass(cells, &k.site, &k.transport, k.size_mib),
             idle_random_first_pass(cells, &k.site, "tcp", k.size_mib),
         ) {
             let _ = writeln!(
                 s,
-                "\nTLS / plaintext TCP at {} ({} MiB idle random, same run): {:.0} / {:.0} Mbit/s first pass = {:.2}.",
+                "\nTLS ({}) / plaintext TCP at {} ({} MiB idle random, same run): {:.0} / {:.0} Mbit/s first pass = {:.2}.",
+                tls_sealer(&k.transport),
                 k.site,
                 k.size_mib,
                 tls.median,
@@ -406,7 +419,7 @@ fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) -> usize {
     let _ = writeln!(s, "| target | where | measured | met |\n|---|---|---|---|");
     for c in bulk_cells(cells) {
         let k = &c.case;
-        if k.transport == "tcp-tls" {
+        if crate::plan::is_tls(&k.transport) {
             // TLS is held to plaintext TCP of the same run (issue 12's
             // target), not to a plaintext tool.
             let (Some(tls), Some(plain)) = (
@@ -418,7 +431,8 @@ fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) -> usize {
             let ratio = tls.median / plain.median;
             let _ = writeln!(
                 s,
-                "| TCP-TLS ≥ 0.8 × plaintext TCP (same run) | {}, {} MiB idle random | {:.0} / {:.0} Mbit/s = {:.2} | {} |",
+                "| TCP-TLS ({}) ≥ 0.8 × plaintext TCP (same run) | {}, {} MiB idle random | {:.0} / {:.0} Mbit/s = {:.2} | {} |",
+                tls_sealer(&k.transport),
                 k.site,
                 k.size_mib,
                 tls.median,
