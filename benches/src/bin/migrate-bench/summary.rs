@@ -15,7 +15,7 @@ use crate::run::{Raw, RunResult};
 /// TLS cells and the plaintext cells beside them, `--transport ...
 /// --bulk-only`) re-measures its cells, and the ratios it prints stay
 /// within one run.
-fn newest_with<'a>(raws: &'a [Raw], has: impl Fn(&Raw) -> bool) -> Option<&'a Raw> {
+fn newest_with(raws: &[Raw], has: impl Fn(&Raw) -> bool) -> Option<&Raw> {
     raws.iter()
         .filter(|r| has(r))
         .max_by(|a, b| a.date.cmp(&b.date))
