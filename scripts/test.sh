@@ -3,13 +3,29 @@
 # Usage: scripts/test.sh   (from anywhere; root or sudo for the set-up steps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Each phase's wall time, printed at the end (also after a failure: the
+# phases up to it), beside the skip summary.
+phases=()
+phase_start=$SECONDS
+phase_done() {
+  phases+=("$(printf '%-34s %5d s' "$1" $((SECONDS - phase_start)))")
+  phase_start=$SECONDS
+}
 . scripts/setup.sh all
+phase_done "set-up (packages, toolchain)"
 
 # A skipped test is an outcome: every skip is logged (fixtures::skip) and
 # listed at the end. What this machine was checked to have, a test may not
 # skip for lack of: MIGRATE_REQUIRE_<NEED> turns such a skip into a failure.
 export MIGRATE_SKIP_LOG
 MIGRATE_SKIP_LOG=$(mktemp)
+summary() {
+  echo "== phases (wall time)"
+  local p
+  for p in "${phases[@]}"; do echo "   $p"; done
+  printf '   %-34s %5d s\n' "total" "$SECONDS"
+  skip_summary
+}
 skip_summary() {
   local n
   n=$(grep -c '^SKIP' "$MIGRATE_SKIP_LOG" 2>/dev/null || true)
@@ -17,7 +33,7 @@ skip_summary() {
   sort "$MIGRATE_SKIP_LOG" | uniq -c | sed 's/^/   /'
   rm -f "$MIGRATE_SKIP_LOG"
 }
-trap skip_summary EXIT
+trap summary EXIT
 have() { echo "test: this machine has $1: tests that need it must run"; }
 # Huge pages for the hugetlb tests: reserved here, then required.
 if [ -w /proc/sys/vm/nr_hugepages ] && [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 64 ]; then
@@ -43,6 +59,7 @@ if [ "$(id -u)" -eq 0 ] && mount -t tmpfs -o size=1m migrate-probe "$probe" 2>/d
   export MIGRATE_REQUIRE_MOUNT=1; have "a tmpfs to mount"
 fi
 rmdir "$probe"
+phase_done "probes (what this machine has)"
 
 # A boot sector nobody here wrote (QEMU's migration-test guest), fetched
 # from Debian's QEMU source with pinned hashes: once fetched, required.
@@ -52,19 +69,24 @@ if foreign=$(scripts/foreign-boot-sector.sh 2>&1); then
 else
   echo "test: could not fetch QEMU's boot sector: $foreign" >&2
 fi
+phase_done "foreign boot sector"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+phase_done "fmt, clippy"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+phase_done "rustdoc"
 # The host has no RDMA device: transport-rdma's integration tests and the
 # RDMA micro benchmark run inside the SoftRoCE VM below (where they must
 # not skip); its unit tests run here.
 cargo test --workspace --exclude transport-rdma --locked
+phase_done "cargo test (workspace, host)"
 cargo test -p transport-rdma --lib --locked
 # The optional serde feature a VMM turns on to expose statistics and events.
 cargo test -p migrate-core --features serde --lib --locked serde_tests
 # Benchmarks compile and run once each in test mode (no timing).
 cargo test -p benches --bench dirty_tracking --bench data_path --locked
+phase_done "rdma unit, serde, criterion (test mode)"
 # The macro benchmark end to end, smallest matrix, host only (every run
 # verified; the table and the plot are drawn), into a scratch folder.
 if [ "$(id -u)" -eq 0 ]; then
@@ -78,8 +100,11 @@ if [ "$(id -u)" -eq 0 ]; then
   test -s "$bench_tmp/results-scale.png" || grep -q " — skipped: " "$bench_tmp/results.md"
   rm -rf "$bench_tmp"
 fi
+phase_done "bench smoke (host, quick)"
 # Every decoder of a peer's bytes under libFuzzer, 20 s each from the
 # committed corpus: regressions show here (scripts/fuzz.sh for long runs).
 scripts/fuzz.sh 20
+phase_done "fuzz smoke (20 s a target)"
 # RDMA over real SoftRoCE verbs, inside the emulated VM (the host has none).
 scripts/test-rdma.sh
+phase_done "SoftRoCE VM (RDMA, kernel TLS, uffd-sync)"
