@@ -211,10 +211,11 @@ fn start_dest_with(
 // About 1 s of guest work here (a VM exit per 256 KiB costs ~7 ms).
 const GUEST: [&str; 6] = ["--table-mib", "4", "--passes", "8", "--pages-per-sec", "0"];
 
+/// The answer of [`GUEST`] unmigrated, as `result:` prints it: the model's
+/// (the test above holds a real vCPU's answer to the model, so the
+/// migrated runs need not run the guest a second time to know it).
 fn unmigrated_result() -> String {
-    let o = bin().arg("run").args(GUEST).output().unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    line(&String::from_utf8_lossy(&o.stdout), "result: ").expect("result line")
+    format!("{:#010x}", TableProgram::new(4, 8).expected())
 }
 
 #[test]

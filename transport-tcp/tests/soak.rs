@@ -66,6 +66,24 @@ fn settles(count: impl Fn() -> usize, limit: usize) -> usize {
     }
 }
 
+/// Wait (at most 10 s) until `count()` has not changed for 300 ms (threads
+/// and sockets of the last migration closing); that count.
+fn steady(count: impl Fn() -> usize) -> usize {
+    let start = Instant::now();
+    let (mut last, mut since) = (count(), Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(10));
+        let n = count();
+        if n != last {
+            (last, since) = (n, Instant::now());
+        } else if since.elapsed() >= Duration::from_millis(300)
+            || start.elapsed() > Duration::from_secs(10)
+        {
+            return n;
+        }
+    }
+}
+
 #[test]
 fn migrations_leave_nothing_behind() {
     let n: usize = std::env::var("SOAK_MIGRATIONS")
@@ -97,8 +115,8 @@ fn migrations_leave_nothing_behind() {
         migrate();
     }
     let (fds, threads, rss) = (
-        settles(|| entries("/proc/self/fd"), 0),
-        settles(|| entries("/proc/self/task"), 0),
+        steady(|| entries("/proc/self/fd")),
+        steady(|| entries("/proc/self/task")),
         resident(),
     );
     let (fd_limit, thread_limit) = (fds + 2, threads + 2);
