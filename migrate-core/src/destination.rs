@@ -16,8 +16,8 @@ use crate::control::{CANCEL_POLL, expect_msg, recv_unless, recv_until, unexpecte
 use crate::memory::{GuestMemory, MemoryLayout};
 use crate::postcopy::fetch::PostcopyTarget;
 use crate::protocol::{
-    FEATURE_POSTCOPY, FEATURE_ZERO_SKIP, FrameKind, HASHES_PER_FRAME, MIN_VERSION, Message,
-    PageRange, ProtocolError, RefusalCode, VERSION,
+    FEATURE_POSTCOPY, FEATURE_ZERO_SKIP, Features, FrameKind, HASHES_PER_FRAME, MIN_VERSION,
+    Message, PageRange, ProtocolError, RefusalCode, VERSION,
 };
 use crate::stats::Monitor;
 use crate::transport::{
@@ -228,7 +228,7 @@ pub struct IncomingMigration {
     layout: MemoryLayout,
     session: u64,
     streams: u16,
-    features: u64,
+    features: Features,
     started: Instant,
     reconnect: Option<Duration>,
     memory_reads_zero: bool,
@@ -266,7 +266,7 @@ impl IncomingMigration {
         } else {
             0
         };
-        let ours = transport.features() | FEATURE_ZERO_SKIP | postcopy;
+        let ours = transport.features().with(FEATURE_ZERO_SKIP).with(postcopy);
         let ctl = transport.control();
         let (session, streams, features) = expect_msg!(ctl, Hello {
             min_version,
@@ -278,9 +278,9 @@ impl IncomingMigration {
             let version = negotiate(ctl, min_version, max_version, data_streams)?;
             ctl.send(&Message::Welcome {
                 version,
-                features: features & ours,
+                features: features & ours.bits(),
             })?;
-            (session, data_streams, features & ours)
+            (session, data_streams, Features::new(features).and(ours))
         });
         let layout = expect_msg!(ctl, Layout { layout } => layout);
         let monitor = Monitor::<DestinationReport, IncomingEvent>::default();
@@ -450,7 +450,7 @@ impl IncomingMigration {
             return Err(MigrationError::Layout(m));
         }
         transport.control().send(&Message::LayoutAccepted)?;
-        if self.features & FEATURE_ZERO_SKIP != 0 {
+        if self.features.zero_skip() {
             transport.control().send(&Message::DestinationMemory {
                 reads_zero: self.memory_reads_zero,
             })?;
@@ -470,7 +470,7 @@ impl IncomingMigration {
             },
             monitor: &self.monitor,
             cancel: &self.cancel,
-            postcopy_allowed: self.features & FEATURE_POSTCOPY != 0,
+            postcopy_allowed: self.features.postcopy(),
             postcopy_set: Vec::new(),
             postcopy: None,
         };

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use migrate_core::memory::GuestMemory;
-use migrate_core::protocol::{FEATURE_RDMA, Message, ProtocolError};
+use migrate_core::protocol::{FEATURE_RDMA, Features, Message, ProtocolError};
 use migrate_core::transport::{
     ControlChannel, DataEvent, DestinationTransport, PageFetcher, RoundSent, TransportError,
 };
@@ -148,8 +148,10 @@ impl DestinationTransport for RdmaDestination {
         self.tcp.authenticated()
     }
 
-    fn features(&self) -> u64 {
-        self.tcp.features() | if self.dev.is_some() { FEATURE_RDMA } else { 0 }
+    fn features(&self) -> Features {
+        self.tcp
+            .features()
+            .with(if self.dev.is_some() { FEATURE_RDMA } else { 0 })
     }
 
     fn control(&mut self) -> &mut dyn ControlChannel {
@@ -179,12 +181,12 @@ impl DestinationTransport for RdmaDestination {
         mem: &Arc<GuestMemory>,
         session: u64,
         streams: u16,
-        features: u64,
+        features: Features,
     ) -> Result<Receiver<DataEvent>, TransportError> {
         let Some(dev) = &self.dev else {
             return self.tcp.open_data(mem, session, streams, features);
         };
-        if features & FEATURE_RDMA == 0 {
+        if !features.has(FEATURE_RDMA) {
             self.fallback = Some("the source has no RDMA device".into());
             return self.tcp.open_data(mem, session, streams, features);
         }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use migrate_core::dirty::PageRun;
 use migrate_core::memory::GuestMemory;
 use migrate_core::protocol::{
-    FEATURE_RDMA, Message, PageRange, ProtocolError, QpEndpoint, RemoteRegion,
+    FEATURE_RDMA, Features, Message, PageRange, ProtocolError, QpEndpoint, RemoteRegion,
 };
 use migrate_core::transport::{
     ControlChannel, DestinationPages, PageSender, RoundContext, RoundSent, SourceTransport,
@@ -142,13 +142,12 @@ impl SourceTransport for RdmaSource {
         self.cfg.queue_pairs.max(1)
     }
 
-    fn features(&self) -> u64 {
-        self.tcp.features()
-            | if self.local.is_some() {
-                FEATURE_RDMA
-            } else {
-                0
-            }
+    fn features(&self) -> Features {
+        self.tcp.features().with(if self.local.is_some() {
+            FEATURE_RDMA
+        } else {
+            0
+        })
     }
 
     fn control(&mut self) -> &mut dyn ControlChannel {
@@ -159,12 +158,12 @@ impl SourceTransport for RdmaSource {
         &mut self,
         mem: &Arc<GuestMemory>,
         session: u64,
-        features: u64,
+        features: Features,
     ) -> Result<Box<dyn PageSender>, TransportError> {
         let Some(local) = &self.local else {
             return self.tcp.open_data(mem, session, features);
         };
-        if features & FEATURE_RDMA == 0 {
+        if !features.has(FEATURE_RDMA) {
             let reason = "the destination has no RDMA device".to_string();
             if self.cfg.require {
                 return Err(TransportError::Unavailable { reason });

@@ -15,7 +15,8 @@ use migrate_core::protocol::wire::{
     read_payload,
 };
 use migrate_core::protocol::{
-    FEATURE_SPARSE, FEATURE_UNHASHED, FEATURE_ZSTD, FrameKind, Message, PageRange, ProtocolError,
+    FEATURE_SPARSE, FEATURE_UNHASHED, FEATURE_ZSTD, Features, FrameKind, Message, PageRange,
+    ProtocolError,
 };
 use migrate_core::transport::{
     ControlChannel, DataEvent, DestinationTransport, Landed, RoundSent, TransportError,
@@ -138,14 +139,16 @@ impl DestinationTransport for TcpDestination {
         self.cfg.tls.is_some()
     }
 
-    fn features(&self) -> u64 {
-        FEATURE_ZSTD
-            | if self.cfg.sparse { FEATURE_SPARSE } else { 0 }
-            | if self.cfg.tls.is_some() {
-                FEATURE_UNHASHED
-            } else {
-                0
-            }
+    fn features(&self) -> Features {
+        Features::new(
+            FEATURE_ZSTD
+                | if self.cfg.sparse { FEATURE_SPARSE } else { 0 }
+                | if self.cfg.tls.is_some() {
+                    FEATURE_UNHASHED
+                } else {
+                    0
+                },
+        )
     }
 
     fn control(&mut self) -> &mut dyn ControlChannel {
@@ -157,7 +160,7 @@ impl DestinationTransport for TcpDestination {
         mem: &Arc<GuestMemory>,
         session: u64,
         streams: u16,
-        features: u64,
+        features: Features,
     ) -> Result<Receiver<DataEvent>, TransportError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut joined: Vec<Option<(Conn, BufReader<Conn>)>> = (0..streams).map(|_| None).collect();
@@ -209,7 +212,7 @@ impl DestinationTransport for TcpDestination {
             self.kill.register(stream.socket());
             // Batches without page hashes only where both ends agreed and
             // an AEAD seals this connection.
-            let unhashed_ok = features & FEATURE_UNHASHED != 0 && stream.sealed();
+            let unhashed_ok = features.has(FEATURE_UNHASHED) && stream.sealed();
             let (mem, tx, layout) = (Arc::clone(mem), tx.clone(), layout.clone());
             let (kill, fresh) = (self.kill.clone(), Arc::clone(&fresh));
             let landed = Arc::clone(&self.landed);

@@ -12,7 +12,9 @@ use migrate_core::protocol::wire::{
     BatchRun, FLAG_UNHASHED, FLAG_ZSTD, FrameHeader, HEADER_LEN, MAX_BATCH_BYTES, MAX_SPARSE_WORDS,
     RunKind, check_seed, encode_batch_header, encode_sparse_page, write_message,
 };
-use migrate_core::protocol::{FEATURE_SPARSE, FEATURE_UNHASHED, FEATURE_ZSTD, FrameKind, Message};
+use migrate_core::protocol::{
+    FEATURE_SPARSE, FEATURE_UNHASHED, FEATURE_ZSTD, Features, FrameKind, Message,
+};
 use migrate_core::transport::{
     ControlChannel, DestinationPages, PageSender, RoundContext, RoundSent, SourceTransport,
     TransportError,
@@ -91,14 +93,16 @@ impl SourceTransport for TcpSource {
         self.cfg.data_streams.max(1)
     }
 
-    fn features(&self) -> u64 {
-        (if self.cfg.compress { FEATURE_ZSTD } else { 0 })
-            | if self.cfg.sparse { FEATURE_SPARSE } else { 0 }
-            | if self.cfg.tls.is_some() {
-                FEATURE_UNHASHED
-            } else {
-                0
-            }
+    fn features(&self) -> Features {
+        Features::new(
+            (if self.cfg.compress { FEATURE_ZSTD } else { 0 })
+                | if self.cfg.sparse { FEATURE_SPARSE } else { 0 }
+                | if self.cfg.tls.is_some() {
+                    FEATURE_UNHASHED
+                } else {
+                    0
+                },
+        )
     }
 
     fn control(&mut self) -> &mut dyn ControlChannel {
@@ -109,7 +113,7 @@ impl SourceTransport for TcpSource {
         &mut self,
         mem: &Arc<GuestMemory>,
         session: u64,
-        features: u64,
+        features: Features,
     ) -> Result<Box<dyn PageSender>, TransportError> {
         let mut streams = Vec::new();
         for index in 0..self.data_streams() {
@@ -125,16 +129,22 @@ impl SourceTransport for TcpSource {
             self.kill.register(c.stream());
             streams.push(c.conn().clone());
         }
-        tracing::debug!(streams = streams.len(), features, "data connections open");
+        tracing::debug!(
+            streams = streams.len(),
+            features = features.bits(),
+            "data connections open"
+        );
         // The previous data plane, if any, is gone with its kill switch.
         Ok(Box::new(TcpPageSender {
             mem: Arc::clone(mem),
             streams,
             kill: self.kill.clone(),
             enc: Encoding {
-                compress: (features & FEATURE_ZSTD != 0).then_some(self.cfg.compress_level),
-                sparse: features & FEATURE_SPARSE != 0,
-                unhashed: features & FEATURE_UNHASHED != 0,
+                compress: features
+                    .has(FEATURE_ZSTD)
+                    .then_some(self.cfg.compress_level),
+                sparse: features.has(FEATURE_SPARSE),
+                unhashed: features.has(FEATURE_UNHASHED),
             },
         }))
     }

@@ -185,6 +185,53 @@ pub const FEATURE_POSTCOPY: u64 = 1 << 4;
 /// batches may leave out their per-page hashes (`FLAG_UNHASHED`): the
 /// record tags authenticate every byte already.
 pub const FEATURE_UNHASHED: u64 = 1 << 5;
+/// A set of `FEATURE_*` bits: what an end offers, or what both agreed on
+/// (`Hello`/`Welcome` carry the bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Features(u64);
+
+impl Features {
+    /// No feature.
+    pub const NONE: Features = Features(0);
+
+    /// These bits.
+    pub const fn new(bits: u64) -> Self {
+        Self(bits)
+    }
+
+    /// The bits, as the wire carries them.
+    pub const fn bits(self) -> u64 {
+        self.0
+    }
+
+    /// Whether every bit of `feature` (a `FEATURE_*` constant) is set.
+    pub const fn has(self, feature: u64) -> bool {
+        self.0 & feature == feature
+    }
+
+    /// Both sets' common features.
+    #[must_use]
+    pub const fn and(self, other: Features) -> Features {
+        Features(self.0 & other.0)
+    }
+
+    /// These features and `feature`'s bits.
+    #[must_use]
+    pub const fn with(self, feature: u64) -> Features {
+        Features(self.0 | feature)
+    }
+
+    /// [`FEATURE_POSTCOPY`].
+    pub const fn postcopy(self) -> bool {
+        self.has(FEATURE_POSTCOPY)
+    }
+
+    /// [`FEATURE_ZERO_SKIP`].
+    pub const fn zero_skip(self) -> bool {
+        self.has(FEATURE_ZERO_SKIP)
+    }
+}
+
 /// Page ranges per `PostcopyStart` or `PageRequest` frame.
 pub const RANGES_PER_FRAME: usize = 1 << 16;
 /// Most queue pairs an RDMA migration may use.

@@ -13,17 +13,24 @@
 //! discard. A failure after it is [`MigrationError::CommitUnknown`]: the guest
 //! stays paused, because the destination may already be running it.
 //!
-//! The public knobs and handles are here; `precopy` holds the migration as
-//! named steps (handshake, open the data plane, a round and its ack, after a
-//! live round, switch-over, verify, device state, commit, fail), and
-//! `policy` the decisions as pure, unit-tested types: the link-rate
-//! estimate, the downtime budget with its switch-over test, and
-//! auto-converge.
+//! The public knobs and handles are here. The rooms:
+//! - `outgoing`: the migration as named steps (handshake, open the data
+//!   plane, a round and its ack, after a live round, switch-over, verify,
+//!   device state, commit, fail);
+//! - `phase`: where it stands (live, paused, commit sent, post-copy, done)
+//!   as a type with one transition function, the session the handshake
+//!   settled, and what a failure means in each phase, table-tested;
+//! - `postcopy`: the switch to post-copy and serving the pages;
+//! - `policy`: the decisions as pure, unit-tested types (the link-rate
+//!   estimate, the downtime budget with its switch-over test,
+//!   auto-converge);
+//! - `holes`: the memory files' holes, sent as zero pages unread.
 
 mod holes;
+mod outgoing;
+mod phase;
 mod policy;
 mod postcopy;
-mod precopy;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -38,7 +45,7 @@ use crate::stats::{
 use crate::transport::{RateLimiter, SourceTransport, TransportError};
 use crate::vm::SourceVm;
 use crate::{CancelToken, MigrationError};
-use precopy::Precopy;
+use outgoing::Outgoing;
 
 /// What to do when the overall timeout expires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -368,7 +375,7 @@ impl SourceMigration {
                 .min()
                 .unwrap_or(4096);
         });
-        let mut run = Precopy {
+        let mut run = Outgoing {
             cfg: &self.config,
             monitor: &self.monitor,
             cancel: &self.cancel,
@@ -378,11 +385,9 @@ impl SourceMigration {
             vm,
             start,
             deadline: self.config.timeout.map(|(d, _)| start + d),
-            paused_at: None,
+            phase: phase::Phase::Live,
             converge: Default::default(),
-            commit_sent: false,
             postcopy_ok: false,
-            postcopy_running: false,
             pinned: false,
             discards_before: mem.discarded_pages(),
         };

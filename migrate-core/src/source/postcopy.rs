@@ -2,7 +2,8 @@
 //! device state and commit, then serving pages until the destination has
 //! them all (see [`crate::postcopy`]).
 
-use super::precopy::{Precopy, ms_since};
+use super::outgoing::{Outgoing, ms_since};
+use super::phase::Step;
 use crate::dirty::DirtyLog;
 use crate::postcopy::send_ranges;
 use crate::postcopy::serve::Serving;
@@ -22,7 +23,7 @@ fn ranges_of(set: &DirtyLog) -> Vec<PageRange> {
         .collect()
 }
 
-impl Precopy<'_> {
+impl Outgoing<'_> {
     /// With the guest still running, post-copy chosen: have the destination
     /// register its memory and drop the pages of `set` (dirtied since they
     /// were sent) now, outside the downtime.
@@ -88,9 +89,9 @@ impl Precopy<'_> {
         }
         let ctl = transport.control();
         self.send_device_state(ctl)?;
-        self.commit(ctl)?;
-        self.postcopy_running = true;
-        let downtime_ms = self.paused_at.map_or(0.0, ms_since);
+        let paused_since = self.phase.paused_since();
+        self.commit(ctl, Step::CommittedPostcopy)?;
+        let downtime_ms = paused_since.map_or(0.0, ms_since);
         let remaining = set.dirty_bytes();
         let stats = self.monitor.update(|s| {
             s.status = MigrationStatus::PostcopyActive;
@@ -122,7 +123,7 @@ impl Precopy<'_> {
             }
         }
         let served = serving.out;
-        self.postcopy_running = false;
+        self.step(Step::AllServed)?;
         let total_ms = ms_since(self.start);
         let stats = self.monitor.update(|s| {
             s.status = MigrationStatus::Completed;

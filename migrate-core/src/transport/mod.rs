@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::CancelToken;
 use crate::dirty::PageRun;
 use crate::memory::GuestMemory;
-use crate::protocol::{Message, PageRange, ProtocolError};
+use crate::protocol::{Features, Message, PageRange, ProtocolError};
 
 mod zero;
 pub use zero::DestinationPages;
@@ -335,8 +335,8 @@ pub trait SourceTransport: Send {
     }
     /// Number of data streams it will open.
     fn data_streams(&self) -> u16;
-    /// Protocol feature bits it may use (e.g. zstd).
-    fn features(&self) -> u64;
+    /// Protocol features it may use (e.g. zstd).
+    fn features(&self) -> Features;
     /// The control channel.
     fn control(&mut self) -> &mut dyn ControlChannel;
     /// Open the data plane for `mem`, once the destination accepted the
@@ -348,7 +348,7 @@ pub trait SourceTransport: Send {
         &mut self,
         mem: &Arc<GuestMemory>,
         session: u64,
-        features: u64,
+        features: Features,
     ) -> Result<Box<dyn PageSender>, TransportError>;
 
     /// At the switch to post-copy: a message offering the destination to
@@ -403,7 +403,7 @@ pub trait DestinationTransport: Send {
         false
     }
     /// Features it supports.
-    fn features(&self) -> u64;
+    fn features(&self) -> Features;
     /// The control channel.
     fn control(&mut self) -> &mut dyn ControlChannel;
     /// Accept `streams` data streams of `session` and land their pages in
@@ -416,7 +416,7 @@ pub trait DestinationTransport: Send {
         mem: &Arc<GuestMemory>,
         session: u64,
         streams: u16,
-        features: u64,
+        features: Features,
     ) -> Result<crossbeam_channel::Receiver<DataEvent>, TransportError>;
 
     /// What the data plane has landed so far, counted as batches land, if

@@ -1,8 +1,10 @@
-//! One pre-copy migration as named steps: handshake, open the data plane,
+//! One outgoing migration as named steps: handshake, open the data plane,
 //! send a round and collect its ack, decide after a live round (switch over,
-//! throttle, or go on), verify, send the device state, commit; and `fail`,
-//! which leaves the source guest running. The decisions themselves live in
-//! [`policy`](super::policy).
+//! throttle, go to post-copy, or go on), verify, send the device state,
+//! commit; and `fail`, which does what the [`Phase`] says a failure means
+//! there. The decisions live in [`policy`](super::policy), the phases and
+//! their transitions in [`phase`](super::phase), post-copy's serving in
+//! [`postcopy`](super::postcopy).
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -11,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::holes::{HoleRound, Holes};
+use super::phase::{OnFailure, Phase, Session, Step};
 use super::policy::{AutoConverge, DowntimeBudget, LinkRate, SwitchReason, mbps, postcopy_now};
 use super::{SourceConfig, Steering, TimeoutPolicy};
 use crate::control::expect_msg;
@@ -18,8 +21,8 @@ use crate::dirty::{DirtyLog, DirtyTracker};
 use crate::memory::GuestMemory;
 use crate::postcopy::PostcopyMode;
 use crate::protocol::{
-    DEVICE_STATE_CHUNK, FEATURE_POSTCOPY, FEATURE_ZERO_SKIP, FrameKind, MIN_VERSION, Message,
-    PageRange, ProtocolError, VERSION,
+    DEVICE_STATE_CHUNK, FEATURE_POSTCOPY, FEATURE_ZERO_SKIP, Features, FrameKind, MIN_VERSION,
+    Message, PageRange, ProtocolError, VERSION,
 };
 use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus, Monitor};
 use crate::transport::{
@@ -66,8 +69,8 @@ impl Totals {
     }
 }
 
-/// The state of one outgoing pre-copy migration.
-pub(super) struct Precopy<'a> {
+/// The state of one outgoing migration (pre-copy, then maybe post-copy).
+pub(super) struct Outgoing<'a> {
     pub cfg: &'a SourceConfig,
     pub monitor: &'a Monitor,
     pub cancel: &'a CancelToken,
@@ -77,13 +80,11 @@ pub(super) struct Precopy<'a> {
     pub vm: &'a mut dyn SourceVm,
     pub start: Instant,
     pub deadline: Option<Instant>,
-    pub paused_at: Option<Instant>,
+    /// Where the migration stands: the one place failure handling asks.
+    pub phase: Phase,
     pub converge: AutoConverge,
-    pub commit_sent: bool,
     /// Both sides offered post-copy and the configuration allows it.
     pub postcopy_ok: bool,
-    /// The destination runs the guest and fetches its missing pages.
-    pub postcopy_running: bool,
     /// The data plane reads a registered (pinned) copy of the memory
     /// ([`SourceTransport::pins_memory`]): a discard fails the migration.
     pub pinned: bool,
@@ -101,14 +102,14 @@ pub(super) enum Next {
     Postcopy(DirtyLog, SwitchReason),
 }
 
-impl Precopy<'_> {
+impl Outgoing<'_> {
     /// The whole migration, from `Hello` to `Committed`.
     pub fn run(
         &mut self,
         transport: &mut dyn SourceTransport,
     ) -> Result<MigrationStats, MigrationError> {
-        let (session, features, reads_zero) = self.handshake(transport)?;
-        self.monitor.update(|s| s.migration_id = session);
+        let session = self.handshake(transport)?;
+        self.monitor.update(|s| s.migration_id = session.id);
         // Tracking runs: the memory files' holes now are zero pages that
         // round 0 need not read (reading would allocate them).
         let holes = Holes::find(self.mem);
@@ -130,7 +131,7 @@ impl Precopy<'_> {
             if let Err(e) = populate {
                 tracing::debug!(error = %e, "no populate thread; pages fault one by one");
             }
-            let outcome = self.rounds(transport, session, features, reads_zero, &holes);
+            let outcome = self.rounds(transport, session, &holes);
             stop.store(true, Ordering::Relaxed);
             outcome
         })
@@ -140,14 +141,12 @@ impl Precopy<'_> {
     fn rounds(
         &mut self,
         transport: &mut dyn SourceTransport,
-        session: u64,
-        features: u64,
-        reads_zero: bool,
+        session: Session,
         holes: &Holes,
     ) -> Result<MigrationStats, MigrationError> {
-        let dest_pages = DestinationPages::new(self.mem, reads_zero);
+        let dest_pages = DestinationPages::new(self.mem, session.reads_zero);
         // (kept for a resume after a lost connection)
-        let mut sender = self.open_data(transport, session, features)?;
+        let mut sender = self.open_data(transport, session)?;
         let mut postcopy = None;
         let limiter = &self.steer.limiter;
         let mut log = DirtyLog::new(self.mem);
@@ -192,13 +191,13 @@ impl Precopy<'_> {
                         dest_pages.sent_data(run.region, run.first, run.count);
                     }
                     hole_round.unsent(&dest_pages);
-                    sender = self.resume(transport, session, features, e)?;
+                    sender = self.resume(transport, session, e)?;
                     self.harvest(&mut log)?;
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            log = if self.paused_at.is_some() {
+            log = if self.phase.paused_since().is_some() {
                 match self.after_paused_round(done, &mut totals)? {
                     Some(resend) => resend,
                     None => break,
@@ -220,7 +219,7 @@ impl Precopy<'_> {
         }
         if let Some(set) = postcopy {
             let avg = totals.average_mbps();
-            return self.finish_postcopy(transport, session, &set, avg);
+            return self.finish_postcopy(transport, session.id, &set, avg);
         }
         sender.finish();
         if self.cfg.pause_before_switchover {
@@ -228,8 +227,9 @@ impl Precopy<'_> {
         }
         let verified = self.verify_if_asked(transport.control())?;
         self.send_device_state(transport.control())?;
-        self.commit(transport.control())?;
-        let downtime_ms = self.paused_at.map_or(0.0, ms_since);
+        let paused_since = self.phase.paused_since();
+        self.commit(transport.control(), Step::Committed)?;
+        let downtime_ms = paused_since.map_or(0.0, ms_since);
         let total_ms = self.elapsed_ms();
         let avg = totals.average_mbps();
         Ok(self.monitor.update(|s| {
@@ -243,20 +243,20 @@ impl Precopy<'_> {
     }
 
     /// `Hello` → `Welcome`, `Layout` → `LayoutAccepted` (→
-    /// `DestinationMemory`). Returns the session id, the features both sides
-    /// use, and whether the destination's memory reads as zeros.
+    /// `DestinationMemory`): the session (its id, the features both sides
+    /// use, whether the destination's memory reads as zeros).
     fn handshake(
         &mut self,
         transport: &mut dyn SourceTransport,
-    ) -> Result<(u64, u64, bool), MigrationError> {
+    ) -> Result<Session, MigrationError> {
         let session = RandomState::new().build_hasher().finish();
-        let offered = transport.features()
-            | FEATURE_ZERO_SKIP
-            | if self.cfg.postcopy == PostcopyMode::Never {
+        let offered = transport.features().with(FEATURE_ZERO_SKIP).with(
+            if self.cfg.postcopy == PostcopyMode::Never {
                 0
             } else {
                 FEATURE_POSTCOPY
-            };
+            },
+        );
         let data_streams = transport.data_streams();
         let ctl = transport.control();
         ctl.send(&Message::Hello {
@@ -264,7 +264,7 @@ impl Precopy<'_> {
             max_version: VERSION,
             session,
             data_streams,
-            features: offered,
+            features: offered.bits(),
         })?;
         let features = expect_msg!(ctl, Welcome { version, features } => {
             tracing::debug!(version, features, "destination welcomed us");
@@ -274,15 +274,19 @@ impl Precopy<'_> {
             layout: self.mem.layout(),
         })?;
         expect_msg!(ctl, LayoutAccepted => ());
-        let features = features & offered;
-        self.postcopy_ok = features & FEATURE_POSTCOPY != 0;
+        let features = Features::new(features).and(offered);
+        self.postcopy_ok = features.postcopy();
         if self.cfg.postcopy != PostcopyMode::Never && !self.postcopy_ok {
             tracing::warn!("the destination cannot take post-copy: pre-copy only");
         }
-        let reads_zero = features & FEATURE_ZERO_SKIP != 0
+        let reads_zero = features.zero_skip()
             && expect_msg!(ctl, DestinationMemory { reads_zero } => reads_zero);
         tracing::debug!(reads_zero, "the destination's memory");
-        Ok((session, features, reads_zero))
+        Ok(Session {
+            id: session,
+            features,
+            reads_zero,
+        })
     }
 
     /// Open the data streams (the data plane is chosen now: RDMA, or TCP
@@ -290,10 +294,9 @@ impl Precopy<'_> {
     fn open_data(
         &mut self,
         transport: &mut dyn SourceTransport,
-        session: u64,
-        features: u64,
+        session: Session,
     ) -> Result<Box<dyn PageSender>, MigrationError> {
-        let sender = transport.open_data(self.mem, session, features)?;
+        let sender = transport.open_data(self.mem, session.id, session.features)?;
         self.pinned = transport.pins_memory();
         let setup_ms = self.elapsed_ms();
         self.monitor.update(|s| {
@@ -326,10 +329,11 @@ impl Precopy<'_> {
         Ok(())
     }
 
-    /// Whether `e` lost the connection in a way a new one may mend: before
-    /// the switch-over, with a grace period configured.
+    /// Whether `e` lost the connection in a way a new one may mend: in a
+    /// phase that allows it (before the switch-over), with a grace period
+    /// configured.
     fn may_resume(&self, e: &MigrationError) -> bool {
-        self.paused_at.is_none()
+        self.phase.may_resume_rounds()
             && self.cfg.reconnect.is_some()
             && matches!(e, MigrationError::Transport(t) if t.is_disconnect())
     }
@@ -339,13 +343,12 @@ impl Precopy<'_> {
     fn resume(
         &mut self,
         transport: &mut dyn SourceTransport,
-        session: u64,
-        features: u64,
+        session: Session,
         cause: MigrationError,
     ) -> Result<Box<dyn PageSender>, MigrationError> {
         self.reconnect_within(transport, cause, |me, t| {
-            me.resume_control(t, session)?;
-            let sender = t.open_data(me.mem, session, features)?;
+            me.resume_control(t, session.id)?;
+            let sender = t.open_data(me.mem, session.id, session.features)?;
             me.pinned = t.pins_memory();
             Ok(sender)
         })
@@ -367,7 +370,8 @@ impl Precopy<'_> {
             error: cause.to_string(),
         });
         loop {
-            if !self.postcopy_running {
+            // In post-copy the destination runs the guest: no cancel then.
+            if !matches!(self.phase, Phase::Postcopy { .. }) {
                 self.check_cancel()?;
             }
             match attempt(self, transport) {
@@ -417,7 +421,7 @@ impl Precopy<'_> {
         totals: &mut Totals,
     ) -> Result<RoundDone, MigrationError> {
         let round = totals.rounds;
-        let paused = self.paused_at.is_some();
+        let paused = self.phase.paused_since().is_some();
         self.monitor
             .update(|s| s.bytes_remaining = log.dirty_bytes());
         self.monitor.emit(MigrationEvent::RoundStarted {
@@ -622,7 +626,7 @@ impl Precopy<'_> {
     ) -> Result<(), MigrationError> {
         self.check_cancel()?;
         self.vm.pause()?;
-        self.paused_at = Some(Instant::now());
+        self.step(Step::Pause)?;
         self.harvest(next)?;
         let remaining_bytes = next.dirty_bytes();
         self.monitor.update(|s| {
@@ -807,9 +811,14 @@ impl Precopy<'_> {
         Ok(())
     }
 
-    /// `Commit` → `Committed`. From the send on, a failure is
+    /// `Commit` → `Committed`, then `then` (the end of pre-copy, or
+    /// post-copy's start). From the send on, a failure is
     /// [`MigrationError::CommitUnknown`].
-    pub(super) fn commit(&mut self, ctl: &mut dyn ControlChannel) -> Result<(), MigrationError> {
+    pub(super) fn commit(
+        &mut self,
+        ctl: &mut dyn ControlChannel,
+        then: Step,
+    ) -> Result<(), MigrationError> {
         self.check_cancel()?;
         // A destination already known to be gone (it closed the connection,
         // or fell silent) cannot commit: fail now, with the guest running
@@ -818,8 +827,21 @@ impl Precopy<'_> {
             return Err(e.into());
         }
         ctl.send(&Message::Commit)?;
-        self.commit_sent = true;
+        self.step(Step::SendCommit)?;
         expect_msg!(ctl, Committed => ());
+        self.step(then)
+    }
+
+    /// Move to the phase after `step`; a step the phase does not allow is
+    /// an engine bug, failed as such.
+    pub(super) fn step(&mut self, step: Step) -> Result<(), MigrationError> {
+        self.phase = self.phase.step(step, Instant::now()).map_err(|e| {
+            tracing::error!(error = %e, "engine bug");
+            MigrationError::Transport(TransportError::Stream {
+                stream: u16::MAX,
+                detail: format!("engine: {e}"),
+            })
+        })?;
         Ok(())
     }
 
@@ -830,23 +852,23 @@ impl Precopy<'_> {
         transport: &mut dyn SourceTransport,
         error: MigrationError,
     ) -> MigrationError {
-        let (error, status) = if self.postcopy_running {
-            (
+        let (error, status) = match self.phase.on_failure() {
+            OnFailure::PostcopyInterrupted => (
                 MigrationError::PostcopyInterrupted(Box::new(error)),
                 MigrationStatus::PostcopyInterrupted,
-            )
-        } else if self.commit_sent {
-            (
+            ),
+            OnFailure::CommitUnknown => (
                 MigrationError::CommitUnknown(Box::new(error)),
                 MigrationStatus::CommitUnknown,
-            )
-        } else {
-            self.give_back(transport, &error);
-            let status = match error {
-                MigrationError::Cancelled => MigrationStatus::Cancelled,
-                _ => MigrationStatus::Failed,
-            };
-            (error, status)
+            ),
+            OnFailure::GiveBack { resume } => {
+                self.give_back(transport, &error, resume);
+                let status = match error {
+                    MigrationError::Cancelled => MigrationStatus::Cancelled,
+                    _ => MigrationStatus::Failed,
+                };
+                (error, status)
+            }
         };
         let total_ms = self.elapsed_ms();
         let stats = self.monitor.update(|s| {
@@ -866,8 +888,14 @@ impl Precopy<'_> {
         error
     }
 
-    /// Before the commit: abort the destination, lift the throttle, resume.
-    fn give_back(&mut self, transport: &mut dyn SourceTransport, error: &MigrationError) {
+    /// Before the commit: abort the destination, lift the throttle, resume
+    /// the guest if it was paused (`resume`).
+    fn give_back(
+        &mut self,
+        transport: &mut dyn SourceTransport,
+        error: &MigrationError,
+        resume: bool,
+    ) {
         if !matches!(
             error,
             MigrationError::Refused { .. } | MigrationError::PeerAborted { .. }
@@ -882,9 +910,11 @@ impl Precopy<'_> {
         {
             tracing::error!(error = %e, "could not lift the throttle after a failed migration");
         }
-        if self.paused_at.take().is_some()
-            && let Err(e) = self.vm.resume()
-        {
+        if resume {
+            // The guest runs here again: whatever comes, it is live.
+            self.phase = Phase::Live;
+        }
+        if resume && let Err(e) = self.vm.resume() {
             tracing::error!(error = %e, "could not resume the source guest after a failed migration");
         }
     }
