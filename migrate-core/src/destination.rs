@@ -479,27 +479,7 @@ impl IncomingMigration {
             let live = matches!(state, ReceiverState::Receiving);
             let next = receiver
                 .next_message(transport.control())
-                .and_then(|msg| match msg {
-                    offer @ Message::RdmaReadOffer { .. }
-                        if matches!(state, ReceiverState::Complete)
-                            && receiver.postcopy.is_some() =>
-                    {
-                        receiver.read_offer(transport, &offer)?;
-                        Ok(state)
-                    }
-                    msg => {
-                        if matches!(msg, Message::Commit)
-                            && matches!(state, ReceiverState::HaveState(_))
-                        {
-                            // Every page is in (or comes by post-copy's own
-                            // path): end the data plane's remote access
-                            // (RDMA: deregister, the keys stop working)
-                            // before the guest runs on this memory.
-                            transport.data_done();
-                        }
-                        receiver.step(state, msg, transport.control(), vm)
-                    }
-                });
+                .and_then(|msg| receiver.step(state, msg, transport, vm));
             state = match next {
                 Ok(ReceiverState::Committed) => break,
                 Ok(next) => next,
@@ -740,17 +720,21 @@ impl Receiver<'_> {
         &mut self,
         state: ReceiverState,
         msg: Message,
-        ctl: &mut dyn ControlChannel,
+        transport: &mut dyn DestinationTransport,
         vm: &mut dyn DestinationVm,
     ) -> Result<ReceiverState, MigrationError> {
         use ReceiverState::*;
         Ok(match (state, msg) {
+            (Complete, offer @ Message::RdmaReadOffer { .. }) if self.postcopy.is_some() => {
+                self.read_offer(transport, &offer)?;
+                Complete
+            }
             (Receiving, Message::RoundDone { round, last: false }) => {
-                self.land_round(ctl, round, false)?;
+                self.land_round(transport.control(), round, false)?;
                 Receiving
             }
             (Receiving | FinalRetry, Message::RoundDone { round, last: true }) => {
-                if self.land_round(ctl, round, true)? {
+                if self.land_round(transport.control(), round, true)? {
                     Complete
                 } else {
                     FinalRetry
@@ -763,17 +747,21 @@ impl Receiver<'_> {
                     ranges.iter().map(|r| r.count as u64).sum::<u64>();
                 state
             }
-            (Receiving, Message::PostcopyPrepare { last, ranges }) if self.postcopy_allowed => {
-                self.postcopy_set_part(ctl, FrameKind::PostcopyPrepare, last, ranges)?
-            }
+            (Receiving, Message::PostcopyPrepare { last, ranges }) if self.postcopy_allowed => self
+                .postcopy_set_part(
+                    transport.control(),
+                    FrameKind::PostcopyPrepare,
+                    last,
+                    ranges,
+                )?,
             (Receiving | Prepared, Message::PostcopyStart { last, ranges })
                 if self.postcopy_allowed =>
             {
-                self.postcopy_set_part(ctl, FrameKind::PostcopyStart, last, ranges)?
+                self.postcopy_set_part(transport.control(), FrameKind::PostcopyStart, last, ranges)?
             }
             (Complete, Message::VerifyRequest) if self.postcopy.is_some() => {
                 return Err(refuse(
-                    ctl,
+                    transport.control(),
                     RefusalCode::Protocol,
                     "no verification in post-copy: the guest runs before its last pages arrive"
                         .into(),
@@ -781,23 +769,28 @@ impl Receiver<'_> {
             }
             (Complete, Message::VerifyRequest) => {
                 self.report.verify_requested = true;
-                send_hashes(ctl, self.mem)?;
+                send_hashes(transport.control(), self.mem)?;
                 Complete
             }
             (Complete, Message::DeviceState { last, bytes }) => {
-                device_state(ctl, Vec::new(), last, &bytes)?
+                device_state(transport.control(), Vec::new(), last, &bytes)?
             }
             (DeviceState(state), Message::DeviceState { last, bytes }) => {
-                device_state(ctl, state, last, &bytes)?
+                device_state(transport.control(), state, last, &bytes)?
             }
             (HaveState(_), Message::DeviceState { .. }) => {
                 return Err(refuse(
-                    ctl,
+                    transport.control(),
                     RefusalCode::DeviceState,
                     "device state too large or sent twice".into(),
                 ));
             }
             (HaveState(state), Message::Commit) => {
+                // Every page is in (or comes by post-copy's own path): end
+                // the data plane's remote access (RDMA: deregister, the
+                // keys stop working) before the guest runs on this memory.
+                transport.data_done();
+                let ctl = transport.control();
                 if let Some(target) = &mut self.postcopy {
                     // Before the guest runs: its first touch may fault.
                     let started = ctl
@@ -840,7 +833,7 @@ impl Receiver<'_> {
             }
             (state, Message::Commit) => {
                 return Err(refuse(
-                    ctl,
+                    transport.control(),
                     RefusalCode::Protocol,
                     format!(
                         "commit refused: the migration is incomplete (waiting for {})",
@@ -852,9 +845,6 @@ impl Receiver<'_> {
         })
     }
 
-    /// A chunk of the post-copy set; with the last one, set the memory up
-    /// for post-copy (refused if it cannot be) and stop listening to the
-    /// data plane, which has no more to say.
     /// The source offers its memory for RDMA READ: take it (the fault
     /// handler then reads pages itself) or decline (faults ask).
     fn read_offer(
@@ -880,6 +870,9 @@ impl Receiver<'_> {
         Ok(())
     }
 
+    /// A chunk of the post-copy set; with the last one, set the memory up
+    /// for post-copy (refused if it cannot be) and stop listening to the
+    /// data plane, which has no more to say.
     fn postcopy_set_part(
         &mut self,
         ctl: &mut dyn ControlChannel,
