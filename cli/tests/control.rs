@@ -264,10 +264,13 @@ fn a_destination_waiting_for_its_source_cancels_at_once() {
     let (code, v) = ctl(&run.dsocket, &["cancel"]);
     assert_eq!(code, 0, "{v}");
     let d = run.d.wait_with_output().unwrap();
-    // Before the grace ran out (it would otherwise wait the whole 60 s and
-    // end `failed`): the status below is the proof, the bound a backstop
-    // that a loaded machine cannot reach.
-    assert!(asked.elapsed().as_secs() < 45, "{:?}", asked.elapsed());
+    // The engine looks at the cancel every 100 ms while it waits (the
+    // promise); the rest is the `ctl` client's round trip and the process
+    // writing its report and exiting: 57-122 ms measured here. A second
+    // leaves a loaded machine room ten times over and still fails a wait
+    // that ran on (the 60 s grace) or a step that did not look.
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(1), "cancel to exit took {took:?}");
     assert_eq!(d.status.code(), Some(1), "{}", text(&d));
     assert_eq!(json(&run.dj)["status"], "cancelled");
     assert_eq!(events(&run.dev).last().unwrap()["event"], "cancelled");
