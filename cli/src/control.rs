@@ -65,13 +65,119 @@ impl Drop for ControlSocket {
     }
 }
 
+/// A control-socket request, parsed once from its line (one JSON object,
+/// `cmd` naming it): the handlers below match on this, never on text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// The live figures.
+    Query,
+    /// The knobs as they are now.
+    Get,
+    /// Change the knobs named (each checked before any is applied).
+    Set(Knobs),
+    /// Switch over at the next round boundary.
+    Switchover,
+    /// Leave `pre-switchover`.
+    Continue,
+    /// Cancel the migration.
+    Cancel,
+    /// Every event until the migration ends.
+    Watch,
+}
+
+/// The knobs of a `set`, those named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Knobs {
+    /// `downtime_ms` (≥ 1).
+    pub downtime_ms: Option<u64>,
+    /// `bandwidth_mbs` (0: no cap).
+    pub bandwidth_mbs: Option<u64>,
+    /// `max_rounds` (≥ 1).
+    pub max_rounds: Option<u32>,
+}
+
+impl Request {
+    /// The request a line holds; the error is the refusal's text.
+    pub fn parse(line: &str) -> Result<Request, String> {
+        let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+        let Some(fields) = v.as_object() else {
+            return Err("a request is an object with a \"cmd\"".into());
+        };
+        Ok(match v["cmd"].as_str() {
+            Some("query") => Request::Query,
+            Some("get") => Request::Get,
+            Some("set") => Request::Set(Knobs::parse(fields)?),
+            Some("switchover") => Request::Switchover,
+            Some("continue") => Request::Continue,
+            Some("cancel") => Request::Cancel,
+            Some("watch") => Request::Watch,
+            Some(other) => {
+                return Err(format!(
+                    "unknown command {other:?}: query, get, set, switchover, continue, cancel, watch"
+                ));
+            }
+            None => return Err("a request is an object with a \"cmd\"".into()),
+        })
+    }
+
+    /// Its `cmd`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Request::Query => "query",
+            Request::Get => "get",
+            Request::Set(_) => "set",
+            Request::Switchover => "switchover",
+            Request::Continue => "continue",
+            Request::Cancel => "cancel",
+            Request::Watch => "watch",
+        }
+    }
+}
+
+impl Knobs {
+    const NAMES: [&'static str; 3] = ["downtime_ms", "bandwidth_mbs", "max_rounds"];
+
+    /// A `set`'s knobs: known names, whole numbers in range, at least one.
+    fn parse(fields: &serde_json::Map<String, Value>) -> Result<Knobs, String> {
+        let mut knobs = Knobs::default();
+        for (k, v) in fields.iter().filter(|(k, _)| k.as_str() != "cmd") {
+            let Some(n) = v.as_u64() else {
+                return Err(if Self::NAMES.contains(&k.as_str()) {
+                    format!("{k} must be a whole number, not {v}")
+                } else {
+                    format!("unknown parameter {k:?}: {}", Self::NAMES.join(", "))
+                });
+            };
+            match k.as_str() {
+                "downtime_ms" if n == 0 => return Err("downtime_ms must be at least 1".into()),
+                "downtime_ms" => knobs.downtime_ms = Some(n),
+                "bandwidth_mbs" => knobs.bandwidth_mbs = Some(n),
+                "max_rounds" => match u32::try_from(n) {
+                    Ok(r) if r > 0 => knobs.max_rounds = Some(r),
+                    _ => return Err(format!("max_rounds must be 1..{}", u32::MAX)),
+                },
+                _ => {
+                    return Err(format!(
+                        "unknown parameter {k:?}: {}",
+                        Self::NAMES.join(", ")
+                    ));
+                }
+            }
+        }
+        if knobs == Knobs::default() {
+            return Err(format!("set what? {}", Self::NAMES.join(", ")));
+        }
+        Ok(knobs)
+    }
+}
+
 /// What the control socket and the event stream steer and watch: the
 /// source's [`MigrationHandle`] or the destination's [`IncomingHandle`].
 pub trait Steer: Clone + Send + 'static {
     /// `query`'s `stats` object: the `--json` report's fields, live.
     fn query(&self) -> Value;
-    /// `set`, `switchover`, `continue`: the response.
-    fn command(&self, request: &Value) -> Value;
+    /// `set`, `get`, `switchover`, `continue`: the response.
+    fn command(&self, request: Request) -> Value;
     /// `cancel`.
     fn cancel(&self);
     /// Events from now on, as JSON, each with whether it is the last.
@@ -83,14 +189,14 @@ impl Steer for MigrationHandle {
         report::source_json(&self.stats(), None, None)
     }
 
-    fn command(&self, request: &Value) -> Value {
-        match request["cmd"].as_str() {
-            Some("set") => set(request, self),
-            Some("switchover") => {
+    fn command(&self, request: Request) -> Value {
+        match request {
+            Request::Set(knobs) => set(knobs, self),
+            Request::Switchover => {
                 self.switchover();
                 json!({"ok": true})
             }
-            Some("get") => {
+            Request::Get => {
                 let p = self.parameters();
                 json!({"ok": true, "parameters": {
                     "downtime_ms": p.downtime_limit.as_millis() as u64,
@@ -98,11 +204,11 @@ impl Steer for MigrationHandle {
                     "max_rounds": p.max_rounds,
                 }})
             }
-            Some("continue") => match self.continue_switchover() {
+            Request::Continue => match self.continue_switchover() {
                 Ok(()) => json!({"ok": true}),
                 Err(e) => refuse(e.to_string()),
             },
-            other => unknown(other),
+            Request::Query | Request::Cancel | Request::Watch => not_here(request),
         }
     }
 
@@ -126,12 +232,15 @@ impl Steer for IncomingHandle {
         v
     }
 
-    fn command(&self, request: &Value) -> Value {
-        match request["cmd"].as_str() {
-            Some(c @ ("set" | "get" | "switchover" | "continue")) => refuse(format!(
-                "{c:?} steers the source: ask its control socket; the destination answers query, cancel and watch"
-            )),
-            other => unknown(other),
+    fn command(&self, request: Request) -> Value {
+        match request {
+            Request::Set(_) | Request::Get | Request::Switchover | Request::Continue => {
+                refuse(format!(
+                    "{:?} steers the source: ask its control socket; the destination answers query, cancel and watch",
+                    request.name()
+                ))
+            }
+            Request::Query | Request::Cancel | Request::Watch => not_here(request),
         }
     }
 
@@ -197,14 +306,17 @@ impl Steer for Waiting {
         }
     }
 
-    fn command(&self, request: &Value) -> Value {
+    fn command(&self, request: Request) -> Value {
         match self.handle() {
             Some(h) => h.command(request),
-            None => match request["cmd"].as_str() {
-                Some(c @ ("set" | "get" | "switchover" | "continue")) => refuse(format!(
-                    "{c:?} steers the source, and no source has begun here yet"
-                )),
-                other => unknown(other),
+            None => match request {
+                Request::Set(_) | Request::Get | Request::Switchover | Request::Continue => {
+                    refuse(format!(
+                        "{:?} steers the source, and no source has begun here yet",
+                        request.name()
+                    ))
+                }
+                Request::Query | Request::Cancel | Request::Watch => not_here(request),
             },
         }
     }
@@ -238,13 +350,13 @@ impl Steer for Waiting {
     }
 }
 
-fn unknown(cmd: Option<&str>) -> Value {
-    match cmd {
-        Some(other) => refuse(format!(
-            "unknown command {other:?}: query, get, set, switchover, continue, cancel, watch"
-        )),
-        None => refuse("a request is an object with a \"cmd\"".into()),
-    }
+/// A request the socket itself answers (query, cancel, watch) reached a
+/// handle's `command`: never, by construction of [`serve`]'s loop.
+fn not_here(request: Request) -> Value {
+    refuse(format!(
+        "{:?} is answered by the socket, not a handle",
+        request.name()
+    ))
 }
 
 /// Serve `handle` on a Unix socket at `path` (a stale socket there is
@@ -423,15 +535,15 @@ fn client<H: Steer>(stream: UnixStream, handle: &H) -> std::io::Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let request: Value = match serde_json::from_str(line) {
-            Ok(v) => v,
+        let request = match Request::parse(line) {
+            Ok(r) => r,
             Err(e) => {
-                reply(&mut out, &refuse(format!("not JSON: {e}")))?;
+                reply(&mut out, &refuse(e))?;
                 continue;
             }
         };
-        match request["cmd"].as_str() {
-            Some("watch") => {
+        match request {
+            Request::Watch => {
                 // Subscribe before answering: no event falls in between.
                 let events = handle.events();
                 reply(&mut out, &json!({"ok": true}))?;
@@ -445,11 +557,12 @@ fn client<H: Steer>(stream: UnixStream, handle: &H) -> std::io::Result<()> {
             }
             // Answered first: a cancel may end this process (a destination
             // that had no migration yet exits at once).
-            Some("cancel") => {
+            Request::Cancel => {
                 reply(&mut out, &json!({"ok": true}))?;
                 handle.cancel();
             }
-            _ => reply(&mut out, &execute(&request, handle))?,
+            Request::Query => reply(&mut out, &json!({"ok": true, "stats": handle.query()}))?,
+            other => reply(&mut out, &handle.command(other))?,
         }
     }
 }
@@ -463,47 +576,16 @@ fn refuse(error: String) -> Value {
     json!({"ok": false, "error": error})
 }
 
-/// Every request but `watch` and `cancel`.
-fn execute<H: Steer>(request: &Value, handle: &H) -> Value {
-    match request["cmd"].as_str() {
-        Some("query") => json!({"ok": true, "stats": handle.query()}),
-        _ => handle.command(request),
+/// `set`: the knobs named (checked when parsed), applied together.
+fn set(knobs: Knobs, handle: &MigrationHandle) -> Value {
+    if let Some(ms) = knobs.downtime_ms {
+        handle.set_downtime_limit(Duration::from_millis(ms));
     }
-}
-
-/// `set`: every named knob is checked before any is applied.
-fn set(request: &Value, handle: &MigrationHandle) -> Value {
-    const KNOBS: [&str; 3] = ["downtime_ms", "bandwidth_mbs", "max_rounds"];
-    let Some(fields) = request.as_object() else {
-        return refuse("a request is an object".into());
-    };
-    let mut values = Vec::new();
-    for (k, v) in fields.iter().filter(|(k, _)| k.as_str() != "cmd") {
-        if !KNOBS.contains(&k.as_str()) {
-            return refuse(format!("unknown parameter {k:?}: {}", KNOBS.join(", ")));
-        }
-        let Some(n) = v.as_u64() else {
-            return refuse(format!("{k} must be a whole number, not {v}"));
-        };
-        if k == "max_rounds" && (n == 0 || n > u32::MAX as u64) {
-            return refuse(format!("max_rounds must be 1..{}", u32::MAX));
-        }
-        if k == "downtime_ms" && n == 0 {
-            return refuse("downtime_ms must be at least 1".into());
-        }
-        values.push((k.as_str(), n));
+    if let Some(mbs) = knobs.bandwidth_mbs {
+        handle.set_bandwidth_limit((mbs > 0).then(|| mbs.saturating_mul(1_000_000)));
     }
-    if values.is_empty() {
-        return refuse(format!("set what? {}", KNOBS.join(", ")));
-    }
-    for (k, n) in values {
-        match k {
-            "downtime_ms" => handle.set_downtime_limit(Duration::from_millis(n)),
-            "bandwidth_mbs" => {
-                handle.set_bandwidth_limit((n > 0).then(|| n.saturating_mul(1_000_000)))
-            }
-            _ => handle.set_max_rounds(n as u32),
-        }
+    if let Some(rounds) = knobs.max_rounds {
+        handle.set_max_rounds(rounds);
     }
     json!({"ok": true})
 }
@@ -703,4 +785,68 @@ pub fn ctl(path: &Path, command: &str, params: &[String]) -> Result<bool> {
         }
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every request a line can hold, and the refusals.
+    #[test]
+    fn requests_parse_into_their_variants_or_a_refusal() {
+        let ok = [
+            (r#"{"cmd":"query"}"#, Request::Query),
+            (r#"{"cmd":"get"}"#, Request::Get),
+            (r#"{"cmd":"switchover"}"#, Request::Switchover),
+            (r#"{"cmd":"continue"}"#, Request::Continue),
+            (r#"{"cmd":"cancel"}"#, Request::Cancel),
+            (r#"{"cmd":"watch"}"#, Request::Watch),
+            (
+                r#"{"cmd":"set","downtime_ms":800,"bandwidth_mbs":0}"#,
+                Request::Set(Knobs {
+                    downtime_ms: Some(800),
+                    bandwidth_mbs: Some(0),
+                    max_rounds: None,
+                }),
+            ),
+            (
+                r#"{"cmd":"set","max_rounds":7}"#,
+                Request::Set(Knobs {
+                    max_rounds: Some(7),
+                    ..Knobs::default()
+                }),
+            ),
+        ];
+        for (line, want) in ok {
+            assert_eq!(Request::parse(line), Ok(want), "{line}");
+            assert_eq!(
+                Request::parse(&json!({"cmd": want.name()}).to_string())
+                    .map(Request::name)
+                    .unwrap_or("set"),
+                want.name()
+            );
+        }
+        let refused = [
+            ("not json", "not JSON"),
+            ("[1]", "an object with a \"cmd\""),
+            (r#"{"x":1}"#, "an object with a \"cmd\""),
+            (r#"{"cmd":"pause"}"#, "unknown command \"pause\""),
+            (r#"{"cmd":"set"}"#, "set what?"),
+            (r#"{"cmd":"set","speed":3}"#, "unknown parameter \"speed\""),
+            (
+                r#"{"cmd":"set","downtime_ms":"fast"}"#,
+                "must be a whole number",
+            ),
+            (r#"{"cmd":"set","downtime_ms":0}"#, "at least 1"),
+            (r#"{"cmd":"set","max_rounds":0}"#, "max_rounds must be 1.."),
+            (
+                r#"{"cmd":"set","max_rounds":4294967296}"#,
+                "max_rounds must be 1..",
+            ),
+        ];
+        for (line, says) in refused {
+            let e = Request::parse(line).unwrap_err();
+            assert!(e.contains(says), "{line}: {e}");
+        }
+    }
 }

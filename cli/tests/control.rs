@@ -270,7 +270,10 @@ fn a_destination_waiting_for_its_source_cancels_at_once() {
     // leaves a loaded machine room ten times over and still fails a wait
     // that ran on (the 60 s grace) or a step that did not look.
     let took = asked.elapsed();
-    assert!(took < Duration::from_secs(1), "cancel to exit took {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "cancel to exit took {took:?}"
+    );
     assert_eq!(d.status.code(), Some(1), "{}", text(&d));
     assert_eq!(json(&run.dj)["status"], "cancelled");
     assert_eq!(events(&run.dev).last().unwrap()["event"], "cancelled");
