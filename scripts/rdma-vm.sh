@@ -45,6 +45,13 @@ fi
 ulimit -l unlimited
 cd $(pwd)
 export MIGRATE_REQUIRE_RDMA=1
+# Skips are outcomes here too: logged where the host's summary reads them.
+export MIGRATE_SKIP_LOG=$out/skips
+# Huge pages for the hugetlb trackers' tests: reserved, then required.
+echo 64 > /proc/sys/vm/nr_hugepages 2>/dev/null || true
+if [ "\$(awk '/^HugePages_Free/ {print \$2}' /proc/meminfo)" -ge 32 ]; then
+  export MIGRATE_REQUIRE_HUGETLB=1
+fi
 $cmd > $out/output 2>&1
 echo \$? > $out/status
 INNER
@@ -58,5 +65,9 @@ if [ ! -f "$out/status" ]; then
 fi
 cat "$out/output"
 status=$(cat "$out/status")
+# The VM's skips join the host's summary (scripts/test.sh), or are shown.
+if [ -s "$out/skips" ]; then
+  sed 's/^SKIP /SKIP (VM) /' "$out/skips" >> "${MIGRATE_SKIP_LOG:-/dev/stdout}"
+fi
 rm -rf "$out"
 exit "$status"
