@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 phases=()
 phase_start=$SECONDS
 phase_done() {
-  phases+=("$(printf '%-34s %5d s' "$1" $((SECONDS - phase_start)))")
+  phases+=("$(printf '%-42s %5d s' "$1" $((SECONDS - phase_start)))")
   phase_start=$SECONDS
 }
 . scripts/setup.sh all
@@ -23,7 +23,7 @@ summary() {
   echo "== phases (wall time)"
   local p
   for p in "${phases[@]}"; do echo "   $p"; done
-  printf '   %-34s %5d s\n' "total" "$SECONDS"
+  printf '   %-42s %5d s\n' "total" "$SECONDS"
   skip_summary
 }
 skip_summary() {
