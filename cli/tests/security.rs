@@ -322,3 +322,65 @@ fn address_errors_say_what_is_wrong_before_credentials() {
         assert!(!err.contains("without authentication"), "{args:?}: {err}");
     }
 }
+
+/// `--kernel-tls on` is refused before anything listens where it cannot
+/// hold: without TLS credentials at all, and on a kernel without kernel
+/// TLS (this host's: `check` says which), exit 2 naming why. Where the
+/// kernel has it, the destination listens.
+#[test]
+fn kernel_tls_on_is_refused_where_it_cannot_hold() {
+    let o = Command::new(BIN)
+        .args(["dest", "--listen", "127.0.0.1:0", "--kernel-tls", "on"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--kernel-tls on: there is no TLS"),
+        "{}",
+        text(&o)
+    );
+    let key = tmp("ktls.psk");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&key);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key)
+            .unwrap()
+            .write_all(b"6d696772617465206265e5c8207072652d736861726564206b65792030313233")
+            .unwrap();
+    }
+    let check = Command::new(BIN).args(["check"]).output().unwrap();
+    let has_ktls = String::from_utf8_lossy(&check.stdout)
+        .lines()
+        .any(|l| l.starts_with("ok") && l.contains("kernel-tls"));
+    let mut d = Command::new(BIN)
+        .args(["dest", "--listen", "127.0.0.1:0", "--kernel-tls", "on"])
+        .arg("--psk-file")
+        .arg(&key)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    if has_ktls {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(d.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("listening on"), "{line}");
+        let _ = d.kill();
+        let _ = d.wait();
+    } else {
+        let o = d.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("cannot seal TLS records"),
+            "{}",
+            text(&o)
+        );
+    }
+}

@@ -108,19 +108,20 @@ impl Shared {
 
     /// This end's next sending secret (sequence number 0).
     pub(crate) fn next_tx(&self) -> io::Result<Secret> {
-        let mut r = self.ratchet.lock().unwrap_or_else(|p| p.into_inner());
-        let s = r
-            .next_tx()
-            .map_err(|e| crypto_error(&format!("key update: {e}")))?;
-        Secret::new(0, &s)
+        self.next(|r| r.next_tx())
     }
 
     /// The peer's next sending secret (sequence number 0).
     pub(crate) fn next_rx(&self) -> io::Result<Secret> {
+        self.next(|r| r.next_rx())
+    }
+
+    fn next(
+        &self,
+        step: impl FnOnce(&mut dyn Ratchet) -> Result<ConnectionTrafficSecrets, rustls::Error>,
+    ) -> io::Result<Secret> {
         let mut r = self.ratchet.lock().unwrap_or_else(|p| p.into_inner());
-        let s = r
-            .next_rx()
-            .map_err(|e| crypto_error(&format!("key update: {e}")))?;
+        let s = step(r.as_mut()).map_err(|e| crypto_error(&format!("key update: {e}")))?;
         Secret::new(0, &s)
     }
 

@@ -673,7 +673,7 @@ pub(crate) fn secure(sock: TcpStream, tls: Option<&TlsConfig>) -> Result<Conn, T
             (session, psk.as_deref())
         }
     };
-    let binding = psk.map(|_| session_binding(&session));
+    let binding = psk.map(|_| session_binding(&session)).transpose()?;
     let conn = records(sock, session, tls.kernel)?;
     if let (Some(key), Some(binding)) = (psk, binding) {
         prove_psk(&conn, key, is_source, &binding)?;
@@ -705,7 +705,7 @@ impl From<TransportError> for Admission {
 /// traffic keys and IVs, which only the two ends of this session know. A
 /// man in the middle holds two sessions with different keys, so a proof it
 /// relays is worthless.
-fn session_binding(session: &Session) -> [u8; 32] {
+fn session_binding(session: &Session) -> Result<[u8; 32], TransportError> {
     use aws_lc_rs::hkdf;
     // The source's sending keys first, whichever end computes it.
     let (first, second) = match session.is_client {
@@ -720,11 +720,12 @@ fn session_binding(session: &Session) -> [u8; 32] {
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"live-migration psk binding v1").extract(&ikm);
     ikm.fill(0);
     let mut out = [0u8; 32];
-    // 32 bytes of HKDF-SHA256 output cannot fail (at most 255 × 32).
-    if let Ok(okm) = prk.expand(&[b"binding"], hkdf::HKDF_SHA256) {
-        let _ = okm.fill(&mut out);
-    }
-    out
+    // Never a proof over a value that is not this session's: a failure
+    // here (32 bytes of HKDF-SHA256 cannot fail) refuses the connection.
+    prk.expand(&[b"binding"], hkdf::HKDF_SHA256)
+        .and_then(|okm| okm.fill(&mut out))
+        .map_err(|_| auth("could not derive the session's PSK binding".into()))?;
+    Ok(out)
 }
 
 /// The connection's record layers: each direction the kernel takes (per
