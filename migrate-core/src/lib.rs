@@ -130,6 +130,7 @@ mod control;
 pub mod destination;
 pub mod dirty;
 pub mod memory;
+pub mod pages;
 pub mod postcopy;
 pub mod protocol;
 #[cfg(feature = "json")]

@@ -1,19 +1,16 @@
 //! Destination side: accept the control and data connections, land page
 //! batches straight into guest memory.
 
-use std::io::{BufReader, Read};
+use std::io::BufReader;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
-use migrate_core::checksum::xxh3_64;
-use migrate_core::memory::{FreshPages, GuestMemory, MemoryLayout};
-use migrate_core::protocol::wire::{
-    BatchHeader, HEADER_LEN, RunKind, decode_batch_header, decode_sparse_page, read_frame_header,
-    read_payload,
-};
+use migrate_core::memory::{FreshPages, GuestMemory};
+use migrate_core::pages::BatchLander;
+use migrate_core::protocol::wire::{HEADER_LEN, read_frame_header, read_payload};
 use migrate_core::protocol::{
     FEATURE_SPARSE, FEATURE_UNHASHED, FEATURE_ZSTD, Features, FrameKind, Message, PageRange,
     ProtocolError,
@@ -198,7 +195,6 @@ impl DestinationTransport for TcpDestination {
                 }
             }
         }
-        let layout = mem.layout();
         // The pages not allocated yet, shared by the streams: each run of
         // them is allocated in one call before its bytes are read in.
         let fresh = Arc::new(FreshPages::new(mem));
@@ -213,15 +209,14 @@ impl DestinationTransport for TcpDestination {
             // Batches without page hashes only where both ends agreed and
             // an AEAD seals this connection.
             let unhashed_ok = features.has(FEATURE_UNHASHED) && stream.sealed();
-            let (mem, tx, layout) = (Arc::clone(mem), tx.clone(), layout.clone());
+            let (mem, tx) = (Arc::clone(mem), tx.clone());
             let (kill, fresh) = (self.kill.clone(), Arc::clone(&fresh));
             let landed = Arc::clone(&self.landed);
             let handle = std::thread::Builder::new()
                 .name(format!("tcp-recv-{index}"))
                 .spawn(move || {
-                    let to = (&*mem, &*fresh);
-                    let expect = (&layout, unhashed_ok);
-                    receive_stream(index as u16, reader, to, expect, (&tx, &landed), &kill)
+                    let lander = BatchLander::new(&mem, &fresh, unhashed_ok);
+                    receive_stream(index as u16, reader, lander, (&tx, &landed), &kill)
                 })
                 .map_err(io("spawn receiver"))?;
             self.receivers.push(handle);
@@ -336,76 +331,13 @@ struct StreamRound {
 fn receive_stream(
     stream: u16,
     mut reader: BufReader<Conn>,
-    to: (&GuestMemory, &FreshPages),
-    (layout, unhashed_ok): (&MemoryLayout, bool),
+    mut lander: BatchLander<'_>,
     (tx, landed): (&Sender<DataEvent>, &Landed),
     kill: &KillSwitch,
 ) {
     let mut round = StreamRound::default();
-    let mut buffers = (Vec::new(), Vec::new());
     loop {
-        let result = (|| -> Result<Option<DataEvent>, TransportError> {
-            let h = read_frame_header(&mut reader)?;
-            if h.kind == FrameKind::Pages {
-                let bh = decode_batch_header(&mut reader, &h, layout)?;
-                if bh.unhashed && !unhashed_ok {
-                    return Err(ProtocolError::Malformed {
-                        kind: FrameKind::Pages,
-                        detail: "a batch without page hashes on a connection that is not sealed"
-                            .into(),
-                    }
-                    .into());
-                }
-                let suspect = land_batch(&mut reader, to, &bh, &mut buffers)?;
-                round.batches += 1;
-                let bytes = (HEADER_LEN as u64) + h.len as u64;
-                let (mut normal, mut zero) = (0, 0);
-                for r in &bh.runs {
-                    match r.kind {
-                        RunKind::Data | RunKind::Sparse => normal += r.count as u64,
-                        RunKind::Zero => zero += r.count as u64,
-                    }
-                }
-                round.received.wire_bytes += bytes;
-                round.received.normal_pages += normal;
-                round.received.zero_pages += zero;
-                landed.add(bytes, normal, zero);
-                if !suspect.is_empty() {
-                    // Normal in live rounds (a guest write raced the send);
-                    // the source decides whether it matters.
-                    tracing::debug!(
-                        stream,
-                        round = bh.round,
-                        pages = suspect.len(),
-                        "pages failed their check"
-                    );
-                }
-                round.suspect.extend(suspect);
-                return Ok(None);
-            }
-            match read_payload(&mut reader, &h)? {
-                Message::RoundEnd { round: r, batches } => {
-                    let mut done = std::mem::take(&mut round);
-                    // The marker is on the wire too, as the source counts.
-                    done.received.wire_bytes += (HEADER_LEN as u64) + h.len as u64;
-                    landed.add((HEADER_LEN as u64) + h.len as u64, 0, 0);
-                    Ok(Some(DataEvent::RoundEnd {
-                        stream,
-                        round: r,
-                        batches_sent: batches,
-                        batches_received: done.batches,
-                        suspect: done.suspect,
-                        received: done.received,
-                    }))
-                }
-                other => Err(ProtocolError::Unexpected {
-                    got: other.kind(),
-                    expected: "a page batch or the end of a round",
-                }
-                .into()),
-            }
-        })();
-        let event = match result {
+        let event = match next_event(stream, &mut reader, &mut lander, &mut round, landed) {
             Ok(None) => continue,
             Ok(Some(e)) => e,
             Err(error) => {
@@ -434,6 +366,60 @@ fn receive_stream(
     }
 }
 
+/// Read one frame: a batch lands (no event), the end of a round is the
+/// round's event.
+fn next_event(
+    stream: u16,
+    reader: &mut BufReader<Conn>,
+    lander: &mut BatchLander<'_>,
+    round: &mut StreamRound,
+    landed: &Landed,
+) -> Result<Option<DataEvent>, TransportError> {
+    let h = read_frame_header(reader)?;
+    if h.kind == FrameKind::Pages {
+        let b = lander.land(reader, &h)?;
+        round.batches += 1;
+        round.received.wire_bytes += b.wire_bytes;
+        round.received.normal_pages += b.normal_pages;
+        round.received.zero_pages += b.zero_pages;
+        landed.add(b.wire_bytes, b.normal_pages, b.zero_pages);
+        if !b.suspect.is_empty() {
+            // Normal in live rounds (a guest write raced the send); the
+            // source decides whether it matters.
+            tracing::debug!(
+                stream,
+                round = b.round,
+                pages = b.suspect.len(),
+                "pages failed their check"
+            );
+        }
+        round.suspect.extend(b.suspect);
+        return Ok(None);
+    }
+    match read_payload(reader, &h)? {
+        Message::RoundEnd { round: r, batches } => {
+            let mut done = std::mem::take(round);
+            // The marker is on the wire too, as the source counts.
+            let bytes = (HEADER_LEN as u64) + u64::from(h.len);
+            done.received.wire_bytes += bytes;
+            landed.add(bytes, 0, 0);
+            Ok(Some(DataEvent::RoundEnd {
+                stream,
+                round: r,
+                batches_sent: batches,
+                batches_received: done.batches,
+                suspect: done.suspect,
+                received: done.received,
+            }))
+        }
+        other => Err(ProtocolError::Unexpected {
+            got: other.kind(),
+            expected: "a page batch or the end of a round",
+        }
+        .into()),
+    }
+}
+
 /// A read timeout ("os error 11") as "no progress for N s".
 fn explain_timeout(error: TransportError, reader: &BufReader<Conn>) -> TransportError {
     let timeout = reader.get_ref().read_timeout();
@@ -452,133 +438,11 @@ fn explain_timeout(error: TransportError, reader: &BufReader<Conn>) -> Transport
     }
 }
 
-/// Land one batch's pages in guest memory; returns the pages that failed
-/// their own hash (suspect: the source sends them again).
-fn land_batch(
-    reader: &mut BufReader<Conn>,
-    (mem, fresh): (&GuestMemory, &FreshPages),
-    bh: &BatchHeader,
-    (compressed, raw): &mut (Vec<u8>, Vec<u8>),
-) -> Result<Vec<PageRange>, TransportError> {
-    let read_err = |e: std::io::Error| -> TransportError {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            ProtocolError::Truncated("page bytes").into()
-        } else {
-            io("receive pages")(e)
-        }
-    };
-    let malformed = |detail: String| -> TransportError {
-        ProtocolError::Malformed {
-            kind: FrameKind::Pages,
-            detail,
-        }
-        .into()
-    };
-    // Fresh pages of the batch are allocated by run, before they are
-    // written (no fault per page).
-    for r in bh.runs.iter().filter(|r| r.kind != RunKind::Zero) {
-        fresh
-            .allocate(mem, r.region as usize, r.first as usize, r.count as usize)
-            .map_err(io("allocate guest memory for received pages"))?;
-    }
-    // `raw` holds what is not read straight into guest memory: everything
-    // when compressed, else the Sparse encodings after the Data bytes.
-    let data_len = bh.data_len as usize;
-    if bh.compressed {
-        compressed.resize(bh.wire_len as usize, 0);
-        reader.read_exact(compressed).map_err(read_err)?;
-        raw.resize(bh.raw_len as usize, 0);
-        let n = zstd::bulk::decompress_to_buffer(compressed, &mut raw[..])
-            .map_err(|e| malformed(format!("zstd: {e}")))?;
-        if n != bh.raw_len as usize {
-            return Err(malformed(format!(
-                "zstd gave {n} bytes, expected {}",
-                bh.raw_len
-            )));
-        }
-    } else {
-        // Every data run's bytes, in order, straight into guest memory.
-        let data: Vec<(usize, usize, usize)> = bh
-            .runs
-            .iter()
-            .filter(|r| r.kind == RunKind::Data)
-            .map(|r| (r.region as usize, r.first as usize, r.count as usize))
-            .collect();
-        mem.read_runs_from(&data, reader).map_err(read_err)?;
-        raw.resize(bh.raw_len as usize - data_len, 0);
-        reader.read_exact(raw).map_err(read_err)?;
-    }
-    let (mut data_pos, mut sparse_pos) = (0, if bh.compressed { data_len } else { 0 });
-    let mut words = Vec::new();
-    let mut suspect: Vec<PageRange> = Vec::new();
-    let mut hashes = bh.page_hashes.iter();
-    for run in &bh.runs {
-        let region = &mem.regions()[run.region as usize];
-        let (first, count) = (run.first as usize, run.count as usize);
-        let ps = region.page_size().bytes();
-        match run.kind {
-            RunKind::Data | RunKind::Sparse => {
-                // The run was validated against this memory's layout; each
-                // page belongs to one batch per round.
-                if run.kind == RunKind::Data && bh.compressed {
-                    let len = count * ps;
-                    region.write_bytes(first * ps, &raw[data_pos..data_pos + len]);
-                    data_pos += len;
-                }
-                for i in 0..count {
-                    let found = if run.kind == RunKind::Sparse {
-                        // Checked as encoded, then zeroed and written.
-                        let enc = &raw[sparse_pos..];
-                        let took = decode_sparse_page(enc, &mut words)?;
-                        sparse_pos += took;
-                        let p = first + i;
-                        region.zero_page(p);
-                        for &(w, v) in &words {
-                            region.write_bytes(p * ps + usize::from(w) * 8, &v.to_le_bytes());
-                        }
-                        (!bh.unhashed).then(|| xxh3_64(&enc[..took]))
-                    } else {
-                        // Sealed records: their AEAD checked every byte.
-                        (!bh.unhashed).then(|| region.hash_page(first + i))
-                    };
-                    let Some(found) = found else { continue };
-                    let expected = hashes.next().copied();
-                    if expected != Some(found) {
-                        let p = (first + i) as u64;
-                        match suspect.last_mut() {
-                            Some(l) if l.region == run.region && l.first + l.count as u64 == p => {
-                                l.count += 1
-                            }
-                            _ => suspect.push(PageRange {
-                                region: run.region,
-                                first: p,
-                                count: 1,
-                            }),
-                        }
-                    }
-                }
-            }
-            RunKind::Zero => {
-                for p in first..first + count {
-                    region.zero_page(p);
-                }
-            }
-        }
-    }
-    if sparse_pos != raw.len() {
-        return Err(malformed(format!(
-            "sparse pages took {sparse_pos} of {} bytes",
-            raw.len()
-        )));
-    }
-    Ok(suspect)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use migrate_core::protocol::wire::{write_message, write_preamble};
-    use std::io::Write;
+    use std::io::{Read, Write};
 
     /// Bytes that arrive in the same segment as the Join (the first page
     /// batch, sent at once by a fast source) must not be lost.
