@@ -3,7 +3,7 @@
 //! for "the next message must be this one". Source and destination share it,
 //! so an out-of-order message is the same typed error on both sides.
 
-use crate::MigrationError;
+use crate::error::MigrationError;
 use crate::protocol::{Message, ProtocolError};
 use crate::transport::{ControlChannel, TransportError};
 
@@ -30,7 +30,7 @@ pub(crate) const CANCEL_POLL: std::time::Duration = std::time::Duration::from_mi
 /// As [`recv`], or [`MigrationError::Cancelled`].
 pub(crate) fn recv_unless(
     ctl: &mut dyn ControlChannel,
-    cancel: &crate::CancelToken,
+    cancel: &crate::cancel::CancelToken,
 ) -> Result<Message, MigrationError> {
     recv_until(ctl, cancel, None)
 }
@@ -42,7 +42,7 @@ pub(crate) fn recv_unless(
 /// deadline passed with nothing received.
 pub(crate) fn recv_until(
     ctl: &mut dyn ControlChannel,
-    cancel: &crate::CancelToken,
+    cancel: &crate::cancel::CancelToken,
     deadline: Option<std::time::Instant>,
 ) -> Result<Message, MigrationError> {
     loop {

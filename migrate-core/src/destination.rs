@@ -12,7 +12,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::cancel::CancelToken;
 use crate::control::{CANCEL_POLL, expect_msg, recv_unless, recv_until, unexpected};
+use crate::error::MigrationError;
 use crate::memory::{GuestMemory, MemoryLayout};
 use crate::postcopy::fetch::PostcopyTarget;
 use crate::protocol::{
@@ -24,7 +26,6 @@ use crate::transport::{
     ControlChannel, DataEvent, DestinationTransport, Landed, RoundSent, TransportError,
 };
 use crate::vm::DestinationVm;
-use crate::{CancelToken, MigrationError};
 
 /// Largest device state accepted (a guard against a hostile source).
 pub const MAX_DEVICE_STATE: usize = 1 << 30;
@@ -959,8 +960,7 @@ impl Receiver<'_> {
         while ended.iter().any(|e| !e) {
             // Data streams have their own I/O timeouts; this only guards
             // against a transport that reports nothing at all.
-            let events = self.events.as_ref().ok_or(TransportError::Stream {
-                stream: u16::MAX,
+            let events = self.events.as_ref().ok_or(TransportError::DataPlane {
                 detail: format!("round {round} after the data plane finished"),
             })?;
             let event = loop {
@@ -972,8 +972,7 @@ impl Receiver<'_> {
                     Err(crossbeam_channel::RecvTimeoutError::Timeout)
                         if waiting.elapsed() < Duration::from_secs(600) => {}
                     Err(_) => {
-                        return Err(TransportError::Stream {
-                            stream: u16::MAX,
+                        return Err(TransportError::DataPlane {
                             detail: format!("no end of round {round} from the data streams"),
                         }
                         .into());

@@ -129,6 +129,7 @@ pub mod checksum;
 mod control;
 pub mod destination;
 pub mod dirty;
+mod error;
 pub mod memory;
 pub mod pages;
 pub mod postcopy;
@@ -144,103 +145,13 @@ pub mod stats;
 pub mod transport;
 pub mod vm;
 
-use std::time::Duration;
-
 pub use cancel::CancelToken;
 pub use destination::{DestinationReport, IncomingEvent, IncomingHandle, IncomingMigration};
 pub use dirty::{DirtyTracker, DirtyTracking, TrackerPreference};
+pub use error::MigrationError;
 pub use memory::{GuestMemory, GuestRegion};
 pub use postcopy::{FaultLatency, PostcopyMode};
 pub use source::{MigrationHandle, NotPreSwitchover, SourceConfig, SourceMigration, TimeoutPolicy};
 pub use stats::{MigrationEvent, MigrationStats, MigrationStatus, STATS_SCHEMA_VERSION};
 pub use transport::{DestinationTransport, SourceTransport};
 pub use vm::{DestinationVm, SourceVm, VmError};
-
-/// Why a migration failed. Unless it is [`MigrationError::CommitUnknown`],
-/// the source guest is running when the source sees this.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum MigrationError {
-    /// The transport broke (dead peer, cut link, timeout).
-    #[error("transport: {0}")]
-    Transport(#[from] transport::TransportError),
-    /// The peer sent something that breaks the protocol.
-    #[error("protocol: {0}")]
-    Protocol(#[from] protocol::ProtocolError),
-    /// The destination refused (version, layout, setup, device state).
-    #[error("destination refused ({code:?}): {message}")]
-    Refused {
-        /// Category.
-        code: protocol::RefusalCode,
-        /// The destination's reason.
-        message: String,
-    },
-    /// The destination's memory layout differs from the source's.
-    #[error("memory layout mismatch: {0}")]
-    Layout(#[from] memory::LayoutMismatch),
-    /// The peer aborted.
-    #[error("peer aborted: {reason}")]
-    PeerAborted {
-        /// The peer's reason.
-        reason: String,
-    },
-    /// Cancelled through a [`MigrationHandle`].
-    #[error("migration cancelled")]
-    Cancelled,
-    /// The overall timeout expired (policy: cancel).
-    #[error("migration timed out after {0:?}")]
-    Timeout(Duration),
-    /// The VMM failed to pause, resume, save or load.
-    #[error("VMM: {0}")]
-    Vm(#[from] vm::VmError),
-    /// Dirty tracking failed.
-    #[error("dirty tracking: {0}")]
-    Dirty(#[from] dirty::DirtyError),
-    /// The VMM discarded guest memory (a balloon) while the transport read
-    /// it from a registered, pinned copy (RDMA): the discarded pages' old
-    /// bytes would have gone. The source guest runs on.
-    #[error(
-        "{pages} guest pages were discarded (a balloon) while the memory was registered for \
-         RDMA, which would send their old bytes: stop discards for an RDMA migration (as QEMU \
-         does), or migrate over TCP"
-    )]
-    DiscardedWhilePinned {
-        /// Pages discarded, as the tracker counted them.
-        pages: u64,
-    },
-    /// Pages kept failing their check with the guest paused: corruption.
-    #[error(
-        "{pages} pages still failed their integrity check after {retries} re-sends with the guest paused"
-    )]
-    Integrity {
-        /// Pages failing.
-        pages: u64,
-        /// Re-sends tried.
-        retries: u32,
-    },
-    /// Verification found destination pages that differ from the source's.
-    #[error("verification failed: {pages} pages differ (first: region {region} page {page})")]
-    VerifyFailed {
-        /// Pages that differ.
-        pages: u64,
-        /// Region of the first.
-        region: usize,
-        /// Page of the first.
-        page: usize,
-    },
-    /// Commit was sent but its acknowledgement never came. The source guest
-    /// stays paused: the destination may be running it.
-    #[error(
-        "commit sent but not acknowledged ({0}); the source guest stays paused: \
-         check whether the destination runs it before resuming"
-    )]
-    CommitUnknown(Box<MigrationError>),
-    /// The connection broke during post-copy: the destination runs the
-    /// guest but lacks some of its pages, which only the source holds. The
-    /// source guest stays paused and its memory intact.
-    #[error(
-        "post-copy interrupted ({0}): the destination runs the guest without all of its \
-         pages; the source keeps its paused guest and memory"
-    )]
-    PostcopyInterrupted(Box<MigrationError>),
-}

@@ -6,7 +6,8 @@
 
 use serde_json::{Value, json};
 
-use crate::{DestinationReport, MigrationStats};
+use crate::destination::DestinationReport;
+use crate::stats::MigrationStats;
 
 /// The source's JSON report (the scripting contract).
 pub fn source_json(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use migrate_core::memory::GuestMemory;
-use migrate_core::protocol::{FEATURE_RDMA, Features, Message, ProtocolError};
+use migrate_core::protocol::{FEATURE_RDMA, Features, FrameKind, Message, ProtocolError};
 use migrate_core::transport::{
     ControlChannel, DataEvent, DestinationTransport, PageFetcher, RoundSent, TransportError,
 };
@@ -193,13 +193,14 @@ impl DestinationTransport for RdmaDestination {
         let remote_qps = match self.tcp.control().recv()? {
             Message::RdmaConnect { qps } if qps.len() == streams as usize => qps,
             Message::RdmaConnect { qps } => {
-                return Err(TransportError::Stream {
-                    stream: u16::MAX,
+                return Err(ProtocolError::Malformed {
+                    kind: FrameKind::RdmaConnect,
                     detail: format!(
                         "source offered {} queue pairs for {streams} streams",
                         qps.len()
                     ),
-                });
+                }
+                .into());
             }
             other => {
                 return Err(ProtocolError::Unexpected {

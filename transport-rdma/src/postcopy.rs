@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use migrate_core::memory::{GuestMemory, GuestRegion};
-use migrate_core::protocol::{Message, RemoteRegion};
+use migrate_core::protocol::{FrameKind, Message, ProtocolError, RemoteRegion};
 use migrate_core::transport::{PageFetcher, TransportError};
 
 use crate::verbs::{Device, QueuePair, RegisteredMemory, Remote};
@@ -47,10 +47,11 @@ pub(crate) fn accepted(qp: &mut QueuePair, answer: &Message) -> Result<(), Trans
         Message::RdmaReadAccept { qps } if qps.len() == 1 => qp
             .connect_with_reads(&wire_to_endpoint(&qps[0]), READS)
             .map_err(rdma_err),
-        other => Err(TransportError::Stream {
-            stream: u16::MAX,
-            detail: format!("expected one queue pair in RdmaReadAccept, got {other:?}"),
-        }),
+        other => Err(ProtocolError::Malformed {
+            kind: FrameKind::RdmaReadAccept,
+            detail: format!("expected one queue pair, got {other:?}"),
+        }
+        .into()),
     }
 }
 
@@ -67,9 +68,12 @@ pub(crate) fn fetcher(
             reason: format!("not a read offer: {:?}", offer.kind()),
         });
     };
-    let bad = |detail: String| TransportError::Stream {
-        stream: u16::MAX,
-        detail,
+    let bad = |detail: String| -> TransportError {
+        ProtocolError::Malformed {
+            kind: FrameKind::RdmaReadOffer,
+            detail,
+        }
+        .into()
     };
     if qps.len() != 1 {
         return Err(bad(format!("{} queue pairs offered for reads", qps.len())));
@@ -140,15 +144,13 @@ impl PageFetcher for RdmaFetcher {
         let r = self
             .remote
             .get(region)
-            .ok_or_else(|| TransportError::Stream {
-                stream: u16::MAX,
+            .ok_or_else(|| TransportError::DataPlane {
                 detail: format!("no region {region} to read from"),
             })?;
         let len = out.len() as u64;
         let offset = page as u64 * len;
         if offset + len > r.len {
-            return Err(TransportError::Stream {
-                stream: u16::MAX,
+            return Err(TransportError::DataPlane {
                 detail: format!("page {page} lies outside the source's region {region}"),
             });
         }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use migrate_core::dirty::PageRun;
 use migrate_core::memory::GuestMemory;
 use migrate_core::protocol::{
-    FEATURE_RDMA, Features, Message, PageRange, ProtocolError, QpEndpoint, RemoteRegion,
+    FEATURE_RDMA, Features, FrameKind, Message, PageRange, ProtocolError, QpEndpoint, RemoteRegion,
 };
 use migrate_core::transport::{
     ControlChannel, DestinationPages, PageSender, RoundContext, RoundSent, SourceTransport,
@@ -245,9 +245,12 @@ fn check_accept(
     qps: &[QpEndpoint],
     regions: &[RemoteRegion],
 ) -> Result<(), TransportError> {
-    let bad = |detail: String| TransportError::Stream {
-        stream: u16::MAX,
-        detail,
+    let bad = |detail: String| -> TransportError {
+        ProtocolError::Malformed {
+            kind: FrameKind::RdmaAccept,
+            detail,
+        }
+        .into()
     };
     if qps.len() != streams {
         return Err(bad(format!(

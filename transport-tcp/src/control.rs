@@ -43,7 +43,9 @@ pub struct KillSwitch(Arc<KillState>);
 #[derive(Debug, Default)]
 struct KillState {
     streams: Mutex<(bool, Vec<TcpStream>)>,
-    reason: OnceLock<TransportError>,
+    /// The peer fell silent for this many seconds (the only reason a
+    /// kill is given).
+    silent_secs: OnceLock<f64>,
 }
 
 impl KillSwitch {
@@ -56,16 +58,17 @@ impl KillSwitch {
         }
     }
 
-    /// Kill because of `reason`, which the failures this causes report
-    /// instead of their own (the first reason given wins).
-    pub(crate) fn kill_because(&self, reason: TransportError) {
-        let _ = self.0.reason.set(reason);
+    /// Kill because the peer fell silent for `secs`, which the failures
+    /// this causes report instead of their own (the first reason wins).
+    pub(crate) fn kill_silent(&self, secs: f64) {
+        let _ = self.0.silent_secs.set(secs);
         self.kill();
     }
 
     /// Why the connections were killed, if a reason was given.
     pub(crate) fn reason(&self) -> Option<TransportError> {
-        self.0.reason.get().map(clone_error)
+        let secs = *self.0.silent_secs.get()?;
+        Some(TransportError::PeerSilent { secs })
     }
 
     pub(crate) fn register(&self, s: &TcpStream) {
@@ -76,17 +79,6 @@ impl KillSwitch {
             }
             g.1.push(c);
         }
-    }
-}
-
-/// The liveness errors, rebuilt for each failure that reports them.
-fn clone_error(e: &TransportError) -> TransportError {
-    match e {
-        TransportError::PeerSilent { secs } => TransportError::PeerSilent { secs: *secs },
-        other => TransportError::Stream {
-            stream: u16::MAX,
-            detail: other.to_string(),
-        },
     }
 }
 
@@ -243,9 +235,8 @@ impl ControlChannel for TcpControl {
         match &mut self.inbound {
             Inbound::Direct(reader) => Ok(read_message(reader)?),
             Inbound::Watched(rx) => rx.recv().unwrap_or_else(|_| Err(closed())),
-            Inbound::Taken => Err(TransportError::Stream {
-                stream: u16::MAX,
-                detail: "connection handed over".into(),
+            Inbound::Taken => Err(TransportError::Closed {
+                what: "control connection (handed over)",
             }),
         }
     }
@@ -317,9 +308,8 @@ impl TcpControl {
 }
 
 fn closed() -> TransportError {
-    TransportError::Stream {
-        stream: u16::MAX,
-        detail: "control connection closed".into(),
+    TransportError::Closed {
+        what: "control connection",
     }
 }
 
@@ -401,7 +391,7 @@ fn spawn_reader(
                             secs: timeout.as_secs_f64(),
                         };
                         tracing::error!(error = %silent, "peer declared dead");
-                        kill.kill_because(clone_error(&silent));
+                        kill.kill_silent(timeout.as_secs_f64());
                         silent
                     }
                     Err(e) => kill.reason().unwrap_or(e.into()),

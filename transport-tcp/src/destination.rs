@@ -175,8 +175,7 @@ impl DestinationTransport for TcpDestination {
                 handshakes.next(&self.listener, Some(deadline), handshake.clone())?
             else {
                 let missing = joined.iter().filter(|j| j.is_none()).count();
-                return Err(TransportError::Stream {
-                    stream: u16::MAX,
+                return Err(TransportError::DataPlane {
                     detail: format!("{missing} of {streams} data connections did not join in time"),
                 });
             };
@@ -308,8 +307,8 @@ fn join(
                     detail: "a data stream opened as a control connection".into(),
                 })
         }
-        Message::Join { .. } => Err(TransportError::Stream {
-            stream: u16::MAX,
+        Message::Join { index, .. } => Err(TransportError::Stream {
+            stream: index,
             detail: "join for another session".into(),
         }),
         other => Err(ProtocolError::Unexpected {

@@ -4,11 +4,12 @@
 use std::time::Instant;
 
 use super::FaultLatency;
+use crate::control;
 use crate::dirty::DirtyLog;
+use crate::error::MigrationError;
 use crate::memory::GuestMemory;
 use crate::protocol::{FrameKind, Message, PageRange, ProtocolError};
 use crate::transport::{ControlChannel, RateLimiter};
-use crate::{MigrationError, control};
 
 /// Bytes per pushed frame (at least one page): small, so that a request
 /// waits behind little.

@@ -36,7 +36,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::cancel::CancelToken;
 use crate::dirty::DirtyTracker;
+use crate::error::MigrationError;
 use crate::memory::GuestMemory;
 use crate::postcopy::PostcopyMode;
 use crate::stats::{
@@ -44,7 +46,6 @@ use crate::stats::{
 };
 use crate::transport::{RateLimiter, SourceTransport, TransportError};
 use crate::vm::SourceVm;
-use crate::{CancelToken, MigrationError};
 use outgoing::Outgoing;
 
 /// What to do when the overall timeout expires.

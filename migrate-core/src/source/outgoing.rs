@@ -16,8 +16,10 @@ use super::holes::{HoleRound, Holes};
 use super::phase::{OnFailure, Phase, Session, Step};
 use super::policy::{AutoConverge, DowntimeBudget, LinkRate, SwitchReason, mbps, postcopy_now};
 use super::{SourceConfig, Steering, TimeoutPolicy};
+use crate::cancel::CancelToken;
 use crate::control::expect_msg;
 use crate::dirty::{DirtyLog, DirtyTracker};
+use crate::error::MigrationError;
 use crate::memory::GuestMemory;
 use crate::postcopy::PostcopyMode;
 use crate::protocol::{
@@ -30,7 +32,6 @@ use crate::transport::{
     SourceTransport, TransportError,
 };
 use crate::vm::SourceVm;
-use crate::{CancelToken, MigrationError};
 
 /// Zero-page ranges per `ZeroPages` frame (16 bytes each, well under the
 /// frame limit).
@@ -837,10 +838,7 @@ impl Outgoing<'_> {
     pub(super) fn step(&mut self, step: Step) -> Result<(), MigrationError> {
         self.phase = self.phase.step(step, Instant::now()).map_err(|e| {
             tracing::error!(error = %e, "engine bug");
-            MigrationError::Transport(TransportError::Stream {
-                stream: u16::MAX,
-                detail: format!("engine: {e}"),
-            })
+            MigrationError::EngineBug(e.to_string())
         })?;
         Ok(())
     }

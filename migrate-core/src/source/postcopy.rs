@@ -4,13 +4,14 @@
 
 use super::outgoing::{Outgoing, ms_since};
 use super::phase::Step;
+use crate::control;
 use crate::dirty::DirtyLog;
+use crate::error::MigrationError;
 use crate::postcopy::send_ranges;
 use crate::postcopy::serve::Serving;
 use crate::protocol::{Message, PageRange};
 use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus};
 use crate::transport::SourceTransport;
-use crate::{MigrationError, control};
 
 /// The ranges of `set`, as the protocol carries them.
 fn ranges_of(set: &DirtyLog) -> Vec<PageRange> {

@@ -1,0 +1,110 @@
+//! Why a migration failed: the engine's error, on the ground floor.
+//!
+//! Every layer below has its own error, which this one wraps: memory
+//! ([`LayoutMismatch`]), dirty tracking ([`DirtyError`]), the protocol
+//! ([`ProtocolError`]), a transport ([`TransportError`]), the VMM
+//! ([`VmError`]). The variants only a source produces say so; a
+//! destination ([`IncomingMigration`](crate::IncomingMigration)) fails
+//! with the shared ones and [`MigrationError::PostcopyInterrupted`].
+
+use std::time::Duration;
+
+use crate::dirty::DirtyError;
+use crate::memory::LayoutMismatch;
+use crate::protocol::{ProtocolError, RefusalCode};
+use crate::transport::TransportError;
+use crate::vm::VmError;
+
+/// Why a migration failed. Unless it is [`MigrationError::CommitUnknown`],
+/// the source guest is running when the source sees this.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MigrationError {
+    /// The transport broke (dead peer, cut link, timeout).
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    /// The peer sent something that breaks the protocol.
+    #[error("protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The destination refused (version, layout, setup, device state).
+    #[error("destination refused ({code:?}): {message}")]
+    Refused {
+        /// Category.
+        code: RefusalCode,
+        /// The destination's reason.
+        message: String,
+    },
+    /// The destination's memory layout differs from the source's.
+    #[error("memory layout mismatch: {0}")]
+    Layout(#[from] LayoutMismatch),
+    /// The peer aborted.
+    #[error("peer aborted: {reason}")]
+    PeerAborted {
+        /// The peer's reason.
+        reason: String,
+    },
+    /// Cancelled through a [`MigrationHandle`].
+    #[error("migration cancelled")]
+    Cancelled,
+    /// The overall timeout expired (policy: cancel).
+    #[error("migration timed out after {0:?}")]
+    Timeout(Duration),
+    /// The VMM failed to pause, resume, save or load.
+    #[error("VMM: {0}")]
+    Vm(#[from] VmError),
+    /// Dirty tracking failed.
+    #[error("dirty tracking: {0}")]
+    Dirty(#[from] DirtyError),
+    /// The VMM discarded guest memory (a balloon) while the transport read
+    /// it from a registered, pinned copy (RDMA): the discarded pages' old
+    /// bytes would have gone. The source guest runs on.
+    #[error(
+        "{pages} guest pages were discarded (a balloon) while the memory was registered for \
+         RDMA, which would send their old bytes: stop discards for an RDMA migration (as QEMU \
+         does), or migrate over TCP"
+    )]
+    DiscardedWhilePinned {
+        /// Pages discarded, as the tracker counted them.
+        pages: u64,
+    },
+    /// Pages kept failing their check with the guest paused: corruption.
+    #[error(
+        "{pages} pages still failed their integrity check after {retries} re-sends with the guest paused"
+    )]
+    Integrity {
+        /// Pages failing.
+        pages: u64,
+        /// Re-sends tried.
+        retries: u32,
+    },
+    /// Verification found destination pages that differ from the source's.
+    #[error("verification failed: {pages} pages differ (first: region {region} page {page})")]
+    VerifyFailed {
+        /// Pages that differ.
+        pages: u64,
+        /// Region of the first.
+        region: usize,
+        /// Page of the first.
+        page: usize,
+    },
+    /// The engine asked itself for a step its phase does not allow: a bug
+    /// in this library, reported instead of a panic. The guest is handled
+    /// as for any failure in that phase.
+    #[error("engine bug: {0}")]
+    EngineBug(String),
+    /// Commit was sent but its acknowledgement never came. The source guest
+    /// stays paused: the destination may be running it.
+    #[error(
+        "commit sent but not acknowledged ({0}); the source guest stays paused: \
+         check whether the destination runs it before resuming"
+    )]
+    CommitUnknown(Box<MigrationError>),
+    /// The connection broke during post-copy: the destination runs the
+    /// guest but lacks some of its pages, which only the source holds. The
+    /// source guest stays paused and its memory intact.
+    #[error(
+        "post-copy interrupted ({0}): the destination runs the guest without all of its \
+         pages; the source keeps its paused guest and memory"
+    )]
+    PostcopyInterrupted(Box<MigrationError>),
+}
