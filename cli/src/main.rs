@@ -3,7 +3,7 @@
 //! its built-in guest (or an idle memory image), `demo` does both over
 //! loopback.
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 mod args;
 mod check;
@@ -12,11 +12,9 @@ mod guest;
 mod manual;
 mod memory;
 mod report;
-#[allow(unsafe_code)]
 mod resources;
 mod run;
 mod security;
-#[allow(unsafe_code)]
 mod sys;
 mod transport;
 

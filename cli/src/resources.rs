@@ -7,7 +7,7 @@
 //!   (`mincore`); what is left is the engine's own memory — bitmaps,
 //!   buffers, queues, thread stacks.
 //!
-//! The crate's `unsafe` beside `sys`: `getrusage` and `sysconf`, wrapped here.
+//! The process's clock and the clock tick come from `sys`.
 
 use std::time::Duration;
 
@@ -28,27 +28,16 @@ impl CpuSample {
     /// Now.
     pub fn now() -> Self {
         Self {
-            process: process_cpu(),
+            process: crate::sys::process_cpu(),
             guest: guest_threads_cpu(),
         }
     }
 }
 
-fn process_cpu() -> Duration {
-    // SAFETY: getrusage fills the struct it is given.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
-        return Duration::ZERO;
-    }
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
 /// Sum of utime + stime of the live threads named like guest threads, from
 /// `/proc/self/task/*/stat` (clock ticks).
 fn guest_threads_cpu() -> Duration {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = crate::sys::clock_ticks().max(1) as f64;
     let mut ticks = 0u64;
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
         return Duration::ZERO;

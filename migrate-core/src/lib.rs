@@ -143,6 +143,9 @@ pub mod skip;
 pub mod source;
 pub mod stats;
 pub mod transport;
+// The userfaultfd wrapper: every unsafe block of it.
+#[allow(unsafe_code)]
+mod uffd;
 pub mod vm;
 
 pub use cancel::CancelToken;

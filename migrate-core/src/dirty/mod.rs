@@ -110,7 +110,7 @@ pub fn harvest_with_discards(
 ) -> Result<(), DirtyError> {
     tracker.harvest(log)?;
     let mut dropped = DirtyLog::new(mem);
-    mem.take_discarded(&mut dropped);
+    mem.take_discarded(|region, page| dropped.mark(region, page));
     if dropped.count() > 0 {
         log.union_with(&dropped);
         tracker.discarded(&dropped)?;

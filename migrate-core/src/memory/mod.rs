@@ -429,12 +429,13 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// OR into `log` the pages [`GuestRegion::discard_pages`] dropped since
-    /// the last call, and clear their marks: what a harvest adds to the
-    /// tracker's report (the engine does it at every harvest).
-    pub fn take_discarded(&self, log: &mut crate::dirty::DirtyLog) {
+    /// Call `page(region, page)` for each page [`GuestRegion::discard_pages`]
+    /// dropped since the last call, and clear their marks: what a harvest
+    /// adds to the tracker's report (the engine does it at every harvest,
+    /// `dirty::harvest_with_discards`).
+    pub fn take_discarded(&self, mut page: impl FnMut(usize, usize)) {
         for (i, r) in self.regions.iter().enumerate() {
-            r.take_discarded(log.region_mut(i));
+            r.take_discarded(|p| page(i, p));
         }
     }
 

@@ -627,17 +627,13 @@ impl GuestRegion {
         Ok(())
     }
 
-    /// Move the marks of pages [`discard_pages`](Self::discard_pages)
-    /// dropped into `out` (one bit per page of this region), clearing them.
-    pub(crate) fn take_discarded(
-        &self,
-        out: &mut bitvec::slice::BitSlice<u64, bitvec::order::Lsb0>,
-    ) {
+    /// Call `page` for each page [`discard_pages`](Self::discard_pages)
+    /// dropped, clearing its mark.
+    pub(crate) fn take_discarded(&self, mut page: impl FnMut(usize)) {
         for (i, w) in self.discards.words.iter().enumerate() {
             let mut bits = w.swap(0, Ordering::AcqRel);
             while bits != 0 {
-                let b = bits.trailing_zeros() as usize;
-                out.set(i * 64 + b, true);
+                page(i * 64 + bits.trailing_zeros() as usize);
                 bits &= bits - 1;
             }
         }

@@ -10,12 +10,12 @@ use std::time::Instant;
 
 use super::FaultLatency;
 use crate::control;
-use crate::dirty::uffd::sys::{Uffd, UffdMode};
 use crate::error::MigrationError;
 use crate::memory::GuestMemory;
 use crate::memory::PageBits;
 use crate::protocol::{FrameKind, Message, PageRange, ProtocolError, RANGES_PER_FRAME};
 use crate::transport::{ControlChannel, ControlSender, DestinationTransport, PageFetcher};
+use crate::uffd::{Uffd, UffdMode};
 
 /// How long the fault handler waits before it looks at its stop flag.
 const HANDLER_POLL_MS: libc::c_int = 50;

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use super::sys::{self, Event, Pagemap, Uffd, UffdMode, features};
+use crate::uffd::{self as sys, Event, Pagemap, Uffd, UffdMode, features};
 
 use super::{
     Failure, PageBits, check, mark_removed, page_bits, register_all, runs, spawn_tracker_thread,

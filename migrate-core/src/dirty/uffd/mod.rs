@@ -3,8 +3,6 @@
 
 mod async_wp;
 mod sync_wp;
-#[allow(unsafe_code)]
-pub(crate) mod sys;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -17,6 +15,7 @@ pub use sync_wp::UffdSyncTracker;
 
 use super::{DirtyError, HostRange, TrackerKind};
 use crate::memory::{Backing, GuestMemory};
+use crate::uffd as sys;
 use sys::{Pagemap, Uffd, UffdMode, features};
 
 /// What this kernel offers for userfaultfd write-protect tracking, probed

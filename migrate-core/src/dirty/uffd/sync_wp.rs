@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use super::sys::{self, Event, Uffd, UffdMode, features};
 use super::{
     Failure, PageBits, check, mark_removed, page_bits, register_all, runs, spawn_tracker_thread,
 };
 use crate::dirty::{DirtyError, DirtyLog, DirtyTracker, HostRange, TrackerKind};
 use crate::memory::{Backing, GuestMemory};
+use crate::uffd::{self as sys, Event, Uffd, UffdMode, features};
 
 const KIND: TrackerKind = TrackerKind::UffdSync;
 /// How long the handler keeps polling for the next fault of a burst.

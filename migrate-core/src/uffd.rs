@@ -1,9 +1,11 @@
-//! The userfaultfd and `PAGEMAP_SCAN` system interface, wrapped once.
+//! The userfaultfd and `PAGEMAP_SCAN` system interface, wrapped once, for
+//! both of its users: dirty tracking (write-protect, `dirty::uffd`) and
+//! post-copy (missing-page faults, `postcopy::fetch`).
 //!
 //! The libc crate has neither `PAGEMAP_SCAN` nor the write-protect-async
 //! uffd features, so the kernel's structs (`include/uapi/linux/userfaultfd.h`,
-//! `include/uapi/linux/fs.h`) are defined here. Every `unsafe` block of the
-//! userfaultfd trackers lives in this module.
+//! `include/uapi/linux/fs.h`) are defined here. Every `unsafe` block of
+//! userfaultfd lives in this module.
 
 use std::fs::File;
 use std::io;
