@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+pub use migrate_frontend::args::{
+    KernelTlsArg, MigrationArgs, TransportArgs, TransportChoice, parse_size,
+};
 
 /// Live migration of guest memory over RDMA or TCP.
 #[derive(Debug, Parser)]
@@ -113,17 +116,6 @@ pub struct TlsGenArgs {
     pub force: bool,
 }
 
-/// Transports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum TransportChoice {
-    /// TCP.
-    Tcp,
-    /// One-sided RDMA WRITE.
-    Rdma,
-    /// RDMA when a device and the peer have it, else TCP (with the reason).
-    Auto,
-}
-
 /// Guest memory.
 #[derive(Debug, Clone, Args)]
 pub struct MemoryArgs {
@@ -135,72 +127,6 @@ pub struct MemoryArgs {
     /// `--memory` bytes if it does not exist.
     #[arg(long)]
     pub memory_file: Option<PathBuf>,
-}
-
-/// Transport knobs shared by both ends.
-#[derive(Debug, Clone, Args)]
-pub struct TransportArgs {
-    /// Transport.
-    #[arg(long, value_enum, default_value_t = TransportChoice::Tcp)]
-    pub transport: TransportChoice,
-    /// TCP data connections (RDMA: queue pairs).
-    #[arg(long, default_value_t = transport_tcp::DEFAULT_DATA_STREAMS)]
-    pub streams: u16,
-    /// Send (accept) every data page whole over TCP, also those with a few
-    /// non-zero words, which by default travel as those words.
-    #[arg(long)]
-    pub no_sparse: bool,
-    /// Seconds the peer may send nothing at all (both ends send heartbeats
-    /// every second) before it counts as dead; rounds may last longer.
-    #[arg(long, default_value_t = 30)]
-    pub io_timeout_s: u64,
-    /// When the connection is lost before the switch-over, reconnect (the
-    /// source) or wait for the source to (the destination) for this many
-    /// seconds and go on where it stopped; 0: fail at once.
-    #[arg(long, default_value_t = 60)]
-    pub reconnect_s: u64,
-    /// Mutual TLS 1.3 on every connection with the certificates in this
-    /// directory, under QEMU's file names: `ca-cert.pem`, plus
-    /// `client-cert.pem` and `client-key.pem` on the source,
-    /// `server-cert.pem` and `server-key.pem` on the destination
-    /// (`migrate-cli tls-gen` writes a test set).
-    #[arg(long, conflicts_with = "psk_file")]
-    pub tls_dir: Option<PathBuf>,
-    /// Authenticate both ends with the pre-shared key in this file instead
-    /// of certificates: base64 or hex of at least 32 random bytes, in a file
-    /// only its owner can read (e.g. `(umask 077; head -c 32 /dev/urandom |
-    /// base64 > key)`); the connections are TLS 1.3.
-    #[arg(long)]
-    pub psk_file: Option<PathBuf>,
-    /// Run without authentication or encryption on a non-loopback address:
-    /// anyone who reaches the port can write the guest's memory (as
-    /// source) or read it (as destination). Isolated test networks only.
-    #[arg(long, conflicts_with_all = ["tls_dir", "psk_file"])]
-    pub insecure: bool,
-    /// Who seals and opens the TLS records: the kernel where it can (its
-    /// `tls` module, kTLS), else this program (`auto`); the kernel or
-    /// fail (`on`); always this program (`off`). The records are the same
-    /// either way, so each end chooses alone.
-    #[arg(long, value_enum, default_value_t = KernelTlsArg::Auto)]
-    pub kernel_tls: KernelTlsArg,
-    /// RDMA device (default: the first one).
-    #[arg(long)]
-    pub rdma_device: Option<String>,
-    /// RDMA GID index (default: the IPv4-mapped GID of the control
-    /// connection's local address).
-    #[arg(long)]
-    pub gid_index: Option<u32>,
-}
-
-/// `--kernel-tls`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum KernelTlsArg {
-    /// The kernel where it can, else this program.
-    Auto,
-    /// The kernel, or the connection fails.
-    On,
-    /// This program.
-    Off,
 }
 
 /// Built-in guests.
@@ -279,75 +205,6 @@ impl GuestArgs {
     }
 }
 
-/// The operator's knobs.
-#[derive(Debug, Clone, Args)]
-pub struct MigrationArgs {
-    /// Largest acceptable downtime, ms.
-    #[arg(long, default_value_t = 300)]
-    pub downtime_ms: u64,
-    /// Bandwidth cap, MB/s (0 = none).
-    #[arg(long, default_value_t = 0)]
-    pub bandwidth_mbs: u64,
-    /// Switch over after this many rounds even if not converged.
-    #[arg(long, default_value_t = 30)]
-    pub max_rounds: u32,
-    /// Overall time limit, seconds (0 = none).
-    #[arg(long, default_value_t = 0)]
-    pub timeout_s: u64,
-    /// What the time limit does.
-    #[arg(long, value_enum, default_value_t = TimeoutChoice::Cancel)]
-    pub timeout_policy: TimeoutChoice,
-    /// Do not throttle a guest that dirties faster than the link drains.
-    #[arg(long)]
-    pub no_auto_converge: bool,
-    /// `auto`: when pre-copy does not converge (rounds stop shrinking, max
-    /// rounds, a forcing timeout, `ctl switchover`), resume the guest on the
-    /// destination at once and let it fetch its missing pages (post-copy;
-    /// the destination's memory must be anonymous, memfd, tmpfs or
-    /// hugetlbfs). If the link breaks then, neither side holds the whole
-    /// guest: exit status 4.
-    #[arg(long, value_enum, default_value_t = PostcopyChoice::Never)]
-    pub postcopy: PostcopyChoice,
-    /// With `--postcopy auto`: switch to post-copy after this many rounds at
-    /// the latest, even if the rest would fit the downtime budget.
-    #[arg(long, value_name = "N")]
-    pub postcopy_after_rounds: Option<u32>,
-    /// Before commit, compare a hash of every page on both sides; any
-    /// difference fails the migration (and the source guest resumes).
-    #[arg(long)]
-    pub verify: bool,
-    /// After a completed migration, hash every page of the paused guest
-    /// memory into `memory_digest` in `--json` (compare it with the
-    /// destination's `dest --digest`: the bytes checked without the
-    /// downtime `--verify` adds).
-    #[arg(long)]
-    pub digest: bool,
-    /// Offer zstd compression of page batches (for slow links).
-    #[arg(long)]
-    pub compress: bool,
-    /// Dirty tracker.
-    #[arg(long, value_enum, default_value_t = TrackerChoice::Best)]
-    pub tracker: TrackerChoice,
-}
-
-/// Post-copy policies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PostcopyChoice {
-    /// Pre-copy only.
-    Never,
-    /// Post-copy when pre-copy does not converge.
-    Auto,
-}
-
-/// Timeout policies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum TimeoutChoice {
-    /// Abort; the guest keeps running here.
-    Cancel,
-    /// Pause and switch over whatever the downtime.
-    Force,
-}
-
 /// Dirty trackers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TrackerChoice {
@@ -388,6 +245,9 @@ pub struct SourceArgs {
     pub guest: GuestArgs,
     #[command(flatten)]
     pub migration: MigrationArgs,
+    /// Dirty tracker.
+    #[arg(long, value_enum, default_value_t = TrackerChoice::Best)]
+    pub tracker: TrackerChoice,
     #[command(flatten)]
     pub steering: SteeringArgs,
     /// Once the guest is paused and its memory sent, wait for `ctl PATH
@@ -451,6 +311,9 @@ pub struct DemoArgs {
     pub guest: GuestArgs,
     #[command(flatten)]
     pub migration: MigrationArgs,
+    /// Dirty tracker.
+    #[arg(long, value_enum, default_value_t = TrackerChoice::Best)]
+    pub tracker: TrackerChoice,
     /// TCP data connections.
     #[arg(long, default_value_t = transport_tcp::DEFAULT_DATA_STREAMS)]
     pub streams: u16,
@@ -460,31 +323,6 @@ pub struct DemoArgs {
     /// Progress bar.
     #[arg(long, value_enum, default_value_t = ProgressChoice::Auto)]
     pub progress: ProgressChoice,
-}
-
-/// `4096`, `64K`, `256M`, `1G` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, shift) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("unknown size unit in {s:?} (use K, M, G, T)")),
-            };
-            (&s[..i], shift)
-        }
-        _ => (s, 0),
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("not a size: {s:?}"))?;
-    n.checked_shl(shift)
-        .filter(|v| v >> shift == n)
-        .ok_or_else(|| format!("size too large: {s:?}"))
 }
 
 fn parse_pattern(s: &str) -> Result<fixtures::DirtyPattern, String> {
@@ -499,17 +337,6 @@ fn parse_mix(s: &str) -> Result<fixtures::PageMix, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(64 << 10));
-        assert_eq!(parse_size("256m"), Ok(256 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
 
     #[test]
     fn cli_parses() {

@@ -687,7 +687,7 @@ pub fn incoming_event_json(event: &IncomingEvent) -> Value {
 /// Write every event to `path` as JSON Lines, from now until the migration
 /// ends (the returned thread ends with it).
 pub fn events_to<H: Steer>(path: &Path, handle: &H) -> Result<JoinHandle<()>> {
-    let mut file = crate::report::create_output(path).context("--events")?;
+    let mut file = migrate_frontend::output::create_output(path).context("--events")?;
     let events = handle.events();
     let path = path.to_path_buf();
     std::thread::Builder::new()

@@ -14,9 +14,7 @@ mod memory;
 mod report;
 mod resources;
 mod run;
-mod security;
 mod sys;
-mod transport;
 
 use anyhow::Result;
 use clap::Parser;
@@ -65,7 +63,7 @@ fn main() {
         Ok(outcome) => std::process::exit(outcome.code()),
         Err(e) => {
             eprintln!("migrate-cli: error: {}", report::error_text(&e));
-            std::process::exit(2);
+            std::process::exit(migrate_frontend::outcome::SETUP_ERROR);
         }
     }
 }

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::thread::JoinHandle;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use migrate_core::{MigrationEvent, MigrationHandle, MigrationStats};
 use serde_json::Value;
@@ -113,91 +113,9 @@ pub fn human(b: u64) -> String {
 
 pub use migrate_core::report::{destination_json, source_json};
 
-/// Open an output file (a report, an event log) for writing from its
-/// start, made for this process's user alone (0600) when new. A symbolic
-/// link there is not followed and a file another user owns is refused,
-/// before anything in it changes: nobody can plant a link or a file to have
-/// a root migration write through it.
-pub fn create_output(path: &Path) -> Result<std::fs::File> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                anyhow::anyhow!("{}: a symbolic link, not followed", path.display())
-            } else {
-                anyhow::Error::new(e).context(format!("{}: cannot create", path.display()))
-            }
-        })?;
-    let meta = file
-        .metadata()
-        .with_context(|| format!("{}: cannot inspect", path.display()))?;
-    if !meta.file_type().is_file() {
-        anyhow::bail!("{}: not a regular file", path.display());
-    }
-    let euid = crate::sys::effective_uid();
-    if meta.uid() != euid {
-        anyhow::bail!(
-            "{}: owned by uid {}, not by this process's uid {euid}: not overwritten",
-            path.display(),
-            meta.uid()
-        );
-    }
-    file.set_len(0)
-        .with_context(|| format!("{}: cannot truncate", path.display()))?;
-    Ok(file)
-}
-
-/// Check, before anything listens or connects, every path a command will
-/// write to: a report (`--json`) and an event log (`--events`) are created
-/// now (empty until written, by [`create_output`]'s rules), and a control
-/// socket's (`--control`) directory must exist and the path, if it exists,
-/// be a socket. A path that cannot serve fails now, naming the option and
-/// the path (exit 2), not when a source arrives or after the migration.
-pub fn check_outputs(
-    json: Option<&Path>,
-    steering: Option<&crate::args::SteeringArgs>,
-) -> Result<()> {
-    if let Some(p) = json {
-        create_output(p).with_context(|| format!("--json {}", p.display()))?;
-    }
-    let Some(s) = steering else { return Ok(()) };
-    if let Some(p) = &s.events {
-        create_output(p).with_context(|| format!("--events {}", p.display()))?;
-    }
-    if let Some(p) = &s.control {
-        use std::os::unix::fs::FileTypeExt;
-        let dir = match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        if !dir.is_dir() {
-            anyhow::bail!(
-                "--control {}: the directory {} does not exist",
-                p.display(),
-                dir.display()
-            );
-        }
-        if let Ok(meta) = std::fs::symlink_metadata(p)
-            && !meta.file_type().is_socket()
-        {
-            anyhow::bail!("--control {}: exists and is not a socket", p.display());
-        }
-    }
-    Ok(())
-}
-
-/// Write a JSON report (through [`create_output`]).
+/// Write a JSON report (through `migrate_frontend::output`'s rules).
 pub fn write_json(path: &Path, v: &Value) -> Result<()> {
-    use std::io::Write;
-    let text = serde_json::to_string_pretty(v).expect("JSON values serialize");
-    create_output(path)?
-        .write_all((text + "\n").as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
+    Ok(migrate_frontend::output::write_json(path, v)?)
 }
 
 /// The human summary of a source run.

@@ -10,100 +10,34 @@ use migrate_core::dirty::{DirtyTracking, TrackerKind, TrackerPreference};
 use migrate_core::memory::GuestMemory;
 use migrate_core::protocol::RefusalCode;
 use migrate_core::transport::TransportError;
-use migrate_core::{
-    IncomingMigration, MigrationStats, PostcopyMode, SourceConfig, SourceMigration, TimeoutPolicy,
-};
+use migrate_core::{IncomingMigration, MigrationStats, SourceMigration};
+
+use migrate_frontend::{output, security, transport};
+
+pub use migrate_frontend::Outcome;
 
 use crate::args::{
-    DemoArgs, DestArgs, MigrationArgs, PostcopyChoice, SourceArgs, SteeringArgs, TimeoutChoice,
-    TlsGenArgs, TrackerChoice, TransportArgs, TransportChoice,
+    DemoArgs, DestArgs, MigrationArgs, SourceArgs, SteeringArgs, TlsGenArgs, TrackerChoice,
+    TransportArgs, TransportChoice,
 };
-use crate::{control, guest, memory, report, resources, security, transport};
-
-/// How a command ended. The process exit status says exactly this, one
-/// meaning per code (setup errors before anything was sent are 2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// 0: migrated; the destination runs the guest.
-    Migrated,
-    /// 1: failed; the source guest runs again, the destination discarded.
-    Failed,
-    /// 3: commit sent but not acknowledged; the source guest stays paused
-    /// and the operator must find out whether the destination runs it.
-    CommitUnknown,
-    /// 4: the link broke during post-copy: the destination runs the guest
-    /// without all of its pages, the source keeps its paused guest and the
-    /// pages; neither may be discarded.
-    PostcopyInterrupted,
-    /// 0: a command that migrates nothing (`ctl`, `tls-gen`,
-    /// `completions`, `man`) did what it was asked.
-    Done,
-    /// 1: `ctl`: the migration refused the request (the response says
-    /// why); `check`: the asked transport cannot work on this host.
-    Refused,
-}
-
-impl Outcome {
-    /// The exit status.
-    pub fn code(self) -> i32 {
-        match self {
-            Outcome::Migrated | Outcome::Done => 0,
-            Outcome::Failed | Outcome::Refused => 1,
-            Outcome::CommitUnknown => 3,
-            Outcome::PostcopyInterrupted => 4,
-        }
-    }
-
-    fn of(ok: bool) -> Self {
-        if ok {
-            Outcome::Migrated
-        } else {
-            Outcome::Failed
-        }
-    }
-}
+use crate::{control, guest, memory, report, resources};
 
 /// Write a report after the migration ended: failing to write it must not
 /// change the outcome the exit status reports, so it is said on stderr.
 fn write_report(path: &std::path::Path, v: &serde_json::Value) {
-    if let Err(e) = report::write_json(path, v) {
-        eprintln!(
-            "migrate-cli: warning: the migration ended, but its report {} could not be written: {}",
-            path.display(),
-            report::error_text(&e)
-        );
-    }
+    output::write_report("migrate-cli", path, v);
 }
 
-fn source_config(m: &MigrationArgs, t: &TransportArgs) -> SourceConfig {
-    SourceConfig {
-        downtime_limit: Duration::from_millis(m.downtime_ms.max(1)),
-        bandwidth_limit: (m.bandwidth_mbs > 0).then_some(m.bandwidth_mbs * 1_000_000),
-        max_rounds: m.max_rounds.max(1),
-        timeout: (m.timeout_s > 0).then(|| {
-            (
-                Duration::from_secs(m.timeout_s),
-                match m.timeout_policy {
-                    TimeoutChoice::Cancel => TimeoutPolicy::Cancel,
-                    TimeoutChoice::Force => TimeoutPolicy::ForceSwitchover,
-                },
-            )
-        }),
-        auto_converge: !m.no_auto_converge,
-        verify: m.verify,
-        postcopy: match m.postcopy {
-            PostcopyChoice::Never => PostcopyMode::Never,
-            PostcopyChoice::Auto => PostcopyMode::Auto,
-        },
-        postcopy_after_rounds: m.postcopy_after_rounds,
-        reconnect: reconnect(t),
-        ..SourceConfig::default()
+/// The files a command writes, for [`output::check_outputs`].
+fn outputs<'a>(
+    json: Option<&'a std::path::Path>,
+    steering: Option<&'a SteeringArgs>,
+) -> output::Outputs<'a> {
+    output::Outputs {
+        json,
+        events: steering.and_then(|s| s.events.as_deref()),
+        control: steering.and_then(|s| s.control.as_deref()),
     }
-}
-
-/// The grace period for a lost connection, if any.
-fn reconnect(t: &TransportArgs) -> Option<Duration> {
-    (t.reconnect_s > 0).then(|| Duration::from_secs(t.reconnect_s))
 }
 
 fn tracker_pref(t: TrackerChoice) -> TrackerPreference {
@@ -118,7 +52,7 @@ fn tracker_pref(t: TrackerChoice) -> TrackerPreference {
 pub fn source(a: SourceArgs, baseline_rss: u64) -> Result<Outcome> {
     // Where the results go, then credentials: a bad path or file fails
     // before any memory is allocated or anything is sent.
-    report::check_outputs(a.json.as_deref(), Some(&a.steering))?;
+    output::check_outputs(outputs(a.json.as_deref(), Some(&a.steering)))?;
     let tls = security::tls(
         &a.transport,
         &security::Role::Source {
@@ -132,38 +66,49 @@ pub fn source(a: SourceArgs, baseline_rss: u64) -> Result<Outcome> {
         .context("give the guest memory: --memory SIZE and/or --memory-file PATH")?;
     migrate_out(
         Arc::new(mem),
-        &a.connect,
-        &a.transport,
-        tls,
-        &guest,
-        &a.migration,
-        a.json.as_deref(),
-        a.progress,
-        Some(baseline_rss),
-        Some((&a.steering, a.pause_before_switchover)),
+        Outbound {
+            addr: &a.connect,
+            t: &a.transport,
+            tls,
+            guest: &guest,
+            m: &a.migration,
+            tracker: a.tracker,
+            json: a.json.as_deref(),
+            progress: a.progress,
+            baseline_rss: Some(baseline_rss),
+            steering: Some((&a.steering, a.pause_before_switchover)),
+        },
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-fn migrate_out(
-    mem: Arc<GuestMemory>,
-    addr: &str,
-    t: &TransportArgs,
+/// What an outgoing migration needs besides the memory: where, how, and
+/// what to say about it.
+struct Outbound<'a> {
+    addr: &'a str,
+    t: &'a TransportArgs,
     tls: Option<transport_tcp::TlsConfig>,
-    g: &crate::args::GuestArgs,
-    m: &MigrationArgs,
-    json: Option<&std::path::Path>,
+    guest: &'a crate::args::GuestArgs,
+    m: &'a MigrationArgs,
+    tracker: TrackerChoice,
+    json: Option<&'a std::path::Path>,
     progress: crate::args::ProgressChoice,
+    /// The process's RSS before the guest memory (resources are reported).
     baseline_rss: Option<u64>,
-    steering: Option<(&SteeringArgs, bool)>,
-) -> Result<Outcome> {
-    let mut config = source_config(m, t);
-    config.pause_before_switchover = steering.is_some_and(|(_, pause)| pause);
+    /// The control socket and event stream, and whether to pause before
+    /// the switch-over.
+    steering: Option<(&'a SteeringArgs, bool)>,
+}
+
+/// Migrate `mem` out: connect, bind the memory, start tracking and the
+/// guest, run, then say how it ended.
+fn migrate_out(mem: Arc<GuestMemory>, o: Outbound<'_>) -> Result<Outcome> {
+    let mut config = o.m.source_config(o.t);
+    config.pause_before_switchover = o.steering.is_some_and(|(_, pause)| pause);
     let migration = SourceMigration::new(config);
     let handle = migration.handle();
     // The ways to steer it exist before anything connects: a socket that
     // cannot be served is a setup error, with nothing sent.
-    let steering = steering.map(|(s, _)| s);
+    let steering = o.steering.map(|(s, _)| s);
     let _control = steering
         .and_then(|s| s.control.as_deref())
         .map(|p| control::serve(p, &handle))
@@ -173,36 +118,27 @@ fn migrate_out(
         .map(|p| control::events_to(p, &handle))
         .transpose()?;
     control::cancel_on_signals(Arc::new(std::sync::Mutex::new(Some(handle.clone()))))?;
-    guest::fill(&mem, g)?;
+    guest::fill(&mem, o.guest)?;
     let cpu_start = resources::CpuSample::now();
-    // Connect first: RDMA registers (pins) the memory, which must happen
-    // before dirty tracking starts.
     let connect_start = std::time::Instant::now();
-    let postcopy = m.postcopy != PostcopyChoice::Never;
-    let mut transport = match transport::connect(addr, t, m.compress, &mem, tls, postcopy) {
-        Ok(x) => x,
-        Err(e) => {
-            if let Some(path) = json {
-                let mut stats = MigrationStats::default();
-                stats.transport = transport_name(t.transport).into();
-                stats.bytes_total = mem.total_bytes();
-                stats.status = migrate_core::MigrationStatus::Failed;
-                report::write_json(
-                    path,
-                    &report::source_json(&stats, None, Some(&report::error_text(&e))),
-                )?;
-            }
-            return Err(e);
-        }
-    };
+    let mut transport =
+        transport::connect(o.addr, o.t, o.m.compress, o.tls.clone(), o.m.postcopy())
+            .map_err(anyhow::Error::from)
+            .inspect_err(|e| failed_before_start(&o, &mem, e))?;
+    // The engine binds the memory first (RDMA registers, i.e. pins, it),
+    // then tracking starts: the other order is refused.
+    let bound = migration
+        .bind(transport.as_dyn(), &mem)
+        .map_err(anyhow::Error::from)
+        .inspect_err(|e| failed_before_start(&o, &mem, e))?;
     let connect_ms = connect_start.elapsed().as_secs_f64() * 1e3;
-    let tracking = DirtyTracking::new(&mem, tracker_pref(m.tracker))?;
+    let tracking = DirtyTracking::new(&mem, tracker_pref(o.tracker))?;
     for f in tracking.fallbacks() {
         eprintln!("dirty tracking: not using {}: {}", f.tracker, f.reason);
     }
-    let mut vm = guest::start(&mem, g)?;
-    let bar = report::progress(&handle, progress);
-    let result = migration.run(transport.as_dyn(), &mem, &tracking, &mut vm);
+    let mut vm = guest::start(&mem, o.guest)?;
+    let bar = report::progress(&handle, o.progress);
+    let result = bound.run(&tracking, &mut vm);
     let fallback = transport.fallback_reason();
     if let Some(reason) = &fallback {
         eprintln!("transport: pages went over TCP: {reason}");
@@ -210,43 +146,21 @@ fn migrate_out(
     for t in [bar, events].into_iter().flatten() {
         let _ = t.join();
     }
-    let outcome = match &result {
-        Ok(_) => Outcome::Migrated,
-        Err(migrate_core::MigrationError::CommitUnknown(_)) => Outcome::CommitUnknown,
-        Err(migrate_core::MigrationError::PostcopyInterrupted(_)) => Outcome::PostcopyInterrupted,
-        // Cancelled is a failure to migrate: the guest runs here (1).
-        Err(_) => Outcome::Failed,
-    };
-    let (stats, error) = match &result {
-        Ok(s) => (s.clone(), None),
-        Err(e) => (handle.stats(), Some(e.to_string())),
-    };
-    match &result {
-        Ok(s) => println!("{}", report::source_summary(s)),
-        Err(migrate_core::MigrationError::Cancelled) => {
-            eprintln!("migration cancelled");
-            eprintln!("the source guest is running again");
-        }
-        Err(e) => {
-            eprintln!("migration failed: {e}");
-            if !matches!(
-                e,
-                migrate_core::MigrationError::CommitUnknown(_)
-                    | migrate_core::MigrationError::PostcopyInterrupted(_)
-            ) {
-                eprintln!("the source guest is running again");
-            }
-        }
-    }
-    if let Some(path) = json {
+    say_source_result(&result);
+    if let Some(path) = o.json {
+        let stats = match &result {
+            Ok(s) => s.clone(),
+            Err(_) => handle.stats(),
+        };
+        let error = result.as_ref().err().map(ToString::to_string);
         let mut v = report::source_json(&stats, fallback.as_deref(), error.as_deref());
         v["connect_ms"] = serde_json::json!(connect_ms);
-        v["authentication"] = serde_json::json!(security::kind(t));
-        if let Some(base) = baseline_rss {
+        v["authentication"] = serde_json::json!(o.t.authentication());
+        if let Some(base) = o.baseline_rss {
             v["resources"] = resources::report(cpu_start, base, Some(&mem));
         }
         // After the figures: the guest stays paused, nothing is timed.
-        if m.digest && result.is_ok() {
+        if o.m.digest && result.is_ok() {
             v["memory_digest"] = serde_json::json!(format!("{:016x}", mem.digest()));
         }
         write_report(path, &v);
@@ -263,7 +177,47 @@ fn migrate_out(
             "authentication failed: the destination refused a source without credentials: {message}"
         );
     }
-    Ok(outcome)
+    Ok(Outcome::of_source(&result))
+}
+
+/// A migration that failed before it started (connect, bind): its report
+/// says so (the error itself is the caller's).
+fn failed_before_start(o: &Outbound<'_>, mem: &GuestMemory, e: &anyhow::Error) {
+    let Some(path) = o.json else { return };
+    let mut stats = MigrationStats::default();
+    stats.transport = transport_name(o.t.transport).into();
+    stats.bytes_total = mem.total_bytes();
+    stats.status = migrate_core::MigrationStatus::Failed;
+    let v = report::source_json(&stats, None, Some(&report::error_text(e)));
+    if let Err(w) = output::write_json(path, &v) {
+        eprintln!(
+            "migrate-cli: warning: the report {} could not be written: {}",
+            path.display(),
+            report::error_text(&w.into())
+        );
+    }
+}
+
+/// Say on the terminal how the source's migration ended, and where the
+/// guest runs.
+fn say_source_result(result: &Result<MigrationStats, migrate_core::MigrationError>) {
+    match result {
+        Ok(s) => println!("{}", report::source_summary(s)),
+        Err(migrate_core::MigrationError::Cancelled) => {
+            eprintln!("migration cancelled");
+            eprintln!("the source guest is running again");
+        }
+        Err(e) => {
+            eprintln!("migration failed: {e}");
+            if !matches!(
+                e,
+                migrate_core::MigrationError::CommitUnknown(_)
+                    | migrate_core::MigrationError::PostcopyInterrupted(_)
+            ) {
+                eprintln!("the source guest is running again");
+            }
+        }
+    }
 }
 
 fn transport_name(t: TransportChoice) -> &'static str {
@@ -275,7 +229,7 @@ fn transport_name(t: TransportChoice) -> &'static str {
 
 /// `migrate-cli dest`.
 pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
-    report::check_outputs(a.json.as_deref(), Some(&a.steering))?;
+    output::check_outputs(outputs(a.json.as_deref(), Some(&a.steering)))?;
     let tls = security::tls(
         &a.transport,
         &security::Role::Destination {
@@ -302,8 +256,8 @@ pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
         digest: a.digest,
         prefault: a.prefault,
         max_memory: a.max_memory.unwrap_or_else(memory::available),
-        reconnect: reconnect(&a.transport),
-        authentication: security::kind(&a.transport),
+        reconnect: a.transport.reconnect(),
+        authentication: a.transport.authentication(),
     };
     receive(
         &listener,
@@ -494,8 +448,10 @@ fn receive(
     }
     Ok(if interrupted {
         Outcome::PostcopyInterrupted
+    } else if ok {
+        Outcome::Migrated
     } else {
-        Outcome::of(ok)
+        Outcome::Failed
     })
 }
 
@@ -514,7 +470,7 @@ pub fn tls_gen(a: TlsGenArgs) -> Result<Outcome> {
 
 /// `migrate-cli demo`.
 pub fn demo(a: DemoArgs) -> Result<Outcome> {
-    report::check_outputs(a.json.as_deref(), None)?;
+    output::check_outputs(outputs(a.json.as_deref(), None))?;
     let demo_transport = TransportArgs {
         transport: TransportChoice::Tcp,
         streams: a.streams,
@@ -561,15 +517,18 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
     m.verify = true;
     let outcome = migrate_out(
         mem,
-        &addr,
-        &demo_transport,
-        None,
-        &a.guest,
-        &m,
-        a.json.as_deref(),
-        a.progress,
-        None,
-        None,
+        Outbound {
+            addr: &addr,
+            t: &demo_transport,
+            tls: None,
+            guest: &a.guest,
+            m: &m,
+            tracker: a.tracker,
+            json: a.json.as_deref(),
+            progress: a.progress,
+            baseline_rss: None,
+            steering: None,
+        },
     )?;
     let dest_outcome = dest
         .join()

@@ -12,9 +12,7 @@ pub fn effective_uid() -> u32 {
 /// The user id of the process at the other end of a Unix socket, as the
 /// kernel recorded it when that process connected (`SO_PEERCRED`).
 pub fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
-    Ok(rustix::net::sockopt::socket_peercred(stream)?
-        .uid
-        .as_raw())
+    Ok(rustix::net::sockopt::socket_peercred(stream)?.uid.as_raw())
 }
 
 /// CPU time of the whole process, all threads, user and system.

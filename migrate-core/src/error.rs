@@ -49,6 +49,14 @@ pub enum MigrationError {
     /// The overall timeout expired (policy: cancel).
     #[error("migration timed out after {0:?}")]
     Timeout(Duration),
+    /// A kernel dirty tracker was tracking the memory before it was bound
+    /// to the transport ([`SourceMigration::bind`](crate::SourceMigration::bind)
+    /// comes first): nothing was sent, the guest runs on.
+    #[error(
+        "dirty tracking started before the memory was bound to the transport: bind first \
+         (SourceMigration::bind), then start tracking, then run"
+    )]
+    TrackedBeforeBind,
     /// The VMM failed to pause, resume, save or load.
     #[error("VMM: {0}")]
     Vm(#[from] VmError),

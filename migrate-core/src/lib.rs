@@ -76,21 +76,24 @@
 //!     Ok((report, page, vmm.devices))
 //! });
 //!
-//! // Source: 4 MiB of guest memory in two regions, tracked from now on.
+//! // Source: 4 MiB of guest memory in two regions.
 //! let mem = Arc::new(GuestMemory::new(vec![
 //!     GuestRegion::anonymous(0, 1 << 20)?,
 //!     GuestRegion::memfd(0x10_0000, 3 << 20, "guest")?,
 //! ])?);
-//! let tracking = DirtyTracking::new(&mem, TrackerPreference::Best)?;
-//! mem.write(0x10_2000, b"guest bytes")?; // a vCPU's write
 //! let mut transport = TcpSource::connect(&addr, TcpConfig::default())?;
 //! let migration = SourceMigration::new(SourceConfig {
 //!     verify: true, // compare every page before the commit
 //!     ..SourceConfig::default()
 //! });
 //! let handle = migration.handle(); // cancel(), stats(), subscribe() from any thread
+//! // Bind the memory to the transport (RDMA registers it), then track:
+//! // writes from now on are caught.
+//! let bound = migration.bind(&mut transport, &mem)?;
+//! let tracking = DirtyTracking::new(&mem, TrackerPreference::Best)?;
+//! mem.write(0x10_2000, b"guest bytes")?; // a vCPU's write
 //! let mut vmm = Vmm::default();
-//! let stats = migration.run(&mut transport, &mem, &tracking, &mut vmm)?;
+//! let stats = bound.run(&tracking, &mut vmm)?;
 //! assert!(stats.verified && vmm.paused); // the destination runs the guest now
 //! assert_eq!(handle.stats().status, migrate_core::MigrationStatus::Completed);
 //!
@@ -154,7 +157,9 @@ pub use dirty::{DirtyTracker, DirtyTracking, TrackerPreference};
 pub use error::MigrationError;
 pub use memory::{GuestMemory, GuestRegion};
 pub use postcopy::{FaultLatency, PostcopyMode};
-pub use source::{MigrationHandle, NotPreSwitchover, SourceConfig, SourceMigration, TimeoutPolicy};
+pub use source::{
+    BoundMigration, MigrationHandle, NotPreSwitchover, SourceConfig, SourceMigration, TimeoutPolicy,
+};
 pub use stats::{MigrationEvent, MigrationStats, MigrationStatus, STATS_SCHEMA_VERSION};
 pub use transport::{DestinationTransport, SourceTransport};
 pub use vm::{DestinationVm, SourceVm, VmError};

@@ -24,11 +24,12 @@
 //! let program = TableProgram::new(16, 40);
 //! let mut machine = Machine::new(program.table_bytes())?;
 //! let boot = machine.load_table_program(&program)?;
-//! let tracking = machine.dirty_tracking()?;          // before the guest runs
 //! let vcpu = machine.start(&boot, 20_000)?;          // the guest runs
 //! let mut transport = TcpSource::connect("dest:4444", TcpConfig::default())?;
 //! let migration = SourceMigration::new(SourceConfig::default());
-//! let stats = migration.run(&mut transport, machine.memory(), &tracking, &mut KvmSource::new(&vcpu))?;
+//! let bound = migration.bind(&mut transport, machine.memory())?; // memory first,
+//! let tracking = machine.dirty_tracking()?;          // then tracking
+//! let stats = bound.run(&tracking, &mut KvmSource::new(&vcpu))?;
 //! println!("downtime {:.1} ms", stats.downtime_ms);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

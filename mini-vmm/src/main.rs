@@ -14,10 +14,11 @@
 //! `--run-for-s` seconds, the source stops once it migrated it. With
 //! `--digest`, both ends print `digest: ...` of the guest memory at the
 //! switch-over (the paused source; the destination before its vCPU runs).
-//! Exit status: 0 done, 1
-//! migration failed (the source guest ran on), 2 setup, 3 commit sent but
-//! not acknowledged (the source guest stays paused: the destination may run
-//! it), as `migrate-cli`'s.
+//! The options shared with `migrate-cli` (transport, credentials, the
+//! migration's knobs) and the exit statuses are `migrate_frontend`'s: 0
+//! done, 1 migration failed (the source guest ran on), 2 setup, 3 commit
+//! sent but not acknowledged (the source guest stays paused: the
+//! destination may run it), 4 the link broke during post-copy.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,17 +27,15 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use migrate_core::protocol::RefusalCode;
-use migrate_core::{
-    DestinationTransport, IncomingMigration, MigrationError, PostcopyMode, SourceConfig,
-    SourceMigration, SourceTransport, report,
-};
+use migrate_core::{IncomingMigration, SourceMigration, report};
+use migrate_frontend::args::{MigrationArgs, TransportArgs};
+use migrate_frontend::outcome::SETUP_ERROR;
+use migrate_frontend::{Outcome, output, security, transport};
 use mini_vmm::boot;
 use mini_vmm::machine::{GUEST_TIMEOUT, KvmDestination, KvmSource, Machine};
 use mini_vmm::program::TableProgram;
 use mini_vmm::state::VmState;
 use mini_vmm::vcpu::{SerialSink, VcpuRunner};
-use transport_rdma::{RdmaConfig, RdmaMigrationListener, RdmaSource};
-use transport_tcp::{TcpConfig, TcpMigrationListener, TcpSource, TlsConfig, is_loopback};
 
 #[derive(Parser)]
 #[command(version, about = "A minimal KVM VMM whose running guest live-migrates")]
@@ -195,86 +194,12 @@ fn run_for(vcpu: &VcpuRunner, secs: u64, until_serial: Option<u64>) -> Result<bo
     }
 }
 
-/// How the two mini-vmms reach each other.
-#[derive(Args, Clone)]
-struct NetArgs {
-    /// `auto` (RDMA when both ends have a device, else TCP, with the
-    /// reason), `rdma` (RDMA or fail) or `tcp`.
-    #[arg(long, default_value = "auto")]
-    transport: String,
-    /// Data streams (TCP connections, or RDMA queue pairs).
-    #[arg(long, default_value_t = 2)]
-    streams: u16,
-    /// Offer zstd compression of page batches over TCP (used when both
-    /// ends offer it).
-    #[arg(long)]
-    compress: bool,
-    /// Send every data page whole over TCP, also those with a few non-zero
-    /// words (to compare; by default they travel as those words).
-    #[arg(long)]
-    no_sparse: bool,
-    /// Authenticate both ends with this pre-shared key (TLS 1.3 PSK, as
-    /// `migrate-cli --psk-file`).
-    #[arg(long)]
-    psk_file: Option<PathBuf>,
-    /// Send a guest's memory in the clear to or from a non-loopback address
-    /// (isolated test networks only).
-    #[arg(long)]
-    insecure: bool,
-}
-
-impl NetArgs {
-    /// The TLS settings, checked against `addr` before anything else
-    /// happens: plaintext only on loopback or with `--insecure`.
-    fn tls(&self, addr: &str, source: bool) -> Result<Option<TlsConfig>> {
-        if let Some(path) = &self.psk_file {
-            let key = TlsConfig::read_psk(path).context("--psk-file")?;
-            let tls = if source {
-                TlsConfig::source_psk(key)
-            } else {
-                TlsConfig::destination_psk(key)
-            };
-            return Ok(Some(tls.context("--psk-file")?));
-        }
-        if !self.insecure && !is_loopback(addr) {
-            bail!(
-                "refusing to move a guest's memory over {addr} without authentication: give \
-                 --psk-file FILE, or --insecure on an isolated test network"
-            );
-        }
-        Ok(None)
-    }
-
-    /// The RDMA settings (TCP within them), or `None` for `--transport tcp`.
-    fn rdma(&self, tls: Option<TlsConfig>) -> Result<(TcpConfig, Option<RdmaConfig>)> {
-        let tcp = TcpConfig {
-            tls,
-            data_streams: self.streams.max(1),
-            compress: self.compress,
-            sparse: !self.no_sparse,
-            any_local_user: self.insecure,
-            ..TcpConfig::default()
-        };
-        let require = match self.transport.as_str() {
-            "tcp" => return Ok((tcp, None)),
-            "auto" => false,
-            "rdma" => true,
-            other => bail!("--transport {other}: use tcp, rdma or auto"),
-        };
-        let rdma = RdmaConfig {
-            tcp: tcp.clone(),
-            queue_pairs: self.streams.max(1),
-            require,
-            ..RdmaConfig::default()
-        };
-        Ok((tcp, Some(rdma)))
-    }
-}
-
 #[derive(Args)]
 struct SourceArgs {
     #[command(flatten)]
-    net: NetArgs,
+    transport: TransportArgs,
+    #[command(flatten)]
+    migration: MigrationArgs,
     #[command(flatten)]
     guest: GuestArgs,
     /// The destination's address.
@@ -283,39 +208,16 @@ struct SourceArgs {
     /// Let the guest run this long before migrating.
     #[arg(long, default_value_t = 300)]
     start_after_ms: u64,
-    /// Downtime budget.
-    #[arg(long, default_value_t = 300)]
-    downtime_ms: u64,
-    /// Bandwidth cap in MB/s (0: none).
-    #[arg(long, default_value_t = 0)]
-    bandwidth_mbs: u64,
-    /// Compare every page's hash on both sides before commit.
-    #[arg(long)]
-    verify: bool,
     /// Write the migration's report here as JSON (the fields of
     /// `migrate-cli source --json`, plus `digest` with `--digest`).
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Print (and report) `digest:` of the paused guest's memory after the
-    /// migration.
-    #[arg(long)]
-    digest: bool,
-    /// When pre-copy does not converge, resume the guest on the
-    /// destination at once and let it fetch its missing pages (post-copy;
-    /// the destination's `--digest` is then not taken: its memory is
-    /// incomplete at the commit).
-    #[arg(long)]
-    postcopy: bool,
-    /// Post-copy after this many rounds at the latest (implies
-    /// `--postcopy`).
-    #[arg(long, value_name = "N")]
-    postcopy_after_rounds: Option<u32>,
 }
 
 #[derive(Args)]
 struct DestArgs {
     #[command(flatten)]
-    net: NetArgs,
+    transport: TransportArgs,
     /// Address to listen on.
     #[arg(long)]
     listen: String,
@@ -358,38 +260,21 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let code = match run(Cli::parse()) {
-        Ok(Exit::Done) => 0,
-        Ok(Exit::Failed) => 1,
-        Ok(Exit::CommitUnknown) => 3,
-        Ok(Exit::PostcopyInterrupted) => 4,
+        Ok(outcome) => outcome.code(),
         Err(e) => {
             eprintln!("mini-vmm: {e:#}");
-            2
+            SETUP_ERROR
         }
     };
     std::process::exit(code);
 }
 
-/// How a command ended (besides set-up errors, 2).
-enum Exit {
-    /// 0.
-    Done,
-    /// 1: the migration failed; the source guest ran on.
-    Failed,
-    /// 3: commit sent, never acknowledged; the source guest stays paused.
-    CommitUnknown,
-    /// 4: the link broke during post-copy: the destination runs the guest
-    /// without all of its pages; the source's stays paused.
-    PostcopyInterrupted,
+/// Done when `ok`, else failed.
+fn done(ok: bool) -> Outcome {
+    if ok { Outcome::Done } else { Outcome::Failed }
 }
 
-impl From<bool> for Exit {
-    fn from(ok: bool) -> Self {
-        if ok { Exit::Done } else { Exit::Failed }
-    }
-}
-
-fn run(cli: Cli) -> Result<Exit> {
+fn run(cli: Cli) -> Result<Outcome> {
     let ok = match cli.cmd {
         Cmd::Source(a) => return source(a),
         Cmd::Run(g) => {
@@ -401,7 +286,7 @@ fn run(cli: Cli) -> Result<Exit> {
                 finish(&vcpu)?
             }
         }
-        Cmd::Dest(a) => dest(a)?,
+        Cmd::Dest(a) => return dest(a),
         Cmd::Guest(a) => {
             let (start, end) = (a.start as u32, a.end as u32);
             if a.start < 1 << 20 || a.end <= a.start || a.end > u64::from(u32::MAX) {
@@ -416,7 +301,7 @@ fn run(cli: Cli) -> Result<Exit> {
             true
         }
     };
-    Ok(Exit::from(ok))
+    Ok(done(ok))
 }
 
 /// CPU time this process has used (user + system, all threads, the vCPU's
@@ -446,32 +331,34 @@ fn finish(vcpu: &VcpuRunner) -> Result<bool> {
     Ok(true)
 }
 
-fn source(a: SourceArgs) -> Result<Exit> {
-    let tls = a.net.tls(&a.connect, true)?;
-    let (tcp, rdma) = a.net.rdma(tls)?;
+fn source(a: SourceArgs) -> Result<Outcome> {
+    let tls = security::tls(
+        &a.transport,
+        &security::Role::Source {
+            connect: &a.connect,
+            hostname: None,
+        },
+    )?;
+    output::check_outputs(output::Outputs {
+        json: a.json.as_deref(),
+        ..Default::default()
+    })?;
     let (mut m, boot) = boot_guest(&a.guest)?;
     let before_connect = cpu_ms();
-    // RDMA registers the guest memory here, before dirty tracking starts.
-    let connected: Result<(Box<dyn SourceTransport>, Option<String>), MigrationError> = match rdma {
-        None => TcpSource::connect(&a.connect, tcp)
-            .map(|t| (Box::new(t) as Box<dyn SourceTransport>, None))
-            .map_err(MigrationError::from),
-        Some(cfg) => RdmaSource::connect(
-            &a.connect,
-            m.memory(),
-            RdmaConfig {
-                postcopy_reads: a.postcopy || a.postcopy_after_rounds.is_some(),
-                ..cfg
-            },
-        )
-        .map(|t| {
-            let why = t.fallback_reason().map(String::from);
-            (Box::new(t) as Box<dyn SourceTransport>, why)
-        })
-        .map_err(MigrationError::from),
-    };
-    // The migration's CPU: connecting, then everything from its start on
-    // (not the guest's run before it).
+    let mut t = transport::connect(
+        &a.connect,
+        &a.transport,
+        a.migration.compress,
+        tls,
+        a.migration.postcopy(),
+    )?;
+    let migration = SourceMigration::new(a.migration.source_config(&a.transport));
+    let handle = migration.handle();
+    // The memory is bound to the transport (RDMA registers it) before
+    // dirty tracking starts: the engine refuses the other order.
+    let bound = migration.bind(t.as_dyn(), m.memory())?;
+    // The migration's CPU: connecting and binding, then everything from
+    // its start on (not the guest's run before it).
     let connecting = cpu_ms() - before_connect;
     let tracking = m.dirty_tracking()?;
     let vcpu = m.start(&boot, a.guest.pages_per_sec)?;
@@ -481,60 +368,24 @@ fn source(a: SourceArgs) -> Result<Exit> {
         "guest running: {} passes, {} pages written, {} serial bytes; migrating to {}",
         before.passes, before.pages, before.pc.serial_bytes, a.connect
     );
-    let cfg = SourceConfig {
-        downtime_limit: Duration::from_millis(a.downtime_ms.max(1)),
-        bandwidth_limit: (a.bandwidth_mbs > 0).then_some(a.bandwidth_mbs * 1_000_000),
-        verify: a.verify,
-        postcopy: if a.postcopy || a.postcopy_after_rounds.is_some() {
-            PostcopyMode::Auto
-        } else {
-            PostcopyMode::Never
-        },
-        postcopy_after_rounds: a.postcopy_after_rounds,
-        ..SourceConfig::default()
-    };
-    let migration = SourceMigration::new(cfg);
     let cpu_at_start = cpu_ms();
-    let handle = migration.handle();
-    // The operator learns when the guest runs at the destination in
-    // post-copy (the commit acknowledged; its missing pages go from here).
-    let events = handle.subscribe();
-    std::thread::spawn(move || {
-        for e in events {
-            if matches!(e, migrate_core::MigrationEvent::Postcopy(_)) {
-                eprintln!(
-                    "post-copy: the guest runs at the destination; its missing pages go from here"
-                );
-            }
-        }
-    });
-    let mut fallback = None;
-    let result = connected.and_then(|(mut t, why)| {
-        fallback = why;
-        migration.run(
-            t.as_mut(),
-            m.memory(),
-            &tracking,
-            &mut KvmSource::new(&vcpu),
-        )
-    });
-    let stats = handle.stats();
+    say_postcopy(&handle);
+    let result = bound.run(&tracking, &mut KvmSource::new(&vcpu));
+    let fallback = t.fallback_reason();
     let cpu = connecting + cpu_ms() - cpu_at_start;
-    let json = |error: Option<&str>| -> Result<()> {
-        if let Some(p) = &a.json {
-            let mut v = report::source_json(&stats, fallback.as_deref(), error);
-            v["resources"] = serde_json::json!({ "process_cpu_ms": cpu });
-            if error.is_none() && a.digest {
-                v["digest"] = serde_json::json!(format!("{:032x}", m.digest()));
-            }
-            std::fs::write(p, v.to_string() + "\n")
-                .with_context(|| format!("writing {}", p.display()))?;
+    if let Some(p) = &a.json {
+        let error = result.as_ref().err().map(ToString::to_string);
+        let mut v = report::source_json(&handle.stats(), fallback.as_deref(), error.as_deref());
+        v["resources"] = serde_json::json!({ "process_cpu_ms": cpu });
+        if result.is_ok() && a.migration.digest {
+            v["digest"] = serde_json::json!(format!("{:032x}", m.digest()));
         }
-        Ok(())
-    };
+        output::write_report("mini-vmm", p, &v);
+    }
+    let outcome = Outcome::of_source(&result);
     match &result {
         Ok(stats) => {
-            if a.digest {
+            if a.migration.digest {
                 println!("digest: {:032x}", m.digest());
             }
             println!(
@@ -545,64 +396,68 @@ fn source(a: SourceArgs) -> Result<Exit> {
                 stats.bytes_transferred,
                 stats.throttle_percent
             );
-            json(None)?;
-            Ok(Exit::Done)
         }
-        Err(e @ MigrationError::PostcopyInterrupted(_)) => {
-            // The destination runs the guest; these pages are its only copy.
-            eprintln!("migration failed: {e}");
-            json(Some(&e.to_string()))?;
-            Ok(Exit::PostcopyInterrupted)
-        }
-        Err(e @ MigrationError::CommitUnknown(_)) => {
-            // Not resumed here: the destination may be running it.
-            eprintln!("migration failed: {e}");
-            json(Some(&e.to_string()))?;
-            Ok(Exit::CommitUnknown)
-        }
+        // Not resumed here: the destination runs the guest (post-copy:
+        // these pages are its only copy) or may run it (commit unknown).
+        Err(e) if outcome != Outcome::Failed => eprintln!("migration failed: {e}"),
         Err(e) => {
             eprintln!("migration failed: {e}; the guest runs on here");
-            json(Some(&e.to_string()))?;
             if a.guest.boot_sector.is_some() {
                 run_for(&vcpu, a.guest.run_for_s, None)?;
             } else {
                 finish(&vcpu)?;
             }
-            Ok(Exit::Failed)
         }
     }
+    Ok(outcome)
+}
+
+/// Tell the operator when the guest runs at the destination in post-copy
+/// (the commit acknowledged; its missing pages go from here).
+fn say_postcopy(handle: &migrate_core::MigrationHandle) {
+    let events = handle.subscribe();
+    std::thread::spawn(move || {
+        for e in events {
+            if matches!(e, migrate_core::MigrationEvent::Postcopy(_)) {
+                eprintln!(
+                    "post-copy: the guest runs at the destination; its missing pages go from here"
+                );
+            }
+        }
+    });
 }
 
 /// Accept one source over the chosen transport.
-fn accept(a: &DestArgs) -> Result<Box<dyn DestinationTransport>> {
-    let tls = a.net.tls(&a.listen, false)?;
-    Ok(match a.net.rdma(tls)? {
-        (tcp, None) => {
-            let listener = TcpMigrationListener::bind(&a.listen, tcp)?;
-            println!("listening on {}", listener.local_addr()?);
-            std::io::stdout().flush().ok();
-            Box::new(listener.accept()?)
-        }
-        (_, Some(cfg)) => {
-            let listener = RdmaMigrationListener::bind(&a.listen, cfg)?;
-            println!("listening on {}", listener.local_addr()?);
-            std::io::stdout().flush().ok();
-            // Dropped after the migration: the memory keys die with it.
-            Box::new(listener.accept()?)
-        }
-    })
+fn accept(a: &DestArgs) -> Result<transport::Destination> {
+    let tls = security::tls(
+        &a.transport,
+        &security::Role::Destination {
+            listen: &a.listen,
+            allow: &[],
+        },
+    )?;
+    let listener = transport::Listener::bind(&a.listen, &a.transport, tls)?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush().ok();
+    // Dropped after the migration: RDMA's memory keys die with it.
+    Ok(listener.accept()?)
 }
 
-fn dest(a: DestArgs) -> Result<bool> {
+fn dest(a: DestArgs) -> Result<Outcome> {
+    output::check_outputs(output::Outputs {
+        json: a.json.as_deref(),
+        ..Default::default()
+    })?;
     let mut t = accept(&a)?;
+    let t = t.as_dyn();
     let cpu_at_accept = cpu_ms();
-    let incoming = IncomingMigration::accept(t.as_mut())?;
+    let incoming = IncomingMigration::accept(t)?;
     let mut m = match Machine::for_layout_in(incoming.layout(), a.memory_file.as_deref()) {
         Ok(m) => m,
         Err(e) => {
             // Tell the source why, so it resumes its guest with a clear error.
             let msg = format!("destination cannot build the VM: {e}");
-            incoming.refuse(t.as_mut(), RefusalCode::Setup, &msg);
+            incoming.refuse(t, RefusalCode::Setup, &msg);
             bail!(msg);
         }
     };
@@ -620,9 +475,8 @@ fn dest(a: DestArgs) -> Result<bool> {
         );
         let _ = out.flush();
     }));
-    let received = incoming.receive(t.as_mut(), &mem, &mut vm);
+    let received = incoming.receive(t, &mem, &mut vm);
     let cpu = cpu_ms() - cpu_at_accept;
-    drop(t);
     if let Some(p) = &a.json {
         let error = received.as_ref().err().map(ToString::to_string);
         let mut v = report::destination_json(received.as_ref().ok(), None, error.as_deref());
@@ -630,19 +484,25 @@ fn dest(a: DestArgs) -> Result<bool> {
         if let Some(d) = vm.digest_at_resume {
             v["digest"] = serde_json::json!(format!("{d:032x}"));
         }
-        std::fs::write(p, v.to_string() + "\n")
-            .with_context(|| format!("writing {}", p.display()))?;
+        output::write_report("mini-vmm", p, &v);
     }
-    if let Err(e) = received {
-        bail!("incoming migration failed: {e}; nothing was started");
+    let outcome = Outcome::of_destination(&received, true);
+    if let Err(e) = &received {
+        if outcome == Outcome::PostcopyInterrupted {
+            eprintln!("{e}: the guest runs here without all of its pages; the source keeps them");
+        } else {
+            eprintln!("incoming migration failed: {e}; nothing was started");
+        }
+        return Ok(outcome);
     }
     if let Some(d) = vm.digest_at_resume {
         println!("digest: {d:032x}");
     }
     let vcpu = vm.running.take().context("the guest was not started")?;
-    if vcpu.device().boot_sector {
-        run_for(&vcpu, a.run_for_s, a.run_until_serial)
+    let ran = if vcpu.device().boot_sector {
+        run_for(&vcpu, a.run_for_s, a.run_until_serial)?
     } else {
-        finish(&vcpu)
-    }
+        finish(&vcpu)?
+    };
+    Ok(if ran { outcome } else { Outcome::Failed })
 }

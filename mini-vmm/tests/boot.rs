@@ -72,7 +72,6 @@ fn migrate_live(sector: [u8; 512], mem_mib: u64, c: char) -> Moved {
     let state = m.load_boot_sector(&sector).unwrap();
     let source_serial = Captured::default();
     m.set_serial(Box::new(source_serial.clone()));
-    let tracking = m.dirty_tracking().unwrap();
     let vcpu = m.start(&state, 0).unwrap();
     // Running, and past its set-up: it printed twice.
     until("the guest printed on the source", || {
@@ -96,9 +95,13 @@ fn migrate_live(sector: [u8; 512], mem_mib: u64, c: char) -> Moved {
         (dm, digest, running)
     });
     let mut t = TcpSource::connect(&addr, TcpConfig::default()).unwrap();
-    let stats = SourceMigration::new(SourceConfig::default())
-        .run(&mut t, m.memory(), &tracking, &mut KvmSource::new(&vcpu))
+    // Bind, then track (the guest already runs: round 0 reads every page
+    // after tracking started).
+    let bound = SourceMigration::new(SourceConfig::default())
+        .bind(&mut t, m.memory())
         .unwrap();
+    let tracking = m.dirty_tracking().unwrap();
+    let stats = bound.run(&tracking, &mut KvmSource::new(&vcpu)).unwrap();
     assert!(stats.rounds >= 2, "not a live migration: {stats:?}");
     let (dm, dest_digest, dest_vcpu) = dest.join().unwrap();
     Moved {

@@ -267,17 +267,9 @@ fn the_source_guest_runs_on_when_the_destination_dies() {
     }
     let expected = unmigrated_result();
     let (mut dest, addr, _out) = start_dest();
-    // Frozen before the source arrives, the destination can never reach
-    // the commit, however fast or slow this machine runs the migration (a
-    // kill at a guessed moment once landed between commit and ack, where
-    // the source rightly keeps its guest paused). The source connects (the
-    // kernel completes the handshake), its guest runs under dirty tracking,
-    // the migration starts and waits on the frozen peer; then the peer dies.
-    let frozen = Command::new("kill")
-        .args(["-STOP", &dest.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(frozen.success());
+    // At 1 MB/s round 0 of the 4 MiB table lasts about 4 s: the
+    // destination dies inside it, at the event that says the migration
+    // began (the source's "migrating to"), never near the commit.
     let mut src = bin()
         .args([
             "source",
@@ -306,6 +298,35 @@ fn the_source_guest_runs_on_when_the_destination_dies() {
     assert_eq!(src.status.code(), Some(1), "{t}");
     assert!(t.contains("migration failed"), "{t}");
     assert_eq!(line(&t, "result: "), Some(expected), "{t}");
+}
+
+/// A destination frozen before the source arrives never answers the
+/// handshake: the source gives up after its I/O timeout with a set-up
+/// error (exit 2: nothing was sent), saying what it waited for, and never
+/// starts the guest it meant to migrate.
+#[test]
+fn a_destination_frozen_in_the_handshake_is_a_set_up_error() {
+    if !kvm_here("frozen_in_handshake") {
+        return;
+    }
+    let (mut dest, addr, _out) = start_dest();
+    let frozen = Command::new("kill")
+        .args(["-STOP", &dest.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(frozen.success());
+    let src = bin()
+        .args(["source", "--connect", &addr, "--io-timeout-s", "2"])
+        .args(GUEST)
+        .output()
+        .unwrap();
+    dest.kill().unwrap();
+    dest.wait().unwrap();
+    let t = text(&src);
+    assert_eq!(src.status.code(), Some(2), "{t}");
+    assert!(t.contains("preamble"), "{t}");
+    assert!(!t.contains("migrating to"), "{t}");
+    assert!(line(&t, "result: ").is_none(), "the guest ran: {t}");
 }
 
 /// A source of the KVM guest to `addr` that goes post-copy after one round

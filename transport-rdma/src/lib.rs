@@ -5,8 +5,8 @@
 //!   before the first page ("pin-all"; registration is setup time) and sends
 //!   each region's address and rkey; the MRs are deregistered when the
 //!   migration ends ([`RdmaDestination::finish`], or drop).
-//! - The source registers its guest memory once ([`RdmaSource::connect`],
-//!   before dirty tracking starts) and posts WRITEs straight from guest
+//! - The source registers its guest memory once, when the engine binds it
+//!   (`SourceMigration::bind`, before dirty tracking starts) and posts WRITEs straight from guest
 //!   pages: contiguous dirty pages coalesce into one work request (up to
 //!   [`RdmaConfig::max_write`]), chains of 16 with only the last signaled,
 //!   a bounded number of chains in flight, over one or more RC queue pairs.

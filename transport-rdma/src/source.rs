@@ -31,7 +31,8 @@ const SPIN: Duration = Duration::from_micros(20);
 
 struct Local {
     dev: Device,
-    registered: Arc<RegisteredMemory>,
+    /// The guest memory, once bound.
+    registered: Option<Arc<RegisteredMemory>>,
 }
 
 /// A source connected to a destination: control over TCP, pages over RDMA
@@ -56,23 +57,15 @@ impl std::fmt::Debug for RdmaSource {
 }
 
 impl RdmaSource {
-    /// Connect the control connection to `addr`, open the RDMA device and
-    /// register all of `mem` for reading by the device. Call this before
-    /// dirty tracking starts: registration pins (writes to) every page.
+    /// Connect the control connection to `addr` and open the RDMA device
+    /// that reaches it; the guest memory is registered when it is bound
+    /// ([`SourceTransport::bind`], before dirty tracking starts:
+    /// registration pins, i.e. writes to, every page).
     ///
     /// # Errors
     /// [`TransportError::Connect`]; [`TransportError::Unavailable`] when
-    /// `cfg.require` and there is no device, or RLIMIT_MEMLOCK is too small
-    /// (the message says how much is needed and how to raise it).
-    pub fn connect(
-        addr: &str,
-        mem: &Arc<GuestMemory>,
-        cfg: RdmaConfig,
-    ) -> Result<Self, TransportError> {
-        // Refuse before touching the network when the guest cannot be pinned.
-        if !crate::verbs::device_names().is_empty() {
-            check_memlock(mem.total_bytes())?;
-        }
+    /// `cfg.require` and there is no device.
+    pub fn connect(addr: &str, cfg: RdmaConfig) -> Result<Self, TransportError> {
         // On fallback the same number of streams goes over TCP: the count is
         // announced before the data plane is chosen.
         let tcp_cfg = TcpConfig {
@@ -83,22 +76,13 @@ impl RdmaSource {
         let local_ip = tcp.local_addr()?.ip();
         let (local, fallback) =
             match Device::open(cfg.device.as_deref(), cfg.gid_index, Some(local_ip)) {
-                Ok(dev) => {
-                    let started = Instant::now();
-                    let remote = if cfg.postcopy_reads {
-                        Remote::Read
-                    } else {
-                        Remote::None
-                    };
-                    let registered = Arc::new(dev.register_for(mem, remote).map_err(rdma_err)?);
-                    tracing::info!(
-                        device = %dev.name,
-                        gid_index = dev.gid_index,
-                        ms = started.elapsed().as_secs_f64() * 1e3,
-                        "source memory registered"
-                    );
-                    (Some(Local { dev, registered }), None)
-                }
+                Ok(dev) => (
+                    Some(Local {
+                        dev,
+                        registered: None,
+                    }),
+                    None,
+                ),
                 Err(e) if !cfg.require => {
                     (None, Some(format!("no RDMA device on the source: {e}")))
                 }
@@ -154,15 +138,47 @@ impl SourceTransport for RdmaSource {
         self.tcp.control()
     }
 
+    /// Registers all of `mem` for reading by the device (and, with
+    /// `postcopy_reads`, for the destination's remote reads), after
+    /// checking RLIMIT_MEMLOCK allows it (the error says how much is
+    /// needed and how to raise it).
+    fn bind(&mut self, mem: &Arc<GuestMemory>) -> Result<(), TransportError> {
+        self.tcp.bind(mem)?;
+        let Some(local) = &mut self.local else {
+            return Ok(());
+        };
+        check_memlock(mem.total_bytes())?;
+        let started = Instant::now();
+        let remote = if self.cfg.postcopy_reads {
+            Remote::Read
+        } else {
+            Remote::None
+        };
+        let registered = local.dev.register_for(mem, remote).map_err(rdma_err)?;
+        tracing::info!(
+            device = %local.dev.name,
+            gid_index = local.dev.gid_index,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "source memory registered"
+        );
+        local.registered = Some(Arc::new(registered));
+        Ok(())
+    }
+
     fn open_data(
         &mut self,
-        mem: &Arc<GuestMemory>,
         session: u64,
         features: Features,
     ) -> Result<Box<dyn PageSender>, TransportError> {
         let Some(local) = &self.local else {
-            return self.tcp.open_data(mem, session, features);
+            return self.tcp.open_data(session, features);
         };
+        let registered = local
+            .registered
+            .clone()
+            .ok_or_else(|| TransportError::Unavailable {
+                reason: "no guest memory bound to the transport (SourceMigration::bind)".into(),
+            })?;
         if !features.has(FEATURE_RDMA) {
             let reason = "the destination has no RDMA device".to_string();
             if self.cfg.require {
@@ -170,7 +186,7 @@ impl SourceTransport for RdmaSource {
             }
             tracing::warn!(%reason, "pages go over TCP");
             self.fallback = Some(reason);
-            return self.tcp.open_data(mem, session, features);
+            return self.tcp.open_data(session, features);
         }
         let streams = self.data_streams() as usize;
         let mut qps = (0..streams)
@@ -191,14 +207,14 @@ impl SourceTransport for RdmaSource {
                 .into());
             }
         };
-        check_accept(mem, streams, &remote_qps, &regions)?;
+        check_accept(registered.memory(), streams, &remote_qps, &regions)?;
         for (qp, remote) in qps.iter_mut().zip(&remote_qps) {
             qp.connect(&wire_to_endpoint(remote)).map_err(rdma_err)?;
         }
         self.rdma_active = true;
         tracing::info!(qps = streams, "RDMA queue pairs connected");
         Ok(Box::new(RdmaPageSender {
-            local: Arc::clone(&local.registered),
+            local: registered,
             qps,
             remote: regions,
             max_write: self.cfg.max_write,
@@ -215,7 +231,10 @@ impl SourceTransport for RdmaSource {
         if !self.cfg.postcopy_reads || !self.rdma_active {
             return Ok(None);
         }
-        let (qp, offer) = crate::postcopy::offer(&local.dev, &local.registered)?;
+        let Some(registered) = &local.registered else {
+            return Ok(None);
+        };
+        let (qp, offer) = crate::postcopy::offer(&local.dev, registered)?;
         self.read_qp = Some(qp);
         Ok(Some(offer))
     }

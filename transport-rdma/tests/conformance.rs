@@ -39,8 +39,8 @@ fn pair_with(src: RdmaConfig, dst: RdmaConfig) -> TransportPair {
     let addr = listener.local_addr().unwrap().to_string();
     let (slot, kill) = kill_slot::<Box<dyn Fn() + Send + Sync>>();
     TransportPair {
-        source: Box::new(move |mem| {
-            Ok(Box::new(RdmaSource::connect(&addr, mem, src)?) as Box<dyn SourceTransport>)
+        source: Box::new(move || {
+            Ok(Box::new(RdmaSource::connect(&addr, src)?) as Box<dyn SourceTransport>)
         }),
         destination: Box::new(move || {
             let d: RdmaDestination = listener.accept()?;
@@ -163,18 +163,12 @@ fn auto_falls_back_to_tcp_when_the_destination_has_no_device() {
 fn required_rdma_without_a_device_is_a_clear_error() {
     let l = RdmaMigrationListener::bind("127.0.0.1:0", cfg(1, false)).unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let mem = std::sync::Arc::new(
-        migrate_core::memory::GuestMemory::new(vec![
-            migrate_core::memory::GuestRegion::anonymous(0, 1 << 20).unwrap(),
-        ])
-        .unwrap(),
-    );
     let src = RdmaConfig {
         device: Some("no-such-device".into()),
         ..cfg(1, true)
     };
     let accept = std::thread::spawn(move || l.accept().map(|_| ()));
-    let err = RdmaSource::connect(&addr, &mem, src).unwrap_err();
+    let err = RdmaSource::connect(&addr, src).unwrap_err();
     assert!(err.to_string().contains("no RDMA device"), "{err}");
     let _ = accept.join();
 }

@@ -13,7 +13,8 @@
 //!
 //! let mem = Arc::new(GuestMemory::new(vec![GuestRegion::anonymous(0, 64 << 20)?])?);
 //! let mut transport = TcpSource::connect("192.0.2.7:4444", TcpConfig::default())?;
-//! // … SourceMigration::new(config).run(&mut transport, &mem, &tracker, &mut vm)
+//! // … SourceMigration::new(config).bind(&mut transport, &mem)?, then start
+//! // dirty tracking, then .run(&tracker, &mut vm)
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 

@@ -26,6 +26,8 @@ pub struct TcpSource {
     /// Every connection of this migration; tripped when the peer falls
     /// silent.
     kill: KillSwitch,
+    /// The guest memory, once bound.
+    mem: Option<Arc<GuestMemory>>,
 }
 
 impl TcpSource {
@@ -52,6 +54,7 @@ impl TcpSource {
             cfg,
             control,
             kill,
+            mem: None,
         })
     }
 
@@ -98,12 +101,22 @@ impl SourceTransport for TcpSource {
         &mut self.control
     }
 
+    fn bind(&mut self, mem: &Arc<GuestMemory>) -> Result<(), TransportError> {
+        self.mem = Some(Arc::clone(mem));
+        Ok(())
+    }
+
     fn open_data(
         &mut self,
-        mem: &Arc<GuestMemory>,
         session: u64,
         features: Features,
     ) -> Result<Box<dyn PageSender>, TransportError> {
+        let mem = self
+            .mem
+            .clone()
+            .ok_or_else(|| TransportError::Unavailable {
+                reason: "no guest memory bound to the transport (SourceMigration::bind)".into(),
+            })?;
         let mut streams = Vec::new();
         for index in 0..self.data_streams() {
             let stream = TcpStream::connect_timeout(&self.addr, self.cfg.connect_timeout).map_err(
@@ -125,7 +138,7 @@ impl SourceTransport for TcpSource {
         );
         // The previous data plane, if any, is gone with its kill switch.
         Ok(Box::new(TcpPageSender {
-            mem: Arc::clone(mem),
+            mem,
             streams,
             kill: self.kill.clone(),
             features,

@@ -22,7 +22,7 @@ fn tcp_pair_of(source_cfg: TcpConfig, cfg: TcpConfig) -> TransportPair {
     let addr = listener.local_addr().unwrap().to_string();
     let (slot, kill) = kill_slot::<Box<dyn Fn() + Send + Sync>>();
     TransportPair {
-        source: Box::new(move |_| {
+        source: Box::new(move || {
             Ok(Box::new(TcpSource::connect(&addr, source_cfg)?) as Box<dyn SourceTransport>)
         }),
         destination: Box::new(move || {

@@ -120,7 +120,7 @@ fn corrupting_pair(conn: usize, offset: usize) -> TransportPair {
     });
     let (slot, kill) = kill_slot::<Box<dyn Fn() + Send + Sync>>();
     TransportPair {
-        source: Box::new(move |_| {
+        source: Box::new(move || {
             Ok(Box::new(TcpSource::connect(&proxy_addr, cfg())?) as Box<dyn SourceTransport>)
         }),
         destination: Box::new(move || {
@@ -476,7 +476,7 @@ fn behind_silent_clients() -> TransportPair {
     let silent: Vec<TcpStream> = (0..24).map(|_| TcpStream::connect(addr).unwrap()).collect();
     let (slot, kill) = kill_slot::<Box<dyn Fn() + Send + Sync>>();
     TransportPair {
-        source: Box::new(move |_| {
+        source: Box::new(move || {
             Ok(Box::new(TcpSource::connect(&addr.to_string(), cfg())?) as Box<dyn SourceTransport>)
         }),
         destination: Box::new(move || {

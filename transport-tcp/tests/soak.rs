@@ -33,7 +33,7 @@ fn pair() -> TransportPair {
     let addr = listener().local_addr().unwrap().to_string();
     let (slot, kill) = kill_slot::<Box<dyn Fn() + Send + Sync>>();
     TransportPair {
-        source: Box::new(move |_| {
+        source: Box::new(move || {
             Ok(Box::new(TcpSource::connect(&addr, cfg())?) as Box<dyn SourceTransport>)
         }),
         destination: Box::new(move || {

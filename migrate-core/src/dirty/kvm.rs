@@ -14,7 +14,7 @@ use std::sync::Arc;
 use kvm_ioctls::VmFd;
 
 use super::{DirtyError, DirtyLog, DirtyTracker, TrackerKind};
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, TrackingMark};
 
 /// KVM logs at the host page size, 4 KiB on x86-64.
 const KVM_PAGE: usize = 4096;
@@ -41,6 +41,7 @@ struct Slot {
 pub struct KvmDirtyLogTracker {
     vm: Arc<VmFd>,
     slots: Vec<Slot>,
+    _tracking: TrackingMark,
 }
 
 impl KvmDirtyLogTracker {
@@ -73,7 +74,11 @@ impl KvmDirtyLogTracker {
                 per_page: r.page_size().bytes() / KVM_PAGE,
             })
             .collect();
-        let t = Self { vm, slots };
+        let t = Self {
+            vm,
+            slots,
+            _tracking: mem.mark_tracked(),
+        };
         // Start a fresh interval (and prove every slot logs).
         t.harvest(&mut DirtyLog::new(mem))?;
         Ok(t)

@@ -27,7 +27,8 @@ mod vm_memory;
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 pub use fresh::FreshPages;
 pub use region::{Backing, GuestRegion};
@@ -366,6 +367,24 @@ impl MemoryLayout {
 #[derive(Debug)]
 pub struct GuestMemory {
     regions: Vec<GuestRegion>,
+    /// Kernel dirty trackers tracking it now ([`TrackingMark`]s alive).
+    trackers: Arc<AtomicUsize>,
+}
+
+/// Held by a kernel dirty tracker (userfaultfd write-protect, KVM's dirty
+/// log) for as long as it tracks a [`GuestMemory`]. The engine binds the
+/// memory to a transport only while none is held
+/// ([`SourceMigration::bind`](crate::SourceMigration::bind)): registering
+/// (pinning) memory for RDMA writes to every page, which a tracker that
+/// already runs would report as written by the guest, and the whole memory
+/// would go twice.
+#[derive(Debug)]
+pub struct TrackingMark(Arc<AtomicUsize>);
+
+impl Drop for TrackingMark {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl GuestMemory {
@@ -389,7 +408,23 @@ impl GuestMemory {
                 });
             }
         }
-        Ok(Self { regions })
+        Ok(Self {
+            regions,
+            trackers: Arc::default(),
+        })
+    }
+
+    /// Mark this memory as tracked until the mark is dropped (a kernel
+    /// dirty tracker holds one; a VMM's own tracker of the same kind
+    /// should too).
+    pub fn mark_tracked(&self) -> TrackingMark {
+        self.trackers.fetch_add(1, Ordering::AcqRel);
+        TrackingMark(Arc::clone(&self.trackers))
+    }
+
+    /// Whether a kernel dirty tracker tracks this memory now.
+    pub fn is_tracked(&self) -> bool {
+        self.trackers.load(Ordering::Acquire) > 0
     }
 
     /// The regions, in GPA order. Indices into this slice are the region

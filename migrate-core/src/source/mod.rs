@@ -345,22 +345,99 @@ impl SourceMigration {
         }
     }
 
-    /// Migrate `mem` over `transport`. `tracker` must have been started
-    /// before this call (writes from then on are caught); `vm` pauses and
-    /// resumes the guest. Blocks until committed or failed.
+    /// The first step of a migration: bind `mem` to `transport` (RDMA
+    /// registers, i.e. pins, it for the NIC; TCP keeps it to send from).
+    /// Start dirty tracking only after this, then
+    /// [`run`](BoundMigration::run): the memory crosses the transport seam
+    /// here and nowhere else.
+    ///
+    /// # Errors
+    /// [`MigrationError::TrackedBeforeBind`] while a kernel dirty tracker
+    /// already tracks `mem` (registering writes to every page, which it
+    /// would report as the guest's: the whole memory would go twice);
+    /// the transport's error (RLIMIT_MEMLOCK too small, registration
+    /// refused). Nothing was sent to the destination either way.
+    pub fn bind<'t>(
+        self,
+        transport: &'t mut dyn SourceTransport,
+        mem: &Arc<GuestMemory>,
+    ) -> Result<BoundMigration<'t>, MigrationError> {
+        let bound = if mem.is_tracked() {
+            Err(MigrationError::TrackedBeforeBind)
+        } else {
+            transport.bind(mem).map_err(MigrationError::from)
+        };
+        if let Err(e) = bound {
+            let stats = self.monitor.update(|s| {
+                s.status = MigrationStatus::Failed;
+                s.transport = transport.name().into();
+                s.bytes_total = mem.total_bytes();
+            });
+            tracing::error!(error = %e, "migration failed before it started");
+            self.monitor.emit(MigrationEvent::Failed {
+                error: e.to_string(),
+                stats,
+            });
+            return Err(e);
+        }
+        Ok(BoundMigration {
+            migration: self,
+            transport,
+            mem: Arc::clone(mem),
+        })
+    }
+}
+
+/// A migration whose memory is bound to its transport
+/// ([`SourceMigration::bind`]): start dirty tracking, then
+/// [`run`](Self::run).
+pub struct BoundMigration<'t> {
+    migration: SourceMigration,
+    transport: &'t mut dyn SourceTransport,
+    mem: Arc<GuestMemory>,
+}
+
+impl std::fmt::Debug for BoundMigration<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundMigration")
+            .field("transport", &self.transport.name())
+            .field("bytes", &self.mem.total_bytes())
+            .finish()
+    }
+}
+
+impl BoundMigration<'_> {
+    /// The bound memory.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+
+    /// A handle to cancel, steer, read statistics and subscribe to events.
+    pub fn handle(&self) -> MigrationHandle {
+        self.migration.handle()
+    }
+
+    /// Migrate the bound memory. `tracker` must have been started after
+    /// [`bind`](SourceMigration::bind) and before this call (writes from
+    /// then on are caught); `vm` pauses and resumes the guest. Blocks
+    /// until committed or failed.
     ///
     /// # Errors
     /// [`MigrationError`]; unless it is [`MigrationError::CommitUnknown`], the
     /// source guest is running again when this returns.
     pub fn run(
         self,
-        transport: &mut dyn SourceTransport,
-        mem: &Arc<GuestMemory>,
         tracker: &dyn DirtyTracker,
         vm: &mut dyn SourceVm,
     ) -> Result<MigrationStats, MigrationError> {
+        let BoundMigration {
+            migration: this,
+            transport,
+            mem,
+        } = self;
+        let mem = &mem;
         let start = Instant::now();
-        self.monitor.update(|s| {
+        this.monitor.update(|s| {
             s.schema_version = STATS_SCHEMA_VERSION;
             s.started_at_unix_ms = std::time::SystemTime::now()
                 .duration_since(std::time::SystemTime::UNIX_EPOCH)
@@ -377,22 +454,22 @@ impl SourceMigration {
                 .unwrap_or(4096);
         });
         let mut run = Outgoing {
-            cfg: &self.config,
-            monitor: &self.monitor,
-            cancel: &self.cancel,
-            steer: &self.steer,
+            cfg: &this.config,
+            monitor: &this.monitor,
+            cancel: &this.cancel,
+            steer: &this.steer,
             mem,
             tracker,
             vm,
             start,
-            deadline: self.config.timeout.map(|(d, _)| start + d),
+            deadline: this.config.timeout.map(|(d, _)| start + d),
             phase: phase::Phase::Live,
             converge: Default::default(),
             postcopy_ok: false,
             pinned: false,
             discards_before: mem.discarded_pages(),
         };
-        let result = with_watchdog(&self.config, run.deadline, &self.cancel, || {
+        let result = with_watchdog(&this.config, run.deadline, &this.cancel, || {
             run.run(transport)
         });
         match result {
@@ -403,7 +480,7 @@ impl SourceMigration {
                     rounds = stats.rounds,
                     "migration completed"
                 );
-                self.monitor.emit(MigrationEvent::Completed(stats.clone()));
+                this.monitor.emit(MigrationEvent::Completed(stats.clone()));
                 Ok(stats)
             }
             Err(e) => Err(run.fail(transport, e)),

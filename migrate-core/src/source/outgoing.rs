@@ -297,7 +297,7 @@ impl Outgoing<'_> {
         transport: &mut dyn SourceTransport,
         session: Session,
     ) -> Result<Box<dyn PageSender>, MigrationError> {
-        let sender = transport.open_data(self.mem, session.id, session.features)?;
+        let sender = transport.open_data(session.id, session.features)?;
         self.pinned = transport.pins_memory();
         let setup_ms = self.elapsed_ms();
         self.monitor.update(|s| {
@@ -349,7 +349,7 @@ impl Outgoing<'_> {
     ) -> Result<Box<dyn PageSender>, MigrationError> {
         self.reconnect_within(transport, cause, |me, t| {
             me.resume_control(t, session.id)?;
-            let sender = t.open_data(me.mem, session.id, session.features)?;
+            let sender = t.open_data(session.id, session.features)?;
             me.pinned = t.pins_memory();
             Ok(sender)
         })

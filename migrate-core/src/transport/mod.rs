@@ -254,14 +254,24 @@ pub trait SourceTransport: Send {
     fn features(&self) -> Features;
     /// The control channel.
     fn control(&mut self) -> &mut dyn ControlChannel;
-    /// Open the data plane for `mem`, once the destination accepted the
-    /// layout. `features` are the ones both sides agreed on.
+    /// Take the guest memory this migration moves: RDMA registers (pins)
+    /// it for the NIC, TCP keeps it to send from. Called once, by
+    /// [`SourceMigration::bind`](crate::SourceMigration::bind), before any
+    /// message and before dirty tracking starts; every data plane opened
+    /// later reads this memory.
     ///
     /// # Errors
-    /// [`TransportError`] when streams cannot be opened.
+    /// [`TransportError`] when the memory cannot be registered (e.g.
+    /// RLIMIT_MEMLOCK too small).
+    fn bind(&mut self, mem: &Arc<GuestMemory>) -> Result<(), TransportError>;
+    /// Open the data plane for the bound memory, once the destination
+    /// accepted the layout. `features` are the ones both sides agreed on.
+    ///
+    /// # Errors
+    /// [`TransportError`] when streams cannot be opened, or no memory was
+    /// bound.
     fn open_data(
         &mut self,
-        mem: &Arc<GuestMemory>,
         session: u64,
         features: Features,
     ) -> Result<Box<dyn PageSender>, TransportError>;

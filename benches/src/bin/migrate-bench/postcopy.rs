@@ -266,17 +266,11 @@ fn one(a: &PostcopyArgs, transport: &str, mode: &str, rep: usize) -> Result<Post
         });
         (addr, thread)
     };
-    let connected: Box<dyn SourceTransport> = if transport == "rdma" {
-        Box::new(RdmaSource::connect(&addr, &src, rdma(mode == "post-copy"))?)
+    let mut connected: Box<dyn SourceTransport> = if transport == "rdma" {
+        Box::new(RdmaSource::connect(&addr, rdma(mode == "post-copy"))?)
     } else {
         Box::new(TcpSource::connect(&addr, tcp.clone())?)
     };
-    let mut connected = connected;
-    let tracking = DirtyTracking::new(&src, TrackerPreference::Best)?;
-    let guest = BankGuest::start(Arc::clone(&src), cfg)?;
-    std::thread::sleep(Duration::from_secs(1));
-    let before = guest.ops();
-    let mut vm = FixtureSourceVm::new(guest, b"bank".to_vec());
     let migration = SourceMigration::new(SourceConfig {
         bandwidth_limit: Some(a.bandwidth_mbs * 1_000_000),
         postcopy: if mode == "post-copy" {
@@ -290,7 +284,14 @@ fn one(a: &PostcopyArgs, transport: &str, mode: &str, rep: usize) -> Result<Post
         )),
         ..SourceConfig::default()
     });
-    let result = migration.run(connected.as_mut(), &src, &tracking, &mut vm);
+    // Bind (RDMA registers the memory), then track.
+    let bound = migration.bind(connected.as_mut(), &src)?;
+    let tracking = DirtyTracking::new(&src, TrackerPreference::Best)?;
+    let guest = BankGuest::start(Arc::clone(&src), cfg)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let before = guest.ops();
+    let mut vm = FixtureSourceVm::new(guest, b"bank".to_vec());
+    let result = bound.run(&tracking, &mut vm);
     drop(tracking);
     let at_pause = vm.guest().ops();
     // The paused source's ledger: the destination's must hold at least its

@@ -11,7 +11,7 @@ use super::{
     Failure, PageBits, check, mark_removed, page_bits, register_all, runs, spawn_tracker_thread,
 };
 use crate::dirty::{DirtyError, DirtyLog, DirtyTracker, HostRange, TrackerKind};
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, TrackingMark};
 
 /// Regions returned per `PAGEMAP_SCAN` call: 64 KiB of buffer, a handful of
 /// calls for a 1 GiB guest even when dirty pages are scattered.
@@ -38,6 +38,7 @@ pub struct UffdAsyncTracker {
     /// Tells the removal-event thread to stop.
     stop: OwnedFd,
     events: Option<JoinHandle<()>>,
+    _tracking: TrackingMark,
 }
 
 /// What the tracker and its removal-event thread share.
@@ -106,6 +107,7 @@ impl UffdAsyncTracker {
             pagemap: Mutex::new(pagemap),
             stop,
             events: Some(events),
+            _tracking: mem.mark_tracked(),
         };
         register_all(KIND, &tracker.shared.uffd, &tracker.shared.ranges)?;
         Ok(tracker)

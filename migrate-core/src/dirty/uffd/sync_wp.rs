@@ -10,7 +10,7 @@ use super::{
     Failure, PageBits, check, mark_removed, page_bits, register_all, runs, spawn_tracker_thread,
 };
 use crate::dirty::{DirtyError, DirtyLog, DirtyTracker, HostRange, TrackerKind};
-use crate::memory::{Backing, GuestMemory};
+use crate::memory::{Backing, GuestMemory, TrackingMark};
 use crate::uffd::{self as sys, Event, Uffd, UffdMode, features};
 
 const KIND: TrackerKind = TrackerKind::UffdSync;
@@ -103,6 +103,7 @@ pub struct UffdSyncTracker {
     stop: OwnedFd,
     handler: Option<JoinHandle<()>>,
     user_mode_only: bool,
+    _tracking: TrackingMark,
 }
 
 impl UffdSyncTracker {
@@ -173,6 +174,7 @@ impl UffdSyncTracker {
             stop,
             handler: Some(handler),
             user_mode_only,
+            _tracking: mem.mark_tracked(),
         };
         register_all(KIND, &tracker.shared.uffd, &tracker.shared.ranges)?;
         Ok(tracker)

@@ -1,14 +1,17 @@
 //! Picking the transport: TCP, RDMA, or RDMA-else-TCP with the reason.
 
-use std::sync::Arc;
-
-use anyhow::{Result, bail};
-use migrate_core::memory::GuestMemory;
 use migrate_core::transport::{DestinationTransport, SourceTransport, TransportError};
 use transport_rdma::{RdmaConfig, RdmaDestination, RdmaMigrationListener, RdmaSource};
 use transport_tcp::{TcpConfig, TcpDestination, TcpMigrationListener, TcpSource, TlsConfig};
 
+use crate::SetupError;
 use crate::args::{TransportArgs, TransportChoice};
+
+fn no_rdma(reason: String) -> SetupError {
+    SetupError::Option(format!(
+        "--transport rdma: {reason}; use --transport tcp or auto"
+    ))
+}
 
 /// Why RDMA cannot be used from this host, if it cannot.
 pub fn rdma_unavailable() -> Option<String> {
@@ -20,7 +23,7 @@ pub fn rdma_unavailable() -> Option<String> {
 /// A connected source transport of either kind.
 pub enum Source {
     /// TCP only.
-    Tcp(TcpSource),
+    Tcp(Box<TcpSource>),
     /// RDMA, or TCP with a reason in auto mode.
     Rdma(Box<RdmaSource>),
 }
@@ -29,7 +32,7 @@ impl Source {
     /// The engine's view.
     pub fn as_dyn(&mut self) -> &mut dyn SourceTransport {
         match self {
-            Source::Tcp(t) => t,
+            Source::Tcp(t) => t.as_mut(),
             Source::Rdma(t) => t.as_mut(),
         }
     }
@@ -44,28 +47,31 @@ impl Source {
 }
 
 /// Connect to `addr` with the chosen transport, authenticated by `tls`
-/// when given. RDMA registers `mem` here (for remote read too when
-/// `postcopy` may happen: the destination then reads faulted pages by RDMA
-/// READ), so call it before dirty tracking starts.
+/// when given. RDMA registers the memory when the engine binds it (for
+/// remote read too when `postcopy` may happen: the destination then reads
+/// faulted pages by RDMA READ).
+///
+/// # Errors
+/// [`SetupError`] when nothing answers at `addr`, or RDMA is required and
+/// this host has no device.
 pub fn connect(
     addr: &str,
     t: &TransportArgs,
     compress: bool,
-    mem: &Arc<GuestMemory>,
     tls: Option<TlsConfig>,
     postcopy: bool,
-) -> Result<Source> {
+) -> Result<Source, SetupError> {
     Ok(match t.transport {
-        TransportChoice::Tcp => {
-            Source::Tcp(TcpSource::connect(addr, tcp_config(t, compress, tls))?)
-        }
+        TransportChoice::Tcp => Source::Tcp(Box::new(TcpSource::connect(
+            addr,
+            tcp_config(t, compress, tls),
+        )?)),
         TransportChoice::Rdma => {
             if let Some(reason) = rdma_unavailable() {
-                bail!("--transport rdma: {reason}; use --transport tcp or auto");
+                return Err(no_rdma(reason));
             }
             Source::Rdma(Box::new(RdmaSource::connect(
                 addr,
-                mem,
                 RdmaConfig {
                     postcopy_reads: postcopy,
                     ..rdma_config(t, compress, true, tls)
@@ -74,7 +80,6 @@ pub fn connect(
         }
         TransportChoice::Auto => Source::Rdma(Box::new(RdmaSource::connect(
             addr,
-            mem,
             RdmaConfig {
                 postcopy_reads: postcopy,
                 ..rdma_config(t, compress, false, tls)
@@ -118,14 +123,22 @@ impl Destination {
 
 impl Listener {
     /// Listen on `addr`; with `tls`, every connection must authenticate.
-    pub fn bind(addr: &str, t: &TransportArgs, tls: Option<TlsConfig>) -> Result<Listener> {
+    ///
+    /// # Errors
+    /// [`SetupError`] when the address cannot be bound, or RDMA is required
+    /// and this host has no device.
+    pub fn bind(
+        addr: &str,
+        t: &TransportArgs,
+        tls: Option<TlsConfig>,
+    ) -> Result<Listener, SetupError> {
         Ok(match t.transport {
             TransportChoice::Tcp => {
                 Listener::Tcp(TcpMigrationListener::bind(addr, tcp_config(t, true, tls))?)
             }
             TransportChoice::Rdma => {
                 if let Some(reason) = rdma_unavailable() {
-                    bail!("--transport rdma: {reason}; use --transport tcp or auto");
+                    return Err(no_rdma(reason));
                 }
                 Listener::Rdma(RdmaMigrationListener::bind(
                     addr,

@@ -2,9 +2,9 @@
 //! nothing crosses a non-loopback network without authentication unless
 //! the operator says `--insecure`.
 
-use anyhow::{Context, Result, bail};
 use transport_tcp::{KernelTls, TlsConfig, is_loopback};
 
+use crate::SetupError;
 use crate::args::{KernelTlsArg, TransportArgs};
 
 /// Which end, with what it needs to pick its credentials.
@@ -31,9 +31,9 @@ pub enum Role<'a> {
 /// fail at once.
 ///
 /// # Errors
-/// Unreadable or invalid credentials; plaintext on a non-loopback address
-/// without `--insecure`.
-pub fn tls(t: &TransportArgs, role: &Role<'_>) -> Result<Option<TlsConfig>> {
+/// [`SetupError`]: an address that cannot work, unreadable or invalid
+/// credentials, plaintext on a non-loopback address without `--insecure`.
+pub fn tls(t: &TransportArgs, role: &Role<'_>) -> Result<Option<TlsConfig>, SetupError> {
     // What is wrong with the address is said first, whatever the
     // credentials: a typo is not an authentication problem.
     match role {
@@ -44,14 +44,12 @@ pub fn tls(t: &TransportArgs, role: &Role<'_>) -> Result<Option<TlsConfig>> {
             for a in resolve("--listen", listen)? {
                 // Port 0: whether the address is this host's, not whether
                 // the port is free (bind says that, naming it).
-                std::net::TcpListener::bind(std::net::SocketAddr::new(a.ip(), 0)).with_context(
-                    || {
-                        format!(
-                            "--listen {listen}: {} is not an address of this host",
-                            a.ip()
-                        )
-                    },
-                )?;
+                std::net::TcpListener::bind(std::net::SocketAddr::new(a.ip(), 0)).map_err(|e| {
+                    SetupError::Option(format!(
+                        "--listen {listen}: {} is not an address of this host: {e}",
+                        a.ip()
+                    ))
+                })?;
             }
         }
     }
@@ -60,10 +58,15 @@ pub fn tls(t: &TransportArgs, role: &Role<'_>) -> Result<Option<TlsConfig>> {
         KernelTlsArg::Off => KernelTls::Off,
         KernelTlsArg::On => {
             if t.tls_dir.is_none() && t.psk_file.is_none() {
-                bail!("--kernel-tls on: there is no TLS without --tls-dir or --psk-file");
+                return Err(SetupError::Option(
+                    "--kernel-tls on: there is no TLS without --tls-dir or --psk-file".into(),
+                ));
             }
-            transport_tcp::kernel_tls_support()
-                .context("--kernel-tls on: this kernel cannot seal TLS records (no tls module?)")?;
+            transport_tcp::kernel_tls_support().map_err(|e| {
+                SetupError::Option(format!(
+                    "--kernel-tls on: this kernel cannot seal TLS records (no tls module?): {e}"
+                ))
+            })?;
             KernelTls::On
         }
     };
@@ -75,15 +78,15 @@ pub fn tls(t: &TransportArgs, role: &Role<'_>) -> Result<Option<TlsConfig>> {
             }
             Role::Destination { allow, .. } => TlsConfig::destination_from_dir(dir, allow),
         };
-        return Ok(Some(config.context("--tls-dir")?.with_kernel_tls(kernel)));
+        return Ok(Some(config.map_err(tls_dir)?.with_kernel_tls(kernel)));
     }
     if let Some(file) = &t.psk_file {
-        let key = TlsConfig::read_psk(file).context("--psk-file")?;
+        let key = TlsConfig::read_psk(file).map_err(psk_file)?;
         let config = match role {
             Role::Source { .. } => TlsConfig::source_psk(key),
             Role::Destination { .. } => TlsConfig::destination_psk(key),
         };
-        return Ok(Some(config.context("--psk-file")?.with_kernel_tls(kernel)));
+        return Ok(Some(config.map_err(psk_file)?.with_kernel_tls(kernel)));
     }
     let (addr, what) = match role {
         Role::Source { connect, .. } => (*connect, "send a guest's memory to"),
@@ -96,43 +99,48 @@ pub fn tls(t: &TransportArgs, role: &Role<'_>) -> Result<Option<TlsConfig>> {
     if is_loopback(addr) {
         return Ok(None);
     }
-    bail!(
-        "refusing to {what} {addr} without authentication: give --tls-dir DIR (mutual TLS) or \
-         --psk-file FILE (pre-shared key), or --insecure on an isolated test network"
-    )
+    Err(SetupError::Unauthenticated {
+        what,
+        addr: addr.to_string(),
+    })
+}
+
+fn tls_dir(source: transport_tcp::TlsError) -> SetupError {
+    SetupError::Credentials {
+        option: "--tls-dir",
+        source,
+    }
+}
+
+fn psk_file(source: transport_tcp::TlsError) -> SetupError {
+    SetupError::Credentials {
+        option: "--psk-file",
+        source,
+    }
 }
 
 /// The addresses `addr` (host:port) names, or an error saying what is
 /// wrong with it: no port, a port that is no number, a host that does not
 /// resolve.
-fn resolve(option: &str, addr: &str) -> Result<Vec<std::net::SocketAddr>> {
+fn resolve(option: &str, addr: &str) -> Result<Vec<std::net::SocketAddr>, SetupError> {
     use std::net::ToSocketAddrs;
+    let bad = |detail: String| SetupError::Option(format!("{option} {addr}: {detail}"));
     let Some((host, port)) = addr.rsplit_once(':') else {
-        bail!("{option} {addr}: no port (give host:port, e.g. {addr}:4444)");
+        return Err(bad(format!("no port (give host:port, e.g. {addr}:4444)")));
     };
     if port.parse::<u16>().is_err() {
-        bail!("{option} {addr}: the port {port:?} is not a number from 0 to 65535");
+        return Err(bad(format!(
+            "the port {port:?} is not a number from 0 to 65535"
+        )));
     }
     let all: Vec<_> = addr
         .to_socket_addrs()
-        .with_context(|| format!("{option} {addr}: cannot resolve the host {host:?}"))?
+        .map_err(|e| bad(format!("cannot resolve the host {host:?}: {e}")))?
         .collect();
     if all.is_empty() {
-        bail!("{option} {addr}: the host {host:?} has no address");
+        return Err(bad(format!("the host {host:?} has no address")));
     }
     Ok(all)
-}
-
-/// How the peers authenticate, for the JSON report: `mutual-tls`, `psk`
-/// or `none`.
-pub fn kind(t: &TransportArgs) -> &'static str {
-    if t.tls_dir.is_some() {
-        "mutual-tls"
-    } else if t.psk_file.is_some() {
-        "psk"
-    } else {
-        "none"
-    }
 }
 
 /// The host part of host:port (brackets of an IPv6 literal removed).

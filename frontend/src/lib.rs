@@ -1,0 +1,25 @@
+//! The operator's side of a migration, shared by `migrate-cli` and
+//! `mini-vmm` so that the two front ends cannot drift: the same options
+//! mean the same thing, the same rules decide who may connect, and the
+//! same outcome is the same exit status.
+//!
+//! | question | answer |
+//! |---|---|
+//! | how do options become the engine's configuration? | [`args`]: [`TransportArgs`](args::TransportArgs), [`MigrationArgs::source_config`](args::MigrationArgs::source_config) |
+//! | who may connect, and with what credentials? | [`security::tls`] (nothing in the clear off loopback without `--insecure`) |
+//! | which transport carries the pages? | [`transport`]: [`connect`](transport::connect), [`Listener`](transport::Listener) |
+//! | where does an exit status come from? | [`Outcome`]: one meaning per code |
+//! | where do reports go? | [`output`] (files made for this user alone); their fields are `migrate_core::report`'s |
+//!
+//! Set-up errors (a bad option, unreadable credentials, an address that
+//! cannot work) are [`SetupError`]s: exit status 2, nothing sent.
+
+pub mod args;
+mod error;
+pub mod outcome;
+pub mod output;
+pub mod security;
+pub mod transport;
+
+pub use error::SetupError;
+pub use outcome::Outcome;
