@@ -208,134 +208,21 @@ pub fn decode_batch_header(
     h: &FrameHeader,
     layout: &MemoryLayout,
 ) -> Result<BatchHeader, ProtocolError> {
-    let bad = |detail: String| ProtocolError::Malformed {
-        kind: FrameKind::Pages,
-        detail,
-    };
-    let read = |r: &mut dyn Read, buf: &mut [u8]| {
-        r.read_exact(buf).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated("page batch header"),
-            _ => ProtocolError::Io {
-                op: "read page batch header",
-                source: e,
-            },
-        })
-    };
     if h.flags & !(FLAG_ZSTD | FLAG_UNHASHED) != 0 {
         return Err(bad(format!("unknown flags {:#x}", h.flags)));
     }
     let mut fixed = [0u8; BATCH_FIXED];
-    read(r, &mut fixed)?;
-    let mut c = Cursor {
-        buf: &fixed,
-        kind: FrameKind::Pages,
-    };
-    let (round, nruns, wire_len, raw_len) = (c.u32()?, c.u32()?, c.u32()?, c.u32()?);
-    if nruns as usize > MAX_BATCH_RUNS || nruns == 0 {
-        return Err(bad(format!("{nruns} runs (1..={MAX_BATCH_RUNS} allowed)")));
-    }
-    if raw_len as usize > MAX_BATCH_BYTES {
-        return Err(bad(format!("{raw_len} raw bytes exceed {MAX_BATCH_BYTES}")));
-    }
-    let compressed = h.flags & FLAG_ZSTD != 0;
-    let unhashed = h.flags & FLAG_UNHASHED != 0;
-    if (!compressed && wire_len != raw_len) || wire_len > raw_len {
-        return Err(bad(format!(
-            "{wire_len} wire bytes for {raw_len} raw bytes"
-        )));
-    }
-    let table_len = BATCH_FIXED + RUN_ENTRY * nruns as usize;
-    if (h.len as u64) < table_len as u64 + wire_len as u64 {
-        return Err(bad(format!(
-            "frame length {} is shorter than its run table and bytes",
-            h.len
-        )));
-    }
-    let mut table = vec![0u8; BATCH_FIXED + RUN_ENTRY * nruns as usize];
+    read_header_bytes(r, &mut fixed)?;
+    let f = Fixed::decode(&fixed, h)?;
+    let table_len = BATCH_FIXED + RUN_ENTRY * f.nruns as usize;
+    let mut table = vec![0u8; table_len];
     table[..BATCH_FIXED].copy_from_slice(&fixed);
-    read(r, &mut table[BATCH_FIXED..])?;
-    let mut c = Cursor {
-        buf: &table[BATCH_FIXED..],
-        kind: FrameKind::Pages,
-    };
-    let mut runs = Vec::with_capacity(nruns as usize);
-    let mut data_bytes = 0u64;
-    let mut data_pages = 0u64;
-    let mut sparse_pages = 0u64;
-    for _ in 0..nruns {
-        let region = c.u32()?;
-        let count = c.u32()?;
-        let first = c.u64()?;
-        let kind = match c.u8()? {
-            0 => RunKind::Data,
-            1 => RunKind::Zero,
-            2 => RunKind::Sparse,
-            k => return Err(bad(format!("run kind {k}"))),
-        };
-        for _ in 0..7 {
-            if c.u8()? != 0 {
-                return Err(bad("run padding is not zero".into()));
-            }
-        }
-        let reg = layout
-            .regions
-            .get(region as usize)
-            .ok_or_else(|| bad(format!("region {region} does not exist")))?;
-        let pages = reg.len / reg.page_size.bytes() as u64;
-        if count == 0
-            || first
-                .checked_add(count as u64)
-                .is_none_or(|end| end > pages)
-        {
-            return Err(bad(format!(
-                "run of {count} pages at page {first} outside region {region} ({pages} pages)"
-            )));
-        }
-        match kind {
-            RunKind::Data => {
-                data_bytes += count as u64 * reg.page_size.bytes() as u64;
-                data_pages += count as u64;
-            }
-            RunKind::Sparse if reg.page_size.bytes() != 4096 => {
-                return Err(bad(format!("sparse run in region {region} of huge pages")));
-            }
-            RunKind::Sparse => sparse_pages += count as u64,
-            RunKind::Zero => {}
-        }
-        runs.push(BatchRun {
-            region,
-            first,
-            count,
-            kind,
-        });
-    }
-    // Sparse encodings take 2 to 2 + 10 × MAX_SPARSE_WORDS bytes each.
-    let sparse_len = (raw_len as u64).checked_sub(data_bytes);
-    let fits = |len: u64| {
-        (2 * sparse_pages..=(2 + 10 * MAX_SPARSE_WORDS as u64) * sparse_pages).contains(&len)
-    };
-    if !sparse_len.is_some_and(fits) {
-        return Err(bad(format!(
-            "data runs hold {data_bytes} bytes and {sparse_pages} sparse pages, header says \
-             {raw_len}"
-        )));
-    }
-    // One hash per page with bytes: never more than a batch of 4 KiB pages.
-    let hashed = data_pages + sparse_pages;
-    if hashed > (MAX_BATCH_BYTES / 4096) as u64 {
-        return Err(bad(format!("{hashed} pages with bytes in one batch")));
-    }
-    let hashed = if unhashed { 0 } else { hashed };
-    let expected_len = table_len as u64 + 8 * hashed + wire_len as u64;
-    if h.len as u64 != expected_len {
-        return Err(bad(format!(
-            "frame length {} does not match its run table ({expected_len})",
-            h.len
-        )));
-    }
+    read_header_bytes(r, &mut table[BATCH_FIXED..])?;
+    let (runs, sums) = decode_runs(&table[BATCH_FIXED..], f.nruns, layout)?;
+    let hashed = f.check_sizes(h, &sums, table_len)?;
     // Bounded above: at most MAX_BATCH_BYTES / 4096 hashes.
     table.resize(table_len + 8 * hashed as usize, 0);
-    read(r, &mut table[table_len..])?;
+    read_header_bytes(r, &mut table[table_len..])?;
     let found = xxh3_64_with_seed(&table, check_seed(h.kind, h.flags, h.len));
     // Fuzzing (cargo fuzz sets `cfg(fuzzing)`) skips the check so that
     // random bytes reach the decoders behind it.
@@ -351,13 +238,193 @@ pub fn decode_batch_header(
         .filter_map(|c| c.first_chunk().copied().map(u64::from_le_bytes))
         .collect();
     Ok(BatchHeader {
-        round,
+        round: f.round,
         runs,
-        wire_len,
-        raw_len,
-        compressed,
-        data_len: data_bytes as u32,
+        wire_len: f.wire_len,
+        raw_len: f.raw_len,
+        compressed: f.compressed,
+        data_len: sums.data_bytes as u32,
         page_hashes,
-        unhashed,
+        unhashed: f.unhashed,
+    })
+}
+
+fn bad(detail: String) -> ProtocolError {
+    ProtocolError::Malformed {
+        kind: FrameKind::Pages,
+        detail,
+    }
+}
+
+fn read_header_bytes(r: &mut dyn Read, buf: &mut [u8]) -> Result<(), ProtocolError> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated("page batch header"),
+        _ => ProtocolError::Io {
+            op: "read page batch header",
+            source: e,
+        },
+    })
+}
+
+/// A batch's fixed part, checked on its own and against its frame.
+struct Fixed {
+    round: u32,
+    nruns: u32,
+    wire_len: u32,
+    raw_len: u32,
+    compressed: bool,
+    unhashed: bool,
+}
+
+impl Fixed {
+    fn decode(fixed: &[u8; BATCH_FIXED], h: &FrameHeader) -> Result<Self, ProtocolError> {
+        let mut c = Cursor {
+            buf: fixed,
+            kind: FrameKind::Pages,
+        };
+        let (round, nruns, wire_len, raw_len) = (c.u32()?, c.u32()?, c.u32()?, c.u32()?);
+        if nruns as usize > MAX_BATCH_RUNS || nruns == 0 {
+            return Err(bad(format!("{nruns} runs (1..={MAX_BATCH_RUNS} allowed)")));
+        }
+        if raw_len as usize > MAX_BATCH_BYTES {
+            return Err(bad(format!("{raw_len} raw bytes exceed {MAX_BATCH_BYTES}")));
+        }
+        let compressed = h.flags & FLAG_ZSTD != 0;
+        if (!compressed && wire_len != raw_len) || wire_len > raw_len {
+            return Err(bad(format!(
+                "{wire_len} wire bytes for {raw_len} raw bytes"
+            )));
+        }
+        let table_len = BATCH_FIXED + RUN_ENTRY * nruns as usize;
+        if (h.len as u64) < table_len as u64 + wire_len as u64 {
+            return Err(bad(format!(
+                "frame length {} is shorter than its run table and bytes",
+                h.len
+            )));
+        }
+        Ok(Self {
+            round,
+            nruns,
+            wire_len,
+            raw_len,
+            compressed,
+            unhashed: h.flags & FLAG_UNHASHED != 0,
+        })
+    }
+
+    /// Check the raw length against the runs and the frame length against
+    /// the table, the hashes and the bytes; the number of page hashes.
+    fn check_sizes(
+        &self,
+        h: &FrameHeader,
+        sums: &RunSums,
+        table_len: usize,
+    ) -> Result<u64, ProtocolError> {
+        // Sparse encodings take 2 to 2 + 10 × MAX_SPARSE_WORDS bytes each.
+        let sparse_len = u64::from(self.raw_len).checked_sub(sums.data_bytes);
+        let n = sums.sparse_pages;
+        let fits = |len: u64| (2 * n..=(2 + 10 * MAX_SPARSE_WORDS as u64) * n).contains(&len);
+        if !sparse_len.is_some_and(fits) {
+            return Err(bad(format!(
+                "data runs hold {} bytes and {n} sparse pages, header says {}",
+                sums.data_bytes, self.raw_len
+            )));
+        }
+        // One hash per page with bytes: never more than a batch of 4 KiB
+        // pages.
+        let hashed = sums.data_pages + sums.sparse_pages;
+        if hashed > (MAX_BATCH_BYTES / 4096) as u64 {
+            return Err(bad(format!("{hashed} pages with bytes in one batch")));
+        }
+        let hashed = if self.unhashed { 0 } else { hashed };
+        let expected_len = table_len as u64 + 8 * hashed + u64::from(self.wire_len);
+        if u64::from(h.len) != expected_len {
+            return Err(bad(format!(
+                "frame length {} does not match its run table ({expected_len})",
+                h.len
+            )));
+        }
+        Ok(hashed)
+    }
+}
+
+/// What a batch's runs add up to.
+#[derive(Default)]
+struct RunSums {
+    data_bytes: u64,
+    data_pages: u64,
+    sparse_pages: u64,
+}
+
+/// Decode and check the run table (after the fixed part) against `layout`.
+fn decode_runs(
+    buf: &[u8],
+    nruns: u32,
+    layout: &MemoryLayout,
+) -> Result<(Vec<BatchRun>, RunSums), ProtocolError> {
+    let mut c = Cursor {
+        buf,
+        kind: FrameKind::Pages,
+    };
+    let mut runs = Vec::with_capacity(nruns as usize);
+    let mut sums = RunSums::default();
+    for _ in 0..nruns {
+        let run = decode_run(&mut c)?;
+        let reg = layout
+            .regions
+            .get(run.region as usize)
+            .ok_or_else(|| bad(format!("region {} does not exist", run.region)))?;
+        let pages = reg.len / reg.page_size.bytes() as u64;
+        if run.count == 0
+            || run
+                .first
+                .checked_add(u64::from(run.count))
+                .is_none_or(|end| end > pages)
+        {
+            return Err(bad(format!(
+                "run of {} pages at page {} outside region {} ({pages} pages)",
+                run.count, run.first, run.region
+            )));
+        }
+        match run.kind {
+            RunKind::Data => {
+                sums.data_bytes += u64::from(run.count) * reg.page_size.bytes() as u64;
+                sums.data_pages += u64::from(run.count);
+            }
+            RunKind::Sparse if reg.page_size.bytes() != 4096 => {
+                return Err(bad(format!(
+                    "sparse run in region {} of huge pages",
+                    run.region
+                )));
+            }
+            RunKind::Sparse => sums.sparse_pages += u64::from(run.count),
+            RunKind::Zero => {}
+        }
+        runs.push(run);
+    }
+    Ok((runs, sums))
+}
+
+/// One run-table entry, its padding checked.
+fn decode_run(c: &mut Cursor<'_>) -> Result<BatchRun, ProtocolError> {
+    let region = c.u32()?;
+    let count = c.u32()?;
+    let first = c.u64()?;
+    let kind = match c.u8()? {
+        0 => RunKind::Data,
+        1 => RunKind::Zero,
+        2 => RunKind::Sparse,
+        k => return Err(bad(format!("run kind {k}"))),
+    };
+    for _ in 0..7 {
+        if c.u8()? != 0 {
+            return Err(bad("run padding is not zero".into()));
+        }
+    }
+    Ok(BatchRun {
+        region,
+        first,
+        count,
+        kind,
     })
 }
