@@ -472,17 +472,15 @@ impl IncomingMigration {
             monitor: &self.monitor,
             cancel: &self.cancel,
             postcopy_allowed: self.features.postcopy(),
-            postcopy_set: Vec::new(),
-            postcopy: None,
         };
         let mut state = ReceiverState::Receiving;
-        loop {
-            let live = matches!(state, ReceiverState::Receiving);
+        let handover = loop {
+            let live = state.is_live();
             let next = receiver
                 .next_message(transport.control())
                 .and_then(|msg| receiver.step(state, msg, transport, vm));
             state = match next {
-                Ok(ReceiverState::Committed) => break,
+                Ok(ReceiverState::Committed(handover)) => break handover,
                 Ok(next) => next,
                 Err(e) if live && self.may_resume(&e) => {
                     self.monitor.emit(IncomingEvent::ConnectionLost {
@@ -494,9 +492,9 @@ impl IncomingMigration {
                 }
                 Err(e) => return Err(e),
             };
-        }
+        };
         // Committed: the data plane ended before the guest resumed (above).
-        if let Some(target) = receiver.postcopy.take() {
+        if let Handover::Postcopy(target) = handover {
             self.monitor.emit(IncomingEvent::Postcopy);
             let fetched = target
                 .run(transport, &mut |t, e| {
@@ -640,10 +638,11 @@ fn negotiate(
 
 /// Where the receiver is once the layout is accepted and the data streams
 /// joined: the `Receiving → Complete → HaveState → Committed` part of the
-/// state machine in [`crate::protocol`]. Every transition is in
-/// [`Receiver::step`]; a message that has none is
-/// [`ProtocolError::Unexpected`], and a `Commit` before the migration is
-/// complete is refused.
+/// state machine in [`crate::protocol`], with what each state holds (the
+/// post-copy set as it arrives, the memory set up for post-copy, the
+/// device state). Every transition is in [`Receiver::step`]; a message that
+/// has none is [`ProtocolError::Unexpected`], and a `Commit` before the
+/// migration is complete is refused.
 #[derive(Debug)]
 enum ReceiverState {
     /// Live rounds and their zero pages.
@@ -651,17 +650,36 @@ enum ReceiverState {
     /// A last (paused) round had pages that failed their check: they come
     /// again in another last round.
     FinalRetry,
+    /// Chunks of the post-copy set are arriving (`PostcopyPrepare` or
+    /// `PostcopyStart`, as `kind` says); `target` is the memory a prepare
+    /// already set up.
+    SetArriving {
+        kind: FrameKind,
+        set: Vec<PageRange>,
+        target: Option<PostcopyTarget>,
+    },
     /// Post-copy prepared (memory registered, the known set dropped) while
     /// the source's guest still ran: the last pages of the set come next.
-    Prepared,
-    /// A last round landed whole: verification, then the device state.
-    Complete,
+    Prepared(PostcopyTarget),
+    /// A last round landed whole (or the post-copy set did): verification,
+    /// then the device state.
+    Complete(Handover),
     /// Some device-state chunks arrived; more follow.
-    DeviceState(Vec<u8>),
+    DeviceState(Vec<u8>, Handover),
     /// The whole device state arrived; waiting for `Commit`.
-    HaveState(Vec<u8>),
+    HaveState(Vec<u8>, Handover),
     /// Loaded, resumed and acknowledged.
-    Committed,
+    Committed(Handover),
+}
+
+/// How the guest is handed over at the commit.
+#[derive(Debug)]
+enum Handover {
+    /// Every page is here.
+    Precopy,
+    /// The guest runs before its last pages arrive: this memory fetches
+    /// them on its faults.
+    Postcopy(PostcopyTarget),
 }
 
 impl ReceiverState {
@@ -670,12 +688,22 @@ impl ReceiverState {
         match self {
             ReceiverState::Receiving => "a round",
             ReceiverState::FinalRetry => "the pages of the last round again",
-            ReceiverState::Prepared => "the last pages of the post-copy set",
-            ReceiverState::Complete => "verification or the device state",
-            ReceiverState::DeviceState(_) => "DeviceState",
-            ReceiverState::HaveState(_) => "Commit",
-            ReceiverState::Committed => "nothing",
+            ReceiverState::SetArriving { .. } => "the rest of the post-copy set",
+            ReceiverState::Prepared(_) => "the last pages of the post-copy set",
+            ReceiverState::Complete(_) => "verification or the device state",
+            ReceiverState::DeviceState(..) => "DeviceState",
+            ReceiverState::HaveState(..) => "Commit",
+            ReceiverState::Committed(_) => "nothing",
         }
+    }
+
+    /// Whether the source's guest still runs (a lost connection may then
+    /// be resumed, from `Receiving`).
+    fn is_live(&self) -> bool {
+        matches!(
+            self,
+            ReceiverState::Receiving | ReceiverState::SetArriving { target: None, .. }
+        )
     }
 }
 
@@ -694,10 +722,6 @@ struct Receiver<'a> {
     report: DestinationReport,
     /// Both sides offered post-copy.
     postcopy_allowed: bool,
-    /// The post-copy set as it arrives.
-    postcopy_set: Vec<PageRange>,
-    /// Memory set up for post-copy, once the whole set arrived.
-    postcopy: Option<PostcopyTarget>,
 }
 
 impl Receiver<'_> {
@@ -726,9 +750,9 @@ impl Receiver<'_> {
     ) -> Result<ReceiverState, MigrationError> {
         use ReceiverState::*;
         Ok(match (state, msg) {
-            (Complete, offer @ Message::RdmaReadOffer { .. }) if self.postcopy.is_some() => {
-                self.read_offer(transport, &offer)?;
-                Complete
+            (Complete(Handover::Postcopy(mut t)), offer @ Message::RdmaReadOffer { .. }) => {
+                self.read_offer(transport, &mut t, &offer)?;
+                Complete(Handover::Postcopy(t))
             }
             (Receiving, Message::RoundDone { round, last: false }) => {
                 self.land_round(transport.control(), round, false)?;
@@ -736,7 +760,7 @@ impl Receiver<'_> {
             }
             (Receiving | FinalRetry, Message::RoundDone { round, last: true }) => {
                 if self.land_round(transport.control(), round, true)? {
-                    Complete
+                    Complete(Handover::Precopy)
                 } else {
                     FinalRetry
                 }
@@ -748,19 +772,12 @@ impl Receiver<'_> {
                     ranges.iter().map(|r| r.count as u64).sum::<u64>();
                 state
             }
-            (Receiving, Message::PostcopyPrepare { last, ranges }) if self.postcopy_allowed => self
-                .postcopy_set_part(
-                    transport.control(),
-                    FrameKind::PostcopyPrepare,
-                    last,
-                    ranges,
-                )?,
-            (Receiving | Prepared, Message::PostcopyStart { last, ranges })
+            (state, msg @ (Message::PostcopyPrepare { .. } | Message::PostcopyStart { .. }))
                 if self.postcopy_allowed =>
             {
-                self.postcopy_set_part(transport.control(), FrameKind::PostcopyStart, last, ranges)?
+                self.set_part(transport.control(), state, msg)?
             }
-            (Complete, Message::VerifyRequest) if self.postcopy.is_some() => {
+            (Complete(Handover::Postcopy(_)), Message::VerifyRequest) => {
                 return Err(refuse(
                     transport.control(),
                     RefusalCode::Protocol,
@@ -768,70 +785,25 @@ impl Receiver<'_> {
                         .into(),
                 ));
             }
-            (Complete, Message::VerifyRequest) => {
+            (Complete(Handover::Precopy), Message::VerifyRequest) => {
                 self.report.verify_requested = true;
                 send_hashes(transport.control(), self.mem)?;
-                Complete
+                Complete(Handover::Precopy)
             }
-            (Complete, Message::DeviceState { last, bytes }) => {
-                device_state(transport.control(), Vec::new(), last, &bytes)?
+            (Complete(h), Message::DeviceState { last, bytes }) => {
+                device_state(transport.control(), Vec::new(), h, last, &bytes)?
             }
-            (DeviceState(state), Message::DeviceState { last, bytes }) => {
-                device_state(transport.control(), state, last, &bytes)?
+            (DeviceState(state, h), Message::DeviceState { last, bytes }) => {
+                device_state(transport.control(), state, h, last, &bytes)?
             }
-            (HaveState(_), Message::DeviceState { .. }) => {
+            (HaveState(..), Message::DeviceState { .. }) => {
                 return Err(refuse(
                     transport.control(),
                     RefusalCode::DeviceState,
                     "device state too large or sent twice".into(),
                 ));
             }
-            (HaveState(state), Message::Commit) => {
-                // Every page is in (or comes by post-copy's own path): end
-                // the data plane's remote access (RDMA: deregister, the
-                // keys stop working) before the guest runs on this memory.
-                transport.data_done();
-                let ctl = transport.control();
-                if let Some(target) = &mut self.postcopy {
-                    // Before the guest runs: its first touch may fault.
-                    let started = ctl
-                        .sender()
-                        .ok_or_else(|| "the control channel has no sending half".to_string())
-                        .and_then(|tx| target.start(tx).map_err(|e| e.to_string()));
-                    if let Err(m) = started {
-                        return Err(refuse(
-                            ctl,
-                            RefusalCode::Setup,
-                            format!("post-copy fault handler: {m}"),
-                        ));
-                    }
-                }
-                if self.postcopy.is_some() {
-                    vm.postcopy();
-                }
-                if let Err(e) = vm.load_state(&state).and_then(|()| vm.resume()) {
-                    let _ = ctl.send(&Message::Refused {
-                        code: RefusalCode::DeviceState,
-                        message: e.to_string(),
-                    });
-                    return Err(MigrationError::Vm(e));
-                }
-                // The guest runs here now: whatever happens to the
-                // acknowledgement, this migration is committed.
-                self.report.commit_ack_sent = match ctl.send(&Message::Committed) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::warn!(
-                            error = %e,
-                            "guest resumed, but the commit acknowledgement could not be sent: \
-                             the source reports commit-unknown and keeps its guest paused"
-                        );
-                        false
-                    }
-                };
-                self.report.device_state_bytes = state.len() as u64;
-                Committed
-            }
+            (HaveState(state, h), Message::Commit) => self.commit(&state, h, transport, vm)?,
             (state, Message::Commit) => {
                 return Err(refuse(
                     transport.control(),
@@ -846,18 +818,71 @@ impl Receiver<'_> {
         })
     }
 
+    /// `Commit` with the whole device state: end the data plane, start
+    /// post-copy's fault handling if the guest runs before its last pages,
+    /// load the state, resume the guest, acknowledge.
+    fn commit(
+        &mut self,
+        state: &[u8],
+        mut handover: Handover,
+        transport: &mut dyn DestinationTransport,
+        vm: &mut dyn DestinationVm,
+    ) -> Result<ReceiverState, MigrationError> {
+        // Every page is in (or comes by post-copy's own path): end the data
+        // plane's remote access (RDMA: deregister, the keys stop working)
+        // before the guest runs on this memory.
+        transport.data_done();
+        let ctl = transport.control();
+        if let Handover::Postcopy(target) = &mut handover {
+            // Before the guest runs: its first touch may fault.
+            let started = ctl
+                .sender()
+                .ok_or_else(|| "the control channel has no sending half".to_string())
+                .and_then(|tx| target.start(tx).map_err(|e| e.to_string()));
+            if let Err(m) = started {
+                return Err(refuse(
+                    ctl,
+                    RefusalCode::Setup,
+                    format!("post-copy fault handler: {m}"),
+                ));
+            }
+            vm.postcopy();
+        }
+        if let Err(e) = vm.load_state(state).and_then(|()| vm.resume()) {
+            let _ = ctl.send(&Message::Refused {
+                code: RefusalCode::DeviceState,
+                message: e.to_string(),
+            });
+            return Err(MigrationError::Vm(e));
+        }
+        // The guest runs here now: whatever happens to the acknowledgement,
+        // this migration is committed.
+        self.report.commit_ack_sent = match ctl.send(&Message::Committed) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "guest resumed, but the commit acknowledgement could not be sent: \
+                     the source reports commit-unknown and keeps its guest paused"
+                );
+                false
+            }
+        };
+        self.report.device_state_bytes = state.len() as u64;
+        Ok(ReceiverState::Committed(handover))
+    }
+
     /// The source offers its memory for RDMA READ: take it (the fault
     /// handler then reads pages itself) or decline (faults ask).
     fn read_offer(
         &mut self,
         transport: &mut dyn DestinationTransport,
+        target: &mut PostcopyTarget,
         offer: &Message,
     ) -> Result<(), MigrationError> {
         match transport.postcopy_fetcher(self.mem, offer) {
             Ok((answer, fetcher)) => {
-                if let Some(target) = &mut self.postcopy {
-                    target.set_fetcher(fetcher);
-                }
+                target.set_fetcher(fetcher);
                 transport.control().send(&answer)?;
                 tracing::info!("post-copy: faulted pages are read from the source by RDMA READ");
             }
@@ -871,16 +896,41 @@ impl Receiver<'_> {
         Ok(())
     }
 
-    /// A chunk of the post-copy set; with the last one, set the memory up
-    /// for post-copy (refused if it cannot be) and stop listening to the
-    /// data plane, which has no more to say.
-    fn postcopy_set_part(
+    /// A chunk of the post-copy set (`PostcopyPrepare` from `Receiving`,
+    /// `PostcopyStart` from `Receiving` or `Prepared`, more of the same
+    /// kind while it arrives); with the last one, set the memory up for
+    /// post-copy (refused if it cannot be) and stop listening to the data
+    /// plane, which has no more to say.
+    fn set_part(
         &mut self,
         ctl: &mut dyn ControlChannel,
-        kind: FrameKind,
-        last: bool,
-        ranges: Vec<PageRange>,
+        state: ReceiverState,
+        msg: Message,
     ) -> Result<ReceiverState, MigrationError> {
+        let (kind, last, ranges) = match msg {
+            Message::PostcopyPrepare { last, ranges } => (FrameKind::PostcopyPrepare, last, ranges),
+            Message::PostcopyStart { last, ranges } => (FrameKind::PostcopyStart, last, ranges),
+            other => return Err(unexpected(&other, state.expects())),
+        };
+        let (mut set, target) = match (state, kind) {
+            (ReceiverState::Receiving, _) => (Vec::new(), None),
+            (ReceiverState::Prepared(t), FrameKind::PostcopyStart) => (Vec::new(), Some(t)),
+            (
+                ReceiverState::SetArriving {
+                    kind: k,
+                    set,
+                    target,
+                },
+                _,
+            ) if k == kind => (set, target),
+            (state, _) => {
+                let msg = match kind {
+                    FrameKind::PostcopyPrepare => Message::PostcopyPrepare { last, ranges },
+                    _ => Message::PostcopyStart { last, ranges },
+                };
+                return Err(unexpected(&msg, state.expects()));
+            }
+        };
         if let Some(r) = ranges.iter().find(|r| !crate::postcopy::fits(self.mem, r)) {
             return Err(MigrationError::Protocol(ProtocolError::Malformed {
                 kind,
@@ -890,36 +940,31 @@ impl Receiver<'_> {
                 ),
             }));
         }
-        self.postcopy_set.extend(ranges);
-        let now = if self.postcopy.is_some() {
-            ReceiverState::Prepared
-        } else {
-            ReceiverState::Receiving
-        };
+        set.extend(ranges);
         if !last {
-            return Ok(now);
+            return Ok(ReceiverState::SetArriving { kind, set, target });
         }
         self.events = None;
-        let set = std::mem::take(&mut self.postcopy_set);
-        let done = match &mut self.postcopy {
-            Some(target) => target.add(&set),
-            None => PostcopyTarget::prepare(self.mem, &set).map(|t| {
-                self.postcopy = Some(t);
-            }),
+        let target = match target {
+            Some(mut t) => t.add(&set).map(|()| t),
+            None => PostcopyTarget::prepare(self.mem, &set),
         };
-        if let Err(m) = done {
-            return Err(refuse(
-                ctl,
-                RefusalCode::Setup,
-                format!("post-copy impossible here: {m}"),
-            ));
-        }
+        let target = match target {
+            Ok(t) => t,
+            Err(m) => {
+                return Err(refuse(
+                    ctl,
+                    RefusalCode::Setup,
+                    format!("post-copy impossible here: {m}"),
+                ));
+            }
+        };
         if kind == FrameKind::PostcopyPrepare {
             ctl.send(&Message::PostcopyPrepared)?;
-            return Ok(ReceiverState::Prepared);
+            return Ok(ReceiverState::Prepared(target));
         }
         ctl.send(&Message::PostcopyAccepted)?;
-        Ok(ReceiverState::Complete)
+        Ok(ReceiverState::Complete(Handover::Postcopy(target)))
     }
 
     /// Wait for every data stream's end of `round`, and acknowledge it with
@@ -1022,6 +1067,7 @@ impl Receiver<'_> {
 fn device_state(
     ctl: &mut dyn ControlChannel,
     mut state: Vec<u8>,
+    handover: Handover,
     last: bool,
     bytes: &[u8],
 ) -> Result<ReceiverState, MigrationError> {
@@ -1034,9 +1080,9 @@ fn device_state(
     }
     state.extend_from_slice(bytes);
     Ok(if last {
-        ReceiverState::HaveState(state)
+        ReceiverState::HaveState(state, handover)
     } else {
-        ReceiverState::DeviceState(state)
+        ReceiverState::DeviceState(state, handover)
     })
 }
 

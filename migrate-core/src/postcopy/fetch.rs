@@ -124,6 +124,14 @@ pub(crate) struct PostcopyTarget {
     handler: Option<JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for PostcopyTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostcopyTarget")
+            .field("handler_running", &self.handler.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl PostcopyTarget {
     /// Register every region for missing-page faults, then drop the pages
     /// of `set` (validated against the layout by the caller).

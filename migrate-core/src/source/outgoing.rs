@@ -149,7 +149,6 @@ impl Outgoing<'_> {
         // (kept for a resume after a lost connection)
         let mut sender = self.open_data(transport, session)?;
         let mut postcopy = None;
-        let limiter = &self.steer.limiter;
         let mut log = DirtyLog::new(self.mem);
         log.mark_all();
         holes.clear_from(&mut log);
@@ -174,7 +173,6 @@ impl Outgoing<'_> {
                     sender.as_mut(),
                     &log,
                     &hole_round,
-                    limiter,
                     &dest_pages,
                     &mut totals,
                 )
@@ -223,6 +221,16 @@ impl Outgoing<'_> {
             return self.finish_postcopy(transport, session.id, &set, avg);
         }
         sender.finish();
+        self.complete(transport, &totals)
+    }
+
+    /// After the last paused round: the pre-switchover wait if asked,
+    /// verification, the device state, the commit; the final figures.
+    fn complete(
+        &mut self,
+        transport: &mut dyn SourceTransport,
+        totals: &Totals,
+    ) -> Result<MigrationStats, MigrationError> {
         if self.cfg.pause_before_switchover {
             self.pre_switchover()?;
         }
@@ -410,17 +418,18 @@ impl Outgoing<'_> {
     /// Send the pages of `log` as the next round, its zero ranges (with
     /// the holes' markers and the number of hole pages, in round 0) and
     /// `RoundDone`, and collect the destination's `RoundAck`.
-    #[allow(clippy::too_many_arguments)]
     fn round(
         &mut self,
         transport: &mut dyn SourceTransport,
         sender: &mut dyn PageSender,
         log: &DirtyLog,
         holes: &HoleRound,
-        limiter: &RateLimiter,
         dest_pages: &DestinationPages,
         totals: &mut Totals,
     ) -> Result<RoundDone, MigrationError> {
+        // The steering outlives this borrow of the engine.
+        let steer = self.steer;
+        let limiter = &steer.limiter;
         let round = totals.rounds;
         let paused = self.phase.paused_since().is_some();
         self.monitor

@@ -8,7 +8,7 @@ use crate::control;
 use crate::dirty::DirtyLog;
 use crate::error::MigrationError;
 use crate::postcopy::send_ranges;
-use crate::postcopy::serve::Serving;
+use crate::postcopy::serve::{Served, Serving};
 use crate::protocol::{Message, PageRange};
 use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus};
 use crate::transport::SourceTransport;
@@ -74,20 +74,7 @@ impl Outgoing<'_> {
         // on here, nothing was handed over).
         control::expect_msg!(transport.control(), PostcopyAccepted => ());
         tracing::info!(pages, "post-copy: the destination will fetch these pages");
-        if let Some(offer) = transport.postcopy_offer()? {
-            transport.control().send(&offer)?;
-            match control::recv(transport.control())? {
-                answer @ Message::RdmaReadAccept { .. } => {
-                    transport.postcopy_accepted(&answer)?;
-                    tracing::info!("post-copy: the destination reads faulted pages by RDMA READ");
-                }
-                Message::RdmaReadDeclined { reason } => tracing::warn!(
-                    %reason,
-                    "the destination reads no pages itself; its faults ask over the control connection"
-                ),
-                other => return Err(control::unexpected(&other, "RdmaReadAccept")),
-            }
-        }
+        offer_reads(transport)?;
         let ctl = transport.control();
         self.send_device_state(ctl)?;
         let paused_since = self.phase.paused_since();
@@ -102,28 +89,12 @@ impl Outgoing<'_> {
         });
         self.monitor.emit(MigrationEvent::Postcopy(stats));
         tracing::info!(downtime_ms, "post-copy: the destination runs the guest");
-        let page_bytes = remaining.checked_div(pages).unwrap_or(0);
-        let monitor = self.monitor;
-        let mut serving = Serving::new(self.mem, set);
-        loop {
-            let served = serving.run(transport.control(), &self.steer.limiter, &mut |left| {
-                monitor.update(|s| s.bytes_remaining = left * page_bytes);
-            });
-            match served {
-                Ok(()) => break,
-                Err(e) if self.may_resume_postcopy(&e) => {
-                    // Neither side may give up within the grace period:
-                    // the destination runs the guest, this side holds the
-                    // pages it lacks.
-                    self.reconnect_within(transport, e, |me, t| {
-                        me.resume_control(t, session)?;
-                        serving.missing(t.control())
-                    })?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let served = serving.out;
+        let served = self.serve(
+            transport,
+            session,
+            set,
+            remaining.checked_div(pages).unwrap_or(0),
+        )?;
         self.step(Step::AllServed)?;
         let total_ms = ms_since(self.start);
         let stats = self.monitor.update(|s| {
@@ -148,10 +119,63 @@ impl Outgoing<'_> {
         Ok(stats)
     }
 
+    /// Serve `set` until the destination holds all of it, over new
+    /// connections within the grace period when one is lost.
+    fn serve(
+        &mut self,
+        transport: &mut dyn SourceTransport,
+        session: u64,
+        set: &DirtyLog,
+        page_bytes: u64,
+    ) -> Result<Served, MigrationError> {
+        let monitor = self.monitor;
+        let mut serving = Serving::new(self.mem, set);
+        loop {
+            let served = serving.run(transport.control(), &self.steer.limiter, &mut |left| {
+                monitor.update(|s| s.bytes_remaining = left * page_bytes);
+            });
+            match served {
+                Ok(()) => break,
+                Err(e) if self.may_resume_postcopy(&e) => {
+                    // Neither side may give up within the grace period:
+                    // the destination runs the guest, this side holds the
+                    // pages it lacks.
+                    self.reconnect_within(transport, e, |me, t| {
+                        me.resume_control(t, session)?;
+                        serving.missing(t.control())
+                    })?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(serving.out)
+    }
+
     /// Whether `e` lost the connection during post-copy in a way a new one
     /// may mend (a grace period is configured).
     fn may_resume_postcopy(&self, e: &MigrationError) -> bool {
         self.cfg.reconnect.is_some()
             && matches!(e, MigrationError::Transport(t) if t.is_disconnect())
     }
+}
+
+/// Offer the destination to read its faulted pages itself, where the
+/// transport can (RDMA READ), and take its answer.
+fn offer_reads(transport: &mut dyn SourceTransport) -> Result<(), MigrationError> {
+    let Some(offer) = transport.postcopy_offer()? else {
+        return Ok(());
+    };
+    transport.control().send(&offer)?;
+    match control::recv(transport.control())? {
+        answer @ Message::RdmaReadAccept { .. } => {
+            transport.postcopy_accepted(&answer)?;
+            tracing::info!("post-copy: the destination reads faulted pages by RDMA READ");
+        }
+        Message::RdmaReadDeclined { reason } => tracing::warn!(
+            %reason,
+            "the destination reads no pages itself; its faults ask over the control connection"
+        ),
+        other => return Err(control::unexpected(&other, "RdmaReadAccept")),
+    }
+    Ok(())
 }
