@@ -227,9 +227,9 @@ impl Steer for MigrationHandle {
 
 impl Steer for IncomingHandle {
     fn query(&self) -> Value {
-        let mut v = report::destination_json(Some(&self.stats()), None, None);
-        v["status"] = json!("active");
-        v
+        // The engine's own status: active, or postcopy-active once the
+        // guest runs here.
+        report::destination_json(Some(&self.stats()), None, None)
     }
 
     fn command(&self, request: Request) -> Value {
@@ -648,19 +648,8 @@ pub fn event_json(event: &MigrationEvent) -> Value {
 /// `failed`, `cancelled`).
 pub fn incoming_event_json(event: &IncomingEvent) -> Value {
     let mut v = stamped(event.name());
-    // The figures as of this event, with the status this event means (the
-    // report's own status is the end's: "completed" unless it failed).
-    let status = match event {
-        IncomingEvent::Committed(_) => "completed",
-        IncomingEvent::Cancelled(_) => "cancelled",
-        IncomingEvent::Failed { .. } => "failed",
-        _ => "active",
-    };
-    let stats = |r| {
-        let mut s = report::destination_json(Some(r), None, None);
-        s["status"] = json!(status);
-        s
-    };
+    // The figures as of this event, with the engine's status then.
+    let stats = |r| report::destination_json(Some(r), None, None);
     match event {
         IncomingEvent::RoundReceived {
             round,

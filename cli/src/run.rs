@@ -301,23 +301,48 @@ fn receive(
     // Steered and watched from the moment it listens: before a source
     // begins the socket says `waiting`, then it is the migration's.
     let waiting = control::Waiting::new(Arc::clone(&slot));
-    let steered = (
-        steering
-            .control
-            .as_deref()
-            .map(|p| control::serve(p, &waiting))
-            .transpose()?,
-        steering
-            .events
-            .as_deref()
-            .map(|p| control::events_to(p, &waiting))
-            .transpose()?,
-    );
-    let mut t = loop {
+    let control_socket = steering
+        .control
+        .as_deref()
+        .map(|p| control::serve(p, &waiting))
+        .transpose()?;
+    let events = steering
+        .events
+        .as_deref()
+        .map(|p| control::events_to(p, &waiting))
+        .transpose()?;
+    let mut t = accept_source(listener)?;
+    let cpu_start = resources::CpuSample::now();
+    let mut received = Received::default();
+    let result = receive_one(t.as_dyn(), own, opts, &waiting, &mut received);
+    // Committed or failed: end remote access to the guest memory now.
+    t.finish();
+    let (outcome, mut v) = say_destination_result(&result, &received);
+    // The last event is out: the event stream ends, the socket goes.
+    if let Some(t) = events {
+        let _ = t.join();
+    }
+    drop(control_socket);
+    if let Some(path) = json {
+        v["authentication"] = serde_json::json!(opts.authentication);
+        if let Some(base) = baseline_rss {
+            v["resources"] = resources::report(cpu_start, base, received.mem.as_deref());
+        }
+        if let (true, Outcome::Migrated, Some(mem)) = (opts.digest, outcome, &received.mem) {
+            v["memory_digest"] = serde_json::json!(format!("{:016x}", mem.digest()));
+        }
+        write_report(path, &v);
+    }
+    Ok(outcome)
+}
+
+/// Accept the first connection that is a migration source: one client's
+/// failure is not the listener's (a stranger, a port scanner, a peer with
+/// the wrong credentials).
+fn accept_source(listener: &transport::Listener) -> Result<transport::Destination> {
+    loop {
         match listener.accept() {
-            Ok(t) => break t,
-            // One client's failure is not the listener's: a stranger, a
-            // port scanner, a peer with the wrong credentials.
+            Ok(t) => return Ok(t),
             Err(e)
                 if e.is_disconnect()
                     || matches!(e, TransportError::Protocol(_) | TransportError::Auth { .. }) =>
@@ -326,57 +351,81 @@ fn receive(
             }
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// The engine's report and the built-in guest's own check.
+type Arrived = (
+    migrate_core::DestinationReport,
+    Option<Result<String, String>>,
+);
+
+/// What the report needs of an incoming migration besides its result.
+#[derive(Default)]
+struct Received {
+    /// The guest memory, once there was one.
+    mem: Option<Arc<GuestMemory>>,
+    /// The migration's handle, once a source began.
+    handle: Option<migrate_core::IncomingHandle>,
+}
+
+/// Accept the source's migration into `own` memory (or memory adopted
+/// from its layout) and receive it; the memory and handle go into `into`.
+fn receive_one(
+    t: &mut dyn migrate_core::DestinationTransport,
+    own: Option<Arc<GuestMemory>>,
+    opts: &Receiving,
+    waiting: &control::Waiting,
+    into: &mut Received,
+) -> Result<Arrived> {
+    let mut incoming = IncomingMigration::accept(t)?.memory_reads_zero(opts.reads_zero);
+    if let Some(grace) = opts.reconnect {
+        incoming = incoming.resume_within(grace);
+    }
+    let h = incoming.handle();
+    waiting.attach(&h);
+    into.handle = Some(h);
+    let mem = match own {
+        Some(m) => m,
+        None => match adopt(incoming.layout(), opts) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                let msg = format!(
+                    "destination cannot allocate the guest memory: {}",
+                    report::error_text(&e)
+                );
+                incoming.refuse(t, RefusalCode::Setup, &msg);
+                bail!(msg);
+            }
+        },
     };
-    let cpu_start = resources::CpuSample::now();
-    let mut guest_mem = None;
-    let mut handle = None;
-    let outcome = (|| -> Result<(migrate_core::DestinationReport, Option<Result<String, String>>)> {
-        let t = t.as_dyn();
-        let mut incoming = IncomingMigration::accept(t)?.memory_reads_zero(opts.reads_zero);
-        if let Some(grace) = opts.reconnect {
-            incoming = incoming.resume_within(grace);
-        }
-        let h = incoming.handle();
-        waiting.attach(&h);
-        handle = Some(h);
-        let mem = match own {
-            Some(m) => m,
-            None => match memory::adopt(incoming.layout(), opts.max_memory).and_then(|m| {
-                if opts.prefault {
-                    m.prefault()?;
-                }
-                Ok(m)
-            }) {
-                Ok(m) => Arc::new(m),
-                Err(e) => {
-                    let msg = format!(
-                        "destination cannot allocate the guest memory: {}",
-                        report::error_text(&e)
-                    );
-                    incoming.refuse(t, RefusalCode::Setup, &msg);
-                    bail!(msg);
-                }
-            },
-        };
-        guest_mem = Some(Arc::clone(&mem));
-        let mut vm = FixtureDestinationVm::default();
-        let r = incoming.receive(t, &mem, &mut vm)?;
-        let check = vm
-            .state
-            .as_deref()
-            .and_then(|s| guest::check_destination(&mem, s));
-        Ok((r, check))
-    })();
-    // Committed or failed: end remote access to the guest memory now.
-    t.finish();
-    let interrupted = matches!(
-        outcome
-            .as_ref()
-            .err()
-            .and_then(|e| e.downcast_ref::<migrate_core::MigrationError>()),
-        Some(migrate_core::MigrationError::PostcopyInterrupted(_))
-    );
-    let (ok, v) = match &outcome {
+    into.mem = Some(Arc::clone(&mem));
+    let mut vm = FixtureDestinationVm::default();
+    let r = incoming.receive(t, &mem, &mut vm)?;
+    let check = vm
+        .state
+        .as_deref()
+        .and_then(|s| guest::check_destination(&mem, s));
+    Ok((r, check))
+}
+
+/// Memory for the source's layout, allocated before the first page when
+/// asked.
+fn adopt(layout: &migrate_core::memory::MemoryLayout, opts: &Receiving) -> Result<GuestMemory> {
+    let m = memory::adopt(layout, opts.max_memory)?;
+    if opts.prefault {
+        m.prefault()?;
+    }
+    Ok(m)
+}
+
+/// Say on the terminal how the incoming migration ended; its outcome and
+/// report.
+fn say_destination_result(
+    result: &Result<Arrived>,
+    received: &Received,
+) -> (Outcome, serde_json::Value) {
+    let e = match result {
         Ok((r, check)) => {
             println!(
                 "received {} pages and {} zero pages in {} rounds over {}; guest resumed",
@@ -388,71 +437,41 @@ fn receive(
                      commit-unknown and keeps its guest paused; this side runs the guest"
                 );
             }
-            if let Some(c) = check {
-                match c {
-                    Ok(m) => println!("{m}"),
-                    Err(m) => eprintln!("{m}"),
-                }
+            match check {
+                Some(Ok(m)) => println!("{m}"),
+                Some(Err(m)) => eprintln!("{m}"),
+                None => {}
             }
             let consistent = !matches!(check, Some(Err(_)));
-            (
-                consistent,
+            let outcome = Outcome::of_destination(&Ok(r.clone()), consistent);
+            return (
+                outcome,
                 report::destination_json(Some(r), check.as_ref(), None),
-            )
-        }
-        Err(e) => {
-            let cancelled = matches!(
-                e.downcast_ref::<migrate_core::MigrationError>(),
-                Some(migrate_core::MigrationError::Cancelled)
             );
-            if cancelled {
-                eprintln!("incoming migration cancelled; received memory discarded");
-            } else if interrupted {
-                eprintln!(
-                    "{}: the guest runs here without all of its pages; the source keeps them",
-                    report::error_text(e)
-                );
-            } else {
-                eprintln!(
-                    "incoming migration failed: {}; received memory discarded",
-                    report::error_text(e)
-                );
-            }
-            let so_far = handle.as_ref().map(|h| h.stats());
-            let mut v =
-                report::destination_json(so_far.as_ref(), None, Some(&report::error_text(e)));
-            if cancelled {
-                v["status"] = serde_json::json!("cancelled");
-            } else if interrupted {
-                v["status"] = serde_json::json!("postcopy-interrupted");
-            }
-            (false, v)
         }
+        Err(e) => e,
     };
-    // The last event is out: the event stream ends, the socket goes.
-    let (control_socket, events) = steered;
-    if let Some(t) = events {
-        let _ = t.join();
-    }
-    drop(control_socket);
-    if let Some(path) = json {
-        let mut v = v;
-        v["authentication"] = serde_json::json!(opts.authentication);
-        if let Some(base) = baseline_rss {
-            v["resources"] = resources::report(cpu_start, base, guest_mem.as_deref());
+    let outcome = match e.downcast_ref::<migrate_core::MigrationError>() {
+        Some(migrate_core::MigrationError::PostcopyInterrupted(_)) => Outcome::PostcopyInterrupted,
+        _ => Outcome::Failed,
+    };
+    let text = report::error_text(e);
+    match e.downcast_ref::<migrate_core::MigrationError>() {
+        Some(migrate_core::MigrationError::Cancelled) => {
+            eprintln!("incoming migration cancelled; received memory discarded")
         }
-        if let (true, true, Some(mem)) = (opts.digest, ok, &guest_mem) {
-            v["memory_digest"] = serde_json::json!(format!("{:016x}", mem.digest()));
+        _ if outcome == Outcome::PostcopyInterrupted => {
+            eprintln!("{text}: the guest runs here without all of its pages; the source keeps them")
         }
-        write_report(path, &v);
+        _ => eprintln!("incoming migration failed: {text}; received memory discarded"),
     }
-    Ok(if interrupted {
-        Outcome::PostcopyInterrupted
-    } else if ok {
-        Outcome::Migrated
-    } else {
-        Outcome::Failed
-    })
+    // The engine's final status (failed, cancelled or postcopy-interrupted)
+    // once a migration began.
+    let so_far = received.handle.as_ref().map(|h| h.stats());
+    (
+        outcome,
+        report::destination_json(so_far.as_ref(), None, Some(&text)),
+    )
 }
 
 /// `migrate-cli tls-gen`.

@@ -35,6 +35,11 @@ pub const MAX_DEVICE_STATE: usize = 1 << 30;
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct DestinationReport {
+    /// Where this end is: `Active` while it receives, `PostcopyActive`
+    /// while its guest runs and fetches its last pages, then `Completed`,
+    /// `Failed`, `Cancelled` or `PostcopyInterrupted` (set by the engine:
+    /// reports and events carry it as it is, never inferred).
+    pub status: crate::MigrationStatus,
     /// The migration's id: the session the source chose (its
     /// [`MigrationStats::migration_id`](crate::MigrationStats::migration_id)).
     pub migration_id: u64,
@@ -286,6 +291,7 @@ impl IncomingMigration {
         let layout = expect_msg!(ctl, Layout { layout } => layout);
         let monitor = Monitor::<DestinationReport, IncomingEvent>::default();
         monitor.update(|r| {
+            r.status = crate::MigrationStatus::Active;
             r.migration_id = session;
             r.transport = transport.name().into();
         });
@@ -389,7 +395,16 @@ impl IncomingMigration {
         });
         let total_ms = started.elapsed().as_secs_f64() * 1e3;
         // Final figures: what landed counts even where no round ended.
+        let status = match &result {
+            Ok(_) => crate::MigrationStatus::Completed,
+            Err(MigrationError::Cancelled) => crate::MigrationStatus::Cancelled,
+            Err(MigrationError::PostcopyInterrupted(_)) => {
+                crate::MigrationStatus::PostcopyInterrupted
+            }
+            Err(_) => crate::MigrationStatus::Failed,
+        };
         let end = |m: &mut DestinationReport| {
+            m.status = status;
             m.total_ms = total_ms;
             live.merge(m);
         };
@@ -465,6 +480,7 @@ impl IncomingMigration {
             events: Some(events),
             streams: self.streams,
             report: DestinationReport {
+                status: crate::MigrationStatus::Active,
                 migration_id: self.session,
                 transport: transport.name().into(),
                 ..Default::default()
@@ -495,29 +511,10 @@ impl IncomingMigration {
         };
         // Committed: the data plane ended before the guest resumed (above).
         if let Handover::Postcopy(target) = handover {
-            self.monitor.emit(IncomingEvent::Postcopy);
-            let fetched = target
-                .run(transport, &mut |t, e| {
-                    if !self.may_resume(&e) {
-                        return Err(e);
-                    }
-                    self.monitor.emit(IncomingEvent::ConnectionLost {
-                        error: e.to_string(),
-                    });
-                    self.await_source(t, e)?;
-                    self.monitor.emit(IncomingEvent::Resumed);
-                    Ok(())
-                })
-                .map_err(|e| MigrationError::PostcopyInterrupted(Box::new(e)))?;
-            let r = &mut receiver.report;
-            r.postcopy = true;
-            r.postcopy_ms = fetched.ms;
-            r.postcopy_demand_pages = fetched.demand_pages;
-            r.postcopy_pushed_pages = fetched.pushed_pages;
-            r.postcopy_read_pages = fetched.read_pages;
-            r.fault_latency_us = fetched.latency;
+            self.fetch_the_rest(transport, target, &mut receiver.report)?;
         }
         receiver.report.total_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        receiver.report.status = crate::MigrationStatus::Completed;
         tracing::info!(
             rounds = receiver.report.rounds,
             "incoming migration committed; guest resumed"
@@ -527,6 +524,41 @@ impl IncomingMigration {
 }
 
 impl IncomingMigration {
+    /// Post-copy: the guest runs here; fetch its missing pages until the
+    /// last (over new connections within the grace period when one is
+    /// lost), into `report`.
+    fn fetch_the_rest(
+        &self,
+        transport: &mut dyn DestinationTransport,
+        target: PostcopyTarget,
+        report: &mut DestinationReport,
+    ) -> Result<(), MigrationError> {
+        report.status = crate::MigrationStatus::PostcopyActive;
+        self.monitor
+            .update(|r| r.status = crate::MigrationStatus::PostcopyActive);
+        self.monitor.emit(IncomingEvent::Postcopy);
+        let fetched = target
+            .run(transport, &mut |t, e| {
+                if !self.may_resume(&e) {
+                    return Err(e);
+                }
+                self.monitor.emit(IncomingEvent::ConnectionLost {
+                    error: e.to_string(),
+                });
+                self.await_source(t, e)?;
+                self.monitor.emit(IncomingEvent::Resumed);
+                Ok(())
+            })
+            .map_err(|e| MigrationError::PostcopyInterrupted(Box::new(e)))?;
+        report.postcopy = true;
+        report.postcopy_ms = fetched.ms;
+        report.postcopy_demand_pages = fetched.demand_pages;
+        report.postcopy_pushed_pages = fetched.pushed_pages;
+        report.postcopy_read_pages = fetched.read_pages;
+        report.fault_latency_us = fetched.latency;
+        Ok(())
+    }
+
     /// Whether `e` lost the connection in a way a new one may mend.
     fn may_resume(&self, e: &MigrationError) -> bool {
         self.reconnect.is_some() && matches!(e, MigrationError::Transport(t) if t.is_disconnect())

@@ -74,9 +74,19 @@ pub fn destination_json(
     guest_check: Option<&Result<String, String>>,
     error: Option<&str>,
 ) -> Value {
+    // The engine's status when a migration began; before that, only
+    // whether this end failed.
+    let status = report.map_or(
+        if error.is_none() {
+            "completed"
+        } else {
+            "failed"
+        },
+        |r| r.status.name(),
+    );
     let mut v = json!({
         "role": "destination",
-        "status": if error.is_none() { "completed" } else { "failed" },
+        "status": status,
     });
     v["schema_version"] = json!(crate::STATS_SCHEMA_VERSION);
     if let Some(r) = report {

@@ -475,11 +475,13 @@ fn dest(a: DestArgs) -> Result<Outcome> {
         );
         let _ = out.flush();
     }));
+    let handle = incoming.handle();
     let received = incoming.receive(t, &mem, &mut vm);
     let cpu = cpu_ms() - cpu_at_accept;
     if let Some(p) = &a.json {
         let error = received.as_ref().err().map(ToString::to_string);
-        let mut v = report::destination_json(received.as_ref().ok(), None, error.as_deref());
+        // The engine's final figures and status, failed or not.
+        let mut v = report::destination_json(Some(&handle.stats()), None, error.as_deref());
         v["resources"] = serde_json::json!({ "process_cpu_ms": cpu });
         if let Some(d) = vm.digest_at_resume {
             v["digest"] = serde_json::json!(format!("{d:032x}"));
