@@ -181,7 +181,7 @@ pub fn network(site: &Site, reps: usize, secs: u32) -> Result<Vec<Ceiling>> {
 /// The setting with the highest median among `bounds`' measured ones, as
 /// the site's `best: <setting>` ceiling (none when none measured).
 fn best(all: &[Ceiling], bounds: &str) -> Option<Ceiling> {
-    let median = |c: &Ceiling| crate::cell::Spread::of(c.mbps.iter().copied()).map(|s| s.median);
+    let median = |c: &Ceiling| crate::spread::Spread::of(c.mbps.iter().copied()).map(|s| s.median);
     all.iter()
         .filter(|c| c.bounds == bounds && c.error.is_none())
         .filter_map(|c| median(c).map(|m| (m, c)))

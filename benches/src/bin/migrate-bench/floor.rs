@@ -11,7 +11,7 @@
 //! the destination file. Stream `s` of `n` carries the chunks of 256 pages
 //! whose number is `s` modulo `n`. A batch of 0 pages ends a stream.
 //!
-//! The interval and CPU are measured as for ours (see [`crate::qemu`]): from
+//! The interval and CPU are measured as for ours (see `crate::qemu`): from
 //! starting the sender to the receiver's `done` line; the sender's CPU from
 //! just before it connects, the receiver's from the accepted connections.
 //! An engine at the floor's time cannot go faster on this machine without
@@ -27,7 +27,7 @@ use anyhow::{Context, Result, bail};
 
 use migrate_core::memory::{GuestMemory, GuestRegion, is_zero_page};
 
-use crate::qemu::{Listening, PeerRun, Where, cpu_s, sparse};
+use crate::peer::{Listening, PeerRun, Reaper, Where, cpu_s, sparse};
 
 /// Pages per batch.
 const BATCH: usize = 64;
@@ -204,7 +204,7 @@ pub fn run(w: &Where<'_>, prealloc: bool, r: &mut PeerRun) -> Result<()> {
     if prealloc {
         recv.arg("--prefault");
     }
-    let mut procs = crate::qemu::Reaper(vec![recv.spawn().context("starting floor-recv")?]);
+    let mut procs = Reaper(vec![recv.spawn().context("starting floor-recv")?]);
     let receiver = Listening::read(&mut procs.0[0])?;
     let t0 = Instant::now();
     let send = Command::new(&me)

@@ -27,6 +27,7 @@ mod cell;
 mod floor;
 mod micro;
 mod netns;
+mod peer;
 mod plan;
 mod plot;
 mod postcopy;
@@ -34,6 +35,7 @@ mod qemu;
 mod qemu_report;
 mod run;
 mod scale;
+mod spread;
 mod summary;
 
 use std::path::PathBuf;

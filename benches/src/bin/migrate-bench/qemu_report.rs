@@ -8,7 +8,7 @@ use anyhow::Result;
 use plotters::prelude::*;
 
 use crate::cell::Spread;
-use crate::qemu::{PeerRaw, PeerRun};
+use crate::peer::{PeerRaw, PeerRun};
 
 /// Where `migrate-bench qemu` writes inside a results folder.
 pub const RAW: &str = "raw/peer/qemu.json";
