@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use migrate_core::memory::GuestMemory;
-use serde_json::{Value, json};
+use migrate_core::report::Resources;
 
 /// Names the built-in guest gives its threads (`fixtures`).
 const GUEST_THREADS: [&str; 2] = ["guest-vcpu-", "bank-"];
@@ -77,7 +77,7 @@ pub fn status_bytes(field: &str) -> u64 {
 /// The `resources` object of a JSON report: `cpu_ms` (the engine's CPU over
 /// the migration), `guest_cpu_ms`, `peak_rss_bytes`, `baseline_rss_bytes`,
 /// `guest_resident_bytes`, `overhead_bytes`.
-pub fn report(start: CpuSample, baseline_rss: u64, mem: Option<&GuestMemory>) -> Value {
+pub fn report(start: CpuSample, baseline_rss: u64, mem: Option<&GuestMemory>) -> Resources {
     let end = CpuSample::now();
     let guest = end.guest.saturating_sub(start.guest);
     let cpu = end
@@ -86,12 +86,12 @@ pub fn report(start: CpuSample, baseline_rss: u64, mem: Option<&GuestMemory>) ->
         .saturating_sub(guest);
     let peak = status_bytes("VmHWM");
     let resident = mem.map_or(0, GuestMemory::resident_bytes);
-    json!({
-        "cpu_ms": cpu.as_secs_f64() * 1e3,
-        "guest_cpu_ms": guest.as_secs_f64() * 1e3,
-        "peak_rss_bytes": peak,
-        "baseline_rss_bytes": baseline_rss,
-        "guest_resident_bytes": resident,
-        "overhead_bytes": peak.saturating_sub(baseline_rss).saturating_sub(resident),
-    })
+    let mut r = Resources::default();
+    r.cpu_ms = Some(cpu.as_secs_f64() * 1e3);
+    r.guest_cpu_ms = Some(guest.as_secs_f64() * 1e3);
+    r.peak_rss_bytes = Some(peak);
+    r.baseline_rss_bytes = Some(baseline_rss);
+    r.guest_resident_bytes = Some(resident);
+    r.overhead_bytes = Some(peak.saturating_sub(baseline_rss).saturating_sub(resident));
+    r
 }

@@ -12,6 +12,7 @@ use migrate_core::protocol::RefusalCode;
 use migrate_core::transport::TransportError;
 use migrate_core::{IncomingMigration, MigrationStats, SourceMigration};
 
+use migrate_core::report::{Extras, with_extras};
 use migrate_frontend::{output, security, transport};
 
 pub use migrate_frontend::Outcome;
@@ -153,17 +154,17 @@ fn migrate_out(mem: Arc<GuestMemory>, o: Outbound<'_>) -> Result<Outcome> {
             Err(_) => handle.stats(),
         };
         let error = result.as_ref().err().map(ToString::to_string);
-        let mut v = report::source_json(&stats, fallback.as_deref(), error.as_deref());
-        v["connect_ms"] = serde_json::json!(connect_ms);
-        v["authentication"] = serde_json::json!(o.t.authentication());
-        if let Some(base) = o.baseline_rss {
-            v["resources"] = resources::report(cpu_start, base, Some(&mem));
-        }
+        let mut extras = Extras::default();
+        extras.connect_ms = Some(connect_ms);
+        extras.authentication = Some(o.t.authentication());
+        extras.resources = o
+            .baseline_rss
+            .map(|base| resources::report(cpu_start, base, Some(&mem)));
         // After the figures: the guest stays paused, nothing is timed.
-        if o.m.digest && result.is_ok() {
-            v["memory_digest"] = serde_json::json!(format!("{:016x}", mem.digest()));
-        }
-        write_report(path, &v);
+        extras.memory_digest =
+            (o.m.digest && result.is_ok()).then(|| format!("{:016x}", mem.digest()));
+        let v = report::source_json(&stats, fallback.as_deref(), error.as_deref());
+        write_report(path, &with_extras(v, &extras));
     }
     vm.stop();
     if let Err(migrate_core::MigrationError::Refused {
@@ -317,21 +318,21 @@ fn receive(
     let result = receive_one(t.as_dyn(), own, opts, &waiting, &mut received);
     // Committed or failed: end remote access to the guest memory now.
     t.finish();
-    let (outcome, mut v) = say_destination_result(&result, &received);
+    let (outcome, v) = say_destination_result(&result, &received);
     // The last event is out: the event stream ends, the socket goes.
     if let Some(t) = events {
         let _ = t.join();
     }
     drop(control_socket);
     if let Some(path) = json {
-        v["authentication"] = serde_json::json!(opts.authentication);
-        if let Some(base) = baseline_rss {
-            v["resources"] = resources::report(cpu_start, base, received.mem.as_deref());
-        }
+        let mut extras = Extras::default();
+        extras.authentication = Some(opts.authentication);
+        extras.resources =
+            baseline_rss.map(|base| resources::report(cpu_start, base, received.mem.as_deref()));
         if let (true, Outcome::Migrated, Some(mem)) = (opts.digest, outcome, &received.mem) {
-            v["memory_digest"] = serde_json::json!(format!("{:016x}", mem.digest()));
+            extras.memory_digest = Some(format!("{:016x}", mem.digest()));
         }
-        write_report(path, &v);
+        write_report(path, &with_extras(v, &extras));
     }
     Ok(outcome)
 }

@@ -143,3 +143,66 @@ fn postcopy_json(v: &mut Value, ms: f64, demand: u64, pushed: u64, l: crate::Fau
         "max": l.max,
     });
 }
+
+/// What a front end adds to the engine's figures in its report, typed:
+/// each field is written only when set ([`with_extras`]).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Extras {
+    /// How the peers authenticated: `mutual-tls`, `psk` or `none`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<&'static str>,
+    /// The connection and its handshake, ms (source).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_ms: Option<f64>,
+    /// What the process spent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    /// One hash of every page after the commit (16 hex digits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_digest: Option<String>,
+    /// A VMM's own digest of the guest memory at the switch-over
+    /// (mini-vmm: 32 hex digits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// What a migration cost the process (`resources` in a report); each
+/// figure is written only when the front end measured it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Resources {
+    /// The engine's CPU time over the migration (a built-in guest's
+    /// threads excluded), ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<f64>,
+    /// A built-in guest's CPU time, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_cpu_ms: Option<f64>,
+    /// The whole process's CPU time, a running guest's included, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_cpu_ms: Option<f64>,
+    /// Peak resident memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
+    /// Resident memory before the guest existed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_rss_bytes: Option<u64>,
+    /// Resident guest pages at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_resident_bytes: Option<u64>,
+    /// Peak RSS beyond the baseline and the resident guest pages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overhead_bytes: Option<u64>,
+}
+
+/// `report` (an object from [`source_json`] or [`destination_json`]) with
+/// the front end's `extras` added.
+pub fn with_extras(mut report: Value, extras: &Extras) -> Value {
+    if let (Some(obj), Ok(Value::Object(more))) =
+        (report.as_object_mut(), serde_json::to_value(extras))
+    {
+        obj.extend(more);
+    }
+    report
+}

@@ -321,6 +321,14 @@ fn cpu_ms() -> f64 {
         .map_or(0.0, |(u, s)| (u + s) * 10.0)
 }
 
+/// `resources` of mini-vmm's reports: the process's CPU, its running
+/// guest's included.
+fn process_cpu(ms: f64) -> report::Resources {
+    let mut r = report::Resources::default();
+    r.process_cpu_ms = Some(ms);
+    r
+}
+
 /// Wait for the guest's answer and print it.
 fn finish(vcpu: &VcpuRunner) -> Result<bool> {
     let d = vcpu
@@ -375,12 +383,12 @@ fn source(a: SourceArgs) -> Result<Outcome> {
     let cpu = connecting + cpu_ms() - cpu_at_start;
     if let Some(p) = &a.json {
         let error = result.as_ref().err().map(ToString::to_string);
-        let mut v = report::source_json(&handle.stats(), fallback.as_deref(), error.as_deref());
-        v["resources"] = serde_json::json!({ "process_cpu_ms": cpu });
-        if result.is_ok() && a.migration.digest {
-            v["digest"] = serde_json::json!(format!("{:032x}", m.digest()));
-        }
-        output::write_report("mini-vmm", p, &v);
+        let v = report::source_json(&handle.stats(), fallback.as_deref(), error.as_deref());
+        let mut extras = report::Extras::default();
+        extras.resources = Some(process_cpu(cpu));
+        extras.digest =
+            (result.is_ok() && a.migration.digest).then(|| format!("{:032x}", m.digest()));
+        output::write_report("mini-vmm", p, &report::with_extras(v, &extras));
     }
     let outcome = Outcome::of_source(&result);
     match &result {
@@ -481,12 +489,11 @@ fn dest(a: DestArgs) -> Result<Outcome> {
     if let Some(p) = &a.json {
         let error = received.as_ref().err().map(ToString::to_string);
         // The engine's final figures and status, failed or not.
-        let mut v = report::destination_json(Some(&handle.stats()), None, error.as_deref());
-        v["resources"] = serde_json::json!({ "process_cpu_ms": cpu });
-        if let Some(d) = vm.digest_at_resume {
-            v["digest"] = serde_json::json!(format!("{d:032x}"));
-        }
-        output::write_report("mini-vmm", p, &v);
+        let v = report::destination_json(Some(&handle.stats()), None, error.as_deref());
+        let mut extras = report::Extras::default();
+        extras.resources = Some(process_cpu(cpu));
+        extras.digest = vm.digest_at_resume.map(|d| format!("{d:032x}"));
+        output::write_report("mini-vmm", p, &report::with_extras(v, &extras));
     }
     let outcome = Outcome::of_destination(&received, true);
     if let Err(e) = &received {
