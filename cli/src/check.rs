@@ -11,13 +11,14 @@ use std::path::Path;
 use anyhow::Result;
 use migrate_core::dirty::{DirtyTracking, TrackerKind, TrackerPreference};
 use migrate_core::memory::{GuestMemory, GuestRegion};
-use serde_json::{Value, json};
 
 use crate::args::{CheckArgs, TransportChoice};
 use crate::report;
 
 /// How one item came out.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 enum Verdict {
     Ok,
     /// Works, but not at its best (or only for some uses).
@@ -26,6 +27,7 @@ enum Verdict {
     Fail,
 }
 
+#[derive(serde::Serialize)]
 struct Item {
     name: &'static str,
     verdict: Verdict,
@@ -108,17 +110,18 @@ pub fn check(a: &CheckArgs) -> Result<bool> {
         }
     );
     if let Some(path) = &a.json {
-        let v = json!({
-            "transport": transport,
-            "ok": ok,
-            "items": items.iter().map(|i| json!({
-                "name": i.name,
-                "verdict": match i.verdict { Verdict::Ok => "ok", Verdict::Warn => "warn", Verdict::Fail => "fail" },
-                "detail": i.detail,
-                "fix": i.fix,
-                "needed": i.needed,
-            })).collect::<Vec<Value>>(),
-        });
+        /// `check --json`: the verdict and every item.
+        #[derive(serde::Serialize)]
+        struct Findings<'a> {
+            transport: &'a str,
+            ok: bool,
+            items: &'a [Item],
+        }
+        let v = serde_json::to_value(Findings {
+            transport,
+            ok,
+            items: &items,
+        })?;
         report::write_json(path, &v)?;
     }
     Ok(ok)
