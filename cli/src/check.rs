@@ -16,8 +16,7 @@ use crate::args::{CheckArgs, TransportChoice};
 use crate::report;
 
 /// How one item came out.
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[derive(serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 enum Verdict {
     Ok,

@@ -431,15 +431,19 @@ fn bind_private(path: &Path) -> Result<UnixListener> {
             )
         })?;
     let inside = private.join("socket");
-    let bound = (|| {
-        let listener = UnixListener::bind(&inside)?;
-        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&inside, path)?;
-        Ok::<_, std::io::Error>(listener)
-    })();
+    let bound = listen_then_move(&inside, path);
     let _ = std::fs::remove_file(&inside);
     let _ = std::fs::remove_dir(&private);
     bound.with_context(|| format!("--control {}: cannot listen", path.display()))
+}
+
+/// Listen at `inside` (in a directory only this user can enter), make
+/// the socket this user's alone, then move it to `path`.
+fn listen_then_move(inside: &Path, path: &Path) -> std::io::Result<UnixListener> {
+    let listener = UnixListener::bind(inside)?;
+    std::fs::set_permissions(inside, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(inside, path)?;
+    Ok(listener)
 }
 
 fn accept_loop<H: Steer>(listener: &UnixListener, handle: &H, stop: &AtomicBool) {

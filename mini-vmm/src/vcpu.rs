@@ -275,63 +275,97 @@ fn kick_loop(s: &Shared, kick: &Kicker) {
     }
 }
 
-fn vcpu_loop(mut fd: VcpuFd, s: &Shared, pages_per_sec: u64, mut serial: Option<SerialSink>) {
-    let start = Instant::now();
-    let mut paced_pages = 0u64;
-    let mut ran_since = Instant::now();
-    let mut unclaimed = BTreeSet::new();
-    loop {
-        // Honour pause and stop; a halted or failed vCPU parks here too.
-        {
-            let mut c = s.lock();
-            loop {
-                match c.want {
-                    Want::Stop => {
-                        c.stopped = true;
-                        s.cv.notify_all();
-                        return;
-                    }
-                    Want::Pause if c.paused.is_none() => {
-                        let st = save(&mut fd, c.device);
-                        match st {
-                            Ok(st) => c.paused = Some(st),
-                            Err(e) => c.failed = Some(e.to_string()),
-                        }
-                        s.cv.notify_all();
-                    }
-                    Want::Run if !c.device.halted && c.failed.is_none() => {
-                        c.paused = None;
-                        break;
-                    }
-                    Want::Run => c.paused = None,
-                    Want::Pause => {}
-                }
-                c = s.cv.wait(c).unwrap_or_else(|p| p.into_inner());
-            }
-            // A throttled vCPU sleeps its share of the time it ran (wakeable
-            // by pause and stop).
-            // `ran_since` restarts at every return from KVM_RUN, so the
-            // share is of the last stretch only (never of time before the
-            // throttle was set).
-            let throttle = c.throttle;
-            let ran = ran_since.elapsed();
-            if throttle > 0 {
-                let wake =
-                    Instant::now() + ran.mul_f64(f64::from(throttle) / f64::from(100 - throttle));
-                c = sleep_until(s, c, wake);
-            }
-            ran_since = Instant::now();
-            if c.want != Want::Run {
-                continue;
-            }
+fn vcpu_loop(fd: VcpuFd, s: &Shared, pages_per_sec: u64, serial: Option<SerialSink>) {
+    let mut v = Vcpu {
+        fd,
+        start: Instant::now(),
+        paced_pages: 0,
+        pages_per_sec,
+        serial,
+        ran_since: Instant::now(),
+        unclaimed: BTreeSet::new(),
+    };
+    while v.wait_to_run(s) {
+        if let Some(exit) = v.run_once(s) {
+            v.handle(s, exit);
         }
-        let exit = match fd.run() {
+    }
+}
+
+/// The vCPU thread's own state.
+struct Vcpu {
+    fd: VcpuFd,
+    /// When the guest started (pacing counts from here).
+    start: Instant,
+    /// Pages the guest reported written (pacing).
+    paced_pages: u64,
+    pages_per_sec: u64,
+    serial: Option<SerialSink>,
+    /// When the last stretch in `KVM_RUN` began (the throttle's share).
+    ran_since: Instant,
+    /// Ports nobody emulates that the guest touched (warned once each).
+    unclaimed: BTreeSet<u16>,
+}
+
+impl Vcpu {
+    /// Honour pause and stop (a halted or failed vCPU parks here too) and
+    /// a throttle's sleep; whether to run (false: stopped).
+    fn wait_to_run(&mut self, s: &Shared) -> bool {
+        let mut c = s.lock();
+        loop {
+            match c.want {
+                Want::Stop => {
+                    c.stopped = true;
+                    s.cv.notify_all();
+                    return false;
+                }
+                Want::Pause if c.paused.is_none() => {
+                    let st = save(&mut self.fd, c.device);
+                    match st {
+                        Ok(st) => c.paused = Some(st),
+                        Err(e) => c.failed = Some(e.to_string()),
+                    }
+                    s.cv.notify_all();
+                }
+                Want::Run if !c.device.halted && c.failed.is_none() => {
+                    c.paused = None;
+                    break;
+                }
+                Want::Run => c.paused = None,
+                Want::Pause => {}
+            }
+            c = s.cv.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+        // A throttled vCPU sleeps its share of the time it ran (wakeable by
+        // pause and stop). `ran_since` restarts at every return from
+        // KVM_RUN, so the share is of the last stretch only (never of time
+        // before the throttle was set).
+        let throttle = c.throttle;
+        let ran = self.ran_since.elapsed();
+        if throttle > 0 {
+            let wake =
+                Instant::now() + ran.mul_f64(f64::from(throttle) / f64::from(100 - throttle));
+            drop(sleep_until(s, c, wake));
+        }
+        self.ran_since = Instant::now();
+        // Paused or stopped during the sleep: `run_once` does not run, and
+        // the next call honours it.
+        true
+    }
+
+    /// One `KVM_RUN`: the exit to handle, or none (port reads answered, a
+    /// signal's kick).
+    fn run_once(&mut self, s: &Shared) -> Option<Exit> {
+        if s.lock().want != Want::Run {
+            return None;
+        }
+        Some(match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => Exit::Out(port, le_u32(data)),
             Ok(VcpuExit::IoIn(port, data)) => {
                 let c = s.lock();
                 for b in data.iter_mut() {
                     *b = c.device.pc.read(port).unwrap_or_else(|| {
-                        if unclaimed.insert(port) {
+                        if self.unclaimed.insert(port) {
                             tracing::warn!(
                                 port = format_args!("{port:#x}"),
                                 "guest reads a port nobody emulates: it reads as 0xff (logged once)"
@@ -340,7 +374,7 @@ fn vcpu_loop(mut fd: VcpuFd, s: &Shared, pages_per_sec: u64, mut serial: Option<
                         0xff
                     });
                 }
-                continue;
+                return None;
             }
             Ok(VcpuExit::Hlt) => Exit::Halt,
             Ok(VcpuExit::Shutdown) => Exit::Failed(
@@ -348,20 +382,26 @@ fn vcpu_loop(mut fd: VcpuFd, s: &Shared, pages_per_sec: u64, mut serial: Option<
                     .into(),
             ),
             Ok(other) => Exit::Failed(format!("unexpected vCPU exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return None,
             Err(e) => Exit::Failed(format!("KVM_RUN: {e}")),
-        };
+        })
+    }
+
+    /// What the guest asked by its exit.
+    fn handle(&mut self, s: &Shared, exit: Exit) {
         let mut c = s.lock();
         match exit {
             Exit::Out(PORT_PAGE, _) => {
                 c.device.pages += u64::from(PAGES_PER_REPORT);
                 // Pacing: sleep (wakeable by pause/stop) until the pages
                 // written are due.
-                paced_pages += u64::from(PAGES_PER_REPORT);
-                if pages_per_sec > 0 {
-                    let due =
-                        start + Duration::from_secs_f64(paced_pages as f64 / pages_per_sec as f64);
-                    c = sleep_until(s, c, due);
+                self.paced_pages += u64::from(PAGES_PER_REPORT);
+                if self.pages_per_sec > 0 {
+                    let due = self.start
+                        + Duration::from_secs_f64(
+                            self.paced_pages as f64 / self.pages_per_sec as f64,
+                        );
+                    drop(sleep_until(s, c, due));
                 }
             }
             Exit::Out(PORT_PASS, v) => c.device.passes = v,
@@ -369,7 +409,7 @@ fn vcpu_loop(mut fd: VcpuFd, s: &Shared, pages_per_sec: u64, mut serial: Option<
             Exit::Out(port, v) => match c.device.pc.write(port, v as u8) {
                 Written::Register => {}
                 Written::Serial(b) => {
-                    if let Some(out) = serial.as_mut() {
+                    if let Some(out) = self.serial.as_mut() {
                         // The serial line has no flow control to the host:
                         // a sink that fails loses the byte, as a
                         // disconnected terminal would.
@@ -377,7 +417,7 @@ fn vcpu_loop(mut fd: VcpuFd, s: &Shared, pages_per_sec: u64, mut serial: Option<
                     }
                 }
                 Written::Unclaimed => {
-                    if unclaimed.insert(port) {
+                    if self.unclaimed.insert(port) {
                         tracing::warn!(
                             port = format_args!("{port:#x}"),
                             value = v,

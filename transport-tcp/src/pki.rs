@@ -36,8 +36,6 @@ fn cert_err(e: rcgen::Error) -> TlsError {
 /// `O_EXCL|O_NOFOLLOW`, synced, then renamed over `path`. A link planted at
 /// `path` is replaced, never followed, and a reader never sees half a key.
 fn write(path: &Path, text: &str, secret: bool) -> Result<(), TlsError> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let err = |source| TlsError::Read {
         path: path.into(),
         source,
@@ -46,23 +44,28 @@ fn write(path: &Path, text: &str, secret: bool) -> Result<(), TlsError> {
     let aside = path.with_file_name(format!(".{name}.{}.new", std::process::id()));
     let _ = std::fs::remove_file(&aside);
     let mode = if secret { 0o600 } else { 0o644 };
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&aside)?;
-        // The umask may have taken bits from a certificate's 0644.
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&aside, path)
-    })();
+    let written = write_new(&aside, mode, text).and_then(|()| std::fs::rename(&aside, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&aside);
     }
     written.map_err(err)
+}
+
+/// Write `text` into a new file at `path` with `mode` (never through a
+/// link, never over an existing file), synced.
+fn write_new(path: &Path, mode: u32, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    // The umask may have taken bits from a certificate's 0644.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
 }
 
 impl TestCa {

@@ -187,13 +187,14 @@ impl UffdSyncTracker {
     }
 }
 
-/// The handler loop: resolve write faults and record removals until told
-/// to stop. On an error it un-protects everything first, so that no guest
-/// thread stays blocked.
-fn handle_faults(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
-    // Faults read while draining messages for a retry, resolved next.
-    let mut queued = VecDeque::new();
-    let result = (|| loop {
+/// Resolve write faults and record removals until told to stop (`Ok`) or
+/// an error.
+fn serve_faults(
+    shared: &Shared,
+    stop: libc::c_int,
+    queued: &mut VecDeque<usize>,
+) -> std::io::Result<()> {
+    loop {
         if queued.is_empty() && sys::wait_fault_or_stop(&shared.uffd, stop)? {
             return Ok(());
         }
@@ -203,7 +204,7 @@ fn handle_faults(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
         let mut idle_since = std::time::Instant::now();
         loop {
             if let Some(address) = queued.pop_front() {
-                resolve(shared, address, &mut queued)?;
+                resolve(shared, address, queued)?;
                 idle_since = std::time::Instant::now();
                 continue;
             }
@@ -229,7 +230,7 @@ fn handle_faults(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
             };
             match event {
                 Some(Event::Fault { address, flags }) if sys::is_wp_fault(flags) => {
-                    resolve(shared, address, &mut queued)?;
+                    resolve(shared, address, queued)?;
                     idle_since = std::time::Instant::now();
                 }
                 Some(_) => {}
@@ -237,7 +238,16 @@ fn handle_faults(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
                 None => break,
             }
         }
-    })();
+    }
+}
+
+/// The handler loop: resolve write faults and record removals until told
+/// to stop. On an error it un-protects everything first, so that no guest
+/// thread stays blocked.
+fn handle_faults(shared: &Shared, stop: libc::c_int) -> std::io::Result<()> {
+    // Faults read while draining messages for a retry, resolved next.
+    let mut queued = VecDeque::new();
+    let result = serve_faults(shared, stop, &mut queued);
     if result.is_err() {
         // Un-protect everything, reading what blocks it (a removal unread
         // makes the kernel refuse; its discard waits for the read), a
