@@ -153,13 +153,13 @@ pub struct GuestArgs {
     pub dirty_rate: u64,
     /// Dirtying pattern: `uniform`, `sequential`, or `hot:FRACTION:PROBABILITY`.
     #[arg(long, default_value = "hot:0.1:0.9", value_parser = parse_pattern)]
-    pub pattern: fixtures::DirtyPattern,
+    pub pattern: migrate_guests::DirtyPattern,
     /// Guest threads (vCPUs).
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// Page mix of the initial image, `zero:text:random` weights.
     #[arg(long, default_value = "40:30:30", value_parser = parse_mix)]
-    pub mix: fixtures::PageMix,
+    pub mix: migrate_guests::PageMix,
     /// Seed of the image and the workload.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -325,13 +325,14 @@ pub struct DemoArgs {
     pub progress: ProgressChoice,
 }
 
-fn parse_pattern(s: &str) -> Result<fixtures::DirtyPattern, String> {
-    fixtures::DirtyPattern::parse(s)
+fn parse_pattern(s: &str) -> Result<migrate_guests::DirtyPattern, String> {
+    migrate_guests::DirtyPattern::parse(s)
         .ok_or_else(|| format!("not a pattern: {s:?} (uniform, sequential, hot:0.1:0.9)"))
 }
 
-fn parse_mix(s: &str) -> Result<fixtures::PageMix, String> {
-    fixtures::PageMix::parse(s).ok_or_else(|| format!("not a page mix: {s:?} (e.g. 40:30:30)"))
+fn parse_mix(s: &str) -> Result<migrate_guests::PageMix, String> {
+    migrate_guests::PageMix::parse(s)
+        .ok_or_else(|| format!("not a page mix: {s:?} (e.g. 40:30:30)"))
 }
 
 #[cfg(test)]

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use fixtures::{
+use migrate_core::memory::GuestMemory;
+use migrate_guests::{
     BankConfig, BankGuest, FixtureSourceVm, RunningGuest, SyntheticGuest, WorkloadConfig,
     fill_memory,
 };
-use migrate_core::memory::GuestMemory;
 use serde_json::json;
 
 use crate::args::{GuestArgs, GuestKind};

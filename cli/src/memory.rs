@@ -72,7 +72,7 @@ pub fn adopt(layout: &MemoryLayout, max: u64) -> Result<GuestMemory> {
 /// What `--max-memory` is when not given: the memory available now
 /// (`MemAvailable`), or no limit when that cannot be read.
 pub fn available() -> u64 {
-    fixtures::procfs::bytes_field("/proc/meminfo", "MemAvailable").unwrap_or(u64::MAX)
+    migrate_guests::procfs::bytes_field("/proc/meminfo", "MemAvailable").unwrap_or(u64::MAX)
 }
 
 fn to_len(size: u64) -> Result<usize> {

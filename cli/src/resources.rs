@@ -71,7 +71,7 @@ fn guest_threads_cpu() -> Duration {
 
 /// A `/proc/self/status` field in bytes (`VmRSS`, `VmHWM`).
 pub fn status_bytes(field: &str) -> u64 {
-    fixtures::procfs::bytes_field("/proc/self/status", field).unwrap_or(0)
+    migrate_guests::procfs::bytes_field("/proc/self/status", field).unwrap_or(0)
 }
 
 /// The `resources` object of a JSON report: `cpu_ms` (the engine's CPU over

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use fixtures::FixtureDestinationVm;
 use migrate_core::dirty::{DirtyTracking, TrackerKind, TrackerPreference};
 use migrate_core::memory::GuestMemory;
 use migrate_core::protocol::RefusalCode;
 use migrate_core::transport::TransportError;
 use migrate_core::{IncomingMigration, MigrationStats, SourceMigration};
+use migrate_guests::FixtureDestinationVm;
 
 use migrate_core::report::{Extras, with_extras};
 use migrate_frontend::{output, security, transport};
