@@ -43,7 +43,7 @@ pub enum MigrationError {
         /// The peer's reason.
         reason: String,
     },
-    /// Cancelled through a [`MigrationHandle`].
+    /// Cancelled through a [`MigrationHandle`](crate::MigrationHandle).
     #[error("migration cancelled")]
     Cancelled,
     /// The overall timeout expired (policy: cancel).

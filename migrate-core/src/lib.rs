@@ -2,14 +2,20 @@
 //!
 //! The data path reads top to bottom: [`memory`] (guest regions mapped into
 //! this process) → [`dirty`] (which pages were written since the last
-//! harvest) → [`source`] (pre-copy rounds and switch-over) → [`protocol`]
-//! (every message on the wire) → [`transport`] (the seam TCP and RDMA fill)
-//! → [`destination`] (landing pages, commit). [`vm`] is the seam to the VMM.
+//! harvest) → [`source`] (the source's state as a type in `source::phase`,
+//! pre-copy rounds, switch-over, post-copy) → [`protocol`] (every message
+//! on the wire) → [`pages`] (where a page is encoded and where it lands) →
+//! [`transport`] (the seam TCP and RDMA fill) → [`destination`] (the
+//! receiver's state and its one transition function, commit). [`vm`] is the
+//! seam to the VMM; [`MigrationError`] is the engine's error over each
+//! layer's own.
 //!
 //! # Embedding
 //!
-//! A VMM gives the engine its guest memory, a dirty tracker started before
-//! the first round, a transport, and its VM control ([`SourceVm`] to pause,
+//! A VMM gives the engine its guest memory and a transport
+//! ([`SourceMigration::bind`]: RDMA registers the memory there), then
+//! starts a dirty tracker, then runs ([`BoundMigration::run`]) with its VM
+//! control ([`SourceVm`] to pause,
 //! resume, throttle and save device state; [`DestinationVm`] to load it and
 //! start the guest). The whole migration, both ends, over loopback TCP:
 //!

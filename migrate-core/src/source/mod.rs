@@ -1,6 +1,6 @@
 //! The source side: pre-copy rounds, switch-over, device state, commit.
 //!
-//! [`SourceMigration::run`] is a blocking call that drives one migration over
+//! [`SourceMigration::bind`] then [`BoundMigration::run`]: a blocking call that drives one migration over
 //! any [`SourceTransport`]. Round 0 sends every page (zero pages as markers);
 //! each later round sends the pages the tracker harvested while the previous
 //! round was on the wire. When the dirty bytes left can be sent within the
