@@ -63,20 +63,9 @@ pub struct DestinationReport {
     /// same: this side runs the guest, and the source reports commit-unknown
     /// and keeps its copy paused.
     pub commit_ack_sent: bool,
-    /// Whether the guest resumed here before all of its memory arrived
-    /// (post-copy).
-    pub postcopy: bool,
-    /// From the guest resuming here to its last page, ms.
-    pub postcopy_ms: f64,
-    /// Post-copy pages the guest's faults asked for.
-    pub postcopy_demand_pages: u64,
-    /// Post-copy pages the source pushed.
-    pub postcopy_pushed_pages: u64,
-    /// Of the demand pages, those read from the source's memory by RDMA
-    /// READ (no source CPU in the path).
-    pub postcopy_read_pages: u64,
-    /// How long the guest waited on pages that had not arrived.
-    pub fault_latency_us: crate::FaultLatency,
+    /// Post-copy's figures, when the guest resumed here before all of its
+    /// memory arrived.
+    pub postcopy: Option<crate::stats::PostcopyStats>,
 }
 
 /// What happens during an incoming migration, in order.
@@ -550,12 +539,13 @@ impl IncomingMigration {
                 Ok(())
             })
             .map_err(|e| MigrationError::PostcopyInterrupted(Box::new(e)))?;
-        report.postcopy = true;
-        report.postcopy_ms = fetched.ms;
-        report.postcopy_demand_pages = fetched.demand_pages;
-        report.postcopy_pushed_pages = fetched.pushed_pages;
-        report.postcopy_read_pages = fetched.read_pages;
-        report.fault_latency_us = fetched.latency;
+        report.postcopy = Some(crate::stats::PostcopyStats {
+            ms: fetched.ms,
+            demand_pages: fetched.demand_pages,
+            pushed_pages: fetched.pushed_pages,
+            read_pages: Some(fetched.read_pages),
+            fault_latency_us: fetched.latency,
+        });
         Ok(())
     }
 

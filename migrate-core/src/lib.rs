@@ -166,6 +166,8 @@ pub use postcopy::{FaultLatency, PostcopyMode};
 pub use source::{
     BoundMigration, MigrationHandle, NotPreSwitchover, SourceConfig, SourceMigration, TimeoutPolicy,
 };
-pub use stats::{MigrationEvent, MigrationStats, MigrationStatus, STATS_SCHEMA_VERSION};
+pub use stats::{
+    MigrationEvent, MigrationStats, MigrationStatus, PostcopyStats, STATS_SCHEMA_VERSION,
+};
 pub use transport::{DestinationTransport, SourceTransport};
 pub use vm::{DestinationVm, SourceVm, VmError};

@@ -9,63 +9,32 @@ use serde_json::{Value, json};
 use crate::destination::DestinationReport;
 use crate::stats::MigrationStats;
 
-/// The source's JSON report (the scripting contract).
+/// The source's JSON report (the scripting contract): the statistics as
+/// they serialize (their names are the report's), its role, and why the
+/// pages went over TCP or the migration failed, if they did.
 pub fn source_json(
     stats: &MigrationStats,
     fallback_reason: Option<&str>,
     error: Option<&str>,
 ) -> Value {
-    let mut v = json!({
-        "role": "source",
-        "schema_version": stats.schema_version,
-        // A string: JSON numbers lose precision past 2^53.
-        "migration_id": format!("{:016x}", stats.migration_id),
-        "started_at_unix_ms": stats.started_at_unix_ms,
-        "transport": stats.transport,
-        "verified": stats.verified,
-        "status": stats.status.name(),
-        "total_ms": stats.total_ms,
-        "downtime_ms": stats.downtime_ms,
-        "expected_downtime_ms": stats.expected_downtime_ms,
-        "setup_ms": stats.setup_ms,
-        "bytes_total": stats.bytes_total,
-        "bytes_transferred": stats.bytes_transferred,
-        "stream_bytes": stats.stream_bytes,
-        "bytes_remaining": stats.bytes_remaining,
-        "bytes_before_pause": stats.bytes_before_pause,
-        "bytes_during_pause": stats.bytes_during_pause,
-        "page_size": stats.page_size,
-        "pages_per_sec": stats.pages_per_sec,
-        "throughput_mbps": stats.avg_throughput_mbps,
-        "last_round_throughput_mbps": stats.throughput_mbps,
-        "first_pass_mbps": stats.first_pass_mbps,
-        "verify_ms": stats.verify_ms,
-        "rounds": stats.rounds,
-        "normal_pages": stats.normal_pages,
-        "sparse_pages": stats.sparse_pages,
-        "zero_pages": stats.zero_pages,
-        "resent_pages": stats.resent_pages,
-        "dirty_rate_pps": stats.dirty_rate_pps,
-        "throttle_percent": stats.throttle_percent,
-        "tracker": stats.tracker,
-        "reconnects": stats.reconnects,
-    });
-    if stats.postcopy {
-        postcopy_json(
-            &mut v,
-            stats.postcopy_ms,
-            stats.postcopy_demand_pages,
-            stats.postcopy_pushed_pages,
-            stats.fault_latency_us,
-        );
+    /// The report as it is written.
+    #[derive(serde::Serialize)]
+    struct Source<'a> {
+        role: &'static str,
+        #[serde(flatten)]
+        stats: &'a MigrationStats,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        fallback_reason: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<&'a str>,
     }
-    if let Some(r) = fallback_reason {
-        v["fallback_reason"] = json!(r);
-    }
-    if let Some(e) = error {
-        v["error"] = json!(e);
-    }
-    v
+    serde_json::to_value(Source {
+        role: "source",
+        stats,
+        fallback_reason,
+        error,
+    })
+    .unwrap_or_else(|e| json!({ "role": "source", "error": format!("report: {e}") }))
 }
 
 /// The destination's JSON report.
@@ -102,15 +71,10 @@ pub fn destination_json(
         v["device_state_bytes"] = json!(r.device_state_bytes);
         v["total_ms"] = json!(r.total_ms);
         v["commit_ack_sent"] = json!(r.commit_ack_sent);
-        if r.postcopy {
-            postcopy_json(
-                &mut v,
-                r.postcopy_ms,
-                r.postcopy_demand_pages,
-                r.postcopy_pushed_pages,
-                r.fault_latency_us,
-            );
-            v["postcopy_read_pages"] = json!(r.postcopy_read_pages);
+        if let Some(Ok(Value::Object(p))) = r.postcopy.as_ref().map(serde_json::to_value) {
+            if let Some(obj) = v.as_object_mut() {
+                obj.extend(p);
+            }
         }
     }
     match guest_check {
@@ -128,20 +92,6 @@ pub fn destination_json(
         v["error"] = json!(e);
     }
     v
-}
-
-/// The post-copy fields, the same on both sides.
-fn postcopy_json(v: &mut Value, ms: f64, demand: u64, pushed: u64, l: crate::FaultLatency) {
-    v["postcopy"] = json!(true);
-    v["postcopy_ms"] = json!(ms);
-    v["postcopy_demand_pages"] = json!(demand);
-    v["postcopy_pushed_pages"] = json!(pushed);
-    v["fault_latency_us"] = json!({
-        "faults": l.faults,
-        "p50": l.p50,
-        "p99": l.p99,
-        "max": l.max,
-    });
 }
 
 /// What a front end adds to the engine's figures in its report, typed:

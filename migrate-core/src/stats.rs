@@ -64,6 +64,12 @@ impl MigrationStatus {
 }
 
 /// Figures of a migration, live or final. Times in milliseconds.
+///
+/// With the `serde` feature it serializes under the names of the JSON
+/// reports (`migrate_core::report`, the README's table): `migration_id` as
+/// 16 hex digits, the average throughput as `throughput_mbps` and the last
+/// round's as `last_round_throughput_mbps`, post-copy's figures only once
+/// the migration switched to it.
 #[derive(Debug, Clone, Default, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
@@ -73,6 +79,7 @@ pub struct MigrationStats {
     pub schema_version: u32,
     /// This migration's id: the session both ends share (the same on the
     /// destination, in its logs and reports).
+    #[cfg_attr(feature = "serde", serde(serialize_with = "hex_id"))]
     pub migration_id: u64,
     /// When it started, milliseconds since the Unix epoch.
     pub started_at_unix_ms: u64,
@@ -121,8 +128,10 @@ pub struct MigrationStats {
     /// last round.
     pub pages_per_sec: f64,
     /// Wire throughput of the last round, Mbit/s.
+    #[cfg_attr(feature = "serde", serde(rename = "last_round_throughput_mbps"))]
     pub throughput_mbps: f64,
     /// Average wire throughput from the first page to the commit, Mbit/s.
+    #[cfg_attr(feature = "serde", serde(rename = "throughput_mbps"))]
     pub avg_throughput_mbps: f64,
     /// Wire throughput of round 0 (the full pass), Mbit/s: the transport's
     /// bulk rate, the figure to hold against a link's ceiling.
@@ -138,16 +147,50 @@ pub struct MigrationStats {
     pub verified: bool,
     /// Times the migration went on over a new connection after losing one.
     pub reconnects: u32,
-    /// Whether the migration switched to post-copy.
-    pub postcopy: bool,
+    /// Post-copy's figures, once the migration switched to it.
+    #[cfg_attr(feature = "serde", serde(flatten))]
+    pub postcopy: Option<PostcopyStats>,
+}
+
+/// Post-copy's figures, on either end, once a migration switched to it.
+/// In reports: `postcopy: true` and `postcopy_*`, `fault_latency_us`.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct PostcopyStats {
     /// From the guest resuming on the destination to its last page there.
-    pub postcopy_ms: f64,
-    /// Post-copy pages sent because the destination's guest touched them.
-    pub postcopy_demand_pages: u64,
-    /// Post-copy pages pushed in the background.
-    pub postcopy_pushed_pages: u64,
+    pub ms: f64,
+    /// Pages sent because the destination's guest touched them.
+    pub demand_pages: u64,
+    /// Pages pushed in the background.
+    pub pushed_pages: u64,
+    /// The destination's only: of the demand pages, those read from the
+    /// source's memory by RDMA READ (no source CPU in the path).
+    pub read_pages: Option<u64>,
     /// How long the destination's guest waited on missing pages.
     pub fault_latency_us: crate::FaultLatency,
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for PostcopyStats {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("postcopy", &true)?;
+        m.serialize_entry("postcopy_ms", &self.ms)?;
+        m.serialize_entry("postcopy_demand_pages", &self.demand_pages)?;
+        m.serialize_entry("postcopy_pushed_pages", &self.pushed_pages)?;
+        if let Some(n) = self.read_pages {
+            m.serialize_entry("postcopy_read_pages", &n)?;
+        }
+        m.serialize_entry("fault_latency_us", &self.fault_latency_us)?;
+        m.end()
+    }
+}
+
+/// A migration id as 16 hex digits (JSON numbers lose precision past 2^53).
+#[cfg(feature = "serde")]
+pub(crate) fn hex_id<S: serde::Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{id:016x}"))
 }
 
 /// The layout version of [`MigrationStats`] (and of `migrate-cli`'s JSON
@@ -350,5 +393,41 @@ mod serde_tests {
         assert_eq!(e["status"], "pre-switchover");
         let s = serde_json::to_value(MigrationStatus::CommitUnknown).unwrap();
         assert_eq!(s, MigrationStatus::CommitUnknown.name());
+    }
+
+    #[test]
+    fn statistics_serialize_under_the_reports_names() {
+        let mut stats = MigrationStats {
+            migration_id: 0xab,
+            throughput_mbps: 1.5,
+            avg_throughput_mbps: 2.5,
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&stats).unwrap();
+        assert_eq!(v["migration_id"], "00000000000000ab");
+        assert_eq!(v["throughput_mbps"], 2.5);
+        assert_eq!(v["last_round_throughput_mbps"], 1.5);
+        assert!(v.get("avg_throughput_mbps").is_none(), "{v}");
+        // Post-copy's figures only once it happened, and then all of them.
+        for k in ["postcopy", "postcopy_ms", "fault_latency_us"] {
+            assert!(v.get(k).is_none(), "{k} without post-copy: {v}");
+        }
+        stats.postcopy = Some(PostcopyStats {
+            demand_pages: 3,
+            ..Default::default()
+        });
+        let v = serde_json::to_value(&stats).unwrap();
+        assert_eq!(v["postcopy"], true);
+        assert_eq!(v["postcopy_demand_pages"], 3);
+        assert_eq!(v["postcopy_ms"], 0.0);
+        assert_eq!(v["fault_latency_us"]["p99"], 0);
+        // The destination's read pages are the destination's.
+        assert!(v.get("postcopy_read_pages").is_none(), "{v}");
+        // An event carries the same names.
+        let e = serde_json::to_value(MigrationEvent::Postcopy(stats)).unwrap();
+        assert_eq!(
+            (&e["event"], &e["postcopy"]),
+            (&"postcopy".into(), &true.into())
+        );
     }
 }

@@ -10,7 +10,7 @@ use crate::error::MigrationError;
 use crate::postcopy::send_ranges;
 use crate::postcopy::serve::{Served, Serving};
 use crate::protocol::{Message, PageRange};
-use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus};
+use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus, PostcopyStats};
 use crate::transport::SourceTransport;
 
 /// The ranges of `set`, as the protocol carries them.
@@ -83,7 +83,7 @@ impl Outgoing<'_> {
         let remaining = set.dirty_bytes();
         let stats = self.monitor.update(|s| {
             s.status = MigrationStatus::PostcopyActive;
-            s.postcopy = true;
+            s.postcopy = Some(PostcopyStats::default());
             s.downtime_ms = downtime_ms;
             s.bytes_remaining = remaining;
         });
@@ -103,10 +103,13 @@ impl Outgoing<'_> {
             s.bytes_remaining = 0;
             s.bytes_transferred += served.bytes;
             s.avg_throughput_mbps = avg_mbps;
-            s.postcopy_ms = served.ms;
-            s.postcopy_demand_pages = served.demand_pages;
-            s.postcopy_pushed_pages = served.pushed_pages;
-            s.fault_latency_us = served.latency;
+            s.postcopy = Some(PostcopyStats {
+                ms: served.ms,
+                demand_pages: served.demand_pages,
+                pushed_pages: served.pushed_pages,
+                read_pages: None,
+                fault_latency_us: served.latency,
+            });
         });
         tracing::info!(
             postcopy_ms = served.ms,

@@ -248,7 +248,7 @@ fn one(a: &PostcopyArgs, transport: &str, mode: &str, rep: usize) -> Result<Post
             let guest = vm.guest.take().context("the guest did not resume")?;
             let resumed = vm.resumed.context("no resume time")?;
             let at_done = guest.ops();
-            let postcopy_tps = if report.postcopy {
+            let postcopy_tps = if report.postcopy.is_some() {
                 at_done as f64 / done.duration_since(resumed).as_secs_f64().max(1e-6)
             } else {
                 0.0
@@ -303,7 +303,8 @@ fn one(a: &PostcopyArgs, transport: &str, mode: &str, rep: usize) -> Result<Post
     let stats: MigrationStats = result?;
     let dest = dest?;
     vm.stop();
-    let live_s = (stats.total_ms - stats.downtime_ms - stats.postcopy_ms).max(1e-3) / 1e3;
+    let pc = stats.postcopy.clone().unwrap_or_default();
+    let live_s = (stats.total_ms - stats.downtime_ms - pc.ms).max(1e-3) / 1e3;
     Ok(PostcopyRun {
         transport: stats.transport.clone(),
         mode: mode.into(),
@@ -312,14 +313,19 @@ fn one(a: &PostcopyArgs, transport: &str, mode: &str, rep: usize) -> Result<Post
         downtime_ms: stats.downtime_ms,
         rounds: stats.rounds,
         throttle_percent: stats.throttle_percent,
-        postcopy_ms: stats.postcopy_ms,
-        demand_pages: stats.postcopy_demand_pages,
-        pushed_pages: stats.postcopy_pushed_pages,
-        read_pages: dest.report.postcopy_read_pages,
-        faults: stats.fault_latency_us.faults,
-        fault_p50_us: stats.fault_latency_us.p50,
-        fault_p99_us: stats.fault_latency_us.p99,
-        fault_max_us: stats.fault_latency_us.max,
+        postcopy_ms: pc.ms,
+        demand_pages: pc.demand_pages,
+        pushed_pages: pc.pushed_pages,
+        read_pages: dest
+            .report
+            .postcopy
+            .as_ref()
+            .and_then(|p| p.read_pages)
+            .unwrap_or(0),
+        faults: pc.fault_latency_us.faults,
+        fault_p50_us: pc.fault_latency_us.p50,
+        fault_p99_us: pc.fault_latency_us.p99,
+        fault_max_us: pc.fault_latency_us.max,
         guest_before_tps: before as f64,
         guest_precopy_tps: (at_pause - before) as f64 / live_s,
         guest_postcopy_tps: dest.postcopy_tps,
