@@ -31,8 +31,13 @@ use crate::vm::DestinationVm;
 pub const MAX_DEVICE_STATE: usize = 1 << 30;
 
 /// What the destination received.
+///
+/// With the `serde` feature it serializes under the names of the
+/// destination's JSON report (`migrate_core::report`, the README's table):
+/// `migration_id` as 16 hex digits, what arrived as `bytes_received`,
+/// `stream_bytes`, `normal_pages` and `zero_pages`, post-copy's figures only
+/// once it happened.
 #[derive(Debug, Clone, Default, PartialEq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct DestinationReport {
     /// Where this end is: `Active` while it receives, `PostcopyActive`
@@ -66,6 +71,31 @@ pub struct DestinationReport {
     /// Post-copy's figures, when the guest resumed here before all of its
     /// memory arrived.
     pub postcopy: Option<crate::stats::PostcopyStats>,
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for DestinationReport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("status", &self.status)?;
+        m.serialize_entry("migration_id", &format!("{:016x}", self.migration_id))?;
+        m.serialize_entry("transport", &self.transport)?;
+        m.serialize_entry("rounds", &self.rounds)?;
+        m.serialize_entry("bytes_received", &self.received.wire_bytes)?;
+        m.serialize_entry("stream_bytes", &self.received.stream_bytes)?;
+        m.serialize_entry("normal_pages", &self.received.normal_pages)?;
+        m.serialize_entry("zero_pages", &self.received.zero_pages)?;
+        m.serialize_entry("suspect_pages", &self.suspect_pages)?;
+        m.serialize_entry("verify_requested", &self.verify_requested)?;
+        m.serialize_entry("device_state_bytes", &self.device_state_bytes)?;
+        m.serialize_entry("total_ms", &self.total_ms)?;
+        m.serialize_entry("commit_ack_sent", &self.commit_ack_sent)?;
+        if let Some(p) = &self.postcopy {
+            p.entries(&mut m)?;
+        }
+        m.end()
+    }
 }
 
 /// What happens during an incoming migration, in order.

@@ -37,56 +37,24 @@ pub fn source_json(
     .unwrap_or_else(|e| json!({ "role": "source", "error": format!("report: {e}") }))
 }
 
-/// The destination's JSON report.
+/// The destination's JSON report: the engine's report as it serializes
+/// (once a migration began; before that only whether this end failed),
+/// its role, the built-in guest's own check and the error, if any.
 pub fn destination_json(
     report: Option<&DestinationReport>,
     guest_check: Option<&Result<String, String>>,
     error: Option<&str>,
 ) -> Value {
-    // The engine's status when a migration began; before that, only
-    // whether this end failed.
-    let status = report.map_or(
-        if error.is_none() {
-            "completed"
-        } else {
-            "failed"
-        },
-        |r| r.status.name(),
-    );
-    let mut v = json!({
-        "role": "destination",
-        "status": status,
-    });
+    let mut v = match report.map(serde_json::to_value) {
+        Some(Ok(v)) => v,
+        _ => json!({ "status": if error.is_none() { "completed" } else { "failed" } }),
+    };
+    v["role"] = json!("destination");
     v["schema_version"] = json!(crate::STATS_SCHEMA_VERSION);
-    if let Some(r) = report {
-        v["migration_id"] = json!(format!("{:016x}", r.migration_id));
-        v["transport"] = json!(r.transport);
-        v["rounds"] = json!(r.rounds);
-        v["bytes_received"] = json!(r.received.wire_bytes);
-        v["stream_bytes"] = json!(r.received.stream_bytes);
-        v["normal_pages"] = json!(r.received.normal_pages);
-        v["zero_pages"] = json!(r.received.zero_pages);
-        v["suspect_pages"] = json!(r.suspect_pages);
-        v["verify_requested"] = json!(r.verify_requested);
-        v["device_state_bytes"] = json!(r.device_state_bytes);
-        v["total_ms"] = json!(r.total_ms);
-        v["commit_ack_sent"] = json!(r.commit_ack_sent);
-        if let Some(Ok(Value::Object(p))) = r.postcopy.as_ref().map(serde_json::to_value) {
-            if let Some(obj) = v.as_object_mut() {
-                obj.extend(p);
-            }
-        }
-    }
-    match guest_check {
-        Some(Ok(m)) => {
-            v["guest_check"] = json!(m);
-            v["guest_consistent"] = json!(true);
-        }
-        Some(Err(m)) => {
-            v["guest_check"] = json!(m);
-            v["guest_consistent"] = json!(false);
-        }
-        None => {}
+    if let Some(c) = guest_check {
+        let (Ok(m) | Err(m)) = c;
+        v["guest_check"] = json!(m);
+        v["guest_consistent"] = json!(c.is_ok());
     }
     if let Some(e) = error {
         v["error"] = json!(e);

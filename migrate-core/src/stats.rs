@@ -175,6 +175,15 @@ impl serde::Serialize for PostcopyStats {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut m = s.serialize_map(None)?;
+        self.entries(&mut m)?;
+        m.end()
+    }
+}
+
+#[cfg(feature = "serde")]
+impl PostcopyStats {
+    /// Its report fields, into a map being written.
+    pub(crate) fn entries<M: serde::ser::SerializeMap>(&self, m: &mut M) -> Result<(), M::Error> {
         m.serialize_entry("postcopy", &true)?;
         m.serialize_entry("postcopy_ms", &self.ms)?;
         m.serialize_entry("postcopy_demand_pages", &self.demand_pages)?;
@@ -182,8 +191,7 @@ impl serde::Serialize for PostcopyStats {
         if let Some(n) = self.read_pages {
             m.serialize_entry("postcopy_read_pages", &n)?;
         }
-        m.serialize_entry("fault_latency_us", &self.fault_latency_us)?;
-        m.end()
+        m.serialize_entry("fault_latency_us", &self.fault_latency_us)
     }
 }
 
@@ -428,6 +436,38 @@ mod serde_tests {
         assert_eq!(
             (&e["event"], &e["postcopy"]),
             (&"postcopy".into(), &true.into())
+        );
+    }
+
+    #[test]
+    fn the_destinations_report_serializes_under_the_reports_names() {
+        let mut r = crate::DestinationReport {
+            status: MigrationStatus::PostcopyInterrupted,
+            migration_id: 0xab,
+            ..Default::default()
+        };
+        r.received.wire_bytes = 4096;
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["status"], "postcopy-interrupted");
+        assert_eq!(v["migration_id"], "00000000000000ab");
+        assert_eq!(v["bytes_received"], 4096);
+        assert!(
+            v.get("received").is_none() && v.get("postcopy").is_none(),
+            "{v}"
+        );
+        r.postcopy = Some(PostcopyStats {
+            read_pages: Some(2),
+            ..Default::default()
+        });
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            (&v["postcopy"], &v["postcopy_read_pages"]),
+            (&true.into(), &2.into())
+        );
+        let e = serde_json::to_value(crate::IncomingEvent::Committed(r)).unwrap();
+        assert_eq!(
+            (&e["event"], &e["bytes_received"]),
+            (&"committed".into(), &4096.into())
         );
     }
 }
