@@ -39,11 +39,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use migrate_core::{IncomingEvent, IncomingHandle, MigrationEvent, MigrationHandle};
-use serde_json::{Value, json};
+use migrate_core::{IncomingEvent, IncomingHandle, MigrationHandle};
+use serde_json::Value;
 
 use crate::report;
 
@@ -177,7 +177,7 @@ pub trait Steer: Clone + Send + 'static {
     /// `query`'s `stats` object: the `--json` report's fields, live.
     fn query(&self) -> Value;
     /// `set`, `get`, `switchover`, `continue`: the response.
-    fn command(&self, request: Request) -> Value;
+    fn command(&self, request: Request) -> Reply;
     /// `cancel`.
     fn cancel(&self);
     /// Events from now on, as JSON, each with whether it is the last.
@@ -189,23 +189,27 @@ impl Steer for MigrationHandle {
         report::source_json(&self.stats(), None, None)
     }
 
-    fn command(&self, request: Request) -> Value {
+    fn command(&self, request: Request) -> Reply {
         match request {
             Request::Set(knobs) => set(knobs, self),
             Request::Switchover => {
                 self.switchover();
-                json!({"ok": true})
+                Reply::ok()
             }
             Request::Get => {
                 let p = self.parameters();
-                json!({"ok": true, "parameters": {
-                    "downtime_ms": p.downtime_limit.as_millis() as u64,
-                    "bandwidth_mbs": p.bandwidth_limit.map_or(0, |b| b / 1_000_000),
-                    "max_rounds": p.max_rounds,
-                }})
+                Reply {
+                    parameters: Some(Parameters {
+                        downtime_ms: u64::try_from(p.downtime_limit.as_millis())
+                            .unwrap_or(u64::MAX),
+                        bandwidth_mbs: p.bandwidth_limit.map_or(0, |b| b / 1_000_000),
+                        max_rounds: p.max_rounds,
+                    }),
+                    ..Reply::ok()
+                }
             }
             Request::Continue => match self.continue_switchover() {
-                Ok(()) => json!({"ok": true}),
+                Ok(()) => Reply::ok(),
                 Err(e) => refuse(e.to_string()),
             },
             Request::Query | Request::Cancel | Request::Watch => not_here(request),
@@ -220,7 +224,7 @@ impl Steer for MigrationHandle {
         Box::new(
             self.subscribe()
                 .into_iter()
-                .map(|e| (event_json(&e), e.is_final())),
+                .map(|e| (report::event_json(&e), e.is_final())),
         )
     }
 }
@@ -232,7 +236,7 @@ impl Steer for IncomingHandle {
         report::destination_json(Some(&self.stats()), None, None)
     }
 
-    fn command(&self, request: Request) -> Value {
+    fn command(&self, request: Request) -> Reply {
         match request {
             Request::Set(_) | Request::Get | Request::Switchover | Request::Continue => {
                 refuse(format!(
@@ -252,7 +256,7 @@ impl Steer for IncomingHandle {
         Box::new(
             self.subscribe()
                 .into_iter()
-                .map(|e| (incoming_event_json(&e), e.is_final())),
+                .map(|e| (report::incoming_event_json(&e), e.is_final())),
         )
     }
 }
@@ -302,11 +306,15 @@ impl Steer for Waiting {
     fn query(&self) -> Value {
         match self.handle() {
             Some(h) => h.query(),
-            None => json!({"role": "destination", "status": "waiting"}),
+            None => serde_json::to_value(Unbegun {
+                role: "destination",
+                status: "waiting",
+            })
+            .unwrap_or_default(),
         }
     }
 
-    fn command(&self, request: Request) -> Value {
+    fn command(&self, request: Request) -> Reply {
         match self.handle() {
             Some(h) => h.command(request),
             None => match request {
@@ -345,14 +353,14 @@ impl Steer for Waiting {
             std::iter::once(())
                 .flat_map(move |()| rx.recv().ok())
                 .flat_map(|events| events.into_iter())
-                .map(|e| (incoming_event_json(&e), e.is_final())),
+                .map(|e| (report::incoming_event_json(&e), e.is_final())),
         )
     }
 }
 
 /// A request the socket itself answers (query, cancel, watch) reached a
 /// handle's `command`: never, by construction of [`serve`]'s loop.
-fn not_here(request: Request) -> Value {
+fn not_here(request: Request) -> Reply {
     refuse(format!(
         "{:?} is answered by the socket, not a handle",
         request.name()
@@ -550,7 +558,7 @@ fn client<H: Steer>(stream: UnixStream, handle: &H) -> std::io::Result<()> {
             Request::Watch => {
                 // Subscribe before answering: no event falls in between.
                 let events = handle.events();
-                reply(&mut out, &json!({"ok": true}))?;
+                reply(&mut out, &Reply::ok())?;
                 for (event, last) in events {
                     reply(&mut out, &event)?;
                     if last {
@@ -562,26 +570,76 @@ fn client<H: Steer>(stream: UnixStream, handle: &H) -> std::io::Result<()> {
             // Answered first: a cancel may end this process (a destination
             // that had no migration yet exits at once).
             Request::Cancel => {
-                reply(&mut out, &json!({"ok": true}))?;
+                reply(&mut out, &Reply::ok())?;
                 handle.cancel();
             }
-            Request::Query => reply(&mut out, &json!({"ok": true, "stats": handle.query()}))?,
+            Request::Query => reply(
+                &mut out,
+                &Reply {
+                    stats: Some(handle.query()),
+                    ..Reply::ok()
+                },
+            )?,
             other => reply(&mut out, &handle.command(other))?,
         }
     }
 }
 
-fn reply(out: &mut UnixStream, v: &Value) -> std::io::Result<()> {
-    writeln!(out, "{v}")?;
+fn reply<T: serde::Serialize>(out: &mut UnixStream, v: &T) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, v)?;
+    writeln!(out)?;
     out.flush()
 }
 
-fn refuse(error: String) -> Value {
-    json!({"ok": false, "error": error})
+/// One response line: `{"ok": true, ...}` or `{"ok": false, "error": ...}`.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Reply {
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// `get`'s answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Parameters>,
+    /// `query`'s answer: the report's fields, live.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stats: Option<Value>,
+}
+
+impl Reply {
+    /// Accepted, nothing more to say.
+    fn ok() -> Self {
+        Self {
+            ok: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// The knobs as they are now (`get`).
+#[derive(Debug, serde::Serialize)]
+struct Parameters {
+    downtime_ms: u64,
+    /// 0: no cap.
+    bandwidth_mbs: u64,
+    max_rounds: u32,
+}
+
+/// A destination's `query` before any source began.
+#[derive(serde::Serialize)]
+struct Unbegun {
+    role: &'static str,
+    status: &'static str,
+}
+
+fn refuse(error: String) -> Reply {
+    Reply {
+        error: Some(error),
+        ..Reply::default()
+    }
 }
 
 /// `set`: the knobs named (checked when parsed), applied together.
-fn set(knobs: Knobs, handle: &MigrationHandle) -> Value {
+fn set(knobs: Knobs, handle: &MigrationHandle) -> Reply {
     if let Some(ms) = knobs.downtime_ms {
         handle.set_downtime_limit(Duration::from_millis(ms));
     }
@@ -591,90 +649,7 @@ fn set(knobs: Knobs, handle: &MigrationHandle) -> Value {
     if let Some(rounds) = knobs.max_rounds {
         handle.set_max_rounds(rounds);
     }
-    json!({"ok": true})
-}
-
-/// An event's object before its own fields: its name and the time now
-/// (seconds since the Unix epoch).
-fn stamped(name: &str) -> Value {
-    let time = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    json!({"event": name, "time": time})
-}
-
-/// An event as one JSON object (see the module docs).
-pub fn event_json(event: &MigrationEvent) -> Value {
-    let mut v = stamped(event.name());
-    let stats = |s| report::source_json(s, None, None);
-    match event {
-        MigrationEvent::SetupDone { setup_ms } => v["setup_ms"] = json!(setup_ms),
-        MigrationEvent::RoundStarted {
-            round,
-            pages,
-            paused,
-        } => {
-            v["round"] = json!(round);
-            v["pages"] = json!(pages);
-            v["paused"] = json!(paused);
-        }
-        MigrationEvent::Progress(s)
-        | MigrationEvent::RoundDone(s)
-        | MigrationEvent::PreSwitchover(s)
-        | MigrationEvent::Postcopy(s)
-        | MigrationEvent::Resumed(s)
-        | MigrationEvent::Completed(s)
-        | MigrationEvent::Cancelled(s) => v["stats"] = stats(s),
-        MigrationEvent::Throttled { percent } => v["percent"] = json!(percent),
-        MigrationEvent::SwitchOver {
-            remaining_bytes,
-            reason,
-        } => {
-            v["remaining_bytes"] = json!(remaining_bytes);
-            v["reason"] = json!(reason);
-        }
-        MigrationEvent::ParameterChanged { name, value } => {
-            v["name"] = json!(name);
-            v["value"] = json!(value);
-        }
-        MigrationEvent::ConnectionLost { error } => v["error"] = json!(error),
-        MigrationEvent::Failed { error, stats: s } => {
-            v["error"] = json!(error);
-            v["stats"] = stats(s);
-        }
-        _ => {}
-    }
-    v
-}
-
-/// A destination's event as one JSON object (`round-received`,
-/// `progress`, `connection-lost`, `resumed`, `postcopy`, `committed`,
-/// `failed`, `cancelled`).
-pub fn incoming_event_json(event: &IncomingEvent) -> Value {
-    let mut v = stamped(event.name());
-    // The figures as of this event, with the engine's status then.
-    let stats = |r| report::destination_json(Some(r), None, None);
-    match event {
-        IncomingEvent::RoundReceived {
-            round,
-            last,
-            report: r,
-        } => {
-            v["round"] = json!(round);
-            v["last"] = json!(last);
-            v["stats"] = stats(r);
-        }
-        IncomingEvent::ConnectionLost { error } => v["error"] = json!(error),
-        IncomingEvent::Committed(r) | IncomingEvent::Cancelled(r) | IncomingEvent::Progress(r) => {
-            v["stats"] = stats(r)
-        }
-        IncomingEvent::Failed { error, report: r } => {
-            v["error"] = json!(error);
-            v["stats"] = stats(r);
-        }
-        _ => {}
-    }
-    v
+    Reply::ok()
 }
 
 /// Write every event to `path` as JSON Lines, from now until the migration
@@ -748,7 +723,8 @@ pub fn cancel_on_signals<H: Steer>(slot: Slot<H>) -> Result<()> {
 /// the response (and, for `watch`, every event until the migration ends).
 /// Exit status 0 when the request was accepted, 1 when it was refused.
 pub fn ctl(path: &Path, command: &str, params: &[String]) -> Result<bool> {
-    let mut request = json!({"cmd": command});
+    let mut request = serde_json::Map::new();
+    request.insert("cmd".into(), command.into());
     for p in params {
         let Some((k, v)) = p.split_once('=') else {
             bail!("{p:?}: parameters are KEY=VALUE, e.g. downtime_ms=800");
@@ -756,12 +732,12 @@ pub fn ctl(path: &Path, command: &str, params: &[String]) -> Result<bool> {
         let n: u64 = v
             .parse()
             .with_context(|| format!("{k}: {v:?} is not a whole number"))?;
-        request[k] = json!(n);
+        request.insert(k.into(), n.into());
     }
     let stream = UnixStream::connect(path)
         .with_context(|| format!("connecting to the control socket {}", path.display()))?;
     let mut out = stream.try_clone()?;
-    writeln!(out, "{request}")?;
+    writeln!(out, "{}", Value::Object(request))?;
     out.flush()?;
     let mut lines = BufReader::new(stream).lines();
     let first = lines
@@ -783,6 +759,7 @@ pub fn ctl(path: &Path, command: &str, params: &[String]) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     /// Every request a line can hold, and the refusals.
     #[test]

@@ -100,11 +100,6 @@ impl serde::Serialize for DestinationReport {
 
 /// What happens during an incoming migration, in order.
 #[derive(Debug, Clone, PartialEq)]
-#[cfg_attr(
-    feature = "serde",
-    derive(serde::Serialize),
-    serde(tag = "event", rename_all = "kebab-case")
-)]
 #[non_exhaustive]
 pub enum IncomingEvent {
     /// A round landed whole (its pages checked) and was acknowledged.

@@ -145,6 +145,8 @@ pub mod postcopy;
 pub mod protocol;
 #[cfg(feature = "json")]
 pub mod report;
+#[cfg(feature = "serde")]
+mod serialize;
 // Test support (tiny, so always built: fixtures and every test crate use
 // it): a skip where the machine has the need fails, by design.
 #[allow(clippy::panic)]

@@ -6,8 +6,16 @@
 
 use serde_json::{Value, json};
 
-use crate::destination::DestinationReport;
-use crate::stats::MigrationStats;
+use crate::destination::{DestinationReport, IncomingEvent};
+use crate::serialize::{DestinationJson, SourceReport};
+use crate::stats::{MigrationEvent, MigrationStats};
+
+/// `value` as JSON, or an object that says why it could not be (a map
+/// with a non-string key; none of these types has one).
+fn to_json<T: serde::Serialize>(role: &str, value: T) -> Value {
+    serde_json::to_value(value)
+        .unwrap_or_else(|e| json!({ "role": role, "error": format!("report: {e}") }))
+}
 
 /// The source's JSON report (the scripting contract): the statistics as
 /// they serialize (their names are the report's), its role, and why the
@@ -17,24 +25,14 @@ pub fn source_json(
     fallback_reason: Option<&str>,
     error: Option<&str>,
 ) -> Value {
-    /// The report as it is written.
-    #[derive(serde::Serialize)]
-    struct Source<'a> {
-        role: &'static str,
-        #[serde(flatten)]
-        stats: &'a MigrationStats,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        fallback_reason: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        error: Option<&'a str>,
-    }
-    serde_json::to_value(Source {
-        role: "source",
-        stats,
-        fallback_reason,
-        error,
-    })
-    .unwrap_or_else(|e| json!({ "role": "source", "error": format!("report: {e}") }))
+    to_json(
+        "source",
+        SourceReport {
+            fallback_reason,
+            error,
+            ..SourceReport::of(stats)
+        },
+    )
 }
 
 /// The destination's JSON report: the engine's report as it serializes
@@ -45,21 +43,44 @@ pub fn destination_json(
     guest_check: Option<&Result<String, String>>,
     error: Option<&str>,
 ) -> Value {
-    let mut v = match report.map(serde_json::to_value) {
-        Some(Ok(v)) => v,
-        _ => json!({ "status": if error.is_none() { "completed" } else { "failed" } }),
-    };
-    v["role"] = json!("destination");
-    v["schema_version"] = json!(crate::STATS_SCHEMA_VERSION);
+    let mut v = DestinationJson::of(report, error);
     if let Some(c) = guest_check {
         let (Ok(m) | Err(m)) = c;
-        v["guest_check"] = json!(m);
-        v["guest_consistent"] = json!(c.is_ok());
+        v.guest_check = Some(m);
+        v.guest_consistent = Some(c.is_ok());
     }
-    if let Some(e) = error {
-        v["error"] = json!(e);
-    }
-    v
+    to_json("destination", v)
+}
+
+/// An event of an event stream, with the time it is written (seconds since
+/// the Unix epoch).
+#[derive(serde::Serialize)]
+struct Stamped<'a, E> {
+    #[serde(flatten)]
+    event: &'a E,
+    time: f64,
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A source's event as one JSON object of an event stream (`--events`,
+/// the control socket's `watch`): `event` (its [name](MigrationEvent::name)),
+/// `time`, its own fields, and the figures as of the event under `stats`,
+/// as the source's report writes them.
+pub fn event_json(event: &MigrationEvent) -> Value {
+    to_json("source", Stamped { event, time: now() })
+}
+
+/// A destination's event as one JSON object (`round-received`, `progress`,
+/// `connection-lost`, `resumed`, `postcopy`, `committed`, `failed`,
+/// `cancelled`), its figures under `stats` as the destination's report
+/// writes them.
+pub fn incoming_event_json(event: &IncomingEvent) -> Value {
+    to_json("destination", Stamped { event, time: now() })
 }
 
 /// What a front end adds to the engine's figures in its report, typed:

@@ -207,11 +207,6 @@ pub const STATS_SCHEMA_VERSION: u32 = 1;
 
 /// What happens during a migration, in order.
 #[derive(Debug, Clone, PartialEq)]
-#[cfg_attr(
-    feature = "serde",
-    derive(serde::Serialize),
-    serde(tag = "event", rename_all = "kebab-case")
-)]
 #[non_exhaustive]
 pub enum MigrationEvent {
     /// Setup done: streams open, tracker running.
@@ -367,7 +362,7 @@ impl<S: Clone, E: Clone> Monitor<S, E> {
     }
 }
 
-#[cfg(all(test, feature = "serde"))]
+#[cfg(all(test, feature = "json"))]
 mod serde_tests {
     use super::*;
 
@@ -396,9 +391,15 @@ mod serde_tests {
             }
             .name()
         );
-        let e = serde_json::to_value(MigrationEvent::Cancelled(stats)).unwrap();
+        assert_eq!(e["remaining_bytes"], 4096);
+        // An event stream's object: the time, and the figures under
+        // `stats` as the source's report writes them.
+        let e = crate::report::event_json(&MigrationEvent::Cancelled(stats));
         assert_eq!(e["event"], "cancelled");
-        assert_eq!(e["status"], "pre-switchover");
+        assert!(e["time"].as_f64().unwrap() > 1.7e9, "{e}");
+        assert_eq!(e["stats"]["status"], "pre-switchover");
+        assert_eq!(e["stats"]["role"], "source");
+        assert!(e.get("status").is_none(), "{e}");
         let s = serde_json::to_value(MigrationStatus::CommitUnknown).unwrap();
         assert_eq!(s, MigrationStatus::CommitUnknown.name());
     }
@@ -434,7 +435,7 @@ mod serde_tests {
         // An event carries the same names.
         let e = serde_json::to_value(MigrationEvent::Postcopy(stats)).unwrap();
         assert_eq!(
-            (&e["event"], &e["postcopy"]),
+            (&e["event"], &e["stats"]["postcopy"]),
             (&"postcopy".into(), &true.into())
         );
     }
@@ -464,10 +465,25 @@ mod serde_tests {
             (&v["postcopy"], &v["postcopy_read_pages"]),
             (&true.into(), &2.into())
         );
-        let e = serde_json::to_value(crate::IncomingEvent::Committed(r)).unwrap();
+        let e = crate::report::incoming_event_json(&crate::IncomingEvent::Committed(r));
         assert_eq!(
-            (&e["event"], &e["bytes_received"]),
+            (&e["event"], &e["stats"]["bytes_received"]),
             (&"committed".into(), &4096.into())
+        );
+        assert_eq!(
+            (&e["stats"]["role"], &e["stats"]["schema_version"]),
+            (&"destination".into(), &STATS_SCHEMA_VERSION.into())
+        );
+        // Before any migration, a destination's report says only whether
+        // this end failed.
+        let v = crate::report::destination_json(None, None, Some("cannot listen"));
+        assert_eq!(
+            (&v["status"], &v["error"], &v["role"]),
+            (
+                &"failed".into(),
+                &"cannot listen".into(),
+                &"destination".into()
+            )
         );
     }
 }
