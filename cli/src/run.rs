@@ -452,13 +452,13 @@ fn say_destination_result(
         }
         Err(e) => e,
     };
-    let outcome = match e.downcast_ref::<migrate_core::MigrationError>() {
-        Some(migrate_core::MigrationError::PostcopyInterrupted(_)) => Outcome::PostcopyInterrupted,
+    let outcome = match e.downcast_ref::<migrate_core::IncomingError>() {
+        Some(migrate_core::IncomingError::PostcopyInterrupted(_)) => Outcome::PostcopyInterrupted,
         _ => Outcome::Failed,
     };
     let text = report::error_text(e);
-    match e.downcast_ref::<migrate_core::MigrationError>() {
-        Some(migrate_core::MigrationError::Cancelled) => {
+    match e.downcast_ref::<migrate_core::IncomingError>() {
+        Some(migrate_core::IncomingError::Cancelled) => {
             eprintln!("incoming migration cancelled; received memory discarded")
         }
         _ if outcome == Outcome::PostcopyInterrupted => {

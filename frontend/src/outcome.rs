@@ -10,7 +10,7 @@
 //! | 3 | commit sent but not acknowledged: the source guest stays paused; find out whether the destination runs it |
 //! | 4 | the link broke during post-copy: the destination runs the guest without all of its pages, the source keeps them; discard neither |
 
-use migrate_core::{DestinationReport, MigrationError, MigrationStats};
+use migrate_core::{DestinationReport, IncomingError, MigrationError, MigrationStats};
 
 /// How a command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,12 +62,12 @@ impl Outcome {
     /// How a destination's migration ended; `consistent` is whether the
     /// guest it received passed the VMM's own check (if it made one).
     pub fn of_destination(
-        result: &Result<DestinationReport, MigrationError>,
+        result: &Result<DestinationReport, IncomingError>,
         consistent: bool,
     ) -> Self {
         match result {
             Ok(_) if consistent => Outcome::Migrated,
-            Err(MigrationError::PostcopyInterrupted(_)) => Outcome::PostcopyInterrupted,
+            Err(IncomingError::PostcopyInterrupted(_)) => Outcome::PostcopyInterrupted,
             _ => Outcome::Failed,
         }
     }
@@ -107,11 +107,16 @@ mod tests {
             Outcome::Failed
         );
         assert_eq!(
-            Outcome::of_destination(&Err(MigrationError::PostcopyInterrupted(lost())), true),
+            Outcome::of_destination(
+                &Err(IncomingError::PostcopyInterrupted(Box::new(
+                    IncomingError::Cancelled
+                ))),
+                true
+            ),
             Outcome::PostcopyInterrupted
         );
         assert_eq!(
-            Outcome::of_destination(&Err(MigrationError::Cancelled), true),
+            Outcome::of_destination(&Err(IncomingError::Cancelled), true),
             Outcome::Failed
         );
     }

@@ -3,19 +3,24 @@
 //! for "the next message must be this one". Source and destination share it,
 //! so an out-of-order message is the same typed error on both sides.
 
-use crate::error::MigrationError;
+use crate::error::ControlFailure;
 use crate::protocol::{Message, ProtocolError};
 use crate::transport::{ControlChannel, TransportError};
 
 /// The next control message; the peer's `Abort` and `Refused` are errors.
 ///
 /// # Errors
-/// [`MigrationError::PeerAborted`], [`MigrationError::Refused`], or the
-/// channel's error.
-pub(crate) fn recv(ctl: &mut dyn ControlChannel) -> Result<Message, MigrationError> {
-    match ctl.recv()? {
-        Message::Abort { reason } => Err(MigrationError::PeerAborted { reason }),
-        Message::Refused { code, message } => Err(MigrationError::Refused { code, message }),
+/// The peer's abort or refusal ([`ControlFailure`]), or the channel's
+/// error.
+pub(crate) fn recv<E: ControlFailure>(ctl: &mut dyn ControlChannel) -> Result<Message, E> {
+    said(ctl.recv()?)
+}
+
+/// `m`, unless it is the peer's `Abort` or `Refused`.
+fn said<E: ControlFailure>(m: Message) -> Result<Message, E> {
+    match m {
+        Message::Abort { reason } => Err(E::aborted(reason)),
+        Message::Refused { code, message } => Err(E::refused(code, message)),
         m => Ok(m),
     }
 }
@@ -24,14 +29,14 @@ pub(crate) fn recv(ctl: &mut dyn ControlChannel) -> Result<Message, MigrationErr
 pub(crate) const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// As [`recv`], waiting in slices of at most [`CANCEL_POLL`] and failing with
-/// [`MigrationError::Cancelled`] once `cancel` is set.
+/// a cancel once `cancel` is set.
 ///
 /// # Errors
-/// As [`recv`], or [`MigrationError::Cancelled`].
-pub(crate) fn recv_unless(
+/// As [`recv`], or the cancel.
+pub(crate) fn recv_unless<E: ControlFailure>(
     ctl: &mut dyn ControlChannel,
     cancel: &crate::cancel::CancelToken,
-) -> Result<Message, MigrationError> {
+) -> Result<Message, E> {
     recv_until(ctl, cancel, None)
 }
 
@@ -40,20 +45,20 @@ pub(crate) fn recv_unless(
 /// # Errors
 /// As [`recv_unless`], or a timed-out [`TransportError::Io`] once the
 /// deadline passed with nothing received.
-pub(crate) fn recv_until(
+pub(crate) fn recv_until<E: ControlFailure>(
     ctl: &mut dyn ControlChannel,
     cancel: &crate::cancel::CancelToken,
     deadline: Option<std::time::Instant>,
-) -> Result<Message, MigrationError> {
+) -> Result<Message, E> {
     loop {
         if cancel.is_cancelled() {
-            return Err(MigrationError::Cancelled);
+            return Err(E::cancelled());
         }
         let mut wait = CANCEL_POLL;
         if let Some(d) = deadline {
             let left = d.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return Err(MigrationError::Transport(TransportError::Io {
+                return Err(E::from(TransportError::Io {
                     op: "wait for the peer's message",
                     source: std::io::ErrorKind::TimedOut.into(),
                 }));
@@ -64,17 +69,13 @@ pub(crate) fn recv_until(
             Some(m) => m,
             None => continue,
         };
-        return match m {
-            Message::Abort { reason } => Err(MigrationError::PeerAborted { reason }),
-            Message::Refused { code, message } => Err(MigrationError::Refused { code, message }),
-            m => Ok(m),
-        };
+        return said(m);
     }
 }
 
 /// `got` arrived while the state machine waited for `expected`.
-pub(crate) fn unexpected(got: &Message, expected: &'static str) -> MigrationError {
-    MigrationError::Protocol(ProtocolError::Unexpected {
+pub(crate) fn unexpected<E: From<ProtocolError>>(got: &Message, expected: &'static str) -> E {
+    E::from(ProtocolError::Unexpected {
         got: got.kind(),
         expected,
     })
@@ -86,11 +87,10 @@ pub(crate) fn unexpected(got: &Message, expected: &'static str) -> MigrationErro
 /// enclosing function.
 macro_rules! expect_msg {
     ($ctl:expr, $variant:ident $({ $($fields:tt)* })? $(if $guard:expr)? => $out:expr) => {
-        match $crate::control::recv($ctl)? {
-            $crate::protocol::Message::$variant $({ $($fields)* })? $(if $guard)? => $out,
-            other => {
-                return Err($crate::control::unexpected(&other, stringify!($variant)).into())
-            }
+        match $crate::control::recv($ctl) {
+            Ok($crate::protocol::Message::$variant $({ $($fields)* })?) $(if $guard)? => $out,
+            Ok(other) => return Err($crate::control::unexpected(&other, stringify!($variant))),
+            Err(e) => return Err(e),
         }
     };
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::cancel::CancelToken;
 use crate::control::{CANCEL_POLL, expect_msg, recv_unless, recv_until, unexpected};
-use crate::error::MigrationError;
+use crate::error::IncomingError;
 use crate::memory::{GuestMemory, MemoryLayout};
 use crate::postcopy::fetch::PostcopyTarget;
 use crate::protocol::{
@@ -235,7 +235,7 @@ impl IncomingHandle {
     /// Give up this migration within about 100 ms: the source is told (its
     /// guest runs on), nothing is resumed here, and
     /// [`receive`](IncomingMigration::receive) returns
-    /// [`MigrationError::Cancelled`].
+    /// [`IncomingError::Cancelled`].
     pub fn cancel(&self) {
         self.cancel.cancel();
     }
@@ -262,15 +262,12 @@ impl IncomingMigration {
     /// source's layout.
     ///
     /// # Errors
-    /// [`MigrationError`] for a peer that is not ours, speaks no common
+    /// [`IncomingError`] for a peer that is not ours, speaks no common
     /// version (refused), or breaks the protocol.
-    pub fn accept(transport: &mut dyn DestinationTransport) -> Result<Self, MigrationError> {
+    pub fn accept(transport: &mut dyn DestinationTransport) -> Result<Self, IncomingError> {
         let result = Self::accept_inner(transport);
         if let Err(e) = &result
-            && matches!(
-                e,
-                MigrationError::Protocol(ProtocolError::Unexpected { .. })
-            )
+            && matches!(e, IncomingError::Protocol(ProtocolError::Unexpected { .. }))
         {
             let _ = transport.control().send(&Message::Abort {
                 reason: format!("destination: {e}"),
@@ -279,7 +276,7 @@ impl IncomingMigration {
         result
     }
 
-    fn accept_inner(transport: &mut dyn DestinationTransport) -> Result<Self, MigrationError> {
+    fn accept_inner(transport: &mut dyn DestinationTransport) -> Result<Self, IncomingError> {
         let started = Instant::now();
         let postcopy = if transport.control().sender().is_some() {
             FEATURE_POSTCOPY
@@ -374,7 +371,7 @@ impl IncomingMigration {
     /// resume through `vm`. `mem`'s layout must equal the source's.
     ///
     /// # Errors
-    /// [`MigrationError::Layout`] (and the source is told which region
+    /// [`IncomingError::Layout`] (and the source is told which region
     /// differs); transport and protocol errors; the source's abort. On any
     /// error the guest was not resumed here and `mem` must be discarded.
     pub fn receive(
@@ -382,7 +379,7 @@ impl IncomingMigration {
         transport: &mut dyn DestinationTransport,
         mem: &Arc<GuestMemory>,
         vm: &mut dyn DestinationVm,
-    ) -> Result<DestinationReport, MigrationError> {
+    ) -> Result<DestinationReport, IncomingError> {
         let (monitor, started, live) = (self.monitor.clone(), self.started, Arc::clone(&self.live));
         let result = std::thread::scope(|s| {
             // Progress events while it runs: the figures move between
@@ -411,8 +408,8 @@ impl IncomingMigration {
         // Final figures: what landed counts even where no round ended.
         let status = match &result {
             Ok(_) => crate::MigrationStatus::Completed,
-            Err(MigrationError::Cancelled) => crate::MigrationStatus::Cancelled,
-            Err(MigrationError::PostcopyInterrupted(_)) => {
+            Err(IncomingError::Cancelled) => crate::MigrationStatus::Cancelled,
+            Err(IncomingError::PostcopyInterrupted(_)) => {
                 crate::MigrationStatus::PostcopyInterrupted
             }
             Err(_) => crate::MigrationStatus::Failed,
@@ -428,7 +425,7 @@ impl IncomingMigration {
                 monitor.update(|m| *m = r.clone());
                 monitor.emit(IncomingEvent::Committed(r.clone()));
             }
-            Err(MigrationError::Cancelled) => {
+            Err(IncomingError::Cancelled) => {
                 let report = monitor.update(end);
                 monitor.emit(IncomingEvent::Cancelled(report));
             }
@@ -440,16 +437,16 @@ impl IncomingMigration {
                 });
             }
         }
-        if let Err(e @ MigrationError::PostcopyInterrupted(_)) = &result {
+        if let Err(e @ IncomingError::PostcopyInterrupted(_)) = &result {
             tracing::error!(error = %e, "post-copy interrupted: the guest runs here without all of its pages");
         } else if let Err(e) = &result {
             tracing::error!(error = %e, "incoming migration failed; received memory is discarded");
             if !matches!(
                 e,
-                MigrationError::PeerAborted { .. }
-                    | MigrationError::Layout(_)
-                    | MigrationError::Refused { .. }
-                    | MigrationError::Vm(_)
+                IncomingError::PeerAborted { .. }
+                    | IncomingError::Layout(_)
+                    | IncomingError::Refused { .. }
+                    | IncomingError::Vm(_)
             ) {
                 let _ = transport.control().send(&Message::Abort {
                     reason: format!("destination: {e}"),
@@ -464,7 +461,7 @@ impl IncomingMigration {
         transport: &mut dyn DestinationTransport,
         mem: &Arc<GuestMemory>,
         vm: &mut dyn DestinationVm,
-    ) -> Result<DestinationReport, MigrationError> {
+    ) -> Result<DestinationReport, IncomingError> {
         if let Err(m) = self.layout.check_matches(&mem.layout()) {
             // The difference names this side's layout: only for a source
             // that proved who it is.
@@ -477,7 +474,7 @@ impl IncomingMigration {
                 code: RefusalCode::Layout,
                 message,
             });
-            return Err(MigrationError::Layout(m));
+            return Err(IncomingError::Layout(m));
         }
         transport.control().send(&Message::LayoutAccepted)?;
         if self.features.zero_skip() {
@@ -546,7 +543,7 @@ impl IncomingMigration {
         transport: &mut dyn DestinationTransport,
         target: PostcopyTarget,
         report: &mut DestinationReport,
-    ) -> Result<(), MigrationError> {
+    ) -> Result<(), IncomingError> {
         report.status = crate::MigrationStatus::PostcopyActive;
         self.monitor
             .update(|r| r.status = crate::MigrationStatus::PostcopyActive);
@@ -563,7 +560,7 @@ impl IncomingMigration {
                 self.monitor.emit(IncomingEvent::Resumed);
                 Ok(())
             })
-            .map_err(|e| MigrationError::PostcopyInterrupted(Box::new(e)))?;
+            .map_err(|e| IncomingError::PostcopyInterrupted(Box::new(e)))?;
         report.postcopy = Some(crate::stats::PostcopyStats {
             ms: fetched.ms,
             demand_pages: fetched.demand_pages,
@@ -575,8 +572,8 @@ impl IncomingMigration {
     }
 
     /// Whether `e` lost the connection in a way a new one may mend.
-    fn may_resume(&self, e: &MigrationError) -> bool {
-        self.reconnect.is_some() && matches!(e, MigrationError::Transport(t) if t.is_disconnect())
+    fn may_resume(&self, e: &IncomingError) -> bool {
+        self.reconnect.is_some() && matches!(e, IncomingError::Transport(t) if t.is_disconnect())
     }
 
     /// Wait for the source to come back with `Resume` for this session, then
@@ -586,8 +583,8 @@ impl IncomingMigration {
         &self,
         transport: &mut dyn DestinationTransport,
         mem: &Arc<GuestMemory>,
-        cause: MigrationError,
-    ) -> Result<crossbeam_channel::Receiver<DataEvent>, MigrationError> {
+        cause: IncomingError,
+    ) -> Result<crossbeam_channel::Receiver<DataEvent>, IncomingError> {
         self.await_source(transport, cause)?;
         Ok(transport.open_data(mem, self.session, self.streams, self.features)?)
     }
@@ -598,8 +595,8 @@ impl IncomingMigration {
     fn await_source(
         &self,
         transport: &mut dyn DestinationTransport,
-        cause: MigrationError,
-    ) -> Result<(), MigrationError> {
+        cause: IncomingError,
+    ) -> Result<(), IncomingError> {
         let grace = self.reconnect.unwrap_or_default();
         let deadline = Instant::now() + grace;
         tracing::warn!(error = %cause, ?grace, "connection to the source lost; waiting for it");
@@ -613,7 +610,7 @@ impl IncomingMigration {
             let slice = deadline.min(Instant::now() + CANCEL_POLL);
             if let Err(e) = transport.reaccept(slice) {
                 if self.cancel.is_cancelled() {
-                    return Err(MigrationError::Cancelled);
+                    return Err(IncomingError::Cancelled);
                 }
                 if slice < deadline && e.is_timeout() {
                     continue;
@@ -638,7 +635,7 @@ impl IncomingMigration {
                         ),
                     });
                 }
-                Err(MigrationError::Cancelled) => return Err(MigrationError::Cancelled),
+                Err(IncomingError::Cancelled) => return Err(IncomingError::Cancelled),
                 Err(e) => tracing::debug!(error = %e, "a reconnection failed"),
             }
         }
@@ -659,7 +656,7 @@ fn negotiate(
     min_version: u16,
     max_version: u16,
     data_streams: u16,
-) -> Result<u16, MigrationError> {
+) -> Result<u16, IncomingError> {
     if max_version < MIN_VERSION || min_version > VERSION {
         let err = ProtocolError::Version {
             ours_min: MIN_VERSION,
@@ -671,7 +668,7 @@ fn negotiate(
             code: RefusalCode::Version,
             message: err.to_string(),
         });
-        return Err(MigrationError::Protocol(err));
+        return Err(IncomingError::Protocol(err));
     }
     if data_streams == 0 {
         return Err(refuse(
@@ -774,7 +771,7 @@ struct Receiver<'a> {
 impl Receiver<'_> {
     /// The next control message. A transport may close the control channel
     /// when a data stream fails: then the stream's error, the root cause.
-    fn next_message(&self, ctl: &mut dyn ControlChannel) -> Result<Message, MigrationError> {
+    fn next_message(&self, ctl: &mut dyn ControlChannel) -> Result<Message, IncomingError> {
         recv_unless(ctl, self.cancel).map_err(|e| {
             self.events
                 .iter()
@@ -794,7 +791,7 @@ impl Receiver<'_> {
         msg: Message,
         transport: &mut dyn DestinationTransport,
         vm: &mut dyn DestinationVm,
-    ) -> Result<ReceiverState, MigrationError> {
+    ) -> Result<ReceiverState, IncomingError> {
         use ReceiverState::*;
         Ok(match (state, msg) {
             (Complete(Handover::Postcopy(mut t)), offer @ Message::RdmaReadOffer { .. }) => {
@@ -874,7 +871,7 @@ impl Receiver<'_> {
         mut handover: Handover,
         transport: &mut dyn DestinationTransport,
         vm: &mut dyn DestinationVm,
-    ) -> Result<ReceiverState, MigrationError> {
+    ) -> Result<ReceiverState, IncomingError> {
         // Every page is in (or comes by post-copy's own path): end the data
         // plane's remote access (RDMA: deregister, the keys stop working)
         // before the guest runs on this memory.
@@ -900,7 +897,7 @@ impl Receiver<'_> {
                 code: RefusalCode::DeviceState,
                 message: e.to_string(),
             });
-            return Err(MigrationError::Vm(e));
+            return Err(IncomingError::Vm(e));
         }
         // The guest runs here now: whatever happens to the acknowledgement,
         // this migration is committed.
@@ -926,7 +923,7 @@ impl Receiver<'_> {
         transport: &mut dyn DestinationTransport,
         target: &mut PostcopyTarget,
         offer: &Message,
-    ) -> Result<(), MigrationError> {
+    ) -> Result<(), IncomingError> {
         match transport.postcopy_fetcher(self.mem, offer) {
             Ok((answer, fetcher)) => {
                 target.set_fetcher(fetcher);
@@ -953,7 +950,7 @@ impl Receiver<'_> {
         ctl: &mut dyn ControlChannel,
         state: ReceiverState,
         msg: Message,
-    ) -> Result<ReceiverState, MigrationError> {
+    ) -> Result<ReceiverState, IncomingError> {
         let (kind, last, ranges) = match msg {
             Message::PostcopyPrepare { last, ranges } => (FrameKind::PostcopyPrepare, last, ranges),
             Message::PostcopyStart { last, ranges } => (FrameKind::PostcopyStart, last, ranges),
@@ -979,7 +976,7 @@ impl Receiver<'_> {
             }
         };
         if let Some(r) = ranges.iter().find(|r| !crate::postcopy::fits(self.mem, r)) {
-            return Err(MigrationError::Protocol(ProtocolError::Malformed {
+            return Err(IncomingError::Protocol(ProtocolError::Malformed {
                 kind,
                 detail: format!(
                     "pages {}+{} of region {} are outside the layout",
@@ -1021,7 +1018,7 @@ impl Receiver<'_> {
         ctl: &mut dyn ControlChannel,
         round: u32,
         last: bool,
-    ) -> Result<bool, MigrationError> {
+    ) -> Result<bool, IncomingError> {
         let suspect = self.collect_round(round)?;
         self.report.rounds = self.report.rounds.max(round + 1);
         tracing::debug!(round, last, suspect = suspect.len(), "round landed");
@@ -1045,7 +1042,7 @@ impl Receiver<'_> {
     }
 
     /// Wait for every data stream's end marker of `round`.
-    fn collect_round(&mut self, round: u32) -> Result<Vec<PageRange>, MigrationError> {
+    fn collect_round(&mut self, round: u32) -> Result<Vec<PageRange>, IncomingError> {
         let mut ended = vec![false; self.streams as usize];
         let mut suspect = Vec::new();
         let waiting = Instant::now();
@@ -1057,7 +1054,7 @@ impl Receiver<'_> {
             })?;
             let event = loop {
                 if self.cancel.is_cancelled() {
-                    return Err(MigrationError::Cancelled);
+                    return Err(IncomingError::Cancelled);
                 }
                 match events.recv_timeout(CANCEL_POLL) {
                     Ok(event) => break event,
@@ -1117,7 +1114,7 @@ fn device_state(
     handover: Handover,
     last: bool,
     bytes: &[u8],
-) -> Result<ReceiverState, MigrationError> {
+) -> Result<ReceiverState, IncomingError> {
     if state.len() + bytes.len() > MAX_DEVICE_STATE {
         return Err(refuse(
             ctl,
@@ -1135,7 +1132,7 @@ fn device_state(
 
 /// Zero the pages of `ranges` (after checking them against the layout);
 /// pages already zero are only read, so fresh memory stays unallocated.
-fn zero_pages(mem: &GuestMemory, ranges: &[PageRange]) -> Result<(), MigrationError> {
+fn zero_pages(mem: &GuestMemory, ranges: &[PageRange]) -> Result<(), IncomingError> {
     for r in ranges {
         let region = mem
             .regions()
@@ -1159,7 +1156,7 @@ fn zero_pages(mem: &GuestMemory, ranges: &[PageRange]) -> Result<(), MigrationEr
 
 /// A data stream's failure as the migration's error. A lost peer stays a
 /// disconnect (it may resume); anything else names the stream.
-fn stream_failed(stream: u16, error: TransportError) -> MigrationError {
+fn stream_failed(stream: u16, error: TransportError) -> IncomingError {
     match error {
         e @ TransportError::Stream { .. } => e.into(),
         e if e.is_disconnect() => e.into(),
@@ -1171,7 +1168,7 @@ fn stream_failed(stream: u16, error: TransportError) -> MigrationError {
     }
 }
 
-fn send_hashes(ctl: &mut dyn ControlChannel, mem: &GuestMemory) -> Result<(), MigrationError> {
+fn send_hashes(ctl: &mut dyn ControlChannel, mem: &GuestMemory) -> Result<(), IncomingError> {
     for (ri, r) in mem.regions().iter().enumerate() {
         let mut first = 0;
         while first < r.pages() {
@@ -1188,10 +1185,10 @@ fn send_hashes(ctl: &mut dyn ControlChannel, mem: &GuestMemory) -> Result<(), Mi
     Ok(())
 }
 
-fn refuse(ctl: &mut dyn ControlChannel, code: RefusalCode, message: String) -> MigrationError {
+fn refuse(ctl: &mut dyn ControlChannel, code: RefusalCode, message: String) -> IncomingError {
     let _ = ctl.send(&Message::Refused {
         code,
         message: message.clone(),
     });
-    MigrationError::Refused { code, message }
+    IncomingError::Refused { code, message }
 }

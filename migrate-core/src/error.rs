@@ -3,9 +3,12 @@
 //! Every layer below has its own error, which this one wraps: memory
 //! ([`LayoutMismatch`]), dirty tracking ([`DirtyError`]), the protocol
 //! ([`ProtocolError`]), a transport ([`TransportError`]), the VMM
-//! ([`VmError`]). The variants only a source produces say so; a
-//! destination ([`IncomingMigration`](crate::IncomingMigration)) fails
-//! with the shared ones and [`MigrationError::PostcopyInterrupted`].
+//! ([`VmError`]). Each end has its own: an outgoing migration (the
+//! source) fails with a [`MigrationError`], an incoming one (the
+//! destination, [`IncomingMigration`](crate::IncomingMigration)) with an
+//! [`IncomingError`]; what only one end can meet (a commit left
+//! unacknowledged, tracking before bind, a verification) is only in its
+//! enum.
 
 use std::time::Duration;
 
@@ -15,8 +18,10 @@ use crate::protocol::{ProtocolError, RefusalCode};
 use crate::transport::TransportError;
 use crate::vm::VmError;
 
-/// Why a migration failed. Unless it is [`MigrationError::CommitUnknown`],
-/// the source guest is running when the source sees this.
+/// Why an outgoing migration (the source's) failed. Unless it is
+/// [`MigrationError::CommitUnknown`] or
+/// [`MigrationError::PostcopyInterrupted`], the source guest is running
+/// when the source sees this.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MigrationError {
@@ -115,4 +120,84 @@ pub enum MigrationError {
          pages; the source keeps its paused guest and memory"
     )]
     PostcopyInterrupted(Box<MigrationError>),
+}
+
+/// Why an incoming migration (the destination's) failed. Nothing was
+/// resumed here unless it is [`IncomingError::PostcopyInterrupted`]: the
+/// memory received is to be discarded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IncomingError {
+    /// The transport broke (dead peer, cut link, timeout).
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    /// The source sent something that breaks the protocol.
+    #[error("protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// This end refused the source (version, layout, set-up, device state)
+    /// and told it so.
+    #[error("refused the source ({code:?}): {message}")]
+    Refused {
+        /// Category, as sent.
+        code: RefusalCode,
+        /// The reason, as sent.
+        message: String,
+    },
+    /// The source's memory layout differs from this end's.
+    #[error("memory layout mismatch: {0}")]
+    Layout(#[from] LayoutMismatch),
+    /// The source aborted (it was cancelled, timed out or failed).
+    #[error("source aborted: {reason}")]
+    PeerAborted {
+        /// The source's reason.
+        reason: String,
+    },
+    /// Cancelled through an [`IncomingHandle`](crate::IncomingHandle).
+    #[error("migration cancelled")]
+    Cancelled,
+    /// The VMM failed to load the device state or resume the guest.
+    #[error("VMM: {0}")]
+    Vm(#[from] VmError),
+    /// The connection broke during post-copy: the guest runs here without
+    /// all of its pages, which only the source holds.
+    #[error(
+        "post-copy interrupted ({0}): the guest runs here without all of its pages; \
+         the source keeps its paused guest and memory"
+    )]
+    PostcopyInterrupted(Box<IncomingError>),
+}
+
+/// What either end's error can say about the control channel: the peer's
+/// abort or refusal and a local cancel (the control helpers are shared).
+pub(crate) trait ControlFailure: From<TransportError> + From<ProtocolError> {
+    /// The peer sent `Abort`.
+    fn aborted(reason: String) -> Self;
+    /// The peer sent `Refused`.
+    fn refused(code: RefusalCode, message: String) -> Self;
+    /// This end was cancelled while it waited.
+    fn cancelled() -> Self;
+}
+
+impl ControlFailure for MigrationError {
+    fn aborted(reason: String) -> Self {
+        Self::PeerAborted { reason }
+    }
+    fn refused(code: RefusalCode, message: String) -> Self {
+        Self::Refused { code, message }
+    }
+    fn cancelled() -> Self {
+        Self::Cancelled
+    }
+}
+
+impl ControlFailure for IncomingError {
+    fn aborted(reason: String) -> Self {
+        Self::PeerAborted { reason }
+    }
+    fn refused(code: RefusalCode, message: String) -> Self {
+        Self::Refused { code, message }
+    }
+    fn cancelled() -> Self {
+        Self::Cancelled
+    }
 }

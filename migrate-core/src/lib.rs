@@ -7,7 +7,8 @@
 //! on the wire) → [`pages`] (where a page is encoded and where it lands) →
 //! [`transport`] (the seam TCP and RDMA fill) → [`destination`] (the
 //! receiver's state and its one transition function, commit). [`vm`] is the
-//! seam to the VMM; [`MigrationError`] is the engine's error over each
+//! seam to the VMM; [`MigrationError`] (the source's) and
+//! [`IncomingError`] (the destination's) are each end's error over each
 //! layer's own.
 //!
 //! # Embedding
@@ -162,7 +163,7 @@ pub mod vm;
 pub use cancel::CancelToken;
 pub use destination::{DestinationReport, IncomingEvent, IncomingHandle, IncomingMigration};
 pub use dirty::{DirtyTracker, DirtyTracking, TrackerPreference};
-pub use error::MigrationError;
+pub use error::{IncomingError, MigrationError};
 pub use memory::{GuestMemory, GuestRegion};
 pub use postcopy::{FaultLatency, PostcopyMode};
 pub use source::{

@@ -12,7 +12,7 @@ use fixtures::transport_suite::{Scenario, TransportPair, kill_slot, run};
 use migrate_core::protocol::wire::{write_message, write_preamble};
 use migrate_core::protocol::{Message, ProtocolError};
 use migrate_core::transport::{DestinationTransport, SourceTransport, TransportError};
-use migrate_core::{IncomingMigration, MigrationError};
+use migrate_core::{IncomingError, IncomingMigration};
 use transport_tcp::{TcpConfig, TcpMigrationListener, TcpSource};
 
 fn cfg() -> TcpConfig {
@@ -68,7 +68,7 @@ fn truncated_hello_is_a_typed_error() {
     let err = IncomingMigration::accept(&mut d).unwrap_err();
     // The peer vanished mid-frame: truncation or reset, both typed.
     assert!(
-        matches!(&err, MigrationError::Transport(t) if t.is_disconnect()),
+        matches!(&err, IncomingError::Transport(t) if t.is_disconnect()),
         "{err}"
     );
     t.join().unwrap();
@@ -181,7 +181,7 @@ fn corrupted_control_frame_fails_with_the_source_running() {
     let o = run(control_corrupted, Scenario::default());
     o.assert_failed_and_source_runs();
     match &o.destination {
-        Err(MigrationError::Transport(TransportError::Protocol(ProtocolError::Corrupt {
+        Err(IncomingError::Transport(TransportError::Protocol(ProtocolError::Corrupt {
             ..
         }))) => {}
         other => panic!(
@@ -325,7 +325,7 @@ fn flagged_page_batch(round: u32, page: u64, fill: u8, hashes: &[u64], flags: u8
 
 /// What a destination ended with: its result, its memory, its VM.
 type Received = (
-    Result<migrate_core::DestinationReport, MigrationError>,
+    Result<migrate_core::DestinationReport, IncomingError>,
     Arc<migrate_core::GuestMemory>,
     fixtures::FixtureDestinationVm,
 );
@@ -383,7 +383,7 @@ fn commit_without_any_round_is_refused() {
     assert_commit_refused(&mut raw, "no round");
     let (r, _, vm) = dest.join().unwrap();
     assert!(
-        matches!(r, Err(MigrationError::Refused { .. })) && !vm.resumed,
+        matches!(r, Err(IncomingError::Refused { .. })) && !vm.resumed,
         "{r:?}"
     );
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use super::FaultLatency;
 use crate::control;
-use crate::error::MigrationError;
+use crate::error::IncomingError;
 use crate::memory::GuestMemory;
 use crate::memory::PageBits;
 use crate::protocol::{FrameKind, Message, PageRange, ProtocolError, RANGES_PER_FRAME};
@@ -244,9 +244,9 @@ impl PostcopyTarget {
         transport: &mut dyn DestinationTransport,
         reconnect: &mut dyn FnMut(
             &mut dyn DestinationTransport,
-            MigrationError,
-        ) -> Result<(), MigrationError>,
-    ) -> Result<Fetched, MigrationError> {
+            IncomingError,
+        ) -> Result<(), IncomingError>,
+    ) -> Result<Fetched, IncomingError> {
         let started = Instant::now();
         self.shared.may_ask.store(true, Ordering::Release);
         let mut out = Fetched::default();
@@ -304,7 +304,7 @@ impl PostcopyTarget {
     /// After a reconnection: the pages of the set not placed yet, then
     /// requests for those the guest waits on; requests go over the new
     /// connection from now on.
-    fn tell_missing(&self, ctl: &mut dyn ControlChannel) -> Result<(), MigrationError> {
+    fn tell_missing(&self, ctl: &mut dyn ControlChannel) -> Result<(), IncomingError> {
         let s = &self.shared;
         let mut missing: Vec<PageRange> = Vec::new();
         for (ri, r) in s.mem.regions().iter().enumerate() {
@@ -338,10 +338,10 @@ impl PostcopyTarget {
     }
 
     /// Place the pages of one `PostcopyPages`; how many were new.
-    fn place(&self, region: u32, first: u64, bytes: &[u8]) -> Result<u64, MigrationError> {
+    fn place(&self, region: u32, first: u64, bytes: &[u8]) -> Result<u64, IncomingError> {
         let s = &self.shared;
         let bad = |detail: String| {
-            MigrationError::Protocol(ProtocolError::Malformed {
+            IncomingError::Protocol(ProtocolError::Malformed {
                 kind: FrameKind::PostcopyPages,
                 detail,
             })
@@ -375,7 +375,7 @@ impl PostcopyTarget {
             }
             let new = s
                 .place(region, p, page)
-                .map_err(|e| MigrationError::Transport(io_err("place a post-copy page", e)))?;
+                .map_err(|e| IncomingError::Transport(io_err("place a post-copy page", e)))?;
             if new {
                 placed += 1;
             }
@@ -386,7 +386,7 @@ impl PostcopyTarget {
     /// Stop the handler and hand the memory back to the kernel: every page
     /// of the set is there, and a missing page elsewhere reads as zeros,
     /// as on the source.
-    fn finish(&mut self) -> Result<(), MigrationError> {
+    fn finish(&mut self) -> Result<(), IncomingError> {
         self.shared.stop.store(true, Ordering::Release);
         if let Some(h) = self.handler.take() {
             let _ = h.join();
@@ -395,7 +395,7 @@ impl PostcopyTarget {
             self.shared
                 .uffd
                 .unregister(r.as_ptr() as usize, r.len())
-                .map_err(|e| MigrationError::Transport(io_err("unregister userfaultfd", e)))?;
+                .map_err(|e| IncomingError::Transport(io_err("unregister userfaultfd", e)))?;
         }
         Ok(())
     }
@@ -465,7 +465,7 @@ fn io_err(op: &'static str, source: io::Error) -> crate::transport::TransportErr
 
 /// The fault handler: a touched page of the set goes on a request (once),
 /// a touched page outside it gets zeros.
-fn handle_faults(s: &Shared) -> Result<(), MigrationError> {
+fn handle_faults(s: &Shared) -> Result<(), IncomingError> {
     let zeros = vec![
         0u8;
         s.mem
@@ -480,11 +480,11 @@ fn handle_faults(s: &Shared) -> Result<(), MigrationError> {
     while !s.stop.load(Ordering::Acquire) {
         s.uffd
             .wait(if ask.is_empty() { HANDLER_POLL_MS } else { 1 })
-            .map_err(|e| MigrationError::Transport(io_err("poll userfaultfd", e)))?;
+            .map_err(|e| IncomingError::Transport(io_err("poll userfaultfd", e)))?;
         while let Some(addr) = s
             .uffd
             .next_missing_fault()
-            .map_err(|e| MigrationError::Transport(io_err("read userfaultfd", e)))?
+            .map_err(|e| IncomingError::Transport(io_err("read userfaultfd", e)))?
         {
             let Some((region, page)) = s.locate(addr) else {
                 continue;
@@ -505,7 +505,7 @@ fn handle_faults(s: &Shared) -> Result<(), MigrationError> {
                 }
                 Ok(true)
             };
-            placed.map_err(|e| MigrationError::Transport(io_err("answer a fault", e)))?;
+            placed.map_err(|e| IncomingError::Transport(io_err("answer a fault", e)))?;
         }
         if !ask.is_empty() && s.may_ask.load(Ordering::Acquire) {
             let mut tx = lock(&s.requests);

@@ -169,7 +169,7 @@ fn offer_reads(transport: &mut dyn SourceTransport) -> Result<(), MigrationError
         return Ok(());
     };
     transport.control().send(&offer)?;
-    match control::recv(transport.control())? {
+    match control::recv::<MigrationError>(transport.control())? {
         answer @ Message::RdmaReadAccept { .. } => {
             transport.postcopy_accepted(&answer)?;
             tracing::info!("post-copy: the destination reads faulted pages by RDMA READ");
