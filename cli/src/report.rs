@@ -55,8 +55,8 @@ pub fn progress(handle: &MigrationHandle, choice: ProgressChoice) -> Option<Join
                     bar.set_position(s.bytes_transferred.saturating_sub(base));
                     bar.set_message(format!(
                         "remaining {} · dirty {:.0} pages/s · {:.0} Mbit/s",
-                        human(s.bytes_remaining),
-                        s.dirty_rate_pps,
+                        human(s.precopy.bytes_remaining),
+                        s.precopy.dirty_rate_pps,
                         s.throughput_mbps
                     ));
                     last = s;
@@ -128,7 +128,7 @@ pub fn source_summary(s: &MigrationStats) -> String {
         s.total_ms,
         s.downtime_ms,
         s.setup_ms,
-        s.rounds,
+        s.precopy.rounds,
         human(s.bytes_transferred),
         s.normal_pages,
         s.zero_pages,

@@ -170,7 +170,8 @@ pub use source::{
     BoundMigration, MigrationHandle, NotPreSwitchover, SourceConfig, SourceMigration, TimeoutPolicy,
 };
 pub use stats::{
-    MigrationEvent, MigrationStats, MigrationStatus, PostcopyStats, STATS_SCHEMA_VERSION,
+    MigrationEvent, MigrationStats, MigrationStatus, PostcopyStats, PrecopyStats,
+    STATS_SCHEMA_VERSION,
 };
 pub use transport::{DestinationTransport, SourceTransport};
 pub use vm::{DestinationVm, SourceVm, VmError};

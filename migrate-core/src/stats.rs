@@ -95,16 +95,11 @@ pub struct MigrationStats {
     pub setup_ms: f64,
     /// Guest paused to destination resumed (0 until then).
     pub downtime_ms: f64,
-    /// Remaining dirty bytes / measured bandwidth: what downtime would be if
-    /// the switch-over happened now.
-    pub expected_downtime_ms: f64,
     /// Bytes written to the wire.
     pub bytes_transferred: u64,
     /// `bytes_transferred` by data stream (index = stream: a TCP connection
     /// or an RDMA queue pair), counted at the end of each round.
     pub stream_bytes: Vec<u64>,
-    /// Dirty bytes still to send (at the last harvest).
-    pub bytes_remaining: u64,
     /// Guest memory size.
     pub bytes_total: u64,
     /// The guest's smallest page size, bytes (the unit of `*_pages`).
@@ -122,34 +117,50 @@ pub struct MigrationStats {
     pub zero_pages: u64,
     /// Pages re-sent because their batch failed its check.
     pub resent_pages: u64,
-    /// Pages dirtied per second, measured over the last round.
-    pub dirty_rate_pps: f64,
-    /// Pages sent per second (with their bytes or as zero markers) in the
-    /// last round.
-    pub pages_per_sec: f64,
     /// Wire throughput of the last round, Mbit/s.
     #[cfg_attr(feature = "serde", serde(rename = "last_round_throughput_mbps"))]
     pub throughput_mbps: f64,
     /// Average wire throughput from the first page to the commit, Mbit/s.
     #[cfg_attr(feature = "serde", serde(rename = "throughput_mbps"))]
     pub avg_throughput_mbps: f64,
-    /// Wire throughput of round 0 (the full pass), Mbit/s: the transport's
-    /// bulk rate, the figure to hold against a link's ceiling.
-    pub first_pass_mbps: f64,
     /// Time spent comparing page hashes with the destination (`verify`),
     /// ms. It is part of `downtime_ms`: the guest is paused meanwhile.
     pub verify_ms: f64,
-    /// Rounds (dirty syncs) done, round 0 included.
-    pub rounds: u32,
-    /// Current auto-converge throttle, percent.
-    pub throttle_percent: u8,
     /// Whether the destination's pages were compared with the source's.
     pub verified: bool,
     /// Times the migration went on over a new connection after losing one.
     pub reconnects: u32,
+    /// The pre-copy rounds' figures.
+    #[cfg_attr(feature = "serde", serde(flatten))]
+    pub precopy: PrecopyStats,
     /// Post-copy's figures, once the migration switched to it.
     #[cfg_attr(feature = "serde", serde(flatten))]
     pub postcopy: Option<PostcopyStats>,
+}
+
+/// The source's pre-copy figures: its rounds, what is left, the guest's
+/// dirty rate and the throttle. In reports: under these names.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct PrecopyStats {
+    /// Rounds (dirty syncs) done, round 0 included.
+    pub rounds: u32,
+    /// Dirty bytes still to send (at the last harvest).
+    pub bytes_remaining: u64,
+    /// Remaining dirty bytes / measured bandwidth: what downtime would be if
+    /// the switch-over happened now.
+    pub expected_downtime_ms: f64,
+    /// Pages dirtied per second, measured over the last round.
+    pub dirty_rate_pps: f64,
+    /// Pages sent per second (with their bytes or as zero markers) in the
+    /// last round.
+    pub pages_per_sec: f64,
+    /// Wire throughput of round 0 (the full pass), Mbit/s: the transport's
+    /// bulk rate, the figure to hold against a link's ceiling.
+    pub first_pass_mbps: f64,
+    /// Current auto-converge throttle, percent.
+    pub throttle_percent: u8,
 }
 
 /// Post-copy's figures, on either end, once a migration switched to it.
@@ -371,7 +382,10 @@ mod serde_tests {
         let stats = MigrationStats {
             status: MigrationStatus::PreSwitchover,
             migration_id: 7,
-            rounds: 3,
+            precopy: PrecopyStats {
+                rounds: 3,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let v: serde_json::Value = serde_json::to_value(&stats).unwrap();

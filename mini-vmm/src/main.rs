@@ -398,11 +398,11 @@ fn source(a: SourceArgs) -> Result<Outcome> {
             }
             println!(
                 "migrated: {} rounds, {:.1} ms downtime, {:.1} ms total, {} B, throttled to {} %",
-                stats.rounds,
+                stats.precopy.rounds,
                 stats.downtime_ms,
                 stats.total_ms,
                 stats.bytes_transferred,
-                stats.throttle_percent
+                stats.precopy.throttle_percent
             );
         }
         // Not resumed here: the destination runs the guest (post-copy:

@@ -102,7 +102,7 @@ fn migrate_live(sector: [u8; 512], mem_mib: u64, c: char) -> Moved {
         .unwrap();
     let tracking = m.dirty_tracking().unwrap();
     let stats = bound.run(&tracking, &mut KvmSource::new(&vcpu)).unwrap();
-    assert!(stats.rounds >= 2, "not a live migration: {stats:?}");
+    assert!(stats.precopy.rounds >= 2, "not a live migration: {stats:?}");
     let (dm, dest_digest, dest_vcpu) = dest.join().unwrap();
     Moved {
         source_digest: m.digest(),

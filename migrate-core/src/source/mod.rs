@@ -477,7 +477,7 @@ impl BoundMigration<'_> {
                 tracing::info!(
                     total_ms = stats.total_ms,
                     downtime_ms = stats.downtime_ms,
-                    rounds = stats.rounds,
+                    rounds = stats.precopy.rounds,
                     "migration completed"
                 );
                 this.monitor.emit(MigrationEvent::Completed(stats.clone()));

@@ -245,7 +245,7 @@ impl Outgoing<'_> {
             s.status = MigrationStatus::Completed;
             s.total_ms = total_ms;
             s.downtime_ms = downtime_ms;
-            s.bytes_remaining = 0;
+            s.precopy.bytes_remaining = 0;
             s.avg_throughput_mbps = avg;
             s.verified = verified;
         }))
@@ -433,7 +433,7 @@ impl Outgoing<'_> {
         let round = totals.rounds;
         let paused = self.phase.paused_since().is_some();
         self.monitor
-            .update(|s| s.bytes_remaining = log.dirty_bytes());
+            .update(|s| s.precopy.bytes_remaining = log.dirty_bytes());
         self.monitor.emit(MigrationEvent::RoundStarted {
             round,
             pages: log.count() as u64,
@@ -521,7 +521,7 @@ impl Outgoing<'_> {
         totals: &mut Totals,
     ) -> Result<Option<DirtyLog>, MigrationError> {
         self.monitor.update(|s| {
-            s.rounds = totals.rounds;
+            s.precopy.rounds = totals.rounds;
             s.bytes_transferred = totals.sent.wire_bytes;
             s.stream_bytes.clone_from(&totals.sent.stream_bytes);
             s.bytes_during_pause = totals.sent.wire_bytes.saturating_sub(s.bytes_before_pause);
@@ -529,7 +529,7 @@ impl Outgoing<'_> {
             s.sparse_pages = totals.sent.sparse_pages;
             s.zero_pages = totals.sent.zero_pages;
             s.resent_pages += done.resend_pages;
-            s.pages_per_sec = done.pages_per_sec;
+            s.precopy.pages_per_sec = done.pages_per_sec;
         });
         if done.resend_pages == 0 {
             return Ok(None);
@@ -564,7 +564,7 @@ impl Outgoing<'_> {
             DowntimeBudget::expected_ms(remaining, rate.planning_bytes_per_sec(done.secs));
         let rounds = totals.rounds;
         let stats = self.monitor.update(|s| {
-            s.rounds = rounds;
+            s.precopy.rounds = rounds;
             s.total_ms = self.start.elapsed().as_secs_f64() * 1e3;
             s.bytes_transferred = totals.sent.wire_bytes;
             s.stream_bytes.clone_from(&totals.sent.stream_bytes);
@@ -572,16 +572,16 @@ impl Outgoing<'_> {
             s.sparse_pages = totals.sent.sparse_pages;
             s.zero_pages = totals.sent.zero_pages;
             s.resent_pages += done.resend_pages;
-            s.bytes_remaining = remaining;
-            s.dirty_rate_pps = dirty_rate;
-            s.pages_per_sec = done.pages_per_sec;
+            s.precopy.bytes_remaining = remaining;
+            s.precopy.dirty_rate_pps = dirty_rate;
+            s.precopy.pages_per_sec = done.pages_per_sec;
             s.bytes_before_pause = totals.sent.wire_bytes;
             s.throughput_mbps = rate.round_mbps;
             s.avg_throughput_mbps = rate.average_mbps;
             if rounds == 1 {
-                s.first_pass_mbps = rate.round_mbps;
+                s.precopy.first_pass_mbps = rate.round_mbps;
             }
-            s.expected_downtime_ms = expected_ms;
+            s.precopy.expected_downtime_ms = expected_ms;
         });
         self.monitor.emit(MigrationEvent::RoundDone(stats));
         tracing::debug!(
@@ -641,7 +641,7 @@ impl Outgoing<'_> {
         let remaining_bytes = next.dirty_bytes();
         self.monitor.update(|s| {
             s.status = MigrationStatus::Device;
-            s.bytes_remaining = remaining_bytes;
+            s.precopy.bytes_remaining = remaining_bytes;
         });
         self.monitor.emit(MigrationEvent::SwitchOver {
             remaining_bytes,
@@ -680,7 +680,8 @@ impl Outgoing<'_> {
         match self.vm.throttle(percent) {
             Ok(true) => {
                 self.converge.applied(percent);
-                self.monitor.update(|s| s.throttle_percent = percent);
+                self.monitor
+                    .update(|s| s.precopy.throttle_percent = percent);
                 self.monitor.emit(MigrationEvent::Throttled { percent });
                 tracing::info!(percent, "auto-converge: guest throttled");
             }

@@ -85,7 +85,7 @@ impl Outgoing<'_> {
             s.status = MigrationStatus::PostcopyActive;
             s.postcopy = Some(PostcopyStats::default());
             s.downtime_ms = downtime_ms;
-            s.bytes_remaining = remaining;
+            s.precopy.bytes_remaining = remaining;
         });
         self.monitor.emit(MigrationEvent::Postcopy(stats));
         tracing::info!(downtime_ms, "post-copy: the destination runs the guest");
@@ -100,7 +100,7 @@ impl Outgoing<'_> {
         let stats = self.monitor.update(|s| {
             s.status = MigrationStatus::Completed;
             s.total_ms = total_ms;
-            s.bytes_remaining = 0;
+            s.precopy.bytes_remaining = 0;
             s.bytes_transferred += served.bytes;
             s.avg_throughput_mbps = avg_mbps;
             s.postcopy = Some(PostcopyStats {
@@ -135,7 +135,7 @@ impl Outgoing<'_> {
         let mut serving = Serving::new(self.mem, set);
         loop {
             let served = serving.run(transport.control(), &self.steer.limiter, &mut |left| {
-                monitor.update(|s| s.bytes_remaining = left * page_bytes);
+                monitor.update(|s| s.precopy.bytes_remaining = left * page_bytes);
             });
             match served {
                 Ok(()) => break,
