@@ -246,10 +246,10 @@ impl IncomingHandle {
 #[derive(Debug)]
 pub struct IncomingMigration {
     layout: MemoryLayout,
-    session: u64,
-    streams: u16,
-    features: Features,
-    started: Instant,
+    pub(crate) session: u64,
+    pub(crate) streams: u16,
+    pub(crate) features: Features,
+    pub(crate) started: Instant,
     reconnect: Option<Duration>,
     memory_reads_zero: bool,
     monitor: Monitor<DestinationReport, IncomingEvent>,
@@ -265,7 +265,16 @@ impl IncomingMigration {
     /// [`IncomingError`] for a peer that is not ours, speaks no common
     /// version (refused), or breaks the protocol.
     pub fn accept(transport: &mut dyn DestinationTransport) -> Result<Self, IncomingError> {
-        let result = Self::accept_inner(transport);
+        Self::accept_offering(transport, Features::NONE)
+    }
+
+    /// As [`accept`](Self::accept), offering `more` features too (a
+    /// standby offers [`FEATURE_MIRROR`](crate::protocol::FEATURE_MIRROR)).
+    pub(crate) fn accept_offering(
+        transport: &mut dyn DestinationTransport,
+        more: Features,
+    ) -> Result<Self, IncomingError> {
+        let result = Self::accept_inner(transport, more);
         if let Err(e) = &result
             && matches!(e, IncomingError::Protocol(ProtocolError::Unexpected { .. }))
         {
@@ -276,14 +285,21 @@ impl IncomingMigration {
         result
     }
 
-    fn accept_inner(transport: &mut dyn DestinationTransport) -> Result<Self, IncomingError> {
+    fn accept_inner(
+        transport: &mut dyn DestinationTransport,
+        more: Features,
+    ) -> Result<Self, IncomingError> {
         let started = Instant::now();
         let postcopy = if transport.control().sender().is_some() {
             FEATURE_POSTCOPY
         } else {
             0
         };
-        let ours = transport.features().with(FEATURE_ZERO_SKIP).with(postcopy);
+        let ours = transport
+            .features()
+            .with(FEATURE_ZERO_SKIP)
+            .with(postcopy)
+            .with(more.bits());
         let ctl = transport.control();
         let (session, streams, features) = expect_msg!(ctl, Hello {
             min_version,
@@ -1043,67 +1059,89 @@ impl Receiver<'_> {
 
     /// Wait for every data stream's end marker of `round`.
     fn collect_round(&mut self, round: u32) -> Result<Vec<PageRange>, IncomingError> {
-        let mut ended = vec![false; self.streams as usize];
-        let mut suspect = Vec::new();
-        let waiting = Instant::now();
-        while ended.iter().any(|e| !e) {
-            // Data streams have their own I/O timeouts; this only guards
-            // against a transport that reports nothing at all.
-            let events = self.events.as_ref().ok_or(TransportError::DataPlane {
-                detail: format!("round {round} after the data plane finished"),
-            })?;
-            let event = loop {
-                if self.cancel.is_cancelled() {
-                    return Err(IncomingError::Cancelled);
-                }
-                match events.recv_timeout(CANCEL_POLL) {
-                    Ok(event) => break event,
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout)
-                        if waiting.elapsed() < Duration::from_secs(600) => {}
-                    Err(_) => {
-                        return Err(TransportError::DataPlane {
-                            detail: format!("no end of round {round} from the data streams"),
-                        }
-                        .into());
-                    }
-                }
-            };
-            match event {
-                DataEvent::RoundEnd {
-                    stream,
-                    round: r,
-                    batches_sent,
-                    batches_received,
-                    suspect: s,
-                    received,
-                } => {
-                    let slot = ended.get_mut(stream as usize).filter(|_| r == round);
-                    let Some(slot) = slot.filter(|e| !**e) else {
-                        return Err(TransportError::Stream {
-                            stream,
-                            detail: format!("end of round {r} while waiting for round {round}"),
-                        }
-                        .into());
-                    };
-                    if batches_sent != batches_received {
-                        return Err(TransportError::Stream {
-                            stream,
-                            detail: format!(
-                                "round {round}: source sent {batches_sent} batches, {batches_received} arrived"
-                            ),
-                        }
-                        .into());
-                    }
-                    *slot = true;
-                    self.report.received.add(&received.on_stream(stream));
-                    self.report.suspect_pages += s.iter().map(|r| r.count as u64).sum::<u64>();
-                    suspect.extend(s);
-                }
-                DataEvent::Failed { stream, error } => return Err(stream_failed(stream, error)),
-            }
-        }
-        Ok(suspect)
+        let events = self.events.as_ref().ok_or(TransportError::DataPlane {
+            detail: format!("round {round} after the data plane finished"),
+        })?;
+        let report = &mut self.report;
+        collect_round(
+            events,
+            self.streams,
+            round,
+            self.cancel,
+            |stream, received, s| {
+                report.received.add(&received.on_stream(stream));
+                report.suspect_pages += s.iter().map(|r| r.count as u64).sum::<u64>();
+            },
+        )
     }
+}
+
+/// Wait for every data stream's end marker of `round` on `events`, each
+/// counted by `ended` (its stream, what it received, its suspect pages);
+/// the suspect pages of all of them.
+pub(crate) fn collect_round(
+    events: &crossbeam_channel::Receiver<DataEvent>,
+    streams: u16,
+    round: u32,
+    cancel: &CancelToken,
+    mut ended_on: impl FnMut(u16, RoundSent, &[PageRange]),
+) -> Result<Vec<PageRange>, IncomingError> {
+    let mut ended = vec![false; streams as usize];
+    let mut suspect = Vec::new();
+    let waiting = Instant::now();
+    while ended.iter().any(|e| !e) {
+        // Data streams have their own I/O timeouts; this only guards
+        // against a transport that reports nothing at all.
+        let event = loop {
+            if cancel.is_cancelled() {
+                return Err(IncomingError::Cancelled);
+            }
+            match events.recv_timeout(CANCEL_POLL) {
+                Ok(event) => break event,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout)
+                    if waiting.elapsed() < Duration::from_secs(600) => {}
+                Err(_) => {
+                    return Err(TransportError::DataPlane {
+                        detail: format!("no end of round {round} from the data streams"),
+                    }
+                    .into());
+                }
+            }
+        };
+        match event {
+            DataEvent::RoundEnd {
+                stream,
+                round: r,
+                batches_sent,
+                batches_received,
+                suspect: s,
+                received,
+            } => {
+                let slot = ended.get_mut(stream as usize).filter(|_| r == round);
+                let Some(slot) = slot.filter(|e| !**e) else {
+                    return Err(TransportError::Stream {
+                        stream,
+                        detail: format!("end of round {r} while waiting for round {round}"),
+                    }
+                    .into());
+                };
+                if batches_sent != batches_received {
+                    return Err(TransportError::Stream {
+                        stream,
+                        detail: format!(
+                            "round {round}: source sent {batches_sent} batches, {batches_received} arrived"
+                        ),
+                    }
+                    .into());
+                }
+                *slot = true;
+                ended_on(stream, received, &s);
+                suspect.extend(s);
+            }
+            DataEvent::Failed { stream, error } => return Err(stream_failed(stream, error)),
+        }
+    }
+    Ok(suspect)
 }
 
 /// A device-state chunk onto what arrived so far: the next state, or a

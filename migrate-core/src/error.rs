@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use crate::dirty::DirtyError;
-use crate::memory::LayoutMismatch;
+use crate::memory::{LayoutMismatch, MemoryError};
 use crate::protocol::{ProtocolError, RefusalCode};
 use crate::transport::TransportError;
 use crate::vm::VmError;
@@ -65,6 +65,10 @@ pub enum MigrationError {
     /// The VMM failed to pause, resume, save or load.
     #[error("VMM: {0}")]
     Vm(#[from] VmError),
+    /// Memory the engine needs of its own (a protected guest's shadow)
+    /// could not be had.
+    #[error("memory: {0}")]
+    Memory(#[from] MemoryError),
     /// Dirty tracking failed.
     #[error("dirty tracking: {0}")]
     Dirty(#[from] DirtyError),
@@ -158,6 +162,10 @@ pub enum IncomingError {
     /// The VMM failed to load the device state or resume the guest.
     #[error("VMM: {0}")]
     Vm(#[from] VmError),
+    /// Memory the engine needs of its own (a standby's staging area) could
+    /// not be had.
+    #[error("memory: {0}")]
+    Memory(#[from] MemoryError),
     /// The connection broke during post-copy: the guest runs here without
     /// all of its pages, which only the source holds.
     #[error(

@@ -141,6 +141,7 @@ pub mod destination;
 pub mod dirty;
 mod error;
 pub mod memory;
+pub mod mirror;
 pub mod pages;
 pub mod postcopy;
 pub mod protocol;

@@ -58,6 +58,13 @@ impl TcpSource {
         })
     }
 
+    /// A switch that drops all of this end's connections (the control
+    /// connection and every data stream, also those opened later), as the
+    /// death of this process would.
+    pub fn kill_switch(&self) -> KillSwitch {
+        self.kill.clone()
+    }
+
     /// The destination's address.
     pub fn peer(&self) -> SocketAddr {
         self.addr

@@ -414,6 +414,55 @@ impl GuestMemory {
         })
     }
 
+    /// New memory of the same layout (regions, addresses, page sizes),
+    /// private to this process and reading as zeros: a shadow to copy
+    /// pages into (a protected guest's epoch, a standby's staging area).
+    /// Its pages are allocated as they are written.
+    ///
+    /// # Errors
+    /// [`MemoryError`] when a region cannot be mapped (huge pages: none
+    /// free).
+    pub fn anonymous_like(&self) -> Result<GuestMemory, MemoryError> {
+        let regions = self
+            .regions
+            .iter()
+            .map(|r| match r.page_size() {
+                PageSize::Small => GuestRegion::anonymous(r.gpa(), r.len()),
+                PageSize::Huge2M => GuestRegion::hugetlb(r.gpa(), r.len(), "shadow"),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        GuestMemory::new(regions)
+    }
+
+    /// Copy `count` pages from page `first` of region `region` of `from`
+    /// (a memory of the same layout) into the same pages of this one.
+    ///
+    /// # Errors
+    /// [`MemoryError::OutOfRange`] when the pages are outside either
+    /// memory, or the regions' page sizes differ.
+    pub fn copy_pages_from(
+        &self,
+        from: &GuestMemory,
+        region: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<(), MemoryError> {
+        let (Some(dst), Some(src)) = (self.regions.get(region), from.regions.get(region)) else {
+            return Err(MemoryError::OutOfRange { gpa: 0, len: count });
+        };
+        let fits = |r: &GuestRegion| first.checked_add(count).is_some_and(|e| e <= r.pages());
+        if !fits(dst) || !fits(src) || dst.page_size() != src.page_size() {
+            return Err(MemoryError::OutOfRange {
+                gpa: dst.gpa() + (first * dst.page_size().bytes()) as u64,
+                len: count * dst.page_size().bytes(),
+            });
+        }
+        if count > 0 {
+            dst.write_bytes(first * dst.page_size().bytes(), &src.io_slice(first, count));
+        }
+        Ok(())
+    }
+
     /// Mark this memory as tracked until the mark is dropped (a kernel
     /// dirty tracker holds one; a VMM's own tracker of the same kind
     /// should too).

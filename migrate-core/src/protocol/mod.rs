@@ -185,6 +185,12 @@ pub const FEATURE_POSTCOPY: u64 = 1 << 4;
 /// batches may leave out their per-page hashes (`FLAG_UNHASHED`): the
 /// record tags authenticate every byte already.
 pub const FEATURE_UNHASHED: u64 = 1 << 5;
+/// Feature bit: the source protects its guest instead of migrating it
+/// (continuous mirroring, [`crate::mirror`]): pre-copy, then epochs that
+/// the destination (a standby) stages and applies whole, and no commit. A
+/// destination that is no standby does not offer it, and a standby takes
+/// nothing without it.
+pub const FEATURE_MIRROR: u64 = 1 << 6;
 /// A set of `FEATURE_*` bits: what an end offers, or what both agreed on
 /// (`Hello`/`Welcome` carry the bits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -631,6 +637,67 @@ messages! {
     /// Destination → source: prepared (else `Refused{Setup}`); the source
     /// may pause its guest.
     PostcopyPrepared = 34,
+    /// Primary → standby ([`FEATURE_MIRROR`]), after an epoch's batches:
+    /// the pages the epoch carries (the standby applies exactly these from
+    /// its staging memory once the epoch is complete).
+    EpochPages = 35 {
+        /// Epoch number (the data streams' round).
+        epoch: u32,
+        /// Whether this is the last chunk of the epoch's pages.
+        last: bool,
+        /// The pages.
+        ranges: Vec<PageRange>,
+    },
+    /// Primary → standby: a chunk of the output the guest produced in the
+    /// epoch, held by the primary's output gate until the epoch is applied.
+    EpochOutput = 36 {
+        /// Whether this is the last chunk.
+        last: bool,
+        /// The bytes (the rest of the payload).
+        bytes: Vec<u8>,
+    },
+    /// Primary → standby: the epoch is whole (pages, device state, output);
+    /// check and apply it, then acknowledge.
+    EpochEnd = 37 {
+        /// Epoch number.
+        epoch: u32,
+        /// Whether the epoch was captured with the guest paused (a state
+        /// the standby may resume); the initial sync's epochs are not.
+        checkpoint: bool,
+    },
+    /// Standby → primary: the epoch is applied to the standby's image; its
+    /// output may be released.
+    EpochApplied = 38 {
+        /// Epoch number.
+        epoch: u32,
+    },
+    /// Standby → primary: the epoch failed its checks and was not applied;
+    /// the standby stays at its last applied epoch.
+    EpochRefused = 39 {
+        /// Epoch number.
+        epoch: u32,
+        /// Why (the rest of the payload, UTF-8).
+        reason: String,
+    },
+    /// Primary → standby: protection ends cleanly; the standby discards its
+    /// image and never takes over.
+    ProtectEnd = 40,
+    /// Standby → primary: released.
+    ProtectEnded = 41,
+    /// Primary or standby → witness: may I run the guest of protection
+    /// `session`? (first asker wins, once per session).
+    WitnessClaim = 42 {
+        /// The protection session (the primary's `Hello` session).
+        session: u64,
+        /// 1: the primary (to go on unprotected), 2: the standby (to take
+        /// over).
+        claimant: u16,
+    },
+    /// Witness → claimant: the verdict.
+    WitnessVerdict = 43 {
+        /// Whether the claimant holds the run right.
+        granted: bool,
+    },
 }
 
 /// Why bytes from a peer could not be understood.

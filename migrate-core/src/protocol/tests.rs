@@ -155,6 +155,35 @@ fn all_messages() -> Vec<Message> {
             }],
         },
         Message::PostcopyPrepared,
+        Message::EpochPages {
+            epoch: 3,
+            last: true,
+            ranges: vec![PageRange {
+                region: 0,
+                first: 9,
+                count: 2,
+            }],
+        },
+        Message::EpochOutput {
+            last: false,
+            bytes: b"17 a->b 5\n".to_vec(),
+        },
+        Message::EpochEnd {
+            epoch: 3,
+            checkpoint: true,
+        },
+        Message::EpochApplied { epoch: 3 },
+        Message::EpochRefused {
+            epoch: 4,
+            reason: "batch check".into(),
+        },
+        Message::ProtectEnd,
+        Message::ProtectEnded,
+        Message::WitnessClaim {
+            session: 7,
+            claimant: 2,
+        },
+        Message::WitnessVerdict { granted: true },
     ]
 }
 
