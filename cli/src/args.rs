@@ -29,6 +29,15 @@ pub enum Command {
     /// Source and destination on this machine over loopback, with the
     /// built-in guest dirtying its memory: a live migration in one command.
     Demo(DemoArgs),
+    /// Protect this host's guest: mirror it to a standby in epochs, its
+    /// output released only once the standby holds the epoch that made it.
+    Protect(ProtectArgs),
+    /// Stand by for a protected guest: apply its epochs, take it over when
+    /// the primary is lost and the witness agrees.
+    Standby(StandbyArgs),
+    /// Decide which end of a protection may run the guest when the two
+    /// lost each other: the first to ask, once per protection.
+    Witness(WitnessArgs),
     /// Write a test certificate authority and certificates for both ends
     /// into a directory, for `--tls-dir` (copy it to both hosts).
     TlsGen(TlsGenArgs),
@@ -299,6 +308,105 @@ pub struct DestArgs {
     /// `memory_digest` in `--json` (compare with the source's `--digest`).
     #[arg(long)]
     pub digest: bool,
+}
+
+/// Who decides which end runs a guest once its primary and standby lost
+/// each other.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct WitnessChoice {
+    /// The witness (`migrate-cli witness`) on a third host, host:port;
+    /// asked with the same credentials as the peer.
+    #[arg(long)]
+    pub witness: Option<String>,
+    /// No witness: each end, losing the other, runs the guest. If the link
+    /// between them is cut while both live, both run it (split brain).
+    #[arg(long)]
+    pub no_witness: bool,
+}
+
+/// `migrate-cli protect`.
+#[derive(Debug, Clone, Args)]
+pub struct ProtectArgs {
+    /// The standby, host:port.
+    #[arg(long)]
+    pub standby: String,
+    #[command(flatten)]
+    pub witness: WitnessChoice,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Time from one epoch's pause to the next, ms.
+    #[arg(long, default_value_t = 25)]
+    pub epoch_ms: u64,
+    /// Silence from the standby (heartbeats included) after which it is
+    /// lost, ms (overrides --io-timeout-s).
+    #[arg(long, default_value_t = 1000)]
+    pub failover_after_ms: u64,
+    /// Protect for this many seconds, then end protection cleanly (the
+    /// standby is released) and stop; default: until SIGINT or SIGTERM,
+    /// which end it the same way.
+    #[arg(long)]
+    pub run_for_s: Option<u64>,
+    /// The guest's output, as released (bank guest: one line per
+    /// transfer, its sequence number first).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Dirty tracker.
+    #[arg(long, value_enum, default_value_t = TrackerChoice::Best)]
+    pub tracker: TrackerChoice,
+    /// Write the report as one JSON object here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// `migrate-cli standby`.
+#[derive(Debug, Clone, Args)]
+pub struct StandbyArgs {
+    /// Address to listen on, host:port. Without `--tls-dir` or
+    /// `--psk-file`, only a loopback address (or `--insecure`).
+    #[arg(long)]
+    pub listen: String,
+    #[command(flatten)]
+    pub witness: WitnessChoice,
+    /// Silence from the primary (heartbeats included) after which it is
+    /// lost and the standby asks to take over, ms.
+    #[arg(long, default_value_t = 1000)]
+    pub failover_after_ms: u64,
+    /// After a takeover, run the guest for this many seconds (continuing
+    /// --output), check it, and exit.
+    #[arg(long, default_value_t = 0)]
+    pub run_after_failover_s: u64,
+    /// The guest's output after a takeover: the last applied epoch's, then
+    /// what the guest sends from then on.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// The image; without it, the layout the primary announces is adopted.
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    /// Largest guest memory adopted from a primary's layout (default: the
+    /// memory this machine has available now).
+    #[arg(long, value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+    /// Write the report as one JSON object here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// `migrate-cli witness`.
+#[derive(Debug, Clone, Args)]
+pub struct WitnessArgs {
+    /// Address to listen on, host:port. Without `--tls-dir` or
+    /// `--psk-file`, only a loopback address (or `--insecure`).
+    #[arg(long)]
+    pub listen: String,
+    #[command(flatten)]
+    pub transport: TransportArgs,
 }
 
 /// `migrate-cli demo`.

@@ -11,6 +11,7 @@ mod control;
 mod guest;
 mod manual;
 mod memory;
+mod protect;
 mod report;
 mod resources;
 mod run;
@@ -34,6 +35,9 @@ fn main() {
         args::Command::Source(a) => run::source(a, baseline_rss),
         args::Command::Dest(a) => run::dest(a, baseline_rss),
         args::Command::Demo(a) => run::demo(a),
+        args::Command::Protect(a) => protect::protect(a),
+        args::Command::Standby(a) => protect::standby(a),
+        args::Command::Witness(a) => protect::witness(a),
         args::Command::TlsGen(a) => run::tls_gen(a),
         args::Command::Ctl(a) => control::ctl(&a.socket, &a.command, &a.params).map(|ok| {
             if ok {

@@ -41,7 +41,7 @@ fn outputs<'a>(
     }
 }
 
-fn tracker_pref(t: TrackerChoice) -> TrackerPreference {
+pub(crate) fn tracker_pref(t: TrackerChoice) -> TrackerPreference {
     match t {
         TrackerChoice::Best => TrackerPreference::Best,
         TrackerChoice::UffdAsync => TrackerPreference::Only(TrackerKind::UffdAsync),
@@ -340,7 +340,7 @@ fn receive(
 /// Accept the first connection that is a migration source: one client's
 /// failure is not the listener's (a stranger, a port scanner, a peer with
 /// the wrong credentials).
-fn accept_source(listener: &transport::Listener) -> Result<transport::Destination> {
+pub(crate) fn accept_source(listener: &transport::Listener) -> Result<transport::Destination> {
     loop {
         match listener.accept() {
             Ok(t) => return Ok(t),
@@ -496,6 +496,7 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
         streams: a.streams,
         no_sparse: false,
         io_timeout_s: 30,
+        io_timeout: None,
         reconnect_s: 0,
         tls_dir: None,
         psk_file: None,

@@ -35,6 +35,10 @@ pub struct TransportArgs {
     /// every second) before it counts as dead; rounds may last longer.
     #[arg(long, default_value_t = 30)]
     pub io_timeout_s: u64,
+    /// The I/O timeout in finer steps than `--io-timeout-s`, when a
+    /// command sets it from its own option (`--failover-after-ms`).
+    #[arg(skip)]
+    pub io_timeout: Option<std::time::Duration>,
     /// When the connection is lost before the switch-over, reconnect (the
     /// source) or wait for the source to (the destination) for this many
     /// seconds and go on where it stopped; 0: fail at once.

@@ -9,6 +9,7 @@
 //! | who may connect, and with what credentials? | [`security::tls`] (nothing in the clear off loopback without `--insecure`) |
 //! | which transport carries the pages? | [`transport`]: [`connect`](transport::connect), [`Listener`](transport::Listener) |
 //! | where does an exit status come from? | [`Outcome`]: one meaning per code |
+//! | who may run a protected guest when its two ends lost each other? | [`witness`]: [`NetWitness`](witness::NetWitness) asks, [`serve`](witness::serve) answers |
 //! | where do reports go? | [`output`] (files made for this user alone); their fields are `migrate_core::report`'s |
 //!
 //! Set-up errors (a bad option, unreadable credentials, an address that
@@ -20,6 +21,7 @@ pub mod outcome;
 pub mod output;
 pub mod security;
 pub mod transport;
+pub mod witness;
 
 pub use error::SetupError;
 pub use outcome::Outcome;

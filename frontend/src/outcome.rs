@@ -9,6 +9,8 @@
 //! | 2 | set-up error ([`SetupError`](crate::SetupError)): nothing was sent |
 //! | 3 | commit sent but not acknowledged: the source guest stays paused; find out whether the destination runs it |
 //! | 4 | the link broke during post-copy: the destination runs the guest without all of its pages, the source keeps them; discard neither |
+//! | 5 | protection degraded: the standby was lost and the witness let the primary run on, unprotected |
+//! | 6 | fenced: the other end of a protection holds the run right (or none could be had); the guest does not run here |
 
 use migrate_core::{DestinationReport, IncomingError, MigrationError, MigrationStats};
 
@@ -32,6 +34,12 @@ pub enum Outcome {
     /// 1: `ctl`: the migration refused the request (the response says
     /// why); `check`: the asked transport cannot work on this host.
     Refused,
+    /// 5: protection degraded: the standby was lost and the witness let
+    /// the primary run on, unprotected.
+    Degraded,
+    /// 6: fenced: the other end of a protection holds the run right (or
+    /// none could be had); the guest does not run here.
+    Fenced,
 }
 
 /// The exit status of a set-up error (nothing was sent).
@@ -45,6 +53,8 @@ impl Outcome {
             Outcome::Failed | Outcome::Refused => 1,
             Outcome::CommitUnknown => 3,
             Outcome::PostcopyInterrupted => 4,
+            Outcome::Degraded => 5,
+            Outcome::Fenced => 6,
         }
     }
 
@@ -86,6 +96,8 @@ mod tests {
             (Outcome::Refused, 1),
             (Outcome::CommitUnknown, 3),
             (Outcome::PostcopyInterrupted, 4),
+            (Outcome::Degraded, 5),
+            (Outcome::Fenced, 6),
         ];
         for (o, code) in all {
             assert_eq!(o.code(), code, "{o:?}");

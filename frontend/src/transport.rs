@@ -175,7 +175,9 @@ pub fn tcp_config(t: &TransportArgs, compress: bool, tls: Option<TlsConfig>) -> 
         data_streams: t.streams.max(1),
         compress,
         sparse: !t.no_sparse,
-        io_timeout: std::time::Duration::from_secs(t.io_timeout_s.max(1)),
+        io_timeout: t
+            .io_timeout
+            .unwrap_or_else(|| std::time::Duration::from_secs(t.io_timeout_s.max(1))),
         tls,
         // Without credentials on loopback, only this user's processes may
         // be the peer, unless the operator said --insecure.

@@ -1,0 +1,323 @@
+//! `protect`, `standby` and `witness`: continuous mirroring of the built-in
+//! guest for fault tolerance ([`migrate_core::mirror`]).
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use migrate_core::memory::GuestMemory;
+use migrate_core::mirror::{
+    NoWitness, OutputGate, ProtectConfig, ProtectStatus, Protection, RunRight, Standby,
+    StandbyStatus,
+};
+use migrate_core::vm::{DestinationVm, VmError};
+use migrate_frontend::{Outcome, output, security, transport, witness};
+use migrate_guests::{BankGuest, RunningGuest};
+use serde_json::json;
+
+use crate::args::{ProtectArgs, StandbyArgs, TransportArgs, WitnessArgs, WitnessChoice};
+use crate::{guest, memory, report, run};
+
+/// Where the guest's released output goes: `--output`, or nowhere.
+fn output_sink(path: Option<&std::path::Path>) -> Result<Box<dyn Write + Send>> {
+    Ok(match path {
+        Some(p) => Box::new(output::create_output(p).context("--output")?),
+        None => Box::new(std::io::sink()),
+    })
+}
+
+/// The witness the options name, asked with the peer's credentials.
+fn run_right(
+    w: &WitnessChoice,
+    t: &TransportArgs,
+    tls: Option<transport_tcp::TlsConfig>,
+) -> Box<dyn RunRight> {
+    match &w.witness {
+        Some(addr) => Box::new(witness::NetWitness::new(
+            addr,
+            transport::tcp_config(t, false, tls),
+        )),
+        None => Box::new(NoWitness),
+    }
+}
+
+/// The credentials to ask the witness with: a client's, from the same
+/// options (the same pre-shared key, or the `client-*.pem` of `--tls-dir`).
+fn witness_tls(w: &WitnessChoice, t: &TransportArgs) -> Result<Option<transport_tcp::TlsConfig>> {
+    let Some(addr) = &w.witness else {
+        return Ok(None);
+    };
+    Ok(security::tls(
+        t,
+        &security::Role::Source {
+            connect: addr,
+            hostname: None,
+        },
+    )?)
+}
+
+/// `migrate-cli protect`.
+pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
+    output::check_outputs(output::Outputs {
+        json: a.json.as_deref(),
+        ..Default::default()
+    })?;
+    a.transport.io_timeout = Some(Duration::from_millis(a.failover_after_ms.max(10)));
+    let tls = security::tls(
+        &a.transport,
+        &security::Role::Source {
+            connect: &a.standby,
+            hostname: None,
+        },
+    )?;
+    let witness_tls = witness_tls(&a.witness, &a.transport)?;
+    let sink = output_sink(a.output.as_deref())?;
+    let g = a.guest.for_memory(memory::existing_file(&a.memory))?;
+    let mem = Arc::new(
+        memory::from_args(&a.memory)?
+            .context("give the guest memory: --memory SIZE and/or --memory-file PATH")?,
+    );
+    guest::fill(&mem, &g)?;
+    let gate = OutputGate::new(sink);
+    let mut transport = transport::connect(&a.standby, &a.transport, false, tls, false)?;
+    let tracking = migrate_core::dirty::DirtyTracking::new(&mem, run::tracker_pref(a.tracker))?;
+    let mut vm = guest::start_gated(&mem, &g, Some(Arc::clone(&gate)))?;
+    let protection = Protection::new(ProtectConfig::with_epoch(Duration::from_millis(
+        a.epoch_ms.max(1),
+    )));
+    let handle = protection.handle();
+    end_on_signals(handle.clone())?;
+    let started = std::time::Instant::now();
+    let run_for = a.run_for_s.map(Duration::from_secs);
+    if let Some(d) = run_for {
+        let h = handle.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(d);
+            h.end();
+        });
+    }
+    let mut right = run_right(&a.witness, &a.transport, witness_tls);
+    let result = protection.run(
+        transport.as_dyn(),
+        &mem,
+        &tracking,
+        &mut vm,
+        &gate,
+        right.as_mut(),
+    );
+    let outcome = match &result {
+        Ok(r) if r.status == ProtectStatus::Degraded => {
+            eprintln!(
+                "protection degraded: the standby is lost ({}); the guest runs on unprotected",
+                r.error.as_deref().unwrap_or("?")
+            );
+            // Unprotected, for the rest of the time asked.
+            if let Some(d) = run_for {
+                std::thread::sleep(d.saturating_sub(started.elapsed()));
+            }
+            Outcome::Degraded
+        }
+        Ok(r) if r.status == ProtectStatus::Fenced => {
+            eprintln!(
+                "fenced: the standby is lost ({}) and the witness gave the run right to it \
+                 (or could not be asked); the guest stays paused here",
+                r.error.as_deref().unwrap_or("?")
+            );
+            Outcome::Fenced
+        }
+        Ok(_) => Outcome::Done,
+        Err(e) => {
+            eprintln!("protection failed: {e}; the guest runs on unprotected");
+            Outcome::Failed
+        }
+    };
+    vm.stop();
+    let check = (g.kind() == crate::args::GuestKind::Bank).then(|| check_bank(&mem));
+    if let Some(path) = &a.json {
+        let mut v = match &result {
+            Ok(r) => serde_json::to_value(r).unwrap_or_default(),
+            Err(e) => json!({ "status": "failed", "error": e.to_string() }),
+        };
+        v["role"] = json!("primary");
+        add_check(&mut v, check.as_ref());
+        output::write_report("migrate-cli", path, &v);
+    }
+    Ok(outcome)
+}
+
+/// SIGINT/SIGTERM end protection cleanly (the standby is released).
+fn end_on_signals(handle: migrate_core::mirror::ProtectHandle) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing the SIGINT/SIGTERM handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                eprintln!("migrate-cli: ending protection (the standby is released)");
+                handle.end();
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
+fn check_bank(mem: &GuestMemory) -> Result<String, String> {
+    BankGuest::validate(mem)
+        .map(|s| {
+            format!(
+                "ledger consistent: {} accounts, {} transfers, total {}",
+                s.accounts, s.transfers, s.total
+            )
+        })
+        .map_err(|e| format!("ledger inconsistent: {e}"))
+}
+
+fn add_check(v: &mut serde_json::Value, check: Option<&Result<String, String>>) {
+    if let Some(c) = check {
+        let (Ok(m) | Err(m)) = c;
+        v["guest_check"] = json!(if c.is_ok() { "ok" } else { "bad" });
+        v["guest_check_detail"] = json!(m);
+    }
+}
+
+/// The standby's VMM: the device state of the last applied checkpoint is
+/// loaded, and at resume the built-in guest it names goes on over the
+/// image, its output through the gate.
+struct StandbyVm {
+    image: Arc<GuestMemory>,
+    gate: Arc<OutputGate>,
+    state: Option<Vec<u8>>,
+    guest: Arc<Mutex<Option<RunningGuest>>>,
+}
+
+impl DestinationVm for StandbyVm {
+    fn load_state(&mut self, state: &[u8]) -> Result<(), VmError> {
+        self.state = Some(state.to_vec());
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        let state = self
+            .state
+            .as_deref()
+            .ok_or_else(|| VmError::new("resume", "no device state loaded"))?;
+        let g = guest::resume(&self.image, state, Arc::clone(&self.gate))
+            .map_err(|e| VmError::new("resume the guest", format!("{e:#}")))?;
+        *self.guest.lock().unwrap_or_else(|p| p.into_inner()) = g;
+        Ok(())
+    }
+}
+
+/// `migrate-cli standby`.
+pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
+    output::check_outputs(output::Outputs {
+        json: a.json.as_deref(),
+        ..Default::default()
+    })?;
+    a.transport.io_timeout = Some(Duration::from_millis(a.failover_after_ms.max(10)));
+    let tls = security::tls(
+        &a.transport,
+        &security::Role::Destination {
+            listen: &a.listen,
+            allow: &[],
+        },
+    )?;
+    let witness_tls = witness_tls(&a.witness, &a.transport)?;
+    let sink = output_sink(a.output.as_deref())?;
+    let listener = transport::Listener::bind(&a.listen, &a.transport, tls)?;
+    let own = memory::from_args(&a.memory)?.map(Arc::new);
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush().ok();
+    let mut t = run::accept_source(&listener)?;
+    let standby = Standby::accept(t.as_dyn())?;
+    let image = match own {
+        Some(m) => m,
+        None => Arc::new(memory::adopt(
+            standby.layout(),
+            a.max_memory.unwrap_or_else(memory::available),
+        )?),
+    };
+    let gate = OutputGate::new(sink);
+    let running = Arc::new(Mutex::new(None));
+    let mut vm = StandbyVm {
+        image: Arc::clone(&image),
+        gate: Arc::clone(&gate),
+        state: None,
+        guest: Arc::clone(&running),
+    };
+    let mut right = run_right(&a.witness, &a.transport, witness_tls);
+    let result = standby.run(t.as_dyn(), &image, &mut vm, &gate, right.as_mut());
+    t.finish();
+    let mut check = None;
+    let outcome = match &result {
+        Ok(r) if r.status == StandbyStatus::TookOver => {
+            println!(
+                "took over from epoch {}: the guest runs here ({:.0} ms after the primary's last word)",
+                r.last_checkpoint.unwrap_or(0),
+                r.failover_ms
+            );
+            std::thread::sleep(Duration::from_secs(a.run_after_failover_s));
+            if let Some(g) = running.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                g.stop();
+            }
+            let c = vm
+                .state
+                .as_deref()
+                .and_then(|s| guest::check_destination(&image, s));
+            let ok = !matches!(c, Some(Err(_)));
+            check = c;
+            if ok { Outcome::Done } else { Outcome::Failed }
+        }
+        Ok(r) if r.status == StandbyStatus::Released => {
+            println!("released: the primary ended protection");
+            Outcome::Done
+        }
+        Ok(r) if r.status == StandbyStatus::Fenced => {
+            eprintln!("fenced: the primary is lost but the witness refused the run right here");
+            Outcome::Fenced
+        }
+        Ok(r) => {
+            eprintln!(
+                "the primary is lost before any checkpoint: nothing to take over ({})",
+                r.error.as_deref().unwrap_or("?")
+            );
+            Outcome::Failed
+        }
+        Err(e) => {
+            eprintln!("standby failed: {e}");
+            Outcome::Failed
+        }
+    };
+    if let Some(path) = &a.json {
+        let mut v = match &result {
+            Ok(r) => serde_json::to_value(r).unwrap_or_default(),
+            Err(e) => json!({ "status": "failed", "error": e.to_string() }),
+        };
+        v["role"] = json!("standby");
+        add_check(&mut v, check.as_ref());
+        output::write_report("migrate-cli", path, &v);
+    }
+    Ok(outcome)
+}
+
+/// `migrate-cli witness`: serve claims until killed.
+pub fn witness(a: WitnessArgs) -> Result<Outcome> {
+    let tls = security::tls(
+        &a.transport,
+        &security::Role::Destination {
+            listen: &a.listen,
+            allow: &[],
+        },
+    )?;
+    let listener = transport_tcp::TcpMigrationListener::bind(
+        &a.listen,
+        transport::tcp_config(&a.transport, false, tls),
+    )?;
+    println!("witness listening on {}", listener.local_addr()?);
+    std::io::stdout().flush().ok();
+    witness::serve(&listener)
+        .map_err(|e| anyhow::anyhow!("witness: {}", report::error_text(&e.into())))?;
+    Ok(Outcome::Done)
+}

@@ -1,0 +1,78 @@
+//! The witness over the network: `migrate-cli witness` serves claims,
+//! [`NetWitness`] asks it (a protection's primary or standby).
+
+use std::sync::Arc;
+
+use migrate_core::mirror::witness::claim_over;
+use migrate_core::mirror::{Claimant, RunRight, WitnessBook};
+use migrate_core::transport::{SourceTransport, TransportError};
+use transport_tcp::{TcpConfig, TcpMigrationListener, TcpSource};
+
+/// Asks the witness at an address, over a connection authenticated as
+/// every other (`cfg`'s TLS or pre-shared key; on loopback without them,
+/// this user's processes only).
+#[derive(Debug, Clone)]
+pub struct NetWitness {
+    addr: String,
+    cfg: TcpConfig,
+}
+
+impl NetWitness {
+    /// The witness at `addr` (host:port).
+    pub fn new(addr: &str, cfg: TcpConfig) -> Self {
+        Self {
+            addr: addr.to_string(),
+            cfg,
+        }
+    }
+}
+
+impl RunRight for NetWitness {
+    fn claim(&mut self, session: u64, claimant: Claimant) -> Result<bool, TransportError> {
+        let mut t = TcpSource::connect(&self.addr, self.cfg.clone())?;
+        let granted = claim_over(t.control(), session, claimant)?;
+        tracing::info!(
+            claimant = claimant.name(),
+            granted,
+            witness = %self.addr,
+            "the witness decided"
+        );
+        Ok(granted)
+    }
+}
+
+/// Serve claims on `listener` until the process ends: each connection one
+/// claim, answered from one book (first claimant of a session wins).
+/// Clients that are not claimants, or fail to authenticate, are refused
+/// and logged; the witness goes on.
+///
+/// # Errors
+/// [`TransportError`] when accepting fails for good (the socket broke).
+pub fn serve(listener: &TcpMigrationListener) -> Result<(), TransportError> {
+    let book = Arc::new(WitnessBook::new());
+    loop {
+        let mut t = match listener.accept() {
+            Ok(t) => t,
+            Err(e)
+                if e.is_disconnect()
+                    || matches!(e, TransportError::Protocol(_) | TransportError::Auth { .. }) =>
+            {
+                tracing::warn!(error = %e, "refused a connection");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let book = Arc::clone(&book);
+        std::thread::spawn(move || {
+            use migrate_core::transport::DestinationTransport;
+            match book.serve(t.control()) {
+                Ok((session, claimant, granted)) => println!(
+                    "session {session:016x}: {} {}",
+                    claimant.name(),
+                    if granted { "granted" } else { "refused" }
+                ),
+                Err(e) => tracing::warn!(error = %e, "a claimant failed"),
+            }
+        });
+    }
+}
