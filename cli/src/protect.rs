@@ -97,6 +97,7 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
             h.end();
         });
     }
+    say_when_protected(handle.clone());
     let mut right = run_right(&a.witness, &a.transport, witness_tls);
     let result = protection.run(
         transport.as_dyn(),
@@ -144,6 +145,28 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
         output::write_report("migrate-cli", path, &v);
     }
     Ok(outcome)
+}
+
+/// Say on stdout once the standby holds a checkpoint (an operator, or a
+/// script, knows from then on that a failure of this host loses nothing).
+fn say_when_protected(handle: migrate_core::mirror::ProtectHandle) {
+    std::thread::spawn(move || {
+        loop {
+            let s = handle.stats();
+            match s.status {
+                ProtectStatus::Syncing => std::thread::sleep(Duration::from_millis(5)),
+                ProtectStatus::Protected => {
+                    println!(
+                        "protected: session {:016x}, initial sync {:.0} ms",
+                        s.session, s.initial_sync_ms
+                    );
+                    std::io::stdout().flush().ok();
+                    return;
+                }
+                _ => return,
+            }
+        }
+    });
 }
 
 /// SIGINT/SIGTERM end protection cleanly (the standby is released).

@@ -1,0 +1,282 @@
+//! Fault tolerance between real processes: `protect`, `standby` and
+//! `witness` over loopback TCP, the primary killed at random points, the
+//! standby frozen, the link between them cut while both reach the witness.
+//! Every run checks the guest's own rule (the bank ledger of the guest that
+//! runs on) and the receipts both ends released: contiguous from 0, any
+//! repeat identical, never a contradiction.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Start `migrate-cli ARGS`, wait for its first stdout line starting with
+/// `prefix` and return it with the rest of that line.
+fn start(args: &[&str], prefix: &str) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn migrate-cli");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("{args:?} ended before saying {prefix:?}: {err}");
+        }
+        if let Some(rest) = line.trim().strip_prefix(prefix) {
+            let rest = rest.to_string();
+            // Keep draining stdout so the child never blocks on it.
+            std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+            return (child, rest);
+        }
+    }
+}
+
+fn witness() -> (Child, String) {
+    start(
+        &["witness", "--listen", "127.0.0.1:0"],
+        "witness listening on ",
+    )
+}
+
+fn standby(witness: &str, tag: &str, extra: &[&str]) -> (Child, String) {
+    let (out, json) = (tmp(&format!("{tag}-s.out")), tmp(&format!("{tag}-s.json")));
+    let mut args = vec![
+        "standby",
+        "--listen",
+        "127.0.0.1:0",
+        "--witness",
+        witness,
+        "--failover-after-ms",
+        "500",
+        "--run-after-failover-s",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let (out, json) = (out.display().to_string(), json.display().to_string());
+    args.extend(["--output", &out, "--json", &json]);
+    start(&args, "listening on ")
+}
+
+/// The primary, once the standby holds a checkpoint.
+fn protect(standby: &str, witness: &str, tag: &str, extra: &[&str]) -> Child {
+    let (out, json) = (tmp(&format!("{tag}-p.out")), tmp(&format!("{tag}-p.json")));
+    let (out, json) = (out.display().to_string(), json.display().to_string());
+    let mut args = vec![
+        "protect",
+        "--standby",
+        standby,
+        "--witness",
+        witness,
+        "--memory",
+        "16M",
+        "--guest",
+        "bank",
+        "--dirty-rate",
+        "2000",
+        "--epoch-ms",
+        "25",
+        "--failover-after-ms",
+        "500",
+        "--output",
+        &out,
+        "--json",
+        &json,
+    ];
+    args.extend_from_slice(extra);
+    start(&args, "protected: ").0
+}
+
+fn wait(child: &mut Child, within: Duration) -> i32 {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code().unwrap_or(-1);
+        }
+        assert!(t.elapsed() < within, "still running after {within:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The receipts released by the ends, each file in order: contiguous from
+/// 0 when merged, every repeat identical. A primary killed in the middle
+/// of a write may leave a last line cut short: it must be the start of the
+/// same receipt the other end released whole. Returns how many receipts.
+fn receipts_hold(files: &[&Path]) -> usize {
+    let mut seen: BTreeMap<u64, String> = BTreeMap::new();
+    let mut cut: Vec<String> = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        let whole = text.ends_with('\n') || text.is_empty();
+        let mut lines: Vec<&str> = text.lines().collect();
+        if !whole {
+            cut.push(lines.pop().unwrap().to_string());
+        }
+        let mut next: Option<u64> = None;
+        for line in lines {
+            let seq: u64 = line.split(' ').next().unwrap().parse().unwrap();
+            if let Some(n) = next {
+                assert_eq!(seq, n, "{}: a gap or disorder at {line:?}", f.display());
+            }
+            next = Some(seq + 1);
+            if let Some(first) = seen.insert(seq, line.to_string()) {
+                assert_eq!(first, line, "receipt {seq} released twice, differently");
+            }
+        }
+    }
+    let n = seen.len();
+    assert_eq!(
+        seen.keys().next_back().map_or(0, |k| k + 1) as usize,
+        n,
+        "receipts missing between the ends"
+    );
+    for c in cut {
+        assert!(
+            seen.values().any(|l| l.starts_with(&c)),
+            "a cut-short receipt {c:?} that no end released whole"
+        );
+    }
+    n
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_killed_primary_is_taken_over_from_its_last_epoch_losing_nothing_seen() {
+    let (mut w, waddr) = witness();
+    for run in 0..20u64 {
+        let tag = format!("kill{run}");
+        let (mut s, saddr) = standby(&waddr, &tag, &[]);
+        let mut p = protect(&saddr, &waddr, &tag, &[]);
+        // A spread of points: early epochs to several seconds in.
+        std::thread::sleep(Duration::from_millis((run * 7919) % 1200));
+        signal(p.id(), "-KILL");
+        let _ = p.wait();
+        let code = wait(&mut s, Duration::from_secs(20));
+        let report = json(&tmp(&format!("{tag}-s.json")));
+        assert_eq!(code, 0, "run {run}: standby exit {code}: {report}");
+        assert_eq!(report["status"], "took-over", "run {run}: {report}");
+        assert_eq!(report["guest_check"], "ok", "run {run}: {report}");
+        assert!(report["failover_ms"].as_f64().unwrap() < 600.0, "{report}");
+        let n = receipts_hold(&[&tmp(&format!("{tag}-p.out")), &tmp(&format!("{tag}-s.out"))]);
+        assert!(n > 0, "run {run}: no receipts at all");
+    }
+    kill(&mut w);
+}
+
+#[test]
+fn a_frozen_standby_leaves_the_primary_running_degraded_and_the_standby_fenced() {
+    let (mut w, waddr) = witness();
+    let (mut s, saddr) = standby(&waddr, "frozen", &[]);
+    let mut p = protect(&saddr, &waddr, "frozen", &["--run-for-s", "3"]);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(s.id(), "-STOP");
+    let code = wait(&mut p, Duration::from_secs(20));
+    let report = json(&tmp("frozen-p.json"));
+    assert_eq!(code, 5, "{report}");
+    assert_eq!(report["status"], "degraded", "{report}");
+    assert_eq!(report["guest_check"], "ok", "{report}");
+    // The guest never stopped for longer than an epoch's capture.
+    assert!(
+        report["epoch_pause_us"]["max"].as_u64().unwrap() < 500_000,
+        "{report}"
+    );
+    // Thawed, the standby finds its primary gone and the run right taken.
+    signal(s.id(), "-CONT");
+    let code = wait(&mut s, Duration::from_secs(20));
+    let sreport = json(&tmp("frozen-s.json"));
+    assert_eq!(
+        (code, &sreport["status"]),
+        (6, &"fenced".into()),
+        "{sreport}"
+    );
+    assert!(
+        std::fs::read_to_string(tmp("frozen-s.out"))
+            .unwrap()
+            .is_empty()
+    );
+    receipts_hold(&[&tmp("frozen-p.out")]);
+    kill(&mut w);
+}
+
+/// A TCP proxy that forwards until cut, then swallows everything in both
+/// directions without closing: a link that went silent.
+fn silent_cut_proxy(to: String) -> (String, Arc<AtomicBool>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let cut = Arc::new(AtomicBool::new(false));
+    let c = Arc::clone(&cut);
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(a) = conn else { return };
+            let Ok(b) = TcpStream::connect(&to) else {
+                return;
+            };
+            for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                let cut = Arc::clone(&c);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if !cut.load(Ordering::SeqCst) && into.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, cut)
+}
+
+#[test]
+fn a_cut_link_with_the_witness_reachable_leaves_exactly_one_guest_running() {
+    let (mut w, waddr) = witness();
+    let (mut s, saddr) = standby(&waddr, "cut", &[]);
+    let (proxy, cut) = silent_cut_proxy(saddr);
+    let mut p = protect(&proxy, &waddr, "cut", &["--run-for-s", "4"]);
+    std::thread::sleep(Duration::from_millis(400));
+    cut.store(true, Ordering::SeqCst);
+    let pcode = wait(&mut p, Duration::from_secs(30));
+    let scode = wait(&mut s, Duration::from_secs(30));
+    let (pr, sr) = (json(&tmp("cut-p.json")), json(&tmp("cut-s.json")));
+    let primary_runs = pcode == 5 && pr["status"] == "degraded";
+    let standby_runs = scode == 0 && sr["status"] == "took-over";
+    assert!(
+        primary_runs ^ standby_runs,
+        "exactly one guest runs: {pr} {sr}"
+    );
+    if primary_runs {
+        assert_eq!((scode, &sr["status"]), (6, &"fenced".into()), "{sr}");
+        assert_eq!(pr["guest_check"], "ok", "{pr}");
+    } else {
+        assert_eq!((pcode, &pr["status"]), (6, &"fenced".into()), "{pr}");
+        assert_eq!(sr["guest_check"], "ok", "{sr}");
+    }
+    receipts_hold(&[&tmp("cut-p.out"), &tmp("cut-s.out")]);
+    kill(&mut w);
+}
