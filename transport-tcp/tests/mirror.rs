@@ -123,8 +123,19 @@ fn protect(
     standby_witness: Box<dyn RunRight>,
     during: impl FnOnce(&KillSwitch, &migrate_core::mirror::ProtectHandle),
 ) -> Ends {
+    protect_via(primary_witness, standby_witness, |a| a, during)
+}
+
+/// As [`protect`], the primary connecting to `via(standby's address)` (a
+/// proxy in between).
+fn protect_via(
+    primary_witness: Box<dyn RunRight>,
+    standby_witness: Box<dyn RunRight>,
+    via: impl FnOnce(String) -> String,
+    during: impl FnOnce(&KillSwitch, &migrate_core::mirror::ProtectHandle),
+) -> Ends {
     let listener = TcpMigrationListener::bind("127.0.0.1:0", cfg()).unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+    let addr = via(listener.local_addr().unwrap().to_string());
     let image = memory();
     let standby_out = Sink::default();
     let (kill_tx, kill_rx) = crossbeam_channel::bounded(1);
@@ -144,6 +155,8 @@ fn protect(
         })
     };
     let mem = memory();
+    // Mostly data pages (the bank alone would leave them sparse).
+    fixtures::fill_memory(&mem, fixtures::PageMix::parse("10:45:45").unwrap(), 7).unwrap();
     BankGuest::format(&mem, &bank()).unwrap();
     let primary_out = Sink::default();
     let gate = OutputGate::new(Box::new(primary_out.clone()));
@@ -276,7 +289,9 @@ fn a_cut_link_leaves_exactly_one_guest_running_and_nothing_seen_lost() {
     // Whoever asks the witness first runs; the other stops.
     for standby_first in [true, false] {
         let book = Arc::new(WitnessBook::new());
-        let (fast, slow) = (Duration::ZERO, Duration::from_millis(300));
+        // The slower claimant asks well after the other noticed: a primary
+        // notices a lost standby at its next epoch, a standby at once.
+        let (fast, slow) = (Duration::ZERO, Duration::from_millis(1500));
         let (p, s) = if standby_first {
             (slow, fast)
         } else {
@@ -320,4 +335,90 @@ impl std::fmt::Debug for Ends {
             .field("standby_resumed", &self.standby_resumed)
             .finish()
     }
+}
+
+/// A proxy that passes frames through, and flips the last byte of the first
+/// page batch of round (epoch) `from_epoch` or later that carries page
+/// bytes, on any data stream: a page byte corrupted in flight (frames: an
+/// 8-byte preamble, then 16-byte headers with the kind in byte 0 and the
+/// payload length in bytes 4..8; a batch's payload starts with its round
+/// and ends with its page bytes, `wire_len` of them at bytes 8..12).
+fn page_flipping_proxy(to: String, from_epoch: u32) -> String {
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let done = Arc::new(AtomicBool::new(false));
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(a) = conn else { return };
+            let Ok(b) = TcpStream::connect(&to) else {
+                return;
+            };
+            let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut b2, &mut a2));
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let (mut from, mut into) = (a, b);
+                let mut pre = [0u8; 8];
+                if from.read_exact(&mut pre).is_err() || into.write_all(&pre).is_err() {
+                    return;
+                }
+                loop {
+                    let mut h = [0u8; 16];
+                    if from.read_exact(&mut h).is_err() {
+                        return;
+                    }
+                    let len = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+                    let mut p = vec![0u8; len];
+                    if from.read_exact(&mut p).is_err() {
+                        return;
+                    }
+                    let batch = h[0] == 6 && len >= 16;
+                    if batch
+                        && u32::from_le_bytes(p[0..4].try_into().unwrap()) >= from_epoch
+                        && u32::from_le_bytes(p[8..12].try_into().unwrap()) > 0
+                        && !done.swap(true, Ordering::SeqCst)
+                    {
+                        p[len - 1] ^= 0x40;
+                    }
+                    if into
+                        .write_all(&h)
+                        .and_then(|()| into.write_all(&p))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_corrupted_epoch_is_refused_and_sent_again_the_image_never_torn() {
+    let e = protect_via(
+        Box::new(NoWitness),
+        Box::new(NoWitness),
+        |standby| page_flipping_proxy(standby, 8),
+        |_, h| {
+            epochs(h, 20);
+            h.end();
+        },
+    );
+    assert_eq!(e.primary.status, ProtectStatus::Released, "{e:?}");
+    assert_eq!(e.standby.status, StandbyStatus::Released, "{e:?}");
+    assert_eq!(
+        (e.primary.epochs_refused, e.standby.epochs_refused),
+        (1, 1),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.standby.epochs_applied,
+        e.primary.epochs + u64::from(e.primary.sync_rounds)
+    );
+    image_is_checkpoint(&e);
+    receipts_hold(&[&e.primary_out.text()]);
 }

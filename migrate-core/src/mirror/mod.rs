@@ -195,6 +195,9 @@ pub struct ProtectionReport {
     /// Whether a witness decided (false: `--no-witness`, split brain
     /// possible).
     pub witnessed: bool,
+    /// From the standby's last acknowledgement to its loss being noticed,
+    /// ms (0 while it is not lost).
+    pub detect_ms: f64,
     /// Why the standby was lost, if it was.
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub error: Option<String>,

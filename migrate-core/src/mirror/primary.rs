@@ -101,6 +101,8 @@ struct Primary<'a> {
     cancel: CancelToken,
     pauses_us: Vec<u64>,
     epoch_bytes: Vec<u64>,
+    /// When the standby's last acknowledgement arrived.
+    last_word: Instant,
 }
 
 impl Protection {
@@ -177,6 +179,7 @@ impl Protection {
             cancel: CancelToken::new(),
             pauses_us: Vec::new(),
             epoch_bytes: Vec::new(),
+            last_word: Instant::now(),
         };
         let outcome = p
             .initial_sync(transport, sender.as_mut(), started)
@@ -398,7 +401,10 @@ impl Primary<'_> {
             }
             ship.send_control(ctl, &ranges)?;
             match crate::control::recv::<MigrationError>(ctl)? {
-                Message::EpochApplied { epoch } if epoch == ship.epoch => return Ok(()),
+                Message::EpochApplied { epoch } if epoch == ship.epoch => {
+                    self.last_word = Instant::now();
+                    return Ok(());
+                }
                 Message::EpochRefused { epoch, reason }
                     if epoch == ship.epoch && tries < self.cfg.epoch_retries =>
                 {
@@ -444,7 +450,8 @@ impl Primary<'_> {
         lost: MigrationError,
         witness: &mut dyn RunRight,
     ) -> ProtectionReport {
-        tracing::warn!(error = %lost, "the standby is lost; asking the witness");
+        let detect_ms = self.last_word.elapsed().as_secs_f64() * 1e3;
+        tracing::warn!(error = %lost, detect_ms, "the standby is lost; asking the witness");
         let verdict = witness.claim(session, Claimant::Primary);
         let status = match verdict {
             Ok(true) => {
@@ -468,6 +475,7 @@ impl Primary<'_> {
         let witness_error = verdict.err().map(|e| e.to_string());
         self.monitor.update(|r| {
             r.status = status;
+            r.detect_ms = detect_ms;
             r.error = Some(match &witness_error {
                 Some(w) => format!("{lost}; witness: {w}"),
                 None => lost.to_string(),
