@@ -277,6 +277,9 @@ else
 fi
 kill $mlpid 2>/dev/null || true; wait $mlpid 2>/dev/null || true
 
+echo "== fault tolerance over RDMA (rxe-a -> rxe-b): the primary killed at five points"
+scripts/vm-protect.sh "$bin" || fail=1
+
 if [ "$mode" = compare ]; then
   echo "== one boot: RDMA vs TCP migration of an idle 64 MiB guest (random pages), and ib_write_bw at 1 MiB"
   for i in 1 2 3; do

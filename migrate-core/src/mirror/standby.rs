@@ -147,6 +147,10 @@ impl Standby {
         let staging = Arc::new(image.anonymous_like()?);
         let (session, streams) = (self.incoming.session, self.incoming.streams);
         let events = transport.open_data(&staging, session, streams, self.incoming.features)?;
+        // The data plane is chosen now (RDMA, or TCP when the primary has
+        // no RDMA device).
+        self.monitor
+            .update(|r| r.transport = transport.name().into());
         let mut line = Line {
             events,
             streams,
