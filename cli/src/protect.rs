@@ -59,6 +59,14 @@ fn witness_tls(w: &WitnessChoice, t: &TransportArgs) -> Result<Option<transport_
 
 /// `migrate-cli protect`.
 pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
+    if a.epoch_ms >= a.failover_after_ms {
+        anyhow::bail!(
+            "--epoch-ms {} must be shorter than --failover-after-ms {}: every epoch is what keeps \
+             the standby from counting this end as lost",
+            a.epoch_ms,
+            a.failover_after_ms
+        );
+    }
     output::check_outputs(output::Outputs {
         json: a.json.as_deref(),
         ..Default::default()

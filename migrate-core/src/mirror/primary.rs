@@ -27,9 +27,12 @@ use crate::vm::SourceVm;
 #[non_exhaustive]
 pub struct ProtectConfig {
     /// Time from one epoch's pause to the next one's (Remus ran 25 ms).
+    /// Every epoch touches every data stream: it must be shorter than the
+    /// transport's I/O timeout, or an idle stream counts as dead.
     pub epoch: Duration,
     /// Live rounds after the initial full pass, while many pages are
-    /// dirty, before the first checkpoint (which pauses the guest).
+    /// dirty, before the first checkpoint (which pauses the guest). The
+    /// full pass and these rounds go in epochs of at most 64 MiB.
     pub catch_up_rounds: u32,
     /// A catch-up round is skipped once fewer pages than this are dirty.
     pub catch_up_below_pages: u64,
@@ -201,6 +204,37 @@ impl Protection {
     }
 }
 
+/// Most guest bytes in one epoch of the initial sync.
+const SYNC_PART_BYTES: u64 = 64 << 20;
+
+/// The pages of `log` in parts of about `max_bytes` each (by whole runs,
+/// split where a run alone is larger).
+fn parts(mem: &GuestMemory, log: &DirtyLog, max_bytes: u64) -> Vec<DirtyLog> {
+    let mut out = Vec::new();
+    let mut part = DirtyLog::new(mem);
+    let mut bytes = 0;
+    for run in log.runs() {
+        let page = mem.regions()[run.region].page_size().bytes() as u64;
+        let mut first = run.first;
+        let end = run.first + run.count;
+        while first < end {
+            let room = (max_bytes.saturating_sub(bytes) / page).max(1) as usize;
+            let n = room.min(end - first);
+            part.mark_range(run.region, first, n);
+            bytes += n as u64 * page;
+            first += n;
+            if bytes >= max_bytes {
+                out.push(std::mem::replace(&mut part, DirtyLog::new(mem)));
+                bytes = 0;
+            }
+        }
+    }
+    if bytes > 0 || out.is_empty() {
+        out.push(part);
+    }
+    out
+}
+
 /// `Hello` (offering [`FEATURE_MIRROR`]) → `Welcome`, `Layout` →
 /// `LayoutAccepted`: the session and the features both ends use.
 fn handshake(
@@ -252,14 +286,20 @@ impl Primary<'_> {
         harvest_with_discards(self.tracker, self.mem, &mut log)?;
         log.mark_all();
         let mut epoch = 0;
+        let mut round = 0;
         loop {
-            self.copy(&log)?;
-            let ship = EpochShip::pages_only(epoch);
-            self.ship(transport, sender, &log, &ship)?;
-            epoch += 1;
+            // In parts: each is copied and shipped (and applied) while the
+            // next waits, so neither end's data streams fall silent for a
+            // whole copy of the guest.
+            for part in parts(self.mem, &log, SYNC_PART_BYTES) {
+                self.copy(&part)?;
+                self.ship(transport, sender, &part, &EpochShip::pages_only(epoch))?;
+                epoch += 1;
+            }
+            round += 1;
             log.clear();
             harvest_with_discards(self.tracker, self.mem, &mut log)?;
-            if epoch > self.cfg.catch_up_rounds
+            if round > self.cfg.catch_up_rounds
                 || (log.count() as u64) < self.cfg.catch_up_below_pages
             {
                 break;
