@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 pub use migrate_frontend::args::{
-    KernelTlsArg, MigrationArgs, TransportArgs, TransportChoice, parse_size,
+    KernelTlsArg, MigrationArgs, TransportArgs, TransportChoice, WitnessChoice, parse_size,
 };
 
 /// Live migration of guest memory over RDMA or TCP.
@@ -308,21 +308,6 @@ pub struct DestArgs {
     /// `memory_digest` in `--json` (compare with the source's `--digest`).
     #[arg(long)]
     pub digest: bool,
-}
-
-/// Who decides which end runs a guest once its primary and standby lost
-/// each other.
-#[derive(Debug, Clone, Args)]
-#[group(required = true, multiple = false)]
-pub struct WitnessChoice {
-    /// The witness (`migrate-cli witness`) on a third host, host:port;
-    /// asked with the same credentials as the peer.
-    #[arg(long)]
-    pub witness: Option<String>,
-    /// No witness: each end, losing the other, runs the guest. If the link
-    /// between them is cut while both live, both run it (split brain).
-    #[arg(long)]
-    pub no_witness: bool,
 }
 
 /// `migrate-cli protect`.

@@ -8,15 +8,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use migrate_core::memory::GuestMemory;
 use migrate_core::mirror::{
-    NoWitness, OutputGate, ProtectConfig, ProtectStatus, Protection, RunRight, Standby,
-    StandbyStatus,
+    OutputGate, ProtectConfig, ProtectStatus, Protection, Standby, StandbyStatus,
 };
 use migrate_core::vm::{DestinationVm, VmError};
 use migrate_frontend::{Outcome, output, security, transport, witness};
 use migrate_guests::{BankGuest, RunningGuest};
 use serde_json::json;
 
-use crate::args::{ProtectArgs, StandbyArgs, TransportArgs, WitnessArgs, WitnessChoice};
+use crate::args::{ProtectArgs, StandbyArgs, WitnessArgs};
 use crate::{guest, memory, report, run};
 
 /// Where the guest's released output goes: `--output`, or nowhere.
@@ -25,36 +24,6 @@ fn output_sink(path: Option<&std::path::Path>) -> Result<Box<dyn Write + Send>> 
         Some(p) => Box::new(output::create_output(p).context("--output")?),
         None => Box::new(std::io::sink()),
     })
-}
-
-/// The witness the options name, asked with the peer's credentials.
-fn run_right(
-    w: &WitnessChoice,
-    t: &TransportArgs,
-    tls: Option<transport_tcp::TlsConfig>,
-) -> Box<dyn RunRight> {
-    match &w.witness {
-        Some(addr) => Box::new(witness::NetWitness::new(
-            addr,
-            transport::tcp_config(t, false, tls),
-        )),
-        None => Box::new(NoWitness),
-    }
-}
-
-/// The credentials to ask the witness with: a client's, from the same
-/// options (the same pre-shared key, or the `client-*.pem` of `--tls-dir`).
-fn witness_tls(w: &WitnessChoice, t: &TransportArgs) -> Result<Option<transport_tcp::TlsConfig>> {
-    let Some(addr) = &w.witness else {
-        return Ok(None);
-    };
-    Ok(security::tls(
-        t,
-        &security::Role::Source {
-            connect: addr,
-            hostname: None,
-        },
-    )?)
 }
 
 /// `migrate-cli protect`.
@@ -79,7 +48,7 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
             hostname: None,
         },
     )?;
-    let witness_tls = witness_tls(&a.witness, &a.transport)?;
+    let witness_tls = witness::client_tls(&a.witness, &a.transport)?;
     let sink = output_sink(a.output.as_deref())?;
     let g = a.guest.for_memory(memory::existing_file(&a.memory))?;
     let mem = Arc::new(
@@ -106,7 +75,7 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
         });
     }
     say_when_protected(handle.clone());
-    let mut right = run_right(&a.witness, &a.transport, witness_tls);
+    let mut right = witness::run_right(&a.witness, &a.transport, witness_tls);
     let result = protection.run(
         transport.as_dyn(),
         &mem,
@@ -255,7 +224,7 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
             allow: &[],
         },
     )?;
-    let witness_tls = witness_tls(&a.witness, &a.transport)?;
+    let witness_tls = witness::client_tls(&a.witness, &a.transport)?;
     let sink = output_sink(a.output.as_deref())?;
     let listener = transport::Listener::bind(&a.listen, &a.transport, tls)?;
     let own = memory::from_args(&a.memory)?.map(Arc::new);
@@ -278,7 +247,7 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
         state: None,
         guest: Arc::clone(&running),
     };
-    let mut right = run_right(&a.witness, &a.transport, witness_tls);
+    let mut right = witness::run_right(&a.witness, &a.transport, witness_tls);
     let result = standby.run(t.as_dyn(), &image, &mut vm, &gate, right.as_mut());
     t.finish();
     let mut check = None;

@@ -288,3 +288,18 @@ mod tests {
         assert_eq!(c.downtime_limit, Duration::from_millis(1));
     }
 }
+
+/// Who decides which end runs a guest once its primary and standby lost
+/// each other.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct WitnessChoice {
+    /// The witness (`migrate-cli witness`) on a third host, host:port;
+    /// asked with the same credentials as the peer.
+    #[arg(long)]
+    pub witness: Option<String>,
+    /// No witness: each end, losing the other, runs the guest. If the link
+    /// between them is cut while both live, both run it (split brain).
+    #[arg(long)]
+    pub no_witness: bool,
+}

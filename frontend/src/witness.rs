@@ -4,9 +4,47 @@
 use std::sync::Arc;
 
 use migrate_core::mirror::witness::claim_over;
-use migrate_core::mirror::{Claimant, RunRight, WitnessBook};
+use migrate_core::mirror::{Claimant, NoWitness, RunRight, WitnessBook};
 use migrate_core::transport::{SourceTransport, TransportError};
-use transport_tcp::{TcpConfig, TcpMigrationListener, TcpSource};
+use transport_tcp::{TcpConfig, TcpMigrationListener, TcpSource, TlsConfig};
+
+use crate::SetupError;
+use crate::args::{TransportArgs, WitnessChoice};
+use crate::security;
+
+/// The witness the options name (`--witness`, asked with `tls`), or none
+/// (`--no-witness`).
+pub fn run_right(
+    w: &WitnessChoice,
+    t: &TransportArgs,
+    tls: Option<TlsConfig>,
+) -> Box<dyn RunRight> {
+    match &w.witness {
+        Some(addr) => Box::new(NetWitness::new(
+            addr,
+            crate::transport::tcp_config(t, false, tls),
+        )),
+        None => Box::new(NoWitness),
+    }
+}
+
+/// The credentials to ask the witness with: a client's, from the same
+/// options (the same pre-shared key, or the `client-*.pem` of `--tls-dir`).
+///
+/// # Errors
+/// [`SetupError`] as [`security::tls`] for a source.
+pub fn client_tls(w: &WitnessChoice, t: &TransportArgs) -> Result<Option<TlsConfig>, SetupError> {
+    let Some(addr) = &w.witness else {
+        return Ok(None);
+    };
+    security::tls(
+        t,
+        &security::Role::Source {
+            connect: addr,
+            hostname: None,
+        },
+    )
+}
 
 /// Asks the witness at an address, over a connection authenticated as
 /// every other (`cfg`'s TLS or pre-shared key; on loopback without them,

@@ -8,6 +8,8 @@
 //! mini-vmm source --boot-sector FILE --memory 150M --connect ADDR --json src.json
 //! mini-vmm dest --listen 127.0.0.1:0 --memory-file ram.img --json dst.json
 //! mini-vmm guest sweeper --out sweeper.img   # write one of our boot-sector guests
+//! mini-vmm standby --listen 127.0.0.1:0 --no-witness --serial out.txt
+//! mini-vmm protect --boot-sector FILE --standby ADDR --no-witness --serial out.txt
 //! ```
 //! The table program: both ends print `result: 0x...` when the guest
 //! finishes. A boot sector runs until stopped: `run` and `dest` let it run
@@ -18,7 +20,9 @@
 //! migration's knobs) and the exit statuses are `migrate_frontend`'s: 0
 //! done, 1 migration failed (the source guest ran on), 2 setup, 3 commit
 //! sent but not acknowledged (the source guest stays paused: the
-//! destination may run it), 4 the link broke during post-copy.
+//! destination may run it), 4 the link broke during post-copy, 5 a
+//! protection degraded (the standby lost, the guest runs on here), 6
+//! fenced (the other end of a protection holds the run right).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -37,6 +41,8 @@ use mini_vmm::program::TableProgram;
 use mini_vmm::state::VmState;
 use mini_vmm::vcpu::{SerialSink, VcpuRunner};
 
+mod protect;
+
 #[derive(Parser)]
 #[command(version, about = "A minimal KVM VMM whose running guest live-migrates")]
 struct Cli {
@@ -54,6 +60,12 @@ enum Cmd {
     Dest(DestArgs),
     /// Write one of our boot-sector guests to a file.
     Guest(GuestImageArgs),
+    /// Run a boot-sector guest protected: mirrored to a `standby` in
+    /// epochs, its serial output released once the standby holds it.
+    Protect(protect::ProtectArgs),
+    /// Stand by for a protected guest; take it over when its primary is
+    /// lost and the witness agrees.
+    Standby(protect::StandbyArgs),
 }
 
 #[derive(Args)]
@@ -287,6 +299,8 @@ fn run(cli: Cli) -> Result<Outcome> {
             }
         }
         Cmd::Dest(a) => return dest(a),
+        Cmd::Protect(a) => return protect::protect(a),
+        Cmd::Standby(a) => return protect::standby(a),
         Cmd::Guest(a) => {
             let (start, end) = (a.start as u32, a.end as u32);
             if a.start < 1 << 20 || a.end <= a.start || a.end > u64::from(u32::MAX) {

@@ -1,6 +1,8 @@
 //! What mini-vmm's test files share: whether KVM is here (a counted skip
 //! when not), the binary, and a process's whole output.
 
+#![allow(dead_code)]
+
 use std::process::{Command, Output};
 
 /// Whether `/dev/kvm` opens; else `test` is skipped, visibly and counted
