@@ -6,8 +6,9 @@
 # guest that out-dirties the link by pre-copy and by post-copy (host), then
 # RDMA vs TCP and post-copy over both inside the SoftRoCE VM, the ceilings
 # measured alongside; writes benches/results/{raw/*.json,
-# raw/peer/{qemu,scale,boot-sector,postcopy-*}.json,results.md,results.png,
-# results-qemu.png,results-scale.png,results-boot-sector.png,results-postcopy.png}.
+# raw/peer/{qemu,scale,boot-sector,postcopy-*,protect-*}.json,results.md,results.png,
+# results-qemu.png,results-scale.png,results-boot-sector.png,results-postcopy.png,
+# results-protect.png}.
 # Usage: scripts/bench.sh [--quick] [--host-only|--vm-only]   (root)
 #   BENCH_RESULTS=DIR: write there instead (the test command's smoke run).
 # BENCHMARKS.md says how to read the results.
@@ -59,6 +60,11 @@ if [ "$host" = 1 ]; then
   # post-copy, in-process over TCP (the smoke run: small, once).
   if [ ${#quick[@]} = 0 ]; then pc=(--repeats 3); else pc=(--mib 16 --repeats 1); fi
   target/release/migrate-bench postcopy --machine host "${pc[@]}" --results "$results"
+  # Fault tolerance: epochs of 10 to 100 ms on the bank and the dirtying
+  # guest at 64 MiB and 1 GiB, the failover after a silent link (the smoke
+  # run: 16 MiB, 25 ms epochs).
+  if [ ${#quick[@]} = 0 ]; then ft=(); else ft=(--mib 16 --epoch-ms 25 --seconds 1); fi
+  target/release/migrate-bench protect --machine host "${ft[@]}" --results "$results"
   if [ ${#quick[@]} = 0 ]; then
     # Micro benchmarks (criterion): dirty harvest, per-page costs, zstd.
     crit=$(mktemp -d)
@@ -78,10 +84,15 @@ if [ "$vm" = 1 ]; then
   # Post-copy there too, over TCP and over RDMA READ in the same boot
   # (the emulated CPUs: a smaller guest over a slower link).
   if [ ${#quick[@]} = 0 ]; then vpc="--repeats 3"; else vpc="--mib 8 --repeats 1"; fi
+  # Fault tolerance there, RDMA beside TCP (the emulated CPUs: smaller
+  # guests, a slower pace).
+  if [ ${#quick[@]} = 0 ]; then vft="--mib 16,64 --epoch-ms 25,100"; else vft="--mib 8 --epoch-ms 50 --seconds 1"; fi
   mkdir -p "$results/raw/peer"
   scripts/rdma-vm.sh --rwdir "$results/raw" bash -c "$micro target/release/migrate-bench run \
     --site vm-loopback ${quick[*]} --out $results/raw/vm.json --command-line '$cmd' && \
     target/release/migrate-bench postcopy --machine vm --rdma --mib 16 --bandwidth-mbs 8 \
-    --transfers-per-sec 20000 $vpc --results $results"
+    --transfers-per-sec 20000 $vpc --results $results && \
+    target/release/migrate-bench protect --machine vm --rdma --rate 1000 --failover-after-ms 1000 $vft \
+    --results $results"
 fi
 target/release/migrate-bench report --results "$results"

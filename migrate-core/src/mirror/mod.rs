@@ -184,7 +184,9 @@ pub struct ProtectionReport {
     pub epoch_pause_us: Spread,
     /// Guest bytes per epoch (its dirty pages).
     pub epoch_bytes: Spread,
-    /// From the guest's output to its release, microseconds.
+    /// From the guest's output to its release, microseconds, from the
+    /// second checkpoint on (the first releases what was held through the
+    /// initial sync).
     pub output_delay_us: Spread,
     /// Connect to the first checkpoint's start, ms.
     pub initial_sync_ms: f64,

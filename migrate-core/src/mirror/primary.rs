@@ -106,6 +106,9 @@ struct Primary<'a> {
     epoch_bytes: Vec<u64>,
     /// When the standby's last acknowledgement arrived.
     last_word: Instant,
+    /// Output delays before this index were held through the initial sync
+    /// (released with the first checkpoint): not the steady state.
+    delays_from: Option<usize>,
 }
 
 impl Protection {
@@ -183,6 +186,7 @@ impl Protection {
             pauses_us: Vec::new(),
             epoch_bytes: Vec::new(),
             last_word: Instant::now(),
+            delays_from: None,
         };
         let outcome = p
             .initial_sync(transport, sender.as_mut(), started)
@@ -421,6 +425,7 @@ impl Primary<'_> {
             .collect();
         let mut tries = 0;
         loop {
+            let t = Instant::now();
             let sent = {
                 let progress = |_: u64, _: u64| {};
                 let ctx = RoundContext {
@@ -440,7 +445,16 @@ impl Primary<'_> {
                 })?;
             }
             ship.send_control(ctl, &ranges)?;
-            match crate::control::recv::<MigrationError>(ctl)? {
+            let sent_at = t.elapsed();
+            let answer = crate::control::recv::<MigrationError>(ctl)?;
+            tracing::debug!(
+                epoch = ship.epoch,
+                pages = log.count(),
+                send_us = sent_at.as_micros() as u64,
+                ack_us = (t.elapsed() - sent_at).as_micros() as u64,
+                "epoch shipped"
+            );
+            match answer {
                 Message::EpochApplied { epoch } if epoch == ship.epoch => {
                     self.last_word = Instant::now();
                     return Ok(());
@@ -469,7 +483,9 @@ impl Primary<'_> {
         self.epoch_bytes.push(bytes);
         let pause = Spread::of(&self.pauses_us);
         let sizes = Spread::of(&self.epoch_bytes);
-        let delay = Spread::of(&self.gate.delays_us());
+        let delays = self.gate.delays_us();
+        let from = *self.delays_from.get_or_insert(delays.len());
+        let delay = Spread::of(&delays[from.min(delays.len())..]);
         self.monitor.update(|r| {
             r.status = ProtectStatus::Protected;
             r.epochs += 1;

@@ -16,6 +16,8 @@
 //!   [`boot_sector`]).
 //! - `migrate-bench postcopy --machine host|vm`: a guest that out-dirties
 //!   the link, by pre-copy and by post-copy (see [`postcopy`]).
+//! - `migrate-bench protect --machine host|vm`: fault tolerance by
+//!   continuous mirroring (see [`protect`]).
 //! - `migrate-bench report --results DIR`: read `DIR/raw/*.json` and
 //!   `DIR/raw/micro/*.json`, write `DIR/results.md` and `DIR/results.png`.
 
@@ -31,6 +33,7 @@ mod peer;
 mod plan;
 mod plot;
 mod postcopy;
+mod protect;
 mod qemu;
 mod qemu_report;
 mod run;
@@ -72,6 +75,8 @@ enum Command {
     BootSector(boot_sector::BootArgs),
     /// Pre-copy and post-copy of a guest that out-dirties the link.
     Postcopy(postcopy::PostcopyArgs),
+    /// Fault tolerance: epoch pause, work rate, output delay, failover.
+    Protect(protect::ProtectArgs),
     /// Ours at 1 GiB and at 8 GiB: time, CPU and overhead per GiB.
     Scale(scale::ScaleArgs),
     /// The floor's sender (run by `qemu`; see the floor module).
@@ -149,6 +154,16 @@ fn main() -> Result<()> {
                 .count();
             let out = postcopy::raw_path(&a.results, &a.machine);
             write_raw(&out, &raw, failed, raw.runs.len(), "post-copy")
+        }
+        Command::Protect(a) => {
+            let raw = protect::run(&a)?;
+            let failed = raw
+                .runs
+                .iter()
+                .filter(|r| r.error.is_some() || !r.consistent)
+                .count();
+            let out = protect::raw_path(&a.results, &a.machine);
+            write_raw(&out, &raw, failed, raw.runs.len(), "protect")
         }
         Command::Scale(a) => {
             let raw = scale::run(&a)?;

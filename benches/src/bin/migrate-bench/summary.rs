@@ -128,6 +128,10 @@ pub fn report(results: &Path) -> Result<()> {
     if let Some(scale) = &scale {
         md += &crate::scale::markdown(scale);
     }
+    let protect = crate::protect::load(results)?;
+    if !protect.is_empty() {
+        md += &crate::protect::markdown(&protect);
+    }
     let md_path = results.join("results.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
     let png = results.join("results.png");
@@ -145,6 +149,7 @@ pub fn report(results: &Path) -> Result<()> {
     if let Some(scale) = &scale {
         crate::scale::draw(&results.join("results-scale.png"), scale)?;
     }
+    crate::protect::draw(&results.join("results-protect.png"), &protect)?;
     eprintln!(
         "migrate-bench: wrote {} and {}",
         md_path.display(),
