@@ -369,6 +369,14 @@ pub struct StandbyArgs {
     /// what the guest sends from then on.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// After a takeover, protect the guest to this new standby (host:port;
+    /// initial sync, then epochs) for `--run-after-failover-s`, then
+    /// release it: the new primary is protected again.
+    #[arg(long)]
+    pub reprotect_to: Option<String>,
+    /// The epoch of that re-protection, ms.
+    #[arg(long, default_value_t = 25)]
+    pub epoch_ms: u64,
     /// The image; without it, the layout the primary announces is adopted.
     #[command(flatten)]
     pub memory: MemoryArgs,

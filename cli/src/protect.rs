@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use migrate_core::dirty::TrackerPreference;
 use migrate_core::memory::GuestMemory;
 use migrate_core::mirror::{
-    OutputGate, ProtectConfig, ProtectStatus, Protection, Standby, StandbyStatus,
+    OutputGate, ProtectConfig, ProtectStatus, Protection, ProtectionReport, Standby, StandbyStatus,
 };
 use migrate_core::vm::{DestinationVm, VmError};
 use migrate_frontend::{Outcome, output, security, transport, witness};
@@ -106,7 +107,9 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
         }
         Ok(_) => Outcome::Done,
         Err(e) => {
-            eprintln!("protection failed: {e}; the guest runs on unprotected");
+            // Nothing can contradict what it said: its held output goes out.
+            gate.open();
+            eprintln!("protection failed: {e}; the guest was never protected");
             Outcome::Failed
         }
     };
@@ -251,6 +254,7 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
     let result = standby.run(t.as_dyn(), &image, &mut vm, &gate, right.as_mut());
     t.finish();
     let mut check = None;
+    let mut reprotection = None;
     let outcome = match &result {
         Ok(r) if r.status == StandbyStatus::TookOver => {
             println!(
@@ -258,9 +262,19 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
                 r.last_checkpoint.unwrap_or(0),
                 r.failover_ms
             );
-            std::thread::sleep(Duration::from_secs(a.run_after_failover_s));
-            if let Some(g) = running.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                g.stop();
+            let g = running.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let state = vm.state.clone().unwrap_or_default();
+            match (&a.reprotect_to, g) {
+                (Some(to), Some(g)) => {
+                    let r = reprotect(to, &a, &image, g, &gate, state)?;
+                    reprotection = Some(r);
+                }
+                (_, g) => {
+                    std::thread::sleep(Duration::from_secs(a.run_after_failover_s));
+                    if let Some(g) = g {
+                        g.stop();
+                    }
+                }
             }
             let c = vm
                 .state
@@ -268,7 +282,12 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
                 .and_then(|s| guest::check_destination(&image, s));
             let ok = !matches!(c, Some(Err(_)));
             check = c;
-            if ok { Outcome::Done } else { Outcome::Failed }
+            match reprotection.as_ref().map(|r: &ProtectionReport| r.status) {
+                _ if !ok => Outcome::Failed,
+                Some(ProtectStatus::Degraded) => Outcome::Degraded,
+                Some(ProtectStatus::Fenced) => Outcome::Fenced,
+                _ => Outcome::Done,
+            }
         }
         Ok(r) if r.status == StandbyStatus::Released => {
             println!("released: the primary ended protection");
@@ -296,10 +315,67 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
             Err(e) => json!({ "status": "failed", "error": e.to_string() }),
         };
         v["role"] = json!("standby");
+        if let Some(r) = &reprotection {
+            v["reprotection"] = serde_json::to_value(r).unwrap_or_default();
+        }
         add_check(&mut v, check.as_ref());
         output::write_report("migrate-cli", path, &v);
     }
     Ok(outcome)
+}
+
+/// After a takeover: protect the running guest `g` (in `image`, its
+/// output through `gate`) to the new standby at `to` for
+/// `--run-after-failover-s`, then release that standby and stop the guest.
+fn reprotect(
+    to: &str,
+    a: &StandbyArgs,
+    image: &Arc<GuestMemory>,
+    g: RunningGuest,
+    gate: &OutputGate,
+    state: Vec<u8>,
+) -> Result<ProtectionReport> {
+    let tls = security::tls(
+        &a.transport,
+        &security::Role::Source {
+            connect: to,
+            hostname: None,
+        },
+    )?;
+    let witness_tls = witness::client_tls(&a.witness, &a.transport)?;
+    let mut vm = migrate_guests::FixtureSourceVm::new(g, state);
+    let started = transport::connect(to, &a.transport, false, tls, false)
+        .map_err(anyhow::Error::from)
+        .and_then(|t| {
+            let tracking = migrate_core::dirty::DirtyTracking::new(image, TrackerPreference::Best)?;
+            Ok((t, tracking))
+        });
+    let (mut t, tracking) = match started {
+        Ok(x) => x,
+        Err(e) => {
+            // The guest runs on here, unprotected, for the time asked.
+            eprintln!("re-protection to {to} could not start: {e:#}; the guest runs unprotected");
+            std::thread::sleep(Duration::from_secs(a.run_after_failover_s));
+            vm.stop();
+            return Err(e);
+        }
+    };
+    println!("re-protecting to {to}");
+    gate.close();
+    let protection = Protection::new(ProtectConfig::with_epoch(Duration::from_millis(
+        a.epoch_ms.max(1),
+    )));
+    let handle = protection.handle();
+    say_when_protected(handle.clone());
+    let run = Duration::from_secs(a.run_after_failover_s);
+    std::thread::spawn(move || {
+        std::thread::sleep(run);
+        handle.end();
+    });
+    let mut right = witness::run_right(&a.witness, &a.transport, witness_tls);
+    let result = protection.run(t.as_dyn(), image, &tracking, &mut vm, gate, right.as_mut());
+    vm.stop();
+    Ok(result?)
 }
 
 /// `migrate-cli witness`: serve claims until killed.

@@ -284,3 +284,81 @@ fn a_cut_link_with_the_witness_reachable_leaves_exactly_one_guest_running() {
     receipts_hold(&[&tmp("cut-p.out"), &tmp("cut-s.out")]);
     kill(&mut w);
 }
+
+/// Start `migrate-cli ARGS`; every stdout line arrives on the channel.
+fn start_lines(args: &[&str]) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn migrate-cli");
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// The rest of the first line from `rx` that starts with `prefix`.
+fn line(rx: &std::sync::mpsc::Receiver<String>, prefix: &str) -> String {
+    loop {
+        let l = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("no {prefix:?} line: {e}"));
+        if let Some(rest) = l.strip_prefix(prefix) {
+            return rest.to_string();
+        }
+    }
+}
+
+#[test]
+fn the_new_primary_is_protected_again_and_survives_a_second_failure() {
+    let (mut w, waddr) = witness();
+    // The second standby, then the first, which re-protects to it after a
+    // takeover.
+    let (mut s2, s2addr) = standby(&waddr, "re2", &[]);
+    let (out1, json1) = (tmp("re1-s.out"), tmp("re1-s.json"));
+    let (out1, json1) = (out1.display().to_string(), json1.display().to_string());
+    let (mut s1, rx1) = start_lines(&[
+        "standby",
+        "--listen",
+        "127.0.0.1:0",
+        "--witness",
+        &waddr,
+        "--failover-after-ms",
+        "500",
+        "--run-after-failover-s",
+        "30",
+        "--reprotect-to",
+        &s2addr,
+        "--output",
+        &out1,
+        "--json",
+        &json1,
+    ]);
+    let s1addr = line(&rx1, "listening on ");
+    let mut p = protect(&s1addr, &waddr, "re0", &[]);
+    std::thread::sleep(Duration::from_millis(400));
+    signal(p.id(), "-KILL");
+    let _ = p.wait();
+    // The first standby took over, and is protected again by the second.
+    line(&rx1, "took over from epoch");
+    line(&rx1, "protected: ");
+    std::thread::sleep(Duration::from_millis(500));
+    signal(s1.id(), "-KILL");
+    let _ = s1.wait();
+    let code = wait(&mut s2, Duration::from_secs(30));
+    let r2 = json(&tmp("re2-s.json"));
+    assert_eq!(code, 0, "{r2}");
+    assert_eq!(r2["status"], "took-over", "{r2}");
+    assert_eq!(r2["guest_check"], "ok", "{r2}");
+    let n = receipts_hold(&[&tmp("re0-p.out"), Path::new(&out1), &tmp("re2-s.out")]);
+    assert!(n > 0);
+    kill(&mut w);
+}

@@ -335,8 +335,22 @@ fn receive_stream(
     kill: &KillSwitch,
 ) {
     let mut round = StreamRound::default();
+    // Before the first batch and after each round's end the next frame may
+    // be long in coming (the source waits for the round's acknowledgement;
+    // a protection's epochs come every few ms or seconds): the control
+    // connection's heartbeats watch the peer meanwhile, and its silence
+    // kills this stream. Inside a round, a frame must make progress within
+    // the I/O timeout.
+    let mut between_rounds = true;
     loop {
-        let event = match next_event(stream, &mut reader, &mut lander, &mut round, landed) {
+        let next = if between_rounds {
+            next_frame(&mut reader)
+                .and_then(|()| next_event(stream, &mut reader, &mut lander, &mut round, landed))
+        } else {
+            next_event(stream, &mut reader, &mut lander, &mut round, landed)
+        };
+        between_rounds = matches!(next, Ok(Some(_)));
+        let event = match next {
             Ok(None) => continue,
             Ok(Some(e)) => e,
             Err(error) => {
@@ -361,6 +375,26 @@ fn receive_stream(
         // The engine has finished (or gone) when nobody listens any more.
         if tx.send(event).is_err() {
             return;
+        }
+    }
+}
+
+/// Wait, however long, until the next frame's first bytes arrive (or the
+/// connection ends: the peer closed it, or the kill switch shut it).
+fn next_frame(reader: &mut BufReader<Conn>) -> Result<(), TransportError> {
+    use std::io::BufRead;
+    loop {
+        match reader.fill_buf() {
+            Ok([]) => {
+                return Err(ProtocolError::Truncated("read frame header").into());
+            }
+            Ok(_) => return Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(crate::control::io("read frame header")(e)),
         }
     }
 }
