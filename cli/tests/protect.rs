@@ -362,3 +362,31 @@ fn the_new_primary_is_protected_again_and_survives_a_second_failure() {
     assert!(n > 0);
     kill(&mut w);
 }
+
+#[test]
+fn a_killed_standby_leaves_the_primary_running_degraded() {
+    let (mut w, waddr) = witness();
+    let (mut s, saddr) = standby(&waddr, "skill", &[]);
+    let mut p = protect(&saddr, &waddr, "skill", &["--run-for-s", "3"]);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(s.id(), "-KILL");
+    let _ = s.wait();
+    let code = wait(&mut p, Duration::from_secs(20));
+    let report = json(&tmp("skill-p.json"));
+    assert_eq!(
+        (code, &report["status"]),
+        (5, &"degraded".into()),
+        "{report}"
+    );
+    assert_eq!(report["guest_check"], "ok", "{report}");
+    // Noticed at once (the standby's sockets closed with it), and the guest
+    // never stopped for longer than an epoch's capture.
+    assert!(report["detect_ms"].as_f64().unwrap() < 500.0, "{report}");
+    assert!(
+        report["epoch_pause_us"]["max"].as_u64().unwrap() < 500_000,
+        "{report}"
+    );
+    // Unprotected from then on: its output went out directly, contiguous.
+    assert!(receipts_hold(&[&tmp("skill-p.out")]) > 0);
+    kill(&mut w);
+}
