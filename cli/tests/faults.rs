@@ -497,9 +497,11 @@ fn signal_matrix(strike: Strike, cases: &[Case]) {
         o.check_invariants(&what);
         assert!(
             source_ends.contains(&o.source),
-            "{what}: source ended {:?}: {}",
+            "{what}: source ended {:?}: {}\ndestination ended {:?}: {}",
             o.source,
-            text(&o.s)
+            text(&o.s),
+            o.dest,
+            text(&o.d)
         );
         assert!(
             dest_ends.contains(&o.dest),

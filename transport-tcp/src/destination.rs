@@ -389,10 +389,14 @@ fn next_frame(reader: &mut BufReader<Conn>) -> Result<(), TransportError> {
                 return Err(ProtocolError::Truncated("read frame header").into());
             }
             Ok(_) => return Ok(()),
+            // A timeout, or a wait cut short by a signal (a process
+            // stopped and continued sees EINTR on a read with a timeout).
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => return Err(crate::control::io("read frame header")(e)),
         }
