@@ -41,15 +41,15 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
         json: a.json.as_deref(),
         ..Default::default()
     })?;
-    a.transport.io_timeout = Some(Duration::from_millis(a.failover_after_ms.max(10)));
-    let tls = security::tls(
-        &a.transport,
+    let (tls, witness_tls) = witness::protection_credentials(
+        &mut a.transport,
+        a.failover_after_ms,
         &security::Role::Source {
             connect: &a.standby,
             hostname: None,
         },
+        &a.witness,
     )?;
-    let witness_tls = witness::client_tls(&a.witness, &a.transport)?;
     let sink = output_sink(a.output.as_deref())?;
     let g = a.guest.for_memory(memory::existing_file(&a.memory))?;
     let mem = Arc::new(
@@ -219,15 +219,15 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
         json: a.json.as_deref(),
         ..Default::default()
     })?;
-    a.transport.io_timeout = Some(Duration::from_millis(a.failover_after_ms.max(10)));
-    let tls = security::tls(
-        &a.transport,
+    let (tls, witness_tls) = witness::protection_credentials(
+        &mut a.transport,
+        a.failover_after_ms,
         &security::Role::Destination {
             listen: &a.listen,
             allow: &[],
         },
+        &a.witness,
     )?;
-    let witness_tls = witness::client_tls(&a.witness, &a.transport)?;
     let sink = output_sink(a.output.as_deref())?;
     let listener = transport::Listener::bind(&a.listen, &a.transport, tls)?;
     let own = memory::from_args(&a.memory)?.map(Arc::new);

@@ -28,6 +28,22 @@ pub fn run_right(
     }
 }
 
+/// One end of a protection: its I/O timeout becomes `failover_after_ms`
+/// (the silence after which it counts the other end lost), and the
+/// credentials it uses with the other end (`role`) and with the witness.
+///
+/// # Errors
+/// [`SetupError`] as [`security::tls`].
+pub fn protection_credentials(
+    t: &mut TransportArgs,
+    failover_after_ms: u64,
+    role: &security::Role<'_>,
+    w: &WitnessChoice,
+) -> Result<(Option<TlsConfig>, Option<TlsConfig>), SetupError> {
+    t.io_timeout = Some(std::time::Duration::from_millis(failover_after_ms.max(10)));
+    Ok((security::tls(t, role)?, client_tls(w, t)?))
+}
+
 /// The credentials to ask the witness with: a client's, from the same
 /// options (the same pre-shared key, or the `client-*.pem` of `--tls-dir`).
 ///

@@ -103,15 +103,15 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
         json: a.json.as_deref(),
         ..Default::default()
     })?;
-    a.transport.io_timeout = Some(Duration::from_millis(a.failover_after_ms.max(10)));
-    let tls = security::tls(
-        &a.transport,
+    let (tls, witness_tls) = witness::protection_credentials(
+        &mut a.transport,
+        a.failover_after_ms,
         &security::Role::Source {
             connect: &a.standby,
             hostname: None,
         },
+        &a.witness,
     )?;
-    let witness_tls = witness::client_tls(&a.witness, &a.transport)?;
     let gate = OutputGate::new(sink(a.guest.serial.as_deref())?);
     let serial = a.guest.serial.take();
     let (mut m, boot) = boot_guest(&a.guest)?;
@@ -174,15 +174,15 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
         json: a.json.as_deref(),
         ..Default::default()
     })?;
-    a.transport.io_timeout = Some(Duration::from_millis(a.failover_after_ms.max(10)));
-    let tls = security::tls(
-        &a.transport,
+    let (tls, witness_tls) = witness::protection_credentials(
+        &mut a.transport,
+        a.failover_after_ms,
         &security::Role::Destination {
             listen: &a.listen,
             allow: &[],
         },
+        &a.witness,
     )?;
-    let witness_tls = witness::client_tls(&a.witness, &a.transport)?;
     let gate = OutputGate::new(sink(a.serial.as_deref())?);
     let listener = transport::Listener::bind(&a.listen, &a.transport, tls)?;
     println!("listening on {}", listener.local_addr()?);
