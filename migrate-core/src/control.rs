@@ -73,6 +73,27 @@ pub(crate) fn recv_until<E: ControlFailure>(
     }
 }
 
+/// `bytes` in chunks of at most [`DEVICE_STATE_CHUNK`](crate::protocol::DEVICE_STATE_CHUNK),
+/// each as the message `chunk(last, bytes)` makes (at least one: an empty
+/// last chunk when there are no bytes).
+///
+/// # Errors
+/// The channel's.
+pub(crate) fn send_chunked(
+    ctl: &mut dyn ControlChannel,
+    bytes: &[u8],
+    chunk: impl Fn(bool, Vec<u8>) -> Message,
+) -> Result<(), TransportError> {
+    let mut chunks = bytes.chunks(crate::protocol::DEVICE_STATE_CHUNK).peekable();
+    if chunks.peek().is_none() {
+        return ctl.send(&chunk(true, Vec::new()));
+    }
+    while let Some(c) = chunks.next() {
+        ctl.send(&chunk(chunks.peek().is_none(), c.to_vec()))?;
+    }
+    Ok(())
+}
+
 /// `got` arrived while the state machine waited for `expected`.
 pub(crate) fn unexpected<E: From<ProtocolError>>(got: &Message, expected: &'static str) -> E {
     E::from(ProtocolError::Unexpected {

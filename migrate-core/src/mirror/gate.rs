@@ -40,9 +40,9 @@ struct Inner {
     open: bool,
     /// Emitted and not sealed yet: when, and what.
     held: Vec<(Instant, Vec<u8>)>,
-    /// Microseconds from emit to release, of every released chunk (while
-    /// gated).
-    delays_us: Vec<u64>,
+    /// Microseconds from emit to release, of every chunk released while
+    /// gated.
+    delays_us: super::Histogram,
     /// The first error writing to the sink, if any (output stops there).
     failed: Option<std::io::Error>,
 }
@@ -75,7 +75,7 @@ impl OutputGate {
                 sink,
                 open: false,
                 held: Vec::new(),
-                delays_us: Vec::new(),
+                delays_us: super::Histogram::default(),
                 failed: None,
             }),
         })
@@ -131,12 +131,10 @@ impl OutputGate {
     pub fn release(&self, out: &SealedOutput) {
         let mut g = self.lock();
         let now = Instant::now();
-        let delays: Vec<u64> = out
-            .emitted
-            .iter()
-            .map(|(at, _)| now.duration_since(*at).as_micros() as u64)
-            .collect();
-        g.delays_us.extend(delays);
+        for (at, _) in &out.emitted {
+            g.delays_us
+                .record(now.duration_since(*at).as_micros() as u64);
+        }
         g.write(&out.bytes);
     }
 
@@ -163,10 +161,17 @@ impl OutputGate {
         self.seal().bytes.len()
     }
 
-    /// Microseconds from emit to release of every chunk released while
-    /// gated, so far.
-    pub fn delays_us(&self) -> Vec<u64> {
-        self.lock().delays_us.clone()
+    /// Microseconds from emit to release of the chunks released while
+    /// gated since the last [`reset_delays`](Self::reset_delays): how
+    /// many, and their spread.
+    pub fn delays_us(&self) -> (u64, super::Spread) {
+        let g = self.lock();
+        (g.delays_us.count(), g.delays_us.spread())
+    }
+
+    /// Count delays from now on only.
+    pub fn reset_delays(&self) {
+        self.lock().delays_us = super::Histogram::default();
     }
 
     /// The error that stopped output, if writing to the sink failed.
@@ -220,7 +225,7 @@ mod tests {
         assert_eq!(epoch.bytes, b"1\n2\n3\n");
         gate.release(&epoch);
         assert_eq!(&*out.0.lock().unwrap(), b"1\n2\n3\n");
-        assert_eq!(gate.delays_us().len(), 3);
+        assert_eq!(gate.delays_us().0, 3);
         // Fenced: what was held never goes out.
         gate.emit(b"x\n");
         assert_eq!(gate.discard(), 2);

@@ -6,16 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cancel::CancelToken;
-use crate::control::expect_msg;
+use crate::control::{expect_msg, send_chunked};
 use crate::dirty::{DirtyLog, DirtyTracker, PageRun, harvest_with_discards};
 use crate::error::MigrationError;
 use crate::memory::GuestMemory;
 use crate::mirror::gate::{OutputGate, SealedOutput};
 use crate::mirror::witness::{Claimant, RunRight};
-use crate::mirror::{EpochShip, ProtectStatus, ProtectionReport, Spread, chunks_of};
-use crate::protocol::{
-    DEVICE_STATE_CHUNK, FEATURE_MIRROR, Features, MIN_VERSION, Message, PageRange, VERSION,
-};
+use crate::mirror::{EpochShip, Histogram, ProtectStatus, ProtectionReport, chunks_of};
+use crate::protocol::{FEATURE_MIRROR, Features, MIN_VERSION, Message, PageRange, VERSION};
 use crate::stats::Monitor;
 use crate::transport::{
     DestinationPages, PageSender, RateLimiter, RoundContext, SourceTransport, TransportError,
@@ -102,13 +100,13 @@ struct Primary<'a> {
     limiter: RateLimiter,
     dest_pages: DestinationPages,
     cancel: CancelToken,
-    pauses_us: Vec<u64>,
-    epoch_bytes: Vec<u64>,
+    pauses_us: Histogram,
+    epoch_bytes: Histogram,
     /// When the standby's last acknowledgement arrived.
     last_word: Instant,
-    /// Output delays before this index were held through the initial sync
-    /// (released with the first checkpoint): not the steady state.
-    delays_from: Option<usize>,
+    /// The gate's delays were reset after the first checkpoint (what it
+    /// released was held through the initial sync: not the steady state).
+    delays_reset: bool,
 }
 
 impl Protection {
@@ -183,10 +181,10 @@ impl Protection {
             limiter: RateLimiter::new(None),
             dest_pages: DestinationPages::new(&shadow, false),
             cancel: CancelToken::new(),
-            pauses_us: Vec::new(),
-            epoch_bytes: Vec::new(),
+            pauses_us: Histogram::default(),
+            epoch_bytes: Histogram::default(),
             last_word: Instant::now(),
-            delays_from: None,
+            delays_reset: false,
         };
         let outcome = p
             .initial_sync(transport, sender.as_mut(), started)
@@ -372,7 +370,7 @@ impl Primary<'_> {
         let resumed = self.vm.resume();
         let (state, output) = captured?;
         resumed?;
-        self.pauses_us.push(t.elapsed().as_micros() as u64);
+        self.pauses_us.record(t.elapsed().as_micros() as u64);
         let ship = EpochShip {
             epoch,
             checkpoint: true,
@@ -480,12 +478,12 @@ impl Primary<'_> {
 
     /// An epoch applied by the standby: its figures.
     fn record(&mut self, epoch: u32, bytes: u64) {
-        self.epoch_bytes.push(bytes);
-        let pause = Spread::of(&self.pauses_us);
-        let sizes = Spread::of(&self.epoch_bytes);
-        let delays = self.gate.delays_us();
-        let from = *self.delays_from.get_or_insert(delays.len());
-        let delay = Spread::of(&delays[from.min(delays.len())..]);
+        self.epoch_bytes.record(bytes);
+        if !std::mem::replace(&mut self.delays_reset, true) {
+            self.gate.reset_delays();
+        }
+        let (pause, sizes) = (self.pauses_us.spread(), self.epoch_bytes.spread());
+        let delay = self.gate.delays_us().1;
         self.monitor.update(|r| {
             r.status = ProtectStatus::Protected;
             r.epochs += 1;
@@ -557,25 +555,15 @@ impl EpochShip {
             })?;
         }
         if self.checkpoint {
-            let mut state = self.state.chunks(DEVICE_STATE_CHUNK).peekable();
-            if state.peek().is_none() {
-                ctl.send(&Message::DeviceState {
-                    last: true,
-                    bytes: Vec::new(),
-                })?;
-            }
-            while let Some(c) = state.next() {
-                ctl.send(&Message::DeviceState {
-                    last: state.peek().is_none(),
-                    bytes: c.to_vec(),
-                })?;
-            }
+            send_chunked(ctl, &self.state, |last, bytes| Message::DeviceState {
+                last,
+                bytes,
+            })?;
         }
-        let mut output = self.output.chunks(DEVICE_STATE_CHUNK).peekable();
-        while let Some(c) = output.next() {
-            ctl.send(&Message::EpochOutput {
-                last: output.peek().is_none(),
-                bytes: c.to_vec(),
+        if !self.output.is_empty() {
+            send_chunked(ctl, &self.output, |last, bytes| Message::EpochOutput {
+                last,
+                bytes,
             })?;
         }
         ctl.send(&Message::EpochEnd {

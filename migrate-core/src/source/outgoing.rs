@@ -23,8 +23,8 @@ use crate::error::MigrationError;
 use crate::memory::GuestMemory;
 use crate::postcopy::PostcopyMode;
 use crate::protocol::{
-    DEVICE_STATE_CHUNK, FEATURE_POSTCOPY, FEATURE_ZERO_SKIP, Features, FrameKind, MIN_VERSION,
-    Message, PageRange, ProtocolError, VERSION,
+    FEATURE_POSTCOPY, FEATURE_ZERO_SKIP, Features, FrameKind, MIN_VERSION, Message, PageRange,
+    ProtocolError, VERSION,
 };
 use crate::stats::{MigrationEvent, MigrationStats, MigrationStatus, Monitor};
 use crate::transport::{
@@ -806,19 +806,10 @@ impl Outgoing<'_> {
         ctl: &mut dyn ControlChannel,
     ) -> Result<(), MigrationError> {
         let state = self.vm.save_state()?;
-        let mut chunks = state.chunks(DEVICE_STATE_CHUNK).peekable();
-        if chunks.peek().is_none() {
-            ctl.send(&Message::DeviceState {
-                last: true,
-                bytes: Vec::new(),
-            })?;
-        }
-        while let Some(c) = chunks.next() {
-            ctl.send(&Message::DeviceState {
-                last: chunks.peek().is_none(),
-                bytes: c.to_vec(),
-            })?;
-        }
+        crate::control::send_chunked(ctl, &state, |last, bytes| Message::DeviceState {
+            last,
+            bytes,
+        })?;
         Ok(())
     }
 
