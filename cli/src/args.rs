@@ -343,6 +343,10 @@ pub struct ProtectArgs {
     /// Dirty tracker.
     #[arg(long, value_enum, default_value_t = TrackerChoice::Best)]
     pub tracker: TrackerChoice,
+    /// The control socket (`query`, `watch`; `cancel` ends protection as
+    /// SIGINT does) and the event stream.
+    #[command(flatten)]
+    pub steering: SteeringArgs,
     /// Write the report as one JSON object here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -386,6 +390,10 @@ pub struct StandbyArgs {
     /// memory this machine has available now).
     #[arg(long, value_parser = parse_size)]
     pub max_memory: Option<u64>,
+    /// The control socket (`query`, `watch`; `cancel` stops standing by)
+    /// and the event stream, from the moment it listens.
+    #[command(flatten)]
+    pub steering: SteeringArgs,
     /// Write the report as one JSON object here.
     #[arg(long)]
     pub json: Option<PathBuf>,

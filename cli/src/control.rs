@@ -42,7 +42,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use migrate_core::{IncomingEvent, IncomingHandle, MigrationHandle};
+use migrate_core::mirror::{ProtectHandle, StandbyHandle};
+use migrate_core::{IncomingHandle, MigrationHandle};
 use serde_json::Value;
 
 use crate::report;
@@ -261,53 +262,56 @@ impl Steer for IncomingHandle {
     }
 }
 
-/// A destination's control socket and event stream from the moment it
-/// listens: before a source begins, `query` says `waiting`, `cancel` ends
-/// the wait (exit 1, as SIGINT does) and `watch` waits for the migration;
-/// from [`attach`](Waiting::attach) on, the migration's [`IncomingHandle`].
+/// The events a watcher waits for, once the handle exists.
+type EventStream = Box<dyn Iterator<Item = (Value, bool)> + Send>;
+
+/// A listening end's control socket and event stream from the moment it
+/// listens (a destination's, a standby's): before a peer begins, `query`
+/// says `waiting`, `cancel` ends the wait (exit 1, as SIGINT does) and
+/// `watch` waits for it; from [`attach`](Waiting::attach) on, the handle
+/// `H` of what began.
 #[derive(Clone)]
-pub struct Waiting {
-    slot: Slot<IncomingHandle>,
-    /// Event streams asked for before the migration began: each gets its
-    /// subscription at `attach`, before the migration emits anything.
-    watchers: Arc<
-        std::sync::Mutex<
-            Vec<crossbeam_channel::Sender<crossbeam_channel::Receiver<IncomingEvent>>>,
-        >,
-    >,
+pub struct Waiting<H> {
+    slot: Slot<H>,
+    /// `query`'s `role` while waiting.
+    role: &'static str,
+    /// Event streams asked for before the peer began: each gets its
+    /// subscription at `attach`, before the engine emits anything.
+    watchers: Arc<std::sync::Mutex<Vec<crossbeam_channel::Sender<EventStream>>>>,
 }
 
-impl Waiting {
-    /// Steering that waits for a migration, in `slot` once it began (the
-    /// signal handler's slot).
-    pub fn new(slot: Slot<IncomingHandle>) -> Self {
+impl<H: Steer> Waiting<H> {
+    /// Steering that waits for a peer, in `slot` once it began (the signal
+    /// handler's slot); `role` names this end while it waits.
+    pub fn new(slot: Slot<H>, role: &'static str) -> Self {
         Self {
             slot,
+            role,
             watchers: Arc::default(),
         }
     }
 
-    /// The migration began: it is steered and watched from now on, every
+    /// The peer began: it is steered and watched from now on, every
     /// waiting event stream from its first event.
-    pub fn attach(&self, h: &IncomingHandle) {
+    pub fn attach(&self, h: &H) {
         let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(h.clone());
         for w in watchers.drain(..) {
-            let _ = w.send(h.subscribe());
+            let _ = w.send(h.events());
         }
     }
 
-    fn handle(&self) -> Option<IncomingHandle> {
+    fn handle(&self) -> Option<H> {
         self.slot.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
-impl Steer for Waiting {
+impl<H: Steer> Steer for Waiting<H> {
     fn query(&self) -> Value {
         match self.handle() {
             Some(h) => h.query(),
             None => serde_json::to_value(Unbegun {
-                role: "destination",
+                role: self.role,
                 status: "waiting",
             })
             .unwrap_or_default(),
@@ -320,7 +324,7 @@ impl Steer for Waiting {
             None => match request {
                 Request::Set(_) | Request::Get | Request::Switchover | Request::Continue => {
                     refuse(format!(
-                        "{:?} steers the source, and no source has begun here yet",
+                        "{:?} steers the sending end, and none has begun here yet",
                         request.name()
                     ))
                 }
@@ -333,15 +337,20 @@ impl Steer for Waiting {
         match self.handle() {
             Some(h) => h.cancel(),
             None => {
+                let what = if self.role == "standby" {
+                    "protection"
+                } else {
+                    "migration"
+                };
                 eprintln!(
-                    "migrate-cli: cancelled by the control socket: no migration had begun; exiting"
+                    "migrate-cli: cancelled by the control socket: no {what} had begun; exiting"
                 );
                 std::process::exit(1);
             }
         }
     }
 
-    fn events(&self) -> Box<dyn Iterator<Item = (Value, bool)> + Send> {
+    fn events(&self) -> EventStream {
         let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = self.handle() {
             return h.events();
@@ -352,8 +361,70 @@ impl Steer for Waiting {
         Box::new(
             std::iter::once(())
                 .flat_map(move |()| rx.recv().ok())
-                .flat_map(|events| events.into_iter())
-                .map(|e| (report::incoming_event_json(&e), e.is_final())),
+                .flatten(),
+        )
+    }
+}
+
+/// What a protection's socket refuses: it has no knobs to steer.
+fn protection_refuses(request: Request, end: &str) -> Reply {
+    match request {
+        Request::Query | Request::Cancel | Request::Watch => not_here(request),
+        _ => refuse(format!(
+            "{:?}: {end} answers query, cancel and watch",
+            request.name()
+        )),
+    }
+}
+
+/// `protect --control`: `cancel` ends protection cleanly (the standby is
+/// released, the guest runs on here), as SIGINT does.
+impl Steer for ProtectHandle {
+    fn query(&self) -> Value {
+        let mut v = serde_json::to_value(self.stats()).unwrap_or_default();
+        v["role"] = "primary".into();
+        v
+    }
+
+    fn command(&self, request: Request) -> Reply {
+        protection_refuses(request, "a protecting primary")
+    }
+
+    fn cancel(&self) {
+        self.end();
+    }
+
+    fn events(&self) -> Box<dyn Iterator<Item = (Value, bool)> + Send> {
+        Box::new(
+            self.subscribe()
+                .into_iter()
+                .map(|e| (report::protect_event_json(&e), e.is_final())),
+        )
+    }
+}
+
+/// `standby --control`: `cancel` stops standing by (this end never takes
+/// over; the primary finds its standby lost).
+impl Steer for StandbyHandle {
+    fn query(&self) -> Value {
+        let mut v = serde_json::to_value(self.stats()).unwrap_or_default();
+        v["role"] = "standby".into();
+        v
+    }
+
+    fn command(&self, request: Request) -> Reply {
+        protection_refuses(request, "a standby")
+    }
+
+    fn cancel(&self) {
+        StandbyHandle::cancel(self);
+    }
+
+    fn events(&self) -> Box<dyn Iterator<Item = (Value, bool)> + Send> {
+        Box::new(
+            self.subscribe()
+                .into_iter()
+                .map(|e| (report::standby_event_json(&e), e.is_final())),
         )
     }
 }
@@ -624,7 +695,7 @@ struct Parameters {
     max_rounds: u32,
 }
 
-/// A destination's `query` before any source began.
+/// A listening end's `query` before any peer began.
 #[derive(serde::Serialize)]
 struct Unbegun {
     role: &'static str,

@@ -3,21 +3,24 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use migrate_core::IncomingError;
 use migrate_core::dirty::TrackerPreference;
 use migrate_core::memory::GuestMemory;
 use migrate_core::mirror::{
-    OutputGate, ProtectConfig, ProtectStatus, Protection, ProtectionReport, Standby, StandbyStatus,
+    OutputGate, ProtectConfig, ProtectStatus, Protection, ProtectionReport, Standby, StandbyHandle,
+    StandbyStatus,
 };
 use migrate_core::vm::{DestinationVm, VmError};
 use migrate_frontend::{Outcome, output, security, transport, witness};
 use migrate_guests::{BankGuest, RunningGuest};
 use serde_json::json;
 
-use crate::args::{ProtectArgs, StandbyArgs, WitnessArgs};
-use crate::{guest, memory, report, run};
+use crate::args::{ProtectArgs, StandbyArgs, SteeringArgs, WitnessArgs};
+use crate::{control, guest, memory, report, run};
 
 /// Where the guest's released output goes: `--output`, or nowhere.
 fn output_sink(path: Option<&std::path::Path>) -> Result<Box<dyn Write + Send>> {
@@ -37,10 +40,7 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
             a.failover_after_ms
         );
     }
-    output::check_outputs(output::Outputs {
-        json: a.json.as_deref(),
-        ..Default::default()
-    })?;
+    output::check_outputs(run::outputs(a.json.as_deref(), Some(&a.steering)))?;
     let (tls, witness_tls) = witness::protection_credentials(
         &mut a.transport,
         a.failover_after_ms,
@@ -66,6 +66,7 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
     )));
     let handle = protection.handle();
     end_on_signals(handle.clone())?;
+    let (control_socket, events) = steer(&a.steering, &handle)?;
     let started = std::time::Instant::now();
     let run_for = a.run_for_s.map(Duration::from_secs);
     if let Some(d) = run_for {
@@ -114,6 +115,11 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
         }
     };
     vm.stop();
+    // The last event is out: the event stream ends, the socket goes.
+    if let Some(t) = events {
+        let _ = t.join();
+    }
+    drop(control_socket);
     let check = (g.kind() == crate::args::GuestKind::Bank).then(|| check_bank(&mem));
     if let Some(path) = &a.json {
         let mut v = match &result {
@@ -125,6 +131,25 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
         output::write_report("migrate-cli", path, &v);
     }
     Ok(outcome)
+}
+
+/// `--control` and `--events` on `handle`: created before anything is
+/// sent (a socket that cannot be served is a setup error).
+fn steer<H: control::Steer>(
+    s: &SteeringArgs,
+    handle: &H,
+) -> Result<(Option<control::ControlSocket>, Option<JoinHandle<()>>)> {
+    let socket = s
+        .control
+        .as_deref()
+        .map(|p| control::serve(p, handle))
+        .transpose()?;
+    let events = s
+        .events
+        .as_deref()
+        .map(|p| control::events_to(p, handle))
+        .transpose()?;
+    Ok((socket, events))
 }
 
 /// Say on stdout once the standby holds a checkpoint (an operator, or a
@@ -164,6 +189,35 @@ fn end_on_signals(handle: migrate_core::mirror::ProtectHandle) -> Result<()> {
         })
         .context("starting the signal thread")?;
     Ok(())
+}
+
+/// A standby's SIGINT/SIGTERM: before a primary's hello, exit 1 (nothing
+/// to clean up); while standing by, stop (this end never takes over, the
+/// primary finds its standby lost); after a takeover, end the guest's run
+/// (and a re-protection) early, as if `--run-after-failover-s` were up:
+/// the returned channel says so.
+fn standby_signals(slot: control::Slot<StandbyHandle>) -> Result<crossbeam_channel::Receiver<()>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing the SIGINT/SIGTERM handlers")?;
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                let handle = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let Some(h) = handle else {
+                    eprintln!("migrate-cli: {name}: no protection had begun; exiting");
+                    std::process::exit(1);
+                };
+                eprintln!("migrate-cli: {name}: the standby stops (a guest taken over stops now)");
+                h.cancel();
+                let _ = tx.try_send(());
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(rx)
 }
 
 fn check_bank(mem: &GuestMemory) -> Result<String, String> {
@@ -215,10 +269,7 @@ impl DestinationVm for StandbyVm {
 
 /// `migrate-cli standby`.
 pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
-    output::check_outputs(output::Outputs {
-        json: a.json.as_deref(),
-        ..Default::default()
-    })?;
+    output::check_outputs(run::outputs(a.json.as_deref(), Some(&a.steering)))?;
     let (tls, witness_tls) = witness::protection_credentials(
         &mut a.transport,
         a.failover_after_ms,
@@ -231,10 +282,17 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
     let sink = output_sink(a.output.as_deref())?;
     let listener = transport::Listener::bind(&a.listen, &a.transport, tls)?;
     let own = memory::from_args(&a.memory)?.map(Arc::new);
+    // Steered and watched from the moment it listens (`waiting` until a
+    // primary's hello); a signal then ends the wait, later stops standing by.
+    let slot: control::Slot<StandbyHandle> = Arc::default();
+    let stop = standby_signals(Arc::clone(&slot))?;
+    let waiting = control::Waiting::new(Arc::clone(&slot), "standby");
+    let (control_socket, events) = steer(&a.steering, &waiting)?;
     println!("listening on {}", listener.local_addr()?);
     std::io::stdout().flush().ok();
     let mut t = run::accept_source(&listener)?;
     let standby = Standby::accept(t.as_dyn())?;
+    waiting.attach(&standby.handle());
     let image = match own {
         Some(m) => m,
         None => Arc::new(memory::adopt(
@@ -266,11 +324,11 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
             let state = vm.state.clone().unwrap_or_default();
             match (&a.reprotect_to, g) {
                 (Some(to), Some(g)) => {
-                    let r = reprotect(to, &a, &image, g, &gate, state)?;
+                    let r = reprotect(to, &a, &image, g, &gate, state, &stop)?;
                     reprotection = Some(r);
                 }
                 (_, g) => {
-                    std::thread::sleep(Duration::from_secs(a.run_after_failover_s));
+                    let _ = stop.recv_timeout(Duration::from_secs(a.run_after_failover_s));
                     if let Some(g) = g {
                         g.stop();
                     }
@@ -304,14 +362,27 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
             );
             Outcome::Failed
         }
+        Err(IncomingError::Cancelled) => {
+            eprintln!("stopped: this end no longer stands by (the primary goes on without it)");
+            Outcome::Failed
+        }
         Err(e) => {
             eprintln!("standby failed: {e}");
             Outcome::Failed
         }
     };
+    // The last event is out (after the takeover's run, re-protection
+    // included): the event stream ends, the socket goes.
+    if let Some(t) = events {
+        let _ = t.join();
+    }
+    drop(control_socket);
     if let Some(path) = &a.json {
         let mut v = match &result {
             Ok(r) => serde_json::to_value(r).unwrap_or_default(),
+            Err(e @ IncomingError::Cancelled) => {
+                json!({ "status": "cancelled", "error": e.to_string() })
+            }
             Err(e) => json!({ "status": "failed", "error": e.to_string() }),
         };
         v["role"] = json!("standby");
@@ -334,6 +405,7 @@ fn reprotect(
     g: RunningGuest,
     gate: &OutputGate,
     state: Vec<u8>,
+    stop: &crossbeam_channel::Receiver<()>,
 ) -> Result<ProtectionReport> {
     let tls = security::tls(
         &a.transport,
@@ -355,7 +427,7 @@ fn reprotect(
         Err(e) => {
             // The guest runs on here, unprotected, for the time asked.
             eprintln!("re-protection to {to} could not start: {e:#}; the guest runs unprotected");
-            std::thread::sleep(Duration::from_secs(a.run_after_failover_s));
+            let _ = stop.recv_timeout(Duration::from_secs(a.run_after_failover_s));
             vm.stop();
             return Err(e);
         }
@@ -368,8 +440,9 @@ fn reprotect(
     let handle = protection.handle();
     say_when_protected(handle.clone());
     let run = Duration::from_secs(a.run_after_failover_s);
+    let stop = stop.clone();
     std::thread::spawn(move || {
-        std::thread::sleep(run);
+        let _ = stop.recv_timeout(run);
         handle.end();
     });
     let mut right = witness::run_right(&a.witness, &a.transport, witness_tls);

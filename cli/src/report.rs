@@ -111,7 +111,10 @@ pub fn human(b: u64) -> String {
     }
 }
 
-pub use migrate_core::report::{destination_json, event_json, incoming_event_json, source_json};
+pub use migrate_core::report::{
+    destination_json, event_json, incoming_event_json, protect_event_json, source_json,
+    standby_event_json,
+};
 
 /// Write a JSON report (through `migrate_frontend::output`'s rules).
 pub fn write_json(path: &Path, v: &Value) -> Result<()> {

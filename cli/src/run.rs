@@ -30,7 +30,7 @@ fn write_report(path: &std::path::Path, v: &serde_json::Value) {
 }
 
 /// The files a command writes, for [`output::check_outputs`].
-fn outputs<'a>(
+pub(crate) fn outputs<'a>(
     json: Option<&'a std::path::Path>,
     steering: Option<&'a SteeringArgs>,
 ) -> output::Outputs<'a> {
@@ -301,7 +301,7 @@ fn receive(
     control::cancel_on_signals(Arc::clone(&slot))?;
     // Steered and watched from the moment it listens: before a source
     // begins the socket says `waiting`, then it is the migration's.
-    let waiting = control::Waiting::new(Arc::clone(&slot));
+    let waiting = control::Waiting::new(Arc::clone(&slot), "destination");
     let control_socket = steering
         .control
         .as_deref()
@@ -376,7 +376,7 @@ fn receive_one(
     t: &mut dyn migrate_core::DestinationTransport,
     own: Option<Arc<GuestMemory>>,
     opts: &Receiving,
-    waiting: &control::Waiting,
+    waiting: &control::Waiting<migrate_core::IncomingHandle>,
     into: &mut Received,
 ) -> Result<Arrived> {
     let mut incoming = IncomingMigration::accept(t)?.memory_reads_zero(opts.reads_zero);

@@ -12,22 +12,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-/// `migrate-cli ctl SOCKET ARGS...`: its exit status and first response.
-fn ctl(socket: &Path, args: &[&str]) -> (i32, Value) {
-    let o = Command::new(BIN)
-        .arg("ctl")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap();
-    let first = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .next()
-        .map(|l| serde_json::from_str(l).unwrap_or(Value::Null))
-        .unwrap_or(Value::Null);
-    (o.status.code().unwrap_or(-1), first)
-}
-
 /// Query the socket until `pred` holds of the live figures (a minute at
 /// most; the socket appears once the source started).
 fn wait_for(socket: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value {

@@ -390,3 +390,122 @@ fn a_killed_standby_leaves_the_primary_running_degraded() {
     assert!(receipts_hold(&[&tmp("skill-p.out")]) > 0);
     kill(&mut w);
 }
+
+/// The events of an `--events` file, in order.
+fn events(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
+
+#[test]
+fn a_protection_is_watched_and_ended_through_its_control_sockets() {
+    let (mut w, waddr) = witness();
+    let (ssock, sev) = (tmp("ctl-s.sock"), tmp("ctl-s.events"));
+    let (psock, pev) = (tmp("ctl-p.sock"), tmp("ctl-p.events"));
+    let (ssock_s, sev_s) = (ssock.display().to_string(), sev.display().to_string());
+    let (mut s, saddr) = standby(&waddr, "ctl", &["--control", &ssock_s, "--events", &sev_s]);
+    // Steered from the moment it listens: waiting for a primary.
+    let (code, v) = ctl(&ssock, &["query"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(
+        (&v["stats"]["role"], &v["stats"]["status"]),
+        (&"standby".into(), &"waiting".into()),
+        "{v}"
+    );
+    let (psock_s, pev_s) = (psock.display().to_string(), pev.display().to_string());
+    let mut p = protect(
+        &saddr,
+        &waddr,
+        "ctl",
+        &["--control", &psock_s, "--events", &pev_s],
+    );
+    // Live figures that move within the protection.
+    std::thread::sleep(Duration::from_millis(1300));
+    let (code, a) = ctl(&psock, &["query"]);
+    assert_eq!(code, 0, "{a}");
+    assert_eq!(a["stats"]["status"], "protected", "{a}");
+    assert_eq!(a["stats"]["role"], "primary", "{a}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, b) = ctl(&psock, &["query"]);
+    assert!(
+        b["stats"]["epochs"].as_u64() > a["stats"]["epochs"].as_u64(),
+        "{a} then {b}"
+    );
+    let (code, v) = ctl(&ssock, &["query"]);
+    assert_eq!(
+        (code, &v["stats"]["status"]),
+        (0, &"protected".into()),
+        "{v}"
+    );
+    assert!(v["stats"]["epochs_applied"].as_u64().unwrap() > 0, "{v}");
+    // No knobs: refused, with what it answers.
+    let (code, v) = ctl(&psock, &["set", "downtime_ms=5"]);
+    assert_eq!(code, 1, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("answers query, cancel and watch"),
+        "{v}"
+    );
+    // `cancel` on the primary ends protection cleanly: both released.
+    let (code, v) = ctl(&psock, &["cancel"]);
+    assert_eq!(code, 0, "{v}");
+    let pcode = wait(&mut p, Duration::from_secs(20));
+    let scode = wait(&mut s, Duration::from_secs(20));
+    let (pr, sr) = (json(&tmp("ctl-p.json")), json(&tmp("ctl-s.json")));
+    assert_eq!((pcode, &pr["status"]), (0, &"released".into()), "{pr}");
+    assert_eq!((scode, &sr["status"]), (0, &"released".into()), "{sr}");
+    assert_eq!(pr["guest_check"], "ok", "{pr}");
+    assert!(!psock.exists() && !ssock.exists(), "sockets left behind");
+    // The event streams: protected first, progress about once a second,
+    // released last, each with its time and figures.
+    for (file, last_epochs) in [(&pev, &pr["epochs"]), (&sev, &sr["epochs_applied"])] {
+        let ev = events(file);
+        let names: Vec<&str> = ev.iter().map(|e| e["event"].as_str().unwrap()).collect();
+        assert_eq!(names.first(), Some(&"protected"), "{names:?}");
+        assert_eq!(names.last(), Some(&"released"), "{names:?}");
+        assert!(names.contains(&"progress"), "{names:?}");
+        assert!(ev.iter().all(|e| e["time"].as_f64().unwrap() > 1.7e9));
+        assert_eq!(
+            &ev.last().unwrap()["stats"][if file == &pev {
+                "epochs"
+            } else {
+                "epochs_applied"
+            }],
+            last_epochs
+        );
+    }
+    receipts_hold(&[&tmp("ctl-p.out")]);
+    kill(&mut w);
+}
+
+#[test]
+fn a_standby_stopped_through_its_socket_leaves_the_primary_degraded() {
+    let (mut w, waddr) = witness();
+    let ssock = tmp("stop-s.sock");
+    let ssock_s = ssock.display().to_string();
+    let (mut s, saddr) = standby(&waddr, "stop", &["--control", &ssock_s]);
+    let mut p = protect(&saddr, &waddr, "stop", &["--run-for-s", "2"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, v) = ctl(&ssock, &["cancel"]);
+    assert_eq!(code, 0, "{v}");
+    let scode = wait(&mut s, Duration::from_secs(10));
+    let sr = json(&tmp("stop-s.json"));
+    assert_eq!((scode, &sr["status"]), (1, &"cancelled".into()), "{sr}");
+    let pcode = wait(&mut p, Duration::from_secs(20));
+    let pr = json(&tmp("stop-p.json"));
+    assert_eq!((pcode, &pr["status"]), (5, &"degraded".into()), "{pr}");
+    assert_eq!(pr["guest_check"], "ok", "{pr}");
+    // Nothing was released by the standby; the primary's receipts hold.
+    assert!(
+        std::fs::read_to_string(tmp("stop-s.out"))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(receipts_hold(&[&tmp("stop-p.out")]) > 0);
+    kill(&mut w);
+}

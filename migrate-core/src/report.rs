@@ -7,6 +7,7 @@
 use serde_json::{Value, json};
 
 use crate::destination::{DestinationReport, IncomingEvent};
+use crate::mirror::{ProtectEvent, StandbyEvent};
 use crate::serialize::{DestinationJson, SourceReport};
 use crate::stats::{MigrationEvent, MigrationStats};
 
@@ -81,6 +82,21 @@ pub fn event_json(event: &MigrationEvent) -> Value {
 /// writes them.
 pub fn incoming_event_json(event: &IncomingEvent) -> Value {
     to_json("destination", Stamped { event, time: now() })
+}
+
+/// A protecting primary's event as one JSON object (`protected`,
+/// `progress`, `epoch-refused`, `standby-lost`, `released`, `degraded`,
+/// `fenced`, `failed`), with `time`; its figures under `stats` as the
+/// primary's report writes them.
+pub fn protect_event_json(event: &ProtectEvent) -> Value {
+    to_json("primary", Stamped { event, time: now() })
+}
+
+/// A standby's event as one JSON object (`protected`, `progress`,
+/// `epoch-refused`, `primary-lost`, `took-over`, `released`, `fenced`,
+/// `failed`), with `time`.
+pub fn standby_event_json(event: &StandbyEvent) -> Value {
+    to_json("standby", Stamped { event, time: now() })
 }
 
 /// What a front end adds to the engine's figures in its report, typed:

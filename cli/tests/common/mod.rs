@@ -279,3 +279,19 @@ pub fn dismiss(strangers: Vec<Child>) {
         let _ = c.wait();
     }
 }
+
+/// `migrate-cli ctl SOCKET ARGS...`: its exit status and first response.
+pub fn ctl(socket: &Path, args: &[&str]) -> (i32, Value) {
+    let o = Command::new(BIN)
+        .arg("ctl")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    let first = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .next()
+        .map(|l| serde_json::from_str(l).unwrap_or(Value::Null))
+        .unwrap_or(Value::Null);
+    (o.status.code().unwrap_or(-1), first)
+}

@@ -76,11 +76,13 @@
 //! shadow, the standby's staging), allocated as pages are written to it:
 //! as much memory again as the guest's after the initial sync.
 
+mod events;
 mod gate;
 mod primary;
 mod standby;
 pub mod witness;
 
+pub use events::{ProtectEvent, StandbyEvent};
 pub use gate::{OutputGate, SealedOutput};
 pub use primary::{ProtectConfig, ProtectHandle, Protection};
 pub use standby::{Standby, StandbyHandle};

@@ -10,6 +10,7 @@ use crate::control::{expect_msg, send_chunked};
 use crate::dirty::{DirtyLog, DirtyTracker, PageRun, harvest_with_discards};
 use crate::error::MigrationError;
 use crate::memory::GuestMemory;
+use crate::mirror::events::{PROGRESS_EVERY, ProtectEvent};
 use crate::mirror::gate::{OutputGate, SealedOutput};
 use crate::mirror::witness::{Claimant, RunRight};
 use crate::mirror::{EpochShip, Histogram, ProtectStatus, ProtectionReport, chunks_of};
@@ -63,7 +64,7 @@ impl ProtectConfig {
 /// Watch a protection and end it cleanly from another thread.
 #[derive(Debug, Clone)]
 pub struct ProtectHandle {
-    monitor: Monitor<ProtectionReport, ()>,
+    monitor: Monitor<ProtectionReport, ProtectEvent>,
     end: CancelToken,
 }
 
@@ -78,13 +79,19 @@ impl ProtectHandle {
     pub fn stats(&self) -> ProtectionReport {
         self.monitor.stats()
     }
+
+    /// Events from now on ([`ProtectEvent`]), until one that
+    /// [`is_final`](ProtectEvent::is_final).
+    pub fn subscribe(&self) -> crossbeam_channel::Receiver<ProtectEvent> {
+        self.monitor.subscribe()
+    }
 }
 
 /// A guest's protection, from its initial sync to its end.
 #[derive(Debug)]
 pub struct Protection {
     cfg: ProtectConfig,
-    monitor: Monitor<ProtectionReport, ()>,
+    monitor: Monitor<ProtectionReport, ProtectEvent>,
     end: CancelToken,
 }
 
@@ -96,7 +103,7 @@ struct Primary<'a> {
     tracker: &'a dyn DirtyTracker,
     vm: &'a mut dyn SourceVm,
     gate: &'a OutputGate,
-    monitor: &'a Monitor<ProtectionReport, ()>,
+    monitor: &'a Monitor<ProtectionReport, ProtectEvent>,
     limiter: RateLimiter,
     dest_pages: DestinationPages,
     cancel: CancelToken,
@@ -107,6 +114,8 @@ struct Primary<'a> {
     /// The gate's delays were reset after the first checkpoint (what it
     /// released was held through the initial sync: not the steady state).
     delays_reset: bool,
+    /// When the last `progress` event went out.
+    last_progress: Instant,
 }
 
 impl Protection {
@@ -154,6 +163,31 @@ impl Protection {
         gate: &OutputGate,
         witness: &mut dyn RunRight,
     ) -> Result<ProtectionReport, MigrationError> {
+        let monitor = self.monitor.clone();
+        let result = self.protect(transport, mem, tracker, vm, gate, witness);
+        monitor.emit(match &result {
+            Ok(r) => match r.status {
+                ProtectStatus::Degraded => ProtectEvent::Degraded { stats: r.clone() },
+                ProtectStatus::Fenced => ProtectEvent::Fenced { stats: r.clone() },
+                _ => ProtectEvent::Released { stats: r.clone() },
+            },
+            Err(e) => ProtectEvent::Failed {
+                error: e.to_string(),
+            },
+        });
+        result
+    }
+
+    /// [`run`](Self::run) but its last event.
+    fn protect(
+        self,
+        transport: &mut dyn SourceTransport,
+        mem: &Arc<GuestMemory>,
+        tracker: &dyn DirtyTracker,
+        vm: &mut dyn SourceVm,
+        gate: &OutputGate,
+        witness: &mut dyn RunRight,
+    ) -> Result<ProtectionReport, MigrationError> {
         let started = Instant::now();
         let shadow = Arc::new(mem.anonymous_like()?);
         transport.bind(&shadow)?;
@@ -185,6 +219,7 @@ impl Protection {
             epoch_bytes: Histogram::default(),
             last_word: Instant::now(),
             delays_reset: false,
+            last_progress: Instant::now(),
         };
         let outcome = p
             .initial_sync(transport, sender.as_mut(), started)
@@ -463,6 +498,8 @@ impl Primary<'_> {
                     tries += 1;
                     tracing::warn!(epoch, %reason, tries, "the standby refused an epoch; sending it again");
                     self.monitor.update(|r| r.epochs_refused += 1);
+                    self.monitor
+                        .emit(ProtectEvent::EpochRefused { epoch, reason });
                 }
                 Message::EpochRefused { epoch, reason } => {
                     return Err(MigrationError::PeerAborted {
@@ -484,7 +521,9 @@ impl Primary<'_> {
         }
         let (pause, sizes) = (self.pauses_us.spread(), self.epoch_bytes.spread());
         let delay = self.gate.delays_us().1;
-        self.monitor.update(|r| {
+        let mut first = false;
+        let stats = self.monitor.update(|r| {
+            first = r.status == ProtectStatus::Syncing;
             r.status = ProtectStatus::Protected;
             r.epochs += 1;
             r.last_applied_epoch = Some(epoch);
@@ -492,6 +531,13 @@ impl Primary<'_> {
             r.epoch_bytes = sizes;
             r.output_delay_us = delay;
         });
+        if first {
+            self.last_progress = Instant::now();
+            self.monitor.emit(ProtectEvent::Protected { stats });
+        } else if self.last_progress.elapsed() >= PROGRESS_EVERY {
+            self.last_progress = Instant::now();
+            self.monitor.emit(ProtectEvent::Progress { stats });
+        }
     }
 
     /// The standby is lost (`lost`): ask `witness` whether this end may run
@@ -506,6 +552,9 @@ impl Primary<'_> {
     ) -> ProtectionReport {
         let detect_ms = self.last_word.elapsed().as_secs_f64() * 1e3;
         tracing::warn!(error = %lost, detect_ms, "the standby is lost; asking the witness");
+        self.monitor.emit(ProtectEvent::StandbyLost {
+            error: lost.to_string(),
+        });
         let verdict = witness.claim(session, Claimant::Primary);
         let status = match verdict {
             Ok(true) => {

@@ -8,6 +8,7 @@ use crate::cancel::CancelToken;
 use crate::destination::{IncomingMigration, MAX_DEVICE_STATE, collect_round};
 use crate::error::IncomingError;
 use crate::memory::{GuestMemory, MemoryLayout};
+use crate::mirror::events::{PROGRESS_EVERY, StandbyEvent};
 use crate::mirror::gate::{OutputGate, SealedOutput};
 use crate::mirror::witness::{Claimant, RunRight};
 use crate::mirror::{StandbyReport, StandbyStatus};
@@ -23,7 +24,7 @@ const MAX_EPOCH_OUTPUT: usize = 256 << 20;
 /// Watch a standby and give it up from another thread.
 #[derive(Debug, Clone)]
 pub struct StandbyHandle {
-    monitor: Monitor<StandbyReport, ()>,
+    monitor: Monitor<StandbyReport, StandbyEvent>,
     cancel: CancelToken,
 }
 
@@ -38,13 +39,19 @@ impl StandbyHandle {
     pub fn stats(&self) -> StandbyReport {
         self.monitor.stats()
     }
+
+    /// Events from now on ([`StandbyEvent`]), until one that
+    /// [`is_final`](StandbyEvent::is_final).
+    pub fn subscribe(&self) -> crossbeam_channel::Receiver<StandbyEvent> {
+        self.monitor.subscribe()
+    }
 }
 
 /// A protection's standby end, after the primary's hello.
 #[derive(Debug)]
 pub struct Standby {
     incoming: IncomingMigration,
-    monitor: Monitor<StandbyReport, ()>,
+    monitor: Monitor<StandbyReport, StandbyEvent>,
     cancel: CancelToken,
 }
 
@@ -91,7 +98,7 @@ impl Standby {
                 message,
             });
         }
-        let monitor = Monitor::<StandbyReport, ()>::default();
+        let monitor = Monitor::<StandbyReport, StandbyEvent>::default();
         monitor.update(|r| {
             r.session = incoming.session;
             r.transport = transport.name().into();
@@ -136,6 +143,36 @@ impl Standby {
         gate: &OutputGate,
         witness: &mut dyn RunRight,
     ) -> Result<StandbyReport, IncomingError> {
+        let monitor = self.monitor.clone();
+        let result = self.stand_by(transport, image, vm, gate, witness);
+        monitor.emit(match &result {
+            Ok(r) => match r.status {
+                StandbyStatus::TookOver => StandbyEvent::TookOver { stats: r.clone() },
+                StandbyStatus::Released => StandbyEvent::Released { stats: r.clone() },
+                StandbyStatus::Fenced => StandbyEvent::Fenced { stats: r.clone() },
+                _ => StandbyEvent::Failed {
+                    error: r
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| "the primary is lost before any checkpoint".into()),
+                },
+            },
+            Err(e) => StandbyEvent::Failed {
+                error: e.to_string(),
+            },
+        });
+        result
+    }
+
+    /// [`run`](Self::run) but its last event.
+    fn stand_by(
+        self,
+        transport: &mut dyn DestinationTransport,
+        image: &Arc<GuestMemory>,
+        vm: &mut dyn DestinationVm,
+        gate: &OutputGate,
+        witness: &mut dyn RunRight,
+    ) -> Result<StandbyReport, IncomingError> {
         if let Err(m) = self.layout().check_matches(&image.layout()) {
             let _ = transport.control().send(&Message::Refused {
                 code: RefusalCode::Layout,
@@ -161,6 +198,7 @@ impl Standby {
             kept: None,
             expected: 0,
             last_word: Instant::now(),
+            last_progress: Instant::now(),
         };
         let lost = match line.follow(transport) {
             Ok(()) => {
@@ -180,6 +218,7 @@ impl Standby {
             r.error = Some(error.clone());
         });
         tracing::warn!(error = %lost, detect_ms, "the primary is lost");
+        self.monitor.emit(StandbyEvent::PrimaryLost { error });
         let Some(kept) = line.kept.take() else {
             tracing::error!("no checkpoint applied yet: nothing to take over");
             return Ok(self.monitor.update(|r| r.status = StandbyStatus::Failed));
@@ -216,12 +255,14 @@ struct Line<'a> {
     streams: u16,
     staging: &'a GuestMemory,
     image: &'a GuestMemory,
-    monitor: &'a Monitor<StandbyReport, ()>,
+    monitor: &'a Monitor<StandbyReport, StandbyEvent>,
     cancel: &'a CancelToken,
     kept: Option<Checkpoint>,
     expected: u32,
     /// When the primary's last message arrived.
     last_word: Instant,
+    /// When the last `progress` event went out.
+    last_progress: Instant,
 }
 
 impl Line<'_> {
@@ -295,6 +336,10 @@ impl Line<'_> {
         if let Some(reason) = whole.broken {
             tracing::warn!(epoch, %reason, "epoch refused; the image stays at the last applied epoch");
             self.monitor.update(|r| r.epochs_refused += 1);
+            self.monitor.emit(StandbyEvent::EpochRefused {
+                epoch,
+                reason: reason.clone(),
+            });
             ctl.send(&Message::EpochRefused { epoch, reason })?;
             return Ok(());
         }
@@ -321,7 +366,9 @@ impl Line<'_> {
         }
         self.expected = epoch.wrapping_add(1);
         let last_checkpoint = self.kept.as_ref().map(|k| k.epoch);
-        self.monitor.update(|r| {
+        let mut first = false;
+        let stats = self.monitor.update(|r| {
+            first = checkpoint && r.last_checkpoint.is_none();
             r.status = if last_checkpoint.is_some() {
                 StandbyStatus::Protected
             } else {
@@ -332,6 +379,13 @@ impl Line<'_> {
             r.epochs_applied += 1;
         });
         ctl.send(&Message::EpochApplied { epoch })?;
+        if first {
+            self.last_progress = Instant::now();
+            self.monitor.emit(StandbyEvent::Protected { stats });
+        } else if checkpoint && self.last_progress.elapsed() >= PROGRESS_EVERY {
+            self.last_progress = Instant::now();
+            self.monitor.emit(StandbyEvent::Progress { stats });
+        }
         Ok(())
     }
 }
