@@ -2,6 +2,8 @@
 //! corrupted frames (through a corrupting TCP proxy), a fake destination.
 //! Each ends in a typed error with the source guest running, or, for page
 //! bytes corrupted in flight, in pages sent again and identical memories.
+//! A primary written by hand sends a standby the epochs a correct one
+//! never sends; each is refused and the standby's image stays whole.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -510,4 +512,168 @@ fn silent_clients_do_not_hold_up_a_real_source() {
     o.assert_migrated();
     println!("migrated behind silent clients in {:?}", started.elapsed());
     o.source_vm.stop();
+}
+
+impl RawSource {
+    /// Epoch `epoch` as a primary ships it, by hand: `frames` on stream 0
+    /// and the end markers, then `control` (its page list, device state,
+    /// output...) and `EpochEnd`. Returns the standby's answer.
+    fn epoch(
+        &mut self,
+        epoch: u32,
+        checkpoint: bool,
+        frames: &[Vec<u8>],
+        control: &[Message],
+    ) -> Message {
+        for (i, s) in self.data.iter_mut().enumerate() {
+            if i == 0 {
+                for f in frames {
+                    s.write_all(f).unwrap();
+                }
+            }
+            let batches = if i == 0 { frames.len() as u64 } else { 0 };
+            write_message(
+                s,
+                &Message::RoundEnd {
+                    round: epoch,
+                    batches,
+                },
+            )
+            .unwrap();
+        }
+        for m in control {
+            self.send(m);
+        }
+        self.send(&Message::EpochEnd { epoch, checkpoint });
+        self.recv()
+    }
+}
+
+/// The page list of an epoch: `count` pages from `first` in region 0.
+fn epoch_pages(epoch: u32, first: u64, count: u32) -> Message {
+    Message::EpochPages {
+        epoch,
+        last: true,
+        ranges: vec![migrate_core::protocol::PageRange {
+            region: 0,
+            first,
+            count,
+        }],
+    }
+}
+
+fn whole_state() -> Message {
+    Message::DeviceState {
+        last: true,
+        bytes: b"state".to_vec(),
+    }
+}
+
+/// A primary written by hand sends a standby the epochs a correct primary
+/// never sends: out of order, a checkpoint cut short of its device state,
+/// pages outside guest memory, a page failing its hash. Each is refused,
+/// and the image stays at the last applied epoch: none of their pages
+/// lands in it, and the next good epoch applies.
+#[test]
+fn a_standby_refuses_epochs_out_of_order_cut_short_or_corrupt_and_keeps_its_image() {
+    use migrate_core::mirror::{NoWitness, OutputGate, Standby, StandbyStatus};
+    let l = TcpMigrationListener::bind("127.0.0.1:0", cfg()).unwrap();
+    let addr = l.local_addr().unwrap();
+    let (events_tx, events_rx) = std::sync::mpsc::channel();
+    let standby = std::thread::spawn(move || {
+        let mut d = l.accept().unwrap();
+        let standby = Standby::accept(&mut d).unwrap();
+        events_tx.send(standby.handle().subscribe()).unwrap();
+        let image = Arc::new(
+            migrate_core::GuestMemory::new(vec![
+                migrate_core::GuestRegion::anonymous(0, 1 << 20).unwrap(),
+            ])
+            .unwrap(),
+        );
+        let mut vm = fixtures::FixtureDestinationVm::default();
+        let gate = OutputGate::new(Box::new(std::io::sink()));
+        let r = standby.run(&mut d, &image, &mut vm, &gate, &mut NoWitness);
+        (r, image, vm)
+    });
+    let mut raw = RawSource::connect_offering(addr, 2, migrate_core::protocol::FEATURE_MIRROR);
+    let events = events_rx.recv().unwrap();
+    let refused = |m: Message, what: &str, why: &str| match m {
+        Message::EpochRefused { reason, .. } => {
+            assert!(reason.contains(why), "{what}: {reason}")
+        }
+        other => panic!("{what}: expected EpochRefused, got {other:?}"),
+    };
+    // Epoch 0 of the initial sync: page 0.
+    let answer = raw.epoch(
+        0,
+        false,
+        &[page_batch(0, 0, 1, None)],
+        &[epoch_pages(0, 0, 1)],
+    );
+    assert_eq!(answer, Message::EpochApplied { epoch: 0 });
+    // Epoch 2 before 1: out of order.
+    let answer = raw.epoch(
+        2,
+        false,
+        &[page_batch(2, 1, 2, None)],
+        &[epoch_pages(2, 1, 1)],
+    );
+    refused(answer, "out of order", "out of order");
+    // A checkpoint whose device state never finished.
+    let answer = raw.epoch(
+        1,
+        true,
+        &[page_batch(1, 1, 3, None)],
+        &[
+            epoch_pages(1, 1, 1),
+            Message::DeviceState {
+                last: false,
+                bytes: b"sta".to_vec(),
+            },
+        ],
+    );
+    refused(answer, "cut short", "device state");
+    // Pages outside the 1 MiB of guest memory.
+    let answer = raw.epoch(1, true, &[], &[epoch_pages(1, 255, 4), whole_state()]);
+    refused(answer, "outside", "outside guest memory");
+    // A page that fails its hash.
+    let answer = raw.epoch(
+        1,
+        true,
+        &[page_batch(1, 1, 4, Some(0xdead_beef))],
+        &[epoch_pages(1, 1, 1), whole_state()],
+    );
+    refused(answer, "corrupt", "failed their check");
+    // The good epoch 1 (page 2) applies; then a clean end.
+    let answer = raw.epoch(
+        1,
+        true,
+        &[page_batch(1, 2, 5, None)],
+        &[epoch_pages(1, 2, 1), whole_state()],
+    );
+    assert_eq!(answer, Message::EpochApplied { epoch: 1 });
+    raw.send(&Message::ProtectEnd);
+    assert_eq!(raw.recv(), Message::ProtectEnded);
+    let (r, image, vm) = standby.join().unwrap();
+    let r = r.unwrap();
+    assert_eq!(r.status, StandbyStatus::Released);
+    assert_eq!(
+        (r.epochs_applied, r.epochs_refused, r.last_checkpoint),
+        (2, 4, Some(1))
+    );
+    assert!(!vm.resumed);
+    // Page 0 from epoch 0, page 2 from epoch 1; page 1, which only refused
+    // epochs carried, never reached the image.
+    for (page, fill) in [(0u64, 1u8), (1, 0), (2, 5), (3, 0)] {
+        let mut b = [0u8; 4096];
+        image.read(page * 4096, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == fill), "page {page}: {}", b[0]);
+    }
+    let names: Vec<&str> = events.try_iter().map(|e| e.name()).collect();
+    assert_eq!(
+        names.iter().filter(|n| **n == "epoch-refused").count(),
+        4,
+        "{names:?}"
+    );
+    assert_eq!(names.last(), Some(&"released"), "{names:?}");
 }
