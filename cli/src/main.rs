@@ -35,7 +35,7 @@ fn main() {
         args::Command::Source(a) => run::source(a, baseline_rss),
         args::Command::Dest(a) => run::dest(a, baseline_rss),
         args::Command::Demo(a) => run::demo(a),
-        args::Command::Protect(a) => protect::protect(a),
+        args::Command::Protect(a) => protect::protect(a, baseline_rss),
         args::Command::Standby(a) => protect::standby(a),
         args::Command::Witness(a) => protect::witness(a),
         args::Command::TlsGen(a) => run::tls_gen(a),

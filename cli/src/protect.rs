@@ -11,8 +11,8 @@ use migrate_core::IncomingError;
 use migrate_core::dirty::TrackerPreference;
 use migrate_core::memory::GuestMemory;
 use migrate_core::mirror::{
-    OutputGate, ProtectConfig, ProtectStatus, Protection, ProtectionReport, Standby, StandbyHandle,
-    StandbyStatus,
+    OutputGate, ProtectConfig, ProtectEvent, ProtectStatus, Protection, ProtectionReport, Standby,
+    StandbyHandle, StandbyStatus,
 };
 use migrate_core::vm::{DestinationVm, VmError};
 use migrate_frontend::{Outcome, output, security, transport, witness};
@@ -20,7 +20,7 @@ use migrate_guests::{BankGuest, RunningGuest};
 use serde_json::json;
 
 use crate::args::{ProtectArgs, StandbyArgs, SteeringArgs, WitnessArgs};
-use crate::{control, guest, memory, report, run};
+use crate::{control, guest, memory, report, resources, run};
 
 /// Where the guest's released output goes: `--output`, or nowhere.
 fn output_sink(path: Option<&std::path::Path>) -> Result<Box<dyn Write + Send>> {
@@ -31,7 +31,7 @@ fn output_sink(path: Option<&std::path::Path>) -> Result<Box<dyn Write + Send>> 
 }
 
 /// `migrate-cli protect`.
-pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
+pub fn protect(mut a: ProtectArgs, baseline_rss: u64) -> Result<Outcome> {
     if a.epoch_ms >= a.failover_after_ms {
         anyhow::bail!(
             "--epoch-ms {} must be shorter than --failover-after-ms {}: every epoch is what keeps \
@@ -77,6 +77,8 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
         });
     }
     say_when_protected(handle.clone());
+    let per_epoch = EpochCpu::watch(&handle)?;
+    let cpu_start = resources::CpuSample::now();
     let mut right = witness::run_right(&a.witness, &a.transport, witness_tls);
     let result = protection.run(
         transport.as_dyn(),
@@ -86,6 +88,11 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
         &gate,
         right.as_mut(),
     );
+    // Before the guest's threads end (their CPU is told apart by name).
+    let cpu_per_epoch_us = match (per_epoch.cpu_us(), &result) {
+        (Some(us), Ok(r)) => Some(us / r.epochs.saturating_sub(per_epoch.first()).max(1) as f64),
+        _ => None,
+    };
     let outcome = match &result {
         Ok(r) if r.status == ProtectStatus::Degraded => {
             eprintln!(
@@ -114,6 +121,7 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
             Outcome::Failed
         }
     };
+    let spent = resources::report(cpu_start, baseline_rss, Some(&mem));
     vm.stop();
     // The last event is out: the event stream ends, the socket goes.
     if let Some(t) = events {
@@ -127,10 +135,58 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
             Err(e) => json!({ "status": "failed", "error": e.to_string() }),
         };
         v["role"] = json!("primary");
+        v["resources"] = serde_json::to_value(&spent).unwrap_or_default();
+        if let Some(us) = cpu_per_epoch_us {
+            v["cpu_per_epoch_us"] = json!(us);
+        }
         add_check(&mut v, check.as_ref());
         output::write_report("migrate-cli", path, &v);
     }
     Ok(outcome)
+}
+
+/// The primary's CPU (the engine's: the built-in guest's threads
+/// excluded) from the first checkpoint on, for `cpu_per_epoch_us`: the
+/// pause, copy, shipping and heartbeats of the steady state, not the
+/// initial sync.
+struct EpochCpu(Arc<Mutex<Option<(resources::CpuSample, u64)>>>);
+
+impl EpochCpu {
+    /// Start the clock when `handle` says `protected`.
+    fn watch(handle: &migrate_core::mirror::ProtectHandle) -> Result<Self> {
+        let at = Arc::new(Mutex::new(None));
+        let events = handle.subscribe();
+        let slot = Arc::clone(&at);
+        std::thread::Builder::new()
+            .name("epoch-cpu".into())
+            .spawn(move || {
+                for e in events {
+                    if let ProtectEvent::Protected { stats } = &e {
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some((resources::CpuSample::now(), stats.epochs));
+                    }
+                    if e.is_final() {
+                        return;
+                    }
+                }
+            })
+            .context("starting the epoch CPU clock")?;
+        Ok(Self(at))
+    }
+
+    /// The engine's CPU since the first checkpoint, microseconds.
+    fn cpu_us(&self) -> Option<f64> {
+        let at = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        at.map(|(start, _)| resources::since(start).0.as_secs_f64() * 1e6)
+    }
+
+    /// The epochs applied when the clock started.
+    fn first(&self) -> u64 {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or(0, |(_, e)| e)
+    }
 }
 
 /// `--control` and `--events` on `handle`: created before anything is

@@ -69,6 +69,18 @@ fn guest_threads_cpu() -> Duration {
     Duration::from_secs_f64(ticks as f64 / hz)
 }
 
+/// The engine's CPU time since `start` (the process's less the built-in
+/// guest's threads'), and the guest's.
+pub fn since(start: CpuSample) -> (Duration, Duration) {
+    let end = CpuSample::now();
+    let guest = end.guest.saturating_sub(start.guest);
+    let cpu = end
+        .process
+        .saturating_sub(start.process)
+        .saturating_sub(guest);
+    (cpu, guest)
+}
+
 /// A `/proc/self/status` field in bytes (`VmRSS`, `VmHWM`).
 pub fn status_bytes(field: &str) -> u64 {
     migrate_guests::procfs::bytes_field("/proc/self/status", field).unwrap_or(0)
@@ -78,12 +90,7 @@ pub fn status_bytes(field: &str) -> u64 {
 /// the migration), `guest_cpu_ms`, `peak_rss_bytes`, `baseline_rss_bytes`,
 /// `guest_resident_bytes`, `overhead_bytes`.
 pub fn report(start: CpuSample, baseline_rss: u64, mem: Option<&GuestMemory>) -> Resources {
-    let end = CpuSample::now();
-    let guest = end.guest.saturating_sub(start.guest);
-    let cpu = end
-        .process
-        .saturating_sub(start.process)
-        .saturating_sub(guest);
+    let (cpu, guest) = since(start);
     let peak = status_bytes("VmHWM");
     let resident = mem.map_or(0, GuestMemory::resident_bytes);
     let mut r = Resources::default();

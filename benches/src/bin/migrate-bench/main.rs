@@ -34,6 +34,7 @@ mod plan;
 mod plot;
 mod postcopy;
 mod protect;
+mod protect_cpu;
 mod qemu;
 mod qemu_report;
 mod run;
@@ -161,9 +162,16 @@ fn main() -> Result<()> {
                 .runs
                 .iter()
                 .filter(|r| r.error.is_some() || !r.consistent)
-                .count();
+                .count()
+                + raw.cpu.iter().filter(|r| r.error.is_some()).count();
             let out = protect::raw_path(&a.results, &a.machine);
-            write_raw(&out, &raw, failed, raw.runs.len(), "protect")
+            write_raw(
+                &out,
+                &raw,
+                failed,
+                raw.runs.len() + raw.cpu.len(),
+                "protect",
+            )
         }
         Command::Scale(a) => {
             let raw = scale::run(&a)?;

@@ -67,6 +67,10 @@ pub struct ProtectArgs {
     /// Also over RDMA (a device must be there: the SoftRoCE VM).
     #[arg(long)]
     pub rdma: bool,
+    /// The `migrate-cli` binary (the primary's CPU per epoch is measured
+    /// on its processes).
+    #[arg(long, default_value = "target/release/migrate-cli")]
+    pub cli: PathBuf,
 }
 
 /// One machine's runs.
@@ -77,6 +81,9 @@ pub struct ProtectRaw {
     pub rate: u64,
     pub failover_after_ms: u64,
     pub runs: Vec<ProtectRun>,
+    /// The primary's CPU per epoch by transport (processes).
+    #[serde(default)]
+    pub cpu: Vec<crate::protect_cpu::ProtectCpu>,
 }
 
 /// One case.
@@ -141,12 +148,14 @@ pub fn run(a: &ProtectArgs) -> Result<ProtectRaw> {
             }
         }
     }
+    let cpu = crate::protect_cpu::run(a, transports);
     Ok(ProtectRaw {
         date: crate::run::date(),
         machine: a.machine.clone(),
         rate: a.rate,
         failover_after_ms: a.failover_after_ms,
         runs,
+        cpu,
     })
 }
 
@@ -490,6 +499,7 @@ pub fn markdown(raws: &[ProtectRaw]) -> String {
                 r.initial_sync_ms / 1e3,
             );
         }
+        s += &crate::protect_cpu::markdown(&raw.machine, &raw.cpu);
         let target = good(raw).find(|r| r.mib == 1024 && r.epoch_ms == 25 && r.guest == "dirty");
         let bank = good(raw).find(|r| r.mib == 1024 && r.epoch_ms == 25 && r.guest == "bank");
         if let Some(t) = target {
