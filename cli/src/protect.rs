@@ -89,8 +89,15 @@ pub fn protect(mut a: ProtectArgs, baseline_rss: u64) -> Result<Outcome> {
         right.as_mut(),
     );
     // Before the guest's threads end (their CPU is told apart by name).
-    let cpu_per_epoch_us = match (per_epoch.cpu_us(), &result) {
-        (Some(us), Ok(r)) => Some(us / r.epochs.saturating_sub(per_epoch.first()).max(1) as f64),
+    let cpu_per_epoch = match (per_epoch.cpu_us(), &result) {
+        (Some((us, split)), Ok(r)) => {
+            let n = r.epochs.saturating_sub(per_epoch.first()).max(1) as f64;
+            Some(json!({
+                "cpu_per_epoch_us": us / n,
+                "cpu_user_per_epoch_us": split.user.as_secs_f64() * 1e6 / n,
+                "cpu_system_per_epoch_us": split.sys.as_secs_f64() * 1e6 / n,
+            }))
+        }
         _ => None,
     };
     let outcome = match &result {
@@ -136,8 +143,10 @@ pub fn protect(mut a: ProtectArgs, baseline_rss: u64) -> Result<Outcome> {
         };
         v["role"] = json!("primary");
         v["resources"] = serde_json::to_value(&spent).unwrap_or_default();
-        if let Some(us) = cpu_per_epoch_us {
-            v["cpu_per_epoch_us"] = json!(us);
+        if let Some(serde_json::Value::Object(m)) = cpu_per_epoch {
+            for (k, x) in m {
+                v[k] = x;
+            }
         }
         add_check(&mut v, check.as_ref());
         output::write_report("migrate-cli", path, &v);
@@ -174,10 +183,16 @@ impl EpochCpu {
         Ok(Self(at))
     }
 
-    /// The engine's CPU since the first checkpoint, microseconds.
-    fn cpu_us(&self) -> Option<f64> {
+    /// The engine's CPU since the first checkpoint, microseconds, and its
+    /// user and system parts (clock ticks: coarser).
+    fn cpu_us(&self) -> Option<(f64, resources::UserSys)> {
         let at = *self.0.lock().unwrap_or_else(|p| p.into_inner());
-        at.map(|(start, _)| resources::since(start).0.as_secs_f64() * 1e6)
+        at.map(|(start, _)| {
+            (
+                resources::since(start).0.as_secs_f64() * 1e6,
+                resources::split_since(start),
+            )
+        })
     }
 
     /// The epochs applied when the clock started.

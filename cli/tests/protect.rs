@@ -464,7 +464,10 @@ fn a_protection_is_watched_and_ended_through_its_control_sockets() {
     // threads apart.
     let per_epoch = pr["cpu_per_epoch_us"].as_f64().unwrap();
     assert!(per_epoch > 0.0 && per_epoch < 100_000.0, "{pr}");
-    assert!(pr["resources"]["guest_cpu_ms"].as_f64().unwrap() > 0.0, "{pr}");
+    assert!(
+        pr["resources"]["guest_cpu_ms"].as_f64().unwrap() > 0.0,
+        "{pr}"
+    );
     assert!(!psock.exists() && !ssock.exists(), "sockets left behind");
     // The event streams: protected first, progress about once a second,
     // released last, each with its time and figures.

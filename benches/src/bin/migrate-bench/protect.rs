@@ -71,6 +71,10 @@ pub struct ProtectArgs {
     /// on its processes).
     #[arg(long, default_value = "target/release/migrate-cli")]
     pub cli: PathBuf,
+    /// Only the primary's CPU per epoch (the in-process cases already in
+    /// the raw file are kept).
+    #[arg(long)]
+    pub cpu_only: bool,
 }
 
 /// One machine's runs.
@@ -116,6 +120,13 @@ pub struct ProtectRun {
 /// Every case, once each, and the raw results.
 pub fn run(a: &ProtectArgs) -> Result<ProtectRaw> {
     let transports: &[&str] = if a.rdma { &["tcp", "rdma"] } else { &["tcp"] };
+    if a.cpu_only {
+        let rel = format!("{RAW}{}.json", a.machine);
+        let mut raw = crate::load_raw::<ProtectRaw>(&a.results, &rel)?
+            .with_context(|| format!("--cpu-only: no {rel} to add to"))?;
+        raw.cpu = crate::protect_cpu::run(a, transports);
+        return Ok(raw);
+    }
     let mut runs = Vec::new();
     for &mib in &a.mib {
         for guest in ["bank", "dirty"] {
