@@ -13,7 +13,11 @@ command -v cargo-fuzz > /dev/null || cargo install cargo-fuzz --locked
 # cargo-fuzz on the stable toolchain (no sanitizer needs nightly); debug
 # assertions on, so an arithmetic overflow is a crash too.
 export RUSTC_BOOTSTRAP=1
-flags=(-s none -O -a)
+# The build is kept outside the checkout (a fresh clone on the same machine
+# builds only what changed): MIGRATE_FUZZ_TARGET, or the user's cache.
+target="${MIGRATE_FUZZ_TARGET:-${XDG_CACHE_HOME:-$HOME/.cache}/migrate-fuzz-target}"
+mkdir -p "$target"
+flags=(-s none -O -a --target-dir "$target")
 cargo fuzz build "${flags[@]}"
 scratch=$(mktemp -d); trap 'rm -rf "$scratch"' EXIT
 fail=0

@@ -107,7 +107,9 @@ pub struct Extras {
     /// How the peers authenticated: `mutual-tls`, `psk` or `none`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authentication: Option<&'static str>,
-    /// The connection and its handshake, ms (source).
+    /// Before the migration's `setup_ms`, not in it: the connection, its
+    /// TLS handshake and binding the memory (RDMA: the source's
+    /// registration), ms (source).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connect_ms: Option<f64>,
     /// What the process spent.

@@ -91,7 +91,10 @@ pub struct MigrationStats {
     pub tracker: String,
     /// Start to now (or to the destination's commit).
     pub total_ms: f64,
-    /// Start to the first page sent (connect, handshake, registration).
+    /// The migration's start ([`BoundMigration::run`](crate::source::BoundMigration::run):
+    /// the transport is connected and the memory bound before it) to the
+    /// first page: hello and layout, the data streams opened (RDMA: queue
+    /// pairs connected, the destination's memory registered).
     pub setup_ms: f64,
     /// Guest paused to destination resumed (0 until then).
     pub downtime_ms: f64,
