@@ -99,12 +99,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Run(a) => {
             let raw = run::run(&a)?;
-            let text = serde_json::to_string_pretty(&raw)?;
-            if let Some(dir) = a.out.parent() {
-                std::fs::create_dir_all(dir).ok();
-            }
-            std::fs::write(&a.out, text + "\n")
-                .with_context(|| format!("writing {}", a.out.display()))?;
+            write_stamped(&a.out, &raw)?;
             eprintln!("migrate-bench: wrote {}", a.out.display());
             let failed = raw.runs.iter().filter(|r| r.error.is_some()).count();
             if failed > 0 {
@@ -122,11 +117,7 @@ fn main() -> Result<()> {
             out,
         } => {
             let set = micro::collect(&criterion, &machine, run::date())?;
-            if let Some(dir) = out.parent() {
-                std::fs::create_dir_all(dir).ok();
-            }
-            std::fs::write(&out, serde_json::to_string_pretty(&set)? + "\n")
-                .with_context(|| format!("writing {}", out.display()))?;
+            write_stamped(&out, &set)?;
             eprintln!(
                 "migrate-bench: {} criterion results into {}",
                 set.results.len(),
@@ -191,16 +182,53 @@ fn write_raw(
     runs: usize,
     what: &str,
 ) -> Result<()> {
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir).ok();
-    }
-    std::fs::write(out, serde_json::to_string_pretty(raw)? + "\n")
-        .with_context(|| format!("writing {}", out.display()))?;
+    write_stamped(out, raw)?;
     eprintln!("migrate-bench: wrote {}", out.display());
     if failed > 0 {
         anyhow::bail!("{failed} of {runs} {what} runs failed");
     }
     Ok(())
+}
+
+/// Write a raw results file, stamped with the code that measured it: the
+/// commit (`commit`) and whether the tree differed from it outside the
+/// results folder (`tree_dirty`; null where git could not say).
+fn write_stamped(out: &std::path::Path, raw: &impl serde::Serialize) -> Result<()> {
+    let mut v = serde_json::to_value(raw)?;
+    if let Some(m) = v.as_object_mut() {
+        let (commit, dirty) = provenance();
+        m.insert("commit".into(), commit.into());
+        m.insert("tree_dirty".into(), dirty.into());
+    }
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&v)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))
+}
+
+/// The checkout's commit, and whether its tracked files differ from it
+/// (the results folder aside: a benchmark writes there as it goes).
+fn provenance() -> (String, Option<bool>) {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = git(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        ":(exclude)benches/results",
+    ])
+    .map(|o| !o.is_empty());
+    (commit, dirty)
 }
 
 /// The raw results at `rel` in a results folder, when they were measured.

@@ -303,6 +303,12 @@ fn one(a: &PostcopyArgs, transport: &str, mode: &str, rep: usize) -> Result<Post
     let stats: MigrationStats = result?;
     let dest = dest?;
     vm.stop();
+    // A row says post-copy only when the migration went through it.
+    anyhow::ensure!(
+        mode != "post-copy" || stats.postcopy.is_some(),
+        "asked for post-copy, but the migration never entered it (pre-copy converged): \
+         not a post-copy run"
+    );
     let pc = stats.postcopy.clone().unwrap_or_default();
     let live_s = (stats.total_ms - stats.downtime_ms - pc.ms).max(1e-3) / 1e3;
     Ok(PostcopyRun {

@@ -132,6 +132,7 @@ pub fn report(results: &Path) -> Result<()> {
     if !protect.is_empty() {
         md += &crate::protect::markdown(&protect);
     }
+    md += &provenance(results);
     let md_path = results.join("results.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
     let png = results.join("results.png");
@@ -578,4 +579,46 @@ fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) -> usize {
         );
     }
     unmeasured
+}
+
+/// The report's last section: every raw file, when and from which commit
+/// it was measured, and whether the tree differed from that commit.
+fn provenance(results: &Path) -> String {
+    use std::fmt::Write as _;
+    let mut files = Vec::new();
+    let mut dirs = vec![results.join("raw")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "json") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let mut s = String::from(
+        "\n## Provenance\n\nEvery raw file, the commit that measured it and whether the \
+         tree differed from that commit (outside the results folder); `–`: measured before \
+         raw files recorded it.\n\n| raw file | measured | commit | tree |\n|---|---|---|---|\n",
+    );
+    for p in files {
+        let v: serde_json::Value = std::fs::read_to_string(&p)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let rel = p.strip_prefix(results).unwrap_or(&p).display().to_string();
+        let commit = v["commit"]
+            .as_str()
+            .map_or("–".to_string(), |c| c.get(..10).unwrap_or(c).to_string());
+        let tree = match v["tree_dirty"].as_bool() {
+            Some(true) => "changed",
+            Some(false) => "clean",
+            None => "–",
+        };
+        let date = v["date"].as_str().unwrap_or("–");
+        let _ = writeln!(s, "| {rel} | {date} | {commit} | {tree} |");
+    }
+    s
 }
