@@ -351,7 +351,8 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
         &a.witness,
     )?;
     let sink = output_sink(a.output.as_deref())?;
-    let listener = transport::Listener::bind(&a.listen, &a.transport, tls)?;
+    let listener = transport::Listener::bind(&a.listen, &a.transport, tls)
+        .with_context(|| format!("--listen {}: cannot listen", a.listen))?;
     let own = memory::from_args(&a.memory)?.map(Arc::new);
     // Steered and watched from the moment it listens (`waiting` until a
     // primary's hello); a signal then ends the wait, later stops standing by.
@@ -534,7 +535,8 @@ pub fn witness(a: WitnessArgs) -> Result<Outcome> {
     let listener = transport_tcp::TcpMigrationListener::bind(
         &a.listen,
         transport::tcp_config(&a.transport, false, tls),
-    )?;
+    )
+    .with_context(|| format!("--listen {}: cannot listen", a.listen))?;
     println!("witness listening on {}", listener.local_addr()?);
     std::io::stdout().flush().ok();
     witness::serve(&listener)

@@ -238,7 +238,8 @@ pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
             allow: &a.tls_allow,
         },
     )?;
-    let listener = transport::Listener::bind(&a.listen, &a.transport, tls)?;
+    let listener = transport::Listener::bind(&a.listen, &a.transport, tls)
+        .with_context(|| format!("--listen {}: cannot listen", a.listen))?;
     let addr = listener.local_addr()?;
     let own_reads_zero = memory::reads_zero(&a.memory);
     let own = memory::from_args(&a.memory)?.map(Arc::new);

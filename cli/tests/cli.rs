@@ -964,3 +964,55 @@ fn a_full_file_system_at_the_destination_fails_cleanly() {
     let err = json(&dj)["error"].as_str().unwrap_or_default().to_string();
     assert!(err.contains("file system is full"), "{err}");
 }
+
+/// A destination (and a standby, and a witness) whose address is taken:
+/// exit 2 before anything, naming the address.
+#[test]
+fn an_address_in_use_cannot_be_listened_on() {
+    let (mut d, addr) = dest(None, "127.0.0.1:0", &[], &tmp("inuse-a.json"));
+    for cmd in [
+        vec!["dest", "--listen", &addr],
+        vec!["standby", "--no-witness", "--listen", &addr],
+        vec!["witness", "--listen", &addr],
+    ] {
+        let o = Command::new(BIN).args(&cmd).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{cmd:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!("--listen {addr}: cannot listen")) && err.contains("in use"),
+            "{cmd:?}: {err}"
+        );
+    }
+    d.kill().unwrap();
+    let _ = d.wait();
+}
+
+/// `--compress` on a guest of text: fewer bytes on the wire than without,
+/// the same memory at the destination (verified both times).
+#[test]
+fn compression_moves_text_in_fewer_bytes_verified() {
+    let mut wire = Vec::new();
+    for (tag, extra) in [("plain", None), ("zstd", Some("--compress"))] {
+        let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
+        let (d, addr) = dest(None, "127.0.0.1:0", &[], &dj);
+        let mut args = vec![
+            "--memory",
+            "8M",
+            "--guest",
+            "idle",
+            "--mix",
+            "0:1:0",
+            "--verify",
+        ];
+        args.extend(extra);
+        let s = source(None, &addr, &args, &sj).wait_with_output().unwrap();
+        let v = both_migrated(&s, &d.wait_with_output().unwrap(), &sj);
+        wire.push(v["bytes_transferred"].as_u64().unwrap());
+    }
+    assert!(
+        wire[1] * 2 < wire[0],
+        "text compressed to {} bytes from {}",
+        wire[1],
+        wire[0]
+    );
+}

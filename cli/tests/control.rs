@@ -632,3 +632,144 @@ fn figures_are_live_between_round_ends() {
         assert_eq!(e["stats"]["status"], "active", "{e}");
     }
 }
+
+/// `ctl watch` streams every event from its request to the end, and a
+/// `set max_rounds` below the rounds already sent switches over at the
+/// next round boundary, for that reason.
+#[test]
+fn watch_streams_to_the_end_and_max_rounds_switches_over() {
+    let run = steered("watch", "1", &[]);
+    wait_for(&run.socket, "a round", |s| s["rounds"].as_u64() >= Some(1));
+    let watcher = Command::new(BIN)
+        .arg("ctl")
+        .arg(&run.socket)
+        .arg("watch")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The watcher is subscribed once the socket answered it; a query
+    // after it is served after it.
+    std::thread::sleep(Duration::from_millis(200));
+    let (code, v) = ctl(&run.socket, &["set", "max_rounds=1"]);
+    assert_eq!(code, 0, "{v}");
+    let w = watcher.wait_with_output().unwrap();
+    let (s, d, sj, _, ev) = run.finish();
+    let v = both_migrated(&s, &d, &sj);
+    assert_eq!(switch_reason(&events(&ev)), "max rounds", "{v}");
+    assert_eq!(w.status.code(), Some(0));
+    let lines: Vec<Value> = String::from_utf8_lossy(&w.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["ok"], true, "{lines:?}");
+    let names: Vec<&str> = lines[1..]
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    for want in ["parameter-changed", "switch-over", "completed"] {
+        assert!(names.contains(&want), "{want} not in {names:?}");
+    }
+    assert_eq!(names.last(), Some(&"completed"), "{names:?}");
+}
+
+/// SIGTERM (what an init system sends) cancels a source as SIGINT does.
+#[test]
+fn sigterm_cancels_the_source_cleanly() {
+    let run = steered("sigterm", "1", &[]);
+    wait_for(&run.socket, "a round", |s| s["rounds"].as_u64() >= Some(1));
+    signal(run.s.id(), "-TERM");
+    let (s, d, sj, dj, _) = run.finish();
+    assert_source_runs_again(&s);
+    assert!(
+        String::from_utf8_lossy(&s.stderr).contains("SIGTERM"),
+        "{}",
+        text(&s)
+    );
+    assert_eq!(json(&sj)["status"], "cancelled");
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+    assert_eq!(json(&dj)["status"], "failed");
+}
+
+/// SIGINT on a destination no source has reached: exit 1 at once, saying
+/// so.
+#[test]
+fn sigint_ends_a_destination_waiting_for_its_source() {
+    let (d, _addr) = dest(None, "127.0.0.1:0", &[], &tmp("waiting-int-d.json"));
+    signal(d.id(), "-INT");
+    let d = d.wait_with_output().unwrap();
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+    assert!(
+        String::from_utf8_lossy(&d.stderr).contains("no migration had begun"),
+        "{}",
+        text(&d)
+    );
+}
+
+/// `--timeout-s` with each `--timeout-policy` on a migration that never
+/// converges: `cancel` ends it, `failed` for a timeout, with the guest
+/// running here (exit 1),
+/// `force` pauses and switches over (verified, exit 0).
+#[test]
+fn the_timeout_policy_cancels_or_forces() {
+    let run = steered(
+        "timeout-cancel",
+        "1",
+        &["--timeout-s", "2", "--timeout-policy", "cancel"],
+    );
+    let (s, d, sj, _, _) = run.finish();
+    assert_source_runs_again(&s);
+    let v = json(&sj);
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("timed out"), "{v}");
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+    let run = steered(
+        "timeout-force",
+        "1",
+        &["--timeout-s", "2", "--timeout-policy", "force"],
+    );
+    let (s, d, sj, _, ev) = run.finish();
+    let v = both_migrated(&s, &d, &sj);
+    assert_eq!(switch_reason(&events(&ev)), "timeout", "{v}");
+}
+
+/// `--postcopy auto` with no round count: rounds that stop shrinking
+/// (the guest out-dirties the link) go to post-copy by themselves, and
+/// the guest arrives whole (digests).
+#[test]
+fn rounds_that_stop_shrinking_go_to_postcopy_by_themselves() {
+    let (sj, dj) = (tmp("stalled-s.json"), tmp("stalled-d.json"));
+    let ev = tmp("stalled.events");
+    let ev_s = ev.display().to_string();
+    let (d, addr) = dest(None, "127.0.0.1:0", &["--digest"], &dj);
+    let s = source(
+        None,
+        &addr,
+        &[
+            "--guest",
+            "dirty",
+            "--dirty-rate",
+            "4000",
+            "--pattern",
+            "uniform",
+            "--mix",
+            "0:0:1",
+            "--bandwidth-mbs",
+            "4",
+            "--postcopy",
+            "auto",
+            "--memory",
+            "2M",
+            "--downtime-ms",
+            "1",
+            "--digest",
+            "--events",
+            &ev_s,
+        ],
+        &sj,
+    )
+    .wait_with_output()
+    .unwrap();
+    let d = d.wait_with_output().unwrap();
+    let (v, _) = both_migrated_in_postcopy(&s, &d, &sj, &dj);
+    assert_eq!(switch_reason(&events(&ev)), "not converging", "{v}");
+}

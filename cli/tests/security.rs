@@ -384,3 +384,45 @@ fn kernel_tls_on_is_refused_where_it_cannot_hold() {
         );
     }
 }
+
+/// `--tls-hostname`: a source that connects by address checks the
+/// destination's certificate against the name given, not the address:
+/// without it, refused; with the certificate's name, migrated.
+#[test]
+fn tls_hostname_names_the_certificate_a_source_expects() {
+    let dir = tls_dir("hostname", "migrate.example");
+    let dir_s = dir.to_str().unwrap();
+    for (tag, name, migrates) in [
+        ("by-address", None, false),
+        ("by-name", Some("migrate.example"), true),
+    ] {
+        let (sj, dj) = (
+            tmp(&format!("tlsname-{tag}-s.json")),
+            tmp(&format!("tlsname-{tag}-d.json")),
+        );
+        let (d, addr) = dest(None, "127.0.0.1:0", &["--tls-dir", dir_s], &dj);
+        let mut args = vec![
+            "--memory",
+            "4M",
+            "--guest",
+            "idle",
+            "--verify",
+            "--tls-dir",
+            dir_s,
+        ];
+        if let Some(n) = name {
+            args.extend(["--tls-hostname", n]);
+        }
+        let mut s = source(None, &addr, &args, &sj);
+        if migrates {
+            let s = s.wait_with_output().unwrap();
+            both_migrated(&s, &d.wait_with_output().unwrap(), &sj);
+        } else {
+            let code = s.wait().unwrap().code();
+            assert_eq!(code, Some(2), "{tag}");
+            let mut d = d;
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+}
