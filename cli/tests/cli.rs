@@ -996,13 +996,7 @@ fn compression_moves_text_in_fewer_bytes_verified() {
         let (sj, dj) = (tmp(&format!("{tag}-s.json")), tmp(&format!("{tag}-d.json")));
         let (d, addr) = dest(None, "127.0.0.1:0", &[], &dj);
         let mut args = vec![
-            "--memory",
-            "8M",
-            "--guest",
-            "idle",
-            "--mix",
-            "0:1:0",
-            "--verify",
+            "--memory", "8M", "--guest", "idle", "--mix", "0:1:0", "--verify",
         ];
         args.extend(extra);
         let s = source(None, &addr, &args, &sj).wait_with_output().unwrap();
