@@ -93,6 +93,66 @@ fn the_readme_lists_every_report_field() {
     assert_eq!(sv["schema_version"], 1);
 }
 
+/// The table against the reports of the other outcomes: a post-copy
+/// migration (both ends), a migration the source cancelled (SIGINT: the
+/// source `cancelled`, the destination `failed`), and one whose
+/// destination was killed (the source `failed`, with its error). (RDMA
+/// reports are not compared here: the host has no device.)
+#[test]
+fn the_readme_lists_the_fields_of_every_outcome() {
+    let table = readme_fields();
+    // Post-copy.
+    let (sj, dj) = (tmp("fields-pc-s.json"), tmp("fields-pc-d.json"));
+    let (d, addr) = dest(None, "127.0.0.1:0", &["--digest"], &dj);
+    let mut args = POSTCOPY_GUEST.to_vec();
+    args.extend(["--memory", "2M", "--postcopy-after-rounds", "1", "--digest"]);
+    let s = source(None, &addr, &args, &sj).wait_with_output().unwrap();
+    let d = d.wait_with_output().unwrap();
+    let (sv, dv) = both_migrated_in_postcopy(&s, &d, &sj, &dj);
+    check("source", &sv, &table);
+    check("destination", &dv, &table);
+    // Cancelled by the source, and killed at the destination: a guest that
+    // cannot converge over a 5 MB/s link, stopped after its first round.
+    let slow = [
+        "--memory",
+        "16M",
+        "--guest",
+        "dirty",
+        "--dirty-rate",
+        "0",
+        "--bandwidth-mbs",
+        "5",
+        "--no-auto-converge",
+    ];
+    for (tag, kill_dest) in [("cancelled", false), ("killed", true)] {
+        let (sj, dj) = (
+            tmp(&format!("fields-{tag}-s.json")),
+            tmp(&format!("fields-{tag}-d.json")),
+        );
+        let (mut d, addr) = dest(None, "127.0.0.1:0", &[], &dj);
+        let s = source(None, &addr, &slow, &sj);
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        if kill_dest {
+            d.kill().unwrap();
+        } else {
+            signal(s.id(), "-INT");
+        }
+        let s = s.wait_with_output().unwrap();
+        let d = d.wait_with_output().unwrap();
+        assert_eq!(s.status.code(), Some(1), "{tag}: {}", text(&s));
+        let sv = json(&sj);
+        let want = if kill_dest { "failed" } else { "cancelled" };
+        assert_eq!(sv["status"], want, "{sv}");
+        check("source", &sv, &table);
+        if !kill_dest {
+            assert_eq!(d.status.code(), Some(1), "{}", text(&d));
+            let dv = json(&dj);
+            assert_eq!(dv["status"], "failed", "{dv}");
+            check("destination", &dv, &table);
+        }
+    }
+}
+
 /// Completions and the man page come from the parser's own definitions:
 /// they name today's options.
 #[test]
