@@ -399,6 +399,7 @@ fn source(a: SourceArgs) -> Result<Outcome> {
         let error = result.as_ref().err().map(ToString::to_string);
         let v = report::source_json(&handle.stats(), fallback.as_deref(), error.as_deref());
         let mut extras = report::Extras::default();
+        extras.authentication = Some(a.transport.authentication());
         extras.resources = Some(process_cpu(cpu));
         extras.digest =
             (result.is_ok() && a.migration.digest).then(|| format!("{:032x}", m.digest()));
@@ -505,6 +506,7 @@ fn dest(a: DestArgs) -> Result<Outcome> {
         // The engine's final figures and status, failed or not.
         let v = report::destination_json(Some(&handle.stats()), None, error.as_deref());
         let mut extras = report::Extras::default();
+        extras.authentication = Some(a.transport.authentication());
         extras.resources = Some(process_cpu(cpu));
         extras.digest = vm.digest_at_resume.map(|d| format!("{d:032x}"));
         output::write_report("mini-vmm", p, &report::with_extras(v, &extras));
