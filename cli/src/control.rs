@@ -748,6 +748,23 @@ pub fn events_to<H: Steer>(path: &Path, handle: &H) -> Result<JoinHandle<()>> {
         .context("starting the events writer")
 }
 
+/// `--control` and `--events` on `handle`, both made before anything is
+/// sent (a socket that cannot be served is a setup error): the socket
+/// (dropping it stops serving) and the events writer (it ends with the
+/// final event).
+pub fn steer<H: Steer>(
+    s: &crate::args::SteeringArgs,
+    handle: &H,
+) -> Result<(Option<ControlSocket>, Option<JoinHandle<()>>)> {
+    let socket = s.control.as_deref().map(|p| serve(p, handle)).transpose()?;
+    let events = s
+        .events
+        .as_deref()
+        .map(|p| events_to(p, handle))
+        .transpose()?;
+    Ok((socket, events))
+}
+
 /// Where the signal thread finds the migration to cancel: empty while a
 /// destination still waits for its source.
 pub type Slot<H> = Arc<std::sync::Mutex<Option<H>>>;

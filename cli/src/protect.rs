@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -19,7 +18,7 @@ use migrate_frontend::{Outcome, output, security, transport, witness};
 use migrate_guests::{BankGuest, RunningGuest};
 use serde_json::json;
 
-use crate::args::{ProtectArgs, StandbyArgs, SteeringArgs, WitnessArgs};
+use crate::args::{ProtectArgs, StandbyArgs, WitnessArgs};
 use crate::{control, guest, memory, report, resources, run};
 
 /// Where the guest's released output goes: `--output`, or nowhere.
@@ -66,7 +65,7 @@ pub fn protect(mut a: ProtectArgs, baseline_rss: u64) -> Result<Outcome> {
     )));
     let handle = protection.handle();
     end_on_signals(handle.clone())?;
-    let (control_socket, events) = steer(&a.steering, &handle)?;
+    let (control_socket, events) = control::steer(&a.steering, &handle)?;
     let started = std::time::Instant::now();
     let run_for = a.run_for_s.map(Duration::from_secs);
     if let Some(d) = run_for {
@@ -202,25 +201,6 @@ impl EpochCpu {
             .unwrap_or_else(|p| p.into_inner())
             .map_or(0, |(_, e)| e)
     }
-}
-
-/// `--control` and `--events` on `handle`: created before anything is
-/// sent (a socket that cannot be served is a setup error).
-fn steer<H: control::Steer>(
-    s: &SteeringArgs,
-    handle: &H,
-) -> Result<(Option<control::ControlSocket>, Option<JoinHandle<()>>)> {
-    let socket = s
-        .control
-        .as_deref()
-        .map(|p| control::serve(p, handle))
-        .transpose()?;
-    let events = s
-        .events
-        .as_deref()
-        .map(|p| control::events_to(p, handle))
-        .transpose()?;
-    Ok((socket, events))
 }
 
 /// Say on stdout once the standby holds a checkpoint (an operator, or a
@@ -359,7 +339,7 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
     let slot: control::Slot<StandbyHandle> = Arc::default();
     let stop = standby_signals(Arc::clone(&slot))?;
     let waiting = control::Waiting::new(Arc::clone(&slot), "standby");
-    let (control_socket, events) = steer(&a.steering, &waiting)?;
+    let (control_socket, events) = control::steer(&a.steering, &waiting)?;
     println!("listening on {}", listener.local_addr()?);
     std::io::stdout().flush().ok();
     let mut t = run::accept_source(&listener)?;

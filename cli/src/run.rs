@@ -109,15 +109,10 @@ fn migrate_out(mem: Arc<GuestMemory>, o: Outbound<'_>) -> Result<Outcome> {
     let handle = migration.handle();
     // The ways to steer it exist before anything connects: a socket that
     // cannot be served is a setup error, with nothing sent.
-    let steering = o.steering.map(|(s, _)| s);
-    let _control = steering
-        .and_then(|s| s.control.as_deref())
-        .map(|p| control::serve(p, &handle))
-        .transpose()?;
-    let events = steering
-        .and_then(|s| s.events.as_deref())
-        .map(|p| control::events_to(p, &handle))
-        .transpose()?;
+    let (_control, events) = match o.steering {
+        Some((s, _)) => control::steer(s, &handle)?,
+        None => (None, None),
+    };
     control::cancel_on_signals(Arc::new(std::sync::Mutex::new(Some(handle.clone()))))?;
     guest::fill(&mem, o.guest)?;
     let cpu_start = resources::CpuSample::now();
@@ -303,16 +298,7 @@ fn receive(
     // Steered and watched from the moment it listens: before a source
     // begins the socket says `waiting`, then it is the migration's.
     let waiting = control::Waiting::new(Arc::clone(&slot), "destination");
-    let control_socket = steering
-        .control
-        .as_deref()
-        .map(|p| control::serve(p, &waiting))
-        .transpose()?;
-    let events = steering
-        .events
-        .as_deref()
-        .map(|p| control::events_to(p, &waiting))
-        .transpose()?;
+    let (control_socket, events) = control::steer(steering, &waiting)?;
     let mut t = accept_source(listener)?;
     let cpu_start = resources::CpuSample::now();
     let mut received = Received::default();
