@@ -70,15 +70,39 @@ migrate rdma-lo rdma "" "" 127.0.0.1 32M --guest dirty --dirty-rate 2000 --verif
 # roce-fabric.sh), so each side is told its device; the destination would
 # find rxe-b by its address anyway. The fabric link's counters prove the
 # pages crossed it rather than rxe's internal loopback.
-auth=(--tls-dir "$tmp/tls"); dest_args=(--rdma-device rxe-b)
+# Each end marks its queue pairs (the source by --dscp 46, traffic class
+# 184; the destination by --traffic-class 40, DSCP 10): tc counters on each
+# end of the link count the RoCE v2 packets (UDP 4791) leaving it with that
+# DSCP and with any other; none may be unmarked. (tc, not nftables: rxe's
+# packets do not pass netfilter.)
+count_roce() { # dev tos
+  tc qdisc add dev "$1" clsact
+  tc filter add dev "$1" egress pref 1 protocol ip flower ip_proto udp dst_port 4791 ip_tos "$2/0xfc" action pass
+  tc filter add dev "$1" egress pref 2 protocol ip flower ip_proto udp dst_port 4791 action pass
+}
+roce_pkts() { # dev pref
+  tc -s filter show dev "$1" egress pref "$2" | grep -o 'Sent [0-9]* bytes [0-9]* pkt' | awk '{s+=$4} END {print s+0}'
+}
+count_roce fab-a 0xb8; count_roce fab-b 0x28
+auth=(--tls-dir "$tmp/tls"); dest_args=(--rdma-device rxe-b --traffic-class 40)
 before=$(fab_tx)
-migrate rdma-two-hosts rdma "" "" 10.199.0.2 32M --rdma-device rxe-a --guest bank --dirty-rate 2000 --verify
+migrate rdma-two-hosts rdma "" "" 10.199.0.2 32M --rdma-device rxe-a --guest bank --dirty-rate 2000 --verify --dscp 46
 crossed=$(( $(fab_tx) - before ))
 if [ "$crossed" -ge $((32 << 20)) ]; then
   echo "ok rdma-two-hosts crossed the fabric link: $((crossed >> 20)) MiB left fab-a"
 else
   echo "FAIL rdma-two-hosts: only $crossed bytes left fab-a for a 32 MiB guest"; fail=1
 fi
+for end in "fab-a source DSCP 46" "fab-b destination DSCP 10"; do
+  read -r dev who d dscp <<< "$end"
+  marked=$(roce_pkts "$dev" 1); other=$(roce_pkts "$dev" 2)
+  if [ "$marked" -gt 1000 ] && [ "$other" = 0 ]; then
+    echo "ok rdma-two-hosts marked: $marked RoCE packets of the $who carried $d $dscp, none without"
+  else
+    echo "FAIL rdma-two-hosts marking: the $who sent $marked RoCE packets with $d $dscp and $other without"; fail=1
+  fi
+  tc qdisc del dev "$dev" clsact
+done
 # Post-copy between the two hosts over RDMA, authenticated: a guest
 # dirtying faster than a 1 MB/s cap goes to post-copy after two rounds (the
 # read queue pair and the source's keys cross the TLS connection); both

@@ -368,6 +368,12 @@ fn rdma_items(needed: bool) -> Vec<Item> {
                 "bring the port's network interface up (`ip link set DEV up`); `rdma link show {name}`"
             )),
         );
+        let ndev = read(format!("{port}/gid_attrs/ndevs/0")).unwrap_or_default();
+        out.push(item(
+            "rdma marking",
+            Verdict::Ok,
+            marking_state(name, &ndev),
+        ));
     }
     if !any_active {
         for i in out.iter_mut().filter(|i| i.name == "rdma port") {
@@ -381,10 +387,13 @@ fn rdma_items(needed: bool) -> Vec<Item> {
             "rdma choice",
             Verdict::Ok,
             format!(
-                "would use {} GID index {} ({}), active MTU {} bytes; a real migration picks the device and GID that hold the address its control connection uses",
+                "would use {} port {} GID index {} ({}, {}: {}), active MTU {} bytes; a real migration picks the device and GID that hold the address its control connection uses, RoCE v2 before v1",
                 dev.name,
+                dev.port,
                 dev.gid_index,
                 Ipv6Addr::from(dev.gid.raw),
+                dev.gid_choice.row.kind.name(),
+                dev.gid_choice.reason,
                 dev.active_mtu()
             ),
         )),
@@ -395,4 +404,39 @@ fn rdma_items(needed: bool) -> Vec<Item> {
         ),
     }
     out
+}
+
+/// What the device and its network interface say about traffic classes
+/// and flow control, where they say it: the driver's default traffic class
+/// for every queue pair (mlx5: `tc/1/traffic_class`), `rdma_cm`'s default
+/// RoCE TOS (configfs, when set up), and PFC from iproute2's `dcb` tool.
+/// What a migration's own packets carry is `--dscp`/`--traffic-class`.
+fn marking_state(name: &str, ndev: &str) -> String {
+    let mut parts = Vec::new();
+    match read(format!("/sys/class/infiniband/{name}/tc/1/traffic_class")) {
+        Some(tc) if !tc.is_empty() => parts.push(format!("driver default traffic class: {tc}")),
+        _ => parts.push("no driver default traffic class (every queue pair's own)".to_string()),
+    }
+    if let Some(tos) = read(format!(
+        "/sys/kernel/config/rdma_cm/{name}/ports/1/default_roce_tos"
+    )) {
+        parts.push(format!("rdma_cm default RoCE TOS {tos}"));
+    }
+    let pfc = if ndev.is_empty() {
+        "PFC: no network interface".to_string()
+    } else {
+        match std::process::Command::new("dcb")
+            .args(["pfc", "show", "dev", ndev, "prio-pfc"])
+            .output()
+        {
+            Ok(o) if o.status.success() => {
+                format!("{ndev} PFC {}", String::from_utf8_lossy(&o.stdout).trim())
+            }
+            Ok(_) => format!("PFC: {ndev} has no DCB (no priority flow control)"),
+            Err(_) => "PFC: not shown (iproute2's `dcb` is not installed)".to_string(),
+        }
+    };
+    parts.push(pfc);
+    parts.push("this migration's packets: --dscp / --traffic-class / --service-level".into());
+    parts.join("; ")
 }

@@ -491,6 +491,9 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
         kernel_tls: crate::args::KernelTlsArg::Auto,
         rdma_device: None,
         gid_index: None,
+        dscp: None,
+        traffic_class: None,
+        service_level: None,
     };
     // Loopback within one process: nobody else to authenticate.
     let listener = transport::Listener::bind("127.0.0.1:0", &demo_transport, None)?;

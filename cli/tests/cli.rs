@@ -229,6 +229,8 @@ struct Hosts {
     dst: String,
     /// The source end of the veth pair (inside `src`).
     src_dev: String,
+    /// The destination end (inside `dst`).
+    dst_dev: String,
 }
 
 impl Hosts {
@@ -270,6 +272,7 @@ impl Hosts {
             src: src.clone(),
             dst: dst.clone(),
             src_dev: vs.clone(),
+            dst_dev: vd.clone(),
         };
         let run = |args: &[&str]| -> Result<(), String> {
             let o = Command::new("ip")
@@ -810,6 +813,11 @@ fn postcopy_moves_a_guest_faster_than_the_link() {
 /// timeout, and comes back: both sides declare the other dead, keep what
 /// they hold, and the source reconnects; the destination says which pages
 /// it still lacks, post-copy completes, both exit 0 with equal digests.
+///
+/// Both ends mark their packets (`--dscp`, a different class each), and an
+/// nftables counter on each host's end of the link sees that class on
+/// every TCP packet leaving it: the control, data, post-copy and resumed
+/// connections, handshakes included; none unmarked.
 #[test]
 fn a_link_cut_during_postcopy_is_recovered() {
     postcopy_link_cut("a_link_cut_during_postcopy_is_recovered", "pc-cut", false);
@@ -838,10 +846,21 @@ fn postcopy_link_cut(test: &str, tag: &str, with_strangers: bool) {
         tmp(&format!("{tag}-d.json")),
         tmp(&format!("{tag}.events")),
     );
+    // Expedited forwarding from the source, AF11 from the destination.
+    let src_marks = Marks::count(&hosts.src, &hosts.src_dev, 46);
+    let dst_marks = Marks::count(&hosts.dst, &hosts.dst_dev, 10);
     let (d, addr) = dest(
         Some(&hosts.dst),
         "10.199.0.2:0",
-        &["--io-timeout-s", "2", "--digest", "--reconnect-s", "20"],
+        &[
+            "--io-timeout-s",
+            "2",
+            "--digest",
+            "--reconnect-s",
+            "20",
+            "--dscp",
+            "10",
+        ],
         &dj,
     );
     let ev_s = ev.to_string_lossy().into_owned();
@@ -858,6 +877,8 @@ fn postcopy_link_cut(test: &str, tag: &str, with_strangers: bool) {
         "--digest",
         "--events",
         &ev_s,
+        "--dscp",
+        "46",
     ]);
     let s = source(Some(&hosts.src), &addr, &args, &sj);
     wait_for_event(&ev, "postcopy");
@@ -878,6 +899,77 @@ fn postcopy_link_cut(test: &str, tag: &str, with_strangers: bool) {
         events.contains(r#""event":"connection-lost""#) && events.contains(r#""event":"resumed""#),
         "{events}"
     );
+    for (end, marks) in [("source", src_marks), ("destination", dst_marks)] {
+        let (marked, other, resets) = marks.read();
+        println!(
+            "{end}: {marked} TCP packets marked DSCP {}, {other} not, {resets} unmarked resets of gone connections",
+            marks.dscp
+        );
+        assert!(marked > 100, "{end}: {marked} packets marked");
+        assert_eq!(other, 0, "{end}: TCP packets without DSCP {}", marks.dscp);
+    }
+}
+
+/// nftables counters, in one host, of the TCP packets leaving by one
+/// interface with DSCP `dscp` and with any other.
+struct Marks {
+    netns: String,
+    dscp: u8,
+}
+
+impl Marks {
+    fn count(netns: &str, dev: &str, dscp: u8) -> Marks {
+        let script = format!(
+            "nft add table inet marks && \
+             nft add counter inet marks marked && \
+             nft add counter inet marks other && \
+             nft add counter inet marks resets && \
+             nft add chain inet marks out '{{ type filter hook output priority 0; }}' && \
+             nft add rule inet marks out oifname {dev} meta l4proto tcp ip dscp {dscp} counter name marked && \
+             nft add rule inet marks out oifname {dev} meta l4proto tcp tcp flags rst ip dscp != {dscp} counter name resets && \
+             nft add rule inet marks out oifname {dev} meta l4proto tcp tcp flags != rst ip dscp != {dscp} counter name other"
+        );
+        let o = Command::new("ip")
+            .args(["netns", "exec", netns, "sh", "-c", &script])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{script}: {}", text(&o));
+        Marks {
+            netns: netns.into(),
+            dscp,
+        }
+    }
+
+    /// (marked, other, unmarked resets) packets so far. A reset the
+    /// kernel sends for a connection that no longer exists (a packet of the
+    /// peer arriving after this end gave the connection up) has no socket
+    /// to take the class from: the kernel gives it the TOS bits of the
+    /// packet it answers. Those are counted apart.
+    fn read(&self) -> (u64, u64, u64) {
+        let packets = |name: &str| {
+            let o = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.netns,
+                    "nft",
+                    "list",
+                    "counter",
+                    "inet",
+                    "marks",
+                    name,
+                ])
+                .output()
+                .unwrap();
+            let out = String::from_utf8_lossy(&o.stdout).into_owned();
+            let words: Vec<&str> = out.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "packets");
+            at.and_then(|i| words.get(i + 1))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no packet count in {out:?} ({})", text(&o)))
+        };
+        (packets("marked"), packets("other"), packets("resets"))
+    }
 }
 
 /// Post-copy into a destination whose memory is a file on a disk, which

@@ -75,6 +75,22 @@ pub struct TransportArgs {
     /// connection's local address).
     #[arg(long)]
     pub gid_index: Option<u32>,
+    /// Mark every packet of this end's TCP connections (control, data,
+    /// resumed, post-copy) with this DSCP, 0–63, from the first handshake
+    /// packet on, so the fabric can class, shape and count the migration;
+    /// over RDMA the queue pairs take it too (traffic class DSCP × 4)
+    /// unless `--traffic-class` says otherwise.
+    #[arg(long, value_name = "0-63", allow_hyphen_values = true, value_parser = clap::value_parser!(u8).range(0..=63))]
+    pub dscp: Option<u8>,
+    /// RDMA: the traffic class (0–255) of every queue pair's global route
+    /// header, which RoCE v2 carries as the IP header's TOS byte (DSCP in
+    /// its six high bits: 104 is DSCP 26). Default: `--dscp` × 4, else 0.
+    #[arg(long, value_name = "0-255", allow_hyphen_values = true)]
+    pub traffic_class: Option<u8>,
+    /// RDMA: the service level (0–15) of every queue pair (on RoCE the NIC
+    /// maps it to a VLAN priority where it is set up to). Default 0.
+    #[arg(long, value_name = "0-15", allow_hyphen_values = true, value_parser = clap::value_parser!(u8).range(0..=15))]
+    pub service_level: Option<u8>,
 }
 
 /// `--kernel-tls`.
@@ -89,6 +105,18 @@ pub enum KernelTlsArg {
 }
 
 impl TransportArgs {
+    /// How RDMA queue pairs mark their packets: `--traffic-class`, else
+    /// `--dscp` in the traffic class's DSCP bits; `--service-level`.
+    pub fn marking(&self) -> transport_rdma::verbs::Marking {
+        transport_rdma::verbs::Marking {
+            traffic_class: self
+                .traffic_class
+                .or(self.dscp.map(|d| d << 2))
+                .unwrap_or(0),
+            service_level: self.service_level.unwrap_or(0),
+        }
+    }
+
     /// The grace period for a lost connection, if any.
     pub fn reconnect(&self) -> Option<Duration> {
         (self.reconnect_s > 0).then(|| Duration::from_secs(self.reconnect_s))

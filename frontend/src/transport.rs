@@ -182,6 +182,7 @@ pub fn tcp_config(t: &TransportArgs, compress: bool, tls: Option<TlsConfig>) -> 
         // Without credentials on loopback, only this user's processes may
         // be the peer, unless the operator said --insecure.
         any_local_user: t.insecure,
+        dscp: t.dscp,
         ..TcpConfig::default()
     }
 }
@@ -197,6 +198,7 @@ fn rdma_config(
         queue_pairs: t.streams.max(1),
         device: t.rdma_device.clone(),
         gid_index: t.gid_index,
+        marking: t.marking(),
         require,
         ..RdmaConfig::default()
     }

@@ -64,7 +64,7 @@ impl RdmaMigrationListener {
             self.cfg.gid_index,
             Some(local_ip),
         ) {
-            Ok(d) => (Some(d), None),
+            Ok(d) => (Some(d.marked(self.cfg.marking)), None),
             Err(e) if !self.cfg.require => (
                 None,
                 Some(format!("no RDMA device on the destination: {e}")),

@@ -29,6 +29,7 @@
 #![deny(unsafe_code)]
 
 mod destination;
+pub mod gid;
 mod postcopy;
 mod source;
 #[allow(unsafe_code)]
@@ -57,6 +58,9 @@ pub struct RdmaConfig {
     /// GID index (`None`: the IPv4-mapped GID of the control connection's
     /// local address, else the first IPv4-mapped one).
     pub gid_index: Option<u32>,
+    /// How every queue pair marks its packets (traffic class, service
+    /// level); the control connection's DSCP is `tcp.dscp`.
+    pub marking: verbs::Marking,
     /// Largest single WRITE, bytes.
     pub max_write: u32,
     /// Fail instead of falling back to TCP when RDMA is not there.
@@ -77,6 +81,7 @@ impl Default for RdmaConfig {
             queue_pairs: 2,
             device: None,
             gid_index: None,
+            marking: verbs::Marking::default(),
             max_write: 1 << 20,
             require: true,
             postcopy_reads: false,

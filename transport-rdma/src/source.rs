@@ -78,7 +78,7 @@ impl RdmaSource {
             match Device::open(cfg.device.as_deref(), cfg.gid_index, Some(local_ip)) {
                 Ok(dev) => (
                     Some(Local {
-                        dev,
+                        dev: dev.marked(cfg.marking),
                         registered: None,
                     }),
                     None,

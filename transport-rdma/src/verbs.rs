@@ -16,13 +16,15 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
 use migrate_core::memory::GuestMemory;
+
+use crate::gid::{self, GidChoice, GidKind, GidRow};
 use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
 use sideway::ibverbs::completion::{
     BasicCompletionQueue, GenericCompletionQueue, PollCompletionQueueError, WorkCompletionStatus,
 };
 use sideway::ibverbs::device::{DeviceInfo, DeviceList};
-use sideway::ibverbs::device_context::{DeviceContext, Mtu};
+use sideway::ibverbs::device_context::{DeviceContext, LinkLayer, Mtu};
 use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{
@@ -103,6 +105,10 @@ pub struct Device {
     pub gid_index: u32,
     /// The GID.
     pub gid: Gid,
+    /// Its entry and why it was chosen.
+    pub gid_choice: GidChoice,
+    /// How its queue pairs mark their packets.
+    pub marking: Marking,
     mtu: Mtu,
 }
 
@@ -110,8 +116,12 @@ impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Device({} port {} gid[{}] {})",
-            self.name, self.port, self.gid_index, self.gid
+            "Device({} port {} gid[{}] {} {})",
+            self.name,
+            self.port,
+            self.gid_index,
+            self.gid,
+            self.gid_choice.row.kind.name()
         )
     }
 }
@@ -124,31 +134,49 @@ pub fn device_names() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// GID indexes of `port`: the one equal to `want`, and the first
-/// IPv4-mapped one.
-fn scan_gids(
-    ctx: &DeviceContext,
-    port: u8,
-    len: i32,
-    want: Option<Ipv6Addr>,
-) -> (Option<u32>, Option<u32>) {
-    let mut mapped = None;
-    for i in 0..len.max(0) as u32 {
-        let Ok(g) = ctx.query_gid(port, i) else {
+/// Every port's GID table of `ctx`, unused entries left out.
+fn gid_rows(ctx: &DeviceContext) -> Vec<GidRow> {
+    let ports = ctx.query_device().map_or(1, |d| d.phys_port_cnt().max(1));
+    let mut rows = Vec::new();
+    for port in 1..=ports {
+        let Ok(attr) = ctx.query_port(port) else {
             continue;
         };
-        let ip = Ipv6Addr::from(g);
-        if ip.is_unspecified() {
-            continue;
-        }
-        if Some(ip) == want {
-            return (Some(i), mapped);
-        }
-        if mapped.is_none() && ip.to_ipv4_mapped().is_some() {
-            mapped = Some(i);
+        let ethernet = attr.link_layer() == LinkLayer::Ethernet;
+        for index in 0..attr.gid_tbl_len().max(0) as u32 {
+            let Ok(g) = ctx.query_gid(port, index) else {
+                continue;
+            };
+            let gid = Ipv6Addr::from(g);
+            if gid.is_unspecified() {
+                continue;
+            }
+            // ibv_query_gid_type: 1 is RoCE v2, 0 IB or RoCE v1 (by the
+            // port's link layer).
+            let kind = match ctx.query_gid_type(port, index) {
+                Ok(1) => GidKind::RoceV2,
+                _ if ethernet => GidKind::RoceV1,
+                _ => GidKind::InfiniBand,
+            };
+            rows.push(GidRow {
+                port,
+                index,
+                gid,
+                kind,
+            });
         }
     }
-    (None, mapped)
+    rows
+}
+
+/// How a device's queue pairs mark their packets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Marking {
+    /// The GRH traffic class: on RoCE v2 the IP header's TOS byte (DSCP in
+    /// its six high bits).
+    pub traffic_class: u8,
+    /// The service level (4 bits; on RoCE the NIC maps it to a priority).
+    pub service_level: u8,
 }
 
 impl Device {
@@ -163,20 +191,22 @@ impl Device {
         }
     }
 
-    /// Open a device and pick a GID.
+    /// Open a device and pick a GID (see [`crate::gid`]).
     ///
     /// The device is `name` if given. Otherwise, on RoCE, it is the device
-    /// whose GID table holds `local_ip` (the address of the interface that
+    /// whose GID tables hold `local_ip` (the address of the interface that
     /// carries the control connection), as `rdma_cm` binds: on a host with a
     /// management NIC and a fabric NIC the pages go where the control
     /// connection goes. Without such a device (or without `local_ip`), the
     /// first device, with a warning when `local_ip` was given.
     ///
-    /// The GID is `gid_index` if given, else the IPv4-mapped GID of
-    /// `local_ip`, else the device's first IPv4-mapped GID.
+    /// The GID (and with it the port) is `gid_index` if given, else the
+    /// RoCE v2 entry of `local_ip` on any port, else the first IPv4-mapped
+    /// RoCE v2 one: [`crate::gid::choose`].
     ///
     /// # Errors
-    /// [`VerbsError::NoDevice`], or a failing verb.
+    /// [`VerbsError::NoDevice`], a device without any GID (or without
+    /// `gid_index`), or a failing verb.
     pub fn open(
         name: Option<&str>,
         gid_index: Option<u32>,
@@ -187,26 +217,22 @@ impl Device {
             IpAddr::V4(v4) => v4.to_ipv6_mapped(),
             IpAddr::V6(v6) => v6,
         });
-        let port = 1u8;
-        // (context, port attributes, GID index holding `want`) of each
-        // candidate, in the system's order.
+        // (name, context, GID table) of the device holding `want`, else of
+        // the first one, in the system's order.
         let mut chosen = None;
         let mut first = None;
         for dev in list.iter().filter(|d| name.is_none_or(|n| d.name() == n)) {
             let Ok(ctx) = dev.open() else { continue };
-            let Ok(port_attr) = ctx.query_port(port) else {
-                continue;
-            };
-            let (exact, mapped) = scan_gids(&ctx, port, port_attr.gid_tbl_len(), want);
-            if exact.is_some() {
-                chosen = Some((dev.name(), ctx, port_attr, exact, mapped));
+            let rows = gid_rows(&ctx);
+            if want.is_some_and(|w| rows.iter().any(|r| r.gid == w)) {
+                chosen = Some((dev.name(), ctx, rows));
                 break;
             }
             if first.is_none() {
-                first = Some((dev.name(), ctx, port_attr, exact, mapped));
+                first = Some((dev.name(), ctx, rows));
             }
         }
-        let (dev_name, ctx, port_attr, exact, mapped) = match chosen {
+        let (dev_name, ctx, rows) = match chosen {
             Some(c) => c,
             None => {
                 let f = first.ok_or_else(|| VerbsError::NoDevice(name.map(String::from)))?;
@@ -220,20 +246,45 @@ impl Device {
                 f
             }
         };
-        let gid_index = gid_index.or(exact).or(mapped).unwrap_or(0);
+        let choice = gid::choose(&rows, want, gid_index).ok_or_else(|| VerbsError::Call {
+            op: "choose a GID",
+            detail: match gid_index {
+                Some(i) => format!("{dev_name} has no GID at index {i} on any port"),
+                None => format!("{dev_name} has no GID on any port"),
+            },
+        })?;
+        let port = choice.row.port;
+        let port_attr = ctx.query_port(port).map_err(call("ibv_query_port"))?;
         let gid = ctx
-            .query_gid(port, gid_index)
+            .query_gid(port, choice.row.index)
             .map_err(call("ibv_query_gid"))?;
         let pd = ctx.alloc_pd().map_err(call("ibv_alloc_pd"))?;
+        tracing::debug!(
+            device = %dev_name,
+            port,
+            gid_index = choice.row.index,
+            gid_type = choice.row.kind.name(),
+            reason = choice.reason,
+            "GID chosen"
+        );
         Ok(Device {
             mtu: port_attr.active_mtu(),
             ctx,
             pd,
             name: dev_name,
             port,
-            gid_index,
+            gid_index: choice.row.index,
             gid,
+            gid_choice: choice,
+            marking: Marking::default(),
         })
+    }
+
+    /// The same device with its queue pairs marked `marking` (those made
+    /// from now on).
+    pub fn marked(mut self, marking: Marking) -> Self {
+        self.marking = marking;
+        self
     }
 
     /// Register every region of `mem`; `remote_write` lets a peer WRITE
@@ -343,6 +394,7 @@ impl Device {
             recv_cq,
             port: self.port,
             gid_index: self.gid_index,
+            marking: self.marking,
             mtu: self.mtu,
             local: Endpoint {
                 qpn: 0,
@@ -470,6 +522,7 @@ pub struct QueuePair {
     recv_cq: Arc<BasicCompletionQueue>,
     port: u8,
     gid_index: u32,
+    marking: Marking,
     mtu: Mtu,
     /// This end.
     pub local: Endpoint,
@@ -505,10 +558,14 @@ impl QueuePair {
         let mut ah = AddressHandleAttribute::new();
         ah.setup_dest_lid(1)
             .setup_port(self.port)
-            .setup_service_level(0)
-            .setup_grh_src_gid_index(self.gid_index as u8)
-            .setup_grh_dest_gid(&Gid::from(Ipv6Addr::from(remote.gid)))
-            .setup_grh_hop_limit(64);
+            .setup_service_level(self.marking.service_level)
+            .setup_grh(
+                &Gid::from(Ipv6Addr::from(remote.gid)),
+                0,
+                self.gid_index as u8,
+                64,
+                self.marking.traffic_class,
+            );
         attr.setup_address_vector(&ah);
         self.qp.modify(&attr).map_err(call("ibv_modify_qp(RTR)"))?;
         let mut attr = QueuePairAttribute::new();

@@ -44,7 +44,7 @@ impl TcpMigrationListener {
             .to_socket_addrs()
             .map_err(io("resolve listen address"))?
             .collect();
-        let listener = TcpListener::bind(&sa[..]).map_err(io("bind"))?;
+        let listener = crate::mark::listen(&sa, cfg.dscp).map_err(io("bind"))?;
         Ok(Self {
             listener,
             cfg,

@@ -32,6 +32,7 @@ mod destination;
 mod handshake;
 mod ktls;
 mod local_peer;
+mod mark;
 pub mod pki;
 mod record;
 /// Entry points for the fuzz targets (`fuzz/`); not an API.
@@ -49,6 +50,7 @@ use std::time::Duration;
 pub use addr::is_loopback;
 pub use control::{KillSwitch, TcpControl};
 pub use destination::{TcpDestination, TcpMigrationListener};
+pub use mark::MAX_DSCP;
 pub use source::TcpSource;
 pub use tls::{KernelTls, MIN_PSK_LEN, TlsConfig, TlsError};
 
@@ -100,6 +102,10 @@ pub struct TcpConfig {
     /// pose as one; a peer of another user fails with
     /// [`TransportError::Auth`](migrate_core::transport::TransportError::Auth).
     pub any_local_user: bool,
+    /// DSCP (0–63) of every connection's packets, control, data and
+    /// resumed ones alike, from the first (SYN, SYN-ACK) on; `None` leaves
+    /// the system's default (0).
+    pub dscp: Option<u8>,
 }
 
 impl Default for TcpConfig {
@@ -113,6 +119,7 @@ impl Default for TcpConfig {
             connect_timeout: Duration::from_secs(10),
             tls: None,
             any_local_user: false,
+            dscp: None,
         }
     }
 }

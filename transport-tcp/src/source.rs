@@ -1,7 +1,7 @@
 //! Source side: connect, then send page batches from guest memory.
 
 use std::io::{IoSlice, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
 use migrate_core::dirty::PageRun;
@@ -126,12 +126,11 @@ impl SourceTransport for TcpSource {
             })?;
         let mut streams = Vec::new();
         for index in 0..self.data_streams() {
-            let stream = TcpStream::connect_timeout(&self.addr, self.cfg.connect_timeout).map_err(
-                |source| TransportError::Connect {
+            let stream = crate::mark::connect(&self.addr, self.cfg.connect_timeout, self.cfg.dscp)
+                .map_err(|source| TransportError::Connect {
                     addr: self.addr.to_string(),
                     source,
-                },
-            )?;
+                })?;
             prepare(&stream, &self.cfg)?;
             let mut c = TcpControl::open(stream, &self.cfg)?;
             c.send(&Message::Join { session, index })?;
@@ -169,7 +168,7 @@ fn open_control(
     addr: &SocketAddr,
     cfg: &TcpConfig,
 ) -> Result<(TcpControl, KillSwitch), TransportError> {
-    let stream = TcpStream::connect_timeout(addr, cfg.connect_timeout).map_err(|source| {
+    let stream = crate::mark::connect(addr, cfg.connect_timeout, cfg.dscp).map_err(|source| {
         TransportError::Connect {
             addr: addr.to_string(),
             source,
