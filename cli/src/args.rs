@@ -102,6 +102,16 @@ pub struct SteeringArgs {
     /// Write every event as JSON Lines here while migrating.
     #[arg(long)]
     pub events: Option<PathBuf>,
+    /// Serve the live figures as Prometheus/OpenMetrics text at
+    /// `http://ADDR/metrics` (e.g. `127.0.0.1:9464`; port 0 picks one, said
+    /// on stderr): bytes, pages, rounds, dirty rate, status, and the RDMA
+    /// ports' own counters. Loopback only unless `--metrics-public`.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Let `--metrics` listen on a non-loopback address: the endpoint has
+    /// no authentication (it shows figures, never guest memory).
+    #[arg(long, requires = "metrics")]
+    pub metrics_public: bool,
 }
 
 /// `migrate-cli tls-gen`.

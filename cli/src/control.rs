@@ -748,21 +748,42 @@ pub fn events_to<H: Steer>(path: &Path, handle: &H) -> Result<JoinHandle<()>> {
         .context("starting the events writer")
 }
 
-/// `--control` and `--events` on `handle`, both made before anything is
-/// sent (a socket that cannot be served is a setup error): the socket
-/// (dropping it stops serving) and the events writer (it ends with the
+/// What serves a running migration from outside: the control socket and
+/// the metrics endpoint (dropping it stops both).
+pub struct Steering {
+    _socket: Option<ControlSocket>,
+    _metrics: Option<crate::metrics::MetricsServer>,
+}
+
+/// `--control`, `--events` and `--metrics` on `handle`, all made before
+/// anything is sent (a socket or an address that cannot be served is a
+/// setup error): what serves it, and the events writer (it ends with the
 /// final event).
 pub fn steer<H: Steer>(
     s: &crate::args::SteeringArgs,
     handle: &H,
-) -> Result<(Option<ControlSocket>, Option<JoinHandle<()>>)> {
+) -> Result<(Steering, Option<JoinHandle<()>>)> {
     let socket = s.control.as_deref().map(|p| serve(p, handle)).transpose()?;
+    let metrics = s
+        .metrics
+        .as_deref()
+        .map(|a| crate::metrics::serve(a, s.metrics_public, handle))
+        .transpose()?;
+    if let Some(m) = &metrics {
+        eprintln!("metrics at http://{}/metrics", m.addr);
+    }
     let events = s
         .events
         .as_deref()
         .map(|p| events_to(p, handle))
         .transpose()?;
-    Ok((socket, events))
+    Ok((
+        Steering {
+            _socket: socket,
+            _metrics: metrics,
+        },
+        events,
+    ))
 }
 
 /// Where the signal thread finds the migration to cancel: empty while a

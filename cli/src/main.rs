@@ -11,6 +11,7 @@ mod control;
 mod guest;
 mod manual;
 mod memory;
+mod metrics;
 mod protect;
 mod report;
 mod resources;

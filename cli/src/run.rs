@@ -109,8 +109,11 @@ fn migrate_out(mem: Arc<GuestMemory>, o: Outbound<'_>) -> Result<Outcome> {
     let handle = migration.handle();
     // The ways to steer it exist before anything connects: a socket that
     // cannot be served is a setup error, with nothing sent.
-    let (_control, events) = match o.steering {
-        Some((s, _)) => control::steer(s, &handle)?,
+    let (_served, events) = match o.steering {
+        Some((s, _)) => {
+            let (served, events) = control::steer(s, &handle)?;
+            (Some(served), events)
+        }
         None => (None, None),
     };
     control::cancel_on_signals(Arc::new(std::sync::Mutex::new(Some(handle.clone()))))?;
@@ -521,6 +524,8 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
         let quiet = SteeringArgs {
             control: None,
             events: None,
+            metrics: None,
+            metrics_public: false,
         };
         receive(&listener, None, None, &opts, None, &quiet)
     });

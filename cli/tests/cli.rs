@@ -1058,7 +1058,8 @@ fn a_full_file_system_at_the_destination_fails_cleanly() {
 }
 
 /// A destination (and a standby, and a witness) whose address is taken:
-/// exit 2 before anything, naming the address.
+/// exit 2 before anything, naming the address. The same for a
+/// `--metrics` address.
 #[test]
 fn an_address_in_use_cannot_be_listened_on() {
     let (mut d, addr) = dest(None, "127.0.0.1:0", &[], &tmp("inuse-a.json"));
@@ -1074,6 +1075,42 @@ fn an_address_in_use_cannot_be_listened_on() {
             err.contains(&format!("--listen {addr}: cannot listen")) && err.contains("in use"),
             "{cmd:?}: {err}"
         );
+    }
+    // --metrics on a taken address, or on a network address without
+    // --metrics-public: exit 2 before the destination listens or the
+    // source connects (the destination above would have taken it).
+    for (cmd, says) in [
+        (
+            vec!["dest", "--listen", "127.0.0.1:0", "--metrics", &addr],
+            format!("--metrics {addr}: cannot listen"),
+        ),
+        (
+            vec![
+                "source",
+                "--connect",
+                &addr,
+                "--memory",
+                "1M",
+                "--metrics",
+                &addr,
+            ],
+            format!("--metrics {addr}: cannot listen"),
+        ),
+        (
+            vec![
+                "dest",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                "192.0.2.1:9464",
+            ],
+            "--metrics 192.0.2.1:9464: the endpoint has no authentication".to_string(),
+        ),
+    ] {
+        let o = Command::new(BIN).args(&cmd).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{cmd:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(&says), "{cmd:?}: {err}");
     }
     d.kill().unwrap();
     let _ = d.wait();

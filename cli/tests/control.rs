@@ -588,9 +588,14 @@ fn a_destination_is_steerable_from_the_moment_it_listens() {
 /// clock runs; the source's bytes and clock move between two queries; a
 /// destination cancelled by SIGINT reports the bytes that had landed, and
 /// its event log has `progress` events with moving figures.
+/// The figures move within a round, not only at its end: through the
+/// control sockets, and through `--metrics` on both ends (valid
+/// OpenMetrics text, read with a parser of the format, whose byte counters
+/// grow while the round count stays 0).
 #[test]
 fn figures_are_live_between_round_ends() {
-    let run = steered("live", "1", &[]);
+    let (sm, dm) = (free_port(), free_port());
+    let run = steered_with("live", "1", &["--metrics", &sm], &["--metrics", &dm]);
     let d1 = wait_for(&run.dsocket, "bytes landed before a round ended", |s| {
         s["rounds"].as_u64() == Some(0) && s["bytes_received"].as_u64() > Some(0)
     });
@@ -613,6 +618,32 @@ fn figures_are_live_between_round_ends() {
     assert!(
         s2["bytes_transferred"].as_u64() > s1["bytes_transferred"].as_u64(),
         "{s1} then {s2}"
+    );
+    let m1 = scrape(&sm);
+    std::thread::sleep(Duration::from_millis(400));
+    let m2 = scrape(&sm);
+    for m in [&m1, &m2] {
+        assert_eq!(m.value("migrate_rounds_total", None), 0.0);
+        assert_eq!(m.value("migrate_status", Some(("status", "active"))), 1.0);
+        assert_eq!(m.value("migrate_memory_bytes", None), 32.0 * 1048576.0);
+    }
+    assert!(
+        m2.value("migrate_sent_bytes_total", None) > m1.value("migrate_sent_bytes_total", None),
+        "no growth within the round: {} then {}",
+        m1.text,
+        m2.text
+    );
+    assert!(m2.value("migrate_stream_sent_bytes_total", Some(("stream", "1"))) > 0.0);
+    let dm1 = scrape(&dm);
+    assert!(
+        dm1.value("migrate_received_bytes_total", None) > 0.0,
+        "{}",
+        dm1.text
+    );
+    assert!(
+        dm1.value("migrate_received_pages_total", Some(("kind", "normal"))) > 0.0,
+        "{}",
+        dm1.text
     );
     wait_for_event(&run.dev, "progress");
     let dev = run.dev.clone();

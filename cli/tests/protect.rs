@@ -406,7 +406,12 @@ fn a_protection_is_watched_and_ended_through_its_control_sockets() {
     let (ssock, sev) = (tmp("ctl-s.sock"), tmp("ctl-s.events"));
     let (psock, pev) = (tmp("ctl-p.sock"), tmp("ctl-p.events"));
     let (ssock_s, sev_s) = (ssock.display().to_string(), sev.display().to_string());
-    let (mut s, saddr) = standby(&waddr, "ctl", &["--control", &ssock_s, "--events", &sev_s]);
+    let (sm, pm) = (free_port(), free_port());
+    let (mut s, saddr) = standby(
+        &waddr,
+        "ctl",
+        &["--control", &ssock_s, "--events", &sev_s, "--metrics", &sm],
+    );
     // Steered from the moment it listens: waiting for a primary.
     let (code, v) = ctl(&ssock, &["query"]);
     assert_eq!(code, 0, "{v}");
@@ -420,7 +425,7 @@ fn a_protection_is_watched_and_ended_through_its_control_sockets() {
         &saddr,
         &waddr,
         "ctl",
-        &["--control", &psock_s, "--events", &pev_s],
+        &["--control", &psock_s, "--events", &pev_s, "--metrics", &pm],
     );
     // Live figures that move within the protection.
     std::thread::sleep(Duration::from_millis(1300));
@@ -441,6 +446,29 @@ fn a_protection_is_watched_and_ended_through_its_control_sockets() {
         "{v}"
     );
     assert!(v["stats"]["epochs_applied"].as_u64().unwrap() > 0, "{v}");
+    // The same figures as OpenMetrics text, growing.
+    let m1 = scrape(&pm);
+    std::thread::sleep(Duration::from_millis(300));
+    let m2 = scrape(&pm);
+    assert!(
+        m2.value("migrate_protect_epochs_total", None)
+            > m1.value("migrate_protect_epochs_total", None),
+        "{}\nthen\n{}",
+        m1.text,
+        m2.text
+    );
+    assert_eq!(
+        m2.value("migrate_status", Some(("status", "protected"))),
+        1.0
+    );
+    assert!(m2.text.contains("role=\"primary\""), "{}", m2.text);
+    let sm1 = scrape(&sm);
+    assert!(
+        sm1.value("migrate_protect_epochs_total", None) > 0.0,
+        "{}",
+        sm1.text
+    );
+    assert!(sm1.text.contains("role=\"standby\""), "{}", sm1.text);
     // No knobs: refused, with what it answers.
     let (code, v) = ctl(&psock, &["set", "downtime_ms=5"]);
     assert_eq!(code, 1, "{v}");

@@ -538,7 +538,12 @@ impl PageSender for RdmaPageSender {
             sent.wire_bytes += bytes;
             sent.stream_bytes[qp] += bytes;
             let pages: u64 = chain.iter().map(|w| w.len as u64 / 4096).sum();
-            (ctx.progress)(pages, bytes);
+            let batch = RoundSent {
+                wire_bytes: bytes,
+                normal_pages: pages,
+                ..RoundSent::default()
+            };
+            (ctx.progress)(qp, &batch);
         }
         // The fence: after every WRITE above on its QP, the destination sees
         // a receive completion carrying the round number.

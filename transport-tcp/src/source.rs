@@ -213,7 +213,7 @@ impl PageSender for TcpPageSender {
                     std::thread::Builder::new()
                         .name(format!("tcp-send-{i}"))
                         .spawn_scoped(s, move || {
-                            let r = send_stream(mem, stream, round, queue, enc, ctx);
+                            let r = send_stream(mem, stream, i, round, queue, enc, ctx);
                             if let Err(e) = &r {
                                 queue.abort();
                                 tracing::debug!(stream = i, error = %e, "data stream failed");
@@ -277,9 +277,11 @@ impl PageSender for TcpPageSender {
 
 /// Send batches from `queue` until none is left, then this stream's end
 /// of the round.
+#[allow(clippy::too_many_arguments)]
 fn send_stream(
     mem: &GuestMemory,
     stream: &mut Conn,
+    index: usize,
     round: u32,
     queue: &BatchQueue,
     enc: Encoding,
@@ -301,7 +303,7 @@ fn send_stream(
             count += 1;
         }
         ctx.limiter.take(b.sent.wire_bytes);
-        (ctx.progress)(b.sent.normal_pages + b.sent.zero_pages, b.sent.wire_bytes);
+        (ctx.progress)(index, &b.sent);
         sent.add(&b.sent);
     }
     let mut w = &*stream;

@@ -295,3 +295,72 @@ pub fn ctl(socket: &Path, args: &[&str]) -> (i32, Value) {
         .unwrap_or(Value::Null);
     (o.status.code().unwrap_or(-1), first)
 }
+
+/// A loopback address with a port free a moment ago.
+pub fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// One scrape of a `--metrics` endpoint, parsed.
+pub struct Scraped {
+    pub text: String,
+    pub parsed: prometheus_parse::Scrape,
+}
+
+impl Scraped {
+    pub fn value(&self, name: &str, label: Option<(&str, &str)>) -> f64 {
+        let s = self
+            .parsed
+            .samples
+            .iter()
+            .find(|x| x.metric == name && label.is_none_or(|(k, v)| x.labels.get(k) == Some(v)))
+            .unwrap_or_else(|| panic!("no {name} {label:?} in\n{}", self.text));
+        match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name}: {other:?}"),
+        }
+    }
+}
+
+/// GET /metrics at `addr` (HTTP/1.0: the server closes after answering),
+/// retried while the endpoint is not up yet: a 200 with the OpenMetrics
+/// content type, text that parses and ends with `# EOF`.
+pub fn scrape(addr: &str) -> Scraped {
+    use std::io::{Read, Write};
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let raw = loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(mut c) => {
+                c.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+                    .unwrap();
+                let mut raw = String::new();
+                c.read_to_string(&mut raw).unwrap();
+                break raw;
+            }
+            Err(e) if std::time::Instant::now() > until => panic!("{addr}: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    };
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{raw}"));
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    let parsed = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("{e}: {body}"));
+    Scraped {
+        text: body.to_string(),
+        parsed,
+    }
+}

@@ -460,7 +460,7 @@ impl Primary<'_> {
         loop {
             let t = Instant::now();
             let sent = {
-                let progress = |_: u64, _: u64| {};
+                let progress = |_: usize, _: &crate::transport::RoundSent| {};
                 let ctx = RoundContext {
                     cancel: &self.cancel,
                     limiter: &self.limiter,

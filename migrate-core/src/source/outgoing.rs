@@ -9,7 +9,7 @@
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::holes::{HoleRound, Holes};
@@ -700,23 +700,39 @@ impl Outgoing<'_> {
         dest_pages: &DestinationPages,
         before: &RoundSent,
     ) -> Result<RoundSent, MigrationError> {
-        let bytes_done = AtomicU64::new(0);
+        // This round so far, by stream, as its batches go out.
+        let round_sent = std::sync::Mutex::new(RoundSent::default());
         let last_emit = std::sync::Mutex::new(Instant::now());
         let (monitor, start) = (self.monitor, self.start);
         let round_start = Instant::now();
-        let progress = |_pages: u64, bytes: u64| {
-            let b = bytes_done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let progress = |stream: usize, batch: &RoundSent| {
+            let so_far = {
+                let mut r = round_sent.lock().unwrap_or_else(|e| e.into_inner());
+                let by_stream = RoundSent {
+                    stream_bytes: Vec::new(),
+                    zero_ranges: Vec::new(),
+                    ..*batch
+                };
+                r.add(&by_stream.on_stream(u16::try_from(stream).unwrap_or(u16::MAX)));
+                r.clone()
+            };
             let Ok(mut last) = last_emit.try_lock() else {
                 return;
             };
             if last.elapsed() >= Duration::from_millis(100) {
                 *last = Instant::now();
                 let secs = round_start.elapsed().as_secs_f64().max(1e-6);
+                let mut total = before.clone();
+                total.add(&so_far);
                 let stats = monitor.update(|s| {
                     s.total_ms = start.elapsed().as_secs_f64() * 1e3;
-                    s.bytes_transferred = before.wire_bytes + b;
+                    s.bytes_transferred = total.wire_bytes;
+                    s.stream_bytes.clone_from(&total.stream_bytes);
+                    s.normal_pages = total.normal_pages;
+                    s.sparse_pages = total.sparse_pages;
+                    s.zero_pages = total.zero_pages;
                     // The current round's rate, live (rounds update it at their end).
-                    s.throughput_mbps = b as f64 * 8.0 / secs / 1e6;
+                    s.throughput_mbps = so_far.wire_bytes as f64 * 8.0 / secs / 1e6;
                 });
                 monitor.emit(MigrationEvent::Progress(stats));
             }

@@ -146,8 +146,11 @@ pub struct RoundContext<'a> {
     pub cancel: &'a CancelToken,
     /// Bandwidth cap shared by all streams.
     pub limiter: &'a RateLimiter,
-    /// Called with (pages, wire bytes) as batches go out, from any thread.
-    pub progress: &'a (dyn Fn(u64, u64) + Sync),
+    /// Called as each batch goes out, from any thread, with the data
+    /// stream it went on and what it carried (pages by kind, wire bytes;
+    /// its `stream_bytes` and `zero_ranges` are not looked at): the
+    /// engine's live figures, per stream, between round ends.
+    pub progress: &'a (dyn Fn(usize, &RoundSent) + Sync),
     /// What the destination's pages may hold: a zero page goes out (as a
     /// marker) only where [`DestinationPages::zero_needs_sending`] says so,
     /// and every data page sent is recorded with
