@@ -6,9 +6,9 @@
 # guest that out-dirties the link by pre-copy and by post-copy (host), then
 # RDMA vs TCP and post-copy over both inside the SoftRoCE VM, the ceilings
 # measured alongside; writes benches/results/{raw/*.json,
-# raw/peer/{qemu,scale,boot-sector,postcopy-*,protect-*}.json,results.md,results.png,
+# raw/peer/{qemu,scale,boot-sector,postcopy-*,protect-*,fabric-*}.json,results.md,results.png,
 # results-qemu.png,results-scale.png,results-boot-sector.png,results-postcopy.png,
-# results-protect.png}.
+# results-protect.png,results-fabric.png}.
 # Usage: scripts/bench.sh [--quick] [--host-only|--vm-only]   (root)
 #   BENCH_RESULTS=DIR: write there instead (the test command's smoke run).
 # BENCHMARKS.md says how to read the results.
@@ -67,6 +67,11 @@ if [ "$host" = 1 ]; then
   # run: 16 MiB, 25 ms epochs).
   if [ ${#quick[@]} = 0 ]; then ft=(); else ft=(--mib 16 --epoch-ms 25 --seconds 1); fi
   target/release/migrate-bench protect --machine host "${ft[@]}" --results "$results"
+  # One link shared: an iperf3 flow and a migration in HTB classes by
+  # their DSCP, on a 1 Gbit/s veth between two namespaces (the smoke run:
+  # a smaller guest, a shorter flow).
+  if [ ${#quick[@]} = 0 ]; then fab=(); else fab=(--seconds 6); fi
+  target/release/migrate-bench fabric --machine host "${fab[@]}" --results "$results"
   if [ ${#quick[@]} = 0 ]; then
     # Micro benchmarks (criterion): dirty harvest, per-page costs, zstd.
     crit=$(mktemp -d)
@@ -95,6 +100,9 @@ if [ "$vm" = 1 ]; then
     target/release/migrate-bench postcopy --machine vm --rdma --mib 16 --bandwidth-mbs 8 \
     --transfers-per-sec 20000 $vpc --results $results && \
     target/release/migrate-bench protect --machine vm --rdma --rate 1000 --failover-after-ms 1000 $vft \
-    --results $results"
+    --results $results && \
+    { target/release/migrate-bench fabric --machine vm --rdma --link-mbit 100 --mib 16 --seconds 30 \
+      --low-percent 20 --results $results || \
+      echo 'bench: the fabric comparison in the VM recorded failed cases (results.md says which and why)' >&2; }"
 fi
 target/release/migrate-bench report --results "$results"

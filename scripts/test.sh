@@ -133,6 +133,10 @@ if [ "$(id -u)" -eq 0 ]; then
   grep -q "| floor ms |" "$bench_tmp/results.md"
   # The scale comparison ran (its plot) or said why it skipped.
   grep -q "^## Scale" "$bench_tmp/results.md"
+  # The fabric comparison: every case measured, the marked IP flow's
+  # target stated, the rates plotted.
+  grep -q "^## Sharing a link" "$bench_tmp/results.md" && grep -q "^Target: the IP flow in the high class" "$bench_tmp/results.md"
+  test -s "$bench_tmp/results-fabric.png"
   test -s "$bench_tmp/results-scale.png" || grep -q " — skipped: " "$bench_tmp/results.md"
   rm -rf "$bench_tmp"
 fi

@@ -21,6 +21,15 @@ use crate::{check_memlock, endpoint_to_wire, rdma_err, wire_to_endpoint};
 
 /// WRITEs posted per chain (one doorbell), the last one signaled.
 const CHAIN: usize = 16;
+/// Bytes per chain at most (one WRITE may be larger alone): a queue pair
+/// completes something at least every 2 MiB, so on a link as slow as a
+/// low-priority class's share (5 Mbit/s: 3.4 s a chain) the I/O timeout,
+/// which counts the silence between completions, does not take a slow
+/// peer for a dead one, and the live figures, which count completed
+/// chains, move in steps of at most this. (A chain of 16 WRITEs of 1 MiB
+/// took 27 s there, and failed the migration.) 31 chains in flight per
+/// queue pair still hold 62 MiB.
+const CHAIN_BYTES: u64 = 2 << 20;
 /// Send queue depth per queue pair.
 const SQ_DEPTH: u32 = 512;
 /// Chains in flight per queue pair (bounded by the send queue).
@@ -374,7 +383,13 @@ impl RdmaPageSender {
     /// A queue pair with work in flight that completes nothing for the I/O
     /// timeout is a lost peer, whether or not the caller must wait for it:
     /// the fabric stopped, though the control connection may live on.
-    fn reap(&self, qp: usize, flight: &mut Flight, keep: usize) -> Result<(), TransportError> {
+    fn reap(
+        &self,
+        qp: usize,
+        flight: &mut Flight,
+        keep: usize,
+        ctx: &RoundContext<'_>,
+    ) -> Result<(), TransportError> {
         let mut done = Vec::new();
         loop {
             done.clear();
@@ -384,6 +399,13 @@ impl RdmaPageSender {
             if !done.is_empty() {
                 flight.since[qp] = Instant::now();
                 flight.chains[qp] = flight.chains[qp].saturating_sub(done.len());
+                // A queue pair completes its chains in order: these are the
+                // oldest ones.
+                for _ in 0..done.len() {
+                    if let Some(chain) = flight.posted[qp].pop_front() {
+                        (ctx.progress)(qp, &chain);
+                    }
+                }
             }
             if flight.chains[qp] == 0 {
                 return Ok(());
@@ -437,15 +459,24 @@ impl RdmaPageSender {
             flight.since[qp] = Instant::now();
         }
         flight.chains[qp] += 1;
+        let bytes: u64 = chain.iter().map(|w| w.len as u64).sum();
+        flight.posted[qp].push_back(RoundSent {
+            wire_bytes: bytes,
+            normal_pages: chain.iter().map(|w| w.len as u64 / 4096).sum(),
+            ..RoundSent::default()
+        });
         Ok(())
     }
 }
 
 /// Signaled chains in flight per queue pair, and since when each has
-/// completed nothing.
+/// completed nothing; what each carried, until it completes (the engine's
+/// live figures count it then: bytes the peer has, not bytes posted, which
+/// on a slow link run megabytes ahead).
 struct Flight {
     chains: Vec<usize>,
     since: Vec<Instant>,
+    posted: Vec<std::collections::VecDeque<RoundSent>>,
 }
 
 impl Flight {
@@ -453,6 +484,7 @@ impl Flight {
         Flight {
             chains: vec![0; n],
             since: vec![Instant::now(); n],
+            posted: vec![std::collections::VecDeque::new(); n],
         }
     }
 }
@@ -518,12 +550,12 @@ impl PageSender for RdmaPageSender {
         let n = self.qps.len();
         let mut flight = Flight::new(n);
         sent.stream_bytes = vec![0; n];
-        for (k, chain) in chains(&writes, cap.unwrap_or(u64::MAX)).enumerate() {
+        for (k, chain) in chains(&writes, cap.unwrap_or(CHAIN_BYTES).min(CHAIN_BYTES)).enumerate() {
             if ctx.cancel.is_cancelled() {
                 return Err(TransportError::Cancelled);
             }
             let qp = k % n;
-            self.reap(qp, &mut flight, MAX_CHAINS - 1)?;
+            self.reap(qp, &mut flight, MAX_CHAINS - 1, ctx)?;
             let bytes: u64 = chain.iter().map(|w| w.len as u64).sum();
             let mut asked = 0;
             while asked < bytes {
@@ -531,19 +563,12 @@ impl PageSender for RdmaPageSender {
                 ctx.limiter.take(slice);
                 asked += slice;
                 for other in 0..n {
-                    self.reap(other, &mut flight, usize::MAX)?;
+                    self.reap(other, &mut flight, usize::MAX, ctx)?;
                 }
             }
             self.post(qp, chain, k as u64, &mut flight)?;
             sent.wire_bytes += bytes;
             sent.stream_bytes[qp] += bytes;
-            let pages: u64 = chain.iter().map(|w| w.len as u64 / 4096).sum();
-            let batch = RoundSent {
-                wire_bytes: bytes,
-                normal_pages: pages,
-                ..RoundSent::default()
-            };
-            (ctx.progress)(qp, &batch);
         }
         // The fence: after every WRITE above on its QP, the destination sees
         // a receive completion carrying the round number.
@@ -556,9 +581,10 @@ impl PageSender for RdmaPageSender {
                 flight.since[qp] = Instant::now();
             }
             flight.chains[qp] += 1;
+            flight.posted[qp].push_back(RoundSent::default());
         }
         for qp in 0..n {
-            self.reap(qp, &mut flight, 0)?;
+            self.reap(qp, &mut flight, 0, ctx)?;
         }
         Ok(sent)
     }

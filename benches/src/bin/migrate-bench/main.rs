@@ -18,6 +18,8 @@
 //!   the link, by pre-copy and by post-copy (see [`postcopy`]).
 //! - `migrate-bench protect --machine host|vm`: fault tolerance by
 //!   continuous mirroring (see [`protect`]).
+//! - `migrate-bench fabric --machine host|vm`: a migration sharing a
+//!   shaped link with an IP flow, classed by its marks (see [`fabric`]).
 //! - `migrate-bench report --results DIR`: read `DIR/raw/*.json` and
 //!   `DIR/raw/micro/*.json`, write `DIR/results.md` and `DIR/results.png`.
 
@@ -26,6 +28,7 @@
 mod boot_sector;
 mod ceiling;
 mod cell;
+mod fabric;
 mod floor;
 mod micro;
 mod netns;
@@ -78,6 +81,8 @@ enum Command {
     Postcopy(postcopy::PostcopyArgs),
     /// Fault tolerance: epoch pause, work rate, output delay, failover.
     Protect(protect::ProtectArgs),
+    /// A migration and an IP flow sharing one shaped link, by class.
+    Fabric(fabric::FabricArgs),
     /// Ours at 1 GiB and at 8 GiB: time, CPU and overhead per GiB.
     Scale(scale::ScaleArgs),
     /// The floor's sender (run by `qemu`; see the floor module).
@@ -163,6 +168,12 @@ fn main() -> Result<()> {
                 raw.runs.len() + raw.cpu.len(),
                 "protect",
             )
+        }
+        Command::Fabric(a) => {
+            let raw = fabric::run(&a)?;
+            let failed = raw.runs.iter().filter(|r| r.error.is_some()).count();
+            let out = fabric::raw_path(&a.results, &a.machine);
+            write_raw(&out, &raw, failed, raw.runs.len(), "fabric")
         }
         Command::Scale(a) => {
             let raw = scale::run(&a)?;

@@ -132,6 +132,10 @@ pub fn report(results: &Path) -> Result<()> {
     if !protect.is_empty() {
         md += &crate::protect::markdown(&protect);
     }
+    let fabric = crate::fabric::load(results)?;
+    if !fabric.is_empty() {
+        md += &crate::fabric::markdown(&fabric);
+    }
     md += &provenance(results);
     let md_path = results.join("results.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
@@ -151,6 +155,7 @@ pub fn report(results: &Path) -> Result<()> {
         crate::scale::draw(&results.join("results-scale.png"), scale)?;
     }
     crate::protect::draw(&results.join("results-protect.png"), &protect)?;
+    crate::fabric::draw(&results.join("results-fabric.png"), &fabric)?;
     eprintln!(
         "migrate-bench: wrote {} and {}",
         md_path.display(),
