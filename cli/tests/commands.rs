@@ -207,7 +207,7 @@ fn completion_completes_subcommand_options_in_the_shell() {
     };
     assert_eq!(
         complete(&["migrate-cli", "source", "--tra"]),
-        "--transport --tracker"
+        "--transport --traffic-class --tracker"
     );
     assert_eq!(complete(&["migrate-cli", "tls-gen", "--f"]), "--force");
     assert_eq!(complete(&["migrate-cli", "de"]), "dest demo");
