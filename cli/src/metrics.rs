@@ -16,6 +16,7 @@
 //! operator says `--metrics-public`.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -478,24 +479,23 @@ fn samples(r: &Value) -> Vec<Sample> {
     out
 }
 
+/// A directory's entries by name (none when it cannot be read).
+fn sorted_entries(dir: &Path) -> Vec<std::fs::DirEntry> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    entries.sort_by_key(std::fs::DirEntry::file_name);
+    entries
+}
+
 /// Every RDMA port's own counters from sysfs: the IB-standard ones
 /// (`counters/port_{xmit,rcv}_{data,packets}`, data in 4-byte words,
 /// turned into bytes) and the driver's `hw_counters` (rxe's `sent_pkts`,
 /// `rcvd_pkts`, retries...).
 fn rdma_ports(out: &mut Vec<Sample>) {
-    let Ok(devices) = std::fs::read_dir("/sys/class/infiniband") else {
-        return;
-    };
-    let mut devices: Vec<_> = devices.flatten().collect();
-    devices.sort_by_key(|d| d.file_name());
-    for dev in devices {
+    for dev in sorted_entries(Path::new("/sys/class/infiniband")) {
         let name = dev.file_name().to_string_lossy().into_owned();
-        let Ok(ports) = std::fs::read_dir(dev.path().join("ports")) else {
-            continue;
-        };
-        let mut ports: Vec<_> = ports.flatten().collect();
-        ports.sort_by_key(|p| p.file_name());
-        for port in ports {
+        for port in sorted_entries(&dev.path().join("ports")) {
             let p = port.file_name().to_string_lossy().into_owned();
             let labels = || vec![("device", name.clone()), ("port", p.clone())];
             let read = |rel: &str| {
@@ -540,12 +540,7 @@ fn rdma_ports(out: &mut Vec<Sample>) {
                     });
                 }
             }
-            let Ok(hw) = std::fs::read_dir(port.path().join("hw_counters")) else {
-                continue;
-            };
-            let mut hw: Vec<_> = hw.flatten().collect();
-            hw.sort_by_key(|h| h.file_name());
-            for h in hw {
+            for h in sorted_entries(&port.path().join("hw_counters")) {
                 let counter = h.file_name().to_string_lossy().into_owned();
                 if counter == "lifespan" {
                     continue; // a setting, not a count

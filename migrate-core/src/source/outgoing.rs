@@ -706,21 +706,16 @@ impl Outgoing<'_> {
         let (monitor, start) = (self.monitor, self.start);
         let round_start = Instant::now();
         let progress = |stream: usize, batch: &RoundSent| {
-            let so_far = {
-                let mut r = round_sent.lock().unwrap_or_else(|e| e.into_inner());
-                let by_stream = RoundSent {
-                    stream_bytes: Vec::new(),
-                    zero_ranges: Vec::new(),
-                    ..*batch
-                };
-                r.add(&by_stream.on_stream(u16::try_from(stream).unwrap_or(u16::MAX)));
-                r.clone()
-            };
+            round_sent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add_batch(stream, batch);
             let Ok(mut last) = last_emit.try_lock() else {
                 return;
             };
             if last.elapsed() >= Duration::from_millis(100) {
                 *last = Instant::now();
+                let so_far = round_sent.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let secs = round_start.elapsed().as_secs_f64().max(1e-6);
                 let mut total = before.clone();
                 total.add(&so_far);

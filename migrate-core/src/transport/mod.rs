@@ -120,6 +120,20 @@ impl RoundSent {
         add_by_stream(&mut self.stream_bytes, &o.stream_bytes);
     }
 
+    /// Add one batch's figures (its own `stream_bytes` aside), its bytes
+    /// counted on data stream `stream`; allocates only when a stream is
+    /// seen for the first time.
+    pub fn add_batch(&mut self, stream: usize, b: &RoundSent) {
+        self.wire_bytes += b.wire_bytes;
+        self.normal_pages += b.normal_pages;
+        self.sparse_pages += b.sparse_pages;
+        self.zero_pages += b.zero_pages;
+        if self.stream_bytes.len() <= stream {
+            self.stream_bytes.resize(stream + 1, 0);
+        }
+        self.stream_bytes[stream] += b.wire_bytes;
+    }
+
     /// These figures, all of them counted on data stream `stream`.
     #[must_use]
     pub fn on_stream(mut self, stream: u16) -> Self {

@@ -28,15 +28,15 @@
 //! migration's progress events, for the plot; the table gives the IP
 //! flow's mean rate while the migration ran against its solo rate.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::netns::in_ns;
+use crate::peer::{Listening, Reaper};
 
 /// Where the report finds the raw results of each machine.
 const RAW: &str = "raw/peer/fabric-";
@@ -330,7 +330,9 @@ fn one(
     if let Some((_, dev)) = link.bind {
         server.args(["--bind-dev", dev]);
     }
-    let mut server = Reaped(server.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
+    let mut server = Reaper(vec![
+        server.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?,
+    ]);
     std::thread::sleep(Duration::from_millis(300));
     let mut client = in_ns(&link.src_ns, "iperf3");
     // The receiver's intervals (what the link delivered), not the
@@ -399,7 +401,7 @@ fn one(
     let out = client.wait_with_output()?;
     run.link_tx_bytes = link.tx_bytes().saturating_sub(tx_before);
     run.rdma_sent_packets = rxe_sent().zip(rxe_before).map(|(a, b)| a.saturating_sub(b));
-    let _ = server.0.wait();
+    let _ = server.0[0].wait();
     let ip: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "iperf3 said no JSON: {}",
@@ -571,15 +573,6 @@ fn rxe_sent() -> Option<u64> {
         .and_then(|s| s.trim().parse().ok())
 }
 
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn tempdir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
         "migrate-bench-fabric-{}-{}",
@@ -594,7 +587,7 @@ fn tempdir() -> Result<PathBuf> {
 
 /// A destination listening across the link.
 struct Dest<'a> {
-    child: Reaped,
+    child: Reaper,
     addr: String,
     link: &'a Link,
 }
@@ -622,19 +615,13 @@ fn start_dest<'a>(
     if let Some(d) = dscp {
         dest.args(["--dscp", &d.to_string()]);
     }
-    let mut child = Reaped(
+    let mut child = Reaper(vec![
         dest.stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .context("starting the destination")?,
-    );
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().context("no stdout")?).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .with_context(|| format!("the destination said {line:?}"))?
-        .to_string();
+    ]);
+    let addr = Listening::read(&mut child.0[0])?.addr;
     Ok(Dest { child, addr, link })
 }
 
@@ -678,7 +665,7 @@ fn migrate(
         .stderr(Stdio::piped())
         .output()
         .context("running the source")?;
-    let _ = child.0.wait();
+    let _ = child.0[0].wait();
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&sj).with_context(|| {
             format!(
@@ -900,27 +887,17 @@ pub fn draw(path: &Path, raws: &[FabricRaw]) -> Result<()> {
             .y_desc("Mbit/s")
             .label_style(("sans-serif", 14))
             .draw()?;
-        chart
-            .draw_series(LineSeries::new(
-                r.ip_series.iter().copied(),
-                BLUE.stroke_width(2),
-            ))?
-            .label("IP flow (iperf3)")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-        chart
-            .draw_series(LineSeries::new(
-                r.migration_series.iter().copied(),
-                RED.stroke_width(2),
-            ))?
-            .label("migration")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
-        chart
-            .draw_series(LineSeries::new(
-                [(0.0, raw.link_mbit as f64), (x_max, raw.link_mbit as f64)],
-                BLACK.mix(0.4),
-            ))?
-            .label("link")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.4)));
+        let link = vec![(0.0, raw.link_mbit as f64), (x_max, raw.link_mbit as f64)];
+        for (points, label, style) in [
+            (&r.ip_series, "IP flow (iperf3)", BLUE.stroke_width(2)),
+            (&r.migration_series, "migration", RED.stroke_width(2)),
+            (&link, "link", BLACK.mix(0.4).stroke_width(1)),
+        ] {
+            chart
+                .draw_series(LineSeries::new(points.iter().copied(), style))?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        }
         if r.cap_mbs > 0 {
             let c = r.cap_mbs as f64 * 8.0;
             chart.draw_series(LineSeries::new([(0.0, c), (x_max, c)], RED.mix(0.3)))?;
