@@ -67,7 +67,7 @@ cat "$out/output"
 status=$(cat "$out/status")
 # The VM's skips join the host's summary (scripts/test.sh), or are shown.
 if [ -s "$out/skips" ]; then
-  sed 's/^SKIP /SKIP (VM) /' "$out/skips" >> "${MIGRATE_SKIP_LOG:-/dev/stdout}"
+  sed -e 's/^SKIP /SKIP (VM) /' -e 's|^N/A |N/A (VM) |' "$out/skips" >> "${MIGRATE_SKIP_LOG:-/dev/stdout}"
 fi
 rm -rf "$out"
 exit "$status"

@@ -8,6 +8,9 @@
 //! can end. Where the test command has checked that this machine *has* the
 //! prerequisite, it sets `MIGRATE_REQUIRE_<NEED>=1`, and the skip fails the
 //! test instead: on a machine that can run a test, a skip is a failure.
+//!
+//! A case its subject refuses by design (uffd-sync and a disk file) is
+//! neither: [`not_applicable`] logs it as a counted `N/A` line.
 
 use std::io::Write;
 
@@ -65,7 +68,18 @@ pub fn skip(test: &str, need: Need, reason: &str) {
             need.variable()
         );
     }
-    let line = format!("SKIP {test}: {reason}");
+    log(test, format!("SKIP {test}: {reason}"));
+}
+
+/// `test`'s subject refuses this case by design (a tracker that documents
+/// it cannot track disk files): neither a pass nor a skip, so a logged,
+/// counted `N/A` line beside the skips. The caller has checked that the
+/// refusal is the documented one; anything else is a failure, not this.
+pub fn not_applicable(test: &str, reason: &str) {
+    log(test, format!("N/A {test}: {reason}"));
+}
+
+fn log(test: &str, line: String) {
     println!("{line}");
     if let Some(path) = std::env::var_os("MIGRATE_SKIP_LOG") {
         let logged = std::fs::OpenOptions::new()
@@ -74,7 +88,7 @@ pub fn skip(test: &str, need: Need, reason: &str) {
             .open(&path)
             .and_then(|mut f| writeln!(f, "{line}"));
         if let Err(e) = logged {
-            panic!("{test}: cannot log the skip to MIGRATE_SKIP_LOG: {e}");
+            panic!("{test}: cannot log {line:?} to MIGRATE_SKIP_LOG: {e}");
         }
     }
 }

@@ -25,7 +25,8 @@ dirty_tracker_suite!(uffd_async, |mem| Ok(Tracked {
     marker: None,
 }));
 
-dirty_tracker_suite!(uffd_sync, |mem| Ok(Tracked {
+// Documented: sync write-protect has no disk files (the README says so).
+dirty_tracker_suite!(uffd_sync, refuses[DiskFile], |mem| Ok(Tracked {
     tracker: Box::new(UffdSyncTracker::new(mem)?),
     marker: None,
 }));

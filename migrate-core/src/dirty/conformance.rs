@@ -22,7 +22,11 @@
 //!   machine has free 2 MiB pages.
 //!
 //! A check that cannot run here (tracker unsupported by this kernel, no huge
-//! pages) prints `SKIP <test>: <reason>` and returns.
+//! pages) prints `SKIP <test>: <reason>` and returns. A tracker's documented
+//! refusal of a kind (uffd-sync and disk files), and a disk filesystem that
+//! cannot punch holes for the discard checks, are counted `N/A` lines
+//! ([`crate::skip::not_applicable`]); any other refusal fails: a tracker
+//! that runs on anonymous memory here must run on every kind it claims.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,6 +61,18 @@ impl DirtyMarker for SoftwareDirtyBitmap {
 
 /// Starts a tracker over a memory, or says why it cannot.
 pub type TrackerFactory = fn(&GuestMemory) -> Result<Tracked, DirtyError>;
+
+/// A tracker as the suite tests it: how to start one, and the memory kinds
+/// it documents it refuses (its claim: it must refuse those with a typed
+/// [`DirtyError::Unsupported`], and start on every other kind wherever it
+/// starts at all).
+#[derive(Clone, Copy)]
+pub struct Subject {
+    /// Starts the tracker.
+    pub start: TrackerFactory,
+    /// The kinds it refuses by design.
+    pub refuses: &'static [MemoryKind],
+}
 
 /// The kinds of memory every tracker is tested on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,27 +160,37 @@ impl MemoryKind {
     }
 }
 
-/// Start the tracker, or `None`: when the tracker refuses this kind of
-/// memory by design (userfaultfd write-protect has no disk files), which
-/// must be a typed refusal; or (a skip) when this kernel lacks it.
-fn start(
-    test: &str,
-    kind: MemoryKind,
-    mem: &GuestMemory,
-    factory: TrackerFactory,
-) -> Option<Tracked> {
-    // Refused: one tracker's reason, or (the selected set) every one's.
-    let refused = match factory(mem) {
+/// Start the tracker, or `None`: when it refuses this kind of memory as it
+/// documents (a counted `N/A`), or (a counted skip) when this kernel lacks
+/// it altogether. A tracker that starts on anonymous memory here but
+/// refuses a kind it claims fails the test, and so does one that starts on
+/// a kind it documents it refuses.
+fn start(test: &str, kind: MemoryKind, mem: &GuestMemory, subject: Subject) -> Option<Tracked> {
+    let by_design = subject.refuses.contains(&kind);
+    let refused = match (subject.start)(mem) {
+        Ok(_) if by_design => panic!("{test}: started on {kind:?} memory, which it must refuse"),
         Ok(t) => return Some(t),
         Err(DirtyError::Unsupported { reason, .. }) => reason,
         Err(e @ DirtyError::NoTracker(_)) => e.to_string(),
         Err(e) => panic!("{test}: tracker failed to start: {e}"),
     };
-    if kind == MemoryKind::DiskFile {
-        println!("n/a {test}: refused as it must be: {refused}");
-    } else {
-        crate::skip::skip(test, crate::skip::Need::Uffd, &refused);
+    if by_design {
+        crate::skip::not_applicable(test, &format!("refused as documented: {refused}"));
+        return None;
     }
+    if kind != MemoryKind::Anonymous {
+        // Does it run on this kernel at all? Then this refusal breaks its claim.
+        let probe = MemoryKind::Anonymous
+            .build(1)
+            .unwrap_or_else(|e| panic!("{test}: cannot build anonymous memory: {e}"));
+        if let Ok(t) = (subject.start)(&probe.mem) {
+            drop(t);
+            panic!(
+                "{test}: refused {kind:?} memory, which it claims, yet runs on anonymous memory here: {refused}"
+            );
+        }
+    }
+    crate::skip::skip(test, crate::skip::Need::Uffd, &refused);
     None
 }
 
@@ -215,7 +241,7 @@ fn harvest(t: &Tracked, mem: &GuestMemory) -> DirtyLog {
 
 /// Scattered single writes are reported exactly; reads are not; an idle
 /// interval harvests empty; a rewrite of a subset reports that subset.
-pub fn scattered_writes_are_exact(test: &str, kind: MemoryKind, factory: TrackerFactory) {
+pub fn scattered_writes_are_exact(test: &str, kind: MemoryKind, subject: Subject) {
     let Some(tm) = memory(test, kind, 8) else {
         return;
     };
@@ -224,7 +250,7 @@ pub fn scattered_writes_are_exact(test: &str, kind: MemoryKind, factory: Tracker
     for r in mem.regions() {
         r.atomic_u64(0).store(1, Ordering::Relaxed);
     }
-    let Some(t) = start(test, kind, mem, factory) else {
+    let Some(t) = start(test, kind, mem, subject) else {
         return;
     };
     assert!(
@@ -283,8 +309,8 @@ pub fn scattered_writes_are_exact(test: &str, kind: MemoryKind, factory: Tracker
 /// [`GuestRegion::discard_pages`]) read as zeros from then on: the next
 /// harvest reports them (or the destination keeps their old bytes), and
 /// the writes after them are reported harvest after harvest, as before.
-pub fn discarded_pages_are_reported(test: &str, kind: MemoryKind, factory: TrackerFactory) {
-    let Some((tm, t)) = filled_and_tracked(test, kind, factory) else {
+pub fn discarded_pages_are_reported(test: &str, kind: MemoryKind, subject: Subject) {
+    let Some((tm, t)) = filled_and_tracked(test, kind, subject) else {
         return;
     };
     let mem = &tm.mem;
@@ -295,9 +321,7 @@ pub fn discarded_pages_are_reported(test: &str, kind: MemoryKind, factory: Track
     let mut discarded = DirtyLog::new(mem);
     for (ri, r) in mem.regions().iter().enumerate() {
         for page in [1, r.pages() / 2, r.pages() - 1] {
-            if let Err(e) = r.discard_pages(page, 1) {
-                // A disk filesystem without hole punching: nothing to track.
-                println!("n/a {test}: this memory cannot be discarded here: {e}");
+            if !discarded_or_na(test, kind, r, page) {
                 return;
             }
             if let Some(m) = &t.marker {
@@ -355,14 +379,14 @@ struct WriteRecord {
 }
 
 /// Writer threads keep writing while a harvester harvests; nothing is lost.
-pub fn concurrent_writes_are_never_lost(test: &str, kind: MemoryKind, factory: TrackerFactory) {
+pub fn concurrent_writes_are_never_lost(test: &str, kind: MemoryKind, subject: Subject) {
     const WRITERS: usize = 3;
     const WRITES_PER_THREAD: usize = 20_000;
     let Some(tm) = memory(test, kind, 8) else {
         return;
     };
     let mem = &tm.mem;
-    let Some(t) = start(test, kind, mem, factory) else {
+    let Some(t) = start(test, kind, mem, subject) else {
         return;
     };
     // The shadow starts as a full copy (round 0), then follows harvests.
@@ -458,19 +482,14 @@ pub fn concurrent_writes_are_never_lost(test: &str, kind: MemoryKind, factory: T
 /// then from one after the stop, ends equal to the memory: the writes
 /// after a discard are tracked too. A watchdog aborts the test binary,
 /// loudly, after 120 s.
-pub fn discards_racing_writes_are_never_lost(
-    test: &str,
-    kind: MemoryKind,
-    factory: TrackerFactory,
-) {
+pub fn discards_racing_writes_are_never_lost(test: &str, kind: MemoryKind, subject: Subject) {
     const WRITERS: usize = 2;
     const WRITES_PER_THREAD: usize = 10_000;
-    let Some((tm, t)) = filled_and_tracked(test, kind, factory) else {
+    let Some((tm, t)) = filled_and_tracked(test, kind, subject) else {
         return;
     };
     let mem = &tm.mem;
-    if let Err(e) = mem.regions()[0].discard_pages(0, 1) {
-        println!("n/a {test}: this memory cannot be discarded here: {e}");
+    if !discarded_or_na(test, kind, &mem.regions()[0], 0) {
         return;
     }
     if let Some(m) = &t.marker {
@@ -568,7 +587,7 @@ pub fn discards_racing_writes_are_never_lost(
 fn filled_and_tracked(
     test: &str,
     kind: MemoryKind,
-    factory: TrackerFactory,
+    subject: Subject,
 ) -> Option<(TestMemory, Tracked)> {
     let tm = memory(test, kind, 8)?;
     for r in tm.mem.regions() {
@@ -577,8 +596,25 @@ fn filled_and_tracked(
                 .store(p as u64 | 1, Ordering::Relaxed);
         }
     }
-    let t = start(test, kind, &tm.mem, factory)?;
+    let t = start(test, kind, &tm.mem, subject)?;
     Some((tm, t))
+}
+
+/// Discard `page` of `r`, or say (a counted `N/A`) that this memory cannot
+/// be discarded here: only a disk file on a filesystem without hole
+/// punching may refuse, and only as `EOPNOTSUPP`; any other refusal fails.
+fn discarded_or_na(test: &str, kind: MemoryKind, r: &GuestRegion, page: usize) -> bool {
+    match r.discard_pages(page, 1) {
+        Ok(()) => true,
+        Err(e) if kind == MemoryKind::DiskFile && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            crate::skip::not_applicable(
+                test,
+                &format!("this filesystem cannot punch holes, so nothing is discarded: {e}"),
+            );
+            false
+        }
+        Err(e) => panic!("{test}: cannot discard page {page} of {kind:?} memory: {e}"),
+    }
 }
 
 /// A copy of every region's bytes (a shadow's start: round 0).
@@ -630,26 +666,38 @@ fn copy_dirty(mem: &GuestMemory, log: &DirtyLog, shadow: &mut [Vec<u8>]) {
 }
 
 /// Generate the conformance tests for one tracker factory: one `#[test]` per
-/// check and memory kind.
+/// check and memory kind. A tracker that documents it refuses a kind says
+/// so (`refuses [DiskFile],`): the suite then checks that it does, and
+/// fails any other tracker that refuses a kind while it runs here.
 ///
 /// ```ignore
 /// migrate_core::dirty_tracker_suite!(uffd_async, |mem| Ok(Tracked {
 ///     tracker: Box::new(UffdAsyncTracker::new(mem)?),
 ///     marker: None,
 /// }));
+/// migrate_core::dirty_tracker_suite!(uffd_sync, refuses [DiskFile], |mem| Ok(Tracked {
+///     tracker: Box::new(UffdSyncTracker::new(mem)?),
+///     marker: None,
+/// }));
 /// ```
 #[macro_export]
 macro_rules! dirty_tracker_suite {
-    ($name:ident, $factory:expr) => {
+    ($name:ident, refuses [$($refused:ident),*], $factory:expr) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
             use $crate::dirty::conformance::{self as c, MemoryKind};
-            const FACTORY: c::TrackerFactory = $factory;
+            const FACTORY: c::Subject = c::Subject {
+                start: $factory,
+                refuses: &[$(MemoryKind::$refused),*],
+            };
             $crate::dirty_tracker_suite!(@kinds
                 anonymous => Anonymous, memfd => Memfd, shm_file => ShmFile,
                 disk_file => DiskFile, hugetlb => Hugetlb);
         }
+    };
+    ($name:ident, $factory:expr) => {
+        $crate::dirty_tracker_suite!($name, refuses [], $factory);
     };
     (@kinds $($kname:ident => $kind:ident),*) => {
         $(
