@@ -105,4 +105,7 @@ if [ "$vm" = 1 ]; then
       --low-percent 20 --results $results || \
       echo 'bench: the fabric comparison in the VM recorded failed cases (results.md says which and why)' >&2; }"
 fi
-target/release/migrate-bench report --results "$results"
+# The committed results also write the figures BENCHMARKS.md quotes.
+prose=()
+[ "$results" = benches/results ] && prose=(--prose BENCHMARKS.md)
+target/release/migrate-bench report --results "$results" "${prose[@]}"

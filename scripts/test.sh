@@ -145,6 +145,9 @@ if [ "$(id -u)" -eq 0 ]; then
   test -s "$bench_tmp/results-scale.png" || grep -q " — skipped: " "$bench_tmp/results.md"
   rm -rf "$bench_tmp"
 fi
+# The committed results.md and the figures BENCHMARKS.md quotes are what
+# the committed raw results give (the report redrawn in memory, compared).
+cargo run --release --locked -q -p benches --bin migrate-bench -- report --check --prose BENCHMARKS.md
 phase_done "bench smoke (host, quick)"
 # RDMA over real SoftRoCE verbs, inside the emulated VM (the host has none),
 # in the background: the VM's emulated CPUs are the long pole, and nothing

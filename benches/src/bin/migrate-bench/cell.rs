@@ -10,6 +10,9 @@ pub use crate::spread::Spread;
 #[derive(Debug, Clone)]
 pub struct Cell {
     pub case: Case,
+    /// The date of the run (raw file) its repeats come from: ratios
+    /// between cells hold only within one run.
+    pub run: String,
     pub runs: Vec<RunResult>,
     pub failed: usize,
 }

@@ -21,7 +21,10 @@
 //! - `migrate-bench fabric --machine host|vm`: a migration sharing a
 //!   shaped link with an IP flow, classed by its marks (see [`fabric`]).
 //! - `migrate-bench report --results DIR`: read `DIR/raw/*.json` and
-//!   `DIR/raw/micro/*.json`, write `DIR/results.md` and `DIR/results.png`.
+//!   `DIR/raw/micro/*.json`, write `DIR/results.md` and `DIR/results.png`,
+//!   and, with `--prose BENCHMARKS.md`, the figures it quotes (see
+//!   [`prose`]); `--check` writes nothing and fails where either differs
+//!   from the raws.
 
 #![forbid(unsafe_code)]
 
@@ -36,6 +39,7 @@ mod peer;
 mod plan;
 mod plot;
 mod postcopy;
+mod prose;
 mod protect;
 mod protect_cpu;
 mod qemu;
@@ -96,6 +100,15 @@ enum Command {
         /// Results folder: reads raw/*.json, writes results.md and results.png.
         #[arg(long, default_value = "benches/results")]
         results: PathBuf,
+        /// The prose that quotes the report's figures (marked
+        /// `<!--fig NAME-->…<!--/fig-->`, e.g. BENCHMARKS.md for the
+        /// committed results): its figures are written (checked) too.
+        #[arg(long)]
+        prose: Option<PathBuf>,
+        /// Write nothing; fail if results.md or a quoted figure differs
+        /// from what the raw results give (the test command's check).
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -180,7 +193,11 @@ fn main() -> Result<()> {
             let failed = raw.runs.iter().filter(|r| r.error.is_some()).count();
             write_raw(&a.out, &raw, failed, raw.runs.len(), "scale")
         }
-        Command::Report { results } => summary::report(&results),
+        Command::Report {
+            results,
+            prose,
+            check,
+        } => summary::report(&results, prose.as_deref(), check),
     }
 }
 

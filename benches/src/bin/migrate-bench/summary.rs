@@ -6,9 +6,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::ceiling::{Ceiling, ceiling_for};
+use crate::ceiling::{BEST, Ceiling, ceiling_for};
 use crate::cell::{Cell, Spread};
 use crate::plan::{DOWNTIME_MS, STREAMS};
+use crate::prose::Figures;
 use crate::run::{Raw, RunResult};
 
 /// The raw file that measured `case` last: a later partial run (e.g. the
@@ -28,7 +29,14 @@ pub fn newest_ceilings(raws: &[Raw]) -> Vec<Ceiling> {
     let mut out: Vec<Ceiling> = Vec::new();
     for raw in raws {
         for c in &raw.ceilings {
-            let same = |o: &Ceiling| o.site == c.site && o.bounds == c.bounds && o.tool == c.tool;
+            // The best-of rows of a site are one figure, whatever setting
+            // won in each run: only the newest run's counts.
+            fn tool(t: &str) -> &str {
+                if t.starts_with(BEST) { BEST } else { t }
+            }
+            let same = |o: &Ceiling| {
+                o.site == c.site && o.bounds == c.bounds && tool(&o.tool) == tool(&c.tool)
+            };
             let newest = newest_with(raws, |r| {
                 r.machine.kind == raw.machine.kind && r.ceilings.iter().any(same)
             });
@@ -58,6 +66,7 @@ pub fn cells(raws: &[Raw]) -> Vec<Cell> {
                 None => {
                     out.push(Cell {
                         case: case.clone(),
+                        run: raw.date.clone(),
                         runs: Vec::new(),
                         failed: 0,
                     });
@@ -98,11 +107,15 @@ pub fn load(results: &Path) -> Result<Vec<Raw>> {
         .collect()
 }
 
-pub fn report(results: &Path) -> Result<()> {
+/// Write results.md, its plots and the figures `prose` quotes from the raw
+/// results in `results`; or, with `check`, write nothing and fail where
+/// results.md or a quoted figure differs from what the raws give.
+pub fn report(results: &Path, prose: Option<&Path>, check: bool) -> Result<()> {
     let raws = load(results)?;
     let cells = cells(&raws);
     let ceilings = newest_ceilings(&raws);
-    let (mut md, unmeasured) = markdown(&raws, &cells, &ceilings);
+    let mut figures = Figures::default();
+    let (mut md, unmeasured) = markdown(&raws, &cells, &ceilings, &mut figures);
     let micro = crate::micro::load(results)?;
     if !micro.is_empty() {
         md += "\n## Micro benchmarks (criterion)\n\n";
@@ -138,7 +151,67 @@ pub fn report(results: &Path) -> Result<()> {
     }
     md += &provenance(results);
     let md_path = results.join("results.md");
+    let (filled, stale) = match prose {
+        Some(prose) => {
+            let quoted = std::fs::read_to_string(prose)
+                .with_context(|| format!("reading {}", prose.display()))?;
+            crate::prose::fill(&quoted, &figures)
+                .map(|(filled, stale)| (Some((prose, filled)), stale))
+                .with_context(|| format!("the figures {} quotes", prose.display()))?
+        }
+        None => (None, Vec::new()),
+    };
+    let prose_name = prose.map_or_else(|| "the prose".into(), |p| p.display().to_string());
+    if check {
+        let committed = std::fs::read_to_string(&md_path).unwrap_or_default();
+        let mut wrong = Vec::new();
+        if committed != md {
+            let line = committed
+                .lines()
+                .zip(md.lines())
+                .position(|(a, b)| a != b)
+                .unwrap_or_else(|| committed.lines().count().min(md.lines().count()));
+            wrong.push(format!(
+                "{} is not what its raws give (first difference at line {}: {:?} against {:?})",
+                md_path.display(),
+                line + 1,
+                committed.lines().nth(line).unwrap_or(""),
+                md.lines().nth(line).unwrap_or("")
+            ));
+        }
+        for s in &stale {
+            wrong.push(format!(
+                "{} quotes {} as {:?}; the raws give {:?}",
+                prose_name, s.name, s.quoted, s.now
+            ));
+        }
+        if !wrong.is_empty() {
+            bail!(
+                "{}\n(`migrate-bench report` writes them from the raws)",
+                wrong.join("\n")
+            );
+        }
+        eprintln!(
+            "migrate-bench: {} and the figures {} quotes match the raws",
+            md_path.display(),
+            prose_name
+        );
+        return Ok(());
+    }
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
+    if let Some((prose, filled)) = filled.filter(|_| !stale.is_empty()) {
+        std::fs::write(prose, filled).with_context(|| format!("writing {}", prose.display()))?;
+        for s in &stale {
+            eprintln!(
+                "migrate-bench: {}: {} {:?} -> {:?}",
+                prose.display(),
+                s.name,
+                s.quoted,
+                s.now
+            );
+        }
+    }
+
     let png = results.join("results.png");
     crate::plot::draw(&png, &cells, &ceilings)?;
     if let Some(peer) = &peer {
@@ -171,7 +244,12 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 /// The report, and how many targets could not be judged (their ceiling
 /// failed to measure).
-fn markdown(raws: &[Raw], cells: &[Cell], ceilings: &[Ceiling]) -> (String, usize) {
+fn markdown(
+    raws: &[Raw],
+    cells: &[Cell],
+    ceilings: &[Ceiling],
+    figures: &mut Figures,
+) -> (String, usize) {
     let mut s = String::new();
     let _ = writeln!(s, "# Benchmark results\n");
     let _ = writeln!(
@@ -227,12 +305,13 @@ fn markdown(raws: &[Raw], cells: &[Cell], ceilings: &[Ceiling]) -> (String, usiz
     }
 
     let _ = writeln!(s, "\n## Targets\n");
-    let unmeasured = targets(&mut s, cells, ceilings);
+    let unmeasured = targets(&mut s, cells, ceilings, figures);
+    memory_bounds(raws, figures);
 
     let _ = writeln!(s, "\n## Ratios to every ceiling\n");
     ratios(&mut s, cells, ceilings);
-    rdma_vs_tcp(&mut s, cells);
-    tls_vs_plain(&mut s, cells);
+    rdma_vs_tcp(&mut s, raws, figures);
+    tls_vs_plain(&mut s, cells, figures);
 
     let _ = writeln!(s, "\n## Migrations\n");
     let _ = writeln!(
@@ -392,16 +471,29 @@ fn tls_sealer(transport: &str) -> &'static str {
 
 /// TLS against plaintext TCP, size by size, where a site measured both
 /// (same run): the cost of authentication and encryption.
-fn tls_vs_plain(s: &mut String, cells: &[Cell]) {
+/// Figures: `tls.SITE` and `ktls.SITE`, the ratios by size ascending
+/// ("0.62 / 0.62 / 0.74").
+fn tls_vs_plain(s: &mut String, cells: &[Cell], figures: &mut Figures) {
+    let mut quoted: Vec<(String, u64, String)> = Vec::new();
     for c in cells
         .iter()
         .filter(|c| crate::plan::is_tls(&c.case.transport))
     {
         let k = &c.case;
         if let (Some(tls), Some(plain)) = (
-            idle_random_first_pass(cells, &k.site, &k.transport, k.size_mib),
-            idle_random_first_pass(cells, &k.site, "tcp", k.size_mib),
+            idle_random_first_pass(cells, &c.run, &k.site, &k.transport, k.size_mib),
+            idle_random_first_pass(cells, &c.run, &k.site, "tcp", k.size_mib),
         ) {
+            let name = if k.transport == "tcp-ktls" {
+                "ktls"
+            } else {
+                "tls"
+            };
+            quoted.push((
+                format!("{name}.{}", k.site),
+                k.size_mib,
+                format!("{:.2}", tls.median / plain.median),
+            ));
             let _ = writeln!(
                 s,
                 "\nTLS ({}) / plaintext TCP at {} ({} MiB idle random, same run): {:.0} / {:.0} Mbit/s first pass = {:.2}.",
@@ -414,12 +506,22 @@ fn tls_vs_plain(s: &mut String, cells: &[Cell]) {
             );
         }
     }
+    quoted.sort();
+    for (name, _, _) in &quoted {
+        let ratios: Vec<&str> = quoted
+            .iter()
+            .filter(|(n, _, _)| n == name)
+            .map(|(_, _, r)| r.as_str())
+            .collect();
+        figures.set(name.clone(), ratios.join(" / "));
+    }
 }
 
 /// The first pass of the idle random, preallocated cell of `transport` at
-/// `site` and `size_mib`, if the run has it.
+/// `site` and `size_mib` in run `run`, if that run has it.
 fn idle_random_first_pass(
     cells: &[Cell],
+    run: &str,
     site: &str,
     transport: &str,
     size_mib: u64,
@@ -428,7 +530,8 @@ fn idle_random_first_pass(
         .iter()
         .find(|c| {
             let k = &c.case;
-            k.site == site
+            c.run == run
+                && k.site == site
                 && k.transport == transport
                 && k.size_mib == size_mib
                 && k.load == "idle"
@@ -438,32 +541,96 @@ fn idle_random_first_pass(
         .and_then(|c| c.spread(|r| r.first_pass_mbps))
 }
 
-/// RDMA against TCP where one site measured both (same boot, same CPU).
-fn rdma_vs_tcp(s: &mut String, cells: &[Cell]) {
-    let bulk = bulk_cells(cells);
-    let best = |site: &str, t: &str| {
-        bulk.iter()
-            .find(|c| c.case.site == site && c.case.transport == t)
-            .and_then(|c| Some((c.case.size_mib, c.spread(|r| r.first_pass_mbps)?)))
-    };
-    let mut sites: Vec<&str> = cells.iter().map(|c| c.case.site.as_str()).collect();
-    sites.dedup();
-    for site in sites {
-        if let (Some((size, r)), Some((_, t))) = (best(site, "rdma"), best(site, "tcp")) {
-            let _ = writeln!(
-                s,
-                "\nRDMA / TCP at {site} ({size} MiB idle random, same boot): {:.0} / {:.0} Mbit/s = {:.2}.",
+/// RDMA against TCP where one run (one raw file: one boot, same CPU)
+/// measured both at a site, on the largest idle random guest RDMA moved in
+/// it (a later run that re-measured TCP alone does not mix in). Figure
+/// `rdma-vs-tcp.SITE` from the newest such run: "0.74 (420 / 567 Mbit/s)".
+fn rdma_vs_tcp(s: &mut String, raws: &[Raw], figures: &mut Figures) {
+    let mut by_date: Vec<&Raw> = raws.iter().collect();
+    by_date.sort_by(|a, b| a.date.cmp(&b.date));
+    for raw in by_date {
+        rdma_vs_tcp_in(s, &cells(std::slice::from_ref(raw)), figures);
+    }
+}
+
+fn rdma_vs_tcp_in(s: &mut String, cells: &[Cell], figures: &mut Figures) {
+    for c in bulk_cells(cells) {
+        let k = &c.case;
+        if k.transport != "rdma" {
+            continue;
+        }
+        let (Some(r), Some(t)) = (
+            c.spread(|r| r.first_pass_mbps),
+            idle_random_first_pass(cells, &c.run, &k.site, "tcp", k.size_mib),
+        ) else {
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            "\nRDMA / TCP at {} ({} MiB idle random, same boot, run of {}): {:.0} / {:.0} Mbit/s = {:.2}.",
+            k.site,
+            k.size_mib,
+            c.run,
+            r.median,
+            t.median,
+            r.median / t.median
+        );
+        figures.set(
+            format!("rdma-vs-tcp.{}", k.site),
+            format!(
+                "{:.2} ({:.0} / {:.0} Mbit/s)",
+                r.median / t.median,
                 r.median,
-                t.median,
-                r.median / t.median
-            );
+                t.median
+            ),
+        );
+    }
+}
+
+/// A rate as the prose quotes it: Gbit/s from 10 Gbit/s up, else Mbit/s.
+fn rate(mbps: f64) -> String {
+    if mbps >= 10_000.0 {
+        format!("{:.1} Gbit/s", mbps / 1000.0)
+    } else {
+        format!("{mbps:.0} Mbit/s")
+    }
+}
+
+/// Figures `memcpy.host`, `memcpy.vm`: one core's copy rate on each
+/// machine, from the newest run that measured it (every site's physical
+/// bound: two copies per byte on two cores).
+fn memory_bounds(raws: &[Raw], figures: &mut Figures) {
+    let mut newest: Vec<&Raw> = raws.iter().collect();
+    newest.sort_by(|a, b| b.date.cmp(&a.date));
+    for (name, host) in [("memcpy.host", true), ("memcpy.vm", false)] {
+        let memcpy = newest
+            .iter()
+            .filter(|r| (r.machine.kind == "host") == host)
+            .flat_map(|r| &r.ceilings)
+            .find(|c| c.bounds == "memory" && c.tool.starts_with("memcpy"))
+            .and_then(|c| Spread::of(c.mbps.iter().copied()));
+        if let Some(m) = memcpy {
+            figures.set(name, format!("{:.1} Gbit/s", m.median / 1000.0));
         }
     }
 }
 
-/// The targets table; returns how many could not be judged.
-fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) -> usize {
+/// The targets table; returns how many could not be judged. Figures: the
+/// first-pass table (`throughput-table`), `downtime.{runs,over,worst}`,
+/// `overhead.worst`, `cpu-per-gib`.
+fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling], figures: &mut Figures) -> usize {
     let mut unmeasured = 0;
+    let mut table = vec![
+        "| where | ours | best ceiling | ratio | target ≥ 0.9 |".to_string(),
+        "|---|---|---|---|---|".to_string(),
+    ];
+    let size = |mib: u64| {
+        if mib % 1024 == 0 {
+            format!("{} GiB", mib / 1024)
+        } else {
+            format!("{mib} MiB")
+        }
+    };
     // Throughput: the bulk cells against their transport's ceiling.
     let _ = writeln!(s, "| target | where | measured | met |\n|---|---|---|---|");
     for c in bulk_cells(cells) {
@@ -478,7 +645,7 @@ fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) -> usize {
             // target), not to a plaintext tool.
             let (Some(tls), Some(plain)) = (
                 c.spread(|r| r.first_pass_mbps),
-                idle_random_first_pass(cells, &k.site, "tcp", k.size_mib),
+                idle_random_first_pass(cells, &c.run, &k.site, "tcp", k.size_mib),
             ) else {
                 continue;
             };
@@ -503,6 +670,13 @@ fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) -> usize {
             .and_then(|cl| Spread::of(cl.mbps.iter().copied()).map(|cm| (cl, cm)));
         let Some((cl, cm)) = ceiling else {
             unmeasured += 1;
+            table.push(format!(
+                "| {}, {}, {} | {} | not measured | — | not met |",
+                k.site,
+                k.transport.to_uppercase(),
+                size(k.size_mib),
+                rate(fp.median)
+            ));
             let _ = writeln!(
                 s,
                 "| {} ≥ 90 % of its best-measured ceiling | {}, {} MiB idle random | ceiling **not measured** | **no** |",
@@ -513,6 +687,23 @@ fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) -> usize {
             continue;
         };
         let ratio = fp.median / cm.median;
+        let in_unit = |x: f64| rate(x).split(' ').next().unwrap_or_default().to_string();
+        table.push(format!(
+            "| {}, {}, {} | {} | `{}` {}{} | {:.2} | {} |",
+            k.site,
+            k.transport.to_uppercase(),
+            size(k.size_mib),
+            rate(fp.median),
+            cl.tool.trim_start_matches(BEST),
+            rate(cm.median),
+            if cm.min == cm.max {
+                String::new()
+            } else {
+                format!(" ({}–{})", in_unit(cm.min), in_unit(cm.max))
+            },
+            ratio,
+            if ratio >= 0.9 { "met" } else { "not met" }
+        ));
         let _ = writeln!(
             s,
             "| {} ≥ 90 % of `{}` | {}, {} MiB idle random | {:.0} / {:.0} Mbit/s = {:.0} %{} | {} |",
@@ -542,6 +733,11 @@ fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) -> usize {
         .iter()
         .map(|r| r.downtime_net_ms())
         .fold(0.0f64, f64::max);
+    figures.set("throughput-table", table.join("\n"));
+    figures.set("downtime.runs", runs.len().to_string());
+    figures.set("downtime.within", (runs.len() - over.len()).to_string());
+    figures.set("downtime.over", over.len().to_string());
+    figures.set("downtime.worst", format!("{worst:.1} ms"));
     let _ = writeln!(
         s,
         "| downtime ≤ {DOWNTIME_MS} ms budget (without `--verify`) | all {} runs | worst {:.1} ms, {} over | {} |",
@@ -559,6 +755,7 @@ fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) -> usize {
         })
         .fold(f64::NAN, f64::max);
     if worst_overhead.is_finite() {
+        figures.set("overhead.worst", format!("{:.2} %", worst_overhead * 100.0));
         let _ = writeln!(
             s,
             "| memory overhead ≤ 1 % of guest memory | 1 GiB guests, either side | worst {:.2} % | {} |",
@@ -577,6 +774,7 @@ fn targets(s: &mut String, cells: &[Cell], ceilings: &[Ceiling]) -> usize {
         .map(|r| (r.src_cpu_ms + r.dst_cpu_ms) / 1e3 / (r.bytes_total as f64 / GIB))
         .collect();
     if let Some(c) = Spread::of(cpu) {
+        figures.set("cpu-per-gib", format!("{} s", c.fmt(2)));
         let _ = writeln!(
             s,
             "| (reported) CPU per GiB, both sides, idle 1 GiB | host | {} s | — |",
