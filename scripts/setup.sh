@@ -11,7 +11,7 @@
 #                             busybox-static, virtme-ng from PyPI), iperf3 and
 #                             the DejaVu font (the benchmark's ceiling and
 #                             plot), nftables (faults between namespaces),
-#                             rustfmt, clippy and cargo-fuzz.
+#                             rustfmt, clippy, cargo-nextest and cargo-fuzz.
 # (Sourced without arguments, $1 is the caller's: only "demo" counts.)
 setup_mode=all
 [ "${1:-}" = demo ] && setup_mode=demo
@@ -56,6 +56,15 @@ if [ "$setup_mode" = all ]; then
     hash -r
   fi
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
+  # The test command's runner (cargo-nextest: every test its own process,
+  # several at once, where cargo test runs one binary at a time): the
+  # maintainers' pre-built binary, else from source. Without it the test
+  # command falls back to cargo test (the same tests, slower) and says so.
+  if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-nextest" >&2
+    curl -LsSf https://get.nexte.st/0.9/linux 2>/dev/null | tar zxf - -C "${CARGO_HOME:-$HOME/.cargo}/bin" 2>/dev/null \
+      || cargo install -q cargo-nextest --locked || echo "setup: no cargo-nextest" >&2
+  fi
   # The fuzzers' driver (libFuzzer through cargo-fuzz; scripts/fuzz.sh).
   if ! command -v cargo-fuzz >/dev/null; then
     echo "setup: installing cargo-fuzz" >&2

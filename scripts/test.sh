@@ -96,11 +96,18 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 phase_done "rustdoc"
 if [ $quick = 1 ]; then
   omit() { echo "SKIP (quick) $1: scripts/test.sh without --quick runs it" >> "$MIGRATE_SKIP_LOG"; }
-  cargo test --workspace --exclude transport-rdma --locked --lib --bins
-  cargo test -p transport-tcp --locked --test hostile --test tls --test conformance
-  cargo test -p migrate-core --features test-utils --locked --test dirty_conformance
-  cargo test -p migrate-cli --locked --test commands
-  cargo test -p mini-vmm --locked --test boot
+  if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --exclude transport-rdma --locked -E 'kind(lib) | kind(bin)
+      | (package(transport-tcp) & (binary(hostile) | binary(tls) | binary(conformance)))
+      | (package(migrate-core) & binary(dirty_conformance))
+      | (package(migrate-cli) & binary(commands)) | (package(mini-vmm) & binary(boot))'
+  else
+    cargo test --workspace --exclude transport-rdma --locked --lib --bins
+    cargo test -p transport-tcp --locked --test hostile --test tls --test conformance
+    cargo test -p migrate-core --features test-utils --locked --test dirty_conformance
+    cargo test -p migrate-cli --locked --test commands
+    cargo test -p mini-vmm --locked --test boot
+  fi
   phase_done "cargo test (quick: unit, suites, commands, boot)"
   for f in */tests/*.rs; do
     t="${f%%/*} $(basename "$f" .rs)"
@@ -120,7 +127,17 @@ fi
 # The host has no RDMA device: transport-rdma's integration tests and the
 # RDMA micro benchmark run inside the SoftRoCE VM below (where they must
 # not skip); its unit tests run here.
-cargo test --workspace --exclude transport-rdma --locked
+# cargo-nextest runs every test as its own process, three at once (.config/nextest.toml) across
+# all test binaries (cargo test runs one binary at a time, and most of their
+# time is spent waiting on peers, timeouts and faults: 1.07 cores of 2 on
+# average); the doctests, which it does not run, follow with cargo test.
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --exclude transport-rdma --locked
+  cargo test --workspace --exclude transport-rdma --locked --doc
+else
+  echo "test: no cargo-nextest here (scripts/setup.sh installs it): cargo test, one binary at a time" >&2
+  cargo test --workspace --exclude transport-rdma --locked
+fi
 phase_done "cargo test (workspace, host)"
 cargo test -p transport-rdma --lib --locked
 # The optional serde feature a VMM turns on to expose statistics and events.
