@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 quick=(); host=1; vm=1
 for a in "$@"; do
   case "$a" in
-    --quick) quick=(--quick) ;;
+    --quick) quick=(--quick --ceiling-secs 1) ;;  # the smoke run: 1 s per ceiling setting
     --host-only) vm=0 ;;
     --vm-only) host=0 ;;
     *) echo "usage: $0 [--quick] [--host-only|--vm-only]" >&2; exit 2 ;;
