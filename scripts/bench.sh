@@ -37,9 +37,9 @@ if [ "$host" = 1 ]; then
   target/release/migrate-bench run --site host-loopback --site host-veth "${quick[@]}" \
     --out "$results/raw/host.json" --command-line "$cmd"
   scripts/netns.sh down
-  # QEMU 7.2 multifd against migrate-cli on one image, one run, interleaved
+  # QEMU 7.2 multifd against migrate-cli on one image, one run: interleaved, then each alone
   # (the smoke run: a small image, once).
-  if [ ${#quick[@]} = 0 ]; then peer=(--size-mib 1024 --repeat 5); else peer=(--size-mib 128 --repeat 1); fi
+  if [ ${#quick[@]} = 0 ]; then peer=(--size-mib 1024 --repeat 5 --alone-repeat 5); else peer=(--size-mib 128 --repeat 1 --alone-repeat 1); fi
   target/release/migrate-bench qemu "${peer[@]}" --out "$results/raw/peer/qemu.json" --command-line "$cmd"
   # Ours at 1 GiB and at 8 GiB, interleaved: time, CPU and overhead per
   # GiB (skipped, and said so, without the memory; the smoke run: small).

@@ -29,9 +29,14 @@ pub struct QemuArgs {
     /// Channels: QEMU multifd channels, our data streams.
     #[arg(long, default_value_t = 2)]
     pub channels: u16,
-    /// Runs per engine and destination kind (medians, min–max).
+    /// Runs per engine and destination kind, interleaved (QEMU, ours, the
+    /// floor, QEMU, ...: drifts of a shared machine hit all alike).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Then runs per engine and destination kind with each engine alone,
+    /// back to back (as a user who tries one engine sees it); 0: none.
+    #[arg(long, default_value_t = 3)]
+    pub alone_repeat: usize,
     /// Where the image and the destination files go (memory-backed).
     #[arg(long, default_value = "/dev/shm")]
     pub dir: PathBuf,
@@ -49,6 +54,10 @@ pub struct PeerRaw {
     pub date: String,
     pub command: String,
     pub kernel: String,
+    /// The CPU model (empty in runs before 2026-12-07: shared machines
+    /// change CPUs between sessions, and figures with them).
+    #[serde(default)]
+    pub cpu: String,
     pub qemu_version: String,
     pub size_mib: u64,
     pub mix: String,
@@ -65,6 +74,9 @@ pub struct PeerRun {
     /// Destination memory allocated before the migration.
     pub prealloc: bool,
     pub rep: usize,
+    /// In the block where each engine ran alone, back to back (else
+    /// interleaved with the others; runs before 2026-12-07 all were).
+    pub alone: bool,
     /// End-to-end time, ms (see the module docs for the interval).
     pub ms: f64,
     /// Ours only: from starting the source to its exit (the source's

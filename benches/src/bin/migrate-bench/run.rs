@@ -355,13 +355,18 @@ pub fn date() -> String {
         .unwrap_or_default()
 }
 
-fn machine(sites: &[Site]) -> Machine {
+/// This machine's CPU model (`/proc/cpuinfo`), or empty.
+pub fn cpu_model() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
+    cpuinfo
         .lines()
         .find_map(|l| l.strip_prefix("model name"))
         .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn machine(sites: &[Site]) -> Machine {
+    let cpu = cpu_model();
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {

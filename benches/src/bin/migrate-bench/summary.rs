@@ -123,7 +123,7 @@ pub fn report(results: &Path, prose: Option<&Path>, check: bool) -> Result<()> {
     }
     let peer = crate::qemu_report::load(results)?;
     if let Some(peer) = &peer {
-        md += &crate::qemu_report::markdown(peer);
+        md += &crate::qemu_report::markdown(peer, &mut figures);
     }
     let boot = crate::boot_sector::load(results)?;
     if let Some(boot) = &boot {
