@@ -162,9 +162,10 @@ impl MemoryKind {
 
 /// Start the tracker, or `None`: when it refuses this kind of memory as it
 /// documents (a counted `N/A`), or (a counted skip) when this kernel lacks
-/// it altogether. A tracker that starts on anonymous memory here but
-/// refuses a kind it claims fails the test, and so does one that starts on
-/// a kind it documents it refuses.
+/// it altogether, or lacks uffd-async and the kind is a disk file (only
+/// uffd-async tracks those). A tracker that starts on anonymous memory here
+/// but refuses a kind it claims fails the test, and so does one that starts
+/// on a kind it documents it refuses.
 fn start(test: &str, kind: MemoryKind, mem: &GuestMemory, subject: Subject) -> Option<Tracked> {
     let by_design = subject.refuses.contains(&kind);
     let refused = match (subject.start)(mem) {
@@ -179,15 +180,31 @@ fn start(test: &str, kind: MemoryKind, mem: &GuestMemory, subject: Subject) -> O
         return None;
     }
     if kind != MemoryKind::Anonymous {
-        // Does it run on this kernel at all? Then this refusal breaks its claim.
+        // Does it run on this kernel at all? Then this refusal breaks its
+        // claim, unless the claim rests on what this kernel lacks: disk
+        // files are tracked by uffd-async alone (Linux 6.7), so where that
+        // cannot start, a set that selects among trackers refuses them.
         let probe = MemoryKind::Anonymous
             .build(1)
             .unwrap_or_else(|e| panic!("{test}: cannot build anonymous memory: {e}"));
+        let lacks_async = || match super::UffdAsyncTracker::new(&probe.mem) {
+            Ok(_) => None,
+            Err(e) => Some(e),
+        };
         if let Ok(t) = (subject.start)(&probe.mem) {
             drop(t);
-            panic!(
-                "{test}: refused {kind:?} memory, which it claims, yet runs on anonymous memory here: {refused}"
-            );
+            match lacks_async() {
+                Some(e) if kind == MemoryKind::DiskFile => {
+                    let why = format!(
+                        "disk files need uffd-async, which this kernel lacks ({e}): {refused}"
+                    );
+                    crate::skip::skip(test, crate::skip::Need::Uffd, &why);
+                    return None;
+                }
+                _ => panic!(
+                    "{test}: refused {kind:?} memory, which it claims, yet runs on anonymous memory here: {refused}"
+                ),
+            }
         }
     }
     crate::skip::skip(test, crate::skip::Need::Uffd, &refused);
