@@ -187,10 +187,7 @@ fn start(test: &str, kind: MemoryKind, mem: &GuestMemory, subject: Subject) -> O
         let probe = MemoryKind::Anonymous
             .build(1)
             .unwrap_or_else(|e| panic!("{test}: cannot build anonymous memory: {e}"));
-        let lacks_async = || match super::UffdAsyncTracker::new(&probe.mem) {
-            Ok(_) => None,
-            Err(e) => Some(e),
-        };
+        let lacks_async = || super::UffdAsyncTracker::new(&probe.mem).err();
         if let Ok(t) = (subject.start)(&probe.mem) {
             drop(t);
             match lacks_async() {
