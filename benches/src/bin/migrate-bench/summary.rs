@@ -163,40 +163,7 @@ pub fn report(results: &Path, prose: Option<&Path>, check: bool) -> Result<()> {
     };
     let prose_name = prose.map_or_else(|| "the prose".into(), |p| p.display().to_string());
     if check {
-        let committed = std::fs::read_to_string(&md_path).unwrap_or_default();
-        let mut wrong = Vec::new();
-        if committed != md {
-            let line = committed
-                .lines()
-                .zip(md.lines())
-                .position(|(a, b)| a != b)
-                .unwrap_or_else(|| committed.lines().count().min(md.lines().count()));
-            wrong.push(format!(
-                "{} is not what its raws give (first difference at line {}: {:?} against {:?})",
-                md_path.display(),
-                line + 1,
-                committed.lines().nth(line).unwrap_or(""),
-                md.lines().nth(line).unwrap_or("")
-            ));
-        }
-        for s in &stale {
-            wrong.push(format!(
-                "{} quotes {} as {:?}; the raws give {:?}",
-                prose_name, s.name, s.quoted, s.now
-            ));
-        }
-        if !wrong.is_empty() {
-            bail!(
-                "{}\n(`migrate-bench report` writes them from the raws)",
-                wrong.join("\n")
-            );
-        }
-        eprintln!(
-            "migrate-bench: {} and the figures {} quotes match the raws",
-            md_path.display(),
-            prose_name
-        );
-        return Ok(());
+        return check_report(&md_path, &md, &stale, &prose_name);
     }
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
     if let Some((prose, filled)) = filled.filter(|_| !stale.is_empty()) {
@@ -237,6 +204,50 @@ pub fn report(results: &Path, prose: Option<&Path>, check: bool) -> Result<()> {
     if unmeasured > 0 {
         bail!("{unmeasured} targets not measured: their ceiling failed (see the report)");
     }
+    Ok(())
+}
+
+/// `report --check`: fail, naming each, where the committed `md_path`
+/// differs from `md` (the report the raws give) or the prose quotes a
+/// `stale` figure.
+fn check_report(
+    md_path: &Path,
+    md: &str,
+    stale: &[crate::prose::Stale],
+    prose_name: &str,
+) -> Result<()> {
+    let committed = std::fs::read_to_string(md_path).unwrap_or_default();
+    let mut wrong = Vec::new();
+    if committed != md {
+        let line = committed
+            .lines()
+            .zip(md.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or_else(|| committed.lines().count().min(md.lines().count()));
+        wrong.push(format!(
+            "{} is not what its raws give (first difference at line {}: {:?} against {:?})",
+            md_path.display(),
+            line + 1,
+            committed.lines().nth(line).unwrap_or(""),
+            md.lines().nth(line).unwrap_or("")
+        ));
+    }
+    for s in stale {
+        wrong.push(format!(
+            "{prose_name} quotes {} as {:?}; the raws give {:?}",
+            s.name, s.quoted, s.now
+        ));
+    }
+    if !wrong.is_empty() {
+        bail!(
+            "{}\n(`migrate-bench report` writes them from the raws)",
+            wrong.join("\n")
+        );
+    }
+    eprintln!(
+        "migrate-bench: {} and the figures {prose_name} quotes match the raws",
+        md_path.display()
+    );
     Ok(())
 }
 
