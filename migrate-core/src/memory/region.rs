@@ -61,10 +61,6 @@ pub struct GuestRegion {
     owner: Option<Owner>,
     /// Pages [`discard_pages`](Self::discard_pages) dropped, until taken.
     discards: DiscardMarks,
-    /// A second, read-only mapping of the same file, once
-    /// [`map_read_view`](Self::map_read_view) made it: the reading
-    /// accessors go through it (see there).
-    read_view: std::sync::OnceLock<MmapRaw>,
 }
 
 /// One bit per page, set once the kernel dropped the page (after the
@@ -334,7 +330,6 @@ impl GuestRegion {
             file: None,
             owner: None,
             discards: DiscardMarks::new(len / page_size.bytes()),
-            read_view: std::sync::OnceLock::new(),
         })
     }
 
@@ -377,7 +372,6 @@ impl GuestRegion {
             file,
             owner: None,
             discards: DiscardMarks::new(len / page_size.bytes()),
-            read_view: std::sync::OnceLock::new(),
         })
     }
 
@@ -443,52 +437,6 @@ impl GuestRegion {
         self.span(index, 1).0
     }
 
-    /// A second mapping of a file-backed region's file (memfd, tmpfs or
-    /// disk file), read-only, through which [`io_slice`](Self::io_slice),
-    /// the zero test, the page hash and
-    /// [`populate_read_pages`](Self::populate_read_pages) read from then on:
-    /// the same page-cache pages, so the same bytes at every instant, but
-    /// in a mapping no userfaultfd is registered on, where the kernel maps
-    /// 16 pages per read fault (fault-around) instead of one. A migration
-    /// source makes it before round 0: a tracked mapping is registered
-    /// with a userfaultfd, which turns fault-around off, and reading a
-    /// guest through it cost one fault per page (about three times the
-    /// floor's fault time per GiB). Writes, and the trackers, stay on the
-    /// guest's own mapping. `Ok(false)` (nothing changes) for anonymous,
-    /// hugetlb and external memory; idempotent.
-    ///
-    /// # Errors
-    /// The kernel's refusal to map (the region stays as it was).
-    pub fn map_read_view(&self) -> io::Result<bool> {
-        if self.read_view.get().is_some() {
-            return Ok(true);
-        }
-        let (Backing::Memfd | Backing::File(_), Some(file)) = (&self.backing, &self.file) else {
-            return Ok(false);
-        };
-        let view = MmapOptions::new().len(self.len).map_raw_read_only(file)?;
-        // A racing call may have set one first: then this one is unmapped.
-        let _ = self.read_view.set(view);
-        Ok(true)
-    }
-
-    /// As [`span`](Self::span), through the read view where there is one.
-    fn read_span(&self, first: usize, count: usize) -> (*const u8, usize) {
-        let (ptr, len) = self.span(first, count);
-        match self.read_view.get() {
-            // SAFETY: `span` checked the range against `len`, the view's
-            // length too; the view lives as long as `self`.
-            Some(view) => (
-                unsafe {
-                    view.as_ptr()
-                        .add(ptr as usize - self.host.as_ptr() as usize)
-                },
-                len,
-            ),
-            None => (ptr, len),
-        }
-    }
-
     /// Byte range of `count` pages from page `first`, checked.
     ///
     /// # Panics
@@ -514,7 +462,7 @@ impl GuestRegion {
     /// # Panics
     /// When the range is outside the region.
     pub fn io_slice(&self, first: usize, count: usize) -> IoSlice<'_> {
-        let (ptr, len) = self.read_span(first, count);
+        let (ptr, len) = self.span(first, count);
         // SAFETY: in bounds and mapped for `&self`'s life. Other threads
         // write guest memory only through raw pointers, never through Rust
         // references, so no `&mut` aliases this view; a racing vCPU write
@@ -636,8 +584,7 @@ impl GuestRegion {
     }
 
     /// [`populate_read`](Self::populate_read) for `count` pages from page
-    /// `first` only (of the read view, where
-    /// [`map_read_view`](Self::map_read_view) made one).
+    /// `first` only.
     ///
     /// # Errors
     /// The kernel's refusal.
@@ -645,7 +592,7 @@ impl GuestRegion {
     /// # Panics
     /// When the range is outside the region.
     pub fn populate_read_pages(&self, first: usize, count: usize) -> io::Result<()> {
-        let (ptr, len) = self.read_span(first, count);
+        let (ptr, len) = self.span(first, count);
         sys::populate_read(ptr as usize, len)
     }
 

@@ -99,38 +99,6 @@ fn memfd_is_shared_with_a_second_mapping() {
     }
 }
 
-/// The read view sees every write made through the guest's mapping, before
-/// and after it was made, at once (the same page-cache pages); writes stay
-/// on the guest's mapping; discards read as zeros through it; memory with
-/// no file to map again keeps reading through its one mapping.
-#[test]
-fn the_read_view_reads_what_the_guest_writes() {
-    let dir = ScratchDir::new("read-view");
-    for region in [
-        GuestRegion::memfd(0, 0x4000, "view").unwrap(),
-        GuestRegion::file(0, 0x4000, dir.0.join("guest.img")).unwrap(),
-    ] {
-        region.write_bytes(0x1000, b"before");
-        assert!(region.map_read_view().unwrap());
-        assert!(region.map_read_view().unwrap(), "idempotent");
-        let through_view = |page: usize| region.io_slice(page, 1).as_ptr();
-        assert_ne!(through_view(1), region.page_ptr(1).cast_const());
-        assert_eq!(&region.io_slice(1, 1)[..6], b"before");
-        region.write_bytes(0x2000, b"after");
-        assert_eq!(&region.io_slice(2, 1)[..5], b"after");
-        assert!(!region.is_zero_page(2) && region.is_zero_page(3));
-        let mut page = vec![0u8; 4096];
-        region.read_bytes(0x2000, &mut page);
-        assert_eq!(region.hash_page(2), crate::checksum::xxh3_64(&page));
-        region.populate_read_pages(0, 4).unwrap();
-        region.discard_pages(2, 1).unwrap();
-        assert!(region.is_zero_page(2), "a discarded page reads as zeros");
-    }
-    let anon = GuestRegion::anonymous(0, 0x2000).unwrap();
-    assert!(!anon.map_read_view().unwrap());
-    assert_eq!(anon.io_slice(1, 1).as_ptr(), anon.page_ptr(1).cast_const());
-}
-
 #[test]
 fn file_backed_region_checks_size() {
     let dir = std::env::temp_dir().join(format!("mc-file-{}", std::process::id()));

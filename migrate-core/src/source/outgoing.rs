@@ -122,15 +122,8 @@ impl Outgoing<'_> {
         }
         // Round 0 reads every other page: a thread maps them in bulk, ahead
         // of the senders, while the data connections open and the first
-        // batches go; file-backed memory is read through a second mapping
-        // the tracker is not registered on, where the kernel maps 16 pages
-        // a fault instead of one.
+        // batches go.
         let mem = self.mem;
-        for r in mem.regions() {
-            if let Err(e) = r.map_read_view() {
-                tracing::debug!(gpa = r.gpa(), error = %e, "no read view; reading through the guest's mapping");
-            }
-        }
         let stop = AtomicBool::new(false);
         std::thread::scope(|scope| {
             let populate = std::thread::Builder::new()
