@@ -26,7 +26,9 @@
 //! refusal of a kind (uffd-sync and disk files), and a disk filesystem that
 //! cannot punch holes for the discard checks, are counted `N/A` lines
 //! ([`crate::skip::not_applicable`]); any other refusal fails: a tracker
-//! that runs on anonymous memory here must run on every kind it claims.
+//! that runs on anonymous memory here must run on every kind it claims,
+//! except disk files on a kernel without uffd-async (the only tracker of
+//! those), a counted skip.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -65,7 +67,7 @@ pub type TrackerFactory = fn(&GuestMemory) -> Result<Tracked, DirtyError>;
 /// A tracker as the suite tests it: how to start one, and the memory kinds
 /// it documents it refuses (its claim: it must refuse those with a typed
 /// [`DirtyError::Unsupported`], and start on every other kind wherever it
-/// starts at all).
+/// starts at all, disk files where uffd-async runs).
 #[derive(Clone, Copy)]
 pub struct Subject {
     /// Starts the tracker.
@@ -187,10 +189,9 @@ fn start(test: &str, kind: MemoryKind, mem: &GuestMemory, subject: Subject) -> O
         let probe = MemoryKind::Anonymous
             .build(1)
             .unwrap_or_else(|e| panic!("{test}: cannot build anonymous memory: {e}"));
-        let lacks_async = || super::UffdAsyncTracker::new(&probe.mem).err();
         if let Ok(t) = (subject.start)(&probe.mem) {
             drop(t);
-            match lacks_async() {
+            match super::UffdAsyncTracker::new(&probe.mem).err() {
                 Some(e) if kind == MemoryKind::DiskFile => {
                     let why = format!(
                         "disk files need uffd-async, which this kernel lacks ({e}): {refused}"
