@@ -246,6 +246,9 @@ pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
     {
         m.prefault()?;
     }
+    // Signals and the control socket answer before the line below: a
+    // SIGINT or a `ctl` the moment it is printed finds them in place.
+    let watched = Watched::new(&a.steering)?;
     // Ready: its own memory allocated (and prefaulted when asked), so a
     // source that connects on this line waits for nothing.
     println!("listening on {addr}");
@@ -265,8 +268,36 @@ pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
         a.json.as_deref(),
         &opts,
         Some(baseline_rss),
-        &a.steering,
+        watched,
     )
+}
+
+/// A destination's signal handling and steering, in place from before it
+/// announces that it listens until its migration ends.
+struct Watched {
+    /// What the control socket and the signals reach: `waiting` until a
+    /// source begins, then its migration.
+    waiting: control::Waiting<migrate_core::IncomingHandle>,
+    /// The control socket and metrics endpoint, served while this lives.
+    socket: control::Steering,
+    /// The event stream's writer, ended by the migration's last event.
+    events: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watched {
+    /// Install the SIGINT/SIGTERM handlers (a signal before a source began
+    /// ends the wait; after, it cancels) and serve what `steering` asks for.
+    fn new(steering: &SteeringArgs) -> Result<Self> {
+        let slot: control::Slot<migrate_core::IncomingHandle> = Arc::default();
+        control::cancel_on_signals(Arc::clone(&slot))?;
+        let waiting = control::Waiting::new(slot, "destination");
+        let (socket, events) = control::steer(steering, &waiting)?;
+        Ok(Self {
+            waiting,
+            socket,
+            events,
+        })
+    }
 }
 
 /// How the destination receives.
@@ -293,15 +324,13 @@ fn receive(
     json: Option<&std::path::Path>,
     opts: &Receiving,
     baseline_rss: Option<u64>,
-    steering: &SteeringArgs,
+    watched: Watched,
 ) -> Result<Outcome> {
-    // A signal before a source began ends the wait; after, it cancels.
-    let slot: control::Slot<migrate_core::IncomingHandle> = Arc::default();
-    control::cancel_on_signals(Arc::clone(&slot))?;
-    // Steered and watched from the moment it listens: before a source
-    // begins the socket says `waiting`, then it is the migration's.
-    let waiting = control::Waiting::new(Arc::clone(&slot), "destination");
-    let (control_socket, events) = control::steer(steering, &waiting)?;
+    let Watched {
+        waiting,
+        socket: control_socket,
+        events,
+    } = watched;
     let mut t = accept_source(listener)?;
     let cpu_start = resources::CpuSample::now();
     let mut received = Received::default();
@@ -527,7 +556,7 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
             metrics: None,
             metrics_public: false,
         };
-        receive(&listener, None, None, &opts, None, &quiet)
+        receive(&listener, None, None, &opts, None, Watched::new(&quiet)?)
     });
     let mut m = a.migration.clone();
     m.verify = true;
