@@ -510,6 +510,30 @@ impl Pagemap {
         Ok(())
     }
 
+    /// Report every range of `[start, end)` this process's page tables map
+    /// (present pages) to `found`, changing nothing.
+    pub fn present(
+        &mut self,
+        start: usize,
+        end: usize,
+        mut found: impl FnMut(usize, usize),
+    ) -> io::Result<()> {
+        let end = end as u64;
+        let mut next = start as u64;
+        while next < end {
+            let (n, walk_end) = self.ioctl(0, next, end, PAGE_IS_PRESENT, PAGE_IS_PRESENT)?;
+            for r in &self.vec[..n] {
+                found(r.start as usize, r.end as usize);
+            }
+            if n < self.vec.len() {
+                break;
+            }
+            // As in `harvest_written`: never resume before what was returned.
+            next = walk_end.max(self.vec[n - 1].end);
+        }
+        Ok(())
+    }
+
     fn ioctl(
         &mut self,
         flags: u64,

@@ -17,6 +17,8 @@
 
 mod fresh;
 #[allow(unsafe_code)]
+mod read_view;
+#[allow(unsafe_code)]
 mod region;
 #[allow(unsafe_code)]
 mod sys;

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::checksum::xxh3_64;
 use memmap2::{MmapOptions, MmapRaw};
 
+use super::read_view::ReadView;
 use super::{MemoryError, PageSize, sys};
 
 /// What backs a region's host mapping. Trackers use it to pick a mechanism
@@ -61,6 +62,9 @@ pub struct GuestRegion {
     owner: Option<Owner>,
     /// Pages [`discard_pages`](Self::discard_pages) dropped, until taken.
     discards: DiscardMarks,
+    /// A read-only second mapping of the file, once
+    /// [`map_read_view`](Self::map_read_view) made it.
+    read_view: std::sync::OnceLock<ReadView>,
 }
 
 /// One bit per page, set once the kernel dropped the page (after the
@@ -330,6 +334,7 @@ impl GuestRegion {
             file: None,
             owner: None,
             discards: DiscardMarks::new(len / page_size.bytes()),
+            read_view: std::sync::OnceLock::new(),
         })
     }
 
@@ -372,6 +377,7 @@ impl GuestRegion {
             file,
             owner: None,
             discards: DiscardMarks::new(len / page_size.bytes()),
+            read_view: std::sync::OnceLock::new(),
         })
     }
 
@@ -437,6 +443,71 @@ impl GuestRegion {
         self.span(index, 1).0
     }
 
+    /// Read, from now until [`drop_read_view`](Self::drop_read_view), the
+    /// pages of a file-backed region (memfd, tmpfs or disk file) that its
+    /// mapping does not map yet through a second, read-only mapping of the
+    /// file, where the kernel maps 16 pages a read fault instead of the one
+    /// a userfaultfd-registered (tracked) mapping gets: what a migration
+    /// source does for round 0. [`io_slice`](Self::io_slice), the zero test,
+    /// the page hash and [`populate_read_pages`](Self::populate_read_pages)
+    /// read through it; the bytes are the same page-cache pages at every
+    /// instant, and writes and the trackers stay on the region's mapping.
+    /// Only whole 64 KiB blocks the region's mapping maps none of read
+    /// there, so no page counts twice in the process's resident set (see
+    /// `read_view.rs`). The pages that read through the view: 0 for
+    /// anonymous, hugetlb and external memory, a fully mapped region, or a
+    /// kernel that cannot tell which pages are mapped (Linux < 6.7).
+    ///
+    /// # Errors
+    /// The kernel's refusal to map or scan (the region reads as before).
+    pub fn map_read_view(&self) -> io::Result<usize> {
+        let (Backing::Memfd | Backing::File(_), Some(file)) = (&self.backing, &self.file) else {
+            return Ok(0);
+        };
+        if self.read_view.get().is_none() {
+            // A racing call may set one first: this one is then unmapped.
+            let _ = self.read_view.set(ReadView::map(file, self.len)?);
+        }
+        let Some(view) = self.read_view.get() else {
+            return Ok(0);
+        };
+        Ok(view
+            .mark_unmapped(self.host.as_ptr() as usize)?
+            .unwrap_or(0))
+    }
+
+    /// Read everything through the region's own mapping again and unmap
+    /// the view's pages (a migration source, once round 0 is read).
+    ///
+    /// # Errors
+    /// The kernel's refusal to unmap (the pages then stay in the view,
+    /// unread).
+    pub fn drop_read_view(&self) -> io::Result<()> {
+        match self.read_view.get() {
+            Some(v) => v.empty(),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether page `page` reads through the read view now (see
+    /// [`map_read_view`](Self::map_read_view)): a batch's run of pages
+    /// stays in one mapping.
+    pub(crate) fn reads_through_view(&self, page: usize) -> bool {
+        self.read_view.get().is_some_and(|v| v.reads_page(page))
+    }
+
+    /// As [`span`](Self::span), through the read view when all `count`
+    /// pages read there.
+    fn read_span(&self, first: usize, count: usize) -> (*const u8, usize) {
+        let (ptr, len) = self.span(first, count);
+        match self.read_view.get() {
+            Some(v) if v.reads(first, count) => {
+                (v.at(ptr as usize - self.host.as_ptr() as usize), len)
+            }
+            _ => (ptr, len),
+        }
+    }
+
     /// Byte range of `count` pages from page `first`, checked.
     ///
     /// # Panics
@@ -462,7 +533,7 @@ impl GuestRegion {
     /// # Panics
     /// When the range is outside the region.
     pub fn io_slice(&self, first: usize, count: usize) -> IoSlice<'_> {
-        let (ptr, len) = self.span(first, count);
+        let (ptr, len) = self.read_span(first, count);
         // SAFETY: in bounds and mapped for `&self`'s life. Other threads
         // write guest memory only through raw pointers, never through Rust
         // references, so no `&mut` aliases this view; a racing vCPU write
@@ -584,7 +655,8 @@ impl GuestRegion {
     }
 
     /// [`populate_read`](Self::populate_read) for `count` pages from page
-    /// `first` only.
+    /// `first` only, each in the mapping it is read through (see
+    /// [`map_read_view`](Self::map_read_view)).
     ///
     /// # Errors
     /// The kernel's refusal.
@@ -592,8 +664,19 @@ impl GuestRegion {
     /// # Panics
     /// When the range is outside the region.
     pub fn populate_read_pages(&self, first: usize, count: usize) -> io::Result<()> {
-        let (ptr, len) = self.span(first, count);
-        sys::populate_read(ptr as usize, len)
+        let end = first + count;
+        let mut start = first;
+        while start < end {
+            let view = self.reads_through_view(start);
+            let mut next = start + 1;
+            while next < end && self.reads_through_view(next) == view {
+                next += 1;
+            }
+            let (ptr, len) = self.read_span(start, next - start);
+            sys::populate_read(ptr as usize, len)?;
+            start = next;
+        }
+        Ok(())
     }
 
     /// Drop `count` pages from page `first`: a later read finds zeros, or,

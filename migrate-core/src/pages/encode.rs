@@ -158,9 +158,12 @@ impl BatchEncoder {
         while p < end {
             let (kind, start) = (next, p);
             p += 1;
+            // A run's bytes are one slice: of one mapping (see
+            // `GuestRegion::map_read_view`).
+            let view = region.reads_through_view(start);
             while p < end {
                 next = self.class(region, piece.region, p, sparse, enc.hashed, dest);
-                if next != kind {
+                if next != kind || region.reads_through_view(p) != view {
                     break;
                 }
                 p += 1;

@@ -122,28 +122,61 @@ impl Outgoing<'_> {
         }
         // Round 0 reads every other page: a thread maps them in bulk, ahead
         // of the senders, while the data connections open and the first
-        // batches go.
+        // batches go. The pages of a memory file this process does not map
+        // yet are read through a second mapping the tracker is not
+        // registered on (16 pages a fault instead of one), until round 0
+        // ends; not where the transport reads a pinned copy of the memory
+        // (its registration maps every page already).
         let mem = self.mem;
+        if !self.pinned {
+            for r in mem.regions() {
+                match r.map_read_view() {
+                    Ok(0) => {}
+                    Ok(pages) => {
+                        tracing::debug!(gpa = r.gpa(), pages, "round 0 reads through a read view")
+                    }
+                    Err(e) => {
+                        tracing::debug!(gpa = r.gpa(), error = %e, "no read view; reading through the guest's mapping")
+                    }
+                }
+            }
+        }
         let stop = AtomicBool::new(false);
         std::thread::scope(|scope| {
             let populate = std::thread::Builder::new()
                 .name("populate".into())
                 .spawn_scoped(scope, || populate_ahead(mem, &holes, &stop));
-            if let Err(e) = populate {
+            if let Err(e) = &populate {
                 tracing::debug!(error = %e, "no populate thread; pages fault one by one");
             }
-            let outcome = self.rounds(transport, session, &holes);
-            stop.store(true, Ordering::Relaxed);
+            let mut populate = populate.ok();
+            // Once round 0 is read: the populate thread ends, then the read
+            // views (nothing maps pages into them any more).
+            let mut round_zero_read = || {
+                stop.store(true, Ordering::Relaxed);
+                if let Some(t) = populate.take() {
+                    let _ = t.join();
+                }
+                for r in mem.regions() {
+                    if let Err(e) = r.drop_read_view() {
+                        tracing::warn!(gpa = r.gpa(), error = %e, "the read view keeps its pages mapped");
+                    }
+                }
+            };
+            let outcome = self.rounds(transport, session, &holes, &mut round_zero_read);
+            round_zero_read();
             outcome
         })
     }
 
-    /// From the data connections to `Committed`.
+    /// From the data connections to `Committed`; `round_zero_read` once
+    /// round 0's pages are all read.
     fn rounds(
         &mut self,
         transport: &mut dyn SourceTransport,
         session: Session,
         holes: &Holes,
+        round_zero_read: &mut dyn FnMut(),
     ) -> Result<MigrationStats, MigrationError> {
         let dest_pages = DestinationPages::new(self.mem, session.reads_zero);
         // (kept for a resume after a lost connection)
@@ -178,7 +211,12 @@ impl Outgoing<'_> {
                 )
                 .map_err(|e| abort_behind(transport.control(), e))
             {
-                Ok(done) => done,
+                Ok(done) => {
+                    if totals.rounds == 1 {
+                        round_zero_read();
+                    }
+                    done
+                }
                 Err(e) if self.may_resume(&e) => {
                     // The old data plane goes first (RDMA: its queue pairs
                     // stop retrying into the destination), then the round's
