@@ -61,7 +61,7 @@ for run in 1 2 3 4 5; do
     --failover-after-ms 1000 --output "$d-p.out" --json "$d-p.json" > "$d-p.log" 2>&1 &
   ppid=$!
   if ! wait_for "$d-p.log" "^protected:" "protect-rdma-$run"; then
-    kill -9 $ppid $spid 2>/dev/null || true; wait || true; cat "$d-s.log"; continue
+    kill -9 $ppid $spid 2>/dev/null || true; wait $ppid $spid 2>/dev/null || true; cat "$d-s.log"; continue
   fi
   sleep "0.$((run * 17 % 10))"
   kill -9 $ppid; wait $ppid 2>/dev/null || true

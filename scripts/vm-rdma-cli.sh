@@ -313,9 +313,10 @@ if [ "$mode" = compare ]; then
     migrate "cmp-tcp-2conn-$i" tcp "" "" 127.0.0.1 64M --guest idle --mix 0:0:1 --streams 2
   done
   ib_write_bw -d rxe0 -x 1 -s 1048576 -n 200 -F > "$tmp/bw-s.out" 2>&1 &
+  bwpid=$!
   wait_for "$tmp/bw-s.out" "Waiting for client" ib_write_bw || true
   ib_write_bw -d rxe0 -x 1 -s 1048576 -n 200 -F 127.0.0.1 > "$tmp/bw-c.out" 2>&1 || true
-  wait || true
+  wait $bwpid || true
   echo "ib_write_bw (1 MiB messages, MB/s = 2^20 B/s):"; grep -A2 "#bytes" "$tmp/bw-c.out" || cat "$tmp/bw-c.out"
 fi
 rm -rf "$tmp"

@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use migrate_core::protocol::Message;
 use migrate_core::protocol::wire::{read_message, read_preamble, write_message, write_preamble};
+use migrate_core::protocol::{Message, ProtocolError};
 use migrate_core::transport::{ControlChannel, ControlSender, TransportError};
 
 use crate::TcpConfig;
@@ -333,7 +333,13 @@ fn handshake(
     let mut w = &conn;
     write_preamble(&mut w)?;
     let mut reader = BufReader::with_capacity(READ_BUFFER, conn.clone());
-    let version = read_preamble(&mut reader)?;
+    let version = read_preamble(&mut reader).map_err(|e| match e {
+        ProtocolError::Io { op, source } => ProtocolError::Io {
+            op,
+            source: timed_out(source, Some(say_who)),
+        },
+        e => e,
+    })?;
     conn.set_read_timeout(Some(cfg.io_timeout))
         .map_err(io("set read timeout"))?;
     Ok((conn, reader, version))

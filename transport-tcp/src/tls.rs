@@ -635,7 +635,13 @@ impl ClientCertVerifier for ProvenByPsk {
 
 /// Run the TLS handshake (and PSK proofs) on a fresh connection, or pass it
 /// through as plain TCP when `tls` is `None`. The socket's timeouts bound
-/// each step.
+/// each step, but the handshake's public-key steps may take up to
+/// [`HANDSHAKE_TIMEOUT`](crate::accept::HANDSHAKE_TIMEOUT) without progress
+/// whatever the connection's I/O timeout: that timeout is how soon a
+/// running migration or protection counts its peer lost (a protection's
+/// `--failover-after-ms` may be a few hundred milliseconds), not a bound on
+/// signing and verifying certificates on a loaded host. (A destination
+/// closes a handshake older than that anyway.)
 ///
 /// # Errors
 /// [`TransportError::Auth`] when the peer is not who it must be (no
@@ -647,6 +653,17 @@ pub(crate) fn secure(sock: TcpStream, tls: Option<&TlsConfig>) -> Result<Conn, T
         return Ok(Conn::Plain(Arc::new(sock)));
     };
     let is_source = matches!(&*tls.role, Role::Source { .. });
+    let io_timeouts = (
+        sock.read_timeout()
+            .map_err(crate::control::io("read the socket's timeout"))?,
+        sock.write_timeout()
+            .map_err(crate::control::io("read the socket's timeout"))?,
+    );
+    let step = io_timeouts
+        .0
+        .map(|t| t.max(crate::accept::HANDSHAKE_TIMEOUT));
+    set_timeouts(&sock, (step, step.or(io_timeouts.1)))?;
+    let handshake_error = |e| handshake_error(e, is_source, step);
     let (session, psk) = match &*tls.role {
         Role::Source {
             config,
@@ -654,7 +671,7 @@ pub(crate) fn secure(sock: TcpStream, tls: Option<&TlsConfig>) -> Result<Conn, T
             psk,
         } => (
             handshake::client(&sock, Arc::clone(config), server_name.clone())
-                .map_err(|e| handshake_error(e, is_source))?,
+                .map_err(handshake_error)?,
             psk.as_deref(),
         ),
         Role::Destination {
@@ -667,12 +684,13 @@ pub(crate) fn secure(sock: TcpStream, tls: Option<&TlsConfig>) -> Result<Conn, T
                 check_allowed(state, allowed).map_err(Admission::Refused)
             })
             .map_err(|e| match e {
-                Admission::Io(e) => handshake_error(e, is_source),
+                Admission::Io(e) => handshake_error(e),
                 Admission::Refused(e) => e,
             })?;
             (session, psk.as_deref())
         }
     };
+    set_timeouts(&sock, io_timeouts)?;
     let binding = psk.map(|_| session_binding(&session)).transpose()?;
     let conn = records(sock, session, tls.kernel)?;
     if let (Some(key), Some(binding)) = (psk, binding) {
@@ -850,8 +868,23 @@ fn auth(detail: String) -> TransportError {
     TransportError::Auth { detail }
 }
 
-/// A failed handshake as what it means to an operator.
-fn handshake_error(e: io::Error, is_source: bool) -> TransportError {
+/// Set the socket's read and write timeouts.
+fn set_timeouts(
+    sock: &TcpStream,
+    (read, write): (Option<std::time::Duration>, Option<std::time::Duration>),
+) -> Result<(), TransportError> {
+    sock.set_read_timeout(read)
+        .and_then(|()| sock.set_write_timeout(write))
+        .map_err(crate::control::io("set the socket's timeouts"))
+}
+
+/// A failed handshake as what it means to an operator (`step`: how long a
+/// step may take without progress).
+fn handshake_error(
+    e: io::Error,
+    is_source: bool,
+    step: Option<std::time::Duration>,
+) -> TransportError {
     let rustls_error = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
@@ -876,7 +909,7 @@ fn handshake_error(e: io::Error, is_source: bool) -> TransportError {
         )),
         None => TransportError::Io {
             op: "TLS handshake",
-            source: e,
+            source: crate::control::timed_out(e, step),
         },
     }
 }

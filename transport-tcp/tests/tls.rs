@@ -383,6 +383,16 @@ fn a_revoked_certificate_is_refused() {
 /// A proxy to `upstream` that delays every chunk by `delay`, both ways (a
 /// slow, far link); its address.
 fn slow_link(upstream: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
+    slow_start(upstream, delay, usize::MAX)
+}
+
+/// As [`slow_link`], for the first `chunks` chunks each way only (a peer
+/// slow to answer, then fast).
+fn slow_start(
+    upstream: std::net::SocketAddr,
+    delay: Duration,
+    chunks: usize,
+) -> std::net::SocketAddr {
     use std::net::TcpStream;
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = proxy.local_addr().unwrap();
@@ -399,11 +409,15 @@ fn slow_link(upstream: std::net::SocketAddr, delay: Duration) -> std::net::Socke
                 std::thread::spawn(move || {
                     use std::io::Write;
                     let mut buf = [0u8; 16 << 10];
+                    let mut seen = 0;
                     while let Ok(n) = from.read(&mut buf) {
                         if n == 0 {
                             break;
                         }
-                        std::thread::sleep(delay);
+                        seen += 1;
+                        if seen <= chunks {
+                            std::thread::sleep(delay);
+                        }
                         if to.write_all(&buf[..n]).is_err() {
                             break;
                         }
@@ -479,4 +493,48 @@ fn a_flood_of_silent_connections_never_evicts_a_progressing_handshake() {
     );
     s.unwrap();
     assert!(d.is_some(), "the destination never got the source");
+}
+
+/// The I/O timeout is how soon a running migration (or a protection, whose
+/// `--failover-after-ms` may be a few hundred milliseconds) counts its
+/// peer lost, not a bound on the handshake's public-key work: both ends
+/// with a 100 ms I/O timeout meet although each of the handshake's first
+/// flights (ClientHello, then the destination's whole first flight)
+/// takes 400 ms to arrive. A peer that never answers fails the
+/// handshake after [`HANDSHAKE_TIMEOUT`]'s 5 s without progress, saying
+/// so (it once said "Resource temporarily unavailable (os error 11)").
+#[test]
+fn a_short_io_timeout_bounds_the_migration_not_the_handshake() {
+    let dir = pki("localhost", "source-a");
+    let quick = |tls| TcpConfig {
+        io_timeout: Duration::from_millis(100),
+        ..cfg(tls)
+    };
+    let listener =
+        TcpMigrationListener::bind("127.0.0.1:0", quick(dest_tls(&dir, &["source-a"]))).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let d = std::thread::spawn(move || listener.accept().map(drop));
+    let slow = slow_start(addr, Duration::from_millis(400), 1);
+    let s = TcpSource::connect(&slow.to_string(), quick(source_tls(&dir, "localhost")));
+    s.unwrap();
+    d.join().unwrap().unwrap();
+    // A destination that accepts and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let held = std::thread::spawn(move || silent.accept().map(|(c, _)| c));
+    let start = std::time::Instant::now();
+    let e = TcpSource::connect(&addr, quick(source_tls(&dir, "localhost")))
+        .map(drop)
+        .unwrap_err();
+    let took = start.elapsed();
+    drop(held.join());
+    assert!(
+        e.to_string()
+            .contains("TLS handshake: no progress for 5.0 s: the peer is dead, frozen or cut off"),
+        "{e}"
+    );
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
 }
