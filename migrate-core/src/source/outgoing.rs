@@ -150,17 +150,28 @@ impl Outgoing<'_> {
                 tracing::debug!(error = %e, "no populate thread; pages fault one by one");
             }
             let mut populate = populate.ok();
+            let mut read = false;
             // Once round 0 is read: the populate thread ends, then the read
-            // views (nothing maps pages into them any more).
+            // views are emptied (nothing maps pages into them any more), by
+            // a thread of their own: unmapping a GiB's view takes ~10 ms,
+            // which the next rounds need not wait for.
             let mut round_zero_read = || {
-                stop.store(true, Ordering::Relaxed);
-                if let Some(t) = populate.take() {
-                    let _ = t.join();
+                if std::mem::replace(&mut read, true) {
+                    return;
                 }
-                for r in mem.regions() {
-                    if let Err(e) = r.drop_read_view() {
-                        tracing::warn!(gpa = r.gpa(), error = %e, "the read view keeps its pages mapped");
-                    }
+                stop.store(true, Ordering::Relaxed);
+                let populate = populate.take();
+                let emptied = std::thread::Builder::new()
+                    .name("drop-views".into())
+                    .spawn_scoped(scope, move || {
+                        if let Some(t) = populate {
+                            let _ = t.join();
+                        }
+                        drop_read_views(mem);
+                    });
+                if let Err(e) = emptied {
+                    tracing::debug!(error = %e, "no thread to empty the read views: emptied here");
+                    drop_read_views(mem);
                 }
             };
             let outcome = self.rounds(transport, session, &holes, &mut round_zero_read);
@@ -1007,6 +1018,16 @@ fn abort_behind(ctl: &mut dyn ControlChannel, e: MigrationError) -> MigrationErr
 
 pub(super) fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Read every region through its own mapping again (see
+/// [`GuestRegion::map_read_view`](crate::memory::GuestRegion::map_read_view)).
+fn drop_read_views(mem: &GuestMemory) {
+    for r in mem.regions() {
+        if let Err(e) = r.drop_read_view() {
+            tracing::warn!(gpa = r.gpa(), error = %e, "the read view keeps its pages mapped");
+        }
+    }
 }
 
 /// Map every page of `mem` readable, 16 MiB at a time from the start (the
