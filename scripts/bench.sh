@@ -25,7 +25,7 @@ for a in "$@"; do
   esac
 done
 [ "$(id -u)" -eq 0 ] || { echo "bench: run as root (network namespaces, the VM's RDMA devices)" >&2; exit 2; }
-cargo build --release --locked -p migrate-cli -p benches -p mini-vmm --bin migrate-cli --bin migrate-bench --bin mini-vmm
+scripts/build-release.sh
 results=${BENCH_RESULTS:-benches/results}
 mkdir -p "$results/raw/micro"
 cmd="scripts/bench.sh $*"

@@ -16,7 +16,7 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["executable"])')
 [ -n "$bins" ] || { echo "test-rdma: no test binaries built" >&2; exit 1; }
-cargo build --release --locked -p migrate-cli
+scripts/build-release.sh
 script=""
 for b in $bins; do script+="echo '== $(basename "$b")'; $b --test-threads=1 || exit 1; "; done
 # The RDMA micro benchmark once in test mode (no timing), over rxe0.
