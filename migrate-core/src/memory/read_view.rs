@@ -83,6 +83,13 @@ impl ReadView {
             let (first, last) = ((start - host) / 4096, (end - host).div_ceil(4096));
             mapped[self.block(first)..=self.block(last - 1)].fill(true);
         })?;
+        // A fault before the view's first 64 KiB boundary maps the 16 pages
+        // from the view's start (the kernel clips the window to the
+        // mapping, then takes 16 pages from there): across that boundary.
+        // That partial first block never reads through the view.
+        if self.shift != 0 {
+            mapped[0] = true;
+        }
         let mut marked = 0;
         for (w, word) in self.through.iter().enumerate() {
             let mut bits = 0u64;

@@ -103,82 +103,113 @@ fn memfd_is_shared_with_a_second_mapping() {
 /// region's mapping maps none of, sees every write made through the
 /// mapping before and after, never maps a page the mapping maps (so no
 /// page counts twice in the resident set), and is emptied by
-/// `drop_read_view`; memory with no file to map again has none.
+/// `drop_read_view`; memory with no file to map again has none. Wherever
+/// the view lands (its blocks are aligned in its own addresses: each of
+/// the 16 offsets from a 64 KiB boundary is tried, by mapping 0 to 15
+/// pages first).
 #[test]
 fn the_read_view_reads_only_what_the_mapping_lacks() {
     const T: &str = "memory::tests::the_read_view_reads_only_what_the_mapping_lacks";
-    let dir = ScratchDir::new("read-view");
-    let block = 16 * 4096;
-    for region in [
-        GuestRegion::memfd(0, 4 * block, "view").unwrap(),
-        GuestRegion::file(0, 4 * block, dir.0.join("guest.img")).unwrap(),
-    ] {
-        // Block 0 mapped (written through the mapping); block 2 holds data
-        // written to the file by another way, unmapped; blocks 1 and 3
-        // hold nothing.
-        region.write_bytes(0x1000, b"mapped");
-        let file = std::fs::File::from(region.fd().unwrap().try_clone_to_owned().unwrap());
-        std::os::unix::fs::FileExt::write_at(&file, b"in the file", 2 * block as u64 + 0x2000)
-            .unwrap();
-        let mut scan = crate::uffd::Pagemap::open(64).unwrap();
-        if !scan.scan_supported().unwrap() {
-            assert_eq!(region.map_read_view().unwrap(), 0);
-            crate::skip::skip(T, crate::skip::Need::Uffd, "no PAGEMAP_SCAN (Linux < 6.7)");
-            return;
-        }
-        let marked = region.map_read_view().unwrap();
-        let at = |page: usize| region.io_slice(page, 1).as_ptr();
-        // The view's blocks are its fault-around windows: 64 KiB aligned in
-        // its addresses. Every page outside page 1's block reads there.
-        let view = at(40) as usize - 40 * 4096;
-        let block = |p: usize| (view / 4096 + p) / 16;
-        let through: Vec<usize> = (0..64).filter(|&p| block(p) != block(1)).collect();
-        assert_eq!(marked, through.len());
-        for p in 0..64 {
-            let there = at(p) != region.page_ptr(p).cast_const();
-            assert_eq!(there, through.contains(&p), "page {p}");
-        }
-        assert_eq!(&region.io_slice(34, 1)[..11], b"in the file");
-        region.write_bytes(34 * 4096 + 11, b", and now");
-        assert_eq!(&region.io_slice(34, 1)[..20], b"in the file, and now");
-        // A run across the two mappings reads through the region's.
-        let edge = (0..64).find(|&p| block(p) > block(1)).unwrap();
-        assert_eq!(
-            region.io_slice(edge - 1, 2).as_ptr(),
-            region.page_ptr(edge - 1).cast_const()
-        );
-        assert!(!region.is_zero_page(34) && region.is_zero_page(50));
-        let mut page = vec![0u8; 4096];
-        region.read_bytes(34 * 4096, &mut page);
-        assert_eq!(region.hash_page(34), crate::checksum::xxh3_64(&page));
-        region.populate_read_pages(0, 64).unwrap();
-        // What the view maps: never page 1's block, which the region's
-        // mapping maps (fault-around stays inside a block).
-        let mapped_in_view = |scan: &mut crate::uffd::Pagemap| {
-            let mut pages = vec![];
-            scan.present(view, view + 64 * 4096, |s, e| {
-                pages.extend((s - view) / 4096..(e - view) / 4096);
-            })
-            .unwrap();
-            pages
-        };
-        let in_view = mapped_in_view(&mut scan);
-        assert!(
-            !in_view.is_empty() && in_view.iter().all(|p| through.contains(p)),
-            "{in_view:?}"
-        );
-        region.drop_read_view().unwrap();
-        assert_eq!(mapped_in_view(&mut scan), Vec::<usize>::new(), "emptied");
-        assert_eq!(at(34), region.page_ptr(34).cast_const(), "dropped");
-        assert_eq!(&region.io_slice(34, 1)[..20], b"in the file, and now");
-        // Made again (a later migration), it reads what is unmapped now.
-        let now_unmapped = region.map_read_view().unwrap();
-        assert!(now_unmapped < marked, "{now_unmapped}");
-        region.drop_read_view().unwrap();
+    let mut scan = crate::uffd::Pagemap::open(64).unwrap();
+    if !scan.scan_supported().unwrap() {
+        let region = GuestRegion::memfd(0, 64 * 4096, "view").unwrap();
+        assert_eq!(region.map_read_view().unwrap(), 0);
+        crate::skip::skip(T, crate::skip::Need::Uffd, "no PAGEMAP_SCAN (Linux < 6.7)");
+        return;
     }
+    let dir = ScratchDir::new("read-view");
+    let mut offsets = std::collections::BTreeSet::new();
+    for k in 0..16 {
+        for file in [false, true] {
+            let _before = (k > 0).then(|| memmap2::MmapMut::map_anon(k * 4096).unwrap());
+            let region = if file {
+                GuestRegion::file(0, 64 * 4096, dir.0.join("guest.img")).unwrap()
+            } else {
+                GuestRegion::memfd(0, 64 * 4096, "view").unwrap()
+            };
+            offsets.insert(read_view_holds(&region, &mut scan));
+            drop(region);
+            let _ = std::fs::remove_file(dir.0.join("guest.img"));
+        }
+    }
+    assert!(
+        offsets.len() >= 8,
+        "the views landed at offsets {offsets:?} only"
+    );
     let anon = GuestRegion::anonymous(0, 0x2000).unwrap();
     assert_eq!(anon.map_read_view().unwrap(), 0);
     assert_eq!(anon.io_slice(1, 1).as_ptr(), anon.page_ptr(1).cast_const());
+}
+
+/// The read view's promises on one 64-page region (page 15 written through
+/// its mapping: in the view's second block unless the view is aligned,
+/// where a fault in its first would map it; page 34 written through the
+/// file); the view's offset in pages from a 64 KiB boundary.
+fn read_view_holds(region: &GuestRegion, scan: &mut crate::uffd::Pagemap) -> usize {
+    const MAPPED: usize = 15;
+    region.write_bytes(MAPPED * 4096, b"mapped");
+    let file = std::fs::File::from(region.fd().unwrap().try_clone_to_owned().unwrap());
+    std::os::unix::fs::FileExt::write_at(&file, b"in the file", 34 * 4096).unwrap();
+    let marked = region.map_read_view().unwrap();
+    let at = |page: usize| region.io_slice(page, 1).as_ptr();
+    // The view's blocks are its fault-around windows, 64 KiB aligned in
+    // its addresses; the partial block at its start never reads there (a
+    // fault in it maps the 16 pages from the start). Every page outside
+    // page 15's block and that one reads there.
+    let view = at(40) as usize - 40 * 4096;
+    let shift = (view / 4096) % 16;
+    let block = |p: usize| (shift + p) / 16;
+    let through: Vec<usize> = (0..64)
+        .filter(|&p| block(p) != block(MAPPED) && (shift == 0 || block(p) != 0))
+        .collect();
+    assert_eq!(marked, through.len(), "offset {shift}");
+    for p in 0..64 {
+        let there = at(p) != region.page_ptr(p).cast_const();
+        assert_eq!(there, through.contains(&p), "page {p}, offset {shift}");
+    }
+    assert_eq!(&region.io_slice(34, 1)[..11], b"in the file");
+    region.write_bytes(34 * 4096 + 11, b", and now");
+    assert_eq!(&region.io_slice(34, 1)[..20], b"in the file, and now");
+    // A run across the two mappings reads through the region's.
+    let edge = (1..64)
+        .find(|&p| through.contains(&p) && !through.contains(&(p - 1)))
+        .unwrap();
+    assert_eq!(
+        region.io_slice(edge - 1, 2).as_ptr(),
+        region.page_ptr(edge - 1).cast_const()
+    );
+    assert!(!region.is_zero_page(34) && region.is_zero_page(50));
+    let mut page = vec![0u8; 4096];
+    region.read_bytes(34 * 4096, &mut page);
+    assert_eq!(region.hash_page(34), crate::checksum::xxh3_64(&page));
+    for p in 0..64 {
+        let _ = region.is_zero_page(p);
+    }
+    region.populate_read_pages(0, 64).unwrap();
+    // What the view maps: only pages that read there, never one the
+    // region's mapping maps (fault-around stays inside a block).
+    let mapped_in_view = |scan: &mut crate::uffd::Pagemap| {
+        let mut pages = vec![];
+        scan.present(view, view + 64 * 4096, |s, e| {
+            pages.extend((s - view) / 4096..(e - view) / 4096);
+        })
+        .unwrap();
+        pages
+    };
+    let in_view = mapped_in_view(scan);
+    assert!(
+        !in_view.is_empty() && in_view.iter().all(|p| through.contains(p)),
+        "offset {shift}: {in_view:?}"
+    );
+    region.drop_read_view().unwrap();
+    assert_eq!(mapped_in_view(scan), Vec::<usize>::new(), "emptied");
+    assert_eq!(at(34), region.page_ptr(34).cast_const(), "dropped");
+    assert_eq!(&region.io_slice(34, 1)[..20], b"in the file, and now");
+    // Made again (a later migration), it reads what is unmapped now.
+    let now_unmapped = region.map_read_view().unwrap();
+    assert!(now_unmapped < marked, "{now_unmapped}");
+    region.drop_read_view().unwrap();
+    shift
 }
 
 #[test]
