@@ -290,8 +290,12 @@ wait $kpid 2>/dev/null || true
 mlpid=$!
 wait_for "$tmp/ml-d.out" "listening on" memlock || true
 mladdr=$(sed -n 's/^listening on //p' "$tmp/ml-d.out")
+# (Run from a copy user nobody can reach: the build may live in root's
+# home, e.g. the test command's cache.)
+mlbin=$(mktemp -d)
+chmod 755 "$mlbin" && cp "$bin" "$mlbin/migrate-cli" && chmod 755 "$mlbin/migrate-cli"
 if setpriv --reuid=65534 --regid=65534 --clear-groups bash -c \
-     "ulimit -l 1024; '$bin' source --connect $mladdr --transport rdma --memory 32M --progress never" \
+     "ulimit -l 1024; '$mlbin/migrate-cli' source --connect $mladdr --transport rdma --memory 32M --progress never" \
      > "$tmp/ml-s.out" 2>&1; then
   echo "FAIL memlock: an unprivileged source with ulimit -l 1024 was not refused"; fail=1
 elif grep -q "RLIMIT_MEMLOCK" "$tmp/ml-s.out"; then
@@ -300,6 +304,7 @@ else
   echo "FAIL memlock: unexpected error"; cat "$tmp/ml-s.out"; fail=1
 fi
 kill $mlpid 2>/dev/null || true; wait $mlpid 2>/dev/null || true
+rm -rf "$mlbin"
 
 echo "== fault tolerance over RDMA (rxe-a -> rxe-b): the primary killed at five points"
 scripts/vm-protect.sh "$bin" || fail=1

@@ -489,13 +489,37 @@ impl Pagemap {
         &mut self,
         start: usize,
         end: usize,
+        found: impl FnMut(usize, usize),
+    ) -> io::Result<()> {
+        let flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC;
+        self.scan(flags, PAGE_IS_WRITTEN, start, end, found)
+    }
+
+    /// Report every range of `[start, end)` this process's page tables map
+    /// (present pages) to `found`, changing nothing.
+    pub fn present(
+        &mut self,
+        start: usize,
+        end: usize,
+        found: impl FnMut(usize, usize),
+    ) -> io::Result<()> {
+        self.scan(0, PAGE_IS_PRESENT, start, end, found)
+    }
+
+    /// Every range of `[start, end)` in `category` to `found`, as many
+    /// calls as the vector needs.
+    fn scan(
+        &mut self,
+        flags: u64,
+        category: u64,
+        start: usize,
+        end: usize,
         mut found: impl FnMut(usize, usize),
     ) -> io::Result<()> {
         let end = end as u64;
         let mut next = start as u64;
         while next < end {
-            let flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC;
-            let (n, walk_end) = self.ioctl(flags, next, end, PAGE_IS_WRITTEN, PAGE_IS_WRITTEN)?;
+            let (n, walk_end) = self.ioctl(flags, next, end, category, category)?;
             for r in &self.vec[..n] {
                 found(r.start as usize, r.end as usize);
             }
@@ -505,30 +529,6 @@ impl Pagemap {
             // A full vector: resume after the last region. On 6.18 `walk_end`
             // can come back short of `end` although the walk finished, so
             // never resume before what was already returned.
-            next = walk_end.max(self.vec[n - 1].end);
-        }
-        Ok(())
-    }
-
-    /// Report every range of `[start, end)` this process's page tables map
-    /// (present pages) to `found`, changing nothing.
-    pub fn present(
-        &mut self,
-        start: usize,
-        end: usize,
-        mut found: impl FnMut(usize, usize),
-    ) -> io::Result<()> {
-        let end = end as u64;
-        let mut next = start as u64;
-        while next < end {
-            let (n, walk_end) = self.ioctl(0, next, end, PAGE_IS_PRESENT, PAGE_IS_PRESENT)?;
-            for r in &self.vec[..n] {
-                found(r.start as usize, r.end as usize);
-            }
-            if n < self.vec.len() {
-                break;
-            }
-            // As in `harvest_written`: never resume before what was returned.
             next = walk_end.max(self.vec[n - 1].end);
         }
         Ok(())
