@@ -12,8 +12,10 @@
 //! zero it, a vectored slice of a run of pages for the kernel, copy in and
 //! out, land received bytes from a reader, an atomic word. The pointer
 //! arithmetic behind them is in `region.rs`, the system calls (memfd,
-//! fallocate, the one `madvise`, `mincore`, the memlock limit) in `sys.rs`:
-//! with the vm-memory adapter, these are the module's only `unsafe`.
+//! fallocate, the one `madvise`, `mincore`, the memlock limit) in `sys.rs`,
+//! a source's second, read-only mapping of a memory file in
+//! `read_view.rs`: with the vm-memory adapter, these are the module's only
+//! `unsafe`.
 
 mod fresh;
 #[allow(unsafe_code)]
