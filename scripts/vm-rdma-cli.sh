@@ -153,12 +153,13 @@ survives_fault() { # label fault-function what
   if wait_for "$tmp/$label-d.out" "listening on" "$label"; then
     local addr; addr=$(sed -n 's/^listening on //p' "$tmp/$label-d.out")
     port=${addr##*:}
-    "$bin" --log warn source --connect "$addr" --transport rdma "${auth[@]}" --rdma-device rxe-a --memory 32M \
+    "$bin" --log warn source --connect "$addr" --transport rdma "${auth[@]}" --rdma-device rxe-a --memory 16M \
       --mix 0:0:1 --guest bank --dirty-rate 200 --bandwidth-mbs 2 --io-timeout-s 2 --verify \
       --progress never --json "$tmp/$label-s.json" > "$tmp/$label-s.out" 2>&1 &
     spid=$!
-    # Round 0 is 16 s at 2 MB/s: the fault comes once a MiB crossed the
-    # fabric, and holds until the source has found it.
+    # Round 0 is 8 s at 2 MB/s: the fault comes once a MiB crossed the
+    # fabric, and holds until the source has found it (round 0 cannot end
+    # meanwhile).
     if wait_count "$label" $(( $(fab_tx) + (1 << 20) )) fab_tx; then
       $fault
     fi
@@ -263,8 +264,10 @@ if wait_for "$tmp/$label-d.out" "listening on" "$label"; then
 fi
 
 # A destination process killed mid-round (its queue pairs die with it): the
-# source's reconnection is refused (the process is gone), so it fails at
-# once with a clear error and its guest runs again.
+# source sees its control connection close (not only, after its 10 s I/O
+# timeout, queue pairs that complete nothing), its reconnection is refused
+# (the process is gone), so it fails at once with a clear error and its
+# guest runs again.
 "$bin" --log info dest --listen 127.0.0.1:0 --transport rdma > "$tmp/kill-d.out" 2>&1 &
 kpid=$!
 wait_for "$tmp/kill-d.out" "listening on" rdma-dest-killed
@@ -275,10 +278,13 @@ spid=$!
 # Round 0 is 16 s at 4 MB/s: killed once a MiB of RoCE packets went out.
 wait_count rdma-dest-killed $(( $(rxe_sent rxe0) + 256 )) rxe_sent rxe0 || true
 kill -9 $kpid 2>/dev/null || true
+killed_at=$SECONDS
 if wait $spid; then
   echo "FAIL rdma-dest-killed: the source did not notice"; fail=1
+elif [ $((SECONDS - killed_at)) -ge 8 ]; then
+  echo "FAIL rdma-dest-killed: the source took $((SECONDS - killed_at)) s to fail (I/O timeout 10 s)"; cat "$tmp/kill-s.out"; fail=1
 elif grep -q "source guest is running again" "$tmp/kill-s.out"; then
-  echo "ok rdma-dest-killed: $(json_get "$tmp/kill-s.json" "['error']")"
+  echo "ok rdma-dest-killed: failed $((SECONDS - killed_at)) s after the kill: $(json_get "$tmp/kill-s.json" "['error']")"
 else
   echo "FAIL rdma-dest-killed: unexpected"; cat "$tmp/kill-s.out"; fail=1
 fi

@@ -13,7 +13,7 @@ use migrate_core::transport::{
     ControlChannel, DestinationPages, PageSender, RoundContext, RoundSent, SourceTransport,
     TransportError,
 };
-use transport_tcp::{TcpConfig, TcpSource};
+use transport_tcp::{KillSwitch, TcpConfig, TcpSource};
 
 use crate::RdmaConfig;
 use crate::verbs::{Device, QueuePair, RegisteredMemory, Remote, WriteRequest};
@@ -228,6 +228,7 @@ impl SourceTransport for RdmaSource {
             remote: regions,
             max_write: self.cfg.max_write,
             io_timeout: self.cfg.tcp.io_timeout,
+            control: self.tcp.kill_switch(),
         }))
     }
 
@@ -312,6 +313,8 @@ struct RdmaPageSender {
     remote: Vec<RemoteRegion>,
     max_write: u32,
     io_timeout: Duration,
+    /// The control connection's: whether it ended while chains wait.
+    control: KillSwitch,
 }
 
 impl RdmaPageSender {
@@ -382,7 +385,9 @@ impl RdmaPageSender {
     /// (`keep` = `usize::MAX`: take what has completed, wait for nothing).
     /// A queue pair with work in flight that completes nothing for the I/O
     /// timeout is a lost peer, whether or not the caller must wait for it:
-    /// the fabric stopped, though the control connection may live on.
+    /// the fabric stopped, though the control connection may live on. So
+    /// is a wait whose control connection ended (a destination process
+    /// that died closes it at once, while its queue pairs just go quiet).
     fn reap(
         &self,
         qp: usize,
@@ -428,6 +433,17 @@ impl RdmaPageSender {
             }
             if !done.is_empty() {
                 continue;
+            }
+            if let Some(why) = self.control.control_ended() {
+                return Err(TransportError::Io {
+                    op: "RDMA WRITE",
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        format!(
+                            "queue pair {qp}: chains in flight and the control connection ended ({why}): the destination is gone"
+                        ),
+                    ),
+                });
             }
             // Spin briefly (completions on hardware come within
             // microseconds), then give the CPU away: on rxe the

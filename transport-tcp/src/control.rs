@@ -46,6 +46,9 @@ struct KillState {
     /// The peer fell silent for this many seconds (the only reason a
     /// kill is given).
     silent_secs: OnceLock<f64>,
+    /// Why the control connection's reader stopped (the peer closed it,
+    /// reset it, fell silent, or sent a bad frame), once it has.
+    control_ended: OnceLock<String>,
 }
 
 impl KillSwitch {
@@ -69,6 +72,15 @@ impl KillSwitch {
     pub(crate) fn reason(&self) -> Option<TransportError> {
         let secs = *self.0.silent_secs.get()?;
         Some(TransportError::PeerSilent { secs })
+    }
+
+    /// Why the control connection ended, once its reader has stopped on
+    /// an error: a data plane that does not run over these connections
+    /// (RDMA's queue pairs) asks it while it waits, so a destination whose
+    /// process died is noticed when its socket closes, not only after a
+    /// timeout of the fabric.
+    pub fn control_ended(&self) -> Option<&str> {
+        self.0.control_ended.get().map(String::as_str)
     }
 
     pub(crate) fn register(&self, s: &TcpStream) {
@@ -402,6 +414,7 @@ fn spawn_reader(
                     }
                     Err(e) => kill.reason().unwrap_or(e.into()),
                 };
+                let _ = kill.0.control_ended.set(err.to_string());
                 let _ = tx.send(Err(err));
                 return;
             }
