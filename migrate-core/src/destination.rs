@@ -810,7 +810,10 @@ impl Receiver<'_> {
     ) -> Result<ReceiverState, IncomingError> {
         use ReceiverState::*;
         Ok(match (state, msg) {
-            (Complete(Handover::Postcopy(mut t)), offer @ Message::RdmaReadOffer { .. }) => {
+            (
+                Complete(Handover::Postcopy(mut t)),
+                offer @ (Message::RdmaReadOffer { .. } | Message::PageFetchOffer),
+            ) => {
                 self.read_offer(transport, &mut t, &offer)?;
                 Complete(Handover::Postcopy(t))
             }
@@ -932,8 +935,9 @@ impl Receiver<'_> {
         Ok(ReceiverState::Committed(handover))
     }
 
-    /// The source offers its memory for RDMA READ: take it (the fault
-    /// handler then reads pages itself) or decline (faults ask).
+    /// The source offers its memory for RDMA READ, or a fetch connection:
+    /// take it (the fault handler then gets pages itself) or decline
+    /// (faults ask over the control connection).
     fn read_offer(
         &mut self,
         transport: &mut dyn DestinationTransport,
@@ -944,10 +948,13 @@ impl Receiver<'_> {
             Ok((answer, fetcher)) => {
                 target.set_fetcher(fetcher);
                 transport.control().send(&answer)?;
-                tracing::info!("post-copy: faulted pages are read from the source by RDMA READ");
+                tracing::info!(
+                    offer = ?offer.kind(),
+                    "post-copy: the fault handler gets its pages from the source itself"
+                );
             }
             Err(e) => {
-                tracing::warn!(error = %e, "post-copy: no RDMA READ; faults ask over the control connection");
+                tracing::warn!(error = %e, offer = ?offer.kind(), "post-copy: offer declined; faults ask over the control connection");
                 transport.control().send(&Message::RdmaReadDeclined {
                     reason: e.to_string(),
                 })?;

@@ -278,6 +278,40 @@ impl Uffd {
         }
     }
 
+    /// Place the missing pages at the start of `src` at `dst` (page-aligned,
+    /// a whole number of the region's pages) in one call and wake their
+    /// waiters: the bytes placed. Fewer than `src.len()` when the page after
+    /// them was already there (0: the first one was; its waiters are not
+    /// woken here) or the call was cut short; the caller goes on from there.
+    pub fn copy_prefix(&self, dst: usize, src: &[u8]) -> io::Result<usize> {
+        loop {
+            let mut c = UffdioCopy {
+                dst: dst as u64,
+                src: src.as_ptr() as u64,
+                len: src.len() as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: `src` is readable for its length for the ioctl's
+            // duration; the kernel checks `dst` against the registered
+            // ranges and writes only missing pages there.
+            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
+            if rc == 0 {
+                return Ok(src.len());
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                // The mm changed under us (fork, remap): try again.
+                Some(libc::EAGAIN) if c.copy <= 0 => continue,
+                // Part landed (and was woken): the kernel stopped at a page
+                // it could not fill, which the next call names.
+                Some(libc::EAGAIN) => return Ok(c.copy as usize),
+                Some(libc::EEXIST) => return Ok(0),
+                _ => return Err(err),
+            }
+        }
+    }
+
     /// Wait until an event is pending or `timeout_ms` passed; whether one is.
     pub fn wait(&self, timeout_ms: libc::c_int) -> io::Result<bool> {
         let mut pfd = libc::pollfd {

@@ -167,6 +167,10 @@ impl DestinationTransport for RdmaDestination {
         mem: &Arc<GuestMemory>,
         offer: &Message,
     ) -> Result<(Message, Box<dyn PageFetcher>), TransportError> {
+        if matches!(offer, Message::PageFetchOffer) {
+            // The TCP data plane's fetch connection.
+            return self.tcp.postcopy_fetcher(mem, offer);
+        }
         let dev = self
             .dev
             .as_ref()

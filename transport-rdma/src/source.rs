@@ -235,10 +235,15 @@ impl SourceTransport for RdmaSource {
     /// With `postcopy_reads` and the pages over RDMA: a queue pair for the
     /// destination's reads, and the keys of this side's memory.
     fn postcopy_offer(&mut self) -> Result<Option<Message>, TransportError> {
+        if !self.rdma_active {
+            // The TCP data plane (no RDMA at the destination): its fetch
+            // connection, if both ends agreed on one.
+            return self.tcp.postcopy_offer();
+        }
         let Some(local) = &self.local else {
             return Ok(None);
         };
-        if !self.cfg.postcopy_reads || !self.rdma_active {
+        if !self.cfg.postcopy_reads {
             return Ok(None);
         }
         let Some(registered) = &local.registered else {
@@ -250,6 +255,9 @@ impl SourceTransport for RdmaSource {
     }
 
     fn postcopy_accepted(&mut self, answer: &Message) -> Result<(), TransportError> {
+        if matches!(answer, Message::PageFetchAccept) {
+            return self.tcp.postcopy_accepted(answer);
+        }
         let qp = self
             .read_qp
             .as_mut()

@@ -12,11 +12,11 @@ use migrate_core::memory::{FreshPages, GuestMemory};
 use migrate_core::pages::BatchLander;
 use migrate_core::protocol::wire::{HEADER_LEN, read_frame_header, read_payload};
 use migrate_core::protocol::{
-    FEATURE_SPARSE, FEATURE_UNHASHED, FEATURE_ZSTD, Features, FrameKind, Message, PageRange,
-    ProtocolError,
+    FEATURE_FETCH, FEATURE_SPARSE, FEATURE_UNHASHED, FEATURE_ZSTD, Features, FrameKind, Message,
+    PageRange, ProtocolError,
 };
 use migrate_core::transport::{
-    ControlChannel, DataEvent, DestinationTransport, Landed, RoundSent, TransportError,
+    ControlChannel, DataEvent, DestinationTransport, Landed, PageFetcher, RoundSent, TransportError,
 };
 
 use crate::TcpConfig;
@@ -89,6 +89,7 @@ impl TcpMigrationListener {
             kill,
             resumes: None,
             landed: Arc::default(),
+            session: None,
         })
     }
 }
@@ -107,6 +108,8 @@ pub struct TcpDestination {
     resumes: Option<Box<Handshakes<(TcpControl, KillSwitch)>>>,
     /// What the data streams have landed, every round, counted per batch.
     landed: Arc<Landed>,
+    /// The migration's session, once its data plane opened.
+    session: Option<u64>,
 }
 
 impl TcpDestination {
@@ -139,6 +142,7 @@ impl DestinationTransport for TcpDestination {
     fn features(&self) -> Features {
         Features::new(
             FEATURE_ZSTD
+                | FEATURE_FETCH
                 | if self.cfg.sparse { FEATURE_SPARSE } else { 0 }
                 | if self.cfg.tls.is_some() {
                     FEATURE_UNHASHED
@@ -159,6 +163,7 @@ impl DestinationTransport for TcpDestination {
         streams: u16,
         features: Features,
     ) -> Result<Receiver<DataEvent>, TransportError> {
+        self.session = Some(session);
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut joined: Vec<Option<(Conn, BufReader<Conn>)>> = (0..streams).map(|_| None).collect();
         let deadline = Instant::now() + self.cfg.connect_timeout;
@@ -225,6 +230,22 @@ impl DestinationTransport for TcpDestination {
 
     fn landed(&self) -> Option<Arc<Landed>> {
         Some(Arc::clone(&self.landed))
+    }
+
+    fn postcopy_fetcher(
+        &mut self,
+        _mem: &Arc<GuestMemory>,
+        offer: &Message,
+    ) -> Result<(Message, Box<dyn PageFetcher>), TransportError> {
+        let (Message::PageFetchOffer, Some(session)) = (offer, self.session) else {
+            return Err(TransportError::Unavailable {
+                reason: format!("the tcp transport takes no {:?} offer", offer.kind()),
+            });
+        };
+        let deadline = Instant::now() + self.cfg.connect_timeout;
+        let fetcher =
+            crate::fetch::accept(&self.listener, &self.cfg, &self.kill, session, deadline)?;
+        Ok((Message::PageFetchAccept, Box::new(fetcher)))
     }
 
     fn reaccept(&mut self, deadline: Instant) -> Result<(), TransportError> {

@@ -29,6 +29,7 @@ mod addr;
 mod conn;
 mod control;
 mod destination;
+mod fetch;
 mod handshake;
 mod ktls;
 mod local_peer;

@@ -8,7 +8,9 @@ use migrate_core::dirty::PageRun;
 use migrate_core::memory::GuestMemory;
 use migrate_core::pages::{BatchEncoder, BatchQueue, Encoding};
 use migrate_core::protocol::wire::{HEADER_LEN, write_message};
-use migrate_core::protocol::{FEATURE_SPARSE, FEATURE_UNHASHED, FEATURE_ZSTD, Features, Message};
+use migrate_core::protocol::{
+    FEATURE_FETCH, FEATURE_SPARSE, FEATURE_UNHASHED, FEATURE_ZSTD, Features, Message,
+};
 use migrate_core::transport::{
     ControlChannel, PageSender, RoundContext, RoundSent, SourceTransport, TransportError,
 };
@@ -28,6 +30,23 @@ pub struct TcpSource {
     kill: KillSwitch,
     /// The guest memory, once bound.
     mem: Option<Arc<GuestMemory>>,
+    /// The session and the features both ends agreed on, once the data
+    /// plane opened.
+    agreed: Option<(u64, Features)>,
+    /// The post-copy fetch connection's server thread, once accepted.
+    fetch: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for TcpSource {
+    fn drop(&mut self) {
+        // The fetch server blocks on its connection without a timeout:
+        // close the migration's connections so that it ends, and with it
+        // its hold on the guest memory.
+        if let Some(h) = self.fetch.take() {
+            self.kill.kill();
+            let _ = h.join();
+        }
+    }
 }
 
 impl TcpSource {
@@ -55,6 +74,8 @@ impl TcpSource {
             control,
             kill,
             mem: None,
+            agreed: None,
+            fetch: None,
         })
     }
 
@@ -94,7 +115,8 @@ impl SourceTransport for TcpSource {
 
     fn features(&self) -> Features {
         Features::new(
-            (if self.cfg.compress { FEATURE_ZSTD } else { 0 })
+            FEATURE_FETCH
+                | (if self.cfg.compress { FEATURE_ZSTD } else { 0 })
                 | if self.cfg.sparse { FEATURE_SPARSE } else { 0 }
                 | if self.cfg.tls.is_some() {
                     FEATURE_UNHASHED
@@ -124,6 +146,7 @@ impl SourceTransport for TcpSource {
             .ok_or_else(|| TransportError::Unavailable {
                 reason: "no guest memory bound to the transport (SourceMigration::bind)".into(),
             })?;
+        self.agreed = Some((session, features));
         let mut streams = Vec::new();
         for index in 0..self.data_streams() {
             let stream = crate::mark::connect(&self.addr, self.cfg.connect_timeout, self.cfg.dscp)
@@ -150,6 +173,38 @@ impl SourceTransport for TcpSource {
             features,
             compress_level: self.cfg.compress_level,
         }))
+    }
+
+    fn postcopy_offer(&mut self) -> Result<Option<Message>, TransportError> {
+        let fetch = self
+            .agreed
+            .is_some_and(|(_, f)| f.has(FEATURE_FETCH) && f.postcopy());
+        Ok(fetch.then_some(Message::PageFetchOffer))
+    }
+
+    fn postcopy_accepted(&mut self, answer: &Message) -> Result<(), TransportError> {
+        let (Message::PageFetchAccept, Some((session, _)), Some(mem)) =
+            (answer, self.agreed, &self.mem)
+        else {
+            return Err(TransportError::Unavailable {
+                reason: format!(
+                    "no post-copy fetch connection was offered ({:?})",
+                    answer.kind()
+                ),
+            });
+        };
+        let server = crate::fetch::serve(
+            self.addr,
+            self.cfg.clone(),
+            self.kill.clone(),
+            Arc::clone(mem),
+            session,
+        )?;
+        // One per post-copy: an earlier one ended with its connections.
+        if let Some(old) = self.fetch.replace(server) {
+            let _ = old.join();
+        }
+        Ok(())
     }
 
     fn reconnect(&mut self) -> Result<(), TransportError> {

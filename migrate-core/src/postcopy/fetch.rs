@@ -89,6 +89,45 @@ impl Shared {
         Ok(new)
     }
 
+    /// Place the pages `first..` of `region` (`bytes`, a whole number of
+    /// pages, none known to be present) with as few copies as the kernel
+    /// allows: one for the run, more only where the other path placed a
+    /// page first. How many were new.
+    fn place_run(&self, region: usize, first: usize, bytes: &[u8]) -> io::Result<u64> {
+        let ps = self.mem.regions()[region].page_size().bytes();
+        let (mut at, mut new) = (0, 0);
+        while at < bytes.len() {
+            let page = first + at / ps;
+            let addr = self.page_addr(region, page);
+            let done = self.uffd.copy_prefix(addr, &bytes[at..])?;
+            if done == 0 {
+                // There already: its waiters may not have been woken yet.
+                self.uffd.wake(addr, ps)?;
+                self.present.set(region, page);
+                at += ps;
+                continue;
+            }
+            let pages = done / ps;
+            for p in page..page + pages {
+                self.present.set(region, p);
+            }
+            self.remaining.fetch_sub(pages as u64, Ordering::AcqRel);
+            let mut waiting = lock(&self.waiting);
+            if !waiting.is_empty() {
+                let mut waits = lock(&self.waits_us);
+                for p in page..page + pages {
+                    if let Some(t) = waiting.remove(&(region, p)) {
+                        waits.push(t.elapsed().as_micros() as u64);
+                    }
+                }
+            }
+            drop(waiting);
+            new += pages as u64;
+            at += pages * ps;
+        }
+        Ok(new)
+    }
+
     /// Read the page with the fetcher, if there is one, and place it;
     /// whether that worked (else it must be asked for).
     fn read_and_place(&self, region: usize, page: usize, buf: &mut [u8]) -> bool {
@@ -96,6 +135,9 @@ impl Shared {
         let Some(f) = fetcher.as_mut() else {
             return false;
         };
+        if !f.ready() {
+            return false;
+        }
         let ps = self.mem.regions()[region].page_size().bytes();
         let buf = &mut buf[..ps];
         if let Err(e) = f.fetch(region, page, buf) {
@@ -361,24 +403,27 @@ impl PostcopyTarget {
                 "pages {first}+{count} outside region {region}"
             )));
         }
-        let region = region as usize;
+        let (region, first) = (region as usize, first as usize);
+        if let Some(p) = (first..first + count).find(|&p| !s.needed.get(region, p)) {
+            return Err(bad(format!(
+                "page {p} of region {region} is not in the post-copy set"
+            )));
+        }
+        // Runs of pages not placed yet, each in one copy where it can.
         let mut placed = 0;
-        for (i, page) in bytes.chunks_exact(ps).enumerate() {
-            let p = first as usize + i;
-            if !s.needed.get(region, p) {
-                return Err(bad(format!(
-                    "page {p} of region {region} is not in the post-copy set"
-                )));
-            }
-            if s.present.get(region, p) {
+        let mut i = 0;
+        while i < count {
+            if s.present.get(region, first + i) {
+                i += 1;
                 continue;
             }
-            let new = s
-                .place(region, p, page)
-                .map_err(|e| IncomingError::Transport(io_err("place a post-copy page", e)))?;
-            if new {
-                placed += 1;
-            }
+            let run = (i..count)
+                .find(|&j| s.present.get(region, first + j))
+                .unwrap_or(count);
+            placed += s
+                .place_run(region, first + i, &bytes[i * ps..run * ps])
+                .map_err(|e| IncomingError::Transport(io_err("place post-copy pages", e)))?;
+            i = run;
         }
         Ok(placed)
     }

@@ -28,6 +28,9 @@
 //!    |                       <-  PostcopyAccepted         |  not dropped before
 //!    | RdmaReadOffer{qp, regions: addr,rkey}           ->  |  (RDMA, memory registered
 //!    |            <-  RdmaReadAccept{qp} | RdmaReadDeclined |   for remote read)
+//!    | PageFetchOffer                                  ->  |  (TCP, FEATURE_FETCH: a
+//!    |            <-  PageFetchAccept | RdmaReadDeclined  |   connection for requests;
+//!    | fetch: Join{session, FETCH_STREAM}              ->  |   joins after the commit)
 //!    | DeviceState{chunk, last} ...                    ->  |
 //!    | Commit                                          ->  |  start the fault handler,
 //!    |                       <-  Committed                |  load state, resume guest
@@ -37,7 +40,9 @@
 //!    | PostcopyPages{p, demand}                        ->  |  UFFDIO_COPY p: the
 //!    |                                                     |  faulting thread runs on
 //!    |   (RDMA: the handler READs p from the source's memory itself
-//!    |    and places it; a failed READ falls back to PageRequest)
+//!    |    and places it; TCP with a fetch connection: the handler asks
+//!    |    there and reads the answer itself; a failure falls back to
+//!    |    PageRequest on the control connection for good)
 //!    | PostcopyPages{next pages, pushed} ...           ->  |  (background push, from
 //!    |                                                     |   the last request on)
 //!    |      <-  PostcopyDone{latency, demand, pushed}     |  every page of the set
@@ -66,6 +71,8 @@
 //!  Complete --VerifyRequest--> Discarded (no verification in post-copy)
 //!  Complete --RdmaReadOffer--> Complete (RdmaReadAccept: the handler
 //!      reads pages itself; or RdmaReadDeclined)
+//!  Complete --PageFetchOffer--> Complete (PageFetchAccept: the handler
+//!      asks on the fetch connection once it joined; or RdmaReadDeclined)
 //!  HaveState --Commit--> Postcopy (handler started, guest resumed,
 //!      Committed sent)
 //!  Postcopy --PostcopyPages--> Postcopy (pages placed) --every page of the

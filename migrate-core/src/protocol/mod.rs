@@ -191,6 +191,14 @@ pub const FEATURE_UNHASHED: u64 = 1 << 5;
 /// destination that is no standby does not offer it, and a standby takes
 /// nothing without it.
 pub const FEATURE_MIRROR: u64 = 1 << 6;
+/// Feature bit (TCP): in post-copy the destination's fault handler may ask
+/// for its pages on a connection of its own (`PageFetchOffer`): a
+/// requested page then never waits behind pushed ones, nor for the control
+/// connection's reader threads.
+pub const FEATURE_FETCH: u64 = 1 << 7;
+/// The `Join` index of the post-copy fetch connection (`PageFetchOffer`);
+/// data streams are numbered from 0 and never reach it.
+pub const FETCH_STREAM: u16 = u16::MAX;
 /// A set of `FEATURE_*` bits: what an end offers, or what both agreed on
 /// (`Hello`/`Welcome` carry the bits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -613,8 +621,8 @@ messages! {
         /// The destination's queue pair (one).
         qps: Vec<QpEndpoint>,
     },
-    /// Destination → source: no RDMA READ here; faults ask over the
-    /// control connection.
+    /// Destination → source: no RDMA READ (or fetch connection, after a
+    /// `PageFetchOffer`) here; faults ask over the control connection.
     RdmaReadDeclined = 31 {
         /// Why (the rest of the payload, UTF-8).
         reason: String,
@@ -698,6 +706,16 @@ messages! {
         /// Whether the claimant holds the run right.
         granted: bool,
     },
+    /// Source → destination, after the last `PostcopyStart`, when both
+    /// offered [`FEATURE_FETCH`] (TCP): once accepted, the source opens one
+    /// more connection (`Join{session, FETCH_STREAM}`) on which the
+    /// destination's fault handler sends `PageRequest`s of one page and
+    /// waits for each page's `PostcopyPages{demand}` there, while the push
+    /// goes on over the control connection.
+    PageFetchOffer = 44,
+    /// Destination → source: take it; the source connects now (the guest's
+    /// faults ask over the control connection until it has joined).
+    PageFetchAccept = 45,
 }
 
 /// Why bytes from a peer could not be understood.

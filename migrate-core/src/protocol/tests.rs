@@ -155,6 +155,8 @@ fn all_messages() -> Vec<Message> {
             }],
         },
         Message::PostcopyPrepared,
+        Message::PageFetchOffer,
+        Message::PageFetchAccept,
         Message::EpochPages {
             epoch: 3,
             last: true,

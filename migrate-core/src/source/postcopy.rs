@@ -163,7 +163,8 @@ impl Outgoing<'_> {
 }
 
 /// Offer the destination to read its faulted pages itself, where the
-/// transport can (RDMA READ), and take its answer.
+/// transport can (RDMA READ; over TCP a fetch connection of its own), and
+/// take its answer.
 fn offer_reads(transport: &mut dyn SourceTransport) -> Result<(), MigrationError> {
     let Some(offer) = transport.postcopy_offer()? else {
         return Ok(());
@@ -173,6 +174,12 @@ fn offer_reads(transport: &mut dyn SourceTransport) -> Result<(), MigrationError
         answer @ Message::RdmaReadAccept { .. } => {
             transport.postcopy_accepted(&answer)?;
             tracing::info!("post-copy: the destination reads faulted pages by RDMA READ");
+        }
+        answer @ Message::PageFetchAccept => {
+            transport.postcopy_accepted(&answer)?;
+            tracing::info!(
+                "post-copy: the destination fetches faulted pages on a connection of its own"
+            );
         }
         Message::RdmaReadDeclined { reason } => tracing::warn!(
             %reason,

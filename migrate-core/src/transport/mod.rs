@@ -75,10 +75,17 @@ pub trait ControlSender: Send {
     fn send(&self, msg: &Message) -> Result<(), TransportError>;
 }
 
-/// Reads pages straight from the source's memory during post-copy (RDMA
-/// READ: no source CPU in the path). Used by the destination's fault
-/// handler, one page at a time.
+/// Gets pages from the source by itself during post-copy (RDMA READ: no
+/// source CPU in the path; TCP: a connection of its own, so a page never
+/// waits behind pushed ones). Used by the destination's fault handler, one
+/// page at a time.
 pub trait PageFetcher: Send {
+    /// Whether it can fetch now; until then the handler asks over the
+    /// control connection (a fetcher still connecting). By default `true`.
+    fn ready(&mut self) -> bool {
+        true
+    }
+
     /// Read page `page` of region `region` of the source's guest memory
     /// into `out` (exactly one page), waiting for it.
     ///
@@ -295,8 +302,8 @@ pub trait SourceTransport: Send {
 
     /// At the switch to post-copy: a message offering the destination to
     /// read the pages its guest faults on by itself (RDMA: a queue pair and
-    /// the keys of this side's memory, registered for remote read), if this
-    /// transport can. By default `None`: faults ask over the control
+    /// the keys of this side's memory, registered for remote read; TCP: a
+    /// connection of its own for its requests), if this transport can. By default `None`: faults ask over the control
     /// connection.
     ///
     /// # Errors
@@ -306,7 +313,7 @@ pub trait SourceTransport: Send {
     }
 
     /// The destination accepted the offer with `answer`
-    /// ([`Message::RdmaReadAccept`]): connect.
+    /// ([`Message::RdmaReadAccept`], [`Message::PageFetchAccept`]): connect.
     ///
     /// # Errors
     /// [`TransportError`]; by default [`TransportError::Unavailable`].
@@ -369,8 +376,9 @@ pub trait DestinationTransport: Send {
         None
     }
 
-    /// The source's post-copy offer (`RdmaReadOffer`): a fetcher reading
-    /// pages of `mem`'s layout from the source, and the answer to send.
+    /// The source's post-copy offer (`RdmaReadOffer`, `PageFetchOffer`): a
+    /// fetcher getting pages of `mem`'s layout from the source, and the
+    /// answer to send.
     ///
     /// # Errors
     /// [`TransportError`] (the destination declines; faults ask over the
