@@ -119,7 +119,7 @@ pub fn run(a: &PostcopyArgs) -> Result<PostcopyRaw> {
                 eprintln!(
                     "postcopy {transport} {mode} #{rep}: {:.0} ms total, {:.1} ms downtime, \
                      {} rounds, throttle {} %, guest {:.0}/{:.0}/{:.0}/{:.0} tps, faults p50 {} us \
-                     p99 {} us, {} read by RDMA, consistent {}{}",
+                     p99 {} us, {} got by the fault handler, consistent {}{}",
                     r.total_ms,
                     r.downtime_ms,
                     r.rounds,
