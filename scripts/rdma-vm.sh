@@ -56,8 +56,15 @@ $cmd > $out/output 2>&1
 echo \$? > $out/status
 INNER
 # --rwdir for the output folder; the rest of the host is read-only inside.
+# `timeout` makes a process group of its own (vng, QEMU): a signal to ours
+# (the test command ending early kills its VM phase's group) would not
+# reach the VM, which then ran on for up to 50 minutes. Forward it.
 timeout 3000 vng -r "$kernel" --disable-kvm --memory 2G --cpus 2 --rwdir "$out" "${rwdirs[@]}" \
-  --exec "bash $out/inner.sh" > "$out/vng.log" 2>&1 || true
+  --exec "bash $out/inner.sh" > "$out/vng.log" 2>&1 &
+vm=$!
+trap 'kill -TERM -- "-$vm" 2>/dev/null; rm -rf "$out"; exit 143' TERM INT HUP
+wait "$vm" || true
+trap - TERM INT HUP
 if [ ! -f "$out/status" ]; then
   echo "rdma-vm: the VM did not run the command; vng said:" >&2
   tail -n 30 "$out/vng.log" >&2

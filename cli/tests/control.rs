@@ -80,8 +80,6 @@ fn steered_with(tag: &str, downtime_ms: &str, extra: &[&str], dest_extra: &[&str
         "uniform",
         "--threads",
         "1",
-        "--bandwidth-mbs",
-        "20",
         "--downtime-ms",
         downtime_ms,
         "--max-rounds",
@@ -90,6 +88,9 @@ fn steered_with(tag: &str, downtime_ms: &str, extra: &[&str], dest_extra: &[&str
         "--verify",
     ];
     args.extend_from_slice(extra);
+    if !extra.contains(&"--bandwidth-mbs") {
+        args.extend_from_slice(&["--bandwidth-mbs", "20"]);
+    }
     let socket_s = socket.display().to_string();
     let ev_s = ev.display().to_string();
     args.extend_from_slice(&["--control", &socket_s, "--events", &ev_s]);
@@ -595,7 +596,16 @@ fn a_destination_is_steerable_from_the_moment_it_listens() {
 #[test]
 fn figures_are_live_between_round_ends() {
     let (sm, dm) = (free_port(), free_port());
-    let run = steered_with("live", "1", &["--metrics", &sm], &["--metrics", &dm]);
+    // Round 0 must outlast the probing below (a dozen `ctl` processes and
+    // scrapes, which a loaded machine starts slowly): at 4 MB/s the 32 MiB
+    // take 8 s (at 20 MB/s, 1.7 s, which a clean-clone CI building beside
+    // overran: `migrate_rounds_total` was 1 at the first scrape).
+    let run = steered_with(
+        "live",
+        "1",
+        &["--metrics", &sm, "--bandwidth-mbs", "4"],
+        &["--metrics", &dm],
+    );
     let d1 = wait_for(&run.dsocket, "bytes landed before a round ended", |s| {
         s["rounds"].as_u64() == Some(0) && s["bytes_received"].as_u64() > Some(0)
     });

@@ -245,37 +245,16 @@ impl Uffd {
     /// `Ok(false)`: a page was already there (nothing copied past it); the
     /// waiters are woken anyway.
     pub fn copy(&self, dst: usize, src: &[u8]) -> io::Result<bool> {
-        loop {
-            let mut c = UffdioCopy {
-                dst: dst as u64,
-                src: src.as_ptr() as u64,
-                len: src.len() as u64,
-                mode: 0,
-                copy: 0,
-            };
-            // SAFETY: `src` is readable for its length for the ioctl's
-            // duration; the kernel checks `dst` against the registered
-            // ranges and writes only missing pages there.
-            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
-            if rc == 0 {
-                return Ok(true);
+        let mut at = 0;
+        while at < src.len() {
+            let done = self.copy_prefix(dst + at, &src[at..])?;
+            if done == 0 {
+                self.wake(dst + at, src.len() - at)?;
+                return Ok(false);
             }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                // The mm changed under us (fork, remap): try again.
-                Some(libc::EAGAIN) if c.copy <= 0 => continue,
-                Some(libc::EAGAIN) => {
-                    // Part landed: copy the rest.
-                    let done = c.copy as usize;
-                    return self.copy(dst + done, &src[done..]);
-                }
-                Some(libc::EEXIST) => {
-                    self.wake(dst, src.len())?;
-                    return Ok(false);
-                }
-                _ => return Err(err),
-            }
+            at += done;
         }
+        Ok(true)
     }
 
     /// Place the missing pages at the start of `src` at `dst` (page-aligned,

@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use fixtures::transport_suite::{Scenario, TransportPair, Workload, kill_slot, run};
-use fixtures::{DirtyPattern, PageMix, WorkloadConfig};
+use fixtures::transport_suite::{
+    TransportPair, assert_destination_read_final_bytes, kill_slot, outdirtying_postcopy_scenario,
+    run,
+};
 use migrate_core::transport::{DestinationTransport, SourceTransport};
-use migrate_core::{PostcopyMode, SourceConfig};
 use transport_tcp::{KillSwitch, TcpConfig, TcpMigrationListener, TcpSource};
 
 /// Pages the fetch connection carries before the proxy cuts it.
@@ -117,29 +118,7 @@ fn proxied_pair() -> TransportPair {
 /// connection the rest of the guest's faults, without a reconnection.
 #[test]
 fn a_cut_fetch_connection_falls_back_to_the_control_connection() {
-    let mut o = run(
-        proxied_pair,
-        Scenario {
-            workload: Workload::Dirty(WorkloadConfig {
-                threads: 1,
-                pages_per_sec: 4_000,
-                pattern: DirtyPattern::Uniform,
-                seed: 21,
-            }),
-            mib: 2,
-            config: SourceConfig {
-                bandwidth_limit: Some(1 << 20),
-                downtime_limit: Duration::from_millis(20),
-                postcopy: PostcopyMode::Auto,
-                postcopy_after_rounds: Some(4),
-                ..Default::default()
-            },
-            mix: PageMix::ALL_RANDOM,
-            fresh_destination: true,
-            destination_reads: true,
-            ..Default::default()
-        },
-    );
+    let mut o = run(proxied_pair, outdirtying_postcopy_scenario());
     let stats = o.assert_migrated().clone();
     let report = o.destination.as_ref().expect("destination report").clone();
     let (Some(s), Some(d)) = (&stats.postcopy, &report.postcopy) else {
@@ -160,18 +139,6 @@ fn a_cut_fetch_connection_falls_back_to_the_control_connection() {
         "no fault asked over the control connection after the cut: {stats:?}"
     );
     assert_eq!(stats.reconnects, 0, "{stats:?}");
-    let seen = o
-        .destination_vm
-        .pages_seen()
-        .expect("the destination guest ran");
-    for (ri, r) in o.source_mem.regions().iter().enumerate() {
-        for (p, h) in seen[ri].iter().enumerate() {
-            assert_eq!(
-                *h,
-                r.hash_page(p),
-                "the destination guest read region {ri} page {p} before its final bytes"
-            );
-        }
-    }
+    assert_destination_read_final_bytes(&mut o);
     o.source_vm.stop();
 }
