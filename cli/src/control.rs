@@ -342,9 +342,7 @@ impl<H: Steer> Steer for Waiting<H> {
                 } else {
                     "migration"
                 };
-                eprintln!(
-                    "migrate-cli: cancelled by the control socket: no {what} had begun; exiting"
-                );
+                say!("migrate-cli: cancelled by the control socket: no {what} had begun; exiting");
                 std::process::exit(1);
             }
         }
@@ -734,7 +732,7 @@ pub fn events_to<H: Steer>(path: &Path, handle: &H) -> Result<JoinHandle<()>> {
         .spawn(move || {
             for (event, last) in events {
                 if let Err(e) = writeln!(file, "{event}").and_then(|()| file.flush()) {
-                    eprintln!(
+                    say!(
                         "migrate-cli: warning: --events {}: {e}; no more events written",
                         path.display()
                     );
@@ -770,7 +768,7 @@ pub fn steer<H: Steer>(
         .map(|a| crate::metrics::serve(a, s.metrics_public, handle))
         .transpose()?;
     if let Some(m) = &metrics {
-        eprintln!("metrics at http://{}/metrics", m.addr);
+        say!("metrics at http://{}/metrics", m.addr);
     }
     let events = s
         .events
@@ -807,18 +805,18 @@ pub fn cancel_on_signals<H: Steer>(slot: Slot<H>) -> Result<()> {
             for sig in signals.forever() {
                 let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
                 if seen {
-                    eprintln!("migrate-cli: {name}: already cancelling");
+                    say!("migrate-cli: {name}: already cancelling");
                     continue;
                 }
                 seen = true;
                 let handle = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 match handle {
                     Some(h) => {
-                        eprintln!("migrate-cli: {name}: cancelling the migration");
                         h.cancel();
+                        say!("migrate-cli: {name}: cancelling the migration");
                     }
                     None => {
-                        eprintln!("migrate-cli: {name}: no migration had begun; exiting");
+                        say!("migrate-cli: {name}: no migration had begun; exiting");
                         std::process::exit(1);
                     }
                 }

@@ -5,6 +5,17 @@
 
 #![forbid(unsafe_code)]
 
+/// `eprintln!` that cannot panic. `eprintln!` panics when stderr cannot be
+/// written (the orchestrator that read it died, a closed pipe): a signal
+/// thread that panicked took every later SIGTERM with it, and the main
+/// thread's last words turned a clean exit 1 into a panic's 101.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod args;
 mod check;
 mod control;
@@ -31,6 +42,9 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.log.as_str())),
         )
         .with_writer(std::io::stderr)
+        // Its own complaint about a closed stderr is an `eprintln!`, which
+        // would panic the logging thread (see `say!`).
+        .log_internal_errors(false)
         .init();
     let result: Result<run::Outcome> = match cli.command {
         args::Command::Source(a) => run::source(a, baseline_rss),
@@ -67,7 +81,7 @@ fn main() {
     match result {
         Ok(outcome) => std::process::exit(outcome.code()),
         Err(e) => {
-            eprintln!("migrate-cli: error: {}", report::error_text(&e));
+            say!("migrate-cli: error: {}", report::error_text(&e));
             std::process::exit(migrate_frontend::outcome::SETUP_ERROR);
         }
     }

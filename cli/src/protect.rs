@@ -101,7 +101,7 @@ pub fn protect(mut a: ProtectArgs, baseline_rss: u64) -> Result<Outcome> {
     };
     let outcome = match &result {
         Ok(r) if r.status == ProtectStatus::Degraded => {
-            eprintln!(
+            say!(
                 "protection degraded: the standby is lost ({}); the guest runs on unprotected",
                 r.error.as_deref().unwrap_or("?")
             );
@@ -112,7 +112,7 @@ pub fn protect(mut a: ProtectArgs, baseline_rss: u64) -> Result<Outcome> {
             Outcome::Degraded
         }
         Ok(r) if r.status == ProtectStatus::Fenced => {
-            eprintln!(
+            say!(
                 "fenced: the standby is lost ({}) and the witness gave the run right to it \
                  (or could not be asked); the guest stays paused here",
                 r.error.as_deref().unwrap_or("?")
@@ -123,7 +123,7 @@ pub fn protect(mut a: ProtectArgs, baseline_rss: u64) -> Result<Outcome> {
         Err(e) => {
             // Nothing can contradict what it said: its held output goes out.
             gate.open();
-            eprintln!("protection failed: {e}; the guest was never protected");
+            say!("protection failed: {e}; the guest was never protected");
             Outcome::Failed
         }
     };
@@ -234,8 +234,8 @@ fn end_on_signals(handle: migrate_core::mirror::ProtectHandle) -> Result<()> {
         .name("signals".into())
         .spawn(move || {
             if signals.forever().next().is_some() {
-                eprintln!("migrate-cli: ending protection (the standby is released)");
                 handle.end();
+                say!("migrate-cli: ending protection (the standby is released)");
             }
         })
         .context("starting the signal thread")?;
@@ -259,12 +259,12 @@ fn standby_signals(slot: control::Slot<StandbyHandle>) -> Result<crossbeam_chann
                 let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
                 let handle = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let Some(h) = handle else {
-                    eprintln!("migrate-cli: {name}: no protection had begun; exiting");
+                    say!("migrate-cli: {name}: no protection had begun; exiting");
                     std::process::exit(1);
                 };
-                eprintln!("migrate-cli: {name}: the standby stops (a guest taken over stops now)");
                 h.cancel();
                 let _ = tx.try_send(());
+                say!("migrate-cli: {name}: the standby stops (a guest taken over stops now)");
             }
         })
         .context("starting the signal thread")?;
@@ -404,22 +404,22 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
             Outcome::Done
         }
         Ok(r) if r.status == StandbyStatus::Fenced => {
-            eprintln!("fenced: the primary is lost but the witness refused the run right here");
+            say!("fenced: the primary is lost but the witness refused the run right here");
             Outcome::Fenced
         }
         Ok(r) => {
-            eprintln!(
+            say!(
                 "the primary is lost before any checkpoint: nothing to take over ({})",
                 r.error.as_deref().unwrap_or("?")
             );
             Outcome::Failed
         }
         Err(IncomingError::Cancelled) => {
-            eprintln!("stopped: this end no longer stands by (the primary goes on without it)");
+            say!("stopped: this end no longer stands by (the primary goes on without it)");
             Outcome::Failed
         }
         Err(e) => {
-            eprintln!("standby failed: {e}");
+            say!("standby failed: {e}");
             Outcome::Failed
         }
     };
@@ -478,7 +478,7 @@ fn reprotect(
         Ok(x) => x,
         Err(e) => {
             // The guest runs on here, unprotected, for the time asked.
-            eprintln!("re-protection to {to} could not start: {e:#}; the guest runs unprotected");
+            say!("re-protection to {to} could not start: {e:#}; the guest runs unprotected");
             let _ = stop.recv_timeout(Duration::from_secs(a.run_after_failover_s));
             vm.stop();
             return Err(e);

@@ -133,14 +133,14 @@ fn migrate_out(mem: Arc<GuestMemory>, o: Outbound<'_>) -> Result<Outcome> {
     let connect_ms = connect_start.elapsed().as_secs_f64() * 1e3;
     let tracking = DirtyTracking::new(&mem, tracker_pref(o.tracker))?;
     for f in tracking.fallbacks() {
-        eprintln!("dirty tracking: not using {}: {}", f.tracker, f.reason);
+        say!("dirty tracking: not using {}: {}", f.tracker, f.reason);
     }
     let mut vm = guest::start(&mem, o.guest)?;
     let bar = report::progress(&handle, o.progress);
     let result = bound.run(&tracking, &mut vm);
     let fallback = transport.fallback_reason();
     if let Some(reason) = &fallback {
-        eprintln!("transport: pages went over TCP: {reason}");
+        say!("transport: pages went over TCP: {reason}");
     }
     for t in [bar, events].into_iter().flatten() {
         let _ = t.join();
@@ -189,7 +189,7 @@ fn failed_before_start(o: &Outbound<'_>, mem: &GuestMemory, e: &anyhow::Error) {
     stats.status = migrate_core::MigrationStatus::Failed;
     let v = report::source_json(&stats, None, Some(&report::error_text(e)));
     if let Err(w) = output::write_json(path, &v) {
-        eprintln!(
+        say!(
             "migrate-cli: warning: the report {} could not be written: {}",
             path.display(),
             report::error_text(&w.into())
@@ -203,17 +203,17 @@ fn say_source_result(result: &Result<MigrationStats, migrate_core::MigrationErro
     match result {
         Ok(s) => println!("{}", report::source_summary(s)),
         Err(migrate_core::MigrationError::Cancelled) => {
-            eprintln!("migration cancelled");
-            eprintln!("the source guest is running again");
+            say!("migration cancelled");
+            say!("the source guest is running again");
         }
         Err(e) => {
-            eprintln!("migration failed: {e}");
+            say!("migration failed: {e}");
             if !matches!(
                 e,
                 migrate_core::MigrationError::CommitUnknown(_)
                     | migrate_core::MigrationError::PostcopyInterrupted(_)
             ) {
-                eprintln!("the source guest is running again");
+                say!("the source guest is running again");
             }
         }
     }
@@ -367,7 +367,7 @@ pub(crate) fn accept_source(listener: &transport::Listener) -> Result<transport:
                 if e.is_disconnect()
                     || matches!(e, TransportError::Protocol(_) | TransportError::Auth { .. }) =>
             {
-                eprintln!("refused a connection: {}", report::error_text(&e.into()));
+                say!("refused a connection: {}", report::error_text(&e.into()));
             }
             Err(e) => return Err(e.into()),
         }
@@ -452,14 +452,14 @@ fn say_destination_result(
                 r.received.normal_pages, r.received.zero_pages, r.rounds, r.transport
             );
             if !r.commit_ack_sent {
-                eprintln!(
+                say!(
                     "the commit acknowledgement could not be sent: the source reports \
                      commit-unknown and keeps its guest paused; this side runs the guest"
                 );
             }
             match check {
                 Some(Ok(m)) => println!("{m}"),
-                Some(Err(m)) => eprintln!("{m}"),
+                Some(Err(m)) => say!("{m}"),
                 None => {}
             }
             let consistent = !matches!(check, Some(Err(_)));
@@ -478,12 +478,12 @@ fn say_destination_result(
     let text = report::error_text(e);
     match e.downcast_ref::<migrate_core::IncomingError>() {
         Some(migrate_core::IncomingError::Cancelled) => {
-            eprintln!("incoming migration cancelled; received memory discarded")
+            say!("incoming migration cancelled; received memory discarded")
         }
         _ if outcome == Outcome::PostcopyInterrupted => {
-            eprintln!("{text}: the guest runs here without all of its pages; the source keeps them")
+            say!("{text}: the guest runs here without all of its pages; the source keeps them")
         }
-        _ => eprintln!("incoming migration failed: {text}; received memory discarded"),
+        _ => say!("incoming migration failed: {text}; received memory discarded"),
     }
     // The engine's final status (failed, cancelled or postcopy-interrupted)
     // once a migration began.
@@ -533,7 +533,7 @@ pub fn demo(a: DemoArgs) -> Result<Outcome> {
     let mem = Arc::new(GuestMemory::new(vec![
         migrate_core::memory::GuestRegion::anonymous(0, a.memory as usize)?,
     ])?);
-    eprintln!(
+    say!(
         "demo: {} guest ({:?} guest, {} pages/s, {} threads) migrating over loopback TCP to {addr}",
         report::human(a.memory),
         a.guest.kind(),

@@ -270,6 +270,9 @@ fn main() {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Its own complaint about a closed stderr is an `eprintln!`, which
+        // would panic (migrate-cli's `say!` says why that matters).
+        .log_internal_errors(false)
         .init();
     let code = match run(Cli::parse()) {
         Ok(outcome) => outcome.code(),
