@@ -78,15 +78,32 @@ impl Shared {
     /// it was new (the other path may have placed it first).
     fn place(&self, region: usize, page: usize, bytes: &[u8]) -> io::Result<bool> {
         let new = self.uffd.copy(self.page_addr(region, page), bytes)?;
-        self.present.set(region, page);
         if new {
-            self.remaining.fetch_sub(1, Ordering::AcqRel);
-            let waited = lock(&self.waiting).remove(&(region, page));
-            if let Some(t) = waited {
-                lock(&self.waits_us).push(t.elapsed().as_micros() as u64);
-            }
+            self.placed(region, page, 1);
+        } else {
+            self.present.set(region, page);
         }
         Ok(new)
+    }
+
+    /// Pages `first..first + count` of `region` were just placed here (new):
+    /// mark them, count them off, and record how long the guest waited on
+    /// any of them.
+    fn placed(&self, region: usize, first: usize, count: usize) {
+        for p in first..first + count {
+            self.present.set(region, p);
+        }
+        self.remaining.fetch_sub(count as u64, Ordering::AcqRel);
+        let mut waiting = lock(&self.waiting);
+        if waiting.is_empty() {
+            return;
+        }
+        let mut waits = lock(&self.waits_us);
+        for p in first..first + count {
+            if let Some(t) = waiting.remove(&(region, p)) {
+                waits.push(t.elapsed().as_micros() as u64);
+            }
+        }
     }
 
     /// Place the pages `first..` of `region` (`bytes`, a whole number of
@@ -108,20 +125,7 @@ impl Shared {
                 continue;
             }
             let pages = done / ps;
-            for p in page..page + pages {
-                self.present.set(region, p);
-            }
-            self.remaining.fetch_sub(pages as u64, Ordering::AcqRel);
-            let mut waiting = lock(&self.waiting);
-            if !waiting.is_empty() {
-                let mut waits = lock(&self.waits_us);
-                for p in page..page + pages {
-                    if let Some(t) = waiting.remove(&(region, p)) {
-                        waits.push(t.elapsed().as_micros() as u64);
-                    }
-                }
-            }
-            drop(waiting);
+            self.placed(region, page, pages);
             new += pages as u64;
             at += pages * ps;
         }
