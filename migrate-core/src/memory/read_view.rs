@@ -20,9 +20,12 @@
 //! `fault_around_bytes`) that the guest's mapping maps none of when it is
 //! made, and it is
 //! emptied (`MADV_DONTNEED`: the pages stay in the file and in the guest's
-//! mapping where it has them) when round 0 ends; everything reads through
-//! the guest's mapping again from then on. Left counted twice, until then:
-//! the pages of those blocks the guest itself touches meanwhile.
+//! mapping where it has them) when the migration goes on past round 1 or
+//! fails; everything reads through the guest's mapping again from then on.
+//! A migration that completes by then leaves the view to the memory's
+//! teardown (its guest runs elsewhere now). Left counted twice, until then:
+//! the pages of those blocks the guest itself touches meanwhile and a
+//! round reads again.
 //!
 //! Where the kernel cannot say which pages a mapping maps (no
 //! `PAGEMAP_SCAN`: Linux < 6.7), no view is made.

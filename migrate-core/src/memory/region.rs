@@ -448,10 +448,10 @@ impl GuestRegion {
     /// mapping does not map yet through a second, read-only mapping of the
     /// file, where the kernel maps 16 pages a read fault instead of the one
     /// a userfaultfd-registered (tracked) mapping gets: what a migration
-    /// source does for round 0. [`io_slice`](Self::io_slice), the zero test,
-    /// the page hash and [`populate_read_pages`](Self::populate_read_pages)
-    /// read through it; the bytes are the same page-cache pages at every
-    /// instant, and writes and the trackers stay on the region's mapping.
+    /// source does for round 0. [`io_slice`](Self::io_slice), the zero test
+    /// and the page hash read through it; the bytes are the same page-cache
+    /// pages at every instant, and writes and the trackers stay on the
+    /// region's mapping.
     /// Only whole 64 KiB blocks the region's mapping maps none of read
     /// there, so no page counts twice in the process's resident set (see
     /// `read_view.rs`). The pages that read through the view: 0 for
@@ -654,9 +654,13 @@ impl GuestRegion {
         sys::populate_write(ptr as usize, len)
     }
 
-    /// [`populate_read`](Self::populate_read) for `count` pages from page
-    /// `first` only, each in the mapping it is read through (see
-    /// [`map_read_view`](Self::map_read_view)).
+    /// [`populate_read`](Self::populate_read) for those of `count` pages
+    /// from page `first` that read through the region's own mapping. The
+    /// pages the read view reads (see [`map_read_view`](Self::map_read_view))
+    /// are left alone: there the kernel maps 16 of them a fault on their
+    /// first read, and mapping them ahead in bulk costs more than that
+    /// (`MADV_POPULATE_READ` walks them one by one after the same faults; a
+    /// 1 GiB image's round 0 took about 30 ms more CPU with it, 2026-12-07).
     ///
     /// # Errors
     /// The kernel's refusal.
@@ -672,8 +676,10 @@ impl GuestRegion {
             while next < end && self.reads_through_view(next) == view {
                 next += 1;
             }
-            let (ptr, len) = self.read_span(start, next - start);
-            sys::populate_read(ptr as usize, len)?;
+            if !view {
+                let (ptr, len) = self.span(start, next - start);
+                sys::populate_read(ptr as usize, len)?;
+            }
             start = next;
         }
         Ok(())

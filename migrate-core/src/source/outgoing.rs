@@ -120,13 +120,13 @@ impl Outgoing<'_> {
                 "holes in the guest's memory files: sent as zero pages, unread"
             );
         }
-        // Round 0 reads every other page: a thread maps them in bulk, ahead
-        // of the senders, while the data connections open and the first
-        // batches go. The pages of a memory file this process does not map
-        // yet are read through a second mapping the tracker is not
-        // registered on (16 pages a fault instead of one), until round 0
-        // ends; not where the transport reads a pinned copy of the memory
-        // (its registration maps every page already).
+        // Round 0 reads every other page. The pages of a memory file this
+        // process does not map yet are read through a second mapping the
+        // tracker is not registered on (16 pages a fault instead of one);
+        // a thread maps the rest in bulk, ahead of the senders, while the
+        // data connections open and the first batches go. Neither where the
+        // transport reads a pinned copy of the memory (its registration
+        // maps every page already).
         let mem = self.mem;
         if !self.pinned {
             for r in mem.regions() {
@@ -149,45 +149,55 @@ impl Outgoing<'_> {
             if let Err(e) = &populate {
                 tracing::debug!(error = %e, "no populate thread; pages fault one by one");
             }
-            let mut populate = populate.ok();
-            let mut read = false;
-            // Once round 0 is read: the populate thread ends, then the read
-            // views are emptied (nothing maps pages into them any more), by
-            // a thread of their own: unmapping a GiB's view takes ~10 ms,
-            // which the next rounds need not wait for.
-            let mut round_zero_read = || {
-                if std::mem::replace(&mut read, true) {
+            // The read views are emptied (by a thread of their own:
+            // unmapping a GiB's view takes 10-30 ms of CPU, which the next
+            // rounds need not wait for) once the migration goes on past
+            // round 1, or when it ends without completing (the guest runs
+            // on here). A migration done by then leaves them to the
+            // memory's teardown, as it leaves the guest's own mapping: the
+            // guest's pages leave this host with it, and its switch-over
+            // does not share the CPU with the unmapping. Until then a page
+            // counts twice in the resident set only if the guest maps it
+            // after the view was made and a round reads it again.
+            let mut emptied = false;
+            let mut empty_views = || {
+                if std::mem::replace(&mut emptied, true) {
                     return;
                 }
-                stop.store(true, Ordering::Relaxed);
-                let populate = populate.take();
-                let emptied = std::thread::Builder::new()
+                let thread = std::thread::Builder::new()
                     .name("drop-views".into())
-                    .spawn_scoped(scope, move || {
-                        if let Some(t) = populate {
-                            let _ = t.join();
-                        }
-                        drop_read_views(mem);
-                    });
-                if let Err(e) = emptied {
+                    .spawn_scoped(scope, move || drop_read_views(mem));
+                if let Err(e) = thread {
                     tracing::debug!(error = %e, "no thread to empty the read views: emptied here");
                     drop_read_views(mem);
                 }
             };
-            let outcome = self.rounds(transport, session, &holes, &mut round_zero_read);
+            let round_zero_read = || stop.store(true, Ordering::Relaxed);
+            let outcome = self.rounds(
+                transport,
+                session,
+                &holes,
+                &round_zero_read,
+                &mut empty_views,
+            );
             round_zero_read();
+            if outcome.is_err() {
+                empty_views();
+            }
             outcome
         })
     }
 
     /// From the data connections to `Committed`; `round_zero_read` once
-    /// round 0's pages are all read.
+    /// round 0's pages are all read, `going_on` once a live round follows
+    /// round 1.
     fn rounds(
         &mut self,
         transport: &mut dyn SourceTransport,
         session: Session,
         holes: &Holes,
-        round_zero_read: &mut dyn FnMut(),
+        round_zero_read: &dyn Fn(),
+        going_on: &mut dyn FnMut(),
     ) -> Result<MigrationStats, MigrationError> {
         let dest_pages = DestinationPages::new(self.mem, session.reads_zero);
         // (kept for a resume after a lost connection)
@@ -252,7 +262,12 @@ impl Outgoing<'_> {
                 }
             } else {
                 match self.after_live_round(done, log.dirty_bytes(), &mut totals)? {
-                    Next::Round(next) => next,
+                    Next::Round(next) => {
+                        if totals.rounds >= 2 && self.phase.paused_since().is_none() {
+                            going_on();
+                        }
+                        next
+                    }
                     Next::Postcopy(mut set, why) => {
                         // The destination drops what it already knows to be
                         // stale while the guest still runs here: only the
@@ -1030,10 +1045,11 @@ fn drop_read_views(mem: &GuestMemory) {
     }
 }
 
-/// Map every page of `mem` readable, 16 MiB at a time from the start (the
-/// order round 0 reads them), until `stop`: one call per chunk instead of
-/// one fault per page (a tracked mapping gets no fault-around), and off
-/// the engine's path.
+/// Map every page of `mem` that reads through the guest's own mapping
+/// readable, 16 MiB at a time from the start (the order round 0 reads
+/// them), until `stop`: one call per chunk instead of one fault per page (a
+/// tracked mapping gets no fault-around), and off the engine's path. The
+/// read views' pages are not (see `GuestRegion::populate_read_pages`).
 fn populate_ahead(mem: &GuestMemory, holes: &Holes, stop: &AtomicBool) {
     const CHUNK: usize = 16 << 20;
     'regions: for (i, r) in mem.regions().iter().enumerate() {
