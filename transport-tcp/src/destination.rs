@@ -407,7 +407,7 @@ fn next_frame(reader: &mut BufReader<Conn>) -> Result<(), TransportError> {
     loop {
         match reader.fill_buf() {
             Ok([]) => {
-                return Err(ProtocolError::Truncated("read frame header").into());
+                return Err(ProtocolError::Closed("waiting for a frame").into());
             }
             Ok(_) => return Ok(()),
             // A timeout, or a wait cut short by a signal (a process

@@ -782,6 +782,10 @@ pub enum ProtocolError {
     /// The stream ended inside a frame.
     #[error("stream ended inside a frame ({0})")]
     Truncated(&'static str),
+    /// The peer closed the stream where a frame could begin: nothing was
+    /// cut, and what happens next is the other connections' to say.
+    #[error("the peer closed the stream between frames ({0})")]
+    Closed(&'static str),
     /// An I/O error while reading or writing frames.
     #[error("{op}: {source}")]
     Io {
@@ -797,7 +801,7 @@ impl ProtocolError {
     /// sending something wrong).
     pub fn is_disconnect(&self) -> bool {
         match self {
-            ProtocolError::Truncated(_) => true,
+            ProtocolError::Truncated(_) | ProtocolError::Closed(_) => true,
             ProtocolError::Io { source, .. } => is_disconnect_kind(source.kind()),
             _ => false,
         }
