@@ -90,9 +90,9 @@ pub fn check(a: &CheckArgs) -> Result<bool> {
             Verdict::Warn => "warn",
             Verdict::Fail => "FAIL",
         };
-        println!("{tag} {:<14} {}", i.name, i.detail);
+        out!("{tag} {:<14} {}", i.name, i.detail);
         if let Some(f) = &i.fix {
-            println!("     {:<14} fix: {f}", "");
+            out!("     {:<14} fix: {f}", "");
         }
     }
     let transport = match a.transport {
@@ -100,7 +100,7 @@ pub fn check(a: &CheckArgs) -> Result<bool> {
         TransportChoice::Rdma => "rdma",
         TransportChoice::Auto => "auto",
     };
-    println!(
+    out!(
         "{transport}: {}",
         if ok {
             "this host can migrate"

@@ -850,14 +850,19 @@ pub fn ctl(path: &Path, command: &str, params: &[String]) -> Result<bool> {
     let first = lines
         .next()
         .context("the control socket closed without an answer")??;
-    println!("{first}");
+    out!("{first}");
     let ok = serde_json::from_str::<Value>(&first)
         .ok()
         .and_then(|v| v["ok"].as_bool())
         .unwrap_or(false);
     if ok && command == "watch" {
+        // Until the socket ends, or nobody reads our stdout any more (`ctl
+        // watch | head`): then the watch ends too.
+        let mut stdout = std::io::stdout();
         for line in lines {
-            println!("{}", line?);
+            if writeln!(stdout, "{}", line?).is_err() {
+                break;
+            }
         }
     }
     Ok(ok)

@@ -5,16 +5,10 @@
 
 #![forbid(unsafe_code)]
 
-/// `eprintln!` that cannot panic. `eprintln!` panics when stderr cannot be
-/// written (the orchestrator that read it died, a closed pipe): a signal
-/// thread that panicked took every later SIGTERM with it, and the main
-/// thread's last words turned a clean exit 1 into a panic's 101.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
-    }};
-}
+// `say!` and `out!`: `eprintln!` and `println!` that cannot panic (see
+// `migrate_frontend`).
+#[macro_use]
+extern crate migrate_frontend;
 
 mod args;
 mod check;

@@ -127,6 +127,6 @@ pub fn man(dir: Option<&Path>) -> Result<()> {
         let path = dir.join(name);
         std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
     }
-    println!("wrote {} man pages to {}", pages.len(), dir.display());
+    out!("wrote {} man pages to {}", pages.len(), dir.display());
     Ok(())
 }

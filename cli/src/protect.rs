@@ -212,9 +212,10 @@ fn say_when_protected(handle: migrate_core::mirror::ProtectHandle) {
             match s.status {
                 ProtectStatus::Syncing => std::thread::sleep(Duration::from_millis(5)),
                 ProtectStatus::Protected => {
-                    println!(
+                    out!(
                         "protected: session {:016x}, initial sync {:.0} ms",
-                        s.session, s.initial_sync_ms
+                        s.session,
+                        s.initial_sync_ms
                     );
                     std::io::stdout().flush().ok();
                     return;
@@ -340,7 +341,7 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
     let stop = standby_signals(Arc::clone(&slot))?;
     let waiting = control::Waiting::new(Arc::clone(&slot), "standby");
     let (control_socket, events) = control::steer(&a.steering, &waiting)?;
-    println!("listening on {}", listener.local_addr()?);
+    out!("listening on {}", listener.local_addr()?);
     std::io::stdout().flush().ok();
     let mut t = run::accept_source(&listener)?;
     let standby = Standby::accept(t.as_dyn())?;
@@ -367,7 +368,7 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
     let mut reprotection = None;
     let outcome = match &result {
         Ok(r) if r.status == StandbyStatus::TookOver => {
-            println!(
+            out!(
                 "took over from epoch {}: the guest runs here ({:.0} ms after the primary's last word)",
                 r.last_checkpoint.unwrap_or(0),
                 r.failover_ms
@@ -400,7 +401,7 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
             }
         }
         Ok(r) if r.status == StandbyStatus::Released => {
-            println!("released: the primary ended protection");
+            out!("released: the primary ended protection");
             Outcome::Done
         }
         Ok(r) if r.status == StandbyStatus::Fenced => {
@@ -484,7 +485,7 @@ fn reprotect(
             return Err(e);
         }
     };
-    println!("re-protecting to {to}");
+    out!("re-protecting to {to}");
     gate.close();
     let protection = Protection::new(ProtectConfig::with_epoch(Duration::from_millis(
         a.epoch_ms.max(1),
@@ -517,7 +518,7 @@ pub fn witness(a: WitnessArgs) -> Result<Outcome> {
         transport::tcp_config(&a.transport, false, tls),
     )
     .with_context(|| format!("--listen {}: cannot listen", a.listen))?;
-    println!("witness listening on {}", listener.local_addr()?);
+    out!("witness listening on {}", listener.local_addr()?);
     std::io::stdout().flush().ok();
     witness::serve(&listener)
         .map_err(|e| anyhow::anyhow!("witness: {}", report::error_text(&e.into())))?;

@@ -201,7 +201,7 @@ fn failed_before_start(o: &Outbound<'_>, mem: &GuestMemory, e: &anyhow::Error) {
 /// guest runs.
 fn say_source_result(result: &Result<MigrationStats, migrate_core::MigrationError>) {
     match result {
-        Ok(s) => println!("{}", report::source_summary(s)),
+        Ok(s) => out!("{}", report::source_summary(s)),
         Err(migrate_core::MigrationError::Cancelled) => {
             say!("migration cancelled");
             say!("the source guest is running again");
@@ -251,7 +251,7 @@ pub fn dest(a: DestArgs, baseline_rss: u64) -> Result<Outcome> {
     let watched = Watched::new(&a.steering)?;
     // Ready: its own memory allocated (and prefaulted when asked), so a
     // source that connects on this line waits for nothing.
-    println!("listening on {addr}");
+    out!("listening on {addr}");
     std::io::stdout().flush().ok();
     let opts = Receiving {
         // Adopted memory is fresh.
@@ -447,9 +447,12 @@ fn say_destination_result(
 ) -> (Outcome, serde_json::Value) {
     let e = match result {
         Ok((r, check)) => {
-            println!(
+            out!(
                 "received {} pages and {} zero pages in {} rounds over {}; guest resumed",
-                r.received.normal_pages, r.received.zero_pages, r.rounds, r.transport
+                r.received.normal_pages,
+                r.received.zero_pages,
+                r.rounds,
+                r.transport
             );
             if !r.commit_ack_sent {
                 say!(
@@ -458,7 +461,7 @@ fn say_destination_result(
                 );
             }
             match check {
-                Some(Ok(m)) => println!("{m}"),
+                Some(Ok(m)) => out!("{m}"),
                 Some(Err(m)) => say!("{m}"),
                 None => {}
             }
@@ -497,7 +500,7 @@ fn say_destination_result(
 /// `migrate-cli tls-gen`.
 pub fn tls_gen(a: TlsGenArgs) -> Result<Outcome> {
     transport_tcp::pki::write_test_pki(&a.dir, &a.server_names, &a.client_names, a.force)?;
-    println!(
+    out!(
         "wrote a test CA and certificates to {}: destination `--tls-dir {0}` (names: {}), \
          source `--tls-dir {0}` (names: {}); the CA's key was not kept",
         a.dir.display(),

@@ -1216,3 +1216,22 @@ fn compression_moves_text_in_fewer_bytes_verified() {
         wire[0]
     );
 }
+
+/// A destination whose stdout nobody reads any more (the orchestrator that
+/// read its `listening on` line died: a closed pipe) receives and resumes
+/// its guest all the same: exit 0, its report says completed. Its
+/// `println!` panicked on the closed pipe at "guest resumed", after the
+/// commit (exit 101: the source had handed the guest over).
+#[test]
+fn a_destination_whose_stdout_is_gone_completes() {
+    let (sj, dj) = (tmp("stdout-gone-s.json"), tmp("stdout-gone-d.json"));
+    let (mut d, addr) = dest(None, "127.0.0.1:0", &[], &dj);
+    // The reader is gone: the pipe's read end is closed.
+    drop(d.stdout.take());
+    let s = source(None, &addr, &["--memory", "16M", "--verify"], &sj)
+        .wait_with_output()
+        .unwrap();
+    let d = d.wait_with_output().unwrap();
+    both_migrated(&s, &d, &sj);
+    assert_eq!(json(&dj)["status"], "completed");
+}

@@ -15,6 +15,31 @@
 //! Set-up errors (a bad option, unreadable credentials, an address that
 //! cannot work) are [`SetupError`]s: exit status 2, nothing sent.
 
+/// `eprintln!` that cannot panic. `eprintln!` panics when stderr cannot be
+/// written (the orchestrator that read it died, a closed pipe): a signal
+/// thread that panicked took every later SIGTERM with it, and a main
+/// thread's last words turned a clean exit 1 into a panic's 101.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `println!` that cannot panic: a line on stdout that nobody reads any
+/// more (the orchestrator that read `listening on ...` died) is lost, and
+/// the guest that runs in this process runs on. `println!` panicked there,
+/// and a panic in a thread of a destination that had resumed its guest, or
+/// of a protected primary, ended the guest.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod args;
 mod error;
 pub mod outcome;

@@ -147,7 +147,7 @@ pub fn write_json(path: &Path, v: &Value) -> Result<(), SetupError> {
 /// written: written, or said on stderr.
 pub fn write_report(program: &str, path: &Path, v: &Value) {
     if let Err(e) = write_json(path, v) {
-        eprintln!(
+        crate::say!(
             "{program}: warning: the migration ended, but its report {} could not be written: {}",
             path.display(),
             chain(&e)

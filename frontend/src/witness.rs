@@ -120,7 +120,7 @@ pub fn serve(listener: &TcpMigrationListener) -> Result<(), TransportError> {
         std::thread::spawn(move || {
             use migrate_core::transport::DestinationTransport;
             match book.serve(t.control()) {
-                Ok((session, claimant, granted)) => println!(
+                Ok((session, claimant, granted)) => crate::out!(
                     "session {session:016x}: {} {}",
                     claimant.name(),
                     if granted { "granted" } else { "refused" }

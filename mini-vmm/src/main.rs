@@ -24,6 +24,11 @@
 //! protection degraded (the standby lost, the guest runs on here), 6
 //! fenced (the other end of a protection holds the run right).
 
+// `say!` and `out!`: `eprintln!` and `println!` that cannot panic (see
+// `migrate_frontend`).
+#[macro_use]
+extern crate migrate_frontend;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -183,7 +188,7 @@ fn run_for(vcpu: &VcpuRunner, secs: u64, until_serial: Option<u64>) -> Result<bo
     let d = vcpu.device();
     match halted {
         Ok(h) => {
-            eprintln!(
+            say!(
                 "guest {} after {:.1} s: {} bytes on its serial port ({} here)",
                 if h.is_some() {
                     "halted"
@@ -197,7 +202,7 @@ fn run_for(vcpu: &VcpuRunner, secs: u64, until_serial: Option<u64>) -> Result<bo
             Ok(true)
         }
         Err(e) => {
-            eprintln!(
+            say!(
                 "mini-vmm: {e} ({} bytes on its serial port)",
                 d.pc.serial_bytes
             );
@@ -277,7 +282,7 @@ fn main() {
     let code = match run(Cli::parse()) {
         Ok(outcome) => outcome.code(),
         Err(e) => {
-            eprintln!("mini-vmm: {e:#}");
+            say!("mini-vmm: {e:#}");
             SETUP_ERROR
         }
     };
@@ -352,7 +357,7 @@ fn finish(vcpu: &VcpuRunner) -> Result<bool> {
         .wait_halted(GUEST_TIMEOUT)?
         .context("the guest did not finish in time")?;
     let result = d.result.context("the guest halted without a result")?;
-    println!("result: {result:#010x} after {} passes", d.passes);
+    out!("result: {result:#010x} after {} passes", d.passes);
     Ok(true)
 }
 
@@ -389,9 +394,12 @@ fn source(a: SourceArgs) -> Result<Outcome> {
     let vcpu = m.start(&boot, a.guest.pages_per_sec)?;
     std::thread::sleep(Duration::from_millis(a.start_after_ms));
     let before = vcpu.device();
-    eprintln!(
+    say!(
         "guest running: {} passes, {} pages written, {} serial bytes; migrating to {}",
-        before.passes, before.pages, before.pc.serial_bytes, a.connect
+        before.passes,
+        before.pages,
+        before.pc.serial_bytes,
+        a.connect
     );
     let cpu_at_start = cpu_ms();
     say_postcopy(&handle);
@@ -412,9 +420,9 @@ fn source(a: SourceArgs) -> Result<Outcome> {
     match &result {
         Ok(stats) => {
             if a.migration.digest {
-                println!("digest: {:032x}", m.digest());
+                out!("digest: {:032x}", m.digest());
             }
-            println!(
+            out!(
                 "migrated: {} rounds, {:.1} ms downtime, {:.1} ms total, {} B, throttled to {} %",
                 stats.precopy.rounds,
                 stats.downtime_ms,
@@ -425,9 +433,9 @@ fn source(a: SourceArgs) -> Result<Outcome> {
         }
         // Not resumed here: the destination runs the guest (post-copy:
         // these pages are its only copy) or may run it (commit unknown).
-        Err(e) if outcome != Outcome::Failed => eprintln!("migration failed: {e}"),
+        Err(e) if outcome != Outcome::Failed => say!("migration failed: {e}"),
         Err(e) => {
-            eprintln!("migration failed: {e}; the guest runs on here");
+            say!("migration failed: {e}; the guest runs on here");
             if a.guest.boot_sector.is_some() {
                 run_for(&vcpu, a.guest.run_for_s, None)?;
             } else {
@@ -445,7 +453,7 @@ fn say_postcopy(handle: &migrate_core::MigrationHandle) {
     std::thread::spawn(move || {
         for e in events {
             if matches!(e, migrate_core::MigrationEvent::Postcopy(_)) {
-                eprintln!(
+                say!(
                     "post-copy: the guest runs at the destination; its missing pages go from here"
                 );
             }
@@ -463,7 +471,7 @@ fn accept(a: &DestArgs) -> Result<transport::Destination> {
         },
     )?;
     let listener = transport::Listener::bind(&a.listen, &a.transport, tls)?;
-    println!("listening on {}", listener.local_addr()?);
+    out!("listening on {}", listener.local_addr()?);
     std::io::stdout().flush().ok();
     // Dropped after the migration: RDMA's memory keys die with it.
     Ok(listener.accept()?)
@@ -517,14 +525,14 @@ fn dest(a: DestArgs) -> Result<Outcome> {
     let outcome = Outcome::of_destination(&received, true);
     if let Err(e) = &received {
         if outcome == Outcome::PostcopyInterrupted {
-            eprintln!("{e}: the guest runs here without all of its pages; the source keeps them");
+            say!("{e}: the guest runs here without all of its pages; the source keeps them");
         } else {
-            eprintln!("incoming migration failed: {e}; nothing was started");
+            say!("incoming migration failed: {e}; nothing was started");
         }
         return Ok(outcome);
     }
     if let Some(d) = vm.digest_at_resume {
-        println!("digest: {d:032x}");
+        out!("digest: {d:032x}");
     }
     let vcpu = vm.running.take().context("the guest was not started")?;
     let ran = if vcpu.device().boot_sector {

@@ -155,14 +155,14 @@ pub fn protect(mut a: ProtectArgs) -> Result<Outcome> {
         output::write_report("mini-vmm", p, &v);
     }
     match &result {
-        Ok(r) => eprintln!(
+        Ok(r) => say!(
             "protection {}: {} epochs, pause p99 {} us{}",
             r.status.name(),
             r.epochs,
             r.epoch_pause_us.p99,
             serial.map_or(String::new(), |s| format!("; output in {}", s.display()))
         ),
-        Err(e) => eprintln!("protection failed: {e}"),
+        Err(e) => say!("protection failed: {e}"),
     }
     Ok(outcome)
 }
@@ -185,7 +185,7 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
     )?;
     let gate = OutputGate::new(sink(a.serial.as_deref())?);
     let listener = transport::Listener::bind(&a.listen, &a.transport, tls)?;
-    println!("listening on {}", listener.local_addr()?);
+    out!("listening on {}", listener.local_addr()?);
     std::io::stdout().flush().ok();
     let mut t = listener.accept()?;
     let standby = Standby::accept(t.as_dyn())?;
@@ -201,7 +201,7 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
     let outcome = match &result {
         Ok(r) if r.status == StandbyStatus::TookOver => {
             let vcpu = vm.running.take().context("the guest was not started")?;
-            println!(
+            out!(
                 "took over from epoch {}: the guest runs here",
                 r.last_checkpoint.unwrap_or(0)
             );
@@ -225,7 +225,7 @@ pub fn standby(mut a: StandbyArgs) -> Result<Outcome> {
         output::write_report("mini-vmm", p, &v);
     }
     if let Err(e) = &result {
-        eprintln!("standby failed: {e}");
+        say!("standby failed: {e}");
     }
     Ok(outcome)
 }

@@ -516,3 +516,30 @@ fn a_kvm_guest_migrates_with_a_preshared_key_and_compression() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A destination whose stdout nobody reads any more (the pipe closed after
+/// its `listening on` line: the orchestrator died) runs the migrated guest
+/// to its end all the same, exit 0; only its lines are lost. Its
+/// `println!` panicked on the closed pipe at the digest after the commit:
+/// the guest was gone from both ends.
+#[test]
+fn a_destination_whose_stdout_is_gone_runs_the_guest_on() {
+    if !kvm_here("stdout_gone") {
+        return;
+    }
+    let (dest, addr, out) = start_dest();
+    drop(out);
+    let src = bin()
+        .args(["source", "--connect", &addr, "--start-after-ms", "500"])
+        .args(GUEST)
+        .output()
+        .unwrap();
+    let dest = dest.wait_with_output().unwrap();
+    assert!(src.status.success(), "source failed:\n{}", text(&src));
+    assert!(text(&src).contains("migrated: "), "{}", text(&src));
+    assert!(
+        dest.status.success(),
+        "destination: {}",
+        String::from_utf8_lossy(&dest.stderr)
+    );
+}
