@@ -184,8 +184,13 @@ fn accept_join(
     session: u64,
     deadline: Instant,
 ) -> Result<TcpControl, TransportError> {
-    // The source opens this one connection, right after the accept.
-    let handshakes = Handshakes::per_address(1);
+    // The source opens this one connection, right after the accept. The
+    // pool's usual limits: with one pending handshake per address, a
+    // stranger connecting from the source's address (a NAT, a proxy, the
+    // same host) evicted the source's own join while it was on its way and
+    // was then dropped for its wrong session, leaving post-copy's faults to
+    // the control connection (found by `postcopy_fetch.rs`' stranger).
+    let handshakes = Handshakes::new();
     let cfg = cfg.clone();
     let handshake = move |stream: TcpStream| -> Result<TcpControl, TransportError> {
         let mut c = TcpControl::open(stream, &cfg)?;

@@ -9,6 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use migrate_core::protocol::Message;
+use migrate_core::protocol::wire::{write_message, write_preamble};
+
 use fixtures::transport_suite::{
     TransportPair, assert_destination_read_final_bytes, kill_slot, outdirtying_postcopy_scenario,
     run,
@@ -89,12 +92,18 @@ fn fetch_cutting_proxy(upstream: String) -> String {
 
 /// Plaintext TCP, the source connecting through the proxy.
 fn proxied_pair() -> TransportPair {
+    pair_through(fetch_cutting_proxy)
+}
+
+/// Plaintext TCP, the source connecting through `proxy` (given the
+/// destination's address, it returns its own).
+fn pair_through(proxy: fn(String) -> String) -> TransportPair {
     let cfg = TcpConfig {
         io_timeout: Duration::from_secs(10),
         ..TcpConfig::default()
     };
     let listener = TcpMigrationListener::bind("127.0.0.1:0", cfg.clone()).unwrap();
-    let addr = fetch_cutting_proxy(listener.local_addr().unwrap().to_string());
+    let addr = proxy(listener.local_addr().unwrap().to_string());
     let (slot, kill) = kill_slot::<Box<dyn Fn() + Send + Sync>>();
     TransportPair {
         source: Box::new(move || {
@@ -137,6 +146,126 @@ fn a_cut_fetch_connection_falls_back_to_the_control_connection() {
     assert!(
         s.demand_pages > read,
         "no fault asked over the control connection after the cut: {stats:?}"
+    );
+    assert_eq!(stats.reconnects, 0, "{stats:?}");
+    assert_destination_read_final_bytes(&mut o);
+    o.source_vm.stop();
+}
+
+/// Whether a stranger's join as the fetch connection was dropped by the
+/// destination (set by the stranger proxy).
+fn stranger_dropped() -> &'static Arc<AtomicBool> {
+    static DROPPED: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    DROPPED.get_or_init(|| Arc::new(AtomicBool::new(false)))
+}
+
+/// A plaintext TCP proxy to `upstream` that passes every connection as it
+/// is, but holds back the source's fetch-connection join (stream
+/// `u16::MAX`) while a stranger, first, joins the destination as the fetch
+/// connection of another session (the real session's id with one bit
+/// flipped); it records whether the destination closed the stranger's
+/// connection without a word of page data, then lets the real join go.
+fn stranger_first_proxy(upstream: String) -> String {
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = proxy.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for client in proxy.incoming() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = TcpStream::connect(&upstream) else {
+                return;
+            };
+            let upstream = upstream.clone();
+            std::thread::spawn(move || {
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s2, &mut c2);
+                    let _ = c2.shutdown(Shutdown::Write);
+                });
+                let mut preamble = [0u8; 8];
+                if client.read_exact(&mut preamble).is_err() || server.write_all(&preamble).is_err()
+                {
+                    return;
+                }
+                let mut h = [0u8; 16];
+                if client.read_exact(&mut h).is_err() {
+                    return;
+                }
+                let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+                let mut join = vec![0u8; len];
+                if client.read_exact(&mut join).is_err() {
+                    return;
+                }
+                // Join = 5: session u64, then the stream's index u16.
+                if h[0] == 5 && join.get(8..10) == Some(&[0xff, 0xff]) {
+                    let session = u64::from_le_bytes(join[..8].try_into().unwrap());
+                    let dropped = stranger_joins(&upstream, session ^ 1);
+                    stranger_dropped().store(dropped, Ordering::SeqCst);
+                }
+                if server.write_all(&h).is_err() || server.write_all(&join).is_err() {
+                    return;
+                }
+                let _ = std::io::copy(&mut client, &mut server);
+                let _ = server.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// Join `upstream` as the fetch connection of `session`, ask for page 0,
+/// and whether the destination closed the connection within 5 s having
+/// sent nothing but its preamble.
+fn stranger_joins(upstream: &str, session: u64) -> bool {
+    let Ok(mut s) = TcpStream::connect(upstream) else {
+        return false;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if write_preamble(&mut s).is_err() {
+        return false;
+    }
+    let _ = write_message(
+        &mut s,
+        &Message::Join {
+            session,
+            index: u16::MAX,
+        },
+    );
+    let mut got = Vec::new();
+    // EOF (or a reset) in time; the destination's preamble may come first.
+    match s.read_to_end(&mut got) {
+        Ok(_) => got.len() <= 8,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset && got.len() <= 8,
+    }
+}
+
+/// A stranger joins the destination as post-copy's fetch connection of
+/// another session just before the source's own fetch connection does:
+/// the destination closes the stranger's connection without a byte of
+/// guest memory, the source's fetch connection joins after it and carries
+/// the guest's faults (pages got by the fault handler), and the migration
+/// completes with memories equal and every page the destination's guest
+/// read the source's final one.
+#[test]
+fn a_strangers_fetch_join_is_dropped_and_the_real_one_serves() {
+    let mut o = run(
+        || pair_through(stranger_first_proxy),
+        outdirtying_postcopy_scenario(),
+    );
+    let stats = o.assert_migrated().clone();
+    let report = o.destination.as_ref().expect("destination report").clone();
+    assert!(stats.postcopy.is_some(), "no post-copy: {stats:?}");
+    assert!(
+        stranger_dropped().load(Ordering::SeqCst),
+        "the stranger's fetch join was not closed at once (or no fetch connection joined)"
+    );
+    let read = report
+        .postcopy
+        .as_ref()
+        .and_then(|p| p.read_pages)
+        .unwrap_or(0);
+    assert!(
+        read > 0,
+        "no page came over the source's fetch connection after the stranger: {report:?}"
     );
     assert_eq!(stats.reconnects, 0, "{stats:?}");
     assert_destination_read_final_bytes(&mut o);
