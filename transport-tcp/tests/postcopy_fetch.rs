@@ -28,24 +28,49 @@ fn cut_flag() -> &'static Arc<AtomicBool> {
     CUT.get_or_init(|| Arc::new(AtomicBool::new(false)))
 }
 
-/// Read one frame (16-byte header: kind at 0, payload length at 4..8)
-/// from `from`, forward it to `to`; its kind and payload.
-fn forward_frame(from: &mut TcpStream, to: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+/// One frame's 16-byte header (kind at 0, payload length at 4..8) and
+/// payload.
+type Frame = ([u8; 16], Vec<u8>);
+
+/// Read one frame from `from`.
+fn read_frame(from: &mut TcpStream) -> Option<Frame> {
     let mut h = [0u8; 16];
     from.read_exact(&mut h).ok()?;
     let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
     let mut payload = vec![0u8; len];
     from.read_exact(&mut payload).ok()?;
-    to.write_all(&h).ok()?;
-    to.write_all(&payload).ok()?;
-    Some((h[0], payload))
+    Some((h, payload))
 }
 
-/// A plaintext TCP proxy to `upstream`: every connection passes as it is,
-/// except post-copy's fetch connection (its `Join` names stream
-/// `u16::MAX`), which it cuts both ways, as a broken link would, once the
-/// source's answers on it have carried [`ANSWERS_BEFORE_CUT`] frames.
-fn fetch_cutting_proxy(upstream: String) -> String {
+/// Write frame `f` to `to`.
+fn write_frame(to: &mut TcpStream, f: &Frame) -> Option<()> {
+    to.write_all(&f.0).ok()?;
+    to.write_all(&f.1).ok()
+}
+
+/// Read one frame from `from` and forward it to `to`.
+fn forward_frame(from: &mut TcpStream, to: &mut TcpStream) -> Option<Frame> {
+    let f = read_frame(from)?;
+    write_frame(to, &f)?;
+    Some(f)
+}
+
+/// Whether `f` is the `Join` (kind 5: session u64, then the stream's index
+/// u16) of post-copy's fetch connection (stream `u16::MAX`); its session.
+fn fetch_join(f: &Frame) -> Option<u64> {
+    (f.0[0] == 5 && f.1.get(8..10) == Some(&[0xff, 0xff]))
+        .then(|| u64::from_le_bytes(f.1[..8].try_into().unwrap()))
+}
+
+/// A plaintext TCP proxy to `upstream`: each connection's preamble passes,
+/// then its first frame (a `Join` or a `Hello`) goes to `first` with the
+/// client and server ends and `upstream`; `first` forwards it or not and
+/// says whether the rest of the client's bytes pass as they are. The
+/// server's bytes always pass.
+fn frame_proxy(
+    upstream: String,
+    first: fn(&str, &mut TcpStream, &mut TcpStream, Frame) -> bool,
+) -> String {
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = proxy.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
@@ -54,6 +79,7 @@ fn fetch_cutting_proxy(upstream: String) -> String {
             let Ok(mut server) = TcpStream::connect(&upstream) else {
                 return;
             };
+            let upstream = upstream.clone();
             std::thread::spawn(move || {
                 // The destination's preamble must reach the source before
                 // the source says more than its own.
@@ -67,27 +93,41 @@ fn fetch_cutting_proxy(upstream: String) -> String {
                 {
                     return;
                 }
-                let Some((kind, join)) = forward_frame(&mut client, &mut server) else {
+                let Some(frame) = read_frame(&mut client) else {
                     return;
                 };
-                // Join = 5: session u64, then the stream's index u16.
-                if kind == 5 && join.get(8..10) == Some(&[0xff, 0xff]) {
-                    for _ in 0..ANSWERS_BEFORE_CUT {
-                        if forward_frame(&mut client, &mut server).is_none() {
-                            return;
-                        }
-                    }
-                    cut_flag().store(true, Ordering::SeqCst);
-                    let _ = client.shutdown(Shutdown::Both);
-                    let _ = server.shutdown(Shutdown::Both);
-                    return;
+                if first(&upstream, &mut client, &mut server, frame) {
+                    let _ = std::io::copy(&mut client, &mut server);
+                    let _ = server.shutdown(Shutdown::Write);
                 }
-                let _ = std::io::copy(&mut client, &mut server);
-                let _ = server.shutdown(Shutdown::Write);
             });
         }
     });
     addr
+}
+
+/// A plaintext TCP proxy to `upstream`: every connection passes as it is,
+/// except post-copy's fetch connection, which it cuts both ways, as a
+/// broken link would, once the source's answers on it have carried
+/// [`ANSWERS_BEFORE_CUT`] frames.
+fn fetch_cutting_proxy(upstream: String) -> String {
+    frame_proxy(upstream, |_, client, server, join| {
+        if write_frame(server, &join).is_none() {
+            return false;
+        }
+        if fetch_join(&join).is_none() {
+            return true;
+        }
+        for _ in 0..ANSWERS_BEFORE_CUT {
+            if forward_frame(client, server).is_none() {
+                return false;
+            }
+        }
+        cut_flag().store(true, Ordering::SeqCst);
+        let _ = client.shutdown(Shutdown::Both);
+        let _ = server.shutdown(Shutdown::Both);
+        false
+    })
 }
 
 /// Plaintext TCP, the source connecting through the proxy.
@@ -160,60 +200,22 @@ fn stranger_dropped() -> &'static Arc<AtomicBool> {
 }
 
 /// A plaintext TCP proxy to `upstream` that passes every connection as it
-/// is, but holds back the source's fetch-connection join (stream
-/// `u16::MAX`) while a stranger, first, joins the destination as the fetch
-/// connection of another session (the real session's id with one bit
-/// flipped); it records whether the destination closed the stranger's
-/// connection without a word of page data, then lets the real join go.
+/// is, but holds back the source's fetch-connection join while a stranger,
+/// first, joins the destination as the fetch connection of another session
+/// (the real session's id with one bit flipped); it records whether the
+/// destination closed the stranger's connection without a word of page
+/// data, then lets the real join go.
 fn stranger_first_proxy(upstream: String) -> String {
-    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = proxy.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for client in proxy.incoming() {
-            let Ok(mut client) = client else { return };
-            let Ok(mut server) = TcpStream::connect(&upstream) else {
-                return;
-            };
-            let upstream = upstream.clone();
-            std::thread::spawn(move || {
-                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut s2, &mut c2);
-                    let _ = c2.shutdown(Shutdown::Write);
-                });
-                let mut preamble = [0u8; 8];
-                if client.read_exact(&mut preamble).is_err() || server.write_all(&preamble).is_err()
-                {
-                    return;
-                }
-                let mut h = [0u8; 16];
-                if client.read_exact(&mut h).is_err() {
-                    return;
-                }
-                let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
-                let mut join = vec![0u8; len];
-                if client.read_exact(&mut join).is_err() {
-                    return;
-                }
-                // Join = 5: session u64, then the stream's index u16.
-                if h[0] == 5 && join.get(8..10) == Some(&[0xff, 0xff]) {
-                    let session = u64::from_le_bytes(join[..8].try_into().unwrap());
-                    let dropped = stranger_joins(&upstream, session ^ 1);
-                    stranger_dropped().store(dropped, Ordering::SeqCst);
-                }
-                if server.write_all(&h).is_err() || server.write_all(&join).is_err() {
-                    return;
-                }
-                let _ = std::io::copy(&mut client, &mut server);
-                let _ = server.shutdown(Shutdown::Write);
-            });
+    frame_proxy(upstream, |upstream, _, server, join| {
+        if let Some(session) = fetch_join(&join) {
+            let dropped = stranger_joins(upstream, session ^ 1);
+            stranger_dropped().store(dropped, Ordering::SeqCst);
         }
-    });
-    addr
+        write_frame(server, &join).is_some()
+    })
 }
 
-/// Join `upstream` as the fetch connection of `session`, ask for page 0,
-/// and whether the destination closed the connection within 5 s having
+/// Join `upstream` as the fetch connection of `session`; whether the destination closed the connection within 5 s having
 /// sent nothing but its preamble.
 fn stranger_joins(upstream: &str, session: u64) -> bool {
     let Ok(mut s) = TcpStream::connect(upstream) else {
