@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -35,37 +35,6 @@ fn events(path: &Path) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-/// A child process that is killed and reaped if the test lets go of it
-/// without waiting for it: a test that panics leaves no migration running
-/// (the steered one below runs up to 1000 rounds, and one left by a failed
-/// test once ran on for 17 minutes beside the next tests).
-struct Reaped(Option<Child>);
-
-impl Reaped {
-    fn id(&self) -> u32 {
-        self.0.as_ref().map_or(0, Child::id)
-    }
-
-    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        self.0.as_mut().expect("a child").wait()
-    }
-
-    fn wait_with_output(mut self) -> std::io::Result<Output> {
-        self.0.take().expect("a child").wait_with_output()
-    }
-}
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut()
-            && matches!(c.try_wait(), Ok(None))
-        {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 struct Run {
@@ -127,8 +96,8 @@ fn steered_with(tag: &str, downtime_ms: &str, extra: &[&str], dest_extra: &[&str
     args.extend_from_slice(&["--control", &socket_s, "--events", &ev_s]);
     let s = source(None, &addr, &args, &sj);
     Run {
-        d: Reaped(Some(d)),
-        s: Reaped(Some(s)),
+        d: Reaped::new(d),
+        s: Reaped::new(s),
         socket,
         sj,
         dj,
@@ -470,15 +439,10 @@ fn a_signal_cancels_the_source_cleanly(tag: &str, sig: &str) {
 fn sigterm_cancels_a_source_whose_stderr_is_gone() {
     let mut run = steered("sigterm-nostderr", "1", &[]);
     wait_for(&run.socket, "a round", |s| s["rounds"].as_u64() >= Some(1));
-    drop(run.s.0.as_mut().and_then(|c| c.stderr.take()));
+    drop(run.s.stderr.take());
     let asked = Instant::now();
     signal(run.s.id(), "-TERM");
-    while run
-        .s
-        .0
-        .as_mut()
-        .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    {
+    while matches!(run.s.try_wait(), Ok(None)) {
         assert!(
             asked.elapsed() < Duration::from_secs(20),
             "the source did not end within 20 s of SIGTERM"

@@ -20,17 +20,15 @@ use common::*;
 
 /// Start `migrate-cli ARGS`, wait for its first stdout line starting with
 /// `prefix` and return it with the rest of that line.
-#[expect(
-    clippy::zombie_processes,
-    reason = "a child left by a failing assert ends with the test process"
-)]
-fn start(args: &[&str], prefix: &str) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn migrate-cli");
+fn start(args: &[&str], prefix: &str) -> (Reaped, String) {
+    let mut child = Reaped::new(
+        Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn migrate-cli"),
+    );
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     loop {
@@ -54,14 +52,14 @@ fn start(args: &[&str], prefix: &str) -> (Child, String) {
     }
 }
 
-fn witness() -> (Child, String) {
+fn witness() -> (Reaped, String) {
     start(
         &["witness", "--listen", "127.0.0.1:0"],
         "witness listening on ",
     )
 }
 
-fn standby(witness: &str, tag: &str, extra: &[&str]) -> (Child, String) {
+fn standby(witness: &str, tag: &str, extra: &[&str]) -> (Reaped, String) {
     let (out, json) = (tmp(&format!("{tag}-s.out")), tmp(&format!("{tag}-s.json")));
     let mut args = vec![
         "standby",
@@ -81,7 +79,7 @@ fn standby(witness: &str, tag: &str, extra: &[&str]) -> (Child, String) {
 }
 
 /// The primary, once the standby holds a checkpoint.
-fn protect(standby: &str, witness: &str, tag: &str, extra: &[&str]) -> Child {
+fn protect(standby: &str, witness: &str, tag: &str, extra: &[&str]) -> Reaped {
     let (out, json) = (tmp(&format!("{tag}-p.out")), tmp(&format!("{tag}-p.json")));
     let (out, json) = (out.display().to_string(), json.display().to_string());
     let mut args = vec![
@@ -286,13 +284,15 @@ fn a_cut_link_with_the_witness_reachable_leaves_exactly_one_guest_running() {
 }
 
 /// Start `migrate-cli ARGS`; every stdout line arrives on the channel.
-fn start_lines(args: &[&str]) -> (Child, std::sync::mpsc::Receiver<String>) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn migrate-cli");
+fn start_lines(args: &[&str]) -> (Reaped, std::sync::mpsc::Receiver<String>) {
+    let mut child = Reaped::new(
+        Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn migrate-cli"),
+    );
     let out = BufReader::new(child.stdout.take().unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -364,3 +364,46 @@ pub fn scrape(addr: &str) -> Scraped {
         parsed,
     }
 }
+
+/// A child process killed and reaped when the test lets go of it without
+/// having waited for it (a failing assert): a server child (a witness, a
+/// standby, a destination) would otherwise outlive the test run, as a
+/// witness left by a failed protect test outlived the CI run that started
+/// it. Derefs to the [`Child`].
+pub struct Reaped(Option<Child>);
+
+impl Reaped {
+    pub fn new(child: Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// Wait for it and take its output (nothing is left to reap).
+    pub fn wait_with_output(mut self) -> std::io::Result<Output> {
+        self.0.take().expect("a child").wait_with_output()
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("a child")
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("a child")
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut()
+            && matches!(c.try_wait(), Ok(None))
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
