@@ -8,8 +8,9 @@
 //! - The source registers its guest memory once, when the engine binds it
 //!   (`SourceMigration::bind`, before dirty tracking starts) and posts WRITEs straight from guest
 //!   pages: contiguous dirty pages coalesce into one work request (up to
-//!   [`RdmaConfig::max_write`]), chains of 16 with only the last signaled,
-//!   a bounded number of chains in flight, over one or more RC queue pairs.
+//!   [`RdmaConfig::max_write`]), chains of 16 (2 MiB at most) with only the
+//!   last signaled, 16 chains a post (one `ibv_post_send`), a bounded
+//!   number of chains in flight, over one or more RC queue pairs.
 //! - Each round ends with a zero-length WRITE_WITH_IMM(round) per queue pair:
 //!   when the destination sees it, every WRITE before it has landed. Zero
 //!   pages are not written: their ranges go on the control channel

@@ -19,7 +19,7 @@ use crate::RdmaConfig;
 use crate::verbs::{Device, QueuePair, RegisteredMemory, Remote, WriteRequest};
 use crate::{check_memlock, endpoint_to_wire, rdma_err, wire_to_endpoint};
 
-/// WRITEs posted per chain (one doorbell), the last one signaled.
+/// WRITEs per chain, the last one signaled.
 const CHAIN: usize = 16;
 /// Bytes per chain at most (one WRITE may be larger alone): a queue pair
 /// completes something at least every 2 MiB, so on a link as slow as a
@@ -35,6 +35,16 @@ const SQ_DEPTH: u32 = 512;
 /// Chains in flight per queue pair (bounded by the send queue).
 const MAX_CHAINS: usize = (SQ_DEPTH as usize / CHAIN) - 1;
 const FENCE_WR: u64 = u64::MAX;
+/// Chains posted at once, one `ibv_post_send` for all (each still completes
+/// on its own), when no bandwidth cap slices them: up to 32 MiB a post.
+/// rxe runs the requester inside `ibv_post_send`; in the SoftRoCE VM,
+/// 256 MiB of random pages over 2 queue pairs went from 438–479 Mbit/s
+/// with one chain a post to 789–840 with 16 (8: 780–819), against
+/// 790–850 for the best `ib_write_bw` setting in the same boot, which is
+/// the same pattern: `ib_write_bw -l 16` (16 WRITEs a post) against
+/// `-l 1`, 820 against 400 Mbit/s. The source's system time halved.
+const POST_CHAINS: usize = 16;
+const _: () = assert!(POST_CHAINS <= MAX_CHAINS);
 /// How long a queue pair's poller spins before it yields the CPU.
 const SPIN: Duration = Duration::from_micros(20);
 
@@ -467,28 +477,31 @@ impl RdmaPageSender {
         }
     }
 
-    /// Post `chain` on `qp`; a queue pair that was idle starts its
-    /// silence clock now.
+    /// Post `group`'s chains on `qp` in one post (chain `i` completes with
+    /// `wr_id` `k + i`); a queue pair that was idle starts its silence
+    /// clock now.
     fn post(
         &mut self,
         qp: usize,
-        chain: &[WriteRequest],
+        group: &[&[WriteRequest]],
         k: u64,
         flight: &mut Flight,
     ) -> Result<(), TransportError> {
         self.qps[qp]
-            .post_writes(&self.local, chain, true, k)
+            .post_write_chains(&self.local, group, k)
             .map_err(|e| stream_err(qp, e))?;
         if flight.chains[qp] == 0 {
             flight.since[qp] = Instant::now();
         }
-        flight.chains[qp] += 1;
-        let bytes: u64 = chain.iter().map(|w| w.len as u64).sum();
-        flight.posted[qp].push_back(RoundSent {
-            wire_bytes: bytes,
-            normal_pages: chain.iter().map(|w| w.len as u64 / 4096).sum(),
-            ..RoundSent::default()
-        });
+        flight.chains[qp] += group.len();
+        for chain in group {
+            let bytes: u64 = chain.iter().map(|w| w.len as u64).sum();
+            flight.posted[qp].push_back(RoundSent {
+                wire_bytes: bytes,
+                normal_pages: chain.iter().map(|w| w.len as u64 / 4096).sum(),
+                ..RoundSent::default()
+            });
+        }
         Ok(())
     }
 }
@@ -574,13 +587,23 @@ impl PageSender for RdmaPageSender {
         let n = self.qps.len();
         let mut flight = Flight::new(n);
         sent.stream_bytes = vec![0; n];
-        for (k, chain) in chains(&writes, cap.unwrap_or(CHAIN_BYTES).min(CHAIN_BYTES)).enumerate() {
+        let all: Vec<&[WriteRequest]> =
+            chains(&writes, cap.unwrap_or(CHAIN_BYTES).min(CHAIN_BYTES)).collect();
+        // Under a cap one chain at a time (the cap hands out slices of a
+        // chain); else [`POST_CHAINS`] chains a post.
+        let per_post = if cap.is_some() { 1 } else { POST_CHAINS };
+        let mut k = 0u64;
+        for (g, group) in all.chunks(per_post).enumerate() {
             if ctx.cancel.is_cancelled() {
                 return Err(TransportError::Cancelled);
             }
-            let qp = k % n;
-            self.reap(qp, &mut flight, MAX_CHAINS - 1, ctx)?;
-            let bytes: u64 = chain.iter().map(|w| w.len as u64).sum();
+            let qp = g % n;
+            self.reap(qp, &mut flight, MAX_CHAINS - group.len(), ctx)?;
+            let bytes: u64 = group
+                .iter()
+                .flat_map(|c| c.iter())
+                .map(|w| w.len as u64)
+                .sum();
             let mut asked = 0;
             while asked < bytes {
                 let slice = CAP_SLICE.min(bytes - asked);
@@ -590,7 +613,8 @@ impl PageSender for RdmaPageSender {
                     self.reap(other, &mut flight, usize::MAX, ctx)?;
                 }
             }
-            self.post(qp, chain, k as u64, &mut flight)?;
+            self.post(qp, group, k, &mut flight)?;
+            k += group.len() as u64;
             sent.wire_bytes += bytes;
             sent.stream_bytes[qp] += bytes;
         }

@@ -592,24 +592,57 @@ impl QueuePair {
         signal: bool,
         wr_id: u64,
     ) -> Result<(), VerbsError> {
-        let sges = writes
+        self.post(local, &[writes], signal, wr_id)
+    }
+
+    /// Post several chains of WRITEs from `local` in one `ibv_post_send`
+    /// (one doorbell: on rxe, one entry into the kernel's requester for all
+    /// of them); the last WRITE of each chain is signaled, chain `i` with
+    /// `wr_id` `first_wr_id + i`. Reap the completions before dropping
+    /// `local`.
+    ///
+    /// # Errors
+    /// [`VerbsError::OutOfRange`] for a WRITE outside `local` (nothing is
+    /// posted then); a failing `ibv_post_send` (e.g. the send queue is full).
+    pub fn post_write_chains(
+        &mut self,
+        local: &RegisteredMemory,
+        chains: &[&[WriteRequest]],
+        first_wr_id: u64,
+    ) -> Result<(), VerbsError> {
+        self.post(local, chains, true, first_wr_id)
+    }
+
+    fn post(
+        &mut self,
+        local: &RegisteredMemory,
+        chains: &[&[WriteRequest]],
+        signal: bool,
+        first_wr_id: u64,
+    ) -> Result<(), VerbsError> {
+        let sges = chains
             .iter()
+            .flat_map(|c| c.iter())
             .map(|w| local.local(w.region, w.offset, w.len))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut sges = sges.into_iter();
         let mut guard = self.qp.start_post_send();
-        for (i, (w, (lkey, addr))) in writes.iter().zip(sges).enumerate() {
-            let last = i + 1 == writes.len();
-            let flags = if last && signal {
-                WorkRequestFlags::Signaled
-            } else {
-                WorkRequestFlags::none()
-            };
-            let h = guard
-                .construct_wr(wr_id, flags)
-                .setup_write(w.rkey, w.remote_addr);
-            // SAFETY: the local range lies in the registered region `lkey`
-            // (checked above), whose memory the registration keeps mapped.
-            unsafe { h.setup_sge(lkey, addr, w.len) };
+        for (c, writes) in chains.iter().enumerate() {
+            let wr_id = first_wr_id.wrapping_add(c as u64);
+            for (i, (w, (lkey, addr))) in writes.iter().zip(sges.by_ref()).enumerate() {
+                let last = i + 1 == writes.len();
+                let flags = if last && signal {
+                    WorkRequestFlags::Signaled
+                } else {
+                    WorkRequestFlags::none()
+                };
+                let h = guard
+                    .construct_wr(wr_id, flags)
+                    .setup_write(w.rkey, w.remote_addr);
+                // SAFETY: the local range lies in the registered region `lkey`
+                // (checked above), whose memory the registration keeps mapped.
+                unsafe { h.setup_sge(lkey, addr, w.len) };
+            }
         }
         guard.post().map_err(call("ibv_post_send"))
     }

@@ -67,7 +67,7 @@ fn pages_land_byte_for_byte_and_the_fence_arrives_after_them() {
     let dst_mr = dev.register(&dst, true).unwrap();
     let (mut a, mut b) = connected_pair(&dev);
     b.post_receives(8).unwrap();
-    // 256 KiB writes, chains of 8, last of each chain signaled.
+    // 256 KiB writes, chains of 2, last of each chain signaled.
     let mut writes = Vec::new();
     for (i, r) in src.regions().iter().enumerate() {
         for off in (0..r.len()).step_by(256 << 10) {
@@ -81,14 +81,23 @@ fn pages_land_byte_for_byte_and_the_fence_arrives_after_them() {
             });
         }
     }
-    let chains: Vec<_> = writes.chunks(8).collect();
-    for (n, chain) in chains.iter().enumerate() {
+    // The first two chains one post each, the rest three chains a post
+    // (one doorbell): each chain completes on its own, in order.
+    let chains: Vec<_> = writes.chunks(2).collect();
+    assert!(chains.len() > 5);
+    for (n, chain) in chains.iter().enumerate().take(2) {
         a.post_writes(&src_mr, chain, true, n as u64).unwrap();
+    }
+    for (g, group) in chains[2..].chunks(3).enumerate() {
+        a.post_write_chains(&src_mr, group, 2 + 3 * g as u64)
+            .unwrap();
     }
     let fence_region = dst_mr.remote(0);
     a.post_fence(fence_region.rkey, fence_region.addr, 0xabcd, 999)
         .unwrap();
-    wait_send(&a, chains.len() + 1).unwrap();
+    let ids = wait_send(&a, chains.len() + 1).unwrap();
+    let want: Vec<u64> = (0..chains.len() as u64).chain([999]).collect();
+    assert_eq!(ids, want, "one completion per chain, in posting order");
     let mut imms = Vec::new();
     let start = Instant::now();
     while imms.is_empty() {
