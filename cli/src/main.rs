@@ -25,6 +25,7 @@ mod sys;
 
 use anyhow::Result;
 use clap::Parser;
+use std::io::IsTerminal;
 
 fn main() {
     // Before the guest exists: what the process holds without it.
@@ -36,6 +37,9 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.log.as_str())),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal: a log file, a pipe to
+        // an orchestrator or journald gets plain text.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         // Its own complaint about a closed stderr is an `eprintln!`, which
         // would panic the logging thread (see `say!`).
         .log_internal_errors(false)

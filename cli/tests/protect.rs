@@ -18,14 +18,18 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Start `migrate-cli ARGS`, wait for its first stdout line starting with
-/// `prefix` and return it with the rest of that line.
-fn start(args: &[&str], prefix: &str) -> (Reaped, String) {
+/// Start `migrate-cli ARGS` logging at `info` into the test folder's file
+/// `log` (what a failing assert quotes: see [`logs`]), wait for its first
+/// stdout line starting with `prefix` and return it with the rest of that
+/// line.
+fn start(args: &[&str], prefix: &str, log: &str) -> (Reaped, String) {
+    let err = std::fs::File::create(tmp(log)).expect("create the log file");
     let mut child = Reaped::new(
         Command::new(BIN)
             .args(args)
+            .env("MIGRATE_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(err)
             .spawn()
             .expect("spawn migrate-cli"),
     );
@@ -34,14 +38,8 @@ fn start(args: &[&str], prefix: &str) -> (Reaped, String) {
     loop {
         line.clear();
         if out.read_line(&mut line).unwrap() == 0 {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("{args:?} ended before saying {prefix:?}: {err}");
+            let _ = child.wait();
+            panic!("{args:?} ended before saying {prefix:?}:\n{}", logs(&[log]));
         }
         if let Some(rest) = line.trim().strip_prefix(prefix) {
             let rest = rest.to_string();
@@ -52,10 +50,25 @@ fn start(args: &[&str], prefix: &str) -> (Reaped, String) {
     }
 }
 
-fn witness() -> (Reaped, String) {
+/// The last lines of each of these logs (files of the test folder), for a
+/// failing assert: what each end saw, with its timestamps.
+fn logs(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|name| {
+            let text = std::fs::read_to_string(tmp(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+            format!("--- {name}:\n{tail}\n")
+        })
+        .collect()
+}
+
+fn witness(tag: &str) -> (Reaped, String) {
     start(
         &["witness", "--listen", "127.0.0.1:0"],
         "witness listening on ",
+        &format!("{tag}-w.err"),
     )
 }
 
@@ -75,7 +88,7 @@ fn standby(witness: &str, tag: &str, extra: &[&str]) -> (Reaped, String) {
     args.extend_from_slice(extra);
     let (out, json) = (out.display().to_string(), json.display().to_string());
     args.extend(["--output", &out, "--json", &json]);
-    start(&args, "listening on ")
+    start(&args, "listening on ", &format!("{tag}-s.err"))
 }
 
 /// The primary, once the standby holds a checkpoint.
@@ -104,7 +117,7 @@ fn protect(standby: &str, witness: &str, tag: &str, extra: &[&str]) -> Reaped {
         &json,
     ];
     args.extend_from_slice(extra);
-    start(&args, "protected: ").0
+    start(&args, "protected: ", &format!("{tag}-p.err")).0
 }
 
 fn wait(child: &mut Child, within: Duration) -> i32 {
@@ -166,7 +179,7 @@ fn kill(child: &mut Child) {
 
 #[test]
 fn a_killed_primary_is_taken_over_from_its_last_epoch_losing_nothing_seen() {
-    let (mut w, waddr) = witness();
+    let (mut w, waddr) = witness("kill");
     for run in 0..20u64 {
         let tag = format!("kill{run}");
         let (mut s, saddr) = standby(&waddr, &tag, &[]);
@@ -177,10 +190,37 @@ fn a_killed_primary_is_taken_over_from_its_last_epoch_losing_nothing_seen() {
         let _ = p.wait();
         let code = wait(&mut s, Duration::from_secs(20));
         let report = json(&tmp(&format!("{tag}-s.json")));
-        assert_eq!(code, 0, "run {run}: standby exit {code}: {report}");
-        assert_eq!(report["status"], "took-over", "run {run}: {report}");
-        assert_eq!(report["guest_check"], "ok", "run {run}: {report}");
-        assert!(report["failover_ms"].as_f64().unwrap() < 600.0, "{report}");
+        let seen = || logs(&[&format!("{tag}-p.err"), &format!("{tag}-s.err")]);
+        assert_eq!(
+            code,
+            0,
+            "run {run}: standby exit {code}: {report}\n{}",
+            seen()
+        );
+        assert_eq!(
+            report["status"],
+            "took-over",
+            "run {run}: {report}\n{}",
+            seen()
+        );
+        assert_eq!(
+            report["guest_check"],
+            "ok",
+            "run {run}: {report}\n{}",
+            seen()
+        );
+        assert!(
+            report["failover_ms"].as_f64().unwrap() < 600.0,
+            "{report}\n{}",
+            seen()
+        );
+        // The logs are what an operator's journal gets: plain text.
+        let log = std::fs::read_to_string(tmp(&format!("{tag}-p.err"))).unwrap();
+        assert!(log.contains("initial sync done"), "{log}");
+        assert!(
+            !log.contains('\x1b'),
+            "terminal escapes in a log file: {log:?}"
+        );
         let n = receipts_hold(&[&tmp(&format!("{tag}-p.out")), &tmp(&format!("{tag}-s.out"))]);
         assert!(n > 0, "run {run}: no receipts at all");
     }
@@ -189,15 +229,16 @@ fn a_killed_primary_is_taken_over_from_its_last_epoch_losing_nothing_seen() {
 
 #[test]
 fn a_frozen_standby_leaves_the_primary_running_degraded_and_the_standby_fenced() {
-    let (mut w, waddr) = witness();
+    let (mut w, waddr) = witness("frozen");
     let (mut s, saddr) = standby(&waddr, "frozen", &[]);
     let mut p = protect(&saddr, &waddr, "frozen", &["--run-for-s", "3"]);
     std::thread::sleep(Duration::from_millis(300));
     signal(s.id(), "-STOP");
     let code = wait(&mut p, Duration::from_secs(20));
     let report = json(&tmp("frozen-p.json"));
-    assert_eq!(code, 5, "{report}");
-    assert_eq!(report["status"], "degraded", "{report}");
+    let seen = || logs(&["frozen-p.err", "frozen-s.err"]);
+    assert_eq!(code, 5, "{report}\n{}", seen());
+    assert_eq!(report["status"], "degraded", "{report}\n{}", seen());
     assert_eq!(report["guest_check"], "ok", "{report}");
     // The guest never stopped for longer than an epoch's capture.
     assert!(
@@ -257,7 +298,7 @@ fn silent_cut_proxy(to: String) -> (String, Arc<AtomicBool>) {
 
 #[test]
 fn a_cut_link_with_the_witness_reachable_leaves_exactly_one_guest_running() {
-    let (mut w, waddr) = witness();
+    let (mut w, waddr) = witness("cut");
     let (mut s, saddr) = standby(&waddr, "cut", &[]);
     let (proxy, cut) = silent_cut_proxy(saddr);
     let mut p = protect(&proxy, &waddr, "cut", &["--run-for-s", "4"]);
@@ -319,7 +360,7 @@ fn line(rx: &std::sync::mpsc::Receiver<String>, prefix: &str) -> String {
 
 #[test]
 fn the_new_primary_is_protected_again_and_survives_a_second_failure() {
-    let (mut w, waddr) = witness();
+    let (mut w, waddr) = witness("re");
     // The second standby, then the first, which re-protects to it after a
     // takeover.
     let (mut s2, s2addr) = standby(&waddr, "re2", &[]);
@@ -365,7 +406,7 @@ fn the_new_primary_is_protected_again_and_survives_a_second_failure() {
 
 #[test]
 fn a_killed_standby_leaves_the_primary_running_degraded() {
-    let (mut w, waddr) = witness();
+    let (mut w, waddr) = witness("skill");
     let (mut s, saddr) = standby(&waddr, "skill", &[]);
     let mut p = protect(&saddr, &waddr, "skill", &["--run-for-s", "3"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -402,7 +443,7 @@ fn events(path: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn a_protection_is_watched_and_ended_through_its_control_sockets() {
-    let (mut w, waddr) = witness();
+    let (mut w, waddr) = witness("ctl");
     let (ssock, sev) = (tmp("ctl-s.sock"), tmp("ctl-s.events"));
     let (psock, pev) = (tmp("ctl-p.sock"), tmp("ctl-p.events"));
     let (ssock_s, sev_s) = (ssock.display().to_string(), sev.display().to_string());
@@ -521,7 +562,7 @@ fn a_protection_is_watched_and_ended_through_its_control_sockets() {
 
 #[test]
 fn a_standby_stopped_through_its_socket_leaves_the_primary_degraded() {
-    let (mut w, waddr) = witness();
+    let (mut w, waddr) = witness("stop");
     let ssock = tmp("stop-s.sock");
     let ssock_s = ssock.display().to_string();
     let (mut s, saddr) = standby(&waddr, "stop", &["--control", &ssock_s]);

@@ -29,6 +29,7 @@
 #[macro_use]
 extern crate migrate_frontend;
 
+use std::io::IsTerminal;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -275,6 +276,9 @@ fn main() {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal: a log file, a pipe to
+        // an orchestrator or journald gets plain text.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         // Its own complaint about a closed stderr is an `eprintln!`, which
         // would panic (migrate-cli's `say!` says why that matters).
         .log_internal_errors(false)
