@@ -356,21 +356,18 @@ fn receive_stream(
     kill: &KillSwitch,
 ) {
     let mut round = StreamRound::default();
-    // Before the first batch and after each round's end the next frame may
-    // be long in coming (the source waits for the round's acknowledgement;
-    // a protection's epochs come every few ms or seconds): the control
-    // connection's heartbeats watch the peer meanwhile, and its silence
-    // kills this stream. Inside a round, a frame must make progress within
-    // the I/O timeout.
-    let mut between_rounds = true;
+    // The next frame may be long in coming, inside a round as between
+    // rounds: the source waits for a round's acknowledgement, a
+    // protection's epochs come every few ms or seconds, and a batch of
+    // pages this end already reads as zeros sends no frame at all (a
+    // mostly-zero guest of some hundred GiB is minutes of zero tests
+    // without a frame). The control connection's heartbeats watch the
+    // peer meanwhile, and its silence kills this stream; a source whose
+    // writes stall fails on its own write timeout. Once a frame has begun,
+    // it must make progress within the I/O timeout.
     loop {
-        let next = if between_rounds {
-            next_frame(&mut reader)
-                .and_then(|()| next_event(stream, &mut reader, &mut lander, &mut round, landed))
-        } else {
-            next_event(stream, &mut reader, &mut lander, &mut round, landed)
-        };
-        between_rounds = matches!(next, Ok(Some(_)));
+        let next = next_frame(&mut reader)
+            .and_then(|()| next_event(stream, &mut reader, &mut lander, &mut round, landed));
         let event = match next {
             Ok(None) => continue,
             Ok(Some(e)) => e,

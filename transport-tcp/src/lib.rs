@@ -88,8 +88,10 @@ pub struct TcpConfig {
     /// default: testing a dense page stops at its 65th non-zero word.
     pub sparse: bool,
     /// How long the peer may send nothing at all (heartbeats included)
-    /// before it counts as dead, and how long a single read or write may
-    /// block.
+    /// before it counts as dead, and how long a single write, or a read
+    /// inside a frame, may block. A data stream waits for its next frame
+    /// as long as the control connection lives: a source may send no frame
+    /// for a long time (pages the destination reads as zeros send none).
     pub io_timeout: Duration,
     /// How long connecting (and waiting for data streams to join) may take.
     pub connect_timeout: Duration,

@@ -3,8 +3,10 @@
 //! control connection from then on, and the guest still reads only the
 //! source's final bytes; memories compared page for page.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+mod common;
+
+use std::io::Read;
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -12,12 +14,10 @@ use std::time::Duration;
 use migrate_core::protocol::Message;
 use migrate_core::protocol::wire::{write_message, write_preamble};
 
+use common::{Frame, forward_frame, frame_proxy, pair_through, write_frame};
 use fixtures::transport_suite::{
-    TransportPair, assert_destination_read_final_bytes, kill_slot, outdirtying_postcopy_scenario,
-    run,
+    TransportPair, assert_destination_read_final_bytes, outdirtying_postcopy_scenario, run,
 };
-use migrate_core::transport::{DestinationTransport, SourceTransport};
-use transport_tcp::{KillSwitch, TcpConfig, TcpMigrationListener, TcpSource};
 
 /// Pages the fetch connection carries before the proxy cuts it.
 const ANSWERS_BEFORE_CUT: usize = 20;
@@ -28,82 +28,11 @@ fn cut_flag() -> &'static Arc<AtomicBool> {
     CUT.get_or_init(|| Arc::new(AtomicBool::new(false)))
 }
 
-/// One frame's 16-byte header (kind at 0, payload length at 4..8) and
-/// payload.
-type Frame = ([u8; 16], Vec<u8>);
-
-/// Read one frame from `from`.
-fn read_frame(from: &mut TcpStream) -> Option<Frame> {
-    let mut h = [0u8; 16];
-    from.read_exact(&mut h).ok()?;
-    let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
-    let mut payload = vec![0u8; len];
-    from.read_exact(&mut payload).ok()?;
-    Some((h, payload))
-}
-
-/// Write frame `f` to `to`.
-fn write_frame(to: &mut TcpStream, f: &Frame) -> Option<()> {
-    to.write_all(&f.0).ok()?;
-    to.write_all(&f.1).ok()
-}
-
-/// Read one frame from `from` and forward it to `to`.
-fn forward_frame(from: &mut TcpStream, to: &mut TcpStream) -> Option<Frame> {
-    let f = read_frame(from)?;
-    write_frame(to, &f)?;
-    Some(f)
-}
-
 /// Whether `f` is the `Join` (kind 5: session u64, then the stream's index
 /// u16) of post-copy's fetch connection (stream `u16::MAX`); its session.
 fn fetch_join(f: &Frame) -> Option<u64> {
     (f.0[0] == 5 && f.1.get(8..10) == Some(&[0xff, 0xff]))
         .then(|| u64::from_le_bytes(f.1[..8].try_into().unwrap()))
-}
-
-/// A plaintext TCP proxy to `upstream`: each connection's preamble passes,
-/// then its first frame (a `Join` or a `Hello`) goes to `first` with the
-/// client and server ends and `upstream`; `first` forwards it or not and
-/// says whether the rest of the client's bytes pass as they are. The
-/// server's bytes always pass.
-fn frame_proxy(
-    upstream: String,
-    first: fn(&str, &mut TcpStream, &mut TcpStream, Frame) -> bool,
-) -> String {
-    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = proxy.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for client in proxy.incoming() {
-            let Ok(mut client) = client else { return };
-            let Ok(mut server) = TcpStream::connect(&upstream) else {
-                return;
-            };
-            let upstream = upstream.clone();
-            std::thread::spawn(move || {
-                // The destination's preamble must reach the source before
-                // the source says more than its own.
-                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut s2, &mut c2);
-                    let _ = c2.shutdown(Shutdown::Write);
-                });
-                let mut preamble = [0u8; 8];
-                if client.read_exact(&mut preamble).is_err() || server.write_all(&preamble).is_err()
-                {
-                    return;
-                }
-                let Some(frame) = read_frame(&mut client) else {
-                    return;
-                };
-                if first(&upstream, &mut client, &mut server, frame) {
-                    let _ = std::io::copy(&mut client, &mut server);
-                    let _ = server.shutdown(Shutdown::Write);
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// A plaintext TCP proxy to `upstream`: every connection passes as it is,
@@ -132,31 +61,7 @@ fn fetch_cutting_proxy(upstream: String) -> String {
 
 /// Plaintext TCP, the source connecting through the proxy.
 fn proxied_pair() -> TransportPair {
-    pair_through(fetch_cutting_proxy)
-}
-
-/// Plaintext TCP, the source connecting through `proxy` (given the
-/// destination's address, it returns its own).
-fn pair_through(proxy: fn(String) -> String) -> TransportPair {
-    let cfg = TcpConfig {
-        io_timeout: Duration::from_secs(10),
-        ..TcpConfig::default()
-    };
-    let listener = TcpMigrationListener::bind("127.0.0.1:0", cfg.clone()).unwrap();
-    let addr = proxy(listener.local_addr().unwrap().to_string());
-    let (slot, kill) = kill_slot::<Box<dyn Fn() + Send + Sync>>();
-    TransportPair {
-        source: Box::new(move || {
-            Ok(Box::new(TcpSource::connect(&addr, cfg)?) as Box<dyn SourceTransport>)
-        }),
-        destination: Box::new(move || {
-            let d = listener.accept()?;
-            let k: KillSwitch = d.kill_switch();
-            *slot.lock().unwrap() = Some(Box::new(move || k.kill()));
-            Ok(Box::new(d) as Box<dyn DestinationTransport>)
-        }),
-        kill_destination: kill,
-    }
+    pair_through(fetch_cutting_proxy, Duration::from_secs(10))
 }
 
 /// The guest of the transport suite's post-copy test (it out-dirties a
@@ -250,7 +155,7 @@ fn stranger_joins(upstream: &str, session: u64) -> bool {
 #[test]
 fn a_strangers_fetch_join_is_dropped_and_the_real_one_serves() {
     let mut o = run(
-        || pair_through(stranger_first_proxy),
+        || pair_through(stranger_first_proxy, Duration::from_secs(10)),
         outdirtying_postcopy_scenario(),
     );
     let stats = o.assert_migrated().clone();
