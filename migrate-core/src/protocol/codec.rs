@@ -164,10 +164,22 @@ pub fn write_frame(
 /// Read a frame header.
 ///
 /// # Errors
-/// As [`FrameHeader::from_bytes`], or I/O errors.
+/// [`ProtocolError::Closed`] when the stream ends before the header's
+/// first byte (the peer closed it between frames),
+/// [`ProtocolError::Truncated`] when it ends inside the header; as
+/// [`FrameHeader::from_bytes`], or I/O errors.
 pub fn read_frame_header(r: &mut impl Read) -> Result<FrameHeader, ProtocolError> {
     let mut b = [0u8; HEADER_LEN];
-    r.read_exact(&mut b).map_err(io_err("read frame header"))?;
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut b[got..]) {
+            Ok(0) if got == 0 => return Err(ProtocolError::Closed("read frame header")),
+            Ok(0) => return Err(ProtocolError::Truncated("read frame header")),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err("read frame header")(e)),
+        }
+    }
     FrameHeader::from_bytes(&b)
 }
 

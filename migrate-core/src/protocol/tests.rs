@@ -212,6 +212,13 @@ fn every_truncation_is_an_error_not_a_panic() {
         for cut in 0..wire.len() {
             let err = read_message(&mut &wire[..cut]).unwrap_err();
             assert!(err.is_disconnect(), "{m:?} cut at {cut}: {err}");
+            // Only a stream that ends where a frame could begin was
+            // closed between frames; anything later cut one.
+            assert_eq!(
+                matches!(err, ProtocolError::Closed(_)),
+                cut == 0,
+                "{m:?} cut at {cut}: {err}"
+            );
         }
     }
 }
