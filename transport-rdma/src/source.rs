@@ -590,8 +590,13 @@ impl PageSender for RdmaPageSender {
         let all: Vec<&[WriteRequest]> =
             chains(&writes, cap.unwrap_or(CHAIN_BYTES).min(CHAIN_BYTES)).collect();
         // Under a cap one chain at a time (the cap hands out slices of a
-        // chain); else [`POST_CHAINS`] chains a post.
-        let per_post = if cap.is_some() { 1 } else { POST_CHAINS };
+        // chain); else up to [`POST_CHAINS`] chains a post, fewer when the
+        // round is small, so that every queue pair gets a share of it.
+        let per_post = if cap.is_some() {
+            1
+        } else {
+            all.len().div_ceil(n).clamp(1, POST_CHAINS)
+        };
         let mut k = 0u64;
         for (g, group) in all.chunks(per_post).enumerate() {
             if ctx.cancel.is_cancelled() {
